@@ -1,0 +1,3 @@
+//! The agent's local control plane: status page, JSON API, metrics, and the CLI client.
+
+pub mod client;

@@ -1,0 +1,108 @@
+//! The seam between the agent daemon and everything that talks to it (the
+//! local control plane, signal handlers): commands in, status out.
+//!
+//! The daemon owns an [`AgentStatus`] and publishes every change on a
+//! `watch` channel, so the status page and `/metrics` are pushed updates
+//! rather than polling; control requests travel as [`ControlCommand`]s with
+//! a reply channel.
+
+use jiff::{SignedDuration, Timestamp};
+use nightshift_policy::Presence;
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot, watch};
+
+/// A request to the running daemon.
+#[derive(Debug)]
+pub enum ControlCommand {
+    /// Set the owner's manual state (`None` = `auto`, back to the policies).
+    SetManual {
+        manual: Option<ManualRequest>,
+        reply: oneshot::Sender<Result<Presence, String>>,
+    },
+    /// Stop the agent. Graceful: turn `away` (source `stopping`), finish the
+    /// running builds, exit; at the deadline cancel them (the master
+    /// re-queues). Not graceful: cancel at once (re-queued) and exit.
+    Stop {
+        graceful: bool,
+        deadline: Option<SignedDuration>,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+}
+
+/// A manual state as the owner asked for it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ManualRequest {
+    pub state: nightshift_policy::PresenceState,
+    /// When the manual state ends by itself; `None` = until changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<Timestamp>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+/// Everything the agent shows about itself: the `/api/v1/status` body, the
+/// `worker status --json` output and the data behind the status page.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct AgentStatus {
+    pub worker: String,
+    pub agent_version: String,
+    pub presence: Presence,
+    /// The owner's manual state, when one is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manual: Option<ManualRequest>,
+    /// A graceful stop is in progress.
+    pub stopping: bool,
+    pub builds: Vec<RunningBuild>,
+    pub master: MasterLink,
+    pub counters: Counters,
+    /// The latest load sample the policy saw (foreign load only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub load: Option<LoadSnapshot>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunningBuild {
+    pub build_id: u64,
+    pub builder: String,
+    pub started_at: Timestamp,
+    /// Index and name of the running step.
+    pub step: u32,
+    pub step_name: String,
+    /// The last few lines of output.
+    pub tail: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MasterLink {
+    pub url: String,
+    pub connected: bool,
+    /// When `connected` last changed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<Timestamp>,
+    /// The last connection error, when not connected.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Counters {
+    pub builds_run: u64,
+    pub builds_failed: u64,
+    pub presence_changes: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LoadSnapshot {
+    pub at: Timestamp,
+    /// 1-minute load average not caused by the agent's own builds.
+    pub load1: f64,
+    /// CPU use in percent of the whole machine, not counting own builds.
+    pub cpu_percent: f64,
+}
+
+/// A cheap, cloneable handle on the running daemon.
+#[derive(Debug, Clone)]
+pub struct AgentHandle {
+    pub commands: mpsc::Sender<ControlCommand>,
+    pub status: watch::Receiver<AgentStatus>,
+}

@@ -1,0 +1,3 @@
+//! The `master` binary.
+
+fn main() {}

@@ -1,0 +1,4 @@
+//! What the agent, the master and their CLIs share: the wire protocol, the
+//! HTTP API shapes, TLS setup and config diagnostics.
+
+pub mod wire;

@@ -1,0 +1,265 @@
+//! The agent ↔ master protocol: JSON text frames over one WebSocket.
+//!
+//! Every frame is one [`AgentMessage`] (agent → master) or one
+//! [`MasterMessage`] (master → agent), serialized as a JSON object whose
+//! `type` field names the variant. The first frame on a connection is the
+//! agent's [`AgentMessage::Hello`]; the master answers with
+//! [`MasterMessage::Welcome`] or [`MasterMessage::Refused`] and closes.
+//!
+//! Architecture Invariant: this module has no I/O and names no transport
+//! types (no tungstenite, no axum); both ends wrap these values themselves.
+
+use std::collections::BTreeMap;
+
+use jiff::Timestamp;
+use nightshift_policy::Presence;
+use serde::{Deserialize, Serialize};
+
+/// The protocol version this build speaks. A hello with another version is
+/// refused with a message naming both.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Path of the WebSocket endpoint on the master's port.
+pub const WS_PATH: &str = "/api/v1/agent";
+
+/// Largest frame either side accepts; larger frames close the connection.
+pub const MAX_FRAME_BYTES: usize = 1 << 20;
+
+/// Seconds between heartbeats in each direction.
+pub const HEARTBEAT_SECS: u64 = 5;
+
+/// A build's identity, unique on one master, never reused.
+pub type BuildId = u64;
+
+/// One step of a build as the master hands it to the agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepSpec {
+    /// Human name of the step, e.g. `compile`.
+    pub name: String,
+    /// Shell command, run with `sh -c`.
+    pub command: String,
+    /// Kill the step's process tree after this many seconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<u64>,
+    /// Extra environment for the step.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Directory relative to the build directory (`workdir/<builder>`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub workdir: Option<String>,
+    /// The step holds master-side locks: the agent must send
+    /// [`AgentMessage::StepWaiting`] and wait for [`MasterMessage::StepGranted`]
+    /// before starting it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub needs_grant: bool,
+}
+
+/// How a step or build ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Outcome {
+    /// Every step exited 0.
+    Success,
+    /// A step exited non-zero or could not be started.
+    Failure,
+    /// A step ran past its timeout and was killed.
+    Timeout,
+    /// Cancelled on request (by the master, the owner, or a stop deadline).
+    Cancelled,
+}
+
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Outcome::Success => "success",
+            Outcome::Failure => "failure",
+            Outcome::Timeout => "timeout",
+            Outcome::Cancelled => "cancelled",
+        })
+    }
+}
+
+/// The result of one finished step.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepResult {
+    /// Index of the step in the build's step list.
+    pub step: u32,
+    pub outcome: Outcome,
+    /// Exit code when the process exited normally.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_code: Option<i32>,
+    /// Signal number when the process was killed by a signal.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    pub started_at: Timestamp,
+    pub finished_at: Timestamp,
+}
+
+/// The complete result of a build: what the agent delivers (and re-delivers
+/// after a reconnect until the master acknowledges it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BuildResult {
+    pub build_id: BuildId,
+    pub outcome: Outcome,
+    pub steps: Vec<StepResult>,
+    /// Why the build was cancelled, when it was.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The full output of every step (stdout and stderr interleaved), so a
+    /// master that missed the live stream still stores the whole log.
+    #[serde(default)]
+    pub log: String,
+    pub finished_at: Timestamp,
+}
+
+/// Agent → master.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentMessage {
+    /// First frame. The token also travels in the upgrade request's
+    /// `Authorization: Bearer` header; the master checks both agree.
+    Hello {
+        protocol: u32,
+        worker: String,
+        agent_version: String,
+        max_builds: u32,
+        presence: Presence,
+        /// Builds this agent is running right now (after a reconnect).
+        running: Vec<BuildId>,
+    },
+    /// The worker's presence changed.
+    Presence {
+        presence: Presence,
+    },
+    /// The agent took the build and is starting it.
+    BuildAccepted {
+        build_id: BuildId,
+    },
+    /// The agent could not take the build (it turned away in the same
+    /// instant, or is full); the master re-queues it at once.
+    BuildRefused {
+        build_id: BuildId,
+        reason: String,
+    },
+    /// The next step holds locks; the agent waits for `StepGranted`.
+    StepWaiting {
+        build_id: BuildId,
+        step: u32,
+    },
+    StepStarted {
+        build_id: BuildId,
+        step: u32,
+        at: Timestamp,
+    },
+    /// A chunk of a step's output (stdout and stderr interleaved), in order.
+    Output {
+        build_id: BuildId,
+        step: u32,
+        data: String,
+    },
+    StepFinished {
+        build_id: BuildId,
+        result: StepResult,
+    },
+    /// The build ended. Sent again after a reconnect until acknowledged.
+    BuildFinished {
+        result: BuildResult,
+    },
+    /// The agent is exiting (graceful stop done, or shutting down).
+    Goodbye {
+        reason: String,
+    },
+    Ping {
+        seq: u64,
+    },
+    Pong {
+        seq: u64,
+    },
+}
+
+/// Master → agent.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum MasterMessage {
+    Welcome {
+        protocol: u32,
+        master_version: String,
+        heartbeat_secs: u64,
+        /// Builds from the hello's `running` list that the master no longer
+        /// expects (already re-queued elsewhere): the agent cancels them.
+        cancel: Vec<BuildId>,
+    },
+    /// The hello was not accepted; the connection closes after this frame.
+    Refused {
+        reason: String,
+    },
+    StartBuild {
+        build_id: BuildId,
+        builder: String,
+        steps: Vec<StepSpec>,
+        #[serde(default)]
+        properties: BTreeMap<String, String>,
+    },
+    /// The locks for this step are held; the agent may start it.
+    StepGranted {
+        build_id: BuildId,
+        step: u32,
+    },
+    CancelBuild {
+        build_id: BuildId,
+        reason: String,
+    },
+    /// The master stored this build's result; the agent may forget it.
+    ResultStored {
+        build_id: BuildId,
+    },
+    /// The worker is away (or removed) and idle: the master lets it go. A
+    /// stopping agent exits on this.
+    Released {
+        reason: String,
+    },
+    /// Master-side override of the worker's presence (a master schedule or
+    /// an admin pause); `None` clears it.
+    MasterOverride {
+        presence: Option<Presence>,
+    },
+    Ping {
+        seq: u64,
+    },
+    Pong {
+        seq: u64,
+    },
+}
+
+/// Why a frame could not be decoded, with the offending part named.
+#[derive(Debug, thiserror::Error)]
+#[error("bad frame: {0}")]
+pub struct FrameError(String);
+
+impl AgentMessage {
+    pub fn decode(text: &str) -> Result<Self, FrameError> {
+        decode(text)
+    }
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).expect("wire messages always serialize")
+    }
+}
+
+impl MasterMessage {
+    pub fn decode(text: &str) -> Result<Self, FrameError> {
+        decode(text)
+    }
+    pub fn encode(&self) -> String {
+        serde_json::to_string(self).expect("wire messages always serialize")
+    }
+}
+
+fn decode<T: for<'de> Deserialize<'de>>(text: &str) -> Result<T, FrameError> {
+    if text.len() > MAX_FRAME_BYTES {
+        return Err(FrameError(format!(
+            "frame of {} bytes exceeds the limit of {MAX_FRAME_BYTES}",
+            text.len()
+        )));
+    }
+    serde_json::from_str(text).map_err(|e| FrameError(e.to_string()))
+}

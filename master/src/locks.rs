@@ -1,0 +1,997 @@
+//! Counting locks for builds and steps: master-scoped (one copy) and
+//! worker-scoped (one copy per worker) locks, taken with `exclusive` or
+//! `counting` access, all-or-nothing, with waiters served in arrival order.
+//!
+//! Two faces over one model:
+//! - [`LockManager`] is synchronous and owned by the scheduler's single task:
+//!   [`LockManager::request`] grants a whole claim set at once or queues it,
+//!   and [`LockManager::release`] returns the tickets that the release
+//!   granted, so the scheduler acts on them in the same turn (push, no retry
+//!   loop).
+//! - [`SharedLocks`] wraps it for code that prefers to `await` a grant:
+//!   [`SharedLocks::acquire`] is a future that a release wakes, and the
+//!   [`LockGuard`] it yields releases on drop.
+//!
+//! Why no deadlock: a requester never holds part of its set while waiting for
+//! the rest (no hold-and-wait), and every waiter is queued on all its locks at
+//! once in one global arrival order, so the oldest waiter has nobody ahead of
+//! it on any lock and waits only for holders, which always release.
+//!
+//! Why no starvation: a requester may not overtake a waiter ahead of it on
+//! the same lock, except that counting requesters may share spare units with
+//! counting waiters ahead of them (those units are reserved first). An
+//! exclusive waiter therefore blocks every later requester of its locks.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::fmt;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::oneshot;
+
+/// Where a lock lives: one copy for the whole master, or one copy per worker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LockScope {
+    Master,
+    Worker,
+}
+
+/// How a claim takes a lock: the whole of it, or one unit of its `max_count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Access {
+    Counting,
+    Exclusive,
+}
+
+impl fmt::Display for Access {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Access::Counting => "counting",
+            Access::Exclusive => "exclusive",
+        })
+    }
+}
+
+/// One `[[lock]]` of `master.toml`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LockDef {
+    pub name: String,
+    pub scope: LockScope,
+    /// Units a lock copy has; at least 1 (the config refuses 0).
+    pub max_count: u32,
+    /// Per-worker overrides of `max_count` (worker-scoped locks only).
+    pub max_count_for_worker: BTreeMap<String, u32>,
+}
+
+impl LockDef {
+    /// Units of the copy of this lock that `worker` uses.
+    fn max_count_on(&self, worker: &str) -> u32 {
+        match self.scope {
+            LockScope::Master => self.max_count,
+            LockScope::Worker => self
+                .max_count_for_worker
+                .get(worker)
+                .copied()
+                .unwrap_or(self.max_count),
+        }
+    }
+}
+
+/// One entry of a builder's or a step's `locks = [{ name, access }]`.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Claim {
+    pub name: String,
+    pub access: Access,
+}
+
+impl Claim {
+    pub fn new(name: impl Into<String>, access: Access) -> Claim {
+        Claim {
+            name: name.into(),
+            access,
+        }
+    }
+}
+
+/// A request that holds or waits for a set of locks. Unique on one manager,
+/// never reused; ordered by arrival.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Ticket(u64);
+
+impl fmt::Display for Ticket {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "lock ticket {}", self.0)
+    }
+}
+
+/// The answer to [`LockManager::request`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Requested {
+    /// Every lock of the set is held by this ticket now.
+    Granted(Ticket),
+    /// The ticket is queued; a later [`LockManager::release`] grants it.
+    Waiting(Ticket),
+}
+
+impl Requested {
+    pub fn ticket(self) -> Ticket {
+        match self {
+            Requested::Granted(ticket) | Requested::Waiting(ticket) => ticket,
+        }
+    }
+}
+
+/// Why a claim set was refused outright.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum LockError {
+    #[error("unknown lock `{name}` (no [[lock]] with that name in master.toml)")]
+    UnknownLock { name: String },
+}
+
+/// One copy of a lock: master-wide (`worker = None`) or one worker's.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+struct CopyKey {
+    lock: String,
+    worker: Option<String>,
+}
+
+impl fmt::Display for CopyKey {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.worker {
+            None => f.write_str(&self.lock),
+            Some(worker) => write!(f, "{} on {worker}", self.lock),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct LockCopy {
+    /// Units a counting holder may take; refreshed by reconfig.
+    max_count: u32,
+    exclusive_held: bool,
+    counting_held: u32,
+    /// Waiting tickets on this copy, oldest first.
+    queue: VecDeque<Ticket>,
+}
+
+impl LockCopy {
+    fn is_idle(&self) -> bool {
+        !self.exclusive_held && self.counting_held == 0 && self.queue.is_empty()
+    }
+}
+
+#[derive(Debug)]
+struct TicketEntry {
+    claims: Vec<(CopyKey, Access)>,
+    held: bool,
+}
+
+/// The synchronous lock model. Owned by one task (the scheduler); every
+/// method returns at once.
+#[derive(Debug, Default)]
+pub struct LockManager {
+    defs: HashMap<String, LockDef>,
+    copies: HashMap<CopyKey, LockCopy>,
+    tickets: HashMap<Ticket, TicketEntry>,
+    /// Waiting tickets in arrival order.
+    waiting: BTreeSet<Ticket>,
+    next_ticket: u64,
+}
+
+impl LockManager {
+    pub fn new(defs: impl IntoIterator<Item = LockDef>) -> LockManager {
+        LockManager {
+            defs: defs.into_iter().map(|d| (d.name.clone(), d)).collect(),
+            ..LockManager::default()
+        }
+    }
+
+    /// Asks for every lock in `claims` (on `worker`'s copy for worker-scoped
+    /// locks) at once. A lock named twice counts once, exclusive if either
+    /// asks for it. An unknown lock name refuses the request and changes
+    /// nothing.
+    pub fn request(&mut self, worker: &str, claims: &[Claim]) -> Result<Requested, LockError> {
+        let mut merged: BTreeMap<CopyKey, Access> = BTreeMap::new();
+        for claim in claims {
+            let def = self
+                .defs
+                .get(&claim.name)
+                .ok_or_else(|| LockError::UnknownLock {
+                    name: claim.name.clone(),
+                })?;
+            let key = CopyKey {
+                lock: def.name.clone(),
+                worker: match def.scope {
+                    LockScope::Master => None,
+                    LockScope::Worker => Some(worker.to_owned()),
+                },
+            };
+            let entry = merged.entry(key).or_insert(claim.access);
+            *entry = (*entry).max(claim.access);
+        }
+        for key in merged.keys() {
+            let max_count = self.defs[&key.lock].max_count_on(key.worker.as_deref().unwrap_or(""));
+            self.copies.entry(key.clone()).or_default().max_count = max_count;
+        }
+        let ticket = Ticket(self.next_ticket);
+        self.next_ticket += 1;
+        let claims: Vec<(CopyKey, Access)> = merged.into_iter().collect();
+        if self.blockers(ticket, &claims).is_empty() {
+            self.take(&claims);
+            self.tickets
+                .insert(ticket, TicketEntry { claims, held: true });
+            Ok(Requested::Granted(ticket))
+        } else {
+            for (key, _) in &claims {
+                if let Some(copy) = self.copies.get_mut(key) {
+                    copy.queue.push_back(ticket);
+                }
+            }
+            self.tickets.insert(
+                ticket,
+                TicketEntry {
+                    claims,
+                    held: false,
+                },
+            );
+            self.waiting.insert(ticket);
+            Ok(Requested::Waiting(ticket))
+        }
+    }
+
+    /// Gives back what `ticket` holds, or withdraws it if it still waits,
+    /// and returns the waiting tickets this granted, oldest first. Releasing
+    /// an unknown or already released ticket does nothing.
+    pub fn release(&mut self, ticket: Ticket) -> Vec<Ticket> {
+        let Some(entry) = self.tickets.remove(&ticket) else {
+            return Vec::new();
+        };
+        if entry.held {
+            for (key, access) in &entry.claims {
+                if let Some(copy) = self.copies.get_mut(key) {
+                    match access {
+                        Access::Exclusive => copy.exclusive_held = false,
+                        Access::Counting => {
+                            copy.counting_held = copy.counting_held.saturating_sub(1)
+                        }
+                    }
+                }
+            }
+        } else {
+            self.waiting.remove(&ticket);
+            for (key, _) in &entry.claims {
+                if let Some(copy) = self.copies.get_mut(key) {
+                    copy.queue.retain(|t| *t != ticket);
+                }
+            }
+        }
+        let granted = self.grant_waiters();
+        for (key, _) in &entry.claims {
+            if self.copies.get(key).is_some_and(LockCopy::is_idle) {
+                self.copies.remove(key);
+            }
+        }
+        granted
+    }
+
+    /// Replaces the lock definitions (reconfig). Holders keep what they hold
+    /// even where a count shrank or a lock vanished; new requests see the new
+    /// counts. Returns the waiting tickets that a grown count granted.
+    pub fn set_definitions(&mut self, defs: impl IntoIterator<Item = LockDef>) -> Vec<Ticket> {
+        self.defs = defs.into_iter().map(|d| (d.name.clone(), d)).collect();
+        for (key, copy) in &mut self.copies {
+            if let Some(def) = self.defs.get(&key.lock) {
+                copy.max_count = def.max_count_on(key.worker.as_deref().unwrap_or(""));
+            }
+        }
+        self.grant_waiters()
+    }
+
+    /// Whether `ticket` holds its locks now.
+    pub fn is_held(&self, ticket: Ticket) -> bool {
+        self.tickets.get(&ticket).is_some_and(|entry| entry.held)
+    }
+
+    /// Whether `ticket` is queued.
+    pub fn is_waiting(&self, ticket: Ticket) -> bool {
+        self.waiting.contains(&ticket)
+    }
+
+    /// The locks a waiting ticket cannot have yet, e.g. `["compile",
+    /// "checkout on w1"]`; empty when it holds or is unknown. This is what
+    /// `master builds` shows as "waiting for lock …".
+    pub fn waiting_for(&self, ticket: Ticket) -> Vec<String> {
+        match self.tickets.get(&ticket) {
+            Some(entry) if !entry.held => self
+                .blockers(ticket, &entry.claims)
+                .into_iter()
+                .map(|key| key.to_string())
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// How many tickets wait.
+    pub fn waiting_count(&self) -> usize {
+        self.waiting.len()
+    }
+
+    /// How many tickets hold their locks.
+    pub fn held_count(&self) -> usize {
+        self.tickets.len() - self.waiting.len()
+    }
+
+    /// The copies of `claims` that `ticket` may not take now.
+    fn blockers<'a>(&self, ticket: Ticket, claims: &'a [(CopyKey, Access)]) -> Vec<&'a CopyKey> {
+        claims
+            .iter()
+            .filter(|(key, access)| !self.copy_allows(ticket, key, *access))
+            .map(|(key, _)| key)
+            .collect()
+    }
+
+    /// Whether `ticket` may take `key` with `access`, given the holders and
+    /// the waiters queued ahead of it.
+    fn copy_allows(&self, ticket: Ticket, key: &CopyKey, access: Access) -> bool {
+        let Some(copy) = self.copies.get(key) else {
+            return true;
+        };
+        let ahead = copy.queue.iter().take_while(|t| **t != ticket);
+        match access {
+            Access::Exclusive => {
+                !copy.exclusive_held && copy.counting_held == 0 && ahead.count() == 0
+            }
+            Access::Counting => {
+                if copy.exclusive_held {
+                    return false;
+                }
+                let mut reserved: u32 = 0;
+                for waiter in ahead {
+                    if self.access_of(*waiter, key) != Some(Access::Counting) {
+                        return false;
+                    }
+                    reserved += 1;
+                }
+                copy.counting_held + reserved < copy.max_count
+            }
+        }
+    }
+
+    fn access_of(&self, ticket: Ticket, key: &CopyKey) -> Option<Access> {
+        self.tickets
+            .get(&ticket)?
+            .claims
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, access)| *access)
+    }
+
+    fn take(&mut self, claims: &[(CopyKey, Access)]) {
+        for (key, access) in claims {
+            let copy = self.copies.entry(key.clone()).or_default();
+            match access {
+                Access::Exclusive => copy.exclusive_held = true,
+                Access::Counting => copy.counting_held += 1,
+            }
+        }
+    }
+
+    /// Grants every waiter that may run now, oldest first. One pass
+    /// suffices: granting a waiter only takes units and leaves queues, which
+    /// can change the answer only for younger waiters, seen later.
+    fn grant_waiters(&mut self) -> Vec<Ticket> {
+        let mut granted = Vec::new();
+        let candidates: Vec<Ticket> = self.waiting.iter().copied().collect();
+        for ticket in candidates {
+            let Some(entry) = self.tickets.get(&ticket) else {
+                continue;
+            };
+            if !self.blockers(ticket, &entry.claims).is_empty() {
+                continue;
+            }
+            let claims = entry.claims.clone();
+            for (key, _) in &claims {
+                if let Some(copy) = self.copies.get_mut(key) {
+                    copy.queue.retain(|t| *t != ticket);
+                }
+            }
+            self.take(&claims);
+            self.waiting.remove(&ticket);
+            if let Some(entry) = self.tickets.get_mut(&ticket) {
+                entry.held = true;
+            }
+            granted.push(ticket);
+        }
+        granted
+    }
+}
+
+/// [`LockManager`] shared between tasks, with a future per waiter.
+#[derive(Clone, Default)]
+pub struct SharedLocks {
+    inner: Arc<Mutex<SharedInner>>,
+}
+
+#[derive(Default)]
+struct SharedInner {
+    manager: LockManager,
+    wakers: HashMap<Ticket, oneshot::Sender<()>>,
+}
+
+impl SharedLocks {
+    pub fn new(defs: impl IntoIterator<Item = LockDef>) -> SharedLocks {
+        SharedLocks {
+            inner: Arc::new(Mutex::new(SharedInner {
+                manager: LockManager::new(defs),
+                wakers: HashMap::new(),
+            })),
+        }
+    }
+
+    fn lock(&self) -> MutexGuard<'_, SharedInner> {
+        // A panic elsewhere while holding this mutex cannot leave the model
+        // half-updated in a way that matters more than stopping every build.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poison| poison.into_inner())
+    }
+
+    /// Queues a request for every lock in `claims` now (its place in line is
+    /// taken at this call) and returns a future that resolves once all of
+    /// them are held, to a guard that releases them on drop. Dropping the
+    /// future while it waits withdraws the request (or gives back a grant
+    /// that raced with the drop). An unknown lock is refused at once.
+    pub fn acquire(
+        &self,
+        worker: &str,
+        claims: &[Claim],
+    ) -> Result<impl Future<Output = LockGuard> + Send + 'static, LockError> {
+        let mut inner = self.lock();
+        let requested = inner.manager.request(worker, claims)?;
+        let wake = match requested {
+            Requested::Granted(_) => None,
+            Requested::Waiting(ticket) => {
+                let (tx, rx) = oneshot::channel();
+                inner.wakers.insert(ticket, tx);
+                Some(rx)
+            }
+        };
+        drop(inner);
+        // The guard owns the ticket from here on: whether the wait completes
+        // or the future is dropped, the ticket is released exactly once.
+        let guard = LockGuard {
+            locks: self.clone(),
+            ticket: requested.ticket(),
+        };
+        Ok(async move {
+            if let Some(wake) = wake {
+                // The sender goes away only when the ticket is granted or
+                // released, and only this guard releases it.
+                let _ = wake.await;
+            }
+            guard
+        })
+    }
+
+    /// The locks a waiting ticket cannot have yet.
+    pub fn waiting_for(&self, ticket: Ticket) -> Vec<String> {
+        self.lock().manager.waiting_for(ticket)
+    }
+
+    /// Replaces the definitions; waiters a grown count admits are woken.
+    pub fn set_definitions(&self, defs: impl IntoIterator<Item = LockDef>) {
+        let mut inner = self.lock();
+        let granted = inner.manager.set_definitions(defs);
+        wake(&mut inner, granted);
+    }
+
+    fn release(&self, ticket: Ticket) {
+        let mut inner = self.lock();
+        inner.wakers.remove(&ticket);
+        let granted = inner.manager.release(ticket);
+        wake(&mut inner, granted);
+    }
+}
+
+fn wake(inner: &mut SharedInner, granted: Vec<Ticket>) {
+    for ticket in granted {
+        if let Some(waker) = inner.wakers.remove(&ticket) {
+            // A dropped receiver means its future is being dropped; its
+            // guard releases the grant.
+            let _ = waker.send(());
+        }
+    }
+}
+
+/// Holds a set of locks; releases them when dropped.
+pub struct LockGuard {
+    locks: SharedLocks,
+    ticket: Ticket,
+}
+
+impl LockGuard {
+    pub fn ticket(&self) -> Ticket {
+        self.ticket
+    }
+}
+
+impl Drop for LockGuard {
+    fn drop(&mut self) {
+        self.locks.release(self.ticket);
+    }
+}
+
+impl fmt::Debug for LockGuard {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("LockGuard")
+            .field("ticket", &self.ticket)
+            .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+    use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::Duration;
+
+    fn master_lock(name: &str, max_count: u32) -> LockDef {
+        LockDef {
+            name: name.into(),
+            scope: LockScope::Master,
+            max_count,
+            max_count_for_worker: BTreeMap::new(),
+        }
+    }
+
+    fn worker_lock(name: &str, max_count: u32, overrides: &[(&str, u32)]) -> LockDef {
+        LockDef {
+            name: name.into(),
+            scope: LockScope::Worker,
+            max_count,
+            max_count_for_worker: overrides
+                .iter()
+                .map(|(w, n)| ((*w).to_owned(), *n))
+                .collect(),
+        }
+    }
+
+    fn excl(name: &str) -> Claim {
+        Claim::new(name, Access::Exclusive)
+    }
+
+    fn count(name: &str) -> Claim {
+        Claim::new(name, Access::Counting)
+    }
+
+    #[test]
+    fn two_holders_of_a_max_count_one_lock_never_overlap() {
+        let mut locks = LockManager::new([master_lock("deploy", 1)]);
+        let first = locks.request("w1", &[count("deploy")]).unwrap();
+        let second = locks.request("w2", &[count("deploy")]).unwrap();
+        assert!(matches!(first, Requested::Granted(_)));
+        assert!(matches!(second, Requested::Waiting(_)));
+        assert_eq!(locks.waiting_for(second.ticket()), vec!["deploy"]);
+        assert_eq!(locks.release(first.ticket()), vec![second.ticket()]);
+        assert!(locks.is_held(second.ticket()));
+        assert!(locks.waiting_for(second.ticket()).is_empty());
+    }
+
+    #[test]
+    fn counting_lets_max_count_holders_in_and_exclusive_takes_the_whole_lock() {
+        let mut locks = LockManager::new([master_lock("cpu", 2)]);
+        let a = locks.request("w", &[count("cpu")]).unwrap();
+        let b = locks.request("w", &[count("cpu")]).unwrap();
+        let c = locks.request("w", &[count("cpu")]).unwrap();
+        assert!(matches!(a, Requested::Granted(_)));
+        assert!(matches!(b, Requested::Granted(_)));
+        assert!(matches!(c, Requested::Waiting(_)));
+        assert_eq!(locks.release(a.ticket()), vec![c.ticket()]);
+        let x = locks.request("w", &[excl("cpu")]).unwrap();
+        assert!(matches!(x, Requested::Waiting(_)));
+        assert!(locks.release(b.ticket()).is_empty());
+        assert_eq!(locks.release(c.ticket()), vec![x.ticket()]);
+        let d = locks.request("w", &[count("cpu")]).unwrap();
+        assert!(
+            matches!(d, Requested::Waiting(_)),
+            "exclusive holder excludes counting"
+        );
+    }
+
+    #[test]
+    fn worker_lock_limits_each_worker_separately_with_overrides() {
+        let mut locks = LockManager::new([worker_lock("disk", 1, &[("big", 2)])]);
+        let w1_a = locks.request("w1", &[count("disk")]).unwrap();
+        let w2_a = locks.request("w2", &[count("disk")]).unwrap();
+        let w1_b = locks.request("w1", &[count("disk")]).unwrap();
+        let big_a = locks.request("big", &[count("disk")]).unwrap();
+        let big_b = locks.request("big", &[count("disk")]).unwrap();
+        let big_c = locks.request("big", &[count("disk")]).unwrap();
+        assert!(matches!(w1_a, Requested::Granted(_)));
+        assert!(
+            matches!(w2_a, Requested::Granted(_)),
+            "other worker's copy is free"
+        );
+        assert!(matches!(w1_b, Requested::Waiting(_)));
+        assert_eq!(locks.waiting_for(w1_b.ticket()), vec!["disk on w1"]);
+        assert!(matches!(big_a, Requested::Granted(_)));
+        assert!(
+            matches!(big_b, Requested::Granted(_)),
+            "override allows 2 on big"
+        );
+        assert!(matches!(big_c, Requested::Waiting(_)));
+        assert!(
+            locks.release(w2_a.ticket()).is_empty(),
+            "w2's release frees nothing on w1"
+        );
+        assert_eq!(locks.release(w1_a.ticket()), vec![w1_b.ticket()]);
+    }
+
+    /// The first lock request ever made (Buildbot): one checkout at a time,
+    /// one compile at a time, but a checkout may run while another build
+    /// compiles. Each build runs checkout then compile, each step taking its
+    /// own lock.
+    #[test]
+    fn step_locks_let_a_checkout_run_while_another_build_compiles() {
+        let mut locks = LockManager::new([master_lock("checkout", 1), master_lock("compile", 1)]);
+        let a_checkout = locks.request("w1", &[excl("checkout")]).unwrap();
+        let b_checkout = locks.request("w2", &[excl("checkout")]).unwrap();
+        assert!(matches!(a_checkout, Requested::Granted(_)));
+        assert!(
+            matches!(b_checkout, Requested::Waiting(_)),
+            "one checkout at a time"
+        );
+        // A's checkout ends: B's checkout starts at once.
+        assert_eq!(
+            locks.release(a_checkout.ticket()),
+            vec![b_checkout.ticket()]
+        );
+        // A compiles while B checks out.
+        let a_compile = locks.request("w1", &[excl("compile")]).unwrap();
+        assert!(matches!(a_compile, Requested::Granted(_)));
+        assert!(locks.is_held(b_checkout.ticket()));
+        // B wants to compile while A still does: it waits for compile only.
+        assert!(locks.release(b_checkout.ticket()).is_empty());
+        let b_compile = locks.request("w2", &[excl("compile")]).unwrap();
+        assert!(
+            matches!(b_compile, Requested::Waiting(_)),
+            "one compile at a time"
+        );
+        assert_eq!(locks.waiting_for(b_compile.ticket()), vec!["compile"]);
+        // Meanwhile a third build may check out.
+        let c_checkout = locks.request("w3", &[excl("checkout")]).unwrap();
+        assert!(matches!(c_checkout, Requested::Granted(_)));
+        assert_eq!(locks.release(a_compile.ticket()), vec![b_compile.ticket()]);
+    }
+
+    #[test]
+    fn an_exclusive_waiter_is_not_starved_by_a_stream_of_counting_ones() {
+        let mut locks = LockManager::new([master_lock("db", 3)]);
+        let mut holders: VecDeque<Ticket> = (0..3)
+            .map(|_| locks.request("w", &[count("db")]).unwrap().ticket())
+            .collect();
+        let exclusive = locks.request("w", &[excl("db")]).unwrap();
+        assert!(matches!(exclusive, Requested::Waiting(_)));
+        // A stream of counting requests keeps arriving while holders leave.
+        let mut late = Vec::new();
+        for _ in 0..10 {
+            let r = locks.request("w", &[count("db")]).unwrap();
+            assert!(
+                matches!(r, Requested::Waiting(_)),
+                "must not overtake the exclusive waiter"
+            );
+            late.push(r.ticket());
+            if let Some(holder) = holders.pop_front() {
+                let granted = locks.release(holder);
+                if holders.is_empty() {
+                    assert_eq!(granted, vec![exclusive.ticket()]);
+                } else {
+                    assert!(granted.is_empty());
+                }
+            }
+        }
+        assert!(locks.is_held(exclusive.ticket()));
+        // Once the exclusive one is done, three of the late ones go, in order.
+        assert_eq!(locks.release(exclusive.ticket()), late[..3].to_vec());
+    }
+
+    #[test]
+    fn counting_waiters_share_spare_units_in_order() {
+        let mut locks = LockManager::new([master_lock("a", 2), master_lock("b", 1)]);
+        let b_holder = locks.request("w", &[excl("b")]).unwrap();
+        // Waits for b, reserves one unit of a.
+        let first = locks.request("w", &[count("a"), count("b")]).unwrap();
+        assert!(matches!(first, Requested::Waiting(_)));
+        assert_eq!(locks.waiting_for(first.ticket()), vec!["b"]);
+        // The spare unit of a may go to a later counting requester.
+        let second = locks.request("w", &[count("a")]).unwrap();
+        assert!(matches!(second, Requested::Granted(_)));
+        // But not a third: the remaining unit is reserved for `first`.
+        let third = locks.request("w", &[count("a")]).unwrap();
+        assert!(matches!(third, Requested::Waiting(_)));
+        assert_eq!(locks.release(b_holder.ticket()), vec![first.ticket()]);
+    }
+
+    #[test]
+    fn a_set_is_taken_whole_or_not_at_all() {
+        let mut locks = LockManager::new([master_lock("a", 1), master_lock("b", 1)]);
+        let a = locks.request("w", &[excl("a")]).unwrap();
+        let both = locks.request("w", &[excl("a"), excl("b")]).unwrap();
+        assert!(matches!(both, Requested::Waiting(_)));
+        // b is not held by the waiter: a request for b alone behind it waits
+        // (FIFO), but nobody holds b.
+        assert_eq!(locks.waiting_for(both.ticket()), vec!["a"]);
+        assert_eq!(locks.held_count(), 1);
+        assert_eq!(locks.release(a.ticket()), vec![both.ticket()]);
+    }
+
+    #[test]
+    fn unknown_lock_is_refused_and_changes_nothing() {
+        let mut locks = LockManager::new([master_lock("a", 1)]);
+        let err = locks.request("w", &[excl("a"), excl("nope")]).unwrap_err();
+        assert_eq!(
+            err,
+            LockError::UnknownLock {
+                name: "nope".into()
+            }
+        );
+        assert_eq!(
+            err.to_string(),
+            "unknown lock `nope` (no [[lock]] with that name in master.toml)"
+        );
+        assert_eq!(locks.held_count(), 0);
+        assert_eq!(locks.waiting_count(), 0);
+        assert!(matches!(
+            locks.request("w", &[excl("a")]).unwrap(),
+            Requested::Granted(_)
+        ));
+    }
+
+    #[test]
+    fn withdrawing_a_waiter_unblocks_those_behind_it() {
+        let mut locks = LockManager::new([master_lock("a", 2)]);
+        let holder = locks.request("w", &[count("a")]).unwrap();
+        let exclusive = locks.request("w", &[excl("a")]).unwrap();
+        let counting = locks.request("w", &[count("a")]).unwrap();
+        assert!(matches!(counting, Requested::Waiting(_)));
+        assert_eq!(locks.release(exclusive.ticket()), vec![counting.ticket()]);
+        assert!(
+            locks.release(exclusive.ticket()).is_empty(),
+            "second release is a no-op"
+        );
+        assert!(locks.is_held(holder.ticket()));
+    }
+
+    #[test]
+    fn reconfig_keeps_holders_and_grown_counts_admit_waiters() {
+        let mut locks = LockManager::new([master_lock("a", 1)]);
+        let holder = locks.request("w", &[count("a")]).unwrap();
+        let waiter = locks.request("w", &[count("a")]).unwrap();
+        assert_eq!(
+            locks.set_definitions([master_lock("a", 2)]),
+            vec![waiter.ticket()]
+        );
+        // Shrinking never evicts a holder.
+        assert!(locks.set_definitions([master_lock("a", 1)]).is_empty());
+        assert!(locks.is_held(holder.ticket()) && locks.is_held(waiter.ticket()));
+        let third = locks.request("w", &[count("a")]).unwrap();
+        assert!(matches!(third, Requested::Waiting(_)));
+        assert!(
+            locks.release(holder.ticket()).is_empty(),
+            "still one over the new count"
+        );
+        assert_eq!(locks.release(waiter.ticket()), vec![third.ticket()]);
+        // A removed lock: its holders release normally, new requests fail.
+        assert!(locks.set_definitions([]).is_empty());
+        assert!(locks.release(third.ticket()).is_empty());
+        assert!(locks.request("w", &[count("a")]).is_err());
+    }
+
+    /// Random operations against the model: counts are never exceeded, and
+    /// whenever something waits, something holds (so a release will come:
+    /// no deadlock); releasing every holder drains every waiter.
+    fn check_invariants(locks: &LockManager, defs: &[LockDef]) {
+        let mut used: HashMap<CopyKey, (u32, u32)> = HashMap::new();
+        for entry in locks.tickets.values().filter(|e| e.held) {
+            for (key, access) in &entry.claims {
+                let slot = used.entry(key.clone()).or_default();
+                match access {
+                    Access::Exclusive => slot.0 += 1,
+                    Access::Counting => slot.1 += 1,
+                }
+            }
+        }
+        for (key, (exclusive, counting)) in used {
+            let def = defs.iter().find(|d| d.name == key.lock).unwrap();
+            let max = def.max_count_on(key.worker.as_deref().unwrap_or(""));
+            assert!(exclusive <= 1, "{key}: {exclusive} exclusive holders");
+            if exclusive == 1 {
+                assert_eq!(
+                    counting, 0,
+                    "{key}: counting holders beside an exclusive one"
+                );
+            }
+            assert!(
+                counting <= max,
+                "{key}: {counting} holders over max_count {max}"
+            );
+        }
+        if locks.waiting_count() > 0 {
+            assert!(locks.held_count() > 0, "waiters but no holder: deadlock");
+        }
+    }
+
+    fn stress_defs() -> Vec<LockDef> {
+        vec![
+            master_lock("m1", 1),
+            master_lock("m2", 2),
+            master_lock("m3", 3),
+            worker_lock("w1", 1, &[("wB", 2)]),
+            worker_lock("w2", 2, &[("wA", 1)]),
+        ]
+    }
+
+    const STRESS_LOCKS: [&str; 5] = ["m1", "m2", "m3", "w1", "w2"];
+    const STRESS_WORKERS: [&str; 3] = ["wA", "wB", "wC"];
+
+    fn claim_set() -> impl Strategy<Value = (usize, Vec<(usize, bool)>)> {
+        (
+            0..STRESS_WORKERS.len(),
+            proptest::collection::vec((0..STRESS_LOCKS.len(), any::<bool>()), 1..4),
+        )
+    }
+
+    proptest! {
+        #[test]
+        fn random_requests_and_releases_never_exceed_counts_nor_deadlock(
+            ops in proptest::collection::vec((claim_set(), any::<bool>(), any::<prop::sample::Index>()), 1..120)
+        ) {
+            let defs = stress_defs();
+            let mut locks = LockManager::new(defs.clone());
+            let mut live: Vec<Ticket> = Vec::new();
+            for ((worker, set), release, pick) in ops {
+                if release && !live.is_empty() {
+                    let ticket = live.remove(pick.index(live.len()));
+                    locks.release(ticket);
+                } else {
+                    let claims: Vec<Claim> = set
+                        .iter()
+                        .map(|(lock, exclusive)| Claim::new(
+                            STRESS_LOCKS[*lock],
+                            if *exclusive { Access::Exclusive } else { Access::Counting },
+                        ))
+                        .collect();
+                    live.push(locks.request(STRESS_WORKERS[worker], &claims).unwrap().ticket());
+                }
+                check_invariants(&locks, &defs);
+            }
+            // Drain: release holders oldest first; every waiter must run.
+            while let Some(holder) = live.iter().copied().find(|t| locks.is_held(*t)) {
+                live.retain(|t| *t != holder);
+                locks.release(holder);
+                check_invariants(&locks, &defs);
+            }
+            prop_assert!(live.is_empty(), "waiters left with no holder: {live:?}");
+            prop_assert_eq!(locks.copies.len(), 0, "lock copies leaked");
+        }
+    }
+
+    /// Many builders as tasks with overlapping lock sets, each holding for a
+    /// few scheduler turns: all finish (no deadlock) and no count is ever
+    /// exceeded while held.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn async_stress_with_many_builders_completes_without_exceeding_counts() {
+        let defs = stress_defs();
+        let locks = SharedLocks::new(defs.clone());
+        let in_use: Arc<HashMap<(String, String), AtomicU32>> = Arc::new(
+            STRESS_LOCKS
+                .iter()
+                .flat_map(|l| {
+                    STRESS_WORKERS
+                        .iter()
+                        .map(move |w| ((l.to_string(), w.to_string()), AtomicU32::new(0)))
+                })
+                .collect(),
+        );
+        let mut tasks = Vec::new();
+        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = move || {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            seed
+        };
+        for builder in 0..60 {
+            let worker = STRESS_WORKERS[(next() % 3) as usize];
+            let mut claims = Vec::new();
+            for _ in 0..(1 + next() % 3) {
+                let lock = STRESS_LOCKS[(next() % 5) as usize];
+                let access = if next() % 3 == 0 {
+                    Access::Exclusive
+                } else {
+                    Access::Counting
+                };
+                claims.push(Claim::new(lock, access));
+            }
+            let locks = locks.clone();
+            let defs = defs.clone();
+            let in_use = in_use.clone();
+            tasks.push(tokio::spawn(async move {
+                for _round in 0..5 {
+                    let guard = locks.acquire(worker, &claims).unwrap().await;
+                    // Count distinct copies, scoped per worker (master locks
+                    // tracked under every worker's key for simplicity: use
+                    // the "*" worker for them).
+                    let mut taken: BTreeMap<String, Access> = BTreeMap::new();
+                    for claim in &claims {
+                        let e = taken.entry(claim.name.clone()).or_insert(claim.access);
+                        *e = (*e).max(claim.access);
+                    }
+                    let mut keys = Vec::new();
+                    for (name, access) in &taken {
+                        let def = defs.iter().find(|d| &d.name == name).unwrap();
+                        let (key_worker, max) = match def.scope {
+                            LockScope::Master => ("wA", def.max_count),
+                            LockScope::Worker => (worker, def.max_count_on(worker)),
+                        };
+                        let units = if *access == Access::Exclusive { max } else { 1 };
+                        let counter = &in_use[&(name.clone(), key_worker.to_owned())];
+                        let now = counter.fetch_add(units, Ordering::SeqCst) + units;
+                        assert!(now <= max, "builder {builder}: {name} at {now} over {max}");
+                        keys.push((counter, units));
+                    }
+                    tokio::task::yield_now().await;
+                    tokio::task::yield_now().await;
+                    for (counter, units) in keys {
+                        counter.fetch_sub(units, Ordering::SeqCst);
+                    }
+                    drop(guard);
+                }
+            }));
+        }
+        let all = async {
+            for task in tasks {
+                task.await.unwrap();
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(60), all)
+            .await
+            .expect("lock stress deadlocked");
+        let inner = locks.lock();
+        assert_eq!(
+            inner.manager.held_count() + inner.manager.waiting_count(),
+            0
+        );
+        assert!(inner.wakers.is_empty());
+    }
+
+    fn is_pending<F: std::future::Future + Unpin>(future: &mut F) -> bool {
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        std::pin::Pin::new(future).poll(&mut cx).is_pending()
+    }
+
+    #[tokio::test]
+    async fn dropping_a_waiting_acquire_withdraws_it() {
+        let locks = SharedLocks::new([master_lock("a", 1)]);
+        let holder = locks.acquire("w", &[excl("a")]).unwrap().await;
+        let mut second = Box::pin(locks.acquire("w", &[excl("a")]).unwrap());
+        assert!(is_pending(&mut second));
+        let mut third = Box::pin(locks.acquire("w", &[excl("a")]).unwrap());
+        assert!(is_pending(&mut third));
+        assert_eq!(locks.lock().manager.waiting_count(), 2);
+        // The second waiter gives up; the third gets the lock after the holder.
+        drop(second);
+        assert_eq!(locks.lock().manager.waiting_count(), 1);
+        drop(holder);
+        let guard = tokio::time::timeout(Duration::from_secs(30), third)
+            .await
+            .expect("third waiter woken");
+        assert!(locks.lock().manager.is_held(guard.ticket()));
+        assert_eq!(locks.lock().manager.waiting_count(), 0);
+        drop(guard);
+        assert_eq!(locks.lock().manager.held_count(), 0);
+    }
+}

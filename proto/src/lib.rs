@@ -2,3 +2,4 @@
 //! HTTP API shapes, TLS setup and config diagnostics.
 
 pub mod wire;
+pub mod tls;

@@ -4,6 +4,18 @@
 //! Architecture Invariant: this crate does no I/O, reads no clock and starts
 //! no threads. Every instant is a parameter; every measurement is an input.
 
+mod config;
+pub mod duration;
+mod load;
+mod policy;
 mod state;
+mod window;
 
+pub use config::{AvailabilityConfig, LoadConfig, ScheduleConfig};
+pub use duration::{DurationSpec, format_duration, parse_duration};
+pub use load::{ForeignLoadSample, LoadMonitor, LoadVerdict};
+pub use policy::{
+    CompileOptions, Inputs, Interval, ManualOverride, MasterOverride, Policy, PolicyError,
+    PolicyOwner, PresenceChange, PresenceTracker,
+};
 pub use state::{Presence, PresenceState, Source, UnknownSource, UnknownState};

@@ -1,0 +1,592 @@
+//! The local status page `/` (server-rendered HTML, no external assets) and
+//! its live feed `/events` (server-sent events pushed from the daemon's
+//! `watch` channel: each event carries the freshly rendered live section).
+
+use std::convert::Infallible;
+use std::fmt::Write;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::header;
+use axum::response::sse::{Event, KeepAlive, Sse};
+use axum::response::{Html, IntoResponse, Response};
+use futures_util::Stream;
+use jiff::tz::TimeZone;
+use jiff::{SignedDuration, Timestamp};
+use nightshift_policy::{PresenceState, Source};
+
+use super::server::{PreviewInterval, Shared};
+use super::when::{short_time, span_words};
+use crate::handle::AgentStatus;
+
+const STYLE: &str = include_str!("page.css");
+const SCRIPT: &str = include_str!("page.js");
+
+/// How many days the timeline shows, today included.
+const TIMELINE_DAYS: i64 = 7;
+
+/// `GET /`: the whole page.
+pub async fn index(State(shared): State<Shared>) -> Response {
+    let status = shared.handle.status.borrow().clone();
+    let now = (shared.clock)();
+    let preview = preview_window(&shared, now);
+    let html = render_page(
+        &status,
+        now,
+        &shared.time_zone,
+        preview.as_deref(),
+        shared.secrets.csrf(),
+    );
+    (
+        [
+            (header::CACHE_CONTROL, "no-store"),
+            (header::X_FRAME_OPTIONS, "DENY"),
+            (
+                header::CONTENT_SECURITY_POLICY,
+                "default-src 'none'; style-src 'unsafe-inline'; script-src 'unsafe-inline'; \
+                 connect-src 'self'; img-src data:; frame-ancestors 'none'; base-uri 'none'; form-action 'none'",
+            ),
+            (header::REFERRER_POLICY, "no-referrer"),
+        ],
+        Html(html),
+    )
+        .into_response()
+}
+
+/// `GET /events`: one `status` event now and one after every change.
+pub async fn events(
+    State(shared): State<Shared>,
+) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
+    let mut receiver = shared.handle.status.clone();
+    receiver.mark_changed();
+    let stream =
+        futures_util::stream::unfold((shared, receiver), |(shared, mut receiver)| async move {
+            tokio::select! {
+                () = shared.shutdown.cancelled() => None,
+                changed = receiver.changed() => {
+                    // The daemon dropped its sender: it is gone, end the stream
+                    // (the browser reconnects and sees the next agent).
+                    changed.ok()?;
+                    let status = receiver.borrow_and_update().clone();
+                    let now = (shared.clock)();
+                    let preview = preview_window(&shared, now);
+                    let html = render_live(&status, now, &shared.time_zone, preview.as_deref());
+                    let event = Event::default().event("status").data(html);
+                    Some((Ok(event), (shared, receiver)))
+                }
+            }
+        });
+    Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
+}
+
+fn preview_window(shared: &Shared, now: Timestamp) -> Option<Vec<PreviewInterval>> {
+    let preview = shared.preview.as_ref()?;
+    let (start, end) = timeline_bounds(now, &shared.time_zone);
+    Some(preview(start, end))
+}
+
+/// The timeline runs from the start of today to the end of the sixth day after.
+fn timeline_bounds(now: Timestamp, tz: &TimeZone) -> (Timestamp, Timestamp) {
+    let today = now.to_zoned(tz.clone()).date();
+    let start = day_start(today, tz).unwrap_or(now);
+    let end = today
+        .checked_add(jiff::Span::new().days(TIMELINE_DAYS))
+        .ok()
+        .and_then(|date| day_start(date, tz))
+        .unwrap_or(now + SignedDuration::from_hours(24 * TIMELINE_DAYS));
+    (start, end)
+}
+
+fn day_start(date: jiff::civil::Date, tz: &TimeZone) -> Option<Timestamp> {
+    date.to_zoned(tz.clone())
+        .ok()
+        .and_then(|zoned| zoned.start_of_day().ok())
+        .map(|zoned| zoned.timestamp())
+}
+
+/// The whole page.
+pub fn render_page(
+    status: &AgentStatus,
+    now: Timestamp,
+    tz: &TimeZone,
+    preview: Option<&[PreviewInterval]>,
+    csrf: &str,
+) -> String {
+    let state = status.presence.state;
+    let mut html = String::with_capacity(16 * 1024);
+    let _ = write!(
+        html,
+        r#"<!doctype html>
+<html lang="en">
+<head>
+<meta charset="utf-8">
+<meta name="viewport" content="width=device-width, initial-scale=1">
+<meta name="nightshift-csrf" content="{csrf}">
+<title>{title}</title>
+<link rel="icon" href="data:image/svg+xml,%3Csvg xmlns='http://www.w3.org/2000/svg' viewBox='0 0 16 16'%3E%3Ccircle cx='8' cy='8' r='7' fill='%234a6fa5'/%3E%3C/svg%3E">
+<style>{STYLE}</style>
+</head>
+<body data-state="{state}">
+<div class="wrap">
+<header class="top">
+  <span class="brand">nightshift</span>
+  <span class="worker">worker <b>{worker}</b></span>
+  <span id="feed" class="feed" title="This page updates by itself">● live</span>
+</header>
+<div id="live">
+"#,
+        csrf = escape(csrf),
+        title = escape(&page_title(status)),
+        worker = escape(&status.worker),
+    );
+    html.push_str(&render_live(status, now, tz, preview));
+    let _ = write!(
+        html,
+        r#"</div>
+<section class="card controls" aria-labelledby="controls-title">
+  <h2 id="controls-title">Change it</h2>
+  <p class="hint">Your choice wins over the schedules until you go back to automatic.</p>
+  <label class="reason-input">Why? <span class="optional">(optional, shown to the build farm's admin)</span>
+    <input id="reason" type="text" maxlength="200" placeholder="e.g. gaming tonight" autocomplete="off">
+  </label>
+  <div class="row">
+    <button type="button" class="choice available" data-action="set" data-state="available">Available</button>
+    <button type="button" class="choice reluctant" data-action="set" data-state="reluctant">Reluctant</button>
+  </div>
+  <div class="row away-row">
+    <span class="row-label">Away</span>
+    <button type="button" class="choice away" data-action="set" data-state="away" data-for="1h">for 1 hour</button>
+    <button type="button" class="choice away" data-action="set" data-state="away" data-for="4h">for 4 hours</button>
+    <button type="button" class="choice away" data-action="set" data-state="away" data-until="tomorrow">until tomorrow</button>
+    <button type="button" class="choice away" data-action="set" data-state="away">until I switch back</button>
+  </div>
+  <div class="row">
+    <button type="button" class="choice auto" data-action="set" data-state="auto">Back to automatic</button>
+    <button type="button" class="choice stop" data-action="stop">Stop the agent</button>
+  </div>
+  <p id="message" class="message" role="status" aria-live="polite"></p>
+</section>
+<footer class="foot">nightshift agent {version} · <a href="/metrics">metrics</a> · <a href="/api/v1/status">status as JSON</a></footer>
+</div>
+<script>{SCRIPT}</script>
+</body>
+</html>
+"#,
+        version = escape(&status.agent_version),
+    );
+    html
+}
+
+fn page_title(status: &AgentStatus) -> String {
+    format!(
+        "{} · {} — nightshift",
+        status.worker,
+        state_word(status.presence.state)
+    )
+}
+
+/// The part of the page that the live feed replaces.
+pub fn render_live(
+    status: &AgentStatus,
+    now: Timestamp,
+    tz: &TimeZone,
+    preview: Option<&[PreviewInterval]>,
+) -> String {
+    let presence = &status.presence;
+    let state = presence.state;
+    let mut html = String::with_capacity(8 * 1024);
+
+    // The state, big.
+    let mut when = String::new();
+    if let Some(until) = presence.until {
+        let _ = write!(
+            when,
+            "until {} <span class=\"soft\">(in {})</span>",
+            escape(&short_time(until, now, tz)),
+            span_words(until.duration_since(now))
+        );
+    } else {
+        when.push_str("until something changes");
+    }
+    let _ = write!(
+        html,
+        r#"<section id="hero" class="hero" data-state="{state}" data-title="{title}">
+  <p class="lead">This computer is</p>
+  <h1 id="state-word">{word}</h1>
+  <p class="meaning">{meaning}</p>
+  <p class="when">{when} — {source}</p>
+  <p class="reason">{reason}<span class="soft"> · since {since} ({ago} ago)</span></p>
+"#,
+        title = escape(&page_title(status)),
+        word = state_word(state),
+        meaning = state_meaning(state),
+        source = escape(&source_words(&presence.source)),
+        reason = escape(&presence.reason),
+        since = escape(&short_time(presence.since, now, tz)),
+        ago = span_words(now.duration_since(presence.since)),
+    );
+    if status.stopping {
+        html.push_str(
+            "  <p class=\"banner\">Stopping: the agent takes no new builds and exits when its current build ends.</p>\n",
+        );
+    } else if let Some(manual) = &status.manual {
+        let until = match manual.until {
+            Some(until) => format!(" until {}", escape(&short_time(until, now, tz))),
+            None => String::new(),
+        };
+        let _ = writeln!(
+            html,
+            "  <p class=\"banner\">You chose <b>{}</b>{until}. “Back to automatic” hands the decision back to the schedules.</p>",
+            state_word(manual.state).to_lowercase(),
+        );
+    }
+    html.push_str("</section>\n");
+
+    // Builds.
+    html.push_str("<section class=\"card\" id=\"builds\">\n  <h2>Builds</h2>\n");
+    if status.builds.is_empty() {
+        html.push_str("  <p class=\"empty\">Nothing is building right now.</p>\n");
+    } else {
+        for build in &status.builds {
+            let elapsed = now.duration_since(build.started_at);
+            let _ = write!(
+                html,
+                r#"  <article class="build">
+    <div class="build-head"><b>{builder}</b> <span class="soft">build #{id}</span>
+      <span class="build-step">step {step}: {step_name}</span>
+      <span class="elapsed" data-started="{started}">{elapsed}</span></div>
+    <pre class="tail">{tail}</pre>
+  </article>
+"#,
+                builder = escape(&build.builder),
+                id = build.build_id,
+                step = build.step + 1,
+                step_name = escape(&build.step_name),
+                started = build.started_at,
+                elapsed = span_words(elapsed),
+                tail = escape(&tail_lines(&build.tail, 12)),
+            );
+        }
+    }
+    let _ = writeln!(
+        html,
+        "  <p class=\"soft small\">{} finished since the agent started, {} of them failed.</p>\n</section>",
+        plural(status.counters.builds_run, "build", "builds"),
+        status.counters.builds_failed
+    );
+
+    // The master link.
+    let master = &status.master;
+    let link = if master.url.is_empty() {
+        "no master configured".to_owned()
+    } else {
+        format!("<code>{}</code>", escape(&master.url))
+    };
+    let since = master
+        .since
+        .map(|since| format!(" since {}", escape(&short_time(since, now, tz))))
+        .unwrap_or_default();
+    if master.connected {
+        let _ = writeln!(
+            html,
+            "<section class=\"card\" id=\"master\">\n  <h2>Build master</h2>\n  <p><span class=\"dot ok\"></span>Connected to {link}{since}.</p>\n</section>"
+        );
+    } else {
+        let error = master
+            .error
+            .as_deref()
+            .map(|error| format!("<br><span class=\"soft\">{}</span>", escape(error)))
+            .unwrap_or_default();
+        let _ = writeln!(
+            html,
+            "<section class=\"card\" id=\"master\">\n  <h2>Build master</h2>\n  <p><span class=\"dot bad\"></span>Not connected to {link}{since}; the agent keeps trying.{error}</p>\n</section>"
+        );
+    }
+
+    // The week ahead.
+    if let Some(preview) = preview {
+        html.push_str(&render_timeline(status, preview, now, tz));
+    }
+    html
+}
+
+/// The week ahead: one bar per day, coloured by state, with the owner's
+/// manual choice laid over the policies.
+fn render_timeline(
+    status: &AgentStatus,
+    preview: &[PreviewInterval],
+    now: Timestamp,
+    tz: &TimeZone,
+) -> String {
+    let (start, end) = timeline_bounds(now, tz);
+    let mut intervals = preview.to_vec();
+    if let Some(manual) = &status.manual {
+        let until = manual.until.unwrap_or(end).min(end);
+        if until > now {
+            intervals = overlay(
+                intervals,
+                PreviewInterval {
+                    from: now,
+                    to: until,
+                    state: manual.state,
+                    source: Source::Manual,
+                },
+            );
+        }
+    }
+    let mut html = String::from(
+        "<section class=\"card\" id=\"week\">\n  <h2>The week ahead</h2>\n  <div class=\"timeline\">\n    <div class=\"day hours\"><span class=\"day-name\"></span><div class=\"ticks\"><span style=\"left:0%\">0:00</span><span style=\"left:25%\">6:00</span><span style=\"left:50%\">12:00</span><span style=\"left:75%\">18:00</span></div></div>\n",
+    );
+    let today = now.to_zoned(tz.clone()).date();
+    for offset in 0..TIMELINE_DAYS {
+        let Ok(date) = today.checked_add(jiff::Span::new().days(offset)) else {
+            break;
+        };
+        let (Some(day_from), Some(day_to)) = (
+            day_start(date, tz),
+            date.tomorrow().ok().and_then(|next| day_start(next, tz)),
+        ) else {
+            continue;
+        };
+        let length = day_to.duration_since(day_from).as_secs_f64();
+        if length <= 0.0 {
+            continue;
+        }
+        let name = match offset {
+            0 => "Today".to_owned(),
+            1 => "Tomorrow".to_owned(),
+            _ => date.strftime("%a %-d").to_string(),
+        };
+        let _ = write!(
+            html,
+            "    <div class=\"day\"><span class=\"day-name\">{name}</span><div class=\"bar\">"
+        );
+        for interval in &intervals {
+            let from = interval.from.max(day_from).max(start);
+            let to = interval.to.min(day_to).min(end);
+            if from >= to {
+                continue;
+            }
+            let left = from.duration_since(day_from).as_secs_f64() / length * 100.0;
+            let width = to.duration_since(from).as_secs_f64() / length * 100.0;
+            let title = format!(
+                "{} {}–{} · {}",
+                state_word(interval.state),
+                from.to_zoned(tz.clone()).strftime("%H:%M"),
+                if to == day_to {
+                    "24:00".to_owned()
+                } else {
+                    to.to_zoned(tz.clone()).strftime("%H:%M").to_string()
+                },
+                source_words(&interval.source)
+            );
+            let _ = write!(
+                html,
+                "<span class=\"seg {state}\" style=\"left:{left:.3}%;width:{width:.3}%\" title=\"{title}\"></span>",
+                state = interval.state,
+                title = escape(&title),
+            );
+        }
+        if offset == 0 {
+            let left = now.duration_since(day_from).as_secs_f64() / length * 100.0;
+            let _ = write!(
+                html,
+                "<span class=\"now\" style=\"left:{left:.3}%\" title=\"now\"></span>"
+            );
+        }
+        html.push_str("</div></div>\n");
+    }
+    html.push_str(
+        "  </div>\n  <p class=\"legend\"><span class=\"key available\"></span>available <span class=\"key reluctant\"></span>reluctant <span class=\"key away\"></span>away <span class=\"key none\"></span>no rule (default)</p>\n</section>\n",
+    );
+    html
+}
+
+/// Lays `patch` over `base`: the parts of `base` it covers are cut out.
+fn overlay(base: Vec<PreviewInterval>, patch: PreviewInterval) -> Vec<PreviewInterval> {
+    let mut out = Vec::with_capacity(base.len() + 2);
+    for interval in base {
+        if interval.to <= patch.from || interval.from >= patch.to {
+            out.push(interval);
+            continue;
+        }
+        if interval.from < patch.from {
+            out.push(PreviewInterval {
+                to: patch.from,
+                ..interval.clone()
+            });
+        }
+        if interval.to > patch.to {
+            out.push(PreviewInterval {
+                from: patch.to,
+                ..interval
+            });
+        }
+    }
+    out.push(patch);
+    out.sort_by_key(|interval| interval.from);
+    out
+}
+
+/// The state in one capitalised word.
+pub fn state_word(state: PresenceState) -> &'static str {
+    match state {
+        PresenceState::Available => "Available",
+        PresenceState::Reluctant => "Reluctant",
+        PresenceState::Away => "Away",
+        PresenceState::Offline => "Offline",
+    }
+}
+
+/// What the state means, for someone who never read the docs.
+pub fn state_meaning(state: PresenceState) -> &'static str {
+    match state {
+        PresenceState::Available => "Happy to take builds.",
+        PresenceState::Reluctant => "Takes a build only when no other computer can.",
+        PresenceState::Away => "Takes no new builds. A build already running may finish.",
+        PresenceState::Offline => "Not taking any builds.",
+    }
+}
+
+/// Who decided, in words.
+pub fn source_words(source: &Source) -> String {
+    match source {
+        Source::Schedule(name) => format!("schedule “{name}”"),
+        Source::Load => "the computer is busy".into(),
+        Source::Manual => "set by you".into(),
+        Source::Stopping => "the agent is stopping".into(),
+        Source::Master => "the build master".into(),
+        Source::Default => "the default setting".into(),
+    }
+}
+
+fn plural(count: u64, one: &str, many: &str) -> String {
+    if count == 1 {
+        format!("1 {one}")
+    } else {
+        format!("{count} {many}")
+    }
+}
+
+/// The last `max` lines of `text`, with carriage returns read as line ends.
+fn tail_lines(text: &str, max: usize) -> String {
+    let text = text.replace("\r\n", "\n").replace('\r', "\n");
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(max)..].join("\n")
+}
+
+/// Escapes text for HTML element content and quoted attribute values.
+pub fn escape(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for c in text.chars() {
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '"' => out.push_str("&quot;"),
+            '\'' => out.push_str("&#39;"),
+            '\r' => out.push('\n'),
+            c if c.is_control() && c != '\n' && c != '\t' => {}
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::metrics::tests::status_fixture;
+    use crate::handle::ManualRequest;
+
+    fn tz() -> TimeZone {
+        TimeZone::get("Europe/Berlin").unwrap()
+    }
+
+    #[test]
+    fn escapes_what_could_break_out() {
+        assert_eq!(
+            escape("<script>\"x\" & 'y'</script>"),
+            "&lt;script&gt;&quot;x&quot; &amp; &#39;y&#39;&lt;/script&gt;"
+        );
+        assert_eq!(escape("a\rb\u{1b}[31m"), "a\nb[31m");
+    }
+
+    #[test]
+    fn page_shows_state_reason_builds_and_master() {
+        let now: Timestamp = "2026-11-23T11:00:00Z".parse().unwrap();
+        let mut status = status_fixture(now);
+        status.worker = "<lab>".into();
+        status.presence.until = Some("2026-11-23T18:00:00Z".parse().unwrap());
+        status.builds[0].tail = "one\r\ntwo\n</pre><script>alert(1)</script>".into();
+        let html = render_page(&status, now, &tz(), None, "abc123");
+        assert!(html.contains("<h1 id=\"state-word\">Away</h1>"));
+        assert!(html.contains("until 19:00"), "{html}");
+        assert!(html.contains("schedule “nights”"));
+        assert!(html.contains("&lt;lab&gt;"));
+        assert!(!html.contains("<script>alert"));
+        assert!(html.contains("content=\"abc123\""));
+        assert!(html.contains("wss://master.example:9443"));
+        assert!(html.contains("data-started=\"2026-11-23T10:58:30Z\""));
+        assert!(!html.contains("id=\"week\""));
+    }
+
+    #[test]
+    fn timeline_overlays_the_manual_choice() {
+        let now: Timestamp = "2026-11-23T11:00:00Z".parse().unwrap();
+        let mut status = status_fixture(now);
+        status.manual = Some(ManualRequest {
+            state: PresenceState::Away,
+            until: Some("2026-11-23T13:00:00Z".parse().unwrap()),
+            reason: None,
+        });
+        let preview = vec![PreviewInterval {
+            from: "2026-11-23T00:00:00Z".parse().unwrap(),
+            to: "2026-11-30T00:00:00Z".parse().unwrap(),
+            state: PresenceState::Available,
+            source: Source::Default,
+        }];
+        let html = render_live(&status, now, &tz(), Some(&preview));
+        assert!(html.contains("id=\"week\""));
+        assert_eq!(html.matches("class=\"day\"").count(), 7);
+        // 12:00–14:00 Berlin is manual away.
+        assert!(html.contains("Away 12:00–14:00 · set by you"), "{html}");
+        assert!(html.contains("Available 14:00–24:00"), "{html}");
+        assert!(html.contains("You chose <b>away</b> until 14:00"));
+    }
+
+    #[test]
+    fn overlay_cuts_and_keeps_order() {
+        let t = |h: i64| Timestamp::UNIX_EPOCH + SignedDuration::from_hours(h);
+        let base = vec![
+            PreviewInterval {
+                from: t(0),
+                to: t(5),
+                state: PresenceState::Available,
+                source: Source::Default,
+            },
+            PreviewInterval {
+                from: t(5),
+                to: t(10),
+                state: PresenceState::Away,
+                source: Source::Load,
+            },
+        ];
+        let patch = PreviewInterval {
+            from: t(3),
+            to: t(7),
+            state: PresenceState::Reluctant,
+            source: Source::Manual,
+        };
+        let out = overlay(base, patch);
+        let spans: Vec<_> = out.iter().map(|i| (i.from, i.to, i.state)).collect();
+        assert_eq!(
+            spans,
+            vec![
+                (t(0), t(3), PresenceState::Available),
+                (t(3), t(7), PresenceState::Reluctant),
+                (t(7), t(10), PresenceState::Away),
+            ]
+        );
+    }
+}

@@ -3,3 +3,4 @@
 
 pub mod wire;
 pub mod tls;
+pub mod api;

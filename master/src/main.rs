@@ -5,5 +5,7 @@
 mod latent;
 #[allow(dead_code)]
 mod locks;
+#[allow(dead_code)]
+mod reconfig;
 
 fn main() {}

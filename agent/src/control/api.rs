@@ -131,11 +131,17 @@ pub fn parse_body<T: serde::de::DeserializeOwned>(
         (true, Some(default)) => default.as_bytes(),
         _ => body,
     };
+    if body.iter().find(|byte| !byte.is_ascii_whitespace()) != Some(&b'{') {
+        return Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "the body must be a JSON object, e.g. {\"state\":\"away\"}",
+        ));
+    }
     let mut deserializer = serde_json::Deserializer::from_slice(body);
     let value: T = serde_path_to_error::deserialize(&mut deserializer).map_err(|error| {
         let path = error.path().to_string();
         let inner = error.into_inner();
-        if path.is_empty() || path == "." {
+        if path.is_empty() || path == "." || path.contains('?') {
             ApiError::new(
                 StatusCode::BAD_REQUEST,
                 format!("invalid JSON body: {inner}"),

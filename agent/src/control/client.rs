@@ -1,27 +1,453 @@
-//! The CLI side of the control plane: `worker status`, `set-availability`, `stop`.
+//! The CLI side of the control plane: `worker status`, `set-availability`,
+//! `stop` — one HTTP/1 request over the agent's Unix socket, authorised with
+//! the control token from the state dir.
 
+use std::io::ErrorKind;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use axum::body::Bytes;
+use axum::http::{Method, Request, StatusCode, header};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::TokioIo;
+use jiff::tz::TimeZone;
+use jiff::{SignedDuration, Timestamp};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::UnixStream;
+
+use super::api::{ErrorBody, SetAvailabilityBody, StopAnswer, StopBody};
+use super::guard::{self, TokenError};
+use super::page::{source_words, state_word};
+use super::server::SOCKET_FILE_NAME;
+use super::when::{self, short_time, span_words};
 use crate::cli::{AvailabilityArg, ConfigArg};
+use crate::handle::AgentStatus;
 
-pub fn status(_config: &ConfigArg, _json: bool) -> ExitCode {
-    eprintln!("error: `worker status` is not built yet");
-    ExitCode::FAILURE
+/// A response: status and the whole body.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: StatusCode,
+    pub body: Bytes,
 }
 
+/// Sends one request over `stream` (a Unix or TCP connection to the agent).
+pub async fn send<S>(
+    stream: S,
+    method: Method,
+    path: &str,
+    token: Option<&str>,
+    json: Option<Vec<u8>>,
+) -> anyhow::Result<Reply>
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let connection = tokio::spawn(connection);
+    let mut request = Request::builder()
+        .method(method)
+        .uri(path)
+        .header(header::HOST, "localhost")
+        .header(header::ACCEPT, "application/json");
+    if let Some(token) = token {
+        request = request.header(header::AUTHORIZATION, format!("Bearer {token}"));
+    }
+    if json.is_some() {
+        request = request.header(header::CONTENT_TYPE, "application/json");
+    }
+    let request = request.body(Full::new(Bytes::from(json.unwrap_or_default())))?;
+    let response = sender.send_request(request).await?;
+    let status = response.status();
+    let body = response.into_body().collect().await?.to_bytes();
+    drop(sender);
+    connection.abort();
+    Ok(Reply { status, body })
+}
+
+/// Where the running agent is, from `worker.toml`.
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub state_dir: PathBuf,
+    pub token_file: Option<PathBuf>,
+    pub time_zone: TimeZone,
+}
+
+/// How a CLI verb failed, with the exit code it earns.
+#[derive(Debug)]
+pub enum Failure {
+    /// Bad flags or config: exit 2.
+    Usage(String),
+    /// Anything else, including "no agent": exit 1.
+    Failed(String),
+}
+
+impl Failure {
+    fn report(self) -> ExitCode {
+        match self {
+            Failure::Usage(message) => {
+                eprintln!("error: {message}");
+                ExitCode::from(2)
+            }
+            Failure::Failed(message) => {
+                eprintln!("{message}");
+                ExitCode::FAILURE
+            }
+        }
+    }
+}
+
+impl Target {
+    /// Reads `worker.toml` (as `worker run` would) for the state dir, token
+    /// file and time zone.
+    pub fn load(config: &ConfigArg) -> Result<Target, Failure> {
+        let _ = config;
+        Err(Failure::Failed(
+            "error: reading worker.toml is not built yet (agent/src/config.rs)".into(),
+        ))
+    }
+
+    fn socket(&self) -> PathBuf {
+        self.state_dir.join(SOCKET_FILE_NAME)
+    }
+
+    fn not_running(&self) -> Failure {
+        Failure::Failed(format!(
+            "no worker agent is running (state dir {})",
+            self.state_dir.display()
+        ))
+    }
+
+    fn token(&self) -> Result<String, Failure> {
+        let path = guard::token_path(self.token_file.as_deref(), &self.state_dir);
+        guard::read_token(&path).map_err(|error| match error {
+            TokenError::Missing if self.token_file.is_none() => self.not_running(),
+            TokenError::Io(error) if error.kind() == ErrorKind::PermissionDenied => Failure::Failed(format!(
+                "cannot read the control token {}: permission denied (run as the agent's user, or with sudo)",
+                path.display()
+            )),
+            error => Failure::Failed(format!("control token {}: {error}", path.display())),
+        })
+    }
+
+    /// One request to the running agent; `Err` already says what went wrong.
+    async fn call(
+        &self,
+        method: Method,
+        path: &str,
+        json: Option<Vec<u8>>,
+    ) -> Result<Reply, Failure> {
+        let socket = self.socket();
+        let stream = match UnixStream::connect(&socket).await {
+            Ok(stream) => stream,
+            Err(error)
+                if matches!(
+                    error.kind(),
+                    ErrorKind::NotFound | ErrorKind::ConnectionRefused
+                ) =>
+            {
+                return Err(self.not_running());
+            }
+            Err(error) if error.kind() == ErrorKind::PermissionDenied => {
+                return Err(Failure::Failed(format!(
+                    "cannot connect to {}: permission denied (run as the agent's user, or with sudo)",
+                    socket.display()
+                )));
+            }
+            Err(error) => {
+                return Err(Failure::Failed(format!(
+                    "cannot connect to {}: {error}",
+                    socket.display()
+                )));
+            }
+        };
+        let token = self.token()?;
+        let reply = send(stream, method, path, Some(&token), json)
+            .await
+            .map_err(|error| {
+                Failure::Failed(format!(
+                    "talking to the agent on {}: {error}",
+                    socket.display()
+                ))
+            })?;
+        if reply.status.is_success() {
+            return Ok(reply);
+        }
+        let message = serde_json::from_slice::<ErrorBody>(&reply.body)
+            .map(|body| body.error)
+            .unwrap_or_else(|_| String::from_utf8_lossy(&reply.body).into_owned());
+        let message = format!("the agent refused: {message} ({})", reply.status);
+        Err(
+            if reply.status.is_client_error()
+                && !matches!(
+                    reply.status,
+                    StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN | StatusCode::CONFLICT
+                )
+            {
+                Failure::Usage(message)
+            } else {
+                Failure::Failed(message)
+            },
+        )
+    }
+}
+
+fn run<T>(future: impl std::future::Future<Output = Result<T, Failure>>) -> Result<T, Failure> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|error| Failure::Failed(format!("cannot start the async runtime: {error}")))?;
+    runtime.block_on(future)
+}
+
+fn decode<T: serde::de::DeserializeOwned>(reply: &Reply) -> Result<T, Failure> {
+    serde_json::from_slice(&reply.body).map_err(|error| {
+        Failure::Failed(format!(
+            "the agent sent an answer this CLI does not understand: {error}"
+        ))
+    })
+}
+
+fn print_json(value: &impl serde::Serialize) -> Result<(), Failure> {
+    let text = serde_json::to_string_pretty(value)
+        .map_err(|error| Failure::Failed(format!("cannot print JSON: {error}")))?;
+    println!("{text}");
+    Ok(())
+}
+
+/// `worker status [--json]`.
+pub fn status(config: &ConfigArg, json: bool) -> ExitCode {
+    let result = Target::load(config).and_then(|target| {
+        run(async {
+            let reply = target.call(Method::GET, "/api/v1/status", None).await?;
+            let status: AgentStatus = decode(&reply)?;
+            if json {
+                print_json(&status)?;
+            } else {
+                print!("{}", describe(&status, Timestamp::now(), &target.time_zone));
+            }
+            Ok(())
+        })
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => failure.report(),
+    }
+}
+
+/// `worker set-availability STATE [--for D | --until T] [--reason R] [--json]`.
 pub fn set_availability(
-    _config: &ConfigArg,
-    _state: AvailabilityArg,
-    _for: Option<String>,
-    _until: Option<String>,
-    _reason: Option<String>,
-    _json: bool,
+    config: &ConfigArg,
+    state: AvailabilityArg,
+    for_: Option<String>,
+    until: Option<String>,
+    reason: Option<String>,
+    json: bool,
 ) -> ExitCode {
-    eprintln!("error: `worker set-availability` is not built yet");
-    ExitCode::FAILURE
+    let result = Target::load(config).and_then(|target| {
+        let body = availability_body(
+            state,
+            for_,
+            until,
+            reason,
+            Timestamp::now(),
+            &target.time_zone,
+        )?;
+        let bytes =
+            serde_json::to_vec(&body).map_err(|error| Failure::Failed(error.to_string()))?;
+        run(async {
+            let reply = target
+                .call(Method::POST, "/api/v1/set-availability", Some(bytes))
+                .await?;
+            let status: AgentStatus = decode(&reply)?;
+            if json {
+                print_json(&status)?;
+            } else {
+                print!("{}", describe(&status, Timestamp::now(), &target.time_zone));
+            }
+            Ok(())
+        })
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => failure.report(),
+    }
 }
 
-pub fn stop(_config: &ConfigArg, _graceful: bool, _deadline: Option<String>) -> ExitCode {
-    eprintln!("error: `worker stop` is not built yet");
-    ExitCode::FAILURE
+/// Checks the flags and builds the request body. `--for` is sent as written
+/// (the agent adds it to its own clock); `--until` becomes an absolute
+/// instant here, read in the policy's time zone.
+pub fn availability_body(
+    state: AvailabilityArg,
+    for_: Option<String>,
+    until: Option<String>,
+    reason: Option<String>,
+    now: Timestamp,
+    tz: &TimeZone,
+) -> Result<SetAvailabilityBody, Failure> {
+    let word = match state {
+        AvailabilityArg::Available => "available",
+        AvailabilityArg::Reluctant => "reluctant",
+        AvailabilityArg::Away => "away",
+        AvailabilityArg::Auto => "auto",
+    };
+    if state == AvailabilityArg::Auto && (for_.is_some() || until.is_some() || reason.is_some()) {
+        return Err(Failure::Usage(
+            "`auto` hands the decision back to the policies; it takes no --for, --until or --reason".into(),
+        ));
+    }
+    if let Some(text) = &for_ {
+        when::parse_for(text).map_err(|error| Failure::Usage(format!("--for: {error}")))?;
+    }
+    let until = match until {
+        Some(text) => Some(
+            when::parse_until(&text, now, tz)
+                .map_err(|error| Failure::Usage(format!("--until: {error}")))?
+                .to_string(),
+        ),
+        None => None,
+    };
+    if let Some(text) = &reason
+        && text.chars().count() > super::api::MAX_REASON_CHARS
+    {
+        return Err(Failure::Usage(format!(
+            "--reason is longer than {} characters",
+            super::api::MAX_REASON_CHARS
+        )));
+    }
+    Ok(SetAvailabilityBody {
+        state: word.into(),
+        for_,
+        until,
+        reason,
+    })
+}
+
+/// `worker stop [--graceful] [--deadline D]`.
+pub fn stop(config: &ConfigArg, graceful: bool, deadline: Option<String>) -> ExitCode {
+    let result = Target::load(config).and_then(|target| {
+        if let Some(text) = &deadline {
+            when::parse_for(text).map_err(|error| Failure::Usage(format!("--deadline: {error}")))?;
+        }
+        let body = StopBody { graceful, deadline };
+        let bytes = serde_json::to_vec(&body).map_err(|error| Failure::Failed(error.to_string()))?;
+        run(async {
+            let reply = target.call(Method::POST, "/api/v1/stop", Some(bytes)).await?;
+            let answer: StopAnswer = decode(&reply)?;
+            let now = Timestamp::now();
+            match (answer.graceful, answer.deadline) {
+                (false, _) => println!("the agent is stopping now; running builds are cancelled and go back to the master's queue"),
+                (true, None) => println!("the agent takes no new builds and exits when its running builds end"),
+                (true, Some(deadline)) => println!(
+                    "the agent takes no new builds and exits when its running builds end; at {} (in {}) it cancels them and the master re-queues them",
+                    short_time(deadline, now, &target.time_zone),
+                    span_words(deadline.duration_since(now))
+                ),
+            }
+            Ok(())
+        })
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(failure) => failure.report(),
+    }
+}
+
+/// The human `worker status` text.
+pub fn describe(status: &AgentStatus, now: Timestamp, tz: &TimeZone) -> String {
+    use std::fmt::Write;
+    let presence = &status.presence;
+    let mut out = String::new();
+    let until = match presence.until {
+        Some(until) => format!(
+            " until {} (in {})",
+            short_time(until, now, tz),
+            span_words(until.duration_since(now))
+        ),
+        None => String::new(),
+    };
+    let _ = writeln!(
+        out,
+        "{}: {}{until} — {}",
+        status.worker,
+        state_word(presence.state).to_uppercase(),
+        source_words(&presence.source)
+    );
+    let _ = writeln!(out, "  why:     {} [{}]", presence.reason, presence.source);
+    let _ = writeln!(
+        out,
+        "  since:   {} ({} ago)",
+        short_time(presence.since, now, tz),
+        span_words(now.duration_since(presence.since))
+    );
+    if status.stopping {
+        let _ = writeln!(out, "  stopping: exits when its running builds end");
+    } else if let Some(manual) = &status.manual {
+        let until = manual
+            .until
+            .map(|until| format!(" until {}", short_time(until, now, tz)))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  manual:  {}{until} (`worker set-availability auto` returns to the policies)",
+            manual.state
+        );
+    }
+    if status.builds.is_empty() {
+        let _ = writeln!(out, "  builds:  none running");
+    } else {
+        for build in &status.builds {
+            let _ = writeln!(
+                out,
+                "  build:   #{} {} — step {} {:?}, running {}",
+                build.build_id,
+                build.builder,
+                build.step + 1,
+                build.step_name,
+                span_words(
+                    now.duration_since(build.started_at)
+                        .max(SignedDuration::ZERO)
+                )
+            );
+            if let Some(line) = build
+                .tail
+                .lines()
+                .rev()
+                .find(|line| !line.trim().is_empty())
+            {
+                let _ = writeln!(out, "           > {}", line.trim_end());
+            }
+        }
+    }
+    let master = &status.master;
+    let since = master
+        .since
+        .map(|since| format!(" since {}", short_time(since, now, tz)))
+        .unwrap_or_default();
+    if master.connected {
+        let _ = writeln!(out, "  master:  {} (connected{since})", master.url);
+    } else {
+        let error = master
+            .error
+            .as_deref()
+            .map(|error| format!(": {error}"))
+            .unwrap_or_default();
+        let _ = writeln!(
+            out,
+            "  master:  {} (not connected{since}{error})",
+            master.url
+        );
+    }
+    if let Some(load) = &status.load {
+        let _ = writeln!(
+            out,
+            "  load:    {:.2} (cpu {:.0}% not counting own builds)",
+            load.load1, load.cpu_percent
+        );
+    }
+    let _ = writeln!(
+        out,
+        "  totals:  {} builds run, {} failed, {} state changes",
+        status.counters.builds_run, status.counters.builds_failed, status.counters.presence_changes
+    );
+    out
 }

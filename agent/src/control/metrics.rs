@@ -251,13 +251,13 @@ pub(crate) mod tests {
             let mut labels = BTreeMap::new();
             if let Some(after) = rest.strip_prefix('{') {
                 let mut chars = after.char_indices().peekable();
-                let mut consumed = None;
+                let consumed;
                 loop {
                     let Some(&(start, c)) = chars.peek() else {
                         return Err(at("unterminated labels"));
                     };
                     if c == '}' {
-                        consumed = Some(start + 1);
+                        consumed = start + 1;
                         break;
                     }
                     let mut key = String::new();
@@ -301,7 +301,6 @@ pub(crate) mod tests {
                         _ => return Err(at("expected , or }")),
                     }
                 }
-                let consumed = consumed.ok_or_else(|| at("unterminated labels"))?;
                 rest = &after[consumed..];
             }
             let value_text = rest

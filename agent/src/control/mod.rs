@@ -19,3 +19,6 @@ pub use server::{
     ADDR_FILE_NAME, Clock, ControlOptions, ControlServer, PreviewFn, PreviewInterval,
     SOCKET_FILE_NAME, serve_with,
 };
+
+#[cfg(test)]
+mod tests;

@@ -16,8 +16,6 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
-use nightshift_policy::{PresenceState, Source};
-use serde::{Deserialize, Serialize};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -41,14 +39,8 @@ pub type Clock = Arc<dyn Fn() -> Timestamp + Send + Sync>;
 /// page's week-ahead timeline.
 pub type PreviewFn = Arc<dyn Fn(Timestamp, Timestamp) -> Vec<PreviewInterval> + Send + Sync>;
 
-/// One interval of the week ahead.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct PreviewInterval {
-    pub from: Timestamp,
-    pub to: Timestamp,
-    pub state: PresenceState,
-    pub source: Source,
-}
+/// One interval of the week ahead, as the policy's `preview` gives it.
+pub type PreviewInterval = nightshift_policy::Interval;
 
 /// What the control plane needs besides the daemon handle.
 #[derive(Clone)]

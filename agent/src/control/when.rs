@@ -8,13 +8,7 @@ use jiff::{SignedDuration, Timestamp, Zoned};
 
 /// Parses a duration such as `2h`, `30m`, `1h30m`, `90s`; must be positive.
 pub fn parse_for(text: &str) -> Result<SignedDuration, String> {
-    let duration = text
-        .trim()
-        .parse::<SignedDuration>()
-        .map_err(|e| e.to_string())
-        .map_err(|error| {
-            format!("`{text}` is not a duration ({error}); try `30m`, `2h` or `1h30m`")
-        })?;
+    let duration = nightshift_policy::parse_duration(text)?;
     if duration <= SignedDuration::ZERO {
         return Err(format!("`{text}` is not a positive duration"));
     }

@@ -26,6 +26,7 @@ use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use nightshift_proto::wire::BuildId;
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
@@ -531,6 +532,128 @@ impl fmt::Debug for LockGuard {
     }
 }
 
+/// Who a granted or waiting ticket belongs to, in scheduler terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum LockHolder {
+    /// A build's builder-level locks: the build starts when granted.
+    Build(BuildId),
+    /// One step's locks: the step starts (`StepGranted`) when granted.
+    Step(BuildId, u32),
+}
+
+/// The scheduler's view of locks: a [`LockManager`] plus which build or step
+/// each ticket serves. A build holds at most one builder-level ticket and
+/// one step ticket at a time (steps run in order).
+#[derive(Debug, Default)]
+pub struct BuildLocks {
+    manager: LockManager,
+    tickets: HashMap<LockHolder, Ticket>,
+    holders: HashMap<Ticket, LockHolder>,
+}
+
+impl BuildLocks {
+    pub fn new(defs: impl IntoIterator<Item = LockDef>) -> BuildLocks {
+        BuildLocks {
+            manager: LockManager::new(defs),
+            ..BuildLocks::default()
+        }
+    }
+
+    /// Asks for `claims` on behalf of `holder` running on `worker`. `Ok(true)`:
+    /// held now (also for an empty set); `Ok(false)`: queued, a later
+    /// release returns `holder` among the granted. Asking again for a
+    /// holder that already has a ticket answers from that ticket.
+    pub fn request(
+        &mut self,
+        holder: LockHolder,
+        worker: &str,
+        claims: &[Claim],
+    ) -> Result<bool, LockError> {
+        if let Some(ticket) = self.tickets.get(&holder) {
+            return Ok(self.manager.is_held(*ticket));
+        }
+        if claims.is_empty() {
+            return Ok(true);
+        }
+        let requested = self.manager.request(worker, claims)?;
+        let ticket = requested.ticket();
+        self.tickets.insert(holder, ticket);
+        self.holders.insert(ticket, holder);
+        Ok(matches!(requested, Requested::Granted(_)))
+    }
+
+    /// Releases (or withdraws) one holder's ticket; returns who that granted.
+    pub fn release(&mut self, holder: LockHolder) -> Vec<LockHolder> {
+        match self.tickets.remove(&holder) {
+            Some(ticket) => {
+                self.holders.remove(&ticket);
+                let granted = self.manager.release(ticket);
+                self.holders_of(granted)
+            }
+            None => Vec::new(),
+        }
+    }
+
+    /// Releases everything a build holds or waits for (it finished, was
+    /// cancelled, or was re-queued after its worker vanished).
+    pub fn release_build(&mut self, build: BuildId) -> Vec<LockHolder> {
+        let mine: Vec<LockHolder> = self
+            .tickets
+            .keys()
+            .filter(|h| matches!(h, LockHolder::Build(b) | LockHolder::Step(b, _) if *b == build))
+            .copied()
+            .collect();
+        let mut granted = Vec::new();
+        for holder in mine {
+            granted.retain(|g| *g != holder);
+            granted.extend(self.release(holder));
+        }
+        granted
+            .retain(|g| !matches!(g, LockHolder::Build(b) | LockHolder::Step(b, _) if *b == build));
+        granted
+    }
+
+    /// Whether `holder` holds its locks now.
+    pub fn is_held(&self, holder: LockHolder) -> bool {
+        self.tickets
+            .get(&holder)
+            .is_some_and(|t| self.manager.is_held(*t))
+    }
+
+    /// What a build waits for, as `master builds` shows it: `waiting for lock
+    /// compile`, `waiting for locks a, b on w1`; `None` when it waits for
+    /// no lock.
+    pub fn waiting_text(&self, build: BuildId) -> Option<String> {
+        let mut names = Vec::new();
+        for (holder, ticket) in &self.tickets {
+            if matches!(holder, LockHolder::Build(b) | LockHolder::Step(b, _) if *b == build) {
+                names.extend(self.manager.waiting_for(*ticket));
+            }
+        }
+        match names.len() {
+            0 => None,
+            1 => Some(format!("waiting for lock {}", names[0])),
+            _ => {
+                names.sort();
+                Some(format!("waiting for locks {}", names.join(", ")))
+            }
+        }
+    }
+
+    /// Replaces the definitions (reconfig); returns who a grown count granted.
+    pub fn set_definitions(&mut self, defs: impl IntoIterator<Item = LockDef>) -> Vec<LockHolder> {
+        let granted = self.manager.set_definitions(defs);
+        self.holders_of(granted)
+    }
+
+    fn holders_of(&self, tickets: Vec<Ticket>) -> Vec<LockHolder> {
+        tickets
+            .into_iter()
+            .filter_map(|t| self.holders.get(&t).copied())
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -966,6 +1089,76 @@ mod tests {
             0
         );
         assert!(inner.wakers.is_empty());
+    }
+
+    #[test]
+    fn build_locks_track_builds_and_steps_and_release_everything_at_the_end() {
+        let mut locks = BuildLocks::new([master_lock("deploy", 1), master_lock("compile", 1)]);
+        assert_eq!(
+            locks.request(LockHolder::Build(1), "w1", &[count("deploy")]),
+            Ok(true)
+        );
+        assert_eq!(
+            locks.request(LockHolder::Build(2), "w2", &[count("deploy")]),
+            Ok(false)
+        );
+        assert_eq!(
+            locks.waiting_text(2).as_deref(),
+            Some("waiting for lock deploy")
+        );
+        assert_eq!(locks.waiting_text(1), None);
+        // Asking again answers from the same ticket, no second place in line.
+        assert_eq!(
+            locks.request(LockHolder::Build(2), "w2", &[count("deploy")]),
+            Ok(false)
+        );
+        assert_eq!(
+            locks.request(LockHolder::Step(1, 0), "w1", &[excl("compile")]),
+            Ok(true)
+        );
+        assert_eq!(
+            locks.request(LockHolder::Step(3, 0), "w3", &[excl("compile")]),
+            Ok(false)
+        );
+        assert_eq!(
+            locks.request(LockHolder::Step(1, 1), "w1", &[]),
+            Ok(true),
+            "no locks, no wait"
+        );
+        // Build 1 ends (or is re-queued): its build and step tickets go.
+        let granted = locks.release_build(1);
+        assert_eq!(granted.len(), 2);
+        assert!(granted.contains(&LockHolder::Build(2)));
+        assert!(granted.contains(&LockHolder::Step(3, 0)));
+        assert!(locks.is_held(LockHolder::Build(2)));
+        assert_eq!(locks.release_build(1), vec![]);
+        assert_eq!(
+            locks.request(LockHolder::Build(4), "w1", &[count("nope")]),
+            Err(LockError::UnknownLock {
+                name: "nope".into()
+            })
+        );
+    }
+
+    #[test]
+    fn releasing_a_build_does_not_report_its_own_step_as_granted() {
+        let mut locks = BuildLocks::new([master_lock("a", 1)]);
+        assert_eq!(
+            locks.request(LockHolder::Build(1), "w", &[excl("a")]),
+            Ok(true)
+        );
+        // A step of the same build waits behind the build's own hold (a
+        // config mistake the config check refuses; must not leak here).
+        assert_eq!(
+            locks.request(LockHolder::Step(1, 0), "w", &[excl("a")]),
+            Ok(false)
+        );
+        assert_eq!(locks.release_build(1), vec![]);
+        assert!(!locks.is_held(LockHolder::Step(1, 0)));
+        assert_eq!(
+            locks.manager.held_count() + locks.manager.waiting_count(),
+            0
+        );
     }
 
     fn is_pending<F: std::future::Future + Unpin>(future: &mut F) -> bool {

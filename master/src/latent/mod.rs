@@ -16,7 +16,7 @@
 pub mod command;
 pub mod process;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::future::Future;
 use std::path::PathBuf;
@@ -249,6 +249,20 @@ pub enum LatentEvent {
         kind: TimerKind,
         generation: u64,
     },
+}
+
+/// The answer of [`LatentPool::serve`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LatentChoice {
+    /// This instance is starting already and will take the request.
+    AlreadyStarting(String),
+    /// Started this one: carry out the actions.
+    Start {
+        worker: String,
+        actions: Vec<LatentAction>,
+    },
+    /// Nothing to start now, with why (shown as what the build waits for).
+    Wait(String),
 }
 
 /// Why a latent worker cannot be started now.
@@ -494,6 +508,53 @@ impl LatentPool {
                 generation: slot.generation,
             },
         ])
+    }
+
+    /// For a queued request that no connected worker can take: counts on a
+    /// latent candidate already starting (one not yet counted on by an
+    /// earlier request in this dispatch pass, tracked in `claimed`), or
+    /// starts the first startable candidate. Candidates that are not latent
+    /// are skipped.
+    pub fn serve(
+        &mut self,
+        candidates: &[&str],
+        claimed: &mut BTreeSet<String>,
+        why: &str,
+        now: Now,
+    ) -> LatentChoice {
+        for worker in candidates {
+            if self.state(worker) == Some(LatentState::Starting) && !claimed.contains(*worker) {
+                claimed.insert((*worker).to_owned());
+                return LatentChoice::AlreadyStarting((*worker).to_owned());
+            }
+        }
+        let mut reasons = Vec::new();
+        for worker in candidates {
+            if !self.is_latent(worker) {
+                continue;
+            }
+            match self.start(worker, why, now) {
+                Ok(actions) => {
+                    claimed.insert((*worker).to_owned());
+                    return LatentChoice::Start {
+                        worker: (*worker).to_owned(),
+                        actions,
+                    };
+                }
+                Err(NotStartable::TooManyStarting { starting, max }) => {
+                    return LatentChoice::Wait(format!(
+                        "{starting} latent workers starting (max_starting = {max})"
+                    ));
+                }
+                Err(NotStartable::Busy { .. }) => {}
+                Err(other) => reasons.push(other.to_string()),
+            }
+        }
+        if reasons.is_empty() {
+            LatentChoice::Wait("no latent worker can start".into())
+        } else {
+            LatentChoice::Wait(reasons.join("; "))
+        }
     }
 
     /// Feeds back the end of an action. Events for an older attempt or a

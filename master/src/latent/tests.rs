@@ -449,6 +449,47 @@ fn connections_are_accepted_only_for_started_instances() {
     );
 }
 
+#[test]
+fn serve_counts_on_starting_instances_once_and_respects_max_starting() {
+    let clock = Clock::new();
+    let mut pool = pool(&["a", "b", "c"], 2, 60, &clock);
+    let now = clock.at(0);
+    let all = ["plain", "a", "b", "c"];
+    // First dispatch pass: three queued requests.
+    let mut claimed = BTreeSet::new();
+    assert!(
+        matches!(pool.serve(&all, &mut claimed, "r1", now), LatentChoice::Start { worker, .. } if worker == "a")
+    );
+    assert!(
+        matches!(pool.serve(&all, &mut claimed, "r2", now), LatentChoice::Start { worker, .. } if worker == "b")
+    );
+    assert_eq!(
+        pool.serve(&all, &mut claimed, "r3", now),
+        LatentChoice::Wait("2 latent workers starting (max_starting = 2)".into())
+    );
+    // Next pass: the two starting instances serve the first two requests,
+    // the third still waits; nothing new starts.
+    let mut claimed = BTreeSet::new();
+    assert_eq!(
+        pool.serve(&all, &mut claimed, "r1", now),
+        LatentChoice::AlreadyStarting("a".into())
+    );
+    assert_eq!(
+        pool.serve(&all, &mut claimed, "r2", now),
+        LatentChoice::AlreadyStarting("b".into())
+    );
+    assert!(matches!(
+        pool.serve(&all, &mut claimed, "r3", now),
+        LatentChoice::Wait(_)
+    ));
+    assert_eq!(pool.starting_count(), 2);
+    // Only non-latent candidates: nothing to start.
+    assert_eq!(
+        pool.serve(&["plain"], &mut BTreeSet::new(), "r4", now),
+        LatentChoice::Wait("no latent worker can start".into())
+    );
+}
+
 /// A provider that records calls; `start` answers from a script of
 /// outcomes, or never when the script says `None`.
 struct FakeProvider {

@@ -21,6 +21,7 @@ use super::page::{source_words, state_word};
 use super::server::SOCKET_FILE_NAME;
 use super::when::{self, short_time, span_words};
 use crate::cli::{AvailabilityArg, ConfigArg};
+use crate::config::WorkerConfig;
 use crate::handle::AgentStatus;
 
 /// A response: status and the whole body.
@@ -100,10 +101,17 @@ impl Target {
     /// Reads `worker.toml` (as `worker run` would) for the state dir, token
     /// file and time zone.
     pub fn load(config: &ConfigArg) -> Result<Target, Failure> {
-        let _ = config;
-        Err(Failure::Failed(
-            "error: reading worker.toml is not built yet (agent/src/config.rs)".into(),
-        ))
+        let (_path, config) = WorkerConfig::load(config.config.as_deref())
+            .map_err(|errors| Failure::Usage(errors.to_string()))?;
+        let time_zone = config
+            .policy()
+            .map(|policy| policy.time_zone().clone())
+            .unwrap_or_else(|_| TimeZone::system());
+        Ok(Target {
+            state_dir: config.state_dir,
+            token_file: config.control.token_file,
+            time_zone,
+        })
     }
 
     fn socket(&self) -> PathBuf {

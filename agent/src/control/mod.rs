@@ -17,7 +17,7 @@ pub mod when;
 
 pub use server::{
     ADDR_FILE_NAME, Clock, ControlOptions, ControlServer, PreviewFn, PreviewInterval,
-    SOCKET_FILE_NAME, serve_with,
+    SOCKET_FILE_NAME, serve, serve_with,
 };
 
 #[cfg(test)]

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::api::{self, ApiError};
 use super::guard::{self, GuardConfig, Secrets};
 use super::{metrics, page};
+use crate::config::WorkerConfig;
 use crate::handle::AgentHandle;
 
 /// The Unix socket the CLI talks to, inside the state dir.
@@ -148,6 +149,29 @@ impl Drop for ControlServer {
             self.remove_files();
         }
     }
+}
+
+/// Starts the control plane for `worker run`: `[control]` from `config`,
+/// times shown in the policy's zone, the week ahead from its `preview`.
+/// See [`serve_with`].
+pub async fn serve(
+    handle: AgentHandle,
+    config: &WorkerConfig,
+    state_dir: &Path,
+) -> anyhow::Result<ControlServer> {
+    let policy = config.policy().map_err(|errors| {
+        let lines: Vec<String> = errors
+            .iter()
+            .map(|error| format!("{}: {}", error.path, error.message))
+            .collect();
+        anyhow::anyhow!("[availability]: {}", lines.join("; "))
+    })?;
+    let mut options = ControlOptions::new(config.control.listen, policy.time_zone().clone());
+    options.allow_remote = config.control.allow_remote;
+    options.token_file = config.control.token_file.clone();
+    let policy = Arc::new(policy);
+    options.preview = Some(Arc::new(move |from, to| policy.preview(from, to)));
+    serve_with(handle, options, state_dir).await
 }
 
 /// Starts the control plane: binds TCP and the Unix socket, writes

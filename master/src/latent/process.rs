@@ -146,7 +146,15 @@ pub fn render_worker_toml(instance: &InstanceInfo, dir: &Path) -> String {
         "workdir = {}\n",
         toml_str(&dir.join("work").display().to_string())
     ));
+    text.push_str(&format!(
+        "state_dir = {}\n",
+        toml_str(&dir.join("state").display().to_string())
+    ));
     text.push_str(&format!("max_builds = {}\n", instance.max_builds));
+    if instance.master.insecure {
+        text.push_str("insecure = true\n");
+    }
+    text.push_str("\n[tls]\n");
     if let Some(ca) = &instance.master.ca_file {
         text.push_str(&format!(
             "ca_file = {}\n",
@@ -154,11 +162,11 @@ pub fn render_worker_toml(instance: &InstanceInfo, dir: &Path) -> String {
         ));
     }
     if let Some(pin) = &instance.master.cert_sha256 {
-        text.push_str(&format!("cert_sha256 = {}\n", toml_str(pin)));
+        text.push_str(&format!("pin_sha256 = {}\n", toml_str(pin)));
     }
-    if instance.master.insecure {
-        text.push_str("insecure = true\n");
-    }
+    // Several instances share this machine: each control plane takes a free
+    // port (the CLI reaches it through the Unix socket in state_dir).
+    text.push_str("\n[control]\nlisten = \"127.0.0.1:0\"\n");
     text
 }
 
@@ -279,7 +287,12 @@ mod tests {
             parsed["workdir"].as_str(),
             Some("/data/latent/local-1/work")
         );
-        assert_eq!(parsed["cert_sha256"].as_str(), Some("ab12"));
+        assert_eq!(parsed["tls"]["pin_sha256"].as_str(), Some("ab12"));
+        assert_eq!(parsed["control"]["listen"].as_str(), Some("127.0.0.1:0"));
+        assert_eq!(
+            parsed["state_dir"].as_str(),
+            Some("/data/latent/local-1/state")
+        );
         assert_eq!(parsed["max_builds"].as_integer(), Some(1));
     }
 

@@ -1,8 +1,8 @@
 //! The `command` latent provider: the admin's own `start` and `stop` scripts
 //! (the escape hatch for any VM, cloud or wake-on-LAN setup).
 //!
-//! Each script is executed directly (not through a shell), with the
-//! configured `args`, and gets in its environment:
+//! Each is a command line run with `sh -c` (a script path, or a path with
+//! arguments), and gets in its environment:
 //! - `NIGHTSHIFT_WORKER_NAME`: the worker's name,
 //! - `NIGHTSHIFT_WORKER_TOKEN`: a token made for this start only,
 //! - `NIGHTSHIFT_MASTER_URL`: where the agent connects,
@@ -16,7 +16,6 @@
 //! worker; anything else = failed. Its last line of output is the reason.
 //! The stop script must succeed when there is nothing to stop.
 
-use std::path::{Path, PathBuf};
 use std::process::Stdio;
 
 use tokio::process::Command;
@@ -29,15 +28,15 @@ pub const EXIT_NOT_NOW: i32 = 75;
 /// How much of a script's output is kept for the reason.
 const REASON_CHARS: usize = 300;
 
-/// `latent = { provider = "command", start = "…", stop = "…", health = "…" }`
+/// `latent = { provider = "command", start = "…", stop = "…" }`
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct CommandSettings {
-    pub start: PathBuf,
-    pub stop: PathBuf,
-    /// Optional: exit 0 = the instance exists, anything else = gone.
-    pub health: Option<PathBuf>,
-    /// Extra arguments given to every script.
-    pub args: Vec<String>,
+    /// Command line that starts the instance.
+    pub start: String,
+    /// Command line that stops it (and succeeds when nothing is left).
+    pub stop: String,
+    /// Optional command line: exit 0 = the instance exists, else gone.
+    pub health: Option<String>,
 }
 
 pub struct CommandProvider {
@@ -88,13 +87,10 @@ struct ScriptRun {
     reason: String,
 }
 
-async fn run_script(
-    script: &PathBuf,
-    args: &[String],
-    instance: &InstanceInfo,
-) -> Result<ScriptRun, String> {
-    let output = Command::new(script)
-        .args(args)
+async fn run_script(script: &str, instance: &InstanceInfo) -> Result<ScriptRun, String> {
+    let output = Command::new("sh")
+        .arg("-c")
+        .arg(script)
         .envs(script_env(instance))
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
@@ -103,22 +99,22 @@ async fn run_script(
         .kill_on_drop(true)
         .output()
         .await
-        .map_err(|error| format!("cannot run {}: {error}", script.display()))?;
+        .map_err(|error| format!("cannot run `{script}`: {error}"))?;
     Ok(ScriptRun {
         code: output.status.code(),
         reason: last_line(&output.stdout, &output.stderr),
     })
 }
 
-fn describe(script: &Path, run: &ScriptRun) -> String {
+fn describe(script: &str, run: &ScriptRun) -> String {
     let status = match run.code {
         Some(code) => format!("exited with {code}"),
         None => "was killed by a signal".to_owned(),
     };
     if run.reason.is_empty() {
-        format!("{} {status}", script.display())
+        format!("`{script}` {status}")
     } else {
-        format!("{} {status}: {}", script.display(), run.reason)
+        format!("`{script}` {status}: {}", run.reason)
     }
 }
 
@@ -130,12 +126,12 @@ impl LatentProvider for CommandProvider {
     fn start<'a>(&'a self, instance: &'a InstanceInfo) -> BoxFuture<'a, StartOutcome> {
         Box::pin(async move {
             let script = &self.settings.start;
-            match run_script(script, &self.settings.args, instance).await {
+            match run_script(script, instance).await {
                 Err(error) => StartOutcome::Failed(error),
                 Ok(run) if run.code == Some(0) => StartOutcome::Started,
                 Ok(run) if run.code == Some(EXIT_NOT_NOW) => {
                     StartOutcome::NotNow(if run.reason.is_empty() {
-                        format!("{} exited with {EXIT_NOT_NOW} (not now)", script.display())
+                        format!("`{script}` exited with {EXIT_NOT_NOW} (not now)")
                     } else {
                         run.reason
                     })
@@ -148,7 +144,7 @@ impl LatentProvider for CommandProvider {
     fn stop<'a>(&'a self, instance: &'a InstanceInfo) -> BoxFuture<'a, Result<(), String>> {
         Box::pin(async move {
             let script = &self.settings.stop;
-            let run = run_script(script, &self.settings.args, instance).await?;
+            let run = run_script(script, instance).await?;
             if run.code == Some(0) {
                 Ok(())
             } else {
@@ -162,7 +158,7 @@ impl LatentProvider for CommandProvider {
             let Some(script) = &self.settings.health else {
                 return Health::Unknown;
             };
-            match run_script(script, &self.settings.args, instance).await {
+            match run_script(script, instance).await {
                 Err(error) => Health::Gone(error),
                 Ok(run) if run.code == Some(0) => Health::Alive,
                 Ok(run) => Health::Gone(describe(script, &run)),
@@ -178,11 +174,11 @@ mod tests {
     use std::os::unix::fs::PermissionsExt;
     use std::path::Path;
 
-    fn script(dir: &Path, name: &str, body: &str) -> PathBuf {
+    fn script(dir: &Path, name: &str, body: &str) -> String {
         let path = dir.join(name);
         std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
-        path
+        path.display().to_string()
     }
 
     fn instance() -> InstanceInfo {
@@ -216,7 +212,6 @@ mod tests {
             start,
             stop,
             health: None,
-            args: vec![],
         });
         assert_eq!(provider.start(&instance()).await, StartOutcome::Started);
         assert_eq!(
@@ -240,7 +235,6 @@ mod tests {
             start,
             stop: stop.clone(),
             health: None,
-            args: vec![],
         });
         assert_eq!(
             provider.start(&instance()).await,
@@ -248,7 +242,7 @@ mod tests {
         );
         assert_eq!(
             provider.stop(&instance()).await,
-            Err(format!("{} exited with 3: no such vm", stop.display()))
+            Err(format!("`{stop}` exited with 3: no such vm"))
         );
     }
 
@@ -263,20 +257,16 @@ mod tests {
         let health = script(dir.path(), "health", "exit 0");
         let provider = CommandProvider::new(CommandSettings {
             start: start.clone(),
-            stop: dir.path().join("missing-stop"),
+            stop: dir.path().join("missing-stop").display().to_string(),
             health: Some(health),
-            args: vec![],
         });
         assert_eq!(
             provider.start(&instance()).await,
-            StartOutcome::Failed(format!(
-                "{} exited with 1: image not found",
-                start.display()
-            ))
+            StartOutcome::Failed(format!("`{start}` exited with 1: image not found"))
         );
         let err = provider.stop(&instance()).await.unwrap_err();
         assert!(
-            err.starts_with("cannot run ") && err.contains("missing-stop"),
+            err.contains("missing-stop") && err.contains("exited with 127"),
             "{err}"
         );
         assert_eq!(provider.health(&instance()).await, Health::Alive);

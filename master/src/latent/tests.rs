@@ -8,10 +8,9 @@ use super::*;
 fn settings(build_wait_secs: u64, start_timeout_secs: u64) -> LatentSettings {
     LatentSettings {
         provider: ProviderSpec::Command(command::CommandSettings {
-            start: "/bin/true".into(),
-            stop: "/bin/true".into(),
+            start: "true".into(),
+            stop: "true".into(),
             health: None,
-            args: vec![],
         }),
         build_wait_timeout: Duration::from_secs(build_wait_secs),
         start_timeout: Duration::from_secs(start_timeout_secs),

@@ -1,0 +1,1014 @@
+//! The daemon's one event loop: every input (policy boundaries, load samples,
+//! control commands, master frames, link changes, build progress, signals)
+//! arrives as an [`Event`], is handled in order, and the resulting presence
+//! and status are pushed — to the master when the presence changes, to the
+//! control plane on a `watch` channel.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::{SignedDuration, Timestamp};
+use nightshift_policy::{
+    ForeignLoadSample, Inputs, LoadMonitor, LoadVerdict, ManualOverride, MasterOverride, Policy,
+    Presence, PresenceChange, PresenceTracker, Source,
+};
+use nightshift_proto::wire::{AgentMessage, BuildId, BuildResult, MasterMessage};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+
+use super::clock::Clock;
+use super::link::{HelloState, LinkEvent};
+use super::load::{BuildTrees, LoadMeasurement};
+use super::manual;
+use super::runner::{self, BuildControl, BuildRequest, RunnerEvent, RunnerSettings};
+use super::spool::Spool;
+use crate::handle::{
+    AgentHandle, AgentStatus, ControlCommand, Counters, LoadSnapshot, ManualRequest, MasterLink,
+    RunningBuild,
+};
+
+/// Longest sleep between evaluations: a machine that was suspended (tokio's
+/// clock stops) re-checks the wall clock at least this often.
+const MAX_SLEEP: Duration = Duration::from_secs(60);
+/// A stopping agent with no builds left waits this long for the master to
+/// acknowledge the last results before it says goodbye anyway (they stay
+/// spooled and are delivered by the next start).
+const ACK_WAIT: Duration = Duration::from_secs(10);
+/// Lines of output kept per running build for the status page.
+const TAIL_LINES: usize = 12;
+
+/// Signals the daemon reacts to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SignalKind {
+    /// SIGTERM: graceful stop; the second one stops at once.
+    Terminate,
+    /// SIGINT (Ctrl-C): graceful stop; the second one stops at once.
+    Interrupt,
+}
+
+/// Everything that can happen to the daemon.
+#[derive(Debug)]
+pub enum Event {
+    /// A policy boundary (or the periodic wall-clock re-check) is reached.
+    PolicyTimer,
+    Load(LoadMeasurement),
+    Control(ControlCommand),
+    Link(LinkEvent),
+    Runner(RunnerEvent),
+    Signal(SignalKind),
+    /// The stop deadline or the wait for acknowledgements ran out.
+    StopTimer,
+}
+
+/// Fixed facts about this agent.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub worker: String,
+    pub master_url: String,
+    pub max_builds: u32,
+    pub state_dir: PathBuf,
+}
+
+/// The receiving ends the loop waits on.
+pub struct Inbox {
+    pub commands: mpsc::Receiver<ControlCommand>,
+    pub link: mpsc::UnboundedReceiver<LinkEvent>,
+    pub runner: mpsc::UnboundedReceiver<RunnerEvent>,
+    pub load: mpsc::UnboundedReceiver<LoadMeasurement>,
+    pub signals: mpsc::UnboundedReceiver<SignalKind>,
+}
+
+/// The sending ends the daemon's other parts (link, sampler, signal task)
+/// and tests use.
+pub struct Wiring {
+    pub handle: AgentHandle,
+    pub link_events: mpsc::UnboundedSender<LinkEvent>,
+    pub load_samples: mpsc::UnboundedSender<LoadMeasurement>,
+    pub signals: mpsc::UnboundedSender<SignalKind>,
+    /// Frames for the master; the link task reads them.
+    pub to_master: mpsc::UnboundedReceiver<AgentMessage>,
+    pub hello: watch::Receiver<HelloState>,
+}
+
+/// Why the daemon ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Exit {
+    /// A stop completed (graceful or not); exit 0.
+    Stopped(String),
+}
+
+struct Build {
+    control: BuildControl,
+    status: RunningBuild,
+    tail: Vec<String>,
+    step_names: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum StopMode {
+    /// Finish the builds; cancel them at the deadline, if any.
+    Graceful { deadline: Option<Instant> },
+    /// Builds are being cancelled; exit once they are reported.
+    Now,
+}
+
+pub struct Daemon {
+    settings: Settings,
+    clock: Arc<dyn Clock>,
+    policy: Policy,
+    inputs: Inputs,
+    load_monitor: Option<LoadMonitor>,
+    load_snapshot: Option<LoadSnapshot>,
+    tracker: PresenceTracker,
+    /// The presence the master was last told (or the hello carried).
+    told_master: Option<Presence>,
+    counters: Counters,
+    builds: BTreeMap<BuildId, Build>,
+    unacked: BTreeSet<BuildId>,
+    spool: Spool,
+    runner_settings: Arc<RunnerSettings>,
+    trees: Arc<BuildTrees>,
+    runner_events: mpsc::UnboundedSender<RunnerEvent>,
+    to_master: mpsc::UnboundedSender<AgentMessage>,
+    hello: watch::Sender<HelloState>,
+    status: watch::Sender<AgentStatus>,
+    link: MasterLink,
+    stop: Option<StopMode>,
+    stop_requests: u32,
+    /// When a stopping agent with no builds gives up waiting for acks.
+    ack_wait_until: Option<Instant>,
+    exit: Option<Exit>,
+}
+
+impl Daemon {
+    /// Builds the daemon and the channels around it. `manual` is the
+    /// persisted manual state; the first evaluation happens here.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        settings: Settings,
+        clock: Arc<dyn Clock>,
+        policy: Policy,
+        manual: Option<ManualOverride>,
+        spool: Spool,
+        runner_settings: Arc<RunnerSettings>,
+        trees: Arc<BuildTrees>,
+    ) -> (Daemon, Inbox, Wiring) {
+        let (command_tx, command_rx) = mpsc::channel(64);
+        let (link_tx, link_rx) = mpsc::unbounded_channel();
+        let (runner_tx, runner_rx) = mpsc::unbounded_channel();
+        let (load_tx, load_rx) = mpsc::unbounded_channel();
+        let (signal_tx, signal_rx) = mpsc::unbounded_channel();
+        let (master_tx, master_rx) = mpsc::unbounded_channel();
+
+        let now = clock.now();
+        let inputs = Inputs {
+            manual,
+            ..Inputs::default()
+        };
+        let mut tracker = PresenceTracker::new();
+        tracker.update(policy.evaluate(now, &inputs));
+        let presence = tracker
+            .current()
+            .cloned()
+            .unwrap_or_else(|| policy.evaluate(now, &inputs));
+        let (hello_tx, hello_rx) = watch::channel(HelloState {
+            presence: presence.clone(),
+            running: Vec::new(),
+        });
+        let link = MasterLink {
+            url: settings.master_url.clone(),
+            connected: false,
+            since: Some(now),
+            error: None,
+        };
+        let status = AgentStatus {
+            worker: settings.worker.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            presence,
+            manual: inputs.manual.as_ref().map(manual_request),
+            stopping: false,
+            builds: Vec::new(),
+            master: link.clone(),
+            counters: Counters::default(),
+            load: None,
+        };
+        let (status_tx, status_rx) = watch::channel(status);
+        let load_monitor = policy.load_monitor();
+        let daemon = Daemon {
+            settings,
+            clock,
+            policy,
+            inputs,
+            load_monitor,
+            load_snapshot: None,
+            tracker,
+            told_master: None,
+            counters: Counters::default(),
+            builds: BTreeMap::new(),
+            unacked: BTreeSet::new(),
+            spool,
+            runner_settings,
+            trees,
+            runner_events: runner_tx,
+            to_master: master_tx,
+            hello: hello_tx,
+            status: status_tx,
+            link,
+            stop: None,
+            stop_requests: 0,
+            ack_wait_until: None,
+            exit: None,
+        };
+        let inbox = Inbox {
+            commands: command_rx,
+            link: link_rx,
+            runner: runner_rx,
+            load: load_rx,
+            signals: signal_rx,
+        };
+        let wiring = Wiring {
+            handle: AgentHandle {
+                commands: command_tx,
+                status: status_rx,
+            },
+            link_events: link_tx,
+            load_samples: load_tx,
+            signals: signal_tx,
+            to_master: master_rx,
+            hello: hello_rx,
+        };
+        (daemon, inbox, wiring)
+    }
+
+    pub fn presence(&self) -> Presence {
+        self.status.borrow().presence.clone()
+    }
+
+    /// Runs until a stop completes.
+    pub async fn run(mut self, mut inbox: Inbox) -> Exit {
+        loop {
+            let event = self.next_event(&mut inbox).await;
+            self.handle(event);
+            if let Some(exit) = self.exit.take() {
+                return exit;
+            }
+        }
+    }
+
+    async fn next_event(&mut self, inbox: &mut Inbox) -> Event {
+        let policy_wake = self.policy_wake();
+        let stop_wake = self.stop_wake();
+        let far = Instant::now() + MAX_SLEEP * 10;
+        tokio::select! {
+            biased;
+            Some(signal) = inbox.signals.recv() => Event::Signal(signal),
+            Some(command) = inbox.commands.recv() => Event::Control(command),
+            Some(event) = inbox.runner.recv() => Event::Runner(event),
+            Some(event) = inbox.link.recv() => Event::Link(event),
+            Some(sample) = inbox.load.recv() => Event::Load(sample),
+            () = tokio::time::sleep_until(stop_wake.unwrap_or(far)), if stop_wake.is_some() => Event::StopTimer,
+            () = tokio::time::sleep_until(policy_wake) => Event::PolicyTimer,
+        }
+    }
+
+    /// When to re-evaluate: the policy's next change (including the load
+    /// hysteresis deadline and a manual state running out), capped so the
+    /// wall clock is re-read at least every [`MAX_SLEEP`].
+    fn policy_wake(&self) -> Instant {
+        let now = self.clock.now();
+        let mut next = self.policy.next_change(now, &self.inputs);
+        if let Some(deadline) = self
+            .load_monitor
+            .as_ref()
+            .and_then(LoadMonitor::next_deadline)
+        {
+            next = Some(next.map_or(deadline, |n| n.min(deadline)));
+        }
+        let delay = match next {
+            Some(next) => {
+                let delta = next.duration_since(now);
+                if delta <= SignedDuration::ZERO {
+                    Duration::from_millis(1)
+                } else {
+                    Duration::try_from(delta)
+                        .unwrap_or(MAX_SLEEP)
+                        .min(MAX_SLEEP)
+                }
+            }
+            None => MAX_SLEEP,
+        };
+        Instant::now() + delay
+    }
+
+    fn stop_wake(&self) -> Option<Instant> {
+        let deadline = match self.stop {
+            Some(StopMode::Graceful { deadline }) if !self.builds.is_empty() => deadline,
+            _ => None,
+        };
+        match (deadline, self.ack_wait_until) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    pub fn handle(&mut self, event: Event) {
+        match event {
+            Event::PolicyTimer => self.on_policy_timer(),
+            Event::Load(sample) => self.on_load(sample),
+            Event::Control(command) => self.on_control(command),
+            Event::Link(event) => self.on_link(event),
+            Event::Runner(event) => self.on_runner(event),
+            Event::Signal(signal) => self.on_signal(signal),
+            Event::StopTimer => self.on_stop_timer(),
+        }
+        self.publish_status();
+    }
+
+    // ---- presence ----------------------------------------------------
+
+    fn on_policy_timer(&mut self) {
+        let now = self.clock.now();
+        if let Some(manual) = &self.inputs.manual
+            && !manual.is_active(now)
+        {
+            tracing::info!(
+                "the manual state `{}` ran out; back to the policies",
+                manual.state
+            );
+            self.inputs.manual = None;
+            if let Err(error) = manual::save(&self.settings.state_dir, None) {
+                tracing::warn!("cannot remove the expired manual state: {error}");
+            }
+        }
+        if let Some(monitor) = &mut self.load_monitor
+            && self.inputs.load.is_some()
+        {
+            self.inputs.load = Some(monitor.verdict_at(now));
+        }
+        self.reevaluate();
+    }
+
+    fn on_load(&mut self, sample: LoadMeasurement) {
+        self.load_snapshot = Some(LoadSnapshot {
+            at: sample.at,
+            load1: sample.load1,
+            cpu_percent: sample.cpu_percent,
+        });
+        let Some(monitor) = &mut self.load_monitor else {
+            return;
+        };
+        let verdict: LoadVerdict = monitor.observe(ForeignLoadSample {
+            at: sample.at,
+            load1: sample.load1,
+            cpu_percent: sample.cpu_percent,
+        });
+        tracing::debug!(
+            load1 = sample.load1,
+            cpu = sample.cpu_percent,
+            raw_load1 = sample.raw_load1,
+            raw_cpu = sample.raw_cpu_percent,
+            builds_cpu = sample.build_cpu_percent,
+            high = verdict.high,
+            "load sample"
+        );
+        self.inputs.load = Some(verdict);
+        self.reevaluate();
+    }
+
+    /// Evaluates the policy now; pushes the presence to the master when its
+    /// state, source or known end changed.
+    fn reevaluate(&mut self) {
+        let now = self.clock.now();
+        let fresh = self.policy.evaluate(now, &self.inputs);
+        let change = self.tracker.update(fresh);
+        let Some(presence) = self.tracker.current().cloned() else {
+            return;
+        };
+        if change == PresenceChange::State {
+            self.counters.presence_changes += 1;
+            tracing::info!(
+                "presence: {} ({}) — {}",
+                presence.state,
+                presence.source,
+                presence.reason
+            );
+            notify_systemd(&[sd_notify::NotifyState::Status(&format!(
+                "{} ({}): {}",
+                presence.state, presence.source, presence.reason
+            ))]);
+        }
+        self.hello.send_if_modified(|hello| {
+            if hello.presence == presence {
+                false
+            } else {
+                hello.presence = presence.clone();
+                true
+            }
+        });
+        if self.link.connected && self.master_should_hear(&presence) {
+            self.told_master = Some(presence.clone());
+            self.send(AgentMessage::Presence { presence });
+        }
+    }
+
+    /// Whether `presence` differs from what the master knows in a way it
+    /// cares about: state, source, or the known end. A reason that only
+    /// re-words a load figure is not worth a frame.
+    fn master_should_hear(&self, presence: &Presence) -> bool {
+        match &self.told_master {
+            None => true,
+            Some(told) => {
+                told.state != presence.state
+                    || told.source != presence.source
+                    || told.until != presence.until
+                    || (told.reason != presence.reason && presence.source != Source::Load)
+            }
+        }
+    }
+
+    // ---- control -----------------------------------------------------
+
+    fn on_control(&mut self, command: ControlCommand) {
+        match command {
+            ControlCommand::SetManual { manual, reply } => {
+                let result = self.set_manual(manual);
+                let _ = reply.send(result);
+            }
+            ControlCommand::Stop {
+                graceful,
+                deadline,
+                reply,
+            } => {
+                let result = if graceful {
+                    match deadline.map(Duration::try_from) {
+                        Some(Err(_)) => Err(format!(
+                            "the deadline must not be negative (got {deadline:?})"
+                        )),
+                        Some(Ok(deadline)) => {
+                            self.begin_stop(Some(deadline), "`worker stop --graceful`");
+                            Ok(())
+                        }
+                        None => {
+                            self.begin_stop(None, "`worker stop --graceful`");
+                            Ok(())
+                        }
+                    }
+                } else {
+                    self.stop_now("`worker stop`");
+                    Ok(())
+                };
+                let _ = reply.send(result);
+            }
+        }
+    }
+
+    fn set_manual(&mut self, request: Option<ManualRequest>) -> Result<Presence, String> {
+        let now = self.clock.now();
+        let manual = match request {
+            None => None,
+            Some(request) => {
+                if request.until.is_some_and(|until| until <= now) {
+                    return Err(format!(
+                        "`until` ({}) is not in the future",
+                        request.until.map(|t| t.to_string()).unwrap_or_default()
+                    ));
+                }
+                if request.state == nightshift_policy::PresenceState::Offline {
+                    return Err(
+                        "a worker cannot set itself `offline`; use `away` (or `worker stop`)"
+                            .to_owned(),
+                    );
+                }
+                Some(ManualOverride {
+                    state: request.state,
+                    reason: request.reason.filter(|reason| !reason.trim().is_empty()),
+                    set_at: now,
+                    until: request.until,
+                })
+            }
+        };
+        manual::save(&self.settings.state_dir, manual.as_ref())
+            .map_err(|error| format!("cannot save the manual state, nothing changed: {error}"))?;
+        match &manual {
+            Some(manual) => tracing::info!(
+                "manual state set: {}{}",
+                manual.state,
+                manual
+                    .until
+                    .map(|until| format!(" until {until}"))
+                    .unwrap_or_default()
+            ),
+            None => tracing::info!("manual state cleared: back to the policies"),
+        }
+        self.inputs.manual = manual;
+        self.reevaluate();
+        Ok(self
+            .tracker
+            .current()
+            .cloned()
+            .unwrap_or_else(|| self.presence()))
+    }
+
+    // ---- stopping ----------------------------------------------------
+
+    fn on_signal(&mut self, signal: SignalKind) {
+        let name = match signal {
+            SignalKind::Terminate => "SIGTERM",
+            SignalKind::Interrupt => "SIGINT",
+        };
+        if self.stop.is_some() {
+            self.stop_now(&format!("a second {name}"));
+        } else {
+            self.begin_stop(None, name);
+        }
+    }
+
+    fn begin_stop(&mut self, deadline: Option<Duration>, why: &str) {
+        self.stop_requests += 1;
+        if let Some(StopMode::Now) = self.stop {
+            return;
+        }
+        let deadline = deadline.map(|deadline| Instant::now() + deadline);
+        let deadline = match (self.stop, deadline) {
+            // A later request can only bring the deadline closer.
+            (
+                Some(StopMode::Graceful {
+                    deadline: Some(old),
+                }),
+                Some(new),
+            ) => Some(old.min(new)),
+            (
+                Some(StopMode::Graceful {
+                    deadline: Some(old),
+                }),
+                None,
+            ) => Some(old),
+            (_, new) => new,
+        };
+        tracing::info!(
+            "stopping gracefully ({why}): away, finishing {} running build(s){}",
+            self.builds.len(),
+            match deadline {
+                Some(deadline) => format!(
+                    ", cancelling them in {} s",
+                    deadline.saturating_duration_since(Instant::now()).as_secs()
+                ),
+                None => String::new(),
+            }
+        );
+        self.stop = Some(StopMode::Graceful { deadline });
+        notify_systemd(&[sd_notify::NotifyState::Stopping]);
+        self.inputs.stopping = true;
+        self.reevaluate();
+        self.maybe_finish_stop();
+    }
+
+    fn stop_now(&mut self, why: &str) {
+        tracing::info!(
+            "stopping now ({why}): cancelling {} running build(s)",
+            self.builds.len()
+        );
+        self.stop = Some(StopMode::Now);
+        notify_systemd(&[sd_notify::NotifyState::Stopping]);
+        self.inputs.stopping = true;
+        self.reevaluate();
+        for build in self.builds.values() {
+            build
+                .control
+                .cancel("the worker is stopping; the master re-queues the build");
+        }
+        self.maybe_finish_stop();
+    }
+
+    fn on_stop_timer(&mut self) {
+        if let Some(StopMode::Graceful {
+            deadline: Some(deadline),
+        }) = self.stop
+            && deadline <= Instant::now()
+            && !self.builds.is_empty()
+        {
+            tracing::info!(
+                "stop deadline reached: cancelling {} build(s) for the master to re-queue",
+                self.builds.len()
+            );
+            self.stop = Some(StopMode::Now);
+            for build in self.builds.values() {
+                build.control.cancel(
+                    "the worker's stop deadline was reached; the master re-queues the build",
+                );
+            }
+        }
+        if self
+            .ack_wait_until
+            .is_some_and(|until| until <= Instant::now())
+        {
+            tracing::warn!(
+                "the master did not acknowledge {} result(s); they stay spooled for the next start",
+                self.unacked.len()
+            );
+            self.finish_stop();
+        }
+    }
+
+    /// Exits when stopping, no build runs, and every result is acknowledged
+    /// (or the master is unreachable, or the wait for acks ran out).
+    fn maybe_finish_stop(&mut self) {
+        if self.stop.is_none() || !self.builds.is_empty() || self.exit.is_some() {
+            return;
+        }
+        if self.unacked.is_empty() || !self.link.connected {
+            self.finish_stop();
+        } else if self.ack_wait_until.is_none() {
+            self.ack_wait_until = Some(Instant::now() + ACK_WAIT);
+        }
+    }
+
+    fn finish_stop(&mut self) {
+        if self.exit.is_some() {
+            return;
+        }
+        let reason = if self.stop_requests > 0 || self.stop.is_some() {
+            "the worker stopped".to_owned()
+        } else {
+            "the worker is shutting down".to_owned()
+        };
+        // Sent even while disconnected: the link task ends on a goodbye.
+        let _ = self.to_master.send(AgentMessage::Goodbye {
+            reason: reason.clone(),
+        });
+        tracing::info!("all builds done; exiting");
+        self.exit = Some(Exit::Stopped(reason));
+    }
+
+    // ---- master link -------------------------------------------------
+
+    fn on_link(&mut self, event: LinkEvent) {
+        let now = self.clock.now();
+        match event {
+            LinkEvent::Up { presence, cancel } => {
+                tracing::info!("connected to the master at {}", self.settings.master_url);
+                self.link = MasterLink {
+                    url: self.settings.master_url.clone(),
+                    connected: true,
+                    since: Some(now),
+                    error: None,
+                };
+                self.told_master = Some(presence);
+                let current = self.tracker.current().cloned();
+                if let Some(current) = current
+                    && self.master_should_hear(&current)
+                {
+                    self.told_master = Some(current.clone());
+                    self.send(AgentMessage::Presence { presence: current });
+                }
+                for build_id in cancel {
+                    if let Some(build) = self.builds.get(&build_id) {
+                        tracing::info!(
+                            "the master no longer expects build {build_id}; cancelling it"
+                        );
+                        build
+                            .control
+                            .cancel("the master re-queued this build while the worker was away");
+                    }
+                }
+                self.resend_spooled();
+            }
+            LinkEvent::Down { error } => {
+                if self.link.connected {
+                    tracing::warn!("lost the master: {error}; reconnecting");
+                } else {
+                    tracing::debug!("cannot reach the master: {error}");
+                }
+                self.link_down(now, error);
+            }
+            LinkEvent::Refused { reason } => {
+                tracing::error!(
+                    "the master refused this worker: {reason} (check `name` and the token in worker.toml); retrying"
+                );
+                self.link_down(now, format!("refused by the master: {reason}"));
+            }
+            LinkEvent::Frame(message) => self.on_master(message),
+        }
+    }
+
+    fn link_down(&mut self, now: Timestamp, error: String) {
+        let changed = self.link.connected;
+        self.link.connected = false;
+        if changed {
+            self.link.since = Some(now);
+        }
+        self.link.error = Some(error);
+        // Nobody to wait for acks from.
+        self.maybe_finish_stop();
+    }
+
+    fn resend_spooled(&mut self) {
+        let (results, problems) = self.spool.load_all();
+        for problem in problems {
+            tracing::error!("a spooled result is unreadable and was set aside: {problem}");
+        }
+        for result in results {
+            if self.builds.contains_key(&result.build_id) {
+                continue;
+            }
+            self.unacked.insert(result.build_id);
+            self.send(AgentMessage::BuildFinished { result });
+        }
+    }
+
+    fn on_master(&mut self, message: MasterMessage) {
+        match message {
+            MasterMessage::StartBuild {
+                build_id,
+                builder,
+                steps,
+                properties,
+            } => self.start_build(BuildRequest {
+                build_id,
+                builder,
+                steps,
+                properties,
+            }),
+            MasterMessage::StepGranted { build_id, step } => match self.builds.get(&build_id) {
+                Some(build) => build.control.grant(step),
+                None => tracing::debug!("grant for build {build_id}, which is not running here"),
+            },
+            MasterMessage::CancelBuild { build_id, reason } => match self.builds.get(&build_id) {
+                Some(build) => {
+                    tracing::info!("the master cancels build {build_id}: {reason}");
+                    build.control.cancel(reason);
+                }
+                None => tracing::debug!("cancel for build {build_id}, which is not running here"),
+            },
+            MasterMessage::ResultStored { build_id } => {
+                self.unacked.remove(&build_id);
+                if let Err(error) = self.spool.remove(build_id) {
+                    tracing::warn!("cannot remove the spooled result of build {build_id}: {error}");
+                }
+                self.maybe_finish_stop();
+            }
+            MasterMessage::Released { reason } => {
+                if self.stop.is_some() && self.builds.is_empty() {
+                    tracing::info!("the master released this worker: {reason}");
+                    self.finish_stop();
+                } else {
+                    tracing::debug!("the master released this worker: {reason}");
+                }
+            }
+            MasterMessage::MasterOverride { presence } => {
+                self.inputs.master = presence.map(|presence| MasterOverride {
+                    state: presence.state,
+                    reason: presence.reason,
+                    until: presence.until,
+                });
+                self.reevaluate();
+            }
+            MasterMessage::Welcome { .. }
+            | MasterMessage::Refused { .. }
+            | MasterMessage::Ping { .. }
+            | MasterMessage::Pong { .. } => {}
+        }
+    }
+
+    // ---- builds ------------------------------------------------------
+
+    fn start_build(&mut self, request: BuildRequest) {
+        let build_id = request.build_id;
+        if self.builds.contains_key(&build_id) {
+            // The master re-sent a build we run: it is ours already.
+            self.send(AgentMessage::BuildAccepted { build_id });
+            return;
+        }
+        let presence = self
+            .tracker
+            .current()
+            .cloned()
+            .unwrap_or_else(|| self.presence());
+        let refusal = if self.stop.is_some() {
+            Some("the worker is stopping".to_owned())
+        } else if !presence.state.takes_builds() {
+            Some(format!(
+                "the worker is {}: {}",
+                presence.state, presence.reason
+            ))
+        } else if self.builds.len() >= self.settings.max_builds as usize {
+            Some(format!(
+                "the worker is full ({} of {} builds running)",
+                self.builds.len(),
+                self.settings.max_builds
+            ))
+        } else if self.unacked.contains(&build_id) {
+            Some(format!(
+                "build {build_id} already ran here; its result is being delivered"
+            ))
+        } else {
+            None
+        };
+        if let Some(reason) = refusal {
+            tracing::info!("refusing build {build_id}: {reason}");
+            self.send(AgentMessage::BuildRefused { build_id, reason });
+            return;
+        }
+        tracing::info!(
+            "starting build {build_id} of `{}` ({} steps)",
+            request.builder,
+            request.steps.len()
+        );
+        self.send(AgentMessage::BuildAccepted { build_id });
+        let status = RunningBuild {
+            build_id,
+            builder: request.builder.clone(),
+            started_at: self.clock.now(),
+            step: 0,
+            step_name: request
+                .steps
+                .first()
+                .map(|step| step.name.clone())
+                .unwrap_or_default(),
+            tail: String::new(),
+        };
+        let step_names = request.steps.iter().map(|step| step.name.clone()).collect();
+        let control = runner::spawn(
+            request,
+            self.runner_settings.clone(),
+            self.trees.clone(),
+            self.clock.clone(),
+            self.runner_events.clone(),
+        );
+        self.builds.insert(
+            build_id,
+            Build {
+                control,
+                status,
+                tail: Vec::new(),
+                step_names,
+            },
+        );
+        self.update_hello_running();
+    }
+
+    fn update_hello_running(&mut self) {
+        let running: Vec<BuildId> = self.builds.keys().copied().collect();
+        self.hello.send_if_modified(|hello| {
+            if hello.running == running {
+                false
+            } else {
+                hello.running = running;
+                true
+            }
+        });
+    }
+
+    fn on_runner(&mut self, event: RunnerEvent) {
+        match event {
+            RunnerEvent::StepWaiting { build_id, step } => {
+                self.set_step(build_id, step);
+                self.send(AgentMessage::StepWaiting { build_id, step });
+            }
+            RunnerEvent::StepStarted { build_id, step, at } => {
+                self.set_step(build_id, step);
+                self.send(AgentMessage::StepStarted { build_id, step, at });
+            }
+            RunnerEvent::Output {
+                build_id,
+                step,
+                data,
+            } => {
+                if let Some(build) = self.builds.get_mut(&build_id) {
+                    push_tail(&mut build.tail, &data);
+                    build.status.tail = build.tail.join("");
+                }
+                self.send(AgentMessage::Output {
+                    build_id,
+                    step,
+                    data,
+                });
+            }
+            RunnerEvent::StepFinished { build_id, result } => {
+                self.send(AgentMessage::StepFinished { build_id, result });
+            }
+            RunnerEvent::Finished { result } => self.build_finished(result),
+        }
+    }
+
+    fn set_step(&mut self, build_id: BuildId, step: u32) {
+        if let Some(build) = self.builds.get_mut(&build_id) {
+            build.status.step = step;
+            build.status.step_name = build
+                .step_names
+                .get(step as usize)
+                .cloned()
+                .unwrap_or_default();
+        }
+    }
+
+    fn build_finished(&mut self, result: BuildResult) {
+        let build_id = result.build_id;
+        tracing::info!(
+            "build {build_id} finished: {}{}",
+            result.outcome,
+            result
+                .reason
+                .as_deref()
+                .map(|reason| format!(" ({reason})"))
+                .unwrap_or_default()
+        );
+        self.builds.remove(&build_id);
+        self.update_hello_running();
+        self.counters.builds_run += 1;
+        if result.outcome != nightshift_proto::wire::Outcome::Success {
+            self.counters.builds_failed += 1;
+        }
+        if let Err(error) = self.spool.store(&result) {
+            tracing::error!(
+                "cannot spool the result of build {build_id}: {error}; sending it without a copy on disk"
+            );
+        }
+        self.unacked.insert(build_id);
+        self.send(AgentMessage::BuildFinished { result });
+        self.maybe_finish_stop();
+    }
+
+    /// Sends a frame when the link is up. While it is down nothing is
+    /// queued: the hello and the spool resend cover what matters.
+    fn send(&self, message: AgentMessage) {
+        if self.link.connected {
+            let _ = self.to_master.send(message);
+        }
+    }
+
+    fn publish_status(&mut self) {
+        let presence = self
+            .tracker
+            .current()
+            .cloned()
+            .unwrap_or_else(|| self.presence());
+        let status = AgentStatus {
+            worker: self.settings.worker.clone(),
+            agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+            presence,
+            manual: self.inputs.manual.as_ref().map(manual_request),
+            stopping: self.stop.is_some(),
+            builds: self
+                .builds
+                .values()
+                .map(|build| build.status.clone())
+                .collect(),
+            master: self.link.clone(),
+            counters: Counters {
+                builds_run: self.counters.builds_run,
+                builds_failed: self.counters.builds_failed,
+                presence_changes: self.counters.presence_changes,
+            },
+            load: self.load_snapshot.clone(),
+        };
+        self.status.send_if_modified(|current| {
+            if *current == status {
+                false
+            } else {
+                *current = status;
+                true
+            }
+        });
+    }
+}
+
+fn manual_request(manual: &ManualOverride) -> ManualRequest {
+    ManualRequest {
+        state: manual.state,
+        until: manual.until,
+        reason: manual.reason.clone(),
+    }
+}
+
+/// Keeps the last [`TAIL_LINES`] lines of a build's output.
+fn push_tail(tail: &mut Vec<String>, data: &str) {
+    for piece in data.split_inclusive('\n') {
+        match tail.last_mut() {
+            Some(last) if !last.ends_with('\n') => last.push_str(piece),
+            _ => tail.push(piece.to_owned()),
+        }
+    }
+    if tail.len() > TAIL_LINES {
+        let extra = tail.len() - TAIL_LINES;
+        tail.drain(..extra);
+    }
+    // A runaway line without newlines must not grow without bound.
+    if let Some(last) = tail.last_mut()
+        && last.len() > 4096
+    {
+        let mut cut = last.len() - 4096;
+        while !last.is_char_boundary(cut) {
+            cut += 1;
+        }
+        last.drain(..cut);
+    }
+}
+
+pub fn notify_systemd(states: &[sd_notify::NotifyState<'_>]) {
+    if let Err(error) = sd_notify::notify(states) {
+        tracing::debug!("cannot notify systemd: {error}");
+    }
+}

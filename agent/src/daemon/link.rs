@@ -1,0 +1,409 @@
+//! The agent's connection to its master: one WebSocket (TLS unless the
+//! config says `insecure = true`), the hello, heartbeats, and reconnecting
+//! with exponential backoff and jitter.
+//!
+//! The link task owns the socket. The event loop sends it [`AgentMessage`]s
+//! and hears [`LinkEvent`]s; it only sends while the link is up, and the link
+//! discards anything left over from a previous connection before its hello
+//! (the hello carries the current presence and running builds, and spooled
+//! results are re-sent after every welcome).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use nightshift_policy::Presence;
+use nightshift_proto::wire::{
+    AgentMessage, BuildId, HEARTBEAT_SECS, MAX_FRAME_BYTES, MasterMessage, PROTOCOL_VERSION,
+    WS_PATH,
+};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_tungstenite::Connector;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+use tokio_tungstenite::tungstenite::http::HeaderValue;
+use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
+
+/// A connection attempt (TCP, TLS, upgrade, welcome) gives up after this long.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// The link is dropped after this many heartbeats without hearing anything.
+const MISSED_BEATS: u32 = 3;
+const BACKOFF_START: Duration = Duration::from_millis(200);
+
+/// How to reach the master.
+#[derive(Clone)]
+pub struct LinkSettings {
+    /// `wss://host:port` (or `ws://` when insecure), with or without the path.
+    pub url: String,
+    pub token: String,
+    pub worker: String,
+    pub max_builds: u32,
+    /// `None` for plain `ws://`.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
+    /// Longest pause between reconnection attempts.
+    pub backoff_max: Duration,
+}
+
+/// What goes into each hello; the event loop keeps it current.
+#[derive(Debug, Clone, PartialEq)]
+pub struct HelloState {
+    pub presence: Presence,
+    pub running: Vec<BuildId>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum LinkEvent {
+    /// Welcomed. `presence` is what the hello told the master.
+    Up {
+        presence: Presence,
+        cancel: Vec<BuildId>,
+    },
+    /// The connection ended or an attempt failed; the link retries.
+    Down {
+        error: String,
+    },
+    /// The master refused the hello (wrong token, version...); the link retries.
+    Refused {
+        reason: String,
+    },
+    Frame(MasterMessage),
+}
+
+/// The endpoint URL: the configured master URL with [`WS_PATH`] when it has
+/// no path of its own. Checks the scheme against whether TLS is on.
+pub fn endpoint(url: &str, insecure: bool) -> Result<String, String> {
+    let (scheme, rest) = url
+        .split_once("://")
+        .ok_or_else(|| format!("master URL `{url}` has no scheme; expected wss://host:port"))?;
+    match scheme {
+        "wss" | "https" => {}
+        "ws" | "http" if insecure => {}
+        "ws" | "http" => {
+            return Err(format!(
+                "master URL `{url}` is not encrypted; use wss:// or set `insecure = true`"
+            ));
+        }
+        other => {
+            return Err(format!(
+                "master URL `{url}`: unknown scheme `{other}`, expected wss"
+            ));
+        }
+    }
+    let scheme = if matches!(scheme, "wss" | "https") {
+        "wss"
+    } else {
+        "ws"
+    };
+    let rest = rest.trim_end_matches('/');
+    if rest.is_empty() {
+        return Err(format!("master URL `{url}` has no host"));
+    }
+    if rest.contains('/') {
+        Ok(format!("{scheme}://{rest}"))
+    } else {
+        Ok(format!("{scheme}://{rest}{WS_PATH}"))
+    }
+}
+
+/// Starts the link task. It ends after sending a `Goodbye` (or when the
+/// outbound channel closes).
+pub fn spawn(
+    settings: LinkSettings,
+    hello: watch::Receiver<HelloState>,
+    outbound: mpsc::UnboundedReceiver<AgentMessage>,
+    events: mpsc::UnboundedSender<LinkEvent>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(run(settings, hello, outbound, events))
+}
+
+enum SessionEnd {
+    /// Goodbye sent or the agent is exiting: stop for good.
+    Finished,
+    /// Lost; `welcomed` says whether the master had accepted us.
+    Lost {
+        error: String,
+        welcomed: bool,
+    },
+    Refused(String),
+}
+
+async fn run(
+    settings: LinkSettings,
+    hello: watch::Receiver<HelloState>,
+    mut outbound: mpsc::UnboundedReceiver<AgentMessage>,
+    events: mpsc::UnboundedSender<LinkEvent>,
+) {
+    let mut backoff = BACKOFF_START;
+    loop {
+        // Frames meant for the previous connection are stale now.
+        loop {
+            match outbound.try_recv() {
+                Ok(AgentMessage::Goodbye { .. }) | Err(mpsc::error::TryRecvError::Disconnected) => {
+                    return;
+                }
+                Ok(_) => continue,
+                Err(mpsc::error::TryRecvError::Empty) => break,
+            }
+        }
+        let end = session(&settings, &hello, &mut outbound, &events).await;
+        match end {
+            SessionEnd::Finished => return,
+            SessionEnd::Lost { error, welcomed } => {
+                if welcomed {
+                    backoff = BACKOFF_START;
+                }
+                let _ = events.send(LinkEvent::Down { error });
+            }
+            SessionEnd::Refused(reason) => {
+                let _ = events.send(LinkEvent::Refused { reason });
+            }
+        }
+        let pause = jittered(backoff);
+        backoff = (backoff * 2).min(settings.backoff_max.max(BACKOFF_START));
+        let wake = Instant::now() + pause;
+        // Wait, but leave at once when the agent says goodbye meanwhile.
+        loop {
+            tokio::select! {
+                () = tokio::time::sleep_until(wake) => break,
+                message = outbound.recv() => match message {
+                    None | Some(AgentMessage::Goodbye { .. }) => return,
+                    Some(_) => {}
+                },
+            }
+        }
+    }
+}
+
+/// Somewhere in the upper half of `backoff`, so reconnecting agents spread out.
+fn jittered(backoff: Duration) -> Duration {
+    let half = backoff / 2;
+    let extra = rand::random_range(0..=half.as_millis().max(1) as u64);
+    half + Duration::from_millis(extra)
+}
+
+async fn session(
+    settings: &LinkSettings,
+    hello: &watch::Receiver<HelloState>,
+    outbound: &mut mpsc::UnboundedReceiver<AgentMessage>,
+    events: &mpsc::UnboundedSender<LinkEvent>,
+) -> SessionEnd {
+    let lost = |error: String| SessionEnd::Lost {
+        error,
+        welcomed: false,
+    };
+    let mut request = match settings.url.as_str().into_client_request() {
+        Ok(request) => request,
+        Err(error) => return lost(format!("bad master URL `{}`: {error}", settings.url)),
+    };
+    match HeaderValue::from_str(&format!("Bearer {}", settings.token)) {
+        Ok(value) => {
+            request.headers_mut().insert("authorization", value);
+        }
+        Err(_) => return lost("the token contains characters not allowed in a header".into()),
+    }
+    let config = WebSocketConfig::default()
+        .max_message_size(Some(MAX_FRAME_BYTES))
+        .max_frame_size(Some(MAX_FRAME_BYTES));
+    let connector = match &settings.tls {
+        Some(tls) => Connector::Rustls(tls.clone()),
+        None => Connector::Plain,
+    };
+    let connect = tokio_tungstenite::connect_async_tls_with_config(
+        request,
+        Some(config),
+        true,
+        Some(connector),
+    );
+    let mut socket = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
+        Err(_) => return lost(format!("connecting to {} timed out", settings.url)),
+        Ok(Err(error)) => return lost(format!("cannot connect to {}: {error}", settings.url)),
+        Ok(Ok((socket, _response))) => socket,
+    };
+
+    let said_hello = hello.borrow().clone();
+    let hello_frame = AgentMessage::Hello {
+        protocol: PROTOCOL_VERSION,
+        worker: settings.worker.clone(),
+        agent_version: env!("CARGO_PKG_VERSION").to_owned(),
+        max_builds: settings.max_builds,
+        presence: said_hello.presence.clone(),
+        running: said_hello.running.clone(),
+    };
+    if let Err(error) = socket.send(Message::text(hello_frame.encode())).await {
+        return lost(format!("sending the hello failed: {error}"));
+    }
+    let answer = tokio::time::timeout(CONNECT_TIMEOUT, async {
+        loop {
+            match socket.next().await {
+                Some(Ok(Message::Text(text))) => return Ok(MasterMessage::decode(&text)),
+                Some(Ok(Message::Close(frame))) => {
+                    return Err(match frame {
+                        Some(frame) => {
+                            format!("the master closed the connection: {}", frame.reason)
+                        }
+                        None => "the master closed the connection".to_owned(),
+                    });
+                }
+                Some(Ok(_)) => continue,
+                Some(Err(error)) => return Err(format!("connection failed: {error}")),
+                None => return Err("the master closed the connection".to_owned()),
+            }
+        }
+    })
+    .await;
+    let heartbeat_secs = match answer {
+        Err(_) => return lost("the master did not answer the hello".into()),
+        Ok(Err(error)) => return lost(error),
+        Ok(Ok(Err(error))) => return lost(format!("the master's answer to the hello: {error}")),
+        Ok(Ok(Ok(MasterMessage::Refused { reason }))) => {
+            let _ = socket.close(None).await;
+            return SessionEnd::Refused(reason);
+        }
+        Ok(Ok(Ok(MasterMessage::Welcome {
+            protocol,
+            heartbeat_secs,
+            cancel,
+            ..
+        }))) => {
+            if protocol != PROTOCOL_VERSION {
+                let _ = socket.close(None).await;
+                return SessionEnd::Refused(format!(
+                    "the master speaks protocol {protocol}, this agent {PROTOCOL_VERSION}"
+                ));
+            }
+            let _ = events.send(LinkEvent::Up {
+                presence: said_hello.presence,
+                cancel,
+            });
+            heartbeat_secs
+        }
+        Ok(Ok(Ok(other))) => {
+            return lost(format!(
+                "the master answered the hello with {other:?} instead of a welcome"
+            ));
+        }
+    };
+
+    let beat = Duration::from_secs(if heartbeat_secs == 0 {
+        HEARTBEAT_SECS
+    } else {
+        heartbeat_secs
+    });
+    let mut ticker = tokio::time::interval_at(Instant::now() + beat, beat);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut last_heard = Instant::now();
+    let mut seq = 0u64;
+    let welcomed_lost = |error: String| SessionEnd::Lost {
+        error,
+        welcomed: true,
+    };
+    loop {
+        tokio::select! {
+            message = outbound.recv() => {
+                let Some(message) = message else {
+                    let _ = socket.close(None).await;
+                    return SessionEnd::Finished;
+                };
+                let goodbye = matches!(message, AgentMessage::Goodbye { .. });
+                if let Err(error) = socket.send(Message::text(message.encode())).await {
+                    if goodbye {
+                        return SessionEnd::Finished;
+                    }
+                    return welcomed_lost(format!("sending to the master failed: {error}"));
+                }
+                if goodbye {
+                    let _ = tokio::time::timeout(Duration::from_secs(2), socket.close(None)).await;
+                    return SessionEnd::Finished;
+                }
+            }
+            frame = socket.next() => {
+                last_heard = Instant::now();
+                match frame {
+                    Some(Ok(Message::Text(text))) => match MasterMessage::decode(&text) {
+                        Ok(MasterMessage::Ping { seq }) => {
+                            let pong = AgentMessage::Pong { seq }.encode();
+                            if let Err(error) = socket.send(Message::text(pong)).await {
+                                return welcomed_lost(format!("sending to the master failed: {error}"));
+                            }
+                        }
+                        Ok(MasterMessage::Pong { .. }) => {}
+                        Ok(message) => {
+                            let _ = events.send(LinkEvent::Frame(message));
+                        }
+                        Err(error) => {
+                            tracing::warn!("ignoring a frame from the master: {error}");
+                        }
+                    },
+                    Some(Ok(Message::Close(frame))) => {
+                        return welcomed_lost(match frame {
+                            Some(frame) => format!("the master closed the connection: {}", frame.reason),
+                            None => "the master closed the connection".to_owned(),
+                        });
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(error)) => return welcomed_lost(format!("connection failed: {error}")),
+                    None => return welcomed_lost("the master closed the connection".into()),
+                }
+            }
+            _ = ticker.tick() => {
+                if last_heard.elapsed() > beat * MISSED_BEATS {
+                    return welcomed_lost(format!(
+                        "nothing heard from the master for {} s",
+                        last_heard.elapsed().as_secs()
+                    ));
+                }
+                seq += 1;
+                let ping = AgentMessage::Ping { seq }.encode();
+                if let Err(error) = socket.send(Message::text(ping)).await {
+                    return welcomed_lost(format!("sending to the master failed: {error}"));
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn endpoint_adds_the_agent_path_and_checks_the_scheme() {
+        assert_eq!(
+            endpoint("wss://build.example:8443", false).unwrap(),
+            format!("wss://build.example:8443{WS_PATH}")
+        );
+        assert_eq!(
+            endpoint("https://build.example:8443/", false).unwrap(),
+            format!("wss://build.example:8443{WS_PATH}")
+        );
+        assert_eq!(
+            endpoint("wss://build.example/custom/agent", false).unwrap(),
+            "wss://build.example/custom/agent"
+        );
+        assert_eq!(
+            endpoint("ws://127.0.0.1:9000", true).unwrap(),
+            format!("ws://127.0.0.1:9000{WS_PATH}")
+        );
+        let error = endpoint("ws://127.0.0.1:9000", false).unwrap_err();
+        assert!(error.contains("insecure = true"), "{error}");
+        assert!(
+            endpoint("ftp://x", true)
+                .unwrap_err()
+                .contains("unknown scheme")
+        );
+        assert!(
+            endpoint("build.example", false)
+                .unwrap_err()
+                .contains("no scheme")
+        );
+    }
+
+    #[test]
+    fn jitter_stays_within_the_upper_half() {
+        for _ in 0..100 {
+            let pause = jittered(Duration::from_secs(4));
+            assert!(pause >= Duration::from_secs(2) && pause <= Duration::from_secs(4));
+        }
+    }
+}

@@ -1,0 +1,377 @@
+//! Foreign load: the machine's 1-minute load average and CPU use minus what
+//! the agent's own builds cause, so a build never makes its own worker go
+//! away.
+//!
+//! Builds are accounted per process tree. Each build runs in its own cgroup
+//! v2 under the agent's cgroup when that cgroup is delegated to the agent
+//! (systemd `Delegate=yes`: writable, on a cgroup2 mount); its `cpu.stat`
+//! `usage_usec` then counts every process the build ever ran, including
+//! short-lived ones. Without cgroups each step runs in its own process group
+//! and the runner sums `utime+stime+cutime+cstime` of the live members from
+//! `/proc/<pid>/stat`, plus the agent's own `cutime+cstime`, which grows by
+//! the whole tree's time when the agent reaps a finished step.
+//!
+//! The load average cannot be split by process; the sampler keeps its own
+//! exponentially-decayed average of the builds' runnable tasks with the
+//! kernel's 1-minute time constant and subtracts it.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use nightshift_proto::wire::BuildId;
+
+/// Where builds' process trees live, so their CPU can be told apart.
+#[derive(Debug)]
+pub struct BuildTrees {
+    /// The agent's own delegated cgroup, when builds get cgroups.
+    cgroup_parent: Option<PathBuf>,
+    inner: Mutex<TreesInner>,
+}
+
+#[derive(Debug, Default)]
+struct TreesInner {
+    live: HashMap<BuildId, Tree>,
+    /// CPU of build cgroups already removed, in microseconds.
+    retired_usec: u64,
+}
+
+#[derive(Debug, Default)]
+struct Tree {
+    /// Process group of the running step.
+    pgid: Option<i32>,
+    cgroup: Option<PathBuf>,
+}
+
+/// What the builds use right now.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct BuildUsage {
+    /// Total CPU time of every build tree so far (microseconds; grows).
+    pub cpu_usec: u64,
+    /// Build processes currently running or in uninterruptible sleep.
+    pub runnable: u32,
+}
+
+impl BuildTrees {
+    /// Uses cgroups when the agent's cgroup is delegated and writable,
+    /// process groups otherwise.
+    pub fn detect() -> BuildTrees {
+        BuildTrees {
+            cgroup_parent: delegated_cgroup(),
+            inner: Mutex::default(),
+        }
+    }
+
+    /// Process-group accounting only.
+    pub fn without_cgroups() -> BuildTrees {
+        BuildTrees {
+            cgroup_parent: None,
+            inner: Mutex::default(),
+        }
+    }
+
+    /// How builds are told apart, for the log.
+    pub fn describe(&self) -> String {
+        match &self.cgroup_parent {
+            Some(parent) => format!("one cgroup per build under {}", parent.display()),
+            None => "one process group per step (no delegated cgroup v2)".to_owned(),
+        }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, TreesInner> {
+        // A panic while holding this lock cannot leave it inconsistent
+        // (plain inserts and removes), so a poisoned lock is still usable.
+        self.inner
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// A build starts: creates its cgroup when possible, returning it.
+    pub fn begin(&self, build_id: BuildId) -> Option<PathBuf> {
+        let cgroup = self.cgroup_parent.as_ref().and_then(|parent| {
+            let dir = parent.join(format!("nightshift-build-{build_id}"));
+            match std::fs::create_dir(&dir) {
+                Ok(()) => Some(dir),
+                Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Some(dir),
+                Err(error) => {
+                    tracing::warn!(
+                        "cannot create cgroup {}: {error}; build {build_id} is accounted by process group",
+                        dir.display()
+                    );
+                    None
+                }
+            }
+        });
+        self.lock().live.insert(
+            build_id,
+            Tree {
+                pgid: None,
+                cgroup: cgroup.clone(),
+            },
+        );
+        cgroup
+    }
+
+    pub fn set_step_group(&self, build_id: BuildId, pgid: Option<i32>) {
+        if let Some(tree) = self.lock().live.get_mut(&build_id) {
+            tree.pgid = pgid;
+        }
+    }
+
+    /// A build ended: keeps its CPU time in the total and removes its cgroup.
+    pub fn end(&self, build_id: BuildId) {
+        let mut inner = self.lock();
+        if let Some(tree) = inner.live.remove(&build_id)
+            && let Some(cgroup) = tree.cgroup
+        {
+            inner.retired_usec += cgroup_usage_usec(&cgroup).unwrap_or(0);
+            if let Err(error) = std::fs::remove_dir(&cgroup) {
+                tracing::warn!("cannot remove cgroup {}: {error}", cgroup.display());
+            }
+        }
+    }
+
+    /// Sums what every build uses. Reads `/proc` and cgroup files.
+    pub fn usage(&self) -> BuildUsage {
+        let inner = self.lock();
+        let mut cpu_usec = inner.retired_usec;
+        let mut runnable = 0;
+        let mut groups = Vec::new();
+        for tree in inner.live.values() {
+            match &tree.cgroup {
+                Some(cgroup) => {
+                    cpu_usec += cgroup_usage_usec(cgroup).unwrap_or(0);
+                    runnable += cgroup_runnable(cgroup);
+                }
+                None => groups.extend(tree.pgid),
+            }
+        }
+        drop(inner);
+        let ticks = clock_ticks_per_sec();
+        // Steps the agent already reaped, with everything they reaped.
+        if let Some(me) = read_stat(Path::new("/proc/self/stat")) {
+            cpu_usec += (me.cutime + me.cstime) * 1_000_000 / ticks;
+        }
+        if !groups.is_empty() {
+            for process in all_processes() {
+                if groups.contains(&process.pgrp) {
+                    cpu_usec += (process.utime + process.stime + process.cutime + process.cstime)
+                        * 1_000_000
+                        / ticks;
+                    if process.running {
+                        runnable += 1;
+                    }
+                }
+            }
+        }
+        BuildUsage { cpu_usec, runnable }
+    }
+}
+
+/// One foreign-load sample, with the raw figures it came from.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct LoadMeasurement {
+    pub at: Timestamp,
+    /// 1-minute load average not caused by builds.
+    pub load1: f64,
+    /// CPU use of the whole machine in percent, not counting builds.
+    pub cpu_percent: f64,
+    pub raw_load1: f64,
+    pub raw_cpu_percent: f64,
+    /// CPU use of the builds in percent of the whole machine.
+    pub build_cpu_percent: f64,
+}
+
+/// Takes foreign-load samples; call [`LoadSampler::sample`] on an interval.
+pub struct LoadSampler {
+    system: sysinfo::System,
+    last: Option<(tokio::time::Instant, u64)>,
+    builds_runnable_avg: f64,
+}
+
+impl LoadSampler {
+    pub fn new() -> Result<LoadSampler, String> {
+        let mut system =
+            sysinfo::System::new().map_err(|error| format!("cannot read system load: {error}"))?;
+        system.refresh_cpu_usage();
+        Ok(LoadSampler {
+            system,
+            last: None,
+            builds_runnable_avg: 0.0,
+        })
+    }
+
+    /// The foreign load since the previous call; `None` on the first call
+    /// (CPU use is a difference between two samples).
+    pub fn sample(&mut self, trees: &BuildTrees, at: Timestamp) -> Option<LoadMeasurement> {
+        let now = tokio::time::Instant::now();
+        self.system.refresh_cpu_usage();
+        let usage = trees.usage();
+        let raw_load1 = sysinfo::System::load_average()
+            .map(|load| load.one)
+            .unwrap_or(0.0);
+        let raw_cpu_percent = f64::from(self.system.global_cpu_usage());
+        let cpus = self.system.cpus().len().max(1) as f64;
+        let previous = self.last.replace((now, usage.cpu_usec));
+        let (then, then_usec) = previous?;
+        let elapsed = now
+            .saturating_duration_since(then)
+            .max(Duration::from_millis(1));
+        let build_cpu_percent =
+            (usage.cpu_usec.saturating_sub(then_usec) as f64 / elapsed.as_micros() as f64 / cpus
+                * 100.0)
+                .clamp(0.0, 100.0);
+        // The kernel's 1-minute average: weight exp(-dt/60 s) for the past.
+        let decay = (-elapsed.as_secs_f64() / 60.0).exp();
+        self.builds_runnable_avg =
+            self.builds_runnable_avg * decay + f64::from(usage.runnable) * (1.0 - decay);
+        Some(LoadMeasurement {
+            at,
+            load1: (raw_load1 - self.builds_runnable_avg).max(0.0),
+            cpu_percent: (raw_cpu_percent - build_cpu_percent).max(0.0),
+            raw_load1,
+            raw_cpu_percent,
+            build_cpu_percent,
+        })
+    }
+}
+
+/// The agent's own cgroup v2 directory when it may create child cgroups and
+/// move processes into them.
+fn delegated_cgroup() -> Option<PathBuf> {
+    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let relative = own.lines().find_map(|line| line.strip_prefix("0::"))?;
+    let mount = cgroup2_mount()?;
+    let dir = mount.join(relative.trim_start_matches('/'));
+    let writable = |path: &Path| {
+        let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
+            return false;
+        };
+        // SAFETY: access() only reads the NUL-terminated path.
+        unsafe { libc::access(c_path.as_ptr(), libc::W_OK) == 0 }
+    };
+    if dir.join("cgroup.procs").is_file() && writable(&dir) && writable(&dir.join("cgroup.procs")) {
+        Some(dir)
+    } else {
+        None
+    }
+}
+
+fn cgroup2_mount() -> Option<PathBuf> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    mounts.lines().find_map(|line| {
+        let (before, after) = line.split_once(" - ")?;
+        if after.split_whitespace().next()? != "cgroup2" {
+            return None;
+        }
+        before.split_whitespace().nth(4).map(PathBuf::from)
+    })
+}
+
+fn cgroup_usage_usec(cgroup: &Path) -> Option<u64> {
+    let stat = std::fs::read_to_string(cgroup.join("cpu.stat")).ok()?;
+    stat.lines()
+        .find_map(|line| line.strip_prefix("usage_usec "))
+        .and_then(|value| value.trim().parse().ok())
+}
+
+fn cgroup_runnable(cgroup: &Path) -> u32 {
+    let Ok(procs) = std::fs::read_to_string(cgroup.join("cgroup.procs")) else {
+        return 0;
+    };
+    procs
+        .lines()
+        .filter_map(|pid| read_stat(&Path::new("/proc").join(pid.trim()).join("stat")))
+        .filter(|process| process.running)
+        .count() as u32
+}
+
+fn clock_ticks_per_sec() -> u64 {
+    // SAFETY: sysconf has no memory-safety preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if ticks > 0 { ticks as u64 } else { 100 }
+}
+
+/// The fields of `/proc/<pid>/stat` that accounting needs (times in ticks).
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct ProcStat {
+    pgrp: i32,
+    running: bool,
+    utime: u64,
+    stime: u64,
+    cutime: u64,
+    cstime: u64,
+}
+
+fn parse_stat(text: &str) -> Option<ProcStat> {
+    // The command name may contain spaces and parentheses: fields start
+    // after the last `)`.
+    let rest = &text[text.rfind(')')? + 1..];
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let number = |index: usize| fields.get(index)?.parse::<u64>().ok();
+    Some(ProcStat {
+        running: matches!(*fields.first()?, "R" | "D"),
+        pgrp: fields.get(2)?.parse().ok()?,
+        utime: number(11)?,
+        stime: number(12)?,
+        cutime: number(13)?,
+        cstime: number(14)?,
+    })
+}
+
+fn read_stat(path: &Path) -> Option<ProcStat> {
+    parse_stat(&std::fs::read_to_string(path).ok()?)
+}
+
+fn all_processes() -> Vec<ProcStat> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|entry| {
+            entry
+                .file_name()
+                .to_str()
+                .is_some_and(|name| name.bytes().all(|b| b.is_ascii_digit()))
+        })
+        .filter_map(|entry| read_stat(&entry.path().join("stat")))
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_lines_with_odd_command_names_parse() {
+        let line = "4242 (my (odd) cmd) R 1 4242 4242 0 -1 4194560 100 0 0 0 \
+                    250 50 7 3 20 0 1 0 123 0 0";
+        assert_eq!(
+            parse_stat(line),
+            Some(ProcStat {
+                pgrp: 4242,
+                running: true,
+                utime: 250,
+                stime: 50,
+                cutime: 7,
+                cstime: 3,
+            })
+        );
+        assert_eq!(parse_stat("12 (sh) S"), None);
+    }
+
+    #[test]
+    fn a_process_group_is_found_and_counted() {
+        // Our own process group contains at least this test process.
+        let me = read_stat(Path::new("/proc/self/stat")).unwrap();
+        let trees = BuildTrees::without_cgroups();
+        trees.begin(1);
+        trees.set_step_group(1, Some(me.pgrp));
+        let usage = trees.usage();
+        assert!(usage.cpu_usec > 0, "{usage:?}");
+        trees.end(1);
+    }
+}

@@ -1,0 +1,646 @@
+//! Runs builds: each step with `sh -c` in `workdir/<builder>`, in its own
+//! process group (and its own cgroup when the agent may create them), output
+//! streamed in batches, the whole tree killed on cancel or timeout.
+//!
+//! A build runs as one tokio task that reports [`RunnerEvent`]s to the event
+//! loop and takes cancel requests and lock grants through [`BuildControl`].
+
+use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
+use std::path::{Component, Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use nightshift_proto::wire::{BuildId, BuildResult, Outcome, StepResult, StepSpec};
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::io::AsyncReadExt;
+use tokio::sync::{mpsc, watch};
+use tokio::time::{Instant, sleep_until};
+
+use super::clock::Clock;
+use super::load::BuildTrees;
+
+/// Output batches are sent at most this long after their first byte...
+const FLUSH_AFTER: Duration = Duration::from_millis(50);
+/// ...or as soon as they reach this size.
+const BATCH_BYTES: usize = 32 * 1024;
+/// The log carried in a `BuildResult` keeps at most this much (the tail);
+/// the live stream carried everything. Keeps the frame under the wire limit.
+const LOG_LIMIT: usize = 512 * 1024;
+/// After a step's main process exits, how long to wait for processes it left
+/// behind to close their output before they are killed.
+const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
+
+/// Environment variables of the agent that builds must never inherit: the
+/// systemd notification socket, watchdog and socket-activation variables.
+const HIDDEN_ENV_PREFIXES: [&str; 3] = ["NOTIFY_SOCKET", "WATCHDOG_", "LISTEN_"];
+
+/// What the runner needs to know about its host.
+#[derive(Debug, Clone)]
+pub struct RunnerSettings {
+    /// The agent's `workdir`; builds run in `workdir/<builder>`.
+    pub workdir: PathBuf,
+    /// Between SIGTERM and SIGKILL when a step is cancelled or times out.
+    pub kill_grace: Duration,
+}
+
+/// A build as the master handed it out.
+#[derive(Debug, Clone)]
+pub struct BuildRequest {
+    pub build_id: BuildId,
+    pub builder: String,
+    pub steps: Vec<StepSpec>,
+    pub properties: BTreeMap<String, String>,
+}
+
+/// What a running build tells the event loop, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RunnerEvent {
+    StepWaiting {
+        build_id: BuildId,
+        step: u32,
+    },
+    StepStarted {
+        build_id: BuildId,
+        step: u32,
+        at: Timestamp,
+    },
+    Output {
+        build_id: BuildId,
+        step: u32,
+        data: String,
+    },
+    StepFinished {
+        build_id: BuildId,
+        result: StepResult,
+    },
+    Finished {
+        result: BuildResult,
+    },
+}
+
+/// The event loop's grip on one running build.
+#[derive(Debug)]
+pub struct BuildControl {
+    cancel: watch::Sender<Option<String>>,
+    grants: mpsc::UnboundedSender<u32>,
+}
+
+impl BuildControl {
+    /// Cancels the build: the running step's process tree gets SIGTERM, then
+    /// SIGKILL after the grace period; the build ends `cancelled`.
+    pub fn cancel(&self, reason: impl Into<String>) {
+        let reason = reason.into();
+        self.cancel.send_if_modified(|current| {
+            if current.is_none() {
+                *current = Some(reason);
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    pub fn is_cancelled(&self) -> bool {
+        self.cancel.borrow().is_some()
+    }
+
+    /// The master granted the locks of `step`.
+    pub fn grant(&self, step: u32) {
+        let _ = self.grants.send(step);
+    }
+}
+
+/// Starts a build as a task on the current runtime.
+pub fn spawn(
+    request: BuildRequest,
+    settings: Arc<RunnerSettings>,
+    trees: Arc<BuildTrees>,
+    clock: Arc<dyn Clock>,
+    events: mpsc::UnboundedSender<RunnerEvent>,
+) -> BuildControl {
+    let (cancel_tx, cancel_rx) = watch::channel(None);
+    let (grant_tx, grant_rx) = mpsc::unbounded_channel();
+    let build = Build {
+        request,
+        settings,
+        trees,
+        clock,
+        events,
+        cancel: cancel_rx,
+        grants: grant_rx,
+        log: Log::default(),
+    };
+    tokio::spawn(build.run());
+    BuildControl {
+        cancel: cancel_tx,
+        grants: grant_tx,
+    }
+}
+
+struct Build {
+    request: BuildRequest,
+    settings: Arc<RunnerSettings>,
+    trees: Arc<BuildTrees>,
+    clock: Arc<dyn Clock>,
+    events: mpsc::UnboundedSender<RunnerEvent>,
+    cancel: watch::Receiver<Option<String>>,
+    grants: mpsc::UnboundedReceiver<u32>,
+    log: Log,
+}
+
+/// How one step ended.
+struct StepEnd {
+    outcome: Outcome,
+    exit_code: Option<i32>,
+    signal: Option<i32>,
+    /// Why, when the step did not simply exit.
+    reason: Option<String>,
+}
+
+impl Build {
+    async fn run(mut self) {
+        let build_id = self.request.build_id;
+        let cgroup = self.trees.begin(build_id);
+        let mut steps = Vec::new();
+        let mut outcome = Outcome::Success;
+        let mut reason = None;
+
+        match safe_join(&self.settings.workdir, &self.request.builder) {
+            Err(problem) => {
+                self.note(0, &format!("nightshift: bad builder name: {problem}\n"));
+                outcome = Outcome::Failure;
+                reason = Some(problem);
+            }
+            Ok(build_dir) => {
+                for index in 0..self.request.steps.len() {
+                    let step_no = index as u32;
+                    if let Some(why) = self.cancel_reason() {
+                        outcome = Outcome::Cancelled;
+                        reason = Some(why);
+                        break;
+                    }
+                    let step = self.request.steps[index].clone();
+                    if step.needs_grant && !self.wait_for_grant(step_no).await {
+                        outcome = Outcome::Cancelled;
+                        reason = self.cancel_reason();
+                        break;
+                    }
+                    let started_at = self.clock.now();
+                    self.send(RunnerEvent::StepStarted {
+                        build_id,
+                        step: step_no,
+                        at: started_at,
+                    });
+                    let end = self
+                        .run_step(step_no, &step, &build_dir, cgroup.as_deref())
+                        .await;
+                    let result = StepResult {
+                        step: step_no,
+                        outcome: end.outcome,
+                        exit_code: end.exit_code,
+                        signal: end.signal,
+                        started_at,
+                        finished_at: self.clock.now(),
+                    };
+                    steps.push(result.clone());
+                    self.send(RunnerEvent::StepFinished { build_id, result });
+                    if end.outcome != Outcome::Success {
+                        outcome = end.outcome;
+                        reason = end.reason;
+                        break;
+                    }
+                }
+            }
+        }
+        self.trees.end(build_id);
+        let result = BuildResult {
+            build_id,
+            outcome,
+            steps,
+            reason,
+            log: std::mem::take(&mut self.log).finish(),
+            finished_at: self.clock.now(),
+        };
+        self.send(RunnerEvent::Finished { result });
+    }
+
+    fn send(&self, event: RunnerEvent) {
+        // The loop outlives every build it starts; if it is gone the agent
+        // is exiting and there is nobody left to tell.
+        let _ = self.events.send(event);
+    }
+
+    fn cancel_reason(&self) -> Option<String> {
+        self.cancel.borrow().clone()
+    }
+
+    /// Writes a line of the agent's own into the step's output.
+    fn note(&mut self, step: u32, text: &str) {
+        self.log.push(text);
+        self.send(RunnerEvent::Output {
+            build_id: self.request.build_id,
+            step,
+            data: text.to_owned(),
+        });
+    }
+
+    /// Sends `StepWaiting` and waits for the grant; false when cancelled first.
+    async fn wait_for_grant(&mut self, step: u32) -> bool {
+        self.send(RunnerEvent::StepWaiting {
+            build_id: self.request.build_id,
+            step,
+        });
+        loop {
+            tokio::select! {
+                granted = self.grants.recv() => match granted {
+                    Some(granted) if granted == step => return true,
+                    Some(_) => continue,
+                    None => return false,
+                },
+                changed = self.cancel.changed() => {
+                    if changed.is_err() || self.cancel.borrow().is_some() {
+                        return false;
+                    }
+                }
+            }
+        }
+    }
+
+    async fn run_step(
+        &mut self,
+        step_no: u32,
+        step: &StepSpec,
+        build_dir: &Path,
+        cgroup: Option<&Path>,
+    ) -> StepEnd {
+        let failed = |reason: String| StepEnd {
+            outcome: Outcome::Failure,
+            exit_code: None,
+            signal: None,
+            reason: Some(reason),
+        };
+        let dir = match &step.workdir {
+            Some(relative) => match safe_join(build_dir, relative) {
+                Ok(dir) => dir,
+                Err(problem) => {
+                    let text = format!("step `{}`: bad workdir: {problem}", step.name);
+                    self.note(step_no, &format!("nightshift: {text}\n"));
+                    return failed(text);
+                }
+            },
+            None => build_dir.to_owned(),
+        };
+        if let Err(error) = fs_err::create_dir_all(&dir) {
+            let text = format!("step `{}`: cannot create its directory: {error}", step.name);
+            self.note(step_no, &format!("nightshift: {text}\n"));
+            return failed(text);
+        }
+        let (mut child, reader) = match self.spawn_step(step, &dir, cgroup) {
+            Ok(spawned) => spawned,
+            Err(error) => {
+                let text = format!("step `{}`: cannot start `sh`: {error}", step.name);
+                self.note(step_no, &format!("nightshift: {text}\n"));
+                return failed(text);
+            }
+        };
+        let pgid = child.id().map(|pid| pid as i32);
+        self.trees.set_step_group(self.request.build_id, pgid);
+
+        let mut reader = Some(reader);
+        let mut buffer = vec![0u8; 16 * 1024];
+        let mut batch = Batch::default();
+        let mut status = None;
+        let mut ended_by: Option<(Outcome, String)> = None;
+        let mut kill_at: Option<Instant> = None;
+        let mut drain_until: Option<Instant> = None;
+        let timeout_at = step
+            .timeout_secs
+            .map(|secs| Instant::now() + Duration::from_secs(secs));
+        let mut cancel_open = true;
+        let far = Instant::now() + Duration::from_secs(86400 * 365);
+
+        loop {
+            if status.is_some() && reader.is_none() {
+                break;
+            }
+            tokio::select! {
+                read = async {
+                    match reader.as_mut() {
+                        Some(reader) => reader.read(&mut buffer).await,
+                        None => std::future::pending().await,
+                    }
+                } => match read {
+                    Ok(0) | Err(_) => reader = None,
+                    Ok(n) => {
+                        batch.push(&buffer[..n]);
+                        if batch.pending.len() >= BATCH_BYTES {
+                            self.flush(step_no, &mut batch);
+                        }
+                    }
+                },
+                exit = child.wait(), if status.is_none() => {
+                    status = Some(exit);
+                    drain_until = Some(Instant::now() + DRAIN_AFTER_EXIT);
+                }
+                () = sleep_until(batch.due.unwrap_or(far)), if batch.due.is_some() => {
+                    self.flush(step_no, &mut batch);
+                }
+                () = sleep_until(timeout_at.unwrap_or(far)),
+                    if timeout_at.is_some() && ended_by.is_none() && status.is_none() =>
+                {
+                    let secs = step.timeout_secs.unwrap_or_default();
+                    ended_by = Some((
+                        Outcome::Timeout,
+                        format!("step `{}` ran past its timeout of {secs} s", step.name),
+                    ));
+                    signal_group(pgid, Signal::SIGTERM);
+                    kill_at = Some(Instant::now() + self.settings.kill_grace);
+                }
+                changed = self.cancel.changed(), if cancel_open && ended_by.is_none() => {
+                    match changed {
+                        Err(_) => cancel_open = false,
+                        Ok(()) => {
+                            if let Some(reason) = self.cancel_reason() {
+                                ended_by = Some((Outcome::Cancelled, reason));
+                                signal_group(pgid, Signal::SIGTERM);
+                                kill_at = Some(Instant::now() + self.settings.kill_grace);
+                            }
+                        }
+                    }
+                }
+                () = sleep_until(kill_at.unwrap_or(far)), if kill_at.is_some() => {
+                    signal_group(pgid, Signal::SIGKILL);
+                    kill_at = None;
+                }
+                () = sleep_until(drain_until.unwrap_or(far)), if drain_until.is_some() && reader.is_some() => {
+                    // Something the step started still holds its output open.
+                    reader = None;
+                }
+            }
+        }
+        // Nothing a step started outlives it.
+        signal_group(pgid, Signal::SIGKILL);
+        self.trees.set_step_group(self.request.build_id, None);
+        self.flush(step_no, &mut batch);
+        if let Some(text) = batch.finish() {
+            self.log.push(&text);
+            self.send(RunnerEvent::Output {
+                build_id: self.request.build_id,
+                step: step_no,
+                data: text,
+            });
+        }
+
+        use std::os::unix::process::ExitStatusExt;
+        let (exit_code, signal) = match &status {
+            Some(Ok(status)) => (status.code(), status.signal()),
+            _ => (None, None),
+        };
+        if let Some((outcome, reason)) = ended_by {
+            return StepEnd {
+                outcome,
+                exit_code,
+                signal,
+                reason: Some(reason),
+            };
+        }
+        match status {
+            Some(Ok(status)) if status.success() => StepEnd {
+                outcome: Outcome::Success,
+                exit_code,
+                signal,
+                reason: None,
+            },
+            Some(Ok(_)) => StepEnd {
+                outcome: Outcome::Failure,
+                exit_code,
+                signal,
+                reason: Some(match (exit_code, signal) {
+                    (Some(code), _) => format!("step `{}` exited with {code}", step.name),
+                    (None, Some(signal)) => {
+                        format!("step `{}` was killed by signal {signal}", step.name)
+                    }
+                    _ => format!("step `{}` failed", step.name),
+                }),
+            },
+            Some(Err(error)) => failed(format!(
+                "step `{}`: waiting for it failed: {error}",
+                step.name
+            )),
+            None => failed(format!("step `{}` ended without an exit status", step.name)),
+        }
+    }
+
+    fn flush(&mut self, step_no: u32, batch: &mut Batch) {
+        if let Some(data) = batch.take() {
+            self.log.push(&data);
+            self.send(RunnerEvent::Output {
+                build_id: self.request.build_id,
+                step: step_no,
+                data,
+            });
+        }
+    }
+
+    fn spawn_step(
+        &self,
+        step: &StepSpec,
+        dir: &Path,
+        cgroup: Option<&Path>,
+    ) -> std::io::Result<(tokio::process::Child, tokio::net::unix::pipe::Receiver)> {
+        let (reader, writer) = std::io::pipe()?;
+        let mut command = tokio::process::Command::new("sh");
+        command
+            .arg("-c")
+            .arg(&step.command)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(writer.try_clone()?)
+            .stderr(writer)
+            .process_group(0)
+            .kill_on_drop(false);
+        for (name, _) in std::env::vars_os() {
+            let text = name.to_string_lossy();
+            if HIDDEN_ENV_PREFIXES
+                .iter()
+                .any(|prefix| text.starts_with(prefix))
+            {
+                command.env_remove(&name);
+            }
+        }
+        command
+            .env("NIGHTSHIFT_BUILD_ID", self.request.build_id.to_string())
+            .env("NIGHTSHIFT_BUILDER", &self.request.builder)
+            .env("NIGHTSHIFT_STEP", &step.name);
+        for (key, value) in &self.request.properties {
+            command.env(property_env_name(key), value);
+        }
+        command.envs(&step.env);
+        if let Some(cgroup) = cgroup {
+            let procs =
+                std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes())
+                    .map_err(std::io::Error::other)?;
+            // SAFETY: the closure only calls async-signal-safe functions
+            // (open, write, close) on memory prepared before the fork.
+            unsafe {
+                command.pre_exec(move || {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd >= 0 {
+                        // Failure leaves the step in the agent's cgroup; the
+                        // process-group accounting still covers it.
+                        let _ = libc::write(fd, b"0".as_ptr().cast(), 1);
+                        libc::close(fd);
+                    }
+                    Ok(())
+                });
+            }
+        }
+        let child = command.spawn()?;
+        // `command` holds our copies of the pipe's write end: drop them so
+        // the reader sees end-of-file when the step's processes are done.
+        drop(command);
+        let reader = tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(reader))?;
+        Ok((child, reader))
+    }
+}
+
+/// `NIGHTSHIFT_PROP_<KEY>`: build properties as environment variables, the
+/// key upper-cased with every character that is not a letter or digit as `_`.
+fn property_env_name(key: &str) -> String {
+    let key: String = key
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_uppercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("NIGHTSHIFT_PROP_{key}")
+}
+
+fn signal_group(pgid: Option<i32>, signal: Signal) {
+    if let Some(pgid) = pgid.filter(|pgid| *pgid > 1) {
+        // ESRCH (the group is already gone) is the expected case at the end.
+        let _ = killpg(Pid::from_raw(pgid), signal);
+    }
+}
+
+/// `base/relative`, refusing absolute paths and `..` so a build never
+/// writes outside the agent's workdir.
+pub fn safe_join(base: &Path, relative: &str) -> Result<PathBuf, String> {
+    if relative.is_empty() {
+        return Err("it is empty".into());
+    }
+    let path = Path::new(relative);
+    for component in path.components() {
+        match component {
+            Component::Normal(_) | Component::CurDir => {}
+            Component::ParentDir => return Err(format!("`{relative}` contains `..`")),
+            Component::RootDir | Component::Prefix(_) => {
+                return Err(format!("`{relative}` is absolute; it must be relative"));
+            }
+        }
+    }
+    Ok(base.join(path))
+}
+
+/// Output not yet sent: text decoded so far plus an incomplete UTF-8 tail.
+#[derive(Default)]
+struct Batch {
+    pending: String,
+    carry: Vec<u8>,
+    due: Option<Instant>,
+}
+
+impl Batch {
+    fn push(&mut self, bytes: &[u8]) {
+        let mut data = std::mem::take(&mut self.carry);
+        data.extend_from_slice(bytes);
+        let mut rest = &data[..];
+        loop {
+            match std::str::from_utf8(rest) {
+                Ok(text) => {
+                    self.pending.push_str(text);
+                    break;
+                }
+                Err(error) => {
+                    let valid = error.valid_up_to();
+                    // SAFETY-free: `valid` bytes were just checked.
+                    self.pending
+                        .push_str(std::str::from_utf8(&rest[..valid]).unwrap_or_default());
+                    match error.error_len() {
+                        Some(bad) => {
+                            self.pending.push('\u{FFFD}');
+                            rest = &rest[valid + bad..];
+                        }
+                        None => {
+                            self.carry = rest[valid..].to_vec();
+                            break;
+                        }
+                    }
+                }
+            }
+        }
+        if !self.pending.is_empty() && self.due.is_none() {
+            self.due = Some(Instant::now() + FLUSH_AFTER);
+        }
+    }
+
+    fn take(&mut self) -> Option<String> {
+        self.due = None;
+        if self.pending.is_empty() {
+            None
+        } else {
+            Some(std::mem::take(&mut self.pending))
+        }
+    }
+
+    /// What is left at the end: bytes of an unfinished character.
+    fn finish(&mut self) -> Option<String> {
+        if self.carry.is_empty() {
+            None
+        } else {
+            let text = String::from_utf8_lossy(&self.carry).into_owned();
+            self.carry.clear();
+            Some(text)
+        }
+    }
+}
+
+/// The build's log: everything, or its tail when it grows past the limit.
+#[derive(Default)]
+struct Log {
+    text: String,
+    dropped: usize,
+}
+
+impl Log {
+    fn push(&mut self, data: &str) {
+        self.text.push_str(data);
+        if self.text.len() > LOG_LIMIT {
+            let mut cut = self.text.len() - LOG_LIMIT * 3 / 4;
+            while !self.text.is_char_boundary(cut) {
+                cut += 1;
+            }
+            self.text.drain(..cut);
+            self.dropped += cut;
+        }
+    }
+
+    fn finish(self) -> String {
+        if self.dropped == 0 {
+            self.text
+        } else {
+            format!(
+                "[nightshift: {} bytes of earlier output are not in this log; they were streamed live]\n{}",
+                self.dropped, self.text
+            )
+        }
+    }
+}

@@ -6,6 +6,8 @@ mod latent;
 #[allow(dead_code)]
 mod locks;
 #[allow(dead_code)]
+mod master_schedule;
+#[allow(dead_code)]
 mod reconfig;
 
 fn main() {}

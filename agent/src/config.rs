@@ -1,2 +1,434 @@
-//! `worker.toml`: the agent's settings, loaded with every error located.
-// Owned by the policy/config work (issue 2); placeholder until it lands.
+//! `worker.toml`: the agent's settings, loaded with every error located by file,
+//! line, column and key, and checked (token, master URL, TLS, policies) before use.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, bail};
+use jiff::tz::TimeZone;
+use nightshift_policy::{AvailabilityConfig, DurationSpec, Policy, PolicyError};
+use nightshift_proto::diag::{ConfigErrors, parse_toml};
+use serde::Deserialize;
+
+/// Where `worker` looks when `--config` is not given: here first, then /etc.
+pub const DEFAULT_CONFIG_PATHS: [&str; 2] = ["worker.toml", "/etc/nightshift/worker.toml"];
+
+/// How to trust the master's TLS certificate (`[tls]`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsClientSettings {
+    /// The master's certificate or its CA (PEM).
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+    /// SHA-256 of the master's certificate (64 hex digits; `:` allowed), as
+    /// printed by `master run`. Normalized to lowercase hex after loading.
+    #[serde(default)]
+    pub pin_sha256: Option<String>,
+}
+
+/// The local control plane (`[control]`).
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ControlSettings {
+    #[serde(default = "default_control_listen")]
+    pub listen: SocketAddr,
+    /// Allow a non-loopback `listen` address (token and Origin checks still apply).
+    #[serde(default)]
+    pub allow_remote: bool,
+    /// Where the control token is kept; default `control.token` in `state_dir`.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+}
+
+impl Default for ControlSettings {
+    fn default() -> Self {
+        ControlSettings {
+            listen: default_control_listen(),
+            allow_remote: false,
+            token_file: None,
+        }
+    }
+}
+
+/// The default control-plane address: loopback only, port 7878.
+fn default_control_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 7878))
+}
+
+/// `worker.toml` as written (relative paths unresolved, defaults unset).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorkerConfig {
+    name: String,
+    master: String,
+    #[serde(default)]
+    token: Option<String>,
+    #[serde(default)]
+    token_file: Option<PathBuf>,
+    #[serde(default)]
+    workdir: Option<PathBuf>,
+    #[serde(default)]
+    state_dir: Option<PathBuf>,
+    #[serde(default = "one")]
+    max_builds: u32,
+    #[serde(default)]
+    insecure: bool,
+    #[serde(default)]
+    tls: TlsClientSettings,
+    #[serde(default)]
+    control: ControlSettings,
+    #[serde(default)]
+    availability: AvailabilityConfig,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// The agent's validated settings. Relative paths are resolved against the
+/// config file's directory.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// This worker's name, as the master knows it.
+    pub name: String,
+    /// The master's URL: `wss://host:port`, or `ws://` with `insecure = true`.
+    pub master: String,
+    pub token: Option<String>,
+    pub token_file: Option<PathBuf>,
+    /// Where builds run; default `work` next to the config file.
+    pub workdir: PathBuf,
+    /// Manual state, spooled results, control token and socket; default
+    /// `state` next to the config file.
+    pub state_dir: PathBuf,
+    /// How many builds may run at once (at least 1).
+    pub max_builds: u32,
+    /// Allow a plain `ws://` master (tests, trusted networks).
+    pub insecure: bool,
+    pub tls: TlsClientSettings,
+    pub control: ControlSettings,
+    pub availability: AvailabilityConfig,
+    /// How often foreign load is sampled (`[availability.load] sample_every`, default 5s).
+    pub load_sample_interval: DurationSpec,
+}
+
+impl WorkerConfig {
+    /// Finds and loads `worker.toml`: `arg` if given, else `./worker.toml`,
+    /// else `/etc/nightshift/worker.toml`. Returns the path used and the
+    /// config, or every error found (parse and semantic) at once.
+    pub fn load(arg: Option<&Path>) -> Result<(PathBuf, WorkerConfig), ConfigErrors> {
+        let path = match arg {
+            Some(path) => path.to_path_buf(),
+            None => match DEFAULT_CONFIG_PATHS
+                .iter()
+                .map(PathBuf::from)
+                .find(|p| p.exists())
+            {
+                Some(path) => path,
+                None => {
+                    let mut errors = ConfigErrors::new(DEFAULT_CONFIG_PATHS[0]);
+                    errors.push(format!(
+                        "no config file: tried ./{} and {}; pass --config FILE",
+                        DEFAULT_CONFIG_PATHS[0], DEFAULT_CONFIG_PATHS[1]
+                    ));
+                    return Err(errors);
+                }
+            },
+        };
+        let text = match std::fs::read_to_string(&path) {
+            Ok(text) => text,
+            Err(error) => {
+                let mut errors = ConfigErrors::new(&path);
+                errors.push(format!("cannot read the config file: {error}"));
+                return Err(errors);
+            }
+        };
+        let config = WorkerConfig::parse(&path, &text, TimeZone::system())?;
+        Ok((path, config))
+    }
+
+    /// Parses and validates config text; `path` names the file in errors and
+    /// anchors relative paths; `system_tz` stands in when `timezone` is unset.
+    pub fn parse(
+        path: &Path,
+        text: &str,
+        system_tz: TimeZone,
+    ) -> Result<WorkerConfig, ConfigErrors> {
+        let (raw, mut errors) = parse_toml::<RawWorkerConfig>(path, text);
+        let Some(raw) = raw else {
+            return Err(errors);
+        };
+        let base = config_dir(path);
+        let mut config = resolve(raw, &base);
+        validate(&mut config, system_tz, &mut errors);
+        errors.into_result(config)
+    }
+
+    /// The token the worker authenticates with: `token`, or the trimmed
+    /// contents of `token_file`.
+    pub fn token(&self) -> anyhow::Result<String> {
+        let token = match (&self.token, &self.token_file) {
+            (Some(token), None) => token.trim().to_owned(),
+            (None, Some(file)) => std::fs::read_to_string(file)
+                .with_context(|| format!("cannot read token_file {}", file.display()))?
+                .trim()
+                .to_owned(),
+            (Some(_), Some(_)) => bail!("set either `token` or `token_file`, not both"),
+            (None, None) => bail!("no token: set `token` or `token_file`"),
+        };
+        if token.is_empty() {
+            bail!("the worker token is empty");
+        }
+        Ok(token)
+    }
+
+    /// The compiled availability policies (validated by `load` already).
+    pub fn policy(&self) -> Result<Policy, Vec<PolicyError>> {
+        Policy::compile(&self.availability, TimeZone::system())
+    }
+}
+
+/// The directory relative paths are resolved against (absolute when possible).
+fn config_dir(path: &Path) -> PathBuf {
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::path::absolute(&dir).unwrap_or(dir)
+}
+
+fn resolve(raw: RawWorkerConfig, base: &Path) -> WorkerConfig {
+    let at_base = |p: PathBuf| if p.is_absolute() { p } else { base.join(p) };
+    let load_sample_interval = raw
+        .availability
+        .load
+        .as_ref()
+        .map_or(DurationSpec::from_secs(5), |load| load.sample_every);
+    let mut tls = raw.tls;
+    tls.ca_file = tls.ca_file.map(at_base);
+    let mut control = raw.control;
+    control.token_file = control.token_file.map(at_base);
+    WorkerConfig {
+        name: raw.name,
+        master: raw.master,
+        token: raw.token,
+        token_file: raw.token_file.map(at_base),
+        workdir: at_base(raw.workdir.unwrap_or_else(|| PathBuf::from("work"))),
+        state_dir: at_base(raw.state_dir.unwrap_or_else(|| PathBuf::from("state"))),
+        max_builds: raw.max_builds,
+        insecure: raw.insecure,
+        tls,
+        control,
+        availability: raw.availability,
+        load_sample_interval,
+    }
+}
+
+fn validate(config: &mut WorkerConfig, system_tz: TimeZone, errors: &mut ConfigErrors) {
+    validate_name(&config.name, errors);
+    validate_master(config, errors);
+
+    match (&config.token, &config.token_file) {
+        (Some(_), Some(_)) => {
+            errors.push_at_key("token_file", "set either `token` or `token_file`, not both")
+        }
+        (None, None) => errors.push_at_path(
+            "token",
+            "no token: set `token = \"...\"` or `token_file = \"/path/to/token\"` (the master's admin gives you the token)",
+        ),
+        (Some(token), None) if token.trim().is_empty() => {
+            errors.push_at_path("token", "the token is empty")
+        }
+        (None, Some(file)) => match std::fs::read_to_string(file) {
+            Ok(text) if text.trim().is_empty() => {
+                errors.push_at_path("token_file", format!("{} is empty", file.display()))
+            }
+            Ok(_) => {}
+            Err(error) => errors.push_at_path(
+                "token_file",
+                format!("cannot read {}: {error}", file.display()),
+            ),
+        },
+        _ => {}
+    }
+
+    if config.max_builds == 0 {
+        errors.push_at_path("max_builds", "max_builds must be at least 1");
+    } else if config.max_builds > 1024 {
+        errors.push_at_path("max_builds", "max_builds must be at most 1024");
+    }
+
+    if let Some(pin) = &config.tls.pin_sha256 {
+        match nightshift_proto::tls::normalize_pin(pin) {
+            Ok(normalized) => config.tls.pin_sha256 = Some(normalized),
+            Err(error) => errors.push_at_path("tls.pin_sha256", error.to_string()),
+        }
+    }
+    if let Some(ca) = &config.tls.ca_file
+        && !ca.is_file()
+    {
+        errors.push_at_path(
+            "tls.ca_file",
+            format!("{} is not a readable file", ca.display()),
+        );
+    }
+
+    let listen = config.control.listen;
+    if !listen.ip().is_loopback() && !config.control.allow_remote {
+        errors.push_at_path(
+            "control.listen",
+            format!(
+                "{listen} is not a loopback address; the control plane stays on this machine unless you also set allow_remote = true"
+            ),
+        );
+    }
+
+    if let Err(policy_errors) = Policy::compile(&config.availability, system_tz) {
+        for PolicyError { path, message } in policy_errors {
+            errors.push_at_path(&path, message);
+        }
+    }
+}
+
+fn validate_name(name: &str, errors: &mut ConfigErrors) {
+    if name.is_empty() {
+        errors.push_at_path("name", "the worker name is empty");
+    } else if name.len() > 64 {
+        errors.push_at_path("name", "the worker name is longer than 64 characters");
+    } else if let Some(bad) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')))
+    {
+        errors.push_at_path(
+            "name",
+            format!(
+                "the worker name \"{name}\" contains {bad:?}; use letters, digits, `-`, `_` and `.`"
+            ),
+        );
+    }
+}
+
+fn validate_master(config: &WorkerConfig, errors: &mut ConfigErrors) {
+    let url = config.master.trim();
+    let (scheme, rest) = match url.split_once("://") {
+        Some((scheme, rest)) => (scheme.to_ascii_lowercase(), rest),
+        None => {
+            errors.push_at_path(
+                "master",
+                format!("\"{url}\" is not a URL; write e.g. \"wss://master.example.org:8443\""),
+            );
+            return;
+        }
+    };
+    match scheme.as_str() {
+        "wss" => {
+            if config.tls.ca_file.is_none() && config.tls.pin_sha256.is_none() {
+                errors.push_at_path(
+                    "master",
+                    "a wss:// master needs a way to trust its certificate: set `[tls] ca_file` (its certificate or CA) or `[tls] pin_sha256` (printed by `master run`)",
+                );
+            }
+        }
+        "ws" if config.insecure => {}
+        "ws" => errors.push_at_path(
+            "master",
+            "ws:// sends the token unencrypted; use wss://, or set insecure = true (tests and trusted networks only)",
+        ),
+        other => {
+            errors.push_at_path(
+                "master",
+                format!("unsupported scheme \"{other}\" in \"{url}\"; use wss:// (or ws:// with insecure = true)"),
+            );
+            return;
+        }
+    }
+    let authority = rest.split(['/', '?', '#']).next().unwrap_or("");
+    match url.parse::<hyper::Uri>() {
+        Ok(uri) if uri.host().is_some_and(|h| !h.is_empty()) && !authority.contains('@') => {}
+        _ => errors.push_at_path(
+            "master",
+            format!("\"{url}\" has no valid host; write e.g. \"wss://master.example.org:8443\""),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<WorkerConfig, String> {
+        WorkerConfig::parse(Path::new("/srv/w/worker.toml"), text, TimeZone::UTC)
+            .map_err(|e| e.to_string())
+    }
+
+    const MINIMAL: &str =
+        "name = \"lab-3\"\nmaster = \"ws://127.0.0.1:9000\"\ninsecure = true\ntoken = \"t0k\"\n";
+
+    #[test]
+    fn minimal_config_gets_defaults_next_to_the_file() {
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.workdir, PathBuf::from("/srv/w/work"));
+        assert_eq!(config.state_dir, PathBuf::from("/srv/w/state"));
+        assert_eq!(config.max_builds, 1);
+        assert_eq!(config.control.listen, default_control_listen());
+        assert_eq!(config.load_sample_interval, DurationSpec::from_secs(5));
+        assert_eq!(config.token().unwrap(), "t0k");
+    }
+
+    #[test]
+    fn every_error_is_reported_with_place_and_key() {
+        let text = "name = \"lab 3\"\nmaster = \"ws://m:1\"\nmax_bulds = 2\n\n[[availability.schedule]]\nname = \"nights\"\nhours = \"19:00-07:00\"\ndays = \"mnd\"\n\n[[availability.schedule]]\nname = \"lunch\"\nhours = \"12:00-13:00\"\ncolour = \"red\"\n\n[availability.load]\nmax_load1 = 4.0\nfor = \"soon\"\n";
+        let errors = parse(text).unwrap_err();
+        let lines: Vec<&str> = errors.lines().collect();
+        assert_eq!(
+            lines,
+            [
+                "/srv/w/worker.toml:1:8: name: the worker name \"lab 3\" contains ' '; use letters, digits, `-`, `_` and `.`",
+                "/srv/w/worker.toml:2:10: master: ws:// sends the token unencrypted; use wss://, or set insecure = true (tests and trusted networks only)",
+                "/srv/w/worker.toml:3:1: max_bulds: unknown key `max_bulds`, expected one of `name`, `master`, `token`, `token_file`, `workdir`, `state_dir`, `max_builds`, `insecure`, `tls`, `control`, `availability`",
+                "/srv/w/worker.toml:8:8: availability.schedule[0].days: unknown day \"mnd\", expected mon..sun",
+                "/srv/w/worker.toml:13:1: availability.schedule[1].colour: unknown key `colour`, expected one of `name`, `hours`, `days`, `open`, `close`, `state`",
+                "/srv/w/worker.toml:17:7: availability.load.for: invalid duration `soon`, expected e.g. `30s`, `2m`, `1h30m`, `2h` or `1d`",
+                "/srv/w/worker.toml: token: no token: set `token = \"...\"` or `token_file = \"/path/to/token\"` (the master's admin gives you the token)",
+            ],
+            "{errors}"
+        );
+    }
+
+    #[test]
+    fn missing_token_and_wss_trust_are_reported() {
+        let errors = parse("name = \"w\"\nmaster = \"wss://m.example:8443\"\n").unwrap_err();
+        assert!(errors.contains("token: no token"), "{errors}");
+        assert!(
+            errors.contains("master: a wss:// master needs a way to trust"),
+            "{errors}"
+        );
+        let ok = parse(
+            "name = \"w\"\nmaster = \"wss://m.example:8443\"\ntoken = \"x\"\n[tls]\npin_sha256 = \"AB:CD\"\n",
+        );
+        assert!(ok.unwrap_err().contains("tls.pin_sha256"));
+    }
+
+    #[test]
+    fn relative_paths_resolve_against_the_config_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("tok"), "secret\n").unwrap();
+        let path = dir.path().join("worker.toml");
+        let text = "name = \"w\"\nmaster = \"ws://m:1\"\ninsecure = true\ntoken_file = \"tok\"\nworkdir = \"/abs/work\"\nstate_dir = \"st\"\n[control]\ntoken_file = \"ctl.token\"\n";
+        let config = WorkerConfig::parse(&path, text, TimeZone::UTC).unwrap();
+        assert_eq!(config.token().unwrap(), "secret");
+        assert_eq!(config.workdir, PathBuf::from("/abs/work"));
+        assert_eq!(config.state_dir, dir.path().join("st"));
+        assert_eq!(
+            config.control.token_file,
+            Some(dir.path().join("ctl.token"))
+        );
+    }
+
+    #[test]
+    fn remote_control_needs_allow_remote() {
+        let text = format!("{MINIMAL}[control]\nlisten = \"0.0.0.0:7878\"\n");
+        assert!(parse(&text).unwrap_err().contains("control.listen"));
+        let text = format!("{MINIMAL}[control]\nlisten = \"0.0.0.0:7878\"\nallow_remote = true\n");
+        assert!(parse(&text).is_ok());
+    }
+}

@@ -1,15 +1,276 @@
-//! The verbs that need no running agent: `worker check` and `worker schedule`.
+//! The verbs that need no running agent: `worker check` (validate worker.toml and say
+//! what its policies mean) and `worker schedule` (the coming intervals).
 
+use std::path::PathBuf;
 use std::process::ExitCode;
 
-use crate::cli::ConfigArg;
+use jiff::civil::DateTime;
+use jiff::tz::TimeZone;
+use jiff::{SignedDuration, Timestamp, ToSpan, Zoned};
+use nightshift_policy::{Inputs, Interval, Policy, format_duration};
+use serde::Serialize;
 
-pub fn check(_config: &ConfigArg) -> ExitCode {
-    eprintln!("error: `worker check` is not built yet");
-    ExitCode::FAILURE
+use crate::cli::ConfigArg;
+use crate::config::WorkerConfig;
+
+const USAGE: u8 = 2;
+
+/// Loads and compiles the config, printing every error for exit code 2.
+fn load(config: &ConfigArg) -> Result<(PathBuf, WorkerConfig, Policy), ExitCode> {
+    let (path, worker) = match WorkerConfig::load(config.config.as_deref()) {
+        Ok(loaded) => loaded,
+        Err(errors) => {
+            eprintln!("{errors}");
+            let count = errors.len();
+            eprintln!(
+                "{count} error{} in {}",
+                if count == 1 { "" } else { "s" },
+                errors.file().display()
+            );
+            return Err(ExitCode::from(USAGE));
+        }
+    };
+    match worker.policy() {
+        Ok(policy) => Ok((path, worker, policy)),
+        Err(errors) => {
+            for error in errors {
+                eprintln!("{}: {error}", path.display());
+            }
+            Err(ExitCode::from(USAGE))
+        }
+    }
 }
 
-pub fn schedule(_config: &ConfigArg, _from: Option<&str>, _days: u32, _json: bool) -> ExitCode {
-    eprintln!("error: `worker schedule` is not built yet");
-    ExitCode::FAILURE
+/// `worker check`: exit 0 and one line per policy, or exit 2 and every error.
+pub fn check(config: &ConfigArg) -> ExitCode {
+    let (path, worker, policy) = match load(config) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
+    };
+    println!("{}: ok", path.display());
+    println!("worker {} → master {}", worker.name, worker.master);
+    println!(
+        "builds at most {} at a time in {}",
+        worker.max_builds,
+        worker.workdir.display()
+    );
+    for line in policy.describe() {
+        println!("{line}");
+    }
+    let now = Timestamp::now();
+    println!("{}", right_now(&policy, now));
+    ExitCode::SUCCESS
+}
+
+/// `right now: away (outside schedule nights …); available from Mon 19:00`.
+fn right_now(policy: &Policy, now: Timestamp) -> String {
+    let presence = policy.evaluate(now, &Inputs::default());
+    let tz = policy.time_zone();
+    let mut line = format!("right now: {} ({})", presence.state, presence.reason);
+    if presence.state.takes_builds() {
+        if let Some(end) = policy
+            .preview(now, now + SignedDuration::from_hours(24 * 8))
+            .into_iter()
+            .find(|i| !i.state.takes_builds())
+        {
+            line.push_str(&format!(
+                "; away from {}",
+                short_time(&end.from.to_zoned(tz.clone()), now, tz)
+            ));
+        }
+    } else {
+        match policy.next_available(now, SignedDuration::from_hours(24 * 8)) {
+            Some(at) => line.push_str(&format!(
+                "; takes builds from {}",
+                short_time(&at.to_zoned(tz.clone()), now, tz)
+            )),
+            None => line.push_str("; no time to take builds in the coming week"),
+        }
+    }
+    line
+}
+
+/// `19:00` today, `Tue 07:00` within a week, else the date.
+fn short_time(at: &Zoned, now: Timestamp, tz: &TimeZone) -> String {
+    let today = now.to_zoned(tz.clone()).date();
+    if at.date() == today {
+        at.strftime("%H:%M").to_string()
+    } else if at.date() < today.saturating_add(6.days()) {
+        at.strftime("%a %H:%M").to_string()
+    } else {
+        at.strftime("%a %Y-%m-%d %H:%M").to_string()
+    }
+}
+
+/// One interval as `--json` prints it.
+#[derive(Debug, Serialize)]
+struct JsonInterval {
+    from: String,
+    to: String,
+    state: String,
+    source: String,
+}
+
+fn rfc3339(at: &Zoned) -> String {
+    at.strftime("%Y-%m-%dT%H:%M:%S%:z").to_string()
+}
+
+/// Reads `--from`: RFC 3339 with an offset, or a civil date/time in `tz`.
+fn parse_from(text: &str, tz: &TimeZone) -> Result<Timestamp, String> {
+    let text = text.trim();
+    if let Ok(at) = text.parse::<Timestamp>() {
+        return Ok(at);
+    }
+    if let Ok(zoned) = text.parse::<Zoned>() {
+        return Ok(zoned.timestamp());
+    }
+    let civil = text.parse::<DateTime>().or_else(|_| {
+        text.parse::<jiff::civil::Date>()
+            .map(|d| d.to_datetime(jiff::civil::Time::midnight()))
+    });
+    match civil {
+        Ok(civil) => civil
+            .to_zoned(tz.clone())
+            .map(|z| z.timestamp())
+            .map_err(|e| format!("--from {text:?}: {e}")),
+        Err(_) => Err(format!(
+            "--from {text:?} is not a time; write RFC 3339 (2026-12-24T08:00:00+01:00) or a local date/time (2026-12-24T08:00, 2026-12-24)"
+        )),
+    }
+}
+
+/// `worker schedule`: the intervals the schedules give from `--from` for `--days`.
+pub fn schedule(config: &ConfigArg, from: Option<&str>, days: u32, json: bool) -> ExitCode {
+    if !(1..=366).contains(&days) {
+        eprintln!("error: --days must be between 1 and 366, got {days}");
+        return ExitCode::from(USAGE);
+    }
+    let (_, worker, policy) = match load(config) {
+        Ok(loaded) => loaded,
+        Err(code) => return code,
+    };
+    let tz = policy.time_zone().clone();
+    let start = match from {
+        Some(text) => match parse_from(text, &tz) {
+            Ok(at) => at,
+            Err(message) => {
+                eprintln!("error: {message}");
+                return ExitCode::from(USAGE);
+            }
+        },
+        None => Timestamp::now(),
+    };
+    let start_zoned = start.to_zoned(tz.clone());
+    let end = match start_zoned.checked_add(i64::from(days).days()) {
+        Ok(end) => end.timestamp(),
+        Err(error) => {
+            eprintln!("error: cannot show {days} days from {start_zoned}: {error}");
+            return ExitCode::from(USAGE);
+        }
+    };
+    let intervals = policy.preview(start, end);
+    if json {
+        let rows: Vec<JsonInterval> = intervals
+            .iter()
+            .map(|i| {
+                let (from, to) = i.zoned(&tz);
+                JsonInterval {
+                    from: rfc3339(&from),
+                    to: rfc3339(&to),
+                    state: i.state.to_string(),
+                    source: i.source.to_string(),
+                }
+            })
+            .collect();
+        match serde_json::to_string_pretty(&rows) {
+            Ok(text) => println!("{text}"),
+            Err(error) => {
+                eprintln!("error: {error}");
+                return ExitCode::FAILURE;
+            }
+        }
+        return ExitCode::SUCCESS;
+    }
+    print!("{}", human_table(&worker.name, &policy, &intervals, days));
+    ExitCode::SUCCESS
+}
+
+fn human_table(name: &str, policy: &Policy, intervals: &[Interval], days: u32) -> String {
+    let tz = policy.time_zone();
+    let mut out = format!(
+        "Schedule of worker {name} for {days} day{} (times in {}):\n\n",
+        if days == 1 { "" } else { "s" },
+        policy.zone_name()
+    );
+    let rows: Vec<[String; 5]> = intervals
+        .iter()
+        .map(|interval| {
+            let (from, to) = interval.zoned(tz);
+            let to_text = if to.date() == from.date() {
+                to.strftime("%H:%M %Z").to_string()
+            } else {
+                to.strftime("%a %d %b %H:%M %Z").to_string()
+            };
+            let seconds = (interval.to.as_second() - interval.from.as_second()).max(0);
+            [
+                from.strftime("%a %d %b %H:%M %Z").to_string(),
+                to_text,
+                interval.state.to_string(),
+                format_duration(SignedDuration::from_secs((seconds + 30) / 60 * 60)),
+                interval.source.to_string(),
+            ]
+        })
+        .collect();
+    let width = |column: usize| {
+        rows.iter()
+            .map(|row| row[column].chars().count())
+            .max()
+            .unwrap_or(0)
+    };
+    let (w0, w1, w2, w3) = (width(0), width(1), width(2), width(3));
+    for [from, to, state, length, source] in &rows {
+        out.push_str(&format!(
+            "  {from:<w0$} → {to:<w1$}  {state:<w2$}  {length:>w3$}  {source}\n"
+        ));
+    }
+    let taking = intervals
+        .iter()
+        .filter(|i| i.state.takes_builds())
+        .map(|i| i.to.as_second() - i.from.as_second())
+        .sum::<i64>();
+    out.push_str(&format!(
+        "\nTakes builds {} in these {days} day{} (manual and load changes not shown).\n",
+        format_duration(SignedDuration::from_secs(taking)),
+        if days == 1 { "" } else { "s" }
+    ));
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn from_accepts_rfc3339_and_local_forms() {
+        let tz = TimeZone::get("Europe/Berlin").unwrap();
+        let expected: Timestamp = "2026-12-24T07:00:00Z".parse().unwrap();
+        for text in [
+            "2026-12-24T08:00:00+01:00",
+            "2026-12-24T07:00:00Z",
+            "2026-12-24T08:00",
+            "2026-12-24 08:00",
+            "2026-12-24T08:00[Europe/Berlin]",
+        ] {
+            assert_eq!(parse_from(text, &tz), Ok(expected), "{text}");
+        }
+        assert_eq!(
+            parse_from("2026-12-24", &tz),
+            Ok("2026-12-23T23:00:00Z".parse().unwrap())
+        );
+        assert!(
+            parse_from("tomorrow", &tz)
+                .unwrap_err()
+                .contains("tomorrow")
+        );
+    }
 }

@@ -10,6 +10,10 @@ use jiff::{Timestamp, Zoned};
 
 use crate::state::PresenceState;
 
+/// How many back-to-back windows (a close and an open at the same instant)
+/// are followed before the window is taken to be open throughout.
+const MAX_TIE_CHAIN: usize = 16;
+
 const DAY_NAMES: [&str; 7] = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"];
 const FULL_DAY_NAMES: [&str; 7] = [
     "sunday",
@@ -276,7 +280,7 @@ impl Window {
         close: u32,
         days: DaySet,
     ) -> Result<Window, String> {
-        let crosses_midnight = close <= open;
+        let crosses_midnight = close <= open || close == 1440;
         let close_days = if crosses_midnight {
             days.next_days()
         } else {
@@ -320,33 +324,69 @@ impl Window {
     }
 
     /// Whether the window is open at `at`: it last opened after it last closed
-    /// (both inclusive of `at`; when both happen at `at`, close wins).
+    /// (both inclusive of `at`). When it opens and closes at the same instant,
+    /// it is open if it was open just before (one window ends as the next
+    /// begins, e.g. `00:00-24:00` on `sat,sun`), else that window is empty
+    /// (e.g. it would open in a skipped DST hour and close at the gap's end).
     pub(crate) fn membership(&self, at: &Zoned) -> Membership {
-        let last_open = self.open.find_previous_occurrence(at, true).ok();
-        let last_close = self.close.find_previous_occurrence(at, true).ok();
-        match (last_open, last_close) {
-            (Some(open), Some(close)) if open.timestamp() > close.timestamp() => Membership {
-                inside: true,
-                since: Some(open.timestamp()),
-            },
-            (Some(open), None) => Membership {
-                inside: true,
-                since: Some(open.timestamp()),
-            },
-            (_, close) => Membership {
-                inside: false,
-                since: close.map(|c| c.timestamp()),
-            },
+        let mut probe = at.clone();
+        let mut inclusive = true;
+        let mut first_tie: Option<Timestamp> = None;
+        for _ in 0..MAX_TIE_CHAIN {
+            let last_open = self.open.find_previous_occurrence(&probe, inclusive).ok();
+            let last_close = self.close.find_previous_occurrence(&probe, inclusive).ok();
+            match (last_open, last_close) {
+                (Some(open), Some(close)) if open.timestamp() == close.timestamp() => {
+                    first_tie.get_or_insert(open.timestamp());
+                    probe = open;
+                    inclusive = false;
+                }
+                (Some(open), Some(close)) if open.timestamp() > close.timestamp() => {
+                    return Membership {
+                        inside: true,
+                        since: Some(first_tie.unwrap_or(open.timestamp())),
+                    };
+                }
+                (Some(open), None) => {
+                    return Membership {
+                        inside: true,
+                        since: Some(first_tie.unwrap_or(open.timestamp())),
+                    };
+                }
+                (_, close) => {
+                    return Membership {
+                        inside: false,
+                        since: first_tie.or(close.map(|c| c.timestamp())),
+                    };
+                }
+            }
+        }
+        // A long chain of back-to-back windows: open throughout.
+        Membership {
+            inside: true,
+            since: first_tie,
         }
     }
 
     /// The next instant strictly after `at` at which the window closes (if
-    /// `inside`) or opens.
+    /// `inside`; a close where the next window opens at once is skipped) or opens.
     pub(crate) fn next_boundary(&self, at: &Zoned, inside: bool) -> Option<Timestamp> {
-        let cron = if inside { &self.close } else { &self.open };
-        cron.find_next_occurrence(at, false)
-            .ok()
-            .map(|z| z.timestamp())
+        if !inside {
+            return self
+                .open
+                .find_next_occurrence(at, false)
+                .ok()
+                .map(|z| z.timestamp());
+        }
+        let mut probe = at.clone();
+        for _ in 0..MAX_TIE_CHAIN {
+            let close = self.close.find_next_occurrence(&probe, false).ok()?;
+            if !self.membership(&close).inside {
+                return Some(close.timestamp());
+            }
+            probe = close;
+        }
+        Some(probe.timestamp())
     }
 
     /// Whether both expressions ever fire (searching from 2000 in `tz`).
@@ -369,6 +409,9 @@ impl Window {
                     days if close <= open => format!("opening {days}"),
                     days => days.to_string(),
                 };
+                if *open == 0 && *close == 1440 {
+                    return format!("all day {zone_name}, {days_text}");
+                }
                 format!(
                     "{}–{}{next_day} {zone_name}, {days_text}",
                     clock_text(*open),

@@ -264,9 +264,10 @@ impl ConfigErrors {
         }
     }
 
-    /// Orders the errors as they appear in the file (whole-file errors first).
+    /// Orders the errors as they appear in the file (errors without a place last).
     pub fn sort(&mut self) {
-        self.errors.sort_by_key(|e| e.line_column);
+        self.errors
+            .sort_by_key(|e| (e.line_column.is_none(), e.line_column));
     }
 }
 

@@ -65,6 +65,7 @@ impl BuildTrees {
     }
 
     /// Process-group accounting only.
+    #[cfg(test)]
     pub fn without_cgroups() -> BuildTrees {
         BuildTrees {
             cgroup_parent: None,

@@ -104,10 +104,6 @@ impl BuildControl {
         });
     }
 
-    pub fn is_cancelled(&self) -> bool {
-        self.cancel.borrow().is_some()
-    }
-
     /// The master granted the locks of `step`.
     pub fn grant(&self, step: u32) {
         let _ = self.grants.send(step);

@@ -22,6 +22,7 @@ impl Spool {
         Ok(Spool { dir })
     }
 
+    #[cfg(test)]
     pub fn dir(&self) -> &Path {
         &self.dir
     }

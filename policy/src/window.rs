@@ -399,21 +399,16 @@ impl Window {
     pub(crate) fn describe_when(&self, zone_name: &str) -> String {
         match &self.form {
             WindowForm::Hours { open, close, days } => {
-                let next_day = if close <= open && *close != 1440 {
-                    " (next day)"
-                } else {
-                    ""
-                };
                 let days_text = match *days {
                     DaySet::ALL => "every day".to_owned(),
-                    days if close <= open => format!("opening {days}"),
+                    days if close <= open => format!("nights starting {days}"),
                     days => days.to_string(),
                 };
                 if *open == 0 && *close == 1440 {
                     return format!("all day {zone_name}, {days_text}");
                 }
                 format!(
-                    "{}–{}{next_day} {zone_name}, {days_text}",
+                    "{}–{} {zone_name}, {days_text}",
                     clock_text(*open),
                     clock_text(*close)
                 )

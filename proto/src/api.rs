@@ -152,6 +152,298 @@ pub struct ApiError {
     pub error: String,
 }
 
+/// Where a master's API is: scheme, host and port of `https://host:port`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MasterUrl {
+    pub tls: bool,
+    pub host: String,
+    pub port: u16,
+}
+
+impl MasterUrl {
+    /// Parses `https://host:port` or `http://host:port` (a path is ignored;
+    /// `wss://`/`ws://` are accepted as their HTTP twins).
+    pub fn parse(url: &str) -> anyhow::Result<MasterUrl> {
+        let (tls, rest) = if let Some(rest) = url.strip_prefix("https://") {
+            (true, rest)
+        } else if let Some(rest) = url.strip_prefix("wss://") {
+            (true, rest)
+        } else if let Some(rest) = url.strip_prefix("http://") {
+            (false, rest)
+        } else if let Some(rest) = url.strip_prefix("ws://") {
+            (false, rest)
+        } else {
+            anyhow::bail!(
+                "master URL `{url}` must start with https:// (or http:// for an insecure master)"
+            );
+        };
+        let authority = rest.split('/').next().unwrap_or_default();
+        let default_port = if tls { 443 } else { 80 };
+        let (host, port) = if let Some(v6) = authority.strip_prefix('[') {
+            let (host, after) = v6
+                .split_once(']')
+                .ok_or_else(|| anyhow::anyhow!("master URL `{url}`: unclosed `[` in the host"))?;
+            let port = match after.strip_prefix(':') {
+                Some(port) => port
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("master URL `{url}`: bad port"))?,
+                None => default_port,
+            };
+            (host.to_owned(), port)
+        } else {
+            match authority.rsplit_once(':') {
+                Some((host, port)) => (
+                    host.to_owned(),
+                    port.parse()
+                        .map_err(|_| anyhow::anyhow!("master URL `{url}`: bad port `{port}`"))?,
+                ),
+                None => (authority.to_owned(), default_port),
+            }
+        };
+        if host.is_empty() {
+            anyhow::bail!("master URL `{url}` has no host");
+        }
+        Ok(MasterUrl { tls, host, port })
+    }
+}
+
+impl std::fmt::Display for MasterUrl {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let scheme = if self.tls { "https" } else { "http" };
+        if self.host.contains(':') {
+            write!(f, "{scheme}://[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{scheme}://{}:{}", self.host, self.port)
+        }
+    }
+}
+
+/// A failed API call: the HTTP status when the master answered, and its message.
+#[derive(Debug, thiserror::Error)]
+#[error("{message}")]
+pub struct ApiCallError {
+    pub status: Option<u16>,
+    pub message: String,
+}
+
+impl ApiCallError {
+    fn io(url: &MasterUrl, what: impl std::fmt::Display) -> ApiCallError {
+        ApiCallError {
+            status: None,
+            message: format!("cannot reach the master at {url}: {what}"),
+        }
+    }
+}
+
+/// A typed client of the master's API: one connection per call (the CLI
+/// makes one or two calls per run), HTTP/1.1 over rustls or plain TCP.
+#[derive(Clone)]
+pub struct ApiClient {
+    url: MasterUrl,
+    token: String,
+    tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+}
+
+impl ApiClient {
+    /// `tls` is required for an `https://` URL.
+    pub fn new(
+        url: MasterUrl,
+        token: String,
+        tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+    ) -> anyhow::Result<ApiClient> {
+        if url.tls && tls.is_none() {
+            anyhow::bail!("{url} is https: say how to trust its certificate (CA file or pin)");
+        }
+        Ok(ApiClient { url, token, tls })
+    }
+
+    pub fn url(&self) -> &MasterUrl {
+        &self.url
+    }
+
+    /// One request; returns the status and body text.
+    pub async fn call_raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<String>,
+    ) -> Result<(u16, String), ApiCallError> {
+        use http_body_util::{BodyExt, Full};
+        use hyper::body::Bytes;
+        use hyper_util::rt::TokioIo;
+
+        let tcp = tokio::net::TcpStream::connect((self.url.host.as_str(), self.url.port))
+            .await
+            .map_err(|e| ApiCallError::io(&self.url, e))?;
+        let _ = tcp.set_nodelay(true);
+        let host_header = self.url.to_string();
+        let host_header = host_header
+            .split("://")
+            .nth(1)
+            .unwrap_or_default()
+            .to_owned();
+        let request = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, host_header)
+            .header(
+                hyper::header::AUTHORIZATION,
+                format!("Bearer {}", self.token),
+            )
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| ApiCallError {
+                status: None,
+                message: format!("bad request: {e}"),
+            })?;
+
+        async fn exchange<S>(
+            io: S,
+            request: hyper::Request<Full<Bytes>>,
+        ) -> Result<(u16, Bytes), String>
+        where
+            S: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+        {
+            let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(async move {
+                let _ = connection.await;
+            });
+            let response = sender
+                .send_request(request)
+                .await
+                .map_err(|e| e.to_string())?;
+            let status = response.status().as_u16();
+            let body = response
+                .into_body()
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            Ok((status, body))
+        }
+
+        let result = match &self.tls {
+            Some(config) if self.url.tls => {
+                let name = rustls::pki_types::ServerName::try_from(self.url.host.clone())
+                    .map_err(|e| ApiCallError::io(&self.url, e))?;
+                let stream = tokio_rustls::TlsConnector::from(std::sync::Arc::clone(config))
+                    .connect(name, tcp)
+                    .await
+                    .map_err(|e| ApiCallError::io(&self.url, e))?;
+                exchange(TokioIo::new(stream), request).await
+            }
+            _ => exchange(TokioIo::new(tcp), request).await,
+        };
+        let (status, body) = result.map_err(|e| ApiCallError::io(&self.url, e))?;
+        Ok((status, String::from_utf8_lossy(&body).into_owned()))
+    }
+
+    async fn call<T: for<'de> Deserialize<'de>>(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<String>,
+    ) -> Result<T, ApiCallError> {
+        let (status, text) = self.call_raw(method, path, body).await?;
+        if !(200..300).contains(&status) {
+            let message = serde_json::from_str::<ApiError>(&text)
+                .map(|e| e.error)
+                .unwrap_or(text);
+            return Err(ApiCallError {
+                status: Some(status),
+                message: format!("master answered {status}: {message}"),
+            });
+        }
+        serde_json::from_str(&text).map_err(|e| ApiCallError {
+            status: Some(status),
+            message: format!("unexpected answer from the master: {e}"),
+        })
+    }
+
+    pub async fn submit(
+        &self,
+        builder: &str,
+        properties: BTreeMap<String, String>,
+    ) -> Result<SubmitResponse, ApiCallError> {
+        let body = serde_json::to_string(&SubmitRequest {
+            builder: builder.to_owned(),
+            properties,
+        })
+        .map_err(|e| ApiCallError {
+            status: None,
+            message: e.to_string(),
+        })?;
+        self.call("POST", &format!("{API_PREFIX}/builds"), Some(body))
+            .await
+    }
+
+    pub async fn builds(&self, limit: u32) -> Result<BuildList, ApiCallError> {
+        self.call("GET", &format!("{API_PREFIX}/builds?limit={limit}"), None)
+            .await
+    }
+
+    pub async fn build(&self, id: BuildId) -> Result<BuildInfo, ApiCallError> {
+        self.call("GET", &format!("{API_PREFIX}/builds/{id}"), None)
+            .await
+    }
+
+    /// Long poll: the build once finished, or as it is after `timeout_secs`.
+    pub async fn wait(&self, id: BuildId, timeout_secs: u64) -> Result<BuildInfo, ApiCallError> {
+        self.call(
+            "GET",
+            &format!("{API_PREFIX}/builds/{id}/wait?timeout_secs={timeout_secs}"),
+            None,
+        )
+        .await
+    }
+
+    /// Waits until the build is finished (successive long polls).
+    pub async fn wait_finished(&self, id: BuildId) -> Result<BuildInfo, ApiCallError> {
+        loop {
+            let build = self.wait(id, 60).await?;
+            if build.state == BuildState::Finished {
+                return Ok(build);
+            }
+        }
+    }
+
+    pub async fn log(&self, id: BuildId) -> Result<BuildLog, ApiCallError> {
+        self.call("GET", &format!("{API_PREFIX}/builds/{id}/log"), None)
+            .await
+    }
+
+    pub async fn cancel(
+        &self,
+        id: BuildId,
+        reason: Option<&str>,
+    ) -> Result<serde_json::Value, ApiCallError> {
+        let body = serde_json::json!({ "reason": reason }).to_string();
+        self.call(
+            "POST",
+            &format!("{API_PREFIX}/builds/{id}/cancel"),
+            Some(body),
+        )
+        .await
+    }
+
+    pub async fn workers(&self) -> Result<WorkerList, ApiCallError> {
+        self.call("GET", &format!("{API_PREFIX}/workers"), None)
+            .await
+    }
+
+    pub async fn pause(&self) -> Result<PauseState, ApiCallError> {
+        self.call("POST", &format!("{API_PREFIX}/pause"), None)
+            .await
+    }
+
+    pub async fn resume(&self) -> Result<PauseState, ApiCallError> {
+        self.call("POST", &format!("{API_PREFIX}/resume"), None)
+            .await
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -167,8 +459,27 @@ mod tests {
     }
 
     #[test]
+    fn master_urls_parse() {
+        let url = MasterUrl::parse("https://farm.example:9443/x").unwrap();
+        assert_eq!(
+            (url.tls, url.host.as_str(), url.port),
+            (true, "farm.example", 9443)
+        );
+        let url = MasterUrl::parse("http://[::1]:8080").unwrap();
+        assert_eq!((url.tls, url.host.as_str(), url.port), (false, "::1", 8080));
+        assert_eq!(url.to_string(), "http://[::1]:8080");
+        assert_eq!(MasterUrl::parse("wss://h").unwrap().port, 443);
+        assert!(MasterUrl::parse("ftp://h").is_err());
+        assert!(MasterUrl::parse("https://h:notaport").is_err());
+    }
+
+    #[test]
     fn build_state_words_round_trip() {
-        for state in [BuildState::Queued, BuildState::Running, BuildState::Finished] {
+        for state in [
+            BuildState::Queued,
+            BuildState::Running,
+            BuildState::Finished,
+        ] {
             assert_eq!(state.as_str().parse::<BuildState>().unwrap(), state);
             assert_eq!(
                 serde_json::to_string(&state).unwrap(),

@@ -4,7 +4,8 @@
 (() => {
   "use strict";
   const csrf = document.querySelector('meta[name="nightshift-csrf"]').content;
-  const live = document.getElementById("live");
+  const hero = document.getElementById("live-hero");
+  const details = document.getElementById("live-details");
   const feed = document.getElementById("feed");
   const message = document.getElementById("message");
   const reason = document.getElementById("reason");
@@ -26,10 +27,10 @@
   }
 
   function applyState() {
-    const hero = document.getElementById("hero");
-    if (hero) {
-      document.body.dataset.state = hero.dataset.state;
-      document.title = hero.dataset.title;
+    const section = document.getElementById("hero");
+    if (section) {
+      document.body.dataset.state = section.dataset.state;
+      document.title = section.dataset.title;
     }
     tick();
   }
@@ -41,7 +42,9 @@
 
   const events = new EventSource("/events");
   events.addEventListener("status", (event) => {
-    live.innerHTML = event.data;
+    const parts = JSON.parse(event.data);
+    hero.innerHTML = parts.hero;
+    details.innerHTML = parts.details;
     applyState();
   });
   events.addEventListener("open", () => {

@@ -70,8 +70,14 @@ pub async fn events(
                     let status = receiver.borrow_and_update().clone();
                     let now = (shared.clock)();
                     let preview = preview_window(&shared, now);
-                    let html = render_live(&status, now, &shared.time_zone, preview.as_deref());
-                    let event = Event::default().event("status").data(html);
+                    let parts = render_live(&status, now, &shared.time_zone, preview.as_deref());
+                    let event = match Event::default().event("status").json_data(&parts) {
+                        Ok(event) => event,
+                        Err(error) => {
+                            tracing::warn!(%error, "cannot encode a live update");
+                            Event::default().comment("encoding error")
+                        }
+                    };
                     Some((Ok(event), (shared, receiver)))
                 }
             }
@@ -131,15 +137,16 @@ pub fn render_page(
 <header class="top">
   <span class="brand">nightshift</span>
   <span class="worker">worker <b>{worker}</b></span>
-  <span id="feed" class="feed" title="This page updates by itself">● live</span>
+  <span id="feed" class="feed lost" title="This page updates by itself">○ connecting…</span>
 </header>
-<div id="live">
+<div id="live-hero">
 "#,
         csrf = escape(csrf),
         title = escape(&page_title(status)),
         worker = escape(&status.worker),
     );
-    html.push_str(&render_live(status, now, tz, preview));
+    let live = render_live(status, now, tz, preview);
+    html.push_str(&live.hero);
     let _ = write!(
         html,
         r#"</div>
@@ -166,6 +173,8 @@ pub fn render_page(
   </div>
   <p id="message" class="message" role="status" aria-live="polite"></p>
 </section>
+<div id="live-details">
+{details}</div>
 <footer class="foot">nightshift agent {version} · <a href="/metrics">metrics</a> · <a href="/api/v1/status">status as JSON</a></footer>
 </div>
 <script>{SCRIPT}</script>
@@ -173,6 +182,7 @@ pub fn render_page(
 </html>
 "#,
         version = escape(&status.agent_version),
+        details = live.details,
     );
     html
 }
@@ -185,13 +195,30 @@ fn page_title(status: &AgentStatus) -> String {
     )
 }
 
-/// The part of the page that the live feed replaces.
+/// What one live event carries: the two parts of the page it replaces.
+#[derive(Debug, Clone, PartialEq, serde::Serialize)]
+pub struct LiveParts {
+    /// The state in big words (`#hero`).
+    pub hero: String,
+    /// Builds, master link and the week ahead (`#details`).
+    pub details: String,
+}
+
+/// Renders both live parts.
 pub fn render_live(
     status: &AgentStatus,
     now: Timestamp,
     tz: &TimeZone,
     preview: Option<&[PreviewInterval]>,
-) -> String {
+) -> LiveParts {
+    LiveParts {
+        hero: render_hero(status, now, tz),
+        details: render_details(status, now, tz, preview),
+    }
+}
+
+/// The state, its reason, source, since and until.
+pub fn render_hero(status: &AgentStatus, now: Timestamp, tz: &TimeZone) -> String {
     let presence = &status.presence;
     let state = presence.state;
     let mut html = String::with_capacity(8 * 1024);
@@ -241,7 +268,17 @@ pub fn render_live(
         );
     }
     html.push_str("</section>\n");
+    html
+}
 
+/// Builds, the master link and the week ahead.
+pub fn render_details(
+    status: &AgentStatus,
+    now: Timestamp,
+    tz: &TimeZone,
+    preview: Option<&[PreviewInterval]>,
+) -> String {
+    let mut html = String::with_capacity(8 * 1024);
     // Builds.
     html.push_str("<section class=\"card\" id=\"builds\">\n  <h2>Builds</h2>\n");
     if status.builds.is_empty() {
@@ -397,7 +434,7 @@ fn render_timeline(
         html.push_str("</div></div>\n");
     }
     html.push_str(
-        "  </div>\n  <p class=\"legend\"><span class=\"key available\"></span>available <span class=\"key reluctant\"></span>reluctant <span class=\"key away\"></span>away <span class=\"key none\"></span>no rule (default)</p>\n</section>\n",
+        "  </div>\n  <p class=\"legend\"><span class=\"key available\"></span>available <span class=\"key reluctant\"></span>reluctant <span class=\"key away\"></span>away</p>\n</section>\n",
     );
     html
 }
@@ -546,7 +583,8 @@ mod tests {
             state: PresenceState::Available,
             source: Source::Default,
         }];
-        let html = render_live(&status, now, &tz(), Some(&preview));
+        let live = render_live(&status, now, &tz(), Some(&preview));
+        let html = format!("{}{}", live.hero, live.details);
         assert!(html.contains("id=\"week\""));
         assert_eq!(html.matches("class=\"day\"").count(), 7);
         // 12:00–14:00 Berlin is manual away.

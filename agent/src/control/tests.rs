@@ -623,3 +623,97 @@ async fn non_loopback_listen_needs_allow_remote_and_a_token_file() {
         .unwrap();
     server.shutdown().await.unwrap();
 }
+
+/// Serves the page with made-up data for looking at it in a browser:
+/// `NIGHTSHIFT_DEMO_SECS=600 cargo test -p nightshift-agent serve_demo_page -- --ignored --nocapture`
+/// prints the URL and serves for that many seconds (default 60).
+#[tokio::test]
+#[ignore = "a manual tool: serves a demo page for a while"]
+async fn serve_demo_page() {
+    use crate::handle::RunningBuild;
+    let daemon = fake_daemon();
+    let real_now = Timestamp::now();
+    daemon.status.send_modify(|status| {
+        status.worker = "lab-3".into();
+        status.presence.state = PresenceState::Available;
+        status.presence.reason = "inside schedule nights (19:00–07:00)".into();
+        status.presence.since = real_now - jiff::SignedDuration::from_mins(47);
+        status.presence.until = Some(real_now + jiff::SignedDuration::from_mins(133));
+        status.builds = vec![RunningBuild {
+            build_id: 1842,
+            builder: "linux-x86_64".into(),
+            started_at: real_now - jiff::SignedDuration::from_secs(312),
+            step: 2,
+            step_name: "cargo test".into(),
+            tail: "   Compiling nightshift-policy v0.1.0\n   Compiling nightshift-agent v0.1.0\n    Finished `test` profile in 41.2s\n     Running unittests src/lib.rs\ntest window::tests::crosses_midnight ... ok\ntest window::tests::dst_spring_forward ... ok".into(),
+        }];
+    });
+    let tz = TimeZone::system();
+    let policy_tz = tz.clone();
+    let mut options = ControlOptions::new(
+        std::env::var("NIGHTSHIFT_DEMO_LISTEN")
+            .unwrap_or_else(|_| "127.0.0.1:0".into())
+            .parse()
+            .unwrap(),
+        tz,
+    );
+    options.preview = Some(Arc::new(move |from: Timestamp, to: Timestamp| {
+        // Nights 19:00–07:00 available, weekend days reluctant, else away.
+        let mut out = Vec::new();
+        let mut day = from.to_zoned(policy_tz.clone()).date();
+        while day.to_zoned(policy_tz.clone()).unwrap().timestamp() < to {
+            let at = |h: i8| {
+                day.at(h, 0, 0, 0)
+                    .to_zoned(policy_tz.clone())
+                    .unwrap()
+                    .timestamp()
+            };
+            let weekend = matches!(
+                day.weekday(),
+                jiff::civil::Weekday::Saturday | jiff::civil::Weekday::Sunday
+            );
+            let night = |from, to| super::PreviewInterval {
+                from,
+                to,
+                state: PresenceState::Available,
+                source: Source::Schedule("nights".into()),
+            };
+            out.push(night(at(0), at(7)));
+            out.push(super::PreviewInterval {
+                from: at(7),
+                to: at(19),
+                state: if weekend {
+                    PresenceState::Reluctant
+                } else {
+                    PresenceState::Away
+                },
+                source: if weekend {
+                    Source::Schedule("weekends".into())
+                } else {
+                    Source::Default
+                },
+            });
+            out.push(night(
+                at(19),
+                day.tomorrow()
+                    .unwrap()
+                    .to_zoned(policy_tz.clone())
+                    .unwrap()
+                    .timestamp(),
+            ));
+            day = day.tomorrow().unwrap();
+        }
+        out
+    }));
+    let dir = tempfile::tempdir().unwrap();
+    let server = serve_with(daemon.handle.clone(), options, dir.path())
+        .await
+        .unwrap();
+    println!("demo page: http://{}/", server.local_addr());
+    let secs = std::env::var("NIGHTSHIFT_DEMO_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(60);
+    tokio::time::sleep(Duration::from_secs(secs)).await;
+    server.shutdown().await.unwrap();
+}

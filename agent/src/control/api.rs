@@ -121,7 +121,7 @@ pub fn parse_body<T: serde::de::DeserializeOwned>(
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.split(';').next())
         .is_some_and(|mime| mime.trim().eq_ignore_ascii_case("application/json"));
-    if !is_json && !(body.is_empty() && empty_is.is_some()) {
+    if !(is_json || (body.is_empty() && empty_is.is_some())) {
         return Err(ApiError::new(
             StatusCode::UNSUPPORTED_MEDIA_TYPE,
             "send the body as JSON with `Content-Type: application/json`",

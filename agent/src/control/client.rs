@@ -3,7 +3,7 @@
 //! the control token from the state dir.
 
 use std::io::ErrorKind;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use axum::body::Bytes;

@@ -15,10 +15,7 @@ pub mod page;
 pub mod server;
 pub mod when;
 
-pub use server::{
-    ADDR_FILE_NAME, Clock, ControlOptions, ControlServer, PreviewFn, PreviewInterval,
-    SOCKET_FILE_NAME, serve, serve_with,
-};
+pub use server::{ControlServer, serve};
 
 #[cfg(test)]
 mod tests;

@@ -182,7 +182,8 @@ pub async fn serve_with(
     options: ControlOptions,
     state_dir: &Path,
 ) -> anyhow::Result<ControlServer> {
-    if !options.listen.ip().is_loopback() && !(options.allow_remote && options.token_file.is_some())
+    if !(options.listen.ip().is_loopback()
+        || (options.allow_remote && options.token_file.is_some()))
     {
         bail!(
             "[control] listen = \"{}\" is not a loopback address; to accept other machines set \

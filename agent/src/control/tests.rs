@@ -17,8 +17,8 @@ use tokio::sync::{mpsc, watch};
 
 use super::api::ErrorBody;
 use super::client::{Reply, send};
-use super::server::{ControlOptions, ControlServer, serve_with};
-use super::{ADDR_FILE_NAME, SOCKET_FILE_NAME, guard, metrics};
+use super::server::{ADDR_FILE_NAME, ControlOptions, ControlServer, SOCKET_FILE_NAME, serve_with};
+use super::{guard, metrics};
 use crate::handle::{AgentHandle, AgentStatus, ControlCommand};
 
 const WAIT: Duration = Duration::from_secs(30);
@@ -672,14 +672,14 @@ async fn serve_demo_page() {
                 day.weekday(),
                 jiff::civil::Weekday::Saturday | jiff::civil::Weekday::Sunday
             );
-            let night = |from, to| super::PreviewInterval {
+            let night = |from, to| super::server::PreviewInterval {
                 from,
                 to,
                 state: PresenceState::Available,
                 source: Source::Schedule("nights".into()),
             };
             out.push(night(at(0), at(7)));
-            out.push(super::PreviewInterval {
+            out.push(super::server::PreviewInterval {
                 from: at(7),
                 to: at(19),
                 state: if weekend {

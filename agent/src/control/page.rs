@@ -305,12 +305,18 @@ pub fn render_details(
             );
         }
     }
-    let _ = writeln!(
-        html,
-        "  <p class=\"soft small\">{} finished since the agent started, {} of them failed.</p>\n</section>",
-        plural(status.counters.builds_run, "build", "builds"),
-        status.counters.builds_failed
-    );
+    let totals = match (status.counters.builds_run, status.counters.builds_failed) {
+        (0, _) => "No build has finished since the agent started.".to_owned(),
+        (run, 0) => format!(
+            "{} finished since the agent started, none failed.",
+            plural(run, "build", "builds")
+        ),
+        (run, failed) => format!(
+            "{} finished since the agent started, {failed} of them failed.",
+            plural(run, "build", "builds")
+        ),
+    };
+    let _ = writeln!(html, "  <p class=\"soft small\">{totals}</p>\n</section>");
 
     // The master link.
     let master = &status.master;

@@ -399,6 +399,239 @@ mod tests {
         );
     }
 
+    use nightshift_policy::{PresenceState, Source};
+    use tokio::net::TcpListener;
+    use tokio_tungstenite::tungstenite::handshake::server::{Request, Response};
+
+    type ServerSocket = tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>;
+
+    /// Accepts one agent connection; returns the socket and its
+    /// `Authorization` header.
+    async fn accept(listener: &TcpListener) -> (ServerSocket, Option<String>) {
+        let (stream, _) = tokio::time::timeout(Duration::from_secs(60), listener.accept())
+            .await
+            .expect("the agent connects")
+            .unwrap();
+        let mut auth = None;
+        let socket =
+            tokio_tungstenite::accept_hdr_async(stream, |request: &Request, response: Response| {
+                auth = request
+                    .headers()
+                    .get("authorization")
+                    .and_then(|value| value.to_str().ok())
+                    .map(str::to_owned);
+                assert_eq!(request.uri().path(), WS_PATH);
+                Ok(response)
+            })
+            .await
+            .unwrap();
+        (socket, auth)
+    }
+
+    async fn receive(socket: &mut ServerSocket) -> AgentMessage {
+        loop {
+            let frame = tokio::time::timeout(Duration::from_secs(60), socket.next())
+                .await
+                .expect("the agent sends a frame")
+                .expect("the connection stays open")
+                .unwrap();
+            if let Message::Text(text) = frame {
+                return AgentMessage::decode(&text).unwrap();
+            }
+        }
+    }
+
+    async fn reply(socket: &mut ServerSocket, message: MasterMessage) {
+        socket.send(Message::text(message.encode())).await.unwrap();
+    }
+
+    fn welcome(heartbeat_secs: u64) -> MasterMessage {
+        MasterMessage::Welcome {
+            protocol: PROTOCOL_VERSION,
+            master_version: "test".into(),
+            heartbeat_secs,
+            cancel: Vec::new(),
+        }
+    }
+
+    async fn event(events: &mut mpsc::UnboundedReceiver<LinkEvent>) -> LinkEvent {
+        tokio::time::timeout(Duration::from_secs(60), events.recv())
+            .await
+            .expect("the link reports")
+            .unwrap()
+    }
+
+    struct Agent {
+        outbound: mpsc::UnboundedSender<AgentMessage>,
+        events: mpsc::UnboundedReceiver<LinkEvent>,
+        task: tokio::task::JoinHandle<()>,
+        _hello: watch::Sender<HelloState>,
+    }
+
+    async fn agent_for(listener: &TcpListener) -> Agent {
+        let address = listener.local_addr().unwrap();
+        let presence = Presence {
+            state: PresenceState::Available,
+            reason: "always".into(),
+            source: Source::Default,
+            since: jiff::Timestamp::UNIX_EPOCH,
+            until: None,
+        };
+        let (hello_tx, hello_rx) = watch::channel(HelloState {
+            presence,
+            running: vec![4],
+        });
+        let (outbound_tx, outbound_rx) = mpsc::unbounded_channel();
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let task = spawn(
+            LinkSettings {
+                url: endpoint(&format!("ws://{address}"), true).unwrap(),
+                token: "s3cret".into(),
+                worker: "w1".into(),
+                max_builds: 2,
+                tls: None,
+                backoff_max: Duration::from_millis(400),
+            },
+            hello_rx,
+            outbound_rx,
+            events_tx,
+        );
+        Agent {
+            outbound: outbound_tx,
+            events: events_rx,
+            task,
+            _hello: hello_tx,
+        }
+    }
+
+    #[tokio::test]
+    async fn hello_heartbeats_frames_reconnect_and_goodbye() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut agent = agent_for(&listener).await;
+
+        let (mut socket, auth) = accept(&listener).await;
+        assert_eq!(auth.as_deref(), Some("Bearer s3cret"));
+        match receive(&mut socket).await {
+            AgentMessage::Hello {
+                protocol,
+                worker,
+                max_builds,
+                presence,
+                running,
+                ..
+            } => {
+                assert_eq!(protocol, PROTOCOL_VERSION);
+                assert_eq!(worker, "w1");
+                assert_eq!(max_builds, 2);
+                assert_eq!(presence.state, PresenceState::Available);
+                assert_eq!(running, vec![4]);
+            }
+            other => panic!("expected a hello, got {other:?}"),
+        }
+        reply(&mut socket, welcome(30)).await;
+        assert!(matches!(
+            event(&mut agent.events).await,
+            LinkEvent::Up { .. }
+        ));
+
+        reply(&mut socket, MasterMessage::Ping { seq: 7 }).await;
+        assert_eq!(receive(&mut socket).await, AgentMessage::Pong { seq: 7 });
+        reply(&mut socket, MasterMessage::ResultStored { build_id: 3 }).await;
+        assert_eq!(
+            event(&mut agent.events).await,
+            LinkEvent::Frame(MasterMessage::ResultStored { build_id: 3 })
+        );
+        agent
+            .outbound
+            .send(AgentMessage::BuildAccepted { build_id: 5 })
+            .unwrap();
+        assert_eq!(
+            receive(&mut socket).await,
+            AgentMessage::BuildAccepted { build_id: 5 }
+        );
+        // A garbage frame is ignored, not fatal.
+        socket.send(Message::text("{ nonsense")).await.unwrap();
+
+        // The master goes away: the agent reports it and comes back.
+        drop(socket);
+        assert!(matches!(
+            event(&mut agent.events).await,
+            LinkEvent::Down { .. }
+        ));
+        let (mut socket, _) = accept(&listener).await;
+        assert!(matches!(
+            receive(&mut socket).await,
+            AgentMessage::Hello { .. }
+        ));
+        reply(&mut socket, welcome(30)).await;
+        assert!(matches!(
+            event(&mut agent.events).await,
+            LinkEvent::Up { .. }
+        ));
+
+        agent
+            .outbound
+            .send(AgentMessage::Goodbye {
+                reason: "stopped".into(),
+            })
+            .unwrap();
+        assert_eq!(
+            receive(&mut socket).await,
+            AgentMessage::Goodbye {
+                reason: "stopped".into()
+            }
+        );
+        tokio::time::timeout(Duration::from_secs(60), agent.task)
+            .await
+            .expect("the link ends after the goodbye")
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_refusal_is_reported_and_retried() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut agent = agent_for(&listener).await;
+        let (mut socket, _) = accept(&listener).await;
+        receive(&mut socket).await;
+        reply(
+            &mut socket,
+            MasterMessage::Refused {
+                reason: "wrong token for worker w1".into(),
+            },
+        )
+        .await;
+        assert_eq!(
+            event(&mut agent.events).await,
+            LinkEvent::Refused {
+                reason: "wrong token for worker w1".into()
+            }
+        );
+        let (mut socket, _) = accept(&listener).await;
+        assert!(matches!(
+            receive(&mut socket).await,
+            AgentMessage::Hello { .. }
+        ));
+    }
+
+    #[tokio::test]
+    async fn a_silent_master_is_dropped_after_missed_heartbeats() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut agent = agent_for(&listener).await;
+        let (mut socket, _) = accept(&listener).await;
+        receive(&mut socket).await;
+        reply(&mut socket, welcome(1)).await;
+        assert!(matches!(
+            event(&mut agent.events).await,
+            LinkEvent::Up { .. }
+        ));
+        // Keep the socket open but never read or answer.
+        match event(&mut agent.events).await {
+            LinkEvent::Down { error } => assert!(error.contains("nothing heard"), "{error}"),
+            other => panic!("expected the link to drop, got {other:?}"),
+        }
+        drop(socket);
+    }
+
     #[test]
     fn jitter_stays_within_the_upper_half() {
         for _ in 0..100 {

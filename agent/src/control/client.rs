@@ -454,8 +454,126 @@ pub fn describe(status: &AgentStatus, now: Timestamp, tz: &TimeZone) -> String {
     }
     let _ = writeln!(
         out,
-        "  totals:  {} builds run, {} failed, {} state changes",
-        status.counters.builds_run, status.counters.builds_failed, status.counters.presence_changes
+        "  totals:  {} run, {} failed, {}",
+        plural(status.counters.builds_run, "build", "builds"),
+        status.counters.builds_failed,
+        plural(
+            status.counters.presence_changes,
+            "state change",
+            "state changes"
+        )
     );
     out
+}
+
+fn plural(count: u64, one: &str, many: &str) -> String {
+    if count == 1 {
+        format!("1 {one}")
+    } else {
+        format!("{count} {many}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::control::metrics::tests::status_fixture;
+    use crate::handle::ManualRequest;
+    use nightshift_policy::{PresenceState, Source};
+
+    fn tz() -> TimeZone {
+        TimeZone::get("Europe/Berlin").unwrap()
+    }
+
+    fn now() -> Timestamp {
+        "2026-11-23T11:00:00Z".parse().unwrap()
+    }
+
+    #[test]
+    fn until_becomes_an_instant_and_for_is_checked() {
+        let body = availability_body(
+            AvailabilityArg::Away,
+            None,
+            Some("19:00".into()),
+            Some("lunch".into()),
+            now(),
+            &tz(),
+        )
+        .unwrap();
+        assert_eq!(body.state, "away");
+        assert_eq!(body.until.as_deref(), Some("2026-11-23T18:00:00Z"));
+        assert_eq!(body.reason.as_deref(), Some("lunch"));
+        let body = availability_body(
+            AvailabilityArg::Reluctant,
+            Some("2h".into()),
+            None,
+            None,
+            now(),
+            &tz(),
+        )
+        .unwrap();
+        assert_eq!(
+            (body.state.as_str(), body.for_.as_deref()),
+            ("reluctant", Some("2h"))
+        );
+        for (state, for_, until) in [
+            (AvailabilityArg::Away, Some("soon"), None),
+            (AvailabilityArg::Away, None, Some("teatime")),
+            (AvailabilityArg::Auto, Some("1h"), None),
+        ] {
+            let result = availability_body(
+                state,
+                for_.map(Into::into),
+                until.map(Into::into),
+                None,
+                now(),
+                &tz(),
+            );
+            assert!(
+                matches!(result, Err(Failure::Usage(_))),
+                "{state:?} {for_:?} {until:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn status_in_words() {
+        let mut status = status_fixture(now());
+        status.worker = "lab-3".into();
+        status.presence = nightshift_policy::Presence {
+            state: PresenceState::Away,
+            reason: "set by hand: lunch".into(),
+            source: Source::Manual,
+            since: now() - SignedDuration::from_mins(5),
+            until: Some("2026-11-23T18:00:00Z".parse().unwrap()),
+        };
+        status.manual = Some(ManualRequest {
+            state: PresenceState::Away,
+            until: Some("2026-11-23T18:00:00Z".parse().unwrap()),
+            reason: Some("lunch".into()),
+        });
+        let text = describe(&status, now(), &tz());
+        assert!(
+            text.starts_with("lab-3: AWAY until 19:00 (in 7 h) — set by you\n"),
+            "{text}"
+        );
+        assert!(
+            text.contains("why:     set by hand: lunch [manual]"),
+            "{text}"
+        );
+        assert!(text.contains("since:   11:55 (5 min ago)"), "{text}");
+        assert!(text.contains("manual:  away until 19:00"), "{text}");
+        assert!(
+            text.contains("build:   #42 linux\nx86 — step 2 \"test\", running 2 min"),
+            "{text}"
+        );
+        assert!(
+            text.contains("master:  wss://master.example:9443 (connected since 12:00)"),
+            "{text}"
+        );
+        assert!(
+            text.contains("totals:  7 builds run, 2 failed, 11 state changes"),
+            "{text}"
+        );
+    }
 }

@@ -90,7 +90,13 @@ pub fn short_time(at: Timestamp, now: Timestamp, tz: &TimeZone) -> String {
 
 /// A rounded span in words: `45 s`, `12 min`, `2 h 5 min`, `3 days 4 h`.
 pub fn span_words(span: SignedDuration) -> String {
-    let secs = span.as_secs().unsigned_abs();
+    let exact = span.as_secs().unsigned_abs();
+    // Past a minute, round to the nearest minute: a 9 min 59 s deadline reads "10 min".
+    let secs = if exact < 60 {
+        exact
+    } else {
+        (exact + 30) / 60 * 60
+    };
     let (days, hours, mins) = (secs / 86_400, (secs % 86_400) / 3600, (secs % 3600) / 60);
     if secs < 60 {
         format!("{secs} s")
@@ -212,6 +218,8 @@ mod tests {
         );
         assert_eq!(span_words(SignedDuration::from_secs(42)), "42 s");
         assert_eq!(span_words(SignedDuration::from_mins(125)), "2 h 5 min");
+        assert_eq!(span_words(SignedDuration::from_secs(599)), "10 min");
+        assert_eq!(span_words(SignedDuration::from_secs(3599)), "1 h");
         assert_eq!(span_words(SignedDuration::from_hours(76)), "3 days 4 h");
     }
 }

@@ -1,4 +1,15 @@
-//! The `master` binary.
+//! The `master` binary: parses the command line and runs one verb. Exit
+//! codes: 0 ok, 1 failure, 2 usage or config error.
+
+mod api;
+mod cli;
+mod client;
+mod config;
+mod dashboard;
+mod run;
+mod scheduler;
+mod server;
+mod store;
 
 // Integrated with the scheduler once its core lands (issue 5).
 #[allow(dead_code)]
@@ -10,4 +21,86 @@ mod master_schedule;
 #[allow(dead_code)]
 mod reconfig;
 
-fn main() {}
+use std::process::ExitCode;
+
+use clap::{CommandFactory, Parser};
+
+use crate::cli::{Cli, Command};
+use crate::config::ConfigError;
+
+fn main() -> ExitCode {
+    nightshift_proto::tls::install_crypto_provider();
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("NIGHTSHIFT_LOG")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(e) => {
+            eprintln!("error: cannot start the runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(dispatch(cli)) {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(e) => {
+            if let Some(config) = e.downcast_ref::<ConfigError>() {
+                eprintln!("{config}");
+                return ExitCode::from(2);
+            }
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
+    match cli.command {
+        Command::Run {
+            config,
+            local_worker,
+        } => run::run(config.as_deref(), local_worker).await,
+        Command::Submit {
+            builder,
+            props,
+            wait,
+            json,
+            conn,
+        } => client::submit(&client::connect(&conn)?, &builder, props, wait, json).await,
+        Command::Workers { json, conn } => client::workers(&client::connect(&conn)?, json).await,
+        Command::Builds { json, limit, conn } => {
+            client::builds(&client::connect(&conn)?, limit, json).await
+        }
+        Command::Log {
+            build_id,
+            json,
+            conn,
+        } => client::log(&client::connect(&conn)?, build_id, json).await,
+        Command::Cancel {
+            build_id,
+            reason,
+            conn,
+        } => client::cancel(&client::connect(&conn)?, build_id, reason.as_deref()).await,
+        Command::Pause { json, conn } => {
+            client::set_paused(&client::connect(&conn)?, true, json).await
+        }
+        Command::Resume { json, conn } => {
+            client::set_paused(&client::connect(&conn)?, false, json).await
+        }
+        Command::AddWorker { name, url, config } => {
+            run::add_worker(&name, url.as_deref(), config.as_deref())
+        }
+        Command::Check { config } => run::check(config.as_deref()),
+        Command::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "master", &mut std::io::stdout());
+            Ok(0)
+        }
+    }
+}

@@ -1,0 +1,360 @@
+//! The master's HTTP JSON API under `/api/v1` (admin token required): submit,
+//! list, show, wait for and cancel builds, read logs, list workers, pause and
+//! resume. Shapes are in `nightshift_proto::api`.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use jiff::Timestamp;
+use nightshift_proto::api::{
+    ApiError, BuildInfo, BuildList, BuildLog, BuildState, PauseState, SubmitRequest,
+    SubmitResponse, WorkerList,
+};
+use nightshift_proto::wire::BuildId;
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::MasterConfig;
+use crate::scheduler::{Event, Snapshot};
+use crate::store::Store;
+
+/// Longest a `wait` request is held open.
+const MAX_WAIT_SECS: u64 = 300;
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    pub config: Arc<MasterConfig>,
+    pub store: Store,
+    pub events: mpsc::UnboundedSender<Event>,
+    /// Lowercase hex SHA-256 of the admin token.
+    pub admin_token_sha256: String,
+    /// Source of agent connection ids.
+    pub next_conn: Arc<AtomicU64>,
+}
+
+/// An error response: status plus [`ApiError`] JSON.
+pub struct Failure(StatusCode, String);
+
+impl Failure {
+    fn internal(e: anyhow::Error) -> Failure {
+        tracing::error!("API: {e:#}");
+        Failure(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"))
+    }
+    fn not_found(id: BuildId) -> Failure {
+        Failure(StatusCode::NOT_FOUND, format!("no build {id}"))
+    }
+}
+
+impl IntoResponse for Failure {
+    fn into_response(self) -> Response {
+        (self.0, Json(ApiError { error: self.1 })).into_response()
+    }
+}
+
+/// Compares two byte strings in time independent of where they differ.
+pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    if a.len() != b.len() {
+        return false;
+    }
+    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// Lowercase hex SHA-256 of a token.
+pub fn token_sha256(token: &str) -> String {
+    hex::encode(Sha256::digest(token.as_bytes()))
+}
+
+/// The bearer token of a request, if any.
+pub fn bearer(headers: &HeaderMap) -> Option<String> {
+    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let token = value.strip_prefix("Bearer ")?.trim();
+    (!token.is_empty()).then(|| token.to_owned())
+}
+
+async fn require_admin(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let authorized = bearer(request.headers()).is_some_and(|token| {
+        constant_time_eq(
+            token_sha256(&token).as_bytes(),
+            state.admin_token_sha256.as_bytes(),
+        )
+    });
+    if !authorized {
+        return Failure(
+            StatusCode::UNAUTHORIZED,
+            "missing or wrong admin token (Authorization: Bearer <token>)".into(),
+        )
+        .into_response();
+    }
+    next.run(request).await
+}
+
+/// The admin API routes (the agent endpoint is added by the server).
+pub fn router(state: AppState) -> Router<AppState> {
+    Router::new()
+        .route("/api/v1/builds", post(submit).get(list_builds))
+        .route("/api/v1/builds/{id}", get(show_build))
+        .route("/api/v1/builds/{id}/wait", get(wait_build))
+        .route("/api/v1/builds/{id}/log", get(build_log))
+        .route("/api/v1/builds/{id}/cancel", post(cancel_build))
+        .route("/api/v1/workers", get(workers))
+        .route("/api/v1/pause", post(pause))
+        .route("/api/v1/resume", post(resume))
+        .route_layer(middleware::from_fn_with_state(state, require_admin))
+}
+
+async fn snapshot(state: &AppState) -> Result<Snapshot, Failure> {
+    let (reply, answer) = oneshot::channel();
+    state
+        .events
+        .send(Event::Snapshot { reply })
+        .map_err(|_| Failure(StatusCode::SERVICE_UNAVAILABLE, "master is stopping".into()))?;
+    answer
+        .await
+        .map_err(|_| Failure(StatusCode::SERVICE_UNAVAILABLE, "master is stopping".into()))
+}
+
+fn parse_id(text: &str) -> Result<BuildId, Failure> {
+    text.parse().map_err(|_| {
+        Failure(
+            StatusCode::BAD_REQUEST,
+            format!("`{text}` is not a build id"),
+        )
+    })
+}
+
+async fn submit(
+    State(state): State<AppState>,
+    body: Result<Json<SubmitRequest>, JsonRejection>,
+) -> Result<(StatusCode, Json<SubmitResponse>), Failure> {
+    let Json(request) = body.map_err(|e| Failure(StatusCode::BAD_REQUEST, e.body_text()))?;
+    if state.config.builder(&request.builder).is_none() {
+        let known: Vec<&str> = state
+            .config
+            .builders
+            .iter()
+            .map(|b| b.name.as_str())
+            .collect();
+        return Err(Failure(
+            StatusCode::NOT_FOUND,
+            format!(
+                "no builder `{}` (known: {})",
+                request.builder,
+                if known.is_empty() {
+                    "none".into()
+                } else {
+                    known.join(", ")
+                }
+            ),
+        ));
+    }
+    if let Some(key) = request
+        .properties
+        .keys()
+        .find(|k| k.is_empty() || k.contains('='))
+    {
+        return Err(Failure(
+            StatusCode::BAD_REQUEST,
+            format!("property name `{key}` must be non-empty and contain no `=`"),
+        ));
+    }
+    let id = state
+        .store
+        .insert_build(
+            request.builder.clone(),
+            request.properties.clone(),
+            Timestamp::now(),
+        )
+        .await
+        .map_err(Failure::internal)?;
+    // Committed: now the scheduler may hand it out.
+    let _ = state.events.send(Event::Submitted {
+        id,
+        builder: request.builder,
+        properties: request.properties,
+    });
+    Ok((StatusCode::CREATED, Json(SubmitResponse { build_id: id })))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListQuery {
+    limit: Option<u32>,
+}
+
+fn overlay(build: &mut BuildInfo, live: &Snapshot) {
+    match build.state {
+        BuildState::Queued => {
+            if let Some(why) = live.waiting_for.get(&build.id) {
+                build.waiting_for = Some(why.clone());
+            }
+        }
+        BuildState::Running | BuildState::Finished => {}
+    }
+}
+
+async fn list_builds(
+    State(state): State<AppState>,
+    query: Result<Query<ListQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<BuildList>, Failure> {
+    let Query(query) = query.map_err(|e| Failure(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let limit = query.limit.unwrap_or(100).clamp(1, 10_000);
+    let mut builds = state
+        .store
+        .list_builds(limit)
+        .await
+        .map_err(Failure::internal)?;
+    let live = snapshot(&state).await?;
+    for build in &mut builds {
+        overlay(build, &live);
+    }
+    Ok(Json(BuildList { builds }))
+}
+
+async fn load_build(state: &AppState, id: BuildId) -> Result<BuildInfo, Failure> {
+    let mut build = state
+        .store
+        .get_build(id)
+        .await
+        .map_err(Failure::internal)?
+        .ok_or_else(|| Failure::not_found(id))?;
+    let live = snapshot(state).await?;
+    overlay(&mut build, &live);
+    Ok(build)
+}
+
+async fn show_build(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<BuildInfo>, Failure> {
+    let id = parse_id(&id)?;
+    Ok(Json(load_build(&state, id).await?))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WaitQuery {
+    timeout_secs: Option<u64>,
+}
+
+/// Long poll: answers when the build is finished, or with its current state
+/// after `timeout_secs`. The wait is a notification from the scheduler.
+async fn wait_build(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    query: Result<Query<WaitQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<BuildInfo>, Failure> {
+    let id = parse_id(&id)?;
+    let Query(query) = query.map_err(|e| Failure(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let timeout = Duration::from_secs(query.timeout_secs.unwrap_or(60).min(MAX_WAIT_SECS));
+    let (reply, answer) = oneshot::channel();
+    state
+        .events
+        .send(Event::Watch { id, reply })
+        .map_err(|_| Failure(StatusCode::SERVICE_UNAVAILABLE, "master is stopping".into()))?;
+    let _ = tokio::time::timeout(timeout, answer).await;
+    Ok(Json(load_build(&state, id).await?))
+}
+
+async fn build_log(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+) -> Result<Json<BuildLog>, Failure> {
+    let id = parse_id(&id)?;
+    let log = state
+        .store
+        .get_log(id)
+        .await
+        .map_err(Failure::internal)?
+        .ok_or_else(|| Failure::not_found(id))?;
+    Ok(Json(BuildLog { build_id: id, log }))
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct CancelBody {
+    reason: Option<String>,
+}
+
+async fn cancel_build(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    body: Option<Json<CancelBody>>,
+) -> Result<Json<BTreeMap<String, String>>, Failure> {
+    let id = parse_id(&id)?;
+    let reason = body
+        .and_then(|Json(b)| b.reason)
+        .unwrap_or_else(|| "cancelled by the admin".into());
+    let (reply, answer) = oneshot::channel();
+    state
+        .events
+        .send(Event::Cancel { id, reason, reply })
+        .map_err(|_| Failure(StatusCode::SERVICE_UNAVAILABLE, "master is stopping".into()))?;
+    match answer.await {
+        Ok(Ok(())) => Ok(Json(BTreeMap::from([(
+            "status".to_owned(),
+            "cancelling".to_owned(),
+        )]))),
+        Ok(Err(why)) => Err(Failure(StatusCode::CONFLICT, why)),
+        Err(_) => Err(Failure(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "master is stopping".into(),
+        )),
+    }
+}
+
+async fn workers(State(state): State<AppState>) -> Result<Json<WorkerList>, Failure> {
+    Ok(Json(snapshot(&state).await?.workers))
+}
+
+async fn set_paused(state: &AppState, paused: bool) -> Result<Json<PauseState>, Failure> {
+    state
+        .store
+        .set_paused(paused)
+        .await
+        .map_err(Failure::internal)?;
+    state
+        .events
+        .send(Event::SetPaused { paused })
+        .map_err(|_| Failure(StatusCode::SERVICE_UNAVAILABLE, "master is stopping".into()))?;
+    Ok(Json(PauseState { paused }))
+}
+
+async fn pause(State(state): State<AppState>) -> Result<Json<PauseState>, Failure> {
+    set_paused(&state, true).await
+}
+
+async fn resume(State(state): State<AppState>) -> Result<Json<PauseState>, Failure> {
+    set_paused(&state, false).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn constant_time_eq_compares_whole_strings() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"abcd"));
+    }
+
+    #[test]
+    fn bearer_needs_the_scheme() {
+        let mut headers = HeaderMap::new();
+        headers.insert(header::AUTHORIZATION, "Bearer s3cret".parse().unwrap());
+        assert_eq!(bearer(&headers).as_deref(), Some("s3cret"));
+        headers.insert(header::AUTHORIZATION, "Basic s3cret".parse().unwrap());
+        assert_eq!(bearer(&headers), None);
+    }
+}

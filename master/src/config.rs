@@ -1,0 +1,901 @@
+//! `master.toml`: the typed configuration of a master, parsed with unknown
+//! keys refused and every error named by file, line, column and key, then
+//! validated as a whole (cross references, ranges) before anything binds.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+use toml::Spanned;
+
+use crate::locks::{Access, Claim, LockDef, LockScope};
+
+/// The config used by `master run` when no `--config` is given and no
+/// `master.toml` is in the current directory: one local worker, one harmless
+/// builder.
+pub const EMBEDDED_DEFAULT: &str = r#"# nightshift embedded default master config
+listen = "127.0.0.1:8443"
+data_dir = "nightshift-data"
+
+[[worker]]
+name = "local"
+token_sha256 = "@LOCAL_TOKEN_SHA256@"
+max_builds = 2
+
+[[builder]]
+name = "hello"
+workers = ["local"]
+steps = [
+  { name = "greet", command = "echo hello from nightshift on $(hostname)" },
+  { name = "env", command = "uname -a && date -u" },
+]
+"#;
+
+/// One problem in a config file, located as precisely as known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigIssue {
+    pub line: Option<usize>,
+    pub column: Option<usize>,
+    /// Dotted key path, e.g. `builder[0].workers[1]`.
+    pub key: String,
+    pub message: String,
+}
+
+/// Every problem found in one config file.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub issues: Vec<ConfigIssue>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, issue) in self.issues.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{}", self.file.display())?;
+            if let Some(line) = issue.line {
+                write!(f, ":{line}")?;
+                if let Some(column) = issue.column {
+                    write!(f, ":{column}")?;
+                }
+            }
+            if issue.key.is_empty() {
+                write!(f, ": {}", issue.message)?;
+            } else {
+                write!(f, ": `{}`: {}", issue.key, issue.message)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A duration written as `30s`, `5m`, `2h`, `1h30m`, `250ms` or a bare
+/// number of seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Secs(pub Duration);
+
+impl Secs {
+    pub fn parse(text: &str) -> Result<Secs, String> {
+        let text = text.trim();
+        if text.is_empty() {
+            return Err("empty duration; write e.g. `30s`, `5m`, `1h30m`".into());
+        }
+        if let Ok(secs) = text.parse::<u64>() {
+            return Ok(Secs(Duration::from_secs(secs)));
+        }
+        let mut total = Duration::ZERO;
+        let mut rest = text;
+        while !rest.is_empty() {
+            let digits = rest
+                .find(|c: char| !c.is_ascii_digit())
+                .unwrap_or(rest.len());
+            if digits == 0 {
+                return Err(format!(
+                    "bad duration `{text}`; write e.g. `30s`, `5m`, `1h30m`"
+                ));
+            }
+            let number: u64 = rest[..digits]
+                .parse()
+                .map_err(|_| format!("number too large in duration `{text}`"))?;
+            rest = &rest[digits..];
+            let unit_len = rest
+                .find(|c: char| c.is_ascii_digit())
+                .unwrap_or(rest.len());
+            let part = match &rest[..unit_len] {
+                "ms" => Duration::from_millis(number),
+                "s" => Duration::from_secs(number),
+                "m" | "min" => Duration::from_secs(number.saturating_mul(60)),
+                "h" => Duration::from_secs(number.saturating_mul(3600)),
+                "d" => Duration::from_secs(number.saturating_mul(86400)),
+                unit => {
+                    return Err(format!(
+                        "unknown unit `{unit}` in duration `{text}`; use ms, s, m, h or d"
+                    ));
+                }
+            };
+            total = total.saturating_add(part);
+            rest = &rest[unit_len..];
+        }
+        Ok(Secs(total))
+    }
+}
+
+impl<'de> Deserialize<'de> for Secs {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(String),
+        }
+        match Raw::deserialize(deserializer)? {
+            Raw::Int(secs) => Ok(Secs(Duration::from_secs(secs))),
+            Raw::Text(text) => Secs::parse(&text).map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+fn default_listen() -> String {
+    "127.0.0.1:8443".into()
+}
+fn default_missing_timeout() -> Secs {
+    Secs(Duration::from_secs(60))
+}
+fn default_max_starting() -> u32 {
+    2
+}
+fn default_max_builds() -> u32 {
+    1
+}
+
+/// The file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default = "default_listen")]
+    listen: String,
+    data_dir: Option<String>,
+    #[serde(default)]
+    insecure: bool,
+    #[serde(default)]
+    tls: Option<RawTls>,
+    admin_token_sha256: Option<String>,
+    #[serde(default = "default_missing_timeout")]
+    missing_timeout: Secs,
+    #[serde(default = "default_max_starting")]
+    max_starting: u32,
+    #[serde(default)]
+    worker: Vec<RawWorker>,
+    #[serde(default)]
+    builder: Vec<RawBuilder>,
+    #[serde(default)]
+    lock: Vec<RawLock>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTls {
+    cert_file: Option<String>,
+    key_file: Option<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawWorker {
+    name: Spanned<String>,
+    token_sha256: Spanned<String>,
+    #[serde(default = "default_max_builds")]
+    max_builds: u32,
+    #[serde(default)]
+    schedule: Vec<ScheduleWindow>,
+    timezone: Option<Spanned<String>>,
+    latent: Option<LatentConfig>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBuilder {
+    name: Spanned<String>,
+    workers: Vec<Spanned<String>>,
+    steps: Vec<RawStep>,
+    #[serde(default)]
+    locks: Vec<RawClaim>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStep {
+    name: String,
+    command: String,
+    timeout: Option<Secs>,
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    workdir: Option<String>,
+    #[serde(default)]
+    locks: Vec<RawClaim>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawClaim {
+    name: Spanned<String>,
+    access: Access,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawLock {
+    name: Spanned<String>,
+    scope: LockScope,
+    #[serde(default = "one")]
+    max_count: Spanned<u32>,
+    #[serde(default)]
+    max_count_for: BTreeMap<String, u32>,
+}
+
+fn one() -> Spanned<u32> {
+    Spanned::new(0..0, 1)
+}
+
+/// A master-side availability window for a worker (issue 5 feeds it to the
+/// policy engine as a `master` source): `hours = "19:00-07:00"` with optional
+/// `days = "mon-fri"`, or cron `open`/`close`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScheduleWindow {
+    pub name: String,
+    pub hours: Option<String>,
+    pub days: Option<String>,
+    pub open: Option<String>,
+    pub close: Option<String>,
+    /// The state inside the window (`available` or `reluctant`).
+    pub state: Option<nightshift_policy::PresenceState>,
+}
+
+/// Which latent provider starts a worker on demand.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LatentProvider {
+    /// Admin scripts `start`/`stop`.
+    Command,
+    /// A local `worker` process.
+    Process,
+}
+
+/// `latent = { provider = ..., ... }` of a `[[worker]]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LatentConfig {
+    pub provider: LatentProvider,
+    /// `command`: the script that starts the instance.
+    pub start: Option<String>,
+    /// `command`: the script that stops the instance.
+    pub stop: Option<String>,
+    /// `process`: the worker binary (default: `worker` next to `master`).
+    pub worker_bin: Option<String>,
+    /// `process`: the worker's work directory.
+    pub workdir: Option<String>,
+    /// Linger after a build before stopping; 0 stops at once.
+    #[serde(default = "default_build_wait")]
+    pub build_wait_timeout: Secs,
+    /// Give up on a start that has not connected by then.
+    #[serde(default = "default_start_timeout")]
+    pub start_timeout: Secs,
+}
+
+fn default_build_wait() -> Secs {
+    Secs(Duration::from_secs(600))
+}
+fn default_start_timeout() -> Secs {
+    Secs(Duration::from_secs(120))
+}
+
+/// Where the master gets its certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Plain HTTP / ws (explicit `insecure = true`).
+    Insecure,
+    /// Self-signed in `data_dir/tls/`, created on first start.
+    SelfSigned,
+    /// Configured certificate chain and key.
+    Files { cert: PathBuf, key: PathBuf },
+}
+
+/// One `[[worker]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct WorkerDef {
+    pub name: String,
+    /// Lowercase hex SHA-256 of the worker's token.
+    pub token_sha256: String,
+    pub max_builds: u32,
+    pub schedule: Vec<ScheduleWindow>,
+    pub timezone: Option<String>,
+    pub latent: Option<LatentConfig>,
+}
+
+/// One step of a builder.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepDef {
+    pub name: String,
+    pub command: String,
+    pub timeout: Option<Duration>,
+    pub env: BTreeMap<String, String>,
+    pub workdir: Option<String>,
+    pub locks: Vec<Claim>,
+}
+
+/// One `[[builder]]`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BuilderDef {
+    pub name: String,
+    pub workers: Vec<String>,
+    pub steps: Vec<StepDef>,
+    pub locks: Vec<Claim>,
+}
+
+/// A validated master config.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MasterConfig {
+    /// The file it came from (or `<embedded default>`).
+    pub source: PathBuf,
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub tls: TlsMode,
+    /// Lowercase hex SHA-256 of the admin token, when configured.
+    pub admin_token_sha256: Option<String>,
+    pub missing_timeout: Duration,
+    pub max_starting: u32,
+    pub workers: Vec<WorkerDef>,
+    pub builders: Vec<BuilderDef>,
+    pub locks: Vec<LockDef>,
+}
+
+impl MasterConfig {
+    pub fn worker(&self, name: &str) -> Option<&WorkerDef> {
+        self.workers.iter().find(|w| w.name == name)
+    }
+    pub fn builder(&self, name: &str) -> Option<&BuilderDef> {
+        self.builders.iter().find(|b| b.name == name)
+    }
+
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<MasterConfig, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            issues: vec![ConfigIssue {
+                line: None,
+                column: None,
+                key: String::new(),
+                message: format!("cannot read: {e}"),
+            }],
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let base = if base.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            base
+        };
+        MasterConfig::parse(&text, path, base)
+    }
+
+    /// Parses config text; relative paths are resolved against `base`.
+    pub fn parse(text: &str, file: &Path, base: &Path) -> Result<MasterConfig, ConfigError> {
+        let located = |span: Option<std::ops::Range<usize>>, key: String, message: String| {
+            let (line, column) = match span {
+                Some(span) if !(span.start == 0 && span.end == 0) => {
+                    let (l, c) = line_col(text, span.start);
+                    (Some(l), Some(c))
+                }
+                _ => (None, None),
+            };
+            ConfigIssue {
+                line,
+                column,
+                key,
+                message,
+            }
+        };
+        let error = |issues| ConfigError {
+            file: file.to_path_buf(),
+            issues,
+        };
+        let deserializer = toml::Deserializer::parse(text).map_err(|e| {
+            error(vec![located(
+                e.span(),
+                String::new(),
+                e.message().to_owned(),
+            )])
+        })?;
+        let raw: RawConfig = serde_path_to_error::deserialize(deserializer).map_err(|e| {
+            let key = e.path().to_string();
+            let inner = e.into_inner();
+            let key = if key == "." { String::new() } else { key };
+            error(vec![located(inner.span(), key, inner.message().to_owned())])
+        })?;
+
+        let mut issues = Vec::new();
+        let mut issue = |span: std::ops::Range<usize>, key: String, message: String| {
+            issues.push(located(Some(span), key, message));
+        };
+
+        let listen = match raw.listen.parse::<SocketAddr>() {
+            Ok(addr) => addr,
+            Err(_) => {
+                issue(
+                    0..0,
+                    "listen".into(),
+                    format!(
+                        "`{}` is not an address:port like `127.0.0.1:8443` or `[::]:8443`",
+                        raw.listen
+                    ),
+                );
+                SocketAddr::from(([127, 0, 0, 1], 8443))
+            }
+        };
+        let data_dir = base.join(raw.data_dir.as_deref().unwrap_or("nightshift-data"));
+        let tls = match (raw.insecure, raw.tls) {
+            (true, Some(_)) => {
+                issue(
+                    0..0,
+                    "tls".into(),
+                    "`insecure = true` and a `[tls]` section contradict each other".into(),
+                );
+                TlsMode::Insecure
+            }
+            (true, None) => TlsMode::Insecure,
+            (false, None) => TlsMode::SelfSigned,
+            (
+                false,
+                Some(RawTls {
+                    cert_file,
+                    key_file,
+                }),
+            ) => match (cert_file, key_file) {
+                (Some(cert), Some(key)) => TlsMode::Files {
+                    cert: base.join(cert),
+                    key: base.join(key),
+                },
+                (None, None) => TlsMode::SelfSigned,
+                _ => {
+                    issue(
+                        0..0,
+                        "tls".into(),
+                        "set both `cert_file` and `key_file`, or neither for a self-signed certificate"
+                            .into(),
+                    );
+                    TlsMode::SelfSigned
+                }
+            },
+        };
+        let admin_token_sha256 = match raw.admin_token_sha256 {
+            Some(hash) => match normalize_hash(&hash) {
+                Some(hash) => Some(hash),
+                None => {
+                    issue(
+                        0..0,
+                        "admin_token_sha256".into(),
+                        "must be 64 hex digits (the SHA-256 of the admin token)".into(),
+                    );
+                    None
+                }
+            },
+            None => None,
+        };
+        if raw.missing_timeout.0.is_zero() {
+            issue(
+                0..0,
+                "missing_timeout".into(),
+                "must be more than 0 (a blip would re-queue every build)".into(),
+            );
+        }
+        if raw.max_starting == 0 {
+            issue(0..0, "max_starting".into(), "must be at least 1".into());
+        }
+
+        let mut workers = Vec::new();
+        let mut worker_names = BTreeSet::new();
+        for (i, w) in raw.worker.into_iter().enumerate() {
+            let name = w.name.get_ref().clone();
+            if !valid_name(&name) {
+                issue(
+                    w.name.span(),
+                    format!("worker[{i}].name"),
+                    format!("`{name}` is not a valid name (letters, digits, `-`, `_`, `.`)"),
+                );
+            } else if !worker_names.insert(name.clone()) {
+                issue(
+                    w.name.span(),
+                    format!("worker[{i}].name"),
+                    format!("worker `{name}` is defined twice"),
+                );
+            }
+            let token_sha256 = match normalize_hash(w.token_sha256.get_ref()) {
+                Some(hash) => hash,
+                None => {
+                    issue(
+                        w.token_sha256.span(),
+                        format!("worker[{i}].token_sha256"),
+                        "must be 64 hex digits (the SHA-256 of the worker's token; \
+                         `master add-worker NAME` prints one)"
+                            .into(),
+                    );
+                    String::new()
+                }
+            };
+            if w.max_builds == 0 {
+                issue(
+                    w.name.span(),
+                    format!("worker[{i}].max_builds"),
+                    "must be at least 1".into(),
+                );
+            }
+            if let Some(tz) = &w.timezone
+                && jiff::tz::TimeZone::get(tz.get_ref()).is_err()
+            {
+                issue(
+                    tz.span(),
+                    format!("worker[{i}].timezone"),
+                    format!("unknown time zone `{}`", tz.get_ref()),
+                );
+            }
+            for (j, window) in w.schedule.iter().enumerate() {
+                if let Err(message) = check_window(window) {
+                    issue(w.name.span(), format!("worker[{i}].schedule[{j}]"), message);
+                }
+            }
+            if let Some(latent) = &w.latent {
+                let missing = match latent.provider {
+                    LatentProvider::Command => latent.start.is_none() || latent.stop.is_none(),
+                    LatentProvider::Process => false,
+                };
+                if missing {
+                    issue(
+                        w.name.span(),
+                        format!("worker[{i}].latent"),
+                        "provider `command` needs both `start` and `stop` scripts".into(),
+                    );
+                }
+            }
+            workers.push(WorkerDef {
+                name,
+                token_sha256,
+                max_builds: w.max_builds,
+                schedule: w.schedule,
+                timezone: w.timezone.map(Spanned::into_inner),
+                latent: w.latent,
+            });
+        }
+
+        let mut locks = Vec::new();
+        let mut lock_names = BTreeSet::new();
+        for (i, l) in raw.lock.into_iter().enumerate() {
+            let name = l.name.get_ref().clone();
+            if !valid_name(&name) {
+                issue(
+                    l.name.span(),
+                    format!("lock[{i}].name"),
+                    format!("`{name}` is not a valid name"),
+                );
+            } else if !lock_names.insert(name.clone()) {
+                issue(
+                    l.name.span(),
+                    format!("lock[{i}].name"),
+                    format!("lock `{name}` is defined twice"),
+                );
+            }
+            if *l.max_count.get_ref() == 0 {
+                issue(
+                    l.max_count.span(),
+                    format!("lock[{i}].max_count"),
+                    "must be at least 1".into(),
+                );
+            }
+            for (worker, count) in &l.max_count_for {
+                if l.scope != LockScope::Worker {
+                    issue(
+                        l.name.span(),
+                        format!("lock[{i}].max_count_for"),
+                        "per-worker counts only apply to `scope = \"worker\"`".into(),
+                    );
+                } else if !worker_names.contains(worker) {
+                    issue(
+                        l.name.span(),
+                        format!("lock[{i}].max_count_for.{worker}"),
+                        format!("unknown worker `{worker}`"),
+                    );
+                } else if *count == 0 {
+                    issue(
+                        l.name.span(),
+                        format!("lock[{i}].max_count_for.{worker}"),
+                        "must be at least 1".into(),
+                    );
+                }
+            }
+            locks.push(LockDef {
+                name,
+                scope: l.scope,
+                max_count: *l.max_count.get_ref(),
+                max_count_for_worker: l.max_count_for,
+            });
+        }
+
+        let mut builders = Vec::new();
+        let mut builder_names = BTreeSet::new();
+        for (i, b) in raw.builder.into_iter().enumerate() {
+            let name = b.name.get_ref().clone();
+            if !valid_name(&name) {
+                issue(
+                    b.name.span(),
+                    format!("builder[{i}].name"),
+                    format!("`{name}` is not a valid name (letters, digits, `-`, `_`, `.`)"),
+                );
+            } else if !builder_names.insert(name.clone()) {
+                issue(
+                    b.name.span(),
+                    format!("builder[{i}].name"),
+                    format!("builder `{name}` is defined twice"),
+                );
+            }
+            if b.workers.is_empty() {
+                issue(
+                    b.name.span(),
+                    format!("builder[{i}].workers"),
+                    "lists no worker; the builder could never run".into(),
+                );
+            }
+            for (j, worker) in b.workers.iter().enumerate() {
+                if !worker_names.contains(worker.get_ref()) {
+                    issue(
+                        worker.span(),
+                        format!("builder[{i}].workers[{j}]"),
+                        format!(
+                            "unknown worker `{}` (no [[worker]] with that name)",
+                            worker.get_ref()
+                        ),
+                    );
+                }
+            }
+            if b.steps.is_empty() {
+                issue(
+                    b.name.span(),
+                    format!("builder[{i}].steps"),
+                    "has no step".into(),
+                );
+            }
+            let mut check_claims = |claims: &[RawClaim], key: String| -> Vec<Claim> {
+                let mut seen = BTreeSet::new();
+                claims
+                    .iter()
+                    .enumerate()
+                    .map(|(k, c)| {
+                        if !lock_names.contains(c.name.get_ref()) {
+                            issue(
+                                c.name.span(),
+                                format!("{key}[{k}].name"),
+                                format!(
+                                    "unknown lock `{}` (no [[lock]] with that name)",
+                                    c.name.get_ref()
+                                ),
+                            );
+                        } else if !seen.insert(c.name.get_ref().clone()) {
+                            issue(
+                                c.name.span(),
+                                format!("{key}[{k}].name"),
+                                format!("lock `{}` is listed twice", c.name.get_ref()),
+                            );
+                        }
+                        Claim::new(c.name.get_ref().clone(), c.access)
+                    })
+                    .collect()
+            };
+            let builder_locks = check_claims(&b.locks, format!("builder[{i}].locks"));
+            let steps = b
+                .steps
+                .iter()
+                .enumerate()
+                .map(|(j, s)| StepDef {
+                    name: s.name.clone(),
+                    command: s.command.clone(),
+                    timeout: s.timeout.map(|t| t.0),
+                    env: s.env.clone(),
+                    workdir: s.workdir.clone(),
+                    locks: check_claims(&s.locks, format!("builder[{i}].steps[{j}].locks")),
+                })
+                .collect();
+            builders.push(BuilderDef {
+                name,
+                workers: b.workers.into_iter().map(Spanned::into_inner).collect(),
+                steps,
+                locks: builder_locks,
+            });
+        }
+
+        if !issues.is_empty() {
+            return Err(error(issues));
+        }
+        Ok(MasterConfig {
+            source: file.to_path_buf(),
+            listen,
+            data_dir,
+            tls,
+            admin_token_sha256,
+            missing_timeout: raw.missing_timeout.0,
+            max_starting: raw.max_starting,
+            workers,
+            builders,
+            locks,
+        })
+    }
+}
+
+fn check_window(window: &ScheduleWindow) -> Result<(), String> {
+    match (&window.hours, &window.open, &window.close) {
+        (Some(hours), None, None) => {
+            let valid = hours.split_once('-').is_some_and(|(a, b)| {
+                jiff::civil::Time::strptime("%H:%M", a.trim()).is_ok()
+                    && jiff::civil::Time::strptime("%H:%M", b.trim()).is_ok()
+            });
+            if valid {
+                Ok(())
+            } else {
+                Err(format!("hours `{hours}` must look like `19:00-07:00`"))
+            }
+        }
+        (None, Some(_), Some(_)) if window.days.is_none() => Ok(()),
+        (None, Some(_), Some(_)) => Err("`days` only goes with `hours`, not with cron".into()),
+        _ => Err(format!(
+            "window `{}` needs either `hours` or both cron `open` and `close`",
+            window.name
+        )),
+    }
+}
+
+fn valid_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// Lowercase 64-hex-digit hash, or `None`.
+pub fn normalize_hash(text: &str) -> Option<String> {
+    let hash = text.trim().to_ascii_lowercase();
+    (hash.len() == 64 && hash.chars().all(|c| c.is_ascii_hexdigit())).then_some(hash)
+}
+
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let offset = offset.min(text.len());
+    let before = &text[..offset];
+    let line = before.matches('\n').count() + 1;
+    let column = before.rfind('\n').map_or(offset, |nl| offset - nl - 1) + 1;
+    (line, column)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const HASH: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+
+    fn parse(text: &str) -> Result<MasterConfig, ConfigError> {
+        MasterConfig::parse(text, Path::new("master.toml"), Path::new("/srv"))
+    }
+
+    #[test]
+    fn a_full_config_parses_with_defaults() {
+        let text = format!(
+            r#"
+[[worker]]
+name = "b1"
+token_sha256 = "{HASH}"
+
+[[worker]]
+name = "b2"
+token_sha256 = "{HASH}"
+max_builds = 3
+latent = {{ provider = "process", build_wait_timeout = "0s" }}
+
+[[lock]]
+name = "compile"
+scope = "worker"
+max_count = 2
+max_count_for = {{ b2 = 4 }}
+
+[[builder]]
+name = "app"
+workers = ["b1", "b2"]
+locks = [{{ name = "compile", access = "counting" }}]
+steps = [{{ name = "make", command = "make", timeout = "5m", env = {{ CC = "cc" }} }}]
+"#
+        );
+        let config = parse(&text).unwrap();
+        assert_eq!(config.listen.to_string(), "127.0.0.1:8443");
+        assert_eq!(config.data_dir, Path::new("/srv/nightshift-data"));
+        assert_eq!(config.tls, TlsMode::SelfSigned);
+        assert_eq!(config.missing_timeout, Duration::from_secs(60));
+        assert_eq!(config.max_starting, 2);
+        assert_eq!(config.worker("b1").unwrap().max_builds, 1);
+        let b2 = config.worker("b2").unwrap();
+        assert_eq!(
+            b2.latent.as_ref().unwrap().build_wait_timeout,
+            Secs(Duration::ZERO)
+        );
+        let app = config.builder("app").unwrap();
+        assert_eq!(app.steps[0].timeout, Some(Duration::from_secs(300)));
+        assert_eq!(app.locks, vec![Claim::new("compile", Access::Counting)]);
+        assert_eq!(config.locks[0].max_count_for_worker["b2"], 4);
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let text = format!("[[worker]]\nname = \"b1\"\ntoken_sha256 = \"{HASH}\"\nmax_bulds = 2\n");
+        let err = parse(&text).unwrap_err();
+        let shown = err.to_string();
+        assert!(shown.starts_with("master.toml:4:"), "{shown}");
+        assert!(shown.contains("max_bulds"), "{shown}");
+    }
+
+    #[test]
+    fn cross_references_are_checked_and_all_errors_collected() {
+        let text = format!(
+            r#"
+[[worker]]
+name = "b1"
+token_sha256 = "{HASH}"
+
+[[builder]]
+name = "app"
+workers = ["b1", "ghost"]
+steps = [{{ name = "s", command = "true", locks = [{{ name = "nolock", access = "exclusive" }}] }}]
+"#
+        );
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.issues.len(), 2, "{err}");
+        let shown = err.to_string();
+        assert!(
+            shown.contains("master.toml:8:") && shown.contains("builder[0].workers[1]"),
+            "{shown}"
+        );
+        assert!(shown.contains("unknown worker `ghost`"), "{shown}");
+        assert!(shown.contains("unknown lock `nolock`"), "{shown}");
+    }
+
+    #[test]
+    fn bad_values_are_refused() {
+        let text = "listen = \"nowhere\"\nmissing_timeout = \"5 parsecs\"\n";
+        let err = parse(text).unwrap_err().to_string();
+        assert!(err.contains("missing_timeout"), "{err}");
+        let err = parse("listen = \"nowhere\"\n").unwrap_err().to_string();
+        assert!(err.contains("`listen`"), "{err}");
+        let err = parse("[[worker]]\nname = \"w\"\ntoken_sha256 = \"abc\"\n")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("master.toml:3:") && err.contains("token_sha256"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn durations_parse() {
+        assert_eq!(Secs::parse("90").unwrap().0, Duration::from_secs(90));
+        assert_eq!(Secs::parse("1h30m").unwrap().0, Duration::from_secs(5400));
+        assert_eq!(Secs::parse("250ms").unwrap().0, Duration::from_millis(250));
+        assert!(Secs::parse("3 weeks").is_err());
+        assert!(Secs::parse("m").is_err());
+    }
+
+    #[test]
+    fn embedded_default_is_valid() {
+        let text = EMBEDDED_DEFAULT.replace("@LOCAL_TOKEN_SHA256@", HASH);
+        let config = parse(&text).unwrap();
+        assert!(config.builder("hello").is_some());
+        assert!(config.worker("local").is_some());
+    }
+}

@@ -1,0 +1,431 @@
+//! `master run`: resolve the config (file or embedded default), prepare the
+//! data dir (admin token, TLS certificate, SQLite), bind, start the scheduler
+//! and the server, optionally spawn a local worker, and stop cleanly on
+//! SIGTERM/SIGINT. Also `master add-worker` and `master check`.
+
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::sync::Arc;
+use std::sync::atomic::AtomicU64;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use nightshift_proto::api::MasterUrl;
+use nightshift_proto::tls::{self, ServerTls};
+use tokio::net::TcpListener;
+use tokio::sync::mpsc;
+
+use crate::api::{AppState, token_sha256};
+use crate::client::{local_url, pin_of_file, read_token};
+use crate::config::{ConfigError, EMBEDDED_DEFAULT, MasterConfig, TlsMode};
+use crate::scheduler::{Scheduler, SystemClock};
+use crate::store::Store;
+
+/// The generated admin token, inside the data dir.
+pub const ADMIN_TOKEN_FILE: &str = "admin.token";
+/// The local worker's token (embedded default and `--local-worker`).
+pub const LOCAL_TOKEN_FILE: &str = "local-worker.token";
+/// The name of the local worker.
+pub const LOCAL_WORKER: &str = "local";
+/// Where the embedded default keeps its data, relative to the current dir.
+pub const EMBEDDED_DATA_DIR: &str = "nightshift-data";
+
+/// A fresh random token (256 bits, hex).
+pub fn new_token() -> String {
+    hex::encode(rand::random::<[u8; 32]>())
+}
+
+/// Reads `path`'s token, creating it (mode 0600) when `create` and missing.
+fn token_file(path: &Path, create: bool) -> anyhow::Result<Option<String>> {
+    if path.exists() {
+        return read_token(path).map(Some);
+    }
+    if !create {
+        return Ok(None);
+    }
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    }
+    let token = new_token();
+    tls::write_private(path, format!("{token}\n").as_bytes())?;
+    Ok(Some(token))
+}
+
+/// The config a verb uses: `--config`, else `./master.toml`, else the
+/// embedded default. Returns whether it is the embedded one. With `create`,
+/// the embedded default's local-worker token is created when missing.
+pub fn resolve_config(path: Option<&Path>, create: bool) -> anyhow::Result<(MasterConfig, bool)> {
+    if let Some(path) = path {
+        return Ok((MasterConfig::load(path)?, false));
+    }
+    let here = Path::new("master.toml");
+    if here.exists() {
+        return Ok((MasterConfig::load(here)?, false));
+    }
+    let cwd = std::env::current_dir().context("cannot read the current directory")?;
+    let data_dir = cwd.join(EMBEDDED_DATA_DIR);
+    let token = token_file(&data_dir.join(LOCAL_TOKEN_FILE), create)?;
+    // Without a token yet (a CLI verb before the first run), any hash will do:
+    // no worker can connect to a master that is not running.
+    let hash = token
+        .map(|t| token_sha256(&t))
+        .unwrap_or_else(|| "0".repeat(64));
+    let text = EMBEDDED_DEFAULT.replace("@LOCAL_TOKEN_SHA256@", &hash);
+    let config = MasterConfig::parse(&text, Path::new("<embedded default>"), &cwd)?;
+    Ok((config, true))
+}
+
+/// `master check`.
+pub fn check(path: Option<&Path>) -> anyhow::Result<i32> {
+    let (config, embedded) = resolve_config(path, false)?;
+    println!(
+        "{}: ok ({} workers, {} builders, {} locks){}",
+        config.source.display(),
+        config.workers.len(),
+        config.builders.len(),
+        config.locks.len(),
+        if embedded {
+            " — no master.toml here, this is the embedded default"
+        } else {
+            ""
+        }
+    );
+    Ok(0)
+}
+
+/// `master add-worker NAME`.
+pub fn add_worker(name: &str, url: Option<&str>, config: Option<&Path>) -> anyhow::Result<i32> {
+    if name.is_empty()
+        || !name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        bail!("`{name}` is not a valid worker name (letters, digits, `-`, `_`, `.`)");
+    }
+    let resolved = resolve_config(config, false).ok().map(|(c, _)| c);
+    let master_url = match (url, &resolved) {
+        (Some(url), _) => MasterUrl::parse(url)?,
+        (None, Some(config)) => local_url(config),
+        (None, None) => {
+            bail!("give --url (the master's address as the worker reaches it) or --config")
+        }
+    };
+    let ws_url = master_url
+        .to_string()
+        .replacen("https://", "wss://", 1)
+        .replacen("http://", "ws://", 1);
+    let token = new_token();
+    println!("# Add to master.toml (then restart or reconfig the master):");
+    println!("[[worker]]");
+    println!("name = {}", toml::Value::String(name.to_owned()));
+    println!("token_sha256 = \"{}\"", token_sha256(&token));
+    println!("max_builds = 1");
+    println!();
+    println!("# The worker's worker.toml (keep it private: it holds the token):");
+    println!("name = {}", toml::Value::String(name.to_owned()));
+    println!("master = \"{ws_url}\"");
+    println!("token = \"{token}\"");
+    if !master_url.tls {
+        println!("insecure = true");
+    } else {
+        let cert = resolved.as_ref().and_then(|c| match &c.tls {
+            TlsMode::SelfSigned => Some(c.data_dir.join("tls").join(tls::SELF_SIGNED_CERT_FILE)),
+            TlsMode::Files { cert, .. } => Some(cert.clone()),
+            TlsMode::Insecure => None,
+        });
+        println!("[tls]");
+        match cert.as_deref().map(pin_of_file) {
+            Some(Ok(pin)) => println!("pin_sha256 = \"{pin}\""),
+            _ => println!(
+                "# pin_sha256 = \"...\"  (printed by `master run`; or ca_file = \"<the master's certificate>\")"
+            ),
+        }
+    }
+    Ok(0)
+}
+
+/// The TLS the master serves with, per its config.
+fn server_tls(config: &MasterConfig) -> anyhow::Result<Option<ServerTls>> {
+    Ok(match &config.tls {
+        TlsMode::Insecure => None,
+        TlsMode::Files { cert, key } => Some(tls::load_server_tls(cert, key)?),
+        TlsMode::SelfSigned => {
+            let mut names = vec![];
+            if !config.listen.ip().is_unspecified() {
+                names.push(config.listen.ip().to_string());
+            }
+            if let Ok(host) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+                let host = host.trim();
+                if !host.is_empty() {
+                    names.push(host.to_owned());
+                }
+            }
+            Some(tls::load_or_create_self_signed(&config.data_dir, &names)?)
+        }
+    })
+}
+
+/// `master run`. Returns the exit code.
+pub async fn run(config_path: Option<&Path>, local_worker: bool) -> anyhow::Result<i32> {
+    let (config, embedded) = resolve_config(config_path, true)?;
+    let config = Arc::new(config);
+    std::fs::create_dir_all(&config.data_dir)
+        .with_context(|| format!("cannot create the data dir {}", config.data_dir.display()))?;
+    let data_dir = config
+        .data_dir
+        .canonicalize()
+        .unwrap_or_else(|_| config.data_dir.clone());
+
+    let local_token = if local_worker {
+        let Some(def) = config.worker(LOCAL_WORKER) else {
+            return Err(ConfigError {
+                file: config.source.clone(),
+                issues: vec![crate::config::ConfigIssue {
+                    line: None,
+                    column: None,
+                    key: "worker".into(),
+                    message: format!("--local-worker needs a [[worker]] named `{LOCAL_WORKER}`"),
+                }],
+            }
+            .into());
+        };
+        let path = data_dir.join(LOCAL_TOKEN_FILE);
+        let Some(token) = token_file(&path, embedded)? else {
+            bail!(
+                "--local-worker: put the token of worker `{LOCAL_WORKER}` in {} (its SHA-256 is token_sha256)",
+                path.display()
+            );
+        };
+        if token_sha256(&token) != def.token_sha256 {
+            bail!(
+                "--local-worker: the token in {} does not match worker `{LOCAL_WORKER}`'s token_sha256",
+                path.display()
+            );
+        }
+        Some(token)
+    } else {
+        None
+    };
+
+    let admin_hash = match &config.admin_token_sha256 {
+        Some(hash) => hash.clone(),
+        None => {
+            let path = data_dir.join(ADMIN_TOKEN_FILE);
+            let token = token_file(&path, true)?.unwrap_or_default();
+            token_sha256(&token)
+        }
+    };
+    let tls = server_tls(&config)?;
+    let store = Store::open(&data_dir.join("master.db"))?;
+    let unfinished = store.unfinished().await?;
+    let paused = store.paused().await?;
+    let last_seen = store.last_presences().await?;
+
+    let listener = TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    let bound = listener
+        .local_addr()
+        .context("cannot read the bound address")?;
+    let mut url = local_url(&config);
+    url.port = bound.port();
+
+    let (events, inbox) = mpsc::unbounded_channel();
+    let queued = unfinished.len();
+    let scheduler = Scheduler::new(
+        Arc::clone(&config),
+        store.clone(),
+        Arc::new(SystemClock),
+        events.clone(),
+        unfinished,
+        last_seen,
+        paused,
+    );
+    tokio::spawn(scheduler.run(inbox));
+    let state = AppState {
+        config: Arc::clone(&config),
+        store,
+        events,
+        admin_token_sha256: admin_hash,
+        next_conn: Arc::new(AtomicU64::new(1)),
+    };
+    let router = crate::server::router(state);
+
+    let ws_url = url
+        .to_string()
+        .replacen("https://", "wss://", 1)
+        .replacen("http://", "ws://", 1);
+    println!("nightshift master ready on {url}");
+    println!("  dashboard:  {url}/");
+    println!(
+        "  config:     {}",
+        if embedded {
+            "embedded default (no master.toml here): builder `hello`, worker `local`".to_owned()
+        } else {
+            config.source.display().to_string()
+        }
+    );
+    println!(
+        "  data:       {} (master.db, admin.token, tls/){}",
+        data_dir.display(),
+        if queued > 0 {
+            format!("; {queued} unfinished builds restored")
+        } else {
+            String::new()
+        }
+    );
+    if let Some(tls) = &tls {
+        println!("  workers trust it with, in worker.toml:");
+        println!("      master = \"{ws_url}\"");
+        println!("      [tls]");
+        println!("      pin_sha256 = \"{}\"", tls.pin_sha256);
+        println!("    or ca_file = \"{}\"", tls.cert_path.display());
+    } else {
+        println!("  INSECURE: plain HTTP/ws (insecure = true); workers need insecure = true too");
+    }
+    let cli_config = match config_path {
+        Some(path) => format!(" --config {}", path.display()),
+        None => String::new(),
+    };
+    if let Some(builder) = config.builders.first() {
+        println!(
+            "  submit:     master submit {}{cli_config} --wait",
+            builder.name
+        );
+    }
+    println!("  see:        master workers{cli_config}   |   master builds{cli_config}");
+    println!("  add a worker: master add-worker NAME{cli_config}");
+
+    let mut child = match local_token {
+        Some(token) => {
+            let pin = tls.as_ref().map(|t| t.pin_sha256.clone());
+            Some(spawn_local_worker(
+                &data_dir,
+                &ws_url,
+                &token,
+                pin.as_deref(),
+                &config,
+            )?)
+        }
+        None => None,
+    };
+    let _ = sd_notify::notify(&[sd_notify::NotifyState::Ready]);
+
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("cannot listen for SIGTERM")?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(crate::server::serve(
+        listener,
+        tls.map(|t| t.config),
+        router,
+        async move {
+            let _ = stop_rx.await;
+        },
+    ));
+
+    let exit = tokio::select! {
+        _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); 0 }
+        _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping"); 0 }
+        status = wait_child(&mut child) => {
+            tracing::error!("the local worker exited ({status}); stopping the master");
+            if status.success() { 0 } else { 1 }
+        }
+    };
+    let _ = stop_tx.send(());
+    let _ = server.await;
+    if let Some(child) = child.as_mut() {
+        stop_child(child).await;
+    }
+    Ok(exit)
+}
+
+async fn wait_child(child: &mut Option<tokio::process::Child>) -> std::process::ExitStatus {
+    match child {
+        Some(child) => match child.wait().await {
+            Ok(status) => status,
+            Err(e) => {
+                tracing::error!("cannot wait for the local worker: {e}");
+                std::future::pending().await
+            }
+        },
+        None => std::future::pending().await,
+    }
+}
+
+async fn stop_child(child: &mut tokio::process::Child) {
+    if let Some(pid) = child.id() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        if tokio::time::timeout(Duration::from_secs(15), child.wait())
+            .await
+            .is_ok()
+        {
+            return;
+        }
+    }
+    let _ = child.kill().await;
+}
+
+/// The `worker` executable next to this `master`.
+pub fn sibling_worker() -> anyhow::Result<PathBuf> {
+    let me = std::env::current_exe().context("cannot locate the master executable")?;
+    let dir = me
+        .parent()
+        .context("the master executable has no directory")?;
+    let worker = dir.join("worker");
+    if !worker.exists() {
+        bail!(
+            "--local-worker: no `worker` executable next to {} (build or install both)",
+            me.display()
+        );
+    }
+    Ok(worker)
+}
+
+fn spawn_local_worker(
+    data_dir: &Path,
+    ws_url: &str,
+    token: &str,
+    pin: Option<&str>,
+    config: &MasterConfig,
+) -> anyhow::Result<tokio::process::Child> {
+    let binary = sibling_worker()?;
+    let dir = data_dir.join("local-worker");
+    std::fs::create_dir_all(dir.join("work"))
+        .with_context(|| format!("cannot create {}", dir.display()))?;
+    let quoted = |p: &Path| toml::Value::String(p.display().to_string()).to_string();
+    let max_builds = config.worker(LOCAL_WORKER).map_or(1, |w| w.max_builds);
+    let mut text = format!(
+        "# Generated by `master run --local-worker`; rewritten on every start.\n\
+         name = \"{LOCAL_WORKER}\"\nmaster = \"{ws_url}\"\ntoken = \"{token}\"\n\
+         workdir = {}\nstate_dir = {}\nmax_builds = {max_builds}\n",
+        quoted(&dir.join("work")),
+        quoted(&dir.join("state")),
+    );
+    match pin {
+        Some(pin) => text.push_str(&format!("\n[tls]\npin_sha256 = \"{pin}\"\n")),
+        None => text.push_str("insecure = true\n"),
+    }
+    let path = dir.join("worker.toml");
+    tls::write_private(&path, text.as_bytes())?;
+    println!(
+        "  local worker: {} run --config {}",
+        binary.display(),
+        path.display()
+    );
+    println!(
+        "    its status page: http://127.0.0.1:7878/ (`worker status --config {}`)",
+        path.display()
+    );
+    let child = tokio::process::Command::new(&binary)
+        .arg("run")
+        .arg("--config")
+        .arg(&path)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("cannot start {}", binary.display()))?;
+    Ok(child)
+}

@@ -1,0 +1,1259 @@
+//! The scheduler: ONE task that owns the queue, the running builds and every
+//! worker's connection and presence, driven by ONE closed [`Event`] enum.
+//!
+//! Nothing here polls: a new request, a presence change, a finished build, a
+//! connection or a timer each arrive as an event and the scheduler reacts in
+//! the same turn. Durable state goes to the [`Store`]; a request reaches the
+//! scheduler only after its row is committed, and a result is acknowledged to
+//! the agent (`ResultStored`) only after its row is committed.
+//!
+//! The decision "which worker gets this request" lives in one function,
+//! [`Scheduler::pick_worker`], where lock acquisition and latent starts plug in.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use nightshift_policy::{Presence, PresenceState, Source};
+use nightshift_proto::api::{WorkerInfo, WorkerList};
+use nightshift_proto::wire::{
+    AgentMessage, BuildId, BuildResult, HEARTBEAT_SECS, MasterMessage, PROTOCOL_VERSION, StepSpec,
+};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::MasterConfig;
+use crate::store::{Store, StoreOutcome, UnfinishedBuild};
+
+/// Identity of one agent connection, unique for the master's lifetime.
+pub type ConnId = u64;
+
+/// The source of "now" for presence timestamps (injected in tests).
+pub trait Clock: Send + Sync {
+    fn now(&self) -> Timestamp;
+}
+
+/// The real clock.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Timestamp {
+        Timestamp::now()
+    }
+}
+
+/// After a reconnect, how long the agent has to deliver the results of
+/// builds the master expected it to run but that its hello did not list.
+pub const RECONCILE_GRACE: Duration = Duration::from_secs(2 * HEARTBEAT_SECS);
+
+/// What the scheduler sends a connection task.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outbound {
+    Message(MasterMessage),
+    /// Close the connection, logging the reason.
+    Close(String),
+}
+
+/// The parts of an agent's hello the scheduler uses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hello {
+    pub agent_version: String,
+    pub max_builds: u32,
+    pub presence: Presence,
+    pub running: Vec<BuildId>,
+}
+
+/// A read-only view for the API.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    pub workers: WorkerList,
+    /// What each queued build waits for.
+    pub waiting_for: BTreeMap<BuildId, String>,
+    /// Builds handed out, with their worker.
+    pub running: BTreeMap<BuildId, String>,
+}
+
+/// Everything the scheduler reacts to.
+#[derive(Debug)]
+pub enum Event {
+    /// An authenticated agent said hello.
+    Connected {
+        worker: String,
+        conn: ConnId,
+        hello: Hello,
+        out: mpsc::UnboundedSender<Outbound>,
+    },
+    /// A frame from an agent (heartbeats are answered by the connection).
+    Agent {
+        worker: String,
+        conn: ConnId,
+        message: AgentMessage,
+    },
+    /// The connection ended.
+    Disconnected {
+        worker: String,
+        conn: ConnId,
+        reason: String,
+    },
+    /// `missing_timeout` passed since the worker's disconnect `epoch`.
+    MissingTimeout {
+        worker: String,
+        epoch: u64,
+    },
+    /// The grace after a reconnect ended for builds the hello did not list.
+    ReconcileDeadline {
+        worker: String,
+        conn: ConnId,
+    },
+    /// A committed new request.
+    Submitted {
+        id: BuildId,
+        builder: String,
+        properties: BTreeMap<String, String>,
+    },
+    /// A result's store write finished.
+    ResultCommitted {
+        worker: String,
+        id: BuildId,
+        stored: anyhow::Result<StoreOutcome>,
+    },
+    /// The pause flag changed (already committed).
+    SetPaused {
+        paused: bool,
+    },
+    /// Cancel a queued or running build.
+    Cancel {
+        id: BuildId,
+        reason: String,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// Answer when `id` is finished (at once if it is not pending).
+    Watch {
+        id: BuildId,
+        reply: oneshot::Sender<()>,
+    },
+    Snapshot {
+        reply: oneshot::Sender<Snapshot>,
+    },
+}
+
+/// A worker's live state as the scheduler sees it.
+struct WorkerSlot {
+    conn: Option<(ConnId, mpsc::UnboundedSender<Outbound>)>,
+    presence: Presence,
+    agent_max_builds: u32,
+    running: BTreeSet<BuildId>,
+    /// `Released` was sent since it last took builds.
+    released: bool,
+    /// Bumped on every connect and disconnect; stale timers compare it.
+    epoch: u64,
+    /// Builds the agent refused since its last presence change.
+    refused: BTreeSet<BuildId>,
+    /// Builds the master expects but the last hello did not list.
+    unconfirmed: BTreeSet<BuildId>,
+    /// Order of the last hand-out, to spread builds among equals.
+    last_assigned: u64,
+}
+
+struct Queued {
+    builder: String,
+    properties: BTreeMap<String, String>,
+    waiting_for: Option<String>,
+}
+
+struct Running {
+    worker: String,
+    builder: String,
+    properties: BTreeMap<String, String>,
+    accepted: bool,
+}
+
+/// The scheduler's state; [`Scheduler::run`] is its event loop.
+pub struct Scheduler {
+    config: Arc<MasterConfig>,
+    store: Store,
+    clock: Arc<dyn Clock>,
+    events: mpsc::UnboundedSender<Event>,
+    workers: BTreeMap<String, WorkerSlot>,
+    queue: BTreeMap<BuildId, Queued>,
+    running: HashMap<BuildId, Running>,
+    /// Results being committed.
+    finishing: BTreeSet<BuildId>,
+    waiters: HashMap<BuildId, Vec<oneshot::Sender<()>>>,
+    paused: bool,
+    assignments: u64,
+}
+
+impl Scheduler {
+    /// Builds the scheduler from the config and the store's unfinished
+    /// builds. `events` is the sender of the channel [`Scheduler::run`] reads.
+    pub fn new(
+        config: Arc<MasterConfig>,
+        store: Store,
+        clock: Arc<dyn Clock>,
+        events: mpsc::UnboundedSender<Event>,
+        unfinished: Vec<UnfinishedBuild>,
+        last_seen: BTreeMap<String, Presence>,
+        paused: bool,
+    ) -> Scheduler {
+        let now = clock.now();
+        let not_connected = |name: &str| match last_seen.get(name) {
+            Some(last) => offline(
+                now,
+                &format!(
+                    "not connected since the master started (last seen {}: {})",
+                    last.state, last.reason
+                ),
+            ),
+            None => offline(now, "not connected yet"),
+        };
+        let workers = config
+            .workers
+            .iter()
+            .map(|w| {
+                (
+                    w.name.clone(),
+                    WorkerSlot {
+                        conn: None,
+                        presence: not_connected(&w.name),
+                        agent_max_builds: w.max_builds,
+                        running: BTreeSet::new(),
+                        released: false,
+                        epoch: 0,
+                        refused: BTreeSet::new(),
+                        unconfirmed: BTreeSet::new(),
+                        last_assigned: 0,
+                    },
+                )
+            })
+            .collect();
+        let mut scheduler = Scheduler {
+            config,
+            store,
+            clock,
+            events,
+            workers,
+            queue: BTreeMap::new(),
+            running: HashMap::new(),
+            finishing: BTreeSet::new(),
+            waiters: HashMap::new(),
+            paused,
+            assignments: 0,
+        };
+        for build in unfinished {
+            let worker = build.worker.filter(|w| scheduler.workers.contains_key(w));
+            match (build.state, worker) {
+                (nightshift_proto::api::BuildState::Running, Some(worker)) => {
+                    // Handed out before the restart: wait for that worker to
+                    // come back (its result is accepted) or to stay missing.
+                    if let Some(slot) = scheduler.workers.get_mut(&worker) {
+                        slot.running.insert(build.id);
+                    }
+                    scheduler.running.insert(
+                        build.id,
+                        Running {
+                            worker,
+                            builder: build.builder,
+                            properties: build.properties,
+                            accepted: true,
+                        },
+                    );
+                }
+                (nightshift_proto::api::BuildState::Running, None) => {
+                    scheduler.store.requeue(
+                        build.id,
+                        Some("its worker is no longer in master.toml".into()),
+                    );
+                    scheduler.queue.insert(
+                        build.id,
+                        Queued {
+                            builder: build.builder,
+                            properties: build.properties,
+                            waiting_for: None,
+                        },
+                    );
+                }
+                _ => {
+                    scheduler.queue.insert(
+                        build.id,
+                        Queued {
+                            builder: build.builder,
+                            properties: build.properties,
+                            waiting_for: None,
+                        },
+                    );
+                }
+            }
+        }
+        let with_builds: Vec<String> = scheduler
+            .workers
+            .iter()
+            .filter(|(_, slot)| !slot.running.is_empty())
+            .map(|(name, _)| name.clone())
+            .collect();
+        for worker in with_builds {
+            scheduler.start_missing_timer(&worker);
+        }
+        scheduler
+    }
+
+    /// The event loop: runs until every sender is gone.
+    pub async fn run(mut self, mut inbox: mpsc::UnboundedReceiver<Event>) {
+        self.assign();
+        while let Some(event) = inbox.recv().await {
+            self.handle(event);
+        }
+    }
+
+    /// Reacts to one event.
+    pub fn handle(&mut self, event: Event) {
+        match event {
+            Event::Connected {
+                worker,
+                conn,
+                hello,
+                out,
+            } => self.on_connected(worker, conn, hello, out),
+            Event::Agent {
+                worker,
+                conn,
+                message,
+            } => {
+                if self.is_current(&worker, conn) {
+                    self.on_agent(&worker, message);
+                }
+            }
+            Event::Disconnected {
+                worker,
+                conn,
+                reason,
+            } => self.on_disconnected(&worker, conn, &reason),
+            Event::MissingTimeout { worker, epoch } => self.on_missing(&worker, epoch),
+            Event::ReconcileDeadline { worker, conn } => self.on_reconcile_deadline(&worker, conn),
+            Event::Submitted {
+                id,
+                builder,
+                properties,
+            } => {
+                self.queue.insert(
+                    id,
+                    Queued {
+                        builder,
+                        properties,
+                        waiting_for: None,
+                    },
+                );
+                self.assign();
+            }
+            Event::ResultCommitted { worker, id, stored } => {
+                self.on_result_committed(&worker, id, stored)
+            }
+            Event::SetPaused { paused } => {
+                self.paused = paused;
+                tracing::info!(
+                    "master {}",
+                    if paused {
+                        "paused: no new builds handed out"
+                    } else {
+                        "resumed"
+                    }
+                );
+                self.assign();
+            }
+            Event::Cancel { id, reason, reply } => {
+                let _ = reply.send(self.on_cancel(id, reason));
+            }
+            Event::Watch { id, reply } => {
+                if self.is_pending(id) {
+                    self.waiters.entry(id).or_default().push(reply);
+                } else {
+                    let _ = reply.send(());
+                }
+            }
+            Event::Snapshot { reply } => {
+                let _ = reply.send(self.snapshot());
+            }
+        }
+    }
+
+    fn is_current(&self, worker: &str, conn: ConnId) -> bool {
+        self.workers
+            .get(worker)
+            .and_then(|slot| slot.conn.as_ref())
+            .is_some_and(|(id, _)| *id == conn)
+    }
+
+    fn is_pending(&self, id: BuildId) -> bool {
+        self.queue.contains_key(&id)
+            || self.running.contains_key(&id)
+            || self.finishing.contains(&id)
+    }
+
+    fn send(&self, worker: &str, message: MasterMessage) {
+        if let Some((_, out)) = self.workers.get(worker).and_then(|s| s.conn.as_ref()) {
+            let _ = out.send(Outbound::Message(message));
+        }
+    }
+
+    fn on_connected(
+        &mut self,
+        worker: String,
+        conn: ConnId,
+        hello: Hello,
+        out: mpsc::UnboundedSender<Outbound>,
+    ) {
+        let Some(slot) = self.workers.get(&worker) else {
+            let _ = out.send(Outbound::Message(MasterMessage::Refused {
+                reason: format!("no worker `{worker}` in master.toml"),
+            }));
+            let _ = out.send(Outbound::Close("unknown worker".into()));
+            return;
+        };
+        if let Some((_, old)) = &slot.conn {
+            let _ = old.send(Outbound::Close(
+                "replaced by a newer connection of the same worker".into(),
+            ));
+        }
+        let listed: BTreeSet<BuildId> = hello.running.iter().copied().collect();
+        let mut cancel = Vec::new();
+        let mut adopted = Vec::new();
+        for &id in &listed {
+            match self.running.get(&id) {
+                Some(run) if run.worker == worker => {}
+                Some(_) => cancel.push(id),
+                None if self.queue.contains_key(&id) => adopted.push(id),
+                None => cancel.push(id),
+            }
+        }
+        let now = self.clock.now();
+        for id in adopted {
+            // Re-queued while the worker was away, but it is still running
+            // it and nobody else took it: let it carry on.
+            if let Some(queued) = self.queue.remove(&id) {
+                tracing::info!(
+                    "build {id}: worker {worker} came back still running it; kept there"
+                );
+                self.running.insert(
+                    id,
+                    Running {
+                        worker: worker.clone(),
+                        builder: queued.builder,
+                        properties: queued.properties,
+                        accepted: true,
+                    },
+                );
+                self.store.mark_started(id, worker.clone(), now);
+                if let Some(slot) = self.workers.get_mut(&worker) {
+                    slot.running.insert(id);
+                }
+            }
+        }
+        let Some(slot) = self.workers.get_mut(&worker) else {
+            return;
+        };
+        slot.epoch += 1;
+        slot.conn = Some((conn, out));
+        slot.presence = hello.presence.clone();
+        slot.agent_max_builds = hello.max_builds.max(1);
+        slot.released = false;
+        slot.refused.clear();
+        slot.unconfirmed = slot
+            .running
+            .iter()
+            .copied()
+            .filter(|id| !listed.contains(id) && !self.finishing.contains(id))
+            .collect();
+        let unconfirmed = !slot.unconfirmed.is_empty();
+        tracing::info!(
+            "worker {worker} connected (agent {}, {}: {}); cancelling {:?}",
+            hello.agent_version,
+            hello.presence.state,
+            hello.presence.reason,
+            cancel
+        );
+        self.send(
+            &worker,
+            MasterMessage::Welcome {
+                protocol: PROTOCOL_VERSION,
+                master_version: env!("CARGO_PKG_VERSION").into(),
+                heartbeat_secs: HEARTBEAT_SECS,
+                cancel,
+            },
+        );
+        if unconfirmed {
+            let events = self.events.clone();
+            let name = worker.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(RECONCILE_GRACE).await;
+                let _ = events.send(Event::ReconcileDeadline { worker: name, conn });
+            });
+        }
+        self.store.save_presence(worker.clone(), hello.presence);
+        self.maybe_release(&worker);
+        self.assign();
+    }
+
+    fn on_agent(&mut self, worker: &str, message: AgentMessage) {
+        match message {
+            AgentMessage::Hello { .. } => {
+                tracing::warn!("worker {worker}: a second hello on one connection is ignored");
+            }
+            AgentMessage::Presence { presence } => {
+                tracing::info!(
+                    "worker {worker} is {} ({}: {})",
+                    presence.state,
+                    presence.source,
+                    presence.reason
+                );
+                if let Some(slot) = self.workers.get_mut(worker) {
+                    if presence.state.takes_builds() {
+                        slot.released = false;
+                    }
+                    slot.refused.clear();
+                    slot.presence = presence.clone();
+                }
+                self.store.save_presence(worker.to_owned(), presence);
+                self.maybe_release(worker);
+                self.assign();
+            }
+            AgentMessage::BuildAccepted { build_id } => match self.running.get_mut(&build_id) {
+                Some(run) if run.worker == worker => run.accepted = true,
+                _ => self.refuse(worker, build_id, "accepted"),
+            },
+            AgentMessage::BuildRefused { build_id, reason } => {
+                if !self.owns(worker, build_id) {
+                    return self.refuse(worker, build_id, "refused");
+                }
+                tracing::info!(
+                    "build {build_id}: worker {worker} refused it ({reason}); re-queued"
+                );
+                if let Some(run) = self.running.remove(&build_id) {
+                    if let Some(slot) = self.workers.get_mut(worker) {
+                        slot.running.remove(&build_id);
+                        slot.refused.insert(build_id);
+                    }
+                    self.store.requeue(build_id, None);
+                    self.queue.insert(
+                        build_id,
+                        Queued {
+                            builder: run.builder,
+                            properties: run.properties,
+                            waiting_for: None,
+                        },
+                    );
+                }
+                self.maybe_release(worker);
+                self.assign();
+            }
+            AgentMessage::StepWaiting { build_id, step } => {
+                if !self.owns(worker, build_id) {
+                    return self.refuse(worker, build_id, "asked for a step grant of");
+                }
+                // No step of this master holds locks yet: grant at once.
+                self.send(worker, MasterMessage::StepGranted { build_id, step });
+            }
+            AgentMessage::StepStarted { build_id, .. } => {
+                if !self.owns(worker, build_id) {
+                    self.refuse(worker, build_id, "started a step of");
+                }
+            }
+            AgentMessage::Output {
+                build_id,
+                step,
+                data,
+            } => {
+                if self.owns(worker, build_id) {
+                    self.store.append_log(build_id, step, data);
+                } else {
+                    self.refuse(worker, build_id, "sent output for");
+                }
+            }
+            AgentMessage::StepFinished { build_id, result } => {
+                if self.owns(worker, build_id) {
+                    self.store.store_step(build_id, result);
+                } else {
+                    self.refuse(worker, build_id, "finished a step of");
+                }
+            }
+            AgentMessage::BuildFinished { result } => self.on_build_finished(worker, result),
+            AgentMessage::Goodbye { reason } => {
+                tracing::info!("worker {worker} says goodbye: {reason}");
+            }
+            AgentMessage::Ping { .. } | AgentMessage::Pong { .. } => {}
+        }
+    }
+
+    fn owns(&self, worker: &str, id: BuildId) -> bool {
+        self.running
+            .get(&id)
+            .is_some_and(|run| run.worker == worker)
+    }
+
+    fn refuse(&self, worker: &str, id: BuildId, what: &str) {
+        tracing::warn!("worker {worker} {what} build {id}, which is not assigned to it; ignored");
+    }
+
+    fn on_build_finished(&mut self, worker: &str, result: BuildResult) {
+        let id = result.build_id;
+        if self.finishing.contains(&id) {
+            return; // the first delivery is being stored; it will be acknowledged
+        }
+        match self.running.get(&id) {
+            Some(run) if run.worker != worker => {
+                return self.refuse(worker, id, "delivered a result for");
+            }
+            Some(_) => {
+                self.running.remove(&id);
+                if let Some(slot) = self.workers.get_mut(worker) {
+                    slot.running.remove(&id);
+                    slot.unconfirmed.remove(&id);
+                }
+            }
+            None => {
+                // Re-queued after this worker went missing, and nobody took it
+                // since: the result is still the one we want.
+                if self.queue.remove(&id).is_some() {
+                    tracing::info!(
+                        "build {id}: result from {worker} arrived while re-queued; taken"
+                    );
+                }
+                // Otherwise unknown to the scheduler: finished already (the
+                // store answers idempotently) or never existed.
+            }
+        }
+        tracing::info!("build {id} finished on {worker}: {}", result.outcome);
+        self.finishing.insert(id);
+        let store = self.store.clone();
+        let events = self.events.clone();
+        let worker = worker.to_owned();
+        tokio::spawn(async move {
+            let stored = store.finish(worker.clone(), result).await;
+            let _ = events.send(Event::ResultCommitted { worker, id, stored });
+        });
+        self.maybe_release_all();
+        self.assign();
+    }
+
+    fn on_result_committed(
+        &mut self,
+        worker: &str,
+        id: BuildId,
+        stored: anyhow::Result<StoreOutcome>,
+    ) {
+        self.finishing.remove(&id);
+        match stored {
+            Ok(StoreOutcome::Stored | StoreOutcome::AlreadyStored) => {
+                self.send(worker, MasterMessage::ResultStored { build_id: id });
+                self.notify_finished(id);
+            }
+            Ok(StoreOutcome::NotYours) => {
+                tracing::warn!(
+                    "worker {worker} delivered a result for build {id}, which is unknown or \
+                     finished by another worker; ignored"
+                );
+            }
+            Err(e) => {
+                // Not acknowledged: the agent delivers it again on reconnect.
+                tracing::error!("build {id}: cannot store the result from {worker}: {e:#}");
+            }
+        }
+    }
+
+    fn notify_finished(&mut self, id: BuildId) {
+        if let Some(waiters) = self.waiters.remove(&id) {
+            for waiter in waiters {
+                let _ = waiter.send(());
+            }
+        }
+    }
+
+    fn on_disconnected(&mut self, worker: &str, conn: ConnId, reason: &str) {
+        if !self.is_current(worker, conn) {
+            return;
+        }
+        let now = self.clock.now();
+        let timeout = self.config.missing_timeout;
+        let Some(slot) = self.workers.get_mut(worker) else {
+            return;
+        };
+        slot.conn = None;
+        slot.epoch += 1;
+        slot.presence = offline(now, &format!("disconnected: {reason}"));
+        slot.unconfirmed.clear();
+        let busy = !slot.running.is_empty();
+        tracing::info!(
+            "worker {worker} disconnected ({reason}){}",
+            if busy {
+                format!("; its builds are re-queued unless it is back within {timeout:?}")
+            } else {
+                String::new()
+            }
+        );
+        if busy {
+            self.start_missing_timer(worker);
+        }
+    }
+
+    fn start_missing_timer(&self, worker: &str) {
+        let Some(slot) = self.workers.get(worker) else {
+            return;
+        };
+        let epoch = slot.epoch;
+        let events = self.events.clone();
+        let timeout = self.config.missing_timeout;
+        let worker = worker.to_owned();
+        tokio::spawn(async move {
+            tokio::time::sleep(timeout).await;
+            let _ = events.send(Event::MissingTimeout { worker, epoch });
+        });
+    }
+
+    fn on_missing(&mut self, worker: &str, epoch: u64) {
+        let Some(slot) = self.workers.get(worker) else {
+            return;
+        };
+        if slot.epoch != epoch || slot.conn.is_some() {
+            return;
+        }
+        let ids: Vec<BuildId> = slot.running.iter().copied().collect();
+        let reason = format!(
+            "worker {worker} was missing for more than {}s",
+            self.config.missing_timeout.as_secs()
+        );
+        for id in ids {
+            self.requeue(worker, id, &reason);
+        }
+        self.assign();
+    }
+
+    fn on_reconcile_deadline(&mut self, worker: &str, conn: ConnId) {
+        if !self.is_current(worker, conn) {
+            return;
+        }
+        let Some(slot) = self.workers.get_mut(worker) else {
+            return;
+        };
+        let ids: Vec<BuildId> = std::mem::take(&mut slot.unconfirmed)
+            .into_iter()
+            .filter(|id| slot.running.contains(id) && !self.finishing.contains(id))
+            .collect();
+        let reason = format!("worker {worker} reconnected without it and delivered no result");
+        for id in ids {
+            self.requeue(worker, id, &reason);
+        }
+        self.maybe_release(worker);
+        self.assign();
+    }
+
+    /// Moves a running build back to the queue as a retry.
+    fn requeue(&mut self, worker: &str, id: BuildId, reason: &str) {
+        if let Some(slot) = self.workers.get_mut(worker) {
+            slot.running.remove(&id);
+        }
+        if let Some(run) = self.running.remove(&id) {
+            tracing::warn!("build {id} re-queued: {reason}");
+            self.store.requeue(id, Some(reason.to_owned()));
+            self.queue.insert(
+                id,
+                Queued {
+                    builder: run.builder,
+                    properties: run.properties,
+                    waiting_for: None,
+                },
+            );
+        }
+    }
+
+    fn on_cancel(&mut self, id: BuildId, reason: String) -> Result<(), String> {
+        if self.queue.remove(&id).is_some() {
+            let store = self.store.clone();
+            let events = self.events.clone();
+            let now = self.clock.now();
+            self.finishing.insert(id);
+            tokio::spawn(async move {
+                if let Err(e) = store.cancel_queued(id, reason, now).await {
+                    tracing::error!("build {id}: cannot store its cancellation: {e:#}");
+                }
+                let _ = events.send(Event::ResultCommitted {
+                    worker: String::new(),
+                    id,
+                    stored: Ok(StoreOutcome::AlreadyStored),
+                });
+            });
+            return Ok(());
+        }
+        match self.running.get(&id) {
+            Some(run) => {
+                let worker = run.worker.clone();
+                if self.workers.get(&worker).is_some_and(|s| s.conn.is_some()) {
+                    self.send(
+                        &worker,
+                        MasterMessage::CancelBuild {
+                            build_id: id,
+                            reason,
+                        },
+                    );
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "build {id} runs on {worker}, which is not connected; it is cancelled when it comes back or re-queued"
+                    ))
+                }
+            }
+            None => Err(format!("build {id} is not queued or running")),
+        }
+    }
+
+    /// Sends `Released` to an idle worker that takes no builds.
+    fn maybe_release(&mut self, worker: &str) {
+        let Some(slot) = self.workers.get_mut(worker) else {
+            return;
+        };
+        if slot.conn.is_some()
+            && !slot.presence.state.takes_builds()
+            && slot.running.is_empty()
+            && !slot.released
+        {
+            slot.released = true;
+            let reason = format!(
+                "{} and idle ({}: {})",
+                slot.presence.state, slot.presence.source, slot.presence.reason
+            );
+            tracing::info!("worker {worker} released: {reason}");
+            self.send(worker, MasterMessage::Released { reason });
+        }
+    }
+
+    fn maybe_release_all(&mut self) {
+        let names: Vec<String> = self.workers.keys().cloned().collect();
+        for name in names {
+            self.maybe_release(&name);
+        }
+    }
+
+    /// Hands out every queued build that a worker can take now, oldest first.
+    fn assign(&mut self) {
+        let ids: Vec<BuildId> = self.queue.keys().copied().collect();
+        for id in ids {
+            let decision = if self.paused {
+                Err("master is paused".to_owned())
+            } else {
+                self.pick_worker(id)
+            };
+            match decision {
+                Ok(worker) => self.start_build(id, worker),
+                Err(why) => {
+                    if let Some(queued) = self.queue.get_mut(&id)
+                        && queued.waiting_for.as_deref() != Some(why.as_str())
+                    {
+                        queued.waiting_for = Some(why.clone());
+                        self.store.set_waiting_for(id, Some(why));
+                    }
+                }
+            }
+        }
+    }
+
+    /// THE decision: which connected worker gets queued build `id` now.
+    /// `available` workers first (fewest running builds, then least recently
+    /// given one), `reluctant` ones only when no available one can take it,
+    /// never `away`/`offline` or full ones. `Err` says what the build waits for.
+    pub fn pick_worker(&self, id: BuildId) -> Result<String, String> {
+        let Some(queued) = self.queue.get(&id) else {
+            return Err("not queued".into());
+        };
+        let Some(builder) = self.config.builder(&queued.builder) else {
+            return Err(format!(
+                "builder `{}` is not in master.toml",
+                queued.builder
+            ));
+        };
+        let mut best: Option<(PresenceState, usize, u64, &str)> = None;
+        let mut why = Vec::new();
+        for name in &builder.workers {
+            let Some(slot) = self.workers.get(name) else {
+                why.push(format!("{name} not configured"));
+                continue;
+            };
+            if slot.conn.is_none() {
+                why.push(format!("{name} offline"));
+                continue;
+            }
+            let state = slot.presence.state;
+            if !state.takes_builds() {
+                why.push(format!("{name} {state}"));
+                continue;
+            }
+            let capacity = self
+                .config
+                .worker(name)
+                .map_or(1, |w| w.max_builds)
+                .min(slot.agent_max_builds) as usize;
+            if slot.running.len() >= capacity {
+                why.push(format!("{name} busy ({}/{capacity})", slot.running.len()));
+                continue;
+            }
+            if slot.refused.contains(&id) {
+                why.push(format!("{name} refused it"));
+                continue;
+            }
+            let key = (state, slot.running.len(), slot.last_assigned, name.as_str());
+            if best.is_none_or(|b| (key.0, key.1, key.2) < (b.0, b.1, b.2)) {
+                best = Some(key);
+            }
+        }
+        match best {
+            Some((_, _, _, name)) => Ok(name.to_owned()),
+            None => Err(format!("a worker: {}", why.join(", "))),
+        }
+    }
+
+    fn start_build(&mut self, id: BuildId, worker: String) {
+        let Some(queued) = self.queue.remove(&id) else {
+            return;
+        };
+        let steps: Vec<StepSpec> = self
+            .config
+            .builder(&queued.builder)
+            .map(|b| {
+                b.steps
+                    .iter()
+                    .map(|s| StepSpec {
+                        name: s.name.clone(),
+                        command: s.command.clone(),
+                        timeout_secs: s.timeout.map(|t| t.as_secs().max(1)),
+                        env: s.env.clone(),
+                        workdir: s.workdir.clone(),
+                        needs_grant: false,
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.assignments += 1;
+        if let Some(slot) = self.workers.get_mut(&worker) {
+            slot.running.insert(id);
+            slot.last_assigned = self.assignments;
+        }
+        tracing::info!("build {id} ({}) handed to {worker}", queued.builder);
+        self.send(
+            &worker,
+            MasterMessage::StartBuild {
+                build_id: id,
+                builder: queued.builder.clone(),
+                steps,
+                properties: queued.properties.clone(),
+            },
+        );
+        self.store
+            .mark_started(id, worker.clone(), self.clock.now());
+        self.running.insert(
+            id,
+            Running {
+                worker,
+                builder: queued.builder,
+                properties: queued.properties,
+                accepted: false,
+            },
+        );
+    }
+
+    fn snapshot(&self) -> Snapshot {
+        let workers = self
+            .config
+            .workers
+            .iter()
+            .filter_map(|def| {
+                let slot = self.workers.get(&def.name)?;
+                Some(WorkerInfo {
+                    name: def.name.clone(),
+                    state: slot.presence.state,
+                    reason: slot.presence.reason.clone(),
+                    source: Some(slot.presence.source.clone()),
+                    since: Some(slot.presence.since),
+                    until: slot.presence.until,
+                    connected: slot.conn.is_some(),
+                    max_builds: def.max_builds.min(slot.agent_max_builds),
+                    running: slot.running.iter().copied().collect(),
+                })
+            })
+            .collect();
+        Snapshot {
+            workers: WorkerList {
+                paused: self.paused,
+                workers,
+            },
+            waiting_for: self
+                .queue
+                .iter()
+                .filter_map(|(id, q)| Some((*id, q.waiting_for.clone()?)))
+                .collect(),
+            running: self
+                .running
+                .iter()
+                .map(|(id, run)| (*id, run.worker.clone()))
+                .collect(),
+        }
+    }
+}
+
+fn offline(now: Timestamp, reason: &str) -> Presence {
+    Presence {
+        state: PresenceState::Offline,
+        reason: reason.to_owned(),
+        source: Source::Master,
+        since: now,
+        until: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::MasterConfig;
+    use std::path::Path;
+
+    const HASH: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+
+    struct FixedClock(Timestamp);
+    impl Clock for FixedClock {
+        fn now(&self) -> Timestamp {
+            self.0
+        }
+    }
+
+    struct Harness {
+        scheduler: Scheduler,
+        _events: mpsc::UnboundedReceiver<Event>,
+        _dir: tempfile::TempDir,
+        store: Store,
+        next_conn: ConnId,
+    }
+
+    fn config(missing: &str) -> Arc<MasterConfig> {
+        let text = format!(
+            r#"
+missing_timeout = "{missing}"
+[[worker]]
+name = "a"
+token_sha256 = "{HASH}"
+[[worker]]
+name = "b"
+token_sha256 = "{HASH}"
+[[worker]]
+name = "r"
+token_sha256 = "{HASH}"
+[[builder]]
+name = "app"
+workers = ["a", "b", "r"]
+steps = [{{ name = "s", command = "true" }}]
+"#
+        );
+        Arc::new(MasterConfig::parse(&text, Path::new("master.toml"), Path::new("/tmp")).unwrap())
+    }
+
+    fn presence(state: PresenceState) -> Presence {
+        Presence {
+            state,
+            reason: "test".into(),
+            source: Source::Manual,
+            since: Timestamp::UNIX_EPOCH,
+            until: None,
+        }
+    }
+
+    impl Harness {
+        fn new() -> Harness {
+            let dir = tempfile::tempdir().unwrap();
+            let store = Store::open(&dir.path().join("m.db")).unwrap();
+            let (tx, rx) = mpsc::unbounded_channel();
+            let scheduler = Scheduler::new(
+                config("60s"),
+                store.clone(),
+                Arc::new(FixedClock(Timestamp::UNIX_EPOCH)),
+                tx,
+                Vec::new(),
+                BTreeMap::new(),
+                false,
+            );
+            Harness {
+                scheduler,
+                _events: rx,
+                _dir: dir,
+                store,
+                next_conn: 1,
+            }
+        }
+
+        fn connect(
+            &mut self,
+            worker: &str,
+            state: PresenceState,
+            running: Vec<BuildId>,
+        ) -> (ConnId, mpsc::UnboundedReceiver<Outbound>) {
+            let (out, rx) = mpsc::unbounded_channel();
+            let conn = self.next_conn;
+            self.next_conn += 1;
+            self.scheduler.handle(Event::Connected {
+                worker: worker.into(),
+                conn,
+                hello: Hello {
+                    agent_version: "test".into(),
+                    max_builds: 1,
+                    presence: presence(state),
+                    running,
+                },
+                out,
+            });
+            (conn, rx)
+        }
+
+        async fn submit(&mut self) -> BuildId {
+            let id = self
+                .store
+                .insert_build("app".into(), BTreeMap::new(), Timestamp::UNIX_EPOCH)
+                .await
+                .unwrap();
+            self.scheduler.handle(Event::Submitted {
+                id,
+                builder: "app".into(),
+                properties: BTreeMap::new(),
+            });
+            id
+        }
+    }
+
+    fn started(rx: &mut mpsc::UnboundedReceiver<Outbound>) -> Vec<BuildId> {
+        let mut ids = Vec::new();
+        while let Ok(out) = rx.try_recv() {
+            if let Outbound::Message(MasterMessage::StartBuild { build_id, .. }) = out {
+                ids.push(build_id);
+            }
+        }
+        ids
+    }
+
+    fn released(rx: &mut mpsc::UnboundedReceiver<Outbound>) -> bool {
+        let mut seen = false;
+        while let Ok(out) = rx.try_recv() {
+            seen |= matches!(out, Outbound::Message(MasterMessage::Released { .. }));
+        }
+        seen
+    }
+
+    #[tokio::test]
+    async fn available_first_reluctant_only_when_available_ones_are_busy() {
+        let mut h = Harness::new();
+        let (_, mut a) = h.connect("a", PresenceState::Available, vec![]);
+        let (_, mut r) = h.connect("r", PresenceState::Reluctant, vec![]);
+        let first = h.submit().await;
+        assert_eq!(started(&mut a), vec![first]);
+        assert!(started(&mut r).is_empty());
+        let second = h.submit().await;
+        assert_eq!(
+            started(&mut r),
+            vec![second],
+            "a is full, so the reluctant one gets it"
+        );
+    }
+
+    #[tokio::test]
+    async fn away_and_offline_get_nothing_and_the_build_waits() {
+        let mut h = Harness::new();
+        let (_, mut a) = h.connect("a", PresenceState::Away, vec![]);
+        assert!(released(&mut a), "an away idle worker is released");
+        let id = h.submit().await;
+        let snapshot = h.scheduler.snapshot();
+        let why = &snapshot.waiting_for[&id];
+        assert!(why.contains("a away") && why.contains("b offline"), "{why}");
+        let (conn, _) = (1, ());
+        h.scheduler.handle(Event::Agent {
+            worker: "a".into(),
+            conn,
+            message: AgentMessage::Presence {
+                presence: presence(PresenceState::Available),
+            },
+        });
+        assert_eq!(started(&mut a), vec![id]);
+    }
+
+    #[tokio::test]
+    async fn refused_build_is_requeued_and_goes_elsewhere() {
+        let mut h = Harness::new();
+        let (ca, mut a) = h.connect("a", PresenceState::Available, vec![]);
+        let id = h.submit().await;
+        assert_eq!(started(&mut a), vec![id]);
+        let (_, mut b) = h.connect("b", PresenceState::Available, vec![]);
+        h.scheduler.handle(Event::Agent {
+            worker: "a".into(),
+            conn: ca,
+            message: AgentMessage::BuildRefused {
+                build_id: id,
+                reason: "turned away".into(),
+            },
+        });
+        assert_eq!(started(&mut b), vec![id]);
+        assert!(started(&mut a).is_empty());
+    }
+
+    #[tokio::test]
+    async fn pause_holds_new_builds_and_resume_hands_them_out() {
+        let mut h = Harness::new();
+        let (_, mut a) = h.connect("a", PresenceState::Available, vec![]);
+        h.scheduler.handle(Event::SetPaused { paused: true });
+        let id = h.submit().await;
+        assert!(started(&mut a).is_empty());
+        assert_eq!(h.scheduler.snapshot().waiting_for[&id], "master is paused");
+        h.scheduler.handle(Event::SetPaused { paused: false });
+        assert_eq!(started(&mut a), vec![id]);
+    }
+
+    #[tokio::test]
+    async fn a_worker_cannot_finish_another_workers_build() {
+        let mut h = Harness::new();
+        let (_, mut a) = h.connect("a", PresenceState::Available, vec![]);
+        let (cb, _b) = h.connect("b", PresenceState::Away, vec![]);
+        let id = h.submit().await;
+        assert_eq!(started(&mut a), vec![id]);
+        h.scheduler.handle(Event::Agent {
+            worker: "b".into(),
+            conn: cb,
+            message: AgentMessage::BuildFinished {
+                result: BuildResult {
+                    build_id: id,
+                    outcome: nightshift_proto::wire::Outcome::Success,
+                    steps: vec![],
+                    reason: None,
+                    log: String::new(),
+                    finished_at: Timestamp::UNIX_EPOCH,
+                },
+            },
+        });
+        assert_eq!(h.scheduler.snapshot().running[&id], "a");
+    }
+
+    #[tokio::test]
+    async fn reconnect_cancels_builds_moved_elsewhere_and_missing_requeues() {
+        let mut h = Harness::new();
+        let (ca, mut a) = h.connect("a", PresenceState::Available, vec![]);
+        let id = h.submit().await;
+        assert_eq!(started(&mut a), vec![id]);
+        h.scheduler.handle(Event::Disconnected {
+            worker: "a".into(),
+            conn: ca,
+            reason: "test".into(),
+        });
+        let epoch = h.scheduler.workers["a"].epoch;
+        h.scheduler.handle(Event::MissingTimeout {
+            worker: "a".into(),
+            epoch,
+        });
+        let (_, mut b) = h.connect("b", PresenceState::Available, vec![]);
+        assert_eq!(started(&mut b), vec![id], "re-queued and handed to b");
+        let (_, mut a2) = h.connect("a", PresenceState::Available, vec![id]);
+        let welcome = a2.try_recv().unwrap();
+        assert!(
+            matches!(welcome, Outbound::Message(MasterMessage::Welcome { ref cancel, .. }) if cancel == &vec![id]),
+            "{welcome:?}"
+        );
+    }
+}

@@ -1,0 +1,666 @@
+//! The master's embedded SQLite store: build requests and builds, step
+//! results, logs, workers' last presence and the pause flag.
+//!
+//! One dedicated thread owns the connection. Callers send it jobs over a
+//! channel; the thread runs whatever jobs are waiting in ONE transaction
+//! (each in its own savepoint, so one failing job changes nothing of its
+//! own and spoils nothing of the others), commits, and only then answers
+//! every caller. A submit therefore returns after its row is committed, and
+//! a burst of small writes costs one commit instead of many.
+//!
+//! WAL with `synchronous = NORMAL`: a committed transaction survives a
+//! SIGKILL of the master (only a power loss can take the last commits).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::mpsc;
+
+use anyhow::{Context, anyhow};
+use jiff::Timestamp;
+use nightshift_policy::Presence;
+use nightshift_proto::api::{BuildInfo, BuildState};
+use nightshift_proto::wire::{BuildId, BuildResult, Outcome, StepResult};
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::oneshot;
+
+/// What runs after the batch's commit (or failed commit: `false`).
+type Completion = Box<dyn FnOnce(bool) + Send>;
+/// A job reports whether it succeeded (else its savepoint is rolled back).
+type Job = Box<dyn FnOnce(&Connection) -> (bool, Completion) + Send>;
+
+/// Most jobs folded into one transaction.
+const MAX_BATCH: usize = 512;
+
+/// Ordered schema migrations; `PRAGMA user_version` counts the applied ones.
+const MIGRATIONS: &[&str] = &[r#"
+CREATE TABLE builds (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    builder TEXT NOT NULL,
+    properties TEXT NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('queued', 'running', 'finished')),
+    worker TEXT,
+    retries INTEGER NOT NULL DEFAULT 0,
+    retry_reason TEXT,
+    outcome TEXT,
+    reason TEXT,
+    waiting_for TEXT,
+    submitted_at TEXT NOT NULL,
+    started_at TEXT,
+    finished_at TEXT
+);
+CREATE INDEX builds_unfinished ON builds(state) WHERE state != 'finished';
+CREATE TABLE step_results (
+    build_id INTEGER NOT NULL REFERENCES builds(id),
+    step INTEGER NOT NULL,
+    result TEXT NOT NULL,
+    PRIMARY KEY (build_id, step)
+);
+CREATE TABLE logs (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    build_id INTEGER NOT NULL,
+    step INTEGER,
+    data TEXT NOT NULL
+);
+CREATE INDEX logs_by_build ON logs(build_id, seq);
+CREATE TABLE worker_presence (
+    name TEXT PRIMARY KEY,
+    presence TEXT NOT NULL,
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE settings (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"#];
+
+/// A build that is not finished, as loaded at startup.
+#[derive(Debug, Clone, PartialEq)]
+pub struct UnfinishedBuild {
+    pub id: BuildId,
+    pub builder: String,
+    pub properties: BTreeMap<String, String>,
+    pub state: BuildState,
+    pub worker: Option<String>,
+    pub retries: u32,
+}
+
+/// What a stored result did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StoreOutcome {
+    /// The result is now stored.
+    Stored,
+    /// The build was already finished by this worker: nothing changed.
+    AlreadyStored,
+    /// The build does not exist, or another worker finished it.
+    NotYours,
+}
+
+/// Handle to the store thread. Cheap to clone.
+#[derive(Clone)]
+pub struct Store {
+    jobs: mpsc::Sender<Job>,
+}
+
+impl Store {
+    /// Opens (creating and migrating) `path` and starts the store thread.
+    pub fn open(path: &Path) -> anyhow::Result<Store> {
+        if let Some(dir) = path.parent() {
+            std::fs::create_dir_all(dir)
+                .with_context(|| format!("cannot create {}", dir.display()))?;
+        }
+        let conn = Connection::open(path)
+            .with_context(|| format!("cannot open the database {}", path.display()))?;
+        conn.execute_batch(
+            "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA foreign_keys = ON;",
+        )
+        .with_context(|| format!("cannot configure {}", path.display()))?;
+        migrate(&conn).with_context(|| format!("cannot migrate {}", path.display()))?;
+        let (jobs, inbox) = mpsc::channel::<Job>();
+        std::thread::Builder::new()
+            .name("store".into())
+            .spawn(move || run(conn, inbox))
+            .context("cannot start the store thread")?;
+        Ok(Store { jobs })
+    }
+
+    /// Runs `f` in the next transaction; answers after the commit.
+    pub async fn call<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
+    ) -> anyhow::Result<R> {
+        let (reply, answer) = oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let result = f(conn);
+            let ok = result.is_ok();
+            let completion: Completion = Box::new(move |committed| {
+                let result = match (committed, result) {
+                    (true, Ok(value)) => Ok(value),
+                    (false, Ok(_)) => Err(anyhow!("the database commit failed")),
+                    (_, Err(e)) => Err(anyhow!("database error: {e}")),
+                };
+                let _ = reply.send(result);
+            });
+            (ok, completion)
+        });
+        self.jobs
+            .send(job)
+            .map_err(|_| anyhow!("the store thread has stopped"))?;
+        answer
+            .await
+            .map_err(|_| anyhow!("the store thread has stopped"))?
+    }
+
+    /// Runs `f` in the next transaction without waiting; failures are logged.
+    pub fn spawn(
+        &self,
+        what: &'static str,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<()> + Send + 'static,
+    ) {
+        let job: Job = Box::new(move |conn| {
+            let result = f(conn);
+            let ok = result.is_ok();
+            let completion: Completion = Box::new(move |committed| match result {
+                Err(e) => tracing::error!("store: {what}: {e}"),
+                Ok(()) if !committed => tracing::error!("store: {what}: commit failed"),
+                Ok(()) => {}
+            });
+            (ok, completion)
+        });
+        if self.jobs.send(job).is_err() {
+            tracing::error!("store: {what}: the store thread has stopped");
+        }
+    }
+
+    /// Inserts a queued build; returns its id once committed.
+    pub async fn insert_build(
+        &self,
+        builder: String,
+        properties: BTreeMap<String, String>,
+        now: Timestamp,
+    ) -> anyhow::Result<BuildId> {
+        let props = serde_json::to_string(&properties)?;
+        self.call(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO builds (builder, properties, state, submitted_at) VALUES (?1, ?2, 'queued', ?3)",
+            )?
+            .execute(params![builder, props, now.to_string()])?;
+            Ok(conn.last_insert_rowid() as BuildId)
+        })
+        .await
+    }
+
+    /// The build was handed to `worker`.
+    pub fn mark_started(&self, id: BuildId, worker: String, now: Timestamp) {
+        self.spawn("mark build started", move |conn| {
+            conn.prepare_cached(
+                "UPDATE builds SET state = 'running', worker = ?2, started_at = ?3, waiting_for = NULL \
+                 WHERE id = ?1 AND state != 'finished'",
+            )?
+            .execute(params![id as i64, worker, now.to_string()])?;
+            Ok(())
+        });
+    }
+
+    /// The build goes back to the queue; `retry` counts it as a retry.
+    pub fn requeue(&self, id: BuildId, retry: Option<String>) {
+        self.spawn("re-queue build", move |conn| {
+            match retry {
+                Some(reason) => conn
+                    .prepare_cached(
+                        "UPDATE builds SET state = 'queued', worker = NULL, started_at = NULL, \
+                         retries = retries + 1, retry_reason = ?2 WHERE id = ?1 AND state != 'finished'",
+                    )?
+                    .execute(params![id as i64, reason])?,
+                None => conn
+                    .prepare_cached(
+                        "UPDATE builds SET state = 'queued', worker = NULL, started_at = NULL \
+                         WHERE id = ?1 AND state != 'finished'",
+                    )?
+                    .execute(params![id as i64])?,
+            };
+            Ok(())
+        });
+    }
+
+    /// What a queued build waits for (shown by `master builds`).
+    pub fn set_waiting_for(&self, id: BuildId, text: Option<String>) {
+        self.spawn("set waiting-for text", move |conn| {
+            conn.prepare_cached("UPDATE builds SET waiting_for = ?2 WHERE id = ?1")?
+                .execute(params![id as i64, text])?;
+            Ok(())
+        });
+    }
+
+    /// Appends a chunk of live output.
+    pub fn append_log(&self, id: BuildId, step: u32, data: String) {
+        self.spawn("append log", move |conn| {
+            conn.prepare_cached("INSERT INTO logs (build_id, step, data) VALUES (?1, ?2, ?3)")?
+                .execute(params![id as i64, step, data])?;
+            Ok(())
+        });
+    }
+
+    /// Stores one finished step.
+    pub fn store_step(&self, id: BuildId, result: StepResult) {
+        self.spawn("store step result", move |conn| {
+            store_step(conn, id, &result)?;
+            Ok(())
+        });
+    }
+
+    /// Stores a build's result, idempotently: a result for a build already
+    /// finished by the same worker changes nothing.
+    pub async fn finish(
+        &self,
+        worker: String,
+        result: BuildResult,
+    ) -> anyhow::Result<StoreOutcome> {
+        self.call(move |conn| {
+            let id = result.build_id as i64;
+            let row: Option<(String, Option<String>)> = conn
+                .prepare_cached("SELECT state, worker FROM builds WHERE id = ?1")?
+                .query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?)))
+                .optional()?;
+            match row {
+                None => return Ok(StoreOutcome::NotYours),
+                Some((state, owner)) if state == "finished" => {
+                    return Ok(if owner.as_deref() == Some(worker.as_str()) {
+                        StoreOutcome::AlreadyStored
+                    } else {
+                        StoreOutcome::NotYours
+                    });
+                }
+                Some(_) => {}
+            }
+            conn.prepare_cached(
+                "UPDATE builds SET state = 'finished', worker = ?2, outcome = ?3, reason = ?4, \
+                 finished_at = ?5, waiting_for = NULL, started_at = COALESCE(started_at, ?6) WHERE id = ?1",
+            )?
+            .execute(params![
+                id,
+                worker,
+                result.outcome.to_string(),
+                result.reason,
+                result.finished_at.to_string(),
+                result
+                    .steps
+                    .first()
+                    .map(|s| s.started_at)
+                    .unwrap_or(result.finished_at)
+                    .to_string(),
+            ])?;
+            for step in &result.steps {
+                store_step(conn, result.build_id, step)?;
+            }
+            if !result.log.is_empty() {
+                // The full log supersedes whatever part streamed live.
+                conn.prepare_cached("DELETE FROM logs WHERE build_id = ?1")?
+                    .execute(params![id])?;
+                conn.prepare_cached("INSERT INTO logs (build_id, step, data) VALUES (?1, NULL, ?2)")?
+                    .execute(params![id, result.log])?;
+            }
+            Ok(StoreOutcome::Stored)
+        })
+        .await
+    }
+
+    /// Marks a queued build finished without running (cancelled).
+    pub async fn cancel_queued(
+        &self,
+        id: BuildId,
+        reason: String,
+        now: Timestamp,
+    ) -> anyhow::Result<bool> {
+        self.call(move |conn| {
+            let n = conn
+                .prepare_cached(
+                    "UPDATE builds SET state = 'finished', outcome = 'cancelled', reason = ?2, \
+                     finished_at = ?3, waiting_for = NULL WHERE id = ?1 AND state = 'queued'",
+                )?
+                .execute(params![id as i64, reason, now.to_string()])?;
+            Ok(n > 0)
+        })
+        .await
+    }
+
+    /// Every build that is not finished, oldest first.
+    pub async fn unfinished(&self) -> anyhow::Result<Vec<UnfinishedBuild>> {
+        self.call(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT id, builder, properties, state, worker, retries FROM builds \
+                 WHERE state != 'finished' ORDER BY id",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                let props: String = r.get(2)?;
+                let state: String = r.get(3)?;
+                Ok(UnfinishedBuild {
+                    id: r.get::<_, i64>(0)? as BuildId,
+                    builder: r.get(1)?,
+                    properties: serde_json::from_str(&props).unwrap_or_default(),
+                    state: state.parse().unwrap_or(BuildState::Queued),
+                    worker: r.get(4)?,
+                    retries: r.get(5)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    /// The newest `limit` builds, newest first.
+    pub async fn list_builds(&self, limit: u32) -> anyhow::Result<Vec<BuildInfo>> {
+        self.call(move |conn| {
+            let mut stmt =
+                conn.prepare_cached(&format!("{BUILD_COLUMNS} ORDER BY id DESC LIMIT ?1"))?;
+            let rows = stmt.query_map(params![limit], build_row)?;
+            rows.collect()
+        })
+        .await
+    }
+
+    /// One build with its step results.
+    pub async fn get_build(&self, id: BuildId) -> anyhow::Result<Option<BuildInfo>> {
+        self.call(move |conn| {
+            let build = conn
+                .prepare_cached(&format!("{BUILD_COLUMNS} WHERE id = ?1"))?
+                .query_row(params![id as i64], build_row)
+                .optional()?;
+            let Some(mut build) = build else {
+                return Ok(None);
+            };
+            let mut stmt = conn.prepare_cached(
+                "SELECT result FROM step_results WHERE build_id = ?1 ORDER BY step",
+            )?;
+            let steps = stmt.query_map(params![id as i64], |r| r.get::<_, String>(0))?;
+            for step in steps {
+                if let Ok(step) = serde_json::from_str::<StepResult>(&step?) {
+                    build.steps.push(step);
+                }
+            }
+            Ok(Some(build))
+        })
+        .await
+    }
+
+    /// The whole log of a build so far (`None`: no such build).
+    pub async fn get_log(&self, id: BuildId) -> anyhow::Result<Option<String>> {
+        self.call(move |conn| {
+            let exists = conn
+                .prepare_cached("SELECT 1 FROM builds WHERE id = ?1")?
+                .query_row(params![id as i64], |_| Ok(()))
+                .optional()?;
+            if exists.is_none() {
+                return Ok(None);
+            }
+            let mut stmt =
+                conn.prepare_cached("SELECT data FROM logs WHERE build_id = ?1 ORDER BY seq")?;
+            let chunks = stmt.query_map(params![id as i64], |r| r.get::<_, String>(0))?;
+            let mut log = String::new();
+            for chunk in chunks {
+                log.push_str(&chunk?);
+            }
+            Ok(Some(log))
+        })
+        .await
+    }
+
+    pub fn save_presence(&self, worker: String, presence: Presence) {
+        self.spawn("save presence", move |conn| {
+            let json = serde_json::to_string(&presence).unwrap_or_default();
+            conn.prepare_cached(
+                "INSERT INTO worker_presence (name, presence, updated_at) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT(name) DO UPDATE SET presence = excluded.presence, updated_at = excluded.updated_at",
+            )?
+            .execute(params![worker, json, Timestamp::now().to_string()])?;
+            Ok(())
+        });
+    }
+
+    /// Workers' last known presence (from before a restart).
+    pub async fn last_presences(&self) -> anyhow::Result<BTreeMap<String, Presence>> {
+        self.call(|conn| {
+            let mut stmt = conn.prepare("SELECT name, presence FROM worker_presence")?;
+            let rows =
+                stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
+            let mut out = BTreeMap::new();
+            for row in rows {
+                let (name, json) = row?;
+                if let Ok(presence) = serde_json::from_str(&json) {
+                    out.insert(name, presence);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
+    pub async fn set_paused(&self, paused: bool) -> anyhow::Result<()> {
+        self.call(move |conn| {
+            conn.execute(
+                "INSERT INTO settings (key, value) VALUES ('paused', ?1) \
+                 ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                params![if paused { "1" } else { "0" }],
+            )?;
+            Ok(())
+        })
+        .await
+    }
+
+    pub async fn paused(&self) -> anyhow::Result<bool> {
+        self.call(|conn| {
+            let value: Option<String> = conn
+                .query_row("SELECT value FROM settings WHERE key = 'paused'", [], |r| {
+                    r.get(0)
+                })
+                .optional()?;
+            Ok(value.as_deref() == Some("1"))
+        })
+        .await
+    }
+}
+
+const BUILD_COLUMNS: &str = "SELECT id, builder, properties, state, worker, retries, retry_reason, \
+     outcome, reason, waiting_for, submitted_at, started_at, finished_at FROM builds";
+
+fn parse_ts(text: Option<String>) -> Option<Timestamp> {
+    text.and_then(|t| t.parse().ok())
+}
+
+fn build_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BuildInfo> {
+    let props: String = r.get(2)?;
+    let state: String = r.get(3)?;
+    let outcome: Option<String> = r.get(7)?;
+    Ok(BuildInfo {
+        id: r.get::<_, i64>(0)? as BuildId,
+        builder: r.get(1)?,
+        properties: serde_json::from_str(&props).unwrap_or_default(),
+        state: state.parse().unwrap_or(BuildState::Queued),
+        worker: r.get(4)?,
+        retries: r.get(5)?,
+        retry_reason: r.get(6)?,
+        outcome: outcome
+            .and_then(|o| serde_json::from_value::<Outcome>(serde_json::Value::String(o)).ok()),
+        reason: r.get(8)?,
+        waiting_for: r.get(9)?,
+        submitted_at: parse_ts(r.get(10)?).unwrap_or(Timestamp::UNIX_EPOCH),
+        started_at: parse_ts(r.get(11)?),
+        finished_at: parse_ts(r.get(12)?),
+        steps: Vec::new(),
+    })
+}
+
+fn store_step(conn: &Connection, id: BuildId, result: &StepResult) -> rusqlite::Result<()> {
+    let json = serde_json::to_string(result).unwrap_or_default();
+    conn.prepare_cached(
+        "INSERT INTO step_results (build_id, step, result) VALUES (?1, ?2, ?3) \
+         ON CONFLICT(build_id, step) DO UPDATE SET result = excluded.result",
+    )?
+    .execute(params![id as i64, result.step, json])?;
+    Ok(())
+}
+
+fn migrate(conn: &Connection) -> rusqlite::Result<()> {
+    let version: i64 = conn.query_row("PRAGMA user_version", [], |r| r.get(0))?;
+    let version = usize::try_from(version).unwrap_or(0);
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version) {
+        let tx = conn.unchecked_transaction()?;
+        tx.execute_batch(sql)?;
+        tx.pragma_update(None, "user_version", (i + 1) as i64)?;
+        tx.commit()?;
+    }
+    Ok(())
+}
+
+/// The store thread: batch, commit, answer.
+fn run(conn: Connection, inbox: mpsc::Receiver<Job>) {
+    while let Ok(first) = inbox.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match inbox.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let began = conn.execute_batch("BEGIN IMMEDIATE").is_ok();
+        let mut completions = Vec::with_capacity(batch.len());
+        for job in batch {
+            let _ = conn.execute_batch("SAVEPOINT job");
+            let (ok, completion) = job(&conn);
+            completions.push(completion);
+            if !ok {
+                // Undo this job's partial writes; the others stay.
+                let _ = conn.execute_batch("ROLLBACK TO job");
+            }
+            let _ = conn.execute_batch("RELEASE job");
+        }
+        let committed = began && conn.execute_batch("COMMIT").is_ok();
+        if !committed {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        for completion in completions {
+            completion(committed);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nightshift_proto::wire::Outcome;
+
+    fn result(id: BuildId, outcome: Outcome) -> BuildResult {
+        let now = Timestamp::now();
+        BuildResult {
+            build_id: id,
+            outcome,
+            steps: vec![StepResult {
+                step: 0,
+                outcome,
+                exit_code: Some(0),
+                signal: None,
+                started_at: now,
+                finished_at: now,
+            }],
+            reason: None,
+            log: "full log\n".into(),
+            finished_at: now,
+        }
+    }
+
+    #[tokio::test]
+    async fn builds_survive_reopen_and_results_are_idempotent() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("master.db");
+        let store = Store::open(&path).unwrap();
+        let mut props = BTreeMap::new();
+        props.insert("branch".to_string(), "main".to_string());
+        let a = store
+            .insert_build("app".into(), props.clone(), Timestamp::now())
+            .await
+            .unwrap();
+        let b = store
+            .insert_build("app".into(), BTreeMap::new(), Timestamp::now())
+            .await
+            .unwrap();
+        assert!(b > a);
+        store.mark_started(a, "w1".into(), Timestamp::now());
+        store.append_log(a, 0, "live ".into());
+        assert_eq!(store.get_log(a).await.unwrap().unwrap(), "live ");
+        drop(store);
+
+        let store = Store::open(&path).unwrap();
+        let unfinished = store.unfinished().await.unwrap();
+        assert_eq!(unfinished.len(), 2);
+        assert_eq!(unfinished[0].state, BuildState::Running);
+        assert_eq!(unfinished[0].worker.as_deref(), Some("w1"));
+        assert_eq!(unfinished[0].properties, props);
+        assert_eq!(unfinished[1].state, BuildState::Queued);
+
+        assert_eq!(
+            store
+                .finish("w1".into(), result(a, Outcome::Success))
+                .await
+                .unwrap(),
+            StoreOutcome::Stored
+        );
+        assert_eq!(
+            store
+                .finish("w1".into(), result(a, Outcome::Success))
+                .await
+                .unwrap(),
+            StoreOutcome::AlreadyStored
+        );
+        assert_eq!(
+            store
+                .finish("w2".into(), result(a, Outcome::Failure))
+                .await
+                .unwrap(),
+            StoreOutcome::NotYours
+        );
+        assert_eq!(
+            store
+                .finish("w2".into(), result(999, Outcome::Failure))
+                .await
+                .unwrap(),
+            StoreOutcome::NotYours
+        );
+        let info = store.get_build(a).await.unwrap().unwrap();
+        assert_eq!(info.state, BuildState::Finished);
+        assert_eq!(info.outcome, Some(Outcome::Success));
+        assert_eq!(info.steps.len(), 1);
+        assert_eq!(store.get_log(a).await.unwrap().unwrap(), "full log\n");
+        assert!(store.get_log(12345).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn requeue_counts_retries_and_pause_persists() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("m.db")).unwrap();
+        let a = store
+            .insert_build("app".into(), BTreeMap::new(), Timestamp::now())
+            .await
+            .unwrap();
+        store.mark_started(a, "w1".into(), Timestamp::now());
+        store.requeue(a, Some("worker w1 missing".into()));
+        let info = store.get_build(a).await.unwrap().unwrap();
+        assert_eq!(info.state, BuildState::Queued);
+        assert_eq!(info.retries, 1);
+        assert_eq!(info.retry_reason.as_deref(), Some("worker w1 missing"));
+        assert!(info.worker.is_none());
+        assert!(!store.paused().await.unwrap());
+        store.set_paused(true).await.unwrap();
+        assert!(store.paused().await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_failing_job_does_not_spoil_the_batch() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("m.db")).unwrap();
+        let bad = store.call(|conn| conn.execute("INSERT INTO nowhere VALUES (1)", []));
+        let good = store.insert_build("app".into(), BTreeMap::new(), Timestamp::now());
+        let (bad, good) = tokio::join!(bad, good);
+        assert!(bad.is_err());
+        let id = good.unwrap();
+        assert!(store.get_build(id).await.unwrap().is_some());
+    }
+}

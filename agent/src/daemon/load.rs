@@ -345,6 +345,7 @@ fn all_processes() -> Vec<ProcStat> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     #[test]
     fn stat_lines_with_odd_command_names_parse() {
@@ -374,5 +375,107 @@ mod tests {
         let usage = trees.usage();
         assert!(usage.cpu_usec > 0, "{usage:?}");
         trees.end(1);
+    }
+
+    async fn run_build(trees: &Arc<BuildTrees>, build_id: BuildId, command: &str) -> Duration {
+        use super::super::clock::SystemClock;
+        use super::super::runner::{self, BuildRequest, RunnerEvent, RunnerSettings};
+        let work = tempfile::tempdir().unwrap();
+        let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+        let started = std::time::Instant::now();
+        let _control = runner::spawn(
+            BuildRequest {
+                build_id,
+                builder: "burn".into(),
+                steps: vec![nightshift_proto::wire::StepSpec {
+                    name: "burn".into(),
+                    command: command.into(),
+                    timeout_secs: None,
+                    env: Default::default(),
+                    workdir: None,
+                    needs_grant: false,
+                }],
+                properties: Default::default(),
+            },
+            Arc::new(RunnerSettings {
+                workdir: work.path().to_owned(),
+                kill_grace: Duration::from_millis(500),
+            }),
+            trees.clone(),
+            Arc::new(SystemClock),
+            events_tx,
+        );
+        loop {
+            let event = tokio::time::timeout(Duration::from_secs(120), events.recv())
+                .await
+                .expect("the build ends")
+                .expect("the runner reports");
+            if let RunnerEvent::Finished { result } = event {
+                assert_eq!(
+                    result.outcome,
+                    nightshift_proto::wire::Outcome::Success,
+                    "{}",
+                    result.log
+                );
+                return started.elapsed();
+            }
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_cpu_burning_build_is_counted_as_the_builds_own_load() {
+        let trees = Arc::new(BuildTrees::without_cgroups());
+        let mut sampler = LoadSampler::new().unwrap();
+        assert_eq!(sampler.sample(&trees, Timestamp::now()), None);
+        let sampling = {
+            let trees = trees.clone();
+            tokio::task::spawn_blocking(move || {
+                std::thread::sleep(Duration::from_millis(1500));
+                sampler.sample(&trees, Timestamp::now())
+            })
+        };
+        // A grandchild burns CPU for two seconds.
+        let elapsed = run_build(
+            &trees,
+            1,
+            "sh -c 'end=$(($(date +%s) + 2)); while [ $(date +%s) -lt $end ]; do :; done'",
+        )
+        .await;
+        let sample = sampling
+            .await
+            .unwrap()
+            .expect("a second sample has a value");
+        assert!(elapsed >= Duration::from_secs(1));
+        // Even on a busy two-core machine the loop gets a good share of a
+        // core; without build accounting this figure would be zero.
+        let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
+        assert!(
+            sample.build_cpu_percent > 20.0 / cpus,
+            "build share {} of {:?}",
+            sample.build_cpu_percent,
+            sample
+        );
+        assert!(
+            sample.cpu_percent
+                <= (sample.raw_cpu_percent - sample.build_cpu_percent).max(0.0) + 1e-9
+        );
+    }
+
+    #[tokio::test]
+    async fn short_lived_build_processes_are_counted_after_they_exit() {
+        let trees = Arc::new(BuildTrees::without_cgroups());
+        let before = trees.usage().cpu_usec;
+        // Hundreds of processes that each burn a little CPU and exit.
+        let elapsed = run_build(
+            &trees,
+            2,
+            "for n in $(seq 1 40); do sh -c 'i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done'; done",
+        )
+        .await;
+        let used = Duration::from_micros(trees.usage().cpu_usec - before);
+        assert!(
+            used >= elapsed / 4,
+            "the build ran {elapsed:?} but only {used:?} of CPU was attributed to it"
+        );
     }
 }

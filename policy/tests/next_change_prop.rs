@@ -101,19 +101,20 @@ fn instant() -> impl Strategy<Value = Timestamp> {
     })
 }
 
+/// An override: index into `STATES` and minutes until it ends (`None`: never).
+type OneOverride = Option<(usize, Option<i64>)>;
+/// The manual and the master override.
+type OverrideSpec = (OneOverride, OneOverride);
+
 /// Optional manual and master overrides ending some minutes after `now`
 /// (or never), built once `now` is known.
-fn overrides() -> impl Strategy<Value = (Option<(usize, Option<i64>)>, Option<(usize, Option<i64>)>)>
-{
+fn overrides() -> impl Strategy<Value = OverrideSpec> {
     let one =
         || proptest::option::weighted(0.3, (0usize..3, proptest::option::of(1i64..(40 * 60))));
     (one(), one())
 }
 
-fn inputs_at(
-    now: Timestamp,
-    spec: &(Option<(usize, Option<i64>)>, Option<(usize, Option<i64>)>),
-) -> Inputs {
+fn inputs_at(now: Timestamp, spec: &OverrideSpec) -> Inputs {
     let end = |minutes: Option<i64>| minutes.map(|m| now + SignedDuration::from_mins(m));
     Inputs {
         manual: spec.0.map(|(state, minutes)| ManualOverride {
@@ -169,7 +170,7 @@ proptest! {
                 &key_with(&policy, at, &inputs), &before,
                 "presence changed at {} before next_change {:?} (from {})", at, next, now
             );
-            at = at + SignedDuration::from_mins(1);
+            at += SignedDuration::from_mins(1);
         }
         // And the change it announces happens (within the horizon): the
         // presence changes, or a window opens or closes under a more

@@ -5,8 +5,8 @@
 use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
 use nightshift_policy::{
-    AvailabilityConfig, ForeignLoadSample, Inputs, LoadMonitor, ManualOverride, MasterOverride,
-    Policy, PresenceState, Source,
+    AvailabilityConfig, ForeignLoadSample, Inputs, ManualOverride, MasterOverride, Policy,
+    PresenceState, Source,
 };
 
 const NIGHTS_BERLIN: &str = r#"
@@ -565,7 +565,7 @@ fn hours_and_cron_forms_agree_for_two_weeks() {
         let a = hours.evaluate(at, &Inputs::default());
         let b = cron.evaluate(at, &Inputs::default());
         assert_eq!((a.state, a.until), (b.state, b.until), "at {at}");
-        at = at + SignedDuration::from_mins(17);
+        at += SignedDuration::from_mins(17);
     }
 }
 

@@ -404,9 +404,17 @@ fn spawn_local_worker(
         quoted(&dir.join("work")),
         quoted(&dir.join("state")),
     );
-    match pin {
-        Some(pin) => text.push_str(&format!("\n[tls]\npin_sha256 = \"{pin}\"\n")),
-        None => text.push_str("insecure = true\n"),
+    if pin.is_none() {
+        text.push_str("insecure = true\n");
+    }
+    // The agent's usual status page port, or any free one if that is taken.
+    let control = std::net::TcpListener::bind(("127.0.0.1", 7878))
+        .or_else(|_| std::net::TcpListener::bind(("127.0.0.1", 0)))
+        .and_then(|l| l.local_addr())
+        .context("cannot find a free port for the local worker's status page")?;
+    text.push_str(&format!("\n[control]\nlisten = \"{control}\"\n"));
+    if let Some(pin) = pin {
+        text.push_str(&format!("\n[tls]\npin_sha256 = \"{pin}\"\n"));
     }
     let path = dir.join("worker.toml");
     tls::write_private(&path, text.as_bytes())?;
@@ -416,7 +424,7 @@ fn spawn_local_worker(
         path.display()
     );
     println!(
-        "    its status page: http://127.0.0.1:7878/ (`worker status --config {}`)",
+        "    its status page: http://{control}/ (`worker status --config {}`)",
         path.display()
     );
     let child = tokio::process::Command::new(&binary)

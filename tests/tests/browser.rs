@@ -7,17 +7,14 @@
 //! (`cargo build --workspace --bins`). Chromium is driven over the Chrome
 //! DevTools Protocol on a WebSocket, so no chromedriver is needed.
 
+mod control_support;
+
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::Duration;
 
 use anyhow::{Context, bail};
 use serde_json::{Value, json};
-use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::net::UnixDatagram;
-use tokio::process::{Child, Command};
 
-const WAIT: Duration = Duration::from_secs(60);
+use control_support::{Agent, Master, WAIT, bin_dir};
 
 /// A minimal Chrome DevTools Protocol client: one browser, one page session.
 mod cdp {
@@ -323,27 +320,6 @@ fn chromium() -> anyhow::Result<PathBuf> {
     bail!("no Chromium found: install Debian's `chromium` package or set NIGHTSHIFT_CHROMIUM")
 }
 
-/// The directory holding the `worker` binary: `NIGHTSHIFT_BIN_DIR`, else the
-/// profile dir above this test executable (`target/<profile>/deps/..`).
-fn bin_dir() -> anyhow::Result<PathBuf> {
-    if let Some(dir) = std::env::var_os("NIGHTSHIFT_BIN_DIR") {
-        return Ok(PathBuf::from(dir));
-    }
-    let exe = std::env::current_exe()?;
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .context("locating target/<profile>")?
-        .to_path_buf();
-    if !dir.join("worker").exists() {
-        bail!(
-            "{} has no `worker` binary: run `cargo build --workspace --bins` first",
-            dir.display()
-        );
-    }
-    Ok(dir)
-}
-
 /// `target/screenshots`, next to the profile dirs.
 fn screenshot_dir() -> anyhow::Result<PathBuf> {
     let dir = bin_dir()?
@@ -354,26 +330,18 @@ fn screenshot_dir() -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
-/// A `worker run` in a temporary directory, ready once it told systemd so.
-struct Agent {
-    child: Child,
-    config: PathBuf,
-    dir: tempfile::TempDir,
-    bin: PathBuf,
-}
-
-impl Agent {
-    async fn start() -> anyhow::Result<Agent> {
-        let bin = bin_dir()?;
-        let dir = tempfile::tempdir()?;
-        let config = dir.path().join("worker.toml");
-        std::fs::write(
-            &config,
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_page_away_for_an_hour_updates_live() -> anyhow::Result<()> {
+    let chromium = chromium()?;
+    let (master, token) = Master::start("lab-3").await?;
+    let dir = tempfile::tempdir()?;
+    let mut agent = Agent::start(
+        dir.path(),
+        &format!(
             r#"name = "lab-3"
-# Nothing listens here: the page shows the agent trying to reach its master.
-master = "ws://127.0.0.1:9"
+master = "{master}"
 insecure = true
-token = "browser-test-token"
+token = "{token}"
 
 [control]
 listen = "127.0.0.1:0"
@@ -386,98 +354,15 @@ name = "evenings"
 hours = "17:00-23:00"
 state = "reluctant"
 "#,
-        )?;
-        let notify_path = dir.path().join("notify.sock");
-        let notify = UnixDatagram::bind(&notify_path)?;
-        let mut child = Command::new(bin.join("worker"))
-            .args(["run", "--config"])
-            .arg(&config)
-            .env("NOTIFY_SOCKET", &notify_path)
-            .env("RUST_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .kill_on_drop(true)
-            .spawn()
-            .context("starting `worker run`")?;
-        let stderr = child.stderr.take().context("worker's stderr")?;
-        let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-        let sink = log.clone();
-        tokio::spawn(async move {
-            let mut lines = BufReader::new(stderr).lines();
-            while let Ok(Some(line)) = lines.next_line().await {
-                if let Ok(mut log) = sink.lock() {
-                    log.push_str(&line);
-                    log.push('\n');
-                }
-            }
-        });
-        let ready = tokio::time::timeout(WAIT, async {
-            let mut buffer = vec![0u8; 4096];
-            loop {
-                tokio::select! {
-                    received = notify.recv(&mut buffer) => {
-                        let text = String::from_utf8_lossy(&buffer[..received?]).into_owned();
-                        if text.lines().any(|line| line == "READY=1") {
-                            return anyhow::Ok(());
-                        }
-                    }
-                    status = child.wait() => bail!("`worker run` exited early: {}", status?),
-                }
-            }
+            master = master.ws_url(),
+        ),
+    )
+    .await?;
+    master
+        .wait_for_worker("lab-3", "the worker connect", |worker| {
+            worker["connected"] == true
         })
-        .await;
-        let log_text = || log.lock().map(|log| log.clone()).unwrap_or_default();
-        match ready {
-            Ok(Ok(())) => {}
-            Ok(Err(error)) => bail!("{error}\n{}", log_text()),
-            Err(_) => bail!(
-                "`worker run` did not report READY=1 within {WAIT:?}\n{}",
-                log_text()
-            ),
-        }
-        Ok(Agent {
-            child,
-            config,
-            dir,
-            bin,
-        })
-    }
-
-    fn url(&self) -> anyhow::Result<String> {
-        let path = self.dir.path().join("state").join("control.addr");
-        let addr = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        Ok(format!("http://{}/", addr.trim()))
-    }
-
-    async fn cli(&self, args: &[&str]) -> anyhow::Result<std::process::Output> {
-        let output = Command::new(self.bin.join("worker"))
-            .args(args)
-            .arg("--config")
-            .arg(&self.config)
-            .output()
-            .await?;
-        Ok(output)
-    }
-
-    async fn stop(mut self) -> anyhow::Result<()> {
-        let output = self.cli(&["stop"]).await?;
-        if !output.status.success() {
-            bail!("worker stop: {}", String::from_utf8_lossy(&output.stderr));
-        }
-        let status = tokio::time::timeout(WAIT, self.child.wait()).await??;
-        if !status.success() {
-            bail!("`worker run` exited with {status}");
-        }
-        Ok(())
-    }
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn status_page_away_for_an_hour_updates_live() -> anyhow::Result<()> {
-    let chromium = chromium()?;
-    let agent = Agent::start().await?;
+        .await?;
     let url = agent.url()?;
     let mut browser = tokio::time::timeout(WAIT, cdp::Browser::launch(&chromium, WAIT)).await??;
     let ms = WAIT.as_millis();
@@ -564,6 +449,13 @@ async fn status_page_away_for_an_hour_updates_live() -> anyhow::Result<()> {
     assert_eq!(status["presence"]["source"], "manual", "{status}");
     assert_eq!(status["manual"]["state"], "away", "{status}");
     assert!(status["manual"]["until"].is_string(), "{status}");
+
+    // And so does the master.
+    master
+        .wait_for_worker("lab-3", "the worker go away", |worker| {
+            worker["state"] == "away" && worker["source"] == "manual"
+        })
+        .await?;
 
     drop(browser);
     agent.stop().await

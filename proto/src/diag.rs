@@ -173,6 +173,10 @@ pub struct ConfigErrors {
     file: PathBuf,
     locator: Locator,
     errors: Vec<ConfigError>,
+    /// Array entries left out of the value handed to validation (by array
+    /// path, file indices), so that paths into that value are reported at the
+    /// indices the user wrote.
+    removed: HashMap<String, Vec<usize>>,
 }
 
 impl ConfigErrors {
@@ -183,6 +187,7 @@ impl ConfigErrors {
             file: file.into(),
             locator: Locator::default(),
             errors: Vec::new(),
+            removed: HashMap::new(),
         }
     }
 
@@ -192,15 +197,18 @@ impl ConfigErrors {
     }
 
     /// Adds a problem about the value at a key path (e.g.
-    /// `availability.schedule[1].days`), located in the file. A problem at a
-    /// path that already has one (or inside it) is not repeated.
+    /// `availability.schedule[1].days`) of the deserialized value, located in
+    /// the file. A problem at a path that already has one (or inside it) is
+    /// not repeated.
     pub fn push_at_path(&mut self, path: &str, message: impl Into<String>) {
-        self.push_segments(&parse_path(path), false, message.into());
+        let original = to_original(&parse_path(path), &self.removed);
+        self.push_segments(&original, false, message.into());
     }
 
     /// Adds a problem about a key itself (an unknown or misplaced key).
     pub fn push_at_key(&mut self, path: &str, message: impl Into<String>) {
-        self.push_segments(&parse_path(path), true, message.into());
+        let original = to_original(&parse_path(path), &self.removed);
+        self.push_segments(&original, true, message.into());
     }
 
     /// Adds a problem about the whole file (no line, no key).
@@ -335,6 +343,7 @@ pub fn parse_toml<T: DeserializeOwned>(file: &Path, text: &str) -> (Option<T>, C
         file: file.to_owned(),
         locator: Locator::new(text, Some(document.get_ref())),
         errors: Vec::new(),
+        removed: HashMap::new(),
     };
     if !syntax_errors.is_empty() {
         for error in syntax_errors {
@@ -348,11 +357,17 @@ pub fn parse_toml<T: DeserializeOwned>(file: &Path, text: &str) -> (Option<T>, C
             if errors.errors.iter().any(same_line) {
                 continue;
             }
+            let mut message = first_line(error.message());
+            if message == "duplicate key"
+                && let Some(key) = error.span().and_then(|span| text.get(span))
+            {
+                message = format!("duplicate key `{}`", key.trim());
+            }
             errors.errors.push(ConfigError {
                 file: file.to_owned(),
                 line_column,
                 path: String::new(),
-                message: first_line(error.message()),
+                message,
             });
         }
         return (None, errors);
@@ -379,6 +394,7 @@ pub fn parse_toml<T: DeserializeOwned>(file: &Path, text: &str) -> (Option<T>, C
         let error = match serde_path_to_error::deserialize::<_, T>(table.clone()) {
             Ok(value) => {
                 errors.sort();
+                errors.removed = removed;
                 return (Some(value), errors);
             }
             Err(error) => error,
@@ -627,6 +643,25 @@ mod tests {
              t.toml:3:2: section.missing: is needed\n\
              t.toml:4:9: section.level: must be at most 5"
         );
+    }
+
+    #[test]
+    fn semantic_paths_keep_the_file_indices_after_a_left_out_entry() {
+        let text = "name = \"w\"\n[[entry]]\nsize = 1\n[[entry]]\nname = \"b\"\nsize = 99\n";
+        let result = parse_toml_validated::<Config>(Path::new("t.toml"), text, |cfg, errors| {
+            assert_eq!(cfg.entry.len(), 1, "the entry without a name is left out");
+            errors.push_at_path("entry[0].size", "too big");
+        });
+        assert_eq!(
+            result.unwrap_err().to_string(),
+            "t.toml:2:1: entry[0].name: missing required key `name`\nt.toml:6:8: entry[1].size: too big"
+        );
+    }
+
+    #[test]
+    fn duplicate_keys_are_named() {
+        let errors = errors_of("name = \"w\"\nname = \"v\"\n");
+        assert_eq!(errors, vec!["t.toml:2:1: duplicate key `name`"]);
     }
 
     #[test]

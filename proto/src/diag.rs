@@ -171,8 +171,14 @@ impl fmt::Display for ConfigError {
 #[derive(Debug, Clone)]
 pub struct ConfigErrors {
     file: PathBuf,
-    locator: Locator,
     errors: Vec<ConfigError>,
+    document: Box<DocumentContext>,
+}
+
+/// What locates a key path in the file.
+#[derive(Debug, Clone, Default)]
+struct DocumentContext {
+    locator: Locator,
     /// Array entries left out of the value handed to validation (by array
     /// path, file indices), so that paths into that value are reported at the
     /// indices the user wrote.
@@ -185,9 +191,8 @@ impl ConfigErrors {
     pub fn new(file: impl Into<PathBuf>) -> ConfigErrors {
         ConfigErrors {
             file: file.into(),
-            locator: Locator::default(),
             errors: Vec::new(),
-            removed: HashMap::new(),
+            document: Box::default(),
         }
     }
 
@@ -201,13 +206,13 @@ impl ConfigErrors {
     /// the file. A problem at a path that already has one (or inside it) is
     /// not repeated.
     pub fn push_at_path(&mut self, path: &str, message: impl Into<String>) {
-        let original = to_original(&parse_path(path), &self.removed);
+        let original = to_original(&parse_path(path), &self.document.removed);
         self.push_segments(&original, false, message.into());
     }
 
     /// Adds a problem about a key itself (an unknown or misplaced key).
     pub fn push_at_key(&mut self, path: &str, message: impl Into<String>) {
-        let original = to_original(&parse_path(path), &self.removed);
+        let original = to_original(&parse_path(path), &self.document.removed);
         self.push_segments(&original, true, message.into());
     }
 
@@ -228,7 +233,7 @@ impl ConfigErrors {
         }
         self.errors.push(ConfigError {
             file: self.file.clone(),
-            line_column: self.locator.locate(segments, at_key),
+            line_column: self.document.locator.locate(segments, at_key),
             path,
             message,
         });
@@ -341,15 +346,17 @@ pub fn parse_toml<T: DeserializeOwned>(file: &Path, text: &str) -> (Option<T>, C
     let (document, syntax_errors) = DeTable::parse_recoverable(text);
     let mut errors = ConfigErrors {
         file: file.to_owned(),
-        locator: Locator::new(text, Some(document.get_ref())),
         errors: Vec::new(),
-        removed: HashMap::new(),
+        document: Box::new(DocumentContext {
+            locator: Locator::new(text, Some(document.get_ref())),
+            removed: HashMap::new(),
+        }),
     };
     if !syntax_errors.is_empty() {
         for error in syntax_errors {
             let line_column = error
                 .span()
-                .map(|span| errors.locator.line_column(span.start));
+                .map(|span| errors.document.locator.line_column(span.start));
             // One report per line: the parser's follow-on complaints add nothing.
             let same_line = |e: &ConfigError| {
                 e.line_column.map(|(line, _)| line) == line_column.map(|(line, _)| line)
@@ -377,7 +384,7 @@ pub fn parse_toml<T: DeserializeOwned>(file: &Path, text: &str) -> (Option<T>, C
         Err(error) => {
             let line_column = error
                 .span()
-                .map(|span| errors.locator.line_column(span.start));
+                .map(|span| errors.document.locator.line_column(span.start));
             errors.errors.push(ConfigError {
                 file: file.to_owned(),
                 line_column,
@@ -394,7 +401,7 @@ pub fn parse_toml<T: DeserializeOwned>(file: &Path, text: &str) -> (Option<T>, C
         let error = match serde_path_to_error::deserialize::<_, T>(table.clone()) {
             Ok(value) => {
                 errors.sort();
-                errors.removed = removed;
+                errors.document.removed = removed;
                 return (Some(value), errors);
             }
             Err(error) => error,

@@ -194,12 +194,13 @@ struct ListQuery {
 
 fn overlay(build: &mut BuildInfo, live: &Snapshot) {
     match build.state {
-        BuildState::Queued => {
+        // A running build shows a wait only while a step waits for a lock.
+        BuildState::Queued | BuildState::Running => {
             if let Some(why) = live.waiting_for.get(&build.id) {
                 build.waiting_for = Some(why.clone());
             }
         }
-        BuildState::Running | BuildState::Finished => {}
+        BuildState::Finished => {}
     }
 }
 

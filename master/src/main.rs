@@ -14,7 +14,6 @@ mod store;
 // Integrated with the scheduler once its core lands (issue 5).
 #[allow(dead_code)]
 mod latent;
-#[allow(dead_code)]
 mod locks;
 #[allow(dead_code)]
 mod master_schedule;

@@ -23,6 +23,7 @@ use nightshift_proto::wire::{
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::MasterConfig;
+use crate::locks::{BuildLocks, Claim, LockHolder};
 use crate::store::{Store, StoreOutcome, UnfinishedBuild};
 
 /// Identity of one agent connection, unique for the master's lifetime.
@@ -166,6 +167,9 @@ struct Running {
     builder: String,
     properties: BTreeMap<String, String>,
     accepted: bool,
+    /// Each step's locks as configured when the build started (a reconfig
+    /// does not change a running build).
+    step_locks: Vec<Vec<Claim>>,
 }
 
 /// The scheduler's state; [`Scheduler::run`] is its event loop.
@@ -182,6 +186,11 @@ pub struct Scheduler {
     waiters: HashMap<BuildId, Vec<oneshot::Sender<()>>>,
     paused: bool,
     assignments: u64,
+    /// Builder- and step-level locks held or waited for.
+    locks: BuildLocks,
+    /// Queued builds whose worker is chosen and whose builder-level locks
+    /// are being waited for (the worker's slot is kept for them).
+    lock_waits: BTreeMap<BuildId, String>,
 }
 
 impl Scheduler {
@@ -239,7 +248,10 @@ impl Scheduler {
             waiters: HashMap::new(),
             paused,
             assignments: 0,
+            locks: BuildLocks::default(),
+            lock_waits: BTreeMap::new(),
         };
+        scheduler.locks = BuildLocks::new(scheduler.config.locks.clone());
         for build in unfinished {
             let worker = build.worker.filter(|w| scheduler.workers.contains_key(w));
             match (build.state, worker) {
@@ -249,6 +261,17 @@ impl Scheduler {
                     if let Some(slot) = scheduler.workers.get_mut(&worker) {
                         slot.running.insert(build.id);
                     }
+                    // It held its builder-level locks before the restart:
+                    // take them again (nothing else holds any yet).
+                    let claims = scheduler.builder_locks(&build.builder);
+                    if let Err(e) =
+                        scheduler
+                            .locks
+                            .request(LockHolder::Build(build.id), &worker, &claims)
+                    {
+                        tracing::warn!("build {}: {e}", build.id);
+                    }
+                    let step_locks = scheduler.step_locks(&build.builder);
                     scheduler.running.insert(
                         build.id,
                         Running {
@@ -256,6 +279,7 @@ impl Scheduler {
                             builder: build.builder,
                             properties: build.properties,
                             accepted: true,
+                            step_locks,
                         },
                     );
                 }
@@ -433,6 +457,16 @@ impl Scheduler {
                 tracing::info!(
                     "build {id}: worker {worker} came back still running it; kept there"
                 );
+                // It runs whatever its locks: drop a wait for them elsewhere
+                // and hold them here.
+                self.lock_waits.remove(&id);
+                let granted = self.locks.release_build(id);
+                self.on_lock_grants(granted);
+                let claims = self.builder_locks(&queued.builder);
+                if let Err(e) = self.locks.request(LockHolder::Build(id), &worker, &claims) {
+                    tracing::warn!("build {id}: {e}");
+                }
+                let step_locks = self.step_locks(&queued.builder);
                 self.running.insert(
                     id,
                     Running {
@@ -440,6 +474,7 @@ impl Scheduler {
                         builder: queued.builder,
                         properties: queued.properties,
                         accepted: true,
+                        step_locks,
                     },
                 );
                 self.store.mark_started(id, worker.clone(), now);
@@ -512,7 +547,11 @@ impl Scheduler {
                     slot.refused.clear();
                     slot.presence = presence.clone();
                 }
+                let takes_builds = presence.state.takes_builds();
                 self.store.save_presence(worker.to_owned(), presence);
+                if !takes_builds {
+                    self.unbind_lock_waits(worker);
+                }
                 self.maybe_release(worker);
                 self.assign();
             }
@@ -532,6 +571,8 @@ impl Scheduler {
                         slot.running.remove(&build_id);
                         slot.refused.insert(build_id);
                     }
+                    let granted = self.locks.release_build(build_id);
+                    self.on_lock_grants(granted);
                     self.store.requeue(build_id, None);
                     self.queue.insert(
                         build_id,
@@ -549,8 +590,7 @@ impl Scheduler {
                 if !self.owns(worker, build_id) {
                     return self.refuse(worker, build_id, "asked for a step grant of");
                 }
-                // No step of this master holds locks yet: grant at once.
-                self.send(worker, MasterMessage::StepGranted { build_id, step });
+                self.on_step_waiting(worker, build_id, step);
             }
             AgentMessage::StepStarted { build_id, .. } => {
                 if !self.owns(worker, build_id) {
@@ -570,7 +610,10 @@ impl Scheduler {
             }
             AgentMessage::StepFinished { build_id, result } => {
                 if self.owns(worker, build_id) {
+                    let step = result.step;
                     self.store.store_step(build_id, result);
+                    let granted = self.locks.release(LockHolder::Step(build_id, step));
+                    self.on_lock_grants(granted);
                 } else {
                     self.refuse(worker, build_id, "finished a step of");
                 }
@@ -622,6 +665,9 @@ impl Scheduler {
             }
         }
         tracing::info!("build {id} finished on {worker}: {}", result.outcome);
+        self.lock_waits.remove(&id);
+        let granted = self.locks.release_build(id);
+        self.on_lock_grants(granted);
         self.finishing.insert(id);
         let store = self.store.clone();
         let events = self.events.clone();
@@ -692,6 +738,9 @@ impl Scheduler {
         if busy {
             self.start_missing_timer(worker);
         }
+        if self.unbind_lock_waits(worker) {
+            self.assign();
+        }
     }
 
     fn start_missing_timer(&self, worker: &str) {
@@ -750,6 +799,8 @@ impl Scheduler {
         if let Some(slot) = self.workers.get_mut(worker) {
             slot.running.remove(&id);
         }
+        let granted = self.locks.release_build(id);
+        self.on_lock_grants(granted);
         if let Some(run) = self.running.remove(&id) {
             tracing::warn!("build {id} re-queued: {reason}");
             self.store.requeue(id, Some(reason.to_owned()));
@@ -766,6 +817,9 @@ impl Scheduler {
 
     fn on_cancel(&mut self, id: BuildId, reason: String) -> Result<(), String> {
         if self.queue.remove(&id).is_some() {
+            self.lock_waits.remove(&id);
+            let granted = self.locks.release_build(id);
+            self.on_lock_grants(granted);
             let store = self.store.clone();
             let events = self.events.clone();
             let now = self.clock.now();
@@ -835,23 +889,160 @@ impl Scheduler {
     fn assign(&mut self) {
         let ids: Vec<BuildId> = self.queue.keys().copied().collect();
         for id in ids {
+            if let Some(worker) = self.lock_waits.get(&id) {
+                // Its worker is chosen; the release of a lock starts it.
+                let why = match self.locks.waiting_text(id) {
+                    Some(text) => format!("{text} (on {worker})"),
+                    None => format!("locks (on {worker})"),
+                };
+                self.note_waiting(id, why);
+                continue;
+            }
             let decision = if self.paused {
                 Err("master is paused".to_owned())
             } else {
                 self.pick_worker(id)
             };
             match decision {
-                Ok(worker) => self.start_build(id, worker),
-                Err(why) => {
-                    if let Some(queued) = self.queue.get_mut(&id)
-                        && queued.waiting_for.as_deref() != Some(why.as_str())
-                    {
-                        queued.waiting_for = Some(why.clone());
-                        self.store.set_waiting_for(id, Some(why));
+                Ok(worker) => self.start_or_wait_for_locks(id, worker),
+                Err(why) => self.note_waiting(id, why),
+            }
+        }
+    }
+
+    /// Records what a queued build waits for (shown by `master builds`).
+    fn note_waiting(&mut self, id: BuildId, why: String) {
+        if let Some(queued) = self.queue.get_mut(&id)
+            && queued.waiting_for.as_deref() != Some(why.as_str())
+        {
+            queued.waiting_for = Some(why.clone());
+            self.store.set_waiting_for(id, Some(why));
+        }
+    }
+
+    /// The builder's build-level locks as the current config has them.
+    fn builder_locks(&self, builder: &str) -> Vec<Claim> {
+        self.config
+            .builder(builder)
+            .map(|b| b.locks.clone())
+            .unwrap_or_default()
+    }
+
+    /// Each step's locks as the current config has them.
+    fn step_locks(&self, builder: &str) -> Vec<Vec<Claim>> {
+        self.config
+            .builder(builder)
+            .map(|b| b.steps.iter().map(|s| s.locks.clone()).collect())
+            .unwrap_or_default()
+    }
+
+    /// `worker` is chosen for queued build `id`: start it when its whole
+    /// builder-level lock set is held, else keep the worker's slot for it
+    /// until a release grants the set ([`Scheduler::on_lock_grants`]).
+    fn start_or_wait_for_locks(&mut self, id: BuildId, worker: String) {
+        let claims = match self.queue.get(&id) {
+            Some(queued) => self.builder_locks(&queued.builder),
+            None => return,
+        };
+        match self.locks.request(LockHolder::Build(id), &worker, &claims) {
+            Ok(true) => self.start_build(id, worker),
+            Ok(false) => {
+                let why = self
+                    .locks
+                    .waiting_text(id)
+                    .unwrap_or_else(|| "waiting for locks".into());
+                tracing::info!("build {id}: {why} (on {worker})");
+                self.note_waiting(id, format!("{why} (on {worker})"));
+                self.lock_waits.insert(id, worker);
+            }
+            Err(e) => {
+                // The config was validated as a whole; a lock it names exists.
+                tracing::error!("build {id}: {e}; started without that lock");
+                self.start_build(id, worker);
+            }
+        }
+    }
+
+    /// Acts on lock sets that a release granted: a step may start
+    /// (`StepGranted`), a build waiting for its builder-level locks starts on
+    /// its chosen worker, or, when that worker can no longer take it, gives
+    /// the locks back and goes back to the queue.
+    fn on_lock_grants(&mut self, granted: Vec<LockHolder>) {
+        let mut reassign = false;
+        for holder in granted {
+            match holder {
+                LockHolder::Step(id, step) => {
+                    if let Some(run) = self.running.get(&id) {
+                        let worker = run.worker.clone();
+                        tracing::info!("build {id} step {step}: locks granted");
+                        self.send(&worker, MasterMessage::StepGranted { build_id: id, step });
+                    }
+                }
+                LockHolder::Build(id) => {
+                    let Some(worker) = self.lock_waits.remove(&id) else {
+                        continue; // a running build re-taking its locks after a restart
+                    };
+                    let can_take = !self.paused
+                        && self.queue.contains_key(&id)
+                        && self
+                            .workers
+                            .get(&worker)
+                            .is_some_and(|s| s.conn.is_some() && s.presence.state.takes_builds());
+                    if can_take {
+                        self.start_build(id, worker);
+                    } else {
+                        let more = self.locks.release(LockHolder::Build(id));
+                        self.on_lock_grants(more);
+                        reassign = true;
                     }
                 }
             }
         }
+        if reassign {
+            self.assign();
+        }
+    }
+
+    /// The agent waits to start `step`: grant it when the step's locks are
+    /// held (at once, or when a release grants them).
+    fn on_step_waiting(&mut self, worker: &str, build_id: BuildId, step: u32) {
+        let claims = self
+            .running
+            .get(&build_id)
+            .and_then(|run| run.step_locks.get(step as usize))
+            .cloned()
+            .unwrap_or_default();
+        match self
+            .locks
+            .request(LockHolder::Step(build_id, step), worker, &claims)
+        {
+            Ok(true) => self.send(worker, MasterMessage::StepGranted { build_id, step }),
+            Ok(false) => {
+                let why = self.locks.waiting_text(build_id).unwrap_or_default();
+                tracing::info!("build {build_id} step {step}: {why}");
+            }
+            Err(e) => {
+                tracing::error!("build {build_id} step {step}: {e}; started without that lock");
+                self.send(worker, MasterMessage::StepGranted { build_id, step });
+            }
+        }
+    }
+
+    /// `worker` went away or offline: builds waiting for locks on it give
+    /// their place back and return to the queue. Returns whether any did.
+    fn unbind_lock_waits(&mut self, worker: &str) -> bool {
+        let ids: Vec<BuildId> = self
+            .lock_waits
+            .iter()
+            .filter(|(_, w)| *w == worker)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in &ids {
+            self.lock_waits.remove(id);
+            let granted = self.locks.release(LockHolder::Build(*id));
+            self.on_lock_grants(granted);
+        }
+        !ids.is_empty()
     }
 
     /// THE decision: which connected worker gets queued build `id` now.
@@ -889,8 +1080,9 @@ impl Scheduler {
                 .worker(name)
                 .map_or(1, |w| w.max_builds)
                 .min(slot.agent_max_builds) as usize;
-            if slot.running.len() >= capacity {
-                why.push(format!("{name} busy ({}/{capacity})", slot.running.len()));
+            let busy = slot.running.len() + self.lock_waits.values().filter(|w| *w == name).count();
+            if busy >= capacity {
+                why.push(format!("{name} busy ({busy}/{capacity})"));
                 continue;
             }
             if slot.refused.contains(&id) {
@@ -924,11 +1116,12 @@ impl Scheduler {
                         timeout_secs: s.timeout.map(|t| t.as_secs().max(1)),
                         env: s.env.clone(),
                         workdir: s.workdir.clone(),
-                        needs_grant: false,
+                        needs_grant: !s.locks.is_empty(),
                     })
                     .collect()
             })
             .unwrap_or_default();
+        let step_locks = self.step_locks(&queued.builder);
         self.assignments += 1;
         if let Some(slot) = self.workers.get_mut(&worker) {
             slot.running.insert(id);
@@ -953,6 +1146,7 @@ impl Scheduler {
                 builder: queued.builder,
                 properties: queued.properties,
                 accepted: false,
+                step_locks,
             },
         );
     }
@@ -986,6 +1180,12 @@ impl Scheduler {
                 .queue
                 .iter()
                 .filter_map(|(id, q)| Some((*id, q.waiting_for.clone()?)))
+                // Running builds whose next step waits for a lock.
+                .chain(
+                    self.running
+                        .keys()
+                        .filter_map(|id| Some((*id, self.locks.waiting_text(*id)?))),
+                )
                 .collect(),
             running: self
                 .running

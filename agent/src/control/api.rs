@@ -297,11 +297,16 @@ pub async fn post_set_availability(
     let manual = manual_request(&body, (shared.clock)(), &shared.time_zone)?;
     let (reply, answer) = oneshot::channel::<Result<Presence, String>>();
     tracing::info!(?manual, "manual state requested over the control plane");
-    let presence = ask(&shared, ControlCommand::SetManual { manual, reply }, answer).await?;
+    let command = ControlCommand::SetManual {
+        manual: manual.clone(),
+        reply,
+    };
+    let presence = ask(&shared, command, answer).await?;
     let mut status = shared.handle.status.borrow().clone();
-    // The daemon's reply is the truth even if its status update is not
-    // published yet.
+    // The daemon's reply (and the request it accepted) are the truth even if
+    // its status update is not published yet.
     status.presence = presence;
+    status.manual = manual;
     Ok(Json(status))
 }
 

@@ -15,7 +15,7 @@ pub mod page;
 pub mod server;
 pub mod when;
 
-pub use server::{ControlServer, serve};
+pub use server::serve;
 
 #[cfg(test)]
 mod tests;

@@ -66,7 +66,7 @@ pub fn check(config: &ConfigArg) -> ExitCode {
 fn right_now(policy: &Policy, now: Timestamp) -> String {
     let presence = policy.evaluate(now, &Inputs::default());
     let tz = policy.time_zone();
-    let mut line = format!("right now: {} ({})", presence.state, presence.reason);
+    let mut line = format!("right now: {} — {}", presence.state, presence.reason);
     if presence.state.takes_builds() {
         if let Some(end) = policy
             .preview(now, now + SignedDuration::from_hours(24 * 8))

@@ -82,6 +82,16 @@ impl MasterOverride {
     pub fn is_active(&self, now: Timestamp) -> bool {
         self.until.is_none_or(|until| now < until)
     }
+
+    /// The override a master-side schedule gives (a presence evaluated with a
+    /// policy from [`Policy::compile_for_master`]): its state until it changes.
+    pub fn from_presence(presence: &Presence) -> MasterOverride {
+        MasterOverride {
+            state: presence.state,
+            reason: presence.reason.clone(),
+            until: presence.until,
+        }
+    }
 }
 
 /// Everything besides the clock that the presence depends on. `Default` = nothing
@@ -466,7 +476,7 @@ impl Policy {
                 state: window.state,
                 source: self.schedule_source(&window.name),
                 reason: format!(
-                    "{prefix}schedule {} ({} {})",
+                    "inside {prefix}schedule {} ({} {})",
                     window.name,
                     window.short_when(),
                     self.zone_name

@@ -433,6 +433,7 @@ impl Window {
 }
 
 fn lowercase_first(text: &str) -> String {
+    let text = text.trim().trim_end_matches('.');
     let mut chars = text.chars();
     match chars.next() {
         Some(first) => first.to_lowercase().chain(chars).collect(),

@@ -783,11 +783,30 @@ fn describe_says_what_each_policy_means() {
 }
 
 #[test]
+fn policy_can_be_shared_across_tasks() {
+    fn shared<T: Send + Sync + 'static>() {}
+    shared::<Policy>();
+    shared::<nightshift_policy::LoadMonitor>();
+}
+
+#[test]
 fn master_side_schedule_carries_source_master() {
     let config: AvailabilityConfig = toml::from_str(NIGHTS_BERLIN).unwrap();
     let p = Policy::compile_for_master(&config, TimeZone::UTC, "worker[0].availability").unwrap();
     let presence = p.evaluate(ts("2026-11-23T12:00:00+01:00"), &Inputs::default());
-    assert_eq!((presence.state, presence.source), (Away, Source::Master));
+    assert_eq!(
+        (presence.state, presence.source.clone()),
+        (Away, Source::Master)
+    );
+    // Handed to the worker's own policy as a master override, it restricts it until it ends.
+    let inputs = Inputs {
+        master: Some(MasterOverride::from_presence(&presence)),
+        ..Inputs::default()
+    };
+    let own = policy(AWAY_AT_LUNCH).evaluate(ts("2026-11-23T12:00:00+01:00"), &inputs);
+    assert_eq!((own.state, own.source), (Away, Source::Master));
+    // Re-evaluated when its own lunch window opens, before the master's schedule ends.
+    assert_eq!(own.until, Some(ts("2026-11-23T12:00:00Z")));
     let bad: AvailabilityConfig =
         toml::from_str("[[schedule]]\nname = \"x\"\nhours = \"7-7\"\n").unwrap();
     let errors =

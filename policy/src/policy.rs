@@ -39,6 +39,11 @@ pub struct CompileOptions {
     /// Key path of the availability section, e.g. `availability` or `worker[2].availability`.
     pub path: String,
     pub owner: PolicyOwner,
+    /// Key path of the schedule array when it is not `{path}.schedule`
+    /// (e.g. `worker[2].schedule` in a file that puts it there).
+    pub schedule_path: Option<String>,
+    /// Key path of the time zone when it is not `{path}.timezone`.
+    pub timezone_path: Option<String>,
 }
 
 impl Default for CompileOptions {
@@ -46,6 +51,30 @@ impl Default for CompileOptions {
         CompileOptions {
             path: "availability".to_owned(),
             owner: PolicyOwner::Worker,
+            schedule_path: None,
+            timezone_path: None,
+        }
+    }
+}
+
+impl CompileOptions {
+    /// The key path of `key` (relative to the availability section) for errors.
+    fn key_path(&self, key: &str) -> String {
+        let relocated = |prefix: &str, override_path: &Option<String>| {
+            override_path
+                .as_ref()
+                .and_then(|path| key.strip_prefix(prefix).map(|rest| format!("{path}{rest}")))
+        };
+        if let Some(path) = relocated("schedule", &self.schedule_path) {
+            return path;
+        }
+        if let Some(path) = relocated("timezone", &self.timezone_path) {
+            return path;
+        }
+        if self.path.is_empty() {
+            key.to_owned()
+        } else {
+            format!("{}.{key}", self.path)
         }
     }
 }
@@ -167,6 +196,7 @@ impl Policy {
             &CompileOptions {
                 path: path.to_owned(),
                 owner: PolicyOwner::Master,
+                ..CompileOptions::default()
             },
         )
     }
@@ -179,11 +209,7 @@ impl Policy {
     ) -> Result<Policy, Vec<PolicyError>> {
         let mut errors = Vec::new();
         let at = |key: &str, message: String| PolicyError {
-            path: if options.path.is_empty() {
-                key.to_owned()
-            } else {
-                format!("{}.{key}", options.path)
-            },
+            path: options.key_path(key),
             message,
         };
 

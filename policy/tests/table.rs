@@ -812,6 +812,15 @@ fn master_side_schedule_carries_source_master() {
     let errors =
         Policy::compile_for_master(&bad, TimeZone::UTC, "worker[0].availability").unwrap_err();
     assert_eq!(errors[0].path, "worker[0].availability.schedule[0].hours");
+    // A file that keeps the windows and zone directly in the worker entry.
+    let options = nightshift_policy::CompileOptions {
+        path: "worker[0]".to_owned(),
+        owner: nightshift_policy::PolicyOwner::Master,
+        schedule_path: Some("worker[0].schedule".to_owned()),
+        timezone_path: Some("worker[0].timezone".to_owned()),
+    };
+    let errors = Policy::compile_with(&bad, TimeZone::UTC, &options).unwrap_err();
+    assert_eq!(errors[0].path, "worker[0].schedule[0].hours");
 }
 
 #[test]

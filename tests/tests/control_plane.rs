@@ -306,3 +306,39 @@ async fn packaging_examples_are_valid() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completions_and_man_page_come_from_the_cli_definitions() -> anyhow::Result<()> {
+    let worker = bin_dir()?.join("worker");
+    for (shell, expected) in [
+        ("bash", "set-availability"),
+        ("zsh", "set-availability"),
+        ("fish", "set-availability"),
+    ] {
+        let output = Command::new(&worker)
+            .args(["completions", shell])
+            .output()
+            .await?;
+        assert!(output.status.success(), "{shell}");
+        let text = String::from_utf8(output.stdout)?;
+        assert!(
+            text.contains(expected) && text.contains("--graceful"),
+            "{shell}: {text}"
+        );
+    }
+    let output = Command::new(&worker).arg("man").output().await?;
+    assert!(output.status.success());
+    let roff = String::from_utf8(output.stdout)?;
+    assert!(roff.starts_with(".ie") || roff.contains(".TH"), "{roff}");
+    assert!(roff.contains("set\\-availability"), "{roff}");
+    let output = Command::new(&worker)
+        .args(["completions", "tcsh"])
+        .output()
+        .await?;
+    assert_eq!(
+        output.status.code(),
+        Some(2),
+        "an unknown shell is a usage error"
+    );
+    Ok(())
+}

@@ -242,13 +242,13 @@ pub fn render_hero(status: &AgentStatus, now: Timestamp, tz: &TimeZone) -> Strin
   <h1 id="state-word">{word}</h1>
   <p class="meaning">{meaning}</p>
   <p class="when">{when} — {source}</p>
-  <p class="reason">{reason}<span class="soft"> · since {since} ({ago} ago)</span></p>
+  <p class="reason">{reason}<span class="soft">since {since} ({ago} ago)</span></p>
 "#,
         title = escape(&page_title(status)),
         word = state_word(state),
         meaning = state_meaning(state),
         source = escape(&source_words(&presence.source)),
-        reason = escape(&presence.reason),
+        reason = reason_words(status),
         since = escape(&short_time(presence.since, now, tz)),
         ago = span_words(now.duration_since(presence.since)),
     );
@@ -471,6 +471,22 @@ fn overlay(base: Vec<PreviewInterval>, patch: PreviewInterval) -> Vec<PreviewInt
     out
 }
 
+/// The reason line's text before "since": the owner's own words for a
+/// manual state (the source already says "set by you"), else the reason.
+fn reason_words(status: &AgentStatus) -> String {
+    let reason = match (&status.presence.source, &status.manual) {
+        (Source::Manual, Some(manual)) => {
+            manual.reason.as_ref().map(|reason| format!("“{reason}”"))
+        }
+        (Source::Manual, None) => None,
+        _ => Some(status.presence.reason.clone()),
+    };
+    match reason {
+        Some(reason) if !reason.trim().is_empty() => format!("{} · ", escape(&reason)),
+        _ => String::new(),
+    }
+}
+
 /// The state in one capitalised word.
 pub fn state_word(state: PresenceState) -> &'static str {
     match state {
@@ -597,6 +613,34 @@ mod tests {
         assert!(html.contains("Away 12:00–14:00 · set by you"), "{html}");
         assert!(html.contains("Available 14:00–24:00"), "{html}");
         assert!(html.contains("You chose <b>away</b> until 14:00"));
+    }
+
+    #[test]
+    fn a_manual_state_shows_the_owners_words() {
+        let now: Timestamp = "2026-11-23T11:00:00Z".parse().unwrap();
+        let mut status = status_fixture(now);
+        status.presence.source = Source::Manual;
+        status.presence.reason = "set by hand: <lunch>".into();
+        status.manual = Some(ManualRequest {
+            state: PresenceState::Away,
+            until: None,
+            reason: Some("<lunch>".into()),
+        });
+        let hero = render_hero(&status, now, &tz());
+        assert!(
+            hero.contains("until something changes — set by you"),
+            "{hero}"
+        );
+        assert!(
+            hero.contains("<p class=\"reason\">“&lt;lunch&gt;” · <span"),
+            "{hero}"
+        );
+        status.manual.as_mut().unwrap().reason = None;
+        let hero = render_hero(&status, now, &tz());
+        assert!(
+            hero.contains("<p class=\"reason\"><span class=\"soft\">since 12:00"),
+            "{hero}"
+        );
     }
 
     #[test]

@@ -41,6 +41,8 @@ pub struct AppState {
     pub admin_token_sha256: String,
     /// Source of agent connection ids.
     pub next_conn: Arc<AtomicU64>,
+    /// Tokens of the latent instances the scheduler started.
+    pub latent_tokens: crate::latent::LatentTokens,
 }
 
 /// An error response: status plus [`ApiError`] JSON.

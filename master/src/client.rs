@@ -205,7 +205,19 @@ pub async fn workers(client: &ApiClient, json: bool) -> anyhow::Result<i32> {
             } else {
                 running.join(",")
             },
-            w.reason
+            match &w.latent {
+                Some(latent) => format!(
+                    "{} [latent {}: {}{}]",
+                    w.reason,
+                    latent.state,
+                    latent.reason,
+                    latent
+                        .retry_after
+                        .map(|t| format!("; retry after {t}"))
+                        .unwrap_or_default()
+                ),
+                None => w.reason.clone(),
+            }
         );
     }
     Ok(0)

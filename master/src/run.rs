@@ -232,7 +232,7 @@ pub async fn run(config_path: Option<&Path>, local_worker: bool) -> anyhow::Resu
 
     let (events, inbox) = mpsc::unbounded_channel();
     let queued = unfinished.len();
-    let scheduler = Scheduler::new(
+    let mut scheduler = Scheduler::new(
         Arc::clone(&config),
         store.clone(),
         Arc::new(SystemClock),
@@ -241,8 +241,24 @@ pub async fn run(config_path: Option<&Path>, local_worker: bool) -> anyhow::Resu
         last_seen,
         paused,
     );
+    // Latent instances reach the master as any worker would, with a token
+    // made for each start (checked by the connection handler).
+    let latent_tokens = crate::latent::LatentTokens::default();
+    scheduler.set_latent_access(
+        crate::latent::MasterAccess {
+            url: url
+                .to_string()
+                .replacen("https://", "wss://", 1)
+                .replacen("http://", "ws://", 1),
+            ca_file: tls.as_ref().map(|t| t.cert_path.clone()),
+            cert_sha256: tls.as_ref().map(|t| t.pin_sha256.clone()),
+            insecure: tls.is_none(),
+        },
+        latent_tokens.clone(),
+    );
     tokio::spawn(scheduler.run(inbox));
     let state = AppState {
+        latent_tokens,
         config: Arc::clone(&config),
         store,
         events,

@@ -16,13 +16,18 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 use nightshift_policy::{Presence, PresenceState, Source};
-use nightshift_proto::api::{WorkerInfo, WorkerList};
+use nightshift_proto::api::{LatentInfo, WorkerInfo, WorkerList};
 use nightshift_proto::wire::{
-    AgentMessage, BuildId, BuildResult, HEARTBEAT_SECS, MasterMessage, PROTOCOL_VERSION, StepSpec,
+    AgentMessage, BuildId, BuildResult, HEARTBEAT_SECS, MasterMessage, Outcome, PROTOCOL_VERSION,
+    StepSpec,
 };
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::MasterConfig;
+use crate::latent::{
+    LatentAction, LatentChoice, LatentEvent, LatentPool, LatentProvider, LatentTokens,
+    MasterAccess, Now,
+};
 use crate::locks::{BuildLocks, Claim, LockHolder};
 use crate::store::{Store, StoreOutcome, UnfinishedBuild};
 
@@ -136,6 +141,8 @@ pub enum Event {
     Snapshot {
         reply: oneshot::Sender<Snapshot>,
     },
+    /// A latent provider call or timer ended.
+    Latent(LatentEvent),
 }
 
 /// A worker's live state as the scheduler sees it.
@@ -183,6 +190,9 @@ pub struct Scheduler {
     running: HashMap<BuildId, Running>,
     /// Results being committed.
     finishing: BTreeSet<BuildId>,
+    /// Running builds the master asked to cancel: their `cancelled` result
+    /// is final (a cancel the worker decided alone re-queues the build).
+    cancel_requested: BTreeSet<BuildId>,
     waiters: HashMap<BuildId, Vec<oneshot::Sender<()>>>,
     paused: bool,
     assignments: u64,
@@ -191,6 +201,11 @@ pub struct Scheduler {
     /// Queued builds whose worker is chosen and whose builder-level locks
     /// are being waited for (the worker's slot is kept for them).
     lock_waits: BTreeMap<BuildId, String>,
+    /// Latent (on-demand) workers: their life cycle, providers and tokens.
+    latent: LatentPool,
+    latent_providers: BTreeMap<String, Arc<dyn LatentProvider>>,
+    latent_tokens: LatentTokens,
+    latent_access: MasterAccess,
 }
 
 impl Scheduler {
@@ -245,13 +260,19 @@ impl Scheduler {
             queue: BTreeMap::new(),
             running: HashMap::new(),
             finishing: BTreeSet::new(),
+            cancel_requested: BTreeSet::new(),
             waiters: HashMap::new(),
             paused,
             assignments: 0,
             locks: BuildLocks::default(),
             lock_waits: BTreeMap::new(),
+            latent: LatentPool::new(MasterAccess::default(), 1),
+            latent_providers: BTreeMap::new(),
+            latent_tokens: LatentTokens::default(),
+            latent_access: MasterAccess::default(),
         };
         scheduler.locks = BuildLocks::new(scheduler.config.locks.clone());
+        scheduler.configure_latent();
         for build in unfinished {
             let worker = build.worker.filter(|w| scheduler.workers.contains_key(w));
             match (build.state, worker) {
@@ -397,6 +418,16 @@ impl Scheduler {
             Event::Snapshot { reply } => {
                 let _ = reply.send(self.snapshot());
             }
+            Event::Latent(event) => {
+                let worker = match &event {
+                    LatentEvent::StartDone { worker, .. }
+                    | LatentEvent::StopDone { worker, .. }
+                    | LatentEvent::Timer { worker, .. } => worker.clone(),
+                };
+                let actions = self.latent.handle(event, Now::system());
+                self.run_latent(&worker, actions);
+                self.assign();
+            }
         }
     }
 
@@ -426,6 +457,17 @@ impl Scheduler {
         hello: Hello,
         out: mpsc::UnboundedSender<Outbound>,
     ) {
+        if self.workers.contains_key(&worker) && self.latent.is_latent(&worker) {
+            match self.latent.agent_connected(&worker, Now::system()) {
+                Ok(actions) => self.run_latent(&worker, actions),
+                Err(reason) => {
+                    tracing::warn!("latent worker {worker} refused: {reason}");
+                    let _ = out.send(Outbound::Message(MasterMessage::Refused { reason }));
+                    let _ = out.send(Outbound::Close("latent instance not expected".into()));
+                    return;
+                }
+            }
+        }
         let Some(slot) = self.workers.get(&worker) else {
             let _ = out.send(Outbound::Message(MasterMessage::Refused {
                 reason: format!("no worker `{worker}` in master.toml"),
@@ -548,10 +590,15 @@ impl Scheduler {
                     slot.presence = presence.clone();
                 }
                 let takes_builds = presence.state.takes_builds();
+                let why = format!("{}: {}", presence.source, presence.reason);
                 self.store.save_presence(worker.to_owned(), presence);
                 if !takes_builds {
                     self.unbind_lock_waits(worker);
                 }
+                let actions =
+                    self.latent
+                        .presence_changed(worker, takes_builds, &why, Now::system());
+                self.run_latent(worker, actions);
                 self.maybe_release(worker);
                 self.assign();
             }
@@ -573,6 +620,8 @@ impl Scheduler {
                     }
                     let granted = self.locks.release_build(build_id);
                     self.on_lock_grants(granted);
+                    let actions = self.latent.build_finished(worker, Now::system());
+                    self.run_latent(worker, actions);
                     self.store.requeue(build_id, None);
                     self.queue.insert(
                         build_id,
@@ -641,6 +690,11 @@ impl Scheduler {
         if self.finishing.contains(&id) {
             return; // the first delivery is being stored; it will be acknowledged
         }
+        if result.outcome == Outcome::Cancelled && !self.cancel_requested.remove(&id) {
+            // Cancelled on the worker's side (a stop deadline, a second
+            // SIGTERM, the owner): the request is not done, it runs elsewhere.
+            return self.on_worker_cancelled(worker, &result);
+        }
         match self.running.get(&id) {
             Some(run) if run.worker != worker => {
                 return self.refuse(worker, id, "delivered a result for");
@@ -651,6 +705,8 @@ impl Scheduler {
                     slot.running.remove(&id);
                     slot.unconfirmed.remove(&id);
                 }
+                let actions = self.latent.build_finished(worker, Now::system());
+                self.run_latent(worker, actions);
             }
             None => {
                 // Re-queued after this worker went missing, and nobody took it
@@ -677,6 +733,26 @@ impl Scheduler {
             let _ = events.send(Event::ResultCommitted { worker, id, stored });
         });
         self.maybe_release_all();
+        self.assign();
+    }
+
+    /// A build the worker cancelled by itself goes back to the queue.
+    fn on_worker_cancelled(&mut self, worker: &str, result: &BuildResult) {
+        let id = result.build_id;
+        let owned = self.owns(worker, id);
+        if !owned && !self.queue.contains_key(&id) {
+            return self.refuse(worker, id, "cancelled");
+        }
+        if owned {
+            let reason = format!(
+                "cancelled on worker {worker}: {}",
+                result.reason.as_deref().unwrap_or("no reason given")
+            );
+            self.requeue(worker, id, &reason);
+        }
+        // Nothing to store: the agent may forget its result.
+        self.send(worker, MasterMessage::ResultStored { build_id: id });
+        self.maybe_release(worker);
         self.assign();
     }
 
@@ -738,6 +814,10 @@ impl Scheduler {
         if busy {
             self.start_missing_timer(worker);
         }
+        let actions = self
+            .latent
+            .agent_disconnected(worker, reason, Now::system());
+        self.run_latent(worker, actions);
         if self.unbind_lock_waits(worker) {
             self.assign();
         }
@@ -803,6 +883,8 @@ impl Scheduler {
         self.on_lock_grants(granted);
         if let Some(run) = self.running.remove(&id) {
             tracing::warn!("build {id} re-queued: {reason}");
+            let actions = self.latent.build_finished(worker, Now::system());
+            self.run_latent(worker, actions);
             self.store.requeue(id, Some(reason.to_owned()));
             self.queue.insert(
                 id,
@@ -840,6 +922,7 @@ impl Scheduler {
             Some(run) => {
                 let worker = run.worker.clone();
                 if self.workers.get(&worker).is_some_and(|s| s.conn.is_some()) {
+                    self.cancel_requested.insert(id);
                     self.send(
                         &worker,
                         MasterMessage::CancelBuild {
@@ -888,6 +971,8 @@ impl Scheduler {
     /// Hands out every queued build that a worker can take now, oldest first.
     fn assign(&mut self) {
         let ids: Vec<BuildId> = self.queue.keys().copied().collect();
+        // Latent instances starting already, each counted on by one build.
+        let mut counted_on = BTreeSet::new();
         for id in ids {
             if let Some(worker) = self.lock_waits.get(&id) {
                 // Its worker is chosen; the release of a lock starts it.
@@ -905,7 +990,11 @@ impl Scheduler {
             };
             match decision {
                 Ok(worker) => self.start_or_wait_for_locks(id, worker),
-                Err(why) => self.note_waiting(id, why),
+                Err(why) if self.paused => self.note_waiting(id, why),
+                Err(why) => {
+                    let why = self.try_latent(id, &mut counted_on, why);
+                    self.note_waiting(id, why);
+                }
             }
         }
     }
@@ -1028,6 +1117,101 @@ impl Scheduler {
         }
     }
 
+    /// Sets up (or, after a reconfig, updates) the latent workers of the
+    /// config. A provider is replaced only while its instance is stopped.
+    fn configure_latent(&mut self) {
+        let now = Now::system();
+        let data_dir = self.config.data_dir.clone();
+        self.latent
+            .set_master(self.latent_master(), self.config.max_starting as usize);
+        for def in &self.config.workers {
+            let Some(settings) = crate::latent::settings_from_config(def, &data_dir) else {
+                continue;
+            };
+            let stopped = self
+                .latent
+                .state(&def.name)
+                .is_none_or(|s| s == crate::latent::LatentState::Stopped);
+            if stopped || !self.latent_providers.contains_key(&def.name) {
+                self.latent_providers.insert(
+                    def.name.clone(),
+                    crate::latent::build_provider(&settings.provider),
+                );
+            }
+            self.latent.configure(&def.name, settings, now);
+        }
+    }
+
+    fn latent_master(&self) -> MasterAccess {
+        self.latent_access.clone()
+    }
+
+    /// How latent instances reach the master and the token table the
+    /// connection handler checks (set by `master run` once it is bound).
+    pub fn set_latent_access(&mut self, master: MasterAccess, tokens: LatentTokens) {
+        self.latent_access = master;
+        self.latent_tokens = tokens;
+        self.latent
+            .set_master(self.latent_master(), self.config.max_starting as usize);
+    }
+
+    /// Carries out what the latent pool asked for `worker`, and publishes
+    /// the token its instance may present.
+    fn run_latent(&mut self, worker: &str, actions: Vec<LatentAction>) {
+        if !self.latent.is_latent(worker) {
+            return;
+        }
+        self.latent_tokens.set(worker, self.latent.token(worker));
+        let events = self.events.clone();
+        let report: Arc<dyn Fn(LatentEvent) + Send + Sync> = Arc::new(move |event| {
+            let _ = events.send(Event::Latent(event));
+        });
+        for action in actions {
+            crate::latent::spawn_action(action, &self.latent_providers, Arc::clone(&report));
+        }
+    }
+
+    /// No connected worker can take queued build `id`: count on a latent
+    /// instance that is starting, or start one (within `max_starting`).
+    /// Returns what the build waits for.
+    fn try_latent(
+        &mut self,
+        id: BuildId,
+        counted_on: &mut BTreeSet<String>,
+        why: String,
+    ) -> String {
+        let candidates: Vec<String> = match self
+            .queue
+            .get(&id)
+            .and_then(|q| self.config.builder(&q.builder))
+        {
+            Some(builder) => builder
+                .workers
+                .iter()
+                .filter(|w| self.latent.is_latent(w))
+                .filter(|w| self.workers.get(*w).is_none_or(|s| s.conn.is_none()))
+                .cloned()
+                .collect(),
+            None => return why,
+        };
+        if candidates.is_empty() {
+            return why;
+        }
+        let refs: Vec<&str> = candidates.iter().map(String::as_str).collect();
+        match self
+            .latent
+            .serve(&refs, counted_on, &format!("build {id}"), Now::system())
+        {
+            LatentChoice::AlreadyStarting(worker) => format!("latent worker {worker} is starting"),
+            LatentChoice::Start { worker, actions } => {
+                tracing::info!("build {id}: starting latent worker {worker}");
+                self.run_latent(&worker, actions);
+                format!("starting latent worker {worker}")
+            }
+            LatentChoice::Wait(reason) => format!("{why}; latent: {reason}"),
+        }
+    }
+
     /// `worker` went away or offline: builds waiting for locks on it give
     /// their place back and return to the queue. Returns whether any did.
     fn unbind_lock_waits(&mut self, worker: &str) -> bool {
@@ -1127,6 +1311,7 @@ impl Scheduler {
             slot.running.insert(id);
             slot.last_assigned = self.assignments;
         }
+        self.latent.build_started(&worker, Now::system());
         tracing::info!("build {id} ({}) handed to {worker}", queued.builder);
         self.send(
             &worker,
@@ -1168,6 +1353,13 @@ impl Scheduler {
                     connected: slot.conn.is_some(),
                     max_builds: def.max_builds.min(slot.agent_max_builds),
                     running: slot.running.iter().copied().collect(),
+                    latent: self.latent.status(&def.name).map(|s| LatentInfo {
+                        state: s.state.as_str().to_owned(),
+                        reason: s.reason,
+                        since: s.since,
+                        retry_after: s.retry_after,
+                        provider: s.provider.to_owned(),
+                    }),
                 })
             })
             .collect();

@@ -131,6 +131,23 @@ pub struct WorkerInfo {
     pub connected: bool,
     pub max_builds: u32,
     pub running: Vec<BuildId>,
+    /// For a latent (on-demand) worker: where its instance is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub latent: Option<LatentInfo>,
+}
+
+/// A latent worker's instance as `master workers` shows it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LatentInfo {
+    /// `stopped`, `starting`, `running`, `lingering` or `stopping`.
+    pub state: String,
+    pub reason: String,
+    pub since: Timestamp,
+    /// When a back-off after a failed start (or a "not now") ends.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after: Option<Timestamp>,
+    /// `command`, `process`, …
+    pub provider: String,
 }
 
 /// `GET /api/v1/workers`.

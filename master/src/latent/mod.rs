@@ -16,12 +16,12 @@
 pub mod command;
 pub mod process;
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::Duration;
 
 use jiff::Timestamp;
@@ -111,6 +111,68 @@ pub fn build_provider(spec: &ProviderSpec) -> Arc<dyn LatentProvider> {
             Arc::new(process::ProcessProvider::new(settings.clone()))
         }
     }
+}
+
+/// The settings of a `[[worker]]` with `latent = { … }` in `master.toml`,
+/// or `None` for an ordinary worker. Relative paths were resolved by the
+/// config loader; process instances live under `data_dir`.
+pub fn settings_from_config(
+    worker: &crate::config::WorkerDef,
+    data_dir: &Path,
+) -> Option<LatentSettings> {
+    let latent = worker.latent.as_ref()?;
+    let provider = match latent.provider {
+        crate::config::LatentProvider::Command => ProviderSpec::Command(command::CommandSettings {
+            start: latent.start.clone().unwrap_or_default(),
+            stop: latent.stop.clone().unwrap_or_default(),
+            health: None,
+        }),
+        crate::config::LatentProvider::Process => ProviderSpec::Process(process::ProcessSettings {
+            worker_binary: latent.worker_bin.as_ref().map(PathBuf::from),
+            data_dir: data_dir.to_path_buf(),
+            workdir: latent.workdir.as_ref().map(PathBuf::from),
+            stop_grace: Duration::from_secs(30),
+        }),
+    };
+    Some(LatentSettings {
+        provider,
+        build_wait_timeout: latent.build_wait_timeout.0,
+        start_timeout: latent.start_timeout.0,
+        max_builds: worker.max_builds,
+    })
+}
+
+/// The tokens of running latent instances (SHA-256, hex), shared between
+/// the scheduler (which makes them at each start) and the connection
+/// handler (which accepts an agent presenting one).
+#[derive(Debug, Clone, Default)]
+pub struct LatentTokens(Arc<RwLock<HashMap<String, String>>>);
+
+impl LatentTokens {
+    /// Sets or clears the token `worker`'s instance may present.
+    pub fn set(&self, worker: &str, token: Option<&str>) {
+        let mut map = self.0.write().unwrap_or_else(|poison| poison.into_inner());
+        match token {
+            Some(token) => {
+                map.insert(worker.to_owned(), sha256_hex(token));
+            }
+            None => {
+                map.remove(worker);
+            }
+        }
+    }
+
+    /// Whether `token` is the current instance token of `worker`.
+    pub fn matches(&self, worker: &str, token: &str) -> bool {
+        let map = self.0.read().unwrap_or_else(|poison| poison.into_inner());
+        map.get(worker)
+            .is_some_and(|hash| constant_time_eq(hash, &sha256_hex(token)))
+    }
+}
+
+fn sha256_hex(text: &str) -> String {
+    use sha2::{Digest, Sha256};
+    hex::encode(Sha256::digest(text.as_bytes()))
 }
 
 /// A latent worker's `latent = { … }` settings.
@@ -418,6 +480,17 @@ impl LatentPool {
             .iter()
             .filter(|(_, slot)| slot.state == LatentState::Starting)
             .map(|(name, _)| name.as_str())
+    }
+
+    /// The token made for `worker`'s current instance, while one exists.
+    pub fn token(&self, worker: &str) -> Option<&str> {
+        let slot = self.slots.get(worker)?;
+        match slot.state {
+            LatentState::Starting | LatentState::Running | LatentState::Lingering => {
+                slot.token.as_deref()
+            }
+            LatentState::Stopping | LatentState::Stopped => None,
+        }
     }
 
     /// Whether `token` is the one made for `worker`'s current instance.

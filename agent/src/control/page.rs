@@ -53,35 +53,46 @@ pub async fn index(State(shared): State<Shared>) -> Response {
         .into_response()
 }
 
+/// The shortest gap between two live events on one connection: a chatty
+/// build updates the status many times a second; the watch channel keeps
+/// only the latest, so a burst becomes one event per gap.
+const MIN_EVENT_GAP: Duration = Duration::from_millis(250);
+
 /// `GET /events`: one `status` event now and one after every change.
 pub async fn events(
     State(shared): State<Shared>,
 ) -> Sse<impl Stream<Item = Result<Event, Infallible>>> {
     let mut receiver = shared.handle.status.clone();
     receiver.mark_changed();
-    let stream =
-        futures_util::stream::unfold((shared, receiver), |(shared, mut receiver)| async move {
+    let start = (shared, receiver, None::<tokio::time::Instant>);
+    let stream = futures_util::stream::unfold(start, |(shared, mut receiver, last)| async move {
+        if let Some(last) = last {
             tokio::select! {
-                () = shared.shutdown.cancelled() => None,
-                changed = receiver.changed() => {
-                    // The daemon dropped its sender: it is gone, end the stream
-                    // (the browser reconnects and sees the next agent).
-                    changed.ok()?;
-                    let status = receiver.borrow_and_update().clone();
-                    let now = (shared.clock)();
-                    let preview = preview_window(&shared, now);
-                    let parts = render_live(&status, now, &shared.time_zone, preview.as_deref());
-                    let event = match Event::default().event("status").json_data(&parts) {
-                        Ok(event) => event,
-                        Err(error) => {
-                            tracing::warn!(%error, "cannot encode a live update");
-                            Event::default().comment("encoding error")
-                        }
-                    };
-                    Some((Ok(event), (shared, receiver)))
-                }
+                () = shared.shutdown.cancelled() => return None,
+                () = tokio::time::sleep_until(last + MIN_EVENT_GAP) => {}
             }
-        });
+        }
+        tokio::select! {
+            () = shared.shutdown.cancelled() => None,
+            changed = receiver.changed() => {
+                // The daemon dropped its sender: it is gone, end the stream
+                // (the browser reconnects and sees the next agent).
+                changed.ok()?;
+                let status = receiver.borrow_and_update().clone();
+                let now = (shared.clock)();
+                let preview = preview_window(&shared, now);
+                let parts = render_live(&status, now, &shared.time_zone, preview.as_deref());
+                let event = match Event::default().event("status").json_data(&parts) {
+                    Ok(event) => event,
+                    Err(error) => {
+                        tracing::warn!(%error, "cannot encode a live update");
+                        Event::default().comment("encoding error")
+                    }
+                };
+                Some((Ok(event), (shared, receiver, Some(tokio::time::Instant::now()))))
+            }
+        }
+    });
     Sse::new(stream).keep_alive(KeepAlive::new().interval(Duration::from_secs(15)))
 }
 
@@ -99,7 +110,10 @@ fn timeline_bounds(now: Timestamp, tz: &TimeZone) -> (Timestamp, Timestamp) {
         .checked_add(jiff::Span::new().days(TIMELINE_DAYS))
         .ok()
         .and_then(|date| day_start(date, tz))
-        .unwrap_or(now + SignedDuration::from_hours(24 * TIMELINE_DAYS));
+        .unwrap_or_else(|| {
+            now.checked_add(SignedDuration::from_hours(24 * TIMELINE_DAYS))
+                .unwrap_or(now)
+        });
     (start, end)
 }
 

@@ -558,6 +558,22 @@ async fn the_live_feed_pushes_a_change() {
     let second = next_event().await;
     assert!(second.contains(">Reluctant</h1>"), "{second}");
     assert!(second.contains("gaming &lt;tonight&gt;"), "{second}");
+    // A burst of changes (a chatty build) is coalesced, and the last one
+    // always arrives.
+    for line in 0..100 {
+        running.daemon.status.send_modify(|status| {
+            status.builds[0].tail = format!("output line {line}");
+        });
+    }
+    let mut events = 0;
+    loop {
+        let event = next_event().await;
+        events += 1;
+        if event.contains("output line 99") {
+            break;
+        }
+    }
+    assert!(events < 50, "{events} events for one burst");
     // Shutting down ends the stream instead of hanging on it.
     tokio::time::timeout(WAIT, running.server.shutdown())
         .await

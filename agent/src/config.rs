@@ -30,7 +30,10 @@ pub struct TlsClientSettings {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ControlSettings {
-    #[serde(default = "default_control_listen")]
+    #[serde(
+        default = "default_control_listen",
+        deserialize_with = "deserialize_listen"
+    )]
     pub listen: SocketAddr,
     /// Allow a non-loopback `listen` address (token and Origin checks still apply).
     #[serde(default)]
@@ -53,6 +56,18 @@ impl Default for ControlSettings {
 /// The default control-plane address: loopback only, port 7878.
 fn default_control_listen() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], 7878))
+}
+
+/// Reads `listen = "127.0.0.1:7878"`, naming the bad text in the error.
+fn deserialize_listen<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<SocketAddr, D::Error> {
+    let text = String::deserialize(deserializer)?;
+    text.trim().parse().map_err(|_| {
+        serde::de::Error::custom(format!(
+            "\"{text}\" is not an IP address and port; write e.g. \"127.0.0.1:7878\" or \"[::1]:7878\""
+        ))
+    })
 }
 
 /// `worker.toml` as written (relative paths unresolved, defaults unset).

@@ -741,7 +741,7 @@ fn validate_load(load: &LoadConfig, report: &mut dyn FnMut(&str, String)) {
             ),
         );
     }
-    if load.sample_every.0 < SignedDuration::from_millis(500) {
+    if load.sample_every.0 < SignedDuration::from_secs(1) {
         report(
             "sample_every",
             format!(

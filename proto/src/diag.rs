@@ -474,7 +474,30 @@ fn classify(message: &str) -> (ErrorKind, String) {
     if let Some(rest) = message.strip_prefix("unknown variant `") {
         return (ErrorKind::Value, format!("unknown value `{rest}"));
     }
-    (ErrorKind::Value, message)
+    (ErrorKind::Value, plain_types(&message))
+}
+
+/// Says `a number` where serde says `f64`, `a whole number` for `u32`, etc.
+fn plain_types(message: &str) -> String {
+    let mut out = message.to_owned();
+    for (rust, plain) in [
+        ("expected f64", "expected a number"),
+        ("expected f32", "expected a number"),
+        ("expected u8", "expected a whole number"),
+        ("expected u16", "expected a whole number"),
+        ("expected u32", "expected a whole number"),
+        ("expected u64", "expected a whole number"),
+        ("expected usize", "expected a whole number"),
+        ("expected i32", "expected a whole number"),
+        ("expected i64", "expected a whole number"),
+        ("expected a sequence", "expected an array"),
+        ("expected a map", "expected a table"),
+    ] {
+        if let Some(rest) = out.strip_suffix(rust) {
+            out = format!("{rest}{plain}");
+        }
+    }
+    out
 }
 
 fn first_line(message: &str) -> String {
@@ -611,11 +634,11 @@ mod tests {
             errors,
             vec![
                 "t.toml:2:1: max_bulds: unknown key `max_bulds`, expected one of `name`, `max_builds`, `section`, `entry`",
-                "t.toml:5:9: section.level: invalid type: string \"high\", expected u32",
+                "t.toml:5:9: section.level: invalid type: string \"high\", expected a whole number",
                 "t.toml:6:8: section.mode: unknown value `medium`, expected `fast` or `slow`",
                 "t.toml:10:1: entry[0].sise: unknown key `sise`, expected `name` or `size`",
                 "t.toml:12:1: entry[1].name: missing required key `name`",
-                "t.toml:17:8: entry[2].size: invalid value: integer `-1`, expected u32",
+                "t.toml:17:8: entry[2].size: invalid value: integer `-1`, expected a whole number",
             ],
             "{errors:#?}"
         );
@@ -646,7 +669,7 @@ mod tests {
         let errors = result.unwrap_err().to_string();
         assert_eq!(
             errors,
-            "t.toml:2:14: max_builds: invalid type: string \"x\", expected u32\n\
+            "t.toml:2:14: max_builds: invalid type: string \"x\", expected a whole number\n\
              t.toml:3:2: section.missing: is needed\n\
              t.toml:4:9: section.level: must be at most 5"
         );

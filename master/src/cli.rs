@@ -24,6 +24,10 @@ pub enum Command {
         /// Also start a local worker (the `worker` binary next to this one).
         #[arg(long)]
         local_worker: bool,
+        /// Listen here instead of the config's `listen` (e.g. 127.0.0.1:9443;
+        /// port 0 picks a free port, printed on the ready line).
+        #[arg(long, value_name = "ADDR:PORT")]
+        listen: Option<std::net::SocketAddr>,
     },
     /// Queue a build; prints its id.
     Submit {

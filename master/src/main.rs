@@ -65,7 +65,8 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Run {
             config,
             local_worker,
-        } => run::run(config.as_deref(), local_worker).await,
+            listen,
+        } => run::run(config.as_deref(), local_worker, listen).await,
         Command::Submit {
             builder,
             props,

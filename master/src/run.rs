@@ -166,8 +166,15 @@ fn server_tls(config: &MasterConfig) -> anyhow::Result<Option<ServerTls>> {
 }
 
 /// `master run`. Returns the exit code.
-pub async fn run(config_path: Option<&Path>, local_worker: bool) -> anyhow::Result<i32> {
-    let (config, embedded) = resolve_config(config_path, true)?;
+pub async fn run(
+    config_path: Option<&Path>,
+    local_worker: bool,
+    listen: Option<std::net::SocketAddr>,
+) -> anyhow::Result<i32> {
+    let (mut config, embedded) = resolve_config(config_path, true)?;
+    if let Some(listen) = listen {
+        config.listen = listen;
+    }
     let config = Arc::new(config);
     std::fs::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create the data dir {}", config.data_dir.display()))?;
@@ -299,10 +306,14 @@ pub async fn run(config_path: Option<&Path>, local_worker: bool) -> anyhow::Resu
     } else {
         println!("  INSECURE: plain HTTP/ws (insecure = true); workers need insecure = true too");
     }
-    let cli_config = match config_path {
+    let mut cli_config = match config_path {
         Some(path) => format!(" --config {}", path.display()),
         None => String::new(),
     };
+    if listen.is_some() {
+        // The CLI reads the config's listen address; tell it the real one.
+        cli_config.push_str(&format!(" --url {url}"));
+    }
     if let Some(builder) = config.builders.first() {
         println!(
             "  submit:     master submit {}{cli_config} --wait",

@@ -1648,4 +1648,51 @@ steps = [{{ name = "s", command = "true" }}]
             "{welcome:?}"
         );
     }
+
+    #[tokio::test]
+    async fn a_build_the_worker_cancelled_by_itself_is_requeued_and_runs_elsewhere() {
+        let mut h = Harness::new();
+        let (ca, mut a) = h.connect("a", PresenceState::Available, vec![]);
+        let id = h.submit().await;
+        assert_eq!(started(&mut a), vec![id]);
+        let (_, mut b) = h.connect("b", PresenceState::Away, vec![]);
+        h.scheduler.handle(Event::Agent {
+            worker: "a".into(),
+            conn: ca,
+            message: AgentMessage::Presence {
+                presence: presence(PresenceState::Away),
+            },
+        });
+        h.scheduler.handle(Event::Agent {
+            worker: "a".into(),
+            conn: ca,
+            message: AgentMessage::BuildFinished {
+                result: BuildResult {
+                    build_id: id,
+                    outcome: Outcome::Cancelled,
+                    steps: vec![],
+                    reason: Some("stop deadline".into()),
+                    log: String::new(),
+                    finished_at: Timestamp::UNIX_EPOCH,
+                },
+            },
+        });
+        let mut acked = false;
+        while let Ok(out) = a.try_recv() {
+            acked |= matches!(out, Outbound::Message(MasterMessage::ResultStored { build_id }) if build_id == id);
+        }
+        assert!(acked, "the agent may forget its cancelled result");
+        assert!(
+            h.scheduler.queue.contains_key(&id),
+            "back in the queue, not finished"
+        );
+        h.scheduler.handle(Event::Agent {
+            worker: "b".into(),
+            conn: 2,
+            message: AgentMessage::Presence {
+                presence: presence(PresenceState::Available),
+            },
+        });
+        assert_eq!(started(&mut b), vec![id]);
+    }
 }

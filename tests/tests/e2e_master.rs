@@ -452,3 +452,79 @@ async fn a_real_worker_runs_a_build_and_its_log_lands() -> anyhow::Result<()> {
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_main_job_runs_a_build_from_an_empty_directory() -> anyhow::Result<()> {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir()?;
+    let master = nightshift_tests::bin_dir()?.join("master");
+    let mut child = std::process::Command::new(&master)
+        .args(["run", "--local-worker", "--listen", "127.0.0.1:0"])
+        .current_dir(dir.path())
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    struct KillOnDrop(std::process::Child);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+    let stdout = child.stdout.take().expect("piped stdout");
+    let mut child = KillOnDrop(child);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let ready = rx.recv_timeout(nightshift_tests::DEADLINE)?;
+    let url = ready
+        .strip_prefix("nightshift master ready on ")
+        .unwrap_or_else(|| panic!("unexpected first line {ready:?}"))
+        .to_owned();
+    let mut printed = vec![ready];
+    while let Ok(line) = rx.recv_timeout(std::time::Duration::from_millis(500)) {
+        printed.push(line);
+    }
+    let printed = printed.join("\n");
+    assert!(printed.contains("pin_sha256 = \""), "{printed}");
+    assert!(printed.contains("master submit hello"), "{printed}");
+    assert!(printed.contains("nightshift-data"), "{printed}");
+
+    // The CLI finds the token and the certificate in ./nightshift-data.
+    let submit = std::process::Command::new(&master)
+        .args(["submit", "hello", "--wait", "--url", &url])
+        .current_dir(dir.path())
+        .output()?;
+    let out = String::from_utf8_lossy(&submit.stdout);
+    assert_eq!(
+        submit.status.code(),
+        Some(0),
+        "{out}{}",
+        String::from_utf8_lossy(&submit.stderr)
+    );
+    assert!(out.contains("hello from nightshift"), "{out}");
+    assert!(dir.path().join("nightshift-data/master.db").exists());
+
+    // SIGTERM: the master stops its local worker and exits 0.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.0.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )?;
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(status) = child.0.try_wait()? {
+            break status;
+        }
+        assert!(
+            start.elapsed() < nightshift_tests::DEADLINE,
+            "master did not exit"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    };
+    assert_eq!(status.code(), Some(0));
+    Ok(())
+}

@@ -31,6 +31,16 @@
     if (section) {
       document.body.dataset.state = section.dataset.state;
       document.title = section.dataset.title;
+      // Show which choice is in force: a manual state, or automatic.
+      const manual = section.dataset.manual;
+      for (const button of document.querySelectorAll("button[data-action='set']")) {
+        const timed = Boolean(button.dataset.for || button.dataset.until);
+        const current = button.dataset.state === manual && !timed &&
+          (manual !== "away" || section.dataset.manualEnds === "false");
+        button.classList.toggle("current", current);
+        button.setAttribute("aria-pressed", String(current));
+      }
+      document.querySelector(".away-row").classList.toggle("current", manual === "away");
     }
     tick();
   }

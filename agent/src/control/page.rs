@@ -251,7 +251,7 @@ pub fn render_hero(status: &AgentStatus, now: Timestamp, tz: &TimeZone) -> Strin
     }
     let _ = write!(
         html,
-        r#"<section id="hero" class="hero" data-state="{state}" data-title="{title}">
+        r#"<section id="hero" class="hero" data-state="{state}" data-manual="{manual}" data-manual-ends="{manual_ends}" data-title="{title}">
   <p class="lead">This computer is</p>
   <h1 id="state-word">{word}</h1>
   <p class="meaning">{meaning}</p>
@@ -259,6 +259,14 @@ pub fn render_hero(status: &AgentStatus, now: Timestamp, tz: &TimeZone) -> Strin
   <p class="reason">{reason}<span class="soft">since {since} ({ago} ago)</span></p>
 "#,
         title = escape(&page_title(status)),
+        manual = status
+            .manual
+            .as_ref()
+            .map_or("auto", |manual| manual.state.as_str()),
+        manual_ends = status
+            .manual
+            .as_ref()
+            .is_some_and(|manual| manual.until.is_some()),
         word = state_word(state),
         meaning = state_meaning(state),
         source = escape(&source_words(&presence.source)),

@@ -416,6 +416,17 @@ state = "reluctant"
         browser.evaluate("document.body.dataset.state").await?,
         Value::String("away".into())
     );
+    let marked = browser
+        .evaluate(
+            "document.querySelector('.away-row').classList.contains('current') \
+             && document.querySelector('button[data-state=auto]').getAttribute('aria-pressed')",
+        )
+        .await?;
+    assert_eq!(
+        marked,
+        Value::String("false".into()),
+        "the page marks the manual away as the choice in force"
+    );
     let hero = browser
         .evaluate("document.getElementById('hero').innerText")
         .await?;

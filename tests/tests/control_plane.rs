@@ -342,3 +342,98 @@ async fn completions_and_man_page_come_from_the_cli_definitions() -> anyhow::Res
     );
     Ok(())
 }
+
+/// One raw HTTP/1.1 request to `addr`; returns the status code and body.
+async fn raw_request(addr: &str, head: &str, body: &str) -> anyhow::Result<(u16, String)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut stream = tokio::net::TcpStream::connect(addr).await?;
+    let request = format!(
+        "{head}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(request.as_bytes()).await?;
+    let mut answer = String::new();
+    tokio::time::timeout(control_support::WAIT, stream.read_to_string(&mut answer)).await??;
+    let code = answer
+        .split(' ')
+        .nth(1)
+        .and_then(|code| code.parse().ok())
+        .with_context(|| format!("no status line in {answer:?}"))?;
+    let body = answer
+        .split_once("\r\n\r\n")
+        .map(|(_, body)| body.to_owned())
+        .unwrap_or_default();
+    Ok((code, body))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn other_origins_cannot_change_the_real_agent() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    let mut agent = Agent::start(dir.path(), &worker_toml("ws://127.0.0.1:9", "t0ken")).await?;
+    let url = agent.url()?;
+    let addr = url
+        .trim_start_matches("http://")
+        .trim_end_matches('/')
+        .to_owned();
+    let away = r#"{"state":"away","for":"1h"}"#;
+
+    // The page embeds its CSRF token; only the page's own origin may use it.
+    let (code, page) = raw_request(&addr, &format!("GET / HTTP/1.1\r\nHost: {addr}"), "").await?;
+    assert_eq!(code, 200);
+    let marker = "name=\"nightshift-csrf\" content=\"";
+    let start = page.find(marker).context("no CSRF token in the page")? + marker.len();
+    let csrf = page[start..]
+        .split('"')
+        .next()
+        .unwrap_or_default()
+        .to_owned();
+
+    let post = |host: &str, extra: &str| {
+        format!(
+            "POST /api/v1/set-availability HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json{extra}"
+        )
+    };
+    for (what, head, expected) in [
+        ("no token", post(&addr, ""), 401),
+        (
+            "a wrong token",
+            post(&addr, "\r\nAuthorization: Bearer guess"),
+            401,
+        ),
+        (
+            "a foreign Origin",
+            post(
+                &addr,
+                &format!("\r\nOrigin: https://evil.example\r\nX-Nightshift-CSRF: {csrf}"),
+            ),
+            403,
+        ),
+        (
+            "a rebound Host",
+            post("evil.example:80", &format!("\r\nX-Nightshift-CSRF: {csrf}")),
+            403,
+        ),
+    ] {
+        let (code, body) = raw_request(&addr, &head, away).await?;
+        assert_eq!(code, expected, "{what}: {body}");
+    }
+    let (code, _) = raw_request(&addr, "GET / HTTP/1.1\r\nHost: evil.example", "").await?;
+    assert_eq!(code, 403, "a rebound page cannot even read the CSRF token");
+    let status = stdout_json(&agent.cli(&["status", "--json"]).await?)?;
+    assert_eq!(
+        status["presence"]["state"], "available",
+        "nothing changed: {status}"
+    );
+    assert!(status.get("manual").is_none(), "{status}");
+
+    // The page itself (own Origin and its token) can.
+    let own = post(
+        &addr,
+        &format!("\r\nOrigin: http://{addr}\r\nX-Nightshift-CSRF: {csrf}"),
+    );
+    let (code, body) = raw_request(&addr, &own, away).await?;
+    assert_eq!(code, 200, "{body}");
+    let status = stdout_json(&agent.cli(&["status", "--json"]).await?)?;
+    assert_eq!(status["presence"]["state"], "away", "{status}");
+    agent.stop().await
+}

@@ -376,6 +376,11 @@ impl Farm {
         Ok(())
     }
 
+    /// The master's process id, while it runs.
+    pub fn master_pid(&self) -> Option<u32> {
+        self.master.as_ref().map(Child::id)
+    }
+
     /// SIGTERMs the master and returns its exit code.
     pub fn stop_master(&mut self) -> anyhow::Result<Option<i32>> {
         let mut child = self.master.take().context("the master is not running")?;
@@ -752,6 +757,25 @@ impl FakeAgent {
             },
         })
         .await
+    }
+
+    /// Reads frames WITHOUT answering heartbeats (a hung agent) until the
+    /// master drops the connection; returns how long that took.
+    pub async fn stay_silent_until_dropped(
+        &mut self,
+        deadline: Duration,
+    ) -> anyhow::Result<Duration> {
+        let start = Instant::now();
+        loop {
+            let frame =
+                tokio::time::timeout(deadline.saturating_sub(start.elapsed()), self.ws.next())
+                    .await
+                    .map_err(|_| anyhow!("the master kept a silent connection for {deadline:?}"))?;
+            match frame {
+                None | Some(Err(_)) | Some(Ok(Message::Close(_))) => return Ok(start.elapsed()),
+                Some(Ok(_)) => {}
+            }
+        }
     }
 
     /// Closes the connection cleanly.

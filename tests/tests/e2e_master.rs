@@ -528,3 +528,57 @@ async fn the_main_job_runs_a_build_from_an_empty_directory() -> anyhow::Result<(
     assert_eq!(status.code(), Some(0));
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_agent_is_dropped_after_missed_heartbeats() -> anyhow::Result<()> {
+    let farm = two_worker_farm()?;
+    let mut a = farm.fake_agent("a", PresenceState::Available).await?;
+    farm.wait_worker_state("a", PresenceState::Available)
+        .await?;
+    let took = a
+        .stay_silent_until_dropped(std::time::Duration::from_secs(60))
+        .await?;
+    let beat = std::time::Duration::from_secs(nightshift_proto::wire::HEARTBEAT_SECS);
+    assert!(took >= beat * 2, "dropped too early: {took:?}");
+    farm.wait_worker_state("a", PresenceState::Offline).await?;
+    assert!(farm.master_log().contains("missed heartbeats"));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_http_requests_get_clear_errors_and_change_nothing() -> anyhow::Result<()> {
+    let farm = two_worker_farm()?;
+    let api = farm.api()?;
+    let (status, body) = api
+        .call_raw("POST", "/api/v1/builds", Some("{not json".into()))
+        .await?;
+    assert_eq!(status, 400, "{body}");
+    assert!(body.contains("error"), "{body}");
+    let (status, body) = api
+        .call_raw(
+            "POST",
+            "/api/v1/builds",
+            Some(r#"{"builder":"app","prop":{}}"#.into()),
+        )
+        .await?;
+    assert_eq!(status, 400);
+    assert!(body.contains("prop"), "the unknown field is named: {body}");
+    let (status, body) = api.call_raw("GET", "/api/v1/builds/abc", None).await?;
+    assert_eq!(status, 400);
+    assert!(body.contains("`abc` is not a build id"), "{body}");
+    let (status, _) = api.call_raw("GET", "/api/v1/builds/9999", None).await?;
+    assert_eq!(status, 404);
+    assert!(
+        api.builds(10).await?.builds.is_empty(),
+        "nothing was queued"
+    );
+
+    // The dashboard is a plain page listing the workers.
+    let (status, page) = api.call_raw("GET", "/", None).await?;
+    assert_eq!(status, 200);
+    assert!(
+        page.contains("<h1>nightshift master</h1>") && page.contains(">a<"),
+        "{page}"
+    );
+    Ok(())
+}

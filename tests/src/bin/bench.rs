@@ -1,1 +1,443 @@
-fn main() {}
+//! `nightshift-bench`: starts a real master and real worker agents on
+//! loopback and prints the figures the project tracks: submit→start latency,
+//! trivial builds per second with 1 and 4 workers, master CPU time per build,
+//! presence change → master seeing it, and idle RSS of agent and master.
+//!
+//! Run it on an otherwise idle machine, after `cargo build --release`:
+//! `cargo run --release -p nightshift-tests --bin nightshift-bench`
+//! (`--builds N` sets the size of the throughput runs, `--json` prints the
+//! figures as one JSON object). It is a benchmark, not a test: it asserts
+//! nothing and only reports.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, anyhow, bail};
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::client::conn::http1::SendRequest;
+use hyper_util::rt::TokioIo;
+use nightshift_policy::PresenceState;
+use nightshift_proto::api::{BuildInfo, BuildState, SubmitRequest, SubmitResponse, WorkerList};
+use nightshift_tests::{Farm, WorkerSpec};
+use serde::Serialize;
+
+const WORKERS: [&str; 4] = ["w1", "w2", "w3", "w4"];
+
+#[derive(Debug, Default, Serialize)]
+struct Figures {
+    submit_to_start_ms: Summary,
+    builds_per_sec_1_worker: f64,
+    builds_per_sec_4_workers: f64,
+    master_cpu_ms_per_build: f64,
+    presence_to_master_ms: Summary,
+    idle_agent_rss_mb: f64,
+    idle_master_rss_mb: f64,
+}
+
+#[derive(Debug, Default, Serialize)]
+struct Summary {
+    samples: usize,
+    median: f64,
+    p90: f64,
+    p99: f64,
+    max: f64,
+}
+
+impl Summary {
+    fn of(mut values: Vec<f64>) -> Summary {
+        values.sort_by(f64::total_cmp);
+        let at = |q: f64| {
+            if values.is_empty() {
+                return f64::NAN;
+            }
+            let index = ((values.len() - 1) as f64 * q).round() as usize;
+            values[index]
+        };
+        Summary {
+            samples: values.len(),
+            median: at(0.5),
+            p90: at(0.9),
+            p99: at(0.99),
+            max: at(1.0),
+        }
+    }
+}
+
+impl std::fmt::Display for Summary {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "median {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} samples)",
+            self.median, self.p90, self.p99, self.max, self.samples
+        )
+    }
+}
+
+/// One kept-alive HTTP/1.1 connection (TLS or plain), so the figures measure
+/// the farm and not the bench's own handshakes.
+struct Conn {
+    sender: SendRequest<Full<Bytes>>,
+    host: String,
+    token: String,
+}
+
+impl Conn {
+    async fn open(
+        port: u16,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        token: String,
+    ) -> anyhow::Result<Conn> {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        tcp.set_nodelay(true)?;
+        let sender = match tls {
+            Some(config) => {
+                let name = rustls::pki_types::ServerName::try_from("127.0.0.1")?;
+                let stream = tokio_rustls::TlsConnector::from(config)
+                    .connect(name.to_owned(), tcp)
+                    .await?;
+                let (sender, connection) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+                tokio::spawn(connection);
+                sender
+            }
+            None => {
+                let (sender, connection) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+                tokio::spawn(connection);
+                sender
+            }
+        };
+        Ok(Conn {
+            sender,
+            host: format!("127.0.0.1:{port}"),
+            token,
+        })
+    }
+
+    async fn call(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<String>,
+    ) -> anyhow::Result<String> {
+        self.sender.ready().await?;
+        let request = hyper::Request::builder()
+            .method(method)
+            .uri(path)
+            .header(hyper::header::HOST, &self.host)
+            .header(
+                hyper::header::AUTHORIZATION,
+                format!("Bearer {}", self.token),
+            )
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
+        let response = self.sender.send_request(request).await?;
+        let status = response.status();
+        let body = response.into_body().collect().await?.to_bytes();
+        let text = String::from_utf8_lossy(&body).into_owned();
+        if !status.is_success() {
+            bail!("{method} {path}: {status}: {text}");
+        }
+        Ok(text)
+    }
+
+    async fn submit(&mut self, builder: &str) -> anyhow::Result<u64> {
+        let body = serde_json::to_string(&SubmitRequest {
+            builder: builder.to_owned(),
+            properties: BTreeMap::new(),
+        })?;
+        let text = self.call("POST", "/api/v1/builds", Some(body)).await?;
+        Ok(serde_json::from_str::<SubmitResponse>(&text)?.build_id)
+    }
+
+    async fn wait_finished(&mut self, id: u64) -> anyhow::Result<BuildInfo> {
+        loop {
+            let text = self
+                .call(
+                    "GET",
+                    &format!("/api/v1/builds/{id}/wait?timeout_secs=60"),
+                    None,
+                )
+                .await?;
+            let build: BuildInfo = serde_json::from_str(&text)?;
+            if build.state == BuildState::Finished {
+                return Ok(build);
+            }
+        }
+    }
+}
+
+fn now_ns() -> u128 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0)
+}
+
+/// utime + stime of a process, in milliseconds.
+fn cpu_ms(pid: u32) -> anyhow::Result<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the `(comm)`, which may contain spaces.
+    let after = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest)
+        .ok_or_else(|| anyhow!("odd /proc/{pid}/stat"))?;
+    let fields: Vec<&str> = after.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 here.
+    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
+    // SAFETY: sysconf has no preconditions.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    Ok(ticks * 1000.0 / hz)
+}
+
+fn rss_mb(pid: u32) -> anyhow::Result<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let line = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .ok_or_else(|| anyhow!("no VmRSS for {pid}"))?;
+    let kb: f64 = line
+        .split_whitespace()
+        .nth(1)
+        .ok_or_else(|| anyhow!("odd VmRSS line"))?
+        .parse()?;
+    Ok(kb / 1024.0)
+}
+
+/// Runs `total` builds of `builder` from `clients` kept-alive connections
+/// (each submits, waits for the result, and goes again); returns builds/s.
+async fn throughput(
+    farm: &Farm,
+    builder: &str,
+    total: usize,
+    clients: usize,
+) -> anyhow::Result<f64> {
+    let tls = farm.tls_client()?;
+    let token = farm.admin_token()?;
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let start = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..clients {
+        let mut conn = Conn::open(farm.port, Some(tls.clone()), token.clone()).await?;
+        let next = next.clone();
+        let builder = builder.to_owned();
+        tasks.push(tokio::spawn(async move {
+            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < total {
+                let id = conn.submit(&builder).await?;
+                let build = conn.wait_finished(id).await?;
+                if build.outcome != Some(nightshift_proto::wire::Outcome::Success) {
+                    bail!("build {id} did not succeed: {build:?}");
+                }
+            }
+            anyhow::Ok(())
+        }));
+    }
+    for task in tasks {
+        task.await??;
+    }
+    Ok(total as f64 / start.elapsed().as_secs_f64())
+}
+
+async fn wait_available(farm: &Farm, names: &[&str]) -> anyhow::Result<()> {
+    for name in names {
+        farm.wait_worker_state(name, PresenceState::Available)
+            .await?;
+    }
+    Ok(())
+}
+
+async fn run(builds: usize) -> anyhow::Result<Figures> {
+    let mut builder = Farm::builder();
+    for name in WORKERS {
+        builder = builder.worker(WorkerSpec::new(name));
+    }
+    let mut farm = builder
+        .builder("trivial", &WORKERS, &[("run", "true")])
+        .builder("stamp", &["w1"], &[("stamp", "date +%s%N")])
+        .start()?;
+    let mut figures = Figures::default();
+    let master_pid = farm.master_pid().context("master not running")?;
+    let tls = farm.tls_client()?;
+    let token = farm.admin_token()?;
+
+    farm.start_worker("w1")?;
+    wait_available(&farm, &["w1"]).await?;
+
+    // Submit → start: the step prints the wall clock when it starts.
+    let mut conn = Conn::open(farm.port, Some(tls.clone()), token.clone()).await?;
+    let mut latencies = Vec::new();
+    for round in 0..40 {
+        let sent = now_ns();
+        let id = conn.submit("stamp").await?;
+        conn.wait_finished(id).await?;
+        let log = conn
+            .call("GET", &format!("/api/v1/builds/{id}/log"), None)
+            .await?;
+        let log: nightshift_proto::api::BuildLog = serde_json::from_str(&log)?;
+        let started: u128 = log
+            .log
+            .lines()
+            .find_map(|l| l.trim().parse().ok())
+            .ok_or_else(|| anyhow!("build {id} printed no timestamp: {:?}", log.log))?;
+        if round >= 5 {
+            // The first rounds warm up caches and the agent's build dir.
+            latencies.push(started.saturating_sub(sent) as f64 / 1e6);
+        }
+    }
+    figures.submit_to_start_ms = Summary::of(latencies);
+
+    // Throughput with one worker, and the master's CPU per build.
+    let cpu_before = cpu_ms(master_pid)?;
+    figures.builds_per_sec_1_worker = throughput(&farm, "trivial", builds, 4).await?;
+    let cpu_after = cpu_ms(master_pid)?;
+
+    for name in &WORKERS[1..] {
+        farm.start_worker(name)?;
+    }
+    wait_available(&farm, &WORKERS).await?;
+    let cpu_before_4 = cpu_ms(master_pid)?;
+    figures.builds_per_sec_4_workers = throughput(&farm, "trivial", builds * 2, 16).await?;
+    let cpu_after_4 = cpu_ms(master_pid)?;
+    figures.master_cpu_ms_per_build =
+        ((cpu_after - cpu_before) + (cpu_after_4 - cpu_before_4)) / (builds * 3) as f64;
+
+    // Presence: the owner flips w1 through its control API; the master's API
+    // (polled on a kept-alive connection) shows the new state.
+    let state_dir = farm.dir.path().join("workers/w1/state");
+    let control_token = std::fs::read_to_string(state_dir.join("control.token"))
+        .context("reading w1's control token")?
+        .trim()
+        .to_owned();
+    let control_port = farm.agent("w1").context("w1 not running")?.control_port;
+    let mut control = Conn::open(control_port, None, control_token).await?;
+    let mut presence = Vec::new();
+    for round in 0..60 {
+        let (word, state) = if round % 2 == 0 {
+            ("away", PresenceState::Away)
+        } else {
+            ("available", PresenceState::Available)
+        };
+        let start = Instant::now();
+        control
+            .call(
+                "POST",
+                "/api/v1/set-availability",
+                Some(format!("{{\"state\":\"{word}\"}}")),
+            )
+            .await?;
+        loop {
+            let text = conn.call("GET", "/api/v1/workers", None).await?;
+            let list: WorkerList = serde_json::from_str(&text)?;
+            if list
+                .workers
+                .iter()
+                .any(|w| w.name == "w1" && w.state == state)
+            {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                bail!("the master never saw w1 {word}");
+            }
+        }
+        presence.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    control
+        .call(
+            "POST",
+            "/api/v1/set-availability",
+            Some("{\"state\":\"auto\"}".into()),
+        )
+        .await?;
+    figures.presence_to_master_ms = Summary::of(presence);
+
+    // Idle memory: let everything settle into idleness, then read RSS.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut rss = Vec::new();
+    for name in WORKERS {
+        let pid = farm.agent(name).context("agent not running")?.child.id();
+        rss.push(rss_mb(pid)?);
+    }
+    figures.idle_agent_rss_mb = rss.iter().copied().fold(0.0, f64::max);
+    figures.idle_master_rss_mb = rss_mb(master_pid)?;
+    Ok(figures)
+}
+
+fn main() -> std::process::ExitCode {
+    let mut builds = 200usize;
+    let mut json = false;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        match arg.as_str() {
+            "--json" => json = true,
+            "--builds" => match args.next().and_then(|n| n.parse().ok()) {
+                Some(n) if n > 0 => builds = n,
+                _ => {
+                    eprintln!("error: --builds needs a positive number");
+                    return std::process::ExitCode::from(2);
+                }
+            },
+            "--help" | "-h" => {
+                println!("usage: nightshift-bench [--builds N] [--json]");
+                return std::process::ExitCode::SUCCESS;
+            }
+            other => {
+                eprintln!("error: unknown argument `{other}` (try --help)");
+                return std::process::ExitCode::from(2);
+            }
+        }
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("error: cannot start the runtime: {error}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    nightshift_proto::tls::install_crypto_provider();
+    match runtime.block_on(run(builds)) {
+        Ok(f) if json => {
+            println!("{}", serde_json::to_string_pretty(&f).unwrap_or_default());
+            std::process::ExitCode::SUCCESS
+        }
+        Ok(f) => {
+            println!(
+                "submit → build start (idle worker): {}",
+                f.submit_to_start_ms
+            );
+            println!(
+                "trivial builds/s, 1 worker:         {:.1}",
+                f.builds_per_sec_1_worker
+            );
+            println!(
+                "trivial builds/s, 4 workers:        {:.1}",
+                f.builds_per_sec_4_workers
+            );
+            println!(
+                "master CPU per build:               {:.3} ms",
+                f.master_cpu_ms_per_build
+            );
+            println!(
+                "presence change → master sees it:   {}",
+                f.presence_to_master_ms
+            );
+            println!(
+                "idle agent RSS (largest of 4):      {:.1} MB",
+                f.idle_agent_rss_mb
+            );
+            println!(
+                "idle master RSS:                    {:.1} MB",
+                f.idle_master_rss_mb
+            );
+            std::process::ExitCode::SUCCESS
+        }
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

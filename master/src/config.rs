@@ -11,6 +11,8 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer};
 use toml::Spanned;
 
+use nightshift_policy::ScheduleConfig;
+
 use crate::locks::{Access, Claim, LockDef, LockScope};
 
 /// The config used by `master run` when no `--config` is given and no
@@ -192,7 +194,7 @@ struct RawWorker {
     #[serde(default = "default_max_builds")]
     max_builds: u32,
     #[serde(default)]
-    schedule: Vec<ScheduleWindow>,
+    schedule: Vec<ScheduleConfig>,
     timezone: Option<Spanned<String>>,
     latent: Option<LatentConfig>,
 }
@@ -240,21 +242,6 @@ struct RawLock {
 
 fn one() -> Spanned<u32> {
     Spanned::new(0..0, 1)
-}
-
-/// A master-side availability window for a worker (issue 5 feeds it to the
-/// policy engine as a `master` source): `hours = "19:00-07:00"` with optional
-/// `days = "mon-fri"`, or cron `open`/`close`.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ScheduleWindow {
-    pub name: String,
-    pub hours: Option<String>,
-    pub days: Option<String>,
-    pub open: Option<String>,
-    pub close: Option<String>,
-    /// The state inside the window (`available` or `reluctant`).
-    pub state: Option<nightshift_policy::PresenceState>,
 }
 
 /// Which latent provider starts a worker on demand.
@@ -307,13 +294,15 @@ pub enum TlsMode {
 }
 
 /// One `[[worker]]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct WorkerDef {
     pub name: String,
     /// Lowercase hex SHA-256 of the worker's token.
     pub token_sha256: String,
     pub max_builds: u32,
-    pub schedule: Vec<ScheduleWindow>,
+    /// Master-side availability windows (same forms as worker.toml's
+    /// `[[availability.schedule]]`), evaluated as a `master` source.
+    pub schedule: Vec<ScheduleConfig>,
     pub timezone: Option<String>,
     pub latent: Option<LatentConfig>,
 }
@@ -339,7 +328,7 @@ pub struct BuilderDef {
 }
 
 /// A validated master config.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct MasterConfig {
     /// The file it came from (or `<embedded default>`).
     pub source: PathBuf,
@@ -543,9 +532,21 @@ impl MasterConfig {
                     format!("unknown time zone `{}`", tz.get_ref()),
                 );
             }
-            for (j, window) in w.schedule.iter().enumerate() {
-                if let Err(message) = check_window(window) {
-                    issue(w.name.span(), format!("worker[{i}].schedule[{j}]"), message);
+            if !w.schedule.is_empty() {
+                let availability = nightshift_policy::AvailabilityConfig {
+                    timezone: w.timezone.as_ref().map(|tz| tz.get_ref().clone()),
+                    default: None,
+                    schedule: w.schedule.clone(),
+                    load: None,
+                };
+                if let Err(problems) = nightshift_policy::Policy::compile_for_master(
+                    &availability,
+                    jiff::tz::TimeZone::system(),
+                    &format!("worker[{i}]"),
+                ) {
+                    for problem in problems {
+                        issue(w.name.span(), problem.path, problem.message);
+                    }
                 }
             }
             if let Some(latent) = &w.latent {
@@ -733,28 +734,6 @@ impl MasterConfig {
     }
 }
 
-fn check_window(window: &ScheduleWindow) -> Result<(), String> {
-    match (&window.hours, &window.open, &window.close) {
-        (Some(hours), None, None) => {
-            let valid = hours.split_once('-').is_some_and(|(a, b)| {
-                jiff::civil::Time::strptime("%H:%M", a.trim()).is_ok()
-                    && jiff::civil::Time::strptime("%H:%M", b.trim()).is_ok()
-            });
-            if valid {
-                Ok(())
-            } else {
-                Err(format!("hours `{hours}` must look like `19:00-07:00`"))
-            }
-        }
-        (None, Some(_), Some(_)) if window.days.is_none() => Ok(()),
-        (None, Some(_), Some(_)) => Err("`days` only goes with `hours`, not with cron".into()),
-        _ => Err(format!(
-            "window `{}` needs either `hours` or both cron `open` and `close`",
-            window.name
-        )),
-    }
-}
-
 fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
@@ -880,6 +859,22 @@ steps = [{{ name = "s", command = "true", locks = [{{ name = "nolock", access = 
             err.contains("master.toml:3:") && err.contains("token_sha256"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn master_side_schedules_use_the_worker_toml_forms() {
+        let good = format!(
+            "[[worker]]\nname = \"w\"\ntoken_sha256 = \"{HASH}\"\ntimezone = \"Europe/Paris\"\n\
+             schedule = [{{ name = \"nights\", hours = \"19:00-07:00\", days = \"mon-fri\" }}]\n"
+        );
+        let config = parse(&good).unwrap();
+        assert_eq!(config.worker("w").unwrap().schedule[0].name, "nights");
+        let bad = format!(
+            "[[worker]]\nname = \"w\"\ntoken_sha256 = \"{HASH}\"\n\
+             schedule = [{{ name = \"nights\", hours = \"25:00-07:00\" }}]\n"
+        );
+        let err = parse(&bad).unwrap_err().to_string();
+        assert!(err.contains("worker[0]") && err.contains("hours"), "{err}");
     }
 
     #[test]

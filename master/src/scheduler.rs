@@ -973,6 +973,8 @@ impl Scheduler {
         let ids: Vec<BuildId> = self.queue.keys().copied().collect();
         // Latent instances starting already, each counted on by one build.
         let mut counted_on = BTreeSet::new();
+        // Builders no connected worker can take in this pass.
+        let mut no_worker = HashMap::new();
         for id in ids {
             if let Some(worker) = self.lock_waits.get(&id) {
                 // Its worker is chosen; the release of a lock starts it.
@@ -986,7 +988,7 @@ impl Scheduler {
             let decision = if self.paused {
                 Err("master is paused".to_owned())
             } else {
-                self.pick_worker(id)
+                self.pick_worker_cached(id, &mut no_worker)
             };
             match decision {
                 Ok(worker) => self.start_or_wait_for_locks(id, worker),
@@ -1227,6 +1229,32 @@ impl Scheduler {
             self.on_lock_grants(granted);
         }
         !ids.is_empty()
+    }
+
+    /// [`Scheduler::pick_worker`], remembering within one pass of
+    /// [`Scheduler::assign`] which builders no worker can take: hand-outs in
+    /// the pass only use capacity up, so a "no" stays a "no", and a long
+    /// queue costs one decision per builder instead of one per build.
+    fn pick_worker_cached(
+        &self,
+        id: BuildId,
+        no_worker: &mut HashMap<String, String>,
+    ) -> Result<String, String> {
+        let Some(builder) = self.queue.get(&id).map(|q| q.builder.as_str()) else {
+            return Err("not queued".into());
+        };
+        // A build some worker refused is decided on its own.
+        let refused = self.workers.values().any(|slot| slot.refused.contains(&id));
+        if !refused && let Some(why) = no_worker.get(builder) {
+            return Err(why.clone());
+        }
+        let decision = self.pick_worker(id);
+        if let Err(why) = &decision
+            && !refused
+        {
+            no_worker.insert(builder.to_owned(), why.clone());
+        }
+        decision
     }
 
     /// THE decision: which connected worker gets queued build `id` now.

@@ -582,3 +582,62 @@ async fn bad_http_requests_get_clear_errors_and_change_nothing() -> anyhow::Resu
     );
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_queued_before_any_worker_connects_runs_completely_once() -> anyhow::Result<()> {
+    const BURST: usize = 150;
+    let farm = Farm::builder()
+        .worker(WorkerSpec::new("a").max_builds(2))
+        .worker(WorkerSpec::new("b").max_builds(2))
+        .builder("app", &["a", "b"], &[("build", "true")])
+        .start()?;
+    let api = farm.api()?;
+    let mut ids = Vec::new();
+    for _ in 0..BURST {
+        ids.push(api.submit("app", BTreeMap::new()).await?.build_id);
+    }
+    let mut tasks = Vec::new();
+    for name in ["a", "b"] {
+        let token = farm.worker_spec(name)?.token.clone();
+        let mut agent = FakeAgent::connect(&farm, Some(&token)).await?;
+        agent
+            .hello(name, PresenceState::Available, 2, vec![])
+            .await?;
+        tasks.push(tokio::spawn(async move {
+            loop {
+                match agent.recv().await {
+                    Ok(MasterMessage::StartBuild { build_id, .. }) => {
+                        if agent
+                            .finish(build_id, Outcome::Success, "ok\n")
+                            .await
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(_) => break,
+                }
+            }
+        }));
+    }
+    for id in &ids {
+        let build = farm.wait_build(*id).await?;
+        assert_eq!(build.outcome, Some(Outcome::Success), "{build:?}");
+        assert_eq!(build.retries, 0);
+    }
+    let builds = api.builds(1000).await?.builds;
+    assert_eq!(builds.len(), BURST);
+    let on_a = builds
+        .iter()
+        .filter(|b| b.worker.as_deref() == Some("a"))
+        .count();
+    assert!(
+        on_a > 0 && on_a < BURST,
+        "both workers took builds: {on_a} on a"
+    );
+    for task in tasks {
+        task.abort();
+    }
+    Ok(())
+}

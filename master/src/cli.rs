@@ -139,6 +139,11 @@ pub struct ConnArgs {
     pub pin_sha256: Option<String>,
 }
 
+/// A command line that is wrong in a way clap cannot see (exit code 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsageError(pub String);
+
 fn parse_prop(text: &str) -> Result<(String, String), String> {
     match text.split_once('=') {
         Some((key, value)) if !key.is_empty() => Ok((key.to_owned(), value.to_owned())),

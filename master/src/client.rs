@@ -21,7 +21,9 @@ pub fn connect(args: &ConnArgs) -> anyhow::Result<ApiClient> {
         None
     };
     let url = match (&args.url, &from_config) {
-        (Some(url), _) => MasterUrl::parse(url)?,
+        (Some(url), _) => {
+            MasterUrl::parse(url).map_err(|e| crate::cli::UsageError(format!("--url: {e}")))?
+        }
         (None, Some(config)) => local_url(config),
         (None, None) => bail!("no master URL: give --url or --config"),
     };

@@ -54,6 +54,10 @@ fn main() -> ExitCode {
                 eprintln!("{config}");
                 return ExitCode::from(2);
             }
+            if let Some(usage) = e.downcast_ref::<cli::UsageError>() {
+                eprintln!("error: {usage}");
+                return ExitCode::from(2);
+            }
             eprintln!("error: {e:#}");
             ExitCode::from(1)
         }

@@ -100,14 +100,22 @@ pub fn add_worker(name: &str, url: Option<&str>, config: Option<&Path>) -> anyho
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
     {
-        bail!("`{name}` is not a valid worker name (letters, digits, `-`, `_`, `.`)");
+        return Err(crate::cli::UsageError(format!(
+            "`{name}` is not a valid worker name (letters, digits, `-`, `_`, `.`)"
+        ))
+        .into());
     }
     let resolved = resolve_config(config, false).ok().map(|(c, _)| c);
     let master_url = match (url, &resolved) {
-        (Some(url), _) => MasterUrl::parse(url)?,
+        (Some(url), _) => {
+            MasterUrl::parse(url).map_err(|e| crate::cli::UsageError(format!("--url: {e}")))?
+        }
         (None, Some(config)) => local_url(config),
         (None, None) => {
-            bail!("give --url (the master's address as the worker reaches it) or --config")
+            return Err(crate::cli::UsageError(
+                "give --url (the master's address as the worker reaches it) or --config".into(),
+            )
+            .into());
         }
     };
     let ws_url = master_url

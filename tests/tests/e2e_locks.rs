@@ -1,0 +1,349 @@
+//! End-to-end tests of counting locks through the real `master` and `worker`
+//! binaries: builder-level master locks, worker-scoped locks, and the
+//! step-level "one checkout at a time, one compile at a time" case.
+//!
+//! Steps wait for gate files that the test creates, so the test decides when
+//! each step may end; what it observes (steps started, builds waiting for a
+//! lock) is awaited with generous deadlines, never slept for.
+
+use std::path::{Path, PathBuf};
+
+use nightshift_proto::api::{BuildInfo, BuildState};
+use nightshift_proto::wire::{BuildId, Outcome};
+use nightshift_tests::{DEADLINE, Farm, WorkerSpec, wait_for};
+
+/// A step command that marks `<dir>/<name>.started`, waits for
+/// `<dir>/<name>.go`, then marks `<dir>/<name>.done`. `$PWD` is the build
+/// directory, one per worker and builder.
+fn gated(name: &str) -> String {
+    format!(
+        "touch {name}.started; while [ ! -f {name}.go ]; do sleep 0.05; done; rm -f {name}.go; touch {name}.done"
+    )
+}
+
+fn toml_str(text: &str) -> String {
+    serde_json::to_string(text).expect("a string serializes")
+}
+
+/// Where `worker` runs builds of `builder` (the harness's layout).
+fn build_dir(farm: &Farm, worker: &str, builder: &str) -> PathBuf {
+    farm.dir
+        .path()
+        .join("workers")
+        .join(worker)
+        .join("work")
+        .join(builder)
+}
+
+async fn wait_file(what: &str, path: &Path) -> anyhow::Result<()> {
+    wait_for(what, DEADLINE, || async { Ok(path.exists().then_some(())) }).await
+}
+
+fn open(path: &Path) {
+    std::fs::write(path, b"").expect("the gate file can be written");
+}
+
+async fn submit(farm: &Farm, builder: &str) -> anyhow::Result<BuildId> {
+    Ok(farm
+        .api()?
+        .submit(builder, Default::default())
+        .await?
+        .build_id)
+}
+
+async fn waiting_for(farm: &Farm, id: BuildId, text: &str) -> anyhow::Result<BuildInfo> {
+    farm.wait_build_state(id, &format!("build {id} to show `{text}`"), |b| {
+        b.waiting_for.as_deref().is_some_and(|w| w.contains(text))
+    })
+    .await
+}
+
+fn assert_success(build: &BuildInfo) {
+    assert_eq!(build.outcome, Some(Outcome::Success), "{build:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_builders_sharing_a_master_lock_never_overlap() -> anyhow::Result<()> {
+    let extra = format!(
+        r#"
+[[lock]]
+name = "deploy"
+scope = "master"
+max_count = 1
+
+[[builder]]
+name = "a"
+workers = ["w1"]
+locks = [{{ name = "deploy", access = "exclusive" }}]
+steps = [{{ name = "ship", command = {a} }}]
+
+[[builder]]
+name = "b"
+workers = ["w2"]
+locks = [{{ name = "deploy", access = "counting" }}]
+steps = [{{ name = "ship", command = {b} }}]
+"#,
+        a = toml_str(&gated("ship")),
+        b = toml_str(&gated("ship")),
+    );
+    let mut farm = Farm::builder()
+        .worker(WorkerSpec::new("w1"))
+        .worker(WorkerSpec::new("w2"))
+        .master_toml(&extra)
+        .start()?;
+    farm.start_worker("w1")?;
+    farm.start_worker("w2")?;
+    farm.wait_worker_state("w1", nightshift_policy::PresenceState::Available)
+        .await?;
+    farm.wait_worker_state("w2", nightshift_policy::PresenceState::Available)
+        .await?;
+
+    let a_dir = build_dir(&farm, "w1", "a");
+    let b_dir = build_dir(&farm, "w2", "b");
+    let first = submit(&farm, "a").await?;
+    wait_file("a's step to start", &a_dir.join("ship.started")).await?;
+    let second = submit(&farm, "b").await?;
+    // b's worker is free, but the lock is not: b waits, and says why.
+    let waiting = waiting_for(&farm, second, "waiting for lock deploy").await?;
+    assert_eq!(waiting.state, BuildState::Queued);
+    assert!(
+        !b_dir.join("ship.started").exists(),
+        "b must not run while a holds deploy"
+    );
+    let (code, stdout, _) = farm.master_cli(&["builds"])?;
+    assert_eq!(code, 0);
+    assert!(stdout.contains("waiting for lock deploy"), "{stdout}");
+
+    open(&a_dir.join("ship.go"));
+    let a = farm.wait_build(first).await?;
+    assert_success(&a);
+    wait_file("b's step to start", &b_dir.join("ship.started")).await?;
+    open(&b_dir.join("ship.go"));
+    let b = farm.wait_build(second).await?;
+    assert_success(&b);
+    let (a_end, b_start) = (
+        a.finished_at.expect("finished"),
+        b.started_at.expect("started"),
+    );
+    assert!(
+        b_start >= a_end,
+        "b started at {b_start}, before a ended at {a_end}"
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_lock_limits_each_worker_separately() -> anyhow::Result<()> {
+    let extra = format!(
+        r#"
+[[lock]]
+name = "disk"
+scope = "worker"
+max_count = 1
+
+[[builder]]
+name = "io"
+workers = ["w1", "w2"]
+locks = [{{ name = "disk", access = "counting" }}]
+steps = [{{ name = "write", command = {cmd} }}]
+"#,
+        cmd = toml_str("while [ ! -f go ]; do sleep 0.05; done"),
+    );
+    let mut farm = Farm::builder()
+        .worker(WorkerSpec::new("w1").max_builds(2))
+        .worker(WorkerSpec::new("w2").max_builds(2))
+        .master_toml(&extra)
+        .start()?;
+    farm.start_worker("w1")?;
+    farm.start_worker("w2")?;
+    farm.wait_worker_state("w1", nightshift_policy::PresenceState::Available)
+        .await?;
+    farm.wait_worker_state("w2", nightshift_policy::PresenceState::Available)
+        .await?;
+
+    let mut ids = Vec::new();
+    for _ in 0..4 {
+        ids.push(submit(&farm, "io").await?);
+    }
+    let api = farm.api()?;
+    // Two run, one per worker (each has room for two builds but one disk
+    // unit); the other two wait for the disk of a worker.
+    let builds = wait_for("two running and two waiting for a disk", DEADLINE, || {
+        let api = api.clone();
+        let ids = ids.clone();
+        async move {
+            let mut builds = Vec::new();
+            for id in ids {
+                builds.push(api.build(id).await?);
+            }
+            let running = builds
+                .iter()
+                .filter(|b| b.state == BuildState::Running)
+                .count();
+            let waiting = builds
+                .iter()
+                .filter(|b| {
+                    b.state == BuildState::Queued
+                        && b.waiting_for
+                            .as_deref()
+                            .is_some_and(|w| w.contains("waiting for lock disk on w"))
+                })
+                .count();
+            Ok((running == 2 && waiting == 2).then_some(builds))
+        }
+    })
+    .await?;
+    let mut running_on: Vec<String> = builds
+        .iter()
+        .filter(|b| b.state == BuildState::Running)
+        .filter_map(|b| b.worker.clone())
+        .collect();
+    running_on.sort();
+    assert_eq!(
+        running_on,
+        vec!["w1", "w2"],
+        "one build per worker holds its disk"
+    );
+
+    for worker in ["w1", "w2"] {
+        let dir = build_dir(&farm, worker, "io");
+        std::fs::create_dir_all(&dir)?;
+        open(&dir.join("go"));
+    }
+    for id in &ids {
+        assert_success(&farm.wait_build(*id).await?);
+    }
+    // Per worker, the two builds ran one after the other.
+    let finished: Vec<BuildInfo> = {
+        let mut all = Vec::new();
+        for id in &ids {
+            all.push(api.build(*id).await?);
+        }
+        all
+    };
+    for worker in ["w1", "w2"] {
+        let mut mine: Vec<&BuildInfo> = finished
+            .iter()
+            .filter(|b| b.worker.as_deref() == Some(worker))
+            .collect();
+        assert_eq!(mine.len(), 2, "two builds on {worker}: {finished:?}");
+        mine.sort_by_key(|b| b.started_at);
+        assert!(
+            mine[1].started_at >= mine[0].finished_at,
+            "builds overlapped on {worker}: {mine:?}"
+        );
+    }
+    Ok(())
+}
+
+/// The first lock request ever made: one checkout at a time, one compile at
+/// a time, but a checkout may run while another build compiles.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn step_locks_one_checkout_and_one_compile_at_a_time() -> anyhow::Result<()> {
+    let extra = format!(
+        r#"
+[[lock]]
+name = "checkout"
+scope = "master"
+max_count = 1
+
+[[lock]]
+name = "compile"
+scope = "master"
+max_count = 1
+
+[[builder]]
+name = "app"
+workers = ["w1", "w2"]
+steps = [
+  {{ name = "checkout", command = {checkout}, locks = [{{ name = "checkout", access = "exclusive" }}] }},
+  {{ name = "compile", command = {compile}, locks = [{{ name = "compile", access = "exclusive" }}] }},
+]
+"#,
+        checkout = toml_str(&gated("checkout")),
+        compile = toml_str(&gated("compile")),
+    );
+    let mut farm = Farm::builder()
+        .worker(WorkerSpec::new("w1"))
+        .worker(WorkerSpec::new("w2"))
+        .master_toml(&extra)
+        .start()?;
+    farm.start_worker("w1")?;
+    farm.start_worker("w2")?;
+    farm.wait_worker_state("w1", nightshift_policy::PresenceState::Available)
+        .await?;
+    farm.wait_worker_state("w2", nightshift_policy::PresenceState::Available)
+        .await?;
+
+    let x = submit(&farm, "app").await?;
+    let y = submit(&farm, "app").await?;
+    let api = farm.api()?;
+    // Both builds run (one per worker); exactly one checks out, the other
+    // waits for the checkout lock.
+    let dirs = [build_dir(&farm, "w1", "app"), build_dir(&farm, "w2", "app")];
+    let (first, second) = wait_for("one checkout running, the other waiting", DEADLINE, || {
+        let api = api.clone();
+        let dirs = dirs.clone();
+        async move {
+            let bx = api.build(x).await?;
+            let by = api.build(y).await?;
+            if bx.state != BuildState::Running || by.state != BuildState::Running {
+                return Ok(None);
+            }
+            let started: Vec<usize> = (0..2)
+                .filter(|i| dirs[*i].join("checkout.started").exists())
+                .collect();
+            let waiting = [&bx, &by]
+                .iter()
+                .filter(|b| b.waiting_for.as_deref() == Some("waiting for lock checkout"))
+                .count();
+            Ok((started.len() == 1 && waiting == 1).then(|| (started[0], 1 - started[0])))
+        }
+    })
+    .await?;
+    let (first_dir, second_dir) = (&dirs[first], &dirs[second]);
+
+    // The first checkout ends: the first build compiles, and the second
+    // build's checkout runs meanwhile.
+    open(&first_dir.join("checkout.go"));
+    wait_file(
+        "the first compile to start",
+        &first_dir.join("compile.started"),
+    )
+    .await?;
+    wait_file(
+        "the second checkout to start",
+        &second_dir.join("checkout.started"),
+    )
+    .await?;
+    assert!(
+        !first_dir.join("compile.done").exists(),
+        "a checkout runs while another build compiles"
+    );
+
+    // The second checkout ends; its compile waits for the first compile.
+    open(&second_dir.join("checkout.go"));
+    wait_file(
+        "the second checkout to end",
+        &second_dir.join("checkout.done"),
+    )
+    .await?;
+    let second_id = if first == 0 { y } else { x };
+    let first_id = if first == 0 { x } else { y };
+    waiting_for(&farm, second_id, "waiting for lock compile").await?;
+    assert!(
+        !second_dir.join("compile.started").exists(),
+        "one compile at a time"
+    );
+
+    open(&first_dir.join("compile.go"));
+    assert_success(&farm.wait_build(first_id).await?);
+    wait_file(
+        "the second compile to start",
+        &second_dir.join("compile.started"),
+    )
+    .await?;
+    open(&second_dir.join("compile.go"));
+    assert_success(&farm.wait_build(second_id).await?);
+    Ok(())
+}

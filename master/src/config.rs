@@ -190,7 +190,9 @@ struct RawTls {
 #[serde(deny_unknown_fields)]
 struct RawWorker {
     name: Spanned<String>,
-    token_sha256: Spanned<String>,
+    /// Required, except for a latent worker (its instances get a token
+    /// made for each start).
+    token_sha256: Option<Spanned<String>>,
     #[serde(default = "default_max_builds")]
     max_builds: u32,
     #[serde(default)]
@@ -503,18 +505,31 @@ impl MasterConfig {
                     format!("worker `{name}` is defined twice"),
                 );
             }
-            let token_sha256 = match normalize_hash(w.token_sha256.get_ref()) {
-                Some(hash) => hash,
+            let token_sha256 = match &w.token_sha256 {
+                None if w.latent.is_some() => String::new(),
                 None => {
                     issue(
-                        w.token_sha256.span(),
+                        w.name.span(),
                         format!("worker[{i}].token_sha256"),
-                        "must be 64 hex digits (the SHA-256 of the worker's token; \
-                         `master add-worker NAME` prints one)"
+                        "missing: the SHA-256 of the worker's token (`master add-worker NAME` \
+                         prints one); only a latent worker may leave it out"
                             .into(),
                     );
                     String::new()
                 }
+                Some(hash) => match normalize_hash(hash.get_ref()) {
+                    Some(hash) => hash,
+                    None => {
+                        issue(
+                            hash.span(),
+                            format!("worker[{i}].token_sha256"),
+                            "must be 64 hex digits (the SHA-256 of the worker's token; \
+                         `master add-worker NAME` prints one)"
+                                .into(),
+                        );
+                        String::new()
+                    }
+                },
             };
             if w.max_builds == 0 {
                 issue(

@@ -16,15 +16,14 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use jiff::Timestamp;
 use nightshift_proto::api::{
-    ApiError, BuildInfo, BuildList, BuildLog, BuildState, PauseState, SubmitRequest,
-    SubmitResponse, WorkerList,
+    ApiError, BuildInfo, BuildList, BuildLog, BuildState, PauseState, ReconfigResponse,
+    SubmitRequest, SubmitResponse, WorkerList,
 };
 use nightshift_proto::wire::BuildId;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::config::MasterConfig;
 use crate::scheduler::{Event, Snapshot};
 use crate::store::Store;
 
@@ -34,7 +33,8 @@ const MAX_WAIT_SECS: u64 = 300;
 /// What every handler shares.
 #[derive(Clone)]
 pub struct AppState {
-    pub config: Arc<MasterConfig>,
+    /// The config in force (replaced whole by a reconfig).
+    pub config: crate::reconfig::LiveConfig,
     pub store: Store,
     pub events: mpsc::UnboundedSender<Event>,
     /// Lowercase hex SHA-256 of the admin token.
@@ -112,6 +112,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/api/v1/workers", get(workers))
         .route("/api/v1/pause", post(pause))
         .route("/api/v1/resume", post(resume))
+        .route("/api/v1/reconfig", post(reconfig))
         .route_layer(middleware::from_fn_with_state(state, require_admin))
 }
 
@@ -140,13 +141,9 @@ async fn submit(
     body: Result<Json<SubmitRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<SubmitResponse>), Failure> {
     let Json(request) = body.map_err(|e| Failure(StatusCode::BAD_REQUEST, e.body_text()))?;
-    if state.config.builder(&request.builder).is_none() {
-        let known: Vec<&str> = state
-            .config
-            .builders
-            .iter()
-            .map(|b| b.name.as_str())
-            .collect();
+    let config = state.config.get();
+    if config.builder(&request.builder).is_none() {
+        let known: Vec<&str> = config.builders.iter().map(|b| b.name.as_str()).collect();
         return Err(Failure(
             StatusCode::NOT_FOUND,
             format!(
@@ -339,6 +336,18 @@ async fn pause(State(state): State<AppState>) -> Result<Json<PauseState>, Failur
 
 async fn resume(State(state): State<AppState>) -> Result<Json<PauseState>, Failure> {
     set_paused(&state, false).await
+}
+
+/// `POST /api/v1/reconfig`: reload master.toml. 422 with every error when
+/// the new file is refused (the running config stays).
+async fn reconfig(State(state): State<AppState>) -> Result<Json<ReconfigResponse>, Failure> {
+    match crate::reconfig::reload(&state.config, &state.events).await {
+        Ok(changes) => Ok(Json(ReconfigResponse { changes })),
+        Err(refused) => Err(Failure(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            refused.to_string(),
+        )),
+    }
 }
 
 #[cfg(test)]

@@ -92,6 +92,14 @@ pub enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Reload master.toml without interrupting running builds (as SIGHUP
+    /// does). An invalid file is refused whole and the running config stays.
+    Reconfig {
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
     /// Make a token for a new worker; print its [[worker]] entry for
     /// master.toml and the lines for its worker.toml.
     AddWorker {

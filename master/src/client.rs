@@ -272,6 +272,29 @@ pub async fn cancel(client: &ApiClient, id: u64, reason: Option<&str>) -> anyhow
     Ok(0)
 }
 
+/// `master reconfig`: exit 0 when applied, 2 when the new config is refused
+/// (its errors are printed), 1 when the master cannot be reached.
+pub async fn reconfig(client: &ApiClient, json: bool) -> anyhow::Result<i32> {
+    match client.reconfig().await {
+        Ok(answer) => {
+            if json {
+                print_json(&answer)?;
+            } else {
+                println!("master.toml reloaded; running builds go on:");
+                for change in &answer.changes {
+                    println!("  {change}");
+                }
+            }
+            Ok(0)
+        }
+        Err(error) if error.status == Some(422) => {
+            eprintln!("{}", error.message);
+            Ok(2)
+        }
+        Err(error) => Err(error.into()),
+    }
+}
+
 pub async fn set_paused(client: &ApiClient, paused: bool, json: bool) -> anyhow::Result<i32> {
     let state = if paused {
         client.pause().await?

@@ -635,7 +635,6 @@ impl BuildLocks {
     }
 
     /// Replaces the definitions (reconfig); returns who a grown count granted.
-    #[allow(dead_code)] // wired into reconfig next
     pub fn set_definitions(&mut self, defs: impl IntoIterator<Item = LockDef>) -> Vec<LockHolder> {
         let granted = self.manager.set_definitions(defs);
         self.holders_of(granted)

@@ -17,7 +17,6 @@ mod latent;
 mod locks;
 #[allow(dead_code)]
 mod master_schedule;
-#[allow(dead_code)]
 mod reconfig;
 
 use std::process::ExitCode;
@@ -98,6 +97,7 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Resume { json, conn } => {
             client::set_paused(&client::connect(&conn)?, false, json).await
         }
+        Command::Reconfig { json, conn } => client::reconfig(&client::connect(&conn)?, json).await,
         Command::AddWorker { name, url, config } => {
             run::add_worker(&name, url.as_deref(), config.as_deref())
         }

@@ -15,6 +15,12 @@
 
 use std::collections::BTreeMap;
 use std::fmt;
+use std::sync::{Arc, RwLock};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::MasterConfig;
+use crate::scheduler::Event;
 
 /// How one named collection (workers, builders, locks) changed.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
@@ -48,6 +54,7 @@ impl NamedDiff {
         diff
     }
 
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
     }
@@ -85,6 +92,7 @@ pub struct ReconfigPlan {
 }
 
 impl ReconfigPlan {
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.workers.is_empty()
             && self.builders.is_empty()
@@ -175,6 +183,143 @@ pub fn plan<W: PartialEq, B: PartialEq, L: PartialEq>(
 /// A map keyed by `String` as `(&str, &T)` pairs.
 pub fn named<T>(map: &BTreeMap<String, T>) -> impl Iterator<Item = (&str, &T)> {
     map.iter().map(|(k, v)| (k.as_str(), v))
+}
+
+/// The config the master runs with now, shared by the connection handler
+/// and the API; replaced as a whole by a reconfig.
+#[derive(Clone)]
+pub struct LiveConfig {
+    current: Arc<RwLock<Arc<MasterConfig>>>,
+    /// One reconfig at a time.
+    reloading: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl LiveConfig {
+    pub fn new(config: Arc<MasterConfig>) -> LiveConfig {
+        LiveConfig {
+            current: Arc::new(RwLock::new(config)),
+            reloading: Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+
+    /// The config in force.
+    pub fn get(&self) -> Arc<MasterConfig> {
+        Arc::clone(
+            &self
+                .current
+                .read()
+                .unwrap_or_else(|poison| poison.into_inner()),
+        )
+    }
+
+    fn set(&self, config: Arc<MasterConfig>) {
+        *self
+            .current
+            .write()
+            .unwrap_or_else(|poison| poison.into_inner()) = config;
+    }
+}
+
+/// Checks a new config against the running one: refused when it changes a
+/// setting only a restart can change; otherwise the plan.
+pub fn check(old: &MasterConfig, new: &MasterConfig) -> Result<ReconfigPlan, ReconfigRefused> {
+    let mut restart = Vec::new();
+    restart_only("listen", &old.listen, &new.listen, &mut restart);
+    restart_only("data_dir", &old.data_dir, &new.data_dir, &mut restart);
+    restart_only("tls", &old.tls, &new.tls, &mut restart);
+    restart_only(
+        "admin_token_sha256",
+        &old.admin_token_sha256,
+        &new.admin_token_sha256,
+        &mut restart,
+    );
+    if !restart.is_empty() {
+        return Err(ReconfigRefused::NeedsRestart(restart));
+    }
+    let by_name =
+        |items: Vec<(String, String)>| -> BTreeMap<String, String> { items.into_iter().collect() };
+    let workers = |c: &MasterConfig| {
+        by_name(
+            c.workers
+                .iter()
+                .map(|w| (w.name.clone(), format!("{w:?}")))
+                .collect(),
+        )
+    };
+    let builders = |c: &MasterConfig| {
+        by_name(
+            c.builders
+                .iter()
+                .map(|b| (b.name.clone(), format!("{b:?}")))
+                .collect(),
+        )
+    };
+    let locks = |c: &MasterConfig| {
+        by_name(
+            c.locks
+                .iter()
+                .map(|l| (l.name.clone(), format!("{l:?}")))
+                .collect(),
+        )
+    };
+    let mut settings = Vec::new();
+    if old.max_starting != new.max_starting {
+        settings.push(format!(
+            "max_starting: {} -> {}",
+            old.max_starting, new.max_starting
+        ));
+    }
+    if old.missing_timeout != new.missing_timeout {
+        settings.push(format!(
+            "missing_timeout: {}s -> {}s",
+            old.missing_timeout.as_secs(),
+            new.missing_timeout.as_secs()
+        ));
+    }
+    Ok(plan(
+        (&workers(old), &workers(new)),
+        (&builders(old), &builders(new)),
+        (&locks(old), &locks(new)),
+        settings,
+    ))
+}
+
+/// `master reconfig` and SIGHUP: reads `master.toml` again, validates it
+/// whole, checks it against the running one, and hands it to the scheduler,
+/// which applies it without interrupting running builds. Returns one line
+/// per change; a refusal changes nothing.
+pub async fn reload(
+    live: &LiveConfig,
+    events: &mpsc::UnboundedSender<Event>,
+) -> Result<Vec<String>, ReconfigRefused> {
+    let _one_at_a_time = live.reloading.lock().await;
+    let old = live.get();
+    if old.source.to_string_lossy().starts_with('<') {
+        return Err(ReconfigRefused::Invalid(vec![format!(
+            "the master runs on the {}; there is no master.toml to reload",
+            old.source.display()
+        )]));
+    }
+    let new = match MasterConfig::load(&old.source) {
+        Ok(config) => Arc::new(config),
+        Err(error) => {
+            return Err(ReconfigRefused::Invalid(
+                error.to_string().lines().map(str::to_owned).collect(),
+            ));
+        }
+    };
+    let plan = check(&old, &new)?;
+    let (reply, applied) = oneshot::channel();
+    live.set(Arc::clone(&new));
+    if events.send(Event::Reconfig { config: new, reply }).is_err() || applied.await.is_err() {
+        live.set(old);
+        return Err(ReconfigRefused::Invalid(vec![
+            "the scheduler is not running".into(),
+        ]));
+    }
+    let summary = plan.summary();
+    tracing::info!("reconfig applied: {}", summary.join("; "));
+    Ok(summary)
 }
 
 #[cfg(test)]

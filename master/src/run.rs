@@ -274,12 +274,26 @@ pub async fn run(
     tokio::spawn(scheduler.run(inbox));
     let state = AppState {
         latent_tokens,
-        config: Arc::clone(&config),
+        config: crate::reconfig::LiveConfig::new(Arc::clone(&config)),
         store,
         events,
         admin_token_sha256: admin_hash,
         next_conn: Arc::new(AtomicU64::new(1)),
     };
+    // SIGHUP reloads master.toml, as `master reconfig` does.
+    let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("cannot listen for SIGHUP")?;
+    let (live, hup_events) = (state.config.clone(), state.events.clone());
+    tokio::spawn(async move {
+        while sighup.recv().await.is_some() {
+            match crate::reconfig::reload(&live, &hup_events).await {
+                Ok(changes) => {
+                    tracing::info!("SIGHUP: master.toml reloaded: {}", changes.join("; "))
+                }
+                Err(refused) => tracing::error!("SIGHUP: {refused}"),
+            }
+        }
+    });
     let router = crate::server::router(state);
 
     let ws_url = url

@@ -143,6 +143,12 @@ pub enum Event {
     },
     /// A latent provider call or timer ended.
     Latent(LatentEvent),
+    /// A new config, validated and checked by `reconfig::reload`: apply it
+    /// without interrupting running builds, then answer.
+    Reconfig {
+        config: Arc<MasterConfig>,
+        reply: oneshot::Sender<()>,
+    },
 }
 
 /// A worker's live state as the scheduler sees it.
@@ -417,6 +423,10 @@ impl Scheduler {
             }
             Event::Snapshot { reply } => {
                 let _ = reply.send(self.snapshot());
+            }
+            Event::Reconfig { config, reply } => {
+                self.apply_config(config);
+                let _ = reply.send(());
             }
             Event::Latent(event) => {
                 let worker = match &event {
@@ -943,6 +953,10 @@ impl Scheduler {
 
     /// Sends `Released` to an idle worker that takes no builds.
     fn maybe_release(&mut self, worker: &str) {
+        if self.config.worker(worker).is_none() {
+            self.drop_if_drained(worker);
+            return;
+        }
         let Some(slot) = self.workers.get_mut(worker) else {
             return;
         };
@@ -1117,6 +1131,72 @@ impl Scheduler {
                 self.send(worker, MasterMessage::StepGranted { build_id, step });
             }
         }
+    }
+
+    /// Switches to a new config (reconfig). Running builds keep the steps and
+    /// locks they started with; new and changed builders apply to builds
+    /// handed out from now on; a removed worker gets no new build and is
+    /// released once its running builds end; lock counts change for new
+    /// acquisitions (holders are never evicted).
+    fn apply_config(&mut self, config: Arc<MasterConfig>) {
+        let now = self.clock.now();
+        self.config = config;
+        for def in &self.config.workers {
+            self.workers
+                .entry(def.name.clone())
+                .or_insert_with(|| WorkerSlot {
+                    conn: None,
+                    presence: offline(now, "added by reconfig; not connected yet"),
+                    agent_max_builds: def.max_builds,
+                    running: BTreeSet::new(),
+                    released: false,
+                    epoch: 0,
+                    refused: BTreeSet::new(),
+                    unconfirmed: BTreeSet::new(),
+                    last_assigned: 0,
+                });
+        }
+        let removed: Vec<String> = self
+            .workers
+            .keys()
+            .filter(|name| self.config.worker(name).is_none())
+            .cloned()
+            .collect();
+        for name in &removed {
+            tracing::info!("worker {name} removed from master.toml: drained, then released");
+            self.unbind_lock_waits(name);
+            if self.latent.is_latent(name) {
+                let actions = self.latent.remove(name, Now::system());
+                self.run_latent(name, actions);
+                if !self.latent.is_latent(name) {
+                    self.latent_tokens.set(name, None);
+                    self.latent_providers.remove(name);
+                }
+            }
+            self.drop_if_drained(name);
+        }
+        let granted = self.locks.set_definitions(self.config.locks.clone());
+        self.on_lock_grants(granted);
+        self.configure_latent();
+        self.assign();
+    }
+
+    /// A worker removed by reconfig leaves once it runs nothing: it is
+    /// released (a connected agent is told why) and forgotten.
+    fn drop_if_drained(&mut self, worker: &str) {
+        let Some(slot) = self.workers.get(worker) else {
+            return;
+        };
+        if !slot.running.is_empty() || self.lock_waits.values().any(|w| w == worker) {
+            return;
+        }
+        if let Some((_, out)) = &slot.conn {
+            let _ = out.send(Outbound::Message(MasterMessage::Released {
+                reason: "removed from master.toml".into(),
+            }));
+            let _ = out.send(Outbound::Close("worker removed from master.toml".into()));
+        }
+        self.workers.remove(worker);
     }
 
     /// Sets up (or, after a reconfig, updates) the latent workers of the

@@ -172,7 +172,8 @@ async fn read_hello(
     else {
         return Err("the first frame must be a hello".into());
     };
-    let Some(def) = state.config.worker(&worker) else {
+    let config = state.config.get();
+    let Some(def) = config.worker(&worker) else {
         return Err(format!("unknown worker `{worker}` or wrong token"));
     };
     let Some(token) = token else {

@@ -163,6 +163,13 @@ pub struct PauseState {
     pub paused: bool,
 }
 
+/// `POST /api/v1/reconfig`: what the reload changed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ReconfigResponse {
+    /// One line per change (`builders changed: app`), or `no changes`.
+    pub changes: Vec<String>,
+}
+
 /// The body of every error response.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct ApiError {
@@ -457,6 +464,12 @@ impl ApiClient {
 
     pub async fn resume(&self) -> Result<PauseState, ApiCallError> {
         self.call("POST", &format!("{API_PREFIX}/resume"), None)
+            .await
+    }
+
+    /// Reloads the master's master.toml; a refusal is a 422 naming every error.
+    pub async fn reconfig(&self) -> Result<ReconfigResponse, ApiCallError> {
+        self.call("POST", &format!("{API_PREFIX}/reconfig"), None)
             .await
     }
 }

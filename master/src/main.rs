@@ -11,11 +11,8 @@ mod scheduler;
 mod server;
 mod store;
 
-// Integrated with the scheduler once its core lands (issue 5).
-#[allow(dead_code)]
 mod latent;
 mod locks;
-#[allow(dead_code)]
 mod master_schedule;
 mod reconfig;
 

@@ -69,10 +69,6 @@ impl MasterSchedules {
         }
     }
 
-    pub fn has_schedule(&self, worker: &str) -> bool {
-        self.policies.contains_key(worker)
-    }
-
     /// The master's verdict for `worker` at `now`: `None` when it has no
     /// schedule or the schedule does not restrict it (`available`).
     pub fn evaluate(&self, worker: &str, now: Timestamp) -> Option<Presence> {

@@ -29,6 +29,7 @@ use crate::latent::{
     MasterAccess, Now,
 };
 use crate::locks::{BuildLocks, Claim, LockHolder};
+use crate::master_schedule::{MasterSchedules, ScheduleSpec, combine};
 use crate::store::{Store, StoreOutcome, UnfinishedBuild};
 
 /// Identity of one agent connection, unique for the master's lifetime.
@@ -143,6 +144,11 @@ pub enum Event {
     },
     /// A latent provider call or timer ended.
     Latent(LatentEvent),
+    /// A master-side schedule may have changed a verdict (armed for the next
+    /// boundary; `epoch` tells stale timers apart).
+    ScheduleTick {
+        epoch: u64,
+    },
     /// A new config, validated and checked by `reconfig::reload`: apply it
     /// without interrupting running builds, then answer.
     Reconfig {
@@ -212,6 +218,9 @@ pub struct Scheduler {
     latent_providers: BTreeMap<String, Arc<dyn LatentProvider>>,
     latent_tokens: LatentTokens,
     latent_access: MasterAccess,
+    /// Master-side schedules of workers (`schedule` in `[[worker]]`).
+    schedules: MasterSchedules,
+    schedule_epoch: u64,
 }
 
 impl Scheduler {
@@ -276,9 +285,12 @@ impl Scheduler {
             latent_providers: BTreeMap::new(),
             latent_tokens: LatentTokens::default(),
             latent_access: MasterAccess::default(),
+            schedules: MasterSchedules::default(),
+            schedule_epoch: 0,
         };
         scheduler.locks = BuildLocks::new(scheduler.config.locks.clone());
         scheduler.configure_latent();
+        scheduler.schedules = scheduler.compile_schedules();
         for build in unfinished {
             let worker = build.worker.filter(|w| scheduler.workers.contains_key(w));
             match (build.state, worker) {
@@ -350,6 +362,7 @@ impl Scheduler {
 
     /// The event loop: runs until every sender is gone.
     pub async fn run(mut self, mut inbox: mpsc::UnboundedReceiver<Event>) {
+        self.refresh_schedules();
         self.assign();
         while let Some(event) = inbox.recv().await {
             self.handle(event);
@@ -423,6 +436,12 @@ impl Scheduler {
             }
             Event::Snapshot { reply } => {
                 let _ = reply.send(self.snapshot());
+            }
+            Event::ScheduleTick { epoch } => {
+                if epoch == self.schedule_epoch {
+                    self.refresh_schedules();
+                    self.assign();
+                }
             }
             Event::Reconfig { config, reply } => {
                 self.apply_config(config);
@@ -567,6 +586,14 @@ impl Scheduler {
                 cancel,
             },
         );
+        if let Some(verdict) = self.schedules.verdict(&worker) {
+            self.send(
+                &worker,
+                MasterMessage::MasterOverride {
+                    presence: Some(verdict.clone()),
+                },
+            );
+        }
         if unconfirmed {
             let events = self.events.clone();
             let name = worker.clone();
@@ -1178,7 +1205,95 @@ impl Scheduler {
         let granted = self.locks.set_definitions(self.config.locks.clone());
         self.on_lock_grants(granted);
         self.configure_latent();
+        let before: Vec<String> = self
+            .workers
+            .keys()
+            .filter(|w| self.schedules.verdict(w).is_some())
+            .cloned()
+            .collect();
+        let schedules = self.compile_schedules();
+        self.schedules.replace(schedules);
+        for worker in self.schedules.dropped_since(&before) {
+            self.send(&worker, MasterMessage::MasterOverride { presence: None });
+        }
+        self.refresh_schedules();
         self.assign();
+    }
+
+    /// The master-side schedules of the current config (validated with it).
+    fn compile_schedules(&self) -> MasterSchedules {
+        let specs = self
+            .config
+            .workers
+            .iter()
+            .enumerate()
+            .map(|(i, w)| ScheduleSpec {
+                worker: w.name.clone(),
+                path: format!("worker[{i}]"),
+                timezone: w.timezone.clone(),
+                windows: w.schedule.clone(),
+            });
+        match MasterSchedules::compile(specs, jiff::tz::TimeZone::system()) {
+            Ok(schedules) => schedules,
+            Err(errors) => {
+                // The config check compiles the same schedules; not reached.
+                tracing::error!("master-side schedules ignored: {}", errors.join("; "));
+                MasterSchedules::default()
+            }
+        }
+    }
+
+    /// The presence the scheduler acts on: the worker's own, unless its
+    /// master-side schedule is more restrictive.
+    fn effective_presence(&self, worker: &str, pushed: &Presence) -> Presence {
+        combine(pushed, self.schedules.verdict(worker))
+    }
+
+    /// Re-evaluates the master-side schedules now: tells each agent whose
+    /// verdict changed (`MasterOverride`), lets a latent worker the schedule
+    /// sends away stop after its builds, and arms one timer for the next
+    /// boundary (capped, so a clock jump or suspend is caught up).
+    fn refresh_schedules(&mut self) {
+        let now = self.clock.now();
+        for (worker, verdict) in self.schedules.refresh(now) {
+            tracing::info!(
+                "worker {worker}: master schedule {}",
+                match &verdict {
+                    Some(p) => format!("says {} ({})", p.state, p.reason),
+                    None => "does not restrict it".to_owned(),
+                }
+            );
+            self.send(
+                &worker,
+                MasterMessage::MasterOverride {
+                    presence: verdict.clone(),
+                },
+            );
+            let takes = self
+                .workers
+                .get(&worker)
+                .map(|slot| self.effective_presence(&worker, &slot.presence))
+                .is_some_and(|p| p.state.takes_builds() || p.state == PresenceState::Offline);
+            let why = verdict.map(|p| p.reason).unwrap_or_default();
+            let actions = self
+                .latent
+                .presence_changed(&worker, takes, &why, Now::system());
+            self.run_latent(&worker, actions);
+        }
+        self.schedule_epoch += 1;
+        let Some(next) = self.schedules.next_change(now) else {
+            return;
+        };
+        let wait = next
+            .duration_since(now)
+            .unsigned_abs()
+            .min(Duration::from_secs(3600));
+        let events = self.events.clone();
+        let epoch = self.schedule_epoch;
+        tokio::spawn(async move {
+            tokio::time::sleep(wait).await;
+            let _ = events.send(Event::ScheduleTick { epoch });
+        });
     }
 
     /// A worker removed by reconfig leaves once it runs nothing: it is
@@ -1272,6 +1387,12 @@ impl Scheduler {
                 .iter()
                 .filter(|w| self.latent.is_latent(w))
                 .filter(|w| self.workers.get(*w).is_none_or(|s| s.conn.is_none()))
+                // Not while its master-side schedule keeps it away.
+                .filter(|w| {
+                    self.schedules
+                        .verdict(w)
+                        .is_none_or(|p| p.state.takes_builds())
+                })
                 .cloned()
                 .collect(),
             None => return why,
@@ -1362,7 +1483,7 @@ impl Scheduler {
                 why.push(format!("{name} offline"));
                 continue;
             }
-            let state = slot.presence.state;
+            let state = self.effective_presence(name, &slot.presence).state;
             if !state.takes_builds() {
                 why.push(format!("{name} {state}"));
                 continue;
@@ -1451,13 +1572,14 @@ impl Scheduler {
             .iter()
             .filter_map(|def| {
                 let slot = self.workers.get(&def.name)?;
+                let presence = self.effective_presence(&def.name, &slot.presence);
                 Some(WorkerInfo {
                     name: def.name.clone(),
-                    state: slot.presence.state,
-                    reason: slot.presence.reason.clone(),
-                    source: Some(slot.presence.source.clone()),
-                    since: Some(slot.presence.since),
-                    until: slot.presence.until,
+                    state: presence.state,
+                    reason: presence.reason.clone(),
+                    source: Some(presence.source.clone()),
+                    since: Some(presence.since),
+                    until: presence.until,
                     connected: slot.conn.is_some(),
                     max_builds: def.max_builds.min(slot.agent_max_builds),
                     running: slot.running.iter().copied().collect(),

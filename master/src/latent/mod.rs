@@ -284,12 +284,14 @@ pub enum LatentAction {
         instance: InstanceInfo,
         attempt: u64,
     },
-    /// At `at`, report [`LatentEvent::Timer`].
+    /// At `at`, report [`LatentEvent::Timer`] (for a start timeout, with
+    /// what the provider's `health` says of `instance`).
     Timer {
         worker: String,
         at: Instant,
         kind: TimerKind,
         generation: u64,
+        instance: Option<InstanceInfo>,
     },
 }
 
@@ -310,6 +312,8 @@ pub enum LatentEvent {
         worker: String,
         kind: TimerKind,
         generation: u64,
+        /// The provider's word on the instance (start timeouts only).
+        health: Option<Health>,
     },
 }
 
@@ -447,10 +451,6 @@ impl LatentPool {
         self.slots.contains_key(worker)
     }
 
-    pub fn latent_workers(&self) -> impl Iterator<Item = &str> {
-        self.slots.keys().map(String::as_str)
-    }
-
     pub fn status(&self, worker: &str) -> Option<LatentStatus> {
         let slot = self.slots.get(worker)?;
         Some(LatentStatus {
@@ -475,6 +475,7 @@ impl LatentPool {
     }
 
     /// The workers whose instances are starting, oldest name order.
+    #[cfg(test)]
     pub fn starting(&self) -> impl Iterator<Item = &str> {
         self.slots
             .iter()
@@ -491,21 +492,6 @@ impl LatentPool {
             }
             LatentState::Stopping | LatentState::Stopped => None,
         }
-    }
-
-    /// Whether `token` is the one made for `worker`'s current instance.
-    /// Constant-time comparison is not needed: tokens are random per start
-    /// and compared by hash elsewhere; this compares equal-length hex.
-    pub fn token_matches(&self, worker: &str, token: &str) -> bool {
-        self.slots.get(worker).is_some_and(|slot| {
-            matches!(
-                slot.state,
-                LatentState::Starting | LatentState::Running | LatentState::Lingering
-            ) && slot
-                .token
-                .as_deref()
-                .is_some_and(|t| constant_time_eq(t, token))
-        })
     }
 
     /// Whether `worker` could be started now, and why not.
@@ -579,6 +565,7 @@ impl LatentPool {
                 at: now.mono + slot.settings.start_timeout,
                 kind: TimerKind::StartTimeout,
                 generation: slot.generation,
+                instance: Some(instance_of(worker, slot, &master)),
             },
         ])
     }
@@ -648,7 +635,8 @@ impl LatentPool {
                 worker,
                 kind,
                 generation,
-            } => self.timer(&worker, kind, generation, now),
+                health,
+            } => self.timer(&worker, kind, generation, health, now),
         }
     }
 
@@ -689,6 +677,7 @@ impl LatentPool {
                     at,
                     kind: TimerKind::Retry,
                     generation: slot.generation,
+                    instance: None,
                 }]
             }
             StartOutcome::Failed(why) => {
@@ -749,6 +738,7 @@ impl LatentPool {
                 at,
                 kind: TimerKind::Retry,
                 generation: slot.generation,
+                instance: None,
             });
         }
         actions
@@ -759,6 +749,7 @@ impl LatentPool {
         worker: &str,
         kind: TimerKind,
         generation: u64,
+        health: Option<Health>,
         now: Now,
     ) -> Vec<LatentAction> {
         let Some(slot) = self.slots.get_mut(worker) else {
@@ -775,10 +766,15 @@ impl LatentPool {
                 } else {
                     "the provider did not finish starting it"
                 };
+                let health = match health {
+                    Some(Health::Gone(why)) => format!("; the instance is gone: {why}"),
+                    Some(Health::Alive) => "; the instance is up".to_owned(),
+                    Some(Health::Unknown) | None => String::new(),
+                };
                 self.fail_start(
                     worker,
                     format!(
-                        "start timed out: {what} within start_timeout ({}s)",
+                        "start timed out: {what} within start_timeout ({}s){health}",
                         timeout.as_secs()
                     ),
                     now,
@@ -955,6 +951,7 @@ impl LatentPool {
             at: now.mono + wait,
             kind: TimerKind::Linger,
             generation: slot.generation,
+            instance: None,
         }]
     }
 }
@@ -1083,13 +1080,20 @@ pub fn spawn_action(
             at,
             kind,
             generation,
+            instance,
         } => {
+            let provider = providers.get(&worker).cloned();
             tokio::spawn(async move {
                 tokio::time::sleep_until(at).await;
+                let health = match (provider, instance) {
+                    (Some(provider), Some(instance)) => Some(provider.health(&instance).await),
+                    _ => None,
+                };
                 report(LatentEvent::Timer {
                     worker,
                     kind,
                     generation,
+                    health,
                 });
             });
         }

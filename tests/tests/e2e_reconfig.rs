@@ -239,3 +239,50 @@ async fn a_removed_worker_is_drained_then_released() -> anyhow::Result<()> {
     assert_eq!(farm.wait_build(next).await?.outcome, Some(Outcome::Success));
     Ok(())
 }
+
+/// A master-side schedule (`schedule` in the `[[worker]]`, added by a
+/// reconfig) restricts the worker as a `master` source, most restrictive
+/// wins; removing it lets the queued build run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_master_side_schedule_keeps_a_worker_away_outside_its_window() -> anyhow::Result<()> {
+    let mut farm = Farm::builder()
+        .worker(WorkerSpec::new("w1"))
+        .master_toml(&builder_toml("app", &["w1"], "echo built"))
+        .start()?;
+    farm.start_worker("w1")?;
+    farm.wait_worker_state("w1", PresenceState::Available)
+        .await?;
+
+    // A window that opens two hours from now: the worker is outside it.
+    let now = jiff::Timestamp::now().to_zoned(jiff::tz::TimeZone::UTC);
+    let open = now.checked_add(jiff::SignedDuration::from_hours(2))?;
+    let close = now.checked_add(jiff::SignedDuration::from_hours(3))?;
+    let hours = format!("{}-{}", open.strftime("%H:%M"), close.strftime("%H:%M"));
+    let schedule = format!(
+        "name = \"w1\"\ntimezone = \"UTC\"\nschedule = [{{ name = \"later\", hours = \"{hours}\" }}]"
+    );
+    edit_config(&farm, "name = \"w1\"", &schedule)?;
+    let (code, stdout, stderr) = farm.master_cli(&["reconfig"])?;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("workers changed: w1"), "{stdout}");
+
+    let w1 = farm.wait_worker_state("w1", PresenceState::Away).await?;
+    assert_eq!(w1.source, Some(nightshift_policy::Source::Master), "{w1:?}");
+    let id = submit(&farm, "app").await?;
+    let queued = farm
+        .wait_build_state(id, "the build to wait for w1", |b| {
+            b.waiting_for
+                .as_deref()
+                .is_some_and(|w| w.contains("w1 away"))
+        })
+        .await?;
+    assert_eq!(queued.state, BuildState::Queued);
+
+    // The schedule goes: the worker's own presence counts again.
+    edit_config(&farm, &schedule, "name = \"w1\"")?;
+    let (code, stdout, stderr) = farm.master_cli(&["reconfig"])?;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    let done = farm.wait_build(id).await?;
+    assert_eq!(done.outcome, Some(Outcome::Success), "{done:?}");
+    Ok(())
+}

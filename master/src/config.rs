@@ -723,6 +723,26 @@ impl MasterConfig {
                     locks: check_claims(&s.locks, format!("builder[{i}].steps[{j}].locks")),
                 })
                 .collect();
+            // A step taking a lock its whole build holds would wait for
+            // itself forever.
+            for (j, s) in b.steps.iter().enumerate() {
+                for (k, c) in s.locks.iter().enumerate() {
+                    if b.locks
+                        .iter()
+                        .any(|held| held.name.get_ref() == c.name.get_ref())
+                    {
+                        issue(
+                            c.name.span(),
+                            format!("builder[{i}].steps[{j}].locks[{k}].name"),
+                            format!(
+                                "lock `{}` is already held by the whole build (the builder's `locks`); \
+                                 a step cannot take it again",
+                                c.name.get_ref()
+                            ),
+                        );
+                    }
+                }
+            }
             builders.push(BuilderDef {
                 name,
                 workers: b.workers.into_iter().map(Spanned::into_inner).collect(),
@@ -833,6 +853,39 @@ steps = [{{ name = "make", command = "make", timeout = "5m", env = {{ CC = "cc" 
         let shown = err.to_string();
         assert!(shown.starts_with("master.toml:4:"), "{shown}");
         assert!(shown.contains("max_bulds"), "{shown}");
+    }
+
+    #[test]
+    fn a_step_cannot_take_a_lock_its_build_holds_and_latent_workers_need_no_token() {
+        let text = r#"
+[[lock]]
+name = "db"
+scope = "master"
+max_count = 1
+
+[[worker]]
+name = "vm"
+latent = { provider = "process" }
+
+[[builder]]
+name = "app"
+workers = ["vm"]
+locks = [{ name = "db", access = "counting" }]
+steps = [{ name = "s", command = "true", locks = [{ name = "db", access = "exclusive" }] }]
+"#;
+        let shown = parse(text).unwrap_err().to_string();
+        assert!(
+            shown.contains("builder[0].steps[0].locks[0].name")
+                && shown.contains("already held by the whole build"),
+            "{shown}"
+        );
+        assert!(!shown.contains("token_sha256"), "{shown}");
+        let ordinary = "[[worker]]\nname = \"w\"\n";
+        let shown = parse(ordinary).unwrap_err().to_string();
+        assert!(
+            shown.contains("worker[0].token_sha256") && shown.contains("missing"),
+            "{shown}"
+        );
     }
 
     #[test]

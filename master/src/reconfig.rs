@@ -367,6 +367,74 @@ mod tests {
         assert_eq!(none.summary(), vec!["no changes"]);
     }
 
+    fn config(text: &str) -> MasterConfig {
+        let hash = "a".repeat(64);
+        let text = text.replace("HASH", &hash);
+        MasterConfig::parse(
+            &text,
+            std::path::Path::new("master.toml"),
+            std::path::Path::new("/tmp"),
+        )
+        .expect("a valid test config")
+    }
+
+    const BASE: &str = r#"
+listen = "127.0.0.1:7000"
+data_dir = "data"
+[[lock]]
+name = "db"
+scope = "master"
+max_count = 1
+[[worker]]
+name = "w1"
+token_sha256 = "HASH"
+[[builder]]
+name = "app"
+workers = ["w1"]
+steps = [{ name = "s", command = "true" }]
+"#;
+
+    #[test]
+    fn check_plans_builder_worker_and_lock_changes() {
+        let old = config(BASE);
+        let new = config(
+            &BASE
+                .replace("command = \"true\"", "command = \"make\"")
+                .replace("max_count = 1", "max_count = 2")
+                .replace(
+                    "data_dir = \"data\"",
+                    "data_dir = \"data\"\nmax_starting = 3",
+                )
+                .replace(
+                    "[[worker]]\nname = \"w1\"",
+                    "[[worker]]\nname = \"w2\"\ntoken_sha256 = \"HASH\"\n[[worker]]\nname = \"w1\"",
+                ),
+        );
+        let plan = check(&old, &new).unwrap();
+        assert_eq!(plan.builders.changed, vec!["app"]);
+        assert_eq!(plan.workers.added, vec!["w2"]);
+        assert_eq!(plan.locks.changed, vec!["db"]);
+        assert_eq!(plan.settings, vec!["max_starting: 2 -> 3"]);
+        assert!(check(&old, &old).unwrap().is_empty());
+    }
+
+    #[test]
+    fn check_refuses_restart_only_settings() {
+        let old = config(BASE);
+        let new = config(
+            &BASE
+                .replace("7000", "7001")
+                .replace("data_dir = \"data\"", "data_dir = \"elsewhere\""),
+        );
+        match check(&old, &new) {
+            Err(ReconfigRefused::NeedsRestart(keys)) => {
+                let names: Vec<&str> = keys.iter().map(|k| k.key).collect();
+                assert_eq!(names, vec!["listen", "data_dir"]);
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+
     #[test]
     fn refusals_name_every_error_or_key() {
         let invalid = ReconfigRefused::Invalid(vec![

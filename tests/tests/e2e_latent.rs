@@ -277,3 +277,71 @@ steps = [{{ name = "s", command = "echo built" }}]
     .await?;
     Ok(())
 }
+
+/// A latent worker that turns `away` finishes its current build and is
+/// then stopped (no lingering), even with a long `build_wait_timeout`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_latent_worker_that_turns_away_is_stopped_after_its_build() -> anyhow::Result<()> {
+    let extra = format!(
+        r#"
+[[worker]]
+name = "l1"
+max_builds = 1
+latent = {{ provider = "process", build_wait_timeout = "10m" }}
+
+[[builder]]
+name = "app"
+workers = ["l1"]
+steps = [{{ name = "s", command = {cmd} }}]
+"#,
+        cmd = toml_str("touch s.started; while [ ! -f s.go ]; do sleep 0.05; done; rm -f s.go"),
+    );
+    let farm = Farm::builder().master_toml(&extra).start()?;
+    let api = farm.api()?;
+    let id = api.submit("app", BTreeMap::new()).await?.build_id;
+    let instance = farm.data_dir().join("latent").join("l1");
+    let build_dir = instance.join("work").join("app");
+    wait_for("the build to run on the latent instance", DEADLINE, || {
+        let path = build_dir.join("s.started");
+        async move { Ok(path.exists().then_some(())) }
+    })
+    .await?;
+
+    // The owner takes the instance back while it builds.
+    let output = std::process::Command::new(farm.worker_bin())
+        .args([
+            "set-availability",
+            "away",
+            "--reason",
+            "maintenance",
+            "--config",
+        ])
+        .arg(instance.join("worker.toml"))
+        .output()?;
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    farm.wait_worker_state("l1", nightshift_policy::PresenceState::Away)
+        .await?;
+    let l1 = latent_of(&farm, "l1")
+        .await?
+        .and_then(|w| w.latent)
+        .expect("latent");
+    assert_eq!(l1.state, "running", "the build runs on: {l1:?}");
+
+    std::fs::write(build_dir.join("s.go"), b"")?;
+    let build = farm.wait_build(id).await?;
+    assert_eq!(build.outcome, Some(Outcome::Success), "{build:?}");
+    let stopped = wait_for("l1 to be stopped after its build", DEADLINE, || {
+        let farm = &farm;
+        async move {
+            let l1 = latent_of(farm, "l1").await?.and_then(|w| w.latent);
+            Ok(l1.filter(|l| l.state == "stopped"))
+        }
+    })
+    .await?;
+    assert!(stopped.reason.contains("worker turned away"), "{stopped:?}");
+    Ok(())
+}

@@ -347,3 +347,75 @@ steps = [
     assert_success(&farm.wait_build(second_id).await?);
     Ok(())
 }
+
+/// A worker lost mid-step gives its step lock back when its build is
+/// re-queued, so the build waiting for that lock runs; nothing is lost.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_worker_releases_its_step_lock_when_its_build_is_requeued() -> anyhow::Result<()> {
+    let extra = format!(
+        r#"
+[[lock]]
+name = "compile"
+scope = "master"
+max_count = 1
+
+[[builder]]
+name = "app"
+workers = ["w1", "w2"]
+steps = [{{ name = "compile", command = {cmd}, locks = [{{ name = "compile", access = "exclusive" }}] }}]
+"#,
+        cmd = toml_str(&gated("compile")),
+    );
+    let mut farm = Farm::builder()
+        .worker(WorkerSpec::new("w1"))
+        .worker(WorkerSpec::new("w2"))
+        .missing_timeout("2s")
+        .master_toml(&extra)
+        .start()?;
+    farm.start_worker("w1")?;
+    farm.start_worker("w2")?;
+    farm.wait_worker_state("w1", nightshift_policy::PresenceState::Available)
+        .await?;
+    farm.wait_worker_state("w2", nightshift_policy::PresenceState::Available)
+        .await?;
+
+    let first = submit(&farm, "app").await?;
+    let holder = farm
+        .wait_build_state(first, "the first build to run", |b| {
+            b.state == BuildState::Running
+        })
+        .await?
+        .worker
+        .expect("running on a worker");
+    wait_file(
+        "the first compile to start",
+        &build_dir(&farm, &holder, "app").join("compile.started"),
+    )
+    .await?;
+    let second = submit(&farm, "app").await?;
+    let waiting = waiting_for(&farm, second, "waiting for lock compile").await?;
+    let other = waiting.worker.clone().expect("running on the other worker");
+    assert_ne!(holder, other);
+
+    // The holder's machine dies; after missing_timeout its build is
+    // re-queued and its lock released: the second build compiles.
+    farm.kill_worker(&holder)?;
+    let other_dir = build_dir(&farm, &other, "app");
+    wait_file(
+        "the second compile to start",
+        &other_dir.join("compile.started"),
+    )
+    .await?;
+    let requeued = farm
+        .wait_build_state(first, "the first build to be re-queued", |b| b.retries >= 1)
+        .await?;
+    assert!(requeued.retry_reason.is_some(), "{requeued:?}");
+    open(&other_dir.join("compile.go"));
+    assert_success(&farm.wait_build(second).await?);
+    // The re-queued build runs on the surviving worker, lock and all.
+    open(&other_dir.join("compile.go"));
+    let done = farm.wait_build(first).await?;
+    assert_success(&done);
+    assert_eq!(done.worker.as_deref(), Some(other.as_str()));
+    Ok(())
+}

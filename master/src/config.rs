@@ -269,6 +269,9 @@ pub struct LatentConfig {
     pub worker_bin: Option<String>,
     /// `process`: the worker's work directory.
     pub workdir: Option<String>,
+    /// The URL instances reach the master at (`wss://host:port`), when the
+    /// listen address is not reachable from them (a VM, a container).
+    pub master_url: Option<String>,
     /// Linger after a build before stopping; 0 stops at once.
     #[serde(default = "default_build_wait")]
     pub build_wait_timeout: Secs,
@@ -574,6 +577,15 @@ impl MasterConfig {
                         w.name.span(),
                         format!("worker[{i}].latent"),
                         "provider `command` needs both `start` and `stop` scripts".into(),
+                    );
+                }
+                if let Some(url) = &latent.master_url
+                    && !(url.starts_with("wss://") || url.starts_with("ws://"))
+                {
+                    issue(
+                        w.name.span(),
+                        format!("worker[{i}].latent.master_url"),
+                        format!("`{url}` must be a wss:// (or ws:// when insecure) URL"),
                     );
                 }
             }

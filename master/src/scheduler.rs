@@ -1319,10 +1319,21 @@ impl Scheduler {
     fn configure_latent(&mut self) {
         let now = Now::system();
         let data_dir = self.config.data_dir.clone();
+        // Relative provider paths are relative to master.toml's directory.
+        let config_dir = self
+            .config
+            .source
+            .parent()
+            .filter(|dir| !dir.as_os_str().is_empty())
+            .map_or_else(
+                || std::path::PathBuf::from("."),
+                std::path::Path::to_path_buf,
+            );
         self.latent
             .set_master(self.latent_master(), self.config.max_starting as usize);
         for def in &self.config.workers {
-            let Some(settings) = crate::latent::settings_from_config(def, &data_dir) else {
+            let Some(settings) = crate::latent::settings_from_config(def, &data_dir, &config_dir)
+            else {
                 continue;
             };
             let stopped = self

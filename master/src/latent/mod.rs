@@ -119,7 +119,9 @@ pub fn build_provider(spec: &ProviderSpec) -> Arc<dyn LatentProvider> {
 pub fn settings_from_config(
     worker: &crate::config::WorkerDef,
     data_dir: &Path,
+    config_dir: &Path,
 ) -> Option<LatentSettings> {
+    let resolve = |path: &String| config_dir.join(path);
     let latent = worker.latent.as_ref()?;
     let provider = match latent.provider {
         crate::config::LatentProvider::Command => ProviderSpec::Command(command::CommandSettings {
@@ -128,9 +130,9 @@ pub fn settings_from_config(
             health: None,
         }),
         crate::config::LatentProvider::Process => ProviderSpec::Process(process::ProcessSettings {
-            worker_binary: latent.worker_bin.as_ref().map(PathBuf::from),
+            worker_binary: latent.worker_bin.as_ref().map(resolve),
             data_dir: data_dir.to_path_buf(),
-            workdir: latent.workdir.as_ref().map(PathBuf::from),
+            workdir: latent.workdir.as_ref().map(resolve),
             stop_grace: Duration::from_secs(30),
         }),
     };
@@ -139,6 +141,7 @@ pub fn settings_from_config(
         build_wait_timeout: latent.build_wait_timeout.0,
         start_timeout: latent.start_timeout.0,
         max_builds: worker.max_builds,
+        master_url: latent.master_url.clone(),
     })
 }
 
@@ -186,6 +189,8 @@ pub struct LatentSettings {
     /// the worker backed off.
     pub start_timeout: Duration,
     pub max_builds: u32,
+    /// Overrides the URL instances reach the master at.
+    pub master_url: Option<String>,
 }
 
 /// Back-off after a failed or timed-out start: doubles per consecutive
@@ -977,7 +982,13 @@ fn instance_of(worker: &str, slot: &Slot, master: &MasterAccess) -> InstanceInfo
     InstanceInfo {
         worker: worker.to_owned(),
         token: slot.token.clone().unwrap_or_default(),
-        master: master.clone(),
+        master: match &slot.settings.master_url {
+            Some(url) => MasterAccess {
+                url: url.clone(),
+                ..master.clone()
+            },
+            None => master.clone(),
+        },
         max_builds: slot.settings.max_builds,
     }
 }

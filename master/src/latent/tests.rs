@@ -15,6 +15,7 @@ fn settings(build_wait_secs: u64, start_timeout_secs: u64) -> LatentSettings {
         build_wait_timeout: Duration::from_secs(build_wait_secs),
         start_timeout: Duration::from_secs(start_timeout_secs),
         max_builds: 1,
+        master_url: None,
     }
 }
 
@@ -175,6 +176,22 @@ fn full_cycle_stopped_starting_running_lingering_stopping_stopped() {
     assert_eq!(status.state, LatentState::Stopped);
     assert_eq!(status.reason, "stopped: idle for build_wait_timeout (300s)");
     assert!(pool.startable("vm1", clock.at(322)).is_ok());
+}
+
+#[test]
+fn a_worker_master_url_overrides_the_listen_address_for_its_instances() {
+    let clock = Clock::new();
+    let mut pool = pool(&["vm1"], 1, 60, &clock);
+    let mut with_url = settings(60, 60);
+    with_url.master_url = Some("wss://ci.example.org:7380".into());
+    pool.configure("vm1", with_url, clock.at(0));
+    let actions = pool.start("vm1", "b1", clock.at(0)).unwrap();
+    match &actions[0] {
+        LatentAction::Start { instance, .. } => {
+            assert_eq!(instance.master.url, "wss://ci.example.org:7380");
+        }
+        other => panic!("expected a start, got {other:?}"),
+    }
 }
 
 #[test]

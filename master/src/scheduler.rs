@@ -889,6 +889,9 @@ impl Scheduler {
         for id in ids {
             self.requeue(worker, id, &reason);
         }
+        if self.config.worker(worker).is_none() {
+            self.drop_if_drained(worker);
+        }
         self.assign();
     }
 
@@ -1603,6 +1606,27 @@ impl Scheduler {
                     }),
                 })
             })
+            // Workers removed by a reconfig that still run builds.
+            .chain(
+                self.workers
+                    .iter()
+                    .filter(|(name, _)| self.config.worker(name).is_none())
+                    .map(|(name, slot)| WorkerInfo {
+                        name: name.clone(),
+                        state: slot.presence.state,
+                        reason: format!(
+                            "removed from master.toml; released after its running builds ({})",
+                            slot.presence.reason
+                        ),
+                        source: Some(Source::Master),
+                        since: Some(slot.presence.since),
+                        until: None,
+                        connected: slot.conn.is_some(),
+                        max_builds: slot.agent_max_builds,
+                        running: slot.running.iter().copied().collect(),
+                        latent: None,
+                    }),
+            )
             .collect();
         Snapshot {
             workers: WorkerList {

@@ -215,6 +215,14 @@ async fn a_removed_worker_is_drained_then_released() -> anyhow::Result<()> {
     // Its running build goes on to the end...
     let api = farm.api()?;
     assert_eq!(api.build(id).await?.state, BuildState::Running);
+    let draining = api.workers().await?;
+    let w1 = draining
+        .workers
+        .iter()
+        .find(|w| w.name == "w1")
+        .expect("w1 shown while draining");
+    assert!(w1.reason.contains("removed from master.toml"), "{w1:?}");
+    assert_eq!(w1.running, vec![id]);
     std::fs::write(dir.join("s.go"), b"")?;
     let done = farm.wait_build(id).await?;
     assert_eq!(done.outcome, Some(Outcome::Success), "{done:?}");

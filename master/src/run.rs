@@ -284,6 +284,7 @@ pub async fn run(
     let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("cannot listen for SIGHUP")?;
     let (live, hup_events) = (state.config.clone(), state.events.clone());
+    let shutdown_events = state.events.clone();
     tokio::spawn(async move {
         while sighup.recv().await.is_some() {
             match crate::reconfig::reload(&live, &hup_events).await {
@@ -380,6 +381,18 @@ pub async fn run(
             if status.success() { 0 } else { 1 }
         }
     };
+    // Latent instances could not reconnect to the next run (their tokens
+    // die with this one): stop them, within a bound.
+    let (reply, stopped) = tokio::sync::oneshot::channel();
+    if shutdown_events
+        .send(crate::scheduler::Event::StopLatent { reply })
+        .is_ok()
+        && tokio::time::timeout(Duration::from_secs(60), stopped)
+            .await
+            .is_err()
+    {
+        tracing::warn!("latent instances did not all stop within 60s");
+    }
     let _ = stop_tx.send(());
     let _ = server.await;
     if let Some(child) = child.as_mut() {

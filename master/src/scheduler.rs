@@ -144,6 +144,11 @@ pub enum Event {
     },
     /// A latent provider call or timer ended.
     Latent(LatentEvent),
+    /// The master is shutting down: stop every latent instance, answer once
+    /// all are stopped; no new instance is started from now on.
+    StopLatent {
+        reply: oneshot::Sender<()>,
+    },
     /// A master-side schedule may have changed a verdict (armed for the next
     /// boundary; `epoch` tells stale timers apart).
     ScheduleTick {
@@ -221,6 +226,10 @@ pub struct Scheduler {
     /// Master-side schedules of workers (`schedule` in `[[worker]]`).
     schedules: MasterSchedules,
     schedule_epoch: u64,
+    /// Shutting down: no latent instance is started any more.
+    latent_shutdown: bool,
+    /// Who waits for every latent instance to be stopped.
+    latent_stopped: Vec<oneshot::Sender<()>>,
 }
 
 impl Scheduler {
@@ -287,6 +296,8 @@ impl Scheduler {
             latent_access: MasterAccess::default(),
             schedules: MasterSchedules::default(),
             schedule_epoch: 0,
+            latent_shutdown: false,
+            latent_stopped: Vec::new(),
         };
         scheduler.locks = BuildLocks::new(scheduler.config.locks.clone());
         scheduler.configure_latent();
@@ -437,6 +448,17 @@ impl Scheduler {
             Event::Snapshot { reply } => {
                 let _ = reply.send(self.snapshot());
             }
+            Event::StopLatent { reply } => {
+                self.latent_shutdown = true;
+                for (worker, actions) in self
+                    .latent
+                    .stop_all("the master is shutting down", Now::system())
+                {
+                    self.run_latent(&worker, actions);
+                }
+                self.latent_stopped.push(reply);
+                self.answer_latent_stopped();
+            }
             Event::ScheduleTick { epoch } => {
                 if epoch == self.schedule_epoch {
                     self.refresh_schedules();
@@ -455,6 +477,7 @@ impl Scheduler {
                 };
                 let actions = self.latent.handle(event, Now::system());
                 self.run_latent(&worker, actions);
+                self.answer_latent_stopped();
                 self.assign();
             }
         }
@@ -1391,6 +1414,9 @@ impl Scheduler {
         counted_on: &mut BTreeSet<String>,
         why: String,
     ) -> String {
+        if self.latent_shutdown {
+            return why;
+        }
         let candidates: Vec<String> = match self
             .queue
             .get(&id)
@@ -1426,6 +1452,15 @@ impl Scheduler {
                 format!("starting latent worker {worker}")
             }
             LatentChoice::Wait(reason) => format!("{why}; latent: {reason}"),
+        }
+    }
+
+    /// Answers shutdown waiters once every latent instance is stopped.
+    fn answer_latent_stopped(&mut self) {
+        if !self.latent_stopped.is_empty() && self.latent.all_stopped() {
+            for reply in self.latent_stopped.drain(..) {
+                let _ = reply.send(());
+            }
         }
     }
 

@@ -345,3 +345,56 @@ steps = [{{ name = "s", command = {cmd} }}]
     assert!(stopped.reason.contains("worker turned away"), "{stopped:?}");
     Ok(())
 }
+
+/// A master that stops (SIGTERM) stops its latent instances first: their
+/// tokens die with it, so they could not serve the next run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopping_master_stops_its_latent_instances() -> anyhow::Result<()> {
+    let scripts = tempfile::tempdir()?;
+    let started = scripts.path().join("started");
+    let stopped = scripts.path().join("stopped");
+    let start = script(
+        scripts.path(),
+        "start",
+        &format!("touch {}", started.display()),
+    )?;
+    let stop = script(
+        scripts.path(),
+        "stop",
+        &format!("touch {}", stopped.display()),
+    )?;
+    let extra = format!(
+        r#"
+[[worker]]
+name = "vm"
+max_builds = 1
+latent = {{ provider = "command", start = {start}, stop = {stop}, start_timeout = "10m" }}
+
+[[builder]]
+name = "app"
+workers = ["vm"]
+steps = [{{ name = "s", command = "true" }}]
+"#,
+        start = toml_str(&start),
+        stop = toml_str(&stop),
+    );
+    let mut farm = Farm::builder().master_toml(&extra).start()?;
+    let api = farm.api()?;
+    api.submit("app", BTreeMap::new()).await?;
+    wait_for("the instance to be starting", DEADLINE, || {
+        let farm = &farm;
+        let started = started.clone();
+        async move {
+            let vm = latent_of(farm, "vm").await?.and_then(|w| w.latent);
+            Ok(vm.filter(|l| l.state == "starting" && started.exists()))
+        }
+    })
+    .await?;
+    assert!(!stopped.exists());
+    assert_eq!(farm.stop_master()?, Some(0));
+    assert!(
+        stopped.exists(),
+        "the stop script ran before the master exited"
+    );
+    Ok(())
+}

@@ -812,6 +812,31 @@ impl LatentPool {
         }
     }
 
+    /// Stops every instance that exists (the master is shutting down: an
+    /// instance could not reconnect to the next master run, whose tokens
+    /// are new). Returns the actions per worker.
+    pub fn stop_all(&mut self, reason: &str, now: Now) -> Vec<(String, Vec<LatentAction>)> {
+        let master = self.master.clone();
+        let mut all = Vec::new();
+        for (worker, slot) in &mut self.slots {
+            if matches!(
+                slot.state,
+                LatentState::Starting | LatentState::Running | LatentState::Lingering
+            ) {
+                let actions = begin_stop(worker, slot, &master, reason.to_owned(), now);
+                all.push((worker.clone(), actions));
+            }
+        }
+        all
+    }
+
+    /// Whether no instance exists or is being stopped.
+    pub fn all_stopped(&self) -> bool {
+        self.slots
+            .values()
+            .all(|slot| slot.state == LatentState::Stopped)
+    }
+
     /// The agent of `worker` connected (token already checked). Returns
     /// `Err` with a reason when the connection should be refused: the
     /// instance is being stopped, or none was started.

@@ -195,6 +195,33 @@ fn a_worker_master_url_overrides_the_listen_address_for_its_instances() {
 }
 
 #[test]
+fn stop_all_stops_every_existing_instance_for_shutdown() {
+    let clock = Clock::new();
+    let mut pool = pool(&["a", "b", "c"], 2, 60, &clock);
+    let a = attempt_of(&pool.start("a", "r1", clock.at(0)).unwrap());
+    pool.start("b", "r2", clock.at(0)).unwrap();
+    pool.agent_connected("b", clock.at(1)).unwrap();
+    assert!(!pool.all_stopped());
+    let stops = pool.stop_all("the master is shutting down", clock.at(2));
+    let names: Vec<&str> = stops.iter().map(|(w, _)| w.as_str()).collect();
+    assert_eq!(names, vec!["a", "b"], "c was never started");
+    assert!(stops.iter().all(|(_, actions)| has_stop(actions)));
+    assert_eq!(
+        pool.status("a").unwrap().reason,
+        "the master is shutting down"
+    );
+    pool.handle(
+        LatentEvent::StopDone {
+            worker: "a".into(),
+            attempt: a,
+            result: Ok(()),
+        },
+        clock.at(3),
+    );
+    assert!(!pool.all_stopped(), "b is still stopping");
+}
+
+#[test]
 fn a_new_build_while_lingering_disarms_the_linger_timer() {
     let clock = Clock::new();
     let mut pool = pool(&["vm1"], 2, 300, &clock);

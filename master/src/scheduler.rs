@@ -1755,11 +1755,15 @@ steps = [{{ name = "s", command = "true" }}]
 
     impl Harness {
         fn new() -> Harness {
+            Harness::with_config(config("60s"))
+        }
+
+        fn with_config(config: Arc<MasterConfig>) -> Harness {
             let dir = tempfile::tempdir().unwrap();
             let store = Store::open(&dir.path().join("m.db")).unwrap();
             let (tx, rx) = mpsc::unbounded_channel();
             let scheduler = Scheduler::new(
-                config("60s"),
+                config,
                 store.clone(),
                 Arc::new(FixedClock(Timestamp::UNIX_EPOCH)),
                 tx,
@@ -1994,5 +1998,84 @@ steps = [{{ name = "s", command = "true" }}]
             },
         });
         assert_eq!(started(&mut b), vec![id]);
+    }
+
+    /// Issue 5: a build waiting for its builder-level lock keeps its chosen
+    /// worker's slot; if that worker turns away the build gives the slot
+    /// back (and its place for the lock), and a release starts it.
+    #[tokio::test]
+    async fn a_lock_wait_follows_its_worker_and_a_release_starts_the_build() {
+        let text = format!(
+            r#"
+[[lock]]
+name = "db"
+scope = "master"
+max_count = 1
+[[worker]]
+name = "a"
+token_sha256 = "{HASH}"
+[[worker]]
+name = "b"
+token_sha256 = "{HASH}"
+[[builder]]
+name = "app"
+workers = ["a", "b"]
+locks = [{{ name = "db", access = "exclusive" }}]
+steps = [{{ name = "s", command = "true", locks = [] }}]
+"#
+        );
+        let config =
+            MasterConfig::parse(&text, Path::new("master.toml"), Path::new("/tmp")).unwrap();
+        let mut h = Harness::with_config(Arc::new(config));
+        let (ca, mut a) = h.connect("a", PresenceState::Available, vec![]);
+        let (cb, mut b) = h.connect("b", PresenceState::Available, vec![]);
+        let first = h.submit().await;
+        let mut on_a = started(&mut a);
+        on_a.extend(started(&mut b));
+        assert_eq!(on_a, vec![first]);
+        let holder_is_a = h.scheduler.snapshot().running[&first] == "a";
+        let (holder, holder_conn, other, other_conn) = if holder_is_a {
+            ("a", ca, "b", cb)
+        } else {
+            ("b", cb, "a", ca)
+        };
+        let second = h.submit().await;
+        assert_eq!(
+            h.scheduler.snapshot().waiting_for[&second],
+            format!("waiting for lock db (on {other})")
+        );
+        // The chosen worker turns away: the build is unbound.
+        let turn = |state| Event::Agent {
+            worker: other.into(),
+            conn: other_conn,
+            message: AgentMessage::Presence {
+                presence: presence(state),
+            },
+        };
+        h.scheduler.handle(turn(PresenceState::Away));
+        let why = h.scheduler.snapshot().waiting_for[&second].clone();
+        assert!(why.contains(&format!("{other} away")), "{why}");
+        h.scheduler.handle(turn(PresenceState::Available));
+        assert_eq!(
+            h.scheduler.snapshot().waiting_for[&second],
+            format!("waiting for lock db (on {other})")
+        );
+        // The holder finishes: the lock goes to the waiting build at once.
+        h.scheduler.handle(Event::Agent {
+            worker: holder.into(),
+            conn: holder_conn,
+            message: AgentMessage::BuildFinished {
+                result: BuildResult {
+                    build_id: first,
+                    outcome: nightshift_proto::wire::Outcome::Success,
+                    steps: vec![],
+                    reason: None,
+                    log: String::new(),
+                    finished_at: Timestamp::UNIX_EPOCH,
+                },
+            },
+        });
+        let mut other_rx = if holder_is_a { b } else { a };
+        assert_eq!(started(&mut other_rx), vec![second]);
     }
 }

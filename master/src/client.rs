@@ -236,8 +236,10 @@ pub async fn builds(client: &ApiClient, limit: u32, json: bool) -> anyhow::Resul
         "ID", "BUILDER", "STATE", "WORKER", "OUTCOME", "RETRIES"
     );
     for b in &list.builds {
-        let detail = match b.state {
-            BuildState::Queued => b.waiting_for.clone().map(|w| format!("waiting for {w}")),
+        let detail = match (b.state, &b.waiting_for) {
+            // A running build waits only while a step waits for a lock.
+            (BuildState::Queued | BuildState::Running, Some(w)) => Some(format!("waiting for {w}")),
+            (BuildState::Queued, None) => None,
             _ => b.retry_reason.clone().or_else(|| b.reason.clone()),
         };
         println!(

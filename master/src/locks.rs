@@ -614,8 +614,8 @@ impl BuildLocks {
             .is_some_and(|t| self.manager.is_held(*t))
     }
 
-    /// What a build waits for, as `master builds` shows it: `waiting for lock
-    /// compile`, `waiting for locks a, b on w1`; `None` when it waits for
+    /// What a build waits for, as `master builds` shows it after "waiting
+    /// for": `lock compile`, `locks a, disk on w1`; `None` when it waits for
     /// no lock.
     pub fn waiting_text(&self, build: BuildId) -> Option<String> {
         let mut names = Vec::new();
@@ -626,10 +626,10 @@ impl BuildLocks {
         }
         match names.len() {
             0 => None,
-            1 => Some(format!("waiting for lock {}", names[0])),
+            1 => Some(format!("lock {}", names[0])),
             _ => {
                 names.sort();
-                Some(format!("waiting for locks {}", names.join(", ")))
+                Some(format!("locks {}", names.join(", ")))
             }
         }
     }
@@ -1096,10 +1096,7 @@ mod tests {
             locks.request(LockHolder::Build(2), "w2", &[count("deploy")]),
             Ok(false)
         );
-        assert_eq!(
-            locks.waiting_text(2).as_deref(),
-            Some("waiting for lock deploy")
-        );
+        assert_eq!(locks.waiting_text(2).as_deref(), Some("lock deploy"));
         assert_eq!(locks.waiting_text(1), None);
         // Asking again answers from the same ticket, no second place in line.
         assert_eq!(

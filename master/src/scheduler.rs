@@ -1108,8 +1108,8 @@ impl Scheduler {
                 let why = self
                     .locks
                     .waiting_text(id)
-                    .unwrap_or_else(|| "waiting for locks".into());
-                tracing::info!("build {id}: {why} (on {worker})");
+                    .unwrap_or_else(|| "locks".into());
+                tracing::info!("build {id}: waiting for {why} (on {worker})");
                 self.note_waiting(id, format!("{why} (on {worker})"));
                 self.lock_waits.insert(id, worker);
             }
@@ -1177,7 +1177,7 @@ impl Scheduler {
             Ok(true) => self.send(worker, MasterMessage::StepGranted { build_id, step }),
             Ok(false) => {
                 let why = self.locks.waiting_text(build_id).unwrap_or_default();
-                tracing::info!("build {build_id} step {step}: {why}");
+                tracing::info!("build {build_id} step {step}: waiting for {why}");
             }
             Err(e) => {
                 tracing::error!("build {build_id} step {step}: {e}; started without that lock");
@@ -1445,11 +1445,11 @@ impl Scheduler {
             .latent
             .serve(&refs, counted_on, &format!("build {id}"), Now::system())
         {
-            LatentChoice::AlreadyStarting(worker) => format!("latent worker {worker} is starting"),
+            LatentChoice::AlreadyStarting(worker) => format!("latent worker {worker} to start"),
             LatentChoice::Start { worker, actions } => {
                 tracing::info!("build {id}: starting latent worker {worker}");
                 self.run_latent(&worker, actions);
-                format!("starting latent worker {worker}")
+                format!("latent worker {worker} to start (started for this build)")
             }
             LatentChoice::Wait(reason) => format!("{why}; latent: {reason}"),
         }
@@ -2042,7 +2042,7 @@ steps = [{{ name = "s", command = "true", locks = [] }}]
         let second = h.submit().await;
         assert_eq!(
             h.scheduler.snapshot().waiting_for[&second],
-            format!("waiting for lock db (on {other})")
+            format!("lock db (on {other})")
         );
         // The chosen worker turns away: the build is unbound.
         let turn = |state| Event::Agent {
@@ -2058,7 +2058,7 @@ steps = [{{ name = "s", command = "true", locks = [] }}]
         h.scheduler.handle(turn(PresenceState::Available));
         assert_eq!(
             h.scheduler.snapshot().waiting_for[&second],
-            format!("waiting for lock db (on {other})")
+            format!("lock db (on {other})")
         );
         // The holder finishes: the lock goes to the waiting build at once.
         h.scheduler.handle(Event::Agent {

@@ -104,7 +104,7 @@ steps = [{{ name = "ship", command = {b} }}]
     wait_file("a's step to start", &a_dir.join("ship.started")).await?;
     let second = submit(&farm, "b").await?;
     // b's worker is free, but the lock is not: b waits, and says why.
-    let waiting = waiting_for(&farm, second, "waiting for lock deploy").await?;
+    let waiting = waiting_for(&farm, second, "lock deploy").await?;
     assert_eq!(waiting.state, BuildState::Queued);
     assert!(
         !b_dir.join("ship.started").exists(),
@@ -186,7 +186,7 @@ steps = [{{ name = "write", command = {cmd} }}]
                     b.state == BuildState::Queued
                         && b.waiting_for
                             .as_deref()
-                            .is_some_and(|w| w.contains("waiting for lock disk on w"))
+                            .is_some_and(|w| w.contains("lock disk on w"))
                 })
                 .count();
             Ok((running == 2 && waiting == 2).then_some(builds))
@@ -295,7 +295,7 @@ steps = [
                 .collect();
             let waiting = [&bx, &by]
                 .iter()
-                .filter(|b| b.waiting_for.as_deref() == Some("waiting for lock checkout"))
+                .filter(|b| b.waiting_for.as_deref() == Some("lock checkout"))
                 .count();
             Ok((started.len() == 1 && waiting == 1).then(|| (started[0], 1 - started[0])))
         }
@@ -330,7 +330,17 @@ steps = [
     .await?;
     let second_id = if first == 0 { y } else { x };
     let first_id = if first == 0 { x } else { y };
-    waiting_for(&farm, second_id, "waiting for lock compile").await?;
+    waiting_for(&farm, second_id, "lock compile").await?;
+    let (code, stdout, _) = farm.master_cli(&["builds"])?;
+    assert_eq!(code, 0);
+    let line = stdout
+        .lines()
+        .find(|l| l.starts_with(&second_id.to_string()))
+        .unwrap_or_default();
+    assert!(
+        line.contains("running") && line.contains("waiting for lock compile"),
+        "{stdout}"
+    );
     assert!(
         !second_dir.join("compile.started").exists(),
         "one compile at a time"
@@ -393,7 +403,7 @@ steps = [{{ name = "compile", command = {cmd}, locks = [{{ name = "compile", acc
     )
     .await?;
     let second = submit(&farm, "app").await?;
-    let waiting = waiting_for(&farm, second, "waiting for lock compile").await?;
+    let waiting = waiting_for(&farm, second, "lock compile").await?;
     let other = waiting.worker.clone().expect("running on the other worker");
     assert_ne!(holder, other);
 

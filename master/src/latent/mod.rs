@@ -839,7 +839,10 @@ impl LatentPool {
 
     /// The agent of `worker` connected (token already checked). Returns
     /// `Err` with a reason when the connection should be refused: the
-    /// instance is being stopped, or none was started.
+    /// instance is being stopped. An agent that connects while nothing was
+    /// started (a machine booted by hand, with the worker's own configured
+    /// token: no per-start token exists then) is adopted as running, and
+    /// lingers and stops like any instance.
     pub fn agent_connected(&mut self, worker: &str, now: Now) -> Result<Vec<LatentAction>, String> {
         let Some(slot) = self.slots.get_mut(worker) else {
             return Ok(Vec::new());
@@ -860,9 +863,19 @@ impl LatentPool {
                 "latent worker `{worker}` is being stopped ({})",
                 slot.reason
             )),
-            LatentState::Stopped => Err(format!(
-                "latent worker `{worker}` was not started by this master"
-            )),
+            LatentState::Stopped => {
+                slot.connected = true;
+                slot.attempt += 1;
+                slot.generation += 1;
+                slot.retry_at = None;
+                set_state(
+                    slot,
+                    LatentState::Running,
+                    "agent connected on its own".into(),
+                    now,
+                );
+                Ok(self.stop_if_idle(worker, now))
+            }
         }
     }
 

@@ -476,10 +476,35 @@ fn a_removed_worker_is_drained_then_forgotten() {
 }
 
 #[test]
-fn connections_are_accepted_only_for_started_instances() {
+fn connections_while_stopping_are_refused_and_others_adopted() {
     let clock = Clock::new();
     let mut pool = pool(&["a"], 1, 600, &clock);
-    assert!(pool.agent_connected("a", clock.at(0)).is_err());
+    // Booted by hand (with the worker's own token): adopted, then it
+    // lingers like any idle instance.
+    let actions = pool.agent_connected("a", clock.at(0)).unwrap();
+    assert_eq!(pool.state("a"), Some(LatentState::Lingering));
+    let (_, generation) = timer_of(&actions, TimerKind::Linger);
+    let stop = pool.handle(
+        LatentEvent::Timer {
+            worker: "a".into(),
+            kind: TimerKind::Linger,
+            generation,
+            health: None,
+        },
+        clock.at(600),
+    );
+    assert!(has_stop(&stop));
+    // While it is being stopped, a connection is refused.
+    assert!(pool.agent_connected("a", clock.at(601)).is_err());
+    let attempt = attempt_of(&stop);
+    pool.handle(
+        LatentEvent::StopDone {
+            worker: "a".into(),
+            attempt,
+            result: Ok(()),
+        },
+        clock.at(602),
+    );
     assert!(pool.agent_connected("not-latent", clock.at(0)).is_ok());
     pool.start("a", "r", clock.at(0)).unwrap();
     pool.agent_connected("a", clock.at(1)).unwrap();

@@ -398,3 +398,54 @@ steps = [{{ name = "s", command = "true" }}]
     );
     Ok(())
 }
+
+/// A start that "succeeds" but whose agent never connects is stopped at
+/// `start_timeout`, the worker is backed off, and the request stays queued.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_start_whose_agent_never_connects_times_out_and_the_request_stays_queued()
+-> anyhow::Result<()> {
+    let scripts = tempfile::tempdir()?;
+    let stopped = scripts.path().join("stopped");
+    let start = script(scripts.path(), "start", "exit 0")?;
+    let stop = script(
+        scripts.path(),
+        "stop",
+        &format!("touch {}", stopped.display()),
+    )?;
+    let extra = format!(
+        r#"
+[[worker]]
+name = "vm"
+max_builds = 1
+latent = {{ provider = "command", start = {start}, stop = {stop}, start_timeout = "1s" }}
+
+[[builder]]
+name = "app"
+workers = ["vm"]
+steps = [{{ name = "s", command = "true" }}]
+"#,
+        start = toml_str(&start),
+        stop = toml_str(&stop),
+    );
+    let farm = Farm::builder().master_toml(&extra).start()?;
+    let api = farm.api()?;
+    let id = api.submit("app", BTreeMap::new()).await?.build_id;
+    let vm = wait_for("the start to time out", DEADLINE, || {
+        let farm = &farm;
+        async move {
+            let vm = latent_of(farm, "vm").await?.and_then(|w| w.latent);
+            Ok(vm.filter(|l| l.state == "stopped" && l.retry_after.is_some()))
+        }
+    })
+    .await?;
+    assert!(
+        vm.reason
+            .contains("its agent did not connect within start_timeout (1s)"),
+        "{vm:?}"
+    );
+    assert!(stopped.exists(), "the timed-out instance was stopped");
+    let build = api.build(id).await?;
+    assert_eq!(build.state, BuildState::Queued, "{build:?}");
+    assert_eq!(build.retries, 0, "the request was never handed out");
+    Ok(())
+}

@@ -69,7 +69,7 @@ impl fmt::Display for ConfigError {
             if issue.key.is_empty() {
                 write!(f, ": {}", issue.message)?;
             } else {
-                write!(f, ": `{}`: {}", issue.key, issue.message)?;
+                write!(f, ": {}: {}", issue.key, issue.message)?;
             }
         }
         Ok(())
@@ -931,7 +931,7 @@ steps = [{{ name = "s", command = "true", locks = [{{ name = "nolock", access = 
         let err = parse(text).unwrap_err().to_string();
         assert!(err.contains("missing_timeout"), "{err}");
         let err = parse("listen = \"nowhere\"\n").unwrap_err().to_string();
-        assert!(err.contains("`listen`"), "{err}");
+        assert!(err.contains(": listen: "), "{err}");
         let err = parse("[[worker]]\nname = \"w\"\ntoken_sha256 = \"abc\"\n")
             .unwrap_err()
             .to_string();

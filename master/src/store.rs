@@ -521,24 +521,27 @@ fn run(conn: Connection, inbox: mpsc::Receiver<Job>) {
                 Err(_) => break,
             }
         }
+        // Normally one transaction for the whole batch. If it cannot begin
+        // (e.g. the database is busy or the disk is full), each job's
+        // savepoint is its own transaction and reports its own commit.
         let began = conn.execute_batch("BEGIN IMMEDIATE").is_ok();
         let mut completions = Vec::with_capacity(batch.len());
         for job in batch {
             let _ = conn.execute_batch("SAVEPOINT job");
             let (ok, completion) = job(&conn);
-            completions.push(completion);
             if !ok {
                 // Undo this job's partial writes; the others stay.
                 let _ = conn.execute_batch("ROLLBACK TO job");
             }
-            let _ = conn.execute_batch("RELEASE job");
+            let released = conn.execute_batch("RELEASE job").is_ok();
+            completions.push((completion, began || released));
         }
-        let committed = began && conn.execute_batch("COMMIT").is_ok();
+        let committed = !began || conn.execute_batch("COMMIT").is_ok();
         if !committed {
             let _ = conn.execute_batch("ROLLBACK");
         }
-        for completion in completions {
-            completion(committed);
+        for (completion, own) in completions {
+            completion(committed && own);
         }
     }
 }

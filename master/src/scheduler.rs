@@ -28,7 +28,7 @@ use crate::latent::{
     LatentAction, LatentChoice, LatentEvent, LatentPool, LatentProvider, LatentTokens,
     MasterAccess, Now,
 };
-use crate::locks::{BuildLocks, Claim, LockHolder};
+use crate::locks::{BuildLocks, Claim, LockHolder, split_locks};
 use crate::master_schedule::{MasterSchedules, ScheduleSpec, combine};
 use crate::store::{Store, StoreOutcome, UnfinishedBuild};
 
@@ -1080,18 +1080,29 @@ impl Scheduler {
 
     /// The builder's build-level locks as the current config has them.
     fn builder_locks(&self, builder: &str) -> Vec<Claim> {
-        self.config
-            .builder(builder)
-            .map(|b| b.locks.clone())
-            .unwrap_or_default()
+        self.lock_plan(builder).0
     }
 
     /// Each step's locks as the current config has them.
     fn step_locks(&self, builder: &str) -> Vec<Vec<Claim>> {
-        self.config
-            .builder(builder)
-            .map(|b| b.steps.iter().map(|s| s.locks.clone()).collect())
-            .unwrap_or_default()
+        self.lock_plan(builder).1
+    }
+
+    /// What a build of `builder` takes before it starts, and what each of
+    /// its steps takes, such that build- and step-level locks cannot
+    /// deadlock ([`split_locks`]).
+    fn lock_plan(&self, builder: &str) -> (Vec<Claim>, Vec<Vec<Claim>>) {
+        let Some(def) = self.config.builder(builder) else {
+            return (Vec::new(), Vec::new());
+        };
+        let build_level: BTreeSet<String> = self
+            .config
+            .builders
+            .iter()
+            .flat_map(|b| b.locks.iter().map(|c| c.name.clone()))
+            .collect();
+        let steps: Vec<Vec<Claim>> = def.steps.iter().map(|s| s.locks.clone()).collect();
+        split_locks(&def.locks, &steps, &build_level)
     }
 
     /// `worker` is chosen for queued build `id`: start it when its whole
@@ -1566,24 +1577,25 @@ impl Scheduler {
         let Some(queued) = self.queue.remove(&id) else {
             return;
         };
+        let step_locks = self.step_locks(&queued.builder);
         let steps: Vec<StepSpec> = self
             .config
             .builder(&queued.builder)
             .map(|b| {
                 b.steps
                     .iter()
-                    .map(|s| StepSpec {
+                    .enumerate()
+                    .map(|(i, s)| StepSpec {
                         name: s.name.clone(),
                         command: s.command.clone(),
                         timeout_secs: s.timeout.map(|t| t.as_secs().max(1)),
                         env: s.env.clone(),
                         workdir: s.workdir.clone(),
-                        needs_grant: !s.locks.is_empty(),
+                        needs_grant: step_locks.get(i).is_some_and(|l| !l.is_empty()),
                     })
                     .collect()
             })
             .unwrap_or_default();
-        let step_locks = self.step_locks(&queued.builder);
         self.assignments += 1;
         if let Some(slot) = self.workers.get_mut(&worker) {
             slot.running.insert(id);

@@ -429,3 +429,139 @@ steps = [{{ name = "compile", command = {cmd}, locks = [{{ name = "compile", acc
     assert_eq!(done.worker.as_deref(), Some(other.as_str()));
     Ok(())
 }
+
+/// Many builders with overlapping builder- and step-level lock sets, all
+/// through the real binaries: every build finishes (no deadlock), and no
+/// two holders of a lock ever overlap (each holder claims the lock's
+/// directory with an atomic `mkdir`; a failed claim is recorded).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn randomized_overlapping_lock_sets_finish_without_overlap() -> anyhow::Result<()> {
+    const LOCKS: [(&str, bool); 4] = [("m1", false), ("m2", false), ("m3", false), ("wl", true)];
+    // A fixed seed by default; NIGHTSHIFT_LOCK_SEED explores others.
+    let mut seed: u64 = std::env::var("NIGHTSHIFT_LOCK_SEED")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0x2545_f491_4f6c_dd1d);
+    eprintln!("lock stress seed {seed}");
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let root = tempfile::tempdir()?;
+    let root_path = root.path().display().to_string();
+    // Where a lock's "held" directory lives: one per master lock, one per
+    // worker (its workdir, the parent of the build dir) for the worker lock.
+    let dir_of = |name: &str, worker_scoped: bool| {
+        if worker_scoped {
+            format!("\"$(dirname \"$PWD\")/{name}.held\"")
+        } else {
+            format!("{root_path}/{name}.held")
+        }
+    };
+    let claim = |names: &[(&str, bool)]| {
+        names
+            .iter()
+            .map(|(n, w)| {
+                format!(
+                    "mkdir {d} || echo {n} >> {root_path}/overlap; ",
+                    d = dir_of(n, *w)
+                )
+            })
+            .collect::<String>()
+    };
+    let release = |names: &[(&str, bool)]| {
+        names
+            .iter()
+            .map(|(n, w)| {
+                format!(
+                    "rmdir {d} || echo {n} >> {root_path}/overlap; ",
+                    d = dir_of(n, *w)
+                )
+            })
+            .collect::<String>()
+    };
+    let mut extra = String::new();
+    for (name, worker_scoped) in LOCKS {
+        extra.push_str(&format!(
+            "\n[[lock]]\nname = \"{name}\"\nscope = \"{}\"\nmax_count = 1\n",
+            if worker_scoped { "worker" } else { "master" }
+        ));
+    }
+    let builders = 6;
+    for b in 0..builders {
+        let mut build_locks = Vec::new();
+        let mut step_locks = Vec::new();
+        for lock in LOCKS {
+            match next(3) {
+                0 => build_locks.push(lock),
+                1 => step_locks.push(lock),
+                _ => {}
+            }
+        }
+        let access = |_: &str| {
+            if next(2) == 0 {
+                "exclusive"
+            } else {
+                "counting"
+            }
+        };
+        let claims = |set: &[(&str, bool)], access: &mut dyn FnMut(&str) -> &'static str| {
+            set.iter()
+                .map(|(n, _)| format!("{{ name = \"{n}\", access = \"{}\" }}", access(n)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let mut access = access;
+        let build_claims = claims(&build_locks, &mut access);
+        let step_claims = claims(&step_locks, &mut access);
+        extra.push_str(&format!(
+            r#"
+[[builder]]
+name = "b{b}"
+workers = ["w1", "w2", "w3"]
+locks = [{build_claims}]
+steps = [
+  {{ name = "take", command = {take} }},
+  {{ name = "work", command = {work}, locks = [{step_claims}] }},
+  {{ name = "give", command = {give} }},
+]
+"#,
+            take = toml_str(&format!("{}true", claim(&build_locks))),
+            work = toml_str(&format!(
+                "{}sleep 0.02; {}true",
+                claim(&step_locks),
+                release(&step_locks)
+            )),
+            give = toml_str(&format!("{}true", release(&build_locks))),
+        ));
+    }
+    let mut farm = Farm::builder()
+        .worker(WorkerSpec::new("w1").max_builds(2))
+        .worker(WorkerSpec::new("w2").max_builds(2))
+        .worker(WorkerSpec::new("w3").max_builds(2))
+        .master_toml(&extra)
+        .start()?;
+    for w in ["w1", "w2", "w3"] {
+        farm.start_worker(w)?;
+    }
+    for w in ["w1", "w2", "w3"] {
+        farm.wait_worker_state(w, nightshift_policy::PresenceState::Available)
+            .await?;
+    }
+    let mut ids = Vec::new();
+    for _ in 0..30 {
+        ids.push(submit(&farm, &format!("b{}", next(builders))).await?);
+    }
+    for id in ids {
+        assert_success(&farm.wait_build(id).await?);
+    }
+    let overlap = root.path().join("overlap");
+    assert!(
+        !overlap.exists(),
+        "locks overlapped: {}",
+        std::fs::read_to_string(&overlap).unwrap_or_default()
+    );
+    Ok(())
+}

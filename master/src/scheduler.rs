@@ -440,7 +440,10 @@ impl Scheduler {
             }
             Event::Watch { id, reply } => {
                 if self.is_pending(id) {
-                    self.waiters.entry(id).or_default().push(reply);
+                    let waiters = self.waiters.entry(id).or_default();
+                    // Long polls that timed out have gone away: forget them.
+                    waiters.retain(|waiter| !waiter.is_closed());
+                    waiters.push(reply);
                 } else {
                     let _ = reply.send(());
                 }

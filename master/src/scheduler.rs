@@ -1156,10 +1156,13 @@ impl Scheduler {
                     };
                     let can_take = !self.paused
                         && self.queue.contains_key(&id)
-                        && self
-                            .workers
-                            .get(&worker)
-                            .is_some_and(|s| s.conn.is_some() && s.presence.state.takes_builds());
+                        && self.workers.get(&worker).is_some_and(|s| {
+                            s.conn.is_some()
+                                && self
+                                    .effective_presence(&worker, &s.presence)
+                                    .state
+                                    .takes_builds()
+                        });
                     if can_take {
                         self.start_build(id, worker);
                     } else {
@@ -1315,6 +1318,9 @@ impl Scheduler {
                 .map(|slot| self.effective_presence(&worker, &slot.presence))
                 .is_some_and(|p| p.state.takes_builds() || p.state == PresenceState::Offline);
             let why = verdict.map(|p| p.reason).unwrap_or_default();
+            if !takes {
+                self.unbind_lock_waits(&worker);
+            }
             let actions = self
                 .latent
                 .presence_changed(&worker, takes, &why, Now::system());

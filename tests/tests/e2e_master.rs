@@ -641,3 +641,74 @@ async fn a_burst_queued_before_any_worker_connects_runs_completely_once() -> any
     }
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn real_workers_a_reluctant_one_builds_only_when_the_available_one_is_busy()
+-> anyhow::Result<()> {
+    let gates = tempfile::tempdir()?;
+    // Each build waits for its gate file, so the test decides when it ends.
+    let step = format!(
+        "n=0; while [ ! -e {}/$NIGHTSHIFT_BUILD_ID ]; do n=$((n+1)); [ $n -gt 1800 ] && exit 9; sleep 0.05; done; echo built-$NIGHTSHIFT_BUILD_ID",
+        gates.path().display()
+    );
+    let mut farm = Farm::builder()
+        .worker(WorkerSpec::new("eager"))
+        .worker(
+            WorkerSpec::new("shy")
+                .worker_toml("[availability]\ntimezone = \"UTC\"\ndefault = \"reluctant\""),
+        )
+        .builder("gated", &["shy", "eager"], &[("wait", &step)])
+        .start()?;
+    farm.start_worker("eager")?;
+    farm.start_worker("shy")?;
+    farm.wait_worker_state("eager", PresenceState::Available)
+        .await?;
+    farm.wait_worker_state("shy", PresenceState::Reluctant)
+        .await?;
+    let api = farm.api()?;
+    let open = |id: u64| std::fs::write(gates.path().join(id.to_string()), b"");
+
+    let first = api.submit("gated", BTreeMap::new()).await?.build_id;
+    let first_info = farm
+        .wait_build_state(first, "the first build to start", |b| {
+            b.state == BuildState::Running
+        })
+        .await?;
+    assert_eq!(
+        first_info.worker.as_deref(),
+        Some("eager"),
+        "available first"
+    );
+    let second = api.submit("gated", BTreeMap::new()).await?.build_id;
+    let second_info = farm
+        .wait_build_state(second, "the second build to start", |b| {
+            b.state == BuildState::Running
+        })
+        .await?;
+    assert_eq!(second_info.worker.as_deref(), Some("shy"), "eager is busy");
+    open(first)?;
+    open(second)?;
+    assert_eq!(
+        farm.wait_build(first).await?.outcome,
+        Some(Outcome::Success)
+    );
+    assert_eq!(
+        farm.wait_build(second).await?.outcome,
+        Some(Outcome::Success)
+    );
+    assert!(
+        api.log(second)
+            .await?
+            .log
+            .contains(&format!("built-{second}"))
+    );
+
+    // Both idle again: the reluctant one is passed over.
+    let third = api.submit("gated", BTreeMap::new()).await?.build_id;
+    open(third)?;
+    assert_eq!(
+        farm.wait_build(third).await?.worker.as_deref(),
+        Some("eager")
+    );
+    Ok(())
+}

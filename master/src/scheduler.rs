@@ -1412,10 +1412,11 @@ impl Scheduler {
     /// Carries out what the latent pool asked for `worker`, and publishes
     /// the token its instance may present.
     fn run_latent(&mut self, worker: &str, actions: Vec<LatentAction>) {
-        if !self.latent.is_latent(worker) {
+        // A worker no longer latent (removed) has no token any more.
+        self.latent_tokens.set(worker, self.latent.token(worker));
+        if actions.is_empty() {
             return;
         }
-        self.latent_tokens.set(worker, self.latent.token(worker));
         let events = self.events.clone();
         let report: Arc<dyn Fn(LatentEvent) + Send + Sync> = Arc::new(move |event| {
             let _ = events.send(Event::Latent(event));

@@ -541,7 +541,7 @@ impl Policy {
         if inputs.stopping {
             return Presence {
                 state: PresenceState::Away,
-                reason: "stopping: finishing the current builds, then exiting".to_owned(),
+                reason: "finishing the current builds, then exiting".to_owned(),
                 source: Source::Stopping,
                 since: now,
                 until: None,

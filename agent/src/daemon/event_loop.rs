@@ -99,8 +99,20 @@ pub enum Exit {
     Stopped(String),
 }
 
+/// What to tell the master when a build ends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Disposition {
+    /// Its result, whatever it is.
+    Report,
+    /// Cancelled because this worker is stopping: hand it back (re-queue).
+    GiveBack,
+    /// Cancelled because the master re-queued it already: say nothing.
+    Drop,
+}
+
 struct Build {
     control: BuildControl,
+    disposition: Disposition,
     status: RunningBuild,
     tail: Vec<String>,
     step_names: Vec<String>,
@@ -574,7 +586,8 @@ impl Daemon {
         notify_systemd(&[sd_notify::NotifyState::Stopping]);
         self.inputs.stopping = true;
         self.reevaluate();
-        for build in self.builds.values() {
+        for build in self.builds.values_mut() {
+            build.disposition = Disposition::GiveBack;
             build
                 .control
                 .cancel("the worker is stopping; the master re-queues the build");
@@ -594,7 +607,8 @@ impl Daemon {
                 self.builds.len()
             );
             self.stop = Some(StopMode::Now);
-            for build in self.builds.values() {
+            for build in self.builds.values_mut() {
+                build.disposition = Disposition::GiveBack;
                 build.control.cancel(
                     "the worker's stop deadline was reached; the master re-queues the build",
                 );
@@ -664,7 +678,8 @@ impl Daemon {
                     self.send(AgentMessage::Presence { presence: current });
                 }
                 for build_id in cancel {
-                    if let Some(build) = self.builds.get(&build_id) {
+                    if let Some(build) = self.builds.get_mut(&build_id) {
+                        build.disposition = Disposition::Drop;
                         tracing::info!(
                             "the master no longer expects build {build_id}; cancelling it"
                         );
@@ -841,6 +856,7 @@ impl Daemon {
             build_id,
             Build {
                 control,
+                disposition: Disposition::Report,
                 status,
                 tail: Vec::new(),
                 step_names,
@@ -906,28 +922,55 @@ impl Daemon {
 
     fn build_finished(&mut self, result: BuildResult) {
         let build_id = result.build_id;
-        tracing::info!(
-            "build {build_id} finished: {}{}",
-            result.outcome,
-            result
-                .reason
-                .as_deref()
-                .map(|reason| format!(" ({reason})"))
-                .unwrap_or_default()
-        );
-        self.builds.remove(&build_id);
+        let disposition = self
+            .builds
+            .remove(&build_id)
+            .map_or(Disposition::Report, |build| build.disposition);
         self.update_hello_running();
         self.counters.builds_run += 1;
         if result.outcome != nightshift_proto::wire::Outcome::Success {
             self.counters.builds_failed += 1;
         }
-        if let Err(error) = self.spool.store(&result) {
-            tracing::error!(
-                "cannot spool the result of build {build_id}: {error}; sending it without a copy on disk"
-            );
+        let how = result
+            .reason
+            .as_deref()
+            .map(|reason| format!(" ({reason})"))
+            .unwrap_or_default();
+        let cancelled = result.outcome == nightshift_proto::wire::Outcome::Cancelled;
+        match disposition {
+            Disposition::GiveBack if cancelled => {
+                // The build did not run to its end because this worker is
+                // leaving: hand it back for the master to re-queue rather
+                // than report it as a finished (cancelled) build.
+                tracing::info!(
+                    "build {build_id} finished: {}{how}; handed back to the master",
+                    result.outcome
+                );
+                self.send(AgentMessage::BuildRefused {
+                    build_id,
+                    reason: result
+                        .reason
+                        .unwrap_or_else(|| "the worker is stopping".to_owned()),
+                });
+            }
+            Disposition::Drop if cancelled => {
+                tracing::info!(
+                    "build {build_id} finished: {}{how}; the master had moved it elsewhere",
+                    result.outcome
+                );
+            }
+            _ => {
+                // On disk before anyone hears of it, so a crash cannot lose it.
+                if let Err(error) = self.spool.store(&result) {
+                    tracing::error!(
+                        "cannot spool the result of build {build_id}: {error}; sending it without a copy on disk"
+                    );
+                }
+                tracing::info!("build {build_id} finished: {}{how}", result.outcome);
+                self.unacked.insert(build_id);
+                self.send(AgentMessage::BuildFinished { result });
+            }
         }
-        self.unacked.insert(build_id);
-        self.send(AgentMessage::BuildFinished { result });
         self.maybe_finish_stop();
     }
 
@@ -1463,7 +1506,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_second_sigterm_cancels_the_build_at_once() {
+    async fn a_second_sigterm_cancels_the_build_at_once_and_hands_it_back() {
         let mut fixture = start(ALWAYS, Arc::new(SystemClock), 1);
         fixture.link_up().await;
         fixture.start_build(1, "sleep 300");
@@ -1474,22 +1517,23 @@ mod tests {
         fixture.wiring.signals.send(SignalKind::Terminate).unwrap();
         assert_eq!(fixture.next_presence().await.source, Source::Stopping);
         fixture.wiring.signals.send(SignalKind::Terminate).unwrap();
-        let result = match fixture.next_to_master().await {
-            AgentMessage::BuildFinished { result } => result,
-            other => panic!("expected the result, got {other:?}"),
-        };
-        assert_eq!(result.outcome, Outcome::Cancelled);
-        assert!(result.reason.unwrap_or_default().contains("re-queues"));
-        fixture.master_sends(MasterMessage::ResultStored { build_id: 1 });
+        match fixture.next_to_master().await {
+            AgentMessage::BuildRefused { build_id, reason } => {
+                assert_eq!(build_id, 1);
+                assert!(reason.contains("re-queues"), "{reason}");
+            }
+            other => panic!("expected the build handed back, got {other:?}"),
+        }
         assert!(matches!(
             fixture.next_to_master().await,
             AgentMessage::Goodbye { .. }
         ));
-        fixture.exit().await;
+        let (_, state) = fixture.exit().await;
+        assert!(!state.path().join("results/1.json").exists());
     }
 
     #[tokio::test]
-    async fn at_the_stop_deadline_the_build_is_cancelled_for_the_master_to_requeue() {
+    async fn at_the_stop_deadline_the_build_is_handed_back_for_the_master_to_requeue() {
         let mut fixture = start(ALWAYS, Arc::new(SystemClock), 1);
         fixture.link_up().await;
         fixture.start_build(1, "sleep 300");
@@ -1501,22 +1545,19 @@ mod tests {
             .stop(true, Some(SignedDuration::from_millis(300)))
             .await;
         assert_eq!(fixture.next_presence().await.source, Source::Stopping);
-        let result = match fixture.next_to_master().await {
-            AgentMessage::BuildFinished { result } => result,
-            other => panic!("expected the result, got {other:?}"),
-        };
-        assert_eq!(result.outcome, Outcome::Cancelled);
-        assert!(result.reason.unwrap_or_default().contains("deadline"));
-        // The master is gone: nobody to wait for, the result stays spooled.
-        fixture
-            .wiring
-            .link_events
-            .send(LinkEvent::Down {
-                error: "master gone".into(),
-            })
-            .unwrap();
+        match fixture.next_to_master().await {
+            AgentMessage::BuildRefused { build_id, reason } => {
+                assert_eq!(build_id, 1);
+                assert!(reason.contains("deadline"), "{reason}");
+            }
+            other => panic!("expected the build handed back, got {other:?}"),
+        }
+        assert!(matches!(
+            fixture.next_to_master().await,
+            AgentMessage::Goodbye { .. }
+        ));
         let (_, state) = fixture.exit().await;
-        assert!(state.path().join("results/1.json").exists());
+        assert!(!state.path().join("results/1.json").exists());
     }
 
     #[tokio::test]
@@ -1595,12 +1636,25 @@ mod tests {
                 cancel: vec![1],
             })
             .unwrap();
-        match fixture.next_to_master().await {
-            AgentMessage::BuildFinished { result } => {
-                assert_eq!(result.outcome, Outcome::Cancelled);
-            }
-            other => panic!("expected the cancelled result, got {other:?}"),
+        let mut status = fixture.wiring.handle.status.clone();
+        tokio::time::timeout(
+            Duration::from_secs(60),
+            status.wait_for(|status| status.builds.is_empty() && status.counters.builds_run == 1),
+        )
+        .await
+        .unwrap()
+        .unwrap();
+        // The master moved it elsewhere: no result, nothing spooled.
+        while let Ok(message) = fixture.wiring.to_master.try_recv() {
+            assert!(
+                !matches!(
+                    message,
+                    AgentMessage::BuildFinished { .. } | AgentMessage::BuildRefused { .. }
+                ),
+                "{message:?}"
+            );
         }
+        assert!(!fixture.state.path().join("results/1.json").exists());
     }
 
     #[test]

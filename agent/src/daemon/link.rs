@@ -407,6 +407,8 @@ mod tests {
 
     /// Accepts one agent connection; returns the socket and its
     /// `Authorization` header.
+    // The callback signature is tungstenite's; its error type is not ours.
+    #[allow(clippy::result_large_err)]
     async fn accept(listener: &TcpListener) -> (ServerSocket, Option<String>) {
         let (stream, _) = tokio::time::timeout(Duration::from_secs(60), listener.accept())
             .await

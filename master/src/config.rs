@@ -9,7 +9,8 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde::{Deserialize, Deserializer};
-use toml::Spanned;
+
+use nightshift_proto::diag::{ConfigErrors, parse_toml};
 
 use nightshift_policy::ScheduleConfig;
 
@@ -76,6 +77,26 @@ impl fmt::Display for ConfigError {
     }
 }
 
+impl ConfigError {
+    /// The located errors of a config file, as loaded by
+    /// [`nightshift_proto::diag`].
+    fn from_diag(errors: &ConfigErrors) -> ConfigError {
+        ConfigError {
+            file: errors.file().to_path_buf(),
+            issues: errors
+                .errors()
+                .iter()
+                .map(|error| ConfigIssue {
+                    line: error.line_column.map(|(line, _)| line),
+                    column: error.line_column.map(|(_, column)| column),
+                    key: error.path.clone(),
+                    message: error.message.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
 /// A duration written as `30s`, `5m`, `2h`, `1h30m`, `250ms` or a bare
 /// number of seconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -108,7 +129,7 @@ impl Secs {
             let unit_len = rest
                 .find(|c: char| c.is_ascii_digit())
                 .unwrap_or(rest.len());
-            let part = match &rest[..unit_len] {
+            let part = match rest[..unit_len].trim() {
                 "ms" => Duration::from_millis(number),
                 "s" => Duration::from_secs(number),
                 "m" | "min" => Duration::from_secs(number.saturating_mul(60)),
@@ -129,16 +150,25 @@ impl Secs {
 
 impl<'de> Deserialize<'de> for Secs {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
-        #[derive(Deserialize)]
-        #[serde(untagged)]
-        enum Raw {
-            Int(u64),
-            Text(String),
+        struct SecsVisitor;
+        impl serde::de::Visitor<'_> for SecsVisitor {
+            type Value = Secs;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a duration like \"30s\", \"5m\", \"1h30m\" or a number of seconds")
+            }
+            fn visit_u64<E: serde::de::Error>(self, secs: u64) -> Result<Secs, E> {
+                Ok(Secs(Duration::from_secs(secs)))
+            }
+            fn visit_i64<E: serde::de::Error>(self, secs: i64) -> Result<Secs, E> {
+                u64::try_from(secs)
+                    .map(|secs| Secs(Duration::from_secs(secs)))
+                    .map_err(|_| E::custom(format!("a duration cannot be negative ({secs})")))
+            }
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<Secs, E> {
+                Secs::parse(text).map_err(E::custom)
+            }
         }
-        match Raw::deserialize(deserializer)? {
-            Raw::Int(secs) => Ok(Secs(Duration::from_secs(secs))),
-            Raw::Text(text) => Secs::parse(&text).map_err(serde::de::Error::custom),
-        }
+        deserializer.deserialize_any(SecsVisitor)
     }
 }
 
@@ -189,23 +219,23 @@ struct RawTls {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawWorker {
-    name: Spanned<String>,
+    name: String,
     /// Required, except for a latent worker (its instances get a token
     /// made for each start).
-    token_sha256: Option<Spanned<String>>,
+    token_sha256: Option<String>,
     #[serde(default = "default_max_builds")]
     max_builds: u32,
     #[serde(default)]
     schedule: Vec<ScheduleConfig>,
-    timezone: Option<Spanned<String>>,
+    timezone: Option<String>,
     latent: Option<LatentConfig>,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawBuilder {
-    name: Spanned<String>,
-    workers: Vec<Spanned<String>>,
+    name: String,
+    workers: Vec<String>,
     steps: Vec<RawStep>,
     #[serde(default)]
     locks: Vec<RawClaim>,
@@ -227,23 +257,23 @@ struct RawStep {
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawClaim {
-    name: Spanned<String>,
+    name: String,
     access: Access,
 }
 
 #[derive(Debug, Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawLock {
-    name: Spanned<String>,
+    name: String,
     scope: LockScope,
     #[serde(default = "one")]
-    max_count: Spanned<u32>,
+    max_count: u32,
     #[serde(default)]
     max_count_for: BTreeMap<String, u32>,
 }
 
-fn one() -> Spanned<u32> {
-    Spanned::new(0..0, 1)
+fn one() -> u32 {
+    1
 }
 
 /// Which latent provider starts a worker on demand.
@@ -379,49 +409,19 @@ impl MasterConfig {
 
     /// Parses config text; relative paths are resolved against `base`.
     pub fn parse(text: &str, file: &Path, base: &Path) -> Result<MasterConfig, ConfigError> {
-        let located = |span: Option<std::ops::Range<usize>>, key: String, message: String| {
-            let (line, column) = match span {
-                Some(span) if !(span.start == 0 && span.end == 0) => {
-                    let (l, c) = line_col(text, span.start);
-                    (Some(l), Some(c))
-                }
-                _ => (None, None),
-            };
-            ConfigIssue {
-                line,
-                column,
-                key,
-                message,
-            }
+        let (raw, mut errors) = parse_toml::<RawConfig>(file, text);
+        let Some(raw) = raw else {
+            return Err(ConfigError::from_diag(&errors));
         };
-        let error = |issues| ConfigError {
-            file: file.to_path_buf(),
-            issues,
-        };
-        let deserializer = toml::Deserializer::parse(text).map_err(|e| {
-            error(vec![located(
-                e.span(),
-                String::new(),
-                e.message().to_owned(),
-            )])
-        })?;
-        let raw: RawConfig = serde_path_to_error::deserialize(deserializer).map_err(|e| {
-            let key = e.path().to_string();
-            let inner = e.into_inner();
-            let key = if key == "." { String::new() } else { key };
-            error(vec![located(inner.span(), key, inner.message().to_owned())])
-        })?;
-
-        let mut issues = Vec::new();
-        let mut issue = |span: std::ops::Range<usize>, key: String, message: String| {
-            issues.push(located(Some(span), key, message));
-        };
+        // Names as written, so that an entry left out for its own error does
+        // not also make every reference to it an error.
+        let written = Written::of(text);
+        let mut issue = |key: String, message: String| errors.push_at_path(&key, message);
 
         let listen = match raw.listen.parse::<SocketAddr>() {
             Ok(addr) => addr,
             Err(_) => {
                 issue(
-                    0..0,
                     "listen".into(),
                     format!(
                         "`{}` is not an address:port like `127.0.0.1:8443` or `[::]:8443`",
@@ -435,7 +435,6 @@ impl MasterConfig {
         let tls = match (raw.insecure, raw.tls) {
             (true, Some(_)) => {
                 issue(
-                    0..0,
                     "tls".into(),
                     "`insecure = true` and a `[tls]` section contradict each other".into(),
                 );
@@ -456,9 +455,7 @@ impl MasterConfig {
                 },
                 (None, None) => TlsMode::SelfSigned,
                 _ => {
-                    issue(
-                        0..0,
-                        "tls".into(),
+                    issue("tls".into(),
                         "set both `cert_file` and `key_file`, or neither for a self-signed certificate"
                             .into(),
                     );
@@ -471,7 +468,6 @@ impl MasterConfig {
                 Some(hash) => Some(hash),
                 None => {
                     issue(
-                        0..0,
                         "admin_token_sha256".into(),
                         "must be 64 hex digits (the SHA-256 of the admin token)".into(),
                     );
@@ -482,37 +478,35 @@ impl MasterConfig {
         };
         if raw.missing_timeout.0.is_zero() {
             issue(
-                0..0,
                 "missing_timeout".into(),
                 "must be more than 0 (a blip would re-queue every build)".into(),
             );
         }
         if raw.max_starting == 0 {
-            issue(0..0, "max_starting".into(), "must be at least 1".into());
+            issue("max_starting".into(), "must be at least 1".into());
         }
 
         let mut workers = Vec::new();
         let mut worker_names = BTreeSet::new();
         for (i, w) in raw.worker.into_iter().enumerate() {
-            let name = w.name.get_ref().clone();
+            let name = w.name.clone();
             if !valid_name(&name) {
                 issue(
-                    w.name.span(),
                     format!("worker[{i}].name"),
                     format!("`{name}` is not a valid name (letters, digits, `-`, `_`, `.`)"),
                 );
             } else if !worker_names.insert(name.clone()) {
                 issue(
-                    w.name.span(),
                     format!("worker[{i}].name"),
                     format!("worker `{name}` is defined twice"),
                 );
             }
             let token_sha256 = match &w.token_sha256 {
-                None if w.latent.is_some() => String::new(),
+                None if w.latent.is_some() || written.latent_workers.contains(&name) => {
+                    String::new()
+                }
                 None => {
                     issue(
-                        w.name.span(),
                         format!("worker[{i}].token_sha256"),
                         "missing: the SHA-256 of the worker's token (`master add-worker NAME` \
                          prints one); only a latent worker may leave it out"
@@ -520,11 +514,10 @@ impl MasterConfig {
                     );
                     String::new()
                 }
-                Some(hash) => match normalize_hash(hash.get_ref()) {
+                Some(hash) => match normalize_hash(hash) {
                     Some(hash) => hash,
                     None => {
                         issue(
-                            hash.span(),
                             format!("worker[{i}].token_sha256"),
                             "must be 64 hex digits (the SHA-256 of the worker's token; \
                          `master add-worker NAME` prints one)"
@@ -536,23 +529,21 @@ impl MasterConfig {
             };
             if w.max_builds == 0 {
                 issue(
-                    w.name.span(),
                     format!("worker[{i}].max_builds"),
                     "must be at least 1".into(),
                 );
             }
             if let Some(tz) = &w.timezone
-                && jiff::tz::TimeZone::get(tz.get_ref()).is_err()
+                && jiff::tz::TimeZone::get(tz).is_err()
             {
                 issue(
-                    tz.span(),
                     format!("worker[{i}].timezone"),
-                    format!("unknown time zone `{}`", tz.get_ref()),
+                    format!("unknown time zone `{}`", tz),
                 );
             }
             if !w.schedule.is_empty() {
                 let availability = nightshift_policy::AvailabilityConfig {
-                    timezone: w.timezone.as_ref().map(|tz| tz.get_ref().clone()),
+                    timezone: w.timezone.clone(),
                     default: None,
                     schedule: w.schedule.clone(),
                     load: None,
@@ -563,7 +554,7 @@ impl MasterConfig {
                     &format!("worker[{i}]"),
                 ) {
                     for problem in problems {
-                        issue(w.name.span(), problem.path, problem.message);
+                        issue(problem.path, problem.message);
                     }
                 }
             }
@@ -574,7 +565,6 @@ impl MasterConfig {
                 };
                 if missing {
                     issue(
-                        w.name.span(),
                         format!("worker[{i}].latent"),
                         "provider `command` needs both `start` and `stop` scripts".into(),
                     );
@@ -583,7 +573,6 @@ impl MasterConfig {
                     && !(url.starts_with("wss://") || url.starts_with("ws://"))
                 {
                     issue(
-                        w.name.span(),
                         format!("worker[{i}].latent.master_url"),
                         format!("`{url}` must be a wss:// (or ws:// when insecure) URL"),
                     );
@@ -594,7 +583,7 @@ impl MasterConfig {
                 token_sha256,
                 max_builds: w.max_builds,
                 schedule: w.schedule,
-                timezone: w.timezone.map(Spanned::into_inner),
+                timezone: w.timezone,
                 latent: w.latent,
             });
         }
@@ -602,43 +591,34 @@ impl MasterConfig {
         let mut locks = Vec::new();
         let mut lock_names = BTreeSet::new();
         for (i, l) in raw.lock.into_iter().enumerate() {
-            let name = l.name.get_ref().clone();
+            let name = l.name.clone();
             if !valid_name(&name) {
                 issue(
-                    l.name.span(),
                     format!("lock[{i}].name"),
                     format!("`{name}` is not a valid name"),
                 );
             } else if !lock_names.insert(name.clone()) {
                 issue(
-                    l.name.span(),
                     format!("lock[{i}].name"),
                     format!("lock `{name}` is defined twice"),
                 );
             }
-            if *l.max_count.get_ref() == 0 {
-                issue(
-                    l.max_count.span(),
-                    format!("lock[{i}].max_count"),
-                    "must be at least 1".into(),
-                );
+            if l.max_count == 0 {
+                issue(format!("lock[{i}].max_count"), "must be at least 1".into());
             }
             for (worker, count) in &l.max_count_for {
                 if l.scope != LockScope::Worker {
                     issue(
-                        l.name.span(),
                         format!("lock[{i}].max_count_for"),
                         "per-worker counts only apply to `scope = \"worker\"`".into(),
                     );
-                } else if !worker_names.contains(worker) {
+                } else if !worker_names.contains(worker) && !written.workers.contains(worker) {
                     issue(
-                        l.name.span(),
                         format!("lock[{i}].max_count_for.{worker}"),
                         format!("unknown worker `{worker}`"),
                     );
                 } else if *count == 0 {
                     issue(
-                        l.name.span(),
                         format!("lock[{i}].max_count_for.{worker}"),
                         "must be at least 1".into(),
                     );
@@ -647,7 +627,7 @@ impl MasterConfig {
             locks.push(LockDef {
                 name,
                 scope: l.scope,
-                max_count: *l.max_count.get_ref(),
+                max_count: l.max_count,
                 max_count_for_worker: l.max_count_for,
             });
         }
@@ -655,45 +635,34 @@ impl MasterConfig {
         let mut builders = Vec::new();
         let mut builder_names = BTreeSet::new();
         for (i, b) in raw.builder.into_iter().enumerate() {
-            let name = b.name.get_ref().clone();
+            let name = b.name.clone();
             if !valid_name(&name) {
                 issue(
-                    b.name.span(),
                     format!("builder[{i}].name"),
                     format!("`{name}` is not a valid name (letters, digits, `-`, `_`, `.`)"),
                 );
             } else if !builder_names.insert(name.clone()) {
                 issue(
-                    b.name.span(),
                     format!("builder[{i}].name"),
                     format!("builder `{name}` is defined twice"),
                 );
             }
             if b.workers.is_empty() {
                 issue(
-                    b.name.span(),
                     format!("builder[{i}].workers"),
                     "lists no worker; the builder could never run".into(),
                 );
             }
             for (j, worker) in b.workers.iter().enumerate() {
-                if !worker_names.contains(worker.get_ref()) {
+                if !worker_names.contains(worker) && !written.workers.contains(worker) {
                     issue(
-                        worker.span(),
                         format!("builder[{i}].workers[{j}]"),
-                        format!(
-                            "unknown worker `{}` (no [[worker]] with that name)",
-                            worker.get_ref()
-                        ),
+                        format!("unknown worker `{}` (no [[worker]] with that name)", worker),
                     );
                 }
             }
             if b.steps.is_empty() {
-                issue(
-                    b.name.span(),
-                    format!("builder[{i}].steps"),
-                    "has no step".into(),
-                );
+                issue(format!("builder[{i}].steps"), "has no step".into());
             }
             let mut check_claims = |claims: &[RawClaim], key: String| -> Vec<Claim> {
                 let mut seen = BTreeSet::new();
@@ -701,23 +670,18 @@ impl MasterConfig {
                     .iter()
                     .enumerate()
                     .map(|(k, c)| {
-                        if !lock_names.contains(c.name.get_ref()) {
+                        if !lock_names.contains(&c.name) && !written.locks.contains(&c.name) {
                             issue(
-                                c.name.span(),
                                 format!("{key}[{k}].name"),
-                                format!(
-                                    "unknown lock `{}` (no [[lock]] with that name)",
-                                    c.name.get_ref()
-                                ),
+                                format!("unknown lock `{}` (no [[lock]] with that name)", c.name),
                             );
-                        } else if !seen.insert(c.name.get_ref().clone()) {
+                        } else if !seen.insert(c.name.clone()) {
                             issue(
-                                c.name.span(),
                                 format!("{key}[{k}].name"),
-                                format!("lock `{}` is listed twice", c.name.get_ref()),
+                                format!("lock `{}` is listed twice", c.name),
                             );
                         }
-                        Claim::new(c.name.get_ref().clone(), c.access)
+                        Claim::new(c.name.clone(), c.access)
                     })
                     .collect()
             };
@@ -739,17 +703,13 @@ impl MasterConfig {
             // itself forever.
             for (j, s) in b.steps.iter().enumerate() {
                 for (k, c) in s.locks.iter().enumerate() {
-                    if b.locks
-                        .iter()
-                        .any(|held| held.name.get_ref() == c.name.get_ref())
-                    {
+                    if b.locks.iter().any(|held| held.name == c.name) {
                         issue(
-                            c.name.span(),
                             format!("builder[{i}].steps[{j}].locks[{k}].name"),
                             format!(
                                 "lock `{}` is already held by the whole build (the builder's `locks`); \
                                  a step cannot take it again",
-                                c.name.get_ref()
+                                c.name
                             ),
                         );
                     }
@@ -757,16 +717,13 @@ impl MasterConfig {
             }
             builders.push(BuilderDef {
                 name,
-                workers: b.workers.into_iter().map(Spanned::into_inner).collect(),
+                workers: b.workers,
                 steps,
                 locks: builder_locks,
             });
         }
 
-        if !issues.is_empty() {
-            return Err(error(issues));
-        }
-        Ok(MasterConfig {
+        let config = MasterConfig {
             source: file.to_path_buf(),
             listen,
             data_dir,
@@ -777,7 +734,10 @@ impl MasterConfig {
             workers,
             builders,
             locks,
-        })
+        };
+        errors
+            .into_result(config)
+            .map_err(|errors| ConfigError::from_diag(&errors))
     }
 }
 
@@ -795,12 +755,42 @@ pub fn normalize_hash(text: &str) -> Option<String> {
     (hash.len() == 64 && hash.chars().all(|c| c.is_ascii_hexdigit())).then_some(hash)
 }
 
-fn line_col(text: &str, offset: usize) -> (usize, usize) {
-    let offset = offset.min(text.len());
-    let before = &text[..offset];
-    let line = before.matches('\n').count() + 1;
-    let column = before.rfind('\n').map_or(offset, |nl| offset - nl - 1) + 1;
-    (line, column)
+/// The names the file declares, whether or not their entries are valid.
+#[derive(Debug, Default)]
+struct Written {
+    workers: BTreeSet<String>,
+    /// Workers whose entry has a `latent` key (valid or not).
+    latent_workers: BTreeSet<String>,
+    locks: BTreeSet<String>,
+}
+
+impl Written {
+    fn of(text: &str) -> Written {
+        let mut written = Written::default();
+        let Ok(table) = toml::from_str::<toml::Table>(text) else {
+            return written;
+        };
+        let entries = |key: &str| {
+            table
+                .get(key)
+                .and_then(toml::Value::as_array)
+                .into_iter()
+                .flatten()
+                .filter_map(toml::Value::as_table)
+                .filter_map(|entry| {
+                    let name = entry.get("name")?.as_str()?.to_owned();
+                    Some((name, entry))
+                })
+        };
+        for (name, entry) in entries("worker") {
+            if entry.contains_key("latent") {
+                written.latent_workers.insert(name.clone());
+            }
+            written.workers.insert(name);
+        }
+        written.locks = entries("lock").map(|(name, _)| name).collect();
+        written
+    }
 }
 
 #[cfg(test)]
@@ -972,5 +962,55 @@ steps = [{{ name = "s", command = "true", locks = [{{ name = "nolock", access = 
         let config = parse(&text).unwrap();
         assert!(config.builder("hello").is_some());
         assert!(config.worker("local").is_some());
+    }
+
+    #[test]
+    fn every_error_in_the_file_is_reported_at_once() {
+        let text = format!(
+            r#"listen = "127.0.0.1:8443"
+missing_timeout = "5 parsecs"
+
+[[worker]]
+name = "b1"
+token_sha256 = "{HASH}"
+max_bulds = 2
+
+[[lock]]
+name = "db"
+scope = "planet"
+
+[[builder]]
+name = "app"
+workers = ["b1", "ghost"]
+colour = "blue"
+steps = [
+  {{ name = "s", command = "true", locks = [{{ name = "db", access = "sometimes" }}] }},
+]
+
+[[builder]]
+name = "db-user"
+workers = ["b1"]
+locks = [{{ name = "db", access = "exclusive" }}]
+steps = [{{ name = "s", command = "true", timeout = -5 }}]
+"#
+        );
+        let err =
+            MasterConfig::parse(&text, Path::new("master.toml"), Path::new("/srv")).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "master.toml:2:19: missing_timeout: unknown unit `parsecs` in duration `5 parsecs`; use ms, s, m, h or d\n\
+             master.toml:7:1: worker[0].max_bulds: unknown key `max_bulds`, expected one of `name`, `token_sha256`, `max_builds`, `schedule`, `timezone`, `latent`\n\
+             master.toml:11:9: lock[0].scope: unknown value `planet`, expected `master` or `worker`\n\
+             master.toml:15:18: builder[0].workers[1]: unknown worker `ghost` (no [[worker]] with that name)\n\
+             master.toml:16:1: builder[0].colour: unknown key `colour`, expected one of `name`, `workers`, `steps`, `locks`\n\
+             master.toml:18:68: builder[0].steps[0].locks[0].access: unknown value `sometimes`, expected `counting` or `exclusive`\n\
+             master.toml:25:52: builder[1].steps[0].timeout: a duration cannot be negative (-5)"
+        );
+        assert_eq!(err.issues.len(), 7);
+        assert!(
+            err.issues
+                .iter()
+                .all(|i| i.line.is_some() && i.column.is_some())
+        );
     }
 }

@@ -421,6 +421,42 @@ async fn a_bad_master_toml_exits_2_naming_file_line_and_key() -> anyhow::Result<
         !dir.path().join("nightshift-data").exists(),
         "nothing created for a bad config"
     );
+
+    // Several different errors in one file: `check` and `run` both report
+    // every one of them, each with line, column and key, and exit 2.
+    std::fs::write(
+        &config,
+        "listen = \"127.0.0.1:1\"\nmissing_timeout = \"5 parsecs\"\n\
+         [[worker]]\nname = \"w\"\ntoken_sha256 = \"abc\"\n\
+         [[lock]]\nname = \"db\"\nscope = \"master\"\n\
+         [[builder]]\nname = \"x\"\nworkers = [\"w\"]\ncolour = \"blue\"\n\
+         locks = [{ name = \"db\", access = \"sometimes\" }]\n\
+         steps = [{ name = \"s\", command = \"true\" }]\n",
+    )?;
+    for command in ["check", "run"] {
+        let output = std::process::Command::new(nightshift_tests::bin_dir()?.join("master"))
+            .args([command, "--config"])
+            .arg(&config)
+            .output()?;
+        let err = String::from_utf8_lossy(&output.stderr);
+        assert_eq!(output.status.code(), Some(2), "master {command}: {err}");
+        for expected in [
+            "master.toml:2:19: missing_timeout: ",
+            "master.toml:5:16: worker[0].token_sha256: ",
+            "master.toml:12:1: builder[0].colour: unknown key `colour`",
+            "master.toml:13:34: builder[0].locks[0].access: unknown value `sometimes`",
+        ] {
+            assert!(
+                err.contains(expected),
+                "master {command}: {expected} in {err}"
+            );
+        }
+        assert_eq!(err.lines().count(), 4, "master {command}: {err}");
+        assert!(
+            !dir.path().join("nightshift-data").exists(),
+            "master {command}: nothing created for a bad config"
+        );
+    }
     Ok(())
 }
 

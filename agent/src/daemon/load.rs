@@ -151,8 +151,12 @@ impl BuildTrees {
         }
         drop(inner);
         let ticks = clock_ticks_per_sec();
-        // Steps the agent already reaped, with everything they reaped.
-        if let Some(me) = read_stat(Path::new("/proc/self/stat")) {
+        // Steps the agent already reaped, with everything they reaped. With
+        // cgroups their time is in the cgroup already; counting it here too
+        // would count it twice.
+        if self.cgroup_parent.is_none()
+            && let Some(me) = read_stat(Path::new("/proc/self/stat"))
+        {
             cpu_usec += (me.cutime + me.cstime) * 1_000_000 / ticks;
         }
         if !groups.is_empty() {
@@ -476,6 +480,32 @@ mod tests {
         assert!(
             used >= elapsed / 4,
             "the build ran {elapsed:?} but only {used:?} of CPU was attributed to it"
+        );
+    }
+
+    #[tokio::test]
+    async fn with_a_delegated_cgroup_builds_are_accounted_by_their_cgroup() {
+        let trees = Arc::new(BuildTrees::detect());
+        let Some(parent) = trees.cgroup_parent.clone() else {
+            eprintln!("no writable cgroup v2 here; the process-group tests cover this host");
+            return;
+        };
+        let before = trees.usage().cpu_usec;
+        let elapsed = run_build(
+            &trees,
+            3,
+            "test \"$(cat /proc/self/cgroup | grep '^0::' | cut -d/ -f2-)\" != '' || exit 7; \
+             for n in $(seq 1 40); do sh -c 'i=0; while [ $i -lt 20000 ]; do i=$((i+1)); done'; done",
+        )
+        .await;
+        let used = Duration::from_micros(trees.usage().cpu_usec - before);
+        assert!(
+            used >= elapsed / 4,
+            "the build ran {elapsed:?} but its cgroup accounted only {used:?}"
+        );
+        assert!(
+            !parent.join("nightshift-build-3").exists(),
+            "the build's cgroup is removed when it ends"
         );
     }
 }

@@ -6,6 +6,8 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use jiff::Timestamp;
+use jiff::tz::TimeZone;
 use nightshift_proto::api::{ApiClient, BuildInfo, BuildState, MasterUrl, WorkerList};
 use nightshift_proto::wire::Outcome;
 
@@ -180,6 +182,7 @@ pub async fn submit(
     })
 }
 
+/// `master workers`: one line per worker; `--json` prints the API's answer.
 pub async fn workers(client: &ApiClient, json: bool) -> anyhow::Result<i32> {
     let list: WorkerList = client.workers().await?;
     if json {
@@ -189,73 +192,191 @@ pub async fn workers(client: &ApiClient, json: bool) -> anyhow::Result<i32> {
     if list.paused {
         println!("master is PAUSED: no new builds are handed out");
     }
-    println!(
-        "{:<16} {:<10} {:<14} {:<26} {:<26} {:<10} REASON",
-        "NAME", "STATE", "SOURCE", "SINCE", "UNTIL", "RUNNING"
+    print!(
+        "{}",
+        workers_table(&list, Timestamp::now(), &TimeZone::system())
     );
-    for w in &list.workers {
-        let running: Vec<String> = w.running.iter().map(|id| id.to_string()).collect();
-        println!(
-            "{:<16} {:<10} {:<14} {:<26} {:<26} {:<10} {}",
-            w.name,
-            w.state.as_str(),
-            w.source.as_ref().map(|s| s.to_string()).unwrap_or_default(),
-            w.since.map(|t| t.to_string()).unwrap_or_default(),
-            w.until.map(|t| t.to_string()).unwrap_or_else(|| "-".into()),
-            if running.is_empty() {
-                "-".into()
-            } else {
-                running.join(",")
-            },
-            match &w.latent {
-                Some(latent) => format!(
-                    "{} [latent {}: {}{}]",
-                    w.reason,
-                    latent.state,
-                    latent.reason,
-                    latent
-                        .retry_after
-                        .map(|t| format!("; retry after {t}"))
-                        .unwrap_or_default()
-                ),
-                None => w.reason.clone(),
-            }
-        );
-    }
     Ok(0)
 }
 
+/// The human table of `master workers`, times shown in `tz` relative to `now`.
+fn workers_table(list: &WorkerList, now: Timestamp, tz: &TimeZone) -> String {
+    let mut table = Table::new([
+        "NAME", "STATE", "SOURCE", "SINCE", "UNTIL", "RUNNING", "REASON",
+    ]);
+    for w in &list.workers {
+        let running: Vec<String> = w.running.iter().map(|id| id.to_string()).collect();
+        let reason = match &w.latent {
+            Some(latent) => format!(
+                "{} [latent {}: {}{}]",
+                w.reason,
+                latent.state,
+                latent.reason,
+                latent
+                    .retry_after
+                    .map(|t| format!("; retry after {}", short_time(t, now, tz)))
+                    .unwrap_or_default()
+            ),
+            None => w.reason.clone(),
+        };
+        table.row([
+            w.name.clone(),
+            w.state.as_str().to_owned(),
+            w.source
+                .as_ref()
+                .map_or_else(|| "-".to_owned(), |s| s.to_string()),
+            w.since
+                .map_or_else(|| "-".to_owned(), |t| short_time(t, now, tz)),
+            w.until
+                .map_or_else(|| "-".to_owned(), |t| short_time(t, now, tz)),
+            if running.is_empty() {
+                "-".to_owned()
+            } else {
+                running.join(",")
+            },
+            reason,
+        ]);
+    }
+    table.render()
+}
+
+/// `master builds`: the newest builds first; `--json` prints the API's answer.
 pub async fn builds(client: &ApiClient, limit: u32, json: bool) -> anyhow::Result<i32> {
     let list = client.builds(limit).await?;
     if json {
         print_json(&list)?;
         return Ok(0);
     }
-    println!(
-        "{:<8} {:<16} {:<9} {:<16} {:<10} {:<7} DETAIL",
-        "ID", "BUILDER", "STATE", "WORKER", "OUTCOME", "RETRIES"
+    print!(
+        "{}",
+        builds_table(&list.builds, Timestamp::now(), &TimeZone::system())
     );
-    for b in &list.builds {
+    Ok(0)
+}
+
+/// The human table of `master builds`, times shown in `tz` relative to `now`.
+fn builds_table(builds: &[BuildInfo], now: Timestamp, tz: &TimeZone) -> String {
+    let mut table = Table::new([
+        "ID",
+        "BUILDER",
+        "STATE",
+        "WORKER",
+        "OUTCOME",
+        "RETRIES",
+        "SUBMITTED",
+        "TOOK",
+        "DETAIL",
+    ]);
+    for b in builds {
         let detail = match (b.state, &b.waiting_for) {
             // A running build waits only while a step waits for a lock.
             (BuildState::Queued | BuildState::Running, Some(w)) => Some(format!("waiting for {w}")),
             (BuildState::Queued, None) => None,
             _ => b.retry_reason.clone().or_else(|| b.reason.clone()),
         };
-        println!(
-            "{:<8} {:<16} {:<9} {:<16} {:<10} {:<7} {}",
-            b.id,
-            b.builder,
-            b.state.as_str(),
-            b.worker.as_deref().unwrap_or("-"),
-            b.outcome
-                .map(|o| o.to_string())
-                .unwrap_or_else(|| "-".into()),
-            b.retries,
-            detail.unwrap_or_default()
-        );
+        // How long it ran, or has been running.
+        let took = match (b.started_at, b.finished_at) {
+            (Some(start), Some(end)) => short_duration(start, end),
+            (Some(start), None) if b.state == BuildState::Running => short_duration(start, now),
+            _ => "-".to_owned(),
+        };
+        table.row([
+            b.id.to_string(),
+            b.builder.clone(),
+            b.state.as_str().to_owned(),
+            b.worker.clone().unwrap_or_else(|| "-".to_owned()),
+            b.outcome.map_or_else(|| "-".to_owned(), |o| o.to_string()),
+            b.retries.to_string(),
+            short_time(b.submitted_at, now, tz),
+            took,
+            detail.unwrap_or_default(),
+        ]);
     }
-    Ok(0)
+    table.render()
+}
+
+/// A plain-text table: every column as wide as its widest cell, the last
+/// column unpadded.
+struct Table<const N: usize> {
+    rows: Vec<[String; N]>,
+}
+
+impl<const N: usize> Table<N> {
+    fn new(header: [&str; N]) -> Table<N> {
+        Table {
+            rows: vec![header.map(str::to_owned)],
+        }
+    }
+
+    fn row(&mut self, cells: [String; N]) {
+        self.rows.push(cells);
+    }
+
+    fn render(&self) -> String {
+        let mut widths = [0usize; N];
+        for row in &self.rows {
+            for (width, cell) in widths.iter_mut().zip(row) {
+                *width = (*width).max(cell.chars().count());
+            }
+        }
+        let mut out = String::new();
+        for row in &self.rows {
+            let mut line = String::new();
+            for (i, cell) in row.iter().enumerate() {
+                if i + 1 == N {
+                    line.push_str(cell);
+                } else {
+                    line.push_str(cell);
+                    let pad = widths[i] - cell.chars().count() + 2;
+                    line.extend(std::iter::repeat_n(' ', pad));
+                }
+            }
+            out.push_str(line.trim_end());
+            out.push('\n');
+        }
+        out
+    }
+}
+
+/// A time as an admin reads it at a glance, in `tz`: `10:07:49` today,
+/// `Mon 19:00` within six days either way, `Nov 30 19:00` this year, else
+/// `2027-01-04 19:00`.
+fn short_time(t: Timestamp, now: Timestamp, tz: &TimeZone) -> String {
+    let (at, today) = (t.to_zoned(tz.clone()), now.to_zoned(tz.clone()));
+    let days_apart = at
+        .date()
+        .since(today.date())
+        .map_or(i32::MAX, |span| span.get_days().abs());
+    let format = if days_apart == 0 {
+        "%H:%M:%S"
+    } else if days_apart <= 6 {
+        "%a %H:%M"
+    } else if at.year() == today.year() {
+        "%b %d %H:%M"
+    } else {
+        "%Y-%m-%d %H:%M"
+    };
+    at.strftime(format).to_string()
+}
+
+/// How long from `start` to `end`: `42s`, `3m05s`, `1h02m`, `2d03h`.
+fn short_duration(start: Timestamp, end: Timestamp) -> String {
+    let secs = end.as_second().saturating_sub(start.as_second()).max(0);
+    let (days, hours, minutes, seconds) = (
+        secs / 86_400,
+        secs % 86_400 / 3600,
+        secs % 3600 / 60,
+        secs % 60,
+    );
+    if days > 0 {
+        format!("{days}d{hours:02}h")
+    } else if hours > 0 {
+        format!("{hours}h{minutes:02}m")
+    } else if minutes > 0 {
+        format!("{minutes}m{seconds:02}s")
+    } else {
+        format!("{seconds}s")
+    }
 }
 
 pub async fn log(client: &ApiClient, id: u64, json: bool) -> anyhow::Result<i32> {
@@ -311,4 +432,154 @@ pub async fn set_paused(client: &ApiClient, paused: bool, json: bool) -> anyhow:
         println!("master resumed: builds are handed out again");
     }
     Ok(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(text: &str) -> Timestamp {
+        text.parse().expect("a test instant")
+    }
+
+    /// Monday 2026-11-23 10:30:00 UTC.
+    fn now() -> Timestamp {
+        at("2026-11-23T10:30:00Z")
+    }
+
+    #[test]
+    fn times_are_short_and_depend_on_how_far_they_are() {
+        let tz = TimeZone::UTC;
+        let show = |t: &str| short_time(at(t), now(), &tz);
+        assert_eq!(show("2026-11-23T10:07:49.265281293Z"), "10:07:49");
+        assert_eq!(show("2026-11-23T23:59:59Z"), "23:59:59");
+        assert_eq!(show("2026-11-22T19:00:00Z"), "Sun 19:00");
+        assert_eq!(show("2026-11-29T07:00:00Z"), "Sun 07:00");
+        assert_eq!(show("2026-11-30T07:00:00Z"), "Nov 30 07:00");
+        assert_eq!(show("2026-01-02T08:15:00Z"), "Jan 02 08:15");
+        assert_eq!(show("2027-01-04T19:00:00Z"), "2027-01-04 19:00");
+    }
+
+    #[test]
+    fn times_are_shown_in_the_given_zone() {
+        let berlin = TimeZone::get("Europe/Berlin").expect("tzdb");
+        // 23:30 UTC is already the next day in Berlin.
+        assert_eq!(
+            short_time(at("2026-11-23T23:30:00Z"), now(), &berlin),
+            "Tue 00:30"
+        );
+        assert_eq!(
+            short_time(at("2026-11-23T10:07:49Z"), now(), &berlin),
+            "11:07:49"
+        );
+    }
+
+    #[test]
+    fn durations_are_short() {
+        let start = now();
+        let after = |secs: i64| {
+            start
+                .checked_add(jiff::SignedDuration::from_secs(secs))
+                .unwrap()
+        };
+        assert_eq!(short_duration(start, after(42)), "42s");
+        assert_eq!(short_duration(start, after(185)), "3m05s");
+        assert_eq!(short_duration(start, after(3720)), "1h02m");
+        assert_eq!(short_duration(start, after(2 * 86_400 + 3 * 3600)), "2d03h");
+        assert_eq!(short_duration(after(10), start), "0s", "never negative");
+    }
+
+    #[test]
+    fn the_workers_table_is_aligned_and_short() {
+        let list: WorkerList = serde_json::from_value(serde_json::json!({
+            "paused": false,
+            "workers": [
+                {
+                    "name": "lab-3", "state": "available", "reason": "office hours",
+                    "source": "schedule:office-hours",
+                    "since": "2026-11-23T10:07:49.265281293Z",
+                    "until": "2026-11-23T18:00:00Z",
+                    "connected": true, "max_builds": 1, "running": [12, 14]
+                },
+                {
+                    "name": "a-much-longer-worker-name", "state": "away",
+                    "reason": "not connected", "connected": false, "max_builds": 1,
+                    "running": [],
+                    "latent": {
+                        "state": "stopped", "reason": "start failed",
+                        "since": "2026-11-23T10:00:00Z",
+                        "retry_after": "2026-11-23T10:35:00Z", "provider": "command"
+                    }
+                }
+            ]
+        }))
+        .expect("a worker list");
+        let table = workers_table(&list, now(), &TimeZone::UTC);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3, "{table}");
+        assert!(
+            !table.contains("265281293") && !table.contains("T10:"),
+            "{table}"
+        );
+        assert!(
+            lines[1].contains("10:07:49") && lines[1].contains("18:00:00"),
+            "{table}"
+        );
+        assert!(lines[1].contains(" 12,14 "), "{table}");
+        assert!(lines[2].contains("retry after 10:35:00]"), "{table}");
+        // Every column starts at the same place on every line.
+        for header in ["STATE", "SOURCE", "SINCE", "UNTIL", "RUNNING", "REASON"] {
+            let column = lines[0].find(header).expect("a header");
+            for line in &lines[1..] {
+                assert_eq!(
+                    line.chars().nth(column - 1),
+                    Some(' '),
+                    "{header} in {table}"
+                );
+                assert_ne!(line.chars().nth(column), Some(' '), "{header} in {table}");
+            }
+        }
+    }
+
+    #[test]
+    fn the_builds_table_shows_when_and_how_long() {
+        let builds: Vec<BuildInfo> = serde_json::from_value(serde_json::json!([
+            {
+                "id": 7, "builder": "app", "state": "running", "worker": "lab-3",
+                "retries": 0, "submitted_at": "2026-11-23T10:20:00.123456789Z",
+                "started_at": "2026-11-23T10:21:00Z",
+                "waiting_for": "lock deploy"
+            },
+            {
+                "id": 6, "builder": "release", "state": "finished", "worker": "rack-1",
+                "outcome": "success", "retries": 1, "retry_reason": "worker lost",
+                "submitted_at": "2026-11-20T09:00:00Z",
+                "started_at": "2026-11-20T09:00:05Z",
+                "finished_at": "2026-11-20T10:02:05Z"
+            }
+        ]))
+        .expect("builds");
+        let table = builds_table(&builds, now(), &TimeZone::UTC);
+        let lines: Vec<&str> = table.lines().collect();
+        assert_eq!(lines.len(), 3, "{table}");
+        assert!(
+            lines[0].contains("SUBMITTED") && lines[0].contains("TOOK"),
+            "{table}"
+        );
+        assert!(
+            lines[1].starts_with("7 ") && lines[1].contains(" 10:20:00 "),
+            "{table}"
+        );
+        assert!(
+            lines[1].contains(" 9m00s ") && lines[1].ends_with("waiting for lock deploy"),
+            "{table}"
+        );
+        assert!(
+            lines[2].contains(" Fri 09:00 ") && lines[2].contains(" 1h02m "),
+            "{table}"
+        );
+        assert!(lines[2].ends_with("worker lost"), "{table}");
+        let detail = lines[0].find("DETAIL").expect("a header");
+        assert_eq!(lines[1].find("waiting"), Some(detail), "{table}");
+    }
 }

@@ -216,6 +216,10 @@ impl Farm {
             workers.join(", "),
             gates = gates.display()
         );
+        toml += &format!(
+            "\n[[builder]]\nname = \"env\"\nworkers = [{}]\nsteps = [\n  {{ name = \"env\", command = \"echo notify=${{NOTIFY_SOCKET-unset}} watchdog=${{WATCHDOG_USEC-unset}}\" }},\n]\n",
+            workers.join(", ")
+        );
         std::fs::write(dir.path().join("master.toml"), toml).unwrap();
         let mut farm = Farm {
             dir,
@@ -270,7 +274,11 @@ impl Farm {
     }
 
     fn submit(&self) -> u64 {
-        let out = self.master_cli(&["submit", "gated"]);
+        self.submit_to("gated")
+    }
+
+    fn submit_to(&self, builder: &str) -> u64 {
+        let out = self.master_cli(&["submit", builder]);
         out.trim()
             .parse()
             .unwrap_or_else(|_| panic!("`master submit` printed {out:?}, not a build id"))
@@ -308,6 +316,13 @@ impl Farm {
     }
 
     fn start_worker(&self, name: &str, availability: &str) -> Worker {
+        let mut worker = self.worker(name, availability, &token_of(name));
+        worker.start();
+        worker
+    }
+
+    /// A worker's config, not started yet.
+    fn worker(&self, name: &str, availability: &str, token: &str) -> Worker {
         let dir = tempfile::tempdir().unwrap();
         let toml = format!(
             "name = \"{name}\"\nmaster = \"wss://127.0.0.1:{port}\"\ntoken = \"{token}\"\n\
@@ -315,19 +330,17 @@ impl Farm {
              [tls]\npin_sha256 = \"{pin}\"\n\n[control]\nlisten = \"127.0.0.1:0\"\n\n\
              [availability]\ntimezone = \"UTC\"\n{availability}\n",
             port = self.port,
-            token = token_of(name),
             pin = self.pin,
         );
         let config = dir.path().join("worker.toml");
         std::fs::write(&config, toml).unwrap();
-        let mut worker = Worker {
+        Worker {
             name: name.to_owned(),
             config,
             dir,
+            env: Vec::new(),
             proc: None,
-        };
-        worker.start();
-        worker
+        }
     }
 }
 
@@ -335,19 +348,27 @@ struct Worker {
     name: String,
     config: PathBuf,
     dir: tempfile::TempDir,
+    env: Vec<(String, PathBuf)>,
     proc: Option<Proc>,
 }
 
 impl Worker {
+    /// Starts the agent and waits until the master welcomed it.
     fn start(&mut self) {
+        self.spawn();
+        self.proc().wait_line("connected to the master");
+    }
+
+    /// Starts the agent without waiting for anything.
+    fn spawn(&mut self) {
         let mut command = Command::new(binary("worker"));
         command
             .arg("run")
             .arg("--config")
             .arg(&self.config)
-            .current_dir(self.dir.path());
+            .current_dir(self.dir.path())
+            .envs(self.env.iter().map(|(key, value)| (key, value)));
         let proc = Proc::spawn(&self.name, command);
-        proc.wait_line("connected to the master");
         self.proc = Some(proc);
     }
 
@@ -542,4 +563,87 @@ fn a_master_killed_and_restarted_receives_the_result_of_a_build_that_finished_me
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[test]
+fn systemd_hears_ready_and_stopping_and_builds_never_see_its_socket() {
+    use std::os::unix::net::UnixDatagram;
+    let farm = Farm::start(&["w1"]);
+    let socket_dir = tempfile::tempdir().unwrap();
+    let socket_path = socket_dir.path().join("notify.sock");
+    let systemd = UnixDatagram::bind(&socket_path).unwrap();
+    systemd.set_read_timeout(Some(PATIENCE)).unwrap();
+    let receive = || {
+        let mut buffer = [0u8; 4096];
+        let n = systemd.recv(&mut buffer).expect("a notification arrives");
+        String::from_utf8_lossy(&buffer[..n]).into_owned()
+    };
+
+    let mut w1 = farm.worker("w1", "default = \"available\"", &token_of("w1"));
+    w1.env = vec![
+        ("NOTIFY_SOCKET".into(), socket_path.clone()),
+        ("WATCHDOG_USEC".into(), PathBuf::from("60000000")),
+    ];
+    w1.start();
+    let ready = receive();
+    assert!(ready.contains("READY=1"), "{ready:?}");
+
+    let build = farm.submit_to("env");
+    let info = farm.wait_finished(build);
+    assert_eq!(info.outcome, Some(Outcome::Success));
+    let log = farm.master_cli(&["log", &build.to_string()]);
+    assert!(log.contains("notify=unset watchdog=unset"), "{log}");
+
+    w1.proc().signal(nix::sys::signal::Signal::SIGTERM);
+    let mut seen = String::new();
+    while !seen.contains("STOPPING=1") {
+        seen += &receive();
+    }
+    let status = w1.proc.as_mut().expect("w1 runs").wait_exit();
+    assert_eq!(status.code(), Some(0));
+}
+
+#[test]
+fn a_wrong_token_is_refused_without_disturbing_a_running_build() {
+    let farm = Farm::start(&["w1", "w2"]);
+    let w2 = farm.start_worker("w2", "default = \"available\"");
+    let first = farm.submit();
+    w2.wait_started(first);
+
+    let mut impostor = farm.worker("w1", "default = \"available\"", "not-the-right-token");
+    impostor.spawn();
+    impostor.proc().wait_line("the master refused this worker");
+    // It keeps trying, with backoff, and never gets in.
+    let after = impostor.proc().wait_line("the master refused this worker");
+    impostor
+        .proc()
+        .wait_line_from(after, "the master refused this worker");
+    assert!(!impostor.proc().log().contains("connected to the master"));
+
+    farm.open_gate(first);
+    let build = farm.wait_finished(first);
+    assert_eq!(build.worker.as_deref(), Some("w2"));
+    assert_eq!(build.outcome, Some(Outcome::Success));
+}
+
+#[test]
+fn a_bad_config_exits_2_naming_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("worker.toml");
+    std::fs::write(
+        &config,
+        "name = \"w1\"\nmaster = \"wss://127.0.0.1:1\"\ntoken = \"t\"\nmax_bulds = 2\n",
+    )
+    .unwrap();
+    let output = Command::new(binary("worker"))
+        .arg("run")
+        .arg("--config")
+        .arg(&config)
+        .env("NO_COLOR", "1")
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("max_bulds"), "{stderr}");
+    assert!(stderr.contains("worker.toml"), "{stderr}");
 }

@@ -952,6 +952,7 @@ steps = [{{ name = "s", command = "true", locks = [{{ name = "nolock", access = 
         assert_eq!(Secs::parse("90").unwrap().0, Duration::from_secs(90));
         assert_eq!(Secs::parse("1h30m").unwrap().0, Duration::from_secs(5400));
         assert_eq!(Secs::parse("250ms").unwrap().0, Duration::from_millis(250));
+        assert_eq!(Secs::parse("1h 30m").unwrap().0, Duration::from_secs(5400));
         assert!(Secs::parse("3 weeks").is_err());
         assert!(Secs::parse("m").is_err());
     }
@@ -1012,5 +1013,43 @@ steps = [{{ name = "s", command = "true", timeout = -5 }}]
                 .iter()
                 .all(|i| i.line.is_some() && i.column.is_some())
         );
+    }
+
+    #[test]
+    fn the_packaged_example_is_valid_and_its_schedule_does_what_it_says() {
+        let text = include_str!("../../packaging/examples/master.toml");
+        let config = parse(text).unwrap();
+        let rack = config.worker("rack-1").expect("rack-1 in the example");
+        let availability = nightshift_policy::AvailabilityConfig {
+            timezone: rack.timezone.clone(),
+            default: None,
+            schedule: rack.schedule.clone(),
+            load: None,
+        };
+        let policy = nightshift_policy::Policy::compile_for_master(
+            &availability,
+            jiff::tz::TimeZone::UTC,
+            "worker[1]",
+        )
+        .unwrap();
+        let state_at = |instant: &str| {
+            let now: jiff::Timestamp = instant.parse().unwrap();
+            policy
+                .evaluate(now, &nightshift_policy::Inputs::default())
+                .state
+        };
+        use nightshift_policy::PresenceState::{Available, Reluctant};
+        // Europe/Berlin is UTC+1 in November.
+        assert_eq!(state_at("2026-11-23T09:00:00Z"), Reluctant, "Monday 10:00");
+        assert_eq!(state_at("2026-11-23T16:59:00Z"), Reluctant, "Monday 17:59");
+        assert_eq!(state_at("2026-11-23T17:00:00Z"), Available, "Monday 18:00");
+        assert_eq!(
+            state_at("2026-11-25T02:00:00Z"),
+            Available,
+            "Wednesday 03:00"
+        );
+        assert_eq!(state_at("2026-11-28T11:00:00Z"), Available, "Saturday noon");
+        assert_eq!(state_at("2026-11-29T22:00:00Z"), Available, "Sunday 23:00");
+        assert_eq!(state_at("2026-11-30T07:00:00Z"), Reluctant, "Monday 08:00");
     }
 }

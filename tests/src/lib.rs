@@ -141,6 +141,47 @@ impl WorkerSpec {
         self.worker_toml_extra.push('\n');
         self
     }
+
+    /// A worker registered the way an admin does it: the token comes from
+    /// `master add-worker NAME`, whose printed `token_sha256` must be the
+    /// hash of the token it prints (the farm writes that hash to master.toml).
+    pub fn added_by_master(name: &str) -> anyhow::Result<WorkerSpec> {
+        let master = bin_dir()?.join("master");
+        let output = Command::new(&master)
+            .args(["add-worker", name])
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("cannot run {} add-worker", master.display()))?;
+        let stdout = String::from_utf8_lossy(&output.stdout);
+        if !output.status.success() {
+            bail!(
+                "`master add-worker {name}` exited with {}: {}",
+                output.status,
+                String::from_utf8_lossy(&output.stderr)
+            );
+        }
+        let quoted_value = |key: &str| {
+            stdout
+                .lines()
+                .find_map(|line| line.strip_prefix(key)?.strip_prefix(" = "))
+                .map(|value| value.trim().trim_matches('"').to_owned())
+                .with_context(|| {
+                    format!("`master add-worker {name}` printed no `{key}` line:\n{stdout}")
+                })
+        };
+        let token = quoted_value("token")?;
+        let hash = quoted_value("token_sha256")?;
+        if token.is_empty() || hash != sha256_hex(&token) {
+            bail!(
+                "`master add-worker {name}` printed token_sha256 {hash:?}, which is not the \
+                 SHA-256 of its token:\n{stdout}"
+            );
+        }
+        Ok(WorkerSpec {
+            token,
+            ..WorkerSpec::new(name)
+        })
+    }
 }
 
 /// Describes a farm before it starts.
@@ -150,6 +191,7 @@ pub struct FarmBuilder {
     builders: String,
     extra: String,
     missing_timeout: Option<String>,
+    insecure: bool,
 }
 
 fn toml_str(text: &str) -> String {
@@ -186,6 +228,13 @@ impl FarmBuilder {
         self
     }
 
+    /// Plain HTTP and `ws://` instead of TLS: `insecure = true` in
+    /// master.toml and in every worker.toml (no certificate pin).
+    pub fn insecure(mut self) -> FarmBuilder {
+        self.insecure = true;
+        self
+    }
+
     /// `missing_timeout` of master.toml, e.g. `"3s"`.
     pub fn missing_timeout(mut self, timeout: &str) -> FarmBuilder {
         self.missing_timeout = Some(timeout.to_owned());
@@ -200,6 +249,9 @@ impl FarmBuilder {
             .context("cannot create a temp dir")?;
         let port = free_port()?;
         let mut text = format!("listen = \"127.0.0.1:{port}\"\ndata_dir = \"data\"\n");
+        if self.insecure {
+            text.push_str("insecure = true\n");
+        }
         if let Some(timeout) = &self.missing_timeout {
             let _ = writeln!(text, "missing_timeout = {}", toml_str(timeout));
         }
@@ -220,9 +272,11 @@ impl FarmBuilder {
             bin: bin_dir()?,
             config,
             port,
+            insecure: self.insecure,
             workers: self.workers,
             master: None,
             agents: BTreeMap::new(),
+            control_ports: BTreeMap::new(),
             dir,
         };
         farm.start_master()?;
@@ -236,6 +290,80 @@ pub struct AgentProcess {
     pub config: PathBuf,
     /// The agent's control plane (`worker status` etc.).
     pub control_port: u16,
+    /// Every sd_notify message the agent sent on its `NOTIFY_SOCKET`, in
+    /// order (`READY=1`, `STATUS=…`, `STOPPING=1`).
+    notifications: tokio::sync::watch::Receiver<Vec<String>>,
+}
+
+impl AgentProcess {
+    /// The sd_notify messages the agent has sent so far.
+    pub fn notifications(&self) -> Vec<String> {
+        self.notifications.borrow().clone()
+    }
+}
+
+/// Binds `path` as the agent's `NOTIFY_SOCKET` and reads it on a thread for
+/// as long as the returned receiver (or a clone) lives, so the agent never
+/// blocks on a full socket queue. Each datagram's lines become messages.
+fn listen_for_notifications(
+    path: &std::path::Path,
+) -> anyhow::Result<tokio::sync::watch::Receiver<Vec<String>>> {
+    use std::os::unix::net::UnixDatagram;
+    let _ = std::fs::remove_file(path);
+    let socket = UnixDatagram::bind(path)
+        .with_context(|| format!("cannot bind the notify socket {}", path.display()))?;
+    socket
+        .set_read_timeout(Some(Duration::from_millis(500)))
+        .context("cannot set the notify socket's read timeout")?;
+    let (sender, receiver) = tokio::sync::watch::channel(Vec::new());
+    let path = path.to_path_buf();
+    std::thread::spawn(move || {
+        let mut buffer = vec![0u8; 4096];
+        // The timeout only lets the thread notice that nobody listens any more.
+        while !sender.is_closed() {
+            match socket.recv(&mut buffer) {
+                Ok(length) => {
+                    let text = String::from_utf8_lossy(&buffer[..length]).into_owned();
+                    sender.send_modify(|seen| seen.extend(text.lines().map(str::to_owned)));
+                }
+                Err(e)
+                    if matches!(
+                        e.kind(),
+                        std::io::ErrorKind::WouldBlock
+                            | std::io::ErrorKind::TimedOut
+                            | std::io::ErrorKind::Interrupted
+                    ) => {}
+                Err(_) => break,
+            }
+        }
+        let _ = std::fs::remove_file(&path);
+    });
+    Ok(receiver)
+}
+
+/// Resolves when process `pid` has exited (a pidfd turns readable), without
+/// reaping it, so its `Child` still gets the exit status.
+async fn process_exited(pid: u32) -> anyhow::Result<()> {
+    use std::os::fd::{FromRawFd, OwnedFd};
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor
+    // (or -1); it touches no memory of ours.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    if fd < 0 {
+        bail!(
+            "cannot watch process {pid}: pidfd_open: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    // SAFETY: `fd` is a descriptor pidfd_open just opened for us alone.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    // SAFETY: `fd` is an open descriptor the AsyncFd owns (and so keeps
+    // open, unchanged) until it is dropped.
+    let watched = unsafe {
+        tokio::io::unix::AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE)
+    }
+    .map_err(|e| anyhow!("cannot register a pidfd with tokio: {e}"))?;
+    let _ready = watched.readable().await?;
+    Ok(())
 }
 
 /// A running master (and its agents), all killed on drop.
@@ -244,9 +372,13 @@ pub struct Farm {
     /// master.toml.
     pub config: PathBuf,
     pub port: u16,
+    /// Plain HTTP/`ws://` ([`FarmBuilder::insecure`]) instead of TLS.
+    insecure: bool,
     workers: Vec<WorkerSpec>,
     master: Option<Child>,
     agents: BTreeMap<String, AgentProcess>,
+    /// The control port written to each worker.toml so far.
+    control_ports: BTreeMap<String, u16>,
     /// The farm's directory (master.toml, data/, worker dirs, logs).
     pub dir: tempfile::TempDir,
 }
@@ -270,15 +402,21 @@ impl Farm {
 
     pub fn url(&self) -> MasterUrl {
         MasterUrl {
-            tls: true,
+            tls: !self.insecure,
             host: "127.0.0.1".into(),
             port: self.port,
         }
     }
 
-    /// `wss://127.0.0.1:PORT`.
+    /// `wss://127.0.0.1:PORT` (`ws://` for an insecure farm).
     pub fn ws_url(&self) -> String {
-        format!("wss://127.0.0.1:{}", self.port)
+        let scheme = if self.insecure { "ws" } else { "wss" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
+    }
+
+    /// Whether the master speaks plain HTTP/`ws://` ([`FarmBuilder::insecure`]).
+    pub fn is_insecure(&self) -> bool {
+        self.insecure
     }
 
     /// The master's certificate pin.
@@ -305,13 +443,21 @@ impl Farm {
 
     /// A client config trusting the master by its pin.
     pub fn tls_client(&self) -> anyhow::Result<Arc<rustls::ClientConfig>> {
+        if self.insecure {
+            bail!("this farm's master is insecure (plain HTTP): it has no certificate to trust");
+        }
         nightshift_proto::tls::install_crypto_provider();
         nightshift_proto::tls::client_config(None, Some(&self.pin()?))
     }
 
     /// A typed API client with the admin token.
     pub fn api(&self) -> anyhow::Result<ApiClient> {
-        ApiClient::new(self.url(), self.admin_token()?, Some(self.tls_client()?))
+        let tls = if self.insecure {
+            None
+        } else {
+            Some(self.tls_client()?)
+        };
+        ApiClient::new(self.url(), self.admin_token()?, tls)
     }
 
     /// The spec (and token) of a configured worker.
@@ -393,29 +539,99 @@ impl Farm {
         std::fs::read_to_string(self.dir.path().join("master.log")).unwrap_or_default()
     }
 
-    /// Writes `name`'s worker.toml (token, pin, own dirs, free control
-    /// port) and starts `worker run` for it.
-    pub fn start_worker(&mut self, name: &str) -> anyhow::Result<&mut AgentProcess> {
+    /// The directory of worker `name`: its worker.toml, `work/`, `state/`
+    /// and `worker.log`.
+    pub fn worker_dir(&self, name: &str) -> PathBuf {
+        self.dir.path().join("workers").join(name)
+    }
+
+    /// `name`'s worker.toml (written by [`Farm::write_worker_config`] or
+    /// [`Farm::start_worker`]).
+    pub fn worker_config(&self, name: &str) -> PathBuf {
+        self.worker_dir(name).join("worker.toml")
+    }
+
+    /// `name`'s `state_dir` (control socket, token and address, manual state).
+    pub fn worker_state_dir(&self, name: &str) -> PathBuf {
+        self.worker_dir(name).join("state")
+    }
+
+    /// Writes `name`'s worker.toml (token, pin or `insecure`, own dirs, a
+    /// free control port, the spec's extra TOML) without starting the agent;
+    /// returns its path. For CLI tests that need a config but no agent.
+    pub fn write_worker_config(&mut self, name: &str) -> anyhow::Result<PathBuf> {
         if self.agents.contains_key(name) {
-            bail!("worker `{name}` is already running");
+            bail!("worker `{name}` is running; stop it before rewriting its worker.toml");
         }
         let spec = self.worker_spec(name)?.clone();
-        let wdir = self.dir.path().join("workers").join(name);
-        std::fs::create_dir_all(wdir.join("work"))?;
+        let wdir = self.worker_dir(name);
+        std::fs::create_dir_all(wdir.join("work"))
+            .with_context(|| format!("cannot create {}", wdir.display()))?;
         let control_port = free_port()?;
+        let trust = if self.insecure {
+            "insecure = true\n".to_owned()
+        } else {
+            format!("\n[tls]\npin_sha256 = \"{}\"\n", self.pin()?)
+        };
+        // `insecure` is a top-level key, so it must come before any table.
+        let (top, tables) = if self.insecure {
+            (trust.as_str(), "")
+        } else {
+            ("", trust.as_str())
+        };
         let text = format!(
-            "name = {}\nmaster = \"{}\"\ntoken = {}\nworkdir = {}\nstate_dir = {}\nmax_builds = {}\n{}\n[control]\nlisten = \"127.0.0.1:{control_port}\"\n\n[tls]\npin_sha256 = \"{}\"\n",
+            "name = {}\nmaster = \"{}\"\ntoken = {}\nworkdir = {}\nstate_dir = {}\nmax_builds = {}\n{top}{}\n[control]\nlisten = \"127.0.0.1:{control_port}\"\n{tables}",
             toml_str(&spec.name),
             self.ws_url(),
             toml_str(&spec.token),
             toml_str(&wdir.join("work").display().to_string()),
-            toml_str(&wdir.join("state").display().to_string()),
+            toml_str(&self.worker_state_dir(name).display().to_string()),
             spec.max_builds,
             spec.worker_toml_extra,
-            self.pin()?
         );
-        let config = wdir.join("worker.toml");
-        std::fs::write(&config, text)?;
+        let config = self.worker_config(name);
+        std::fs::write(&config, text)
+            .with_context(|| format!("cannot write {}", config.display()))?;
+        self.control_ports.insert(name.to_owned(), control_port);
+        Ok(config)
+    }
+
+    /// Writes `name`'s worker.toml (see [`Farm::write_worker_config`]) and
+    /// starts `worker run` for it. Returns at once; await
+    /// [`Farm::wait_worker_ready`] or a state on the master as needed.
+    pub fn start_worker(&mut self, name: &str) -> anyhow::Result<&mut AgentProcess> {
+        if self.agents.contains_key(name) {
+            bail!("worker `{name}` is already running");
+        }
+        self.write_worker_config(name)?;
+        self.spawn_worker(name)
+    }
+
+    /// Starts `name`'s agent again with the worker.toml it had before (after
+    /// it exited, was stopped or killed): its state dir, manual state and
+    /// log carry over. Returns at once, like [`Farm::start_worker`].
+    pub fn restart_worker(&mut self, name: &str) -> anyhow::Result<&mut AgentProcess> {
+        if self.agents.contains_key(name) {
+            bail!("worker `{name}` is still running");
+        }
+        if !self.control_ports.contains_key(name) {
+            bail!("worker `{name}` has no worker.toml yet: start it with `start_worker`");
+        }
+        self.spawn_worker(name)
+    }
+
+    /// Spawns `worker run --config <name's worker.toml>` with stdout and
+    /// stderr appended to its `worker.log` and a `NOTIFY_SOCKET` the farm
+    /// reads.
+    fn spawn_worker(&mut self, name: &str) -> anyhow::Result<&mut AgentProcess> {
+        let control_port = *self
+            .control_ports
+            .get(name)
+            .with_context(|| format!("worker `{name}` has no worker.toml yet"))?;
+        let wdir = self.worker_dir(name);
+        let config = self.worker_config(name);
+        let notify_path = wdir.join("notify.sock");
+        let notifications = listen_for_notifications(&notify_path)?;
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -425,6 +641,7 @@ impl Farm {
             .arg("--config")
             .arg(&config)
             .current_dir(&wdir)
+            .env("NOTIFY_SOCKET", &notify_path)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -434,7 +651,119 @@ impl Farm {
             child,
             config,
             control_port,
+            notifications,
         }))
+    }
+
+    /// Waits until `name`'s agent tells systemd `READY=1` (its control plane
+    /// is bound and its first policy evaluation done). Fails at once if the
+    /// agent exits first, and after [`DEADLINE`]; errors carry its log.
+    pub async fn wait_worker_ready(&self, name: &str) -> anyhow::Result<()> {
+        let agent = self
+            .agents
+            .get(name)
+            .with_context(|| format!("worker `{name}` is not running"))?;
+        let mut notifications = agent.notifications.clone();
+        let pid = agent.child.id();
+        let outcome = tokio::time::timeout(DEADLINE, async {
+            tokio::select! {
+                seen = notifications.wait_for(|seen| seen.iter().any(|m| m == "READY=1")) => {
+                    seen.map(|_| ()).map_err(|_| anyhow!("the notify socket reader stopped"))
+                }
+                exited = process_exited(pid) => {
+                    exited?;
+                    bail!("`worker run` for `{name}` exited before it was ready")
+                }
+            }
+        })
+        .await;
+        match outcome {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => bail!("{e:#}; its log:\n{}", self.worker_log(name)),
+            Err(_) => bail!(
+                "`worker run` for `{name}` did not report READY=1 within {DEADLINE:?}; its log:\n{}",
+                self.worker_log(name)
+            ),
+        }
+    }
+
+    /// Runs the `worker` CLI with `args` against `name`'s worker.toml
+    /// (`--config` is appended), whether or not its agent runs; returns
+    /// (exit code, stdout, stderr), the code -1 if a signal ended it.
+    pub fn worker_cli(&self, name: &str, args: &[&str]) -> anyhow::Result<(i32, String, String)> {
+        let config = self.worker_config(name);
+        if !config.is_file() {
+            bail!(
+                "worker `{name}` has no worker.toml yet ({})",
+                config.display()
+            );
+        }
+        let output = Command::new(self.worker_bin())
+            .args(args)
+            .arg("--config")
+            .arg(&config)
+            .current_dir(self.dir.path())
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("cannot run {}", self.worker_bin().display()))?;
+        Ok((
+            output.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&output.stdout).into_owned(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        ))
+    }
+
+    /// Runs a `worker … --json` read command for `name`; it must exit 0 and
+    /// print JSON, which is returned.
+    pub fn worker_cli_json(&self, name: &str, args: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let (code, stdout, stderr) = self.worker_cli(name, args)?;
+        if code != 0 {
+            bail!(
+                "`worker {}` for `{name}` exited {code}: {stderr}",
+                args.join(" ")
+            );
+        }
+        serde_json::from_str(&stdout)
+            .with_context(|| format!("`worker {}` printed no JSON: {stdout}", args.join(" ")))
+    }
+
+    /// `worker stop` (immediate: nothing to finish) for `name`, which must
+    /// succeed, then waits for its agent to exit with code 0.
+    pub fn stop_worker(&mut self, name: &str) -> anyhow::Result<()> {
+        if !self.agents.contains_key(name) {
+            bail!("worker `{name}` is not running");
+        }
+        let (code, _, stderr) = self.worker_cli(name, &["stop"])?;
+        if code != 0 {
+            bail!("`worker stop` for `{name}` exited {code}: {stderr}");
+        }
+        let exit = self.wait_worker_exit(name, DEADLINE)?;
+        if exit != Some(0) {
+            bail!(
+                "`worker run` for `{name}` exited with {exit:?} after `worker stop`; its log:\n{}",
+                self.worker_log(name)
+            );
+        }
+        Ok(())
+    }
+
+    /// The address `name`'s agent serves its control plane and status page
+    /// on, as it wrote it to `state_dir/control.addr`: `http://HOST:PORT/`.
+    pub fn worker_control_url(&self, name: &str) -> anyhow::Result<String> {
+        let path = self.worker_state_dir(name).join("control.addr");
+        let addr = std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        Ok(format!("http://{}/", addr.trim()))
+    }
+
+    /// The control token `name`'s agent generated into
+    /// `state_dir/control.token` (`Authorization: Bearer …` on its control API).
+    pub fn worker_control_token(&self, name: &str) -> anyhow::Result<String> {
+        let path = self.worker_state_dir(name).join("control.token");
+        Ok(std::fs::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?
+            .trim()
+            .to_owned())
     }
 
     /// The agent process of `name`, if the farm started it.
@@ -523,6 +852,37 @@ impl Farm {
             }
         })
         .await
+    }
+
+    /// Waits until the master's view of worker `name` (its API) satisfies
+    /// `check`; `what` names the awaited condition in the error, which also
+    /// shows the last view.
+    pub async fn wait_worker(
+        &self,
+        name: &str,
+        what: &str,
+        check: impl Fn(&WorkerInfo) -> bool,
+    ) -> anyhow::Result<WorkerInfo> {
+        let api = self.api()?;
+        let last = std::sync::Mutex::new(None);
+        let found = wait_for(what, DEADLINE, || {
+            let api = api.clone();
+            let (check, last) = (&check, &last);
+            async move {
+                let list = api.workers().await?;
+                let worker = list.workers.into_iter().find(|w| w.name == name);
+                let matched = worker.as_ref().is_some_and(check);
+                if let Ok(mut last) = last.lock() {
+                    *last = worker.clone();
+                }
+                Ok(if matched { worker } else { None })
+            }
+        })
+        .await;
+        found.with_context(|| {
+            let last = last.lock().map(|l| l.clone()).unwrap_or_default();
+            format!("the master's last view of `{name}`: {last:?}")
+        })
     }
 
     /// Waits until the master shows worker `name` as `state`.
@@ -626,9 +986,13 @@ impl FakeAgent {
                 .headers_mut()
                 .insert("authorization", format!("Bearer {token}").parse()?);
         }
-        let connector = tokio_tungstenite::Connector::Rustls(farm.tls_client()?);
+        let connector = if farm.is_insecure() {
+            None
+        } else {
+            Some(tokio_tungstenite::Connector::Rustls(farm.tls_client()?))
+        };
         let (ws, _) =
-            tokio_tungstenite::connect_async_tls_with_config(request, None, true, Some(connector))
+            tokio_tungstenite::connect_async_tls_with_config(request, None, true, connector)
                 .await
                 .context("websocket connect")?;
         Ok(FakeAgent { ws })

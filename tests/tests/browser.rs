@@ -7,14 +7,12 @@
 //! (`cargo build --workspace --bins`). Chromium is driven over the Chrome
 //! DevTools Protocol on a WebSocket, so no chromedriver is needed.
 
-mod control_support;
-
 use std::path::{Path, PathBuf};
 
 use anyhow::{Context, bail};
+use nightshift_policy::{PresenceState, Source};
+use nightshift_tests::{DEADLINE, Farm, WorkerSpec, bin_dir};
 use serde_json::{Value, json};
-
-use control_support::{Agent, Master, WAIT, bin_dir};
 
 /// A minimal Chrome DevTools Protocol client: one browser, one page session.
 mod cdp {
@@ -333,20 +331,10 @@ fn screenshot_dir() -> anyhow::Result<PathBuf> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn status_page_away_for_an_hour_updates_live() -> anyhow::Result<()> {
     let chromium = chromium()?;
-    let (master, token) = Master::start("lab-3").await?;
-    let dir = tempfile::tempdir()?;
-    let mut agent = Agent::start(
-        dir.path(),
-        &format!(
-            r#"name = "lab-3"
-master = "{master}"
-insecure = true
-token = "{token}"
-
-[control]
-listen = "127.0.0.1:0"
-
-[availability]
+    let mut farm = Farm::builder()
+        .insecure()
+        .worker(WorkerSpec::added_by_master("lab-3")?.worker_toml(
+            r#"[availability]
 default = "available"
 
 [[availability.schedule]]
@@ -354,20 +342,18 @@ name = "evenings"
 hours = "17:00-23:00"
 state = "reluctant"
 "#,
-            master = master.ws_url(),
-        ),
-    )
-    .await?;
-    master
-        .wait_for_worker("lab-3", "the worker connect", |worker| {
-            worker["connected"] == true
-        })
+        ))
+        .start()?;
+    farm.start_worker("lab-3")?;
+    farm.wait_worker_ready("lab-3").await?;
+    farm.wait_worker("lab-3", "the worker connect", |worker| worker.connected)
         .await?;
-    let url = agent.url()?;
-    let mut browser = tokio::time::timeout(WAIT, cdp::Browser::launch(&chromium, WAIT)).await??;
-    let ms = WAIT.as_millis();
+    let url = farm.worker_control_url("lab-3")?;
+    let mut browser =
+        tokio::time::timeout(DEADLINE, cdp::Browser::launch(&chromium, DEADLINE)).await??;
+    let ms = DEADLINE.as_millis();
 
-    tokio::time::timeout(WAIT, async {
+    tokio::time::timeout(DEADLINE, async {
         browser.call("Page.enable", json!({})).await?;
         browser
             .call(
@@ -449,27 +435,20 @@ state = "reluctant"
     eprintln!("screenshot: {}", path.display());
 
     // The agent agrees: away, set by hand, for an hour.
-    let output = agent.cli(&["status", "--json"]).await?;
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    let status: Value = serde_json::from_slice(&output.stdout)?;
+    let status = farm.worker_cli_json("lab-3", &["status", "--json"])?;
     assert_eq!(status["presence"]["state"], "away", "{status}");
     assert_eq!(status["presence"]["source"], "manual", "{status}");
     assert_eq!(status["manual"]["state"], "away", "{status}");
     assert!(status["manual"]["until"].is_string(), "{status}");
 
     // And so does the master.
-    master
-        .wait_for_worker("lab-3", "the worker go away", |worker| {
-            worker["state"] == "away" && worker["source"] == "manual"
-        })
-        .await?;
+    farm.wait_worker("lab-3", "the worker go away", |worker| {
+        worker.state == PresenceState::Away && worker.source == Some(Source::Manual)
+    })
+    .await?;
 
     drop(browser);
-    agent.stop().await
+    farm.stop_worker("lab-3")
 }
 
 #[test]

@@ -1,58 +1,47 @@
 //! The worker's control plane through the real binaries: the CLI changes the
 //! state and the master sees it, a manual state survives a restart, the CLI
-//! without an agent says so in one line, usage errors exit 2, and the
-//! packaged example configs are valid.
-
-mod control_support;
+//! without an agent says so in one line, usage errors exit 2, an agent with
+//! a bad worker.toml exits 2 without becoming ready, other origins cannot
+//! change the agent, and the packaged example configs are valid. Each test
+//! runs an insecure (`ws://`) farm from the shared harness
+//! (`nightshift_tests`), its worker registered with `master add-worker`.
 
 use std::path::Path;
 
 use anyhow::Context;
-use serde_json::Value;
+use nightshift_policy::{PresenceState, Source};
+use nightshift_tests::{DEADLINE, Farm, WorkerSpec, bin_dir};
 use tokio::process::Command;
 
-use control_support::{Agent, Master, bin_dir};
+/// The worker every test here runs.
+const WORKER: &str = "lab-3";
 
-fn worker_toml(master: &str, token: &str) -> String {
-    format!(
-        r#"name = "lab-3"
-master = "{master}"
-insecure = true
-token = "{token}"
-
-[control]
-listen = "127.0.0.1:0"
-
-[availability]
-timezone = "Europe/Berlin"
-default = "available"
-"#
-    )
+/// An insecure (plain `ws://`) farm whose master knows [`WORKER`], registered
+/// with `master add-worker`; its agent's policy is "available" in Berlin.
+fn farm() -> anyhow::Result<Farm> {
+    let spec = WorkerSpec::added_by_master(WORKER)?
+        .worker_toml("[availability]\ntimezone = \"Europe/Berlin\"\ndefault = \"available\"");
+    Farm::builder().insecure().worker(spec).start()
 }
 
-fn stdout_json(output: &std::process::Output) -> anyhow::Result<Value> {
-    anyhow::ensure!(
-        output.status.success(),
-        "exit {:?}: {}",
-        output.status.code(),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    serde_json::from_slice(&output.stdout).context("stdout is not JSON")
+/// Starts [`WORKER`]'s agent and waits for its READY=1.
+async fn start_agent(farm: &mut Farm) -> anyhow::Result<()> {
+    farm.start_worker(WORKER)?;
+    farm.wait_worker_ready(WORKER).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_changes_the_state_and_the_master_sees_it() -> anyhow::Result<()> {
-    let (master, token) = Master::start("lab-3").await?;
-    let dir = tempfile::tempdir()?;
-    let mut agent = Agent::start(dir.path(), &worker_toml(&master.ws_url(), &token)).await?;
-    master
-        .wait_for_worker("lab-3", "the worker connect as available", |worker| {
-            worker["connected"] == true && worker["state"] == "available"
-        })
-        .await?;
+    let mut farm = farm()?;
+    start_agent(&mut farm).await?;
+    farm.wait_worker(WORKER, "the worker connect as available", |worker| {
+        worker.connected && worker.state == PresenceState::Available
+    })
+    .await?;
 
-    let output = agent
-        .cli(&[
+    let status = farm.worker_cli_json(
+        WORKER,
+        &[
             "set-availability",
             "away",
             "--for",
@@ -60,119 +49,146 @@ async fn cli_changes_the_state_and_the_master_sees_it() -> anyhow::Result<()> {
             "--reason",
             "video call",
             "--json",
-        ])
-        .await?;
-    let status = stdout_json(&output)?;
+        ],
+    )?;
     assert_eq!(status["presence"]["state"], "away", "{status}");
     assert_eq!(status["presence"]["source"], "manual", "{status}");
     assert_eq!(status["manual"]["reason"], "video call", "{status}");
 
-    let seen = master
-        .wait_for_worker("lab-3", "the worker go away by hand", |worker| {
-            worker["state"] == "away" && worker["source"] == "manual"
+    let seen = farm
+        .wait_worker(WORKER, "the worker go away by hand", |worker| {
+            worker.state == PresenceState::Away && worker.source == Some(Source::Manual)
         })
         .await?;
-    let reason = seen["reason"].as_str().unwrap_or_default();
-    assert!(reason.contains("video call"), "{seen}");
+    assert!(seen.reason.contains("video call"), "{seen:?}");
     assert!(
-        seen["until"].is_string(),
-        "the master knows when it ends: {seen}"
+        seen.until.is_some(),
+        "the master knows when it ends: {seen:?}"
     );
 
+    // `master workers --json` shows the admin the same.
+    let (code, stdout, stderr) = farm.master_cli(&["workers", "--json"])?;
+    assert_eq!(code, 0, "master workers --json: {stderr}");
+    let workers: serde_json::Value = serde_json::from_str(&stdout).context("not JSON")?;
+    let listed = workers["workers"]
+        .as_array()
+        .and_then(|list| list.iter().find(|worker| worker["name"] == WORKER))
+        .with_context(|| format!("no {WORKER} in {workers}"))?;
+    assert_eq!(listed["state"], "away", "{listed}");
+    assert_eq!(listed["source"], "manual", "{listed}");
+    assert_eq!(listed["connected"], true, "{listed}");
+    assert!(
+        listed["reason"]
+            .as_str()
+            .is_some_and(|reason| reason.contains("video call")),
+        "{listed}"
+    );
+    assert!(listed["until"].is_string(), "{listed}");
+
     // The human output of `worker status` says the same in words.
-    let output = agent.cli(&["status"]).await?;
-    assert!(output.status.success());
-    let text = String::from_utf8(output.stdout)?;
+    let (code, text, stderr) = farm.worker_cli(WORKER, &["status"])?;
+    assert_eq!(code, 0, "{stderr}");
     assert!(text.starts_with("lab-3: AWAY until "), "{text}");
     assert!(text.contains("set by you"), "{text}");
 
-    let output = agent.cli(&["set-availability", "reluctant"]).await?;
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    master
-        .wait_for_worker("lab-3", "the worker turn reluctant", |worker| {
-            worker["state"] == "reluctant"
-        })
-        .await?;
+    let (code, _, stderr) = farm.worker_cli(WORKER, &["set-availability", "reluctant"])?;
+    assert_eq!(code, 0, "{stderr}");
+    farm.wait_worker(WORKER, "the worker turn reluctant", |worker| {
+        worker.state == PresenceState::Reluctant
+    })
+    .await?;
 
-    let output = agent.cli(&["set-availability", "auto"]).await?;
-    assert!(
-        output.status.success(),
-        "{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    master
-        .wait_for_worker("lab-3", "the worker return to its policy", |worker| {
-            worker["state"] == "available" && worker["source"] == "default"
-        })
-        .await?;
+    let (code, _, stderr) = farm.worker_cli(WORKER, &["set-availability", "auto"])?;
+    assert_eq!(code, 0, "{stderr}");
+    farm.wait_worker(WORKER, "the worker return to its policy", |worker| {
+        worker.state == PresenceState::Available && worker.source == Some(Source::Default)
+    })
+    .await?;
 
-    agent.stop().await?;
-    master
-        .wait_for_worker("lab-3", "the worker leave", |worker| {
-            worker["connected"] == false
-        })
+    farm.stop_worker(WORKER)?;
+    farm.wait_worker(WORKER, "the worker leave", |worker| !worker.connected)
         .await?;
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_manual_state_survives_an_agent_restart() -> anyhow::Result<()> {
-    let (master, token) = Master::start("lab-3").await?;
-    let dir = tempfile::tempdir()?;
-    let mut agent = Agent::start(dir.path(), &worker_toml(&master.ws_url(), &token)).await?;
-    let output = agent
-        .cli(&[
+    let mut farm = farm()?;
+    start_agent(&mut farm).await?;
+    let before = farm.worker_cli_json(
+        WORKER,
+        &[
             "set-availability",
             "away",
             "--until",
             "2099-01-01T08:00",
             "--json",
-        ])
-        .await?;
-    let before = stdout_json(&output)?;
+        ],
+    )?;
     assert_eq!(before["manual"]["state"], "away", "{before}");
 
-    agent.stop().await?;
-    let output = agent.cli(&["status"]).await?;
-    assert_eq!(output.status.code(), Some(1), "no agent runs now");
+    farm.stop_worker(WORKER)?;
+    let (code, _, stderr) = farm.worker_cli(WORKER, &["status"])?;
+    assert_eq!(code, 1, "no agent runs now: {stderr}");
 
-    agent.restart().await?;
-    let after = stdout_json(&agent.cli(&["status", "--json"]).await?)?;
+    farm.restart_worker(WORKER)?;
+    farm.wait_worker_ready(WORKER).await?;
+    let after = farm.worker_cli_json(WORKER, &["status", "--json"])?;
     assert_eq!(after["presence"]["state"], "away", "{after}");
     assert_eq!(after["presence"]["source"], "manual", "{after}");
     assert_eq!(after["manual"], before["manual"], "{after}");
     // 08:00 in Berlin in winter is 07:00 UTC.
     assert_eq!(after["manual"]["until"], "2099-01-01T07:00:00Z", "{after}");
-    master
-        .wait_for_worker("lab-3", "the restarted worker still away", |worker| {
-            worker["connected"] == true && worker["state"] == "away" && worker["source"] == "manual"
-        })
-        .await?;
-    agent.stop().await
+    farm.wait_worker(WORKER, "the restarted worker still away", |worker| {
+        worker.connected
+            && worker.state == PresenceState::Away
+            && worker.source == Some(Source::Manual)
+    })
+    .await?;
+    farm.stop_worker(WORKER)
 }
 
-/// Runs the three CLI verbs against `config` and checks each says, in one
-/// line on stderr, that no agent runs, and exits 1.
-async fn assert_no_agent(config: &Path, state_dir: &Path) -> anyhow::Result<()> {
-    let worker = bin_dir()?.join("worker");
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_with_a_bad_config_exits_2_without_becoming_ready() -> anyhow::Result<()> {
+    let mut farm = Farm::builder()
+        .insecure()
+        .worker(WorkerSpec::new(WORKER).worker_toml("max_bulds = 2"))
+        .start()?;
+    farm.start_worker(WORKER)?;
+    let error = match farm.wait_worker_ready(WORKER).await {
+        Ok(()) => anyhow::bail!("an agent with an unknown key in worker.toml became ready"),
+        Err(error) => format!("{error:#}"),
+    };
+    assert!(error.contains("exited before it was ready"), "{error}");
+    assert!(
+        error.contains("max_bulds"),
+        "the error carries the agent's log: {error}"
+    );
+    // Not a timeout: the agent is gone, and it never said READY=1.
+    let notifications = farm
+        .agent(WORKER)
+        .context("the agent's process is still the farm's")?
+        .notifications();
+    assert!(
+        !notifications.iter().any(|m| m == "READY=1"),
+        "{notifications:?}"
+    );
+    assert_eq!(farm.wait_worker_exit(WORKER, DEADLINE)?, Some(2));
+    Ok(())
+}
+
+/// Runs the three CLI verbs against [`WORKER`]'s config and checks each
+/// says, in one line on stderr, that no agent runs, and exits 1.
+fn assert_no_agent(farm: &Farm) -> anyhow::Result<()> {
+    let state_dir = farm.worker_state_dir(WORKER);
     for args in [
         &["status"][..],
         &["status", "--json"],
         &["set-availability", "away", "--for", "1h"],
         &["stop", "--graceful"],
     ] {
-        let output = Command::new(&worker)
-            .args(args)
-            .arg("--config")
-            .arg(config)
-            .output()
-            .await?;
-        let stderr = String::from_utf8(output.stderr)?;
-        assert_eq!(output.status.code(), Some(1), "{args:?}: {stderr}");
+        let (code, stdout, stderr) = farm.worker_cli(WORKER, args)?;
+        assert_eq!(code, 1, "{args:?}: {stderr}");
         assert_eq!(
             stderr,
             format!(
@@ -181,37 +197,38 @@ async fn assert_no_agent(config: &Path, state_dir: &Path) -> anyhow::Result<()> 
             ),
             "{args:?}"
         );
-        assert!(output.stdout.is_empty(), "{args:?}");
+        assert!(stdout.is_empty(), "{args:?}");
     }
     Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_without_an_agent_says_so_in_one_line() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let config = dir.path().join("worker.toml");
-    std::fs::write(&config, worker_toml("ws://127.0.0.1:9", "t0ken"))?;
-    let state_dir = dir.path().join("state");
+    let mut farm = farm()?;
+    farm.write_worker_config(WORKER)?;
+    let state_dir = farm.worker_state_dir(WORKER);
     // Never started: no state dir at all.
-    assert_no_agent(&config, &state_dir).await?;
+    assert!(!state_dir.exists(), "{}", state_dir.display());
+    assert_no_agent(&farm)?;
 
     // Killed without a chance to clean up: the socket file stays behind.
-    let mut agent = Agent::start(dir.path(), &worker_toml("ws://127.0.0.1:9", "t0ken")).await?;
-    agent.kill().await?;
+    start_agent(&mut farm).await?;
+    farm.kill_worker(WORKER)?;
     assert!(state_dir.join("control.sock").exists());
-    assert_no_agent(&config, &state_dir).await?;
+    assert_no_agent(&farm)?;
 
     // And the next start takes the stale socket over.
-    agent.restart().await?;
-    let status = stdout_json(&agent.cli(&["status", "--json"]).await?)?;
+    farm.restart_worker(WORKER)?;
+    farm.wait_worker_ready(WORKER).await?;
+    let status = farm.worker_cli_json(WORKER, &["status", "--json"])?;
     assert_eq!(status["worker"], "lab-3");
-    agent.stop().await
+    farm.stop_worker(WORKER)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_errors_exit_2_and_change_nothing() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let mut agent = Agent::start(dir.path(), &worker_toml("ws://127.0.0.1:9", "t0ken")).await?;
+    let mut farm = farm()?;
+    start_agent(&mut farm).await?;
     for args in [
         &["set-availability", "away", "--for", "soon"][..],
         &["set-availability", "away", "--until", "teatime"],
@@ -229,30 +246,29 @@ async fn usage_errors_exit_2_and_change_nothing() -> anyhow::Result<()> {
         &["stop", "--deadline", "10m"],
         &["stop", "--graceful", "--deadline", "whenever"],
     ] {
-        let output = agent.cli(args).await?;
-        let stderr = String::from_utf8_lossy(&output.stderr);
-        assert_eq!(output.status.code(), Some(2), "{args:?}: {stderr}");
+        let (code, _, stderr) = farm.worker_cli(WORKER, args)?;
+        assert_eq!(code, 2, "{args:?}: {stderr}");
         assert!(!stderr.trim().is_empty(), "{args:?} says what is wrong");
     }
-    let status = stdout_json(&agent.cli(&["status", "--json"]).await?)?;
+    let status = farm.worker_cli_json(WORKER, &["status", "--json"])?;
     assert_eq!(status["presence"]["state"], "available", "{status}");
     assert!(status.get("manual").is_none(), "{status}");
     assert_eq!(status["stopping"], false, "{status}");
 
     // A bad worker.toml is a config error: exit 2, naming the key.
-    let bad = dir.path().join("bad.toml");
+    let bad = farm.dir.path().join("bad.toml");
     std::fs::write(
         &bad,
         "name = \"x\"\nmaster = \"ws://127.0.0.1:9\"\nmax_bulds = 2\n",
     )?;
-    let output = Command::new(bin_dir()?.join("worker"))
+    let output = Command::new(farm.worker_bin())
         .args(["status", "--config"])
         .arg(&bad)
         .output()
         .await?;
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("max_bulds"));
-    agent.stop().await
+    farm.stop_worker(WORKER)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -353,7 +369,7 @@ async fn raw_request(addr: &str, head: &str, body: &str) -> anyhow::Result<(u16,
     );
     stream.write_all(request.as_bytes()).await?;
     let mut answer = String::new();
-    tokio::time::timeout(control_support::WAIT, stream.read_to_string(&mut answer)).await??;
+    tokio::time::timeout(DEADLINE, stream.read_to_string(&mut answer)).await??;
     let code = answer
         .split(' ')
         .nth(1)
@@ -368,9 +384,9 @@ async fn raw_request(addr: &str, head: &str, body: &str) -> anyhow::Result<(u16,
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_origins_cannot_change_the_real_agent() -> anyhow::Result<()> {
-    let dir = tempfile::tempdir()?;
-    let mut agent = Agent::start(dir.path(), &worker_toml("ws://127.0.0.1:9", "t0ken")).await?;
-    let url = agent.url()?;
+    let mut farm = farm()?;
+    start_agent(&mut farm).await?;
+    let url = farm.worker_control_url(WORKER)?;
     let addr = url
         .trim_start_matches("http://")
         .trim_end_matches('/')
@@ -419,7 +435,7 @@ async fn other_origins_cannot_change_the_real_agent() -> anyhow::Result<()> {
     }
     let (code, _) = raw_request(&addr, "GET / HTTP/1.1\r\nHost: evil.example", "").await?;
     assert_eq!(code, 403, "a rebound page cannot even read the CSRF token");
-    let status = stdout_json(&agent.cli(&["status", "--json"]).await?)?;
+    let status = farm.worker_cli_json(WORKER, &["status", "--json"])?;
     assert_eq!(
         status["presence"]["state"], "available",
         "nothing changed: {status}"
@@ -433,7 +449,7 @@ async fn other_origins_cannot_change_the_real_agent() -> anyhow::Result<()> {
     );
     let (code, body) = raw_request(&addr, &own, away).await?;
     assert_eq!(code, 200, "{body}");
-    let status = stdout_json(&agent.cli(&["status", "--json"]).await?)?;
+    let status = farm.worker_cli_json(WORKER, &["status", "--json"])?;
     assert_eq!(status["presence"]["state"], "away", "{status}");
-    agent.stop().await
+    farm.stop_worker(WORKER)
 }

@@ -18,6 +18,16 @@
 //! # Ok(()) }
 //! ```
 //!
+//! Agents get a `NOTIFY_SOCKET` the farm reads, so a test can await an
+//! agent's `READY=1` ([`Farm::wait_worker_ready`]), run the `worker` CLI
+//! against its worker.toml ([`Farm::worker_cli`], also before it ever ran),
+//! stop, kill and restart it with the same config and state
+//! ([`Farm::stop_worker`], [`Farm::kill_worker`], [`Farm::restart_worker`]),
+//! and reach its control plane ([`Farm::worker_control_url`],
+//! [`Farm::worker_control_token`]). [`FarmBuilder::insecure`] runs the farm
+//! over plain `ws://`; [`WorkerSpec::added_by_master`] takes a worker's
+//! token from `master add-worker`.
+//!
 //! Everything waits with generous deadlines ([`DEADLINE`]) so a loaded CI
 //! machine does not make tests flaky; nothing sleeps to "let things settle".
 
@@ -316,7 +326,6 @@ fn listen_for_notifications(
         .set_read_timeout(Some(Duration::from_millis(500)))
         .context("cannot set the notify socket's read timeout")?;
     let (sender, receiver) = tokio::sync::watch::channel(Vec::new());
-    let path = path.to_path_buf();
     std::thread::spawn(move || {
         let mut buffer = vec![0u8; 4096];
         // The timeout only lets the thread notice that nobody listens any more.
@@ -336,7 +345,8 @@ fn listen_for_notifications(
                 Err(_) => break,
             }
         }
-        let _ = std::fs::remove_file(&path);
+        // The socket file stays: a restarted agent's new socket may already
+        // have replaced it at this path.
     });
     Ok(receiver)
 }

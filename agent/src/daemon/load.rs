@@ -28,6 +28,9 @@ use nightshift_proto::wire::BuildId;
 pub struct BuildTrees {
     /// The agent's own delegated cgroup, when builds get cgroups.
     cgroup_parent: Option<PathBuf>,
+    /// `state_dir/running`: one file per running build holding its step's
+    /// process group, so a restarted agent can kill what a crashed one left.
+    records: Option<PathBuf>,
     inner: Mutex<TreesInner>,
 }
 
@@ -57,11 +60,15 @@ pub struct BuildUsage {
 impl BuildTrees {
     /// Uses cgroups when the agent's cgroup is delegated and writable,
     /// process groups otherwise.
-    pub fn detect() -> BuildTrees {
-        BuildTrees {
+    /// Records running process groups under `state_dir/running`.
+    pub fn detect(state_dir: &Path) -> std::io::Result<BuildTrees> {
+        let records = state_dir.join("running");
+        fs_err::create_dir_all(&records)?;
+        Ok(BuildTrees {
             cgroup_parent: delegated_cgroup(),
+            records: Some(records),
             inner: Mutex::default(),
-        }
+        })
     }
 
     /// Process-group accounting only.
@@ -69,7 +76,99 @@ impl BuildTrees {
     pub fn without_cgroups() -> BuildTrees {
         BuildTrees {
             cgroup_parent: None,
+            records: None,
             inner: Mutex::default(),
+        }
+    }
+
+    /// Kills what builds of a previous agent run left behind (the agent was
+    /// killed or crashed mid-build; the master re-queued those builds):
+    /// processes in leftover build cgroups, and processes in recorded
+    /// process groups that carry that build's `NIGHTSHIFT_BUILD_ID`.
+    /// Returns one line per cleaned-up build, for the log.
+    pub fn kill_leftovers(&self) -> Vec<String> {
+        let mut report = Vec::new();
+        if let Some(records) = &self.records
+            && let Ok(entries) = std::fs::read_dir(records)
+        {
+            let processes = all_processes_with_pid();
+            for entry in entries.flatten() {
+                let path = entry.path();
+                let build = entry.file_name().to_string_lossy().into_owned();
+                let pgid = std::fs::read_to_string(&path)
+                    .ok()
+                    .and_then(|text| text.trim().parse::<i32>().ok());
+                let marker = format!("NIGHTSHIFT_BUILD_ID={build}");
+                let mut killed = 0;
+                for (pid, stat) in &processes {
+                    if Some(stat.pgrp) == pgid && environ_has(*pid, &marker) {
+                        let _ = nix::sys::signal::kill(
+                            nix::unistd::Pid::from_raw(*pid),
+                            nix::sys::signal::Signal::SIGKILL,
+                        );
+                        killed += 1;
+                    }
+                }
+                if killed > 0 {
+                    report.push(format!(
+                        "killed {killed} leftover process(es) of build {build} from a previous run"
+                    ));
+                }
+                let _ = std::fs::remove_file(&path);
+            }
+        }
+        if let Some(parent) = &self.cgroup_parent
+            && let Ok(entries) = std::fs::read_dir(parent)
+        {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if !name.starts_with("nightshift-build-") {
+                    continue;
+                }
+                let dir = entry.path();
+                let pids = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+                let mut killed = 0;
+                for pid in pids
+                    .lines()
+                    .filter_map(|pid| pid.trim().parse::<i32>().ok())
+                {
+                    let _ = nix::sys::signal::kill(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                    killed += 1;
+                }
+                // Removal fails while the killed processes are not yet
+                // reaped; a build with the same id reuses the directory.
+                let _ = std::fs::remove_dir(&dir);
+                if killed > 0 {
+                    report.push(format!(
+                        "killed {killed} leftover process(es) in cgroup {}",
+                        dir.display()
+                    ));
+                }
+            }
+        }
+        report
+    }
+
+    fn record(&self, build_id: BuildId, pgid: Option<i32>) {
+        let Some(records) = &self.records else {
+            return;
+        };
+        let path = records.join(build_id.to_string());
+        let result = match pgid {
+            Some(pgid) => std::fs::write(&path, pgid.to_string()),
+            None => match std::fs::remove_file(&path) {
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
+                other => other,
+            },
+        };
+        if let Err(error) = result {
+            tracing::warn!(
+                "cannot record build {build_id}'s process group in {}: {error}",
+                path.display()
+            );
         }
     }
 
@@ -119,10 +218,12 @@ impl BuildTrees {
         if let Some(tree) = self.lock().live.get_mut(&build_id) {
             tree.pgid = pgid;
         }
+        self.record(build_id, pgid);
     }
 
     /// A build ended: keeps its CPU time in the total and removes its cgroup.
     pub fn end(&self, build_id: BuildId) {
+        self.record(build_id, None);
         let mut inner = self.lock();
         if let Some(tree) = inner.live.remove(&build_id)
             && let Some(cgroup) = tree.cgroup
@@ -330,6 +431,29 @@ fn read_stat(path: &Path) -> Option<ProcStat> {
     parse_stat(&std::fs::read_to_string(path).ok()?)
 }
 
+fn environ_has(pid: i32, entry: &str) -> bool {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .map(|environ| {
+            environ
+                .split(|b| *b == 0)
+                .any(|item| item == entry.as_bytes())
+        })
+        .unwrap_or(false)
+}
+
+fn all_processes_with_pid() -> Vec<(i32, ProcStat)> {
+    let Ok(entries) = std::fs::read_dir("/proc") else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter_map(|entry| {
+            let pid = entry.file_name().to_str()?.parse::<i32>().ok()?;
+            Some((pid, read_stat(&entry.path().join("stat"))?))
+        })
+        .collect()
+}
+
 fn all_processes() -> Vec<ProcStat> {
     let Ok(entries) = std::fs::read_dir("/proc") else {
         return Vec::new();
@@ -485,7 +609,8 @@ mod tests {
 
     #[tokio::test]
     async fn with_a_delegated_cgroup_builds_are_accounted_by_their_cgroup() {
-        let trees = Arc::new(BuildTrees::detect());
+        let state = tempfile::tempdir().unwrap();
+        let trees = Arc::new(BuildTrees::detect(state.path()).unwrap());
         let Some(parent) = trees.cgroup_parent.clone() else {
             eprintln!("no writable cgroup v2 here; the process-group tests cover this host");
             return;
@@ -506,6 +631,61 @@ mod tests {
         assert!(
             !parent.join("nightshift-build-3").exists(),
             "the build's cgroup is removed when it ends"
+        );
+    }
+
+    #[test]
+    fn leftovers_of_a_crashed_agent_are_killed_and_nothing_else() {
+        use std::os::unix::process::CommandExt;
+        let state = tempfile::tempdir().unwrap();
+        let trees = BuildTrees::detect(state.path()).unwrap();
+        let spawn = |build: &str| {
+            std::process::Command::new("sh")
+                .arg("-c")
+                .arg("sleep 300 & wait")
+                .env("NIGHTSHIFT_BUILD_ID", build)
+                .process_group(0)
+                .spawn()
+                .unwrap()
+        };
+        let mut leftover = spawn("77");
+        // A process group that is recorded but is not that build's.
+        let mut stranger = spawn("78");
+        let leftover_pid = leftover.id() as i32;
+        std::fs::write(state.path().join("running/77"), leftover_pid.to_string()).unwrap();
+        std::fs::write(
+            state.path().join("running/79"),
+            (stranger.id() as i32).to_string(),
+        )
+        .unwrap();
+        // Let `sh` start its child so there is a grandchild to kill too.
+        std::thread::sleep(Duration::from_millis(200));
+
+        let report = trees.kill_leftovers();
+        assert!(
+            report.iter().any(|line| line.contains("build 77")),
+            "{report:?}"
+        );
+        let status = leftover.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL)
+        );
+        assert!(
+            stranger.try_wait().unwrap().is_none(),
+            "an unrelated group was killed"
+        );
+        assert!(
+            std::fs::read_dir(state.path().join("running"))
+                .unwrap()
+                .next()
+                .is_none()
+        );
+        let _ = stranger.kill();
+        let _ = stranger.wait();
+        let _ = nix::sys::signal::killpg(
+            nix::unistd::Pid::from_raw(leftover_pid),
+            nix::sys::signal::Signal::SIGKILL,
         );
     }
 }

@@ -132,7 +132,14 @@ async fn run(path: &Path, config: WorkerConfig) -> Result<Exit, Failure> {
     })?;
     let spool = Spool::open(&config.state_dir)
         .map_err(|error| Failure::Runtime(format!("cannot open the result spool: {error}")))?;
-    let trees = Arc::new(BuildTrees::detect());
+    let trees = Arc::new(BuildTrees::detect(&config.state_dir).map_err(|error| {
+        Failure::Runtime(format!(
+            "cannot create the build records directory: {error}"
+        ))
+    })?);
+    for line in trees.kill_leftovers() {
+        tracing::warn!("{line}");
+    }
     tracing::info!(
         "worker `{}` (config {}): builds in {}, accounted as {}",
         config.name,

@@ -29,7 +29,8 @@ pub struct BuildTrees {
     /// The agent's own delegated cgroup, when builds get cgroups.
     cgroup_parent: Option<PathBuf>,
     /// `state_dir/running`: one file per running build holding its step's
-    /// process group, so a restarted agent can kill what a crashed one left.
+    /// process group and its cgroup, so a restarted agent can kill what a
+    /// crashed one left.
     records: Option<PathBuf>,
     inner: Mutex<TreesInner>,
 }
@@ -82,83 +83,103 @@ impl BuildTrees {
     }
 
     /// Kills what builds of a previous agent run left behind (the agent was
-    /// killed or crashed mid-build; the master re-queued those builds):
-    /// processes in leftover build cgroups, and processes in recorded
-    /// process groups that carry that build's `NIGHTSHIFT_BUILD_ID`.
+    /// killed or crashed mid-build; the master re-queued those builds). Only
+    /// builds this agent recorded under `state_dir/running` are touched: the
+    /// processes in their cgroup, and the processes of their recorded
+    /// process group that carry that build's `NIGHTSHIFT_BUILD_ID`. Other
+    /// agents sharing the same cgroup (tests, several agents in one unit)
+    /// are left alone.
     /// Returns one line per cleaned-up build, for the log.
     pub fn kill_leftovers(&self) -> Vec<String> {
         let mut report = Vec::new();
-        if let Some(records) = &self.records
-            && let Ok(entries) = std::fs::read_dir(records)
-        {
-            let processes = all_processes_with_pid();
-            for entry in entries.flatten() {
-                let path = entry.path();
-                let build = entry.file_name().to_string_lossy().into_owned();
-                let pgid = std::fs::read_to_string(&path)
-                    .ok()
-                    .and_then(|text| text.trim().parse::<i32>().ok());
-                let marker = format!("NIGHTSHIFT_BUILD_ID={build}");
-                let mut killed = 0;
-                for (pid, stat) in &processes {
-                    if Some(stat.pgrp) == pgid && environ_has(*pid, &marker) {
-                        let _ = nix::sys::signal::kill(
-                            nix::unistd::Pid::from_raw(*pid),
-                            nix::sys::signal::Signal::SIGKILL,
-                        );
-                        killed += 1;
-                    }
-                }
-                if killed > 0 {
-                    report.push(format!(
-                        "killed {killed} leftover process(es) of build {build} from a previous run"
-                    ));
-                }
-                let _ = std::fs::remove_file(&path);
-            }
-        }
-        if let Some(parent) = &self.cgroup_parent
-            && let Ok(entries) = std::fs::read_dir(parent)
-        {
-            for entry in entries.flatten() {
-                let name = entry.file_name().to_string_lossy().into_owned();
-                if !name.starts_with("nightshift-build-") {
-                    continue;
-                }
-                let dir = entry.path();
+        let Some(records) = &self.records else {
+            return report;
+        };
+        let Ok(entries) = std::fs::read_dir(records) else {
+            return report;
+        };
+        let processes = all_processes_with_pid();
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let build = entry.file_name().to_string_lossy().into_owned();
+            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let mut lines = text.lines();
+            let pgid = lines
+                .next()
+                .and_then(|line| line.trim().parse::<i32>().ok());
+            let recorded_cgroup = lines
+                .next()
+                .map(str::trim)
+                .filter(|line| !line.is_empty())
+                .map(PathBuf::from);
+            let marker = format!("NIGHTSHIFT_BUILD_ID={build}");
+            let mut victims: Vec<i32> = processes
+                .iter()
+                .filter(|(pid, stat)| Some(stat.pgrp) == pgid && environ_has(*pid, &marker))
+                .map(|(pid, _)| *pid)
+                .collect();
+            // Only a cgroup of ours: under our parent, named like ours.
+            let cgroup = recorded_cgroup.filter(|dir| {
+                self.cgroup_parent.as_deref() == dir.parent()
+                    && dir
+                        .file_name()
+                        .is_some_and(|name| name.to_string_lossy().starts_with("nightshift-"))
+                    && dir.is_dir()
+            });
+            if let Some(dir) = &cgroup {
                 let pids = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
-                let mut killed = 0;
-                for pid in pids
-                    .lines()
-                    .filter_map(|pid| pid.trim().parse::<i32>().ok())
-                {
-                    let _ = nix::sys::signal::kill(
-                        nix::unistd::Pid::from_raw(pid),
-                        nix::sys::signal::Signal::SIGKILL,
-                    );
-                    killed += 1;
-                }
+                victims.extend(
+                    pids.lines()
+                        .filter_map(|pid| pid.trim().parse::<i32>().ok()),
+                );
+            }
+            victims.sort_unstable();
+            victims.dedup();
+            for pid in &victims {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(*pid),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            if let Some(dir) = &cgroup {
                 // Removal fails while the killed processes are not yet
                 // reaped; a build with the same id reuses the directory.
-                let _ = std::fs::remove_dir(&dir);
-                if killed > 0 {
-                    report.push(format!(
-                        "killed {killed} leftover process(es) in cgroup {}",
-                        dir.display()
-                    ));
-                }
+                let _ = std::fs::remove_dir(dir);
             }
+            if !victims.is_empty() {
+                report.push(format!(
+                    "killed {} leftover process(es) of build {build} from a previous run",
+                    victims.len()
+                ));
+            }
+            let _ = std::fs::remove_file(&path);
         }
         report
     }
 
-    fn record(&self, build_id: BuildId, pgid: Option<i32>) {
+    /// Records a running build (`Some`, with its current step's process
+    /// group when one runs) or forgets it (`None`, the build ended).
+    fn record(&self, build_id: BuildId, running: Option<Option<i32>>) {
         let Some(records) = &self.records else {
             return;
         };
         let path = records.join(build_id.to_string());
-        let result = match pgid {
-            Some(pgid) => std::fs::write(&path, pgid.to_string()),
+        let cgroup = self
+            .lock()
+            .live
+            .get(&build_id)
+            .and_then(|tree| tree.cgroup.clone());
+        let result = match running {
+            Some(pgid) => std::fs::write(
+                &path,
+                format!(
+                    "{}\n{}\n",
+                    pgid.map_or_else(|| "-".to_owned(), |pgid| pgid.to_string()),
+                    cgroup
+                        .map(|dir| dir.display().to_string())
+                        .unwrap_or_default()
+                ),
+            ),
             None => match std::fs::remove_file(&path) {
                 Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
                 other => other,
@@ -189,9 +210,15 @@ impl BuildTrees {
     }
 
     /// A build starts: creates its cgroup when possible, returning it.
+    /// The name carries the agent's pid: agents sharing a parent cgroup
+    /// (several agents in one unit, the tests) never share a build's cgroup
+    /// even when their masters number builds alike.
     pub fn begin(&self, build_id: BuildId) -> Option<PathBuf> {
         let cgroup = self.cgroup_parent.as_ref().and_then(|parent| {
-            let dir = parent.join(format!("nightshift-build-{build_id}"));
+            let dir = parent.join(format!(
+                "nightshift-{}-build-{build_id}",
+                std::process::id()
+            ));
             match std::fs::create_dir(&dir) {
                 Ok(()) => Some(dir),
                 Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Some(dir),
@@ -211,6 +238,7 @@ impl BuildTrees {
                 cgroup: cgroup.clone(),
             },
         );
+        self.record(build_id, Some(None));
         cgroup
     }
 
@@ -218,7 +246,7 @@ impl BuildTrees {
         if let Some(tree) = self.lock().live.get_mut(&build_id) {
             tree.pgid = pgid;
         }
-        self.record(build_id, pgid);
+        self.record(build_id, Some(pgid));
     }
 
     /// A build ended: keeps its CPU time in the total and removes its cgroup.
@@ -629,9 +657,60 @@ mod tests {
             "the build ran {elapsed:?} but its cgroup accounted only {used:?}"
         );
         assert!(
-            !parent.join("nightshift-build-3").exists(),
+            !parent
+                .join(format!("nightshift-{}-build-3", std::process::id()))
+                .exists(),
             "the build's cgroup is removed when it ends"
         );
+    }
+
+    #[test]
+    fn a_recorded_leftover_cgroup_is_emptied_and_a_neighbours_is_not() {
+        let state = tempfile::tempdir().unwrap();
+        let trees = BuildTrees::detect(state.path()).unwrap();
+        let Some(parent) = trees.cgroup_parent.clone() else {
+            eprintln!("no writable cgroup v2 here; the process-group test covers this host");
+            return;
+        };
+        let tag = std::process::id();
+        let ours = parent.join(format!("nightshift-{tag}0-build-5"));
+        let neighbours = parent.join(format!("nightshift-{tag}1-build-5"));
+        let spawn_in = |cgroup: &Path| {
+            std::fs::create_dir_all(cgroup).unwrap();
+            let child = std::process::Command::new("sleep")
+                .arg("300")
+                .spawn()
+                .unwrap();
+            std::fs::write(cgroup.join("cgroup.procs"), child.id().to_string()).unwrap();
+            child
+        };
+        let mut leftover = spawn_in(&ours);
+        let mut neighbour = spawn_in(&neighbours);
+        std::fs::write(
+            state.path().join("running/5"),
+            format!("-\n{}\n", ours.display()),
+        )
+        .unwrap();
+
+        let report = trees.kill_leftovers();
+        assert!(
+            report.iter().any(|line| line.contains("build 5")),
+            "{report:?}"
+        );
+        let status = leftover.wait().unwrap();
+        assert_eq!(
+            std::os::unix::process::ExitStatusExt::signal(&status),
+            Some(libc::SIGKILL)
+        );
+        assert!(
+            neighbour.try_wait().unwrap().is_none(),
+            "another agent's build cgroup was touched"
+        );
+        let _ = neighbour.kill();
+        let _ = neighbour.wait();
+        std::thread::sleep(Duration::from_millis(50));
+        let _ = std::fs::remove_dir(&ours);
+        let _ = std::fs::remove_dir(&neighbours);
     }
 
     #[test]

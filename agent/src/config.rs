@@ -295,6 +295,13 @@ fn validate(config: &mut WorkerConfig, system_tz: TimeZone, errors: &mut ConfigE
                 "{listen} is not a loopback address; the control plane stays on this machine unless you also set allow_remote = true"
             ),
         );
+    } else if !listen.ip().is_loopback() && config.control.token_file.is_none() {
+        errors.push_at_path(
+            "control.allow_remote",
+            format!(
+                "other machines may reach {listen} only with a token: also set token_file = \"/path/to/token\" (the token they must send)"
+            ),
+        );
     }
 
     if let Err(policy_errors) = Policy::compile(&config.availability, system_tz) {
@@ -444,6 +451,14 @@ mod tests {
         let text = format!("{MINIMAL}[control]\nlisten = \"0.0.0.0:7878\"\n");
         assert!(parse(&text).unwrap_err().contains("control.listen"));
         let text = format!("{MINIMAL}[control]\nlisten = \"0.0.0.0:7878\"\nallow_remote = true\n");
+        let error = parse(&text).unwrap_err();
+        assert!(
+            error.contains("control.allow_remote") && error.contains("token_file"),
+            "{error}"
+        );
+        let text = format!(
+            "{MINIMAL}[control]\nlisten = \"0.0.0.0:7878\"\nallow_remote = true\ntoken_file = \"/etc/nightshift/control.token\"\n"
+        );
         assert!(parse(&text).is_ok());
     }
 }

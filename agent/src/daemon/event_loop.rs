@@ -116,6 +116,9 @@ struct Build {
     status: RunningBuild,
     tail: Vec<String>,
     step_names: Vec<String>,
+    /// The step waiting for the master's lock grant, if any: asked for
+    /// again after a reconnect (a grant sent while the link was down is lost).
+    awaiting_grant: Option<u32>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -688,6 +691,17 @@ impl Daemon {
                             .cancel("the master re-queued this build while the worker was away");
                     }
                 }
+                // Steps still waiting for their locks ask again: the master
+                // answers at once when it granted them meanwhile.
+                let waiting: Vec<(BuildId, u32)> = self
+                    .builds
+                    .iter()
+                    .filter(|(_, build)| !matches!(build.disposition, Disposition::Drop))
+                    .filter_map(|(id, build)| build.awaiting_grant.map(|step| (*id, step)))
+                    .collect();
+                for (build_id, step) in waiting {
+                    self.send(AgentMessage::StepWaiting { build_id, step });
+                }
                 self.resend_spooled();
             }
             LinkEvent::Down { error } => {
@@ -746,8 +760,13 @@ impl Daemon {
                 steps,
                 properties,
             }),
-            MasterMessage::StepGranted { build_id, step } => match self.builds.get(&build_id) {
-                Some(build) => build.control.grant(step),
+            MasterMessage::StepGranted { build_id, step } => match self.builds.get_mut(&build_id) {
+                Some(build) => {
+                    if build.awaiting_grant == Some(step) {
+                        build.awaiting_grant = None;
+                    }
+                    build.control.grant(step);
+                }
                 None => tracing::debug!("grant for build {build_id}, which is not running here"),
             },
             MasterMessage::CancelBuild { build_id, reason } => match self.builds.get(&build_id) {
@@ -860,6 +879,7 @@ impl Daemon {
                 status,
                 tail: Vec::new(),
                 step_names,
+                awaiting_grant: None,
             },
         );
         self.update_hello_running();
@@ -881,10 +901,16 @@ impl Daemon {
         match event {
             RunnerEvent::StepWaiting { build_id, step } => {
                 self.set_step(build_id, step);
+                if let Some(build) = self.builds.get_mut(&build_id) {
+                    build.awaiting_grant = Some(step);
+                }
                 self.send(AgentMessage::StepWaiting { build_id, step });
             }
             RunnerEvent::StepStarted { build_id, step, at } => {
                 self.set_step(build_id, step);
+                if let Some(build) = self.builds.get_mut(&build_id) {
+                    build.awaiting_grant = None;
+                }
                 self.send(AgentMessage::StepStarted { build_id, step, at });
             }
             RunnerEvent::Output {
@@ -1655,6 +1681,66 @@ mod tests {
             );
         }
         assert!(!fixture.state.path().join("results/1.json").exists());
+    }
+
+    #[tokio::test]
+    async fn a_step_waiting_for_its_locks_asks_again_after_a_reconnect() {
+        let mut fixture = start(ALWAYS, Arc::new(SystemClock), 1);
+        fixture.link_up().await;
+        fixture.master_sends(MasterMessage::StartBuild {
+            build_id: 4,
+            builder: "demo".into(),
+            steps: vec![StepSpec {
+                name: "locked".into(),
+                command: "echo compiled".into(),
+                timeout_secs: None,
+                env: BTreeMap::new(),
+                workdir: None,
+                needs_grant: true,
+            }],
+            properties: BTreeMap::new(),
+        });
+        assert!(matches!(
+            fixture.next_to_master().await,
+            AgentMessage::BuildAccepted { build_id: 4 }
+        ));
+        assert!(matches!(
+            fixture.next_to_master().await,
+            AgentMessage::StepWaiting {
+                build_id: 4,
+                step: 0
+            }
+        ));
+        // The link drops; the master's grant (sent meanwhile) is lost.
+        fixture
+            .wiring
+            .link_events
+            .send(LinkEvent::Down {
+                error: "connection reset".into(),
+            })
+            .unwrap();
+        fixture.link_up().await;
+        assert!(
+            matches!(
+                fixture.next_to_master().await,
+                AgentMessage::StepWaiting {
+                    build_id: 4,
+                    step: 0
+                }
+            ),
+            "the waiting step asks again after the reconnect"
+        );
+        fixture.master_sends(MasterMessage::StepGranted {
+            build_id: 4,
+            step: 0,
+        });
+        match fixture.next_to_master().await {
+            AgentMessage::BuildFinished { result } => {
+                assert_eq!(result.build_id, 4);
+                assert_eq!(result.outcome, nightshift_proto::wire::Outcome::Success);
+            }
+            other => panic!("expected the result, got {other:?}"),
+        }
     }
 
     #[test]

@@ -52,8 +52,10 @@ pub fn main(arg: &ConfigArg) -> ExitCode {
         }
     };
     nightshift_proto::tls::install_crypto_provider();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+    // One thread is plenty: the agent waits on timers and sockets, and the
+    // blocking work (reading /proc, the spool) goes to the blocking pool.
+    // It also keeps the idle agent small (no per-thread stacks and arenas).
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
     {

@@ -33,6 +33,7 @@ struct Figures {
     master_cpu_ms_per_build: f64,
     presence_to_master_ms: Summary,
     idle_agent_rss_mb: f64,
+    idle_agent_private_mb: f64,
     idle_master_rss_mb: f64,
 }
 
@@ -192,16 +193,28 @@ fn cpu_ms(pid: u32) -> anyhow::Result<f64> {
     Ok(ticks * 1000.0 / hz)
 }
 
+/// Resident memory of `pid` in MB: `VmRSS` (all of it, including the
+/// binary's and libraries' pages shared with the page cache).
 fn rss_mb(pid: u32) -> anyhow::Result<f64> {
+    status_mb(pid, "VmRSS:")
+}
+
+/// Private resident memory of `pid` in MB (`RssAnon`: heap, stacks, what
+/// the process alone costs the machine).
+fn private_mb(pid: u32) -> anyhow::Result<f64> {
+    status_mb(pid, "RssAnon:")
+}
+
+fn status_mb(pid: u32, field: &str) -> anyhow::Result<f64> {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
     let line = status
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .ok_or_else(|| anyhow!("no VmRSS for {pid}"))?;
+        .find(|l| l.starts_with(field))
+        .ok_or_else(|| anyhow!("no {field} for {pid}"))?;
     let kb: f64 = line
         .split_whitespace()
         .nth(1)
-        .ok_or_else(|| anyhow!("odd VmRSS line"))?
+        .ok_or_else(|| anyhow!("odd {field} line"))?
         .parse()?;
     Ok(kb / 1024.0)
 }
@@ -355,11 +368,14 @@ async fn run(builds: usize) -> anyhow::Result<Figures> {
     // Idle memory: let everything settle into idleness, then read RSS.
     tokio::time::sleep(Duration::from_secs(3)).await;
     let mut rss = Vec::new();
+    let mut private = Vec::new();
     for name in WORKERS {
         let pid = farm.agent(name).context("agent not running")?.child.id();
         rss.push(rss_mb(pid)?);
+        private.push(private_mb(pid)?);
     }
     figures.idle_agent_rss_mb = rss.iter().copied().fold(0.0, f64::max);
+    figures.idle_agent_private_mb = private.iter().copied().fold(0.0, f64::max);
     figures.idle_master_rss_mb = rss_mb(master_pid)?;
     Ok(figures)
 }
@@ -426,8 +442,8 @@ fn main() -> std::process::ExitCode {
                 f.presence_to_master_ms
             );
             println!(
-                "idle agent RSS (largest of 4):      {:.1} MB",
-                f.idle_agent_rss_mb
+                "idle agent RSS (largest of 4):      {:.1} MB, of which private {:.1} MB",
+                f.idle_agent_rss_mb, f.idle_agent_private_mb
             );
             println!(
                 "idle master RSS:                    {:.1} MB",

@@ -119,6 +119,8 @@ pub enum Command {
     },
     /// Print shell completions.
     Completions { shell: clap_complete::Shell },
+    /// Print the man page (roff).
+    Man,
 }
 
 /// How a CLI verb finds the master.

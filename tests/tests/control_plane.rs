@@ -356,6 +356,16 @@ async fn completions_and_man_page_come_from_the_cli_definitions() -> anyhow::Res
         Some(2),
         "an unknown shell is a usage error"
     );
+    let output = Command::new(bin_dir()?.join("master"))
+        .arg("man")
+        .output()
+        .await?;
+    assert!(output.status.success());
+    let roff = String::from_utf8(output.stdout)?;
+    assert!(
+        roff.contains(".TH") && roff.contains("add\\-worker"),
+        "{roff}"
+    );
     Ok(())
 }
 

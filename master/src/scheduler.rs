@@ -597,11 +597,15 @@ impl Scheduler {
             .collect();
         let unconfirmed = !slot.unconfirmed.is_empty();
         tracing::info!(
-            "worker {worker} connected (agent {}, {}: {}); cancelling {:?}",
+            "worker {worker} connected (agent {}, {}: {}){}",
             hello.agent_version,
             hello.presence.state,
             hello.presence.reason,
-            cancel
+            if cancel.is_empty() {
+                String::new()
+            } else {
+                format!("; it cancels builds {cancel:?}, re-queued while it was gone")
+            }
         );
         self.send(
             &worker,

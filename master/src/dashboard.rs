@@ -1,18 +1,41 @@
-//! A small read-only HTML page at `/`: every worker's state and why, and the
-//! latest builds. Server-rendered, no scripts, no external assets; it shows
-//! no build properties or logs (those need the admin token via the API).
+//! A small read-only HTML page at `/` for the farm's admin: every worker's
+//! state and why (with latent instances), and the latest builds, in the
+//! master's local time. Server-rendered, no scripts, no external assets; it
+//! refreshes itself every 10 s with a meta refresh. It shows no build
+//! properties or logs (those need the admin token via the API).
 
+use std::collections::BTreeMap;
 use std::fmt::Write;
 
 use axum::extract::State;
-use axum::http::StatusCode;
+use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
+use jiff::Timestamp;
+use jiff::tz::TimeZone;
+use nightshift_policy::PresenceState;
+use nightshift_proto::api::{BuildInfo, BuildState, LatentInfo, WorkerInfo, WorkerList};
+use nightshift_proto::wire::{BuildId, Outcome};
 use tokio::sync::oneshot;
 
 use crate::api::AppState;
 use crate::scheduler::Event;
 
-/// Escapes text for HTML.
+/// How many builds the page lists, newest first.
+const LATEST_BUILDS: u32 = 50;
+/// Seconds between the page's own reloads (meta refresh).
+const REFRESH_SECS: u32 = 10;
+/// The page's styles, inlined into every answer.
+const STYLE: &str = include_str!("dashboard.css");
+
+/// Unfinished builds counted in the store: the summary line counts all of
+/// them, not only those among the latest listed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BuildCounts {
+    pub queued: u64,
+    pub running: u64,
+}
+
+/// Escapes text for HTML (element content and quoted attribute values).
 fn esc(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
@@ -28,6 +51,8 @@ fn esc(text: &str) -> String {
     out
 }
 
+/// `GET /`: asks the scheduler for its live view and the store for the
+/// latest builds, then renders the page in the master's local time zone.
 pub async fn page(State(state): State<AppState>) -> Response {
     let (reply, answer) = oneshot::channel();
     if state.events.send(Event::Snapshot { reply }).is_err() {
@@ -36,73 +61,687 @@ pub async fn page(State(state): State<AppState>) -> Response {
     let Ok(snapshot) = answer.await else {
         return (StatusCode::SERVICE_UNAVAILABLE, "master is stopping").into_response();
     };
-    let builds = match state.store.list_builds(50).await {
+    let builds = match state.store.list_builds(LATEST_BUILDS).await {
         Ok(builds) => builds,
         Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")).into_response(),
     };
-    let mut html = String::from(
-        "<!doctype html><html><head><meta charset=\"utf-8\"><title>nightshift master</title>\
-         <style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}\
-         td,th{border:1px solid #ccc;padding:.3em .6em;text-align:left}\
-         .available{color:#080}.reluctant{color:#a60}.away{color:#a00}.offline{color:#777}</style>\
-         </head><body><h1>nightshift master</h1>",
+    let counts = match count_unfinished(&state).await {
+        Ok(counts) => counts,
+        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")).into_response(),
+    };
+    let builds = with_live_waits(builds, &snapshot.waiting_for);
+    let html = render(
+        &snapshot.workers,
+        &builds,
+        counts,
+        Timestamp::now(),
+        &TimeZone::system(),
     );
-    if snapshot.workers.paused {
-        html.push_str("<p><strong>Paused:</strong> no new builds are handed out.</p>");
+    ([(header::CACHE_CONTROL, "no-store")], Html(html)).into_response()
+}
+
+/// Counts the queued and running builds in the store.
+async fn count_unfinished(state: &AppState) -> anyhow::Result<BuildCounts> {
+    state
+        .store
+        .call(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT state, COUNT(*) FROM builds WHERE state != 'finished' GROUP BY state",
+            )?;
+            let rows = stmt.query_map([], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+            })?;
+            let mut counts = BuildCounts::default();
+            for row in rows {
+                let (state, count) = row?;
+                let count = u64::try_from(count).unwrap_or(0);
+                match state.as_str() {
+                    "queued" => counts.queued = count,
+                    "running" => counts.running = count,
+                    _ => {}
+                }
+            }
+            Ok(counts)
+        })
+        .await
+}
+
+/// What each build waits for right now: the scheduler's live word for a
+/// queued build (else the stored one), for a running build only the live
+/// word (a step waiting for a lock), nothing for a finished build.
+fn with_live_waits(mut builds: Vec<BuildInfo>, live: &BTreeMap<BuildId, String>) -> Vec<BuildInfo> {
+    for build in &mut builds {
+        let now = live.get(&build.id).cloned();
+        build.waiting_for = match build.state {
+            BuildState::Queued => now.or(build.waiting_for.take()),
+            BuildState::Running => now,
+            BuildState::Finished => None,
+        };
     }
-    html.push_str(
-        "<h2>Workers</h2><table><tr><th>name</th><th>state</th><th>reason</th>\
-         <th>source</th><th>since</th><th>until</th><th>running</th></tr>",
+    builds
+}
+
+/// A moment as an admin reads it in `tz`: `14:02` on the day of `now`,
+/// `Tue 24 Nov 09:05` on another day of the same year, and
+/// `Sun 23 Nov 2025 09:05` in another year.
+pub fn short_time(t: Timestamp, now: Timestamp, tz: &TimeZone) -> String {
+    let (at, today) = (t.to_zoned(tz.clone()), now.to_zoned(tz.clone()));
+    let format = if at.date() == today.date() {
+        "%H:%M"
+    } else if at.year() == today.year() {
+        "%a %-d %b %H:%M"
+    } else {
+        "%a %-d %b %Y %H:%M"
+    };
+    at.strftime(format).to_string()
+}
+
+/// A moment in full, for a tooltip: `2026-11-23 14:02:11 CET`.
+pub fn full_time(t: Timestamp, tz: &TimeZone) -> String {
+    t.to_zoned(tz.clone())
+        .strftime("%Y-%m-%d %H:%M:%S %Z")
+        .to_string()
+}
+
+/// How long from `start` to `end`: `42s`, `3m05s`, `3h12m`, `2d03h`; a
+/// negative span (clocks apart) reads `0s`.
+pub fn short_duration(start: Timestamp, end: Timestamp) -> String {
+    let secs = end.as_second().saturating_sub(start.as_second()).max(0);
+    let (days, hours, minutes, seconds) = (
+        secs / 86_400,
+        secs % 86_400 / 3600,
+        secs % 3600 / 60,
+        secs % 60,
     );
-    for w in &snapshot.workers.workers {
-        let running: Vec<String> = w.running.iter().map(|id| id.to_string()).collect();
+    if days > 0 {
+        format!("{days}d{hours:02}h")
+    } else if hours > 0 {
+        format!("{hours}h{minutes:02}m")
+    } else if minutes > 0 {
+        format!("{minutes}m{seconds:02}s")
+    } else {
+        format!("{seconds}s")
+    }
+}
+
+/// A `<time>` element: the short local time, the full one as a tooltip.
+fn time_html(t: Timestamp, now: Timestamp, tz: &TimeZone) -> String {
+    let machine = Timestamp::from_second(t.as_second()).unwrap_or(t);
+    format!(
+        "<time datetime=\"{}\" title=\"{}\">{}</time>",
+        esc(&machine.to_string()),
+        esc(&full_time(t, tz)),
+        esc(&short_time(t, now, tz)),
+    )
+}
+
+/// `1 worker` / `3 workers`.
+fn plural(n: usize, one: &str, many: &str) -> String {
+    format!("{n} {}", if n == 1 { one } else { many })
+}
+
+/// The whole page for these workers and builds as of `now`, times in `tz`.
+pub fn render(
+    workers: &WorkerList,
+    builds: &[BuildInfo],
+    counts: BuildCounts,
+    now: Timestamp,
+    tz: &TimeZone,
+) -> String {
+    let mut html = String::with_capacity(16 * 1024);
+    let title = if workers.paused {
+        "nightshift master (paused)"
+    } else {
+        "nightshift master"
+    };
+    let _ = write!(
+        html,
+        "<!doctype html><html lang=\"en\"><head><meta charset=\"utf-8\">\
+         <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
+         <meta http-equiv=\"refresh\" content=\"{REFRESH_SECS}\">\
+         <title>{title}</title><style>{STYLE}</style></head><body><div class=\"wrap\">"
+    );
+    render_header(&mut html, workers, counts, now, tz);
+    render_workers(&mut html, &workers.workers, now, tz);
+    render_builds(&mut html, builds, now, tz);
+    let zone = tz
+        .iana_name()
+        .map(str::to_owned)
+        .unwrap_or_else(|| now.to_zoned(tz.clone()).strftime("%Z").to_string());
+    let _ = write!(
+        html,
+        "<footer class=\"foot\">Read-only; refreshes every {REFRESH_SECS} s. Times are the \
+         master's local time ({}). Build properties and logs need the admin token: \
+         <code>master builds</code>, <code>master log ID</code> or the API.</footer>\
+         </div></body></html>",
+        esc(&zone)
+    );
+    html
+}
+
+/// Title, summary line and the paused banner.
+fn render_header(
+    html: &mut String,
+    workers: &WorkerList,
+    counts: BuildCounts,
+    now: Timestamp,
+    tz: &TimeZone,
+) {
+    let _ = write!(
+        html,
+        "<header class=\"top\"><h1><span class=\"brand\">nightshift</span> master</h1>\
+         <span class=\"asof\" title=\"{}\">as of {}</span></header>",
+        esc(&full_time(now, tz)),
+        esc(&now.to_zoned(tz.clone()).strftime("%H:%M:%S %Z").to_string()),
+    );
+    let count = |state: PresenceState| workers.workers.iter().filter(|w| w.state == state).count();
+    let _ = write!(
+        html,
+        "<p class=\"summary\"><b>{}</b>: ",
+        plural(workers.workers.len(), "worker", "workers")
+    );
+    for (i, state) in PresenceState::ALL.into_iter().enumerate() {
         let _ = write!(
             html,
-            "<tr><td>{}</td><td class=\"{}\">{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
-            esc(&w.name),
-            w.state,
-            w.state,
-            esc(&w.reason),
-            esc(&w.source.as_ref().map(|s| s.to_string()).unwrap_or_default()),
-            w.since.map(|t| t.to_string()).unwrap_or_default(),
-            w.until.map(|t| t.to_string()).unwrap_or_default(),
-            running.join(", "),
+            "{}<b class=\"{state}\"><span class=\"n\">{}</span> {state}</b>",
+            if i == 0 { "" } else { ", " },
+            count(state),
         );
     }
-    html.push_str(
-        "</table><h2>Latest builds</h2><table><tr><th>id</th><th>builder</th><th>state</th>\
-         <th>worker</th><th>outcome</th><th>retries</th><th>waiting for</th></tr>",
+    let _ = write!(
+        html,
+        "; <b class=\"queued\"><span class=\"n\">{}</span> queued</b>, \
+         <b class=\"running\"><span class=\"n\">{}</span> running</b></p>",
+        counts.queued, counts.running
     );
-    for b in &builds {
-        let waiting = snapshot
-            .waiting_for
-            .get(&b.id)
-            .cloned()
-            .or_else(|| b.waiting_for.clone())
-            .unwrap_or_default();
+    if workers.paused {
+        html.push_str(
+            "<div class=\"paused\" role=\"status\"><strong>Paused:</strong> no new builds are \
+             handed out; running builds go on. <code>master resume</code> to resume.</div>",
+        );
+    }
+}
+
+/// The workers card.
+fn render_workers(html: &mut String, workers: &[WorkerInfo], now: Timestamp, tz: &TimeZone) {
+    let _ = write!(
+        html,
+        "<section class=\"card\"><h2>Workers <span class=\"count\">({})</span></h2>",
+        workers.len()
+    );
+    if workers.is_empty() {
+        html.push_str(
+            "<p class=\"empty\">No workers: add <code>[[worker]]</code> entries to \
+             master.toml and run <code>master reconfig</code>.</p></section>",
+        );
+        return;
+    }
+    let any_latent = workers.iter().any(|w| w.latent.is_some());
+    html.push_str(
+        "<table><thead><tr><th>Worker</th><th>State</th><th>Why</th><th>Since</th>\
+         <th>Until</th><th>Builds</th>",
+    );
+    if any_latent {
+        html.push_str("<th>Instance</th>");
+    }
+    html.push_str("</tr></thead><tbody>");
+    for w in workers {
+        html.push_str("<tr>");
+        let (dot, link) = if w.connected {
+            ("on", "connected")
+        } else {
+            ("off", "not connected")
+        };
         let _ = write!(
             html,
-            "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            "<td data-label=\"Worker\"><span class=\"name\">{}</span>\
+             <span class=\"sub\"><span class=\"dot {dot}\"></span>{link}</span></td>",
+            esc(&w.name)
+        );
+        let _ = write!(
+            html,
+            "<td data-label=\"State\"><span class=\"pill {0}\">{0}</span></td>",
+            w.state
+        );
+        html.push_str("<td data-label=\"Why\">");
+        if w.reason.is_empty() {
+            html.push_str("<span class=\"none\">—</span>");
+        } else {
+            html.push_str(&esc(&w.reason));
+        }
+        if let Some(source) = &w.source {
+            let _ = write!(
+                html,
+                "<span class=\"sub\">source: {}</span>",
+                esc(&source.to_string())
+            );
+        }
+        html.push_str("</td><td data-label=\"Since\" class=\"num\">");
+        match w.since {
+            Some(since) => {
+                let _ = write!(
+                    html,
+                    "{}<span class=\"sub\">for {}</span>",
+                    time_html(since, now, tz),
+                    short_duration(since, now)
+                );
+            }
+            None => html.push_str("<span class=\"none\">—</span>"),
+        }
+        html.push_str("</td><td data-label=\"Until\" class=\"num\">");
+        match w.until {
+            Some(until) if until > now => {
+                let _ = write!(
+                    html,
+                    "{}<span class=\"sub\">in {}</span>",
+                    time_html(until, now, tz),
+                    short_duration(now, until)
+                );
+            }
+            Some(until) => {
+                let _ = write!(
+                    html,
+                    "{}<span class=\"sub\">due now</span>",
+                    time_html(until, now, tz)
+                );
+            }
+            None => html.push_str("<span class=\"none\" title=\"no change is known\">—</span>"),
+        }
+        html.push_str("</td><td data-label=\"Builds\" class=\"num\">");
+        if w.running.is_empty() {
+            html.push_str("<span class=\"none\">idle</span>");
+        } else {
+            let ids: Vec<String> = w.running.iter().map(|id| format!("#{id}")).collect();
+            html.push_str(&ids.join(", "));
+        }
+        let _ = write!(
+            html,
+            "<span class=\"sub\">{} of {}</span></td>",
+            w.running.len(),
+            plural(w.max_builds as usize, "slot", "slots")
+        );
+        if any_latent {
+            html.push_str("<td data-label=\"Instance\">");
+            match &w.latent {
+                Some(latent) => render_latent(html, latent, now, tz),
+                None => html.push_str("<span class=\"none\">—</span>"),
+            }
+            html.push_str("</td>");
+        }
+        html.push_str("</tr>");
+    }
+    html.push_str("</tbody></table></section>");
+}
+
+/// A latent worker's instance: state, why, since when, provider, back-off.
+fn render_latent(html: &mut String, latent: &LatentInfo, now: Timestamp, tz: &TimeZone) {
+    let class = match latent.state.as_str() {
+        "stopped" | "starting" | "running" | "lingering" | "stopping" => latent.state.as_str(),
+        _ => "unknown",
+    };
+    let _ = write!(
+        html,
+        "<span class=\"inst {class}\">{}</span>",
+        esc(&latent.state)
+    );
+    if !latent.reason.is_empty() {
+        let _ = write!(html, " {}", esc(&latent.reason));
+    }
+    let _ = write!(
+        html,
+        "<span class=\"sub\">{} since {} (for {})",
+        esc(&latent.provider),
+        time_html(latent.since, now, tz),
+        short_duration(latent.since, now)
+    );
+    if let Some(retry) = latent.retry_after.filter(|t| *t > now) {
+        let _ = write!(html, "; next try at {}", time_html(retry, now, tz));
+    }
+    html.push_str("</span>");
+}
+
+/// The latest builds card.
+fn render_builds(html: &mut String, builds: &[BuildInfo], now: Timestamp, tz: &TimeZone) {
+    let _ = write!(
+        html,
+        "<section class=\"card\"><h2>Latest builds <span class=\"count\">(newest first, \
+         up to {LATEST_BUILDS})</span></h2>"
+    );
+    if builds.is_empty() {
+        html.push_str(
+            "<p class=\"empty\">No builds yet: queue one with \
+             <code>master submit BUILDER</code>.</p></section>",
+        );
+        return;
+    }
+    html.push_str(
+        "<table><thead><tr><th>#</th><th>Builder</th><th>State</th><th>Worker</th>\
+         <th>Outcome</th><th>Retries</th><th>Detail</th><th>Submitted</th><th>Duration</th>\
+         </tr></thead><tbody>",
+    );
+    for b in builds {
+        let state = match (b.state, b.outcome) {
+            (BuildState::Finished, Some(Outcome::Cancelled)) => "cancelled",
+            (state, _) => state.as_str(),
+        };
+        let _ = write!(
+            html,
+            "<tr><td data-label=\"Build\" class=\"num\">#{}</td>\
+             <td data-label=\"Builder\" class=\"name\">{}</td>\
+             <td data-label=\"State\"><span class=\"pill {state}\">{state}</span></td>\
+             <td data-label=\"Worker\">{}</td>",
             b.id,
             esc(&b.builder),
-            b.state,
-            esc(b.worker.as_deref().unwrap_or("")),
-            b.outcome.map(|o| o.to_string()).unwrap_or_default(),
-            b.retries,
-            esc(&waiting),
+            b.worker
+                .as_deref()
+                .map_or_else(|| "<span class=\"none\">—</span>".to_owned(), esc),
+        );
+        html.push_str("<td data-label=\"Outcome\">");
+        match (b.outcome, &b.reason) {
+            (Some(outcome), Some(reason)) => {
+                let _ = write!(
+                    html,
+                    "<span class=\"outcome {outcome} tip\" title=\"{}\">{outcome}</span>",
+                    esc(reason)
+                );
+            }
+            (Some(outcome), None) => {
+                let _ = write!(html, "<span class=\"outcome {outcome}\">{outcome}</span>");
+            }
+            (None, _) => html.push_str("<span class=\"none\">—</span>"),
+        }
+        html.push_str("</td><td data-label=\"Retries\" class=\"num\">");
+        if b.retries == 0 {
+            html.push_str("<span class=\"none\">0</span>");
+        } else {
+            let why = b
+                .retry_reason
+                .as_deref()
+                .unwrap_or("re-queued after its worker lost it");
+            let _ = write!(
+                html,
+                "<span class=\"retried tip\" title=\"{}\">{}</span>",
+                esc(why),
+                b.retries
+            );
+        }
+        html.push_str("</td><td data-label=\"Detail\">");
+        match (&b.waiting_for, &b.reason) {
+            (Some(waiting), _) => {
+                let _ = write!(
+                    html,
+                    "<span class=\"wait\">waiting for {}</span>",
+                    esc(waiting)
+                );
+            }
+            (None, Some(reason)) if b.state == BuildState::Finished => {
+                html.push_str(&esc(reason));
+            }
+            _ => {}
+        }
+        let _ = write!(
+            html,
+            "</td><td data-label=\"Submitted\" class=\"num\">{}</td>\
+             <td data-label=\"Duration\" class=\"num\">{}</td></tr>",
+            time_html(b.submitted_at, now, tz),
+            build_duration(b, now),
         );
     }
-    html.push_str("</table></body></html>");
-    Html(html).into_response()
+    html.push_str("</tbody></table></section>");
+}
+
+/// How long a build has waited, has run so far, or took.
+fn build_duration(b: &BuildInfo, now: Timestamp) -> String {
+    match (b.state, b.started_at, b.finished_at) {
+        (BuildState::Queued, _, _) => format!(
+            "<span class=\"soft\">queued {}</span>",
+            short_duration(b.submitted_at, now)
+        ),
+        (BuildState::Running, Some(start), _) => {
+            format!(
+                "{} <span class=\"soft\">so far</span>",
+                short_duration(start, now)
+            )
+        }
+        (BuildState::Finished, Some(start), Some(end)) => {
+            format!(
+                "<span class=\"soft\">took</span> {}",
+                short_duration(start, end)
+            )
+        }
+        _ => "<span class=\"none\">—</span>".to_owned(),
+    }
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+    use nightshift_policy::Source;
+
+    fn at(text: &str) -> Timestamp {
+        text.parse().unwrap()
+    }
+
     #[test]
     fn escapes_markup() {
         assert_eq!(
-            super::esc("<a href='x'>&</a>"),
+            esc("<a href='x'>&</a>"),
             "&lt;a href=&#39;x&#39;&gt;&amp;&lt;/a&gt;"
         );
+    }
+
+    #[test]
+    fn short_times_read_as_local_clock() {
+        // Central Europe with its DST rule, no tz database needed.
+        let cet = TimeZone::posix("CET-1CEST,M3.5.0,M10.5.0/3").unwrap();
+        let utc = TimeZone::UTC;
+        let now = at("2026-11-23T13:30:00Z"); // Monday 14:30 CET
+        let check = |t: &str, tz: &TimeZone, expect: &str| {
+            assert_eq!(short_time(at(t), now, tz), expect, "{t}");
+        };
+        check("2026-11-23T13:02:59.123456789Z", &cet, "14:02"); // same day
+        check("2026-11-22T23:10:00Z", &cet, "00:10"); // Sunday in UTC, Monday in CET
+        check("2026-11-22T23:10:00Z", &utc, "Sun 22 Nov 23:10");
+        check("2026-11-24T07:05:00Z", &cet, "Tue 24 Nov 08:05"); // tomorrow
+        check("2026-11-23T23:30:00Z", &cet, "Tue 24 Nov 00:30"); // after local midnight
+        check("2026-07-01T10:00:00Z", &cet, "Wed 1 Jul 12:00"); // summer time
+        check("2025-11-23T09:05:00Z", &cet, "Sun 23 Nov 2025 10:05"); // other year
+        assert_eq!(
+            full_time(at("2026-07-01T10:00:00.5Z"), &cet),
+            "2026-07-01 12:00:00 CEST"
+        );
+    }
+
+    #[test]
+    fn durations_read_short() {
+        let start = at("2026-11-23T10:00:00Z");
+        let check = |end: &str, expect: &str| {
+            assert_eq!(short_duration(start, at(end)), expect, "{end}");
+        };
+        check("2026-11-23T10:00:00Z", "0s");
+        check("2026-11-23T10:00:42.9Z", "42s");
+        check("2026-11-23T10:01:00Z", "1m00s");
+        check("2026-11-23T10:03:05Z", "3m05s");
+        check("2026-11-23T11:02:00Z", "1h02m");
+        check("2026-11-23T13:12:59Z", "3h12m");
+        check("2026-11-24T09:59:59Z", "23h59m");
+        check("2026-11-25T13:00:00Z", "2d03h");
+        check("2026-11-23T09:00:00Z", "0s"); // end before start
+    }
+
+    fn worker(name: &str, state: PresenceState, reason: &str) -> WorkerInfo {
+        WorkerInfo {
+            name: name.to_owned(),
+            state,
+            reason: reason.to_owned(),
+            source: Some(Source::Manual),
+            since: Some(at("2026-11-23T10:18:00Z")),
+            until: None,
+            connected: true,
+            max_builds: 2,
+            running: Vec::new(),
+            latent: None,
+        }
+    }
+
+    fn build(id: BuildId, state: BuildState) -> BuildInfo {
+        BuildInfo {
+            id,
+            builder: "hello".to_owned(),
+            properties: BTreeMap::from([("secret".to_owned(), "hunter2".to_owned())]),
+            state,
+            worker: None,
+            outcome: None,
+            retries: 0,
+            retry_reason: None,
+            waiting_for: None,
+            reason: None,
+            submitted_at: at("2026-11-23T13:00:00Z"),
+            started_at: None,
+            finished_at: None,
+            steps: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn page_shows_workers_builds_and_the_pause_escaped() {
+        let now = at("2026-11-23T13:30:00Z");
+        let tz = TimeZone::UTC;
+        let mut desk = worker("desk<1>", PresenceState::Away, "<script>alert(1)</script>");
+        desk.until = Some(at("2026-11-23T19:00:00Z"));
+        desk.running = vec![7];
+        let mut cloud = worker("cloud", PresenceState::Offline, "no instance running");
+        cloud.connected = false;
+        cloud.source = Some(Source::Master);
+        cloud.latent = Some(LatentInfo {
+            state: "lingering".to_owned(),
+            reason: "idle; stops at 13:40".to_owned(),
+            since: at("2026-11-23T13:25:00Z"),
+            retry_after: None,
+            provider: "command".to_owned(),
+        });
+        let workers = WorkerList {
+            paused: true,
+            workers: vec![
+                desk,
+                cloud,
+                worker("lab", PresenceState::Available, "night hours"),
+            ],
+        };
+        let mut queued = build(9, BuildState::Queued);
+        queued.waiting_for = Some("lock deploy".to_owned());
+        queued.retries = 1;
+        queued.retry_reason = Some("worker desk went away \"at once\"".to_owned());
+        let mut running = build(7, BuildState::Running);
+        running.worker = Some("desk<1>".to_owned());
+        running.started_at = Some(at("2026-11-23T13:27:55Z"));
+        let mut done = build(6, BuildState::Finished);
+        done.outcome = Some(Outcome::Success);
+        done.submitted_at = at("2026-11-22T07:59:00Z");
+        done.started_at = Some(at("2026-11-22T08:00:00Z"));
+        done.finished_at = Some(at("2026-11-22T08:01:05Z"));
+        let mut cancelled = build(5, BuildState::Finished);
+        cancelled.outcome = Some(Outcome::Cancelled);
+        cancelled.reason = Some("cancelled by the admin".to_owned());
+        let builds = vec![queued, running, done, cancelled];
+        let counts = BuildCounts {
+            queued: 1,
+            running: 1,
+        };
+
+        let html = render(&workers, &builds, counts, now, &tz);
+
+        // Escaped, never raw.
+        assert!(!html.contains("<script>"), "{html}");
+        assert!(html.contains("&lt;script&gt;alert(1)&lt;/script&gt;"));
+        assert!(html.contains("desk&lt;1&gt;"));
+        assert!(html.contains("title=\"worker desk went away &quot;at once&quot;\""));
+        // Header, summary and the paused banner.
+        assert!(html.contains("<title>nightshift master (paused)</title>"));
+        assert!(html.contains("<meta http-equiv=\"refresh\" content=\"10\">"));
+        assert!(html.contains("refreshes every 10 s"));
+        let text = strip_tags(&html);
+        assert!(
+            text.contains(
+                "3 workers: 1 available, 0 reluctant, 1 away, 1 offline; 1 queued, 1 running"
+            ),
+            "{text}"
+        );
+        assert!(text.contains(
+            "Paused: no new builds are handed out; running builds go on. master resume to resume."
+        ));
+        // Workers: pills, times, durations, latent instance.
+        assert!(html.contains("<span class=\"pill away\">away</span>"));
+        assert!(text.contains("10:18for 3h12m"), "{text}");
+        assert!(text.contains("19:00in 5h30m"), "{text}");
+        assert!(text.contains("#71 of 2 slots"), "{text}");
+        assert!(html.contains("<span class=\"inst lingering\">lingering</span>"));
+        assert!(text.contains("idle; stops at 13:40"));
+        assert!(text.contains("command since 13:25 (for 5m00s)"), "{text}");
+        assert!(text.contains("not connected"));
+        // Builds: states, outcomes, waits, durations; no properties.
+        assert!(text.contains("waiting for lock deploy"));
+        assert!(text.contains("2m05s so far"), "{text}");
+        assert!(text.contains("took 1m05s"), "{text}");
+        assert!(text.contains("Sun 22 Nov 07:59"), "{text}");
+        assert!(html.contains("<span class=\"pill cancelled\">cancelled</span>"));
+        assert!(html.contains("<span class=\"outcome success\">success</span>"));
+        assert!(text.contains("cancelled by the admin"));
+        assert!(!html.contains("hunter2"), "build properties must not show");
+    }
+
+    #[test]
+    fn an_unpaused_empty_farm_says_what_to_do() {
+        let now = at("2026-11-23T13:30:00Z");
+        let workers = WorkerList {
+            paused: false,
+            workers: Vec::new(),
+        };
+        let html = render(&workers, &[], BuildCounts::default(), now, &TimeZone::UTC);
+        let text = strip_tags(&html);
+        assert!(!text.contains("Paused"), "{text}");
+        assert!(text.contains("0 workers: 0 available"), "{text}");
+        assert!(text.contains("No workers: add [[worker]] entries"));
+        assert!(text.contains("No builds yet: queue one with master submit BUILDER."));
+    }
+
+    #[test]
+    fn waits_come_from_the_live_view_and_finished_builds_wait_for_nothing() {
+        let mut queued_stored = build(1, BuildState::Queued);
+        queued_stored.waiting_for = Some("no available worker".to_owned());
+        let mut running_stale = build(2, BuildState::Running);
+        running_stale.waiting_for = Some("stale word".to_owned());
+        let running_lock = build(3, BuildState::Running);
+        let mut finished = build(4, BuildState::Finished);
+        finished.waiting_for = Some("stale word".to_owned());
+        let live = BTreeMap::from([(3, "lock deploy".to_owned())]);
+        let builds = with_live_waits(
+            vec![queued_stored, running_stale, running_lock, finished],
+            &live,
+        );
+        let waits: Vec<Option<&str>> = builds.iter().map(|b| b.waiting_for.as_deref()).collect();
+        assert_eq!(
+            waits,
+            vec![Some("no available worker"), None, Some("lock deploy"), None]
+        );
+    }
+
+    /// The page's text without tags, entities decoded for the few used here.
+    fn strip_tags(html: &str) -> String {
+        let mut out = String::new();
+        let mut in_tag = false;
+        for c in html.chars() {
+            match c {
+                '<' => in_tag = true,
+                '>' => in_tag = false,
+                c if !in_tag => out.push(c),
+                _ => {}
+            }
+        }
+        out.replace("&lt;", "<")
+            .replace("&gt;", ">")
+            .replace("&quot;", "\"")
+            .replace("&#39;", "'")
+            .replace("&amp;", "&")
     }
 }

@@ -18,6 +18,7 @@ use nightshift_proto::wire::{AgentMessage, BuildId, BuildResult, MasterMessage};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
+use super::alarm::WallAlarm;
 use super::clock::Clock;
 use super::link::{HelloState, LinkEvent};
 use super::load::{BuildTrees, LoadMeasurement};
@@ -29,9 +30,13 @@ use crate::handle::{
     RunningBuild,
 };
 
-/// Longest sleep between evaluations: a machine that was suspended (tokio's
-/// clock stops) re-checks the wall clock at least this often.
+/// Longest sleep between evaluations without a [`WallAlarm`]: a machine that
+/// was suspended (tokio's clock stops) re-checks the wall clock at least this
+/// often.
 const MAX_SLEEP: Duration = Duration::from_secs(60);
+/// With a [`WallAlarm`] (which wakes the loop after a suspend and on a clock
+/// change) the monotonic sleep is only a safety net.
+const MAX_SLEEP_WITH_ALARM: Duration = Duration::from_secs(3600);
 /// A stopping agent with no builds left waits this long for the master to
 /// acknowledge the last results before it says goodbye anyway (they stay
 /// spooled and are delivered by the next start).
@@ -155,6 +160,10 @@ pub struct Daemon {
     /// When a stopping agent with no builds gives up waiting for acks.
     ack_wait_until: Option<Instant>,
     exit: Option<Exit>,
+    /// Wakes the loop at the policy's next change by the wall clock (across
+    /// a suspend, and when the clock is set). `None` in tests with a fake
+    /// clock, and where `timerfd` is unavailable.
+    alarm: Option<WallAlarm>,
 }
 
 impl Daemon {
@@ -235,6 +244,7 @@ impl Daemon {
             stop_requests: 0,
             ack_wait_until: None,
             exit: None,
+            alarm: None,
         };
         let inbox = Inbox {
             commands: command_rx,
@@ -257,6 +267,12 @@ impl Daemon {
         (daemon, inbox, wiring)
     }
 
+    /// Adds the wall-clock alarm (production, with the system clock).
+    pub fn with_wall_alarm(mut self, alarm: WallAlarm) -> Daemon {
+        self.alarm = Some(alarm);
+        self
+    }
+
     pub fn presence(&self) -> Presence {
         self.status.borrow().presence.clone()
     }
@@ -273,9 +289,22 @@ impl Daemon {
     }
 
     async fn next_event(&mut self, inbox: &mut Inbox) -> Event {
-        let policy_wake = self.policy_wake();
+        let (policy_wake, next_change) = self.policy_wake();
         let stop_wake = self.stop_wake();
         let far = Instant::now() + MAX_SLEEP * 10;
+        if let Some(alarm) = &mut self.alarm {
+            // With no boundary ahead the alarm still catches a clock change.
+            let at =
+                next_change.unwrap_or_else(|| self.clock.now() + SignedDuration::from_hours(24));
+            if let Err(error) = alarm.arm(at) {
+                tracing::warn!(
+                    "cannot arm the wall-clock alarm: {error}; re-checking every minute"
+                );
+                self.alarm = None;
+            }
+        }
+        let alarm = self.alarm.as_mut();
+        let has_alarm = alarm.is_some();
         tokio::select! {
             biased;
             Some(signal) = inbox.signals.recv() => Event::Signal(signal),
@@ -285,13 +314,26 @@ impl Daemon {
             Some(sample) = inbox.load.recv() => Event::Load(sample),
             () = tokio::time::sleep_until(stop_wake.unwrap_or(far)), if stop_wake.is_some() => Event::StopTimer,
             () = tokio::time::sleep_until(policy_wake) => Event::PolicyTimer,
+            fired = async { alarm?.fired().await.err() }, if has_alarm => {
+                if let Some(error) = fired {
+                    tracing::warn!("the wall-clock alarm failed: {error}; re-checking every minute");
+                    self.alarm = None;
+                }
+                Event::PolicyTimer
+            }
         }
     }
 
     /// When to re-evaluate: the policy's next change (including the load
     /// hysteresis deadline and a manual state running out), capped so the
-    /// wall clock is re-read at least every [`MAX_SLEEP`].
-    fn policy_wake(&self) -> Instant {
+    /// wall clock is re-read at least every [`MAX_SLEEP`] (an hour with a
+    /// wall-clock alarm); also the wall-clock instant of that change.
+    fn policy_wake(&self) -> (Instant, Option<Timestamp>) {
+        let max_sleep = if self.alarm.is_some() {
+            MAX_SLEEP_WITH_ALARM
+        } else {
+            MAX_SLEEP
+        };
         let now = self.clock.now();
         let mut next = self.policy.next_change(now, &self.inputs);
         if let Some(deadline) = self
@@ -308,13 +350,13 @@ impl Daemon {
                     Duration::from_millis(1)
                 } else {
                     Duration::try_from(delta)
-                        .unwrap_or(MAX_SLEEP)
-                        .min(MAX_SLEEP)
+                        .unwrap_or(max_sleep)
+                        .min(max_sleep)
                 }
             }
-            None => MAX_SLEEP,
+            None => max_sleep,
         };
-        Instant::now() + delay
+        (Instant::now() + delay, next)
     }
 
     fn stop_wake(&self) -> Option<Instant> {

@@ -2,6 +2,7 @@
 //! link, the load sampler, the control plane and signal handling around one
 //! event loop, and exits 0 after a clean stop, 1 on failure, 2 on a bad config.
 
+mod alarm;
 pub mod clock;
 pub mod event_loop;
 mod files;
@@ -171,6 +172,15 @@ async fn run(path: &Path, config: WorkerConfig) -> Result<Exit, Failure> {
         runner_settings,
         trees.clone(),
     );
+    let daemon = match alarm::WallAlarm::new() {
+        Ok(alarm) => daemon.with_wall_alarm(alarm),
+        Err(error) => {
+            tracing::warn!(
+                "no wall-clock alarm ({error}): after a suspend or a clock change the presence is re-checked within a minute"
+            );
+            daemon
+        }
+    };
     let presence = daemon.presence();
     tracing::info!(
         "presence: {} ({}) — {}",

@@ -295,7 +295,7 @@ fn render_workers(html: &mut String, workers: &[WorkerInfo], now: Timestamp, tz:
         let _ = write!(
             html,
             "<td data-label=\"Worker\"><span class=\"name\">{}</span>\
-             <span class=\"sub\"><span class=\"dot {dot}\"></span>{link}</span></td>",
+             <span class=\"sub link\"><span class=\"dot {dot}\"></span>{link}</span></td>",
             esc(&w.name)
         );
         let _ = write!(
@@ -389,7 +389,7 @@ fn render_latent(html: &mut String, latent: &LatentInfo, now: Timestamp, tz: &Ti
     }
     let _ = write!(
         html,
-        "<span class=\"sub\">{} since {} (for {})",
+        "<span class=\"sub\">provider {} · since {} (for {})",
         esc(&latent.provider),
         time_html(latent.since, now, tz),
         short_duration(latent.since, now)
@@ -470,8 +470,8 @@ fn render_builds(html: &mut String, builds: &[BuildInfo], now: Timestamp, tz: &T
             (Some(waiting), _) => {
                 let _ = write!(
                     html,
-                    "<span class=\"wait\">waiting for {}</span>",
-                    esc(waiting)
+                    "<span class=\"wait\">{}</span>",
+                    esc(&wait_phrase(waiting))
                 );
             }
             (None, Some(reason)) if b.state == BuildState::Finished => {
@@ -488,6 +488,19 @@ fn render_builds(html: &mut String, builds: &[BuildInfo], now: Timestamp, tz: &T
         );
     }
     html.push_str("</tbody></table></section>");
+}
+
+/// The scheduler's word for what a build waits for, as a phrase: its words
+/// read after "waiting for" (`lock deploy (on b1)`, `a worker: b1 away`),
+/// except a pause or a builder gone from master.toml, which say themselves.
+fn wait_phrase(waiting: &str) -> String {
+    if waiting == "master is paused" {
+        "held: the master is paused".to_owned()
+    } else if waiting.starts_with("builder ") {
+        waiting.to_owned()
+    } else {
+        format!("waiting for {waiting}")
+    }
 }
 
 /// How long a build has waited, has run so far, or took.
@@ -677,7 +690,10 @@ mod tests {
         assert!(text.contains("#71 of 2 slots"), "{text}");
         assert!(html.contains("<span class=\"inst lingering\">lingering</span>"));
         assert!(text.contains("idle; stops at 13:40"));
-        assert!(text.contains("command since 13:25 (for 5m00s)"), "{text}");
+        assert!(
+            text.contains("provider command · since 13:25 (for 5m00s)"),
+            "{text}"
+        );
         assert!(text.contains("not connected"));
         // Builds: states, outcomes, waits, durations; no properties.
         assert!(text.contains("waiting for lock deploy"));
@@ -703,6 +719,25 @@ mod tests {
         assert!(text.contains("0 workers: 0 available"), "{text}");
         assert!(text.contains("No workers: add [[worker]] entries"));
         assert!(text.contains("No builds yet: queue one with master submit BUILDER."));
+    }
+
+    #[test]
+    fn waits_read_as_phrases() {
+        let check = |waiting: &str, expect: &str| assert_eq!(wait_phrase(waiting), expect);
+        check("lock deploy (on b1)", "waiting for lock deploy (on b1)");
+        check(
+            "a worker: b1 away, b2 offline",
+            "waiting for a worker: b1 away, b2 offline",
+        );
+        check(
+            "latent worker cloud to start",
+            "waiting for latent worker cloud to start",
+        );
+        check("master is paused", "held: the master is paused");
+        check(
+            "builder `app` is not in master.toml",
+            "builder `app` is not in master.toml",
+        );
     }
 
     #[test]

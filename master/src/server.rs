@@ -13,8 +13,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::http::HeaderMap;
 use axum::response::Response;
 use axum::routing::get;
-use hyper_util::rt::{TokioExecutor, TokioIo};
-use hyper_util::server::conn::auto;
+use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use nightshift_proto::wire::{
     AgentMessage, HEARTBEAT_SECS, MAX_FRAME_BYTES, MasterMessage, PROTOCOL_VERSION, WS_PATH,
@@ -67,13 +66,17 @@ pub async fn serve(
         let service = TowerToHyperService::new(router.clone());
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
-            let builder = auto::Builder::new(TokioExecutor::new());
+            // HTTP/1.1 only: agents, the CLI and browsers all speak it (no
+            // ALPN offers h2), and WebSockets upgrade from it.
+            let mut builder = hyper::server::conn::http1::Builder::new();
+            builder.timer(hyper_util::rt::TokioTimer::new());
             let result = match acceptor {
                 Some(acceptor) => {
                     match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                         Ok(Ok(stream)) => {
                             builder
-                                .serve_connection_with_upgrades(TokioIo::new(stream), service)
+                                .serve_connection(TokioIo::new(stream), service)
+                                .with_upgrades()
                                 .await
                         }
                         Ok(Err(e)) => {
@@ -88,7 +91,8 @@ pub async fn serve(
                 }
                 None => {
                     builder
-                        .serve_connection_with_upgrades(TokioIo::new(tcp), service)
+                        .serve_connection(TokioIo::new(tcp), service)
+                        .with_upgrades()
                         .await
                 }
             };

@@ -1,7 +1,8 @@
 //! What the agent, the master and their CLIs share: the wire protocol, the
-//! HTTP API shapes, TLS setup and config diagnostics.
+//! HTTP API shapes, TLS setup, config diagnostics and logging setup.
 
 pub mod api;
 pub mod diag;
+pub mod log;
 pub mod tls;
 pub mod wire;

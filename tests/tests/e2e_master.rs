@@ -613,7 +613,7 @@ async fn bad_http_requests_get_clear_errors_and_change_nothing() -> anyhow::Resu
     let (status, page) = api.call_raw("GET", "/", None).await?;
     assert_eq!(status, 200);
     assert!(
-        page.contains("<h1>nightshift master</h1>") && page.contains(">a<"),
+        page.contains("nightshift master") && page.contains(">a<"),
         "{page}"
     );
     Ok(())

@@ -44,7 +44,7 @@ enum Failure {
 }
 
 pub fn main(arg: &ConfigArg) -> ExitCode {
-    init_tracing();
+    nightshift_proto::log::init();
     let (path, config) = match WorkerConfig::load(arg.config.as_deref()) {
         Ok(loaded) => loaded,
         Err(errors) => {
@@ -80,17 +80,6 @@ pub fn main(arg: &ConfigArg) -> ExitCode {
             ExitCode::FAILURE
         }
     }
-}
-
-fn init_tracing() {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    // Colours only on a terminal: journald and log files get plain text.
-    let _ = tracing_subscriber::fmt()
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(filter)
-        .try_init();
 }
 
 async fn run(path: &Path, config: WorkerConfig) -> Result<Exit, Failure> {

@@ -404,7 +404,11 @@ impl MasterConfig {
         } else {
             base
         };
-        MasterConfig::parse(&text, path, base)
+        // Absolute, so the paths derived from it (data_dir, certificates)
+        // stay right for processes started elsewhere: latent instances run
+        // in their own directory and are handed the CA file's path.
+        let base = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
+        MasterConfig::parse(&text, path, &base)
     }
 
     /// Parses config text; relative paths are resolved against `base`.

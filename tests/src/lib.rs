@@ -490,10 +490,18 @@ impl Farm {
             .append(true)
             .open(&log)
             .context("cannot open master.log")?;
+        // A relative `--config` from the farm's directory, as an admin types
+        // it: paths derived from it must still hold for processes the
+        // master starts elsewhere (latent instances).
+        let config = self
+            .config
+            .strip_prefix(self.dir.path())
+            .unwrap_or(&self.config)
+            .to_path_buf();
         let mut child = Command::new(self.master_bin())
             .arg("run")
             .arg("--config")
-            .arg(&self.config)
+            .arg(&config)
             .current_dir(self.dir.path())
             .env("NIGHTSHIFT_LOG", "info")
             .stdin(Stdio::null())

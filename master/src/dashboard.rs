@@ -82,28 +82,8 @@ pub async fn page(State(state): State<AppState>) -> Response {
 
 /// Counts the queued and running builds in the store.
 async fn count_unfinished(state: &AppState) -> anyhow::Result<BuildCounts> {
-    state
-        .store
-        .call(|conn| {
-            let mut stmt = conn.prepare_cached(
-                "SELECT state, COUNT(*) FROM builds WHERE state != 'finished' GROUP BY state",
-            )?;
-            let rows = stmt.query_map([], |row| {
-                Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
-            })?;
-            let mut counts = BuildCounts::default();
-            for row in rows {
-                let (state, count) = row?;
-                let count = u64::try_from(count).unwrap_or(0);
-                match state.as_str() {
-                    "queued" => counts.queued = count,
-                    "running" => counts.running = count,
-                    _ => {}
-                }
-            }
-            Ok(counts)
-        })
-        .await
+    let (queued, running) = state.store.unfinished_counts().await?;
+    Ok(BuildCounts { queued, running })
 }
 
 /// What each build waits for right now: the scheduler's live word for a

@@ -358,6 +358,30 @@ impl Store {
         .await
     }
 
+    /// How many builds are queued and how many running, in all.
+    pub async fn unfinished_counts(&self) -> anyhow::Result<(u64, u64)> {
+        self.call(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT state, COUNT(*) FROM builds WHERE state != 'finished' GROUP BY state",
+            )?;
+            let rows = stmt.query_map([], |row| {
+                Ok((row.get::<_, String>(0)?, row.get::<_, i64>(1)?))
+            })?;
+            let (mut queued, mut running) = (0, 0);
+            for row in rows {
+                let (state, count) = row?;
+                let count = u64::try_from(count).unwrap_or(0);
+                match state.as_str() {
+                    "queued" => queued = count,
+                    "running" => running = count,
+                    _ => {}
+                }
+            }
+            Ok((queued, running))
+        })
+        .await
+    }
+
     /// One build with its step results.
     pub async fn get_build(&self, id: BuildId) -> anyhow::Result<Option<BuildInfo>> {
         self.call(move |conn| {
@@ -592,6 +616,7 @@ mod tests {
         drop(store);
 
         let store = Store::open(&path).unwrap();
+        assert_eq!(store.unfinished_counts().await.unwrap(), (1, 1));
         let unfinished = store.unfinished().await.unwrap();
         assert_eq!(unfinished.len(), 2);
         assert_eq!(unfinished[0].state, BuildState::Running);
@@ -627,6 +652,7 @@ mod tests {
                 .unwrap(),
             StoreOutcome::NotYours
         );
+        assert_eq!(store.unfinished_counts().await.unwrap(), (1, 0));
         let info = store.get_build(a).await.unwrap().unwrap();
         assert_eq!(info.state, BuildState::Finished);
         assert_eq!(info.outcome, Some(Outcome::Success));

@@ -794,6 +794,8 @@ impl Farm {
         let mut agent = self.agents.remove(name).context("no such running worker")?;
         agent.child.kill()?;
         agent.child.wait()?;
+        // The machine "died": its builds die with it.
+        kill_recorded_builds(&self.worker_state_dir(name));
         Ok(())
     }
 
@@ -956,11 +958,41 @@ fn wait_child(child: &mut Child, deadline: Duration) -> anyhow::Result<std::proc
     }
 }
 
+/// SIGKILLs the process groups of the builds an agent recorded as running
+/// in `state_dir/running` (first line of each record: the step's process
+/// group, or `-`). A SIGKILLed agent leaves its builds running, as a crashed
+/// one would; the tests then end them as a dead machine would.
+fn kill_recorded_builds(state_dir: &std::path::Path) {
+    let Ok(entries) = std::fs::read_dir(state_dir.join("running")) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let pgid = std::fs::read_to_string(entry.path())
+            .ok()
+            .and_then(|text| text.lines().next()?.trim().parse::<i32>().ok());
+        if let Some(pgid) = pgid.filter(|pgid| *pgid > 1) {
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pgid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
+}
+
 impl Drop for Farm {
     fn drop(&mut self) {
         for agent in self.agents.values_mut() {
             let _ = agent.child.kill();
             let _ = agent.child.wait();
+        }
+        for spec in &self.workers {
+            kill_recorded_builds(&self.worker_state_dir(&spec.name));
+        }
+        // Latent `process` instances the master started.
+        if let Ok(entries) = std::fs::read_dir(self.data_dir().join("latent")) {
+            for entry in entries.flatten() {
+                kill_recorded_builds(&entry.path().join("state"));
+            }
         }
         if let Some(master) = self.master.as_mut() {
             let _ = master.kill();

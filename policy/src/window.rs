@@ -369,14 +369,20 @@ impl Window {
     }
 
     /// The next instant strictly after `at` at which the window closes (if
-    /// `inside`; a close where the next window opens at once is skipped) or opens.
+    /// `inside`; a close where the next window opens at once is skipped) or
+    /// opens (an open that closes at the same instant, an empty window, is
+    /// skipped too: nothing changes there).
     pub(crate) fn next_boundary(&self, at: &Zoned, inside: bool) -> Option<Timestamp> {
         if !inside {
-            return self
-                .open
-                .find_next_occurrence(at, false)
-                .ok()
-                .map(|z| z.timestamp());
+            let mut probe = at.clone();
+            for _ in 0..MAX_TIE_CHAIN {
+                let open = self.open.find_next_occurrence(&probe, false).ok()?;
+                if self.membership(&open).inside {
+                    return Some(open.timestamp());
+                }
+                probe = open;
+            }
+            return Some(probe.timestamp());
         }
         let mut probe = at.clone();
         for _ in 0..MAX_TIE_CHAIN {

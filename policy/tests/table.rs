@@ -569,6 +569,39 @@ fn hours_and_cron_forms_agree_for_two_weeks() {
     }
 }
 
+/// Opening and closing at the same instant (every Wednesday 02:00) is an
+/// empty window: nothing changes then, so `next_change` does not wake the
+/// agent every Wednesday for nothing (it looks 16 windows ahead, then
+/// re-evaluates once to be safe).
+#[test]
+fn an_empty_window_is_not_a_change() {
+    let p = policy(
+        r#"
+timezone = "UTC"
+default = "away"
+[[schedule]]
+name = "w0"
+open = "0 2 * * wed"
+close = "0 2 * * wed,thu"
+"#,
+    );
+    let now = ts("2026-11-23T20:00:00Z");
+    let wednesday = ts("2026-11-25T02:00:00Z");
+    assert_eq!(
+        p.evaluate(now, &Inputs::default()).state,
+        PresenceState::Away
+    );
+    assert_eq!(
+        p.evaluate(wednesday, &Inputs::default()).state,
+        PresenceState::Away
+    );
+    let next = p.next_change(now, &Inputs::default());
+    assert!(
+        next.is_none_or(|next| next > ts("2027-01-01T00:00:00Z")),
+        "woken for an empty window at {next:?}"
+    );
+}
+
 #[test]
 fn since_is_when_the_window_opened() {
     let p = policy(NIGHTS_BERLIN);

@@ -483,18 +483,9 @@ fn all_processes_with_pid() -> Vec<(i32, ProcStat)> {
 }
 
 fn all_processes() -> Vec<ProcStat> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
-        return Vec::new();
-    };
-    entries
-        .flatten()
-        .filter(|entry| {
-            entry
-                .file_name()
-                .to_str()
-                .is_some_and(|name| name.bytes().all(|b| b.is_ascii_digit()))
-        })
-        .filter_map(|entry| read_stat(&entry.path().join("stat")))
+    all_processes_with_pid()
+        .into_iter()
+        .map(|(_, stat)| stat)
         .collect()
 }
 

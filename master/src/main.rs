@@ -10,6 +10,7 @@ mod run;
 mod scheduler;
 mod server;
 mod store;
+mod triggers;
 
 mod latent;
 mod locks;

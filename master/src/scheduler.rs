@@ -1606,6 +1606,7 @@ impl Scheduler {
                         env: s.env.clone(),
                         workdir: s.workdir.clone(),
                         needs_grant: step_locks.get(i).is_some_and(|l| !l.is_empty()),
+                        checkout: false,
                     })
                     .collect()
             })
@@ -1624,6 +1625,7 @@ impl Scheduler {
                 builder: queued.builder.clone(),
                 steps,
                 properties: queued.properties.clone(),
+                source: None,
             },
         );
         self.store

@@ -18,7 +18,7 @@ use jiff::Timestamp;
 use nightshift_policy::{Presence, PresenceState, Source};
 use nightshift_proto::api::{LatentInfo, WorkerInfo, WorkerList};
 use nightshift_proto::wire::{
-    AgentMessage, BuildId, BuildResult, HEARTBEAT_SECS, MasterMessage, Outcome, PROTOCOL_VERSION,
+    AgentMessage, BuildId, BuildResult, BuildSource, HEARTBEAT_SECS, MasterMessage, Outcome, PROTOCOL_VERSION,
     StepSpec,
 };
 use tokio::sync::{mpsc, oneshot};
@@ -117,6 +117,7 @@ pub enum Event {
         id: BuildId,
         builder: String,
         properties: BTreeMap<String, String>,
+        source: Option<BuildSource>,
     },
     /// A result's store write finished.
     ResultCommitted {
@@ -184,12 +185,14 @@ struct Queued {
     builder: String,
     properties: BTreeMap<String, String>,
     waiting_for: Option<String>,
+    source: Option<BuildSource>,
 }
 
 struct Running {
     worker: String,
     builder: String,
     properties: BTreeMap<String, String>,
+    source: Option<BuildSource>,
     accepted: bool,
     /// Each step's locks as configured when the build started (a reconfig
     /// does not change a running build).
@@ -328,6 +331,7 @@ impl Scheduler {
                             worker,
                             builder: build.builder,
                             properties: build.properties,
+                            source: build.source,
                             accepted: true,
                             step_locks,
                         },
@@ -344,6 +348,7 @@ impl Scheduler {
                             builder: build.builder,
                             properties: build.properties,
                             waiting_for: None,
+                            source: build.source,
                         },
                     );
                 }
@@ -354,6 +359,7 @@ impl Scheduler {
                             builder: build.builder,
                             properties: build.properties,
                             waiting_for: None,
+                            source: build.source,
                         },
                     );
                 }
@@ -409,13 +415,16 @@ impl Scheduler {
                 id,
                 builder,
                 properties,
+                source,
             } => {
+                self.collapse_into(id, &builder, source.as_ref());
                 self.queue.insert(
                     id,
                     Queued {
                         builder,
                         properties,
                         waiting_for: None,
+                        source,
                     },
                 );
                 self.assign();
@@ -570,6 +579,7 @@ impl Scheduler {
                         worker: worker.clone(),
                         builder: queued.builder,
                         properties: queued.properties,
+                        source: queued.source,
                         accepted: true,
                         step_locks,
                     },
@@ -696,6 +706,7 @@ impl Scheduler {
                             builder: run.builder,
                             properties: run.properties,
                             waiting_for: None,
+                            source: run.source,
                         },
                     );
                 }
@@ -962,9 +973,51 @@ impl Scheduler {
                     builder: run.builder,
                     properties: run.properties,
                     waiting_for: None,
+                    source: run.source,
                 },
             );
         }
+    }
+
+    /// `collapse = true`: waiting requests for the same builder and branch
+    /// end unrun, recorded as collapsed into the newer request `into`.
+    fn collapse_into(&mut self, into: BuildId, builder: &str, source: Option<&BuildSource>) {
+        let Some(source) = source else { return };
+        if !self.config.builder(builder).is_some_and(|b| b.collapse) {
+            return;
+        }
+        let older: Vec<BuildId> = self
+            .queue
+            .range(..into)
+            .filter(|(_, q)| {
+                q.builder == builder && q.source.as_ref().is_some_and(|s| s.branch == source.branch)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        if older.is_empty() {
+            return;
+        }
+        tracing::info!("builds {older:?} of {builder} collapsed into build {into}");
+        for &id in &older {
+            self.queue.remove(&id);
+            self.lock_waits.remove(&id);
+            let granted = self.locks.release_build(id);
+            self.on_lock_grants(granted);
+            self.finishing.insert(id);
+        }
+        let (store, events, now) = (self.store.clone(), self.events.clone(), self.clock.now());
+        tokio::spawn(async move {
+            if let Err(e) = store.collapse(older.clone(), into, now).await {
+                tracing::error!("builds {older:?}: cannot store their collapse: {e:#}");
+            }
+            for id in older {
+                let _ = events.send(Event::ResultCommitted {
+                    worker: String::new(),
+                    id,
+                    stored: Ok(StoreOutcome::AlreadyStored),
+                });
+            }
+        });
     }
 
     fn on_cancel(&mut self, id: BuildId, reason: String) -> Result<(), String> {
@@ -1109,7 +1162,12 @@ impl Scheduler {
             .flat_map(|b| b.locks.iter().map(|c| c.name.clone()))
             .collect();
         let steps: Vec<Vec<Claim>> = def.steps.iter().map(|s| s.locks.clone()).collect();
-        split_locks(&def.locks, &steps, &build_level)
+        let (build, mut per_step) = split_locks(&def.locks, &steps, &build_level);
+        if def.source.is_some() {
+            // The checkout step comes first and takes no lock.
+            per_step.insert(0, Vec::new());
+        }
+        (build, per_step)
     }
 
     /// `worker` is chosen for queued build `id`: start it when its whole
@@ -1592,25 +1650,42 @@ impl Scheduler {
             return;
         };
         let step_locks = self.step_locks(&queued.builder);
-        let steps: Vec<StepSpec> = self
-            .config
-            .builder(&queued.builder)
-            .map(|b| {
-                b.steps
-                    .iter()
-                    .enumerate()
-                    .map(|(i, s)| StepSpec {
-                        name: s.name.clone(),
-                        command: s.command.clone(),
-                        timeout_secs: s.timeout.map(|t| t.as_secs().max(1)),
-                        env: s.env.clone(),
-                        workdir: s.workdir.clone(),
-                        needs_grant: step_locks.get(i).is_some_and(|l| !l.is_empty()),
-                        checkout: false,
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let def = self.config.builder(&queued.builder);
+        // Mode and depth as the builder says now, like its steps.
+        let source = queued.source.clone().map(|mut source| {
+            if let Some(configured) = def.and_then(|b| b.source.as_ref()) {
+                source.mode = configured.mode;
+                source.shallow = configured.shallow;
+            }
+            source
+        });
+        let checkout = def.filter(|b| b.source.is_some()).map(|_| StepSpec {
+            name: "checkout".into(),
+            command: match &source {
+                Some(s) => format!("git checkout {} ({})", s.revision, s.mode.as_str()),
+                None => "git checkout (no revision)".into(),
+            },
+            timeout_secs: None,
+            env: BTreeMap::new(),
+            workdir: None,
+            needs_grant: false,
+            checkout: true,
+        });
+        let offset = usize::from(checkout.is_some());
+        let steps: Vec<StepSpec> = checkout
+            .into_iter()
+            .chain(def.into_iter().flat_map(|b| {
+                b.steps.iter().enumerate().map(|(i, s)| StepSpec {
+                    name: s.name.clone(),
+                    command: s.command.clone(),
+                    timeout_secs: s.timeout.map(|t| t.as_secs().max(1)),
+                    env: s.env.clone(),
+                    workdir: s.workdir.clone(),
+                    needs_grant: step_locks.get(i + offset).is_some_and(|l| !l.is_empty()),
+                    checkout: false,
+                })
+            }))
+            .collect();
         self.assignments += 1;
         if let Some(slot) = self.workers.get_mut(&worker) {
             slot.running.insert(id);
@@ -1625,7 +1700,7 @@ impl Scheduler {
                 builder: queued.builder.clone(),
                 steps,
                 properties: queued.properties.clone(),
-                source: None,
+                source,
             },
         );
         self.store
@@ -1636,6 +1711,7 @@ impl Scheduler {
                 worker,
                 builder: queued.builder,
                 properties: queued.properties,
+                source: queued.source,
                 accepted: false,
                 step_locks,
             },
@@ -1841,6 +1917,7 @@ steps = [{{ name = "s", command = "true" }}]
                 id,
                 builder: "app".into(),
                 properties: BTreeMap::new(),
+                source: None,
             });
             id
         }

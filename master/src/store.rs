@@ -322,8 +322,13 @@ impl Store {
     }
 
     /// Ends waiting builds `ids` unrun: collapsed into the newer `into`.
-    pub fn collapse(&self, ids: Vec<BuildId>, into: BuildId, now: Timestamp) {
-        self.spawn("collapse builds", move |conn| {
+    pub async fn collapse(
+        &self,
+        ids: Vec<BuildId>,
+        into: BuildId,
+        now: Timestamp,
+    ) -> anyhow::Result<()> {
+        self.call(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "UPDATE builds SET state = 'finished', outcome = 'cancelled', reason = ?2, \
                  collapsed_into = ?3, finished_at = ?4, waiting_for = NULL \
@@ -338,7 +343,8 @@ impl Store {
                 ])?;
             }
             Ok(())
-        });
+        })
+        .await
     }
 
     /// The build was handed to `worker`.

@@ -796,11 +796,13 @@ impl Daemon {
                 builder,
                 steps,
                 properties,
+                source,
             } => self.start_build(BuildRequest {
                 build_id,
                 builder,
                 steps,
                 properties,
+                source,
             }),
             MasterMessage::StepGranted { build_id, step } => match self.builds.get_mut(&build_id) {
                 Some(build) => {
@@ -1192,6 +1194,7 @@ mod tests {
             Arc::new(RunnerSettings {
                 workdir: work.path().to_owned(),
                 kill_grace: Duration::from_millis(500),
+                git: Default::default(),
             }),
             Arc::new(BuildTrees::without_cgroups()),
         );
@@ -1299,6 +1302,7 @@ mod tests {
                     env: BTreeMap::new(),
                     workdir: None,
                     needs_grant: false,
+                    checkout: false,
                 }],
                 properties: BTreeMap::new(),
             });
@@ -1739,6 +1743,7 @@ mod tests {
                 env: BTreeMap::new(),
                 workdir: None,
                 needs_grant: true,
+                checkout: false,
             }],
             properties: BTreeMap::new(),
         });

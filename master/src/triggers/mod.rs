@@ -121,6 +121,7 @@ pub fn announce(events: &mpsc::UnboundedSender<Event>, ids: &[BuildId], builds: 
             id,
             builder: build.builder,
             properties: build.properties,
+            source: build.source,
         });
     }
 }

@@ -176,9 +176,12 @@ async fn submit(
             format!("property name `{key}` must be non-empty and contain no `=`"),
         ));
     }
-    let builder = config
-        .builder(&request.builder)
-        .ok_or_else(|| Failure(StatusCode::NOT_FOUND, format!("no builder `{}`", request.builder)))?;
+    let builder = config.builder(&request.builder).ok_or_else(|| {
+        Failure(
+            StatusCode::NOT_FOUND,
+            format!("no builder `{}`", request.builder),
+        )
+    })?;
     let source = match &builder.source {
         None if request.revision.is_some() || request.branch.is_some() => {
             return Err(Failure(
@@ -191,7 +194,10 @@ async fn submit(
         }
         None => None,
         Some(source) => {
-            let branch = request.branch.clone().unwrap_or_else(|| source.branch.clone());
+            let branch = request
+                .branch
+                .clone()
+                .unwrap_or_else(|| source.branch.clone());
             if let Err(why) = crate::config::check_branch_name(&branch) {
                 return Err(Failure(StatusCode::BAD_REQUEST, why));
             }

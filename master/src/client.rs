@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
-use nightshift_proto::api::{ApiClient, BuildInfo, BuildState, MasterUrl, SubmitRequest, WorkerList};
+use nightshift_proto::api::{
+    ApiClient, BuildInfo, BuildState, MasterUrl, SubmitRequest, WorkerList,
+};
 use nightshift_proto::wire::Outcome;
 
 use crate::cli::ConnArgs;
@@ -621,7 +623,10 @@ mod tests {
         let table = builds_table(&sourced, now(), &TimeZone::UTC);
         let line = table.lines().nth(1).expect("a row");
         assert!(line.contains(" main@0123456789ab "), "{table}");
-        assert!(line.ends_with("collapsed into build 10 (by webhook gh)"), "{table}");
+        assert!(
+            line.ends_with("collapsed into build 10 (by webhook gh)"),
+            "{table}"
+        );
         let detail = lines[0].find("DETAIL").expect("a header");
         assert_eq!(lines[1].find("waiting"), Some(detail), "{table}");
     }

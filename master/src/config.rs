@@ -439,7 +439,6 @@ pub enum HookKind {
     Generic,
 }
 
-
 /// One `[[hook]]`: a webhook endpoint at `/hooks/<name>`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HookDef {
@@ -844,10 +843,11 @@ impl MasterConfig {
                         format!("builder[{i}].poll"),
                         "polling needs a `source` (the repository and branch to poll)".into(),
                     );
-                } else if poll.0 < Duration::from_secs(10) {
+                } else if poll.0 < Duration::from_secs(1) {
                     issue(
                         format!("builder[{i}].poll"),
-                        "must be at least 10s (each poll runs `git ls-remote` against the remote)"
+                        "must be at least 1s (each poll runs `git ls-remote` against the remote; \
+                         minutes are kind to it)"
                             .into(),
                     );
                 }
@@ -923,7 +923,9 @@ impl MasterConfig {
                 match builders.iter().find(|b| &b.name == builder) {
                     Some(b) if b.source.is_none() => issue(
                         format!("hook[{i}].builders[{j}]"),
-                        format!("builder `{builder}` has no `source`; a push cannot name its revision"),
+                        format!(
+                            "builder `{builder}` has no `source`; a push cannot name its revision"
+                        ),
                     ),
                     Some(_) => {}
                     None if written.builders.contains(builder) => {}

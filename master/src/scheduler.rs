@@ -18,8 +18,8 @@ use jiff::Timestamp;
 use nightshift_policy::{Presence, PresenceState, Source};
 use nightshift_proto::api::{LatentInfo, WorkerInfo, WorkerList};
 use nightshift_proto::wire::{
-    AgentMessage, BuildId, BuildResult, BuildSource, HEARTBEAT_SECS, MasterMessage, Outcome, PROTOCOL_VERSION,
-    StepSpec,
+    AgentMessage, BuildId, BuildResult, BuildSource, HEARTBEAT_SECS, MasterMessage, Outcome,
+    PROTOCOL_VERSION, StepSpec,
 };
 use tokio::sync::{mpsc, oneshot};
 

@@ -19,7 +19,9 @@ use anyhow::{Context, anyhow};
 use jiff::Timestamp;
 use nightshift_policy::Presence;
 use nightshift_proto::api::{BuildInfo, BuildState};
-use nightshift_proto::wire::{BuildId, BuildResult, BuildSource, CheckoutMode, Outcome, StepResult};
+use nightshift_proto::wire::{
+    BuildId, BuildResult, BuildSource, CheckoutMode, Outcome, StepResult,
+};
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
@@ -32,7 +34,8 @@ type Job = Box<dyn FnOnce(&Connection) -> (bool, Completion) + Send>;
 const MAX_BATCH: usize = 512;
 
 /// Ordered schema migrations; `PRAGMA user_version` counts the applied ones.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE builds (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     builder TEXT NOT NULL,
@@ -71,7 +74,8 @@ CREATE TABLE settings (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
-"#, r#"
+"#,
+    r#"
 ALTER TABLE builds ADD COLUMN repository TEXT;
 ALTER TABLE builds ADD COLUMN branch TEXT;
 ALTER TABLE builds ADD COLUMN revision TEXT;
@@ -89,7 +93,8 @@ CREATE TABLE timed_builds (
     revision TEXT,
     fired_at TEXT NOT NULL
 );
-"#];
+"#,
+];
 
 /// A build that is not finished, as loaded at startup.
 #[derive(Debug, Clone, PartialEq)]
@@ -676,7 +681,11 @@ fn record_head(
     Ok(())
 }
 
-fn insert_new_build(conn: &Connection, build: &NewBuild, now: Timestamp) -> rusqlite::Result<BuildId> {
+fn insert_new_build(
+    conn: &Connection,
+    build: &NewBuild,
+    now: Timestamp,
+) -> rusqlite::Result<BuildId> {
     let props = serde_json::to_string(&build.properties).unwrap_or_else(|_| "{}".into());
     let source = build.source.as_ref();
     conn.prepare_cached(

@@ -46,9 +46,8 @@ impl CronSchedule {
                 .checked_sub(jiff::SignedDuration::from_hours(1))
                 .ok()
                 .map(|t| t.to_zoned(tz.clone()));
-            let repeat = earlier.is_some_and(|e| {
-                e.datetime() == next.datetime() && e.offset() != next.offset()
-            });
+            let repeat = earlier
+                .is_some_and(|e| e.datetime() == next.datetime() && e.offset() != next.offset());
             if !repeat {
                 return Some(next.timestamp());
             }

@@ -79,7 +79,9 @@ pub struct BuildSource {
 /// Whether `text` is a full git commit id (SHA-1 or SHA-256, lowercase hex).
 pub fn is_full_revision(text: &str) -> bool {
     (text.len() == 40 || text.len() == 64)
-        && text.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
 }
 
 /// One step of a build as the master hands it to the agent.

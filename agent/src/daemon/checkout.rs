@@ -143,15 +143,28 @@ mod tests {
             .env("GIT_COMMITTER_EMAIL", "t@example.org")
             .output()
             .unwrap();
-        assert!(out.status.success(), "git {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "git {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         String::from_utf8_lossy(&out.stdout).trim().to_owned()
     }
 
     fn run(script: &str, dir: &std::path::Path) -> (bool, String) {
-        let out = Command::new("sh").arg("-c").arg(script).current_dir(dir).output().unwrap();
+        let out = Command::new("sh")
+            .arg("-c")
+            .arg(script)
+            .current_dir(dir)
+            .output()
+            .unwrap();
         (
             out.status.success(),
-            format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
         )
     }
 
@@ -240,6 +253,9 @@ mod tests {
         let text = format!("{env:?}");
         assert!(text.contains("cat '/k/token'"));
         assert!(text.contains("-i '/k/id ed'"));
-        assert!(env.iter().any(|(k, v)| k == "GIT_TERMINAL_PROMPT" && v == "0"));
+        assert!(
+            env.iter()
+                .any(|(k, v)| k == "GIT_TERMINAL_PROMPT" && v == "0")
+        );
     }
 }

@@ -116,14 +116,21 @@ async fn poll_once(context: &TriggerContext, repo: &str, branch: &str) {
         .collect();
     match context
         .store
-        .advance_head(repo.to_owned(), branch.to_owned(), revision.clone(), builds.clone())
+        .advance_head(
+            repo.to_owned(),
+            branch.to_owned(),
+            revision.clone(),
+            builds.clone(),
+        )
         .await
     {
         Ok(HeadAdvance::Unchanged) => {
             tracing::debug!("poll {repo} {branch}: still {revision}")
         }
         Ok(HeadAdvance::Baseline) => {
-            tracing::info!("poll {repo} {branch}: first seen at {revision}; builds start with the next change")
+            tracing::info!(
+                "poll {repo} {branch}: first seen at {revision}; builds start with the next change"
+            )
         }
         Ok(HeadAdvance::Queued(ids)) => {
             TriggerCounters::bump(&context.counters.poll_builds_queued, ids.len() as u64);

@@ -37,9 +37,15 @@ pub fn next_fire(config: &MasterConfig, after: Timestamp) -> Option<(Timestamp, 
     let tz = config.time_zone();
     let mut best: Option<(Timestamp, Vec<String>)> = None;
     for builder in &config.builders {
-        let Some(expr) = &builder.schedule else { continue };
-        let Ok(cron) = CronSchedule::parse(expr) else { continue };
-        let Some(at) = cron.next_after(after, &tz) else { continue };
+        let Some(expr) = &builder.schedule else {
+            continue;
+        };
+        let Ok(cron) = CronSchedule::parse(expr) else {
+            continue;
+        };
+        let Some(at) = cron.next_after(after, &tz) else {
+            continue;
+        };
         match &mut best {
             Some((best_at, names)) if *best_at == at => names.push(builder.name.clone()),
             Some((best_at, _)) if *best_at < at => {}
@@ -115,7 +121,11 @@ async fn queue_one(context: &TriggerContext, fire: TimedFire) {
     if builder.only_if_changed
         && let Some(source) = &source
     {
-        match context.store.last_timed_revision(builder.name.clone()).await {
+        match context
+            .store
+            .last_timed_revision(builder.name.clone())
+            .await
+        {
             Ok(Some(last)) if last == source.revision => {
                 TriggerCounters::bump(&counters.timed_skipped_unchanged, 1);
                 tracing::info!(
@@ -139,7 +149,11 @@ async fn queue_one(context: &TriggerContext, fire: TimedFire) {
         source,
         trigger: "schedule".into(),
     };
-    match context.store.insert_timed_build(build.clone(), fire.at).await {
+    match context
+        .store
+        .insert_timed_build(build.clone(), fire.at)
+        .await
+    {
         Ok(id) => {
             TriggerCounters::bump(&counters.timed_builds_queued, 1);
             tracing::info!("timed build of {} queued as build {id}", fire.builder);
@@ -195,7 +209,8 @@ mod tests {
              [[builder]]\nname = \"b\"\nworkers = [\"w\"]\nschedule = \"0 2 * * *\"\nsteps = [{ name = \"s\", command = \"true\" }]\n\
              [[builder]]\nname = \"c\"\nworkers = [\"w\"]\nschedule = \"0 3 * * *\"\nsteps = [{ name = \"s\", command = \"true\" }]\n",
         );
-        let (at, names) = next_fire(&config, local("2026-06-01T12:00:00", "America/New_York")).unwrap();
+        let (at, names) =
+            next_fire(&config, local("2026-06-01T12:00:00", "America/New_York")).unwrap();
         assert_eq!(at, local("2026-06-02T02:00:00", "America/New_York"));
         assert_eq!(names, vec!["a".to_string(), "b".to_string()]);
     }

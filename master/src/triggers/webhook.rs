@@ -92,19 +92,29 @@ pub enum Rejection {
 }
 
 /// Checks the delivery's signature or token against `secret`.
-pub fn authenticate(kind: HookKind, headers: &HeaderMap, body: &[u8], secret: &[u8]) -> Result<(), Rejection> {
+pub fn authenticate(
+    kind: HookKind,
+    headers: &HeaderMap,
+    body: &[u8],
+    secret: &[u8],
+) -> Result<(), Rejection> {
     let header_text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
     match kind {
         HookKind::Github | HookKind::Gitea => {
             let (name, hex_sig) = if let Some(v) = header_text("x-hub-signature-256") {
                 let hex_sig = v.strip_prefix("sha256=").ok_or_else(|| {
-                    Rejection::BadSignature("X-Hub-Signature-256 must look like `sha256=<hex>`".into())
+                    Rejection::BadSignature(
+                        "X-Hub-Signature-256 must look like `sha256=<hex>`".into(),
+                    )
                 })?;
                 ("X-Hub-Signature-256", hex_sig)
             } else if kind == HookKind::Gitea
-                && let Some((name, v)) = [("X-Gitea-Signature", "x-gitea-signature"), ("X-Forgejo-Signature", "x-forgejo-signature")]
-                    .into_iter()
-                    .find_map(|(name, key)| Some((name, header_text(key)?)))
+                && let Some((name, v)) = [
+                    ("X-Gitea-Signature", "x-gitea-signature"),
+                    ("X-Forgejo-Signature", "x-forgejo-signature"),
+                ]
+                .into_iter()
+                .find_map(|(name, key)| Some((name, header_text(key)?)))
             {
                 (name, v)
             } else {
@@ -119,16 +129,24 @@ pub fn authenticate(kind: HookKind, headers: &HeaderMap, body: &[u8], secret: &[
                 .map_err(|_| Rejection::BadSignature("unusable secret".into()))?;
             mac.update(body);
             // `verify_slice` compares in constant time.
-            mac.verify_slice(&signature)
-                .map_err(|_| Rejection::BadSignature(format!("{name} does not match the body and the hook's secret")))
+            mac.verify_slice(&signature).map_err(|_| {
+                Rejection::BadSignature(format!(
+                    "{name} does not match the body and the hook's secret"
+                ))
+            })
         }
         HookKind::Gitlab => {
-            let token = header_text("x-gitlab-token")
-                .ok_or_else(|| Rejection::BadSignature("missing X-Gitlab-Token header (set the hook's secret token in GitLab)".into()))?;
+            let token = header_text("x-gitlab-token").ok_or_else(|| {
+                Rejection::BadSignature(
+                    "missing X-Gitlab-Token header (set the hook's secret token in GitLab)".into(),
+                )
+            })?;
             if constant_time_eq(token.as_bytes(), secret) {
                 Ok(())
             } else {
-                Err(Rejection::BadSignature("X-Gitlab-Token does not match the hook's secret".into()))
+                Err(Rejection::BadSignature(
+                    "X-Gitlab-Token does not match the hook's secret".into(),
+                ))
             }
         }
         HookKind::Generic => {
@@ -138,7 +156,9 @@ pub fn authenticate(kind: HookKind, headers: &HeaderMap, body: &[u8], secret: &[
             if constant_time_eq(token.as_bytes(), secret) {
                 Ok(())
             } else {
-                Err(Rejection::BadSignature("the bearer token does not match the hook's secret".into()))
+                Err(Rejection::BadSignature(
+                    "the bearer token does not match the hook's secret".into(),
+                ))
             }
         }
     }
@@ -167,7 +187,11 @@ pub fn parse_push(kind: HookKind, headers: &HeaderMap, body: &[u8]) -> Result<Pu
     }
     let json: Value = serde_json::from_slice(body)
         .map_err(|e| Rejection::Malformed(format!("the body is not JSON: {e}")))?;
-    let text = |pointer: &str| json.pointer(pointer).and_then(Value::as_str).map(str::to_owned);
+    let text = |pointer: &str| {
+        json.pointer(pointer)
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
     let (reference, revision, names) = match kind {
         HookKind::Generic => {
             let repository = text("/repository")
@@ -241,7 +265,11 @@ pub fn normalize_repo(url: &str) -> String {
         Some((authority, path)) => {
             let host = authority.rsplit('@').next().unwrap_or(authority);
             let host = host.split(':').next().unwrap_or(host);
-            format!("{}/{}", host.to_ascii_lowercase(), path.trim_start_matches('/'))
+            format!(
+                "{}/{}",
+                host.to_ascii_lowercase(),
+                path.trim_start_matches('/')
+            )
         }
         None => rest,
     };
@@ -249,19 +277,32 @@ pub fn normalize_repo(url: &str) -> String {
 }
 
 /// The builders a push to `branch` of the named repository triggers.
-pub fn matching_builders<'c>(config: &'c MasterConfig, hook: &HookDef, push: &Push, branch: &str) -> Vec<&'c crate::config::BuilderDef> {
-    let names: Vec<String> = push.repository_names.iter().map(|n| normalize_repo(n)).collect();
+pub fn matching_builders<'c>(
+    config: &'c MasterConfig,
+    hook: &HookDef,
+    push: &Push,
+    branch: &str,
+) -> Vec<&'c crate::config::BuilderDef> {
+    let names: Vec<String> = push
+        .repository_names
+        .iter()
+        .map(|n| normalize_repo(n))
+        .collect();
     config
         .builders
         .iter()
         .filter(|b| {
-            let Some(source) = &b.source else { return false };
+            let Some(source) = &b.source else {
+                return false;
+            };
             if source.branch != branch {
                 return false;
             }
             if hook.builders.is_empty() {
                 let own = normalize_repo(&source.repo);
-                names.iter().any(|n| *n == own || own.ends_with(&format!("/{n}")))
+                names
+                    .iter()
+                    .any(|n| *n == own || own.ends_with(&format!("/{n}")))
             } else {
                 hook.builders.contains(&b.name)
             }
@@ -280,7 +321,10 @@ pub async fn receive(
     let config = state.config.get();
     let Some(hook) = config.hook(&name).cloned() else {
         TriggerCounters::bump(&counters.hook_unknown, 1);
-        return refuse(StatusCode::NOT_FOUND, format!("no hook `{name}` is configured"));
+        return refuse(
+            StatusCode::NOT_FOUND,
+            format!("no hook `{name}` is configured"),
+        );
     };
     let declared = headers
         .get(header::CONTENT_LENGTH)
@@ -299,7 +343,9 @@ pub async fn receive(
             TriggerCounters::bump(&counters.hook_oversized, 1);
             return refuse(
                 StatusCode::PAYLOAD_TOO_LARGE,
-                format!("hook `{name}`: the body is larger than {MAX_HOOK_BODY} bytes (or was cut off)"),
+                format!(
+                    "hook `{name}`: the body is larger than {MAX_HOOK_BODY} bytes (or was cut off)"
+                ),
             );
         }
     };
@@ -312,7 +358,9 @@ pub async fn receive(
             );
             return refuse(
                 StatusCode::SERVICE_UNAVAILABLE,
-                format!("hook `{name}`: the master cannot read this hook's secret file (see its log)"),
+                format!(
+                    "hook `{name}`: the master cannot read this hook's secret file (see its log)"
+                ),
             );
         }
     };
@@ -341,10 +389,16 @@ pub async fn receive(
     };
     TriggerCounters::bump(&counters.hook_accepted, 1);
     let Some(branch) = push.branch.clone() else {
-        return ignore(&counters, format!("hook `{name}`: the pushed ref is not a branch"));
+        return ignore(
+            &counters,
+            format!("hook `{name}`: the pushed ref is not a branch"),
+        );
     };
     let Some(revision) = push.revision.clone() else {
-        return ignore(&counters, format!("hook `{name}`: branch `{branch}` was deleted"));
+        return ignore(
+            &counters,
+            format!("hook `{name}`: branch `{branch}` was deleted"),
+        );
     };
     let builders = matching_builders(&config, &hook, &push, &branch);
     if builders.is_empty() {
@@ -397,7 +451,10 @@ pub async fn receive(
         }
         Err(e) => {
             tracing::error!("hook `{name}`: cannot queue: {e:#}");
-            refuse(StatusCode::INTERNAL_SERVER_ERROR, format!("hook `{name}`: cannot queue: {e:#}"))
+            refuse(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                format!("hook `{name}`: cannot queue: {e:#}"),
+            )
         }
     }
 }
@@ -459,7 +516,10 @@ mod tests {
             "x-hub-signature-256",
             HeaderValue::from_str(&sign(b"s3cret", &body)).unwrap(),
         );
-        assert_eq!(authenticate(HookKind::Github, &headers, &body, b"s3cret"), Ok(()));
+        assert_eq!(
+            authenticate(HookKind::Github, &headers, &body, b"s3cret"),
+            Ok(())
+        );
         // One changed byte of the body breaks it.
         let mut tampered = body.clone();
         tampered[3] ^= 1;
@@ -488,7 +548,10 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.insert("x-gitlab-event", HeaderValue::from_static("Push Hook"));
         headers.insert("x-gitlab-token", HeaderValue::from_static("tok"));
-        assert_eq!(authenticate(HookKind::Gitlab, &headers, gitlab.as_bytes(), b"tok"), Ok(()));
+        assert_eq!(
+            authenticate(HookKind::Gitlab, &headers, gitlab.as_bytes(), b"tok"),
+            Ok(())
+        );
         assert!(authenticate(HookKind::Gitlab, &headers, gitlab.as_bytes(), b"tok2").is_err());
         let push = parse_push(HookKind::Gitlab, &headers, gitlab.as_bytes()).unwrap();
         assert_eq!(push.branch.as_deref(), Some("dev"));
@@ -513,10 +576,18 @@ mod tests {
             Err(Rejection::Malformed(m)) if m.contains("full commit id")
         ));
         let tag = serde_json::json!({"ref": "refs/tags/v1", "after": REV}).to_string();
-        assert_eq!(parse_push(HookKind::Github, &headers, tag.as_bytes()).unwrap().branch, None);
-        let deleted = serde_json::json!({"ref": "refs/heads/x", "after": "0".repeat(40)}).to_string();
         assert_eq!(
-            parse_push(HookKind::Github, &headers, deleted.as_bytes()).unwrap().revision,
+            parse_push(HookKind::Github, &headers, tag.as_bytes())
+                .unwrap()
+                .branch,
+            None
+        );
+        let deleted =
+            serde_json::json!({"ref": "refs/heads/x", "after": "0".repeat(40)}).to_string();
+        assert_eq!(
+            parse_push(HookKind::Github, &headers, deleted.as_bytes())
+                .unwrap()
+                .revision,
             None
         );
     }

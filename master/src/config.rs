@@ -1277,7 +1277,7 @@ steps = [{{ name = "s", command = "true", timeout = -5 }}]
              master.toml:7:1: worker[0].max_bulds: unknown key `max_bulds`, expected one of `name`, `token_sha256`, `max_builds`, `schedule`, `timezone`, `latent`\n\
              master.toml:11:9: lock[0].scope: unknown value `planet`, expected `master` or `worker`\n\
              master.toml:15:18: builder[0].workers[1]: unknown worker `ghost` (no [[worker]] with that name)\n\
-             master.toml:16:1: builder[0].colour: unknown key `colour`, expected one of `name`, `workers`, `steps`, `locks`\n\
+             master.toml:16:1: builder[0].colour: unknown key `colour`, expected one of `name`, `workers`, `steps`, `locks`, `source`, `poll`, `schedule`, `only_if_changed`, `collapse`\n\
              master.toml:18:68: builder[0].steps[0].locks[0].access: unknown value `sometimes`, expected `counting` or `exclusive`\n\
              master.toml:25:52: builder[1].steps[0].timeout: a duration cannot be negative (-5)"
         );
@@ -1325,5 +1325,54 @@ steps = [{{ name = "s", command = "true", timeout = -5 }}]
         assert_eq!(state_at("2026-11-28T11:00:00Z"), Available, "Saturday noon");
         assert_eq!(state_at("2026-11-29T22:00:00Z"), Available, "Sunday 23:00");
         assert_eq!(state_at("2026-11-30T07:00:00Z"), Reluctant, "Monday 08:00");
+    }
+
+    #[test]
+    fn sources_hooks_and_triggers_are_validated_together() {
+        let text = format!(
+            "timezone = \"Mars/Olympus\"\n\
+             [[worker]]\nname = \"w\"\ntoken_sha256 = \"{HASH}\"\n\
+             [[builder]]\nname = \"plain\"\nworkers = [\"w\"]\npoll = \"1m\"\ncollapse = true\n\
+             steps = [{{ name = \"s\", command = \"true\" }}]\n\
+             [[builder]]\nname = \"app\"\nworkers = [\"w\"]\nschedule = \"0 25 * * *\"\n\
+             source = {{ repo = \"-oProxyCommand=x\", branch = \"a..b\", mode = \"fresh\" }}\n\
+             steps = [{{ name = \"s\", command = \"true\" }}]\n\
+             [[hook]]\nname = \"gh\"\nkind = \"github\"\nbuilders = [\"plain\", \"ghost\"]\n"
+        );
+        let err = MasterConfig::parse(&text, Path::new("master.toml"), Path::new("/etc"))
+            .unwrap_err()
+            .to_string();
+        for expected in [
+            "timezone: unknown time zone `Mars/Olympus`",
+            "builder[0].poll: polling needs a `source`",
+            "builder[0].collapse:",
+            "builder[1].schedule: cron expression",
+            "builder[1].source.repo:",
+            "builder[1].source.branch: `a..b` is not a valid branch name",
+            "hook[0].secret_file: missing",
+            "hook[0].builders[0]: builder `plain` has no `source`",
+            "hook[0].builders[1]: unknown builder `ghost`",
+        ] {
+            assert!(err.contains(expected), "{expected}\n{err}");
+        }
+        let good = format!(
+            "timezone = \"Europe/Berlin\"\n\
+             [[worker]]\nname = \"w\"\ntoken_sha256 = \"{HASH}\"\n\
+             [[builder]]\nname = \"app\"\nworkers = [\"w\"]\npoll = \"2m\"\nschedule = \"0 2 * * *\"\n\
+             only_if_changed = true\ncollapse = true\n\
+             source = {{ repo = \"git@example.org:acme/app.git\", shallow = true }}\n\
+             steps = [{{ name = \"s\", command = \"make\" }}]\n\
+             [[hook]]\nname = \"forge\"\nkind = \"forgejo\"\nsecret_file = \"hook.secret\"\n"
+        );
+        let config = MasterConfig::parse(&good, Path::new("master.toml"), Path::new("/etc")).unwrap();
+        let app = config.builder("app").unwrap();
+        let source = app.source.as_ref().unwrap();
+        assert_eq!(source.branch, "main");
+        assert_eq!(source.mode, CheckoutMode::Incremental);
+        assert!(source.shallow && app.collapse && app.only_if_changed);
+        assert_eq!(app.poll, Some(Duration::from_secs(120)));
+        let hook = config.hook("forge").unwrap();
+        assert_eq!(hook.kind, HookKind::Gitea);
+        assert_eq!(hook.secret_file, Path::new("/etc/hook.secret"));
     }
 }

@@ -905,6 +905,57 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_branch_head_queues_once_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let build = |rev: &str| NewBuild {
+            builder: "app".into(),
+            properties: BTreeMap::new(),
+            source: Some(BuildSource {
+                repository: "file:///r".into(),
+                branch: "main".into(),
+                revision: rev.into(),
+                mode: CheckoutMode::Full,
+                shallow: false,
+            }),
+            trigger: "poll".into(),
+        };
+        let (a, b) = ("a".repeat(40), "b".repeat(40));
+        let advance = |store: Store, rev: String| async move {
+            store
+                .advance_head("file:///r".into(), "main".into(), rev.clone(), vec![build(&rev)])
+                .await
+                .unwrap()
+        };
+        let store = Store::open(&path).unwrap();
+        assert_eq!(advance(store.clone(), a.clone()).await, HeadAdvance::Baseline);
+        assert_eq!(advance(store.clone(), a.clone()).await, HeadAdvance::Unchanged);
+        let HeadAdvance::Queued(ids) = advance(store.clone(), b.clone()).await else {
+            panic!("a new head queues");
+        };
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(advance(store.clone(), b.clone()).await, HeadAdvance::Unchanged);
+        let info = store.get_build(ids[0]).await.unwrap().unwrap();
+        assert_eq!(info.revision.as_deref(), Some(b.as_str()));
+        assert_eq!(info.trigger.as_deref(), Some("poll"));
+        let unfinished = store.unfinished().await.unwrap();
+        assert_eq!(unfinished[0].source.as_ref().unwrap().revision, b);
+
+        // A collapsed request ends unrun, naming the newer one.
+        let newer = store.insert_builds(vec![build(&a)], None).await.unwrap()[0];
+        store.collapse(ids.clone(), newer, Timestamp::now()).await.unwrap();
+        let info = store.get_build(ids[0]).await.unwrap().unwrap();
+        assert_eq!(info.state, BuildState::Finished);
+        assert_eq!(info.outcome, Some(Outcome::Cancelled));
+        assert_eq!(info.collapsed_into, Some(newer));
+        // Timed builds remember their revision.
+        assert_eq!(store.last_timed_revision("app".into()).await.unwrap(), None);
+        store.insert_timed_build(build(&a), Timestamp::now()).await.unwrap();
+        assert_eq!(store.last_timed_revision("app".into()).await.unwrap(), Some(a));
+    }
+
+    #[tokio::test]
     async fn a_failing_job_does_not_spoil_the_batch() {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(&dir.path().join("m.db")).unwrap();

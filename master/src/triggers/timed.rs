@@ -186,8 +186,9 @@ mod tests {
     }
 
     fn config(text: &str) -> MasterConfig {
+        // `text` starts with top-level keys, so the worker table comes last.
         let text = format!(
-            "[[worker]]\nname = \"w\"\ntoken_sha256 = \"{}\"\n{text}",
+            "{text}\n[[worker]]\nname = \"w\"\ntoken_sha256 = \"{}\"\n",
             "a".repeat(64)
         );
         MasterConfig::parse(&text, Path::new("master.toml"), Path::new("/tmp")).unwrap()

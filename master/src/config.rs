@@ -1364,7 +1364,8 @@ steps = [{{ name = "s", command = "true", timeout = -5 }}]
              steps = [{{ name = \"s\", command = \"make\" }}]\n\
              [[hook]]\nname = \"forge\"\nkind = \"forgejo\"\nsecret_file = \"hook.secret\"\n"
         );
-        let config = MasterConfig::parse(&good, Path::new("master.toml"), Path::new("/etc")).unwrap();
+        let config =
+            MasterConfig::parse(&good, Path::new("master.toml"), Path::new("/etc")).unwrap();
         let app = config.builder("app").unwrap();
         let source = app.source.as_ref().unwrap();
         assert_eq!(source.branch, "main");

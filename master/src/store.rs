@@ -923,19 +923,33 @@ mod tests {
         let (a, b) = ("a".repeat(40), "b".repeat(40));
         let advance = |store: Store, rev: String| async move {
             store
-                .advance_head("file:///r".into(), "main".into(), rev.clone(), vec![build(&rev)])
+                .advance_head(
+                    "file:///r".into(),
+                    "main".into(),
+                    rev.clone(),
+                    vec![build(&rev)],
+                )
                 .await
                 .unwrap()
         };
         let store = Store::open(&path).unwrap();
-        assert_eq!(advance(store.clone(), a.clone()).await, HeadAdvance::Baseline);
-        assert_eq!(advance(store.clone(), a.clone()).await, HeadAdvance::Unchanged);
+        assert_eq!(
+            advance(store.clone(), a.clone()).await,
+            HeadAdvance::Baseline
+        );
+        assert_eq!(
+            advance(store.clone(), a.clone()).await,
+            HeadAdvance::Unchanged
+        );
         let HeadAdvance::Queued(ids) = advance(store.clone(), b.clone()).await else {
             panic!("a new head queues");
         };
         drop(store);
         let store = Store::open(&path).unwrap();
-        assert_eq!(advance(store.clone(), b.clone()).await, HeadAdvance::Unchanged);
+        assert_eq!(
+            advance(store.clone(), b.clone()).await,
+            HeadAdvance::Unchanged
+        );
         let info = store.get_build(ids[0]).await.unwrap().unwrap();
         assert_eq!(info.revision.as_deref(), Some(b.as_str()));
         assert_eq!(info.trigger.as_deref(), Some("poll"));
@@ -944,15 +958,24 @@ mod tests {
 
         // A collapsed request ends unrun, naming the newer one.
         let newer = store.insert_builds(vec![build(&a)], None).await.unwrap()[0];
-        store.collapse(ids.clone(), newer, Timestamp::now()).await.unwrap();
+        store
+            .collapse(ids.clone(), newer, Timestamp::now())
+            .await
+            .unwrap();
         let info = store.get_build(ids[0]).await.unwrap().unwrap();
         assert_eq!(info.state, BuildState::Finished);
         assert_eq!(info.outcome, Some(Outcome::Cancelled));
         assert_eq!(info.collapsed_into, Some(newer));
         // Timed builds remember their revision.
         assert_eq!(store.last_timed_revision("app".into()).await.unwrap(), None);
-        store.insert_timed_build(build(&a), Timestamp::now()).await.unwrap();
-        assert_eq!(store.last_timed_revision("app".into()).await.unwrap(), Some(a));
+        store
+            .insert_timed_build(build(&a), Timestamp::now())
+            .await
+            .unwrap();
+        assert_eq!(
+            store.last_timed_revision("app".into()).await.unwrap(),
+            Some(a)
+        );
     }
 
     #[tokio::test]

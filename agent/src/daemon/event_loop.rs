@@ -1305,6 +1305,7 @@ mod tests {
                     checkout: false,
                 }],
                 properties: BTreeMap::new(),
+                source: None,
             });
         }
 
@@ -1746,6 +1747,7 @@ mod tests {
                 checkout: false,
             }],
             properties: BTreeMap::new(),
+            source: None,
         });
         assert!(matches!(
             fixture.next_to_master().await,

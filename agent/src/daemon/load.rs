@@ -544,6 +544,7 @@ mod tests {
                     checkout: false,
                 }],
                 properties: Default::default(),
+                source: None,
             },
             Arc::new(RunnerSettings {
                 workdir: work.path().to_owned(),

@@ -234,7 +234,7 @@ async fn submit(
         trigger: "submit".into(),
     };
     // Committed, then handed to the scheduler.
-    let ids = crate::triggers::queue_builds(&state.store, &state.events, vec![build], None)
+    let ids = crate::triggers::queue_builds(&state.store, &state.events, vec![build], Vec::new())
         .await
         .map_err(Failure::internal)?;
     let id = ids

@@ -236,17 +236,17 @@ impl Store {
     }
 
     /// Inserts build requests in one commit; returns their ids in order.
-    /// `head` (repository, branch, revision) is recorded as that branch's
-    /// last seen head in the same commit (a pushed revision is not polled
-    /// again).
+    /// Each of `heads` (repository, branch, revision) is recorded as that
+    /// branch's last seen head in the same commit (a pushed revision is not
+    /// polled again).
     pub async fn insert_builds(
         &self,
         builds: Vec<NewBuild>,
-        head: Option<(String, String, String)>,
+        heads: Vec<(String, String, String)>,
     ) -> anyhow::Result<Vec<BuildId>> {
         let now = Timestamp::now();
         self.call(move |conn| {
-            if let Some((repository, branch, revision)) = &head {
+            for (repository, branch, revision) in &heads {
                 record_head(conn, repository, branch, revision, now)?;
             }
             builds
@@ -957,7 +957,10 @@ mod tests {
         assert_eq!(unfinished[0].source.as_ref().unwrap().revision, b);
 
         // A collapsed request ends unrun, naming the newer one.
-        let newer = store.insert_builds(vec![build(&a)], None).await.unwrap()[0];
+        let newer = store
+            .insert_builds(vec![build(&a)], Vec::new())
+            .await
+            .unwrap()[0];
         store
             .collapse(ids.clone(), newer, Timestamp::now())
             .await

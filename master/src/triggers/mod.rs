@@ -126,15 +126,15 @@ pub fn announce(events: &mpsc::UnboundedSender<Event>, ids: &[BuildId], builds: 
     }
 }
 
-/// Commits `builds` (and the branch head they build, if any), then hands
+/// Commits `builds` (and the branch heads they build, if any), then hands
 /// them to the scheduler: the one way a request enters the queue.
 pub async fn queue_builds(
     store: &Store,
     events: &mpsc::UnboundedSender<Event>,
     builds: Vec<NewBuild>,
-    head: Option<(String, String, String)>,
+    heads: Vec<(String, String, String)>,
 ) -> anyhow::Result<Vec<BuildId>> {
-    let ids = store.insert_builds(builds.clone(), head).await?;
+    let ids = store.insert_builds(builds.clone(), heads).await?;
     announce(events, &ids, builds);
     Ok(ids)
 }

@@ -417,13 +417,15 @@ pub async fn receive(
         })
         .collect();
     let names: Vec<String> = builds.iter().map(|b| b.builder.clone()).collect();
-    // The head each builder's repository now has (one per distinct repo;
-    // polling then sees nothing new).
-    let head = builders
-        .first()
-        .and_then(|b| b.source.as_ref())
-        .map(|s| (s.repo.clone(), branch.clone(), revision.clone()));
-    match queue_builds(&state.store, &state.events, builds, head).await {
+    // The head each matched repository now has: polling sees nothing new.
+    let mut heads: Vec<(String, String, String)> = builders
+        .iter()
+        .filter_map(|b| b.source.as_ref())
+        .map(|s| (s.repo.clone(), branch.clone(), revision.clone()))
+        .collect();
+    heads.sort();
+    heads.dedup();
+    match queue_builds(&state.store, &state.events, builds, heads).await {
         Ok(ids) => {
             TriggerCounters::bump(&counters.hook_builds_queued, ids.len() as u64);
             tracing::info!(

@@ -64,6 +64,8 @@ pub struct SoakReport {
     pub started_while_away: usize,
     pub lock_overlaps: usize,
     pub forged_accepted: usize,
+    /// Builds whose outcome is not the one their steps determine.
+    pub wrong_outcome: usize,
     pub faults_injected: usize,
     pub retried: usize,
     pub seconds: f64,
@@ -82,13 +84,14 @@ impl SoakReport {
     pub fn summary(&self) -> String {
         format!(
             "builds {}, lost {}, duplicated {}, started-while-away {}, lock overlaps {}, \
-             forged accepted {}, faults injected {}, retried {}, {:.0} s",
+             forged accepted {}, wrong outcome {}, faults injected {}, retried {}, {:.0} s",
             self.builds,
             self.lost,
             self.duplicated,
             self.started_while_away,
             self.lock_overlaps,
             self.forged_accepted,
+            self.wrong_outcome,
             self.faults_injected,
             self.retried,
             self.seconds
@@ -123,10 +126,11 @@ fn master_toml(ledger: &Path, workers: &[String]) -> String {
         .collect::<Vec<_>>()
         .join(", ");
     let start = toml_str(&ledger_line(ledger, "start"));
-    let work = toml_str("sleep 0.0$((RANDOM % 10))");
-    let flaky = toml_str("sleep 0.0$((RANDOM % 5)); exit $((RANDOM % 4 == 0))");
+    let work = toml_str("sleep 0.0$((NIGHTSHIFT_BUILD_ID % 10))");
+    let flaky =
+        toml_str("sleep 0.0$((NIGHTSHIFT_BUILD_ID % 5)); exit $((NIGHTSHIFT_BUILD_ID % 4 == 0))");
     let critical = toml_str(&format!(
-        "{}; sleep 0.$((RANDOM % 3 + 1)); {}",
+        "{}; sleep 0.$((NIGHTSHIFT_BUILD_ID % 3 + 1)); {}",
         ledger_line(ledger, "acquire"),
         ledger_line(ledger, "release")
     ));
@@ -153,6 +157,15 @@ workers = [{list}]
 steps = [
   {{ name = "s0", command = {start} }},
   {{ name = "work", command = {flaky} }},
+]
+
+[[builder]]
+name = "slow"
+workers = [{list}]
+steps = [
+  {{ name = "s0", command = {start} }},
+  {{ name = "work", command = "sleep 1.$((NIGHTSHIFT_BUILD_ID % 9))" }},
+  {{ name = "end", command = {end} }},
 ]
 
 [[builder]]
@@ -225,6 +238,29 @@ struct Downtime {
     at: f64,
 }
 
+/// The faults a soak injects, in the order they take turns.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    Away,
+    AwayFor,
+    Stop,
+    StopDeadline,
+    KillAgent,
+    Intruder,
+    KillMaster,
+}
+
+/// Master faults last, so `--no-master-faults` drops just them.
+const FAULT_KINDS: &[Fault] = &[
+    Fault::Away,
+    Fault::Intruder,
+    Fault::KillAgent,
+    Fault::AwayFor,
+    Fault::StopDeadline,
+    Fault::Stop,
+    Fault::KillMaster,
+];
+
 struct Soak {
     config: SoakConfig,
     farm: Farm,
@@ -285,14 +321,18 @@ impl Soak {
         while self.submitted.len() < self.config.builds {
             let batch = self
                 .rng
-                .random_range(1..=6)
+                .random_range(1..=4)
                 .min(self.config.builds - self.submitted.len());
             for _ in 0..batch {
-                let builder = ["quick", "flaky", "locked"][self.rng.random_range(0..3)];
+                // Mostly short builds; a few long enough for a stop deadline
+                // to cut them.
+                let builder = [
+                    "quick", "flaky", "locked", "quick", "flaky", "locked", "slow",
+                ][self.rng.random_range(0..7)];
                 let id = self.submit(builder).await?;
                 self.submitted.push(id);
             }
-            if self.rng.random_bool(0.3) {
+            if self.rng.random_bool(0.6) {
                 self.inject().await?;
             }
             let pause = self.rng.random_range(20..250);
@@ -324,20 +364,27 @@ impl Soak {
         self.farm.agent(name).is_some()
     }
 
+    /// The next fault: the kinds take turns (so a short run meets each of
+    /// them), on a random worker.
     async fn inject(&mut self) -> anyhow::Result<()> {
         let worker = self.workers[self.rng.random_range(0..self.workers.len())].clone();
-        let roll = self.rng.random_range(0..100);
         if !self.running(&worker) {
             return Ok(());
         }
-        match roll {
-            0..30 => self.away_flip(&worker, None).await,
-            30..45 => self.away_flip(&worker, Some("1s")).await,
-            45..57 => self.graceful_stop(&worker, None).await,
-            57..67 => self.graceful_stop(&worker, Some("1s")).await,
-            67..80 => self.kill_agent(&worker).await,
-            80..90 if self.config.master_faults => self.kill_master().await,
-            _ => self.intrude().await,
+        let kinds = if self.config.master_faults {
+            FAULT_KINDS
+        } else {
+            &FAULT_KINDS[..FAULT_KINDS.len() - 1]
+        };
+        let kind = kinds[self.faults.values().sum::<usize>() % kinds.len()];
+        match kind {
+            Fault::Away => self.away_flip(&worker, None).await,
+            Fault::AwayFor => self.away_flip(&worker, Some("1s")).await,
+            Fault::Stop => self.graceful_stop(&worker, None).await,
+            Fault::StopDeadline => self.graceful_stop(&worker, Some("1s")).await,
+            Fault::KillAgent => self.kill_agent(&worker).await,
+            Fault::Intruder => self.intrude().await,
+            Fault::KillMaster => self.kill_master().await,
         }
     }
 
@@ -553,6 +600,20 @@ impl Soak {
                 report.violations.push(format!(
                     "build {id} ran {count} times with retries {} and reason {:?}",
                     build.retries, build.retry_reason
+                ));
+            }
+            // Every step decides its own exit from the build id: `flaky`
+            // fails when the id is a multiple of 4, the others never.
+            let expected = if build.builder == "flaky" && id % 4 == 0 {
+                Outcome::Failure
+            } else {
+                Outcome::Success
+            };
+            if build.outcome != Some(expected) {
+                report.wrong_outcome += 1;
+                report.violations.push(format!(
+                    "build {id} of {} ended {:?}, its steps make it {expected:?} ({:?})",
+                    build.builder, build.outcome, build.reason
                 ));
             }
             if build.worker.as_deref() == Some(INTRUDER) {

@@ -17,7 +17,8 @@ async fn a_short_soak_loses_duplicates_and_forges_nothing() -> anyhow::Result<()
     })
     .await?;
     eprintln!("{}", report.summary());
-    assert!(report.faults_injected > 5, "{report:?}");
+    // Every kind of fault took its turn.
+    assert!(report.faults.len() >= 7, "{report:?}");
     assert!(
         report.is_clean(),
         "{}\n{:#?}",

@@ -5,6 +5,8 @@ mod api;
 mod cli;
 mod client;
 mod config;
+#[cfg(test)]
+mod config_fuzz;
 mod dashboard;
 mod run;
 mod scheduler;

@@ -106,6 +106,7 @@ fn master_seeds() -> Vec<String> {
         env,
         workdir: Some("src".into()),
         needs_grant: true,
+        checkout: false,
     };
     let start: MasterMessage = serde_json::from_value(serde_json::json!({
         "type": "start_build",

@@ -10,6 +10,8 @@ use nightshift_policy::{AvailabilityConfig, DurationSpec, Policy, PolicyError};
 use nightshift_proto::diag::{ConfigErrors, parse_toml};
 use serde::Deserialize;
 
+use crate::daemon::priority::BuildSettings;
+
 /// Where `worker` looks when `--config` is not given: here first, then /etc.
 pub const DEFAULT_CONFIG_PATHS: [&str; 2] = ["worker.toml", "/etc/nightshift/worker.toml"];
 
@@ -94,6 +96,8 @@ struct RawWorkerConfig {
     control: ControlSettings,
     #[serde(default)]
     availability: AvailabilityConfig,
+    #[serde(default)]
+    builds: BuildSettings,
 }
 
 fn one() -> u32 {
@@ -122,6 +126,8 @@ pub struct WorkerConfig {
     pub tls: TlsClientSettings,
     pub control: ControlSettings,
     pub availability: AvailabilityConfig,
+    /// How builds run beside the owner's work (`[builds]`).
+    pub builds: BuildSettings,
     /// How often foreign load is sampled (`[availability.load] sample_every`, default 5s).
     pub load_sample_interval: DurationSpec,
 }
@@ -234,6 +240,7 @@ fn resolve(raw: RawWorkerConfig, base: &Path) -> WorkerConfig {
         tls,
         control,
         availability: raw.availability,
+        builds: raw.builds,
         load_sample_interval,
     }
 }
@@ -270,6 +277,10 @@ fn validate(config: &mut WorkerConfig, system_tz: TimeZone, errors: &mut ConfigE
         errors.push_at_path("max_builds", "max_builds must be at least 1");
     } else if config.max_builds > 1024 {
         errors.push_at_path("max_builds", "max_builds must be at most 1024");
+    }
+
+    for (key, problem) in config.builds.problems() {
+        errors.push_at_path(key, problem);
     }
 
     if let Some(pin) = &config.tls.pin_sha256 {
@@ -406,7 +417,7 @@ mod tests {
             [
                 "/srv/w/worker.toml:1:8: name: the worker name \"lab 3\" contains ' '; use letters, digits, `-`, `_` and `.`",
                 "/srv/w/worker.toml:2:10: master: ws:// sends the token unencrypted; use wss://, or set insecure = true (tests and trusted networks only)",
-                "/srv/w/worker.toml:3:1: max_bulds: unknown key `max_bulds`, expected one of `name`, `master`, `token`, `token_file`, `workdir`, `state_dir`, `max_builds`, `insecure`, `tls`, `control`, `availability`",
+                "/srv/w/worker.toml:3:1: max_bulds: unknown key `max_bulds`, expected one of `name`, `master`, `token`, `token_file`, `workdir`, `state_dir`, `max_builds`, `insecure`, `tls`, `control`, `availability`, `builds`",
                 "/srv/w/worker.toml:8:8: availability.schedule[0].days: unknown day \"mnd\", expected mon..sun",
                 "/srv/w/worker.toml:13:1: availability.schedule[1].colour: unknown key `colour`, expected one of `name`, `hours`, `days`, `open`, `close`, `state`",
                 "/srv/w/worker.toml:17:7: availability.load.for: invalid duration `soon`, expected e.g. `30s`, `2m`, `1h30m`, `2h` or `1d`",

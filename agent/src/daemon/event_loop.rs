@@ -217,6 +217,7 @@ impl Daemon {
             master: link.clone(),
             counters: Counters::default(),
             load: None,
+            isolation: Some(trees.isolation()),
         };
         let (status_tx, status_rx) = watch::channel(status);
         let load_monitor = policy.load_monitor();
@@ -1074,6 +1075,7 @@ impl Daemon {
                 presence_changes: self.counters.presence_changes,
             },
             load: self.load_snapshot.clone(),
+            isolation: Some(self.trees.isolation()),
         };
         self.status.send_if_modified(|current| {
             if *current == status {

@@ -1,6 +1,7 @@
 //! Runs builds: each step with `sh -c` in `workdir/<builder>`, in its own
-//! process group (and its own cgroup when the agent may create them), output
-//! streamed in batches, the whole tree killed on cancel or timeout.
+//! process group (and its own cgroup when the agent may create them) at the
+//! priorities of `[builds]`, output streamed in batches, everything the step
+//! started killed on cancel or timeout.
 //!
 //! A build runs as one tokio task that reports [`RunnerEvent`]s to the event
 //! loop and takes cancel requests and lock grants through [`BuildControl`].
@@ -14,12 +15,12 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 use nightshift_proto::wire::{BuildId, BuildResult, Outcome, StepResult, StepSpec};
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 
+use super::build_tree::{AGENT_MARKER, BUILD_MARKER};
 use super::clock::Clock;
 use super::load::BuildTrees;
 
@@ -353,7 +354,7 @@ impl Build {
                         Outcome::Timeout,
                         format!("step `{}` ran past its timeout of {secs} s", step.name),
                     ));
-                    signal_group(pgid, Signal::SIGTERM);
+                    self.trees.signal_build(self.request.build_id, Signal::SIGTERM);
                     kill_at = Some(Instant::now() + self.settings.kill_grace);
                 }
                 changed = self.cancel.changed(), if cancel_open && ended_by.is_none() => {
@@ -362,14 +363,14 @@ impl Build {
                         Ok(()) => {
                             if let Some(reason) = self.cancel_reason() {
                                 ended_by = Some((Outcome::Cancelled, reason));
-                                signal_group(pgid, Signal::SIGTERM);
+                                self.trees.signal_build(self.request.build_id, Signal::SIGTERM);
                                 kill_at = Some(Instant::now() + self.settings.kill_grace);
                             }
                         }
                     }
                 }
                 () = sleep_until(kill_at.unwrap_or(far)), if kill_at.is_some() => {
-                    signal_group(pgid, Signal::SIGKILL);
+                    self.trees.signal_build(self.request.build_id, Signal::SIGKILL);
                     kill_at = None;
                 }
                 () = sleep_until(drain_until.unwrap_or(far)), if drain_until.is_some() && reader.is_some() => {
@@ -378,9 +379,18 @@ impl Build {
                 }
             }
         }
-        // Nothing a step started outlives it.
-        signal_group(pgid, Signal::SIGKILL);
-        self.trees.set_step_group(self.request.build_id, None);
+        // Nothing a step started outlives it, whatever group or session it
+        // moved to.
+        let trees = self.trees.clone();
+        let build_id = self.request.build_id;
+        let killed = tokio::task::spawn_blocking(move || {
+            trees.signal_build(build_id, Signal::SIGKILL);
+            trees.set_step_group(build_id, None);
+        })
+        .await;
+        if killed.is_err() {
+            self.trees.set_step_group(build_id, None);
+        }
         self.flush(step_no, &mut batch);
         if let Some(text) = batch.finish() {
             self.log.push(&text);
@@ -469,31 +479,39 @@ impl Build {
             }
         }
         command
-            .env("NIGHTSHIFT_BUILD_ID", self.request.build_id.to_string())
+            .env(AGENT_MARKER, std::process::id().to_string())
+            .env(BUILD_MARKER, self.request.build_id.to_string())
             .env("NIGHTSHIFT_BUILDER", &self.request.builder)
             .env("NIGHTSHIFT_STEP", &step.name);
         for (key, value) in &self.request.properties {
             command.env(property_env_name(key), value);
         }
         command.envs(&step.env);
-        if let Some(cgroup) = cgroup {
-            let procs =
+        let procs = match cgroup {
+            Some(cgroup) => Some(
                 std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes())
-                    .map_err(std::io::Error::other)?;
-            // SAFETY: the closure only calls async-signal-safe functions
-            // (open, write, close) on memory prepared before the fork.
-            unsafe {
-                command.pre_exec(move || {
+                    .map_err(std::io::Error::other)?,
+            ),
+            None => None,
+        };
+        let priority = self.trees.child_priority();
+        // SAFETY: the closure only calls async-signal-safe functions
+        // (open, write, close, setpriority, sched_setscheduler, ioprio_set)
+        // on memory prepared before the fork.
+        unsafe {
+            command.pre_exec(move || {
+                if let Some(procs) = &procs {
                     let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
                     if fd >= 0 {
                         // Failure leaves the step in the agent's cgroup; the
-                        // process-group accounting still covers it.
+                        // process-tree accounting still covers it.
                         let _ = libc::write(fd, b"0".as_ptr().cast(), 1);
                         libc::close(fd);
                     }
-                    Ok(())
-                });
-            }
+                }
+                priority.apply_to_self();
+                Ok(())
+            });
         }
         let child = command.spawn()?;
         // `command` holds our copies of the pipe's write end: drop them so
@@ -518,13 +536,6 @@ fn property_env_name(key: &str) -> String {
         })
         .collect();
     format!("NIGHTSHIFT_PROP_{key}")
-}
-
-fn signal_group(pgid: Option<i32>, signal: Signal) {
-    if let Some(pgid) = pgid.filter(|pgid| *pgid > 1) {
-        // ESRCH (the group is already gone) is the expected case at the end.
-        let _ = killpg(Pid::from_raw(pgid), signal);
-    }
 }
 
 /// `base/relative`, refusing absolute paths and `..` so a build never

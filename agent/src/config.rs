@@ -472,4 +472,43 @@ mod tests {
         );
         assert!(parse(&text).is_ok());
     }
+
+    #[test]
+    fn builds_settings_have_owner_friendly_defaults_and_located_errors() {
+        use crate::daemon::priority::{CgroupUse, CpuPriority, IoPriority};
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.builds.cpu_priority, CpuPriority::Idle);
+        assert_eq!(config.builds.io_priority, IoPriority::Idle);
+        assert_eq!(config.builds.cpu_weight, 1);
+        assert_eq!(config.builds.memory_high, None);
+
+        let text = format!(
+            "{MINIMAL}[builds]\ncpu_priority = \"low\"\nio_priority = \"normal\"\ncgroups = \"off\"\ncpu_weight = 20\nmemory_high = \"4G\"\n"
+        );
+        let config = parse(&text).unwrap();
+        assert_eq!(config.builds.cpu_priority, CpuPriority::Low);
+        assert_eq!(config.builds.io_priority, IoPriority::Normal);
+        assert_eq!(config.builds.cgroups, CgroupUse::Off);
+        assert_eq!(config.builds.cpu_weight, 20);
+        assert_eq!(config.builds.memory_high_bytes(), Some(4 << 30));
+
+        let text = format!(
+            "{MINIMAL}[builds]\ncpu_priority = \"lowest\"\ncpu_weight = 0\nmemory_high = \"lots\"\n"
+        );
+        let errors = parse(&text).unwrap_err();
+        assert!(
+            errors.contains(":6:16: builds.cpu_priority: unknown value `lowest`"),
+            "{errors}"
+        );
+        let text = format!("{MINIMAL}[builds]\ncpu_weight = 0\nmemory_high = \"lots\"\n");
+        let errors = parse(&text).unwrap_err();
+        assert!(
+            errors.contains(":6:14: builds.cpu_weight: cpu_weight 0 is out of range"),
+            "{errors}"
+        );
+        assert!(
+            errors.contains(":7:15: builds.memory_high: \"lots\" is not a memory size"),
+            "{errors}"
+        );
+    }
 }

@@ -102,6 +102,9 @@ pub struct LoadSnapshot {
     pub load1: f64,
     /// CPU use in percent of the whole machine, not counting own builds.
     pub cpu_percent: f64,
+    /// CPU use of the agent's own builds, in percent of the whole machine.
+    #[serde(default)]
+    pub build_cpu_percent: f64,
 }
 
 /// A cheap, cloneable handle on the running daemon.

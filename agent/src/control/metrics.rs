@@ -359,6 +359,7 @@ pub(crate) mod tests {
                 at: now,
                 load1: 0.5,
                 cpu_percent: 12.25,
+                build_cpu_percent: 40.0,
             }),
             isolation: Some(crate::daemon::priority::BuildIsolation {
                 accounting: "process-tree".into(),

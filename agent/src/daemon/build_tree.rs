@@ -19,7 +19,8 @@ use std::path::Path;
 
 use nightshift_proto::wire::BuildId;
 
-/// The environment variable naming the agent a build process belongs to.
+/// The environment variable naming the agent a build process belongs to
+/// (its [`ProcessTracker`] tag: the agent's pid).
 pub const AGENT_MARKER: &str = "NIGHTSHIFT_AGENT";
 /// The environment variable naming the build.
 pub const BUILD_MARKER: &str = "NIGHTSHIFT_BUILD_ID";
@@ -129,6 +130,8 @@ pub struct TreeUsage {
 #[derive(Debug)]
 pub struct ProcessTracker {
     agent_pid: i32,
+    /// The value of [`AGENT_MARKER`] this agent's build processes carry.
+    tag: String,
     members: HashMap<ProcessKey, Member>,
     /// Marker lookups already done, by process identity (an environment is
     /// fixed at exec; a process that execs again keeps its marker).
@@ -137,9 +140,12 @@ pub struct ProcessTracker {
 }
 
 impl ProcessTracker {
-    pub fn new(agent_pid: i32) -> ProcessTracker {
+    /// Tracks builds of the agent `agent_pid` whose processes carry
+    /// `AGENT_MARKER=tag`.
+    pub fn new(agent_pid: i32, tag: String) -> ProcessTracker {
         ProcessTracker {
             agent_pid,
+            tag,
             members: HashMap::new(),
             markers: HashMap::new(),
             retired_ticks: 0,
@@ -264,10 +270,9 @@ impl ProcessTracker {
         if process.pid == self.agent_pid {
             return None;
         }
-        let agent_pid = self.agent_pid;
+        let tag = &self.tag;
         *self.markers.entry(process.key()).or_insert_with(|| {
-            let agent = environ_value(process.pid, AGENT_MARKER)?;
-            if agent.parse::<i32>().ok()? != agent_pid {
+            if environ_value(process.pid, AGENT_MARKER)? != *tag {
                 return None;
             }
             environ_value(process.pid, BUILD_MARKER)?.parse().ok()
@@ -318,7 +323,7 @@ mod tests {
     fn children_that_left_the_group_stay_in_the_build_after_their_parent_exits() {
         // Pids here are far above any real process, so no marker is read.
         let agent = 2_000_000_000;
-        let mut tracker = ProcessTracker::new(agent);
+        let mut tracker = ProcessTracker::new(agent, "none".into());
         let builds = [TrackedBuild {
             build_id: 7,
             pgid: Some(2_000_000_100),
@@ -381,7 +386,7 @@ mod tests {
         let mut theirs = spawn(me + 1);
         // Let both exec so their environments are the new ones.
         std::thread::sleep(std::time::Duration::from_millis(100));
-        let mut tracker = ProcessTracker::new(me);
+        let mut tracker = ProcessTracker::new(me, me.to_string());
         let builds = [TrackedBuild {
             build_id: 42,
             pgid: None,

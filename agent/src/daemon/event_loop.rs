@@ -413,6 +413,7 @@ impl Daemon {
             at: sample.at,
             load1: sample.load1,
             cpu_percent: sample.cpu_percent,
+            build_cpu_percent: sample.build_cpu_percent,
         });
         let Some(monitor) = &mut self.load_monitor else {
             return;

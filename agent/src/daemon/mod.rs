@@ -13,6 +13,7 @@ pub mod load;
 pub mod manual;
 pub mod priority;
 pub mod runner;
+pub mod spawn;
 pub mod spool;
 
 use std::path::{Path, PathBuf};

@@ -9,7 +9,6 @@
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
 use std::path::{Component, Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,6 +22,7 @@ use tokio::time::{Instant, sleep_until};
 use super::build_tree::{AGENT_MARKER, BUILD_MARKER};
 use super::clock::Clock;
 use super::load::BuildTrees;
+use super::spawn::{self, StepChild, StepCommand, step_environment, var};
 
 /// Output batches are sent at most this long after their first byte...
 const FLUSH_AFTER: Duration = Duration::from_millis(50);
@@ -457,66 +457,31 @@ impl Build {
         step: &StepSpec,
         dir: &Path,
         cgroup: Option<&Path>,
-    ) -> std::io::Result<(tokio::process::Child, tokio::net::unix::pipe::Receiver)> {
+    ) -> std::io::Result<(StepChild, tokio::net::unix::pipe::Receiver)> {
         let (reader, writer) = std::io::pipe()?;
-        let mut command = tokio::process::Command::new("sh");
-        command
-            .arg("-c")
-            .arg(&step.command)
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(writer.try_clone()?)
-            .stderr(writer)
-            .process_group(0)
-            .kill_on_drop(false);
-        for (name, _) in std::env::vars_os() {
-            let text = name.to_string_lossy();
-            if HIDDEN_ENV_PREFIXES
-                .iter()
-                .any(|prefix| text.starts_with(prefix))
-            {
-                command.env_remove(&name);
-            }
-        }
-        command
-            .env(AGENT_MARKER, std::process::id().to_string())
-            .env(BUILD_MARKER, self.request.build_id.to_string())
-            .env("NIGHTSHIFT_BUILDER", &self.request.builder)
-            .env("NIGHTSHIFT_STEP", &step.name);
-        for (key, value) in &self.request.properties {
-            command.env(property_env_name(key), value);
-        }
-        command.envs(&step.env);
-        let procs = match cgroup {
-            Some(cgroup) => Some(
-                std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes())
-                    .map_err(std::io::Error::other)?,
+        let markers = [
+            var(AGENT_MARKER, self.trees.agent_tag()),
+            var(BUILD_MARKER, self.request.build_id.to_string()),
+            var("NIGHTSHIFT_BUILDER", &self.request.builder),
+            var("NIGHTSHIFT_STEP", &step.name),
+        ];
+        let properties = self
+            .request
+            .properties
+            .iter()
+            .map(|(key, value)| var(property_env_name(key), value));
+        let step_env = step.env.iter().map(|(name, value)| var(name, value));
+        let child = spawn::spawn(StepCommand {
+            script: step.command.clone(),
+            dir: dir.to_owned(),
+            env: step_environment(
+                &HIDDEN_ENV_PREFIXES,
+                markers.into_iter().chain(properties).chain(step_env),
             ),
-            None => None,
-        };
-        let priority = self.trees.child_priority();
-        // SAFETY: the closure only calls async-signal-safe functions
-        // (open, write, close, setpriority, sched_setscheduler, ioprio_set)
-        // on memory prepared before the fork.
-        unsafe {
-            command.pre_exec(move || {
-                if let Some(procs) = &procs {
-                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                    if fd >= 0 {
-                        // Failure leaves the step in the agent's cgroup; the
-                        // process-tree accounting still covers it.
-                        let _ = libc::write(fd, b"0".as_ptr().cast(), 1);
-                        libc::close(fd);
-                    }
-                }
-                priority.apply_to_self();
-                Ok(())
-            });
-        }
-        let child = command.spawn()?;
-        // `command` holds our copies of the pipe's write end: drop them so
-        // the reader sees end-of-file when the step's processes are done.
-        drop(command);
+            output: OwnedFd::from(writer),
+            cgroup: cgroup.map(Path::to_owned),
+            priority: self.trees.child_priority(),
+        })?;
         let reader = tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(reader))?;
         Ok((child, reader))
     }
@@ -880,6 +845,33 @@ mod tests {
             "grandchild {pid} survived the timeout"
         );
         assert!(!result.log.contains("not-reached"));
+    }
+
+    #[tokio::test]
+    async fn processes_that_left_the_steps_group_or_session_die_with_the_step() {
+        let mut harness = Harness::new();
+        // `setsid` and a double fork: neither is in the step's process group
+        // after its parent is gone, and the step does not wait for them.
+        harness.start(
+            11,
+            vec![step(
+                "escape",
+                "setsid sh -c 'echo setsid=$$; exec sleep 300' & \
+                 sh -c 'sh -c \"echo orphan=\\$\\$; setsid sleep 300\" &'; \
+                 sleep 1",
+            )],
+        );
+        let (events, result) = harness.finish().await;
+        assert_eq!(result.outcome, Outcome::Success, "{}", result.log);
+        let log = output_of(&events);
+        let pids: Vec<i32> = log
+            .lines()
+            .filter_map(|line| line.split_once('=')?.1.trim().parse().ok())
+            .collect();
+        assert_eq!(pids.len(), 2, "{log}");
+        for pid in pids {
+            assert!(wait_until_dead(pid).await, "{pid} outlived its step: {log}");
+        }
     }
 
     #[tokio::test]

@@ -653,6 +653,12 @@ mod tests {
         assert!(html.contains("wss://master.example:9443"));
         assert!(html.contains("data-started=\"2026-11-23T10:58:30Z\""));
         assert!(!html.contains("id=\"week\""));
+        // How builds yield: priorities, what is not applied and why.
+        assert!(html.contains("How builds yield to you"), "{html}");
+        assert!(html.contains("<dt>CPU priority</dt><dd>idle"), "{html}");
+        assert!(html.contains("<dd>1 (not applied)</dd>"), "{html}");
+        assert!(html.contains("3.0 GiB (not applied)"), "{html}");
+        assert!(html.contains("builds have &lt;no&gt; cgroup"), "{html}");
     }
 
     #[test]

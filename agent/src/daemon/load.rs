@@ -186,10 +186,11 @@ impl BuildTrees {
                 (host.cpu, host.memory && self.memory_high.is_some())
             }
             None => {
-                notes.push(
-                    "builds have no cgroup (the agent's cgroup is not delegated to it), so cpu.weight and memory.high are not applied"
-                        .to_owned(),
-                );
+                notes.push(if self.settings.cgroups == CgroupUse::Off {
+                    "builds have no cgroup ([builds] cgroups = \"off\"), so cpu.weight and memory.high are not applied".to_owned()
+                } else {
+                    "builds have no cgroup (the agent's cgroup is not a cgroup v2 delegated to it), so cpu.weight and memory.high are not applied".to_owned()
+                });
                 (false, false)
             }
         };

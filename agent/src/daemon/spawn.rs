@@ -269,7 +269,9 @@ pub fn spawn(command: StepCommand) -> std::io::Result<StepChild> {
     let pidfd = if pidfd >= 0 {
         // SAFETY: the kernel just gave us this descriptor; nobody else owns it.
         let owned = unsafe { OwnedFd::from_raw_fd(pidfd) };
-        AsyncFd::with_interest(owned, tokio::io::Interest::READABLE).ok()
+        // SAFETY: an OwnedFd keeps its descriptor open and unchanged until
+        // the AsyncFd that owns it is dropped.
+        unsafe { AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE) }.ok()
     } else {
         None
     };

@@ -149,6 +149,7 @@ async fn burn_and_watch(spec: WorkerSpec, accounting: &str) -> anyhow::Result<()
     // holds only an idle `sh` and `sleep`).
     let mean = |values: &[f64]| values.iter().sum::<f64>() / values.len().max(1) as f64;
     let (truth, claimed) = (mean(&true_shares), mean(&agent_shares));
+    eprintln!("build share: the agent counted {claimed:.1} %, the burners used {truth:.1} %");
     assert!(truth > 1.0, "the burners got no CPU: {true_shares:?}");
     assert!(
         claimed >= truth * 0.7,

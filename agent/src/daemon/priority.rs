@@ -328,5 +328,28 @@ mod tests {
         let text = String::from_utf8_lossy(&output.stdout);
         let fields: Vec<&str> = text.split_whitespace().collect();
         assert_eq!(fields, ["19", "5"], "nice 19 and SCHED_IDLE (5): {text}");
+
+        // The I/O priority: the idle class.
+        let mut sleeper = std::process::Command::new("sleep");
+        sleeper.arg("30");
+        // SAFETY: as above.
+        unsafe {
+            sleeper.pre_exec(move || {
+                priority.apply_to_self();
+                Ok(())
+            });
+        }
+        let mut sleeper = sleeper.spawn().unwrap();
+        // SAFETY: ioprio_get reads another process's I/O priority.
+        let io = unsafe {
+            libc::syscall(
+                libc::SYS_ioprio_get,
+                IOPRIO_WHO_PROCESS,
+                sleeper.id() as libc::c_int,
+            )
+        };
+        let _ = sleeper.kill();
+        let _ = sleeper.wait();
+        assert_eq!(io >> IOPRIO_CLASS_SHIFT, IOPRIO_CLASS_IDLE as libc::c_long);
     }
 }

@@ -326,8 +326,8 @@ async fn run(builds: usize) -> anyhow::Result<Figures> {
     let mut latencies = Vec::new();
     for round in 0..40 {
         let sent = now_ns();
-        let id = conn.submit("stamp").await?;
-        conn.wait_finished(id).await?;
+        let id = conn.submit("stamp").await.context("submit → start")?;
+        conn.wait_finished(id).await.context("submit → start")?;
         let log = conn
             .call("GET", &format!("/api/v1/builds/{id}/log"), None)
             .await?;
@@ -346,7 +346,9 @@ async fn run(builds: usize) -> anyhow::Result<Figures> {
 
     // Throughput with one worker, and the master's CPU per build.
     let cpu_before = cpu_ms(master_pid)?;
-    figures.builds_per_sec_1_worker = throughput(&farm, "trivial", builds, 4).await?;
+    figures.builds_per_sec_1_worker = throughput(&farm, "trivial", builds, 4)
+        .await
+        .context("throughput, 1 worker")?;
     let cpu_after = cpu_ms(master_pid)?;
 
     for name in &WORKERS[1..] {
@@ -354,7 +356,9 @@ async fn run(builds: usize) -> anyhow::Result<Figures> {
     }
     wait_available(&farm, &WORKERS).await?;
     let cpu_before_4 = cpu_ms(master_pid)?;
-    figures.builds_per_sec_4_workers = throughput(&farm, "trivial", builds * 2, 16).await?;
+    figures.builds_per_sec_4_workers = throughput(&farm, "trivial", builds * 2, 16)
+        .await
+        .context("throughput, 4 workers")?;
     let cpu_after_4 = cpu_ms(master_pid)?;
     figures.master_cpu_ms_per_build =
         ((cpu_after - cpu_before) + (cpu_after_4 - cpu_before_4)) / (builds * 3) as f64;
@@ -368,6 +372,8 @@ async fn run(builds: usize) -> anyhow::Result<Figures> {
         .to_owned();
     let control_port = farm.agent("w1").context("w1 not running")?.control_port;
     let mut control = Conn::open(control_port, None, control_token).await?;
+    // The master closes connections left idle during the throughput runs.
+    let mut conn = Conn::open(farm.port, Some(tls.clone()), token.clone()).await?;
     let mut presence = Vec::new();
     for round in 0..60 {
         let (word, state) = if round % 2 == 0 {
@@ -384,7 +390,10 @@ async fn run(builds: usize) -> anyhow::Result<Figures> {
             )
             .await?;
         loop {
-            let text = conn.call("GET", "/api/v1/workers", None).await?;
+            let text = conn
+                .call("GET", "/api/v1/workers", None)
+                .await
+                .context("presence → master")?;
             let list: WorkerList = serde_json::from_str(&text)?;
             if list
                 .workers
@@ -421,7 +430,8 @@ async fn run(builds: usize) -> anyhow::Result<Figures> {
     figures.idle_agent_private_mb = private.iter().copied().fold(0.0, f64::max);
     figures.idle_master_rss_mb = rss_mb(master_pid)?;
     for name in WORKERS {
-        farm.stop_worker(name)?;
+        farm.stop_worker(name)
+            .context("stopping the throughput workers")?;
     }
 
     // How builds yield, on workers of their own.
@@ -432,15 +442,33 @@ async fn run(builds: usize) -> anyhow::Result<Figures> {
     for name in &yielding {
         farm.start_worker(name)?;
     }
-    wait_available(&farm, &yielding).await?;
-    figures.spaced_submit_to_start_ms = spaced_latency(&mut conn, "stamp-pt").await?;
-    figures.owner_speed_normal_priority_percent = owner_speed(&farm, "burn-normal").await?;
-    figures.owner_speed_idle_priority_percent = owner_speed(&farm, "burn-pt").await?;
+    wait_available(&farm, &yielding)
+        .await
+        .context("the yield workers")?;
+    // A fresh connection: the master closes idle ones.
+    let mut conn = Conn::open(farm.port, Some(tls.clone()), token.clone()).await?;
+    figures.spaced_submit_to_start_ms = spaced_latency(&mut conn, "stamp-pt")
+        .await
+        .context("spaced submit → start, no cgroups")?;
+    figures.owner_speed_normal_priority_percent = owner_speed(&farm, "burn-normal")
+        .await
+        .context("owner speed beside a normal-priority build")?;
+    figures.owner_speed_idle_priority_percent = owner_speed(&farm, "burn-pt")
+        .await
+        .context("owner speed beside an idle-priority build")?;
     match (&cgroup, &cgroup_dir) {
         (_, Some(_)) => {
-            figures.spaced_submit_to_start_cgroup_ms =
-                Some(spaced_latency(&mut conn, "stamp-cg").await?);
-            figures.owner_speed_cgroup_percent = Some(owner_speed(&farm, "burn-cg").await?);
+            let mut conn = Conn::open(farm.port, Some(tls.clone()), token.clone()).await?;
+            figures.spaced_submit_to_start_cgroup_ms = Some(
+                spaced_latency(&mut conn, "stamp-cg")
+                    .await
+                    .context("spaced submit → start, cgroup per build")?,
+            );
+            figures.owner_speed_cgroup_percent = Some(
+                owner_speed(&farm, "burn-cg")
+                    .await
+                    .context("owner speed beside a build in a cgroup")?,
+            );
             let status = farm.worker_cli_json("cg", &["status", "--json"])?;
             let isolation = &status["isolation"];
             figures.cgroup_note = format!(

@@ -217,6 +217,7 @@ impl Daemon {
             master: link.clone(),
             counters: Counters::default(),
             load: None,
+            isolation: Some(trees.isolation()),
         };
         let (status_tx, status_rx) = watch::channel(status);
         let load_monitor = policy.load_monitor();
@@ -412,6 +413,7 @@ impl Daemon {
             at: sample.at,
             load1: sample.load1,
             cpu_percent: sample.cpu_percent,
+            build_cpu_percent: sample.build_cpu_percent,
         });
         let Some(monitor) = &mut self.load_monitor else {
             return;
@@ -1076,6 +1078,7 @@ impl Daemon {
                 presence_changes: self.counters.presence_changes,
             },
             load: self.load_snapshot.clone(),
+            isolation: Some(self.trees.isolation()),
         };
         self.status.send_if_modified(|current| {
             if *current == status {

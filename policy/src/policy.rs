@@ -9,6 +9,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{AvailabilityConfig, LoadConfig};
 use crate::duration::format_duration;
+use crate::firing::CronPair;
 use crate::load::{LoadMonitor, LoadVerdict};
 use crate::state::{Presence, PresenceState, Source};
 use crate::window::{DaySet, Window, parse_cron, parse_hours};
@@ -151,6 +152,17 @@ impl Interval {
     }
 }
 
+/// What [`Policy::preview`] answers: the intervals, and where they stop short
+/// of the span asked for when it had too many changes to follow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Preview {
+    pub intervals: Vec<Interval>,
+    /// `Some(t)`: the span had more than [`MAX_PREVIEW_CHANGES`] changes; the
+    /// intervals are exact and end at `t`, nothing after `t` was computed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub truncated_at: Option<Timestamp>,
+}
+
 /// Validated, ready-to-evaluate availability policies.
 #[derive(Debug, Clone)]
 pub struct Policy {
@@ -171,6 +183,15 @@ struct ScheduleVerdict {
     since: Option<Timestamp>,
 }
 
+/// How many schedule changes [`Policy::preview`] follows before it stops and
+/// says so (a year of a window that opens and closes every few minutes).
+pub const MAX_PREVIEW_CHANGES: usize = 100_000;
+
+/// How many coming changes [`Policy::evaluate`] looks through for the one
+/// that changes the state (its `until`).
+pub const MAX_UNTIL_STEPS: usize = 1_000;
+
+/// How many changes [`Policy::fits`] follows before it answers "does not fit".
 const MAX_STEPS: usize = 100_000;
 
 impl Policy {
@@ -316,16 +337,26 @@ impl Policy {
                                     fires = false;
                                 }
                             }
-                            fires.then(|| {
-                                Window::from_cron(
+                            let pair = fires.then(|| CronPair::new(open_cron, close_cron));
+                            match pair {
+                                Some(pair) if !pair.lone_open && !pair.lone_close => {
+                                    errors.push(at(
+                                        &key("close"),
+                                        format!(
+                                            "open = \"{open}\" and close = \"{close}\" fire at the same times, so the window never opens; make close fire when the window should end (for a window that is always open, set `default` instead)"
+                                        ),
+                                    ));
+                                    None
+                                }
+                                Some(pair) => Some(Window::from_cron(
                                     name.to_owned(),
                                     entry.state,
-                                    open_cron,
-                                    close_cron,
+                                    pair,
                                     open.clone(),
                                     close.clone(),
-                                )
-                            })
+                                )),
+                                None => None,
+                            }
                         }
                         _ => None,
                     }
@@ -533,11 +564,43 @@ impl Policy {
     /// The presence at `now`: stopping beats everything, an unexpired manual
     /// override beats the automatic sources, and among the automatic sources
     /// (master, load, schedules/default) the most restrictive wins (on a tie:
-    /// master, then load, then the schedule). `until` is [`Policy::next_change`];
+    /// master, then load, then the schedule). `until` is the instant the
+    /// *state* next changes (an override that ends into the same state, or a
+    /// window that hands over to another with the same state, is not one);
+    /// the agent re-evaluates earlier, at [`Policy::next_change`];
     /// `since` is when the deciding condition began where known, else `now`
     /// (use [`PresenceTracker`] to keep `since` across evaluations).
     pub fn evaluate(&self, now: Timestamp, inputs: &Inputs) -> Presence {
-        let until = self.next_change(now, inputs);
+        let mut presence = self.presence_at(now, inputs, false);
+        presence.until = self.state_ends(now, inputs, presence.state);
+        presence
+    }
+
+    /// When the presence *state* next differs from `state` (not merely its
+    /// reason or source): walks the coming changes, taking a pending load
+    /// verdict as flipped once its deadline passes. `None` when no change is
+    /// known within [`MAX_UNTIL_STEPS`] changes.
+    fn state_ends(
+        &self,
+        now: Timestamp,
+        inputs: &Inputs,
+        state: PresenceState,
+    ) -> Option<Timestamp> {
+        let mut at = now;
+        for _ in 0..MAX_UNTIL_STEPS {
+            let next = self.next_change(at, inputs)?;
+            if self.presence_at(next, inputs, true).state != state {
+                return Some(next);
+            }
+            at = next;
+        }
+        None
+    }
+
+    /// The presence at `now` without `until`. With `predict_load`, a load
+    /// verdict whose `pending_change` is at or before `now` counts as flipped.
+    fn presence_at(&self, now: Timestamp, inputs: &Inputs, predict_load: bool) -> Presence {
+        let until = None;
         if inputs.stopping {
             return Presence {
                 state: PresenceState::Away,
@@ -568,7 +631,11 @@ impl Policy {
             since: schedule.since.unwrap_or(now).min(now),
             until,
         };
-        if let Some(load) = inputs.load.as_ref().filter(|l| l.high)
+        let load_high = |load: &LoadVerdict| {
+            let flipped = predict_load && load.pending_change.is_some_and(|t| t <= now);
+            load.high != flipped
+        };
+        if let Some(load) = inputs.load.as_ref().filter(|l| load_high(l))
             && load.state >= best.state
         {
             best.state = load.state;
@@ -621,20 +688,32 @@ impl Policy {
     }
 
     /// The intervals in `[from, to)` as the schedules and default alone give
-    /// them: contiguous, in order, neighbours with equal state and source merged.
-    pub fn preview(&self, from: Timestamp, to: Timestamp) -> Vec<Interval> {
+    /// them: contiguous, in order, neighbours with equal state and source
+    /// merged. A span with more than [`MAX_PREVIEW_CHANGES`] changes is cut
+    /// there, and [`Preview::truncated_at`] says where.
+    pub fn preview(&self, from: Timestamp, to: Timestamp) -> Preview {
+        self.preview_limited(from, to, MAX_PREVIEW_CHANGES)
+    }
+
+    /// [`Policy::preview`] with a chosen limit on the changes followed.
+    pub fn preview_limited(&self, from: Timestamp, to: Timestamp, max_changes: usize) -> Preview {
         let mut intervals: Vec<Interval> = Vec::new();
         let mut start = from;
         let mut steps = 0;
         while start < to {
+            if steps >= max_changes.max(1) {
+                return Preview {
+                    intervals,
+                    truncated_at: Some(start),
+                };
+            }
+            steps += 1;
             let zoned = self.zoned(start);
             let verdict = self.schedule_verdict(&zoned);
             let end = self
                 .next_schedule_change(&zoned)
                 .filter(|t| *t > start)
                 .map_or(to, |t| t.min(to));
-            steps += 1;
-            let end = if steps >= MAX_STEPS { to } else { end };
             match intervals.last_mut() {
                 Some(last) if last.state == verdict.state && last.source == verdict.source => {
                     last.to = end;
@@ -648,13 +727,16 @@ impl Policy {
             }
             start = end;
         }
-        intervals
+        Preview {
+            intervals,
+            truncated_at: None,
+        }
     }
 
     /// Whether a build of length `expected` started at `now` would end before
     /// the policies next take the worker away (load is taken as it is now).
     pub fn fits(&self, now: Timestamp, inputs: &Inputs, expected: SignedDuration) -> bool {
-        if !self.evaluate(now, inputs).state.takes_builds() {
+        if !self.presence_at(now, inputs, false).state.takes_builds() {
             return false;
         }
         let Ok(end) = now.checked_add(expected.max(SignedDuration::ZERO)) else {
@@ -668,7 +750,7 @@ impl Policy {
             if next >= end {
                 return true;
             }
-            if !self.evaluate(next, inputs).state.takes_builds() {
+            if !self.presence_at(next, inputs, true).state.takes_builds() {
                 return false;
             }
             at = next;
@@ -680,10 +762,14 @@ impl Policy {
     /// itself if they do already), within `horizon`.
     pub fn next_available(&self, now: Timestamp, horizon: SignedDuration) -> Option<Timestamp> {
         let end = now.checked_add(horizon).ok()?;
-        self.preview(now, end)
-            .into_iter()
-            .find(|i| i.state.takes_builds())
-            .map(|i| i.from)
+        let mut from = now;
+        loop {
+            let preview = self.preview(from, end);
+            if let Some(found) = preview.intervals.iter().find(|i| i.state.takes_builds()) {
+                return Some(found.from);
+            }
+            from = preview.truncated_at?;
+        }
     }
 }
 

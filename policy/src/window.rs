@@ -8,11 +8,9 @@ use croner::parser::{CronParser, Seconds, Year};
 use jiff::tz::TimeZone;
 use jiff::{Timestamp, Zoned};
 
+use crate::firing::CronPair;
+pub(crate) use crate::firing::Membership;
 use crate::state::PresenceState;
-
-/// How many back-to-back windows (a close and an open at the same instant)
-/// are followed before the window is taken to be open throughout.
-const MAX_TIE_CHAIN: usize = 16;
 
 const DAY_NAMES: [&str; 7] = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"];
 const FULL_DAY_NAMES: [&str; 7] = [
@@ -260,16 +258,7 @@ pub(crate) struct Window {
     pub name: String,
     pub state: PresenceState,
     pub form: WindowForm,
-    open: Cron,
-    close: Cron,
-}
-
-/// Where an instant stands relative to a window.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Membership {
-    pub inside: bool,
-    /// When the window last opened (inside) or closed (outside), if ever.
-    pub since: Option<Timestamp>,
+    pair: CronPair,
 }
 
 impl Window {
@@ -298,16 +287,14 @@ impl Window {
             name,
             state,
             form: WindowForm::Hours { open, close, days },
-            open: parse_cron(&open_expr)?,
-            close: parse_cron(&close_expr)?,
+            pair: CronPair::new(parse_cron(&open_expr)?, parse_cron(&close_expr)?),
         })
     }
 
     pub(crate) fn from_cron(
         name: String,
         state: PresenceState,
-        open: Cron,
-        close: Cron,
+        pair: CronPair,
         open_text: String,
         close_text: String,
     ) -> Window {
@@ -318,81 +305,25 @@ impl Window {
                 open: open_text,
                 close: close_text,
             },
-            open,
-            close,
+            pair,
         }
     }
 
-    /// Whether the window is open at `at`: it last opened after it last closed
-    /// (both inclusive of `at`). When it opens and closes at the same instant,
-    /// it is open if it was open just before (one window ends as the next
-    /// begins, e.g. `00:00-24:00` on `sat,sun`), else that window is empty
-    /// (e.g. it would open in a skipped DST hour and close at the gap's end).
+    /// Whether the window is open at `at`: its last lone open or close at or
+    /// before `at` was an open. Where open and close fire at the same instant
+    /// the window stays as it was just before (one window ends as the next
+    /// begins, e.g. `00:00-24:00` on `sat,sun`; or an empty window, e.g. one
+    /// that would open in a skipped DST hour and close at the gap's end),
+    /// however many such instants follow each other.
     pub(crate) fn membership(&self, at: &Zoned) -> Membership {
-        let mut probe = at.clone();
-        let mut inclusive = true;
-        let mut first_tie: Option<Timestamp> = None;
-        for _ in 0..MAX_TIE_CHAIN {
-            let last_open = self.open.find_previous_occurrence(&probe, inclusive).ok();
-            let last_close = self.close.find_previous_occurrence(&probe, inclusive).ok();
-            match (last_open, last_close) {
-                (Some(open), Some(close)) if open.timestamp() == close.timestamp() => {
-                    first_tie.get_or_insert(open.timestamp());
-                    probe = open;
-                    inclusive = false;
-                }
-                (Some(open), Some(close)) if open.timestamp() > close.timestamp() => {
-                    return Membership {
-                        inside: true,
-                        since: Some(first_tie.unwrap_or(open.timestamp())),
-                    };
-                }
-                (Some(open), None) => {
-                    return Membership {
-                        inside: true,
-                        since: Some(first_tie.unwrap_or(open.timestamp())),
-                    };
-                }
-                (_, close) => {
-                    return Membership {
-                        inside: false,
-                        since: first_tie.or(close.map(|c| c.timestamp())),
-                    };
-                }
-            }
-        }
-        // A long chain of back-to-back windows: open throughout.
-        Membership {
-            inside: true,
-            since: first_tie,
-        }
+        self.pair.membership(at.time_zone(), at.timestamp())
     }
 
     /// The next instant strictly after `at` at which the window closes (if
-    /// `inside`; a close where the next window opens at once is skipped) or
-    /// opens (an open that closes at the same instant, an empty window, is
-    /// skipped too: nothing changes there).
+    /// `inside`) or opens: where it changes, by the rule of [`Window::membership`].
     pub(crate) fn next_boundary(&self, at: &Zoned, inside: bool) -> Option<Timestamp> {
-        if !inside {
-            let mut probe = at.clone();
-            for _ in 0..MAX_TIE_CHAIN {
-                let open = self.open.find_next_occurrence(&probe, false).ok()?;
-                if self.membership(&open).inside {
-                    return Some(open.timestamp());
-                }
-                probe = open;
-            }
-            return Some(probe.timestamp());
-        }
-        let mut probe = at.clone();
-        for _ in 0..MAX_TIE_CHAIN {
-            let close = self.close.find_next_occurrence(&probe, false).ok()?;
-            if !self.membership(&close).inside {
-                return Some(close.timestamp());
-            }
-            probe = close;
-        }
-        Some(probe.timestamp())
+        self.pair
+            .next_boundary(at.time_zone(), at.timestamp(), inside)
     }
 
     /// Whether both expressions ever fire (searching from 2000 in `tz`).
@@ -421,8 +352,8 @@ impl Window {
             }
             WindowForm::Cron { open, close } => format!(
                 "from \"{open}\" ({}) until \"{close}\" ({}), {zone_name}",
-                lowercase_first(&self.open.describe()),
-                lowercase_first(&self.close.describe())
+                lowercase_first(&self.pair.open.cron().describe()),
+                lowercase_first(&self.pair.close.cron().describe())
             ),
         }
     }

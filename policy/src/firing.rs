@@ -332,6 +332,45 @@ impl CronPair {
     }
 }
 
+impl CronPair {
+    /// The instants in `(from, to)` where the window changes, with what it
+    /// is after each, given whether it is `inside` at `from`; at most `limit`.
+    pub(crate) fn changes_between(
+        &self,
+        tz: &TimeZone,
+        from: Timestamp,
+        to: Timestamp,
+        mut inside: bool,
+        limit: usize,
+    ) -> Vec<(Timestamp, bool)> {
+        let mut changes = Vec::new();
+        if !self.lone_open && !self.lone_close {
+            return changes;
+        }
+        let start = from
+            .to_zoned(tz.clone())
+            .date()
+            .yesterday()
+            .unwrap_or(Date::MIN);
+        self.walk(tz, start, true, |event| {
+            if event.at <= from {
+                return false;
+            }
+            if event.at >= to || changes.len() >= limit {
+                return true;
+            }
+            if let Some(open) = event.leaves_open()
+                && open != inside
+            {
+                inside = open;
+                changes.push((event.at, open));
+            }
+            false
+        });
+        changes
+    }
+}
+
 /// The zone's offset throughout `date` and the days around it, when it does
 /// not change there (the fast path: civil time minus one offset).
 fn steady_offset(tz: &TimeZone, date: Date) -> Option<Offset> {

@@ -12,7 +12,7 @@ use crate::duration::format_duration;
 use crate::firing::CronPair;
 use crate::load::{LoadMonitor, LoadVerdict};
 use crate::state::{Presence, PresenceState, Source};
-use crate::window::{DaySet, Window, parse_cron, parse_hours};
+use crate::window::{DaySet, Window, crontab_reading_differs, parse_cron, parse_hours};
 
 /// A problem in the availability config, located by its key path
 /// (e.g. `availability.schedule[1].days`); the config loader turns the path
@@ -173,6 +173,7 @@ pub struct Policy {
     windows: Vec<Window>,
     load: Option<LoadConfig>,
     owner: PolicyOwner,
+    warnings: Vec<PolicyError>,
 }
 
 /// The verdict of the schedules and default alone at one instant.
@@ -229,6 +230,7 @@ impl Policy {
         options: &CompileOptions,
     ) -> Result<Policy, Vec<PolicyError>> {
         let mut errors = Vec::new();
+        let mut warnings = Vec::new();
         let at = |key: &str, message: String| PolicyError {
             path: options.key_path(key),
             message,
@@ -320,6 +322,11 @@ impl Policy {
                             "`days` goes with `hours`; with `open`/`close` put the days in the cron day-of-week field".to_owned(),
                         ));
                     }
+                    for (field, text) in [("open", open), ("close", close)] {
+                        if let Some(message) = crontab_reading_differs(text) {
+                            warnings.push(at(&key(field), message));
+                        }
+                    }
                     let open_cron = parse_cron(open).map_err(|m| errors.push(at(&key("open"), m)));
                     let close_cron =
                         parse_cron(close).map_err(|m| errors.push(at(&key("close"), m)));
@@ -348,13 +355,23 @@ impl Policy {
                                     ));
                                     None
                                 }
-                                Some(pair) => Some(Window::from_cron(
-                                    name.to_owned(),
-                                    entry.state,
-                                    pair,
-                                    open.clone(),
-                                    close.clone(),
-                                )),
+                                Some(pair) => {
+                                    if !pair.lone_open {
+                                        warnings.push(at(
+                                            &key("open"),
+                                            format!(
+                                                "every time open = \"{open}\" fires, close = \"{close}\" fires too, so this window never opens"
+                                            ),
+                                        ));
+                                    }
+                                    Some(Window::from_cron(
+                                        name.to_owned(),
+                                        entry.state,
+                                        pair,
+                                        open.clone(),
+                                        close.clone(),
+                                    ))
+                                }
                                 None => None,
                             }
                         }
@@ -429,7 +446,15 @@ impl Policy {
             windows,
             load: cfg.load.clone(),
             owner: options.owner,
+            warnings,
         })
+    }
+
+    /// What is valid but may not mean what its writer thinks (a cron day
+    /// field read differently by Linux crontab, a window that never opens),
+    /// located like errors. `worker check` and `master check` print them.
+    pub fn warnings(&self) -> &[PolicyError] {
+        &self.warnings
     }
 
     /// The zone the schedules are written in.
@@ -697,39 +722,80 @@ impl Policy {
 
     /// [`Policy::preview`] with a chosen limit on the changes followed.
     pub fn preview_limited(&self, from: Timestamp, to: Timestamp, max_changes: usize) -> Preview {
+        let max_changes = max_changes.max(1);
         let mut intervals: Vec<Interval> = Vec::new();
-        let mut start = from;
+        if from >= to {
+            return Preview {
+                intervals,
+                truncated_at: None,
+            };
+        }
+        // Each window's own changes in the span, merged into one timeline.
+        let start = self.zoned(from);
+        let mut inside: Vec<bool> = self
+            .windows
+            .iter()
+            .map(|w| w.membership(&start).inside)
+            .collect();
+        let mut changes: Vec<(Timestamp, usize, bool)> = Vec::new();
+        for (index, window) in self.windows.iter().enumerate() {
+            changes.extend(
+                window
+                    .changes_between(&self.tz, from, to, inside[index], max_changes + 1)
+                    .into_iter()
+                    .map(|(at, open)| (at, index, open)),
+            );
+        }
+        changes.sort_by_key(|(at, index, _)| (*at, *index));
+        let mut at = from;
+        let mut pending = changes.into_iter().peekable();
         let mut steps = 0;
-        while start < to {
-            if steps >= max_changes.max(1) {
-                return Preview {
-                    intervals,
-                    truncated_at: Some(start),
-                };
+        loop {
+            while let Some((_, index, open)) = pending.next_if(|(t, _, _)| *t <= at) {
+                inside[index] = open;
             }
-            steps += 1;
-            let zoned = self.zoned(start);
-            let verdict = self.schedule_verdict(&zoned);
-            let end = self
-                .next_schedule_change(&zoned)
-                .filter(|t| *t > start)
-                .map_or(to, |t| t.min(to));
+            let (state, source) = self.verdict_of(&inside);
+            let end = pending.peek().map_or(to, |(t, _, _)| *t);
             match intervals.last_mut() {
-                Some(last) if last.state == verdict.state && last.source == verdict.source => {
-                    last.to = end;
-                }
+                Some(last) if last.state == state && last.source == source => last.to = end,
                 _ => intervals.push(Interval {
-                    from: start,
+                    from: at,
                     to: end,
-                    state: verdict.state,
-                    source: verdict.source,
+                    state,
+                    source,
                 }),
             }
-            start = end;
+            if end >= to {
+                break;
+            }
+            steps += 1;
+            at = end;
+            if steps >= max_changes {
+                return Preview {
+                    intervals,
+                    truncated_at: Some(at),
+                };
+            }
         }
         Preview {
             intervals,
             truncated_at: None,
+        }
+    }
+
+    /// The state and source the schedules give when `inside[i]` says which
+    /// windows are open (the same choice as [`Policy::evaluate`] makes).
+    fn verdict_of(&self, inside: &[bool]) -> (PresenceState, Source) {
+        let mut best: Option<&Window> = None;
+        for (window, _) in self.windows.iter().zip(inside).filter(|(_, open)| **open) {
+            match best {
+                Some(b) if b.state >= window.state => {}
+                _ => best = Some(window),
+            }
+        }
+        match best {
+            Some(window) => (window.state, self.schedule_source(&window.name)),
+            None => (self.default, self.default_source()),
         }
     }
 

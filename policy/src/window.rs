@@ -154,7 +154,10 @@ fn parse_clock(text: &str, whole: &str) -> Result<u32, String> {
             "invalid time \"{text}\" in hours = \"{whole}\", expected HH:MM-HH:MM such as \"19:00-07:00\""
         )
     };
-    if hour.is_empty() || hour.len() > 2 || minute.len() > 2 || minute.is_empty() {
+    let digits = |part: &str| {
+        !part.is_empty() && part.len() <= 2 && part.bytes().all(|b| b.is_ascii_digit())
+    };
+    if !digits(hour) || !digits(minute) {
         return Err(bad());
     }
     let hour: u32 = hour.parse().map_err(|_| bad())?;
@@ -214,6 +217,9 @@ pub(crate) fn parse_cron(expr: &str) -> Result<Cron, String> {
             if fields.len() == 1 { "" } else { "s" }
         ));
     }
+    for (index, field) in fields.iter().enumerate() {
+        check_field_words(expr, index, field)?;
+    }
     match parser().parse(expr) {
         Ok(cron) => Ok(cron),
         Err(error) => {
@@ -234,6 +240,85 @@ pub(crate) fn parse_cron(expr: &str) -> Result<Cron, String> {
             ))
         }
     }
+}
+
+const MONTH_NAMES: [&str; 12] = [
+    "jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec",
+];
+
+/// Names belong in their own field only: month names in the month field, day
+/// names in the day-of-week field (croner would read `mon` in the month field
+/// as January, `dec` in the day-of-month field as 12). Also allowed are `L`
+/// and `W` in day-of-month and `L` in day-of-week.
+fn check_field_words(expr: &str, index: usize, field: &str) -> Result<(), String> {
+    let lower = field.to_ascii_lowercase();
+    for word in lower
+        .split(|c: char| !c.is_ascii_alphabetic())
+        .filter(|w| !w.is_empty())
+    {
+        let is_month = MONTH_NAMES.contains(&word);
+        let is_day = DAY_NAMES.contains(&word);
+        let allowed = match index {
+            2 => matches!(word, "l" | "w" | "lw"),
+            3 => is_month,
+            4 => is_day || word == "l",
+            _ => false,
+        };
+        if allowed {
+            continue;
+        }
+        let what = if is_day {
+            format!("`{word}` is a day name, which belongs in the day-of-week (5th) field")
+        } else if is_month {
+            format!("`{word}` is a month name, which belongs in the month (4th) field")
+        } else {
+            format!("`{word}` is not a value of this field")
+        };
+        return Err(format!(
+            "cron expression \"{expr}\": the {} `{field}` is invalid ({what})",
+            FIELD_NAMES[index]
+        ));
+    }
+    Ok(())
+}
+
+/// Where nightshift's reading of a cron expression differs from Linux
+/// crontab's (Vixie/cronie): a day-of-month or day-of-week that starts with
+/// `*` but is not `*` (e.g. `*/2`) beside a restricted other day field.
+/// nightshift fires on days matching either field (POSIX, croner); crontab
+/// fires only on days matching both. `None` where the readings agree.
+pub(crate) fn crontab_reading_differs(expr: &str) -> Option<String> {
+    let fields: Vec<&str> = expr.split_whitespace().collect();
+    let [_, _, dom, _, dow] = fields.as_slice() else {
+        return None;
+    };
+    let is_star = |f: &str| f == "*" || f == "?";
+    let starred_step = |f: &str| f.starts_with('*') && !is_star(f);
+    if dow.starts_with('+') {
+        return None;
+    }
+    let (starred, other) = if starred_step(dom) && !is_star(dow) {
+        (
+            format!("day-of-month `{dom}`"),
+            format!("day-of-week `{dow}`"),
+        )
+    } else if starred_step(dow) && !is_star(dom) {
+        (
+            format!("day-of-week `{dow}`"),
+            format!("day-of-month `{dom}`"),
+        )
+    } else {
+        return None;
+    };
+    Some(format!(
+        "cron expression \"{expr}\": the {starred} and the {other} are both restricted, so it fires on days that match either (as POSIX cron and croner read it); Linux crontab would fire only on days that match both. To require both, start the day-of-week with `+` (e.g. \"{}\")",
+        fields[..4]
+            .iter()
+            .copied()
+            .chain([format!("+{dow}").as_str()])
+            .collect::<Vec<_>>()
+            .join(" ")
+    ))
 }
 
 fn croner_message(error: &croner::errors::CronError) -> String {
@@ -326,6 +411,19 @@ impl Window {
             .next_boundary(at.time_zone(), at.timestamp(), inside)
     }
 
+    /// The instants in `(from, to)` where this window opens or closes, with
+    /// whether it is open after each, given whether it is open at `from`.
+    pub(crate) fn changes_between(
+        &self,
+        tz: &TimeZone,
+        from: Timestamp,
+        to: Timestamp,
+        inside: bool,
+        limit: usize,
+    ) -> Vec<(Timestamp, bool)> {
+        self.pair.changes_between(tz, from, to, inside, limit)
+    }
+
     /// Whether both expressions ever fire (searching from 2000 in `tz`).
     pub(crate) fn never_fires(cron: &Cron, tz: &TimeZone) -> bool {
         let start = Timestamp::UNIX_EPOCH.to_zoned(tz.clone());
@@ -406,6 +504,8 @@ mod tests {
     fn hours_parse() {
         assert_eq!(parse_hours("19:00-07:00"), Ok((1140, 420)));
         assert_eq!(parse_hours("9-17"), Ok((540, 1020)));
+        assert_eq!(parse_hours("7-19"), Ok((420, 1140)));
+        assert_eq!(parse_hours("7:30 – 19"), Ok((450, 1140)));
         assert_eq!(parse_hours("00:00-24:00"), Ok((0, 1440)));
         for bad in [
             "19:00",
@@ -414,9 +514,68 @@ mod tests {
             "7:00-7:00",
             "ab-cd",
             "24:00-01:00",
+            "+7:00-08:00",
+            "7:00-+8:00",
+            "-7:00-08:00",
+            "7:0x-08:00",
         ] {
             let error = parse_hours(bad).unwrap_err();
             assert!(error.contains(bad), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn names_in_the_wrong_field_are_rejected() {
+        for (expr, field, word) in [
+            ("0 9 * mon *", "month (4th field", "`mon` is a day name"),
+            (
+                "0 9 * * jan",
+                "day-of-week (5th field",
+                "`jan` is a month name",
+            ),
+            ("mon 9 * * *", "minute (1st field", "`mon` is a day name"),
+            ("0 sat * * *", "hour (2nd field", "`sat` is a day name"),
+            (
+                "0 9 dec * *",
+                "day-of-month (3rd field",
+                "`dec` is a month name",
+            ),
+            (
+                "0 9 * * monday",
+                "day-of-week (5th field",
+                "`monday` is not a value",
+            ),
+        ] {
+            let error = parse_cron(expr).unwrap_err();
+            assert!(error.contains(field), "{expr}: {error}");
+            assert!(error.contains(word), "{expr}: {error}");
+            assert!(error.contains(&format!("\"{expr}\"")), "{expr}: {error}");
+        }
+        for good in [
+            "0 9 * jan-mar mon-fri",
+            "0 9 L * *",
+            "0 9 15W * *",
+            "0 9 * * 5L",
+            "0 9 * DEC SUN",
+        ] {
+            assert!(parse_cron(good).is_ok(), "{good}");
+        }
+    }
+
+    #[test]
+    fn crontab_differences_are_found() {
+        let warning = crontab_reading_differs("0 9 */2 * mon").unwrap();
+        assert!(warning.contains("either"), "{warning}");
+        assert!(warning.contains("\"0 9 */2 * +mon\""), "{warning}");
+        assert!(crontab_reading_differs("0 9 1 * */2").is_some());
+        for same in [
+            "0 9 */2 * *",
+            "0 9 * * mon",
+            "0 9 1-7 * mon",
+            "0 9 */2 * +mon",
+            "0 9 ? * */2",
+        ] {
+            assert_eq!(crontab_reading_differs(same), None, "{same}");
         }
     }
 

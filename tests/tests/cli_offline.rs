@@ -399,3 +399,42 @@ fn schedule_says_when_it_was_cut_short() {
         }
     }
 }
+
+#[test]
+fn master_check_rejects_misplaced_names_and_warns_on_day_fields() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let write = |open: &str| {
+        let config = format!(
+            "listen = \"127.0.0.1:0\"\ninsecure = true\n\n[[worker]]\nname = \"w\"\n\
+             token_sha256 = \"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\"\n\
+             schedule = [\n  {{ name = \"odd\", open = \"{open}\", close = \"0 17 * * *\" }},\n]\n"
+        );
+        std::fs::write(dir.path().join("master.toml"), config).expect("write master.toml");
+    };
+    let master = |dir: &Path| {
+        Command::new(bin_dir().join("master"))
+            .args(["check", "--config", "master.toml"])
+            .current_dir(dir)
+            .env("TZ", "UTC")
+            .output()
+            .expect("run master")
+    };
+    write("0 9 */2 * mon");
+    let out = master(dir.path());
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        stdout.contains("warning: master.toml:8:26: worker[0].schedule[0].open:")
+            && stdout.contains("\"0 9 */2 * +mon\""),
+        "{stdout}"
+    );
+    write("0 9 * mon *");
+    let out = master(dir.path());
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("master.toml:8:26: worker[0].schedule[0].open:")
+            && stderr.contains("`mon` is a day name"),
+        "{stderr}"
+    );
+}

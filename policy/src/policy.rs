@@ -611,8 +611,36 @@ impl Policy {
         inputs: &Inputs,
         state: PresenceState,
     ) -> Option<Timestamp> {
+        // A source that holds without end at or above anything the schedules
+        // can give keeps the state for good: nothing to walk.
+        let schedules_at_most = self
+            .windows
+            .iter()
+            .map(|w| w.state)
+            .fold(self.default, PresenceState::max);
+        let holds_for_good = |at: Timestamp| {
+            let master = inputs
+                .master
+                .as_ref()
+                .filter(|m| m.until.is_none() && m.is_active(at))
+                .map(|m| m.state);
+            let load = inputs
+                .load
+                .as_ref()
+                .filter(|l| l.high && l.pending_change.is_none())
+                .map(|l| l.state);
+            master
+                .into_iter()
+                .chain(load)
+                .max()
+                .is_some_and(|floor| floor == state && floor >= schedules_at_most)
+        };
         let mut at = now;
         for _ in 0..MAX_UNTIL_STEPS {
+            let manual_decides = inputs.manual.as_ref().is_some_and(|m| m.is_active(at));
+            if !manual_decides && holds_for_good(at) {
+                return None;
+            }
             let next = self.next_change(at, inputs)?;
             if self.presence_at(next, inputs, true).state != state {
                 return Some(next);

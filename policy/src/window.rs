@@ -401,12 +401,34 @@ impl Window {
     /// that would open in a skipped DST hour and close at the gap's end),
     /// however many such instants follow each other.
     pub(crate) fn membership(&self, at: &Zoned) -> Membership {
+        if self.always_open() {
+            return Membership {
+                inside: true,
+                since: None,
+            };
+        }
         self.pair.membership(at.time_zone(), at.timestamp())
+    }
+
+    /// `hours = "00:00-24:00"` on every day: open throughout (its open and
+    /// close crons are the same, every midnight a tie).
+    fn always_open(&self) -> bool {
+        matches!(
+            self.form,
+            WindowForm::Hours {
+                open: 0,
+                close: 1440,
+                days: DaySet::ALL
+            }
+        )
     }
 
     /// The next instant strictly after `at` at which the window closes (if
     /// `inside`) or opens: where it changes, by the rule of [`Window::membership`].
     pub(crate) fn next_boundary(&self, at: &Zoned, inside: bool) -> Option<Timestamp> {
+        if self.always_open() {
+            return None;
+        }
         self.pair
             .next_boundary(at.time_zone(), at.timestamp(), inside)
     }
@@ -421,6 +443,9 @@ impl Window {
         inside: bool,
         limit: usize,
     ) -> Vec<(Timestamp, bool)> {
+        if self.always_open() {
+            return Vec::new();
+        }
         self.pair.changes_between(tz, from, to, inside, limit)
     }
 

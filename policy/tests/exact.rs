@@ -346,3 +346,19 @@ fn until_is_when_the_state_changes_not_when_an_override_ends() {
         Some(ts("2026-12-01T09:04:00Z"))
     );
 }
+
+#[test]
+fn a_whole_day_every_day_is_open_throughout() {
+    let p = policy(
+        "timezone = \"Europe/Berlin\"\ndefault = \"away\"\n[[schedule]]\nname = \"w\"\nhours = \"00:00-24:00\"\n",
+    );
+    let from = ts("2026-03-28T00:00:00Z");
+    let preview = p.preview(from, from + SignedDuration::from_hours(72));
+    assert_eq!(preview.intervals.len(), 1);
+    assert_eq!(preview.intervals[0].state, PresenceState::Available);
+    let presence = p.evaluate(from, &Inputs::default());
+    assert_eq!(
+        (presence.state, presence.until),
+        (PresenceState::Available, None)
+    );
+}

@@ -601,6 +601,13 @@ impl Policy {
         presence
     }
 
+    /// The presence at `now` with `until` left unset: [`Policy::evaluate`]
+    /// without its look-ahead through coming changes, for callers that only
+    /// compare states and reasons (and re-evaluate at every change anyway).
+    pub fn evaluate_without_until(&self, now: Timestamp, inputs: &Inputs) -> Presence {
+        self.presence_at(now, inputs, false)
+    }
+
     /// When the presence *state* next differs from `state` (not merely its
     /// reason or source): walks the coming changes, taking a pending load
     /// verdict as flipped once its deadline passes. `None` when no change is

@@ -90,7 +90,48 @@ pub fn check(path: Option<&Path>) -> anyhow::Result<i32> {
             ""
         }
     );
+    for warning in schedule_warnings(&config) {
+        println!("warning: {warning}");
+    }
     Ok(0)
+}
+
+/// What the workers' master-side schedules compile to with a caveat (a cron
+/// day field Linux crontab reads differently, a window that never opens),
+/// each located in the file like a config error.
+fn schedule_warnings(config: &MasterConfig) -> Vec<String> {
+    let text = std::fs::read_to_string(&config.source).unwrap_or_default();
+    let mut lines = Vec::new();
+    for (index, worker) in config.workers.iter().enumerate() {
+        if worker.schedule.is_empty() {
+            continue;
+        }
+        let availability = nightshift_policy::AvailabilityConfig {
+            timezone: worker.timezone.clone(),
+            default: None,
+            schedule: worker.schedule.clone(),
+            load: None,
+        };
+        let Ok(policy) = nightshift_policy::Policy::compile_for_master(
+            &availability,
+            jiff::tz::TimeZone::system(),
+            &format!("worker[{index}]"),
+        ) else {
+            continue;
+        };
+        for warning in policy.warnings() {
+            let (_, mut place) =
+                nightshift_proto::diag::parse_toml::<serde::de::IgnoredAny>(&config.source, &text);
+            place.push_at_path(&warning.path, warning.message.clone());
+            lines.push(
+                place
+                    .errors()
+                    .last()
+                    .map_or_else(|| warning.to_string(), |e| e.to_string()),
+            );
+        }
+    }
+    lines
 }
 
 /// `master add-worker NAME`.

@@ -19,7 +19,7 @@ use super::api::{ErrorBody, SetAvailabilityBody, StopAnswer, StopBody};
 use super::guard::{self, TokenError};
 use super::page::{source_words, state_word};
 use super::server::SOCKET_FILE_NAME;
-use super::when::{self, short_time, span_words};
+use super::when::{self, short_time, span_words, zone_label};
 use crate::cli::{AvailabilityArg, ConfigArg};
 use crate::config::WorkerConfig;
 use crate::handle::AgentStatus;
@@ -387,6 +387,7 @@ pub fn describe(status: &AgentStatus, now: Timestamp, tz: &TimeZone) -> String {
         short_time(presence.since, now, tz),
         span_words(now.duration_since(presence.since))
     );
+    let _ = writeln!(out, "  times:   {}", zone_label(tz, now));
     if status.stopping {
         let _ = writeln!(out, "  stopping: exits when its running builds end");
     } else if let Some(manual) = &status.manual {
@@ -562,6 +563,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("since:   11:55 (5 min ago)"), "{text}");
+        assert!(
+            text.contains("times:   Europe/Berlin (CET, UTC+01:00)\n"),
+            "{text}"
+        );
         assert!(text.contains("manual:  away until 19:00"), "{text}");
         assert!(
             text.contains("build:   #42 linux\nx86 — step 2 \"test\", running 2 min"),

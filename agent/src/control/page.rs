@@ -17,7 +17,7 @@ use nightshift_policy::{PresenceState, Source};
 
 use super::server::{PreviewInterval, Shared};
 use super::when::{short_time, span_words};
-use crate::handle::AgentStatus;
+use crate::handle::{AgentStatus, SupervisedState, SupervisedStatus};
 
 const STYLE: &str = include_str!("page.css");
 const SCRIPT: &str = include_str!("page.js");
@@ -301,6 +301,15 @@ pub fn render_details(
     preview: Option<&[PreviewInterval]>,
 ) -> String {
     let mut html = String::with_capacity(8 * 1024);
+    if let Some(supervised) = &status.supervised {
+        // A supervising worker has no builds or master of its own: its CI
+        // agent takes the place of both.
+        html.push_str(&render_supervised(supervised, now, tz));
+        if let Some(preview) = preview {
+            html.push_str(&render_timeline(status, preview, now, tz));
+        }
+        return html;
+    }
     // Builds.
     html.push_str("<section class=\"card\" id=\"builds\">\n  <h2>Builds</h2>\n");
     if status.builds.is_empty() {
@@ -372,6 +381,87 @@ pub fn render_details(
     if let Some(preview) = preview {
         html.push_str(&render_timeline(status, preview, now, tz));
     }
+    html
+}
+
+/// The supervised CI agent: what runs, since when, draining, its last exit.
+fn render_supervised(supervised: &SupervisedStatus, now: Timestamp, tz: &TimeZone) -> String {
+    let when = |at: Timestamp| escape(&short_time(at, now, tz));
+    let (dot, headline) = match supervised.state {
+        SupervisedState::Running => (
+            "ok",
+            format!(
+                "Running (pid {}) since {}{}.",
+                supervised.pid.unwrap_or(0),
+                when(supervised.since),
+                match supervised.job_running {
+                    Some(true) => ", running a job",
+                    Some(false) => ", idle",
+                    None => "",
+                }
+            ),
+        ),
+        SupervisedState::Draining => (
+            "warn",
+            format!(
+                "Draining (pid {}): asked at {} to finish its job and exit{}{}.",
+                supervised.pid.unwrap_or(0),
+                when(supervised.draining_since.unwrap_or(supervised.since)),
+                match supervised.job_running {
+                    Some(true) => "; a job is still running",
+                    _ => "",
+                },
+                supervised
+                    .hard_stop_at
+                    .map(|at| format!("; stopped hard at {} if still running", when(at)))
+                    .unwrap_or_default()
+            ),
+        ),
+        SupervisedState::Restarting => (
+            "bad",
+            format!(
+                "Exited; starting again{}.",
+                supervised
+                    .restart_at
+                    .map(|at| format!(" at {}", when(at)))
+                    .unwrap_or_default()
+            ),
+        ),
+        SupervisedState::Stopped => ("bad", format!("Stopped since {}.", when(supervised.since))),
+    };
+    let mut html = format!(
+        "<section class=\"card\" id=\"supervised\">\n  <h2>CI agent ({kind})</h2>\n  <p><span class=\"dot {dot}\"></span>{headline}</p>\n  <p class=\"soft small\"><code>{command}</code> — {wanted}: {why}</p>\n",
+        kind = escape(&supervised.kind),
+        command = escape(&supervised.command),
+        wanted = if supervised.wanted {
+            "wanted running"
+        } else {
+            "wanted stopped"
+        },
+        why = escape(&supervised.why),
+    );
+    if let Some(exit) = &supervised.last_exit {
+        let _ = writeln!(
+            html,
+            "  <p class=\"soft small\">Last exit {} ({}){}: {}</p>",
+            when(exit.at),
+            escape(&exit.status),
+            if exit.stopped_hard {
+                ", stopped hard"
+            } else {
+                ""
+            },
+            escape(&exit.reason)
+        );
+    }
+    if supervised.restarts > 0 {
+        let _ = writeln!(
+            html,
+            "  <p class=\"soft small\">Restarted {} after exiting by itself.</p>",
+            plural(supervised.restarts, "time", "times")
+        );
+    }
+    html.push_str("</section>\n");
     html
 }
 

@@ -145,13 +145,16 @@ pub fn resolve(
     errors: &mut ConfigErrors,
 ) -> SuperviseSettings {
     let preset = raw.kind.default_command();
+    // `command` replaces the preset's program (e.g. a full path), `args`
+    // its arguments; each keeps the preset's value when not given.
+    let preset_args = || -> Vec<String> {
+        preset
+            .map(|(_, args)| args.iter().map(|arg| (*arg).to_owned()).collect())
+            .unwrap_or_default()
+    };
     let (command, args) = match (raw.command, preset) {
-        (Some(command), _) => (command, raw.args.unwrap_or_default()),
-        (None, Some((command, args))) => (
-            command.to_owned(),
-            raw.args
-                .unwrap_or_else(|| args.iter().map(|arg| (*arg).to_owned()).collect()),
-        ),
+        (Some(command), _) => (command, raw.args.unwrap_or_else(preset_args)),
+        (None, Some((command, _))) => (command.to_owned(), raw.args.unwrap_or_else(preset_args)),
         (None, None) => {
             errors.push_at_path(
                 "supervise.command",
@@ -291,6 +294,15 @@ mod tests {
     #[test]
     fn presets_carry_their_upstream_signal_contracts() {
         let dir = Path::new("/nonexistent/work");
+        let venv = resolve_text(
+            "kind = \"buildbot-worker\"\ncommand = \"/venv/bin/buildbot-worker\"",
+            dir,
+        )
+        .unwrap();
+        assert_eq!(
+            venv.command_line(),
+            "/venv/bin/buildbot-worker start --nodaemon ."
+        );
         let bb = resolve_text("kind = \"buildbot-worker\"", dir).unwrap();
         assert_eq!(bb.command_line(), "buildbot-worker start --nodaemon .");
         assert_eq!(

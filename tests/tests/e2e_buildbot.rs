@@ -430,7 +430,10 @@ async fn scenarios(master: &BuildbotMaster, worker: &mut SupervisedWorker) -> an
         .await?;
     assert_eq!(supervised_exit(&worker)?["status"], "exit 0", "{stopped}");
     assert!(
-        stopped["why"].as_str().unwrap().contains("outside schedule short"),
+        stopped["why"]
+            .as_str()
+            .unwrap()
+            .contains("outside schedule short"),
         "{stopped}"
     );
     assert!(master.build_of(after_close)?.is_none());

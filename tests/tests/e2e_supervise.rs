@@ -349,3 +349,46 @@ async fn a_leftover_of_a_crashed_worker_is_drained_before_a_new_one_starts() {
     );
     assert!(worker.log().contains("left by an earlier run"));
 }
+
+#[test]
+fn packaging_supervise_example_is_valid() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging");
+    let dir = tempfile::tempdir().unwrap();
+    let bb = dir.path().join("bb");
+    std::fs::create_dir_all(&bb).unwrap();
+    std::fs::write(bb.join("buildbot.tac"), "allow_shutdown = 'signal'\n").unwrap();
+    let text = std::fs::read_to_string(root.join("examples/worker-supervise.toml"))
+        .unwrap()
+        .replace("/var/lib/buildbot/worker", &bb.display().to_string())
+        .replace(
+            "/var/lib/nightshift-supervise",
+            &dir.path().display().to_string(),
+        );
+    let config = dir.path().join("worker.toml");
+    std::fs::write(&config, text).unwrap();
+    let output = std::process::Command::new(nightshift_tests::bin_dir().unwrap().join("worker"))
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("supervises buildbot-worker `/usr/bin/buildbot-worker start --nodaemon .`"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("sends SIGHUP"), "{stdout}");
+    // Without allow_shutdown = 'signal' the config is refused (exit 2).
+    std::fs::write(bb.join("buildbot.tac"), "allow_shutdown = None\n").unwrap();
+    let output = std::process::Command::new(nightshift_tests::bin_dir().unwrap().join("worker"))
+        .args(["check", "--config"])
+        .arg(&config)
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("supervise.kind"));
+}

@@ -13,5 +13,5 @@ mod settings;
 mod supervisor;
 
 pub use process::claim_leftover;
-pub use settings::{RawSuperviseSettings, SuperviseSettings, resolve};
+pub use settings::{RawSuperviseSettings, ReluctantAction, SuperviseSettings, resolve};
 pub use supervisor::{StopRequest, SupervisorLink, spawn};

@@ -230,11 +230,10 @@ impl BuildbotMaster {
     fn worker_connected(&self) -> anyhow::Result<bool> {
         let workers = self.get("/api/v2/workers?name=w1")?;
         let worker = &workers["workers"][0];
-        Ok(worker["connected_to"]
+        Ok(!worker["connected_to"]
             .as_array()
             .with_context(|| format!("no worker w1: {workers}"))?
-            .len()
-            > 0)
+            .is_empty())
     }
 
     async fn wait_connected(&self, connected: bool) -> anyhow::Result<()> {
@@ -428,7 +427,7 @@ async fn scenarios(master: &BuildbotMaster, worker: &mut SupervisedWorker) -> an
     let stopped = worker
         .wait_supervised("the window to close", |s| s["state"] == "stopped")
         .await?;
-    assert_eq!(supervised_exit(&worker)?["status"], "exit 0", "{stopped}");
+    assert_eq!(supervised_exit(worker)?["status"], "exit 0", "{stopped}");
     assert!(
         stopped["why"]
             .as_str()

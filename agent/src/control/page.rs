@@ -684,6 +684,46 @@ mod tests {
     }
 
     #[test]
+    fn a_supervising_worker_shows_its_ci_agent_instead_of_builds_and_master() {
+        let now: Timestamp = "2026-11-23T11:00:00Z".parse().unwrap();
+        let mut status = status_fixture(now);
+        status.builds.clear();
+        status.supervised = Some(SupervisedStatus {
+            kind: "gitlab-runner".into(),
+            command: "gitlab-runner run <&>".into(),
+            state: SupervisedState::Draining,
+            since: now,
+            pid: Some(77),
+            wanted: false,
+            why: "away (manual): lunch".into(),
+            job_running: Some(true),
+            draining_since: Some(now),
+            hard_stop_at: Some("2026-11-23T12:00:00Z".parse().unwrap()),
+            restart_at: None,
+            restarts: 2,
+            last_exit: Some(crate::handle::SupervisedExit {
+                at: now,
+                status: "exit 0".into(),
+                requested: true,
+                stopped_hard: false,
+                reason: "finished after SIGQUIT and ended with exit 0".into(),
+            }),
+        });
+        let html = render_page(&status, now, &tz(), None, "abc123");
+        assert!(html.contains("CI agent (gitlab-runner)"), "{html}");
+        assert!(html.contains("Draining (pid 77)"), "{html}");
+        assert!(html.contains("a job is still running"), "{html}");
+        assert!(
+            html.contains("stopped hard at 13:00 if still running"),
+            "{html}"
+        );
+        assert!(html.contains("gitlab-runner run &lt;&amp;&gt;"), "{html}");
+        assert!(html.contains("Restarted 2 times"), "{html}");
+        assert!(!html.contains("Build master"), "{html}");
+        assert!(!html.contains("id=\"builds\""), "{html}");
+    }
+
+    #[test]
     fn page_shows_state_reason_builds_and_master() {
         let now: Timestamp = "2026-11-23T11:00:00Z".parse().unwrap();
         let mut status = status_fixture(now);

@@ -10,6 +10,7 @@ use nightshift_policy::{AvailabilityConfig, DurationSpec, Policy, PolicyError};
 use nightshift_proto::diag::{ConfigErrors, parse_toml};
 use serde::Deserialize;
 
+use crate::daemon::checkout::GitAuth;
 use crate::supervise::{RawSuperviseSettings, SuperviseSettings};
 
 /// Where `worker` looks when `--config` is not given: here first, then /etc.
@@ -98,6 +99,8 @@ struct RawWorkerConfig {
     #[serde(default)]
     availability: AvailabilityConfig,
     #[serde(default)]
+    git: GitAuth,
+    #[serde(default)]
     supervise: Option<RawSuperviseSettings>,
 }
 
@@ -128,6 +131,8 @@ pub struct WorkerConfig {
     pub tls: TlsClientSettings,
     pub control: ControlSettings,
     pub availability: AvailabilityConfig,
+    /// `[git]`: this worker's credentials for checkouts (never sent anywhere).
+    pub git: GitAuth,
     /// How often foreign load is sampled (`[availability.load] sample_every`, default 5s).
     pub load_sample_interval: DurationSpec,
     /// `[supervise]`: the CI agent this worker runs on its owner's terms,
@@ -246,6 +251,11 @@ fn resolve(raw: RawWorkerConfig, base: &Path) -> WorkerConfig {
         tls,
         control,
         availability: raw.availability,
+        git: GitAuth {
+            ssh_key: raw.git.ssh_key.map(at_base),
+            token_file: raw.git.token_file.map(at_base),
+            username: raw.git.username,
+        },
         load_sample_interval,
         supervise: None,
     }
@@ -258,6 +268,21 @@ fn validate(config: &mut WorkerConfig, system_tz: TimeZone, errors: &mut ConfigE
     } else {
         validate_master(config, errors);
         validate_token(config, errors);
+    }
+    for (key, file) in [
+        ("git.ssh_key", &config.git.ssh_key),
+        ("git.token_file", &config.git.token_file),
+    ] {
+        if let Some(file) = file
+            && let Err(e) = std::fs::metadata(file)
+        {
+            errors.push_at_path(key, format!("cannot read {}: {e}", file.display()));
+        }
+    }
+    if let Some(name) = &config.git.username
+        && (name.is_empty() || name.chars().any(|c| c.is_control() || c == '\n'))
+    {
+        errors.push_at_path("git.username", "must be a non-empty single line");
     }
 
     if config.max_builds == 0 {
@@ -454,7 +479,7 @@ mod tests {
             [
                 "/srv/w/worker.toml:1:8: name: the worker name \"lab 3\" contains ' '; use letters, digits, `-`, `_` and `.`",
                 "/srv/w/worker.toml:2:10: master: ws:// sends the token unencrypted; use wss://, or set insecure = true (tests and trusted networks only)",
-                "/srv/w/worker.toml:3:1: max_bulds: unknown key `max_bulds`, expected one of `name`, `master`, `token`, `token_file`, `workdir`, `state_dir`, `max_builds`, `insecure`, `tls`, `control`, `availability`, `supervise`",
+                "/srv/w/worker.toml:3:1: max_bulds: unknown key `max_bulds`, expected one of `name`, `master`, `token`, `token_file`, `workdir`, `state_dir`, `max_builds`, `insecure`, `tls`, `control`, `availability`, `git`, `supervise`",
                 "/srv/w/worker.toml:8:8: availability.schedule[0].days: unknown day \"mnd\", expected mon..sun",
                 "/srv/w/worker.toml:13:1: availability.schedule[1].colour: unknown key `colour`, expected one of `name`, `hours`, `days`, `open`, `close`, `state`",
                 "/srv/w/worker.toml:17:7: availability.load.for: invalid duration `soon`, expected e.g. `30s`, `2m`, `1h30m`, `2h` or `1d`",

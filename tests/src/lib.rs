@@ -31,6 +31,7 @@
 //! Everything waits with generous deadlines ([`DEADLINE`]) so a loaded CI
 //! machine does not make tests flaky; nothing sleeps to "let things settle".
 
+pub mod soak;
 pub mod supervised;
 
 use std::collections::BTreeMap;

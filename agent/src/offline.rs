@@ -52,12 +52,38 @@ pub fn check(config: &ConfigArg) -> ExitCode {
         Err(code) => return code,
     };
     println!("{}: ok", path.display());
-    println!("worker {} → master {}", worker.name, worker.master);
-    println!(
-        "builds at most {} at a time in {}",
-        worker.max_builds,
-        worker.workdir.display()
-    );
+    match &worker.supervise {
+        Some(supervise) => {
+            println!(
+                "worker {} supervises {} `{}` in {}",
+                worker.name,
+                supervise.kind.name(),
+                supervise.command_line(),
+                supervise.workdir.display()
+            );
+            println!(
+                "available starts it; away or offline sends {} (finish the job, exit), then {} after {}; reluctant {}s it",
+                supervise.graceful_signal.as_str(),
+                supervise.hard_signal.as_str(),
+                nightshift_policy::format_duration(
+                    jiff::SignedDuration::try_from(supervise.stop_timeout)
+                        .unwrap_or(jiff::SignedDuration::MAX)
+                ),
+                match supervise.reluctant {
+                    crate::supervise::ReluctantAction::Run => "run",
+                    crate::supervise::ReluctantAction::Stop => "stop",
+                }
+            );
+        }
+        None => {
+            println!("worker {} → master {}", worker.name, worker.master);
+            println!(
+                "builds at most {} at a time in {}",
+                worker.max_builds,
+                worker.workdir.display()
+            );
+        }
+    }
     for line in policy.describe() {
         println!("{line}");
     }

@@ -18,7 +18,7 @@ use nightshift_policy::{PresenceState, Source};
 use super::server::{PreviewInterval, Shared};
 use super::when::{short_time, span_words};
 use crate::daemon::priority::{BuildIsolation, CpuPriority, IoPriority};
-use crate::handle::AgentStatus;
+use crate::handle::{AgentStatus, SupervisedState, SupervisedStatus};
 
 const STYLE: &str = include_str!("page.css");
 const SCRIPT: &str = include_str!("page.js");
@@ -302,6 +302,15 @@ pub fn render_details(
     preview: Option<&[PreviewInterval]>,
 ) -> String {
     let mut html = String::with_capacity(8 * 1024);
+    if let Some(supervised) = &status.supervised {
+        // A supervising worker has no builds or master of its own: its CI
+        // agent takes the place of both.
+        html.push_str(&render_supervised(supervised, now, tz));
+        if let Some(preview) = preview {
+            html.push_str(&render_timeline(status, preview, now, tz));
+        }
+        return html;
+    }
     // Builds.
     html.push_str("<section class=\"card\" id=\"builds\">\n  <h2>Builds</h2>\n");
     if status.builds.is_empty() {
@@ -413,6 +422,87 @@ fn render_isolation(isolation: &BuildIsolation) -> String {
     );
     for note in &isolation.notes {
         let _ = writeln!(html, "  <p class=\"soft small\">{}</p>", escape(note));
+    }
+    html.push_str("</section>\n");
+    html
+}
+
+/// The supervised CI agent: what runs, since when, draining, its last exit.
+fn render_supervised(supervised: &SupervisedStatus, now: Timestamp, tz: &TimeZone) -> String {
+    let when = |at: Timestamp| escape(&short_time(at, now, tz));
+    let (dot, headline) = match supervised.state {
+        SupervisedState::Running => (
+            "ok",
+            format!(
+                "Running (pid {}) since {}{}.",
+                supervised.pid.unwrap_or(0),
+                when(supervised.since),
+                match supervised.job_running {
+                    Some(true) => ", running a job",
+                    Some(false) => ", idle",
+                    None => "",
+                }
+            ),
+        ),
+        SupervisedState::Draining => (
+            "warn",
+            format!(
+                "Draining (pid {}): asked at {} to finish its job and exit{}{}.",
+                supervised.pid.unwrap_or(0),
+                when(supervised.draining_since.unwrap_or(supervised.since)),
+                match supervised.job_running {
+                    Some(true) => "; a job is still running",
+                    _ => "",
+                },
+                supervised
+                    .hard_stop_at
+                    .map(|at| format!("; stopped hard at {} if still running", when(at)))
+                    .unwrap_or_default()
+            ),
+        ),
+        SupervisedState::Restarting => (
+            "bad",
+            format!(
+                "Exited; starting again{}.",
+                supervised
+                    .restart_at
+                    .map(|at| format!(" at {}", when(at)))
+                    .unwrap_or_default()
+            ),
+        ),
+        SupervisedState::Stopped => ("bad", format!("Stopped since {}.", when(supervised.since))),
+    };
+    let mut html = format!(
+        "<section class=\"card\" id=\"supervised\">\n  <h2>CI agent ({kind})</h2>\n  <p><span class=\"dot {dot}\"></span>{headline}</p>\n  <p class=\"soft small\"><code>{command}</code> — {wanted}: {why}</p>\n",
+        kind = escape(&supervised.kind),
+        command = escape(&supervised.command),
+        wanted = if supervised.wanted {
+            "wanted running"
+        } else {
+            "wanted stopped"
+        },
+        why = escape(&supervised.why),
+    );
+    if let Some(exit) = &supervised.last_exit {
+        let _ = writeln!(
+            html,
+            "  <p class=\"soft small\">Last exit {} ({}){}: {}</p>",
+            when(exit.at),
+            escape(&exit.status),
+            if exit.stopped_hard {
+                ", stopped hard"
+            } else {
+                ""
+            },
+            escape(&exit.reason)
+        );
+    }
+    if supervised.restarts > 0 {
+        let _ = writeln!(
+            html,
+            "  <p class=\"soft small\">Restarted {} after exiting by itself.</p>",
+            plural(supervised.restarts, "time", "times")
+        );
     }
     html.push_str("</section>\n");
     html
@@ -634,6 +724,46 @@ mod tests {
             "&lt;script&gt;&quot;x&quot; &amp; &#39;y&#39;&lt;/script&gt;"
         );
         assert_eq!(escape("a\rb\u{1b}[31m"), "a\nb[31m");
+    }
+
+    #[test]
+    fn a_supervising_worker_shows_its_ci_agent_instead_of_builds_and_master() {
+        let now: Timestamp = "2026-11-23T11:00:00Z".parse().unwrap();
+        let mut status = status_fixture(now);
+        status.builds.clear();
+        status.supervised = Some(SupervisedStatus {
+            kind: "gitlab-runner".into(),
+            command: "gitlab-runner run <&>".into(),
+            state: SupervisedState::Draining,
+            since: now,
+            pid: Some(77),
+            wanted: false,
+            why: "away (manual): lunch".into(),
+            job_running: Some(true),
+            draining_since: Some(now),
+            hard_stop_at: Some("2026-11-23T12:00:00Z".parse().unwrap()),
+            restart_at: None,
+            restarts: 2,
+            last_exit: Some(crate::handle::SupervisedExit {
+                at: now,
+                status: "exit 0".into(),
+                requested: true,
+                stopped_hard: false,
+                reason: "finished after SIGQUIT and ended with exit 0".into(),
+            }),
+        });
+        let html = render_page(&status, now, &tz(), None, "abc123");
+        assert!(html.contains("CI agent (gitlab-runner)"), "{html}");
+        assert!(html.contains("Draining (pid 77)"), "{html}");
+        assert!(html.contains("a job is still running"), "{html}");
+        assert!(
+            html.contains("stopped hard at 13:00 if still running"),
+            "{html}"
+        );
+        assert!(html.contains("gitlab-runner run &lt;&amp;&gt;"), "{html}");
+        assert!(html.contains("Restarted 2 times"), "{html}");
+        assert!(!html.contains("Build master"), "{html}");
+        assert!(!html.contains("id=\"builds\""), "{html}");
     }
 
     #[test]

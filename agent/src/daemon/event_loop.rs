@@ -29,6 +29,7 @@ use crate::handle::{
     AgentHandle, AgentStatus, ControlCommand, Counters, LoadSnapshot, ManualRequest, MasterLink,
     RunningBuild,
 };
+use crate::supervise::{StopRequest, SupervisorLink};
 
 /// Longest sleep between evaluations without a [`WallAlarm`]: a machine that
 /// was suspended (tokio's clock stops) re-checks the wall clock at least this
@@ -65,6 +66,8 @@ pub enum Event {
     Signal(SignalKind),
     /// The stop deadline or the wait for acknowledgements ran out.
     StopTimer,
+    /// The supervised CI agent's status changed (`[supervise]`).
+    Supervised,
 }
 
 /// Fixed facts about this agent.
@@ -164,6 +167,8 @@ pub struct Daemon {
     /// a suspend, and when the clock is set). `None` in tests with a fake
     /// clock, and where `timerfd` is unavailable.
     alarm: Option<WallAlarm>,
+    /// The CI agent the presence drives, in place of a master (`[supervise]`).
+    supervisor: Option<SupervisorLink>,
 }
 
 impl Daemon {
@@ -218,6 +223,7 @@ impl Daemon {
             counters: Counters::default(),
             load: None,
             isolation: Some(trees.isolation()),
+            supervised: None,
         };
         let (status_tx, status_rx) = watch::channel(status);
         let load_monitor = policy.load_monitor();
@@ -246,6 +252,7 @@ impl Daemon {
             ack_wait_until: None,
             exit: None,
             alarm: None,
+            supervisor: None,
         };
         let inbox = Inbox {
             commands: command_rx,
@@ -272,6 +279,33 @@ impl Daemon {
     pub fn with_wall_alarm(mut self, alarm: WallAlarm) -> Daemon {
         self.alarm = Some(alarm);
         self
+    }
+
+    /// Drives a supervised CI agent from the presence (`[supervise]`);
+    /// the daemon exits only after it has stopped.
+    pub fn with_supervisor(mut self, supervisor: SupervisorLink) -> Daemon {
+        self.supervisor = Some(supervisor);
+        self.steer_supervisor();
+        self.publish_status();
+        self
+    }
+
+    /// Tells the supervised agent what the presence and a stop now want.
+    fn steer_supervisor(&self) {
+        let Some(supervisor) = &self.supervisor else {
+            return;
+        };
+        let Some(presence) = self.tracker.current() else {
+            return;
+        };
+        let stop = match self.stop {
+            None => StopRequest::None,
+            Some(StopMode::Graceful { deadline }) => StopRequest::Graceful { hard_at: deadline },
+            Some(StopMode::Now) => StopRequest::Graceful {
+                hard_at: Some(Instant::now()),
+            },
+        };
+        supervisor.steer(presence, stop);
     }
 
     pub fn presence(&self) -> Presence {
@@ -306,6 +340,8 @@ impl Daemon {
         }
         let alarm = self.alarm.as_mut();
         let has_alarm = alarm.is_some();
+        let supervisor = self.supervisor.as_mut();
+        let has_supervisor = supervisor.is_some();
         tokio::select! {
             biased;
             Some(signal) = inbox.signals.recv() => Event::Signal(signal),
@@ -313,6 +349,7 @@ impl Daemon {
             Some(event) = inbox.runner.recv() => Event::Runner(event),
             Some(event) = inbox.link.recv() => Event::Link(event),
             Some(sample) = inbox.load.recv() => Event::Load(sample),
+            () = async { if let Some(supervisor) = supervisor { supervisor.changed().await } }, if has_supervisor => Event::Supervised,
             () = tokio::time::sleep_until(stop_wake.unwrap_or(far)), if stop_wake.is_some() => Event::StopTimer,
             () = tokio::time::sleep_until(policy_wake) => Event::PolicyTimer,
             fired = async { alarm?.fired().await.err() }, if has_alarm => {
@@ -380,6 +417,7 @@ impl Daemon {
             Event::Runner(event) => self.on_runner(event),
             Event::Signal(signal) => self.on_signal(signal),
             Event::StopTimer => self.on_stop_timer(),
+            Event::Supervised => self.maybe_finish_stop(),
         }
         self.publish_status();
     }
@@ -470,6 +508,7 @@ impl Daemon {
             self.told_master = Some(presence.clone());
             self.send(AgentMessage::Presence { presence });
         }
+        self.steer_supervisor();
     }
 
     /// Whether `presence` differs from what the master knows in a way it
@@ -678,6 +717,14 @@ impl Daemon {
     fn maybe_finish_stop(&mut self) {
         if self.stop.is_none() || !self.builds.is_empty() || self.exit.is_some() {
             return;
+        }
+        if let Some(supervisor) = &self.supervisor {
+            // The deadline, if any, travelled with the stop request: the
+            // supervisor sends the hard signal itself.
+            self.steer_supervisor();
+            if !supervisor.is_idle() {
+                return;
+            }
         }
         if self.unacked.is_empty() || !self.link.connected {
             self.finish_stop();
@@ -1079,6 +1126,7 @@ impl Daemon {
             },
             load: self.load_snapshot.clone(),
             isolation: Some(self.trees.isolation()),
+            supervised: self.supervisor.as_ref().map(SupervisorLink::status),
         };
         self.status.send_if_modified(|current| {
             if *current == status {

@@ -12,6 +12,7 @@ mod server;
 mod store;
 
 mod latent;
+mod metrics;
 mod locks;
 mod master_schedule;
 mod reconfig;

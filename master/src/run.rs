@@ -232,6 +232,7 @@ pub async fn run(
     };
     let tls = server_tls(&config)?;
     let store = Store::open(&data_dir.join("master.db"))?;
+    store.set_log_cap(config.max_log_bytes);
     let unfinished = store.unfinished().await?;
     let paused = store.paused().await?;
     let last_seen = store.last_presences().await?;

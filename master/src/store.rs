@@ -441,7 +441,8 @@ impl Store {
         result: BuildResult,
     ) -> anyhow::Result<StoreOutcome> {
         let cap = self.log_cap.load(Ordering::Relaxed);
-        self.call(move |conn| {
+        let outcome = result.outcome;
+        let stored = self.call(move |conn| {
             let id = result.build_id as i64;
             let row: Option<(String, Option<String>, Option<String>)> = conn
                 .prepare_cached("SELECT state, worker, handed_to FROM builds WHERE id = ?1")?
@@ -504,7 +505,11 @@ impl Store {
             }
             Ok(StoreOutcome::Stored)
         })
-        .await
+        .await;
+        if let Ok(StoreOutcome::Stored) = stored {
+            crate::metrics::METRICS.build_finished(outcome);
+        }
+        stored
     }
 
     /// Marks a queued build finished without running (cancelled).
@@ -514,7 +519,7 @@ impl Store {
         reason: String,
         now: Timestamp,
     ) -> anyhow::Result<bool> {
-        self.call(move |conn| {
+        let cancelled = self.call(move |conn| {
             let n = conn
                 .prepare_cached(
                     "UPDATE builds SET state = 'finished', outcome = 'cancelled', reason = ?2, \
@@ -523,7 +528,11 @@ impl Store {
                 .execute(params![id as i64, reason, now.to_string()])?;
             Ok(n > 0)
         })
-        .await
+        .await;
+        if let Ok(true) = cancelled {
+            crate::metrics::METRICS.build_finished(Outcome::Cancelled);
+        }
+        cancelled
     }
 
     /// Every build that is not finished, oldest first.

@@ -658,6 +658,11 @@ impl LatentPool {
         if slot.attempt != attempt || slot.state != LatentState::Starting {
             return Vec::new();
         }
+        crate::metrics::METRICS.latent_start(match &outcome {
+            StartOutcome::Started => crate::metrics::LatentStart::Started,
+            StartOutcome::NotNow(_) => crate::metrics::LatentStart::NotNow,
+            StartOutcome::Failed(_) => crate::metrics::LatentStart::Failed,
+        });
         match outcome {
             StartOutcome::Started => {
                 slot.start_confirmed = true;
@@ -765,6 +770,7 @@ impl LatentPool {
         }
         match (kind, slot.state) {
             (TimerKind::StartTimeout, LatentState::Starting) => {
+                crate::metrics::METRICS.latent_start(crate::metrics::LatentStart::TimedOut);
                 let timeout = slot.settings.start_timeout;
                 let what = if slot.start_confirmed {
                     "its agent did not connect"

@@ -1,7 +1,8 @@
 //! `nightshift-bench`: starts a real master and real worker agents on
 //! loopback and prints the figures the project tracks: submit→start latency,
 //! trivial builds per second with 1 and 4 workers, master CPU time per build,
-//! presence change → master seeing it, and idle RSS of agent and master.
+//! presence change → master seeing it (alone, and while another agent floods
+//! the master with frames), and idle RSS of agent and master.
 //!
 //! Run it on an otherwise idle machine, after `cargo build --release`:
 //! `cargo run --release -p nightshift-tests --bin nightshift-bench`
@@ -32,6 +33,10 @@ struct Figures {
     builds_per_sec_4_workers: f64,
     master_cpu_ms_per_build: f64,
     presence_to_master_ms: Summary,
+    /// The same while a fake agent floods the master with output frames.
+    presence_to_master_during_flood_ms: Summary,
+    /// Frames per second the flooder got through (the master's rate limit).
+    flood_frames_per_sec: f64,
     idle_agent_rss_mb: f64,
     idle_agent_private_mb: f64,
     idle_master_rss_mb: f64,
@@ -266,6 +271,8 @@ async fn run(builds: usize) -> anyhow::Result<Figures> {
     for name in WORKERS {
         builder = builder.worker(WorkerSpec::new(name));
     }
+    // A worker no builder lists: the flooder.
+    builder = builder.worker(WorkerSpec::new("flood"));
     let mut farm = builder
         .builder("trivial", &WORKERS, &[("run", "true")])
         .builder("stamp", &["w1"], &[("stamp", "date +%s%N")])
@@ -325,8 +332,72 @@ async fn run(builds: usize) -> anyhow::Result<Figures> {
         .to_owned();
     let control_port = farm.agent("w1").context("w1 not running")?.control_port;
     let mut control = Conn::open(control_port, None, control_token).await?;
+    figures.presence_to_master_ms = Summary::of(presence_flips(&mut control, &mut conn, 60).await?);
+
+    // The same while another agent floods the master with output frames
+    // (for builds that are not its own: refused, rate-limited, never fatal).
+    let mut flooder = farm
+        .fake_agent("flood", PresenceState::Away)
+        .await
+        .context("connecting the flooder")?;
+    let flooding = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let flood = tokio::spawn({
+        let flooding = Arc::clone(&flooding);
+        async move {
+            let started = Instant::now();
+            let mut sent = 0u64;
+            let data = "x".repeat(200);
+            while flooding.load(std::sync::atomic::Ordering::Relaxed) {
+                let frame = nightshift_proto::wire::AgentMessage::Output {
+                    build_id: 1,
+                    step: 0,
+                    data: data.clone(),
+                };
+                if flooder.send(&frame).await.is_err() {
+                    break;
+                }
+                sent += 1;
+            }
+            sent as f64 / started.elapsed().as_secs_f64()
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let during = presence_flips(&mut control, &mut conn, 30).await;
+    flooding.store(false, std::sync::atomic::Ordering::Relaxed);
+    figures.flood_frames_per_sec = flood.await?;
+    figures.presence_to_master_during_flood_ms = Summary::of(during?);
+    control
+        .call(
+            "POST",
+            "/api/v1/set-availability",
+            Some("{\"state\":\"auto\"}".into()),
+        )
+        .await?;
+
+    // Idle memory: let everything settle into idleness, then read RSS.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let mut rss = Vec::new();
+    let mut private = Vec::new();
+    for name in WORKERS {
+        let pid = farm.agent(name).context("agent not running")?.child.id();
+        rss.push(rss_mb(pid)?);
+        private.push(private_mb(pid)?);
+    }
+    figures.idle_agent_rss_mb = rss.iter().copied().fold(0.0, f64::max);
+    figures.idle_agent_private_mb = private.iter().copied().fold(0.0, f64::max);
+    figures.idle_master_rss_mb = rss_mb(master_pid)?;
+    Ok(figures)
+}
+
+/// Flips w1 between away and available `rounds` times through its control
+/// API; for each, the time until the master's API shows the new state.
+async fn presence_flips(
+    control: &mut Conn,
+    conn: &mut Conn,
+    rounds: usize,
+) -> anyhow::Result<Vec<f64>> {
     let mut presence = Vec::new();
-    for round in 0..60 {
+    for round in 0..rounds {
         let (word, state) = if round % 2 == 0 {
             ("away", PresenceState::Away)
         } else {
@@ -356,28 +427,7 @@ async fn run(builds: usize) -> anyhow::Result<Figures> {
         }
         presence.push(start.elapsed().as_secs_f64() * 1e3);
     }
-    control
-        .call(
-            "POST",
-            "/api/v1/set-availability",
-            Some("{\"state\":\"auto\"}".into()),
-        )
-        .await?;
-    figures.presence_to_master_ms = Summary::of(presence);
-
-    // Idle memory: let everything settle into idleness, then read RSS.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let mut rss = Vec::new();
-    let mut private = Vec::new();
-    for name in WORKERS {
-        let pid = farm.agent(name).context("agent not running")?.child.id();
-        rss.push(rss_mb(pid)?);
-        private.push(private_mb(pid)?);
-    }
-    figures.idle_agent_rss_mb = rss.iter().copied().fold(0.0, f64::max);
-    figures.idle_agent_private_mb = private.iter().copied().fold(0.0, f64::max);
-    figures.idle_master_rss_mb = rss_mb(master_pid)?;
-    Ok(figures)
+    Ok(presence)
 }
 
 fn main() -> std::process::ExitCode {
@@ -440,6 +490,10 @@ fn main() -> std::process::ExitCode {
             println!(
                 "presence change → master sees it:   {}",
                 f.presence_to_master_ms
+            );
+            println!(
+                "  … while an agent floods frames:   {} (flooder got {:.0} frames/s through)",
+                f.presence_to_master_during_flood_ms, f.flood_frames_per_sec
             );
             println!(
                 "idle agent RSS (largest of 4):      {:.1} MB, of which private {:.1} MB",

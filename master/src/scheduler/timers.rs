@@ -6,10 +6,16 @@ use std::collections::HashMap;
 use std::future::poll_fn;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
 use tokio_util::time::DelayQueue;
 use tokio_util::time::delay_queue::Key;
 
 use super::Event;
+
+/// The longest one stretch of a timer in the queue (whose range is about two
+/// years); a longer timer is re-armed for the rest when a stretch ends.
+const MAX_STRETCH: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// What a timer is for; at most one timer per slot is armed.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -25,16 +31,23 @@ pub(super) enum TimerSlot {
 /// The armed timers; each fires as the [`Event`] it was armed with.
 #[derive(Default)]
 pub(super) struct Timers {
-    queue: DelayQueue<(TimerSlot, Event)>,
+    /// Each timer with its deadline (it may fire in several stretches).
+    queue: DelayQueue<(TimerSlot, Instant, Event)>,
     armed: HashMap<TimerSlot, Key>,
 }
 
 impl Timers {
     /// Arms `slot` to deliver `event` after `delay`, replacing the timer the
-    /// slot had.
+    /// slot had. A delay beyond the queue's range is waited out in
+    /// [`MAX_STRETCH`] stretches; one beyond the clock's range never fires.
     pub(super) fn set(&mut self, slot: TimerSlot, delay: Duration, event: Event) {
         self.cancel(&slot);
-        let key = self.queue.insert((slot.clone(), event), delay);
+        let Some(deadline) = Instant::now().checked_add(delay) else {
+            return;
+        };
+        let key = self
+            .queue
+            .insert((slot.clone(), deadline, event), delay.min(MAX_STRETCH));
         self.armed.insert(slot, key);
     }
 
@@ -55,10 +68,20 @@ impl Timers {
     /// when no timer is armed (the event loop then waits for its inbox only,
     /// and polls again after the next event, which may arm one).
     pub(super) async fn next_expired(&mut self) -> Option<Event> {
-        let expired = poll_fn(|cx| self.queue.poll_expired(cx)).await?;
-        let (slot, event) = expired.into_inner();
-        self.armed.remove(&slot);
-        Some(event)
+        loop {
+            let expired = poll_fn(|cx| self.queue.poll_expired(cx)).await?;
+            let (slot, deadline, event) = expired.into_inner();
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                self.armed.remove(&slot);
+                return Some(event);
+            }
+            // A long timer's stretch ended: wait for the rest.
+            let key = self
+                .queue
+                .insert((slot.clone(), deadline, event), left.min(MAX_STRETCH));
+            self.armed.insert(slot, key);
+        }
     }
 }
 
@@ -125,5 +148,21 @@ mod tests {
         ));
         assert_eq!(fired(timers.next_expired().await), ("b".into(), 1));
         assert!(timers.next_expired().await.is_none());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_timer_beyond_the_queues_range_fires_at_its_deadline() {
+        let mut timers = Timers::default();
+        let long = Duration::from_secs(1000 * 24 * 3600);
+        let start = tokio::time::Instant::now();
+        timers.set(TimerSlot::Missing("a".into()), long, missing("a", 1));
+        timers.set(
+            TimerSlot::Missing("b".into()),
+            Duration::MAX,
+            missing("b", 1),
+        );
+        assert_eq!(fired(timers.next_expired().await), ("a".into(), 1));
+        assert_eq!(start.elapsed(), long);
+        assert!(timers.next_expired().await.is_none(), "b never fires");
     }
 }

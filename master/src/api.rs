@@ -37,6 +37,9 @@ pub struct AppState {
     pub config: crate::reconfig::LiveConfig,
     pub store: Store,
     pub events: mpsc::UnboundedSender<Event>,
+    /// The bounded inbox of agent connection events (connect, frames,
+    /// disconnect), in order per connection.
+    pub agent_events: mpsc::Sender<Event>,
     /// Lowercase hex SHA-256 of the admin token.
     pub admin_token_sha256: String,
     /// Source of agent connection ids.

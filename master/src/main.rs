@@ -13,6 +13,7 @@ mod store;
 
 mod latent;
 mod metrics;
+mod outbox;
 mod locks;
 mod master_schedule;
 mod reconfig;

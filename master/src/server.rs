@@ -20,10 +20,10 @@ use nightshift_proto::wire::{
     AgentMessage, HEARTBEAT_SECS, MAX_FRAME_BYTES, MasterMessage, PROTOCOL_VERSION, WS_PATH,
 };
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 
 use crate::api::{AppState, bearer, constant_time_eq, token_sha256};
 use crate::metrics::DisconnectReason;
+use crate::outbox::{Next, OUTBOX_FRAMES, agent_outbox};
 use crate::scheduler::{Event, Hello, Outbound};
 
 /// Time an agent has to send its hello after the upgrade.
@@ -308,15 +308,18 @@ async fn agent_session(state: AppState, mut socket: WebSocket, token: Option<Str
         Err(reason) => return refuse(&mut socket, reason).await,
     };
     let conn = state.next_conn.fetch_add(1, Ordering::Relaxed);
-    let (out, mut outbox) = mpsc::unbounded_channel();
+    let (out, mut outbox) = agent_outbox(OUTBOX_FRAMES);
+    // Connection events go through the bounded agent inbox, in order: a
+    // full inbox makes this task wait, and its socket is not read meanwhile.
     if state
-        .events
+        .agent_events
         .send(Event::Connected {
             worker: worker.clone(),
             conn,
             hello,
             out,
         })
+        .await
         .is_err()
     {
         return refuse(&mut socket, "master is stopping".into()).await;
@@ -328,20 +331,31 @@ async fn agent_session(state: AppState, mut socket: WebSocket, token: Option<Str
     let mut seq = 0u64;
     let reason = loop {
         tokio::select! {
-            outbound = outbox.recv() => match outbound {
-                Some(Outbound::Message(message)) => {
+            outbound = outbox.next() => match outbound {
+                Next::Frame(Outbound::Message(message)) => {
                     if let Err(e) = socket.send(Message::Text(message.encode().into())).await {
                         break format!("send failed: {e}");
                     }
                 }
-                Some(Outbound::Close(why)) => {
+                Next::Frame(Outbound::Close(why)) => {
                     let _ = socket.send(Message::Close(Some(CloseFrame {
                         code: 1000,
                         reason: truncate(&why, 120).into(),
                     }))).await;
                     break why;
                 }
-                None => break "master is stopping".into(),
+                Next::Overflowed => {
+                    let why = format!(
+                        "outbox full: the agent did not read its last {OUTBOX_FRAMES} frames"
+                    );
+                    tracing::warn!("worker {worker}: disconnected: {why}");
+                    let _ = socket.send(Message::Close(Some(CloseFrame {
+                        code: 1008,
+                        reason: truncate(&why, 120).into(),
+                    }))).await;
+                    break why;
+                }
+                Next::Dropped => break "master is stopping".into(),
             },
             frame = socket.recv() => {
                 last_heard = Instant::now();
@@ -386,11 +400,14 @@ async fn agent_session(state: AppState, mut socket: WebSocket, token: Option<Str
                             }
                             AgentMessage::Pong { .. } => {}
                             message => {
-                                let _ = state.events.send(Event::Agent {
+                                let event = Event::Agent {
                                     worker: worker.clone(),
                                     conn,
                                     message,
-                                });
+                                };
+                                if state.agent_events.send(event).await.is_err() {
+                                    break "master is stopping".into();
+                                }
                             }
                         }
                     }
@@ -419,11 +436,14 @@ async fn agent_session(state: AppState, mut socket: WebSocket, token: Option<Str
         }
     };
     tracing::info!("worker {worker}: connection closed: {reason}");
-    let _ = state.events.send(Event::Disconnected {
-        worker,
-        conn,
-        reason,
-    });
+    let _ = state
+        .agent_events
+        .send(Event::Disconnected {
+            worker,
+            conn,
+            reason,
+        })
+        .await;
 }
 
 #[cfg(test)]

@@ -1134,10 +1134,11 @@ pub fn notify_systemd(states: &[sd_notify::NotifyState<'_>]) {
     }
 }
 
-/// A duration in seconds for people: `2`, `0.3`, `1.5` (to the millisecond).
+/// A duration in seconds for people, to the tenth: `2`, `0.3`, `1.5` (a
+/// deadline of 2 s measured a moment later still reads `2`).
 fn seconds_text(duration: Duration) -> String {
-    let millis = (duration.as_secs_f64() * 1000.0).round();
-    format!("{}", millis / 1000.0)
+    let tenths = (duration.as_secs_f64() * 10.0).round();
+    format!("{}", tenths / 10.0)
 }
 
 #[cfg(test)]

@@ -510,7 +510,7 @@ async fn a_build_cancelled_at_the_stop_deadline_counts_as_a_retry_with_the_reaso
             b.state == BuildState::Queued && b.retries == 1
         })
         .await?;
-    let reason = build.retry_reason.unwrap_or_default();
+    let reason = build.retry_reason.clone().unwrap_or_default();
     assert_eq!(
         reason, "cancelled on worker w1: its stop deadline of 2 s ran out",
         "{build:?}"

@@ -592,7 +592,7 @@ impl Daemon {
             return;
         }
         let now = Instant::now();
-        let began = *self.stop_began.get_or_insert(now);
+        self.stop_began.get_or_insert(now);
         let deadline = deadline.map(|deadline| now + deadline);
         let deadline = match (self.stop, deadline) {
             // A later request can only bring the deadline closer.

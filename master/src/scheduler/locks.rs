@@ -16,7 +16,7 @@ use crate::store::StepGrant;
 /// How long past its step's timeout a lock grant lasts: the agent kills the
 /// step at its timeout and reports it; a grant still held after this grace
 /// is taken back (the agent is broken or lying).
-pub const LEASE_GRACE: Duration = Duration::from_secs(30);
+pub const LEASE_GRACE: Duration = Duration::from_secs(10);
 
 impl Scheduler {
     /// The builder's build-level locks as the current config has them.

@@ -338,7 +338,10 @@ async fn metrics(State(state): State<AppState>) -> Result<Response, Failure> {
         .collect();
     let text = crate::metrics::METRICS.render(&live, &builders, &depths);
     Ok((
-        [(header::CONTENT_TYPE, nightshift_proto::prometheus::CONTENT_TYPE)],
+        [(
+            header::CONTENT_TYPE,
+            nightshift_proto::prometheus::CONTENT_TYPE,
+        )],
         text,
     )
         .into_response())

@@ -12,10 +12,10 @@ mod server;
 mod store;
 
 mod latent;
-mod metrics;
-mod outbox;
 mod locks;
 mod master_schedule;
+mod metrics;
+mod outbox;
 mod reconfig;
 
 use std::process::ExitCode;

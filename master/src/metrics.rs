@@ -334,7 +334,9 @@ impl Metrics {
         );
         let mut by_state: BTreeMap<(String, String), u64> = BTreeMap::new();
         for state in PresenceState::ALL {
-            by_state.entry((state.to_string(), "none".into())).or_default();
+            by_state
+                .entry((state.to_string(), "none".into()))
+                .or_default();
         }
         for worker in &snapshot.workers.workers {
             let source = worker.source.as_ref().map_or("none", source_kind);
@@ -648,7 +650,10 @@ mod tests {
             "nightshift_master_refused_total{what=\"result\",reason=\"not_handed_to_it\"} 2",
             "nightshift_master_lock_waiting 1",
         ] {
-            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
         }
         let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
         let helps = text.lines().filter(|l| l.starts_with("# HELP ")).count();

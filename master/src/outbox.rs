@@ -138,8 +138,14 @@ mod tests {
         outbox.send(Outbound::Close("1".into())).unwrap();
         outbox.send(Outbound::Close("2".into())).unwrap();
         drop(outbox);
-        assert_eq!(receiver.next().await, Next::Frame(Outbound::Close("1".into())));
-        assert_eq!(receiver.next().await, Next::Frame(Outbound::Close("2".into())));
+        assert_eq!(
+            receiver.next().await,
+            Next::Frame(Outbound::Close("1".into()))
+        );
+        assert_eq!(
+            receiver.next().await,
+            Next::Frame(Outbound::Close("2".into()))
+        );
         assert_eq!(receiver.next().await, Next::Dropped);
     }
 }

@@ -502,7 +502,11 @@ mod tests {
         let mut steady = FrameLimits::new(start);
         for i in 0..10_000u32 {
             let at = start + Duration::from_secs_f64(f64::from(i) / CONTROL_FRAMES_PER_SECOND);
-            assert_eq!(steady.check(&presence_frame(), at), FrameVerdict::Pass, "frame {i}");
+            assert_eq!(
+                steady.check(&presence_frame(), at),
+                FrameVerdict::Pass,
+                "frame {i}"
+            );
         }
         let mut flood = FrameLimits::new(start);
         for _ in 0..CONTROL_FRAME_BURST as usize {

@@ -49,7 +49,8 @@ pub const STORE_QUEUE: usize = 4096;
 pub const DEFAULT_LOG_CAP: u64 = 64 << 20;
 
 /// Ordered schema migrations; `PRAGMA user_version` counts the applied ones.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE builds (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     builder TEXT NOT NULL,
@@ -88,7 +89,8 @@ CREATE TABLE settings (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
-"#, r#"
+"#,
+    r#"
 ALTER TABLE builds ADD COLUMN handed_to TEXT;
 UPDATE builds SET handed_to = worker WHERE worker IS NOT NULL;
 ALTER TABLE builds ADD COLUMN log_bytes INTEGER NOT NULL DEFAULT 0;
@@ -101,7 +103,8 @@ CREATE TABLE step_grants (
     worker TEXT NOT NULL,
     PRIMARY KEY (build_id, step)
 );
-"#];
+"#,
+];
 
 /// A build that is not finished, as loaded at startup.
 #[derive(Debug, Clone, PartialEq)]
@@ -311,8 +314,10 @@ impl Store {
     /// accepted any more.
     pub fn forget_handed_to(&self, id: BuildId) {
         self.spawn("forget who a build was handed to", move |conn| {
-            conn.prepare_cached("UPDATE builds SET handed_to = NULL WHERE id = ?1 AND state != 'finished'")?
-                .execute(params![id as i64])?;
+            conn.prepare_cached(
+                "UPDATE builds SET handed_to = NULL WHERE id = ?1 AND state != 'finished'",
+            )?
+            .execute(params![id as i64])?;
             Ok(())
         });
     }
@@ -519,16 +524,17 @@ impl Store {
         reason: String,
         now: Timestamp,
     ) -> anyhow::Result<bool> {
-        let cancelled = self.call(move |conn| {
-            let n = conn
-                .prepare_cached(
-                    "UPDATE builds SET state = 'finished', outcome = 'cancelled', reason = ?2, \
+        let cancelled = self
+            .call(move |conn| {
+                let n = conn
+                    .prepare_cached(
+                        "UPDATE builds SET state = 'finished', outcome = 'cancelled', reason = ?2, \
                      finished_at = ?3, waiting_for = NULL WHERE id = ?1 AND state = 'queued'",
-                )?
-                .execute(params![id as i64, reason, now.to_string()])?;
-            Ok(n > 0)
-        })
-        .await;
+                    )?
+                    .execute(params![id as i64, reason, now.to_string()])?;
+                Ok(n > 0)
+            })
+            .await;
         if let Ok(true) = cancelled {
             crate::metrics::METRICS.build_finished(Outcome::Cancelled);
         }

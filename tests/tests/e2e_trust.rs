@@ -294,11 +294,7 @@ async fn both_metrics_endpoints_pass_promtool_and_the_masters_needs_the_admin_to
         .start()?;
     farm.start_worker("w1")?;
     farm.wait_worker_ready("w1").await?;
-    let id = farm
-        .api()?
-        .submit("app", BTreeMap::new())
-        .await?
-        .build_id;
+    let id = farm.api()?.submit("app", BTreeMap::new()).await?.build_id;
     farm.wait_build(id).await?;
 
     let text = master_metrics(&farm).await?;
@@ -322,14 +318,13 @@ async fn both_metrics_endpoints_pass_promtool_and_the_masters_needs_the_admin_to
         "{text}"
     );
     assert_eq!(
-        sample(
-            &text,
-            "nightshift_master_queue_depth",
-            "builder=\"app\""
-        ),
+        sample(&text, "nightshift_master_queue_depth", "builder=\"app\""),
         0.0
     );
-    assert_eq!(sample(&text, "nightshift_master_workers_connected", ""), 1.0);
+    assert_eq!(
+        sample(&text, "nightshift_master_workers_connected", ""),
+        1.0
+    );
 
     let anonymous = nightshift_proto::api::ApiClient::new(
         farm.url(),
@@ -463,7 +458,9 @@ async fn a_builds_log_is_capped_and_says_how_much_was_dropped() -> anyhow::Resul
         "the first 4096 bytes are kept"
     );
     assert!(
-        live.ends_with("[nightshift: 6144 bytes dropped: this build's log reached its cap (max_log_bytes)]\n"),
+        live.ends_with(
+            "[nightshift: 6144 bytes dropped: this build's log reached its cap (max_log_bytes)]\n"
+        ),
         "{}",
         &live[4096..]
     );
@@ -502,8 +499,7 @@ async fn a_build_cancelled_at_the_stop_deadline_counts_as_a_retry_with_the_reaso
     let id = api.submit("app", BTreeMap::new()).await?.build_id;
     farm.wait_build_state(id, "running on w1", |b| b.state == BuildState::Running)
         .await?;
-    let (code, _, stderr) =
-        farm.worker_cli("w1", &["stop", "--graceful", "--deadline", "2s"])?;
+    let (code, _, stderr) = farm.worker_cli("w1", &["stop", "--graceful", "--deadline", "2s"])?;
     assert_eq!(code, 0, "{stderr}");
     let build = farm
         .wait_build_state(id, "re-queued at the deadline", |b| {
@@ -588,9 +584,7 @@ latent = {{ provider = "process", worker_bin = {bin}, build_wait_timeout = "2s" 
         async move {
             let workers = api.workers().await?.workers;
             let l1 = workers.into_iter().find(|w| w.name == "l1");
-            Ok(l1
-                .and_then(|w| w.latent)
-                .filter(|l| l.state == "stopped"))
+            Ok(l1.and_then(|w| w.latent).filter(|l| l.state == "stopped"))
         }
     })
     .await?;

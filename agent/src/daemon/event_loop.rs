@@ -658,9 +658,9 @@ impl Daemon {
                 self.builds.len()
             );
             self.stop = Some(StopMode::Now);
-            let given = self
-                .stop_began
-                .map_or(Duration::ZERO, |began| deadline.saturating_duration_since(began));
+            let given = self.stop_began.map_or(Duration::ZERO, |began| {
+                deadline.saturating_duration_since(began)
+            });
             let reason = format!("its stop deadline of {} s ran out", seconds_text(given));
             for build in self.builds.values_mut() {
                 // It ran: its result says so (cancelled, with the reason),

@@ -10,9 +10,9 @@ use nightshift_proto::wire::{BuildId, HEARTBEAT_SECS, MasterMessage, PROTOCOL_VE
 use super::timers::TimerSlot;
 use super::{ConnId, Event, Hello, Outbound, RECONCILE_GRACE, Running, Scheduler, offline};
 use crate::latent::Now;
-use crate::outbox::AgentOutbox;
 use crate::locks::LockHolder;
 use crate::metrics::{Refused, RetryReason};
+use crate::outbox::AgentOutbox;
 
 impl Scheduler {
     pub(super) fn on_connected(

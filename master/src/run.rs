@@ -278,7 +278,9 @@ pub async fn run(
     // agent connects (a waiting step must not get them meanwhile).
     scheduler.restore_step_grants(step_grants);
     tokio::spawn(scheduler.run(inbox, agent_inbox));
+    let trigger_counters = Arc::new(crate::triggers::TriggerCounters::default());
     let state = AppState {
+        trigger_counters: Arc::clone(&trigger_counters),
         latent_tokens,
         config: crate::reconfig::LiveConfig::new(Arc::clone(&config)),
         store,
@@ -302,6 +304,15 @@ pub async fn run(
             }
         }
     });
+    crate::triggers::start(
+        crate::triggers::TriggerContext {
+            config: state.config.clone(),
+            store: state.store.clone(),
+            events: state.events.clone(),
+            counters: trigger_counters,
+        },
+        Arc::new(SystemClock),
+    );
     let router = crate::server::router(state);
 
     let ws_url = url

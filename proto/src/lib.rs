@@ -4,6 +4,7 @@
 
 pub mod api;
 pub mod diag;
+pub mod fuzz;
 pub mod log;
 pub mod prometheus;
 pub mod tls;

@@ -806,11 +806,13 @@ impl Daemon {
                 builder,
                 steps,
                 properties,
+                source,
             } => self.start_build(BuildRequest {
                 build_id,
                 builder,
                 steps,
                 properties,
+                source,
             }),
             MasterMessage::StepGranted { build_id, step } => match self.builds.get_mut(&build_id) {
                 Some(build) => {
@@ -1209,6 +1211,7 @@ mod tests {
             Arc::new(RunnerSettings {
                 workdir: work.path().to_owned(),
                 kill_grace: Duration::from_millis(500),
+                git: Default::default(),
             }),
             Arc::new(BuildTrees::without_cgroups()),
         );
@@ -1316,8 +1319,10 @@ mod tests {
                     env: BTreeMap::new(),
                     workdir: None,
                     needs_grant: false,
+                    checkout: false,
                 }],
                 properties: BTreeMap::new(),
+                source: None,
             });
         }
 
@@ -1771,8 +1776,10 @@ mod tests {
                 env: BTreeMap::new(),
                 workdir: None,
                 needs_grant: true,
+                checkout: false,
             }],
             properties: BTreeMap::new(),
+            source: None,
         });
         assert!(matches!(
             fixture.next_to_master().await,

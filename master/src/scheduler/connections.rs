@@ -96,6 +96,7 @@ impl Scheduler {
                         worker: worker.clone(),
                         builder: queued.builder,
                         properties: queued.properties,
+                        source: queued.source,
                         accepted: true,
                         step_locks,
                         leased_step: None,

@@ -36,7 +36,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 use nightshift_policy::{Presence, PresenceState, Source};
 use nightshift_proto::api::WorkerList;
-use nightshift_proto::wire::{AgentMessage, BuildId, HEARTBEAT_SECS, MasterMessage};
+use nightshift_proto::wire::{AgentMessage, BuildId, BuildSource, HEARTBEAT_SECS, MasterMessage};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::MasterConfig;
@@ -139,6 +139,7 @@ pub enum Event {
         id: BuildId,
         builder: String,
         properties: BTreeMap<String, String>,
+        source: Option<BuildSource>,
     },
     /// A result's store write finished.
     ResultCommitted {
@@ -233,14 +234,21 @@ struct Queued {
     handed_to: Option<String>,
     /// When it (re-)joined the queue, for the wait-before-start histogram.
     queued_at: std::time::Instant,
+    /// The revision it builds (builders with a `source`).
+    source: Option<BuildSource>,
 }
 
 impl Queued {
-    fn new(builder: String, properties: BTreeMap<String, String>) -> Queued {
+    fn new(
+        builder: String,
+        properties: BTreeMap<String, String>,
+        source: Option<BuildSource>,
+    ) -> Queued {
         Queued {
             builder,
             properties,
             waiting_for: None,
+            source,
             handed_to: None,
             queued_at: std::time::Instant::now(),
         }
@@ -250,11 +258,12 @@ impl Queued {
     fn handed_back(
         builder: String,
         properties: BTreeMap<String, String>,
+        source: Option<BuildSource>,
         worker: Option<String>,
     ) -> Queued {
         Queued {
             handed_to: worker,
-            ..Queued::new(builder, properties)
+            ..Queued::new(builder, properties, source)
         }
     }
 }
@@ -264,6 +273,7 @@ struct Running {
     worker: String,
     builder: String,
     properties: BTreeMap<String, String>,
+    source: Option<BuildSource>,
     accepted: bool,
     /// Each step's locks as configured when the build started (a reconfig
     /// does not change a running build).
@@ -395,6 +405,7 @@ impl Scheduler {
                             worker,
                             builder: build.builder,
                             properties: build.properties,
+                            source: build.source,
                             accepted: true,
                             step_locks,
                             leased_step: None,
@@ -409,13 +420,23 @@ impl Scheduler {
                     crate::metrics::METRICS.retried(crate::metrics::RetryReason::WorkerRemoved);
                     scheduler.queue.insert(
                         build.id,
-                        Queued::handed_back(build.builder, build.properties, build.handed_to),
+                        Queued::handed_back(
+                            build.builder,
+                            build.properties,
+                            build.source,
+                            build.handed_to,
+                        ),
                     );
                 }
                 _ => {
                     scheduler.queue.insert(
                         build.id,
-                        Queued::handed_back(build.builder, build.properties, build.handed_to),
+                        Queued::handed_back(
+                            build.builder,
+                            build.properties,
+                            build.source,
+                            build.handed_to,
+                        ),
                     );
                 }
             }
@@ -484,7 +505,8 @@ impl Scheduler {
                 id,
                 builder,
                 properties,
-            } => self.on_submitted(id, builder, properties),
+                source,
+            } => self.on_submitted(id, builder, properties, source),
             Event::ResultCommitted { worker, id, stored } => {
                 self.on_result_committed(&worker, id, stored)
             }

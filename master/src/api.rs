@@ -1,6 +1,6 @@
 //! The master's HTTP JSON API under `/api/v1` (admin token required): submit,
 //! list, show, wait for and cancel builds, read logs, list workers, pause and
-//! resume. Shapes are in `nightshift_proto::api`.
+//! resume; and `/metrics` (same token) in the Prometheus text format. Shapes are in `nightshift_proto::api`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -36,6 +36,9 @@ pub struct AppState {
     pub config: crate::reconfig::LiveConfig,
     pub store: Store,
     pub events: mpsc::UnboundedSender<Event>,
+    /// The bounded inbox of agent connection events (connect, frames,
+    /// disconnect), in order per connection.
+    pub agent_events: mpsc::Sender<Event>,
     /// Lowercase hex SHA-256 of the admin token.
     pub admin_token_sha256: String,
     /// Source of agent connection ids.
@@ -114,6 +117,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/api/v1/pause", post(pause))
         .route("/api/v1/resume", post(resume))
         .route("/api/v1/reconfig", post(reconfig))
+        .route("/metrics", get(metrics))
         .route("/api/v1/triggers", get(trigger_counters))
         .route_layer(middleware::from_fn_with_state(state, require_admin))
 }
@@ -370,6 +374,36 @@ async fn cancel_build(
             "master is stopping".into(),
         )),
     }
+}
+
+/// `/metrics` (admin token): the Prometheus text format. It is on the
+/// master's one TLS port behind the admin token rather than on a second
+/// listener, because the farm's figures (worker names, queue depths,
+/// refusals) are the admin's to read, and Prometheus sends a bearer token
+/// (`authorization.credentials_file`) over TLS as easily as the CLI does.
+async fn metrics(State(state): State<AppState>) -> Result<Response, Failure> {
+    let live = snapshot(&state).await?;
+    let depths = state
+        .store
+        .depth_by_builder()
+        .await
+        .map_err(Failure::internal)?;
+    let builders: Vec<String> = state
+        .config
+        .get()
+        .builders
+        .iter()
+        .map(|b| b.name.clone())
+        .collect();
+    let text = crate::metrics::METRICS.render(&live, &builders, &depths);
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            nightshift_proto::prometheus::CONTENT_TYPE,
+        )],
+        text,
+    )
+        .into_response())
 }
 
 async fn workers(State(state): State<AppState>) -> Result<Json<WorkerList>, Failure> {

@@ -183,6 +183,9 @@ fn default_missing_timeout() -> Secs {
 fn default_max_starting() -> u32 {
     2
 }
+fn default_max_log_bytes() -> u64 {
+    crate::store::DEFAULT_LOG_CAP
+}
 fn default_max_builds() -> u32 {
     1
 }
@@ -203,6 +206,8 @@ struct RawConfig {
     missing_timeout: Secs,
     #[serde(default = "default_max_starting")]
     max_starting: u32,
+    #[serde(default = "default_max_log_bytes")]
+    max_log_bytes: u64,
     #[serde(default)]
     worker: Vec<RawWorker>,
     #[serde(default)]
@@ -464,6 +469,8 @@ pub struct MasterConfig {
     pub admin_token_sha256: Option<String>,
     pub missing_timeout: Duration,
     pub max_starting: u32,
+    /// Each build's stored log is cut at this many bytes (`max_log_bytes`).
+    pub max_log_bytes: u64,
     pub workers: Vec<WorkerDef>,
     pub builders: Vec<BuilderDef>,
     pub locks: Vec<LockDef>,
@@ -591,6 +598,15 @@ impl MasterConfig {
         }
         if raw.max_starting == 0 {
             issue("max_starting".into(), "must be at least 1".into());
+        }
+        if raw.max_log_bytes < 1024 {
+            issue(
+                "max_log_bytes".into(),
+                format!(
+                    "must be at least 1024 (bytes of log kept per build), got {}",
+                    raw.max_log_bytes
+                ),
+            );
         }
 
         let mut workers = Vec::new();
@@ -951,6 +967,7 @@ impl MasterConfig {
             admin_token_sha256,
             missing_timeout: raw.missing_timeout.0,
             max_starting: raw.max_starting,
+            max_log_bytes: raw.max_log_bytes,
             workers,
             builders,
             locks,

@@ -17,6 +17,8 @@ mod triggers;
 mod latent;
 mod locks;
 mod master_schedule;
+mod metrics;
+mod outbox;
 mod reconfig;
 
 use std::process::ExitCode;

@@ -273,7 +273,9 @@ pub async fn run(
     };
     let tls = server_tls(&config)?;
     let store = Store::open(&data_dir.join("master.db"))?;
+    store.set_log_cap(config.max_log_bytes);
     let unfinished = store.unfinished().await?;
+    let step_grants = store.step_grants().await?;
     let paused = store.paused().await?;
     let last_seen = store.last_presences().await?;
 
@@ -287,6 +289,7 @@ pub async fn run(
     url.port = bound.port();
 
     let (events, inbox) = mpsc::unbounded_channel();
+    let (agent_events, agent_inbox) = mpsc::channel(crate::scheduler::AGENT_INBOX);
     let queued = unfinished.len();
     let mut scheduler = Scheduler::new(
         Arc::clone(&config),
@@ -312,7 +315,10 @@ pub async fn run(
         },
         latent_tokens.clone(),
     );
-    tokio::spawn(scheduler.run(inbox));
+    // Step lock holds from before a restart are held again before any
+    // agent connects (a waiting step must not get them meanwhile).
+    scheduler.restore_step_grants(step_grants);
+    tokio::spawn(scheduler.run(inbox, agent_inbox));
     let trigger_counters = Arc::new(crate::triggers::TriggerCounters::default());
     let state = AppState {
         trigger_counters: Arc::clone(&trigger_counters),
@@ -320,6 +326,7 @@ pub async fn run(
         config: crate::reconfig::LiveConfig::new(Arc::clone(&config)),
         store,
         events,
+        agent_events,
         admin_token_sha256: admin_hash,
         next_conn: Arc::new(AtomicU64::new(1)),
     };

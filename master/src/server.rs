@@ -1,6 +1,7 @@
 //! The master's one port: a TCP accept loop (TCP_NODELAY, optional TLS) that
 //! serves the axum router over hyper with upgrades, and the per-agent
-//! WebSocket session (authentication, hello, frames, heartbeats).
+//! WebSocket session (authentication, hello, frames, heartbeats, and the
+//! per-connection frame rate limit: [`FrameLimits`]).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -19,9 +20,10 @@ use nightshift_proto::wire::{
     AgentMessage, HEARTBEAT_SECS, MAX_FRAME_BYTES, MasterMessage, PROTOCOL_VERSION, WS_PATH,
 };
 use tokio::net::TcpListener;
-use tokio::sync::mpsc;
 
 use crate::api::{AppState, bearer, constant_time_eq, token_sha256};
+use crate::metrics::DisconnectReason;
+use crate::outbox::{Next, OUTBOX_FRAMES, agent_outbox};
 use crate::scheduler::{Event, Hello, Outbound};
 
 /// Time an agent has to send its hello after the upgrade.
@@ -30,6 +32,103 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Heartbeats an agent may miss before its connection is dropped.
 const MISSED_BEATS: u32 = 3;
+
+/// Frames per second one agent connection may send, sustained; beyond that
+/// the master reads its frames more slowly (TCP pushes back on the agent).
+pub const FRAMES_PER_SECOND: f64 = 500.0;
+/// Frames an agent may send in a burst before the sustained rate applies.
+pub const FRAME_BURST: f64 = 1000.0;
+/// Control frames (presence, step waits, accepted/refused, hello, goodbye)
+/// per second, sustained: a working agent sends a few per build.
+pub const CONTROL_FRAMES_PER_SECOND: f64 = 20.0;
+/// Control frames in a burst; an agent past it is disconnected.
+pub const CONTROL_FRAME_BURST: f64 = 100.0;
+
+/// A token bucket: `rate` tokens per second, at most `burst` saved up. Its
+/// clock is a parameter, so tests choose the instants.
+#[derive(Debug, Clone)]
+struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: f64, burst: f64, now: Instant) -> TokenBucket {
+        TokenBucket {
+            rate,
+            burst,
+            tokens: burst,
+            at: now,
+        }
+    }
+
+    /// Takes one token, going into debt if there is none; answers how long
+    /// until the debt is paid (zero when there was a token).
+    fn take(&mut self, now: Instant) -> Duration {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst) - 1.0;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
+}
+
+/// What to do with one frame from an agent.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FrameVerdict {
+    /// Handle it now.
+    Pass,
+    /// Handle it after this pause (the connection is over its rate).
+    Throttle(Duration),
+    /// Close the connection with this reason.
+    Disconnect(String),
+}
+
+/// The per-connection frame rate limit: every frame counts against
+/// [`FRAMES_PER_SECOND`] (over it, reading slows down: backpressure);
+/// control frames also count against [`CONTROL_FRAMES_PER_SECOND`], and an
+/// agent that exhausts that burst is flooding and is disconnected.
+#[derive(Debug, Clone)]
+pub struct FrameLimits {
+    all: TokenBucket,
+    control: TokenBucket,
+}
+
+impl FrameLimits {
+    pub fn new(now: Instant) -> FrameLimits {
+        FrameLimits {
+            all: TokenBucket::new(FRAMES_PER_SECOND, FRAME_BURST, now),
+            control: TokenBucket::new(CONTROL_FRAMES_PER_SECOND, CONTROL_FRAME_BURST, now),
+        }
+    }
+
+    pub fn check(&mut self, message: &AgentMessage, now: Instant) -> FrameVerdict {
+        let control = matches!(
+            message,
+            AgentMessage::Hello { .. }
+                | AgentMessage::Presence { .. }
+                | AgentMessage::BuildAccepted { .. }
+                | AgentMessage::BuildRefused { .. }
+                | AgentMessage::StepWaiting { .. }
+                | AgentMessage::Goodbye { .. }
+        );
+        if control && !self.control.take(now).is_zero() {
+            return FrameVerdict::Disconnect(format!(
+                "rate limit: more than {CONTROL_FRAME_BURST} control frames (presence, step \
+                 waits, accepted/refused) at over {CONTROL_FRAMES_PER_SECOND}/s"
+            ));
+        }
+        match self.all.take(now) {
+            wait if wait.is_zero() => FrameVerdict::Pass,
+            wait => FrameVerdict::Throttle(wait),
+        }
+    }
+}
 
 /// The whole router: the admin API plus the agent endpoint.
 pub fn router(state: AppState) -> Router {
@@ -213,15 +312,18 @@ async fn agent_session(state: AppState, mut socket: WebSocket, token: Option<Str
         Err(reason) => return refuse(&mut socket, reason).await,
     };
     let conn = state.next_conn.fetch_add(1, Ordering::Relaxed);
-    let (out, mut outbox) = mpsc::unbounded_channel();
+    let (out, mut outbox) = agent_outbox(OUTBOX_FRAMES);
+    // Connection events go through the bounded agent inbox, in order: a
+    // full inbox makes this task wait, and its socket is not read meanwhile.
     if state
-        .events
+        .agent_events
         .send(Event::Connected {
             worker: worker.clone(),
             conn,
             hello,
             out,
         })
+        .await
         .is_err()
     {
         return refuse(&mut socket, "master is stopping".into()).await;
@@ -229,52 +331,90 @@ async fn agent_session(state: AppState, mut socket: WebSocket, token: Option<Str
     let beat = Duration::from_secs(HEARTBEAT_SECS);
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + beat, beat);
     let mut last_heard = Instant::now();
+    let mut limits = FrameLimits::new(Instant::now());
     let mut seq = 0u64;
     let reason = loop {
         tokio::select! {
-            outbound = outbox.recv() => match outbound {
-                Some(Outbound::Message(message)) => {
+            outbound = outbox.next() => match outbound {
+                Next::Frame(Outbound::Message(message)) => {
                     if let Err(e) = socket.send(Message::Text(message.encode().into())).await {
                         break format!("send failed: {e}");
                     }
                 }
-                Some(Outbound::Close(why)) => {
+                Next::Frame(Outbound::Close(why)) => {
                     let _ = socket.send(Message::Close(Some(CloseFrame {
                         code: 1000,
                         reason: truncate(&why, 120).into(),
                     }))).await;
                     break why;
                 }
-                None => break "master is stopping".into(),
+                Next::Overflowed => {
+                    let why = format!(
+                        "outbox full: the agent did not read its last {OUTBOX_FRAMES} frames"
+                    );
+                    tracing::warn!("worker {worker}: disconnected: {why}");
+                    let _ = socket.send(Message::Close(Some(CloseFrame {
+                        code: 1008,
+                        reason: truncate(&why, 120).into(),
+                    }))).await;
+                    break why;
+                }
+                Next::Dropped => break "master is stopping".into(),
             },
             frame = socket.recv() => {
                 last_heard = Instant::now();
                 match frame {
                     None => break "connection closed".into(),
                     Some(Err(e)) => break format!("bad frame: {e}"),
-                    Some(Ok(Message::Text(text))) => match AgentMessage::decode(text.as_str()) {
-                        Ok(AgentMessage::Ping { seq }) => {
-                            let pong = MasterMessage::Pong { seq }.encode();
-                            if let Err(e) = socket.send(Message::Text(pong.into())).await {
-                                break format!("send failed: {e}");
+                    Some(Ok(Message::Text(text))) => {
+                        let message = match AgentMessage::decode(text.as_str()) {
+                            Ok(message) => message,
+                            Err(e) => {
+                                crate::metrics::METRICS.disconnected(DisconnectReason::BadFrame);
+                                let _ = socket.send(Message::Close(Some(CloseFrame {
+                                    code: 1007,
+                                    reason: truncate(&e.to_string(), 120).into(),
+                                }))).await;
+                                break e.to_string();
+                            }
+                        };
+                        match limits.check(&message, Instant::now()) {
+                            FrameVerdict::Pass => {}
+                            FrameVerdict::Throttle(wait) => {
+                                // Not reading meanwhile: TCP pushes back on the agent.
+                                crate::metrics::METRICS.frame_rate_limited();
+                                tokio::time::sleep(wait).await;
+                            }
+                            FrameVerdict::Disconnect(why) => {
+                                crate::metrics::METRICS.disconnected(DisconnectReason::RateLimited);
+                                tracing::warn!("worker {worker}: disconnected: {why}");
+                                let _ = socket.send(Message::Close(Some(CloseFrame {
+                                    code: 1008,
+                                    reason: truncate(&why, 120).into(),
+                                }))).await;
+                                break why;
                             }
                         }
-                        Ok(AgentMessage::Pong { .. }) => {}
-                        Ok(message) => {
-                            let _ = state.events.send(Event::Agent {
-                                worker: worker.clone(),
-                                conn,
-                                message,
-                            });
+                        match message {
+                            AgentMessage::Ping { seq } => {
+                                let pong = MasterMessage::Pong { seq }.encode();
+                                if let Err(e) = socket.send(Message::Text(pong.into())).await {
+                                    break format!("send failed: {e}");
+                                }
+                            }
+                            AgentMessage::Pong { .. } => {}
+                            message => {
+                                let event = Event::Agent {
+                                    worker: worker.clone(),
+                                    conn,
+                                    message,
+                                };
+                                if state.agent_events.send(event).await.is_err() {
+                                    break "master is stopping".into();
+                                }
+                            }
                         }
-                        Err(e) => {
-                            let _ = socket.send(Message::Close(Some(CloseFrame {
-                                code: 1007,
-                                reason: truncate(&e.to_string(), 120).into(),
-                            }))).await;
-                            break e.to_string();
-                        }
-                    },
+                    }
                     Some(Ok(Message::Binary(_))) => {
                         let _ = socket.send(Message::Close(Some(CloseFrame {
                             code: 1003,
@@ -288,6 +428,7 @@ async fn agent_session(state: AppState, mut socket: WebSocket, token: Option<Str
             }
             _ = heartbeat.tick() => {
                 if last_heard.elapsed() > beat * MISSED_BEATS {
+                    crate::metrics::METRICS.disconnected(DisconnectReason::Silent);
                     break format!("silent for {}s (missed heartbeats)", last_heard.elapsed().as_secs());
                 }
                 seq += 1;
@@ -299,9 +440,85 @@ async fn agent_session(state: AppState, mut socket: WebSocket, token: Option<Str
         }
     };
     tracing::info!("worker {worker}: connection closed: {reason}");
-    let _ = state.events.send(Event::Disconnected {
-        worker,
-        conn,
-        reason,
-    });
+    let _ = state
+        .agent_events
+        .send(Event::Disconnected {
+            worker,
+            conn,
+            reason,
+        })
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nightshift_policy::{Presence, PresenceState, Source};
+
+    fn presence_frame() -> AgentMessage {
+        AgentMessage::Presence {
+            presence: Presence {
+                state: PresenceState::Available,
+                reason: "flip".into(),
+                source: Source::Manual,
+                since: jiff::Timestamp::UNIX_EPOCH,
+                until: None,
+            },
+        }
+    }
+
+    fn output_frame() -> AgentMessage {
+        AgentMessage::Output {
+            build_id: 1,
+            step: 0,
+            data: "y\n".into(),
+        }
+    }
+
+    #[test]
+    fn output_past_the_burst_is_throttled_to_the_rate_and_never_disconnected() {
+        let start = Instant::now();
+        let mut limits = FrameLimits::new(start);
+        for _ in 0..FRAME_BURST as usize {
+            assert_eq!(limits.check(&output_frame(), start), FrameVerdict::Pass);
+        }
+        match limits.check(&output_frame(), start) {
+            FrameVerdict::Throttle(wait) => {
+                assert_eq!(wait, Duration::from_secs_f64(1.0 / FRAMES_PER_SECOND));
+            }
+            other => panic!("expected a throttle, got {other:?}"),
+        }
+        // Far over the rate for long: still only throttled (a chatty build).
+        for _ in 0..10_000 {
+            assert!(matches!(
+                limits.check(&output_frame(), start),
+                FrameVerdict::Throttle(_)
+            ));
+        }
+        // Once the debt is paid (at the sustained rate), frames pass again.
+        let later = start + Duration::from_secs_f64(10_002.0 / FRAMES_PER_SECOND);
+        assert_eq!(limits.check(&output_frame(), later), FrameVerdict::Pass);
+    }
+
+    #[test]
+    fn a_presence_flood_is_disconnected_but_a_steady_pace_is_not() {
+        let start = Instant::now();
+        let mut steady = FrameLimits::new(start);
+        for i in 0..10_000u32 {
+            let at = start + Duration::from_secs_f64(f64::from(i) / CONTROL_FRAMES_PER_SECOND);
+            assert_eq!(
+                steady.check(&presence_frame(), at),
+                FrameVerdict::Pass,
+                "frame {i}"
+            );
+        }
+        let mut flood = FrameLimits::new(start);
+        for _ in 0..CONTROL_FRAME_BURST as usize {
+            assert_eq!(flood.check(&presence_frame(), start), FrameVerdict::Pass);
+        }
+        match flood.check(&presence_frame(), start) {
+            FrameVerdict::Disconnect(why) => assert!(why.contains("rate limit"), "{why}"),
+            other => panic!("expected a disconnect, got {other:?}"),
+        }
+    }
 }

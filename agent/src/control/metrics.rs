@@ -7,8 +7,8 @@ use nightshift_policy::PresenceState;
 
 use crate::handle::{AgentStatus, SupervisedState, SupervisedStatus};
 
-/// The content type of the Prometheus text format.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub use nightshift_proto::prometheus::CONTENT_TYPE;
+use nightshift_proto::prometheus::{escape_label, family, number};
 
 /// Renders every metric for `status` as seen at `now`.
 pub fn render(status: &AgentStatus, now: Timestamp) -> String {
@@ -240,43 +240,9 @@ fn supervised_metrics(out: &mut String, worker: &str, supervised: &SupervisedSta
     }
 }
 
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
-}
-
 fn counter(out: &mut String, name: &str, help: &str, worker: &str, value: u64) {
     family(out, name, "counter", help);
     let _ = writeln!(out, "{name}{{worker=\"{worker}\"}} {value}");
-}
-
-/// A sample value: finite numbers as Rust prints them, else Prometheus' words.
-fn number(value: f64) -> String {
-    if value.is_nan() {
-        "NaN".into()
-    } else if value.is_infinite() {
-        if value > 0.0 {
-            "+Inf".into()
-        } else {
-            "-Inf".into()
-        }
-    } else {
-        format!("{value}")
-    }
-}
-
-/// Escapes a label value: backslash, double quote and newline.
-fn escape_label(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for c in value.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 #[cfg(test)]

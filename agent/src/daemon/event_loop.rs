@@ -160,6 +160,9 @@ pub struct Daemon {
     link: MasterLink,
     stop: Option<StopMode>,
     stop_requests: u32,
+    /// When the first graceful stop began (the stop deadline's reason says
+    /// how long the builds were given).
+    stop_began: Option<Instant>,
     /// When a stopping agent with no builds gives up waiting for acks.
     ack_wait_until: Option<Instant>,
     exit: Option<Exit>,
@@ -249,6 +252,7 @@ impl Daemon {
             link,
             stop: None,
             stop_requests: 0,
+            stop_began: None,
             ack_wait_until: None,
             exit: None,
             alarm: None,
@@ -628,7 +632,9 @@ impl Daemon {
         if let Some(StopMode::Now) = self.stop {
             return;
         }
-        let deadline = deadline.map(|deadline| Instant::now() + deadline);
+        let now = Instant::now();
+        self.stop_began.get_or_insert(now);
+        let deadline = deadline.map(|deadline| now + deadline);
         let deadline = match (self.stop, deadline) {
             // A later request can only bring the deadline closer.
             (
@@ -651,7 +657,7 @@ impl Daemon {
             match deadline {
                 Some(deadline) => format!(
                     ", cancelling them in {} s",
-                    deadline.saturating_duration_since(Instant::now()).as_secs()
+                    seconds_text(deadline.saturating_duration_since(now))
                 ),
                 None => String::new(),
             }
@@ -693,11 +699,15 @@ impl Daemon {
                 self.builds.len()
             );
             self.stop = Some(StopMode::Now);
+            let given = self.stop_began.map_or(Duration::ZERO, |began| {
+                deadline.saturating_duration_since(began)
+            });
+            let reason = format!("its stop deadline of {} s ran out", seconds_text(given));
             for build in self.builds.values_mut() {
-                build.disposition = Disposition::GiveBack;
-                build.control.cancel(
-                    "the worker's stop deadline was reached; the master re-queues the build",
-                );
+                // It ran: its result says so (cancelled, with the reason),
+                // and the master re-queues it as a retry.
+                build.disposition = Disposition::Report;
+                build.control.cancel(&reason);
             }
         }
         if self
@@ -1175,6 +1185,13 @@ pub fn notify_systemd(states: &[sd_notify::NotifyState<'_>]) {
     if let Err(error) = sd_notify::notify(states) {
         tracing::debug!("cannot notify systemd: {error}");
     }
+}
+
+/// A duration in seconds for people, to the tenth: `2`, `0.3`, `1.5` (a
+/// deadline of 2 s measured a moment later still reads `2`).
+fn seconds_text(duration: Duration) -> String {
+    let tenths = (duration.as_secs_f64() * 10.0).round();
+    format!("{}", tenths / 10.0)
 }
 
 #[cfg(test)]
@@ -1657,7 +1674,9 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn at_the_stop_deadline_the_build_is_handed_back_for_the_master_to_requeue() {
+    async fn at_the_stop_deadline_the_build_is_reported_cancelled_with_the_deadline() {
+        // Issue 8: the build ran, so it is not "refused": its result says it
+        // was cancelled and why, and the master counts a retry.
         let mut fixture = start(ALWAYS, Arc::new(SystemClock), 1);
         fixture.link_up().await;
         fixture.start_build(1, "sleep 300");
@@ -1670,18 +1689,31 @@ mod tests {
             .await;
         assert_eq!(fixture.next_presence().await.source, Source::Stopping);
         match fixture.next_to_master().await {
-            AgentMessage::BuildRefused { build_id, reason } => {
-                assert_eq!(build_id, 1);
-                assert!(reason.contains("deadline"), "{reason}");
+            AgentMessage::BuildFinished { result } => {
+                assert_eq!(result.build_id, 1);
+                assert_eq!(result.outcome, nightshift_proto::wire::Outcome::Cancelled);
+                assert_eq!(
+                    result.reason.as_deref(),
+                    Some("its stop deadline of 0.3 s ran out")
+                );
             }
-            other => panic!("expected the build handed back, got {other:?}"),
+            other => panic!("expected the cancelled result, got {other:?}"),
         }
+        fixture.master_sends(MasterMessage::ResultStored { build_id: 1 });
         assert!(matches!(
             fixture.next_to_master().await,
             AgentMessage::Goodbye { .. }
         ));
         let (_, state) = fixture.exit().await;
         assert!(!state.path().join("results/1.json").exists());
+    }
+
+    #[test]
+    fn seconds_for_people() {
+        assert_eq!(seconds_text(Duration::from_secs(2)), "2");
+        assert_eq!(seconds_text(Duration::from_millis(1999)), "2");
+        assert_eq!(seconds_text(Duration::from_millis(300)), "0.3");
+        assert_eq!(seconds_text(Duration::from_millis(1500)), "1.5");
     }
 
     #[tokio::test]

@@ -658,6 +658,11 @@ impl LatentPool {
         if slot.attempt != attempt || slot.state != LatentState::Starting {
             return Vec::new();
         }
+        crate::metrics::METRICS.latent_start(match &outcome {
+            StartOutcome::Started => crate::metrics::LatentStart::Started,
+            StartOutcome::NotNow(_) => crate::metrics::LatentStart::NotNow,
+            StartOutcome::Failed(_) => crate::metrics::LatentStart::Failed,
+        });
         match outcome {
             StartOutcome::Started => {
                 slot.start_confirmed = true;
@@ -665,9 +670,9 @@ impl LatentPool {
                     slot.consecutive_failures = 0;
                     slot.generation += 1;
                     set_state(slot, LatentState::Running, "agent connected".into(), now);
-                } else {
-                    slot.reason = format!("{}; waiting for its agent to connect", slot.reason);
+                    return self.linger_if_idle(worker, now);
                 }
+                slot.reason = format!("{}; waiting for its agent to connect", slot.reason);
                 Vec::new()
             }
             StartOutcome::NotNow(why) => {
@@ -765,6 +770,7 @@ impl LatentPool {
         }
         match (kind, slot.state) {
             (TimerKind::StartTimeout, LatentState::Starting) => {
+                crate::metrics::METRICS.latent_start(crate::metrics::LatentStart::TimedOut);
                 let timeout = slot.settings.start_timeout;
                 let what = if slot.start_confirmed {
                     "its agent did not connect"
@@ -785,7 +791,10 @@ impl LatentPool {
                     now,
                 )
             }
-            (TimerKind::Linger, LatentState::Lingering) => {
+            (TimerKind::Linger, LatentState::Lingering)
+            | (TimerKind::Linger, LatentState::Running)
+                if slot.running_builds == 0 =>
+            {
                 let master = self.master.clone();
                 let wait = slot.settings.build_wait_timeout;
                 begin_stop(
@@ -853,11 +862,11 @@ impl LatentPool {
                 slot.consecutive_failures = 0;
                 slot.generation += 1;
                 set_state(slot, LatentState::Running, "agent connected".into(), now);
-                Ok(Vec::new())
+                Ok(self.linger_if_idle(worker, now))
             }
             LatentState::Running | LatentState::Lingering => {
                 slot.connected = true;
-                Ok(Vec::new())
+                Ok(self.linger_if_idle(worker, now))
             }
             LatentState::Stopping => Err(format!(
                 "latent worker `{worker}` is being stopped ({})",
@@ -954,6 +963,35 @@ impl LatentPool {
             slot.stop_when_idle = Some(format!("worker turned away ({why})"));
         }
         self.stop_if_idle(worker, now)
+    }
+
+    /// An instance that just came up (or back) with no build gets the linger
+    /// timer: it stays `running` (the build it was started for is normally
+    /// handed out in the same scheduler turn), but if no build reaches it
+    /// within `build_wait_timeout` it is stopped. The timer is armed even
+    /// when that is 0, so the hand-out of the same turn still wins. Every
+    /// path into `running` thus ends in a stop unless a build arrives.
+    fn linger_if_idle(&mut self, worker: &str, now: Now) -> Vec<LatentAction> {
+        let Some(slot) = self.slots.get_mut(worker) else {
+            return Vec::new();
+        };
+        if slot.running_builds > 0 || slot.state != LatentState::Running {
+            return Vec::new();
+        }
+        let wait = slot.settings.build_wait_timeout;
+        slot.generation += 1;
+        slot.reason = format!(
+            "{}; stops after {}s without a build",
+            slot.reason,
+            wait.as_secs()
+        );
+        vec![LatentAction::Timer {
+            worker: worker.to_owned(),
+            at: now.mono + wait,
+            kind: TimerKind::Linger,
+            generation: slot.generation,
+            instance: None,
+        }]
     }
 
     fn stop_if_idle(&mut self, worker: &str, now: Now) -> Vec<LatentAction> {

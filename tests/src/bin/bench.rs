@@ -35,6 +35,10 @@ struct Figures {
     builds_per_sec_4_workers: f64,
     master_cpu_ms_per_build: f64,
     presence_to_master_ms: Summary,
+    /// The same while a fake agent floods the master with output frames.
+    presence_to_master_during_flood_ms: Summary,
+    /// Frames per second the flooder got through (the master's rate limit).
+    flood_frames_per_sec: f64,
     idle_agent_rss_mb: f64,
     idle_agent_private_mb: f64,
     idle_master_rss_mb: f64,
@@ -289,6 +293,8 @@ async fn run(builds: usize) -> anyhow::Result<Figures> {
     for name in WORKERS {
         builder = builder.worker(WorkerSpec::new(name));
     }
+    // A worker no builder lists: the flooder.
+    builder = builder.worker(WorkerSpec::new("flood"));
     builder = builder
         .worker(WorkerSpec::new("pt").worker_toml("[builds]\ncgroups = \"off\"\n"))
         .worker(WorkerSpec::new("pt-normal").worker_toml(
@@ -376,40 +382,47 @@ async fn run(builds: usize) -> anyhow::Result<Figures> {
     let mut control = Conn::open(control_port, None, control_token).await?;
     // The master closes connections left idle during the throughput runs.
     let mut conn = Conn::open(farm.port, Some(tls.clone()), token.clone()).await?;
-    let mut presence = Vec::new();
-    for round in 0..60 {
-        let (word, state) = if round % 2 == 0 {
-            ("away", PresenceState::Away)
-        } else {
-            ("available", PresenceState::Available)
-        };
-        let start = Instant::now();
-        control
-            .call(
-                "POST",
-                "/api/v1/set-availability",
-                Some(format!("{{\"state\":\"{word}\"}}")),
-            )
-            .await?;
-        loop {
-            let text = conn
-                .call("GET", "/api/v1/workers", None)
-                .await
-                .context("presence → master")?;
-            let list: WorkerList = serde_json::from_str(&text)?;
-            if list
-                .workers
-                .iter()
-                .any(|w| w.name == "w1" && w.state == state)
-            {
-                break;
+    let presence = presence_flips(&mut control, &mut conn, 60).await?;
+    control
+        .call(
+            "POST",
+            "/api/v1/set-availability",
+            Some("{\"state\":\"auto\"}".into()),
+        )
+        .await?;
+
+    // The same while another agent floods the master with output frames
+    // (for builds that are not its own: refused, rate-limited, never fatal).
+    let mut flooder = farm
+        .fake_agent("flood", PresenceState::Away)
+        .await
+        .context("connecting the flooder")?;
+    let flooding = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let flood = tokio::spawn({
+        let flooding = Arc::clone(&flooding);
+        async move {
+            let started = Instant::now();
+            let mut sent = 0u64;
+            let data = "x".repeat(200);
+            while flooding.load(std::sync::atomic::Ordering::Relaxed) {
+                let frame = nightshift_proto::wire::AgentMessage::Output {
+                    build_id: 1,
+                    step: 0,
+                    data: data.clone(),
+                };
+                if flooder.send(&frame).await.is_err() {
+                    break;
+                }
+                sent += 1;
             }
-            if start.elapsed() > Duration::from_secs(10) {
-                bail!("the master never saw w1 {word}");
-            }
+            sent as f64 / started.elapsed().as_secs_f64()
         }
-        presence.push(start.elapsed().as_secs_f64() * 1e3);
-    }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let during = presence_flips(&mut control, &mut conn, 30).await;
+    flooding.store(false, std::sync::atomic::Ordering::Relaxed);
+    figures.flood_frames_per_sec = flood.await?;
+    figures.presence_to_master_during_flood_ms = Summary::of(during?);
     control
         .call(
             "POST",
@@ -612,6 +625,10 @@ fn main() -> std::process::ExitCode {
                 f.presence_to_master_ms
             );
             println!(
+                "  … while an agent floods frames:   {} (flooder got {:.0} frames/s through)",
+                f.presence_to_master_during_flood_ms, f.flood_frames_per_sec
+            );
+            println!(
                 "idle agent RSS (largest of 4):      {:.1} MB, of which private {:.1} MB",
                 f.idle_agent_rss_mb, f.idle_agent_private_mb
             );
@@ -652,4 +669,48 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Flips w1 between away and available `rounds` times through its control
+/// API; for each, the time until the master's API shows the new state.
+async fn presence_flips(
+    control: &mut Conn,
+    conn: &mut Conn,
+    rounds: usize,
+) -> anyhow::Result<Vec<f64>> {
+    let mut presence = Vec::new();
+    for round in 0..rounds {
+        let (word, state) = if round % 2 == 0 {
+            ("away", PresenceState::Away)
+        } else {
+            ("available", PresenceState::Available)
+        };
+        let start = Instant::now();
+        control
+            .call(
+                "POST",
+                "/api/v1/set-availability",
+                Some(format!("{{\"state\":\"{word}\"}}")),
+            )
+            .await?;
+        loop {
+            let text = conn
+                .call("GET", "/api/v1/workers", None)
+                .await
+                .context("presence → master")?;
+            let list: WorkerList = serde_json::from_str(&text)?;
+            if list
+                .workers
+                .iter()
+                .any(|w| w.name == "w1" && w.state == state)
+            {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                bail!("the master never saw w1 {word}");
+            }
+        }
+        presence.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(presence)
 }

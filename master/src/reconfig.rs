@@ -228,6 +228,12 @@ pub fn check(old: &MasterConfig, new: &MasterConfig) -> Result<ReconfigPlan, Rec
     restart_only("data_dir", &old.data_dir, &new.data_dir, &mut restart);
     restart_only("tls", &old.tls, &new.tls, &mut restart);
     restart_only(
+        "max_connections",
+        &old.max_connections,
+        &new.max_connections,
+        &mut restart,
+    );
+    restart_only(
         "admin_token_sha256",
         &old.admin_token_sha256,
         &new.admin_token_sha256,

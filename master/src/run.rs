@@ -12,7 +12,6 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use nightshift_proto::api::MasterUrl;
 use nightshift_proto::tls::{self, ServerTls};
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use crate::api::{AppState, token_sha256};
@@ -236,8 +235,23 @@ pub async fn run(
     let paused = store.paused().await?;
     let last_seen = store.last_presences().await?;
 
-    let listener = TcpListener::bind(config.listen)
-        .await
+    let (descriptors, room) = crate::server::raise_descriptor_limit();
+    let max_connections = match config.max_connections {
+        Some(max) if u64::from(max) > room => {
+            tracing::warn!(
+                "max_connections = {max} is more than the descriptor limit ({descriptors}) leaves room for; holding {room}"
+            );
+            room
+        }
+        Some(max) => u64::from(max),
+        None => room,
+    };
+    tracing::info!(
+        "descriptor limit {descriptors}: room for {max_connections} connections (agents, API clients, browsers)"
+    );
+    let gate =
+        crate::server::ConnectionGate::new(usize::try_from(max_connections).unwrap_or(usize::MAX));
+    let listener = crate::server::bind(config.listen)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let bound = listener
         .local_addr()
@@ -320,6 +334,9 @@ pub async fn run(
             String::new()
         }
     );
+    println!(
+        "  capacity:   {max_connections} connections (agents, API clients, browsers; descriptor limit {descriptors})"
+    );
     if let Some(tls) = &tls {
         println!("  workers trust it with, in worker.toml:");
         println!("      master = \"{ws_url}\"");
@@ -368,6 +385,7 @@ pub async fn run(
         listener,
         tls.map(|t| t.config),
         router,
+        gate,
         async move {
             let _ = stop_rx.await;
         },

@@ -43,6 +43,8 @@ pub struct AppState {
     pub next_conn: Arc<AtomicU64>,
     /// Tokens of the latent instances the scheduler started.
     pub latent_tokens: crate::latent::LatentTokens,
+    /// Agent sessions open, against `max_agents`.
+    pub agent_slots: Arc<crate::server::ConnectionGate>,
 }
 
 /// An error response: status plus [`ApiError`] JSON.

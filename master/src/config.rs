@@ -201,7 +201,7 @@ struct RawConfig {
     missing_timeout: Secs,
     #[serde(default = "default_max_starting")]
     max_starting: u32,
-    max_connections: Option<u32>,
+    max_agents: Option<u32>,
     #[serde(default)]
     worker: Vec<RawWorker>,
     #[serde(default)]
@@ -375,9 +375,9 @@ pub struct MasterConfig {
     pub admin_token_sha256: Option<String>,
     pub missing_timeout: Duration,
     pub max_starting: u32,
-    /// Most connections (agents, API clients, browsers) served at once;
-    /// `None`: as many as the descriptor limit allows.
-    pub max_connections: Option<u32>,
+    /// Most agents connected at once; `None`: as many as the descriptor
+    /// limit leaves room for beside API clients and browsers.
+    pub max_agents: Option<u32>,
     pub workers: Vec<WorkerDef>,
     pub builders: Vec<BuilderDef>,
     pub locks: Vec<LockDef>,
@@ -536,8 +536,8 @@ impl MasterConfig {
         if raw.max_starting == 0 {
             issue("max_starting".into(), "must be at least 1".into());
         }
-        if raw.max_connections == Some(0) {
-            issue("max_connections".into(), "must be at least 1".into());
+        if raw.max_agents == Some(0) {
+            issue("max_agents".into(), "must be at least 1".into());
         }
 
         let mut workers = Vec::new();
@@ -785,7 +785,7 @@ impl MasterConfig {
             admin_token_sha256,
             missing_timeout: raw.missing_timeout.0,
             max_starting: raw.max_starting,
-            max_connections: raw.max_connections,
+            max_agents: raw.max_agents,
             index: WorkerIndex::of(&workers),
             workers,
             builders,

@@ -236,21 +236,25 @@ pub async fn run(
     let last_seen = store.last_presences().await?;
 
     let (descriptors, room) = crate::server::raise_descriptor_limit();
-    let max_connections = match config.max_connections {
-        Some(max) if u64::from(max) > room => {
+    // Agents may take all but a share of the room, so that at the agents'
+    // limit the admin API, the CLI and the dashboard still get in.
+    let agent_room = room.saturating_sub((room / 16).clamp(1, 1024)).max(1);
+    let max_agents = match config.max_agents {
+        Some(max) if u64::from(max) > agent_room => {
             tracing::warn!(
-                "max_connections = {max} is more than the descriptor limit ({descriptors}) leaves room for; holding {room}"
+                "max_agents = {max} is more than the descriptor limit ({descriptors}) leaves room for; holding {agent_room}"
             );
-            room
+            agent_room
         }
         Some(max) => u64::from(max),
-        None => room,
+        None => agent_room,
     };
     tracing::info!(
-        "descriptor limit {descriptors}: room for {max_connections} connections (agents, API clients, browsers)"
+        "descriptor limit {descriptors}: room for {max_agents} agents ({room} connections in all)"
     );
-    let gate =
-        crate::server::ConnectionGate::new(usize::try_from(max_connections).unwrap_or(usize::MAX));
+    let gate = crate::server::ConnectionGate::new(usize::try_from(room).unwrap_or(usize::MAX));
+    let agent_slots =
+        crate::server::ConnectionGate::new(usize::try_from(max_agents).unwrap_or(usize::MAX));
     let listener = crate::server::bind(config.listen)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let bound = listener
@@ -288,6 +292,7 @@ pub async fn run(
     tokio::spawn(scheduler.run(inbox));
     let state = AppState {
         latent_tokens,
+        agent_slots,
         config: crate::reconfig::LiveConfig::new(Arc::clone(&config)),
         store,
         events,
@@ -335,7 +340,7 @@ pub async fn run(
         }
     );
     println!(
-        "  capacity:   {max_connections} connections (agents, API clients, browsers; descriptor limit {descriptors})"
+        "  capacity:   {max_agents} agents ({room} connections in all; descriptor limit {descriptors})"
     );
     if let Some(tls) = &tls {
         println!("  workers trust it with, in worker.toml:");

@@ -155,15 +155,14 @@ fn out_of_resources(error: &std::io::Error) -> bool {
     )
 }
 
-/// The answer to a connection over the cap: 503 with `Retry-After`, then close.
-fn over_capacity(open: usize) -> Response {
+/// The answer over a cap (`what`: "agents" or "connections"): 503 with a
+/// jittered `Retry-After`, then close.
+fn over_capacity(what: &str, limit: usize) -> Response {
     let seconds = RETRY_AFTER_SECS + rand::random_range(0..=RETRY_AFTER_SECS);
     let mut response = (
         StatusCode::SERVICE_UNAVAILABLE,
         axum::Json(ApiError {
-            error: format!(
-                "the master is at its connection limit ({open} open); retry after {seconds} s"
-            ),
+            error: format!("the master is at its limit of {limit} {what}; retry after {seconds} s"),
         }),
     )
         .into_response();
@@ -239,9 +238,9 @@ pub async fn serve(
                 }
                 match shedding.enter() {
                     Some(slot) => {
-                        let open = gate.open();
-                        let refuse =
-                            Router::new().fallback(move || async move { over_capacity(open) });
+                        let limit = gate.max();
+                        let refuse = Router::new()
+                            .fallback(move || async move { over_capacity("connections", limit) });
                         (slot, refuse)
                     }
                     // Beyond even that: close before the handshake.
@@ -314,11 +313,21 @@ async fn agent_upgrade(
     if !token_known(&state, &token) {
         return unauthorized("unknown worker or wrong token");
     }
+    let Some(slot) = state.agent_slots.enter() else {
+        tracing::warn!(
+            "an agent was refused with retry-after: {} agents connected, the limit (max_agents)",
+            state.agent_slots.max()
+        );
+        return over_capacity("agents", state.agent_slots.max());
+    };
     ws.max_message_size(MAX_FRAME_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
         .read_buffer_size(WS_READ_BUFFER)
         .write_buffer_size(WS_WRITE_BUFFER)
-        .on_upgrade(move |socket| agent_session(state, socket, Some(token)))
+        .on_upgrade(move |socket| async move {
+            let _slot = slot;
+            agent_session(state, socket, Some(token)).await;
+        })
 }
 
 fn unauthorized(reason: &str) -> Response {

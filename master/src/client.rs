@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
-use nightshift_proto::api::{ApiClient, BuildInfo, BuildState, MasterUrl, WorkerList};
+use nightshift_proto::api::{ApiClient, BuildInfo, BuildState, MasterUrl, WorkerList, WorkerQuery};
 use nightshift_proto::wire::Outcome;
 
 use crate::cli::ConnArgs;
@@ -183,19 +183,33 @@ pub async fn submit(
 }
 
 /// `master workers`: one line per worker; `--json` prints the API's answer.
-pub async fn workers(client: &ApiClient, json: bool) -> anyhow::Result<i32> {
-    let list: WorkerList = client.workers().await?;
+/// Filtered and paged by `query`; a table that is not everything says so.
+pub async fn workers(client: &ApiClient, query: &WorkerQuery, json: bool) -> anyhow::Result<i32> {
+    let page = client.workers_page(query).await?;
     if json {
-        print_json(&list)?;
+        print_json(&page)?;
         return Ok(0);
     }
-    if list.paused {
+    if page.paused {
         println!("master is PAUSED: no new builds are handed out");
     }
+    let shown = page.workers.len();
+    let list = WorkerList {
+        paused: page.paused,
+        workers: page.workers,
+    };
     print!(
         "{}",
         workers_table(&list, Timestamp::now(), &TimeZone::system())
     );
+    if shown < page.total {
+        println!(
+            "showing {}-{} of {} matching workers (--offset/--limit for more, --state/--name to filter)",
+            page.offset + usize::from(shown > 0),
+            page.offset + shown,
+            page.total
+        );
+    }
     Ok(0)
 }
 

@@ -31,6 +31,8 @@
 //! Everything waits with generous deadlines ([`DEADLINE`]) so a loaded CI
 //! machine does not make tests flaky; nothing sleeps to "let things settle".
 
+pub mod fleet;
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};

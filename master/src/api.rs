@@ -194,11 +194,27 @@ struct ListQuery {
     limit: Option<u32>,
 }
 
-fn overlay(build: &mut BuildInfo, live: &Snapshot) {
+/// What these builds wait for, from the scheduler (only the builds asked
+/// about: the cost does not grow with the number of workers).
+async fn waiting_for(
+    state: &AppState,
+    ids: Vec<BuildId>,
+) -> Result<BTreeMap<BuildId, String>, Failure> {
+    let (reply, answer) = oneshot::channel();
+    state
+        .events
+        .send(Event::WaitingFor { ids, reply })
+        .map_err(|_| Failure(StatusCode::SERVICE_UNAVAILABLE, "master is stopping".into()))?;
+    answer
+        .await
+        .map_err(|_| Failure(StatusCode::SERVICE_UNAVAILABLE, "master is stopping".into()))
+}
+
+fn overlay(build: &mut BuildInfo, waiting_for: &BTreeMap<BuildId, String>) {
     match build.state {
         // A running build shows a wait only while a step waits for a lock.
         BuildState::Queued | BuildState::Running => {
-            if let Some(why) = live.waiting_for.get(&build.id) {
+            if let Some(why) = waiting_for.get(&build.id) {
                 build.waiting_for = Some(why.clone());
             }
         }
@@ -217,7 +233,12 @@ async fn list_builds(
         .list_builds(limit)
         .await
         .map_err(Failure::internal)?;
-    let live = snapshot(&state).await?;
+    let pending = builds
+        .iter()
+        .filter(|b| b.state != BuildState::Finished)
+        .map(|b| b.id)
+        .collect();
+    let live = waiting_for(&state, pending).await?;
     for build in &mut builds {
         overlay(build, &live);
     }
@@ -231,8 +252,10 @@ async fn load_build(state: &AppState, id: BuildId) -> Result<BuildInfo, Failure>
         .await
         .map_err(Failure::internal)?
         .ok_or_else(|| Failure::not_found(id))?;
-    let live = snapshot(state).await?;
-    overlay(&mut build, &live);
+    if build.state != BuildState::Finished {
+        let live = waiting_for(state, vec![id]).await?;
+        overlay(&mut build, &live);
+    }
     Ok(build)
 }
 

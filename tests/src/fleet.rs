@@ -239,18 +239,17 @@ async fn connected(
                     if matches!(frame, Message::Close(_)) { return gone; }
                     continue;
                 };
-                match MasterMessage::decode(&text) {
+                let answered = match MasterMessage::decode(&text) {
                     Ok(MasterMessage::Ping { seq }) => {
-                        if ws.send(Message::text(AgentMessage::Pong { seq }.encode())).await.is_err() {
-                            return gone;
-                        }
+                        ws.send(Message::text(AgentMessage::Pong { seq }.encode())).await.is_ok()
                     }
                     Ok(MasterMessage::StartBuild { build_id, .. }) => {
-                        if run_build(ws, build_id).await.is_err() {
-                            return gone;
-                        }
+                        run_build(ws, build_id).await.is_ok()
                     }
-                    _ => {}
+                    _ => true,
+                };
+                if !answered {
+                    return gone;
                 }
             }
             changed = presence_rx.changed() => {

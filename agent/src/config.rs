@@ -10,6 +10,8 @@ use nightshift_policy::{AvailabilityConfig, DurationSpec, Policy, PolicyError};
 use nightshift_proto::diag::{ConfigErrors, parse_toml};
 use serde::Deserialize;
 
+use crate::daemon::checkout::GitAuth;
+
 /// Where `worker` looks when `--config` is not given: here first, then /etc.
 pub const DEFAULT_CONFIG_PATHS: [&str; 2] = ["worker.toml", "/etc/nightshift/worker.toml"];
 
@@ -94,6 +96,8 @@ struct RawWorkerConfig {
     control: ControlSettings,
     #[serde(default)]
     availability: AvailabilityConfig,
+    #[serde(default)]
+    git: GitAuth,
 }
 
 fn one() -> u32 {
@@ -122,6 +126,8 @@ pub struct WorkerConfig {
     pub tls: TlsClientSettings,
     pub control: ControlSettings,
     pub availability: AvailabilityConfig,
+    /// `[git]`: this worker's credentials for checkouts (never sent anywhere).
+    pub git: GitAuth,
     /// How often foreign load is sampled (`[availability.load] sample_every`, default 5s).
     pub load_sample_interval: DurationSpec,
 }
@@ -234,6 +240,11 @@ fn resolve(raw: RawWorkerConfig, base: &Path) -> WorkerConfig {
         tls,
         control,
         availability: raw.availability,
+        git: GitAuth {
+            ssh_key: raw.git.ssh_key.map(at_base),
+            token_file: raw.git.token_file.map(at_base),
+            username: raw.git.username,
+        },
         load_sample_interval,
     }
 }
@@ -241,6 +252,21 @@ fn resolve(raw: RawWorkerConfig, base: &Path) -> WorkerConfig {
 fn validate(config: &mut WorkerConfig, system_tz: TimeZone, errors: &mut ConfigErrors) {
     validate_name(&config.name, errors);
     validate_master(config, errors);
+    for (key, file) in [
+        ("git.ssh_key", &config.git.ssh_key),
+        ("git.token_file", &config.git.token_file),
+    ] {
+        if let Some(file) = file
+            && let Err(e) = std::fs::metadata(file)
+        {
+            errors.push_at_path(key, format!("cannot read {}: {e}", file.display()));
+        }
+    }
+    if let Some(name) = &config.git.username
+        && (name.is_empty() || name.chars().any(|c| c.is_control() || c == '\n'))
+    {
+        errors.push_at_path("git.username", "must be a non-empty single line");
+    }
 
     match (&config.token, &config.token_file) {
         (Some(_), Some(_)) => {

@@ -290,7 +290,9 @@ pub async fn run(
         latent_tokens.clone(),
     );
     tokio::spawn(scheduler.run(inbox));
+    let trigger_counters = Arc::new(crate::triggers::TriggerCounters::default());
     let state = AppState {
+        trigger_counters: Arc::clone(&trigger_counters),
         latent_tokens,
         agent_slots,
         config: crate::reconfig::LiveConfig::new(Arc::clone(&config)),
@@ -314,6 +316,15 @@ pub async fn run(
             }
         }
     });
+    crate::triggers::start(
+        crate::triggers::TriggerContext {
+            config: state.config.clone(),
+            store: state.store.clone(),
+            events: state.events.clone(),
+            counters: trigger_counters,
+        },
+        Arc::new(SystemClock),
+    );
     let router = crate::server::router(state);
 
     let ws_url = url

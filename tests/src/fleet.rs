@@ -419,6 +419,8 @@ pub async fn throughput(
                 let body = serde_json::to_string(&SubmitRequest {
                     builder: builder.to_owned(),
                     properties: BTreeMap::new(),
+                    revision: None,
+                    branch: None,
                 })?;
                 let text = conn.call("POST", "/api/v1/builds", Some(body)).await?;
                 let id = serde_json::from_str::<SubmitResponse>(&text)?.build_id;

@@ -32,6 +32,7 @@
 //! machine does not make tests flaky; nothing sleeps to "let things settle".
 
 pub mod fleet;
+pub mod soak;
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;

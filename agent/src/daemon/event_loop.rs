@@ -796,11 +796,13 @@ impl Daemon {
                 builder,
                 steps,
                 properties,
+                source,
             } => self.start_build(BuildRequest {
                 build_id,
                 builder,
                 steps,
                 properties,
+                source,
             }),
             MasterMessage::StepGranted { build_id, step } => match self.builds.get_mut(&build_id) {
                 Some(build) => {
@@ -1192,6 +1194,7 @@ mod tests {
             Arc::new(RunnerSettings {
                 workdir: work.path().to_owned(),
                 kill_grace: Duration::from_millis(500),
+                git: Default::default(),
             }),
             Arc::new(BuildTrees::without_cgroups()),
         );
@@ -1299,8 +1302,10 @@ mod tests {
                     env: BTreeMap::new(),
                     workdir: None,
                     needs_grant: false,
+                    checkout: false,
                 }],
                 properties: BTreeMap::new(),
+                source: None,
             });
         }
 
@@ -1739,8 +1744,10 @@ mod tests {
                 env: BTreeMap::new(),
                 workdir: None,
                 needs_grant: true,
+                checkout: false,
             }],
             properties: BTreeMap::new(),
+            source: None,
         });
         assert!(matches!(
             fixture.next_to_master().await,

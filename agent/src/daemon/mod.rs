@@ -3,6 +3,7 @@
 //! event loop, and exits 0 after a clean stop, 1 on failure, 2 on a bad config.
 
 mod alarm;
+pub mod checkout;
 pub mod clock;
 pub mod event_loop;
 mod files;
@@ -151,6 +152,7 @@ async fn run(path: &Path, config: WorkerConfig) -> Result<Exit, Failure> {
     let runner_settings = Arc::new(RunnerSettings {
         workdir: config.workdir.clone(),
         kill_grace: KILL_GRACE,
+        git: config.git.clone(),
     });
     let (daemon, inbox, wiring) = Daemon::new(
         settings,

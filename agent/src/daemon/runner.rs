@@ -45,6 +45,8 @@ pub struct RunnerSettings {
     pub workdir: PathBuf,
     /// Between SIGTERM and SIGKILL when a step is cancelled or times out.
     pub kill_grace: Duration,
+    /// The worker's git credentials, for the checkout step only.
+    pub git: super::checkout::GitAuth,
 }
 
 /// A build as the master handed it out.
@@ -54,6 +56,9 @@ pub struct BuildRequest {
     pub builder: String,
     pub steps: Vec<StepSpec>,
     pub properties: BTreeMap<String, String>,
+    /// What the build checks out (the step marked `checkout`) and names in
+    /// every step's environment.
+    pub source: Option<nightshift_proto::wire::BuildSource>,
 }
 
 /// What a running build tells the event loop, in order.
@@ -450,9 +455,13 @@ impl Build {
     ) -> std::io::Result<(tokio::process::Child, tokio::net::unix::pipe::Receiver)> {
         let (reader, writer) = std::io::pipe()?;
         let mut command = tokio::process::Command::new("sh");
+        let script = match step.checkout {
+            true => super::checkout::script(self.request.source.as_ref()),
+            false => step.command.clone(),
+        };
         command
             .arg("-c")
-            .arg(&step.command)
+            .arg(script)
             .current_dir(dir)
             .stdin(Stdio::null())
             .stdout(writer.try_clone()?)
@@ -474,6 +483,10 @@ impl Build {
             .env("NIGHTSHIFT_STEP", &step.name);
         for (key, value) in &self.request.properties {
             command.env(property_env_name(key), value);
+        }
+        command.envs(super::checkout::source_env(self.request.source.as_ref()));
+        if step.checkout {
+            command.envs(super::checkout::auth_env(&self.settings.git));
         }
         command.envs(&step.env);
         if let Some(cgroup) = cgroup {
@@ -654,6 +667,7 @@ mod tests {
             env: BTreeMap::new(),
             workdir: None,
             needs_grant: false,
+            checkout: false,
         }
     }
 
@@ -677,6 +691,7 @@ mod tests {
             let settings = Arc::new(RunnerSettings {
                 workdir: self.workdir.path().to_owned(),
                 kill_grace: Duration::from_millis(500),
+                git: Default::default(),
             });
             let mut properties = BTreeMap::new();
             properties.insert("branch-name".to_owned(), "main".to_owned());
@@ -686,6 +701,7 @@ mod tests {
                     builder: "demo".to_owned(),
                     steps,
                     properties,
+                    source: None,
                 },
                 settings,
                 Arc::new(BuildTrees::without_cgroups()),

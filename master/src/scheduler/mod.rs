@@ -36,7 +36,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 use nightshift_policy::{Presence, PresenceState, Source};
 use nightshift_proto::api::WorkerList;
-use nightshift_proto::wire::{AgentMessage, BuildId, HEARTBEAT_SECS, MasterMessage};
+use nightshift_proto::wire::{AgentMessage, BuildId, BuildSource, HEARTBEAT_SECS, MasterMessage};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::MasterConfig;
@@ -132,6 +132,7 @@ pub enum Event {
         id: BuildId,
         builder: String,
         properties: BTreeMap<String, String>,
+        source: Option<BuildSource>,
     },
     /// A result's store write finished.
     ResultCommitted {
@@ -221,14 +222,21 @@ struct Queued {
     builder: String,
     properties: BTreeMap<String, String>,
     waiting_for: Option<String>,
+    /// The revision it builds (builders with a `source`).
+    source: Option<BuildSource>,
 }
 
 impl Queued {
-    fn new(builder: String, properties: BTreeMap<String, String>) -> Queued {
+    fn new(
+        builder: String,
+        properties: BTreeMap<String, String>,
+        source: Option<BuildSource>,
+    ) -> Queued {
         Queued {
             builder,
             properties,
             waiting_for: None,
+            source,
         }
     }
 }
@@ -238,6 +246,7 @@ struct Running {
     worker: String,
     builder: String,
     properties: BTreeMap<String, String>,
+    source: Option<BuildSource>,
     accepted: bool,
     /// Each step's locks as configured when the build started (a reconfig
     /// does not change a running build).
@@ -367,6 +376,7 @@ impl Scheduler {
                             worker,
                             builder: build.builder,
                             properties: build.properties,
+                            source: build.source,
                             accepted: true,
                             step_locks,
                         },
@@ -377,14 +387,16 @@ impl Scheduler {
                         build.id,
                         Some("its worker is no longer in master.toml".into()),
                     );
-                    scheduler
-                        .queue
-                        .insert(build.id, Queued::new(build.builder, build.properties));
+                    scheduler.queue.insert(
+                        build.id,
+                        Queued::new(build.builder, build.properties, build.source),
+                    );
                 }
                 _ => {
-                    scheduler
-                        .queue
-                        .insert(build.id, Queued::new(build.builder, build.properties));
+                    scheduler.queue.insert(
+                        build.id,
+                        Queued::new(build.builder, build.properties, build.source),
+                    );
                 }
             }
         }
@@ -445,7 +457,8 @@ impl Scheduler {
                 id,
                 builder,
                 properties,
-            } => self.on_submitted(id, builder, properties),
+                source,
+            } => self.on_submitted(id, builder, properties, source),
             Event::ResultCommitted { worker, id, stored } => {
                 self.on_result_committed(&worker, id, stored)
             }

@@ -123,6 +123,7 @@ impl Harness {
             id,
             builder: "app".into(),
             properties: BTreeMap::new(),
+            source: None,
         });
         id
     }

@@ -148,6 +148,8 @@ impl Conn {
         let body = serde_json::to_string(&SubmitRequest {
             builder: builder.to_owned(),
             properties: BTreeMap::new(),
+            revision: None,
+            branch: None,
         })?;
         let text = self.call("POST", "/api/v1/builds", Some(body)).await?;
         Ok(serde_json::from_str::<SubmitResponse>(&text)?.build_id)

@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
 use nightshift_proto::api::{
-    ApiClient, BuildInfo, BuildState, MasterUrl, SubmitRequest, WorkerList,
+    ApiClient, BuildInfo, BuildState, MasterUrl, SubmitRequest, WorkerList, WorkerQuery,
 };
 use nightshift_proto::wire::Outcome;
 
@@ -197,19 +197,33 @@ pub async fn submit(
 }
 
 /// `master workers`: one line per worker; `--json` prints the API's answer.
-pub async fn workers(client: &ApiClient, json: bool) -> anyhow::Result<i32> {
-    let list: WorkerList = client.workers().await?;
+/// Filtered and paged by `query`; a table that is not everything says so.
+pub async fn workers(client: &ApiClient, query: &WorkerQuery, json: bool) -> anyhow::Result<i32> {
+    let page = client.workers_page(query).await?;
     if json {
-        print_json(&list)?;
+        print_json(&page)?;
         return Ok(0);
     }
-    if list.paused {
+    if page.paused {
         println!("master is PAUSED: no new builds are handed out");
     }
+    let shown = page.workers.len();
+    let list = WorkerList {
+        paused: page.paused,
+        workers: page.workers,
+    };
     let now = Timestamp::now();
     let tz = TimeZone::system();
     print!("{}", workers_table(&list, now, &tz));
     println!("(times in {})", zone_label(&tz, now));
+    if shown < page.total {
+        println!(
+            "showing {}-{} of {} matching workers (--offset/--limit for more, --state/--name to filter)",
+            page.offset + usize::from(shown > 0),
+            page.offset + shown,
+            page.total
+        );
+    }
     Ok(0)
 }
 

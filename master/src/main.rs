@@ -85,7 +85,22 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             )
             .await
         }
-        Command::Workers { json, conn } => client::workers(&client::connect(&conn)?, json).await,
+        Command::Workers {
+            json,
+            state,
+            name,
+            offset,
+            limit,
+            conn,
+        } => {
+            let query = nightshift_proto::api::WorkerQuery {
+                state,
+                name,
+                offset,
+                limit,
+            };
+            client::workers(&client::connect(&conn)?, &query, json).await
+        }
         Command::Builds { json, limit, conn } => {
             client::builds(&client::connect(&conn)?, limit, json).await
         }

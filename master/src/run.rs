@@ -12,7 +12,6 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use nightshift_proto::api::MasterUrl;
 use nightshift_proto::tls::{self, ServerTls};
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use crate::api::{AppState, token_sha256};
@@ -279,8 +278,27 @@ pub async fn run(
     let paused = store.paused().await?;
     let last_seen = store.last_presences().await?;
 
-    let listener = TcpListener::bind(config.listen)
-        .await
+    let (descriptors, room) = crate::server::raise_descriptor_limit();
+    // Agents may take all but a share of the room, so that at the agents'
+    // limit the admin API, the CLI and the dashboard still get in.
+    let agent_room = room.saturating_sub((room / 16).clamp(1, 1024)).max(1);
+    let max_agents = match config.max_agents {
+        Some(max) if u64::from(max) > agent_room => {
+            tracing::warn!(
+                "max_agents = {max} is more than the descriptor limit ({descriptors}) leaves room for; holding {agent_room}"
+            );
+            agent_room
+        }
+        Some(max) => u64::from(max),
+        None => agent_room,
+    };
+    tracing::info!(
+        "descriptor limit {descriptors}: room for {max_agents} agents ({room} connections in all)"
+    );
+    let gate = crate::server::ConnectionGate::new(usize::try_from(room).unwrap_or(usize::MAX));
+    let agent_slots =
+        crate::server::ConnectionGate::new(usize::try_from(max_agents).unwrap_or(usize::MAX));
+    let listener = crate::server::bind(config.listen)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let bound = listener
         .local_addr()
@@ -323,6 +341,7 @@ pub async fn run(
     let state = AppState {
         trigger_counters: Arc::clone(&trigger_counters),
         latent_tokens,
+        agent_slots,
         config: crate::reconfig::LiveConfig::new(Arc::clone(&config)),
         store,
         events,
@@ -379,6 +398,9 @@ pub async fn run(
             String::new()
         }
     );
+    println!(
+        "  capacity:   {max_agents} agents ({room} connections in all; descriptor limit {descriptors})"
+    );
     if let Some(tls) = &tls {
         println!("  workers trust it with, in worker.toml:");
         println!("      master = \"{ws_url}\"");
@@ -427,6 +449,7 @@ pub async fn run(
         listener,
         tls.map(|t| t.config),
         router,
+        gate,
         async move {
             let _ = stop_rx.await;
         },

@@ -1,25 +1,29 @@
-//! The master's one port: a TCP accept loop (TCP_NODELAY, optional TLS) that
-//! serves the axum router over hyper with upgrades, and the per-agent
-//! WebSocket session (authentication, hello, frames, heartbeats, and the
+//! The master's one port: a TCP accept loop (large listen backlog,
+//! TCP_NODELAY, optional TLS, a connection cap that sheds with "retry after",
+//! a pause instead of a spin when descriptors run out) that serves the axum
+//! router over hyper with upgrades, and the per-agent WebSocket session
+//! (token checked at the upgrade, hello, frames, heartbeats, and the
 //! per-connection frame rate limit: [`FrameLimits`]).
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::http::HeaderMap;
-use axum::response::Response;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
+use nightshift_proto::api::ApiError;
 use nightshift_proto::wire::{
     AgentMessage, HEARTBEAT_SECS, MAX_FRAME_BYTES, MasterMessage, PROTOCOL_VERSION, WS_PATH,
 };
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 
 use crate::api::{AppState, bearer, constant_time_eq, token_sha256};
 use crate::metrics::DisconnectReason;
@@ -32,6 +36,109 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Heartbeats an agent may miss before its connection is dropped.
 const MISSED_BEATS: u32 = 3;
+/// Pending connections the kernel queues for us (it caps this at
+/// `net.core.somaxconn`): 10,000 agents reconnecting at once after a restart
+/// must wait in the queue, not time out in SYN retries as with 128.
+pub const LISTEN_BACKLOG: u32 = 8192;
+/// Descriptors kept for everything that is not a connection: SQLite and its
+/// WAL, the log, latent instances' pipes, the runtime.
+pub const RESERVED_DESCRIPTORS: u64 = 128;
+/// Per-connection WebSocket read buffer. Agent frames are small (a presence
+/// is ~200 bytes); a bigger frame grows the buffer as needed. The library's
+/// default, 128 KiB zero-filled before each read, cost 128 KiB per agent
+/// and a 128 KiB memset per heartbeat.
+pub const WS_READ_BUFFER: usize = 4 * 1024;
+/// Frames are written at once (each send is flushed anyway): no write
+/// buffer is kept per connection.
+pub const WS_WRITE_BUFFER: usize = 0;
+/// Longest the accept loop pauses when the process is out of descriptors.
+const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
+/// A connection refused over the cap is told to come back after between
+/// this many seconds and twice that (jittered, so a storm spreads out).
+const RETRY_AFTER_SECS: u64 = 2;
+
+/// Binds the master's port with a backlog of [`LISTEN_BACKLOG`].
+pub fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if address.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// Raises the soft descriptor limit to the hard one and says how many
+/// connections that leaves room for (after [`RESERVED_DESCRIPTORS`]).
+pub fn raise_descriptor_limit() -> (u64, u64) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(e) => {
+            tracing::warn!("cannot read the descriptor limit: {e}");
+            return (1024, 1024 - RESERVED_DESCRIPTORS);
+        }
+    };
+    let limit = if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
+                tracing::warn!("cannot raise the descriptor limit from {soft} to {hard}: {e}");
+                soft
+            }
+        }
+    } else {
+        soft
+    };
+    (limit, limit.saturating_sub(RESERVED_DESCRIPTORS).max(1))
+}
+
+/// Counts open connections against the cap. A slot is given back when its
+/// [`ConnectionSlot`] drops, however the connection ended.
+#[derive(Debug)]
+pub struct ConnectionGate {
+    open: AtomicUsize,
+    max: usize,
+}
+
+impl ConnectionGate {
+    pub fn new(max: usize) -> Arc<ConnectionGate> {
+        Arc::new(ConnectionGate {
+            open: AtomicUsize::new(0),
+            max: max.max(1),
+        })
+    }
+
+    /// Takes a slot unless `max` connections are open.
+    pub fn enter(self: &Arc<Self>) -> Option<ConnectionSlot> {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+                (open < self.max).then_some(open + 1)
+            })
+            .ok()
+            .map(|_| ConnectionSlot(Arc::clone(self)))
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+}
+
+/// One open connection's place under the cap.
+#[derive(Debug)]
+pub struct ConnectionSlot(Arc<ConnectionGate>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
 
 /// Frames per second one agent connection may send, sustained; beyond that
 /// the master reads its frames more slowly (TCP pushes back on the agent).
@@ -142,33 +249,115 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves.
+/// Whether an accept error means the process (or system) is out of
+/// descriptors or memory: retrying at once would spin.
+fn out_of_resources(error: &std::io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+/// The answer over a cap (`what`: "agents" or "connections"): 503 with a
+/// jittered `Retry-After`, then close.
+fn over_capacity(what: &str, limit: usize) -> Response {
+    let seconds = RETRY_AFTER_SECS + rand::random_range(0..=RETRY_AFTER_SECS);
+    let mut response = (
+        StatusCode::SERVICE_UNAVAILABLE,
+        axum::Json(ApiError {
+            error: format!("the master is at its limit of {limit} {what}; retry after {seconds} s"),
+        }),
+    )
+        .into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, holding at most
+/// `gate.max()` connections. Over the cap, up to a sixteenth more are
+/// answered 503 with `Retry-After` (and closed); beyond that a connection is
+/// closed at once, before its TLS handshake costs anything.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
     router: Router,
+    gate: Arc<ConnectionGate>,
     shutdown: impl Future<Output = ()>,
 ) {
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let shedding = ConnectionGate::new((gate.max() / 16).clamp(16, 1024));
+    let mut pause = Duration::ZERO;
+    let mut shed_since_log = 0u64;
+    let mut last_shed_log: Option<Instant> = None;
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
+                Ok(pair) => {
+                    pause = Duration::ZERO;
+                    pair
+                }
+                Err(e) if out_of_resources(&e) => {
+                    // Retrying at once would spin at 100 % CPU and flood
+                    // the log: pause (doubling up to a second) so that
+                    // connections ending free descriptors meanwhile.
+                    pause = (pause * 2).clamp(Duration::from_millis(10), ACCEPT_PAUSE_MAX);
+                    tracing::warn!(
+                        "accept failed: {e}; {} connections open (limit {}); pausing accepts for {} ms",
+                        gate.open(),
+                        gate.max(),
+                        pause.as_millis()
+                    );
+                    tokio::select! {
+                        () = &mut shutdown => break,
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                    continue;
+                }
                 Err(e) => {
-                    // E.g. out of file descriptors: log and keep serving.
-                    tracing::warn!("accept failed: {e}");
+                    // E.g. a peer that reset before we accepted it.
+                    tracing::debug!("accept failed: {e}");
                     continue;
                 }
             },
         };
+        let (slot, router) = match gate.enter() {
+            Some(slot) => (slot, router.clone()),
+            None => {
+                shed_since_log += 1;
+                if last_shed_log.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                    tracing::warn!(
+                        "at the connection limit ({}): {shed_since_log} connections refused with retry-after since the last report",
+                        gate.max()
+                    );
+                    shed_since_log = 0;
+                    last_shed_log = Some(Instant::now());
+                }
+                match shedding.enter() {
+                    Some(slot) => {
+                        let limit = gate.max();
+                        let refuse = Router::new()
+                            .fallback(move || async move { over_capacity("connections", limit) });
+                        (slot, refuse)
+                    }
+                    // Beyond even that: close before the handshake.
+                    None => continue,
+                }
+            }
+        };
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!("{peer}: cannot set TCP_NODELAY: {e}");
         }
-        let service = TowerToHyperService::new(router.clone());
+        let service = TowerToHyperService::new(router);
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             // HTTP/1.1 only: agents, the CLI and browsers all speak it (no
             // ALPN offers h2), and WebSockets upgrade from it.
             let mut builder = hyper::server::conn::http1::Builder::new();
@@ -206,15 +395,53 @@ pub async fn serve(
     }
 }
 
+/// Whether `token` belongs to some worker (configured, or a latent instance
+/// started by this master). Checked before the upgrade, so a stranger costs
+/// one HTTP answer instead of a WebSocket session waiting for a hello.
+fn token_known(state: &AppState, token: &str) -> bool {
+    let hash = token_sha256(token);
+    let config = state.config.get();
+    config.workers_with_token(&hash).next().is_some()
+        || state.latent_tokens.worker_with_hash(&hash).is_some()
+}
+
 async fn agent_upgrade(
     State(state): State<AppState>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let token = bearer(&headers);
+    let Some(token) = bearer(&headers) else {
+        return unauthorized("no token (send Authorization: Bearer <token> on the upgrade)");
+    };
+    if !token_known(&state, &token) {
+        return unauthorized("unknown worker or wrong token");
+    }
+    let Some(slot) = state.agent_slots.enter() else {
+        tracing::warn!(
+            "an agent was refused with retry-after: {} agents connected, the limit (max_agents)",
+            state.agent_slots.max()
+        );
+        return over_capacity("agents", state.agent_slots.max());
+    };
     ws.max_message_size(MAX_FRAME_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
-        .on_upgrade(move |socket| agent_session(state, socket, token))
+        .read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(WS_WRITE_BUFFER)
+        .on_upgrade(move |socket| async move {
+            let _slot = slot;
+            agent_session(state, socket, Some(token)).await;
+        })
+}
+
+fn unauthorized(reason: &str) -> Response {
+    tracing::warn!("agent refused at the upgrade: {reason}");
+    (
+        StatusCode::UNAUTHORIZED,
+        axum::Json(ApiError {
+            error: reason.to_owned(),
+        }),
+    )
+        .into_response()
 }
 
 async fn refuse(socket: &mut WebSocket, reason: String) {

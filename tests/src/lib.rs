@@ -31,6 +31,7 @@
 //! Everything waits with generous deadlines ([`DEADLINE`]) so a loaded CI
 //! machine does not make tests flaky; nothing sleeps to "let things settle".
 
+pub mod fleet;
 pub mod soak;
 pub mod supervised;
 
@@ -1112,6 +1113,17 @@ type WsStream =
 
 /// A raw WebSocket client speaking the agent protocol by hand: for tests of
 /// the master alone (bad tokens, garbage frames, races).
+/// How the master answered a WebSocket upgrade it did not accept.
+#[derive(Debug, Clone)]
+pub struct UpgradeRefusal {
+    /// HTTP status (401 for a bad token, 503 at the connection limit).
+    pub status: u16,
+    /// The `error` of the JSON body.
+    pub error: String,
+    /// Seconds from the `Retry-After` header, when present.
+    pub retry_after: Option<u64>,
+}
+
 pub struct FakeAgent {
     ws: WsStream,
 }
@@ -1130,6 +1142,22 @@ pub fn presence(state: PresenceState) -> Presence {
 impl FakeAgent {
     /// Opens the WebSocket (TLS, pinned) with `token` as the bearer.
     pub async fn connect(farm: &Farm, token: Option<&str>) -> anyhow::Result<FakeAgent> {
+        match FakeAgent::try_connect(farm, token).await? {
+            Ok(agent) => Ok(agent),
+            Err(refusal) => bail!(
+                "the master refused the upgrade: {} {}",
+                refusal.status,
+                refusal.error
+            ),
+        }
+    }
+
+    /// Opens the WebSocket, or returns how the master refused the upgrade
+    /// (an HTTP answer instead of `101 Switching Protocols`).
+    pub async fn try_connect(
+        farm: &Farm,
+        token: Option<&str>,
+    ) -> anyhow::Result<Result<FakeAgent, UpgradeRefusal>> {
         let mut request = format!("{}{WS_PATH}", farm.ws_url()).into_client_request()?;
         if let Some(token) = token {
             request
@@ -1141,11 +1169,31 @@ impl FakeAgent {
         } else {
             Some(tokio_tungstenite::Connector::Rustls(farm.tls_client()?))
         };
-        let (ws, _) =
-            tokio_tungstenite::connect_async_tls_with_config(request, None, true, connector)
-                .await
-                .context("websocket connect")?;
-        Ok(FakeAgent { ws })
+        match tokio_tungstenite::connect_async_tls_with_config(request, None, true, connector).await
+        {
+            Ok((ws, _)) => Ok(Ok(FakeAgent { ws })),
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                let body = response
+                    .body()
+                    .as_deref()
+                    .map(String::from_utf8_lossy)
+                    .unwrap_or_default()
+                    .into_owned();
+                let error = serde_json::from_str::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v.get("error")?.as_str().map(str::to_owned))
+                    .unwrap_or(body);
+                Ok(Err(UpgradeRefusal {
+                    status: response.status().as_u16(),
+                    error,
+                    retry_after: response
+                        .headers()
+                        .get("retry-after")
+                        .and_then(|v| v.to_str().ok()?.parse().ok()),
+                }))
+            }
+            Err(e) => Err(anyhow::Error::new(e).context("websocket connect")),
+        }
     }
 
     /// Sends a hello.

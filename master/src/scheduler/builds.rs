@@ -250,19 +250,29 @@ impl Scheduler {
             }
         }
         tracing::info!("build {id} finished on {worker}: {}", result.outcome);
-        self.lock_waits.remove(&id);
+        let waited_on = self.lock_waits.remove(&id);
         self.timers.cancel(&TimerSlot::StepLease(id));
         let granted = self.locks.release_build(id);
         self.on_lock_grants(granted);
         self.finishing.insert(id);
         let store = self.store.clone();
         let events = self.events.clone();
-        let worker = worker.to_owned();
+        let owner = worker.to_owned();
         tokio::spawn(async move {
-            let stored = store.finish(worker.clone(), result).await;
-            let _ = events.send(Event::ResultCommitted { worker, id, stored });
+            let stored = store.finish(owner.clone(), result).await;
+            let _ = events.send(Event::ResultCommitted {
+                worker: owner,
+                id,
+                stored,
+            });
         });
-        self.maybe_release_all();
+        // Only two workers can have become idle here (never a scan of all
+        // of them on a per-build path): the one that ran the build, and
+        // the one whose slot a lock wait of the build kept.
+        self.maybe_release(worker);
+        if let Some(other) = waited_on.filter(|other| other != worker) {
+            self.maybe_release(&other);
+        }
         self.assign();
     }
 

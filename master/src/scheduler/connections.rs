@@ -319,13 +319,6 @@ impl Scheduler {
         }
     }
 
-    pub(super) fn maybe_release_all(&mut self) {
-        let names: Vec<String> = self.workers.keys().cloned().collect();
-        for name in names {
-            self.maybe_release(&name);
-        }
-    }
-
     /// A worker removed by reconfig leaves once it runs nothing: it is
     /// released (a connected agent is told why) and forgotten.
     pub(super) fn drop_if_drained(&mut self, worker: &str) {

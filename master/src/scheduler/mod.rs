@@ -165,6 +165,12 @@ pub enum Event {
     Snapshot {
         reply: oneshot::Sender<Snapshot>,
     },
+    /// What each of these builds waits for, for those that wait (the part
+    /// of a [`Snapshot`] one build's answer needs, without the workers).
+    WaitingFor {
+        ids: Vec<BuildId>,
+        reply: oneshot::Sender<BTreeMap<BuildId, String>>,
+    },
     /// A latent provider call or timer ended.
     Latent(LatentEvent),
     /// The master is shutting down: stop every latent instance, answer once
@@ -517,6 +523,9 @@ impl Scheduler {
             Event::Watch { id, reply } => self.on_watch(id, reply),
             Event::Snapshot { reply } => {
                 let _ = reply.send(self.snapshot());
+            }
+            Event::WaitingFor { ids, reply } => {
+                let _ = reply.send(self.waiting_for(&ids));
             }
             Event::StopLatent { reply } => self.on_stop_latent(reply),
             Event::ScheduleTick => {

@@ -1,8 +1,8 @@
 //! The verbs that need no running agent: `worker check` (validate worker.toml and say
 //! what its policies mean) and `worker schedule` (the coming intervals).
 
+use nightshift_proto::exit::ExitStatus;
 use std::path::PathBuf;
-use std::process::ExitCode;
 
 use jiff::civil::DateTime;
 use jiff::tz::TimeZone;
@@ -13,10 +13,8 @@ use serde::Serialize;
 use crate::cli::ConfigArg;
 use crate::config::WorkerConfig;
 
-const USAGE: u8 = 2;
-
 /// Loads and compiles the config, printing every error for exit code 2.
-fn load(config: &ConfigArg) -> Result<(PathBuf, WorkerConfig, Policy), ExitCode> {
+fn load(config: &ConfigArg) -> Result<(PathBuf, WorkerConfig, Policy), ExitStatus> {
     let (path, worker) = match WorkerConfig::load(config.config.as_deref()) {
         Ok(loaded) => loaded,
         Err(errors) => {
@@ -27,7 +25,7 @@ fn load(config: &ConfigArg) -> Result<(PathBuf, WorkerConfig, Policy), ExitCode>
                 if count == 1 { "" } else { "s" },
                 errors.file().display()
             );
-            return Err(ExitCode::from(USAGE));
+            return Err(ExitStatus::Usage);
         }
     };
     match worker.policy() {
@@ -36,13 +34,13 @@ fn load(config: &ConfigArg) -> Result<(PathBuf, WorkerConfig, Policy), ExitCode>
             for error in errors {
                 eprintln!("{}: {error}", path.display());
             }
-            Err(ExitCode::from(USAGE))
+            Err(ExitStatus::Usage)
         }
     }
 }
 
 /// `worker check`: exit 0 and one line per policy, or exit 2 and every error.
-pub fn check(config: &ConfigArg) -> ExitCode {
+pub fn check(config: &ConfigArg) -> ExitStatus {
     let (path, worker, policy) = match load(config) {
         Ok(loaded) => loaded,
         Err(code) => return code,
@@ -59,7 +57,7 @@ pub fn check(config: &ConfigArg) -> ExitCode {
     }
     let now = Timestamp::now();
     println!("{}", right_now(&policy, now));
-    ExitCode::SUCCESS
+    ExitStatus::Ok
 }
 
 /// `right now: away (outside schedule nights …); available from Mon 19:00`.
@@ -140,10 +138,10 @@ fn parse_from(text: &str, tz: &TimeZone) -> Result<Timestamp, String> {
 }
 
 /// `worker schedule`: the intervals the schedules give from `--from` for `--days`.
-pub fn schedule(config: &ConfigArg, from: Option<&str>, days: u32, json: bool) -> ExitCode {
+pub fn schedule(config: &ConfigArg, from: Option<&str>, days: u32, json: bool) -> ExitStatus {
     if !(1..=366).contains(&days) {
         eprintln!("error: --days must be between 1 and 366, got {days}");
-        return ExitCode::from(USAGE);
+        return ExitStatus::Usage;
     }
     let (_, worker, policy) = match load(config) {
         Ok(loaded) => loaded,
@@ -155,7 +153,7 @@ pub fn schedule(config: &ConfigArg, from: Option<&str>, days: u32, json: bool) -
             Ok(at) => at,
             Err(message) => {
                 eprintln!("error: {message}");
-                return ExitCode::from(USAGE);
+                return ExitStatus::Usage;
             }
         },
         None => Timestamp::now(),
@@ -165,7 +163,7 @@ pub fn schedule(config: &ConfigArg, from: Option<&str>, days: u32, json: bool) -
         Ok(end) => end.timestamp(),
         Err(error) => {
             eprintln!("error: cannot show {days} days from {start_zoned}: {error}");
-            return ExitCode::from(USAGE);
+            return ExitStatus::Usage;
         }
     };
     let intervals = policy.preview(start, end);
@@ -186,13 +184,13 @@ pub fn schedule(config: &ConfigArg, from: Option<&str>, days: u32, json: bool) -
             Ok(text) => println!("{text}"),
             Err(error) => {
                 eprintln!("error: {error}");
-                return ExitCode::FAILURE;
+                return ExitStatus::Failure;
             }
         }
-        return ExitCode::SUCCESS;
+        return ExitStatus::Ok;
     }
     print!("{}", human_table(&worker.name, &policy, &intervals, days));
-    ExitCode::SUCCESS
+    ExitStatus::Ok
 }
 
 fn human_table(name: &str, policy: &Policy, intervals: &[Interval], days: u32) -> String {

@@ -95,14 +95,14 @@ impl BuildTrees {
         let Some(records) = &self.records else {
             return report;
         };
-        let Ok(entries) = std::fs::read_dir(records) else {
+        let Ok(entries) = fs_err::read_dir(records) else {
             return report;
         };
         let processes = all_processes_with_pid();
         for entry in entries.flatten() {
             let path = entry.path();
             let build = entry.file_name().to_string_lossy().into_owned();
-            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let text = fs_err::read_to_string(&path).unwrap_or_default();
             let mut lines = text.lines();
             let pgid = lines
                 .next()
@@ -127,7 +127,7 @@ impl BuildTrees {
                     && dir.is_dir()
             });
             if let Some(dir) = &cgroup {
-                let pids = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+                let pids = fs_err::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
                 victims.extend(
                     pids.lines()
                         .filter_map(|pid| pid.trim().parse::<i32>().ok()),
@@ -144,7 +144,7 @@ impl BuildTrees {
             if let Some(dir) = &cgroup {
                 // Removal fails while the killed processes are not yet
                 // reaped; a build with the same id reuses the directory.
-                let _ = std::fs::remove_dir(dir);
+                let _ = fs_err::remove_dir(dir);
             }
             if !victims.is_empty() {
                 report.push(format!(
@@ -152,7 +152,7 @@ impl BuildTrees {
                     victims.len()
                 ));
             }
-            let _ = std::fs::remove_file(&path);
+            let _ = fs_err::remove_file(&path);
         }
         report
     }
@@ -170,7 +170,7 @@ impl BuildTrees {
             .get(&build_id)
             .and_then(|tree| tree.cgroup.clone());
         let result = match running {
-            Some(pgid) => std::fs::write(
+            Some(pgid) => fs_err::write(
                 &path,
                 format!(
                     "{}\n{}\n",
@@ -180,7 +180,7 @@ impl BuildTrees {
                         .unwrap_or_default()
                 ),
             ),
-            None => match std::fs::remove_file(&path) {
+            None => match fs_err::remove_file(&path) {
                 Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
                 other => other,
             },
@@ -219,7 +219,7 @@ impl BuildTrees {
                 "nightshift-{}-build-{build_id}",
                 std::process::id()
             ));
-            match std::fs::create_dir(&dir) {
+            match fs_err::create_dir(&dir) {
                 Ok(()) => Some(dir),
                 Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Some(dir),
                 Err(error) => {
@@ -257,7 +257,7 @@ impl BuildTrees {
             && let Some(cgroup) = tree.cgroup
         {
             inner.retired_usec += cgroup_usage_usec(&cgroup).unwrap_or(0);
-            if let Err(error) = std::fs::remove_dir(&cgroup) {
+            if let Err(error) = fs_err::remove_dir(&cgroup) {
                 tracing::warn!("cannot remove cgroup {}: {error}", cgroup.display());
             }
         }
@@ -375,17 +375,11 @@ impl LoadSampler {
 /// The agent's own cgroup v2 directory when it may create child cgroups and
 /// move processes into them.
 fn delegated_cgroup() -> Option<PathBuf> {
-    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let own = fs_err::read_to_string("/proc/self/cgroup").ok()?;
     let relative = own.lines().find_map(|line| line.strip_prefix("0::"))?;
     let mount = cgroup2_mount()?;
     let dir = mount.join(relative.trim_start_matches('/'));
-    let writable = |path: &Path| {
-        let Ok(c_path) = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()) else {
-            return false;
-        };
-        // SAFETY: access() only reads the NUL-terminated path.
-        unsafe { libc::access(c_path.as_ptr(), libc::W_OK) == 0 }
-    };
+    let writable = |path: &Path| nix::unistd::access(path, nix::unistd::AccessFlags::W_OK).is_ok();
     if dir.join("cgroup.procs").is_file() && writable(&dir) && writable(&dir.join("cgroup.procs")) {
         Some(dir)
     } else {
@@ -394,7 +388,7 @@ fn delegated_cgroup() -> Option<PathBuf> {
 }
 
 fn cgroup2_mount() -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mounts = fs_err::read_to_string("/proc/self/mountinfo").ok()?;
     mounts.lines().find_map(|line| {
         let (before, after) = line.split_once(" - ")?;
         if after.split_whitespace().next()? != "cgroup2" {
@@ -405,14 +399,14 @@ fn cgroup2_mount() -> Option<PathBuf> {
 }
 
 fn cgroup_usage_usec(cgroup: &Path) -> Option<u64> {
-    let stat = std::fs::read_to_string(cgroup.join("cpu.stat")).ok()?;
+    let stat = fs_err::read_to_string(cgroup.join("cpu.stat")).ok()?;
     stat.lines()
         .find_map(|line| line.strip_prefix("usage_usec "))
         .and_then(|value| value.trim().parse().ok())
 }
 
 fn cgroup_runnable(cgroup: &Path) -> u32 {
-    let Ok(procs) = std::fs::read_to_string(cgroup.join("cgroup.procs")) else {
+    let Ok(procs) = fs_err::read_to_string(cgroup.join("cgroup.procs")) else {
         return 0;
     };
     procs
@@ -423,9 +417,10 @@ fn cgroup_runnable(cgroup: &Path) -> u32 {
 }
 
 fn clock_ticks_per_sec() -> u64 {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if ticks > 0 { ticks as u64 } else { 100 }
+    match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
+        Ok(Some(ticks)) if ticks > 0 => ticks as u64,
+        _ => 100,
+    }
 }
 
 /// The fields of `/proc/<pid>/stat` that accounting needs (times in ticks).
@@ -456,11 +451,11 @@ fn parse_stat(text: &str) -> Option<ProcStat> {
 }
 
 fn read_stat(path: &Path) -> Option<ProcStat> {
-    parse_stat(&std::fs::read_to_string(path).ok()?)
+    parse_stat(&fs_err::read_to_string(path).ok()?)
 }
 
 fn environ_has(pid: i32, entry: &str) -> bool {
-    std::fs::read(format!("/proc/{pid}/environ"))
+    fs_err::read(format!("/proc/{pid}/environ"))
         .map(|environ| {
             environ
                 .split(|b| *b == 0)
@@ -470,7 +465,7 @@ fn environ_has(pid: i32, entry: &str) -> bool {
 }
 
 fn all_processes_with_pid() -> Vec<(i32, ProcStat)> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
+    let Ok(entries) = fs_err::read_dir("/proc") else {
         return Vec::new();
     };
     entries
@@ -667,17 +662,17 @@ mod tests {
         let ours = parent.join(format!("nightshift-{tag}0-build-5"));
         let neighbours = parent.join(format!("nightshift-{tag}1-build-5"));
         let spawn_in = |cgroup: &Path| {
-            std::fs::create_dir_all(cgroup).unwrap();
+            fs_err::create_dir_all(cgroup).unwrap();
             let child = std::process::Command::new("sleep")
                 .arg("300")
                 .spawn()
                 .unwrap();
-            std::fs::write(cgroup.join("cgroup.procs"), child.id().to_string()).unwrap();
+            fs_err::write(cgroup.join("cgroup.procs"), child.id().to_string()).unwrap();
             child
         };
         let mut leftover = spawn_in(&ours);
         let mut neighbour = spawn_in(&neighbours);
-        std::fs::write(
+        fs_err::write(
             state.path().join("running/5"),
             format!("-\n{}\n", ours.display()),
         )
@@ -700,8 +695,8 @@ mod tests {
         let _ = neighbour.kill();
         let _ = neighbour.wait();
         std::thread::sleep(Duration::from_millis(50));
-        let _ = std::fs::remove_dir(&ours);
-        let _ = std::fs::remove_dir(&neighbours);
+        let _ = fs_err::remove_dir(&ours);
+        let _ = fs_err::remove_dir(&neighbours);
     }
 
     #[test]
@@ -722,8 +717,8 @@ mod tests {
         // A process group that is recorded but is not that build's.
         let mut stranger = spawn("78");
         let leftover_pid = leftover.id() as i32;
-        std::fs::write(state.path().join("running/77"), leftover_pid.to_string()).unwrap();
-        std::fs::write(
+        fs_err::write(state.path().join("running/77"), leftover_pid.to_string()).unwrap();
+        fs_err::write(
             state.path().join("running/79"),
             (stranger.id() as i32).to_string(),
         )
@@ -746,7 +741,7 @@ mod tests {
             "an unrelated group was killed"
         );
         assert!(
-            std::fs::read_dir(state.path().join("running"))
+            fs_err::read_dir(state.path().join("running"))
                 .unwrap()
                 .next()
                 .is_none()

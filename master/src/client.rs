@@ -74,8 +74,8 @@ pub fn connect(args: &ConnArgs) -> anyhow::Result<ApiClient> {
 
 /// Reads a token file (first line, trimmed).
 pub fn read_token(path: &Path) -> anyhow::Result<String> {
-    let text =
-        fs_err::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    // fs-err's error names the file.
+    let text = fs_err::read_to_string(path)?;
     let token = text.lines().next().unwrap_or_default().trim().to_owned();
     if token.is_empty() {
         bail!("{} is empty", path.display());

@@ -127,7 +127,29 @@ fn build_binaries(dir: &std::path::Path) -> anyhow::Result<()> {
     };
     let target_dir = dir.parent().context("no target directory")?;
     let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut child = Command::new(&cargo)
+    let mut command = Command::new(&cargo);
+    // The variables cargo set for this test process describe this package,
+    // not the build: passed on, they would make the nested build differ from
+    // the developer's `cargo build` and rebuild crates that read them.
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        if key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_BIN_")
+            || matches!(
+                key,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "OUT_DIR"
+                    | "RUST_RECURSION_COUNT"
+            )
+        {
+            command.env_remove(key);
+        }
+    }
+    let mut child = command
         .args(["build", "--workspace", "--bins", "--profile", &profile])
         .arg("--manifest-path")
         .arg(workspace_root().join("Cargo.toml"))

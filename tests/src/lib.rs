@@ -10,7 +10,7 @@
 //! let mut farm = Farm::builder()
 //!     .worker(WorkerSpec::new("w1"))
 //!     .builder("app", &["w1"], &[("build", "echo hi")])
-//!     .start()?;
+//!     .start().await?;
 //! farm.start_worker("w1")?;
 //! let api = farm.api()?;
 //! let id = api.submit("app", Default::default()).await?.build_id;

@@ -1,0 +1,502 @@
+//! The life of a build in the scheduler: queued on submit, handed out by
+//! [`Scheduler::assign`], accepted or refused, finished (stored, then
+//! acknowledged), cancelled, re-queued, and the watchers waiting for its end.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use nightshift_proto::wire::{BuildId, BuildResult, MasterMessage, Outcome, StepSpec};
+use tokio::sync::oneshot;
+
+use super::{Event, Queued, Running, Scheduler};
+use crate::latent::Now;
+use crate::store::StoreOutcome;
+
+impl Scheduler {
+    /// A committed new request joins the queue.
+    pub(super) fn on_submitted(
+        &mut self,
+        id: BuildId,
+        builder: String,
+        properties: BTreeMap<String, String>,
+    ) {
+        self.queue.insert(id, Queued::new(builder, properties));
+        self.assign();
+    }
+
+    pub(super) fn on_set_paused(&mut self, paused: bool) {
+        self.paused = paused;
+        tracing::info!(
+            "master {}",
+            if paused {
+                "paused: no new builds handed out"
+            } else {
+                "resumed"
+            }
+        );
+        self.assign();
+    }
+
+    /// Answers `reply` when build `id` is finished (at once if it is not
+    /// pending).
+    pub(super) fn on_watch(&mut self, id: BuildId, reply: oneshot::Sender<()>) {
+        if self.is_pending(id) {
+            let waiters = self.waiters.entry(id).or_default();
+            // Long polls that timed out have gone away: forget them.
+            waiters.retain(|waiter| !waiter.is_closed());
+            waiters.push(reply);
+        } else {
+            let _ = reply.send(());
+        }
+    }
+
+    fn is_pending(&self, id: BuildId) -> bool {
+        self.queue.contains_key(&id)
+            || self.running.contains_key(&id)
+            || self.finishing.contains(&id)
+    }
+
+    pub(super) fn owns(&self, worker: &str, id: BuildId) -> bool {
+        self.running
+            .get(&id)
+            .is_some_and(|run| run.worker == worker)
+    }
+
+    pub(super) fn refuse(&self, worker: &str, id: BuildId, what: &str) {
+        tracing::warn!("worker {worker} {what} build {id}, which is not assigned to it; ignored");
+    }
+
+    /// The agent turned a handed-out build down: it goes back to the queue
+    /// and, until the worker's presence changes, to other workers.
+    pub(super) fn on_build_refused(&mut self, worker: &str, build_id: BuildId, reason: &str) {
+        if !self.owns(worker, build_id) {
+            return self.refuse(worker, build_id, "refused");
+        }
+        tracing::info!("build {build_id}: worker {worker} refused it ({reason}); re-queued");
+        if let Some(run) = self.running.remove(&build_id) {
+            if let Some(slot) = self.workers.get_mut(worker) {
+                slot.running.remove(&build_id);
+                slot.refused.insert(build_id);
+            }
+            let granted = self.locks.release_build(build_id);
+            self.on_lock_grants(granted);
+            let actions = self.latent.build_finished(worker, Now::system());
+            self.run_latent(worker, actions);
+            self.store.requeue(build_id, None);
+            self.queue
+                .insert(build_id, Queued::new(run.builder, run.properties));
+        }
+        self.maybe_release(worker);
+        self.assign();
+    }
+
+    pub(super) fn on_build_finished(&mut self, worker: &str, result: BuildResult) {
+        let id = result.build_id;
+        if self.finishing.contains(&id) {
+            return; // the first delivery is being stored; it will be acknowledged
+        }
+        if result.outcome == Outcome::Cancelled && !self.cancel_requested.remove(&id) {
+            // Cancelled on the worker's side (a stop deadline, a second
+            // SIGTERM, the owner): the request is not done, it runs elsewhere.
+            return self.on_worker_cancelled(worker, &result);
+        }
+        match self.running.get(&id) {
+            Some(run) if run.worker != worker => {
+                return self.refuse(worker, id, "delivered a result for");
+            }
+            Some(_) => {
+                self.running.remove(&id);
+                if let Some(slot) = self.workers.get_mut(worker) {
+                    slot.running.remove(&id);
+                    slot.unconfirmed.remove(&id);
+                }
+                let actions = self.latent.build_finished(worker, Now::system());
+                self.run_latent(worker, actions);
+            }
+            None => {
+                // Re-queued after this worker went missing, and nobody took it
+                // since: the result is still the one we want.
+                if self.queue.remove(&id).is_some() {
+                    tracing::info!(
+                        "build {id}: result from {worker} arrived while re-queued; taken"
+                    );
+                }
+                // Otherwise unknown to the scheduler: finished already (the
+                // store answers idempotently) or never existed.
+            }
+        }
+        tracing::info!("build {id} finished on {worker}: {}", result.outcome);
+        self.lock_waits.remove(&id);
+        let granted = self.locks.release_build(id);
+        self.on_lock_grants(granted);
+        self.finishing.insert(id);
+        let store = self.store.clone();
+        let events = self.events.clone();
+        let worker = worker.to_owned();
+        tokio::spawn(async move {
+            let stored = store.finish(worker.clone(), result).await;
+            let _ = events.send(Event::ResultCommitted { worker, id, stored });
+        });
+        self.maybe_release_all();
+        self.assign();
+    }
+
+    /// A build the worker cancelled by itself goes back to the queue.
+    fn on_worker_cancelled(&mut self, worker: &str, result: &BuildResult) {
+        let id = result.build_id;
+        let owned = self.owns(worker, id);
+        if !owned && !self.queue.contains_key(&id) {
+            return self.refuse(worker, id, "cancelled");
+        }
+        if owned {
+            let reason = format!(
+                "cancelled on worker {worker}: {}",
+                result.reason.as_deref().unwrap_or("no reason given")
+            );
+            self.requeue(worker, id, &reason);
+        }
+        // Nothing to store: the agent may forget its result.
+        self.send(worker, MasterMessage::ResultStored { build_id: id });
+        self.maybe_release(worker);
+        self.assign();
+    }
+
+    pub(super) fn on_result_committed(
+        &mut self,
+        worker: &str,
+        id: BuildId,
+        stored: anyhow::Result<StoreOutcome>,
+    ) {
+        self.finishing.remove(&id);
+        match stored {
+            Ok(StoreOutcome::Stored | StoreOutcome::AlreadyStored) => {
+                self.send(worker, MasterMessage::ResultStored { build_id: id });
+                self.notify_finished(id);
+            }
+            Ok(StoreOutcome::NotYours) => {
+                tracing::warn!(
+                    "worker {worker} delivered a result for build {id}, which is unknown or \
+                     finished by another worker; ignored"
+                );
+            }
+            Err(e) => {
+                // Not acknowledged: the agent delivers it again on reconnect.
+                tracing::error!("build {id}: cannot store the result from {worker}: {e:#}");
+            }
+        }
+    }
+
+    fn notify_finished(&mut self, id: BuildId) {
+        if let Some(waiters) = self.waiters.remove(&id) {
+            for waiter in waiters {
+                let _ = waiter.send(());
+            }
+        }
+    }
+
+    /// Moves a running build back to the queue as a retry.
+    pub(super) fn requeue(&mut self, worker: &str, id: BuildId, reason: &str) {
+        if let Some(slot) = self.workers.get_mut(worker) {
+            slot.running.remove(&id);
+        }
+        let granted = self.locks.release_build(id);
+        self.on_lock_grants(granted);
+        if let Some(run) = self.running.remove(&id) {
+            tracing::warn!("build {id} re-queued: {reason}");
+            let actions = self.latent.build_finished(worker, Now::system());
+            self.run_latent(worker, actions);
+            self.store.requeue(id, Some(reason.to_owned()));
+            self.queue
+                .insert(id, Queued::new(run.builder, run.properties));
+        }
+    }
+
+    pub(super) fn on_cancel(&mut self, id: BuildId, reason: String) -> Result<(), String> {
+        if self.queue.remove(&id).is_some() {
+            self.lock_waits.remove(&id);
+            let granted = self.locks.release_build(id);
+            self.on_lock_grants(granted);
+            let store = self.store.clone();
+            let events = self.events.clone();
+            let now = self.clock.now();
+            self.finishing.insert(id);
+            tokio::spawn(async move {
+                if let Err(e) = store.cancel_queued(id, reason, now).await {
+                    tracing::error!("build {id}: cannot store its cancellation: {e:#}");
+                }
+                let _ = events.send(Event::ResultCommitted {
+                    worker: String::new(),
+                    id,
+                    stored: Ok(StoreOutcome::AlreadyStored),
+                });
+            });
+            return Ok(());
+        }
+        match self.running.get(&id) {
+            Some(run) => {
+                let worker = run.worker.clone();
+                if self.workers.get(&worker).is_some_and(|s| s.conn.is_some()) {
+                    self.cancel_requested.insert(id);
+                    self.send(
+                        &worker,
+                        MasterMessage::CancelBuild {
+                            build_id: id,
+                            reason,
+                        },
+                    );
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "build {id} runs on {worker}, which is not connected; it is cancelled when it comes back or re-queued"
+                    ))
+                }
+            }
+            None => Err(format!("build {id} is not queued or running")),
+        }
+    }
+
+    /// Hands out every queued build that a worker can take now, oldest first.
+    pub(super) fn assign(&mut self) {
+        let ids: Vec<BuildId> = self.queue.keys().copied().collect();
+        // Latent instances starting already, each counted on by one build.
+        let mut counted_on = BTreeSet::new();
+        // Builders no connected worker can take in this pass.
+        let mut no_worker = HashMap::new();
+        for id in ids {
+            if let Some(worker) = self.lock_waits.get(&id) {
+                // Its worker is chosen; the release of a lock starts it.
+                let why = match self.locks.waiting_text(id) {
+                    Some(text) => format!("{text} (on {worker})"),
+                    None => format!("locks (on {worker})"),
+                };
+                self.note_waiting(id, why);
+                continue;
+            }
+            let decision = if self.paused {
+                Err("master is paused".to_owned())
+            } else {
+                self.pick_worker_cached(id, &mut no_worker)
+            };
+            match decision {
+                Ok(worker) => self.start_or_wait_for_locks(id, worker),
+                Err(why) if self.paused => self.note_waiting(id, why),
+                Err(why) => {
+                    let why = self.try_latent(id, &mut counted_on, why);
+                    self.note_waiting(id, why);
+                }
+            }
+        }
+    }
+
+    /// Records what a queued build waits for (shown by `master builds`).
+    pub(super) fn note_waiting(&mut self, id: BuildId, why: String) {
+        if let Some(queued) = self.queue.get_mut(&id)
+            && queued.waiting_for.as_deref() != Some(why.as_str())
+        {
+            queued.waiting_for = Some(why.clone());
+            self.store.set_waiting_for(id, Some(why));
+        }
+    }
+
+    /// Hands queued build `id` to `worker` (its builder-level locks held).
+    pub(super) fn start_build(&mut self, id: BuildId, worker: String) {
+        let Some(queued) = self.queue.remove(&id) else {
+            return;
+        };
+        let step_locks = self.step_locks(&queued.builder);
+        let steps: Vec<StepSpec> = self
+            .config
+            .builder(&queued.builder)
+            .map(|b| {
+                b.steps
+                    .iter()
+                    .enumerate()
+                    .map(|(i, s)| StepSpec {
+                        name: s.name.clone(),
+                        command: s.command.clone(),
+                        timeout_secs: s.timeout.map(|t| t.as_secs().max(1)),
+                        env: s.env.clone(),
+                        workdir: s.workdir.clone(),
+                        needs_grant: step_locks.get(i).is_some_and(|l| !l.is_empty()),
+                    })
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.assignments += 1;
+        if let Some(slot) = self.workers.get_mut(&worker) {
+            slot.running.insert(id);
+            slot.last_assigned = self.assignments;
+        }
+        self.latent.build_started(&worker, Now::system());
+        tracing::info!("build {id} ({}) handed to {worker}", queued.builder);
+        self.send(
+            &worker,
+            MasterMessage::StartBuild {
+                build_id: id,
+                builder: queued.builder.clone(),
+                steps,
+                properties: queued.properties.clone(),
+            },
+        );
+        self.store
+            .mark_started(id, worker.clone(), self.clock.now());
+        self.running.insert(
+            id,
+            Running {
+                worker,
+                builder: queued.builder,
+                properties: queued.properties,
+                accepted: false,
+                step_locks,
+            },
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use jiff::Timestamp;
+    use nightshift_policy::PresenceState;
+    use nightshift_proto::wire::AgentMessage;
+
+    use super::super::Outbound;
+    use super::super::test_harness::{Harness, presence, released, started};
+    use super::*;
+
+    #[tokio::test]
+    async fn available_first_reluctant_only_when_available_ones_are_busy() {
+        let mut h = Harness::new();
+        let (_, mut a) = h.connect("a", PresenceState::Available, vec![]);
+        let (_, mut r) = h.connect("r", PresenceState::Reluctant, vec![]);
+        let first = h.submit().await;
+        assert_eq!(started(&mut a), vec![first]);
+        assert!(started(&mut r).is_empty());
+        let second = h.submit().await;
+        assert_eq!(
+            started(&mut r),
+            vec![second],
+            "a is full, so the reluctant one gets it"
+        );
+    }
+
+    #[tokio::test]
+    async fn away_and_offline_get_nothing_and_the_build_waits() {
+        let mut h = Harness::new();
+        let (_, mut a) = h.connect("a", PresenceState::Away, vec![]);
+        assert!(released(&mut a), "an away idle worker is released");
+        let id = h.submit().await;
+        let snapshot = h.scheduler.snapshot();
+        let why = &snapshot.waiting_for[&id];
+        assert!(why.contains("a away") && why.contains("b offline"), "{why}");
+        let (conn, _) = (1, ());
+        h.scheduler.handle(Event::Agent {
+            worker: "a".into(),
+            conn,
+            message: AgentMessage::Presence {
+                presence: presence(PresenceState::Available),
+            },
+        });
+        assert_eq!(started(&mut a), vec![id]);
+    }
+
+    #[tokio::test]
+    async fn refused_build_is_requeued_and_goes_elsewhere() {
+        let mut h = Harness::new();
+        let (ca, mut a) = h.connect("a", PresenceState::Available, vec![]);
+        let id = h.submit().await;
+        assert_eq!(started(&mut a), vec![id]);
+        let (_, mut b) = h.connect("b", PresenceState::Available, vec![]);
+        h.scheduler.handle(Event::Agent {
+            worker: "a".into(),
+            conn: ca,
+            message: AgentMessage::BuildRefused {
+                build_id: id,
+                reason: "turned away".into(),
+            },
+        });
+        assert_eq!(started(&mut b), vec![id]);
+        assert!(started(&mut a).is_empty());
+    }
+
+    #[tokio::test]
+    async fn pause_holds_new_builds_and_resume_hands_them_out() {
+        let mut h = Harness::new();
+        let (_, mut a) = h.connect("a", PresenceState::Available, vec![]);
+        h.scheduler.handle(Event::SetPaused { paused: true });
+        let id = h.submit().await;
+        assert!(started(&mut a).is_empty());
+        assert_eq!(h.scheduler.snapshot().waiting_for[&id], "master is paused");
+        h.scheduler.handle(Event::SetPaused { paused: false });
+        assert_eq!(started(&mut a), vec![id]);
+    }
+
+    #[tokio::test]
+    async fn a_worker_cannot_finish_another_workers_build() {
+        let mut h = Harness::new();
+        let (_, mut a) = h.connect("a", PresenceState::Available, vec![]);
+        let (cb, _b) = h.connect("b", PresenceState::Away, vec![]);
+        let id = h.submit().await;
+        assert_eq!(started(&mut a), vec![id]);
+        h.scheduler.handle(Event::Agent {
+            worker: "b".into(),
+            conn: cb,
+            message: AgentMessage::BuildFinished {
+                result: BuildResult {
+                    build_id: id,
+                    outcome: nightshift_proto::wire::Outcome::Success,
+                    steps: vec![],
+                    reason: None,
+                    log: String::new(),
+                    finished_at: Timestamp::UNIX_EPOCH,
+                },
+            },
+        });
+        assert_eq!(h.scheduler.snapshot().running[&id], "a");
+    }
+
+    #[tokio::test]
+    async fn a_build_the_worker_cancelled_by_itself_is_requeued_and_runs_elsewhere() {
+        let mut h = Harness::new();
+        let (ca, mut a) = h.connect("a", PresenceState::Available, vec![]);
+        let id = h.submit().await;
+        assert_eq!(started(&mut a), vec![id]);
+        let (_, mut b) = h.connect("b", PresenceState::Away, vec![]);
+        h.scheduler.handle(Event::Agent {
+            worker: "a".into(),
+            conn: ca,
+            message: AgentMessage::Presence {
+                presence: presence(PresenceState::Away),
+            },
+        });
+        h.scheduler.handle(Event::Agent {
+            worker: "a".into(),
+            conn: ca,
+            message: AgentMessage::BuildFinished {
+                result: BuildResult {
+                    build_id: id,
+                    outcome: Outcome::Cancelled,
+                    steps: vec![],
+                    reason: Some("stop deadline".into()),
+                    log: String::new(),
+                    finished_at: Timestamp::UNIX_EPOCH,
+                },
+            },
+        });
+        let mut acked = false;
+        while let Ok(out) = a.try_recv() {
+            acked |= matches!(out, Outbound::Message(MasterMessage::ResultStored { build_id }) if build_id == id);
+        }
+        assert!(acked, "the agent may forget its cancelled result");
+        assert!(
+            h.scheduler.queue.contains_key(&id),
+            "back in the queue, not finished"
+        );
+        h.scheduler.handle(Event::Agent {
+            worker: "b".into(),
+            conn: 2,
+            message: AgentMessage::Presence {
+                presence: presence(PresenceState::Available),
+            },
+        });
+        assert_eq!(started(&mut b), vec![id]);
+    }
+}

@@ -1,0 +1,546 @@
+//! The scheduler: ONE task that owns the queue, the running builds and every
+//! worker's connection and presence, driven by ONE closed [`Event`] enum.
+//!
+//! Nothing here polls: a new request, a presence change, a finished build, a
+//! connection or a timer each arrive as an event and the scheduler reacts in
+//! the same turn. Durable state goes to the [`Store`]; a request reaches the
+//! scheduler only after its row is committed, and a result is acknowledged to
+//! the agent (`ResultStored`) only after its row is committed.
+//!
+//! This file holds the state and the dispatch; each event family lives in its
+//! own module: [`connections`] (hello, disconnect, missing, reconcile,
+//! release), [`builds`] (queue, hand-out, finish, cancel, re-queue, watchers),
+//! [`locks`] (lock grants and step waits), [`latent`] (on-demand workers),
+//! [`schedules`] (master-side schedules and effective presence),
+//! [`reconfig`] (applying a new config), [`snapshot`] (the API's view),
+//! [`timers`] (the one timer queue). The decision "which worker gets this
+//! request" is the pure function [`pick::pick_worker`].
+
+mod builds;
+mod connections;
+mod latent;
+mod locks;
+pub mod pick;
+mod reconfig;
+mod schedules;
+mod snapshot;
+mod timers;
+
+#[cfg(test)]
+mod test_harness;
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+use std::time::Duration;
+
+use jiff::Timestamp;
+use nightshift_policy::{Presence, PresenceState, Source};
+use nightshift_proto::api::WorkerList;
+use nightshift_proto::wire::{AgentMessage, BuildId, HEARTBEAT_SECS, MasterMessage};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::config::MasterConfig;
+use crate::latent::{LatentEvent, LatentPool, LatentProvider, LatentTokens, MasterAccess};
+use crate::locks::{BuildLocks, Claim, LockHolder};
+use crate::master_schedule::MasterSchedules;
+use crate::store::{Store, StoreOutcome, UnfinishedBuild};
+
+use timers::Timers;
+
+/// Identity of one agent connection, unique for the master's lifetime.
+pub type ConnId = u64;
+
+/// The source of "now" for presence timestamps (injected in tests).
+pub trait Clock: Send + Sync {
+    fn now(&self) -> Timestamp;
+}
+
+/// The real clock.
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Timestamp {
+        Timestamp::now()
+    }
+}
+
+/// After a reconnect, how long the agent has to deliver the results of
+/// builds the master expected it to run but that its hello did not list.
+pub const RECONCILE_GRACE: Duration = Duration::from_secs(2 * HEARTBEAT_SECS);
+
+/// What the scheduler sends a connection task.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outbound {
+    Message(MasterMessage),
+    /// Close the connection, logging the reason.
+    Close(String),
+}
+
+/// The parts of an agent's hello the scheduler uses.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Hello {
+    pub agent_version: String,
+    pub max_builds: u32,
+    pub presence: Presence,
+    pub running: Vec<BuildId>,
+}
+
+/// A read-only view for the API.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Snapshot {
+    pub workers: WorkerList,
+    /// What each queued build waits for.
+    pub waiting_for: BTreeMap<BuildId, String>,
+    /// Builds handed out, with their worker.
+    pub running: BTreeMap<BuildId, String>,
+}
+
+/// Everything the scheduler reacts to.
+#[derive(Debug)]
+pub enum Event {
+    /// An authenticated agent said hello.
+    Connected {
+        worker: String,
+        conn: ConnId,
+        hello: Hello,
+        out: mpsc::UnboundedSender<Outbound>,
+    },
+    /// A frame from an agent (heartbeats are answered by the connection).
+    Agent {
+        worker: String,
+        conn: ConnId,
+        message: AgentMessage,
+    },
+    /// The connection ended.
+    Disconnected {
+        worker: String,
+        conn: ConnId,
+        reason: String,
+    },
+    /// `missing_timeout` passed since the worker's disconnect `epoch`.
+    MissingTimeout {
+        worker: String,
+        epoch: u64,
+    },
+    /// The grace after a reconnect ended for builds the hello did not list.
+    ReconcileDeadline {
+        worker: String,
+        conn: ConnId,
+    },
+    /// A committed new request.
+    Submitted {
+        id: BuildId,
+        builder: String,
+        properties: BTreeMap<String, String>,
+    },
+    /// A result's store write finished.
+    ResultCommitted {
+        worker: String,
+        id: BuildId,
+        stored: anyhow::Result<StoreOutcome>,
+    },
+    /// The pause flag changed (already committed).
+    SetPaused {
+        paused: bool,
+    },
+    /// Cancel a queued or running build.
+    Cancel {
+        id: BuildId,
+        reason: String,
+        reply: oneshot::Sender<Result<(), String>>,
+    },
+    /// Answer when `id` is finished (at once if it is not pending).
+    Watch {
+        id: BuildId,
+        reply: oneshot::Sender<()>,
+    },
+    Snapshot {
+        reply: oneshot::Sender<Snapshot>,
+    },
+    /// A latent provider call or timer ended.
+    Latent(LatentEvent),
+    /// The master is shutting down: stop every latent instance, answer once
+    /// all are stopped; no new instance is started from now on.
+    StopLatent {
+        reply: oneshot::Sender<()>,
+    },
+    /// The next boundary of a master-side schedule is due (one timer, reset
+    /// by every refresh).
+    ScheduleTick,
+    /// A new config, validated and checked by `reconfig::reload`: apply it
+    /// without interrupting running builds, then answer.
+    Reconfig {
+        config: Arc<MasterConfig>,
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// A worker's live state as the scheduler sees it.
+struct WorkerSlot {
+    conn: Option<(ConnId, mpsc::UnboundedSender<Outbound>)>,
+    presence: Presence,
+    agent_max_builds: u32,
+    running: BTreeSet<BuildId>,
+    /// `Released` was sent since it last took builds.
+    released: bool,
+    /// Bumped on every connect and disconnect; stale timers compare it.
+    epoch: u64,
+    /// Builds the agent refused since its last presence change.
+    refused: BTreeSet<BuildId>,
+    /// Builds the master expects but the last hello did not list.
+    unconfirmed: BTreeSet<BuildId>,
+    /// Order of the last hand-out, to spread builds among equals.
+    last_assigned: u64,
+}
+
+impl WorkerSlot {
+    /// A configured worker that has not connected.
+    fn new(presence: Presence, max_builds: u32) -> WorkerSlot {
+        WorkerSlot {
+            conn: None,
+            presence,
+            agent_max_builds: max_builds,
+            running: BTreeSet::new(),
+            released: false,
+            epoch: 0,
+            refused: BTreeSet::new(),
+            unconfirmed: BTreeSet::new(),
+            last_assigned: 0,
+        }
+    }
+}
+
+/// A build waiting in the queue.
+struct Queued {
+    builder: String,
+    properties: BTreeMap<String, String>,
+    waiting_for: Option<String>,
+}
+
+impl Queued {
+    fn new(builder: String, properties: BTreeMap<String, String>) -> Queued {
+        Queued {
+            builder,
+            properties,
+            waiting_for: None,
+        }
+    }
+}
+
+/// A build handed out to a worker.
+struct Running {
+    worker: String,
+    builder: String,
+    properties: BTreeMap<String, String>,
+    accepted: bool,
+    /// Each step's locks as configured when the build started (a reconfig
+    /// does not change a running build).
+    step_locks: Vec<Vec<Claim>>,
+}
+
+/// The scheduler's state; [`Scheduler::run`] is its event loop.
+pub struct Scheduler {
+    config: Arc<MasterConfig>,
+    store: Store,
+    clock: Arc<dyn Clock>,
+    events: mpsc::UnboundedSender<Event>,
+    workers: BTreeMap<String, WorkerSlot>,
+    queue: BTreeMap<BuildId, Queued>,
+    running: HashMap<BuildId, Running>,
+    /// Results being committed.
+    finishing: BTreeSet<BuildId>,
+    /// Running builds the master asked to cancel: their `cancelled` result
+    /// is final (a cancel the worker decided alone re-queues the build).
+    cancel_requested: BTreeSet<BuildId>,
+    waiters: HashMap<BuildId, Vec<oneshot::Sender<()>>>,
+    paused: bool,
+    assignments: u64,
+    /// Builder- and step-level locks held or waited for.
+    locks: BuildLocks,
+    /// Queued builds whose worker is chosen and whose builder-level locks
+    /// are being waited for (the worker's slot is kept for them).
+    lock_waits: BTreeMap<BuildId, String>,
+    /// Latent (on-demand) workers: their life cycle, providers and tokens.
+    latent: LatentPool,
+    latent_providers: BTreeMap<String, Arc<dyn LatentProvider>>,
+    latent_tokens: LatentTokens,
+    latent_access: MasterAccess,
+    /// Master-side schedules of workers (`schedule` in `[[worker]]`).
+    schedules: MasterSchedules,
+    /// Shutting down: no latent instance is started any more.
+    latent_shutdown: bool,
+    /// Who waits for every latent instance to be stopped.
+    latent_stopped: Vec<oneshot::Sender<()>>,
+    /// Missing-worker timers, reconcile deadlines and the schedule tick.
+    timers: Timers,
+}
+
+impl Scheduler {
+    /// Builds the scheduler from the config and the store's unfinished
+    /// builds. `events` is the sender of the channel [`Scheduler::run`] reads.
+    pub fn new(
+        config: Arc<MasterConfig>,
+        store: Store,
+        clock: Arc<dyn Clock>,
+        events: mpsc::UnboundedSender<Event>,
+        unfinished: Vec<UnfinishedBuild>,
+        last_seen: BTreeMap<String, Presence>,
+        paused: bool,
+    ) -> Scheduler {
+        let now = clock.now();
+        let not_connected = |name: &str| match last_seen.get(name) {
+            Some(last) => offline(
+                now,
+                &format!(
+                    "not connected since the master started (last seen {}: {})",
+                    last.state, last.reason
+                ),
+            ),
+            None => offline(now, "not connected yet"),
+        };
+        let workers = config
+            .workers
+            .iter()
+            .map(|w| {
+                (
+                    w.name.clone(),
+                    WorkerSlot::new(not_connected(&w.name), w.max_builds),
+                )
+            })
+            .collect();
+        let mut scheduler = Scheduler {
+            config,
+            store,
+            clock,
+            events,
+            workers,
+            queue: BTreeMap::new(),
+            running: HashMap::new(),
+            finishing: BTreeSet::new(),
+            cancel_requested: BTreeSet::new(),
+            waiters: HashMap::new(),
+            paused,
+            assignments: 0,
+            locks: BuildLocks::default(),
+            lock_waits: BTreeMap::new(),
+            latent: LatentPool::new(MasterAccess::default(), 1),
+            latent_providers: BTreeMap::new(),
+            latent_tokens: LatentTokens::default(),
+            latent_access: MasterAccess::default(),
+            schedules: MasterSchedules::default(),
+            latent_shutdown: false,
+            latent_stopped: Vec::new(),
+            timers: Timers::default(),
+        };
+        scheduler.locks = BuildLocks::new(scheduler.config.locks.clone());
+        scheduler.configure_latent();
+        scheduler.schedules = scheduler.compile_schedules();
+        for build in unfinished {
+            let worker = build.worker.filter(|w| scheduler.workers.contains_key(w));
+            match (build.state, worker) {
+                (nightshift_proto::api::BuildState::Running, Some(worker)) => {
+                    // Handed out before the restart: wait for that worker to
+                    // come back (its result is accepted) or to stay missing.
+                    if let Some(slot) = scheduler.workers.get_mut(&worker) {
+                        slot.running.insert(build.id);
+                    }
+                    // It held its builder-level locks before the restart:
+                    // take them again (nothing else holds any yet).
+                    let claims = scheduler.builder_locks(&build.builder);
+                    if let Err(e) =
+                        scheduler
+                            .locks
+                            .request(LockHolder::Build(build.id), &worker, &claims)
+                    {
+                        tracing::warn!("build {}: {e}", build.id);
+                    }
+                    let step_locks = scheduler.step_locks(&build.builder);
+                    scheduler.running.insert(
+                        build.id,
+                        Running {
+                            worker,
+                            builder: build.builder,
+                            properties: build.properties,
+                            accepted: true,
+                            step_locks,
+                        },
+                    );
+                }
+                (nightshift_proto::api::BuildState::Running, None) => {
+                    scheduler.store.requeue(
+                        build.id,
+                        Some("its worker is no longer in master.toml".into()),
+                    );
+                    scheduler
+                        .queue
+                        .insert(build.id, Queued::new(build.builder, build.properties));
+                }
+                _ => {
+                    scheduler
+                        .queue
+                        .insert(build.id, Queued::new(build.builder, build.properties));
+                }
+            }
+        }
+        let with_builds: Vec<String> = scheduler
+            .workers
+            .iter()
+            .filter(|(_, slot)| !slot.running.is_empty())
+            .map(|(name, _)| name.clone())
+            .collect();
+        for worker in with_builds {
+            scheduler.start_missing_timer(&worker);
+        }
+        scheduler
+    }
+
+    /// The event loop: runs until every sender is gone. Timers are polled
+    /// here, in the same loop, so a timer is an event like any other.
+    pub async fn run(mut self, mut inbox: mpsc::UnboundedReceiver<Event>) {
+        self.refresh_schedules();
+        self.assign();
+        loop {
+            tokio::select! {
+                event = inbox.recv() => match event {
+                    Some(event) => self.handle(event),
+                    None => break,
+                },
+                Some(event) = self.timers.next_expired() => self.handle(event),
+            }
+        }
+    }
+
+    /// Reacts to one event.
+    pub fn handle(&mut self, event: Event) {
+        match event {
+            Event::Connected {
+                worker,
+                conn,
+                hello,
+                out,
+            } => self.on_connected(worker, conn, hello, out),
+            Event::Agent {
+                worker,
+                conn,
+                message,
+            } => {
+                if self.is_current(&worker, conn) {
+                    self.on_agent(&worker, message);
+                }
+            }
+            Event::Disconnected {
+                worker,
+                conn,
+                reason,
+            } => self.on_disconnected(&worker, conn, &reason),
+            Event::MissingTimeout { worker, epoch } => self.on_missing(&worker, epoch),
+            Event::ReconcileDeadline { worker, conn } => self.on_reconcile_deadline(&worker, conn),
+            Event::Submitted {
+                id,
+                builder,
+                properties,
+            } => self.on_submitted(id, builder, properties),
+            Event::ResultCommitted { worker, id, stored } => {
+                self.on_result_committed(&worker, id, stored)
+            }
+            Event::SetPaused { paused } => self.on_set_paused(paused),
+            Event::Cancel { id, reason, reply } => {
+                let _ = reply.send(self.on_cancel(id, reason));
+            }
+            Event::Watch { id, reply } => self.on_watch(id, reply),
+            Event::Snapshot { reply } => {
+                let _ = reply.send(self.snapshot());
+            }
+            Event::StopLatent { reply } => self.on_stop_latent(reply),
+            Event::ScheduleTick => {
+                self.refresh_schedules();
+                self.assign();
+            }
+            Event::Reconfig { config, reply } => {
+                self.apply_config(config);
+                let _ = reply.send(());
+            }
+            Event::Latent(event) => self.on_latent_event(event),
+        }
+    }
+
+    /// Reacts to one frame from the current connection of `worker`.
+    fn on_agent(&mut self, worker: &str, message: AgentMessage) {
+        match message {
+            AgentMessage::Hello { .. } => {
+                tracing::warn!("worker {worker}: a second hello on one connection is ignored");
+            }
+            AgentMessage::Presence { presence } => self.on_presence(worker, presence),
+            AgentMessage::BuildAccepted { build_id } => match self.running.get_mut(&build_id) {
+                Some(run) if run.worker == worker => run.accepted = true,
+                _ => self.refuse(worker, build_id, "accepted"),
+            },
+            AgentMessage::BuildRefused { build_id, reason } => {
+                self.on_build_refused(worker, build_id, &reason)
+            }
+            AgentMessage::StepWaiting { build_id, step } => {
+                if !self.owns(worker, build_id) {
+                    return self.refuse(worker, build_id, "asked for a step grant of");
+                }
+                self.on_step_waiting(worker, build_id, step);
+            }
+            AgentMessage::StepStarted { build_id, .. } => {
+                if !self.owns(worker, build_id) {
+                    self.refuse(worker, build_id, "started a step of");
+                }
+            }
+            AgentMessage::Output {
+                build_id,
+                step,
+                data,
+            } => {
+                if self.owns(worker, build_id) {
+                    self.store.append_log(build_id, step, data);
+                } else {
+                    self.refuse(worker, build_id, "sent output for");
+                }
+            }
+            AgentMessage::StepFinished { build_id, result } => {
+                if self.owns(worker, build_id) {
+                    let step = result.step;
+                    self.store.store_step(build_id, result);
+                    let granted = self.locks.release(LockHolder::Step(build_id, step));
+                    self.on_lock_grants(granted);
+                } else {
+                    self.refuse(worker, build_id, "finished a step of");
+                }
+            }
+            AgentMessage::BuildFinished { result } => self.on_build_finished(worker, result),
+            AgentMessage::Goodbye { reason } => {
+                tracing::info!("worker {worker} says goodbye: {reason}");
+            }
+            AgentMessage::Ping { .. } | AgentMessage::Pong { .. } => {}
+        }
+    }
+
+    /// Whether `conn` is the connection `worker` currently uses.
+    fn is_current(&self, worker: &str, conn: ConnId) -> bool {
+        self.workers
+            .get(worker)
+            .and_then(|slot| slot.conn.as_ref())
+            .is_some_and(|(id, _)| *id == conn)
+    }
+
+    /// Sends `message` to `worker` if it is connected.
+    fn send(&self, worker: &str, message: MasterMessage) {
+        if let Some((_, out)) = self.workers.get(worker).and_then(|s| s.conn.as_ref()) {
+            let _ = out.send(Outbound::Message(message));
+        }
+    }
+}
+
+/// The presence of a worker that is not connected.
+fn offline(now: Timestamp, reason: &str) -> Presence {
+    Presence {
+        state: PresenceState::Offline,
+        reason: reason.to_owned(),
+        source: Source::Master,
+        since: now,
+        until: None,
+    }
+}

@@ -1,0 +1,66 @@
+//! Applying a new config to the scheduler without interrupting running
+//! builds: added and removed workers, lock definitions, latent workers and
+//! master-side schedules.
+
+use std::sync::Arc;
+
+use nightshift_proto::wire::MasterMessage;
+
+use super::{Scheduler, WorkerSlot, offline};
+use crate::config::MasterConfig;
+use crate::latent::Now;
+
+impl Scheduler {
+    /// Switches to a new config (reconfig). Running builds keep the steps and
+    /// locks they started with; new and changed builders apply to builds
+    /// handed out from now on; a removed worker gets no new build and is
+    /// released once its running builds end; lock counts change for new
+    /// acquisitions (holders are never evicted).
+    pub(super) fn apply_config(&mut self, config: Arc<MasterConfig>) {
+        let now = self.clock.now();
+        self.config = config;
+        for def in &self.config.workers {
+            self.workers.entry(def.name.clone()).or_insert_with(|| {
+                WorkerSlot::new(
+                    offline(now, "added by reconfig; not connected yet"),
+                    def.max_builds,
+                )
+            });
+        }
+        let removed: Vec<String> = self
+            .workers
+            .keys()
+            .filter(|name| self.config.worker(name).is_none())
+            .cloned()
+            .collect();
+        for name in &removed {
+            tracing::info!("worker {name} removed from master.toml: drained, then released");
+            self.unbind_lock_waits(name);
+            if self.latent.is_latent(name) {
+                let actions = self.latent.remove(name, Now::system());
+                self.run_latent(name, actions);
+                if !self.latent.is_latent(name) {
+                    self.latent_tokens.set(name, None);
+                    self.latent_providers.remove(name);
+                }
+            }
+            self.drop_if_drained(name);
+        }
+        let granted = self.locks.set_definitions(self.config.locks.clone());
+        self.on_lock_grants(granted);
+        self.configure_latent();
+        let before: Vec<String> = self
+            .workers
+            .keys()
+            .filter(|w| self.schedules.verdict(w).is_some())
+            .cloned()
+            .collect();
+        let schedules = self.compile_schedules();
+        self.schedules.replace(schedules);
+        for worker in self.schedules.dropped_since(&before) {
+            self.send(&worker, MasterMessage::MasterOverride { presence: None });
+        }
+        self.refresh_schedules();
+        self.assign();
+    }
+}

@@ -1,0 +1,84 @@
+//! The read-only [`Snapshot`] of the scheduler the API and the dashboard
+//! show: workers with their effective presence, what each waiting build
+//! waits for, and where each running build runs.
+
+use nightshift_policy::Source;
+use nightshift_proto::api::{LatentInfo, WorkerInfo, WorkerList};
+
+use super::{Scheduler, Snapshot};
+
+impl Scheduler {
+    /// The read-only view the API and the dashboard show.
+    pub(super) fn snapshot(&self) -> Snapshot {
+        let workers = self
+            .config
+            .workers
+            .iter()
+            .filter_map(|def| {
+                let slot = self.workers.get(&def.name)?;
+                let presence = self.effective_presence(&def.name, &slot.presence);
+                Some(WorkerInfo {
+                    name: def.name.clone(),
+                    state: presence.state,
+                    reason: presence.reason.clone(),
+                    source: Some(presence.source.clone()),
+                    since: Some(presence.since),
+                    until: presence.until,
+                    connected: slot.conn.is_some(),
+                    max_builds: def.max_builds.min(slot.agent_max_builds),
+                    running: slot.running.iter().copied().collect(),
+                    latent: self.latent.status(&def.name).map(|s| LatentInfo {
+                        state: s.state.as_str().to_owned(),
+                        reason: s.reason,
+                        since: s.since,
+                        retry_after: s.retry_after,
+                        provider: s.provider.to_owned(),
+                    }),
+                })
+            })
+            // Workers removed by a reconfig that still run builds.
+            .chain(
+                self.workers
+                    .iter()
+                    .filter(|(name, _)| self.config.worker(name).is_none())
+                    .map(|(name, slot)| WorkerInfo {
+                        name: name.clone(),
+                        state: slot.presence.state,
+                        reason: format!(
+                            "removed from master.toml; released after its running builds ({})",
+                            slot.presence.reason
+                        ),
+                        source: Some(Source::Master),
+                        since: Some(slot.presence.since),
+                        until: None,
+                        connected: slot.conn.is_some(),
+                        max_builds: slot.agent_max_builds,
+                        running: slot.running.iter().copied().collect(),
+                        latent: None,
+                    }),
+            )
+            .collect();
+        Snapshot {
+            workers: WorkerList {
+                paused: self.paused,
+                workers,
+            },
+            waiting_for: self
+                .queue
+                .iter()
+                .filter_map(|(id, q)| Some((*id, q.waiting_for.clone()?)))
+                // Running builds whose next step waits for a lock.
+                .chain(
+                    self.running
+                        .keys()
+                        .filter_map(|id| Some((*id, self.locks.waiting_text(*id)?))),
+                )
+                .collect(),
+            running: self
+                .running
+                .iter()
+                .map(|(id, run)| (*id, run.worker.clone()))
+                .collect(),
+        }
+    }
+}

@@ -1,0 +1,147 @@
+//! A scheduler on a temporary store with a fixed clock, for the tests of the
+//! scheduler's modules: connect workers, submit builds, read what was sent.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use jiff::Timestamp;
+use nightshift_policy::{Presence, PresenceState, Source};
+use nightshift_proto::wire::{BuildId, MasterMessage};
+use tokio::sync::mpsc;
+
+use super::{Clock, ConnId, Event, Hello, Outbound, Scheduler};
+use crate::config::MasterConfig;
+use crate::store::Store;
+
+pub(super) const HASH: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
+
+struct FixedClock(Timestamp);
+impl Clock for FixedClock {
+    fn now(&self) -> Timestamp {
+        self.0
+    }
+}
+
+pub(super) struct Harness {
+    pub(super) scheduler: Scheduler,
+    _events: mpsc::UnboundedReceiver<Event>,
+    _dir: tempfile::TempDir,
+    store: Store,
+    next_conn: ConnId,
+}
+
+fn config(missing: &str) -> Arc<MasterConfig> {
+    let text = format!(
+        r#"
+missing_timeout = "{missing}"
+[[worker]]
+name = "a"
+token_sha256 = "{HASH}"
+[[worker]]
+name = "b"
+token_sha256 = "{HASH}"
+[[worker]]
+name = "r"
+token_sha256 = "{HASH}"
+[[builder]]
+name = "app"
+workers = ["a", "b", "r"]
+steps = [{{ name = "s", command = "true" }}]
+"#
+    );
+    Arc::new(MasterConfig::parse(&text, Path::new("master.toml"), Path::new("/tmp")).unwrap())
+}
+
+pub(super) fn presence(state: PresenceState) -> Presence {
+    Presence {
+        state,
+        reason: "test".into(),
+        source: Source::Manual,
+        since: Timestamp::UNIX_EPOCH,
+        until: None,
+    }
+}
+
+impl Harness {
+    pub(super) fn new() -> Harness {
+        Harness::with_config(config("60s"))
+    }
+
+    pub(super) fn with_config(config: Arc<MasterConfig>) -> Harness {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("m.db")).unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        let scheduler = Scheduler::new(
+            config,
+            store.clone(),
+            Arc::new(FixedClock(Timestamp::UNIX_EPOCH)),
+            tx,
+            Vec::new(),
+            BTreeMap::new(),
+            false,
+        );
+        Harness {
+            scheduler,
+            _events: rx,
+            _dir: dir,
+            store,
+            next_conn: 1,
+        }
+    }
+
+    pub(super) fn connect(
+        &mut self,
+        worker: &str,
+        state: PresenceState,
+        running: Vec<BuildId>,
+    ) -> (ConnId, mpsc::UnboundedReceiver<Outbound>) {
+        let (out, rx) = mpsc::unbounded_channel();
+        let conn = self.next_conn;
+        self.next_conn += 1;
+        self.scheduler.handle(Event::Connected {
+            worker: worker.into(),
+            conn,
+            hello: Hello {
+                agent_version: "test".into(),
+                max_builds: 1,
+                presence: presence(state),
+                running,
+            },
+            out,
+        });
+        (conn, rx)
+    }
+
+    pub(super) async fn submit(&mut self) -> BuildId {
+        let id = self
+            .store
+            .insert_build("app".into(), BTreeMap::new(), Timestamp::UNIX_EPOCH)
+            .await
+            .unwrap();
+        self.scheduler.handle(Event::Submitted {
+            id,
+            builder: "app".into(),
+            properties: BTreeMap::new(),
+        });
+        id
+    }
+}
+
+pub(super) fn started(rx: &mut mpsc::UnboundedReceiver<Outbound>) -> Vec<BuildId> {
+    let mut ids = Vec::new();
+    while let Ok(out) = rx.try_recv() {
+        if let Outbound::Message(MasterMessage::StartBuild { build_id, .. }) = out {
+            ids.push(build_id);
+        }
+    }
+    ids
+}
+
+pub(super) fn released(rx: &mut mpsc::UnboundedReceiver<Outbound>) -> bool {
+    let mut seen = false;
+    while let Ok(out) = rx.try_recv() {
+        seen |= matches!(out, Outbound::Message(MasterMessage::Released { .. }));
+    }
+    seen
+}

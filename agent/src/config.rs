@@ -167,7 +167,7 @@ impl WorkerConfig {
                 }
             },
         };
-        let text = match std::fs::read_to_string(&path) {
+        let text = match fs_err::read_to_string(&path) {
             Ok(text) => text,
             Err(error) => {
                 let mut errors = ConfigErrors::new(&path);
@@ -204,7 +204,7 @@ impl WorkerConfig {
     pub fn token(&self) -> anyhow::Result<String> {
         let token = match (&self.token, &self.token_file) {
             (Some(token), None) => token.trim().to_owned(),
-            (None, Some(file)) => std::fs::read_to_string(file)
+            (None, Some(file)) => fs_err::read_to_string(file)
                 .with_context(|| format!("cannot read token_file {}", file.display()))?
                 .trim()
                 .to_owned(),
@@ -279,7 +279,7 @@ fn validate(config: &mut WorkerConfig, system_tz: TimeZone, errors: &mut ConfigE
         ("git.token_file", &config.git.token_file),
     ] {
         if let Some(file) = file
-            && let Err(e) = std::fs::metadata(file)
+            && let Err(e) = fs_err::metadata(file)
         {
             errors.push_at_path(key, format!("cannot read {}: {e}", file.display()));
         }
@@ -337,7 +337,7 @@ fn validate_token(config: &WorkerConfig, errors: &mut ConfigErrors) {
         (Some(token), None) if token.trim().is_empty() => {
             errors.push_at_path("token", "the token is empty")
         }
-        (None, Some(file)) => match std::fs::read_to_string(file) {
+        (None, Some(file)) => match fs_err::read_to_string(file) {
             Ok(text) if text.trim().is_empty() => {
                 errors.push_at_path("token_file", format!("{} is empty", file.display()))
             }
@@ -514,7 +514,7 @@ mod tests {
     #[test]
     fn relative_paths_resolve_against_the_config_dir() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("tok"), "secret\n").unwrap();
+        fs_err::write(dir.path().join("tok"), "secret\n").unwrap();
         let path = dir.path().join("worker.toml");
         let text = "name = \"w\"\nmaster = \"ws://m:1\"\ninsecure = true\ntoken_file = \"tok\"\nworkdir = \"/abs/work\"\nstate_dir = \"st\"\n[control]\ntoken_file = \"ctl.token\"\n";
         let config = WorkerConfig::parse(&path, text, TimeZone::UTC).unwrap();

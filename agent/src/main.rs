@@ -10,12 +10,17 @@ mod supervise;
 
 use std::process::ExitCode;
 
+use nightshift_proto::exit::ExitStatus;
+
 use clap::{CommandFactory, Parser};
 
 use crate::cli::{Cli, Command};
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    dispatch(Cli::parse()).into()
+}
+
+fn dispatch(cli: Cli) -> ExitStatus {
     match cli.command {
         Command::Run(config) => daemon::main(&config),
         Command::Status { config, json } => control::client::status(&config, json),
@@ -41,14 +46,14 @@ fn main() -> ExitCode {
         } => offline::schedule(&config, from.as_deref(), days, json),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "worker", &mut std::io::stdout());
-            ExitCode::SUCCESS
+            ExitStatus::Ok
         }
         Command::Man => {
             match clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout()) {
-                Ok(()) => ExitCode::SUCCESS,
+                Ok(()) => ExitStatus::Ok,
                 Err(error) => {
                     eprintln!("error: {error}");
-                    ExitCode::FAILURE
+                    ExitStatus::Failure
                 }
             }
         }

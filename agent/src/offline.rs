@@ -2,7 +2,8 @@
 //! what its policies mean) and `worker schedule` (the coming intervals).
 
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
+
+use nightshift_proto::exit::ExitStatus;
 
 use jiff::civil::DateTime;
 use jiff::tz::TimeZone;
@@ -17,10 +18,8 @@ use serde::de::IgnoredAny;
 use crate::cli::ConfigArg;
 use crate::config::WorkerConfig;
 
-const USAGE: u8 = 2;
-
 /// Loads and compiles the config, printing every error for exit code 2.
-fn load(config: &ConfigArg) -> Result<(PathBuf, WorkerConfig, Policy), ExitCode> {
+fn load(config: &ConfigArg) -> Result<(PathBuf, WorkerConfig, Policy), ExitStatus> {
     let (path, worker) = match WorkerConfig::load(config.config.as_deref()) {
         Ok(loaded) => loaded,
         Err(errors) => {
@@ -31,7 +30,7 @@ fn load(config: &ConfigArg) -> Result<(PathBuf, WorkerConfig, Policy), ExitCode>
                 if count == 1 { "" } else { "s" },
                 errors.file().display()
             );
-            return Err(ExitCode::from(USAGE));
+            return Err(ExitStatus::Usage);
         }
     };
     match worker.policy() {
@@ -40,13 +39,13 @@ fn load(config: &ConfigArg) -> Result<(PathBuf, WorkerConfig, Policy), ExitCode>
             for error in errors {
                 eprintln!("{}: {error}", path.display());
             }
-            Err(ExitCode::from(USAGE))
+            Err(ExitStatus::Usage)
         }
     }
 }
 
 /// `worker check`: exit 0 and one line per policy, or exit 2 and every error.
-pub fn check(config: &ConfigArg) -> ExitCode {
+pub fn check(config: &ConfigArg) -> ExitStatus {
     let (path, worker, policy) = match load(config) {
         Ok(loaded) => loaded,
         Err(code) => return code,
@@ -92,12 +91,12 @@ pub fn check(config: &ConfigArg) -> ExitCode {
     }
     let now = Timestamp::now();
     println!("{}", right_now(&policy, now));
-    ExitCode::SUCCESS
+    ExitStatus::Ok
 }
 
 /// Each warning as `worker.toml:12:8: availability.schedule[0].open: …`.
 fn located(path: &Path, warnings: &[PolicyError]) -> Vec<String> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let text = fs_err::read_to_string(path).unwrap_or_default();
     warnings
         .iter()
         .map(|warning| {
@@ -190,10 +189,10 @@ fn parse_from(text: &str, tz: &TimeZone) -> Result<Timestamp, String> {
 }
 
 /// `worker schedule`: the intervals the schedules give from `--from` for `--days`.
-pub fn schedule(config: &ConfigArg, from: Option<&str>, days: u32, json: bool) -> ExitCode {
+pub fn schedule(config: &ConfigArg, from: Option<&str>, days: u32, json: bool) -> ExitStatus {
     if !(1..=366).contains(&days) {
         eprintln!("error: --days must be between 1 and 366, got {days}");
-        return ExitCode::from(USAGE);
+        return ExitStatus::Usage;
     }
     let (_, worker, policy) = match load(config) {
         Ok(loaded) => loaded,
@@ -205,7 +204,7 @@ pub fn schedule(config: &ConfigArg, from: Option<&str>, days: u32, json: bool) -
             Ok(at) => at,
             Err(message) => {
                 eprintln!("error: {message}");
-                return ExitCode::from(USAGE);
+                return ExitStatus::Usage;
             }
         },
         None => Timestamp::now(),
@@ -215,7 +214,7 @@ pub fn schedule(config: &ConfigArg, from: Option<&str>, days: u32, json: bool) -
         Ok(end) => end.timestamp(),
         Err(error) => {
             eprintln!("error: cannot show {days} days from {start_zoned}: {error}");
-            return ExitCode::from(USAGE);
+            return ExitStatus::Usage;
         }
     };
     let preview = policy.preview(start, end);
@@ -232,9 +231,9 @@ pub fn schedule(config: &ConfigArg, from: Option<&str>, days: u32, json: bool) -
     let finish = |cut: Option<String>| match cut {
         Some(message) => {
             eprintln!("{message}");
-            ExitCode::FAILURE
+            ExitStatus::Failure
         }
-        None => ExitCode::SUCCESS,
+        None => ExitStatus::Ok,
     };
     if json {
         let rows: Vec<JsonInterval> = intervals
@@ -253,7 +252,7 @@ pub fn schedule(config: &ConfigArg, from: Option<&str>, days: u32, json: bool) -
             Ok(text) => println!("{text}"),
             Err(error) => {
                 eprintln!("error: {error}");
-                return ExitCode::FAILURE;
+                return ExitStatus::Failure;
             }
         }
         return finish(cut);

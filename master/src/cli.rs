@@ -15,11 +15,12 @@ pub struct Cli {
 
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the master in the foreground. Without --config and without a
-    /// master.toml here, runs an embedded default (data in ./nightshift-data).
+    /// Run the master in the foreground. Without --config it uses
+    /// ./master.toml, then /etc/nightshift/master.toml, else an embedded
+    /// default (data in ./nightshift-data).
     Run {
         /// master.toml to use.
-        #[arg(long, short, value_name = "FILE")]
+        #[arg(long, short, env = "NIGHTSHIFT_MASTER_CONFIG", value_name = "FILE")]
         config: Option<PathBuf>,
         /// Also start a local worker (the `worker` binary next to this one).
         #[arg(long)]
@@ -119,8 +120,19 @@ pub enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// Write a master.toml to start from: the local worker and a sample
+    /// builder (and the local worker's token in nightshift-data/).
+    Init {
+        /// Where to write it.
+        #[arg(default_value = "master.toml", value_name = "FILE")]
+        path: PathBuf,
+        /// Overwrite an existing file.
+        #[arg(long)]
+        force: bool,
+    },
     /// Make a token for a new worker; print its [[worker]] entry for
-    /// master.toml and the lines for its worker.toml.
+    /// master.toml and the lines for its worker.toml. For `local`, the
+    /// token `master run --local-worker` uses.
     AddWorker {
         /// The worker's name.
         name: String,
@@ -128,12 +140,13 @@ pub enum Command {
         #[arg(long, value_name = "URL")]
         url: Option<String>,
         /// master.toml (for the listen address and the certificate pin).
-        #[arg(long, short, value_name = "FILE")]
+        #[arg(long, short, env = "NIGHTSHIFT_MASTER_CONFIG", value_name = "FILE")]
         config: Option<PathBuf>,
     },
     /// Validate master.toml; errors name file, line and key.
     Check {
-        #[arg(long, short, value_name = "FILE")]
+        /// master.toml (default: ./master.toml, then /etc/nightshift/master.toml).
+        #[arg(long, short, env = "NIGHTSHIFT_MASTER_CONFIG", value_name = "FILE")]
         config: Option<PathBuf>,
     },
     /// Print shell completions.
@@ -146,8 +159,9 @@ pub enum Command {
 #[derive(Debug, Clone, Args)]
 pub struct ConnArgs {
     /// master.toml: the listen address, the admin token file and the
-    /// certificate to trust (default ./master.toml, else the embedded default).
-    #[arg(long, short, value_name = "FILE")]
+    /// certificate to trust (default ./master.toml, then
+    /// /etc/nightshift/master.toml, else the embedded default's ./nightshift-data).
+    #[arg(long, short, env = "NIGHTSHIFT_MASTER_CONFIG", value_name = "FILE")]
     pub config: Option<PathBuf>,
     /// The master's URL, e.g. https://farm.example:8443.
     #[arg(long, env = "NIGHTSHIFT_MASTER_URL", value_name = "URL")]

@@ -11,18 +11,20 @@ use jiff::tz::TimeZone;
 use nightshift_proto::api::{
     ApiClient, BuildInfo, BuildState, MasterUrl, SubmitRequest, WorkerList, WorkerQuery,
 };
+use nightshift_proto::exit::ExitStatus;
 use nightshift_proto::wire::Outcome;
 
 use crate::cli::ConnArgs;
 use crate::config::{MasterConfig, TlsMode};
-use crate::run::{ADMIN_TOKEN_FILE, resolve_config};
+use crate::run::{ADMIN_TOKEN_FILE, ConfigSource, config_search_order, find_config};
 
 /// Builds an API client from the flags, the environment and master.toml.
 pub fn connect(args: &ConnArgs) -> anyhow::Result<ApiClient> {
-    let from_config = if args.url.is_none() || args.token.is_none() {
-        Some(resolve_config(args.config.as_deref(), false)?.0)
+    let (from_config, source) = if args.url.is_none() || args.token.is_none() {
+        let (config, source) = find_config(args.config.as_deref(), false)?;
+        (Some(config), Some(source))
     } else {
-        None
+        (None, None)
     };
     let url = match (&args.url, &from_config) {
         (Some(url), _) => {
@@ -36,10 +38,23 @@ pub fn connect(args: &ConnArgs) -> anyhow::Result<ApiClient> {
         (None, Some(config)) => {
             let path = config.data_dir.join(ADMIN_TOKEN_FILE);
             read_token(&path).with_context(|| {
-                format!(
-                    "no admin token: give --token (or NIGHTSHIFT_ADMIN_TOKEN), or run where {} is readable",
-                    path.display()
-                )
+                if source == Some(ConfigSource::Embedded) {
+                    format!(
+                        "no master config found ({}), and no master with the embedded default \
+                         ran in this directory ({} is missing): give --config (or \
+                         NIGHTSHIFT_MASTER_CONFIG), run where `master run` started, or give \
+                         --url and --token",
+                        config_search_order(),
+                        path.display()
+                    )
+                } else {
+                    format!(
+                        "no admin token for the master of {}: give --token (or \
+                         NIGHTSHIFT_ADMIN_TOKEN), or run as a user who can read {}",
+                        config.source.display(),
+                        path.display()
+                    )
+                }
             })?
         }
         (None, None) => bail!("no admin token: give --token or NIGHTSHIFT_ADMIN_TOKEN"),
@@ -61,8 +76,8 @@ pub fn connect(args: &ConnArgs) -> anyhow::Result<ApiClient> {
 
 /// Reads a token file (first line, trimmed).
 pub fn read_token(path: &Path) -> anyhow::Result<String> {
-    let text =
-        std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;
+    // fs-err's error names the file.
+    let text = fs_err::read_to_string(path)?;
     let token = text.lines().next().unwrap_or_default().trim().to_owned();
     if token.is_empty() {
         bail!("{} is empty", path.display());
@@ -155,7 +170,7 @@ pub async fn submit(
     source: (Option<String>, Option<String>),
     wait: bool,
     json: bool,
-) -> anyhow::Result<i32> {
+) -> anyhow::Result<ExitStatus> {
     let properties: BTreeMap<String, String> = props.into_iter().collect();
     let (revision, branch) = source;
     let submitted = client
@@ -172,7 +187,7 @@ pub async fn submit(
         } else {
             println!("{}", submitted.build_id);
         }
-        return Ok(0);
+        return Ok(ExitStatus::Ok);
     }
     if !json {
         eprintln!(
@@ -190,19 +205,23 @@ pub async fn submit(
         show_build(&build);
     }
     Ok(if build.outcome == Some(Outcome::Success) {
-        0
+        ExitStatus::Ok
     } else {
-        1
+        ExitStatus::Failure
     })
 }
 
 /// `master workers`: one line per worker; `--json` prints the API's answer.
 /// Filtered and paged by `query`; a table that is not everything says so.
-pub async fn workers(client: &ApiClient, query: &WorkerQuery, json: bool) -> anyhow::Result<i32> {
+pub async fn workers(
+    client: &ApiClient,
+    query: &WorkerQuery,
+    json: bool,
+) -> anyhow::Result<ExitStatus> {
     let page = client.workers_page(query).await?;
     if json {
         print_json(&page)?;
-        return Ok(0);
+        return Ok(ExitStatus::Ok);
     }
     if page.paused {
         println!("master is PAUSED: no new builds are handed out");
@@ -224,7 +243,7 @@ pub async fn workers(client: &ApiClient, query: &WorkerQuery, json: bool) -> any
             page.total
         );
     }
-    Ok(0)
+    Ok(ExitStatus::Ok)
 }
 
 /// The zone the tables' times are in: `Europe/Berlin (CET, UTC+01:00)`,
@@ -286,17 +305,17 @@ fn workers_table(list: &WorkerList, now: Timestamp, tz: &TimeZone) -> String {
 }
 
 /// `master builds`: the newest builds first; `--json` prints the API's answer.
-pub async fn builds(client: &ApiClient, limit: u32, json: bool) -> anyhow::Result<i32> {
+pub async fn builds(client: &ApiClient, limit: u32, json: bool) -> anyhow::Result<ExitStatus> {
     let list = client.builds(limit).await?;
     if json {
         print_json(&list)?;
-        return Ok(0);
+        return Ok(ExitStatus::Ok);
     }
     print!(
         "{}",
         builds_table(&list.builds, Timestamp::now(), &TimeZone::system())
     );
-    Ok(0)
+    Ok(ExitStatus::Ok)
 }
 
 /// `main@0123456789ab` (branch and short revision) for builds with a source.
@@ -442,25 +461,29 @@ fn short_duration(start: Timestamp, end: Timestamp) -> String {
     }
 }
 
-pub async fn log(client: &ApiClient, id: u64, json: bool) -> anyhow::Result<i32> {
+pub async fn log(client: &ApiClient, id: u64, json: bool) -> anyhow::Result<ExitStatus> {
     let log = client.log(id).await?;
     if json {
         print_json(&log)?;
     } else {
         print!("{}", log.log);
     }
-    Ok(0)
+    Ok(ExitStatus::Ok)
 }
 
-pub async fn cancel(client: &ApiClient, id: u64, reason: Option<&str>) -> anyhow::Result<i32> {
+pub async fn cancel(
+    client: &ApiClient,
+    id: u64,
+    reason: Option<&str>,
+) -> anyhow::Result<ExitStatus> {
     client.cancel(id, reason).await?;
     println!("build {id}: cancelling");
-    Ok(0)
+    Ok(ExitStatus::Ok)
 }
 
 /// `master reconfig`: exit 0 when applied, 2 when the new config is refused
 /// (its errors are printed), 1 when the master cannot be reached.
-pub async fn reconfig(client: &ApiClient, json: bool) -> anyhow::Result<i32> {
+pub async fn reconfig(client: &ApiClient, json: bool) -> anyhow::Result<ExitStatus> {
     match client.reconfig().await {
         Ok(answer) => {
             if json {
@@ -471,17 +494,21 @@ pub async fn reconfig(client: &ApiClient, json: bool) -> anyhow::Result<i32> {
                     println!("  {change}");
                 }
             }
-            Ok(0)
+            Ok(ExitStatus::Ok)
         }
         Err(error) if error.status == Some(422) => {
             eprintln!("{}", error.message);
-            Ok(2)
+            Ok(ExitStatus::Usage)
         }
         Err(error) => Err(error.into()),
     }
 }
 
-pub async fn set_paused(client: &ApiClient, paused: bool, json: bool) -> anyhow::Result<i32> {
+pub async fn set_paused(
+    client: &ApiClient,
+    paused: bool,
+    json: bool,
+) -> anyhow::Result<ExitStatus> {
     let state = if paused {
         client.pause().await?
     } else {
@@ -494,7 +521,7 @@ pub async fn set_paused(client: &ApiClient, paused: bool, json: bool) -> anyhow:
     } else {
         println!("master resumed: builds are handed out again");
     }
-    Ok(0)
+    Ok(ExitStatus::Ok)
 }
 
 #[cfg(test)]

@@ -546,7 +546,7 @@ impl MasterConfig {
 
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<MasterConfig, ConfigError> {
-        let text = std::fs::read_to_string(path).map_err(|e| ConfigError {
+        let text = fs_err::read_to_string(path).map_err(|e| ConfigError {
             file: path.to_path_buf(),
             issues: vec![ConfigIssue {
                 line: None,

@@ -1,5 +1,5 @@
 //! The `master` binary: parses the command line and runs one verb. Exit
-//! codes: 0 ok, 1 failure, 2 usage or config error.
+//! codes ([`ExitStatus`]): 0 ok, 1 failure, 2 usage or config error.
 
 mod api;
 mod cli;
@@ -24,6 +24,7 @@ mod reconfig;
 use std::process::ExitCode;
 
 use clap::{CommandFactory, Parser};
+use nightshift_proto::exit::ExitStatus;
 
 use crate::cli::{Cli, Command};
 use crate::config::ConfigError;
@@ -39,27 +40,27 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(e) => {
             eprintln!("error: cannot start the runtime: {e}");
-            return ExitCode::from(1);
+            return ExitStatus::Failure.into();
         }
     };
     match runtime.block_on(dispatch(cli)) {
-        Ok(code) => ExitCode::from(code as u8),
+        Ok(status) => status.into(),
         Err(e) => {
             if let Some(config) = e.downcast_ref::<ConfigError>() {
                 eprintln!("{config}");
-                return ExitCode::from(2);
+                return ExitStatus::Usage.into();
             }
             if let Some(usage) = e.downcast_ref::<cli::UsageError>() {
                 eprintln!("error: {usage}");
-                return ExitCode::from(2);
+                return ExitStatus::Usage.into();
             }
             eprintln!("error: {e:#}");
-            ExitCode::from(1)
+            ExitStatus::Failure.into()
         }
     }
 }
 
-async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
+async fn dispatch(cli: Cli) -> anyhow::Result<ExitStatus> {
     match cli.command {
         Command::Run {
             config,
@@ -125,13 +126,14 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             run::add_worker(&name, url.as_deref(), config.as_deref())
         }
         Command::Check { config } => run::check(config.as_deref()),
+        Command::Init { path, force } => run::init(&path, force),
         Command::Completions { shell } => {
             clap_complete::generate(shell, &mut Cli::command(), "master", &mut std::io::stdout());
-            Ok(0)
+            Ok(ExitStatus::Ok)
         }
         Command::Man => {
             clap_mangen::Man::new(Cli::command()).render(&mut std::io::stdout())?;
-            Ok(0)
+            Ok(ExitStatus::Ok)
         }
     }
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use anyhow::{Context, bail};
 use nightshift_proto::api::MasterUrl;
+use nightshift_proto::exit::ExitStatus;
 use nightshift_proto::tls::{self, ServerTls};
 use tokio::sync::mpsc;
 
@@ -43,23 +44,62 @@ fn token_file(path: &Path, create: bool) -> anyhow::Result<Option<String>> {
         return Ok(None);
     }
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        fs_err::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     }
     let token = new_token();
     tls::write_private(path, format!("{token}\n").as_bytes())?;
     Ok(Some(token))
 }
 
-/// The config a verb uses: `--config`, else `./master.toml`, else the
-/// embedded default. Returns whether it is the embedded one. With `create`,
-/// the embedded default's local-worker token is created when missing.
+/// The environment variable naming master.toml for every verb (as `--config`).
+pub const CONFIG_ENV: &str = "NIGHTSHIFT_MASTER_CONFIG";
+/// Where an installed master keeps its config (packaging/).
+pub const SYSTEM_CONFIG: &str = "/etc/nightshift/master.toml";
+
+/// Where a verb's config came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConfigSource {
+    /// `--config FILE` or `NIGHTSHIFT_MASTER_CONFIG` (clap reads both).
+    Given,
+    /// `./master.toml`.
+    CurrentDir,
+    /// `/etc/nightshift/master.toml`.
+    System,
+    /// No file anywhere: the embedded default, data in `./nightshift-data`.
+    Embedded,
+}
+
+/// Where a verb looks for master.toml when `--config` is not given, in order,
+/// for messages.
+pub fn config_search_order() -> String {
+    format!("--config, ${CONFIG_ENV}, ./master.toml, {SYSTEM_CONFIG}")
+}
+
+/// The config a verb uses: `--config` (or `NIGHTSHIFT_MASTER_CONFIG`), else
+/// `./master.toml`, else `/etc/nightshift/master.toml`, else the embedded
+/// default. A file that exists but is broken is an error (never skipped).
+/// Returns whether it is the embedded one. With `create`, the embedded
+/// default's local-worker token is created when missing.
 pub fn resolve_config(path: Option<&Path>, create: bool) -> anyhow::Result<(MasterConfig, bool)> {
+    let (config, source) = find_config(path, create)?;
+    Ok((config, source == ConfigSource::Embedded))
+}
+
+/// [`resolve_config`], saying where the config came from.
+pub fn find_config(
+    path: Option<&Path>,
+    create: bool,
+) -> anyhow::Result<(MasterConfig, ConfigSource)> {
     if let Some(path) = path {
-        return Ok((MasterConfig::load(path)?, false));
+        return Ok((MasterConfig::load(path)?, ConfigSource::Given));
     }
     let here = Path::new("master.toml");
     if here.exists() {
-        return Ok((MasterConfig::load(here)?, false));
+        return Ok((MasterConfig::load(here)?, ConfigSource::CurrentDir));
+    }
+    let system = Path::new(SYSTEM_CONFIG);
+    if system.exists() {
+        return Ok((MasterConfig::load(system)?, ConfigSource::System));
     }
     let cwd = std::env::current_dir().context("cannot read the current directory")?;
     let data_dir = cwd.join(EMBEDDED_DATA_DIR);
@@ -71,11 +111,86 @@ pub fn resolve_config(path: Option<&Path>, create: bool) -> anyhow::Result<(Mast
         .unwrap_or_else(|| "0".repeat(64));
     let text = EMBEDDED_DEFAULT.replace("@LOCAL_TOKEN_SHA256@", &hash);
     let config = MasterConfig::parse(&text, Path::new("<embedded default>"), &cwd)?;
-    Ok((config, true))
+    Ok((config, ConfigSource::Embedded))
+}
+
+/// The master.toml `master init` writes: the local worker (whose token
+/// hash is filled in) and a sample builder whose steps succeed run after run.
+pub const INIT_TEMPLATE: &str = r#"# master.toml, written by `master init`: a master on this machine with one
+# local worker and a sample builder. Edit it, check it with `master check`,
+# then start with `master run --local-worker` (the CLI finds this file here,
+# or give --config / NIGHTSHIFT_MASTER_CONFIG). A running master takes edits
+# with `master reconfig`. All keys: docs/reference.md.
+
+# Where workers and the CLI reach the master. 0.0.0.0:8443 lets other
+# machines' workers in (they trust its certificate by the pin `master run`
+# prints).
+listen = "127.0.0.1:8443"
+# Relative to this file: master.db (queue and history), admin.token (the
+# CLI's), tls/ (the self-signed certificate), local-worker.token.
+data_dir = "nightshift-data"
+# How long a disconnected worker's running build waits before it is re-queued.
+missing_timeout = "5m"
+
+# The worker `master run --local-worker` starts on this machine; its token is
+# in data_dir/local-worker.token. Add more with `master add-worker NAME`.
+[[worker]]
+name = "local"
+token_sha256 = "@LOCAL_TOKEN_SHA256@"
+max_builds = 2
+
+# A builder is a named list of shell steps run in the worker's workdir.
+# `master submit hello --wait` runs it; `--prop k=v` reaches the steps as
+# NIGHTSHIFT_PROP_K.
+[[builder]]
+name = "hello"
+workers = ["local"]
+steps = [
+  { name = "greet", command = "echo hello from nightshift on $(hostname)" },
+  { name = "stamp", command = "mkdir -p out && date -u > out/stamp && cat out/stamp" },
+]
+"#;
+
+/// `master init [FILE] [--force]`: writes master.toml (the local worker and
+/// a sample builder) and the local worker's token next to it, so that
+/// `master run --local-worker` works at once. An existing local-worker token
+/// (from an earlier embedded-default run here) is kept, so a running local
+/// worker still matches.
+pub fn init(path: &Path, force: bool) -> anyhow::Result<ExitStatus> {
+    if path.exists() && !force {
+        return Err(crate::cli::UsageError(format!(
+            "{} exists; edit it, or give --force to overwrite it",
+            path.display()
+        ))
+        .into());
+    }
+    let dir = match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let token_path = dir.join(EMBEDDED_DATA_DIR).join(LOCAL_TOKEN_FILE);
+    let token = token_file(&token_path, true)?.unwrap_or_default();
+    let text = INIT_TEMPLATE.replace("@LOCAL_TOKEN_SHA256@", &token_sha256(&token));
+    // The template must stay a valid config: check before writing anything.
+    let base = std::path::absolute(&dir).unwrap_or_else(|_| dir.clone());
+    MasterConfig::parse(&text, path, &base)?;
+    fs_err::write(path, &text).with_context(|| format!("cannot write {}", path.display()))?;
+    let config_flag = if path == Path::new("master.toml") {
+        String::new()
+    } else {
+        format!(" --config {}", path.display())
+    };
+    println!(
+        "wrote {} (worker `local`, builder `hello`); the local worker's token is in {}",
+        path.display(),
+        token_path.display()
+    );
+    println!("next: master check{config_flag} && master run{config_flag} --local-worker");
+    Ok(ExitStatus::Ok)
 }
 
 /// `master check`.
-pub fn check(path: Option<&Path>) -> anyhow::Result<i32> {
+pub fn check(path: Option<&Path>) -> anyhow::Result<ExitStatus> {
     let (config, embedded) = resolve_config(path, false)?;
     println!(
         "{}: ok ({} workers, {} builders, {} locks){}",
@@ -84,22 +199,25 @@ pub fn check(path: Option<&Path>) -> anyhow::Result<i32> {
         config.builders.len(),
         config.locks.len(),
         if embedded {
-            " — no master.toml here, this is the embedded default"
+            format!(
+                " — no master.toml found ({}), this is the embedded default",
+                config_search_order()
+            )
         } else {
-            ""
+            String::new()
         }
     );
     for warning in schedule_warnings(&config) {
         println!("warning: {warning}");
     }
-    Ok(0)
+    Ok(ExitStatus::Ok)
 }
 
 /// What the workers' master-side schedules compile to with a caveat (a cron
 /// day field Linux crontab reads differently, a window that never opens),
 /// each located in the file like a config error.
 fn schedule_warnings(config: &MasterConfig) -> Vec<String> {
-    let text = std::fs::read_to_string(&config.source).unwrap_or_default();
+    let text = fs_err::read_to_string(&config.source).unwrap_or_default();
     let mut lines = Vec::new();
     for (index, worker) in config.workers.iter().enumerate() {
         if worker.schedule.is_empty() {
@@ -134,7 +252,11 @@ fn schedule_warnings(config: &MasterConfig) -> Vec<String> {
 }
 
 /// `master add-worker NAME`.
-pub fn add_worker(name: &str, url: Option<&str>, config: Option<&Path>) -> anyhow::Result<i32> {
+pub fn add_worker(
+    name: &str,
+    url: Option<&str>,
+    config: Option<&Path>,
+) -> anyhow::Result<ExitStatus> {
     if name.is_empty()
         || !name
             .chars()
@@ -145,24 +267,21 @@ pub fn add_worker(name: &str, url: Option<&str>, config: Option<&Path>) -> anyho
         ))
         .into());
     }
-    let resolved = resolve_config(config, false).ok().map(|(c, _)| c);
-    let master_url = match (url, &resolved) {
-        (Some(url), _) => {
+    // A broken config is reported as such, never hidden behind "give --url".
+    let (resolved, source) = find_config(config, false)?;
+    let master_url = match url {
+        Some(url) => {
             MasterUrl::parse(url).map_err(|e| crate::cli::UsageError(format!("--url: {e}")))?
         }
-        (None, Some(config)) => local_url(config),
-        (None, None) => {
-            return Err(crate::cli::UsageError(
-                "give --url (the master's address as the worker reaches it) or --config".into(),
-            )
-            .into());
-        }
+        None => local_url(&resolved),
     };
+    let resolved = Some(resolved);
     let ws_url = master_url
         .to_string()
         .replacen("https://", "wss://", 1)
         .replacen("http://", "ws://", 1);
-    let token = new_token();
+    let config = resolved.as_ref().context("no config")?;
+    let token = add_worker_token(name, config, &source)?;
     println!("# Add to master.toml (then restart or reconfig the master):");
     println!("[[worker]]");
     println!("name = {}", toml::Value::String(name.to_owned()));
@@ -189,7 +308,64 @@ pub fn add_worker(name: &str, url: Option<&str>, config: Option<&Path>) -> anyho
             ),
         }
     }
-    Ok(0)
+    Ok(ExitStatus::Ok)
+}
+
+/// The token `add-worker NAME` prints. For `local`, the token
+/// `master run --local-worker` uses (data_dir/local-worker.token; written
+/// there when missing), so the entry printed matches the running local
+/// worker. Any other name gets a fresh token; re-adding a configured worker
+/// says what else to change.
+fn add_worker_token(
+    name: &str,
+    config: &MasterConfig,
+    source: &ConfigSource,
+) -> anyhow::Result<String> {
+    let configured = config.worker(name).map(|w| w.token_sha256.clone());
+    if name != LOCAL_WORKER {
+        if configured.is_some() {
+            eprintln!(
+                "note: worker `{name}` is already in {}: this is a NEW token. Replace its \
+                 token_sha256 there with the one below, run `master reconfig`, and give the \
+                 worker the new token (its old one stops working).",
+                config.source.display()
+            );
+        }
+        return Ok(new_token());
+    }
+    let path = config.data_dir.join(LOCAL_TOKEN_FILE);
+    let existed = path.exists();
+    let token = token_file(&path, true)?.context("no local-worker token")?;
+    let hash = token_sha256(&token);
+    if !existed {
+        eprintln!(
+            "note: wrote the local worker's token to {} (`master run --local-worker` uses it)",
+            path.display()
+        );
+    }
+    match configured {
+        Some(configured) if configured == hash => eprintln!(
+            "note: worker `{LOCAL_WORKER}` is already in {} with this token (from {}); \
+             `master run --local-worker` starts it",
+            config.source.display(),
+            path.display()
+        ),
+        Some(_) if *source == ConfigSource::Embedded => {}
+        Some(_) => eprintln!(
+            "note: {}'s worker `{LOCAL_WORKER}` has a token_sha256 that does not match {}, \
+             which `master run --local-worker` uses: replace it with the token_sha256 below \
+             (then restart the master)",
+            config.source.display(),
+            path.display()
+        ),
+        None => eprintln!(
+            "note: this is the token in {} (`master run --local-worker` uses it): add the \
+             [[worker]] entry below to {}",
+            path.display(),
+            config.source.display()
+        ),
+    }
+    Ok(token)
 }
 
 /// The TLS the master serves with, per its config.
@@ -202,7 +378,7 @@ fn server_tls(config: &MasterConfig) -> anyhow::Result<Option<ServerTls>> {
             if !config.listen.ip().is_unspecified() {
                 names.push(config.listen.ip().to_string());
             }
-            if let Ok(host) = std::fs::read_to_string("/proc/sys/kernel/hostname") {
+            if let Ok(host) = fs_err::read_to_string("/proc/sys/kernel/hostname") {
                 let host = host.trim();
                 if !host.is_empty() {
                     names.push(host.to_owned());
@@ -218,13 +394,20 @@ pub async fn run(
     config_path: Option<&Path>,
     local_worker: bool,
     listen: Option<std::net::SocketAddr>,
-) -> anyhow::Result<i32> {
+) -> anyhow::Result<ExitStatus> {
     let (mut config, embedded) = resolve_config(config_path, true)?;
     if let Some(listen) = listen {
         config.listen = listen;
     }
+    let listener = crate::server::bind(config.listen)
+        .with_context(|| format!("cannot listen on {}", config.listen))?;
+    // Port 0 picks a free port: from here on the config says the real one
+    // (the ready line, the latent workers' URL, reconfig's comparison).
+    config.listen = listener
+        .local_addr()
+        .context("cannot read the bound address")?;
     let config = Arc::new(config);
-    std::fs::create_dir_all(&config.data_dir)
+    fs_err::create_dir_all(&config.data_dir)
         .with_context(|| format!("cannot create the data dir {}", config.data_dir.display()))?;
     let data_dir = config
         .data_dir
@@ -247,14 +430,19 @@ pub async fn run(
         let path = data_dir.join(LOCAL_TOKEN_FILE);
         let Some(token) = token_file(&path, embedded)? else {
             bail!(
-                "--local-worker: put the token of worker `{LOCAL_WORKER}` in {} (its SHA-256 is token_sha256)",
+                "--local-worker: no token for worker `{LOCAL_WORKER}` in {}; `master add-worker \
+                 {LOCAL_WORKER}` writes one there and prints the token_sha256 for master.toml",
                 path.display()
             );
         };
         if token_sha256(&token) != def.token_sha256 {
             bail!(
-                "--local-worker: the token in {} does not match worker `{LOCAL_WORKER}`'s token_sha256",
-                path.display()
+                "--local-worker: the token in {} does not match worker `{LOCAL_WORKER}`'s \
+                 token_sha256 in {}; `master add-worker {LOCAL_WORKER}` prints the matching \
+                 entry (token_sha256 = \"{}\")",
+                path.display(),
+                config.source.display(),
+                token_sha256(&token)
             );
         }
         Some(token)
@@ -298,13 +486,7 @@ pub async fn run(
     let gate = crate::server::ConnectionGate::new(usize::try_from(room).unwrap_or(usize::MAX));
     let agent_slots =
         crate::server::ConnectionGate::new(usize::try_from(max_agents).unwrap_or(usize::MAX));
-    let listener = crate::server::bind(config.listen)
-        .with_context(|| format!("cannot listen on {}", config.listen))?;
-    let bound = listener
-        .local_addr()
-        .context("cannot read the bound address")?;
-    let mut url = local_url(&config);
-    url.port = bound.port();
+    let url = local_url(&config);
 
     let (events, inbox) = mpsc::unbounded_channel();
     let (agent_events, agent_inbox) = mpsc::channel(crate::scheduler::AGENT_INBOX);
@@ -455,12 +637,25 @@ pub async fn run(
         },
     ));
 
-    let exit = tokio::select! {
-        _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); 0 }
-        _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping"); 0 }
-        status = wait_child(&mut child) => {
-            tracing::error!("the local worker exited ({status}); stopping the master");
-            if status.success() { 0 } else { 1 }
+    // Stopping the local worker (`worker stop --graceful`, or a crash) does
+    // not stop the farm: the master goes on and says how to start it again.
+    let exit = loop {
+        tokio::select! {
+            _ = sigterm.recv() => { tracing::info!("SIGTERM: stopping"); break ExitStatus::Ok }
+            _ = tokio::signal::ctrl_c() => { tracing::info!("SIGINT: stopping"); break ExitStatus::Ok }
+            status = wait_child(&mut child) => {
+                child = None;
+                let again = format!(
+                    "{} run --config {}",
+                    sibling_worker().map(|p| p.display().to_string()).unwrap_or_else(|_| "worker".into()),
+                    data_dir.join("local-worker").join("worker.toml").display()
+                );
+                if status.success() {
+                    tracing::warn!("the local worker stopped; the master goes on (start it again: {again})");
+                } else {
+                    tracing::error!("the local worker exited ({status}); the master goes on (start it again: {again})");
+                }
+            }
         }
     };
     // Latent instances could not reconnect to the next run (their tokens
@@ -537,7 +732,7 @@ fn spawn_local_worker(
 ) -> anyhow::Result<tokio::process::Child> {
     let binary = sibling_worker()?;
     let dir = data_dir.join("local-worker");
-    std::fs::create_dir_all(dir.join("work"))
+    fs_err::create_dir_all(dir.join("work"))
         .with_context(|| format!("cannot create {}", dir.display()))?;
     let quoted = |p: &Path| toml::Value::String(p.display().to_string()).to_string();
     let max_builds = config.worker(LOCAL_WORKER).map_or(1, |w| w.max_builds);

@@ -195,7 +195,7 @@ impl Store {
     /// Opens (creating and migrating) `path` and starts the store thread.
     pub fn open(path: &Path) -> anyhow::Result<Store> {
         if let Some(dir) = path.parent() {
-            std::fs::create_dir_all(dir)
+            fs_err::create_dir_all(dir)
                 .with_context(|| format!("cannot create {}", dir.display()))?;
         }
         let conn = Connection::open(path)

@@ -311,7 +311,7 @@ pub fn load_toml_validated<T: DeserializeOwned>(
     path: &Path,
     validate: impl FnOnce(&T, &mut ConfigErrors),
 ) -> Result<T, ConfigErrors> {
-    let text = match std::fs::read_to_string(path) {
+    let text = match fs_err::read_to_string(path) {
         Ok(text) => text,
         Err(error) => {
             let mut errors = ConfigErrors::new(path);

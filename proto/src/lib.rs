@@ -1,9 +1,10 @@
 //! What the agent, the master and their CLIs share: the wire protocol, the
-//! HTTP API shapes, TLS setup, config diagnostics, logging setup and the
-//! Prometheus text format.
+//! HTTP API shapes, TLS setup, config diagnostics, logging setup, the exit
+//! statuses, the Prometheus text format and the fuzzer for peer input.
 
 pub mod api;
 pub mod diag;
+pub mod exit;
 pub mod fuzz;
 pub mod log;
 pub mod prometheus;

@@ -2,7 +2,7 @@
 //! master's self-signed or configured certificate, and client configs that
 //! trust either a CA file or exactly one certificate by its SHA-256 pin.
 
-use std::fs;
+use fs_err as fs;
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -89,7 +89,7 @@ pub fn load_or_create_self_signed(data_dir: &Path, names: &[String]) -> anyhow::
 
 /// Writes a secret file readable by its owner only (mode 0600), atomically.
 pub fn write_private(path: &Path, contents: &[u8]) -> anyhow::Result<()> {
-    use std::os::unix::fs::OpenOptionsExt;
+    use fs_err::os::unix::fs::OpenOptionsExt;
     let tmp = path.with_extension("tmp");
     let _ = fs::remove_file(&tmp);
     let mut file = fs::OpenOptions::new()

@@ -10,7 +10,7 @@
 //! let mut farm = Farm::builder()
 //!     .worker(WorkerSpec::new("w1"))
 //!     .builder("app", &["w1"], &[("build", "echo hi")])
-//!     .start()?;
+//!     .start().await?;
 //! farm.start_worker("w1")?;
 //! let api = farm.api()?;
 //! let id = api.submit("app", Default::default()).await?.build_id;
@@ -56,32 +56,212 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 /// How long any "this should happen" wait may take before the test fails.
 pub const DEADLINE: Duration = Duration::from_secs(45);
 
-/// The directory holding the built `master` and `worker` binaries:
-/// `NIGHTSHIFT_BIN_DIR`, else the `target/<profile>` directory above this
-/// test executable.
+/// The directory holding the `master` and `worker` binaries the tests run,
+/// built from the sources of this checkout: `NIGHTSHIFT_BIN_DIR`, else the
+/// `target/<profile>` directory above this test executable, where they are
+/// first built (`cargo build --workspace --bins` for that profile, once per
+/// test process). Either way, binaries older than any of their sources are
+/// refused: a test never passes against yesterday's code.
 pub fn bin_dir() -> anyhow::Result<PathBuf> {
-    if let Some(dir) = std::env::var_os("NIGHTSHIFT_BIN_DIR") {
-        return Ok(PathBuf::from(dir));
-    }
-    let exe = std::env::current_exe().context("cannot locate the test executable")?;
-    let mut dir = exe.parent();
-    while let Some(d) = dir {
-        if d.join("master").is_file() && d.join("worker").is_file() {
-            return Ok(d.to_path_buf());
-        }
-        dir = d.parent();
-    }
-    bail!(
-        "cannot find the `master` and `worker` binaries above {}; run `cargo build --workspace` \
-         first or set NIGHTSHIFT_BIN_DIR",
-        exe.display()
-    )
+    static CHECKED: std::sync::OnceLock<Result<PathBuf, String>> = std::sync::OnceLock::new();
+    CHECKED
+        .get_or_init(|| find_fresh_binaries().map_err(|e| format!("{e:#}")))
+        .clone()
+        .map_err(|e| anyhow!(e))
 }
 
-/// A free loopback TCP port (bound, read, released).
-pub fn free_port() -> anyhow::Result<u16> {
-    let listener = std::net::TcpListener::bind("127.0.0.1:0").context("cannot bind a port")?;
-    Ok(listener.local_addr()?.port())
+/// The workspace root (this crate's parent directory).
+pub fn workspace_root() -> PathBuf {
+    let manifest = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    manifest.parent().map(PathBuf::from).unwrap_or(manifest)
+}
+
+fn find_fresh_binaries() -> anyhow::Result<PathBuf> {
+    let dir = match std::env::var_os("NIGHTSHIFT_BIN_DIR") {
+        Some(dir) => PathBuf::from(dir),
+        None => {
+            let exe = std::env::current_exe().context("cannot locate the test executable")?;
+            // target/<profile>/deps/<test>-<hash> or target/<profile>/<bin>
+            let mut dir = exe
+                .parent()
+                .context("the test executable has no directory")?
+                .to_path_buf();
+            if dir.file_name().is_some_and(|name| name == "deps") {
+                dir.pop();
+            }
+            build_binaries(&dir)?;
+            dir
+        }
+    };
+    for name in ["master", "worker"] {
+        let binary = dir.join(name);
+        let built = fs_err::metadata(&binary)
+            .and_then(|m| m.modified())
+            .with_context(|| {
+                format!(
+                    "cannot find {}: run `cargo build --workspace --bins` (or set NIGHTSHIFT_BIN_DIR)",
+                    binary.display()
+                )
+            })?;
+        if let Some((source, changed)) = newest_source()?
+            && changed > built
+        {
+            bail!(
+                "{} is older than {}: it was not built from these sources; run `cargo build \
+                 --workspace --bins` (with the profile of the tests) and test again",
+                binary.display(),
+                source.display()
+            );
+        }
+    }
+    Ok(dir)
+}
+
+/// `cargo build --workspace --bins` for the profile of `dir`
+/// (`target/debug` → dev, `target/release` → release). Cargo that waits for
+/// the build directory's lock (another cargo holds it) is not waited for:
+/// the freshness check then decides.
+fn build_binaries(dir: &std::path::Path) -> anyhow::Result<()> {
+    if std::env::var_os("NIGHTSHIFT_TEST_NO_BUILD").is_some() {
+        return Ok(());
+    }
+    let profile = match dir.file_name().and_then(|n| n.to_str()) {
+        Some("debug") => "dev".to_owned(),
+        Some(name) => name.to_owned(),
+        None => bail!("{} is not a target/<profile> directory", dir.display()),
+    };
+    let target_dir = dir.parent().context("no target directory")?;
+    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+    let mut command = Command::new(&cargo);
+    // The variables cargo set for this test process describe this package,
+    // not the build: passed on, they would make the nested build differ from
+    // the developer's `cargo build` and rebuild crates that read them.
+    for (key, _) in std::env::vars_os() {
+        let Some(key) = key.to_str() else { continue };
+        if key.starts_with("CARGO_PKG_")
+            || key.starts_with("CARGO_BIN_")
+            || matches!(
+                key,
+                "CARGO_MANIFEST_DIR"
+                    | "CARGO_MANIFEST_PATH"
+                    | "CARGO_CRATE_NAME"
+                    | "CARGO_PRIMARY_PACKAGE"
+                    | "CARGO_TARGET_TMPDIR"
+                    | "OUT_DIR"
+                    | "RUST_RECURSION_COUNT"
+            )
+        {
+            command.env_remove(key);
+        }
+    }
+    let mut child = command
+        .args(["build", "--workspace", "--bins", "--profile", &profile])
+        .arg("--manifest-path")
+        .arg(workspace_root().join("Cargo.toml"))
+        .arg("--target-dir")
+        .arg(target_dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot run {cargo:?} build"))?;
+    let stderr = child.stderr.take().context("no cargo stderr")?;
+    let mut said = Vec::new();
+    for line in BufReader::new(stderr).lines() {
+        let Ok(line) = line else { break };
+        if line.contains("Blocking waiting for file lock") {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Ok(());
+        }
+        said.push(line);
+    }
+    let status = child.wait().context("cannot wait for cargo build")?;
+    if !status.success() {
+        bail!(
+            "`cargo build --workspace --bins --profile {profile}` failed ({status}):\n{}",
+            said.join("\n")
+        );
+    }
+    Ok(())
+}
+
+/// The most recently changed source of the binaries: any file under the
+/// `src/` of `agent`, `master`, `proto` and `policy`, their Cargo.toml, the
+/// workspace's Cargo.toml and Cargo.lock.
+fn newest_source() -> anyhow::Result<Option<(PathBuf, std::time::SystemTime)>> {
+    fn visit(
+        path: &std::path::Path,
+        newest: &mut Option<(PathBuf, std::time::SystemTime)>,
+    ) -> std::io::Result<()> {
+        let meta = fs_err::metadata(path)?;
+        if meta.is_dir() {
+            for entry in fs_err::read_dir(path)? {
+                visit(&entry?.path(), newest)?;
+            }
+        } else {
+            let modified = meta.modified()?;
+            if newest.as_ref().is_none_or(|(_, t)| modified > *t) {
+                *newest = Some((path.to_path_buf(), modified));
+            }
+        }
+        Ok(())
+    }
+    let root = workspace_root();
+    let mut newest = None;
+    for path in [root.join("Cargo.toml"), root.join("Cargo.lock")] {
+        visit(&path, &mut newest).with_context(|| format!("cannot read {}", path.display()))?;
+    }
+    for krate in ["agent", "master", "proto", "policy"] {
+        for path in [
+            root.join(krate).join("src"),
+            root.join(krate).join("Cargo.toml"),
+        ] {
+            visit(&path, &mut newest).with_context(|| format!("cannot read {}", path.display()))?;
+        }
+    }
+    Ok(newest)
+}
+
+/// What identifies the binaries under test: each one's `--version`, size,
+/// modification time and SHA-256 prefix, and the checkout's commit (with
+/// `-dirty` for uncommitted changes). The bench prints it with its figures.
+pub fn binaries_description() -> anyhow::Result<String> {
+    let dir = bin_dir()?;
+    let mut text = String::new();
+    let commit = Command::new("git")
+        .args(["describe", "--always", "--dirty", "--abbrev=12"])
+        .current_dir(workspace_root())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+        .unwrap_or_else(|| "unknown (not a git checkout)".into());
+    let _ = writeln!(text, "sources: {} at {commit}", workspace_root().display());
+    for name in ["master", "worker"] {
+        let path = dir.join(name);
+        let version = Command::new(&path)
+            .arg("--version")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned())
+            .unwrap_or_default();
+        let bytes =
+            fs_err::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+        let modified = fs_err::metadata(&path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| jiff::Timestamp::try_from(t).ok())
+            .map(|t| t.strftime("%Y-%m-%dT%H:%M:%SZ").to_string())
+            .unwrap_or_default();
+        let _ = writeln!(
+            text,
+            "{name}: {} ({version}, {} bytes, built {modified}, sha256 {})",
+            path.display(),
+            bytes.len(),
+            &hex::encode(Sha256::digest(&bytes))[..16]
+        );
+    }
+    Ok(text)
 }
 
 /// Lowercase hex SHA-256.
@@ -93,7 +273,7 @@ pub fn sha256_hex(text: &str) -> String {
 pub fn new_token() -> String {
     use std::io::Read;
     let mut bytes = [0u8; 16];
-    if let Err(e) = std::fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)) {
+    if let Err(e) = fs_err::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut bytes)) {
         panic!("cannot read /dev/urandom for a test token: {e}");
     }
     hex::encode(bytes)
@@ -134,7 +314,7 @@ where
 /// (`Ok(None)`).
 pub fn test_cgroup(tag: &str) -> anyhow::Result<Option<TestCgroup>> {
     let made = (|| -> anyhow::Result<PathBuf> {
-        let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+        let mounts = fs_err::read_to_string("/proc/self/mountinfo")?;
         let mount = mounts
             .lines()
             .find_map(|line| {
@@ -143,7 +323,7 @@ pub fn test_cgroup(tag: &str) -> anyhow::Result<Option<TestCgroup>> {
                     .then(|| before.split_whitespace().nth(4).map(PathBuf::from))?
             })
             .context("no cgroup2 mount in /proc/self/mountinfo")?;
-        let own = std::fs::read_to_string("/proc/self/cgroup")?;
+        let own = fs_err::read_to_string("/proc/self/cgroup")?;
         let relative = own
             .lines()
             .find_map(|line| line.strip_prefix("0::"))
@@ -153,7 +333,7 @@ pub fn test_cgroup(tag: &str) -> anyhow::Result<Option<TestCgroup>> {
         let dir = mount
             .join(relative)
             .join(format!("nightshift-e2e-{}-{tag}", std::process::id()));
-        std::fs::create_dir(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+        fs_err::create_dir(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
         Ok(dir)
     })();
     match made {
@@ -176,14 +356,14 @@ pub struct TestCgroup(pub PathBuf);
 impl Drop for TestCgroup {
     fn drop(&mut self) {
         fn remove(dir: &Path) {
-            if let Ok(entries) = std::fs::read_dir(dir) {
+            if let Ok(entries) = fs_err::read_dir(dir) {
                 for entry in entries.flatten() {
                     if entry.path().is_dir() {
                         remove(&entry.path());
                     }
                 }
             }
-            let _ = std::fs::remove_dir(dir);
+            let _ = fs_err::remove_dir(dir);
         }
         for _ in 0..50 {
             remove(&self.0);
@@ -199,13 +379,18 @@ impl Drop for TestCgroup {
 #[derive(Debug, Clone)]
 pub struct WorkerSpec {
     pub name: String,
+    /// The token master.toml knows (as its hash).
     pub token: String,
+    /// The token its worker.toml holds, when not `token` (an impostor).
+    pub presented_token: Option<String>,
     pub max_builds: u32,
     /// Extra lines for this worker's worker.toml (e.g. `[availability]`).
     pub worker_toml_extra: String,
     /// A cgroup v2 directory the agent is started in (as systemd's
     /// `Delegate=yes` would), see [`test_cgroup`].
     pub cgroup: Option<PathBuf>,
+    /// Extra environment of its `worker run`.
+    pub env: Vec<(String, String)>,
 }
 
 impl WorkerSpec {
@@ -213,15 +398,28 @@ impl WorkerSpec {
         WorkerSpec {
             name: name.to_owned(),
             token: new_token(),
+            presented_token: None,
             max_builds: 1,
             worker_toml_extra: String::new(),
             cgroup: None,
+            env: Vec::new(),
         }
     }
 
     /// Starts the agent inside `cgroup` (a delegated subtree of its own).
     pub fn in_cgroup(mut self, cgroup: &Path) -> WorkerSpec {
         self.cgroup = Some(cgroup.to_owned());
+        self
+    }
+
+    /// Its worker.toml holds `token` instead of the one master.toml knows.
+    pub fn presents_token(mut self, token: &str) -> WorkerSpec {
+        self.presented_token = Some(token.to_owned());
+        self
+    }
+    /// An environment variable for its `worker run`.
+    pub fn env(mut self, key: &str, value: &str) -> WorkerSpec {
+        self.env.push((key.to_owned(), value.to_owned()));
         self
     }
     pub fn max_builds(mut self, n: u32) -> WorkerSpec {
@@ -335,13 +533,15 @@ impl FarmBuilder {
     }
 
     /// Writes master.toml and starts the master; returns once it is ready.
-    pub fn start(self) -> anyhow::Result<Farm> {
+    /// The master binds port 0 and reports the port it got on its ready
+    /// line, which is then written into master.toml (for the CLI, worker
+    /// configs and restarts on the same port).
+    pub async fn start(self) -> anyhow::Result<Farm> {
         let dir = tempfile::Builder::new()
             .prefix("nightshift-e2e-")
             .tempdir()
             .context("cannot create a temp dir")?;
-        let port = free_port()?;
-        let mut text = format!("listen = \"127.0.0.1:{port}\"\ndata_dir = \"data\"\n");
+        let mut text = "listen = \"127.0.0.1:0\"\ndata_dir = \"data\"\n".to_owned();
         if self.insecure {
             text.push_str("insecure = true\n");
         }
@@ -360,19 +560,19 @@ impl FarmBuilder {
         }
         text.push_str(&self.builders);
         let config = dir.path().join("master.toml");
-        std::fs::write(&config, &text).context("cannot write master.toml")?;
+        fs_err::write(&config, &text).context("cannot write master.toml")?;
         let mut farm = Farm {
             bin: bin_dir()?,
             config,
-            port,
+            port: 0,
             insecure: self.insecure,
             workers: self.workers,
             master: None,
             agents: BTreeMap::new(),
-            control_ports: BTreeMap::new(),
+            configured: std::collections::BTreeSet::new(),
             dir,
         };
-        farm.start_master()?;
+        farm.start_master().await?;
         Ok(farm)
     }
 }
@@ -381,8 +581,6 @@ impl FarmBuilder {
 pub struct AgentProcess {
     pub child: Child,
     pub config: PathBuf,
-    /// The agent's control plane (`worker status` etc.).
-    pub control_port: u16,
     /// Every sd_notify message the agent sent on its `NOTIFY_SOCKET`, in
     /// order (`READY=1`, `STATUS=…`, `STOPPING=1`).
     notifications: tokio::sync::watch::Receiver<Vec<String>>,
@@ -393,6 +591,11 @@ impl AgentProcess {
     pub fn notifications(&self) -> Vec<String> {
         self.notifications.borrow().clone()
     }
+
+    /// The agent's sd_notify messages as they come, to await one.
+    pub fn notifications_watch(&self) -> tokio::sync::watch::Receiver<Vec<String>> {
+        self.notifications.clone()
+    }
 }
 
 /// Binds `path` as the agent's `NOTIFY_SOCKET` and reads it on a thread for
@@ -402,7 +605,7 @@ fn listen_for_notifications(
     path: &std::path::Path,
 ) -> anyhow::Result<tokio::sync::watch::Receiver<Vec<String>>> {
     use std::os::unix::net::UnixDatagram;
-    let _ = std::fs::remove_file(path);
+    let _ = fs_err::remove_file(path);
     let socket = UnixDatagram::bind(path)
         .with_context(|| format!("cannot bind the notify socket {}", path.display()))?;
     socket
@@ -436,6 +639,7 @@ fn listen_for_notifications(
 
 /// Resolves when process `pid` has exited (a pidfd turns readable), without
 /// reaping it, so its `Child` still gets the exit status.
+#[allow(unsafe_code, reason = "pidfd_open has no safe wrapper in nix or std")]
 async fn process_exited(pid: u32) -> anyhow::Result<()> {
     use std::os::fd::{FromRawFd, OwnedFd};
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor
@@ -468,10 +672,10 @@ pub struct Farm {
     /// Plain HTTP/`ws://` ([`FarmBuilder::insecure`]) instead of TLS.
     insecure: bool,
     workers: Vec<WorkerSpec>,
-    master: Option<Child>,
+    master: Option<Spawned>,
     agents: BTreeMap<String, AgentProcess>,
-    /// The control port written to each worker.toml so far.
-    control_ports: BTreeMap<String, u16>,
+    /// The workers whose worker.toml is written.
+    configured: std::collections::BTreeSet<String>,
     /// The farm's directory (master.toml, data/, worker dirs, logs).
     pub dir: tempfile::TempDir,
 }
@@ -528,7 +732,7 @@ impl Farm {
     /// The admin token the master generated.
     pub fn admin_token(&self) -> anyhow::Result<String> {
         let path = self.data_dir().join("admin.token");
-        Ok(std::fs::read_to_string(&path)
+        Ok(fs_err::read_to_string(&path)
             .with_context(|| format!("cannot read {}", path.display()))?
             .trim()
             .to_owned())
@@ -561,18 +765,20 @@ impl Farm {
             .ok_or_else(|| anyhow!("no worker `{name}` in this farm"))
     }
 
-    /// Starts `master run --config` and waits for its ready line. Its
-    /// stdout/stderr go to `master.log` in the farm dir.
-    pub fn start_master(&mut self) -> anyhow::Result<()> {
+    /// Starts `master run --config` and waits for its ready line
+    /// (`nightshift master ready on URL`). Its stderr goes to `master.log`
+    /// in the farm dir. The first start learns the port the master bound.
+    pub async fn start_master(&mut self) -> anyhow::Result<()> {
         if self.master.is_some() {
             bail!("the master is already running");
         }
         let log = self.dir.path().join("master.log");
-        let stderr = std::fs::OpenOptions::new()
+        let stderr = fs_err::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log)
-            .context("cannot open master.log")?;
+            .context("cannot open master.log")?
+            .into_file();
         // A relative `--config` from the farm's directory, as an admin types
         // it: paths derived from it must still hold for processes the
         // master starts elsewhere (latent instances).
@@ -581,63 +787,73 @@ impl Farm {
             .strip_prefix(self.dir.path())
             .unwrap_or(&self.config)
             .to_path_buf();
-        let mut child = Command::new(self.master_bin())
+        let mut command = Command::new(self.master_bin());
+        command
             .arg("run")
             .arg("--config")
             .arg(&config)
             .current_dir(self.dir.path())
             .env("NIGHTSHIFT_LOG", "info")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .with_context(|| format!("cannot start {}", self.master_bin().display()))?;
-        let stdout = child.stdout.take().context("no master stdout")?;
-        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut ready_tx = Some(ready_tx);
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if line.starts_with("nightshift master ready on")
-                    && let Some(tx) = ready_tx.take()
-                {
-                    let _ = tx.send(());
-                }
-            }
-        });
-        self.master = Some(child);
-        match ready_rx.recv_timeout(DEADLINE) {
-            Ok(()) => Ok(()),
-            Err(_) => {
-                let log = std::fs::read_to_string(&log).unwrap_or_default();
-                bail!("the master did not become ready within {DEADLINE:?}; its log:\n{log}")
-            }
+            .stderr(stderr);
+        let master = Spawned::start("master", command)?;
+        let ready = master
+            .wait_line("the ready line", |line| {
+                line.starts_with("nightshift master ready on")
+            })
+            .await;
+        let ready = match ready {
+            Ok(line) => line,
+            Err(e) => bail!("{e:#}; its log:\n{}", self.master_log()),
+        };
+        let port = ready
+            .rsplit(':')
+            .next()
+            .and_then(|port| port.trim().parse::<u16>().ok())
+            .with_context(|| format!("no port on the master's ready line {ready:?}"))?;
+        if self.port == 0 {
+            let text = fs_err::read_to_string(&self.config).context("cannot read master.toml")?;
+            let text = text.replacen(
+                "listen = \"127.0.0.1:0\"",
+                &format!("listen = \"127.0.0.1:{port}\""),
+                1,
+            );
+            fs_err::write(&self.config, text).context("cannot rewrite master.toml")?;
+            self.port = port;
+        } else if port != self.port {
+            bail!("the master came back on port {port}, not {}", self.port);
         }
+        self.master = Some(master);
+        Ok(())
     }
 
-    /// SIGKILLs the master (no cleanup at all).
-    pub fn kill_master(&mut self) -> anyhow::Result<()> {
-        let mut child = self.master.take().context("the master is not running")?;
-        child.kill().context("cannot kill the master")?;
-        child.wait().context("cannot reap the master")?;
+    /// SIGKILLs the master (no cleanup at all) and reaps it.
+    pub async fn kill_master(&mut self) -> anyhow::Result<()> {
+        let mut master = self.master.take().context("the master is not running")?;
+        master.signal(nix::sys::signal::Signal::SIGKILL)?;
+        master.wait_exit(DEADLINE).await?;
         Ok(())
     }
 
     /// The master's process id, while it runs.
     pub fn master_pid(&self) -> Option<u32> {
-        self.master.as_ref().map(Child::id)
+        self.master.as_ref().map(Spawned::pid)
     }
 
     /// SIGTERMs the master and returns its exit code.
-    pub fn stop_master(&mut self) -> anyhow::Result<Option<i32>> {
-        let mut child = self.master.take().context("the master is not running")?;
-        signal(child.id(), nix::sys::signal::Signal::SIGTERM)?;
-        Ok(wait_child(&mut child, DEADLINE)?.code())
+    pub async fn stop_master(&mut self) -> anyhow::Result<Option<i32>> {
+        let mut master = self.master.take().context("the master is not running")?;
+        master.signal(nix::sys::signal::Signal::SIGTERM)?;
+        Ok(master.wait_exit(DEADLINE).await?.code())
+    }
+
+    /// What the master printed on stdout so far (the ready lines).
+    pub fn master_stdout(&self) -> Vec<String> {
+        self.master.as_ref().map(Spawned::lines).unwrap_or_default()
     }
 
     /// The master's log so far.
     pub fn master_log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("master.log")).unwrap_or_default()
+        fs_err::read_to_string(self.dir.path().join("master.log")).unwrap_or_default()
     }
 
     /// The directory of worker `name`: its worker.toml, `work/`, `state/`
@@ -666,9 +882,8 @@ impl Farm {
         }
         let spec = self.worker_spec(name)?.clone();
         let wdir = self.worker_dir(name);
-        std::fs::create_dir_all(wdir.join("work"))
+        fs_err::create_dir_all(wdir.join("work"))
             .with_context(|| format!("cannot create {}", wdir.display()))?;
-        let control_port = free_port()?;
         let trust = if self.insecure {
             "insecure = true\n".to_owned()
         } else {
@@ -681,19 +896,19 @@ impl Farm {
             ("", trust.as_str())
         };
         let text = format!(
-            "name = {}\nmaster = \"{}\"\ntoken = {}\nworkdir = {}\nstate_dir = {}\nmax_builds = {}\n{top}{}\n[control]\nlisten = \"127.0.0.1:{control_port}\"\n{tables}",
+            "name = {}\nmaster = \"{}\"\ntoken = {}\nworkdir = {}\nstate_dir = {}\nmax_builds = {}\n{top}{}\n[control]\nlisten = \"127.0.0.1:0\"\n{tables}",
             toml_str(&spec.name),
             self.ws_url(),
-            toml_str(&spec.token),
+            toml_str(spec.presented_token.as_deref().unwrap_or(&spec.token)),
             toml_str(&wdir.join("work").display().to_string()),
             toml_str(&self.worker_state_dir(name).display().to_string()),
             spec.max_builds,
             spec.worker_toml_extra,
         );
         let config = self.worker_config(name);
-        std::fs::write(&config, text)
+        fs_err::write(&config, text)
             .with_context(|| format!("cannot write {}", config.display()))?;
-        self.control_ports.insert(name.to_owned(), control_port);
+        self.configured.insert(name.to_owned());
         Ok(config)
     }
 
@@ -715,7 +930,7 @@ impl Farm {
         if self.agents.contains_key(name) {
             bail!("worker `{name}` is still running");
         }
-        if !self.control_ports.contains_key(name) {
+        if !self.configured.contains(name) {
             bail!("worker `{name}` has no worker.toml yet: start it with `start_worker`");
         }
         self.spawn_worker(name)
@@ -724,19 +939,24 @@ impl Farm {
     /// Spawns `worker run --config <name's worker.toml>` with stdout and
     /// stderr appended to its `worker.log` and a `NOTIFY_SOCKET` the farm
     /// reads.
+    #[allow(
+        unsafe_code,
+        reason = "moving the agent into its test cgroup between fork and exec has no safe wrapper"
+    )]
     fn spawn_worker(&mut self, name: &str) -> anyhow::Result<&mut AgentProcess> {
-        let control_port = *self
-            .control_ports
-            .get(name)
-            .with_context(|| format!("worker `{name}` has no worker.toml yet"))?;
+        if !self.configured.contains(name) {
+            bail!("worker `{name}` has no worker.toml yet");
+        }
         let wdir = self.worker_dir(name);
         let config = self.worker_config(name);
         let notify_path = wdir.join("notify.sock");
         let notifications = listen_for_notifications(&notify_path)?;
-        let log = std::fs::OpenOptions::new()
+        let log = fs_err::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(wdir.join("worker.log"))?;
+            .open(wdir.join("worker.log"))?
+            .into_file();
+        let spec = self.worker_spec(name)?.clone();
         let mut command = Command::new(self.worker_bin());
         command
             .arg("run")
@@ -744,6 +964,7 @@ impl Farm {
             .arg(&config)
             .current_dir(&wdir)
             .env("NOTIFY_SOCKET", &notify_path)
+            .envs(spec.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log);
@@ -769,7 +990,6 @@ impl Farm {
         Ok(self.agents.entry(name.to_owned()).or_insert(AgentProcess {
             child,
             config,
-            control_port,
             notifications,
         }))
     }
@@ -848,7 +1068,7 @@ impl Farm {
 
     /// `worker stop` (immediate: nothing to finish) for `name`, which must
     /// succeed, then waits for its agent to exit with code 0.
-    pub fn stop_worker(&mut self, name: &str) -> anyhow::Result<()> {
+    pub async fn stop_worker(&mut self, name: &str) -> anyhow::Result<()> {
         if !self.agents.contains_key(name) {
             bail!("worker `{name}` is not running");
         }
@@ -856,7 +1076,7 @@ impl Farm {
         if code != 0 {
             bail!("`worker stop` for `{name}` exited {code}: {stderr}");
         }
-        let exit = self.wait_worker_exit(name, DEADLINE)?;
+        let exit = self.wait_worker_exit(name, DEADLINE).await?;
         if exit != Some(0) {
             bail!(
                 "`worker run` for `{name}` exited with {exit:?} after `worker stop`; its log:\n{}",
@@ -870,7 +1090,7 @@ impl Farm {
     /// on, as it wrote it to `state_dir/control.addr`: `http://HOST:PORT/`.
     pub fn worker_control_url(&self, name: &str) -> anyhow::Result<String> {
         let path = self.worker_state_dir(name).join("control.addr");
-        let addr = std::fs::read_to_string(&path)
+        let addr = fs_err::read_to_string(&path)
             .with_context(|| format!("cannot read {}", path.display()))?;
         Ok(format!("http://{}/", addr.trim()))
     }
@@ -879,7 +1099,7 @@ impl Farm {
     /// `state_dir/control.token` (`Authorization: Bearer …` on its control API).
     pub fn worker_control_token(&self, name: &str) -> anyhow::Result<String> {
         let path = self.worker_state_dir(name).join("control.token");
-        Ok(std::fs::read_to_string(&path)
+        Ok(fs_err::read_to_string(&path)
             .with_context(|| format!("cannot read {}", path.display()))?
             .trim()
             .to_owned())
@@ -901,18 +1121,44 @@ impl Farm {
     }
 
     /// Waits for an agent to exit by itself; returns its exit code.
-    pub fn wait_worker_exit(
+    pub async fn wait_worker_exit(
         &mut self,
         name: &str,
         deadline: Duration,
     ) -> anyhow::Result<Option<i32>> {
         let mut agent = self.agents.remove(name).context("no such running worker")?;
-        Ok(wait_child(&mut agent.child, deadline)?.code())
+        Ok(wait_child(&mut agent.child, deadline).await?.code())
+    }
+
+    /// Sends `signal` to `name`'s agent.
+    pub fn signal_worker(
+        &self,
+        name: &str,
+        signal: nix::sys::signal::Signal,
+    ) -> anyhow::Result<()> {
+        let agent = self
+            .agents
+            .get(name)
+            .with_context(|| format!("worker `{name}` is not running"))?;
+        send_signal(agent.child.id(), signal)
+    }
+
+    /// The port of `name`'s control plane (its worker.toml says port 0; the
+    /// agent writes the bound address to `state_dir/control.addr`).
+    pub fn worker_control_port(&self, name: &str) -> anyhow::Result<u16> {
+        let path = self.worker_state_dir(name).join("control.addr");
+        let addr = fs_err::read_to_string(&path)
+            .with_context(|| format!("cannot read {}", path.display()))?;
+        let addr: std::net::SocketAddr = addr
+            .trim()
+            .parse()
+            .with_context(|| format!("{} holds no address: {addr:?}", path.display()))?;
+        Ok(addr.port())
     }
 
     /// A worker's log so far.
     pub fn worker_log(&self, name: &str) -> String {
-        std::fs::read_to_string(
+        fs_err::read_to_string(
             self.dir
                 .path()
                 .join("workers")
@@ -1039,23 +1285,133 @@ impl Farm {
     }
 }
 
-fn signal(pid: u32, sig: nix::sys::signal::Signal) -> anyhow::Result<()> {
+fn send_signal(pid: u32, sig: nix::sys::signal::Signal) -> anyhow::Result<()> {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), sig)
         .with_context(|| format!("cannot signal process {pid}"))
 }
 
-fn wait_child(child: &mut Child, deadline: Duration) -> anyhow::Result<std::process::ExitStatus> {
-    let start = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait()? {
-            return Ok(status);
+/// Waits (on a pidfd, not by polling) for `child` to exit, then reaps it;
+/// kills it after `deadline`.
+async fn wait_child(
+    child: &mut Child,
+    deadline: Duration,
+) -> anyhow::Result<std::process::ExitStatus> {
+    if let Some(status) = child.try_wait()? {
+        return Ok(status);
+    }
+    match tokio::time::timeout(deadline, process_exited(child.id())).await {
+        Ok(exited) => {
+            exited?;
+            Ok(child.wait()?)
         }
-        if start.elapsed() > deadline {
+        Err(_) => {
             let _ = child.kill();
             let _ = child.wait();
             bail!("process {} did not exit within {deadline:?}", child.id());
         }
-        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A process a test started, its stdout read line by line as it comes (a
+/// thread per process); killed on drop.
+pub struct Spawned {
+    name: String,
+    child: Option<Child>,
+    lines: tokio::sync::watch::Receiver<Vec<String>>,
+}
+
+impl Spawned {
+    /// Spawns `command` with stdin closed and stdout read here (stderr as
+    /// the caller set it).
+    pub fn start(name: &str, mut command: Command) -> anyhow::Result<Spawned> {
+        let mut child = command
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("cannot start {name}"))?;
+        let stdout = child.stdout.take().context("no stdout")?;
+        let (sender, lines) = tokio::sync::watch::channel(Vec::new());
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                sender.send_modify(|seen| seen.push(line));
+            }
+        });
+        Ok(Spawned {
+            name: name.to_owned(),
+            child: Some(child),
+            lines,
+        })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
+    /// Every stdout line so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.borrow().clone()
+    }
+
+    /// Waits for a stdout line matching `matches` and returns it; fails at
+    /// once if the process exits (or closes stdout) first, and after
+    /// [`DEADLINE`].
+    pub async fn wait_line(
+        &self,
+        what: &str,
+        matches: impl Fn(&str) -> bool,
+    ) -> anyhow::Result<String> {
+        let find = |seen: &Vec<String>| seen.iter().find(|l| matches(l)).cloned();
+        let mut lines = self.lines.clone();
+        let pid = self.pid();
+        let outcome = tokio::time::timeout(DEADLINE, async {
+            tokio::select! {
+                seen = lines.wait_for(|seen| find(seen).is_some()) => seen.ok().and_then(|seen| find(&seen)),
+                _ = process_exited(pid) => None,
+            }
+        })
+        .await;
+        match outcome {
+            Ok(Some(line)) => Ok(line),
+            // It may have printed the line just before it ended.
+            Ok(None) => find(&self.lines.borrow()).with_context(|| {
+                format!(
+                    "{} ended before it printed {what}; its stdout:\n{}",
+                    self.name,
+                    self.lines().join("\n")
+                )
+            }),
+            Err(_) => bail!(
+                "{} did not print {what} within {DEADLINE:?}; its stdout:\n{}",
+                self.name,
+                self.lines().join("\n")
+            ),
+        }
+    }
+
+    pub fn signal(&self, signal: nix::sys::signal::Signal) -> anyhow::Result<()> {
+        send_signal(self.pid(), signal)
+    }
+
+    /// Waits for the process to exit and reaps it; kills it after `deadline`.
+    pub async fn wait_exit(
+        &mut self,
+        deadline: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        let mut child = self
+            .child
+            .take()
+            .with_context(|| format!("{} was already reaped", self.name))?;
+        wait_child(&mut child, deadline).await
+    }
+}
+
+impl Drop for Spawned {
+    fn drop(&mut self) {
+        if let Some(child) = self.child.as_mut() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 }
 
@@ -1064,11 +1420,11 @@ fn wait_child(child: &mut Child, deadline: Duration) -> anyhow::Result<std::proc
 /// group, or `-`). A SIGKILLed agent leaves its builds running, as a crashed
 /// one would; the tests then end them as a dead machine would.
 fn kill_recorded_builds(state_dir: &std::path::Path) {
-    let Ok(entries) = std::fs::read_dir(state_dir.join("running")) else {
+    let Ok(entries) = fs_err::read_dir(state_dir.join("running")) else {
         return;
     };
     for entry in entries.flatten() {
-        let pgid = std::fs::read_to_string(entry.path())
+        let pgid = fs_err::read_to_string(entry.path())
             .ok()
             .and_then(|text| text.lines().next()?.trim().parse::<i32>().ok());
         if let Some(pgid) = pgid.filter(|pgid| *pgid > 1) {
@@ -1090,15 +1446,13 @@ impl Drop for Farm {
             kill_recorded_builds(&self.worker_state_dir(&spec.name));
         }
         // Latent `process` instances the master started.
-        if let Ok(entries) = std::fs::read_dir(self.data_dir().join("latent")) {
+        if let Ok(entries) = fs_err::read_dir(self.data_dir().join("latent")) {
             for entry in entries.flatten() {
                 kill_recorded_builds(&entry.path().join("state"));
             }
         }
-        if let Some(master) = self.master.as_mut() {
-            let _ = master.kill();
-            let _ = master.wait();
-        }
+        // The master (a `Spawned`) is killed when it drops.
+        self.master = None;
         if std::thread::panicking() {
             eprintln!("--- master log ---\n{}", self.master_log());
             for name in self.agents.keys() {

@@ -190,7 +190,7 @@ struct Entry {
 }
 
 fn read_ledger(path: &Path) -> anyhow::Result<Vec<Entry>> {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let text = fs_err::read_to_string(path).unwrap_or_default();
     let mut entries = Vec::new();
     for line in text.lines() {
         let mut parts = line.split(' ');
@@ -289,7 +289,7 @@ pub async fn run(config: SoakConfig) -> anyhow::Result<SoakReport> {
     for (i, name) in workers.iter().enumerate() {
         builder = builder.worker(WorkerSpec::new(name).max_builds(1 + (i % 2) as u32));
     }
-    let mut farm = builder.start()?;
+    let mut farm = builder.start().await?;
     for name in &workers {
         farm.start_worker(name)?;
     }
@@ -447,7 +447,8 @@ impl Soak {
         let from = now_secs();
         let code = self
             .farm
-            .wait_worker_exit(worker, Duration::from_secs(60))?;
+            .wait_worker_exit(worker, Duration::from_secs(60))
+            .await?;
         if code != Some(0) {
             bail!("`worker stop --graceful` left {worker} exiting with {code:?}");
         }
@@ -483,10 +484,10 @@ impl Soak {
 
     async fn kill_master(&mut self) -> anyhow::Result<()> {
         self.count("SIGKILL master");
-        self.farm.kill_master()?;
+        self.farm.kill_master().await?;
         let down = self.rng.random_range(0..1500);
         tokio::time::sleep(Duration::from_millis(down)).await;
-        self.farm.start_master()
+        self.farm.start_master().await
     }
 
     /// A worker with a valid token that no builder lists tries to adopt and

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 
-use crate::{DEADLINE, bin_dir, free_port, wait_for};
+use crate::{DEADLINE, bin_dir, wait_for};
 
 /// A `worker run` with a `[supervise]` section.
 pub struct SupervisedWorker {
@@ -19,19 +19,19 @@ pub struct SupervisedWorker {
 }
 
 impl SupervisedWorker {
-    /// Writes `dir/worker.toml` (name, workdir, state_dir, a free control
-    /// port, then `toml`, which holds `[supervise]` and any policies) and
+    /// Writes `dir/worker.toml` (name, workdir, state_dir, the control plane
+    /// on port 0 — the agent picks a free one and writes it to
+    /// `state/control.addr` — then `toml`, which holds `[supervise]` and any policies) and
     /// starts the agent.
     pub fn start(dir: &Path, name: &str, toml: &str) -> anyhow::Result<SupervisedWorker> {
-        std::fs::create_dir_all(dir)?;
+        fs_err::create_dir_all(dir)?;
         let config = dir.join("worker.toml");
         let text = format!(
-            "name = \"{name}\"\nworkdir = \"{}\"\nstate_dir = \"{}\"\n\n[control]\nlisten = \"127.0.0.1:{}\"\n\n{toml}",
+            "name = \"{name}\"\nworkdir = \"{}\"\nstate_dir = \"{}\"\n\n[control]\nlisten = \"127.0.0.1:0\"\n\n{toml}",
             dir.join("work").display(),
             dir.join("state").display(),
-            free_port()?
         );
-        std::fs::write(&config, text)?;
+        fs_err::write(&config, text)?;
         let mut worker = SupervisedWorker {
             dir: dir.to_path_buf(),
             config,
@@ -46,10 +46,11 @@ impl SupervisedWorker {
         if self.child.is_some() {
             bail!("the worker is still running");
         }
-        let log = std::fs::OpenOptions::new()
+        let log = fs_err::OpenOptions::new()
             .create(true)
             .append(true)
-            .open(self.dir.join("worker.log"))?;
+            .open(self.dir.join("worker.log"))?
+            .into_file();
         let child = Command::new(bin_dir()?.join("worker"))
             .arg("run")
             .arg("--config")
@@ -70,8 +71,8 @@ impl SupervisedWorker {
         if self.child.is_some() {
             bail!("the worker is still running");
         }
-        let text = std::fs::read_to_string(&self.config)?;
-        std::fs::write(&self.config, edit(text))?;
+        let text = fs_err::read_to_string(&self.config)?;
+        fs_err::write(&self.config, edit(text))?;
         Ok(())
     }
 
@@ -173,12 +174,12 @@ impl SupervisedWorker {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("worker.log")).unwrap_or_default()
+        fs_err::read_to_string(self.dir.join("worker.log")).unwrap_or_default()
     }
 
     /// The pid the supervised CI agent's pidfile names, if any.
     pub fn supervised_pidfile(&self) -> Option<i32> {
-        std::fs::read_to_string(self.dir.join("state").join("supervised.pid"))
+        fs_err::read_to_string(self.dir.join("state").join("supervised.pid"))
             .ok()?
             .split_whitespace()
             .next()?
@@ -204,7 +205,7 @@ impl Drop for SupervisedWorker {
 
 /// Whether process `pid` exists (and is not a zombie).
 pub fn alive(pid: i32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+    fs_err::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
         stat.rsplit_once(')')
             .is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z'))
     })

@@ -324,7 +324,7 @@ fn screenshot_dir() -> anyhow::Result<PathBuf> {
         .parent()
         .context("locating target/")?
         .join("screenshots");
-    std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+    fs_err::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
     Ok(dir)
 }
 
@@ -343,7 +343,8 @@ hours = "17:00-23:00"
 state = "reluctant"
 "#,
         ))
-        .start()?;
+        .start()
+        .await?;
     farm.start_worker("lab-3")?;
     farm.wait_worker_ready("lab-3").await?;
     farm.wait_worker("lab-3", "the worker connect", |worker| worker.connected)
@@ -431,7 +432,7 @@ state = "reluctant"
     let png = browser.screenshot(1000).await?;
     assert!(png.starts_with(b"\x89PNG\r\n\x1a\n"), "not a PNG");
     let path = screenshot_dir()?.join("status-page.png");
-    std::fs::write(&path, &png).with_context(|| format!("writing {}", path.display()))?;
+    fs_err::write(&path, &png).with_context(|| format!("writing {}", path.display()))?;
     eprintln!("screenshot: {}", path.display());
 
     // The agent agrees: away, set by hand, for an hour.
@@ -448,7 +449,7 @@ state = "reluctant"
     .await?;
 
     drop(browser);
-    farm.stop_worker("lab-3")
+    farm.stop_worker("lab-3").await
 }
 
 #[test]

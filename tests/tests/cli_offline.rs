@@ -1,30 +1,12 @@
 //! End-to-end tests of `worker check` and `worker schedule` through the real binary:
 //! a volunteer's night-only worker.toml, a broken file, JSON and human schedules.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
-/// The directory holding the built `worker` binary: `NIGHTSHIFT_BIN_DIR`, or the
-/// nearest ancestor of this test executable that contains `worker`.
-fn bin_dir() -> PathBuf {
-    if let Some(dir) = std::env::var_os("NIGHTSHIFT_BIN_DIR") {
-        return PathBuf::from(dir);
-    }
-    let exe = std::env::current_exe().expect("test executable path");
-    exe.ancestors()
-        .skip(1)
-        .find(|dir| dir.join("worker").is_file())
-        .map(Path::to_path_buf)
-        .unwrap_or_else(|| {
-            panic!(
-                "no `worker` binary next to {}; run `cargo build -p nightshift-agent` first or set NIGHTSHIFT_BIN_DIR",
-                exe.display()
-            )
-        })
-}
-
 fn worker(dir: &Path, args: &[&str]) -> Output {
-    Command::new(bin_dir().join("worker"))
+    let bin = nightshift_tests::bin_dir().unwrap_or_else(|e| panic!("{e:#}"));
+    Command::new(bin.join("worker"))
         .args(args)
         .current_dir(dir)
         .env_remove("NIGHTSHIFT_WORKER_CONFIG")
@@ -55,7 +37,7 @@ hours = "19:00-07:00"
 
 fn dir_with(config: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().expect("temp dir");
-    std::fs::write(dir.path().join("worker.toml"), config).expect("write worker.toml");
+    fs_err::write(dir.path().join("worker.toml"), config).expect("write worker.toml");
     dir
 }
 
@@ -409,15 +391,19 @@ fn master_check_rejects_misplaced_names_and_warns_on_day_fields() {
              token_sha256 = \"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\"\n\
              schedule = [\n  {{ name = \"odd\", open = \"{open}\", close = \"0 17 * * *\" }},\n]\n"
         );
-        std::fs::write(dir.path().join("master.toml"), config).expect("write master.toml");
+        fs_err::write(dir.path().join("master.toml"), config).expect("write master.toml");
     };
     let master = |dir: &Path| {
-        Command::new(bin_dir().join("master"))
-            .args(["check", "--config", "master.toml"])
-            .current_dir(dir)
-            .env("TZ", "UTC")
-            .output()
-            .expect("run master")
+        Command::new(
+            nightshift_tests::bin_dir()
+                .unwrap_or_else(|e| panic!("{e:#}"))
+                .join("master"),
+        )
+        .args(["check", "--config", "master.toml"])
+        .current_dir(dir)
+        .env("TZ", "UTC")
+        .output()
+        .expect("run master")
     };
     write("0 9 */2 * mon");
     let out = master(dir.path());

@@ -18,10 +18,10 @@ const WORKER: &str = "lab-3";
 
 /// An insecure (plain `ws://`) farm whose master knows [`WORKER`], registered
 /// with `master add-worker`; its agent's policy is "available" in Berlin.
-fn farm() -> anyhow::Result<Farm> {
+async fn farm() -> anyhow::Result<Farm> {
     let spec = WorkerSpec::added_by_master(WORKER)?
         .worker_toml("[availability]\ntimezone = \"Europe/Berlin\"\ndefault = \"available\"");
-    Farm::builder().insecure().worker(spec).start()
+    Farm::builder().insecure().worker(spec).start().await
 }
 
 /// Starts [`WORKER`]'s agent and waits for its READY=1.
@@ -32,7 +32,7 @@ async fn start_agent(farm: &mut Farm) -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_changes_the_state_and_the_master_sees_it() -> anyhow::Result<()> {
-    let mut farm = farm()?;
+    let mut farm = farm().await?;
     start_agent(&mut farm).await?;
     farm.wait_worker(WORKER, "the worker connect as available", |worker| {
         worker.connected && worker.state == PresenceState::Available
@@ -120,7 +120,7 @@ async fn cli_changes_the_state_and_the_master_sees_it() -> anyhow::Result<()> {
     })
     .await?;
 
-    farm.stop_worker(WORKER)?;
+    farm.stop_worker(WORKER).await?;
     farm.wait_worker(WORKER, "the worker leave", |worker| !worker.connected)
         .await?;
     Ok(())
@@ -128,7 +128,7 @@ async fn cli_changes_the_state_and_the_master_sees_it() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_manual_state_survives_an_agent_restart() -> anyhow::Result<()> {
-    let mut farm = farm()?;
+    let mut farm = farm().await?;
     start_agent(&mut farm).await?;
     let before = farm.worker_cli_json(
         WORKER,
@@ -142,7 +142,7 @@ async fn a_manual_state_survives_an_agent_restart() -> anyhow::Result<()> {
     )?;
     assert_eq!(before["manual"]["state"], "away", "{before}");
 
-    farm.stop_worker(WORKER)?;
+    farm.stop_worker(WORKER).await?;
     let (code, _, stderr) = farm.worker_cli(WORKER, &["status"])?;
     assert_eq!(code, 1, "no agent runs now: {stderr}");
 
@@ -160,7 +160,7 @@ async fn a_manual_state_survives_an_agent_restart() -> anyhow::Result<()> {
             && worker.source == Some(Source::Manual)
     })
     .await?;
-    farm.stop_worker(WORKER)
+    farm.stop_worker(WORKER).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -168,7 +168,8 @@ async fn an_agent_with_a_bad_config_exits_2_without_becoming_ready() -> anyhow::
     let mut farm = Farm::builder()
         .insecure()
         .worker(WorkerSpec::new(WORKER).worker_toml("max_bulds = 2"))
-        .start()?;
+        .start()
+        .await?;
     farm.start_worker(WORKER)?;
     let error = match farm.wait_worker_ready(WORKER).await {
         Ok(()) => anyhow::bail!("an agent with an unknown key in worker.toml became ready"),
@@ -188,7 +189,7 @@ async fn an_agent_with_a_bad_config_exits_2_without_becoming_ready() -> anyhow::
         !notifications.iter().any(|m| m == "READY=1"),
         "{notifications:?}"
     );
-    assert_eq!(farm.wait_worker_exit(WORKER, DEADLINE)?, Some(2));
+    assert_eq!(farm.wait_worker_exit(WORKER, DEADLINE).await?, Some(2));
     Ok(())
 }
 
@@ -219,7 +220,7 @@ fn assert_no_agent(farm: &Farm) -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_without_an_agent_says_so_in_one_line() -> anyhow::Result<()> {
-    let mut farm = farm()?;
+    let mut farm = farm().await?;
     farm.write_worker_config(WORKER)?;
     let state_dir = farm.worker_state_dir(WORKER);
     // Never started: no state dir at all.
@@ -237,12 +238,12 @@ async fn cli_without_an_agent_says_so_in_one_line() -> anyhow::Result<()> {
     farm.wait_worker_ready(WORKER).await?;
     let status = farm.worker_cli_json(WORKER, &["status", "--json"])?;
     assert_eq!(status["worker"], "lab-3");
-    farm.stop_worker(WORKER)
+    farm.stop_worker(WORKER).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn usage_errors_exit_2_and_change_nothing() -> anyhow::Result<()> {
-    let mut farm = farm()?;
+    let mut farm = farm().await?;
     start_agent(&mut farm).await?;
     for args in [
         &["set-availability", "away", "--for", "soon"][..],
@@ -272,7 +273,7 @@ async fn usage_errors_exit_2_and_change_nothing() -> anyhow::Result<()> {
 
     // A bad worker.toml is a config error: exit 2, naming the key.
     let bad = farm.dir.path().join("bad.toml");
-    std::fs::write(
+    fs_err::write(
         &bad,
         "name = \"x\"\nmaster = \"ws://127.0.0.1:9\"\nmax_bulds = 2\n",
     )?;
@@ -283,7 +284,7 @@ async fn usage_errors_exit_2_and_change_nothing() -> anyhow::Result<()> {
         .await?;
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("max_bulds"));
-    farm.stop_worker(WORKER)
+    farm.stop_worker(WORKER).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -295,9 +296,9 @@ async fn packaging_examples_are_valid() -> anyhow::Result<()> {
     let bin = bin_dir()?;
 
     // The worker example points at system paths; move them into the temp dir.
-    let worker = std::fs::read_to_string(root.join("examples/worker.toml"))?;
+    let worker = fs_err::read_to_string(root.join("examples/worker.toml"))?;
     let token_file = dir.path().join("worker.token");
-    std::fs::write(&token_file, "example-token\n")?;
+    fs_err::write(&token_file, "example-token\n")?;
     let worker = worker
         .replace(
             "/etc/nightshift/worker.token",
@@ -305,7 +306,7 @@ async fn packaging_examples_are_valid() -> anyhow::Result<()> {
         )
         .replace("/var/lib/nightshift", &dir.path().display().to_string());
     let worker_config = dir.path().join("worker.toml");
-    std::fs::write(&worker_config, worker)?;
+    fs_err::write(&worker_config, worker)?;
     let output = Command::new(bin.join("worker"))
         .args(["check", "--config"])
         .arg(&worker_config)
@@ -318,12 +319,12 @@ async fn packaging_examples_are_valid() -> anyhow::Result<()> {
         String::from_utf8_lossy(&output.stderr)
     );
 
-    let master = std::fs::read_to_string(root.join("examples/master.toml"))?.replace(
+    let master = fs_err::read_to_string(root.join("examples/master.toml"))?.replace(
         "/var/lib/nightshift-master",
         &dir.path().join("m").display().to_string(),
     );
     let master_config = dir.path().join("master.toml");
-    std::fs::write(&master_config, master)?;
+    fs_err::write(&master_config, master)?;
     let output = Command::new(bin.join("master"))
         .args(["check", "--config"])
         .arg(&master_config)
@@ -409,7 +410,7 @@ async fn raw_request(addr: &str, head: &str, body: &str) -> anyhow::Result<(u16,
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn other_origins_cannot_change_the_real_agent() -> anyhow::Result<()> {
-    let mut farm = farm()?;
+    let mut farm = farm().await?;
     start_agent(&mut farm).await?;
     let url = farm.worker_control_url(WORKER)?;
     let addr = url
@@ -476,5 +477,5 @@ async fn other_origins_cannot_change_the_real_agent() -> anyhow::Result<()> {
     assert_eq!(code, 200, "{body}");
     let status = farm.worker_cli_json(WORKER, &["status", "--json"])?;
     assert_eq!(status["presence"]["state"], "away", "{status}");
-    farm.stop_worker(WORKER)
+    farm.stop_worker(WORKER).await
 }

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use nightshift_tests::supervised::{SupervisedWorker, alive};
-use nightshift_tests::{DEADLINE, free_port, wait_for};
+use nightshift_tests::{DEADLINE, wait_for};
 use serde_json::{Value, json};
 
 const CONSTRAINTS: &str = include_str!("../buildbot/constraints.txt");
@@ -37,21 +37,22 @@ const PACKAGES: [&str; 3] = [
 /// lock file, marked complete by a stamp holding the pins).
 fn buildbot_venv() -> anyhow::Result<PathBuf> {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join("buildbot-4.3.0-venv");
-    let lock = std::fs::OpenOptions::new()
+    let lock = fs_err::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
-        .open(dir.with_extension("lock"))?;
+        .open(dir.with_extension("lock"))?
+        .into_file();
     let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
         .map_err(|(_, errno)| anyhow::anyhow!("cannot lock the venv: {errno}"))?;
     let stamp = dir.join(".nightshift-complete");
     let pins = format!("{}\n{CONSTRAINTS}", PACKAGES.join("\n"));
-    if std::fs::read_to_string(&stamp).is_ok_and(|text| text == pins) {
+    if fs_err::read_to_string(&stamp).is_ok_and(|text| text == pins) {
         return Ok(dir);
     }
-    let _ = std::fs::remove_dir_all(&dir);
+    let _ = fs_err::remove_dir_all(&dir);
     let constraints = dir.with_extension("constraints.txt");
-    std::fs::write(&constraints, CONSTRAINTS)?;
+    fs_err::write(&constraints, CONSTRAINTS)?;
     let venv = Command::new("python3")
         .args(["-m", "venv"])
         .arg(&dir)
@@ -82,7 +83,7 @@ fn buildbot_venv() -> anyhow::Result<PathBuf> {
         dir.display(),
         started.elapsed()
     );
-    std::fs::write(&stamp, pins)?;
+    fs_err::write(&stamp, pins)?;
     Ok(dir)
 }
 
@@ -108,9 +109,9 @@ impl BuildbotMaster {
                 String::from_utf8_lossy(&create.stderr)
             );
         }
-        std::fs::write(dir.join("master.cfg"), MASTER_CFG)?;
+        fs_err::write(dir.join("master.cfg"), MASTER_CFG)?;
         let (www, pb) = (free_port()?, free_port()?);
-        let log = std::fs::File::create(dir.join("stdout.log"))?;
+        let log = fs_err::File::create(dir.join("stdout.log"))?.into_file();
         let child = Command::new(venv.join("bin/buildbot"))
             .args(["start", "--nodaemon"])
             .arg(dir)
@@ -131,7 +132,7 @@ impl BuildbotMaster {
     }
 
     fn log(&self) -> String {
-        let read = |name: &str| std::fs::read_to_string(self.dir.join(name)).unwrap_or_default();
+        let read = |name: &str| fs_err::read_to_string(self.dir.join(name)).unwrap_or_default();
         format!("{}\n{}", read("stdout.log"), read("twistd.log"))
     }
 
@@ -332,7 +333,7 @@ async fn presence_drives_a_real_buildbot_worker() -> anyhow::Result<()> {
         eprintln!(
             "--- nightshift worker log ---\n{}\n--- buildbot-worker twistd.log ---\n{}\n--- Buildbot master log ---\n{}",
             worker.log(),
-            std::fs::read_to_string(bb_worker_dir.join("twistd.log")).unwrap_or_default(),
+            fs_err::read_to_string(bb_worker_dir.join("twistd.log")).unwrap_or_default(),
             master.log()
         );
     }
@@ -439,4 +440,13 @@ async fn scenarios(master: &BuildbotMaster, worker: &mut SupervisedWorker) -> an
     assert!(!master.request_claimed(after_close)?);
     assert_eq!(worker.status()?["presence"]["state"], "away");
     Ok(())
+}
+
+/// A port for Buildbot's own listeners. Buildbot cannot bind port 0 and
+/// report the port it got, so this binds, reads and releases one (our own
+/// processes bind port 0 themselves).
+fn free_port() -> anyhow::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
 }

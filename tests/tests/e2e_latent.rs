@@ -17,8 +17,8 @@ fn toml_str(text: &str) -> String {
 fn script(dir: &Path, name: &str, body: &str) -> anyhow::Result<String> {
     use std::os::unix::fs::PermissionsExt;
     let path = dir.join(name);
-    std::fs::write(&path, format!("#!/bin/sh\n{body}\n"))?;
-    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+    fs_err::write(&path, format!("#!/bin/sh\n{body}\n"))?;
+    fs_err::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
     Ok(path.display().to_string())
 }
 
@@ -72,7 +72,7 @@ async fn a_burst_of_20_requests_on_5_latent_workers_with_max_starting_2() -> any
         "\n[[builder]]\nname = \"burst\"\nworkers = [{}]\nsteps = [{{ name = \"hi\", command = \"echo hi from $PWD\" }}]\n",
         names.iter().map(|n| toml_str(n)).collect::<Vec<_>>().join(", ")
     ));
-    let farm = Farm::builder().master_toml(&extra).start()?;
+    let farm = Farm::builder().master_toml(&extra).start().await?;
     let api = farm.api()?;
 
     // Before any request, every latent worker is stopped.
@@ -179,7 +179,8 @@ steps = [{{ name = "s", command = "echo built" }}]
     let mut farm = Farm::builder()
         .worker(WorkerSpec::new("w1"))
         .master_toml(&extra)
-        .start()?;
+        .start()
+        .await?;
     let api = farm.api()?;
     let id = api.submit("app", BTreeMap::new()).await?.build_id;
 
@@ -252,7 +253,7 @@ steps = [{{ name = "s", command = "echo built" }}]
         start = toml_str(&start),
         stop = toml_str(&stop),
     );
-    let farm = Farm::builder().master_toml(&extra).start()?;
+    let farm = Farm::builder().master_toml(&extra).start().await?;
     let api = farm.api()?;
     let id = api.submit("app", BTreeMap::new()).await?.build_id;
     let build = farm.wait_build(id).await?;
@@ -296,7 +297,7 @@ steps = [{{ name = "s", command = {cmd} }}]
 "#,
         cmd = toml_str("touch s.started; while [ ! -f s.go ]; do sleep 0.05; done; rm -f s.go"),
     );
-    let farm = Farm::builder().master_toml(&extra).start()?;
+    let farm = Farm::builder().master_toml(&extra).start().await?;
     let api = farm.api()?;
     let id = api.submit("app", BTreeMap::new()).await?.build_id;
     let instance = farm.data_dir().join("latent").join("l1");
@@ -331,7 +332,7 @@ steps = [{{ name = "s", command = {cmd} }}]
         .expect("latent");
     assert_eq!(l1.state, "running", "the build runs on: {l1:?}");
 
-    std::fs::write(build_dir.join("s.go"), b"")?;
+    fs_err::write(build_dir.join("s.go"), b"")?;
     let build = farm.wait_build(id).await?;
     assert_eq!(build.outcome, Some(Outcome::Success), "{build:?}");
     let stopped = wait_for("l1 to be stopped after its build", DEADLINE, || {
@@ -378,7 +379,7 @@ steps = [{{ name = "s", command = "true" }}]
         start = toml_str(&start),
         stop = toml_str(&stop),
     );
-    let mut farm = Farm::builder().master_toml(&extra).start()?;
+    let mut farm = Farm::builder().master_toml(&extra).start().await?;
     let api = farm.api()?;
     api.submit("app", BTreeMap::new()).await?;
     wait_for("the instance to be starting", DEADLINE, || {
@@ -391,7 +392,7 @@ steps = [{{ name = "s", command = "true" }}]
     })
     .await?;
     assert!(!stopped.exists());
-    assert_eq!(farm.stop_master()?, Some(0));
+    assert_eq!(farm.stop_master().await?, Some(0));
     assert!(
         stopped.exists(),
         "the stop script ran before the master exited"
@@ -427,7 +428,7 @@ steps = [{{ name = "s", command = "true" }}]
         start = toml_str(&start),
         stop = toml_str(&stop),
     );
-    let farm = Farm::builder().master_toml(&extra).start()?;
+    let farm = Farm::builder().master_toml(&extra).start().await?;
     let api = farm.api()?;
     let id = api.submit("app", BTreeMap::new()).await?.build_id;
     let vm = wait_for("the start to time out", DEADLINE, || {

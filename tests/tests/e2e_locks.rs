@@ -40,7 +40,7 @@ async fn wait_file(what: &str, path: &Path) -> anyhow::Result<()> {
 }
 
 fn open(path: &Path) {
-    std::fs::write(path, b"").expect("the gate file can be written");
+    fs_err::write(path, b"").expect("the gate file can be written");
 }
 
 async fn submit(farm: &Farm, builder: &str) -> anyhow::Result<BuildId> {
@@ -90,7 +90,8 @@ steps = [{{ name = "ship", command = {b} }}]
         .worker(WorkerSpec::new("w1"))
         .worker(WorkerSpec::new("w2"))
         .master_toml(&extra)
-        .start()?;
+        .start()
+        .await?;
     farm.start_worker("w1")?;
     farm.start_worker("w2")?;
     farm.wait_worker_state("w1", nightshift_policy::PresenceState::Available)
@@ -153,7 +154,8 @@ steps = [{{ name = "write", command = {cmd} }}]
         .worker(WorkerSpec::new("w1").max_builds(2))
         .worker(WorkerSpec::new("w2").max_builds(2))
         .master_toml(&extra)
-        .start()?;
+        .start()
+        .await?;
     farm.start_worker("w1")?;
     farm.start_worker("w2")?;
     farm.wait_worker_state("w1", nightshift_policy::PresenceState::Available)
@@ -207,7 +209,7 @@ steps = [{{ name = "write", command = {cmd} }}]
 
     for worker in ["w1", "w2"] {
         let dir = build_dir(&farm, worker, "io");
-        std::fs::create_dir_all(&dir)?;
+        fs_err::create_dir_all(&dir)?;
         open(&dir.join("go"));
     }
     for id in &ids {
@@ -267,7 +269,8 @@ steps = [
         .worker(WorkerSpec::new("w1"))
         .worker(WorkerSpec::new("w2"))
         .master_toml(&extra)
-        .start()?;
+        .start()
+        .await?;
     farm.start_worker("w1")?;
     farm.start_worker("w2")?;
     farm.wait_worker_state("w1", nightshift_policy::PresenceState::Available)
@@ -381,7 +384,8 @@ steps = [{{ name = "compile", command = {cmd}, locks = [{{ name = "compile", acc
         .worker(WorkerSpec::new("w2"))
         .missing_timeout("2s")
         .master_toml(&extra)
-        .start()?;
+        .start()
+        .await?;
     farm.start_worker("w1")?;
     farm.start_worker("w2")?;
     farm.wait_worker_state("w1", nightshift_policy::PresenceState::Available)
@@ -542,7 +546,8 @@ steps = [
         .worker(WorkerSpec::new("w2").max_builds(2))
         .worker(WorkerSpec::new("w3").max_builds(2))
         .master_toml(&extra)
-        .start()?;
+        .start()
+        .await?;
     for w in ["w1", "w2", "w3"] {
         farm.start_worker(w)?;
     }
@@ -561,7 +566,7 @@ steps = [
     assert!(
         !overlap.exists(),
         "locks overlapped: {}",
-        std::fs::read_to_string(&overlap).unwrap_or_default()
+        fs_err::read_to_string(&overlap).unwrap_or_default()
     );
     Ok(())
 }

@@ -9,17 +9,18 @@ use nightshift_proto::api::BuildState;
 use nightshift_proto::wire::{AgentMessage, MasterMessage, Outcome};
 use nightshift_tests::{FakeAgent, Farm, WorkerSpec, presence};
 
-fn two_worker_farm() -> anyhow::Result<Farm> {
+async fn two_worker_farm() -> anyhow::Result<Farm> {
     Farm::builder()
         .worker(WorkerSpec::new("a"))
         .worker(WorkerSpec::new("b"))
         .builder("app", &["a", "b"], &[("build", "echo building")])
         .start()
+        .await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_token_is_refused_at_the_upgrade() -> anyhow::Result<()> {
-    let farm = two_worker_farm()?;
+    let farm = two_worker_farm().await?;
     let refusal = FakeAgent::try_connect(&farm, Some("not-the-token"))
         .await?
         .err()
@@ -57,7 +58,8 @@ async fn over_max_agents_the_master_answers_retry_after_and_keeps_serving() -> a
         .worker(WorkerSpec::new("c"))
         .builder("app", &["a", "b", "c"], &[("build", "echo building")])
         .master_toml("max_agents = 2")
-        .start()?;
+        .start()
+        .await?;
     assert!(
         farm.master_log().contains("room for 2 agents"),
         "the master says how many agents it can hold:\n{}",
@@ -105,7 +107,7 @@ async fn over_max_agents_the_master_answers_retry_after_and_keeps_serving() -> a
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unknown_protocol_version_is_refused_with_both_versions() -> anyhow::Result<()> {
-    let farm = two_worker_farm()?;
+    let farm = two_worker_farm().await?;
     let token = farm.worker_spec("a")?.token.clone();
     let mut agent = FakeAgent::connect(&farm, Some(&token)).await?;
     agent
@@ -121,7 +123,7 @@ async fn unknown_protocol_version_is_refused_with_both_versions() -> anyhow::Res
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn garbage_frames_close_only_that_connection_while_a_build_goes_on() -> anyhow::Result<()> {
-    let farm = two_worker_farm()?;
+    let farm = two_worker_farm().await?;
     let api = farm.api()?;
     let mut a = farm.fake_agent("a", PresenceState::Available).await?;
     let id = api.submit("app", BTreeMap::new()).await?.build_id;
@@ -165,7 +167,7 @@ async fn garbage_frames_close_only_that_connection_while_a_build_goes_on() -> an
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_may_not_finish_another_workers_build() -> anyhow::Result<()> {
-    let farm = two_worker_farm()?;
+    let farm = two_worker_farm().await?;
     let api = farm.api()?;
     let mut a = farm.fake_agent("a", PresenceState::Available).await?;
     let mut b = farm.fake_agent("b", PresenceState::Away).await?;
@@ -188,7 +190,7 @@ async fn a_worker_may_not_finish_another_workers_build() -> anyhow::Result<()> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_start_finish_stores_the_result_and_the_log() -> anyhow::Result<()> {
-    let farm = two_worker_farm()?;
+    let farm = two_worker_farm().await?;
     let api = farm.api()?;
     let mut a = farm.fake_agent("a", PresenceState::Available).await?;
     let props = BTreeMap::from([("branch".to_owned(), "main".to_owned())]);
@@ -241,7 +243,7 @@ async fn submit_start_finish_stores_the_result_and_the_log() -> anyhow::Result<(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reluctant_worker_gets_a_build_only_when_available_ones_are_busy() -> anyhow::Result<()> {
-    let farm = two_worker_farm()?;
+    let farm = two_worker_farm().await?;
     let api = farm.api()?;
     let mut r = farm.fake_agent("b", PresenceState::Reluctant).await?;
     let mut a = farm.fake_agent("a", PresenceState::Available).await?;
@@ -265,7 +267,7 @@ async fn a_reluctant_worker_gets_a_build_only_when_available_ones_are_busy() -> 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_away_worker_gets_no_build_until_it_is_available() -> anyhow::Result<()> {
-    let farm = two_worker_farm()?;
+    let farm = two_worker_farm().await?;
     let api = farm.api()?;
     let mut a = farm.fake_agent("a", PresenceState::Away).await?;
     match a.recv().await? {
@@ -295,7 +297,7 @@ async fn an_away_worker_gets_no_build_until_it_is_available() -> anyhow::Result<
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pause_holds_new_builds_and_resume_hands_them_out() -> anyhow::Result<()> {
-    let farm = two_worker_farm()?;
+    let farm = two_worker_farm().await?;
     let api = farm.api()?;
     let mut a = farm.fake_agent("a", PresenceState::Available).await?;
     let (code, out, err) = farm.master_cli(&["pause"])?;
@@ -315,7 +317,7 @@ async fn pause_holds_new_builds_and_resume_hands_them_out() -> anyhow::Result<()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_master_killed_and_restarted_keeps_its_queue_and_takes_a_late_result()
 -> anyhow::Result<()> {
-    let mut farm = two_worker_farm()?;
+    let mut farm = two_worker_farm().await?;
     let api = farm.api()?;
     let mut a = farm.fake_agent("a", PresenceState::Available).await?;
     let running = api.submit("app", BTreeMap::new()).await?.build_id;
@@ -324,9 +326,9 @@ async fn a_master_killed_and_restarted_keeps_its_queue_and_takes_a_late_result()
         .await?;
     let queued = api.submit("app", BTreeMap::new()).await?.build_id;
 
-    farm.kill_master()?;
+    farm.kill_master().await?;
     drop(a);
-    farm.start_master()?;
+    farm.start_master().await?;
     let api = farm.api()?;
     assert_eq!(api.build(queued).await?.state, BuildState::Queued);
     assert_eq!(api.build(running).await?.state, BuildState::Running);
@@ -365,7 +367,8 @@ async fn a_worker_missing_longer_than_missing_timeout_has_its_build_requeued() -
         .worker(WorkerSpec::new("b"))
         .builder("app", &["a", "b"], &[("build", "true")])
         .missing_timeout("2s")
-        .start()?;
+        .start()
+        .await?;
     let api = farm.api()?;
     let mut a = farm.fake_agent("a", PresenceState::Available).await?;
     let id = api.submit("app", BTreeMap::new()).await?.build_id;
@@ -404,7 +407,7 @@ async fn a_worker_missing_longer_than_missing_timeout_has_its_build_requeued() -
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_refused_start_is_requeued_at_once_and_runs_elsewhere() -> anyhow::Result<()> {
-    let farm = two_worker_farm()?;
+    let farm = two_worker_farm().await?;
     let api = farm.api()?;
     let mut a = farm.fake_agent("a", PresenceState::Available).await?;
     let id = api.submit("app", BTreeMap::new()).await?.build_id;
@@ -428,7 +431,7 @@ async fn a_refused_start_is_requeued_at_once_and_runs_elsewhere() -> anyhow::Res
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn submit_wait_exits_by_outcome_and_bad_input_is_refused() -> anyhow::Result<()> {
-    let farm = two_worker_farm()?;
+    let farm = two_worker_farm().await?;
     let mut a = farm.fake_agent("a", PresenceState::Available).await?;
     let config = farm.config.clone();
     let master = farm.master_bin();
@@ -462,7 +465,7 @@ async fn submit_wait_exits_by_outcome_and_bad_input_is_refused() -> anyhow::Resu
 async fn a_bad_master_toml_exits_2_naming_file_line_and_key() -> anyhow::Result<()> {
     let dir = tempfile::tempdir()?;
     let config = dir.path().join("master.toml");
-    std::fs::write(
+    fs_err::write(
         &config,
         "listen = \"127.0.0.1:1\"\n[[builder]]\nname = \"x\"\nworkers = [\"ghost\"]\nsteps = [{ name = \"s\", command = \"true\" }]\n",
     )?;
@@ -485,7 +488,7 @@ async fn a_bad_master_toml_exits_2_naming_file_line_and_key() -> anyhow::Result<
 
     // Several different errors in one file: `check` and `run` both report
     // every one of them, each with line, column and key, and exit 2.
-    std::fs::write(
+    fs_err::write(
         &config,
         "listen = \"127.0.0.1:1\"\nmissing_timeout = \"5 parsecs\"\n\
          [[worker]]\nname = \"w\"\ntoken_sha256 = \"abc\"\n\
@@ -533,7 +536,8 @@ async fn a_real_worker_runs_a_build_and_its_log_lands() -> anyhow::Result<()> {
                 ("fail-not", "echo second >&2"),
             ],
         )
-        .start()?;
+        .start()
+        .await?;
     farm.start_worker("w1")?;
     farm.wait_worker_state("w1", PresenceState::Available)
         .await?;
@@ -551,84 +555,8 @@ async fn a_real_worker_runs_a_build_and_its_log_lands() -> anyhow::Result<()> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_main_job_runs_a_build_from_an_empty_directory() -> anyhow::Result<()> {
-    use std::io::{BufRead, BufReader};
-    let dir = tempfile::tempdir()?;
-    let master = nightshift_tests::bin_dir()?.join("master");
-    let mut child = std::process::Command::new(&master)
-        .args(["run", "--local-worker", "--listen", "127.0.0.1:0"])
-        .current_dir(dir.path())
-        .stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::null())
-        .spawn()?;
-    struct KillOnDrop(std::process::Child);
-    impl Drop for KillOnDrop {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let stdout = child.stdout.take().expect("piped stdout");
-    let mut child = KillOnDrop(child);
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let ready = rx.recv_timeout(nightshift_tests::DEADLINE)?;
-    let url = ready
-        .strip_prefix("nightshift master ready on ")
-        .unwrap_or_else(|| panic!("unexpected first line {ready:?}"))
-        .to_owned();
-    let mut printed = vec![ready];
-    while let Ok(line) = rx.recv_timeout(std::time::Duration::from_millis(500)) {
-        printed.push(line);
-    }
-    let printed = printed.join("\n");
-    assert!(printed.contains("pin_sha256 = \""), "{printed}");
-    assert!(printed.contains("master submit hello"), "{printed}");
-    assert!(printed.contains("nightshift-data"), "{printed}");
-
-    // The CLI finds the token and the certificate in ./nightshift-data.
-    let submit = std::process::Command::new(&master)
-        .args(["submit", "hello", "--wait", "--url", &url])
-        .current_dir(dir.path())
-        .output()?;
-    let out = String::from_utf8_lossy(&submit.stdout);
-    assert_eq!(
-        submit.status.code(),
-        Some(0),
-        "{out}{}",
-        String::from_utf8_lossy(&submit.stderr)
-    );
-    assert!(out.contains("hello from nightshift"), "{out}");
-    assert!(dir.path().join("nightshift-data/master.db").exists());
-
-    // SIGTERM: the master stops its local worker and exits 0.
-    nix::sys::signal::kill(
-        nix::unistd::Pid::from_raw(child.0.id() as i32),
-        nix::sys::signal::Signal::SIGTERM,
-    )?;
-    let start = std::time::Instant::now();
-    let status = loop {
-        if let Some(status) = child.0.try_wait()? {
-            break status;
-        }
-        assert!(
-            start.elapsed() < nightshift_tests::DEADLINE,
-            "master did not exit"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    };
-    assert_eq!(status.code(), Some(0));
-    Ok(())
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_agent_is_dropped_after_missed_heartbeats() -> anyhow::Result<()> {
-    let farm = two_worker_farm()?;
+    let farm = two_worker_farm().await?;
     let mut a = farm.fake_agent("a", PresenceState::Available).await?;
     farm.wait_worker_state("a", PresenceState::Available)
         .await?;
@@ -644,7 +572,7 @@ async fn a_silent_agent_is_dropped_after_missed_heartbeats() -> anyhow::Result<(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_http_requests_get_clear_errors_and_change_nothing() -> anyhow::Result<()> {
-    let farm = two_worker_farm()?;
+    let farm = two_worker_farm().await?;
     let api = farm.api()?;
     let (status, body) = api
         .call_raw("POST", "/api/v1/builds", Some("{not json".into()))
@@ -687,7 +615,8 @@ async fn a_burst_queued_before_any_worker_connects_runs_completely_once() -> any
         .worker(WorkerSpec::new("a").max_builds(2))
         .worker(WorkerSpec::new("b").max_builds(2))
         .builder("app", &["a", "b"], &[("build", "true")])
-        .start()?;
+        .start()
+        .await?;
     let api = farm.api()?;
     let mut ids = Vec::new();
     for _ in 0..BURST {
@@ -755,7 +684,8 @@ async fn real_workers_a_reluctant_one_builds_only_when_the_available_one_is_busy
                 .worker_toml("[availability]\ntimezone = \"UTC\"\ndefault = \"reluctant\""),
         )
         .builder("gated", &["shy", "eager"], &[("wait", &step)])
-        .start()?;
+        .start()
+        .await?;
     farm.start_worker("eager")?;
     farm.start_worker("shy")?;
     farm.wait_worker_state("eager", PresenceState::Available)
@@ -763,7 +693,7 @@ async fn real_workers_a_reluctant_one_builds_only_when_the_available_one_is_busy
     farm.wait_worker_state("shy", PresenceState::Reluctant)
         .await?;
     let api = farm.api()?;
-    let open = |id: u64| std::fs::write(gates.path().join(id.to_string()), b"");
+    let open = |id: u64| fs_err::write(gates.path().join(id.to_string()), b"");
 
     let first = api.submit("gated", BTreeMap::new()).await?.build_id;
     let first_info = farm

@@ -46,9 +46,9 @@ const GATED: &str =
 
 /// Rewrites master.toml by replacing `from` with `to` (which must occur).
 fn edit_config(farm: &Farm, from: &str, to: &str) -> anyhow::Result<()> {
-    let text = std::fs::read_to_string(&farm.config)?;
+    let text = fs_err::read_to_string(&farm.config)?;
     anyhow::ensure!(text.contains(from), "master.toml has no {from:?}:\n{text}");
-    std::fs::write(&farm.config, text.replacen(from, to, 1))?;
+    fs_err::write(&farm.config, text.replacen(from, to, 1))?;
     Ok(())
 }
 
@@ -62,7 +62,8 @@ async fn a_running_build_survives_reconfig_and_an_invalid_config_is_refused() ->
     let mut farm = Farm::builder()
         .worker(WorkerSpec::new("w1"))
         .master_toml(&builder_toml("app", &["w1"], GATED))
-        .start()?;
+        .start()
+        .await?;
     farm.start_worker("w1")?;
     farm.wait_worker_state("w1", PresenceState::Available)
         .await?;
@@ -76,8 +77,8 @@ async fn a_running_build_survives_reconfig_and_an_invalid_config_is_refused() ->
         &toml_str(GATED),
         &toml_str("echo new steps > v2.txt"),
     )?;
-    let text = std::fs::read_to_string(&farm.config)?;
-    std::fs::write(
+    let text = fs_err::read_to_string(&farm.config)?;
+    fs_err::write(
         &farm.config,
         format!("{text}{}", builder_toml("extra", &["w1"], "echo extra")),
     )?;
@@ -88,7 +89,7 @@ async fn a_running_build_survives_reconfig_and_an_invalid_config_is_refused() ->
     let running = farm.api()?.build(first).await?;
     assert_eq!(running.state, BuildState::Running, "{running:?}");
 
-    std::fs::write(dir.join("s.go"), b"")?;
+    fs_err::write(dir.join("s.go"), b"")?;
     let done = farm.wait_build(first).await?;
     assert_eq!(done.outcome, Some(Outcome::Success), "{done:?}");
     let log = farm.api()?.log(first).await?.log;
@@ -113,7 +114,7 @@ async fn a_running_build_survives_reconfig_and_an_invalid_config_is_refused() ->
 
     // An invalid file (unknown lock, bad max_builds) is refused whole, with
     // every error; the running config stays.
-    let good = std::fs::read_to_string(&farm.config)?;
+    let good = fs_err::read_to_string(&farm.config)?;
     edit_config(
         &farm,
         "name = \"extra\"",
@@ -150,7 +151,7 @@ async fn a_running_build_survives_reconfig_and_an_invalid_config_is_refused() ->
     );
 
     // SIGHUP reloads too.
-    std::fs::write(
+    fs_err::write(
         &farm.config,
         format!("{good}{}", builder_toml("third", &["w1"], "echo third")),
     )?;
@@ -185,7 +186,8 @@ async fn a_removed_worker_is_drained_then_released() -> anyhow::Result<()> {
         .worker(WorkerSpec::new("w2"))
         .master_toml(&builder_toml("app", &["w1"], GATED))
         .master_toml(&builder_toml("other", &["w2"], "echo other"))
-        .start()?;
+        .start()
+        .await?;
     farm.start_worker("w1")?;
     farm.start_worker("w2")?;
     farm.wait_worker_state("w1", PresenceState::Available)
@@ -197,7 +199,7 @@ async fn a_removed_worker_is_drained_then_released() -> anyhow::Result<()> {
     wait_file("the build on w1 to run", &dir.join("s.started")).await?;
 
     // Remove w1 (and move builder app to w2).
-    let text = std::fs::read_to_string(&farm.config)?;
+    let text = fs_err::read_to_string(&farm.config)?;
     let start = text.find("[[worker]]\nname = \"w1\"").expect("w1's entry");
     let end = text[start + 1..]
         .find("[[")
@@ -207,7 +209,7 @@ async fn a_removed_worker_is_drained_then_released() -> anyhow::Result<()> {
         "workers = [\"w2\"]",
         1,
     );
-    std::fs::write(&farm.config, text)?;
+    fs_err::write(&farm.config, text)?;
     let (code, stdout, stderr) = farm.master_cli(&["reconfig"])?;
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert!(stdout.contains("workers removed: w1"), "{stdout}");
@@ -223,7 +225,7 @@ async fn a_removed_worker_is_drained_then_released() -> anyhow::Result<()> {
         .expect("w1 shown while draining");
     assert!(w1.reason.contains("removed from master.toml"), "{w1:?}");
     assert_eq!(w1.running, vec![id]);
-    std::fs::write(dir.join("s.go"), b"")?;
+    fs_err::write(dir.join("s.go"), b"")?;
     let done = farm.wait_build(id).await?;
     assert_eq!(done.outcome, Some(Outcome::Success), "{done:?}");
     assert_eq!(done.worker.as_deref(), Some("w1"));
@@ -242,8 +244,8 @@ async fn a_removed_worker_is_drained_then_released() -> anyhow::Result<()> {
         .wait_build_state(next, "app to run on w2", |b| b.worker.is_some())
         .await?;
     assert_eq!(build.worker.as_deref(), Some("w2"));
-    std::fs::create_dir_all(build_dir(&farm, "w2", "app"))?;
-    std::fs::write(build_dir(&farm, "w2", "app").join("s.go"), b"")?;
+    fs_err::create_dir_all(build_dir(&farm, "w2", "app"))?;
+    fs_err::write(build_dir(&farm, "w2", "app").join("s.go"), b"")?;
     assert_eq!(farm.wait_build(next).await?.outcome, Some(Outcome::Success));
     Ok(())
 }
@@ -256,7 +258,8 @@ async fn a_master_side_schedule_keeps_a_worker_away_outside_its_window() -> anyh
     let mut farm = Farm::builder()
         .worker(WorkerSpec::new("w1"))
         .master_toml(&builder_toml("app", &["w1"], "echo built"))
-        .start()?;
+        .start()
+        .await?;
     farm.start_worker("w1")?;
     farm.wait_worker_state("w1", PresenceState::Available)
         .await?;

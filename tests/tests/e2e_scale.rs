@@ -22,7 +22,8 @@ async fn cpu_per_build(n: usize) -> anyhow::Result<f64> {
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let farm = builder
         .builder("noop", &refs, &[("noop", "true")])
-        .start()?;
+        .start()
+        .await?;
     let pid = farm.master_pid().expect("the master runs");
     let (fleet, _presence, stop) = Fleet::new(&farm)?;
     let agents = fleet.spawn(&farm, &names)?;

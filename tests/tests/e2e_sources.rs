@@ -49,8 +49,8 @@ impl Repo {
             .tempdir()?;
         let bare = dir.path().join("origin.git");
         let work = dir.path().join("dev");
-        std::fs::create_dir_all(&bare)?;
-        std::fs::create_dir_all(&work)?;
+        fs_err::create_dir_all(&bare)?;
+        fs_err::create_dir_all(&work)?;
         git(&bare, &["init", "-q", "--bare", "-b", "main"])?;
         git(&work, &["init", "-q", "-b", "main"])?;
         git(
@@ -72,7 +72,7 @@ impl Repo {
 
     /// Commits `content` as `file.txt`, pushes main, returns the revision.
     fn commit(&self, content: &str) -> anyhow::Result<String> {
-        std::fs::write(self.work.join("file.txt"), content)?;
+        fs_err::write(self.work.join("file.txt"), content)?;
         git(&self.work, &["add", "file.txt"])?;
         git(&self.work, &["commit", "-q", "-m", content])?;
         git(&self.work, &["push", "-q", "origin", "main"])?;
@@ -179,8 +179,9 @@ async fn a_signed_push_builds_exactly_its_revision_and_bad_hooks_queue_nothing()
         .insecure()
         .worker(WorkerSpec::new("w"))
         .master_toml(&extra)
-        .start()?;
-    std::fs::write(farm.dir.path().join("hook.secret"), "s3cret\n")?;
+        .start()
+        .await?;
+    fs_err::write(farm.dir.path().join("hook.secret"), "s3cret\n")?;
     farm.start_worker("w")?;
     farm.wait_worker_ready("w").await?;
 
@@ -286,7 +287,8 @@ async fn polling_queues_a_new_commit_once_even_across_a_master_restart() -> anyh
         .insecure()
         .worker(WorkerSpec::new("w"))
         .master_toml(&extra)
-        .start()?;
+        .start()
+        .await?;
     farm.start_worker("w")?;
     farm.wait_worker_ready("w").await?;
     // The first poll only records the head.
@@ -315,8 +317,8 @@ async fn polling_queues_a_new_commit_once_even_across_a_master_restart() -> anyh
         Ok((polls(&trigger_counters(&farm).await?) >= seen + 2).then_some(()))
     })
     .await?;
-    farm.stop_master()?;
-    farm.start_master()?;
+    farm.stop_master().await?;
+    farm.start_master().await?;
     wait_for("three polls after the restart", DEADLINE, || async {
         Ok((polls(&trigger_counters(&farm).await?) >= 3).then_some(()))
     })
@@ -347,7 +349,8 @@ async fn checkout_modes_behave_as_named_on_the_second_build() -> anyhow::Result<
         .insecure()
         .worker(WorkerSpec::new("w"))
         .master_toml(&extra)
-        .start()?;
+        .start()
+        .await?;
     farm.start_worker("w")?;
     farm.wait_worker_ready("w").await?;
     let api = farm.api()?;
@@ -410,7 +413,8 @@ async fn waiting_requests_collapse_into_the_newest() -> anyhow::Result<()> {
         .insecure()
         .worker(WorkerSpec::new("w"))
         .master_toml(&extra)
-        .start()?;
+        .start()
+        .await?;
     let api = farm.api()?;
     // No worker yet: every request waits.
     let mut ids = Vec::new();

@@ -21,7 +21,7 @@ fn supervise_toml(kind: &str, contract: &str, events: &Path, extra: &str) -> Str
 }
 
 fn events(path: &Path) -> Vec<String> {
-    std::fs::read_to_string(path)
+    fs_err::read_to_string(path)
         .unwrap_or_default()
         .lines()
         .map(str::to_owned)
@@ -355,9 +355,9 @@ fn packaging_supervise_example_is_valid() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../packaging");
     let dir = tempfile::tempdir().unwrap();
     let bb = dir.path().join("bb");
-    std::fs::create_dir_all(&bb).unwrap();
-    std::fs::write(bb.join("buildbot.tac"), "allow_shutdown = 'signal'\n").unwrap();
-    let text = std::fs::read_to_string(root.join("examples/worker-supervise.toml"))
+    fs_err::create_dir_all(&bb).unwrap();
+    fs_err::write(bb.join("buildbot.tac"), "allow_shutdown = 'signal'\n").unwrap();
+    let text = fs_err::read_to_string(root.join("examples/worker-supervise.toml"))
         .unwrap()
         .replace("/var/lib/buildbot/worker", &bb.display().to_string())
         .replace(
@@ -365,7 +365,7 @@ fn packaging_supervise_example_is_valid() {
             &dir.path().display().to_string(),
         );
     let config = dir.path().join("worker.toml");
-    std::fs::write(&config, text).unwrap();
+    fs_err::write(&config, text).unwrap();
     let output = std::process::Command::new(nightshift_tests::bin_dir().unwrap().join("worker"))
         .args(["check", "--config"])
         .arg(&config)
@@ -383,7 +383,7 @@ fn packaging_supervise_example_is_valid() {
     );
     assert!(stdout.contains("sends SIGHUP"), "{stdout}");
     // Without allow_shutdown = 'signal' the config is refused (exit 2).
-    std::fs::write(bb.join("buildbot.tac"), "allow_shutdown = None\n").unwrap();
+    fs_err::write(bb.join("buildbot.tac"), "allow_shutdown = None\n").unwrap();
     let output = std::process::Command::new(nightshift_tests::bin_dir().unwrap().join("worker"))
         .args(["check", "--config"])
         .arg(&config)

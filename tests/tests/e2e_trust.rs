@@ -14,7 +14,7 @@ use nightshift_proto::wire::{AgentMessage, BuildResult, MasterMessage, Outcome, 
 use nightshift_tests::{DEADLINE, FakeAgent, Farm, WorkerSpec, presence, wait_for};
 
 /// `a` and `b` may build `app`; only `a` may build `release`.
-fn farm_with_release(missing_timeout: &str) -> anyhow::Result<Farm> {
+async fn farm_with_release(missing_timeout: &str) -> anyhow::Result<Farm> {
     Farm::builder()
         .worker(WorkerSpec::new("a"))
         .worker(WorkerSpec::new("b"))
@@ -22,6 +22,7 @@ fn farm_with_release(missing_timeout: &str) -> anyhow::Result<Farm> {
         .builder("release", &["a"], &[("build", "echo releasing")])
         .missing_timeout(missing_timeout)
         .start()
+        .await
 }
 
 fn result(build_id: u64, outcome: Outcome, log: &str) -> BuildResult {
@@ -108,7 +109,7 @@ fn promtool_check(what: &str, text: &str) -> anyhow::Result<()> {
 /// logged with a reason and counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_cannot_adopt_or_finish_a_queued_build_not_handed_to_it() -> anyhow::Result<()> {
-    let farm = farm_with_release("60s")?;
+    let farm = farm_with_release("60s").await?;
     let api = farm.api()?;
     let id = api.submit("release", BTreeMap::new()).await?.build_id;
 
@@ -172,7 +173,7 @@ async fn a_worker_cannot_adopt_or_finish_a_queued_build_not_handed_to_it() -> an
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_requeued_build_takes_a_result_only_from_the_worker_it_was_handed_to()
 -> anyhow::Result<()> {
-    let farm = farm_with_release("1s")?;
+    let farm = farm_with_release("1s").await?;
     let api = farm.api()?;
     let mut a = farm.fake_agent("a", PresenceState::Available).await?;
     let id = api.submit("app", BTreeMap::new()).await?.build_id;
@@ -233,7 +234,7 @@ async fn a_requeued_build_takes_a_result_only_from_the_worker_it_was_handed_to()
 /// cancelled (not re-queued).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_worker_cannot_consume_a_cancel() -> anyhow::Result<()> {
-    let farm = farm_with_release("60s")?;
+    let farm = farm_with_release("60s").await?;
     let api = farm.api()?;
     let mut a = farm.fake_agent("a", PresenceState::Available).await?;
     let mut b = farm.fake_agent("b", PresenceState::Away).await?;
@@ -291,7 +292,8 @@ async fn both_metrics_endpoints_pass_promtool_and_the_masters_needs_the_admin_to
     let mut farm = Farm::builder()
         .worker(WorkerSpec::new("w1"))
         .builder("app", &["w1"], &[("build", "echo hi")])
-        .start()?;
+        .start()
+        .await?;
     farm.start_worker("w1")?;
     farm.wait_worker_ready("w1").await?;
     let id = farm.api()?.submit("app", BTreeMap::new()).await?.build_id;
@@ -365,7 +367,7 @@ async fn http_get(addr: &str, path: &str) -> anyhow::Result<String> {
 /// another worker's presence change still reaches the scheduler at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooding_agent_is_disconnected_and_others_are_still_heard() -> anyhow::Result<()> {
-    let farm = farm_with_release("60s")?;
+    let farm = farm_with_release("60s").await?;
     let mut flooder = farm.fake_agent("a", PresenceState::Available).await?;
     let mut calm = farm.fake_agent("b", PresenceState::Away).await?;
     let flood = tokio::spawn(async move {
@@ -429,7 +431,8 @@ async fn a_builds_log_is_capped_and_says_how_much_was_dropped() -> anyhow::Resul
         .worker(WorkerSpec::new("a"))
         .builder("app", &["a"], &[("build", "yes")])
         .master_toml("max_log_bytes = 4096\n")
-        .start()?;
+        .start()
+        .await?;
     let api = farm.api()?;
     let mut a = farm.fake_agent("a", PresenceState::Available).await?;
     let id = api.submit("app", BTreeMap::new()).await?.build_id;
@@ -492,7 +495,8 @@ async fn a_build_cancelled_at_the_stop_deadline_counts_as_a_retry_with_the_reaso
     let mut farm = Farm::builder()
         .worker(WorkerSpec::new("w1"))
         .builder("app", &["w1"], &[("build", "sleep 300")])
-        .start()?;
+        .start()
+        .await?;
     farm.start_worker("w1")?;
     farm.wait_worker_ready("w1").await?;
     let api = farm.api()?;
@@ -511,7 +515,7 @@ async fn a_build_cancelled_at_the_stop_deadline_counts_as_a_retry_with_the_reaso
         reason, "cancelled on worker w1: its stop deadline of 2 s ran out",
         "{build:?}"
     );
-    farm.wait_worker_exit("w1", DEADLINE)?;
+    farm.wait_worker_exit("w1", DEADLINE).await?;
     let log = farm.worker_log("w1");
     assert!(log.contains("cancelling them in 2 s"), "{log}");
     let text = master_metrics(&farm).await?;
@@ -536,11 +540,11 @@ async fn a_latent_instance_that_comes_up_for_nothing_is_stopped() -> anyhow::Res
         use std::os::unix::fs::PermissionsExt;
         let path = dir.path().join("slow-boot-worker");
         let worker = nightshift_tests::bin_dir()?.join("worker");
-        std::fs::write(
+        fs_err::write(
             &path,
             format!("#!/bin/sh\nsleep 2\nexec {} \"$@\"\n", worker.display()),
         )?;
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+        fs_err::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
         path
     };
     let extra = format!(
@@ -556,7 +560,8 @@ latent = {{ provider = "process", worker_bin = {bin}, build_wait_timeout = "2s" 
         .worker(WorkerSpec::new("w"))
         .builder("app", &["w", "l1"], &[("build", "true")])
         .master_toml(&extra)
-        .start()?;
+        .start()
+        .await?;
     let api = farm.api()?;
     let id = api.submit("app", BTreeMap::new()).await?.build_id;
     wait_for("l1 to be starting", DEADLINE, || {
@@ -597,7 +602,7 @@ latent = {{ provider = "process", worker_bin = {bin}, build_wait_timeout = "2s" 
 
 /// master.toml for the step-lock tests: one exclusive `compile` lock taken
 /// by the only step of `app`, which `a` and `b` build.
-fn step_lock_farm(step_timeout: Option<&str>) -> anyhow::Result<Farm> {
+async fn step_lock_farm(step_timeout: Option<&str>) -> anyhow::Result<Farm> {
     let timeout = step_timeout
         .map(|t| format!(", timeout = \"{t}\""))
         .unwrap_or_default();
@@ -619,6 +624,7 @@ steps = [{{ name = "compile", command = "true"{timeout}, locks = [{{ name = "com
         .worker(WorkerSpec::new("b"))
         .master_toml(&extra)
         .start()
+        .await
 }
 
 async fn expect_granted(agent: &mut FakeAgent, id: u64) -> anyhow::Result<()> {
@@ -644,7 +650,7 @@ async fn waiting_for_lock(farm: &Farm, id: u64) -> anyhow::Result<()> {
 /// restart of the master: the waiting step, back first, still waits.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_step_lock_hold_survives_a_master_restart() -> anyhow::Result<()> {
-    let mut farm = step_lock_farm(None)?;
+    let mut farm = step_lock_farm(None).await?;
     let api = farm.api()?;
     let mut a = farm.fake_agent("a", PresenceState::Available).await?;
     let first = api.submit("app", BTreeMap::new()).await?.build_id;
@@ -670,9 +676,9 @@ async fn a_step_lock_hold_survives_a_master_restart() -> anyhow::Result<()> {
     .await?;
     waiting_for_lock(&farm, second).await?;
 
-    farm.kill_master()?;
+    farm.kill_master().await?;
     drop((a, b));
-    farm.start_master()?;
+    farm.start_master().await?;
 
     // The waiting one reconnects first and asks again: it still waits.
     let reconnect = |name: &'static str, id: u64| {
@@ -732,7 +738,7 @@ async fn a_step_lock_hold_survives_a_master_restart() -> anyhow::Result<()> {
 /// and re-queued as a retry with the reason, and the waiting step runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_step_lock_grant_ends_with_its_lease() -> anyhow::Result<()> {
-    let farm = step_lock_farm(Some("1s"))?;
+    let farm = step_lock_farm(Some("1s")).await?;
     let api = farm.api()?;
     let mut a = farm.fake_agent("a", PresenceState::Available).await?;
     let first = api.submit("app", BTreeMap::new()).await?.build_id;

@@ -31,7 +31,7 @@ const LOAD_POLICY: &str =
 /// CPU ticks used so far by `pids` (0 for the gone).
 fn ticks_of(pids: &[i32]) -> u64 {
     pids.iter()
-        .filter_map(|pid| std::fs::read_to_string(format!("/proc/{pid}/stat")).ok())
+        .filter_map(|pid| fs_err::read_to_string(format!("/proc/{pid}/stat")).ok())
         .filter_map(|stat| {
             let rest = stat.rsplit_once(')')?.1.to_owned();
             let fields: Vec<u64> = rest
@@ -48,7 +48,7 @@ fn ticks_of(pids: &[i32]) -> u64 {
 /// The machine's CPU use over `span`, in percent (from /proc/stat).
 async fn machine_cpu_percent(span: Duration) -> f64 {
     let read = || -> (u64, u64) {
-        let text = std::fs::read_to_string("/proc/stat").unwrap_or_default();
+        let text = fs_err::read_to_string("/proc/stat").unwrap_or_default();
         let fields: Vec<u64> = text
             .lines()
             .next()
@@ -71,7 +71,8 @@ async fn burn_and_watch(spec: WorkerSpec, accounting: &str) -> anyhow::Result<()
     let mut farm = Farm::builder()
         .worker(spec)
         .builder("burn", &["w"], &[("burn", ESCAPING_BURNERS)])
-        .start()?;
+        .start()
+        .await?;
     farm.start_worker("w")?;
     farm.wait_worker_ready("w").await?;
     farm.wait_worker_state("w", PresenceState::Available)
@@ -107,7 +108,7 @@ async fn burn_and_watch(spec: WorkerSpec, accounting: &str) -> anyhow::Result<()
             break;
         }
         if pids.len() < 3 {
-            pids = std::fs::read_to_string(&pids_file)
+            pids = fs_err::read_to_string(&pids_file)
                 .unwrap_or_default()
                 .lines()
                 .filter_map(|line| line.trim().parse().ok())
@@ -174,13 +175,13 @@ async fn burn_and_watch(spec: WorkerSpec, accounting: &str) -> anyhow::Result<()
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    farm.stop_worker("w")?;
+    farm.stop_worker("w").await?;
     Ok(())
 }
 
 /// Whether the process exists and is not a zombie.
 fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+    match fs_err::read_to_string(format!("/proc/{pid}/stat")) {
         Ok(stat) => !stat
             .rsplit_once(')')
             .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
@@ -211,7 +212,7 @@ async fn escaped_build_processes_are_the_builds_load_in_cgroup_mode() -> anyhow:
     burn_and_watch(spec, "cgroup").await?;
     // The agent moved itself into a leaf so build cgroups could get
     // controllers; every build cgroup is gone.
-    let left: Vec<String> = std::fs::read_dir(&cgroup.0)?
+    let left: Vec<String> = fs_err::read_dir(&cgroup.0)?
         .flatten()
         .filter(|entry| entry.path().is_dir())
         .map(|entry| entry.file_name().to_string_lossy().into_owned())
@@ -234,7 +235,8 @@ async fn builds_run_at_idle_priority_by_default_and_the_status_says_so() -> anyh
                 "setsid sh -c 'echo prio=$(cut -d\" \" -f19,41 /proc/$$/stat)'",
             )],
         )
-        .start()?;
+        .start()
+        .await?;
     farm.start_worker("w")?;
     farm.wait_worker_ready("w").await?;
     let status = farm.worker_cli_json("w", &["status", "--json"])?;
@@ -249,6 +251,6 @@ async fn builds_run_at_idle_priority_by_default_and_the_status_says_so() -> anyh
     assert_eq!(info.outcome, Some(Outcome::Success), "{info:?}");
     let log = api.log(id).await?.log;
     assert!(log.contains("prio=19 5"), "{log}");
-    farm.stop_worker("w")?;
+    farm.stop_worker("w").await?;
     Ok(())
 }

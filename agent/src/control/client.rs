@@ -2,9 +2,9 @@
 //! `stop` — one HTTP/1 request over the agent's Unix socket, authorised with
 //! the control token from the state dir.
 
+use nightshift_proto::exit::ExitStatus;
 use std::io::ErrorKind;
 use std::path::PathBuf;
-use std::process::ExitCode;
 
 use axum::body::Bytes;
 use axum::http::{Method, Request, StatusCode, header};
@@ -83,15 +83,15 @@ pub enum Failure {
 }
 
 impl Failure {
-    fn report(self) -> ExitCode {
+    fn report(self) -> ExitStatus {
         match self {
             Failure::Usage(message) => {
                 eprintln!("error: {message}");
-                ExitCode::from(2)
+                ExitStatus::Usage
             }
             Failure::Failed(message) => {
                 eprintln!("{message}");
-                ExitCode::FAILURE
+                ExitStatus::Failure
             }
         }
     }
@@ -223,7 +223,7 @@ fn print_json(value: &impl serde::Serialize) -> Result<(), Failure> {
 }
 
 /// `worker status [--json]`.
-pub fn status(config: &ConfigArg, json: bool) -> ExitCode {
+pub fn status(config: &ConfigArg, json: bool) -> ExitStatus {
     let result = Target::load(config).and_then(|target| {
         run(async {
             let reply = target.call(Method::GET, "/api/v1/status", None).await?;
@@ -237,7 +237,7 @@ pub fn status(config: &ConfigArg, json: bool) -> ExitCode {
         })
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => ExitStatus::Ok,
         Err(failure) => failure.report(),
     }
 }
@@ -250,7 +250,7 @@ pub fn set_availability(
     until: Option<String>,
     reason: Option<String>,
     json: bool,
-) -> ExitCode {
+) -> ExitStatus {
     let result = Target::load(config).and_then(|target| {
         let body = availability_body(
             state,
@@ -276,7 +276,7 @@ pub fn set_availability(
         })
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => ExitStatus::Ok,
         Err(failure) => failure.report(),
     }
 }
@@ -331,7 +331,7 @@ pub fn availability_body(
 }
 
 /// `worker stop [--graceful] [--deadline D]`.
-pub fn stop(config: &ConfigArg, graceful: bool, deadline: Option<String>) -> ExitCode {
+pub fn stop(config: &ConfigArg, graceful: bool, deadline: Option<String>) -> ExitStatus {
     let result = Target::load(config).and_then(|target| {
         if let Some(text) = &deadline {
             when::parse_for(text).map_err(|error| Failure::Usage(format!("--deadline: {error}")))?;
@@ -355,7 +355,7 @@ pub fn stop(config: &ConfigArg, graceful: bool, deadline: Option<String>) -> Exi
         })
     });
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(()) => ExitStatus::Ok,
         Err(failure) => failure.report(),
     }
 }

@@ -2,10 +2,15 @@
 //! token, and the `Host` / `Origin` checks that keep other web sites (and DNS
 //! rebinding) from changing anything.
 
-use std::fs::{self, OpenOptions, Permissions};
+use std::fs::Permissions;
+
+use fs_err as fs;
+use fs_err::OpenOptions;
 use std::io::Write;
 use std::net::{IpAddr, SocketAddr};
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
+
+use fs_err::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use axum::extract::{ConnectInfo, Request, State};

@@ -2,7 +2,9 @@
 //! a private Unix socket `state_dir/control.sock` for the CLI, one router
 //! behind both, and the [`ControlServer`] handle that shuts them down.
 
-use std::fs::{self, DirBuilder, Permissions};
+use std::fs::{DirBuilder, Permissions};
+
+use fs_err as fs;
 use std::net::SocketAddr;
 use std::os::unix::fs::{DirBuilderExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -201,9 +203,22 @@ pub async fn serve_with(
     let token = guard::load_or_create_token(options.token_file.as_deref(), state_dir)?;
     let secrets = Secrets::new(token);
 
-    let tcp = TcpListener::bind(options.listen)
-        .await
-        .with_context(|| format!("[control] listen = \"{}\": cannot listen", options.listen))?;
+    let tcp = match TcpListener::bind(options.listen).await {
+        Ok(tcp) => tcp,
+        Err(error) if error.kind() == std::io::ErrorKind::AddrInUse => bail!(
+            "[control] listen = \"{}\": the port is already in use (a second agent on this \
+             machine?); set `listen` in the [control] table of worker.toml to a free port, or to \
+             \"{}:0\" for any free one (the agent logs it and writes it to {})",
+            options.listen,
+            options.listen.ip(),
+            state_dir.join(ADDR_FILE_NAME).display()
+        ),
+        Err(error) => {
+            return Err(error).with_context(|| {
+                format!("[control] listen = \"{}\": cannot listen", options.listen)
+            });
+        }
+    };
     let local_addr = tcp
         .local_addr()
         .context("reading the control listener's address")?;

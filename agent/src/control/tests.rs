@@ -586,10 +586,10 @@ async fn files_are_private_and_cleaned_up() {
     use std::os::unix::fs::PermissionsExt;
     let running = start().await;
     let dir = running.dir.path();
-    let mode = |path: &Path| std::fs::metadata(path).unwrap().permissions().mode() & 0o777;
+    let mode = |path: &Path| fs_err::metadata(path).unwrap().permissions().mode() & 0o777;
     assert_eq!(mode(&dir.join(SOCKET_FILE_NAME)), 0o600);
     assert_eq!(mode(&dir.join(guard::TOKEN_FILE_NAME)), 0o600);
-    let addr = std::fs::read_to_string(dir.join(ADDR_FILE_NAME)).unwrap();
+    let addr = fs_err::read_to_string(dir.join(ADDR_FILE_NAME)).unwrap();
     assert_eq!(addr.trim(), running.server.local_addr().to_string());
 
     // A second agent on the same state dir is refused.
@@ -632,7 +632,7 @@ async fn non_loopback_listen_needs_allow_remote_and_a_token_file() {
     );
     assert!(!dir.path().join(SOCKET_FILE_NAME).exists());
     let token_file = dir.path().join("remote.token");
-    std::fs::write(&token_file, "remote-secret\n").unwrap();
+    fs_err::write(&token_file, "remote-secret\n").unwrap();
     options.token_file = Some(token_file);
     let server = serve_with(daemon.handle.clone(), options, dir.path())
         .await

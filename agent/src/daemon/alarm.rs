@@ -35,6 +35,10 @@ impl AsRawFd for Timer {
 impl WallAlarm {
     /// Creates the timer; fails where `timerfd` is unavailable (the event
     /// loop then relies on its capped monotonic sleep alone).
+    #[allow(
+        unsafe_code,
+        reason = "AsyncFd::register needs the descriptor to outlive it"
+    )]
     pub fn new() -> std::io::Result<WallAlarm> {
         let timer = TimerFd::new(
             ClockId::CLOCK_REALTIME,

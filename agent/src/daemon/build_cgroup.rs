@@ -3,6 +3,10 @@
 //! controllers can be enabled for builds (cgroup v2 lets only cgroups
 //! without processes of their own hand controllers down), and creates one
 //! cgroup per build with a low `cpu.weight` and an optional `memory.high`.
+#![allow(
+    unsafe_code,
+    reason = "the cgroup syscalls used here have no safe wrapper; each block says why it is sound"
+)]
 
 use std::path::{Path, PathBuf};
 
@@ -58,12 +62,12 @@ impl CgroupHost {
             ));
         } else {
             let leaf = dir.join(AGENT_LEAF);
-            let moved = match std::fs::create_dir(&leaf) {
+            let moved = match fs_err::create_dir(&leaf) {
                 Ok(()) => Ok(()),
                 Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => Ok(()),
                 Err(error) => Err(error),
             }
-            .and_then(|()| std::fs::write(leaf.join("cgroup.procs"), &me));
+            .and_then(|()| fs_err::write(leaf.join("cgroup.procs"), &me));
             match moved {
                 Ok(()) => {
                     let available = read(&dir.join("cgroup.controllers"));
@@ -77,7 +81,7 @@ impl CgroupHost {
                             .map(|name| format!("+{name}"))
                             .collect::<Vec<_>>()
                             .join(" ");
-                        if let Err(error) = std::fs::write(dir.join("cgroup.subtree_control"), &line)
+                        if let Err(error) = fs_err::write(dir.join("cgroup.subtree_control"), &line)
                         {
                             notes.push(format!(
                                 "cannot enable {line} in {}: {error}",
@@ -130,7 +134,7 @@ impl CgroupHost {
         memory_high: Option<u64>,
     ) -> std::io::Result<PathBuf> {
         let dir = self.parent.join(name);
-        match std::fs::create_dir(&dir) {
+        match fs_err::create_dir(&dir) {
             Ok(()) => {}
             Err(error) if error.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(error) => return Err(error),
@@ -146,7 +150,7 @@ impl CgroupHost {
             ));
         }
         for (file, value) in limits {
-            if let Err(error) = std::fs::write(dir.join(file), &value) {
+            if let Err(error) = fs_err::write(dir.join(file), &value) {
                 tracing::warn!("cannot set {file} = {value} in {}: {error}", dir.display());
             }
         }
@@ -162,7 +166,7 @@ pub fn signal_cgroup(cgroup: &Path, signal: Signal) -> usize {
         .lines()
         .filter_map(|pid| pid.trim().parse().ok())
         .collect();
-    if signal == Signal::SIGKILL && std::fs::write(cgroup.join("cgroup.kill"), "1").is_ok() {
+    if signal == Signal::SIGKILL && fs_err::write(cgroup.join("cgroup.kill"), "1").is_ok() {
         return pids.len();
     }
     for pid in &pids {
@@ -172,7 +176,7 @@ pub fn signal_cgroup(cgroup: &Path, signal: Signal) -> usize {
 }
 
 fn read(path: &Path) -> String {
-    std::fs::read_to_string(path).unwrap_or_default()
+    fs_err::read_to_string(path).unwrap_or_default()
 }
 
 fn writable(path: &Path) -> bool {
@@ -185,14 +189,14 @@ fn writable(path: &Path) -> bool {
 
 /// The agent's cgroup v2 path relative to the mount (`0::` line).
 fn own_cgroup() -> Option<String> {
-    let own = std::fs::read_to_string("/proc/self/cgroup").ok()?;
+    let own = fs_err::read_to_string("/proc/self/cgroup").ok()?;
     own.lines()
         .find_map(|line| line.strip_prefix("0::"))
         .map(str::to_owned)
 }
 
 pub fn cgroup2_mount() -> Option<PathBuf> {
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let mounts = fs_err::read_to_string("/proc/self/mountinfo").ok()?;
     mounts.lines().find_map(|line| {
         let (before, after) = line.split_once(" - ")?;
         if after.split_whitespace().next()? != "cgroup2" {
@@ -203,7 +207,7 @@ pub fn cgroup2_mount() -> Option<PathBuf> {
 }
 
 pub fn cgroup_usage_usec(cgroup: &Path) -> Option<u64> {
-    let stat = std::fs::read_to_string(cgroup.join("cpu.stat")).ok()?;
+    let stat = fs_err::read_to_string(cgroup.join("cpu.stat")).ok()?;
     stat.lines()
         .find_map(|line| line.strip_prefix("usage_usec "))
         .and_then(|value| value.trim().parse().ok())

@@ -75,12 +75,12 @@ pub fn parse_stat(text: &str) -> Option<ProcStat> {
 }
 
 pub fn read_stat(path: &Path) -> Option<ProcStat> {
-    parse_stat(&std::fs::read_to_string(path).ok()?)
+    parse_stat(&fs_err::read_to_string(path).ok()?)
 }
 
 /// Every process on the machine (one `/proc` walk).
 pub fn all_processes() -> Vec<ProcStat> {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
+    let Ok(entries) = fs_err::read_dir("/proc") else {
         return Vec::new();
     };
     entries
@@ -94,7 +94,7 @@ pub fn all_processes() -> Vec<ProcStat> {
 
 /// The value of `name` in a process's environment, when readable.
 pub fn environ_value(pid: i32, name: &str) -> Option<String> {
-    let environ = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let environ = fs_err::read(format!("/proc/{pid}/environ")).ok()?;
     let prefix = format!("{name}=");
     environ.split(|b| *b == 0).find_map(|item| {
         item.strip_prefix(prefix.as_bytes())

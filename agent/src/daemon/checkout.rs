@@ -172,13 +172,13 @@ mod tests {
     fn modes_keep_clean_or_remove_what_the_last_build_left() {
         let tmp = tempfile::tempdir().unwrap();
         let origin = tmp.path().join("origin");
-        std::fs::create_dir(&origin).unwrap();
+        fs_err::create_dir(&origin).unwrap();
         git(&origin, &["init", "-q", "-b", "main"]);
-        std::fs::write(origin.join("a.txt"), "one").unwrap();
+        fs_err::write(origin.join("a.txt"), "one").unwrap();
         git(&origin, &["add", "a.txt"]);
         git(&origin, &["commit", "-q", "-m", "first"]);
         let first = git(&origin, &["rev-parse", "HEAD"]);
-        std::fs::write(origin.join("a.txt"), "two").unwrap();
+        fs_err::write(origin.join("a.txt"), "two").unwrap();
         git(&origin, &["commit", "-q", "-am", "second"]);
         let second = git(&origin, &["rev-parse", "HEAD"]);
         let url = format!("file://{}", origin.display());
@@ -190,7 +190,7 @@ mod tests {
             (CheckoutMode::Fresh, false, false),
         ] {
             let work = tmp.path().join(format!("work-{}-{shallow}", mode.as_str()));
-            std::fs::create_dir(&work).unwrap();
+            fs_err::create_dir(&work).unwrap();
             let source = |rev: &str| BuildSource {
                 repository: url.clone(),
                 branch: "main".into(),
@@ -201,12 +201,12 @@ mod tests {
             let (ok, log) = run(&script(Some(&source(&first))), &work);
             assert!(ok, "{log}");
             assert!(log.contains(&format!("nightshift: at {first}")), "{log}");
-            assert_eq!(std::fs::read_to_string(work.join("a.txt")).unwrap(), "one");
-            std::fs::write(work.join("output.o"), "built").unwrap();
-            std::fs::write(work.join("a.txt"), "dirty").unwrap();
+            assert_eq!(fs_err::read_to_string(work.join("a.txt")).unwrap(), "one");
+            fs_err::write(work.join("output.o"), "built").unwrap();
+            fs_err::write(work.join("a.txt"), "dirty").unwrap();
             let (ok, log) = run(&script(Some(&source(&second))), &work);
             assert!(ok, "{mode:?}: {log}");
-            assert_eq!(std::fs::read_to_string(work.join("a.txt")).unwrap(), "two");
+            assert_eq!(fs_err::read_to_string(work.join("a.txt")).unwrap(), "two");
             assert_eq!(work.join("output.o").exists(), keeps_output, "{mode:?}");
             assert_eq!(git(&work, &["rev-parse", "HEAD"]), second);
         }
@@ -216,11 +216,11 @@ mod tests {
     fn a_revision_the_remote_lacks_fails_clearly() {
         let tmp = tempfile::tempdir().unwrap();
         let origin = tmp.path().join("origin");
-        std::fs::create_dir(&origin).unwrap();
+        fs_err::create_dir(&origin).unwrap();
         git(&origin, &["init", "-q", "-b", "main"]);
         git(&origin, &["commit", "-q", "--allow-empty", "-m", "x"]);
         let work = tmp.path().join("work");
-        std::fs::create_dir(&work).unwrap();
+        fs_err::create_dir(&work).unwrap();
         let source = BuildSource {
             repository: format!("file://{}", origin.display()),
             branch: "main".into(),

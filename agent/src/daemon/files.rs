@@ -24,13 +24,13 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> std::io::Result<()> {
         file.sync_all()?;
         fs_err::rename(&tmp, path)?;
         // Make the rename itself durable.
-        if let Ok(dir) = std::fs::File::open(dir) {
+        if let Ok(dir) = fs_err::File::open(dir) {
             let _ = dir.sync_all();
         }
         Ok(())
     })();
     if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+        let _ = fs_err::remove_file(&tmp);
     }
     result
 }
@@ -45,8 +45,8 @@ mod tests {
         let path = dir.path().join("state.json");
         write_atomic(&path, b"first, longer contents").unwrap();
         write_atomic(&path, b"second").unwrap();
-        assert_eq!(std::fs::read(&path).unwrap(), b"second");
-        let names: Vec<_> = std::fs::read_dir(dir.path())
+        assert_eq!(fs_err::read(&path).unwrap(), b"second");
+        let names: Vec<_> = fs_err::read_dir(dir.path())
             .unwrap()
             .map(|entry| entry.unwrap().file_name())
             .collect();

@@ -227,14 +227,14 @@ impl BuildTrees {
         let Some(records) = &self.records else {
             return report;
         };
-        let Ok(entries) = std::fs::read_dir(records) else {
+        let Ok(entries) = fs_err::read_dir(records) else {
             return report;
         };
         let processes = all_processes();
         for entry in entries.flatten() {
             let path = entry.path();
             let build = entry.file_name().to_string_lossy().into_owned();
-            let text = std::fs::read_to_string(&path).unwrap_or_default();
+            let text = fs_err::read_to_string(&path).unwrap_or_default();
             let mut lines = text.lines();
             let pgid = lines
                 .next()
@@ -261,7 +261,7 @@ impl BuildTrees {
                     && dir.is_dir()
             });
             if let Some(dir) = &cgroup {
-                let pids = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
+                let pids = fs_err::read_to_string(dir.join("cgroup.procs")).unwrap_or_default();
                 victims.extend(
                     pids.lines()
                         .filter_map(|pid| pid.trim().parse::<i32>().ok()),
@@ -275,7 +275,7 @@ impl BuildTrees {
             if let Some(dir) = &cgroup {
                 // Removal fails while the killed processes are not yet
                 // reaped; a build with the same id reuses the directory.
-                let _ = std::fs::remove_dir(dir);
+                let _ = fs_err::remove_dir(dir);
             }
             if !victims.is_empty() {
                 report.push(format!(
@@ -283,7 +283,7 @@ impl BuildTrees {
                     victims.len()
                 ));
             }
-            let _ = std::fs::remove_file(&path);
+            let _ = fs_err::remove_file(&path);
         }
         report
     }
@@ -300,7 +300,7 @@ impl BuildTrees {
             .get(&build_id)
             .and_then(|tree| tree.cgroup.clone());
         let result = match running {
-            Some(pgid) => std::fs::write(
+            Some(pgid) => fs_err::write(
                 &path,
                 format!(
                     "{}\n{}\n",
@@ -310,7 +310,7 @@ impl BuildTrees {
                         .unwrap_or_default()
                 ),
             ),
-            None => match std::fs::remove_file(&path) {
+            None => match fs_err::remove_file(&path) {
                 Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(()),
                 other => other,
             },
@@ -383,7 +383,7 @@ impl BuildTrees {
             && let Some(cgroup) = tree.cgroup
         {
             inner.retired_usec += cgroup_usage_usec(&cgroup).unwrap_or(0);
-            if let Err(error) = std::fs::remove_dir(&cgroup) {
+            if let Err(error) = fs_err::remove_dir(&cgroup) {
                 tracing::warn!("cannot remove cgroup {}: {error}", cgroup.display());
             }
         }
@@ -534,7 +534,7 @@ impl LoadSampler {
 }
 
 fn cgroup_runnable(cgroup: &Path) -> u32 {
-    let Ok(procs) = std::fs::read_to_string(cgroup.join("cgroup.procs")) else {
+    let Ok(procs) = fs_err::read_to_string(cgroup.join("cgroup.procs")) else {
         return 0;
     };
     procs
@@ -545,9 +545,10 @@ fn cgroup_runnable(cgroup: &Path) -> u32 {
 }
 
 fn clock_ticks_per_sec() -> u64 {
-    // SAFETY: sysconf has no memory-safety preconditions.
-    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
-    if ticks > 0 { ticks as u64 } else { 100 }
+    match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
+        Ok(Some(ticks)) if ticks > 0 => ticks as u64,
+        _ => 100,
+    }
 }
 
 #[cfg(test)]
@@ -563,7 +564,7 @@ mod tests {
         let made = (|| {
             let mount = super::super::build_cgroup::cgroup2_mount()
                 .ok_or("no cgroup2 mount in /proc/self/mountinfo")?;
-            let own = std::fs::read_to_string("/proc/self/cgroup")
+            let own = fs_err::read_to_string("/proc/self/cgroup")
                 .map_err(|error| format!("/proc/self/cgroup: {error}"))?;
             let relative = own
                 .lines()
@@ -574,7 +575,7 @@ mod tests {
             let dir = mount
                 .join(relative)
                 .join(format!("nightshift-test-{}-{tag}", std::process::id()));
-            std::fs::create_dir(&dir)
+            fs_err::create_dir(&dir)
                 .map_err(|error| format!("mkdir {}: {error}", dir.display()))?;
             Ok::<_, String>(dir)
         })();
@@ -595,14 +596,14 @@ mod tests {
 
     impl Drop for TestCgroup {
         fn drop(&mut self) {
-            if let Ok(entries) = std::fs::read_dir(&self.0) {
+            if let Ok(entries) = fs_err::read_dir(&self.0) {
                 for entry in entries.flatten() {
                     if entry.path().is_dir() {
-                        let _ = std::fs::remove_dir(entry.path());
+                        let _ = fs_err::remove_dir(entry.path());
                     }
                 }
             }
-            let _ = std::fs::remove_dir(&self.0);
+            let _ = fs_err::remove_dir(&self.0);
         }
     }
 
@@ -773,17 +774,17 @@ mod tests {
         let ours = parent.join(format!("nightshift-{tag}0-build-5"));
         let neighbours = parent.join(format!("nightshift-{tag}1-build-5"));
         let spawn_in = |cgroup: &Path| {
-            std::fs::create_dir_all(cgroup).unwrap();
+            fs_err::create_dir_all(cgroup).unwrap();
             let child = std::process::Command::new("sleep")
                 .arg("300")
                 .spawn()
                 .unwrap();
-            std::fs::write(cgroup.join("cgroup.procs"), child.id().to_string()).unwrap();
+            fs_err::write(cgroup.join("cgroup.procs"), child.id().to_string()).unwrap();
             child
         };
         let mut leftover = spawn_in(&ours);
         let mut neighbour = spawn_in(&neighbours);
-        std::fs::write(
+        fs_err::write(
             state.path().join("running/5"),
             format!("-\n{}\n", ours.display()),
         )
@@ -806,8 +807,8 @@ mod tests {
         let _ = neighbour.kill();
         let _ = neighbour.wait();
         std::thread::sleep(Duration::from_millis(50));
-        let _ = std::fs::remove_dir(&ours);
-        let _ = std::fs::remove_dir(&neighbours);
+        let _ = fs_err::remove_dir(&ours);
+        let _ = fs_err::remove_dir(&neighbours);
     }
 
     #[test]
@@ -832,8 +833,8 @@ mod tests {
         // A process group that is recorded but is not that build's.
         let mut stranger = spawn("78");
         let leftover_pid = leftover.id() as i32;
-        std::fs::write(state.path().join("running/77"), leftover_pid.to_string()).unwrap();
-        std::fs::write(
+        fs_err::write(state.path().join("running/77"), leftover_pid.to_string()).unwrap();
+        fs_err::write(
             state.path().join("running/79"),
             (stranger.id() as i32).to_string(),
         )
@@ -856,7 +857,7 @@ mod tests {
             "an unrelated group was killed"
         );
         assert!(
-            std::fs::read_dir(state.path().join("running"))
+            fs_err::read_dir(state.path().join("running"))
                 .unwrap()
                 .next()
                 .is_none()

@@ -80,7 +80,7 @@ mod tests {
     fn auto_removes_the_file_and_a_corrupt_file_is_an_error() {
         let state = tempfile::tempdir().unwrap();
         save(state.path(), None).unwrap();
-        std::fs::write(path(state.path()), b"[]").unwrap();
+        fs_err::write(path(state.path()), b"[]").unwrap();
         let error = load(state.path(), at("2026-11-23T00:00:00Z")).unwrap_err();
         assert!(error.contains("manual.json"), "{error}");
         save(state.path(), None).unwrap();

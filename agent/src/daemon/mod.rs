@@ -17,8 +17,8 @@ pub mod runner;
 pub mod spawn;
 pub mod spool;
 
+use nightshift_proto::exit::ExitStatus;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -48,13 +48,13 @@ enum Failure {
     Runtime(String),
 }
 
-pub fn main(arg: &ConfigArg) -> ExitCode {
+pub fn main(arg: &ConfigArg) -> ExitStatus {
     nightshift_proto::log::init();
     let (path, config) = match WorkerConfig::load(arg.config.as_deref()) {
         Ok(loaded) => loaded,
         Err(errors) => {
             eprintln!("{errors}");
-            return ExitCode::from(2);
+            return ExitStatus::Usage;
         }
     };
     nightshift_proto::tls::install_crypto_provider();
@@ -68,21 +68,21 @@ pub fn main(arg: &ConfigArg) -> ExitCode {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("error: cannot start the async runtime: {error}");
-            return ExitCode::FAILURE;
+            return ExitStatus::Failure;
         }
     };
     match runtime.block_on(run(&path, config)) {
         Ok(Exit::Stopped(reason)) => {
             tracing::info!("{reason}");
-            ExitCode::SUCCESS
+            ExitStatus::Ok
         }
         Err(Failure::Config(message)) => {
             eprintln!("error: {}: {message}", path.display());
-            ExitCode::from(2)
+            ExitStatus::Usage
         }
         Err(Failure::Runtime(message)) => {
             eprintln!("error: {message}");
-            ExitCode::FAILURE
+            ExitStatus::Failure
         }
     }
 }
@@ -289,11 +289,12 @@ fn master_upstream(config: &WorkerConfig) -> Result<Upstream, Failure> {
 /// and the manual state.
 fn lock_state_dir(state_dir: &Path) -> Result<nix::fcntl::Flock<std::fs::File>, Failure> {
     let path: PathBuf = state_dir.join("agent.lock");
-    let file = std::fs::OpenOptions::new()
+    let file = fs_err::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
         .open(&path)
+        .map(fs_err::File::into_file)
         .map_err(|error| Failure::Runtime(format!("cannot open {}: {error}", path.display())))?;
     nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(
         |(_, errno)| {

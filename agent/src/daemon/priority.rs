@@ -6,6 +6,10 @@
 //! Priorities set on the step's first process are inherited by everything
 //! it starts (fork keeps the scheduling policy, nice value and I/O priority),
 //! so a build cannot outrank the owner by starting a new session or group.
+#![allow(
+    unsafe_code,
+    reason = "ioprio_set and SCHED_IDLE have no safe wrapper in nix or std; each block says why it is sound"
+)]
 
 use serde::{Deserialize, Serialize};
 
@@ -188,7 +192,7 @@ impl BuildSettings {
 
 /// The machine's memory in bytes (0 when unknown).
 pub fn total_memory() -> u64 {
-    let Ok(meminfo) = std::fs::read_to_string("/proc/meminfo") else {
+    let Ok(meminfo) = fs_err::read_to_string("/proc/meminfo") else {
         return 0;
     };
     meminfo

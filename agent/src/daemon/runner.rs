@@ -457,6 +457,10 @@ impl Build {
         }
     }
 
+    #[allow(
+        unsafe_code,
+        reason = "pre_exec joins the build's cgroup between fork and exec"
+    )]
     fn spawn_step(
         &self,
         step: &StepSpec,
@@ -728,7 +732,7 @@ mod tests {
 
     /// Whether the process exists and is not a zombie.
     fn alive(pid: i32) -> bool {
-        match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        match fs_err::read_to_string(format!("/proc/{pid}/stat")) {
             Ok(stat) => !stat
                 .rsplit_once(')')
                 .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')),
@@ -814,6 +818,10 @@ mod tests {
     }
 
     #[tokio::test]
+    #[allow(
+        unsafe_code,
+        reason = "set_var: the variables a real agent inherits from systemd"
+    )]
     async fn steps_see_their_env_and_properties_but_never_the_systemd_socket() {
         // SAFETY: tests that read these variables are in this module only,
         // and no other test depends on them being unset.

@@ -4,6 +4,10 @@
 //! build's priorities, with stdout and stderr on the step's pipe; and waits
 //! for it through a pidfd. Kernels or sandboxes without `clone3` get a fork
 //! whose child moves itself into the cgroup.
+#![allow(
+    unsafe_code,
+    reason = "clone3 into a cgroup and the child's setup between fork and exec have no safe wrapper; each block says why it is sound"
+)]
 
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -190,7 +194,7 @@ pub fn spawn(command: StepCommand) -> std::io::Result<StepChild> {
     let mut envp: Vec<*const libc::c_char> = prepared.envp.iter().map(|e| e.as_ptr()).collect();
     envp.push(std::ptr::null());
 
-    let null = std::fs::File::open("/dev/null")?;
+    let null = fs_err::File::open("/dev/null")?;
     let (error_read, error_write) = std::io::pipe()?;
     let cgroup_dir = match &command.cgroup {
         Some(dir) => Some(open_dir(dir)?),
@@ -198,9 +202,10 @@ pub fn spawn(command: StepCommand) -> std::io::Result<StepChild> {
     };
     let procs = match &command.cgroup {
         Some(dir) => Some(
-            std::fs::OpenOptions::new()
+            fs_err::OpenOptions::new()
                 .write(true)
-                .open(dir.join("cgroup.procs"))?,
+                .open(dir.join("cgroup.procs"))?
+                .into_file(),
         ),
         None => None,
     };

@@ -138,7 +138,7 @@ mod tests {
         let state = tempfile::tempdir().unwrap();
         let spool = Spool::open(state.path()).unwrap();
         spool.store(&result(1)).unwrap();
-        std::fs::write(spool.dir().join("2.json"), b"{ not json").unwrap();
+        fs_err::write(spool.dir().join("2.json"), b"{ not json").unwrap();
 
         let (results, problems) = spool.load_all();
         assert_eq!(results, vec![result(1)]);

@@ -3,6 +3,10 @@
 //! (pid and kernel start time, so a reused pid is never mistaken for it),
 //! found again after a crash, watched for exit through a pidfd, and looked
 //! at for child processes (a running job).
+#![allow(
+    unsafe_code,
+    reason = "signalling and re-parenting the supervised CI agent use syscalls without a safe wrapper; each block says why it is sound"
+)]
 
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::Path;
@@ -43,7 +47,7 @@ pub struct Leftover {
 /// gracefully (its job finishes) rather than killed.
 pub fn claim_leftover(state_dir: &Path) -> Option<Leftover> {
     let pidfile = state_dir.join(PIDFILE);
-    let text = std::fs::read_to_string(&pidfile).ok()?;
+    let text = fs_err::read_to_string(&pidfile).ok()?;
     let mut fields = text.split_whitespace();
     let pid: i32 = fields.next()?.parse().ok()?;
     let start: u64 = fields.next()?.parse().ok()?;
@@ -51,7 +55,7 @@ pub fn claim_leftover(state_dir: &Path) -> Option<Leftover> {
         && stat_fields(pid).is_some_and(|stat| stat.start_time == start)
         && environ_has(pid, &marker(state_dir));
     if !alive {
-        let _ = std::fs::remove_file(&pidfile);
+        let _ = fs_err::remove_file(&pidfile);
         return None;
     }
     let exit = match pidfd_open(pid) {
@@ -61,13 +65,13 @@ pub fn claim_leftover(state_dir: &Path) -> Option<Leftover> {
                 "a CI agent left by an earlier run (pid {pid}) is still running but cannot be watched ({error}); stopping it at once"
             );
             let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-            let _ = std::fs::remove_file(&pidfile);
+            let _ = fs_err::remove_file(&pidfile);
             return None;
         }
     };
     // The build record would make `kill_leftovers` SIGKILL it; it is
     // stopped gracefully by the supervisor instead.
-    let _ = std::fs::remove_file(
+    let _ = fs_err::remove_file(
         state_dir
             .join("running")
             .join(SUPERVISED_BUILD_ID.to_string()),
@@ -172,7 +176,7 @@ pub fn start(
         trees.set_step_group(SUPERVISED_BUILD_ID, Some(pid));
         let start = stat_fields(pid).map_or(0, |stat| stat.start_time);
         let pidfile = state_dir.join(PIDFILE);
-        if let Err(error) = std::fs::write(&pidfile, format!("{pid} {start}\n")) {
+        if let Err(error) = fs_err::write(&pidfile, format!("{pid} {start}\n")) {
             tracing::warn!(
                 "cannot write {}: {error}; a crash of this agent would leave the CI agent unrecognised",
                 pidfile.display()
@@ -187,7 +191,7 @@ pub fn start(
 pub fn forget(pid: i32, state_dir: &Path, trees: &BuildTrees) {
     let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
     trees.end(SUPERVISED_BUILD_ID);
-    let _ = std::fs::remove_file(state_dir.join(PIDFILE));
+    let _ = fs_err::remove_file(state_dir.join(PIDFILE));
 }
 
 /// Sends `signal` to the agent itself (its jobs are its business); SIGKILL
@@ -203,7 +207,7 @@ pub fn signal(pid: i32, signal: Signal) -> nix::Result<()> {
 /// Whether `pid` has child processes (a job, for agents that run jobs as
 /// children). One walk over `/proc`.
 pub fn has_children(pid: i32) -> bool {
-    let Ok(entries) = std::fs::read_dir("/proc") else {
+    let Ok(entries) = fs_err::read_dir("/proc") else {
         return false;
     };
     entries
@@ -219,7 +223,7 @@ struct StatFields {
 }
 
 fn stat_fields(pid: i32) -> Option<StatFields> {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let text = fs_err::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may contain spaces and parentheses: fields start
     // after the last ')'. Then: state ppid pgrp ... starttime (field 22).
     let rest = &text[text.rfind(')')? + 1..];
@@ -231,7 +235,7 @@ fn stat_fields(pid: i32) -> Option<StatFields> {
 }
 
 fn environ_has(pid: i32, entry: &str) -> bool {
-    std::fs::read(format!("/proc/{pid}/environ"))
+    fs_err::read(format!("/proc/{pid}/environ"))
         .is_ok_and(|data| data.split(|b| *b == 0).any(|item| item == entry.as_bytes()))
 }
 
@@ -270,7 +274,7 @@ mod tests {
 
         // Another worker's state dir does not recognise it.
         let other = tempfile::tempdir().unwrap();
-        std::fs::copy(state.path().join(PIDFILE), other.path().join(PIDFILE)).unwrap();
+        fs_err::copy(state.path().join(PIDFILE), other.path().join(PIDFILE)).unwrap();
         assert!(claim_leftover(other.path()).is_none());
         assert!(
             !other.path().join(PIDFILE).exists(),

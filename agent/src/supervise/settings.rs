@@ -233,7 +233,7 @@ pub fn resolve(
     }
     if raw.kind == SupervisedKind::BuildbotWorker
         && graceful_signal == Signal::SIGHUP
-        && let Ok(tac) = std::fs::read_to_string(workdir.join("buildbot.tac"))
+        && let Ok(tac) = fs_err::read_to_string(workdir.join("buildbot.tac"))
         && !tac.lines().any(|line| {
             line.split('#')
                 .next()
@@ -369,10 +369,10 @@ mod tests {
     #[test]
     fn buildbot_tac_without_signal_shutdown_is_refused() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("buildbot.tac"), "allow_shutdown = None\n").unwrap();
+        fs_err::write(dir.path().join("buildbot.tac"), "allow_shutdown = None\n").unwrap();
         let error = resolve_text("kind = \"buildbot-worker\"", dir.path()).unwrap_err();
         assert!(error.contains("allow_shutdown = 'signal'"), "{error}");
-        std::fs::write(
+        fs_err::write(
             dir.path().join("buildbot.tac"),
             "umask = None\nallow_shutdown = 'signal'\n",
         )

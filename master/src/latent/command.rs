@@ -176,8 +176,8 @@ mod tests {
 
     fn script(dir: &Path, name: &str, body: &str) -> String {
         let path = dir.join(name);
-        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        fs_err::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        fs_err::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
         path.display().to_string()
     }
 
@@ -215,7 +215,7 @@ mod tests {
         });
         assert_eq!(provider.start(&instance()).await, StartOutcome::Started);
         assert_eq!(
-            std::fs::read_to_string(&out).unwrap().trim(),
+            fs_err::read_to_string(&out).unwrap().trim(),
             "vm1 t0k3n wss://master.example:7380 /etc/nightshift/ca.pem 2"
         );
         assert_eq!(provider.stop(&instance()).await, Ok(()));

@@ -68,6 +68,10 @@ impl ProcessProvider {
         self.settings.data_dir.join("latent").join(worker)
     }
 
+    #[allow(
+        unsafe_code,
+        reason = "pre_exec sets the parent-death signal between fork and exec"
+    )]
     fn spawn(&self, instance: &InstanceInfo) -> Result<Child, String> {
         let binary = self.worker_binary()?;
         if !binary.is_file() {
@@ -79,17 +83,18 @@ impl ProcessProvider {
             .workdir
             .clone()
             .unwrap_or_else(|| dir.join("work"));
-        std::fs::create_dir_all(&dir)
+        fs_err::create_dir_all(&dir)
             .map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
-        std::fs::create_dir_all(&workdir)
+        fs_err::create_dir_all(&workdir)
             .map_err(|e| format!("cannot create {}: {e}", workdir.display()))?;
         let config = dir.join("worker.toml");
         write_private(&config, &render_worker_toml(instance, &dir, &workdir))?;
         let log_path = dir.join("agent.log");
-        let log = std::fs::OpenOptions::new()
+        let log = fs_err::OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log_path)
+            .map(fs_err::File::into_file)
             .map_err(|e| format!("cannot open {}: {e}", log_path.display()))?;
         let log_err = log
             .try_clone()
@@ -125,9 +130,9 @@ impl ProcessProvider {
 
 /// Writes `text` to `path` readable by the owner only (it holds a token).
 fn write_private(path: &Path, text: &str) -> Result<(), String> {
+    use fs_err::os::unix::fs::OpenOptionsExt;
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
-    let mut file = std::fs::OpenOptions::new()
+    let mut file = fs_err::OpenOptions::new()
         .create(true)
         .write(true)
         .truncate(true)
@@ -266,8 +271,8 @@ mod tests {
     /// A stand-in `worker` that records its arguments and waits for SIGTERM.
     fn fake_worker(dir: &Path, body: &str) -> PathBuf {
         let path = dir.join("worker");
-        std::fs::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
-        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        fs_err::write(&path, format!("#!/bin/sh\n{body}\n")).unwrap();
+        fs_err::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
         path
     }
 
@@ -330,12 +335,12 @@ mod tests {
         let instance_dir = provider.instance_dir("local-1");
         wait_for_file(&instance_dir.join("args.txt")).await;
         let config = instance_dir.join("worker.toml");
-        let mode = std::fs::metadata(&config).unwrap().permissions().mode();
+        let mode = fs_err::metadata(&config).unwrap().permissions().mode();
         assert_eq!(mode & 0o777, 0o600, "worker.toml holds a token");
         assert_eq!(provider.health(&instance()).await, Health::Alive);
         provider.stop(&instance()).await.unwrap();
         assert!(marker.exists(), "the agent got SIGTERM and ran its handler");
-        let args = std::fs::read_to_string(instance_dir.join("args.txt")).unwrap();
+        let args = fs_err::read_to_string(instance_dir.join("args.txt")).unwrap();
         assert_eq!(args.trim(), format!("run --config {}", config.display()));
         assert_eq!(
             provider.health(&instance()).await,

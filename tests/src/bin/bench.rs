@@ -6,8 +6,10 @@
 //! a cgroup per build), and the speed of a CPU-bound owner task beside a
 //! build that burns every core, relative to the task alone.
 //!
-//! Run it on an otherwise idle machine, after `cargo build --release`:
-//! `cargo run --release -p nightshift-tests --bin nightshift-bench`
+//! Run it on an otherwise idle machine:
+//! `cargo run --release -p nightshift-tests --bin nightshift-bench` (it
+//! builds the release `master` and `worker` first, and prints on stderr
+//! which binaries and which commit it measured)
 //! (`--builds N` sets the size of the throughput runs, `--json` prints the
 //! figures as one JSON object). It is a benchmark, not a test: it asserts
 //! nothing and only reports.
@@ -200,7 +202,7 @@ fn now_ns() -> u128 {
 
 /// utime + stime of a process, in milliseconds.
 fn cpu_ms(pid: u32) -> anyhow::Result<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    let stat = fs_err::read_to_string(format!("/proc/{pid}/stat"))?;
     // Fields after the `(comm)`, which may contain spaces.
     let after = stat
         .rsplit_once(')')
@@ -209,8 +211,10 @@ fn cpu_ms(pid: u32) -> anyhow::Result<f64> {
     let fields: Vec<&str> = after.split_whitespace().collect();
     // utime and stime are fields 14 and 15 of the whole line: 11 and 12 here.
     let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-    // SAFETY: sysconf has no preconditions.
-    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    let hz = match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
+        Ok(Some(ticks)) if ticks > 0 => ticks as f64,
+        _ => 100.0,
+    };
     Ok(ticks * 1000.0 / hz)
 }
 
@@ -227,7 +231,7 @@ fn private_mb(pid: u32) -> anyhow::Result<f64> {
 }
 
 fn status_mb(pid: u32, field: &str) -> anyhow::Result<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let status = fs_err::read_to_string(format!("/proc/{pid}/status"))?;
     let line = status
         .lines()
         .find(|l| l.starts_with(field))
@@ -320,7 +324,8 @@ async fn run(builds: usize) -> anyhow::Result<Figures> {
     let mut farm = builder
         .builder("trivial", &WORKERS, &[("run", "true")])
         .builder("stamp", &["w1"], &[("stamp", "date +%s%N")])
-        .start()?;
+        .start()
+        .await?;
     let mut figures = Figures::default();
     let master_pid = farm.master_pid().context("master not running")?;
     let tls = farm.tls_client()?;
@@ -374,11 +379,11 @@ async fn run(builds: usize) -> anyhow::Result<Figures> {
     // Presence: the owner flips w1 through its control API; the master's API
     // (polled on a kept-alive connection) shows the new state.
     let state_dir = farm.dir.path().join("workers/w1/state");
-    let control_token = std::fs::read_to_string(state_dir.join("control.token"))
+    let control_token = fs_err::read_to_string(state_dir.join("control.token"))
         .context("reading w1's control token")?
         .trim()
         .to_owned();
-    let control_port = farm.agent("w1").context("w1 not running")?.control_port;
+    let control_port = farm.worker_control_port("w1")?;
     let mut control = Conn::open(control_port, None, control_token).await?;
     // The master closes connections left idle during the throughput runs.
     let mut conn = Conn::open(farm.port, Some(tls.clone()), token.clone()).await?;
@@ -446,6 +451,7 @@ async fn run(builds: usize) -> anyhow::Result<Figures> {
     figures.idle_master_rss_mb = rss_mb(master_pid)?;
     for name in WORKERS {
         farm.stop_worker(name)
+            .await
             .context("stopping the throughput workers")?;
     }
 
@@ -598,6 +604,15 @@ fn main() -> std::process::ExitCode {
         }
     };
     nightshift_proto::tls::install_crypto_provider();
+    // What is measured: the binaries (built fresh for this profile, or
+    // refused when older than their sources) and the commit.
+    match nightshift_tests::binaries_description() {
+        Ok(binaries) => eprint!("measuring:\n{binaries}"),
+        Err(error) => {
+            eprintln!("error: {error:#}");
+            return std::process::ExitCode::FAILURE;
+        }
+    }
     match runtime.block_on(run(builds)) {
         Ok(f) if json => {
             println!("{}", serde_json::to_string_pretty(&f).unwrap_or_default());

@@ -15,14 +15,13 @@
 //! in the same directory (`standin.lock`) logs `second-instance` and exits 99.
 
 use std::io::Write;
-use std::os::fd::AsRawFd;
 use std::time::Duration;
 
 use tokio::signal::unix::{SignalKind, signal};
 
 fn log(line: &str) {
     let path = std::env::var("STANDIN_EVENTS").unwrap_or_else(|_| "standin.events".into());
-    if let Ok(mut file) = std::fs::OpenOptions::new()
+    if let Ok(mut file) = fs_err::OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
@@ -54,18 +53,24 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let lock = match std::fs::File::create("standin.lock") {
+    let lock = match fs_err::File::create("standin.lock") {
         Ok(file) => file,
         Err(error) => {
             eprintln!("cannot create standin.lock: {error}");
             std::process::exit(2);
         }
     };
-    // SAFETY: flock on an open descriptor we own.
-    if unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        log("second-instance");
-        std::process::exit(99);
-    }
+    // Held until the process exits: a second instance finds it taken.
+    let lock = match nix::fcntl::Flock::lock(
+        lock.into_file(),
+        nix::fcntl::FlockArg::LockExclusiveNonblock,
+    ) {
+        Ok(lock) => lock,
+        Err(_) => {
+            log("second-instance");
+            std::process::exit(99);
+        }
+    };
     let job_secs: f64 = std::env::var("STANDIN_JOB_SECS")
         .ok()
         .and_then(|secs| secs.parse().ok())

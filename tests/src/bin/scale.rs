@@ -109,7 +109,8 @@ async fn measure(n: usize, builds: usize) -> anyhow::Result<Row> {
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let mut farm = farm_builder
         .builder(BUILDER, &refs, &[("noop", "true")])
-        .start()?;
+        .start()
+        .await?;
     let pid = farm.master_pid().context("no master pid")?;
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_before = rss_kb(pid)?;
@@ -163,9 +164,9 @@ async fn measure(n: usize, builds: usize) -> anyhow::Result<Row> {
     drop(conn);
 
     // The storm: every agent loses its master at once and comes back.
-    farm.kill_master()?;
+    farm.kill_master().await?;
     fleet.failures.store(0, Ordering::Relaxed);
-    farm.start_master()?;
+    farm.start_master().await?;
     let start = Instant::now();
     fleet.all_connected(n).await?;
     row.storm_s = start.elapsed().as_secs_f64();

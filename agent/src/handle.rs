@@ -8,6 +8,7 @@
 
 use jiff::{SignedDuration, Timestamp};
 use nightshift_policy::Presence;
+use nightshift_proto::wire::Outlook;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -58,6 +59,9 @@ pub struct AgentStatus {
     /// The latest load sample the policy saw (foreign load only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load: Option<LoadSnapshot>,
+    /// The time ahead (when the worker stops taking builds, its next window).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlook: Option<Outlook>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

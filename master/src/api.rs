@@ -198,6 +198,10 @@ fn overlay(build: &mut BuildInfo, live: &Snapshot) {
             if let Some(why) = live.waiting_for.get(&build.id) {
                 build.waiting_for = Some(why.clone());
             }
+            build.estimate_secs = live
+                .estimates
+                .get(&build.builder)
+                .and_then(|took| u64::try_from(took.as_secs()).ok());
         }
         BuildState::Finished => {}
     }

@@ -239,6 +239,8 @@ struct RawBuilder {
     steps: Vec<RawStep>,
     #[serde(default)]
     locks: Vec<RawClaim>,
+    #[serde(default)]
+    admission: Admission,
 }
 
 #[derive(Debug, Deserialize)]
@@ -353,6 +355,19 @@ pub struct StepDef {
     pub locks: Vec<Claim>,
 }
 
+/// What a builder's request does when no worker's availability fits its
+/// estimated duration (`admission` in `[[builder]]`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Admission {
+    /// Wait for a window that fits (the default: the farm never spills
+    /// into the owner's time, and a build cut short is wasted work).
+    #[default]
+    Fit,
+    /// Start anyway on the worker whose availability lasts longest.
+    BestEffort,
+}
+
 /// One `[[builder]]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuilderDef {
@@ -360,6 +375,7 @@ pub struct BuilderDef {
     pub workers: Vec<String>,
     pub steps: Vec<StepDef>,
     pub locks: Vec<Claim>,
+    pub admission: Admission,
 }
 
 /// A validated master config.
@@ -551,6 +567,7 @@ impl MasterConfig {
                     default: None,
                     schedule: w.schedule.clone(),
                     load: None,
+                    overrun: None,
                 };
                 if let Err(problems) = nightshift_policy::Policy::compile_for_master(
                     &availability,
@@ -724,6 +741,7 @@ impl MasterConfig {
                 workers: b.workers,
                 steps,
                 locks: builder_locks,
+                admission: b.admission,
             });
         }
 
@@ -1029,6 +1047,7 @@ steps = [{{ name = "s", command = "true", timeout = -5 }}]
             default: None,
             schedule: rack.schedule.clone(),
             load: None,
+            overrun: None,
         };
         let policy = nightshift_policy::Policy::compile_for_master(
             &availability,

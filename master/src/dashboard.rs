@@ -593,6 +593,7 @@ mod tests {
             started_at: None,
             finished_at: None,
             steps: Vec::new(),
+            estimate_secs: None,
         }
     }
 

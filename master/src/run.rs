@@ -235,6 +235,9 @@ pub async fn run(
     let unfinished = store.unfinished().await?;
     let paused = store.paused().await?;
     let last_seen = store.last_presences().await?;
+    let durations = store
+        .recent_durations(crate::scheduler::estimate::WINDOW)
+        .await?;
 
     let listener = TcpListener::bind(config.listen)
         .await
@@ -256,6 +259,7 @@ pub async fn run(
         last_seen,
         paused,
     );
+    scheduler.seed_estimates(durations);
     // Latent instances reach the master as any worker would, with a token
     // made for each start (checked by the connection handler).
     let latent_tokens = crate::latent::LatentTokens::default();

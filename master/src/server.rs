@@ -171,6 +171,7 @@ async fn read_hello(
         max_builds,
         presence,
         running,
+        outlook,
         ..
     } = hello
     else {
@@ -198,6 +199,7 @@ async fn read_hello(
             max_builds,
             presence,
             running,
+            outlook,
         },
     ))
 }

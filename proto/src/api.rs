@@ -101,6 +101,10 @@ pub struct BuildInfo {
     pub finished_at: Option<Timestamp>,
     #[serde(default)]
     pub steps: Vec<StepResult>,
+    /// The builder's estimated duration in seconds (a high percentile of its
+    /// recent successful builds) for a queued or running build, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimate_secs: Option<u64>,
 }
 
 /// `GET /api/v1/builds`: newest first.

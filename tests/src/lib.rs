@@ -1063,6 +1063,7 @@ impl FakeAgent {
             max_builds,
             presence: presence(state),
             running,
+            outlook: None,
         })
         .await
     }

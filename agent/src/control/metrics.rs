@@ -360,6 +360,7 @@ pub(crate) mod tests {
                 load1: 0.5,
                 cpu_percent: 12.25,
             }),
+            outlook: None,
         }
     }
 

@@ -17,6 +17,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
+use jiff::SignedDuration;
 use tokio::sync::mpsc;
 
 use self::clock::{Clock, SystemClock};
@@ -147,6 +148,10 @@ async fn run(path: &Path, config: WorkerConfig) -> Result<Exit, Failure> {
         master_url: config.master.clone(),
         max_builds: config.max_builds,
         state_dir: config.state_dir.clone(),
+        overrun: config
+            .availability
+            .overrun
+            .map_or(SignedDuration::ZERO, |o| o.get()),
     };
     let runner_settings = Arc::new(RunnerSettings {
         workdir: config.workdir.clone(),

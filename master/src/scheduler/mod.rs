@@ -16,8 +16,10 @@
 //! [`timers`] (the one timer queue). The decision "which worker gets this
 //! request" is the pure function [`pick::pick_worker`].
 
+mod admission;
 mod builds;
 mod connections;
+pub mod estimate;
 mod latent;
 mod locks;
 pub mod pick;
@@ -36,7 +38,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 use nightshift_policy::{Presence, PresenceState, Source};
 use nightshift_proto::api::WorkerList;
-use nightshift_proto::wire::{AgentMessage, BuildId, HEARTBEAT_SECS, MasterMessage};
+use nightshift_proto::wire::{AgentMessage, BuildId, HEARTBEAT_SECS, MasterMessage, Outlook};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::MasterConfig;
@@ -45,6 +47,7 @@ use crate::locks::{BuildLocks, Claim, LockHolder};
 use crate::master_schedule::MasterSchedules;
 use crate::store::{Store, StoreOutcome, UnfinishedBuild};
 
+use estimate::Estimates;
 use timers::Timers;
 
 /// Identity of one agent connection, unique for the master's lifetime.
@@ -83,6 +86,8 @@ pub struct Hello {
     pub max_builds: u32,
     pub presence: Presence,
     pub running: Vec<BuildId>,
+    /// The time ahead as the agent sees it (window-aware admission).
+    pub outlook: Option<Outlook>,
 }
 
 /// A read-only view for the API.
@@ -91,6 +96,8 @@ pub struct Snapshot {
     pub workers: WorkerList,
     /// What each queued build waits for.
     pub waiting_for: BTreeMap<BuildId, String>,
+    /// Each builder's estimated build duration, where known.
+    pub estimates: BTreeMap<String, jiff::SignedDuration>,
     /// Builds handed out, with their worker.
     pub running: BTreeMap<BuildId, String>,
 }
@@ -191,6 +198,9 @@ struct WorkerSlot {
     unconfirmed: BTreeSet<BuildId>,
     /// Order of the last hand-out, to spread builds among equals.
     last_assigned: u64,
+    /// The time ahead its agent last sent (when it stops taking builds,
+    /// its next window, its overrun grace).
+    outlook: Option<Outlook>,
 }
 
 impl WorkerSlot {
@@ -206,6 +216,7 @@ impl WorkerSlot {
             refused: BTreeSet::new(),
             unconfirmed: BTreeSet::new(),
             last_assigned: 0,
+            outlook: None,
         }
     }
 }
@@ -273,11 +284,21 @@ pub struct Scheduler {
     latent_stopped: Vec<oneshot::Sender<()>>,
     /// Missing-worker timers, reconcile deadlines and the schedule tick.
     timers: Timers,
+    /// Each builder's estimated build duration (window-aware admission).
+    estimates: Estimates,
 }
 
 impl Scheduler {
     /// Builds the scheduler from the config and the store's unfinished
     /// builds. `events` is the sender of the channel [`Scheduler::run`] reads.
+    /// Seeds the builders' duration estimates with `(builder, duration)`
+    /// of past successful builds, oldest first (from the store at start).
+    pub fn seed_estimates(&mut self, history: Vec<(String, jiff::SignedDuration)>) {
+        for (builder, took) in history {
+            self.estimates.record(&builder, took);
+        }
+    }
+
     pub fn new(
         config: Arc<MasterConfig>,
         store: Store,
@@ -331,6 +352,7 @@ impl Scheduler {
             latent_shutdown: false,
             latent_stopped: Vec::new(),
             timers: Timers::default(),
+            estimates: Estimates::default(),
         };
         scheduler.locks = BuildLocks::new(scheduler.config.locks.clone());
         scheduler.configure_latent();
@@ -470,7 +492,9 @@ impl Scheduler {
             AgentMessage::Hello { .. } => {
                 tracing::warn!("worker {worker}: a second hello on one connection is ignored");
             }
-            AgentMessage::Presence { presence } => self.on_presence(worker, presence),
+            AgentMessage::Presence { presence, outlook } => {
+                self.on_presence(worker, presence, outlook)
+            }
             AgentMessage::BuildAccepted { build_id } => match self.running.get_mut(&build_id) {
                 Some(run) if run.worker == worker => run.accepted = true,
                 _ => self.refuse(worker, build_id, "accepted"),

@@ -79,6 +79,11 @@ impl Scheduler {
                 .iter()
                 .map(|(id, run)| (*id, run.worker.clone()))
                 .collect(),
+            estimates: self
+                .estimates
+                .all()
+                .map(|(builder, took)| (builder.to_owned(), took))
+                .collect(),
         }
     }
 }

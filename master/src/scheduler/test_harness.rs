@@ -107,6 +107,7 @@ impl Harness {
                 max_builds: 1,
                 presence: presence(state),
                 running,
+                outlook: None,
             },
             out,
         });

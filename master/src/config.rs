@@ -868,6 +868,32 @@ steps = [{{ name = "make", command = "make", timeout = "5m", env = {{ CC = "cc" 
         assert_eq!(app.steps[0].timeout, Some(Duration::from_secs(300)));
         assert_eq!(app.locks, vec![Claim::new("compile", Access::Counting)]);
         assert_eq!(config.locks[0].max_count_for_worker["b2"], 4);
+        assert_eq!(app.admission, Admission::Fit, "the default");
+    }
+
+    #[test]
+    fn admission_is_fit_or_best_effort() {
+        let builder = |admission: &str| {
+            format!(
+                "[[worker]]\nname = \"b1\"\ntoken_sha256 = \"{HASH}\"\n\n[[builder]]\nname = \"app\"\n\
+                 workers = [\"b1\"]\nsteps = [{{ name = \"make\", command = \"make\" }}]\nadmission = {admission}\n"
+            )
+        };
+        let config = parse(&builder("\"best-effort\"")).unwrap();
+        assert_eq!(
+            config.builder("app").unwrap().admission,
+            Admission::BestEffort
+        );
+        let config = parse(&builder("\"fit\"")).unwrap();
+        assert_eq!(config.builder("app").unwrap().admission, Admission::Fit);
+        let shown = parse(&builder("\"sometimes\"")).unwrap_err().to_string();
+        assert!(shown.starts_with("master.toml:9:"), "{shown}");
+        assert!(
+            shown.contains("admission")
+                && shown.contains("`fit`")
+                && shown.contains("`best-effort`"),
+            "{shown}"
+        );
     }
 
     #[test]
@@ -1025,7 +1051,7 @@ steps = [{{ name = "s", command = "true", timeout = -5 }}]
              master.toml:7:1: worker[0].max_bulds: unknown key `max_bulds`, expected one of `name`, `token_sha256`, `max_builds`, `schedule`, `timezone`, `latent`\n\
              master.toml:11:9: lock[0].scope: unknown value `planet`, expected `master` or `worker`\n\
              master.toml:15:18: builder[0].workers[1]: unknown worker `ghost` (no [[worker]] with that name)\n\
-             master.toml:16:1: builder[0].colour: unknown key `colour`, expected one of `name`, `workers`, `steps`, `locks`\n\
+             master.toml:16:1: builder[0].colour: unknown key `colour`, expected one of `name`, `workers`, `steps`, `locks`, `admission`\n\
              master.toml:18:68: builder[0].steps[0].locks[0].access: unknown value `sometimes`, expected `counting` or `exclusive`\n\
              master.toml:25:52: builder[1].steps[0].timeout: a duration cannot be negative (-5)"
         );

@@ -10,6 +10,9 @@ use nightshift_policy::{AvailabilityConfig, DurationSpec, Policy, PolicyError};
 use nightshift_proto::diag::{ConfigErrors, parse_toml};
 use serde::Deserialize;
 
+use crate::daemon::checkout::GitAuth;
+use crate::daemon::priority::BuildSettings;
+
 /// Where `worker` looks when `--config` is not given: here first, then /etc.
 pub const DEFAULT_CONFIG_PATHS: [&str; 2] = ["worker.toml", "/etc/nightshift/worker.toml"];
 
@@ -94,6 +97,9 @@ struct RawWorkerConfig {
     control: ControlSettings,
     #[serde(default)]
     availability: AvailabilityConfig,
+    #[serde(default)]
+    git: GitAuth,
+    builds: BuildSettings,
 }
 
 fn one() -> u32 {
@@ -122,6 +128,10 @@ pub struct WorkerConfig {
     pub tls: TlsClientSettings,
     pub control: ControlSettings,
     pub availability: AvailabilityConfig,
+    /// `[git]`: this worker's credentials for checkouts (never sent anywhere).
+    pub git: GitAuth,
+    /// How builds run beside the owner's work (`[builds]`).
+    pub builds: BuildSettings,
     /// How often foreign load is sampled (`[availability.load] sample_every`, default 5s).
     pub load_sample_interval: DurationSpec,
 }
@@ -234,6 +244,12 @@ fn resolve(raw: RawWorkerConfig, base: &Path) -> WorkerConfig {
         tls,
         control,
         availability: raw.availability,
+        git: GitAuth {
+            ssh_key: raw.git.ssh_key.map(at_base),
+            token_file: raw.git.token_file.map(at_base),
+            username: raw.git.username,
+        },
+        builds: raw.builds,
         load_sample_interval,
     }
 }
@@ -241,6 +257,21 @@ fn resolve(raw: RawWorkerConfig, base: &Path) -> WorkerConfig {
 fn validate(config: &mut WorkerConfig, system_tz: TimeZone, errors: &mut ConfigErrors) {
     validate_name(&config.name, errors);
     validate_master(config, errors);
+    for (key, file) in [
+        ("git.ssh_key", &config.git.ssh_key),
+        ("git.token_file", &config.git.token_file),
+    ] {
+        if let Some(file) = file
+            && let Err(e) = std::fs::metadata(file)
+        {
+            errors.push_at_path(key, format!("cannot read {}: {e}", file.display()));
+        }
+    }
+    if let Some(name) = &config.git.username
+        && (name.is_empty() || name.chars().any(|c| c.is_control() || c == '\n'))
+    {
+        errors.push_at_path("git.username", "must be a non-empty single line");
+    }
 
     match (&config.token, &config.token_file) {
         (Some(_), Some(_)) => {
@@ -270,6 +301,10 @@ fn validate(config: &mut WorkerConfig, system_tz: TimeZone, errors: &mut ConfigE
         errors.push_at_path("max_builds", "max_builds must be at least 1");
     } else if config.max_builds > 1024 {
         errors.push_at_path("max_builds", "max_builds must be at most 1024");
+    }
+
+    for (key, problem) in config.builds.problems() {
+        errors.push_at_path(key, problem);
     }
 
     if let Some(pin) = &config.tls.pin_sha256 {
@@ -406,7 +441,7 @@ mod tests {
             [
                 "/srv/w/worker.toml:1:8: name: the worker name \"lab 3\" contains ' '; use letters, digits, `-`, `_` and `.`",
                 "/srv/w/worker.toml:2:10: master: ws:// sends the token unencrypted; use wss://, or set insecure = true (tests and trusted networks only)",
-                "/srv/w/worker.toml:3:1: max_bulds: unknown key `max_bulds`, expected one of `name`, `master`, `token`, `token_file`, `workdir`, `state_dir`, `max_builds`, `insecure`, `tls`, `control`, `availability`",
+                "/srv/w/worker.toml:3:1: max_bulds: unknown key `max_bulds`, expected one of `name`, `master`, `token`, `token_file`, `workdir`, `state_dir`, `max_builds`, `insecure`, `tls`, `control`, `availability`, `builds`",
                 "/srv/w/worker.toml:8:8: availability.schedule[0].days: unknown day \"mnd\", expected mon..sun",
                 "/srv/w/worker.toml:13:1: availability.schedule[1].colour: unknown key `colour`, expected one of `name`, `hours`, `days`, `open`, `close`, `state`",
                 "/srv/w/worker.toml:17:7: availability.load.for: invalid duration `soon`, expected e.g. `30s`, `2m`, `1h30m`, `2h` or `1d`",
@@ -460,5 +495,44 @@ mod tests {
             "{MINIMAL}[control]\nlisten = \"0.0.0.0:7878\"\nallow_remote = true\ntoken_file = \"/etc/nightshift/control.token\"\n"
         );
         assert!(parse(&text).is_ok());
+    }
+
+    #[test]
+    fn builds_settings_have_owner_friendly_defaults_and_located_errors() {
+        use crate::daemon::priority::{CgroupUse, CpuPriority, IoPriority};
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.builds.cpu_priority, CpuPriority::Idle);
+        assert_eq!(config.builds.io_priority, IoPriority::Idle);
+        assert_eq!(config.builds.cpu_weight, 1);
+        assert_eq!(config.builds.memory_high, None);
+
+        let text = format!(
+            "{MINIMAL}[builds]\ncpu_priority = \"low\"\nio_priority = \"normal\"\ncgroups = \"off\"\ncpu_weight = 20\nmemory_high = \"4G\"\n"
+        );
+        let config = parse(&text).unwrap();
+        assert_eq!(config.builds.cpu_priority, CpuPriority::Low);
+        assert_eq!(config.builds.io_priority, IoPriority::Normal);
+        assert_eq!(config.builds.cgroups, CgroupUse::Off);
+        assert_eq!(config.builds.cpu_weight, 20);
+        assert_eq!(config.builds.memory_high_bytes(), Some(4 << 30));
+
+        let text = format!(
+            "{MINIMAL}[builds]\ncpu_priority = \"lowest\"\ncpu_weight = 0\nmemory_high = \"lots\"\n"
+        );
+        let errors = parse(&text).unwrap_err();
+        assert!(
+            errors.contains(":6:16: builds.cpu_priority: unknown value `lowest`"),
+            "{errors}"
+        );
+        let text = format!("{MINIMAL}[builds]\ncpu_weight = 0\nmemory_high = \"lots\"\n");
+        let errors = parse(&text).unwrap_err();
+        assert!(
+            errors.contains(":6:14: builds.cpu_weight: cpu_weight 0 is out of range"),
+            "{errors}"
+        );
+        assert!(
+            errors.contains(":7:15: builds.memory_high: \"lots\" is not a memory size"),
+            "{errors}"
+        );
     }
 }

@@ -6,6 +6,7 @@
 //! rather than polling; control requests travel as [`ControlCommand`]s with
 //! a reply channel.
 
+use crate::daemon::priority::BuildIsolation;
 use jiff::{SignedDuration, Timestamp};
 use nightshift_policy::Presence;
 use nightshift_proto::wire::Outlook;
@@ -62,6 +63,9 @@ pub struct AgentStatus {
     /// The time ahead (when the worker stops taking builds, its next window).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub outlook: Option<Outlook>,
+    /// How builds are accounted and made to yield to the owner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isolation: Option<BuildIsolation>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -102,6 +106,9 @@ pub struct LoadSnapshot {
     pub load1: f64,
     /// CPU use in percent of the whole machine, not counting own builds.
     pub cpu_percent: f64,
+    /// CPU use of the agent's own builds, in percent of the whole machine.
+    #[serde(default)]
+    pub build_cpu_percent: f64,
 }
 
 /// A cheap, cloneable handle on the running daemon.

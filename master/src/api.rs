@@ -14,18 +14,17 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use jiff::Timestamp;
 use nightshift_proto::api::{
     ApiError, BuildInfo, BuildList, BuildLog, BuildState, PauseState, ReconfigResponse,
     SubmitRequest, SubmitResponse, WorkerList,
 };
-use nightshift_proto::wire::BuildId;
+use nightshift_proto::wire::{BuildId, is_full_revision};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::scheduler::{Event, Snapshot};
-use crate::store::Store;
+use crate::store::{NewBuild, Store};
 
 /// Longest a `wait` request is held open.
 const MAX_WAIT_SECS: u64 = 300;
@@ -43,6 +42,8 @@ pub struct AppState {
     pub next_conn: Arc<AtomicU64>,
     /// Tokens of the latent instances the scheduler started.
     pub latent_tokens: crate::latent::LatentTokens,
+    /// What webhooks, polling and timed builds did.
+    pub trigger_counters: Arc<crate::triggers::TriggerCounters>,
 }
 
 /// An error response: status plus [`ApiError`] JSON.
@@ -113,7 +114,15 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/api/v1/pause", post(pause))
         .route("/api/v1/resume", post(resume))
         .route("/api/v1/reconfig", post(reconfig))
+        .route("/api/v1/triggers", get(trigger_counters))
         .route_layer(middleware::from_fn_with_state(state, require_admin))
+}
+
+/// `GET /api/v1/triggers`: what webhooks, polling and timed builds did.
+async fn trigger_counters(
+    State(state): State<AppState>,
+) -> Json<crate::triggers::TriggerCountersSnapshot> {
+    Json(state.trigger_counters.snapshot())
 }
 
 async fn snapshot(state: &AppState) -> Result<Snapshot, Failure> {
@@ -167,21 +176,71 @@ async fn submit(
             format!("property name `{key}` must be non-empty and contain no `=`"),
         ));
     }
-    let id = state
-        .store
-        .insert_build(
-            request.builder.clone(),
-            request.properties.clone(),
-            Timestamp::now(),
+    let builder = config.builder(&request.builder).ok_or_else(|| {
+        Failure(
+            StatusCode::NOT_FOUND,
+            format!("no builder `{}`", request.builder),
         )
-        .await
-        .map_err(Failure::internal)?;
-    // Committed: now the scheduler may hand it out.
-    let _ = state.events.send(Event::Submitted {
-        id,
+    })?;
+    let source = match &builder.source {
+        None if request.revision.is_some() || request.branch.is_some() => {
+            return Err(Failure(
+                StatusCode::BAD_REQUEST,
+                format!(
+                    "builder `{}` has no `source`; --revision and --branch apply to builders with one",
+                    builder.name
+                ),
+            ));
+        }
+        None => None,
+        Some(source) => {
+            let branch = request
+                .branch
+                .clone()
+                .unwrap_or_else(|| source.branch.clone());
+            if let Err(why) = crate::config::check_branch_name(&branch) {
+                return Err(Failure(StatusCode::BAD_REQUEST, why));
+            }
+            let revision = match &request.revision {
+                Some(revision) => {
+                    let revision = revision.trim().to_ascii_lowercase();
+                    if !is_full_revision(&revision) {
+                        return Err(Failure(
+                            StatusCode::BAD_REQUEST,
+                            format!(
+                                "revision `{revision}` is not a full commit id (40 or 64 hex digits; \
+                                 `git rev-parse` prints one)"
+                            ),
+                        ));
+                    }
+                    revision
+                }
+                None => crate::triggers::git::branch_head(&source.repo, &branch)
+                    .await
+                    .map_err(|why| {
+                        Failure(
+                            StatusCode::BAD_GATEWAY,
+                            format!("cannot resolve branch `{branch}`: {why}"),
+                        )
+                    })?,
+            };
+            crate::triggers::source_for(builder, &branch, &revision)
+        }
+    };
+    let build = NewBuild {
         builder: request.builder,
         properties: request.properties,
-    });
+        source,
+        trigger: "submit".into(),
+    };
+    // Committed, then handed to the scheduler.
+    let ids = crate::triggers::queue_builds(&state.store, &state.events, vec![build], Vec::new())
+        .await
+        .map_err(Failure::internal)?;
+    let id = ids
+        .first()
+        .copied()
+        .ok_or_else(|| Failure::internal(anyhow::anyhow!("no build id returned")))?;
     Ok((StatusCode::CREATED, Json(SubmitResponse { build_id: id })))
 }
 

@@ -36,6 +36,13 @@ pub enum Command {
         /// A build property, `key=value` (repeatable).
         #[arg(long = "prop", value_name = "KEY=VALUE", value_parser = parse_prop)]
         props: Vec<(String, String)>,
+        /// Build this exact commit (full id) of the builder's source.
+        #[arg(long, value_name = "SHA")]
+        revision: Option<String>,
+        /// Build this branch of the builder's source (its head, resolved by
+        /// the master with `git ls-remote`; default: the builder's branch).
+        #[arg(long, value_name = "BRANCH")]
+        branch: Option<String>,
         /// Wait until the build ends; exit 0 on success, 1 otherwise.
         #[arg(long)]
         wait: bool,

@@ -8,7 +8,9 @@ use std::path::{Path, PathBuf};
 use anyhow::{Context, bail};
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
-use nightshift_proto::api::{ApiClient, BuildInfo, BuildState, MasterUrl, WorkerList};
+use nightshift_proto::api::{
+    ApiClient, BuildInfo, BuildState, MasterUrl, SubmitRequest, WorkerList,
+};
 use nightshift_proto::wire::Outcome;
 
 use crate::cli::ConnArgs;
@@ -136,6 +138,9 @@ fn show_build(build: &BuildInfo) {
     if let Some(why) = &build.waiting_for {
         line.push_str(&format!(", waiting for {why}"));
     }
+    if let Some(source) = source_text(build) {
+        line.push_str(&format!(", {source}"));
+    }
     if let Some(reason) = &build.reason {
         line.push_str(&format!(" — {reason}"));
     }
@@ -147,11 +152,20 @@ pub async fn submit(
     client: &ApiClient,
     builder: &str,
     props: Vec<(String, String)>,
+    source: (Option<String>, Option<String>),
     wait: bool,
     json: bool,
 ) -> anyhow::Result<i32> {
     let properties: BTreeMap<String, String> = props.into_iter().collect();
-    let submitted = client.submit(builder, properties).await?;
+    let (revision, branch) = source;
+    let submitted = client
+        .submit_request(&SubmitRequest {
+            builder: builder.to_owned(),
+            properties,
+            revision,
+            branch,
+        })
+        .await?;
     if !wait {
         if json {
             print_json(&submitted)?;
@@ -254,11 +268,22 @@ pub async fn builds(client: &ApiClient, limit: u32, json: bool) -> anyhow::Resul
     Ok(0)
 }
 
+/// `main@0123456789ab` (branch and short revision) for builds with a source.
+fn source_text(build: &BuildInfo) -> Option<String> {
+    let revision = build.revision.as_deref()?;
+    let short = revision.get(..12).unwrap_or(revision);
+    Some(match build.branch.as_deref() {
+        Some(branch) if !branch.is_empty() => format!("{branch}@{short}"),
+        _ => short.to_owned(),
+    })
+}
+
 /// The human table of `master builds`, times shown in `tz` relative to `now`.
 fn builds_table(builds: &[BuildInfo], now: Timestamp, tz: &TimeZone) -> String {
     let mut table = Table::new([
         "ID",
         "BUILDER",
+        "SOURCE",
         "STATE",
         "WORKER",
         "OUTCOME",
@@ -273,6 +298,12 @@ fn builds_table(builds: &[BuildInfo], now: Timestamp, tz: &TimeZone) -> String {
             (BuildState::Queued | BuildState::Running, Some(w)) => Some(format!("waiting for {w}")),
             (BuildState::Queued, None) => None,
             _ => b.retry_reason.clone().or_else(|| b.reason.clone()),
+        };
+        // What queued it, when not a hand-made submit.
+        let detail = match (detail, b.trigger.as_deref()) {
+            (detail, None | Some("submit")) => detail,
+            (Some(detail), Some(trigger)) => Some(format!("{detail} (by {trigger})")),
+            (None, Some(trigger)) => Some(format!("by {trigger}")),
         };
         // How long it ran, or has been running.
         let took = match (b.started_at, b.finished_at) {
@@ -289,6 +320,7 @@ fn builds_table(builds: &[BuildInfo], now: Timestamp, tz: &TimeZone) -> String {
         table.row([
             b.id.to_string(),
             b.builder.clone(),
+            source_text(b).unwrap_or_else(|| "-".to_owned()),
             b.state.as_str().to_owned(),
             b.worker.clone().unwrap_or_else(|| "-".to_owned()),
             b.outcome.map_or_else(|| "-".to_owned(), |o| o.to_string()),
@@ -592,6 +624,22 @@ mod tests {
             "{table}"
         );
         assert!(lines[2].ends_with("worker lost"), "{table}");
+        assert!(lines[0].contains("SOURCE"), "{table}");
+        let sourced: Vec<BuildInfo> = serde_json::from_value(serde_json::json!([{
+            "id": 9, "builder": "app", "state": "finished", "outcome": "cancelled",
+            "retries": 0, "submitted_at": "2026-11-23T10:20:00Z",
+            "repository": "file:///srv/app.git", "branch": "main",
+            "revision": "0123456789abcdef0123456789abcdef01234567",
+            "trigger": "webhook gh", "reason": "collapsed into build 10", "collapsed_into": 10
+        }]))
+        .expect("builds");
+        let table = builds_table(&sourced, now(), &TimeZone::UTC);
+        let line = table.lines().nth(1).expect("a row");
+        assert!(line.contains(" main@0123456789ab "), "{table}");
+        assert!(
+            line.ends_with("collapsed into build 10 (by webhook gh)"),
+            "{table}"
+        );
         let detail = lines[0].find("DETAIL").expect("a header");
         assert_eq!(lines[1].find("waiting"), Some(detail), "{table}");
     }

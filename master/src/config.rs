@@ -14,6 +14,8 @@ use nightshift_proto::diag::{ConfigErrors, parse_toml};
 
 use nightshift_policy::ScheduleConfig;
 
+use nightshift_proto::wire::CheckoutMode;
+
 use crate::locks::{Access, Claim, LockDef, LockScope};
 
 /// The config used by `master run` when no `--config` is given and no
@@ -207,6 +209,36 @@ struct RawConfig {
     builder: Vec<RawBuilder>,
     #[serde(default)]
     lock: Vec<RawLock>,
+    /// The master's time zone for builders' `schedule` (default: the system's).
+    timezone: Option<String>,
+    #[serde(default)]
+    hook: Vec<RawHook>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawHook {
+    name: String,
+    kind: HookKind,
+    secret_file: Option<String>,
+    #[serde(default)]
+    builders: Vec<String>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSource {
+    repo: String,
+    #[serde(default = "default_branch")]
+    branch: String,
+    #[serde(default)]
+    mode: CheckoutMode,
+    #[serde(default)]
+    shallow: bool,
+}
+
+fn default_branch() -> String {
+    "main".into()
 }
 
 #[derive(Debug, Deserialize)]
@@ -241,6 +273,13 @@ struct RawBuilder {
     locks: Vec<RawClaim>,
     #[serde(default)]
     admission: Admission,
+    source: Option<RawSource>,
+    poll: Option<Secs>,
+    schedule: Option<String>,
+    #[serde(default)]
+    only_if_changed: bool,
+    #[serde(default)]
+    collapse: bool,
 }
 
 #[derive(Debug, Deserialize)]
@@ -368,6 +407,19 @@ pub enum Admission {
     BestEffort,
 }
 
+/// A builder's git source: what the agent checks out before the first step.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SourceDef {
+    /// Repository URL (https://, ssh://, git://, file://, or scp-like
+    /// `git@host:path`), as both the master (`git ls-remote`) and the
+    /// workers (`git fetch`) reach it.
+    pub repo: String,
+    /// The branch the builder follows.
+    pub branch: String,
+    pub mode: CheckoutMode,
+    pub shallow: bool,
+}
+
 /// One `[[builder]]`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BuilderDef {
@@ -376,6 +428,44 @@ pub struct BuilderDef {
     pub steps: Vec<StepDef>,
     pub locks: Vec<Claim>,
     pub admission: Admission,
+    pub source: Option<SourceDef>,
+    /// Ask the repository for the branch's head this often (`git ls-remote`).
+    pub poll: Option<Duration>,
+    /// Cron expression (validated) of timed builds, in the master's zone.
+    pub schedule: Option<String>,
+    /// A timed build runs only when the branch moved since the last one.
+    pub only_if_changed: bool,
+    /// Waiting requests for the same branch collapse into the newest.
+    pub collapse: bool,
+}
+
+/// Which forge's push events a hook understands.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum HookKind {
+    /// GitHub: `X-Hub-Signature-256` (HMAC-SHA256 of the body).
+    Github,
+    /// Gitea and Forgejo: `X-Hub-Signature-256`, `X-Gitea-Signature` or
+    /// `X-Forgejo-Signature` (HMAC-SHA256 of the body).
+    #[serde(alias = "forgejo")]
+    Gitea,
+    /// GitLab: `X-Gitlab-Token` (the secret itself).
+    Gitlab,
+    /// `{"repository", "branch", "revision"}` with `Authorization: Bearer <secret>`.
+    Generic,
+}
+
+/// One `[[hook]]`: a webhook endpoint at `/hooks/<name>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HookDef {
+    pub name: String,
+    pub kind: HookKind,
+    /// File holding the shared secret (read at each delivery, so rotating
+    /// it needs no reconfig).
+    pub secret_file: PathBuf,
+    /// Builders this hook may trigger (empty: every builder whose source
+    /// repository matches the pushed one).
+    pub builders: Vec<String>,
 }
 
 /// A validated master config.
@@ -393,6 +483,9 @@ pub struct MasterConfig {
     pub workers: Vec<WorkerDef>,
     pub builders: Vec<BuilderDef>,
     pub locks: Vec<LockDef>,
+    /// The zone timed builds' `schedule` is read in (`None`: the system's).
+    pub timezone: Option<String>,
+    pub hooks: Vec<HookDef>,
 }
 
 impl MasterConfig {
@@ -401,6 +494,16 @@ impl MasterConfig {
     }
     pub fn builder(&self, name: &str) -> Option<&BuilderDef> {
         self.builders.iter().find(|b| b.name == name)
+    }
+    pub fn hook(&self, name: &str) -> Option<&HookDef> {
+        self.hooks.iter().find(|h| h.name == name)
+    }
+    /// The zone of timed builds (the configured one, else the system's).
+    pub fn time_zone(&self) -> jiff::tz::TimeZone {
+        self.timezone
+            .as_deref()
+            .and_then(|name| jiff::tz::TimeZone::get(name).ok())
+            .unwrap_or_else(jiff::tz::TimeZone::system)
     }
 
     /// Reads and validates a config file.
@@ -736,12 +839,125 @@ impl MasterConfig {
                     }
                 }
             }
+            let source = b.source.map(|src| {
+                if let Err(why) = check_repo_url(&src.repo) {
+                    issue(format!("builder[{i}].source.repo"), why);
+                }
+                if let Err(why) = check_branch_name(&src.branch) {
+                    issue(format!("builder[{i}].source.branch"), why);
+                }
+                SourceDef {
+                    repo: src.repo,
+                    branch: src.branch,
+                    mode: src.mode,
+                    shallow: src.shallow,
+                }
+            });
+            let has_source = source.is_some() || written.sourced_builders.contains(&name);
+            if let Some(poll) = b.poll {
+                if !has_source {
+                    issue(
+                        format!("builder[{i}].poll"),
+                        "polling needs a `source` (the repository and branch to poll)".into(),
+                    );
+                } else if poll.0 < Duration::from_secs(1) {
+                    issue(
+                        format!("builder[{i}].poll"),
+                        "must be at least 1s (each poll runs `git ls-remote` against the remote; \
+                         minutes are kind to it)"
+                            .into(),
+                    );
+                }
+            }
+            if let Some(expr) = &b.schedule
+                && let Err(why) = nightshift_policy::CronSchedule::parse(expr)
+            {
+                issue(format!("builder[{i}].schedule"), why);
+            }
+            if b.only_if_changed && (b.schedule.is_none() || !has_source) {
+                issue(
+                    format!("builder[{i}].only_if_changed"),
+                    "applies to timed builds of a builder with a `source`: set `schedule` and `source` too"
+                        .into(),
+                );
+            }
+            if b.collapse && !has_source {
+                issue(
+                    format!("builder[{i}].collapse"),
+                    "collapsing merges requests for the same branch: the builder needs a `source`"
+                        .into(),
+                );
+            }
             builders.push(BuilderDef {
                 name,
                 workers: b.workers,
                 steps,
                 locks: builder_locks,
                 admission: b.admission,
+                source,
+                poll: b.poll.map(|p| p.0),
+                schedule: b.schedule,
+                only_if_changed: b.only_if_changed,
+                collapse: b.collapse,
+            });
+        }
+
+        if let Some(tz) = &raw.timezone
+            && jiff::tz::TimeZone::get(tz).is_err()
+        {
+            issue(
+                "timezone".into(),
+                format!("unknown time zone `{tz}` (an IANA name like `Europe/Berlin`)"),
+            );
+        }
+        let mut hooks = Vec::new();
+        let mut hook_names = BTreeSet::new();
+        for (i, h) in raw.hook.into_iter().enumerate() {
+            if !valid_name(&h.name) {
+                issue(
+                    format!("hook[{i}].name"),
+                    format!(
+                        "`{}` is not a valid name (letters, digits, `-`, `_`, `.`)",
+                        h.name
+                    ),
+                );
+            } else if !hook_names.insert(h.name.clone()) {
+                issue(
+                    format!("hook[{i}].name"),
+                    format!("hook `{}` is defined twice", h.name),
+                );
+            }
+            let secret_file = match &h.secret_file {
+                Some(path) => base.join(path),
+                None => {
+                    issue(
+                        format!("hook[{i}].secret_file"),
+                        "missing: the file holding the hook's shared secret".into(),
+                    );
+                    PathBuf::new()
+                }
+            };
+            for (j, builder) in h.builders.iter().enumerate() {
+                match builders.iter().find(|b| &b.name == builder) {
+                    Some(b) if b.source.is_none() => issue(
+                        format!("hook[{i}].builders[{j}]"),
+                        format!(
+                            "builder `{builder}` has no `source`; a push cannot name its revision"
+                        ),
+                    ),
+                    Some(_) => {}
+                    None if written.builders.contains(builder) => {}
+                    None => issue(
+                        format!("hook[{i}].builders[{j}]"),
+                        format!("unknown builder `{builder}` (no [[builder]] with that name)"),
+                    ),
+                }
+            }
+            hooks.push(HookDef {
+                name: h.name,
+                kind: h.kind,
+                secret_file,
+                builders: h.builders,
             });
         }
 
@@ -756,10 +972,55 @@ impl MasterConfig {
             workers,
             builders,
             locks,
+            timezone: raw.timezone,
+            hooks,
         };
         errors
             .into_result(config)
             .map_err(|errors| ConfigError::from_diag(&errors))
+    }
+}
+
+/// A repository URL git can fetch from, without options smuggled in.
+fn check_repo_url(url: &str) -> Result<(), String> {
+    if url.is_empty() {
+        return Err("empty repository URL".into());
+    }
+    if url.starts_with('-') || url.chars().any(|c| c.is_control() || c.is_whitespace()) {
+        return Err(format!(
+            "`{url}` is not a repository URL (no leading `-`, spaces or control characters)"
+        ));
+    }
+    let scheme_ok = ["https://", "http://", "ssh://", "git://", "file://"]
+        .iter()
+        .any(|p| url.starts_with(p));
+    let scp_like = !url.contains("://") && url.contains(':') && !url.starts_with('/');
+    if !(scheme_ok || scp_like || url.starts_with('/')) {
+        return Err(format!(
+            "`{url}` is not a repository URL: use https://, ssh://, git://, file://,              an absolute path or `user@host:path`"
+        ));
+    }
+    Ok(())
+}
+
+/// A branch name as `git check-ref-format --branch` would accept it.
+pub fn check_branch_name(branch: &str) -> Result<(), String> {
+    let bad = branch.is_empty()
+        || branch.starts_with('-')
+        || branch.starts_with('/')
+        || branch.ends_with('/')
+        || branch.ends_with('.')
+        || branch.ends_with(".lock")
+        || branch.contains("..")
+        || branch.contains("//")
+        || branch.contains("@{")
+        || branch
+            .chars()
+            .any(|c| c.is_control() || " ~^:?*[\\".contains(c));
+    if bad {
+        Err(format!("`{branch}` is not a valid branch name"))
+    } else {
+        Ok(())
     }
 }
 
@@ -784,6 +1045,9 @@ struct Written {
     /// Workers whose entry has a `latent` key (valid or not).
     latent_workers: BTreeSet<String>,
     locks: BTreeSet<String>,
+    builders: BTreeSet<String>,
+    /// Builders whose entry has a `source` key (valid or not).
+    sourced_builders: BTreeSet<String>,
 }
 
 impl Written {
@@ -811,6 +1075,12 @@ impl Written {
             written.workers.insert(name);
         }
         written.locks = entries("lock").map(|(name, _)| name).collect();
+        for (name, entry) in entries("builder") {
+            if entry.contains_key("source") {
+                written.sourced_builders.insert(name.clone());
+            }
+            written.builders.insert(name);
+        }
         written
     }
 }
@@ -1051,7 +1321,7 @@ steps = [{{ name = "s", command = "true", timeout = -5 }}]
              master.toml:7:1: worker[0].max_bulds: unknown key `max_bulds`, expected one of `name`, `token_sha256`, `max_builds`, `schedule`, `timezone`, `latent`\n\
              master.toml:11:9: lock[0].scope: unknown value `planet`, expected `master` or `worker`\n\
              master.toml:15:18: builder[0].workers[1]: unknown worker `ghost` (no [[worker]] with that name)\n\
-             master.toml:16:1: builder[0].colour: unknown key `colour`, expected one of `name`, `workers`, `steps`, `locks`, `admission`\n\
+             master.toml:16:1: builder[0].colour: unknown key `colour`, expected one of `name`, `workers`, `steps`, `locks`, `admission`, `source`, `poll`, `schedule`, `only_if_changed`, `collapse`\n\
              master.toml:18:68: builder[0].steps[0].locks[0].access: unknown value `sometimes`, expected `counting` or `exclusive`\n\
              master.toml:25:52: builder[1].steps[0].timeout: a duration cannot be negative (-5)"
         );
@@ -1100,5 +1370,55 @@ steps = [{{ name = "s", command = "true", timeout = -5 }}]
         assert_eq!(state_at("2026-11-28T11:00:00Z"), Available, "Saturday noon");
         assert_eq!(state_at("2026-11-29T22:00:00Z"), Available, "Sunday 23:00");
         assert_eq!(state_at("2026-11-30T07:00:00Z"), Reluctant, "Monday 08:00");
+    }
+
+    #[test]
+    fn sources_hooks_and_triggers_are_validated_together() {
+        let text = format!(
+            "timezone = \"Mars/Olympus\"\n\
+             [[worker]]\nname = \"w\"\ntoken_sha256 = \"{HASH}\"\n\
+             [[builder]]\nname = \"plain\"\nworkers = [\"w\"]\npoll = \"1m\"\ncollapse = true\n\
+             steps = [{{ name = \"s\", command = \"true\" }}]\n\
+             [[builder]]\nname = \"app\"\nworkers = [\"w\"]\nschedule = \"0 25 * * *\"\n\
+             source = {{ repo = \"-oProxyCommand=x\", branch = \"a..b\", mode = \"fresh\" }}\n\
+             steps = [{{ name = \"s\", command = \"true\" }}]\n\
+             [[hook]]\nname = \"gh\"\nkind = \"github\"\nbuilders = [\"plain\", \"ghost\"]\n"
+        );
+        let err = MasterConfig::parse(&text, Path::new("master.toml"), Path::new("/etc"))
+            .unwrap_err()
+            .to_string();
+        for expected in [
+            "timezone: unknown time zone `Mars/Olympus`",
+            "builder[0].poll: polling needs a `source`",
+            "builder[0].collapse:",
+            "builder[1].schedule: cron expression",
+            "builder[1].source.repo:",
+            "builder[1].source.branch: `a..b` is not a valid branch name",
+            "hook[0].secret_file: missing",
+            "hook[0].builders[0]: builder `plain` has no `source`",
+            "hook[0].builders[1]: unknown builder `ghost`",
+        ] {
+            assert!(err.contains(expected), "{expected}\n{err}");
+        }
+        let good = format!(
+            "timezone = \"Europe/Berlin\"\n\
+             [[worker]]\nname = \"w\"\ntoken_sha256 = \"{HASH}\"\n\
+             [[builder]]\nname = \"app\"\nworkers = [\"w\"]\npoll = \"2m\"\nschedule = \"0 2 * * *\"\n\
+             only_if_changed = true\ncollapse = true\n\
+             source = {{ repo = \"git@example.org:acme/app.git\", shallow = true }}\n\
+             steps = [{{ name = \"s\", command = \"make\" }}]\n\
+             [[hook]]\nname = \"forge\"\nkind = \"forgejo\"\nsecret_file = \"hook.secret\"\n"
+        );
+        let config =
+            MasterConfig::parse(&good, Path::new("master.toml"), Path::new("/etc")).unwrap();
+        let app = config.builder("app").unwrap();
+        let source = app.source.as_ref().unwrap();
+        assert_eq!(source.branch, "main");
+        assert_eq!(source.mode, CheckoutMode::Incremental);
+        assert!(source.shallow && app.collapse && app.only_if_changed);
+        assert_eq!(app.poll, Some(Duration::from_secs(120)));
+        let hook = config.hook("forge").unwrap();
+        assert_eq!(hook.kind, HookKind::Gitea);
+        assert_eq!(hook.secret_file, Path::new("/etc/hook.secret"));
     }
 }

@@ -395,7 +395,7 @@ fn render_builds(html: &mut String, builds: &[BuildInfo], now: Timestamp, tz: &T
         return;
     }
     html.push_str(
-        "<table><thead><tr><th>#</th><th>Builder</th><th>State</th><th>Worker</th>\
+        "<table><thead><tr><th>#</th><th>Builder</th><th>Source</th><th>State</th><th>Worker</th>\
          <th>Outcome</th><th>Retries</th><th>Detail</th><th>Submitted</th><th>Duration</th>\
          </tr></thead><tbody>",
     );
@@ -408,10 +408,12 @@ fn render_builds(html: &mut String, builds: &[BuildInfo], now: Timestamp, tz: &T
             html,
             "<tr><td data-label=\"Build\" class=\"num\">#{}</td>\
              <td data-label=\"Builder\" class=\"name\">{}</td>\
+             <td data-label=\"Source\">{}</td>\
              <td data-label=\"State\"><span class=\"pill {state}\">{state}</span></td>\
              <td data-label=\"Worker\">{}</td>",
             b.id,
             esc(&b.builder),
+            source_cell(b),
             b.worker
                 .as_deref()
                 .map_or_else(|| "<span class=\"none\">—</span>".to_owned(), esc),
@@ -506,6 +508,24 @@ fn build_duration(b: &BuildInfo, now: Timestamp) -> String {
     }
 }
 
+/// `branch@short-revision`, the whole revision and repository as a tooltip.
+fn source_cell(b: &BuildInfo) -> String {
+    let Some(revision) = b.revision.as_deref() else {
+        return "<span class=\"none\">—</span>".to_owned();
+    };
+    let short = revision.get(..10).unwrap_or(revision);
+    let label = match b.branch.as_deref() {
+        Some(branch) if !branch.is_empty() => format!("{branch}@{short}"),
+        _ => short.to_owned(),
+    };
+    format!(
+        "<code class=\"tip\" title=\"{} {}\">{}</code>",
+        esc(b.repository.as_deref().unwrap_or("")),
+        esc(revision),
+        esc(&label)
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -594,6 +614,11 @@ mod tests {
             finished_at: None,
             steps: Vec::new(),
             estimate_secs: None,
+            repository: None,
+            branch: None,
+            revision: None,
+            trigger: None,
+            collapsed_into: None,
         }
     }
 

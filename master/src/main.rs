@@ -5,11 +5,14 @@ mod api;
 mod cli;
 mod client;
 mod config;
+#[cfg(test)]
+mod config_fuzz;
 mod dashboard;
 mod run;
 mod scheduler;
 mod server;
 mod store;
+mod triggers;
 
 mod latent;
 mod locks;
@@ -64,10 +67,22 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
         Command::Submit {
             builder,
             props,
+            revision,
+            branch,
             wait,
             json,
             conn,
-        } => client::submit(&client::connect(&conn)?, &builder, props, wait, json).await,
+        } => {
+            client::submit(
+                &client::connect(&conn)?,
+                &builder,
+                props,
+                (revision, branch),
+                wait,
+                json,
+            )
+            .await
+        }
         Command::Workers { json, conn } => client::workers(&client::connect(&conn)?, json).await,
         Command::Builds { json, limit, conn } => {
             client::builds(&client::connect(&conn)?, limit, json).await

@@ -192,6 +192,8 @@ pub struct LiveConfig {
     current: Arc<RwLock<Arc<MasterConfig>>>,
     /// One reconfig at a time.
     reloading: Arc<tokio::sync::Mutex<()>>,
+    /// Bumped on every replacement; triggers wait on it to re-plan.
+    generation: Arc<tokio::sync::watch::Sender<u64>>,
 }
 
 impl LiveConfig {
@@ -199,7 +201,13 @@ impl LiveConfig {
         LiveConfig {
             current: Arc::new(RwLock::new(config)),
             reloading: Arc::new(tokio::sync::Mutex::new(())),
+            generation: Arc::new(tokio::sync::watch::channel(0).0),
         }
+    }
+
+    /// Wakes (`changed()`) whenever the config in force is replaced.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.generation.subscribe()
     }
 
     /// The config in force.
@@ -217,6 +225,7 @@ impl LiveConfig {
             .current
             .write()
             .unwrap_or_else(|poison| poison.into_inner()) = config;
+        self.generation.send_modify(|generation| *generation += 1);
     }
 }
 

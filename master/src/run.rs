@@ -276,7 +276,9 @@ pub async fn run(
         latent_tokens.clone(),
     );
     tokio::spawn(scheduler.run(inbox));
+    let trigger_counters = Arc::new(crate::triggers::TriggerCounters::default());
     let state = AppState {
+        trigger_counters: Arc::clone(&trigger_counters),
         latent_tokens,
         config: crate::reconfig::LiveConfig::new(Arc::clone(&config)),
         store,
@@ -299,6 +301,15 @@ pub async fn run(
             }
         }
     });
+    crate::triggers::start(
+        crate::triggers::TriggerContext {
+            config: state.config.clone(),
+            store: state.store.clone(),
+            events: state.events.clone(),
+            counters: trigger_counters,
+        },
+        Arc::new(SystemClock),
+    );
     let router = crate::server::router(state);
 
     let ws_url = url

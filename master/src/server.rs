@@ -36,6 +36,10 @@ pub fn router(state: AppState) -> Router {
     crate::api::router(state.clone())
         .route(WS_PATH, get(agent_upgrade))
         .route("/", get(crate::dashboard::page))
+        .route(
+            "/hooks/{name}",
+            axum::routing::post(crate::triggers::webhook::receive),
+        )
         .with_state(state)
 }
 

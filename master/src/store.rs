@@ -19,7 +19,9 @@ use anyhow::{Context, anyhow};
 use jiff::Timestamp;
 use nightshift_policy::Presence;
 use nightshift_proto::api::{BuildInfo, BuildState};
-use nightshift_proto::wire::{BuildId, BuildResult, Outcome, StepResult};
+use nightshift_proto::wire::{
+    BuildId, BuildResult, BuildSource, CheckoutMode, Outcome, StepResult,
+};
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
@@ -32,7 +34,8 @@ type Job = Box<dyn FnOnce(&Connection) -> (bool, Completion) + Send>;
 const MAX_BATCH: usize = 512;
 
 /// Ordered schema migrations; `PRAGMA user_version` counts the applied ones.
-const MIGRATIONS: &[&str] = &[r#"
+const MIGRATIONS: &[&str] = &[
+    r#"
 CREATE TABLE builds (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     builder TEXT NOT NULL,
@@ -71,7 +74,27 @@ CREATE TABLE settings (
     key TEXT PRIMARY KEY,
     value TEXT NOT NULL
 );
-"#];
+"#,
+    r#"
+ALTER TABLE builds ADD COLUMN repository TEXT;
+ALTER TABLE builds ADD COLUMN branch TEXT;
+ALTER TABLE builds ADD COLUMN revision TEXT;
+ALTER TABLE builds ADD COLUMN trigger TEXT;
+ALTER TABLE builds ADD COLUMN collapsed_into INTEGER;
+CREATE TABLE source_heads (
+    repository TEXT NOT NULL,
+    branch TEXT NOT NULL,
+    revision TEXT NOT NULL,
+    seen_at TEXT NOT NULL,
+    PRIMARY KEY (repository, branch)
+);
+CREATE TABLE timed_builds (
+    builder TEXT PRIMARY KEY,
+    revision TEXT,
+    fired_at TEXT NOT NULL
+);
+"#,
+];
 
 /// A build that is not finished, as loaded at startup.
 #[derive(Debug, Clone, PartialEq)]
@@ -82,6 +105,28 @@ pub struct UnfinishedBuild {
     pub state: BuildState,
     pub worker: Option<String>,
     pub retries: u32,
+    pub source: Option<BuildSource>,
+}
+
+/// A build request to insert: what the API and the triggers queue.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NewBuild {
+    pub builder: String,
+    pub properties: BTreeMap<String, String>,
+    pub source: Option<BuildSource>,
+    /// What queued it (`submit`, `webhook <name>`, `poll`, `schedule`).
+    pub trigger: String,
+}
+
+/// What [`Store::advance_head`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HeadAdvance {
+    /// The branch is where it was last seen: nothing queued.
+    Unchanged,
+    /// First sight of the branch: its head is recorded, nothing queued.
+    Baseline,
+    /// A new head: recorded, and these builds queued in the same commit.
+    Queued(Vec<BuildId>),
 }
 
 /// What a stored result did.
@@ -171,7 +216,8 @@ impl Store {
         }
     }
 
-    /// Inserts a queued build; returns its id once committed.
+    /// Inserts a queued build without a source; returns its id once committed.
+    #[cfg(test)]
     pub async fn insert_build(
         &self,
         builder: String,
@@ -185,6 +231,123 @@ impl Store {
             )?
             .execute(params![builder, props, now.to_string()])?;
             Ok(conn.last_insert_rowid() as BuildId)
+        })
+        .await
+    }
+
+    /// Inserts build requests in one commit; returns their ids in order.
+    /// Each of `heads` (repository, branch, revision) is recorded as that
+    /// branch's last seen head in the same commit (a pushed revision is not
+    /// polled again).
+    pub async fn insert_builds(
+        &self,
+        builds: Vec<NewBuild>,
+        heads: Vec<(String, String, String)>,
+    ) -> anyhow::Result<Vec<BuildId>> {
+        let now = Timestamp::now();
+        self.call(move |conn| {
+            for (repository, branch, revision) in &heads {
+                record_head(conn, repository, branch, revision, now)?;
+            }
+            builds
+                .iter()
+                .map(|build| insert_new_build(conn, build, now))
+                .collect()
+        })
+        .await
+    }
+
+    /// Records `revision` as the head of (`repository`, `branch`) and, when
+    /// it moved since the last recorded head, queues `builds` in the same
+    /// commit — so a restart neither loses nor repeats a new revision.
+    pub async fn advance_head(
+        &self,
+        repository: String,
+        branch: String,
+        revision: String,
+        builds: Vec<NewBuild>,
+    ) -> anyhow::Result<HeadAdvance> {
+        let now = Timestamp::now();
+        self.call(move |conn| {
+            let last: Option<String> = conn
+                .prepare_cached(
+                    "SELECT revision FROM source_heads WHERE repository = ?1 AND branch = ?2",
+                )?
+                .query_row(params![repository, branch], |r| r.get(0))
+                .optional()?;
+            if last.as_deref() == Some(revision.as_str()) {
+                return Ok(HeadAdvance::Unchanged);
+            }
+            record_head(conn, &repository, &branch, &revision, now)?;
+            if last.is_none() {
+                return Ok(HeadAdvance::Baseline);
+            }
+            let ids = builds
+                .iter()
+                .map(|build| insert_new_build(conn, build, now))
+                .collect::<rusqlite::Result<Vec<_>>>()?;
+            Ok(HeadAdvance::Queued(ids))
+        })
+        .await
+    }
+
+    /// The revision the last timed build of `builder` was queued for.
+    pub async fn last_timed_revision(&self, builder: String) -> anyhow::Result<Option<String>> {
+        self.call(move |conn| {
+            Ok(conn
+                .prepare_cached("SELECT revision FROM timed_builds WHERE builder = ?1")?
+                .query_row(params![builder], |r| r.get::<_, Option<String>>(0))
+                .optional()?
+                .flatten())
+        })
+        .await
+    }
+
+    /// Queues a timed build and records its revision, in one commit.
+    pub async fn insert_timed_build(
+        &self,
+        build: NewBuild,
+        fired_at: Timestamp,
+    ) -> anyhow::Result<BuildId> {
+        let now = Timestamp::now();
+        self.call(move |conn| {
+            let id = insert_new_build(conn, &build, now)?;
+            conn.prepare_cached(
+                "INSERT INTO timed_builds (builder, revision, fired_at) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT(builder) DO UPDATE SET revision = excluded.revision, fired_at = excluded.fired_at",
+            )?
+            .execute(params![
+                build.builder,
+                build.source.as_ref().map(|s| s.revision.clone()),
+                fired_at.to_string()
+            ])?;
+            Ok(id)
+        })
+        .await
+    }
+
+    /// Ends waiting builds `ids` unrun: collapsed into the newer `into`.
+    pub async fn collapse(
+        &self,
+        ids: Vec<BuildId>,
+        into: BuildId,
+        now: Timestamp,
+    ) -> anyhow::Result<()> {
+        self.call(move |conn| {
+            let mut stmt = conn.prepare_cached(
+                "UPDATE builds SET state = 'finished', outcome = 'cancelled', reason = ?2, \
+                 collapsed_into = ?3, finished_at = ?4, waiting_for = NULL \
+                 WHERE id = ?1 AND state = 'queued'",
+            )?;
+            for id in ids {
+                stmt.execute(params![
+                    id as i64,
+                    format!("collapsed into build {into}"),
+                    into as i64,
+                    now.to_string()
+                ])?;
+            }
+            Ok(())
         })
         .await
     }
@@ -327,8 +490,8 @@ impl Store {
     pub async fn unfinished(&self) -> anyhow::Result<Vec<UnfinishedBuild>> {
         self.call(|conn| {
             let mut stmt = conn.prepare(
-                "SELECT id, builder, properties, state, worker, retries FROM builds \
-                 WHERE state != 'finished' ORDER BY id",
+                "SELECT id, builder, properties, state, worker, retries, repository, branch, revision \
+                 FROM builds WHERE state != 'finished' ORDER BY id",
             )?;
             let rows = stmt.query_map([], |r| {
                 let props: String = r.get(2)?;
@@ -340,6 +503,7 @@ impl Store {
                     state: state.parse().unwrap_or(BuildState::Queued),
                     worker: r.get(4)?,
                     retries: r.get(5)?,
+                    source: source_of(r.get(6)?, r.get(7)?, r.get(8)?),
                 })
             })?;
             rows.collect()
@@ -519,7 +683,61 @@ impl Store {
 }
 
 const BUILD_COLUMNS: &str = "SELECT id, builder, properties, state, worker, retries, retry_reason, \
-     outcome, reason, waiting_for, submitted_at, started_at, finished_at FROM builds";
+     outcome, reason, waiting_for, submitted_at, started_at, finished_at, repository, branch, \
+     revision, trigger, collapsed_into FROM builds";
+
+/// A stored source (mode and depth come from the builder at hand-out).
+fn source_of(
+    repository: Option<String>,
+    branch: Option<String>,
+    revision: Option<String>,
+) -> Option<BuildSource> {
+    Some(BuildSource {
+        repository: repository?,
+        branch: branch.unwrap_or_default(),
+        revision: revision?,
+        mode: CheckoutMode::default(),
+        shallow: false,
+    })
+}
+
+fn record_head(
+    conn: &Connection,
+    repository: &str,
+    branch: &str,
+    revision: &str,
+    now: Timestamp,
+) -> rusqlite::Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO source_heads (repository, branch, revision, seen_at) VALUES (?1, ?2, ?3, ?4) \
+         ON CONFLICT(repository, branch) DO UPDATE SET revision = excluded.revision, seen_at = excluded.seen_at",
+    )?
+    .execute(params![repository, branch, revision, now.to_string()])?;
+    Ok(())
+}
+
+fn insert_new_build(
+    conn: &Connection,
+    build: &NewBuild,
+    now: Timestamp,
+) -> rusqlite::Result<BuildId> {
+    let props = serde_json::to_string(&build.properties).unwrap_or_else(|_| "{}".into());
+    let source = build.source.as_ref();
+    conn.prepare_cached(
+        "INSERT INTO builds (builder, properties, state, submitted_at, repository, branch, revision, trigger) \
+         VALUES (?1, ?2, 'queued', ?3, ?4, ?5, ?6, ?7)",
+    )?
+    .execute(params![
+        build.builder,
+        props,
+        now.to_string(),
+        source.map(|s| s.repository.as_str()),
+        source.map(|s| s.branch.as_str()),
+        source.map(|s| s.revision.as_str()),
+        build.trigger,
+    ])?;
+    Ok(conn.last_insert_rowid() as BuildId)
+}
 
 fn parse_ts(text: Option<String>) -> Option<Timestamp> {
     text.and_then(|t| t.parse().ok())
@@ -546,6 +764,11 @@ fn build_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BuildInfo> {
         finished_at: parse_ts(r.get(12)?),
         steps: Vec::new(),
         estimate_secs: None,
+        repository: r.get(13)?,
+        branch: r.get(14)?,
+        revision: r.get(15)?,
+        trigger: r.get(16)?,
+        collapsed_into: r.get::<_, Option<i64>>(17)?.map(|id| id as BuildId),
     })
 }
 
@@ -715,6 +938,83 @@ mod tests {
         assert!(!store.paused().await.unwrap());
         store.set_paused(true).await.unwrap();
         assert!(store.paused().await.unwrap());
+    }
+
+    #[tokio::test]
+    async fn a_branch_head_queues_once_and_survives_reopen() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.db");
+        let build = |rev: &str| NewBuild {
+            builder: "app".into(),
+            properties: BTreeMap::new(),
+            source: Some(BuildSource {
+                repository: "file:///r".into(),
+                branch: "main".into(),
+                revision: rev.into(),
+                mode: CheckoutMode::Full,
+                shallow: false,
+            }),
+            trigger: "poll".into(),
+        };
+        let (a, b) = ("a".repeat(40), "b".repeat(40));
+        let advance = |store: Store, rev: String| async move {
+            store
+                .advance_head(
+                    "file:///r".into(),
+                    "main".into(),
+                    rev.clone(),
+                    vec![build(&rev)],
+                )
+                .await
+                .unwrap()
+        };
+        let store = Store::open(&path).unwrap();
+        assert_eq!(
+            advance(store.clone(), a.clone()).await,
+            HeadAdvance::Baseline
+        );
+        assert_eq!(
+            advance(store.clone(), a.clone()).await,
+            HeadAdvance::Unchanged
+        );
+        let HeadAdvance::Queued(ids) = advance(store.clone(), b.clone()).await else {
+            panic!("a new head queues");
+        };
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        assert_eq!(
+            advance(store.clone(), b.clone()).await,
+            HeadAdvance::Unchanged
+        );
+        let info = store.get_build(ids[0]).await.unwrap().unwrap();
+        assert_eq!(info.revision.as_deref(), Some(b.as_str()));
+        assert_eq!(info.trigger.as_deref(), Some("poll"));
+        let unfinished = store.unfinished().await.unwrap();
+        assert_eq!(unfinished[0].source.as_ref().unwrap().revision, b);
+
+        // A collapsed request ends unrun, naming the newer one.
+        let newer = store
+            .insert_builds(vec![build(&a)], Vec::new())
+            .await
+            .unwrap()[0];
+        store
+            .collapse(ids.clone(), newer, Timestamp::now())
+            .await
+            .unwrap();
+        let info = store.get_build(ids[0]).await.unwrap().unwrap();
+        assert_eq!(info.state, BuildState::Finished);
+        assert_eq!(info.outcome, Some(Outcome::Cancelled));
+        assert_eq!(info.collapsed_into, Some(newer));
+        // Timed builds remember their revision.
+        assert_eq!(store.last_timed_revision("app".into()).await.unwrap(), None);
+        store
+            .insert_timed_build(build(&a), Timestamp::now())
+            .await
+            .unwrap();
+        assert_eq!(
+            store.last_timed_revision("app".into()).await.unwrap(),
+            Some(a)
+        );
     }
 
     #[tokio::test]

@@ -5,6 +5,7 @@
 //! no threads. Every instant is a parameter; every measurement is an input.
 
 mod config;
+mod cron;
 pub mod duration;
 mod load;
 mod policy;
@@ -12,6 +13,7 @@ mod state;
 mod window;
 
 pub use config::{AvailabilityConfig, LoadConfig, ScheduleConfig};
+pub use cron::CronSchedule;
 pub use duration::{DurationSpec, format_duration, parse_duration};
 pub use load::{ForeignLoadSample, LoadMonitor, LoadVerdict};
 pub use policy::{

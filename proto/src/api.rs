@@ -22,6 +22,14 @@ pub struct SubmitRequest {
     pub builder: String,
     #[serde(default)]
     pub properties: BTreeMap<String, String>,
+    /// Build this exact commit (full hex id) of the builder's source.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// Build the head of this branch (resolved by the master with
+    /// `git ls-remote` when no `revision` is given); default: the builder's
+    /// `source.branch`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
 }
 
 /// The answer to a submit: the request is committed to the store.
@@ -105,6 +113,20 @@ pub struct BuildInfo {
     /// recent successful builds) for a queued or running build, when known.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub estimate_secs: Option<u64>,
+    /// The repository, branch and revision it builds (builders with a source).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub repository: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub branch: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<String>,
+    /// What queued it: `submit`, `webhook <name>`, `poll`, `schedule`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub trigger: Option<String>,
+    /// A newer request for the same builder and branch that this waiting one
+    /// was collapsed into (it then ended `cancelled` without running).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub collapsed_into: Option<BuildId>,
 }
 
 /// `GET /api/v1/builds`: newest first.
@@ -395,11 +417,21 @@ impl ApiClient {
         builder: &str,
         properties: BTreeMap<String, String>,
     ) -> Result<SubmitResponse, ApiCallError> {
-        let body = serde_json::to_string(&SubmitRequest {
+        self.submit_request(&SubmitRequest {
             builder: builder.to_owned(),
             properties,
+            revision: None,
+            branch: None,
         })
-        .map_err(|e| ApiCallError {
+        .await
+    }
+
+    /// Queues a build with every option of [`SubmitRequest`].
+    pub async fn submit_request(
+        &self,
+        request: &SubmitRequest,
+    ) -> Result<SubmitResponse, ApiCallError> {
+        let body = serde_json::to_string(request).map_err(|e| ApiCallError {
             status: None,
             message: e.to_string(),
         })?;

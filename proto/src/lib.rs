@@ -3,6 +3,7 @@
 
 pub mod api;
 pub mod diag;
+pub mod fuzz;
 pub mod log;
 pub mod tls;
 pub mod wire;

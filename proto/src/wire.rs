@@ -31,6 +31,59 @@ pub const HEARTBEAT_SECS: u64 = 5;
 /// A build's identity, unique on one master, never reused.
 pub type BuildId = u64;
 
+/// How the agent brings a builder's work directory to a build's revision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CheckoutMode {
+    /// Fetch and reset tracked files to the revision; untracked files and
+    /// build outputs stay (fast rebuilds).
+    #[default]
+    Incremental,
+    /// Fetch, reset and remove everything git does not track (`clean -ffdx`).
+    Full,
+    /// Remove the work directory and clone anew.
+    Fresh,
+}
+
+impl CheckoutMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CheckoutMode::Incremental => "incremental",
+            CheckoutMode::Full => "full",
+            CheckoutMode::Fresh => "fresh",
+        }
+    }
+}
+
+/// The exact source a build builds: what the agent checks out before the
+/// first step, and what steps see as `NIGHTSHIFT_REPOSITORY`,
+/// `NIGHTSHIFT_BRANCH` and `NIGHTSHIFT_REVISION`. Credentials never travel
+/// here: the worker's own `[git]` settings supply them.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildSource {
+    /// The repository URL as the builder names it.
+    pub repository: String,
+    /// The branch the revision was taken from (may be empty for a bare
+    /// revision submitted by hand).
+    #[serde(default)]
+    pub branch: String,
+    /// The full commit id (40 or 64 hex digits).
+    pub revision: String,
+    #[serde(default)]
+    pub mode: CheckoutMode,
+    /// Fetch only the revision itself (`--depth 1`).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shallow: bool,
+}
+
+/// Whether `text` is a full git commit id (SHA-1 or SHA-256, lowercase hex).
+pub fn is_full_revision(text: &str) -> bool {
+    (text.len() == 40 || text.len() == 64)
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
 /// One step of a build as the master hands it to the agent.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct StepSpec {
@@ -52,6 +105,11 @@ pub struct StepSpec {
     /// before starting it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub needs_grant: bool,
+    /// This step is the checkout of the build's source: the agent runs its
+    /// own git commands (with the worker's credentials) instead of `command`,
+    /// which only describes it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub checkout: bool,
 }
 
 /// How a step or build ended.
@@ -234,6 +292,10 @@ pub enum MasterMessage {
         steps: Vec<StepSpec>,
         #[serde(default)]
         properties: BTreeMap<String, String>,
+        /// The source to check out (by the step marked `checkout`) and to
+        /// name in every step's environment.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        source: Option<BuildSource>,
     },
     /// The locks for this step are held; the agent may start it.
     StepGranted {

@@ -140,7 +140,9 @@ async fn submit_start_finish_stores_the_result_and_the_log() -> anyhow::Result<(
             builder,
             steps,
             properties,
+            source,
         } => {
+            assert_eq!(source, None);
             assert_eq!(build_id, id);
             assert_eq!(builder, "app");
             assert_eq!(steps.len(), 1);

@@ -359,6 +359,18 @@ pub(crate) mod tests {
                 at: now,
                 load1: 0.5,
                 cpu_percent: 12.25,
+                build_cpu_percent: 40.0,
+            }),
+            isolation: Some(crate::daemon::priority::BuildIsolation {
+                accounting: "process-tree".into(),
+                cgroup_parent: None,
+                cpu_priority: crate::daemon::priority::CpuPriority::Idle,
+                io_priority: crate::daemon::priority::IoPriority::Idle,
+                cpu_weight: 1,
+                cpu_weight_applied: false,
+                memory_high_bytes: Some(3 << 30),
+                memory_high_applied: false,
+                notes: vec!["builds have <no> cgroup".into()],
             }),
             outlook: None,
         }

@@ -17,6 +17,7 @@ use nightshift_policy::{PresenceState, Source};
 
 use super::server::{PreviewInterval, Shared};
 use super::when::{short_time, span_words};
+use crate::daemon::priority::{BuildIsolation, CpuPriority, IoPriority};
 use crate::handle::AgentStatus;
 
 const STYLE: &str = include_str!("page.css");
@@ -363,6 +364,9 @@ pub fn render_details(
         ),
     };
     let _ = writeln!(html, "  <p class=\"soft small\">{totals}</p>\n</section>");
+    if let Some(isolation) = &status.isolation {
+        html.push_str(&render_isolation(isolation));
+    }
 
     // The master link.
     let master = &status.master;
@@ -396,6 +400,45 @@ pub fn render_details(
     if let Some(preview) = preview {
         html.push_str(&render_timeline(status, preview, now, tz));
     }
+    html
+}
+
+/// How builds yield to the owner: priorities, cgroup limits, accounting.
+fn render_isolation(isolation: &BuildIsolation) -> String {
+    let cpu = match isolation.cpu_priority {
+        CpuPriority::Idle => "idle (runs only when your programs leave a CPU free)",
+        CpuPriority::Low => "low (nice 19)",
+        CpuPriority::Normal => "normal (as the agent)",
+    };
+    let io = match isolation.io_priority {
+        IoPriority::Idle => "idle (disk only when nobody else uses it)",
+        IoPriority::Low => "low (best effort, lowest level)",
+        IoPriority::Normal => "normal (as the agent)",
+    };
+    let applied = |on: bool| if on { "" } else { " (not applied)" };
+    let memory = match isolation.memory_high_bytes {
+        Some(bytes) => format!(
+            "{:.1} GiB{}",
+            bytes as f64 / (1u64 << 30) as f64,
+            applied(isolation.memory_high_applied)
+        ),
+        None => "none".to_owned(),
+    };
+    let accounting = match &isolation.cgroup_parent {
+        Some(parent) => format!("one cgroup per build under <code>{}</code>", escape(parent)),
+        None => {
+            "by process tree (every process a build started, in any group or session)".to_owned()
+        }
+    };
+    let mut html = format!(
+        "<section class=\"card\" id=\"isolation\">\n  <h2>How builds yield to you</h2>\n  <dl class=\"facts\">\n    <dt>CPU priority</dt><dd>{cpu}</dd>\n    <dt>Disk priority</dt><dd>{io}</dd>\n    <dt>CPU weight</dt><dd>{weight}{weight_applied}</dd>\n    <dt>Memory ceiling</dt><dd>{memory}</dd>\n    <dt>Accounting</dt><dd>{accounting}; builds never count as your load</dd>\n  </dl>\n",
+        weight = isolation.cpu_weight,
+        weight_applied = applied(isolation.cpu_weight_applied),
+    );
+    for note in &isolation.notes {
+        let _ = writeln!(html, "  <p class=\"soft small\">{}</p>", escape(note));
+    }
+    html.push_str("</section>\n");
     html
 }
 
@@ -638,6 +681,12 @@ mod tests {
         assert!(html.contains("wss://master.example:9443"));
         assert!(html.contains("data-started=\"2026-11-23T10:58:30Z\""));
         assert!(!html.contains("id=\"week\""));
+        // How builds yield: priorities, what is not applied and why.
+        assert!(html.contains("How builds yield to you"), "{html}");
+        assert!(html.contains("<dt>CPU priority</dt><dd>idle"), "{html}");
+        assert!(html.contains("<dd>1 (not applied)</dd>"), "{html}");
+        assert!(html.contains("3.0 GiB (not applied)"), "{html}");
+        assert!(html.contains("builds have &lt;no&gt; cgroup"), "{html}");
     }
 
     #[test]

@@ -225,6 +225,7 @@ impl Daemon {
             counters: Counters::default(),
             load: None,
             outlook: Some(outlook.clone()),
+            isolation: Some(trees.isolation()),
         };
         let (status_tx, status_rx) = watch::channel(status);
         let load_monitor = policy.load_monitor();
@@ -421,6 +422,7 @@ impl Daemon {
             at: sample.at,
             load1: sample.load1,
             cpu_percent: sample.cpu_percent,
+            build_cpu_percent: sample.build_cpu_percent,
         });
         let Some(monitor) = &mut self.load_monitor else {
             return;
@@ -816,11 +818,13 @@ impl Daemon {
                 builder,
                 steps,
                 properties,
+                source,
             } => self.start_build(BuildRequest {
                 build_id,
                 builder,
                 steps,
                 properties,
+                source,
             }),
             MasterMessage::StepGranted { build_id, step } => match self.builds.get_mut(&build_id) {
                 Some(build) => {
@@ -1095,6 +1099,7 @@ impl Daemon {
             },
             load: self.load_snapshot.clone(),
             outlook: Some(self.outlook.clone()),
+            isolation: Some(self.trees.isolation()),
         };
         self.status.send_if_modified(|current| {
             if *current == status {
@@ -1214,6 +1219,7 @@ mod tests {
             Arc::new(RunnerSettings {
                 workdir: work.path().to_owned(),
                 kill_grace: Duration::from_millis(500),
+                git: Default::default(),
             }),
             Arc::new(BuildTrees::without_cgroups()),
         );
@@ -1321,8 +1327,10 @@ mod tests {
                     env: BTreeMap::new(),
                     workdir: None,
                     needs_grant: false,
+                    checkout: false,
                 }],
                 properties: BTreeMap::new(),
+                source: None,
             });
         }
 
@@ -1761,8 +1769,10 @@ mod tests {
                 env: BTreeMap::new(),
                 workdir: None,
                 needs_grant: true,
+                checkout: false,
             }],
             properties: BTreeMap::new(),
+            source: None,
         });
         assert!(matches!(
             fixture.next_to_master().await,

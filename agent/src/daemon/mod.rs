@@ -3,13 +3,18 @@
 //! event loop, and exits 0 after a clean stop, 1 on failure, 2 on a bad config.
 
 mod alarm;
+pub mod build_cgroup;
+pub mod build_tree;
+pub mod checkout;
 pub mod clock;
 pub mod event_loop;
 mod files;
 pub mod link;
 pub mod load;
 pub mod manual;
+pub mod priority;
 pub mod runner;
+pub mod spawn;
 pub mod spool;
 
 use std::path::{Path, PathBuf};
@@ -23,7 +28,7 @@ use tokio::sync::mpsc;
 use self::clock::{Clock, SystemClock};
 use self::event_loop::{Daemon, Exit, Settings, SignalKind, notify_systemd};
 use self::link::LinkSettings;
-use self::load::{BuildTrees, LoadMeasurement, LoadSampler};
+use self::load::{BuildTrees, LoadMeasurement, LoadSampler, TreesError};
 use self::runner::RunnerSettings;
 use self::spool::Spool;
 use crate::cli::ConfigArg;
@@ -127,11 +132,12 @@ async fn run(path: &Path, config: WorkerConfig) -> Result<Exit, Failure> {
     })?;
     let spool = Spool::open(&config.state_dir)
         .map_err(|error| Failure::Runtime(format!("cannot open the result spool: {error}")))?;
-    let trees = Arc::new(BuildTrees::detect(&config.state_dir).map_err(|error| {
-        Failure::Runtime(format!(
-            "cannot create the build records directory: {error}"
-        ))
-    })?);
+    let trees = Arc::new(
+        BuildTrees::detect(&config.state_dir, &config.builds).map_err(|error| match error {
+            TreesError::Records(message) => Failure::Runtime(message),
+            TreesError::NoCgroup(message) => Failure::Config(message),
+        })?,
+    );
     for line in trees.kill_leftovers() {
         tracing::warn!("{line}");
     }
@@ -156,6 +162,7 @@ async fn run(path: &Path, config: WorkerConfig) -> Result<Exit, Failure> {
     let runner_settings = Arc::new(RunnerSettings {
         workdir: config.workdir.clone(),
         kill_grace: KILL_GRACE,
+        git: config.git.clone(),
     });
     let (daemon, inbox, wiring) = Daemon::new(
         settings,

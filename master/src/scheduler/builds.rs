@@ -4,7 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use nightshift_proto::wire::{BuildId, BuildResult, MasterMessage, Outcome, StepSpec};
+use nightshift_proto::wire::{BuildId, BuildResult, BuildSource, MasterMessage, Outcome, StepSpec};
 use tokio::sync::oneshot;
 
 use super::{Event, Queued, Running, Scheduler};
@@ -18,9 +18,53 @@ impl Scheduler {
         id: BuildId,
         builder: String,
         properties: BTreeMap<String, String>,
+        source: Option<BuildSource>,
     ) {
-        self.queue.insert(id, Queued::new(builder, properties));
+        self.collapse_into(id, &builder, source.as_ref());
+        self.queue
+            .insert(id, Queued::new(builder, properties, source));
         self.assign();
+    }
+
+    /// `collapse = true`: waiting requests for the same builder and branch
+    /// end unrun, recorded as collapsed into the newer request `into`.
+    fn collapse_into(&mut self, into: BuildId, builder: &str, source: Option<&BuildSource>) {
+        let Some(source) = source else { return };
+        if !self.config.builder(builder).is_some_and(|b| b.collapse) {
+            return;
+        }
+        let older: Vec<BuildId> = self
+            .queue
+            .range(..into)
+            .filter(|(_, q)| {
+                q.builder == builder && q.source.as_ref().is_some_and(|s| s.branch == source.branch)
+            })
+            .map(|(id, _)| *id)
+            .collect();
+        if older.is_empty() {
+            return;
+        }
+        tracing::info!("builds {older:?} of {builder} collapsed into build {into}");
+        for &id in &older {
+            self.queue.remove(&id);
+            self.lock_waits.remove(&id);
+            let granted = self.locks.release_build(id);
+            self.on_lock_grants(granted);
+            self.finishing.insert(id);
+        }
+        let (store, events, now) = (self.store.clone(), self.events.clone(), self.clock.now());
+        tokio::spawn(async move {
+            if let Err(e) = store.collapse(older.clone(), into, now).await {
+                tracing::error!("builds {older:?}: cannot store their collapse: {e:#}");
+            }
+            for id in older {
+                let _ = events.send(Event::ResultCommitted {
+                    worker: String::new(),
+                    id,
+                    stored: Ok(StoreOutcome::AlreadyStored),
+                });
+            }
+        });
     }
 
     pub(super) fn on_set_paused(&mut self, paused: bool) {
@@ -82,8 +126,10 @@ impl Scheduler {
             let actions = self.latent.build_finished(worker, Now::system());
             self.run_latent(worker, actions);
             self.store.requeue(build_id, None);
-            self.queue
-                .insert(build_id, Queued::new(run.builder, run.properties));
+            self.queue.insert(
+                build_id,
+                Queued::new(run.builder, run.properties, run.source),
+            );
         }
         self.maybe_release(worker);
         self.assign();
@@ -212,7 +258,7 @@ impl Scheduler {
             self.run_latent(worker, actions);
             self.store.requeue(id, Some(reason.to_owned()));
             self.queue
-                .insert(id, Queued::new(run.builder, run.properties));
+                .insert(id, Queued::new(run.builder, run.properties, run.source));
         }
     }
 
@@ -309,24 +355,44 @@ impl Scheduler {
             return;
         };
         let step_locks = self.step_locks(&queued.builder);
-        let steps: Vec<StepSpec> = self
-            .config
-            .builder(&queued.builder)
-            .map(|b| {
-                b.steps
-                    .iter()
-                    .enumerate()
-                    .map(|(i, s)| StepSpec {
-                        name: s.name.clone(),
-                        command: s.command.clone(),
-                        timeout_secs: s.timeout.map(|t| t.as_secs().max(1)),
-                        env: s.env.clone(),
-                        workdir: s.workdir.clone(),
-                        needs_grant: step_locks.get(i).is_some_and(|l| !l.is_empty()),
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let def = self.config.builder(&queued.builder);
+        // Mode and depth as the builder says now, like its steps.
+        let source = queued.source.clone().map(|mut source| {
+            if let Some(configured) = def.and_then(|b| b.source.as_ref()) {
+                source.mode = configured.mode;
+                source.shallow = configured.shallow;
+            }
+            source
+        });
+        // A builder with a source starts with the checkout (no locks: see
+        // `lock_plan`), so step indexes agree with `step_locks`.
+        let checkout = def.filter(|b| b.source.is_some()).map(|_| StepSpec {
+            name: "checkout".into(),
+            command: match &source {
+                Some(s) => format!("git checkout {} ({})", s.revision, s.mode.as_str()),
+                None => "git checkout (no revision)".into(),
+            },
+            timeout_secs: None,
+            env: BTreeMap::new(),
+            workdir: None,
+            needs_grant: false,
+            checkout: true,
+        });
+        let offset = usize::from(checkout.is_some());
+        let steps: Vec<StepSpec> = checkout
+            .into_iter()
+            .chain(def.into_iter().flat_map(|b| {
+                b.steps.iter().enumerate().map(|(i, s)| StepSpec {
+                    name: s.name.clone(),
+                    command: s.command.clone(),
+                    timeout_secs: s.timeout.map(|t| t.as_secs().max(1)),
+                    env: s.env.clone(),
+                    workdir: s.workdir.clone(),
+                    needs_grant: step_locks.get(i + offset).is_some_and(|l| !l.is_empty()),
+                    checkout: false,
+                })
+            }))
+            .collect();
         self.assignments += 1;
         if let Some(slot) = self.workers.get_mut(&worker) {
             slot.running.insert(id);
@@ -341,6 +407,7 @@ impl Scheduler {
                 builder: queued.builder.clone(),
                 steps,
                 properties: queued.properties.clone(),
+                source,
             },
         );
         self.store
@@ -351,6 +418,7 @@ impl Scheduler {
                 worker,
                 builder: queued.builder,
                 properties: queued.properties,
+                source: queued.source,
                 accepted: false,
                 step_locks,
             },

@@ -79,6 +79,7 @@ impl Scheduler {
                         worker: worker.clone(),
                         builder: queued.builder,
                         properties: queued.properties,
+                        source: queued.source,
                         accepted: true,
                         step_locks,
                     },

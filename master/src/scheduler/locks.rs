@@ -34,7 +34,12 @@ impl Scheduler {
             .flat_map(|b| b.locks.iter().map(|c| c.name.clone()))
             .collect();
         let steps: Vec<Vec<Claim>> = def.steps.iter().map(|s| s.locks.clone()).collect();
-        split_locks(&def.locks, &steps, &build_level)
+        let (build, mut per_step) = split_locks(&def.locks, &steps, &build_level);
+        if def.source.is_some() {
+            // The checkout step comes first and takes no lock.
+            per_step.insert(0, Vec::new());
+        }
+        (build, per_step)
     }
 
     /// `worker` is chosen for queued build `id`: start it when its whole

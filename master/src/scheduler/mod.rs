@@ -38,7 +38,9 @@ use std::time::Duration;
 use jiff::Timestamp;
 use nightshift_policy::{Presence, PresenceState, Source};
 use nightshift_proto::api::WorkerList;
-use nightshift_proto::wire::{AgentMessage, BuildId, HEARTBEAT_SECS, MasterMessage, Outlook};
+use nightshift_proto::wire::{
+    AgentMessage, BuildId, BuildSource, HEARTBEAT_SECS, MasterMessage, Outlook,
+};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::MasterConfig;
@@ -139,6 +141,7 @@ pub enum Event {
         id: BuildId,
         builder: String,
         properties: BTreeMap<String, String>,
+        source: Option<BuildSource>,
     },
     /// A result's store write finished.
     ResultCommitted {
@@ -226,14 +229,21 @@ struct Queued {
     builder: String,
     properties: BTreeMap<String, String>,
     waiting_for: Option<String>,
+    /// The revision it builds (builders with a `source`).
+    source: Option<BuildSource>,
 }
 
 impl Queued {
-    fn new(builder: String, properties: BTreeMap<String, String>) -> Queued {
+    fn new(
+        builder: String,
+        properties: BTreeMap<String, String>,
+        source: Option<BuildSource>,
+    ) -> Queued {
         Queued {
             builder,
             properties,
             waiting_for: None,
+            source,
         }
     }
 }
@@ -243,6 +253,7 @@ struct Running {
     worker: String,
     builder: String,
     properties: BTreeMap<String, String>,
+    source: Option<BuildSource>,
     accepted: bool,
     /// Each step's locks as configured when the build started (a reconfig
     /// does not change a running build).
@@ -383,6 +394,7 @@ impl Scheduler {
                             worker,
                             builder: build.builder,
                             properties: build.properties,
+                            source: build.source,
                             accepted: true,
                             step_locks,
                         },
@@ -393,14 +405,16 @@ impl Scheduler {
                         build.id,
                         Some("its worker is no longer in master.toml".into()),
                     );
-                    scheduler
-                        .queue
-                        .insert(build.id, Queued::new(build.builder, build.properties));
+                    scheduler.queue.insert(
+                        build.id,
+                        Queued::new(build.builder, build.properties, build.source),
+                    );
                 }
                 _ => {
-                    scheduler
-                        .queue
-                        .insert(build.id, Queued::new(build.builder, build.properties));
+                    scheduler.queue.insert(
+                        build.id,
+                        Queued::new(build.builder, build.properties, build.source),
+                    );
                 }
             }
         }
@@ -461,7 +475,8 @@ impl Scheduler {
                 id,
                 builder,
                 properties,
-            } => self.on_submitted(id, builder, properties),
+                source,
+            } => self.on_submitted(id, builder, properties, source),
             Event::ResultCommitted { worker, id, stored } => {
                 self.on_result_committed(&worker, id, stored)
             }

@@ -124,6 +124,7 @@ impl Harness {
             id,
             builder: "app".into(),
             properties: BTreeMap::new(),
+            source: None,
         });
         id
     }

@@ -9,6 +9,7 @@
 use crate::daemon::priority::BuildIsolation;
 use jiff::{SignedDuration, Timestamp};
 use nightshift_policy::Presence;
+use nightshift_proto::wire::Outlook;
 use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot, watch};
 
@@ -59,6 +60,9 @@ pub struct AgentStatus {
     /// The latest load sample the policy saw (foreign load only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load: Option<LoadSnapshot>,
+    /// The time ahead (when the worker stops taking builds, its next window).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub outlook: Option<Outlook>,
     /// How builds are accounted and made to yield to the owner.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub isolation: Option<BuildIsolation>,

@@ -6,6 +6,7 @@ mod control;
 mod daemon;
 mod handle;
 mod offline;
+mod outlook;
 mod supervise;
 
 use std::process::ExitCode;

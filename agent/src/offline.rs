@@ -139,6 +139,27 @@ fn right_now(policy: &Policy, now: Timestamp) -> String {
     line
 }
 
+/// `longest build that fits at the start: 1h25m (window ends 07:00, overrun 15m)`.
+fn longest_fit_line(policy: &Policy, at: Timestamp, overrun: SignedDuration) -> String {
+    let inputs = Inputs::default();
+    let outlook = crate::outlook::outlook(policy, at, &inputs, overrun);
+    let takes = policy.evaluate(at, &inputs).state.takes_builds();
+    let tz = policy.time_zone();
+    match (
+        crate::outlook::longest_fit(&outlook, takes, at),
+        outlook.takes_builds_until,
+    ) {
+        (None, _) => "longest build that fits at the start: no limit within a week".to_owned(),
+        (Some(fit), Some(end)) if takes => format!(
+            "longest build that fits at the start: {} (availability ends {}, overrun {})",
+            format_duration(fit),
+            short_time(&end.to_zoned(tz.clone()), at, tz),
+            format_duration(overrun)
+        ),
+        (Some(_), _) => "longest build that fits at the start: none (not taking builds)".to_owned(),
+    }
+}
+
 /// `19:00` today, `Tue 07:00` within a week, else the date.
 fn short_time(at: &Zoned, now: Timestamp, tz: &TimeZone) -> String {
     let today = now.to_zoned(tz.clone()).date();
@@ -264,6 +285,11 @@ pub fn schedule(config: &ConfigArg, from: Option<&str>, days: u32, json: bool) -
             at.to_zoned(tz.clone()).strftime("%a %d %b %H:%M %Z")
         );
     }
+    let overrun = worker
+        .availability
+        .overrun
+        .map_or(SignedDuration::ZERO, |o| o.get());
+    println!("{}", longest_fit_line(&policy, start, overrun));
     finish(cut)
 }
 

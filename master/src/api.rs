@@ -262,7 +262,7 @@ struct ListQuery {
 async fn waiting_for(
     state: &AppState,
     ids: Vec<BuildId>,
-) -> Result<BTreeMap<BuildId, String>, Failure> {
+) -> Result<crate::scheduler::BuildWaits, Failure> {
     let (reply, answer) = oneshot::channel();
     state
         .events
@@ -273,13 +273,17 @@ async fn waiting_for(
         .map_err(|_| Failure(StatusCode::SERVICE_UNAVAILABLE, "master is stopping".into()))
 }
 
-fn overlay(build: &mut BuildInfo, waiting_for: &BTreeMap<BuildId, String>) {
+fn overlay(build: &mut BuildInfo, live: &crate::scheduler::BuildWaits) {
     match build.state {
         // A running build shows a wait only while a step waits for a lock.
         BuildState::Queued | BuildState::Running => {
-            if let Some(why) = waiting_for.get(&build.id) {
+            if let Some(why) = live.waiting_for.get(&build.id) {
                 build.waiting_for = Some(why.clone());
             }
+            build.estimate_secs = live
+                .estimates
+                .get(&build.builder)
+                .and_then(|took| u64::try_from(took.as_secs()).ok());
         }
         BuildState::Finished => {}
     }

@@ -361,6 +361,12 @@ fn builds_table(builds: &[BuildInfo], now: Timestamp, tz: &TimeZone) -> String {
             (Some(start), None) if b.state == BuildState::Running => short_duration(start, now),
             _ => "-".to_owned(),
         };
+        // Queued and running builds: the builder's estimated duration.
+        let took = match (b.state, b.estimate_secs) {
+            (BuildState::Finished, _) | (_, None) => took,
+            (BuildState::Queued, Some(secs)) => format!("~{}", estimate_text(secs)),
+            (BuildState::Running, Some(secs)) => format!("{took} of ~{}", estimate_text(secs)),
+        };
         table.row([
             b.id.to_string(),
             b.builder.clone(),
@@ -375,6 +381,13 @@ fn builds_table(builds: &[BuildInfo], now: Timestamp, tz: &TimeZone) -> String {
         ]);
     }
     table.render()
+}
+
+/// `1h20m` for an estimate in seconds.
+fn estimate_text(secs: u64) -> String {
+    nightshift_policy::format_duration(jiff::SignedDuration::from_secs(
+        i64::try_from(secs).unwrap_or(i64::MAX),
+    ))
 }
 
 /// A plain-text table: every column as wide as its widest cell, the last

@@ -277,6 +277,8 @@ struct RawBuilder {
     steps: Vec<RawStep>,
     #[serde(default)]
     locks: Vec<RawClaim>,
+    #[serde(default)]
+    admission: Admission,
     source: Option<RawSource>,
     poll: Option<Secs>,
     schedule: Option<String>,
@@ -398,6 +400,19 @@ pub struct StepDef {
     pub locks: Vec<Claim>,
 }
 
+/// What a builder's request does when no worker's availability fits its
+/// estimated duration (`admission` in `[[builder]]`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Admission {
+    /// Wait for a window that fits (the default: the farm never spills
+    /// into the owner's time, and a build cut short is wasted work).
+    #[default]
+    Fit,
+    /// Start anyway on the worker whose availability lasts longest.
+    BestEffort,
+}
+
 /// A builder's git source: what the agent checks out before the first step.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct SourceDef {
@@ -418,6 +433,7 @@ pub struct BuilderDef {
     pub workers: Vec<String>,
     pub steps: Vec<StepDef>,
     pub locks: Vec<Claim>,
+    pub admission: Admission,
     pub source: Option<SourceDef>,
     /// Ask the repository for the branch's head this often (`git ls-remote`).
     pub poll: Option<Duration>,
@@ -720,6 +736,7 @@ impl MasterConfig {
                     default: None,
                     schedule: w.schedule.clone(),
                     load: None,
+                    overrun: None,
                 };
                 if let Err(problems) = nightshift_policy::Policy::compile_for_master(
                     &availability,
@@ -942,6 +959,7 @@ impl MasterConfig {
                 workers: b.workers,
                 steps,
                 locks: builder_locks,
+                admission: b.admission,
                 source,
                 poll: b.poll.map(|p| p.0),
                 schedule: b.schedule,
@@ -1189,6 +1207,32 @@ steps = [{{ name = "make", command = "make", timeout = "5m", env = {{ CC = "cc" 
         assert_eq!(app.steps[0].timeout, Some(Duration::from_secs(300)));
         assert_eq!(app.locks, vec![Claim::new("compile", Access::Counting)]);
         assert_eq!(config.locks[0].max_count_for_worker["b2"], 4);
+        assert_eq!(app.admission, Admission::Fit, "the default");
+    }
+
+    #[test]
+    fn admission_is_fit_or_best_effort() {
+        let builder = |admission: &str| {
+            format!(
+                "[[worker]]\nname = \"b1\"\ntoken_sha256 = \"{HASH}\"\n\n[[builder]]\nname = \"app\"\n\
+                 workers = [\"b1\"]\nsteps = [{{ name = \"make\", command = \"make\" }}]\nadmission = {admission}\n"
+            )
+        };
+        let config = parse(&builder("\"best-effort\"")).unwrap();
+        assert_eq!(
+            config.builder("app").unwrap().admission,
+            Admission::BestEffort
+        );
+        let config = parse(&builder("\"fit\"")).unwrap();
+        assert_eq!(config.builder("app").unwrap().admission, Admission::Fit);
+        let shown = parse(&builder("\"sometimes\"")).unwrap_err().to_string();
+        assert!(shown.starts_with("master.toml:9:"), "{shown}");
+        assert!(
+            shown.contains("admission")
+                && shown.contains("`fit`")
+                && shown.contains("`best-effort`"),
+            "{shown}"
+        );
     }
 
     #[test]
@@ -1346,7 +1390,7 @@ steps = [{{ name = "s", command = "true", timeout = -5 }}]
              master.toml:7:1: worker[0].max_bulds: unknown key `max_bulds`, expected one of `name`, `token_sha256`, `max_builds`, `schedule`, `timezone`, `latent`\n\
              master.toml:11:9: lock[0].scope: unknown value `planet`, expected `master` or `worker`\n\
              master.toml:15:18: builder[0].workers[1]: unknown worker `ghost` (no [[worker]] with that name)\n\
-             master.toml:16:1: builder[0].colour: unknown key `colour`, expected one of `name`, `workers`, `steps`, `locks`, `source`, `poll`, `schedule`, `only_if_changed`, `collapse`\n\
+             master.toml:16:1: builder[0].colour: unknown key `colour`, expected one of `name`, `workers`, `steps`, `locks`, `admission`, `source`, `poll`, `schedule`, `only_if_changed`, `collapse`\n\
              master.toml:18:68: builder[0].steps[0].locks[0].access: unknown value `sometimes`, expected `counting` or `exclusive`\n\
              master.toml:25:52: builder[1].steps[0].timeout: a duration cannot be negative (-5)"
         );
@@ -1368,6 +1412,7 @@ steps = [{{ name = "s", command = "true", timeout = -5 }}]
             default: None,
             schedule: rack.schedule.clone(),
             load: None,
+            overrun: None,
         };
         let policy = nightshift_policy::Policy::compile_for_master(
             &availability,

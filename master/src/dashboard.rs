@@ -613,6 +613,7 @@ mod tests {
             started_at: None,
             finished_at: None,
             steps: Vec::new(),
+            estimate_secs: None,
             repository: None,
             branch: None,
             revision: None,

@@ -51,6 +51,7 @@ impl MasterSchedules {
                 default: None,
                 schedule: spec.windows.clone(),
                 load: None,
+                overrun: None,
             };
             match Policy::compile_for_master(&config, system_tz.clone(), &spec.path) {
                 Ok(policy) => {

@@ -630,6 +630,7 @@ mod tests {
                 }],
             },
             waiting_for: BTreeMap::from([(3, "lock db (on w1)".to_owned())]),
+            estimates: BTreeMap::new(),
             running: BTreeMap::new(),
         };
         let depths = BTreeMap::from([("app".to_owned(), (2, 1))]);

@@ -228,6 +228,7 @@ fn schedule_warnings(config: &MasterConfig) -> Vec<String> {
             default: None,
             schedule: worker.schedule.clone(),
             load: None,
+            overrun: None,
         };
         let Ok(policy) = nightshift_policy::Policy::compile_for_master(
             &availability,
@@ -465,6 +466,9 @@ pub async fn run(
     let step_grants = store.step_grants().await?;
     let paused = store.paused().await?;
     let last_seen = store.last_presences().await?;
+    let durations = store
+        .recent_durations(crate::scheduler::estimate::WINDOW)
+        .await?;
 
     let (descriptors, room) = crate::server::raise_descriptor_limit();
     // Agents may take all but a share of the room, so that at the agents'
@@ -500,6 +504,7 @@ pub async fn run(
         last_seen,
         paused,
     );
+    scheduler.seed_estimates(durations);
     // Latent instances reach the master as any worker would, with a token
     // made for each start (checked by the connection handler).
     let latent_tokens = crate::latent::LatentTokens::default();

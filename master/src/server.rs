@@ -501,6 +501,7 @@ async fn read_hello(
         max_builds,
         presence,
         running,
+        outlook,
         ..
     } = hello
     else {
@@ -528,6 +529,7 @@ async fn read_hello(
             max_builds,
             presence,
             running,
+            outlook,
         },
     ))
 }
@@ -691,6 +693,7 @@ mod tests {
                 since: jiff::Timestamp::UNIX_EPOCH,
                 until: None,
             },
+            outlook: None,
         }
     }
 

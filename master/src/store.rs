@@ -830,6 +830,41 @@ impl Store {
         });
     }
 
+    /// `(builder, duration)` of each builder's last `per_builder` successful
+    /// builds, oldest first: the seed of the duration estimates.
+    pub async fn recent_durations(
+        &self,
+        per_builder: usize,
+    ) -> anyhow::Result<Vec<(String, jiff::SignedDuration)>> {
+        let limit = i64::try_from(per_builder).unwrap_or(i64::MAX);
+        self.call(move |conn| {
+            let mut stmt = conn.prepare(
+                "SELECT builder, started_at, finished_at FROM ( \
+                   SELECT id, builder, started_at, finished_at, \
+                     ROW_NUMBER() OVER (PARTITION BY builder ORDER BY id DESC) AS newest \
+                   FROM builds WHERE state = 'finished' AND outcome = 'success' \
+                     AND started_at IS NOT NULL AND finished_at IS NOT NULL) \
+                 WHERE newest <= ?1 ORDER BY id",
+            )?;
+            let rows = stmt.query_map(params![limit], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, Option<String>>(1)?,
+                    r.get::<_, Option<String>>(2)?,
+                ))
+            })?;
+            let mut out = Vec::new();
+            for row in rows {
+                let (builder, started, finished) = row?;
+                if let (Some(started), Some(finished)) = (parse_ts(started), parse_ts(finished)) {
+                    out.push((builder, finished.duration_since(started)));
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     /// Workers' last known presence (from before a restart).
     pub async fn last_presences(&self) -> anyhow::Result<BTreeMap<String, Presence>> {
         self.call(|conn| {
@@ -954,6 +989,7 @@ fn build_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BuildInfo> {
         started_at: parse_ts(r.get(11)?),
         finished_at: parse_ts(r.get(12)?),
         steps: Vec::new(),
+        estimate_secs: None,
         repository: r.get(13)?,
         branch: r.get(14)?,
         revision: r.get(15)?,

@@ -27,6 +27,11 @@ pub struct AvailabilityConfig {
     /// Load thresholds (`[availability.load]`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load: Option<LoadConfig>,
+    /// How far past the end of its availability the owner lets a build run
+    /// (`overrun = "15m"`); the master starts no build whose estimate would
+    /// end later. Default 0.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub overrun: Option<DurationSpec>,
 }
 
 /// One named window: either `hours` (+ optional `days`) or `open` + `close` cron.

@@ -227,6 +227,7 @@ proptest! {
                 state: PresenceState::Available,
             }],
             load: None,
+            overrun: None,
         };
         let policy = match Policy::compile(&config, TimeZone::UTC) {
             Ok(policy) => policy,

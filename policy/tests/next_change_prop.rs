@@ -91,6 +91,7 @@ fn config() -> impl Strategy<Value = AvailabilityConfig> {
                 default: default.map(|d| STATES[d]),
                 schedule,
                 load: None,
+                overrun: None,
             }
         })
 }

@@ -109,6 +109,10 @@ pub struct BuildInfo {
     pub finished_at: Option<Timestamp>,
     #[serde(default)]
     pub steps: Vec<StepResult>,
+    /// The builder's estimated duration in seconds (a high percentile of its
+    /// recent successful builds) for a queued or running build, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub estimate_secs: Option<u64>,
     /// The repository, branch and revision it builds (builders with a source).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub repository: Option<String>,

@@ -170,6 +170,35 @@ pub struct BuildResult {
     pub finished_at: Timestamp,
 }
 
+/// What the agent's policies say about the time ahead, sent with every
+/// presence so the master can start only builds that the worker's
+/// availability will not cut (window-aware admission).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Outlook {
+    /// When the worker next stops taking builds (`away`/`offline`) as far as
+    /// its schedules, manual and master overrides know; `None`: nothing known
+    /// ends it within the agent's horizon. Load cannot be foreseen and is
+    /// taken as it is now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub takes_builds_until: Option<Timestamp>,
+    /// The next stretch in which it takes builds again, after the current
+    /// one (or from now, when it takes none now), within the horizon.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_window: Option<Window>,
+    /// The owner's accepted grace past the end of a window (`overrun`), seconds.
+    #[serde(default)]
+    pub overrun_secs: u64,
+}
+
+/// A stretch of time `[from, until)`; `until` is `None` when nothing known
+/// ends it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Window {
+    pub from: Timestamp,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub until: Option<Timestamp>,
+}
+
 /// Agent → master.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -184,10 +213,16 @@ pub enum AgentMessage {
         presence: Presence,
         /// Builds this agent is running right now (after a reconnect).
         running: Vec<BuildId>,
+        /// The time ahead (absent from older agents: admission treats the
+        /// worker's availability as unbounded).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        outlook: Option<Outlook>,
     },
     /// The worker's presence changed.
     Presence {
         presence: Presence,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        outlook: Option<Outlook>,
     },
     /// The agent took the build and is starting it.
     BuildAccepted {

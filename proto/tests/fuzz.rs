@@ -48,9 +48,18 @@ fn agent_seeds() -> Vec<String> {
             max_builds: 1,
             presence: presence(),
             running: vec![1, 2, u64::MAX],
+            outlook: None,
         },
         AgentMessage::Presence {
             presence: presence(),
+            outlook: Some(nightshift_proto::wire::Outlook {
+                takes_builds_until: Some(at("2026-11-30T18:00:00Z")),
+                next_window: Some(nightshift_proto::wire::Window {
+                    from: at("2026-12-01T19:00:00Z"),
+                    until: None,
+                }),
+                overrun_secs: 900,
+            }),
         },
         AgentMessage::BuildAccepted { build_id: 7 },
         AgentMessage::BuildRefused {

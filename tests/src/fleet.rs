@@ -200,6 +200,7 @@ async fn session(fleet: &Fleet, name: &str, token: &str) -> SessionEnd {
         max_builds: 1,
         presence: presence(state),
         running: Vec::new(),
+        outlook: None,
     };
     if ws.send(Message::text(hello.encode())).await.is_err() {
         return lost;
@@ -255,7 +256,7 @@ async fn connected(
             changed = presence_rx.changed() => {
                 if changed.is_err() { return SessionEnd::Stop; }
                 let state = *presence_rx.borrow_and_update();
-                let frame = AgentMessage::Presence { presence: presence(state) };
+                let frame = AgentMessage::Presence { presence: presence(state), outlook: None };
                 if ws.send(Message::text(frame.encode())).await.is_err() {
                     return gone;
                 }

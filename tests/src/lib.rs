@@ -1565,6 +1565,7 @@ impl FakeAgent {
             max_builds,
             presence: presence(state),
             running,
+            outlook: None,
         })
         .await
     }

@@ -526,6 +526,7 @@ impl Soak {
             };
             let frame = AgentMessage::Presence {
                 presence: presence(state),
+                outlook: None,
             };
             if agent.send(&frame).await.is_err() {
                 // Disconnected for flooding: what we want.

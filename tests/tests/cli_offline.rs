@@ -219,6 +219,35 @@ fn schedule_prints_a_table_in_the_policy_zone() {
 }
 
 #[test]
+fn schedule_says_the_longest_build_that_fits_at_its_start() {
+    let dir =
+        dir_with(&NIGHT_ONLY.replace("[availability]\n", "[availability]\noverrun = \"15m\"\n"));
+    // 06:30 CET: the night window ends at 07:00, plus 15 min of overrun.
+    let out = worker(
+        dir.path(),
+        &["schedule", "--from", "2026-11-23T05:30:00Z", "--days", "1"],
+    );
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        stdout.contains(
+            "longest build that fits at the start: 45m (availability ends 07:00, overrun 15m)"
+        ),
+        "{stdout}"
+    );
+    // 13:00 CET: away, nothing fits.
+    let out = worker(
+        dir.path(),
+        &["schedule", "--from", "2026-11-23T12:00:00Z", "--days", "1"],
+    );
+    let stdout = text(&out.stdout);
+    assert!(
+        stdout.contains("longest build that fits at the start: none (not taking builds)"),
+        "{stdout}"
+    );
+}
+
+#[test]
 fn schedule_rejects_bad_flags_with_usage_errors() {
     let dir = dir_with(NIGHT_ONLY);
     let out = worker(dir.path(), &["schedule", "--from", "tomorrowish"]);

@@ -289,6 +289,7 @@ async fn an_away_worker_gets_no_build_until_it_is_available() -> anyhow::Result<
     assert!(a_info.connected);
     a.send(&AgentMessage::Presence {
         presence: presence(PresenceState::Available),
+        outlook: None,
     })
     .await?;
     assert_eq!(a.expect_start().await?, id);
@@ -416,6 +417,7 @@ async fn a_refused_start_is_requeued_at_once_and_runs_elsewhere() -> anyhow::Res
     // a turned away in the same instant: it refuses and says so.
     a.send(&AgentMessage::Presence {
         presence: presence(PresenceState::Away),
+        outlook: None,
     })
     .await?;
     a.send(&AgentMessage::BuildRefused {

@@ -381,6 +381,7 @@ async fn a_flooding_agent_is_disconnected_and_others_are_still_heard() -> anyhow
             if flooder
                 .send(&AgentMessage::Presence {
                     presence: presence(state),
+                    outlook: None,
                 })
                 .await
                 .is_err()
@@ -395,6 +396,7 @@ async fn a_flooding_agent_is_disconnected_and_others_are_still_heard() -> anyhow
     let began = Instant::now();
     calm.send(&AgentMessage::Presence {
         presence: presence(PresenceState::Available),
+        outlook: None,
     })
     .await?;
     farm.wait_worker_state("b", PresenceState::Available)

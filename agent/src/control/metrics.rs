@@ -422,6 +422,7 @@ pub(crate) mod tests {
                 notes: vec!["builds have <no> cgroup".into()],
             }),
             supervised: None,
+            outlook: None,
         }
     }
 

@@ -275,6 +275,30 @@ pub fn render_hero(status: &AgentStatus, now: Timestamp, tz: &TimeZone) -> Strin
         since = escape(&short_time(presence.since, now, tz)),
         ago = span_words(now.duration_since(presence.since)),
     );
+    // Window-aware admission: what the master may still start here.
+    if let Some(outlook) = &status.outlook
+        && state.takes_builds()
+        && !status.stopping
+    {
+        match crate::outlook::longest_fit(outlook, true, now) {
+            Some(fit) => {
+                let _ = writeln!(
+                    html,
+                    "  <p class=\"fits\">The longest build that still fits: <b>{}</b> <span class=\"soft\">(ends {}{})</span></p>",
+                    span_words(fit),
+                    escape(&outlook.takes_builds_until.map_or_else(String::new, |t| short_time(t, now, tz))),
+                    if outlook.overrun_secs > 0 {
+                        format!(", with {} overrun", span_words(SignedDuration::from_secs(i64::try_from(outlook.overrun_secs).unwrap_or(i64::MAX))))
+                    } else {
+                        String::new()
+                    }
+                );
+            }
+            None => html.push_str(
+                "  <p class=\"fits\">Builds of any length fit: nothing known ends the availability.</p>\n",
+            ),
+        }
+    }
     if status.stopping {
         html.push_str(
             "  <p class=\"banner\">Stopping: the agent takes no new builds and exits when its current build ends.</p>\n",
@@ -776,6 +800,10 @@ mod tests {
         let html = render_page(&status, now, &tz(), None, "abc123");
         assert!(html.contains("<h1 id=\"state-word\">Away</h1>"));
         assert!(html.contains("until 19:00"), "{html}");
+        assert!(
+            !html.contains("class=\"fits\""),
+            "away: nothing fits: {html}"
+        );
         assert!(html.contains("schedule “nights”"));
         assert!(html.contains("&lt;lab&gt;"));
         assert!(!html.contains("<script>alert"));
@@ -814,6 +842,26 @@ mod tests {
         assert!(html.contains("Away 12:00–14:00 · set by you"), "{html}");
         assert!(html.contains("Available 14:00–24:00"), "{html}");
         assert!(html.contains("You chose <b>away</b> until 14:00"));
+    }
+
+    #[test]
+    fn the_hero_shows_the_longest_build_that_still_fits() {
+        let now: Timestamp = "2026-11-23T11:00:00Z".parse().unwrap();
+        let mut status = status_fixture(now);
+        status.presence.state = PresenceState::Available;
+        status.outlook = Some(nightshift_proto::wire::Outlook {
+            takes_builds_until: Some("2026-11-23T12:10:00Z".parse().unwrap()),
+            next_window: None,
+            overrun_secs: 900,
+        });
+        let hero = render_hero(&status, now, &tz());
+        assert!(
+            hero.contains("The longest build that still fits: <b>1 h 25 min</b> <span class=\"soft\">(ends 13:10, with 15 min overrun)</span>"),
+            "{hero}"
+        );
+        status.outlook = Some(nightshift_proto::wire::Outlook::default());
+        let hero = render_hero(&status, now, &tz());
+        assert!(hero.contains("Builds of any length fit"), "{hero}");
     }
 
     #[test]

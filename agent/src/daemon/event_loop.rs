@@ -14,7 +14,7 @@ use nightshift_policy::{
     ForeignLoadSample, Inputs, LoadMonitor, LoadVerdict, ManualOverride, MasterOverride, Policy,
     Presence, PresenceChange, PresenceTracker, Source,
 };
-use nightshift_proto::wire::{AgentMessage, BuildId, BuildResult, MasterMessage};
+use nightshift_proto::wire::{AgentMessage, BuildId, BuildResult, MasterMessage, Outlook};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -29,6 +29,7 @@ use crate::handle::{
     AgentHandle, AgentStatus, ControlCommand, Counters, LoadSnapshot, ManualRequest, MasterLink,
     RunningBuild,
 };
+use crate::outlook;
 use crate::supervise::{StopRequest, SupervisorLink};
 
 /// Longest sleep between evaluations without a [`WallAlarm`]: a machine that
@@ -77,6 +78,8 @@ pub struct Settings {
     pub master_url: String,
     pub max_builds: u32,
     pub state_dir: PathBuf,
+    /// The owner's accepted grace past a window's end (`[availability] overrun`).
+    pub overrun: SignedDuration,
 }
 
 /// The receiving ends the loop waits on.
@@ -145,6 +148,8 @@ pub struct Daemon {
     load_monitor: Option<LoadMonitor>,
     load_snapshot: Option<LoadSnapshot>,
     tracker: PresenceTracker,
+    /// The time ahead as of the last presence change (sent with presences).
+    outlook: Outlook,
     /// The presence the master was last told (or the hello carried).
     told_master: Option<Presence>,
     counters: Counters,
@@ -205,9 +210,11 @@ impl Daemon {
             .current()
             .cloned()
             .unwrap_or_else(|| policy.evaluate(now, &inputs));
+        let outlook = outlook::outlook(&policy, now, &inputs, settings.overrun);
         let (hello_tx, hello_rx) = watch::channel(HelloState {
             presence: presence.clone(),
             running: Vec::new(),
+            outlook: outlook.clone(),
         });
         let link = MasterLink {
             url: settings.master_url.clone(),
@@ -225,6 +232,7 @@ impl Daemon {
             master: link.clone(),
             counters: Counters::default(),
             load: None,
+            outlook: Some(outlook.clone()),
             isolation: Some(trees.isolation()),
             supervised: None,
         };
@@ -238,6 +246,7 @@ impl Daemon {
             load_monitor,
             load_snapshot: None,
             tracker,
+            outlook,
             told_master: None,
             counters: Counters::default(),
             builds: BTreeMap::new(),
@@ -500,17 +509,25 @@ impl Daemon {
                 presence.state, presence.source, presence.reason
             ))]);
         }
+        if self.hello.borrow().presence != presence {
+            self.outlook = outlook::outlook(&self.policy, now, &self.inputs, self.settings.overrun);
+        }
+        let outlook = self.outlook.clone();
         self.hello.send_if_modified(|hello| {
-            if hello.presence == presence {
+            if hello.presence == presence && hello.outlook == outlook {
                 false
             } else {
                 hello.presence = presence.clone();
+                hello.outlook = outlook.clone();
                 true
             }
         });
         if self.link.connected && self.master_should_hear(&presence) {
             self.told_master = Some(presence.clone());
-            self.send(AgentMessage::Presence { presence });
+            self.send(AgentMessage::Presence {
+                presence,
+                outlook: Some(outlook),
+            });
         }
         self.steer_supervisor();
     }
@@ -779,7 +796,10 @@ impl Daemon {
                     && self.master_should_hear(&current)
                 {
                     self.told_master = Some(current.clone());
-                    self.send(AgentMessage::Presence { presence: current });
+                    self.send(AgentMessage::Presence {
+                        presence: current,
+                        outlook: Some(self.outlook.clone()),
+                    });
                 }
                 for build_id in cancel {
                     if let Some(build) = self.builds.get_mut(&build_id) {
@@ -1135,6 +1155,7 @@ impl Daemon {
                 presence_changes: self.counters.presence_changes,
             },
             load: self.load_snapshot.clone(),
+            outlook: Some(self.outlook.clone()),
             isolation: Some(self.trees.isolation()),
             supervised: self.supervisor.as_ref().map(SupervisorLink::status),
         };
@@ -1254,6 +1275,7 @@ mod tests {
                 master_url: "wss://master.test".into(),
                 max_builds,
                 state_dir: state.path().to_owned(),
+                overrun: SignedDuration::ZERO,
             },
             clock.clone(),
             policy(policy_text),
@@ -1328,7 +1350,7 @@ mod tests {
 
         async fn next_presence(&mut self) -> Presence {
             match self.next_to_master().await {
-                AgentMessage::Presence { presence } => presence,
+                AgentMessage::Presence { presence, .. } => presence,
                 other => panic!("expected a presence, got {other:?}"),
             }
         }

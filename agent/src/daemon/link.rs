@@ -14,8 +14,8 @@ use std::time::Duration;
 use futures_util::{SinkExt, StreamExt};
 use nightshift_policy::Presence;
 use nightshift_proto::wire::{
-    AgentMessage, BuildId, HEARTBEAT_SECS, MAX_FRAME_BYTES, MasterMessage, PROTOCOL_VERSION,
-    WS_PATH,
+    AgentMessage, BuildId, HEARTBEAT_SECS, MAX_FRAME_BYTES, MasterMessage, Outlook,
+    PROTOCOL_VERSION, WS_PATH,
 };
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
@@ -58,6 +58,8 @@ pub struct LinkSettings {
 pub struct HelloState {
     pub presence: Presence,
     pub running: Vec<BuildId>,
+    /// The time ahead, sent with the hello.
+    pub outlook: Outlook,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -289,6 +291,7 @@ async fn session(
         max_builds: settings.max_builds,
         presence: said_hello.presence.clone(),
         running: said_hello.running.clone(),
+        outlook: Some(said_hello.outlook.clone()),
     };
     if let Err(error) = socket.send(Message::text(hello_frame.encode())).await {
         return lost(format!("sending the hello failed: {error}"));
@@ -543,6 +546,7 @@ mod tests {
         let (hello_tx, hello_rx) = watch::channel(HelloState {
             presence,
             running: vec![4],
+            outlook: Outlook::default(),
         });
         let (outbound_tx, outbound_rx) = mpsc::unbounded_channel();
         let (events_tx, events_rx) = mpsc::unbounded_channel();

@@ -22,6 +22,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use jiff::SignedDuration;
 use tokio::sync::mpsc;
 
 use self::clock::{Clock, SystemClock};
@@ -157,6 +158,10 @@ async fn run(path: &Path, config: WorkerConfig) -> Result<Exit, Failure> {
         master_url: config.master.clone(),
         max_builds: config.max_builds,
         state_dir: config.state_dir.clone(),
+        overrun: config
+            .availability
+            .overrun
+            .map_or(SignedDuration::ZERO, |o| o.get()),
     };
     let runner_settings = Arc::new(RunnerSettings {
         workdir: config.workdir.clone(),

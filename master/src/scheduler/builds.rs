@@ -228,7 +228,16 @@ impl Scheduler {
             return self.on_worker_cancelled(worker, &result);
         }
         match self.running.get(&id) {
-            Some(_) => {
+            Some(run) if run.worker != worker => {
+                return self.refuse(worker, id, "delivered a result for");
+            }
+            Some(run) => {
+                if result.outcome == Outcome::Success
+                    && let Some(first) = result.steps.first()
+                {
+                    let took = result.finished_at.duration_since(first.started_at);
+                    self.estimates.record(&run.builder, took);
+                }
                 self.running.remove(&id);
                 if let Some(slot) = self.workers.get_mut(worker) {
                     slot.running.remove(&id);
@@ -566,6 +575,7 @@ mod tests {
             conn,
             message: AgentMessage::Presence {
                 presence: presence(PresenceState::Available),
+                outlook: None,
             },
         });
         assert_eq!(started(&mut a), vec![id]);
@@ -638,6 +648,7 @@ mod tests {
             conn: ca,
             message: AgentMessage::Presence {
                 presence: presence(PresenceState::Away),
+                outlook: None,
             },
         });
         h.scheduler.handle(Event::Agent {
@@ -668,6 +679,7 @@ mod tests {
             conn: 2,
             message: AgentMessage::Presence {
                 presence: presence(PresenceState::Available),
+                outlook: None,
             },
         });
         assert_eq!(started(&mut b), vec![id]);

@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 
 use nightshift_policy::Presence;
-use nightshift_proto::wire::{BuildId, HEARTBEAT_SECS, MasterMessage, PROTOCOL_VERSION};
+use nightshift_proto::wire::{BuildId, HEARTBEAT_SECS, MasterMessage, Outlook, PROTOCOL_VERSION};
 
 use super::timers::TimerSlot;
 use super::{ConnId, Event, Hello, Outbound, RECONCILE_GRACE, Running, Scheduler, offline};
@@ -114,6 +114,7 @@ impl Scheduler {
         slot.epoch += 1;
         slot.conn = Some((conn, out));
         slot.presence = hello.presence.clone();
+        slot.outlook = hello.outlook.clone();
         slot.agent_max_builds = hello.max_builds.max(1);
         slot.released = false;
         slot.refused.clear();
@@ -174,7 +175,12 @@ impl Scheduler {
     }
 
     /// The agent pushed a new presence.
-    pub(super) fn on_presence(&mut self, worker: &str, presence: Presence) {
+    pub(super) fn on_presence(
+        &mut self,
+        worker: &str,
+        presence: Presence,
+        outlook: Option<Outlook>,
+    ) {
         tracing::info!(
             "worker {worker} is {} ({}: {})",
             presence.state,
@@ -187,6 +193,7 @@ impl Scheduler {
             }
             slot.refused.clear();
             slot.presence = presence.clone();
+            slot.outlook = outlook;
         }
         let takes_builds = presence.state.takes_builds();
         let why = format!("{}: {}", presence.source, presence.reason);

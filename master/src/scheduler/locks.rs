@@ -386,6 +386,7 @@ steps = [{{ name = "s", command = "true", locks = [] }}]
             conn: other_conn,
             message: AgentMessage::Presence {
                 presence: presence(state),
+                outlook: None,
             },
         };
         h.scheduler.handle(turn(PresenceState::Away));

@@ -16,8 +16,10 @@
 //! [`timers`] (the one timer queue). The decision "which worker gets this
 //! request" is the pure function [`pick::pick_worker`].
 
+mod admission;
 mod builds;
 mod connections;
+pub mod estimate;
 mod latent;
 mod locks;
 pub mod pick;
@@ -36,7 +38,9 @@ use std::time::Duration;
 use jiff::Timestamp;
 use nightshift_policy::{Presence, PresenceState, Source};
 use nightshift_proto::api::WorkerList;
-use nightshift_proto::wire::{AgentMessage, BuildId, BuildSource, HEARTBEAT_SECS, MasterMessage};
+use nightshift_proto::wire::{
+    AgentMessage, BuildId, BuildSource, HEARTBEAT_SECS, MasterMessage, Outlook,
+};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::config::MasterConfig;
@@ -46,6 +50,7 @@ use crate::master_schedule::MasterSchedules;
 use crate::outbox::AgentOutbox;
 use crate::store::{Store, StoreOutcome, UnfinishedBuild};
 
+use estimate::Estimates;
 use timers::Timers;
 
 /// Identity of one agent connection, unique for the master's lifetime.
@@ -90,6 +95,8 @@ pub struct Hello {
     pub max_builds: u32,
     pub presence: Presence,
     pub running: Vec<BuildId>,
+    /// The time ahead as the agent sees it (window-aware admission).
+    pub outlook: Option<Outlook>,
 }
 
 /// A read-only view for the API.
@@ -98,8 +105,18 @@ pub struct Snapshot {
     pub workers: WorkerList,
     /// What each queued build waits for.
     pub waiting_for: BTreeMap<BuildId, String>,
+    /// Each builder's estimated build duration, where known.
+    pub estimates: BTreeMap<String, jiff::SignedDuration>,
     /// Builds handed out, with their worker.
     pub running: BTreeMap<BuildId, String>,
+}
+
+/// What the API overlays on stored builds that are not finished: why each
+/// waits, and every builder's estimated duration (O(builders), not workers).
+#[derive(Debug, Clone, Default)]
+pub struct BuildWaits {
+    pub waiting_for: BTreeMap<BuildId, String>,
+    pub estimates: BTreeMap<String, jiff::SignedDuration>,
 }
 
 /// Everything the scheduler reacts to.
@@ -169,7 +186,7 @@ pub enum Event {
     /// of a [`Snapshot`] one build's answer needs, without the workers).
     WaitingFor {
         ids: Vec<BuildId>,
-        reply: oneshot::Sender<BTreeMap<BuildId, String>>,
+        reply: oneshot::Sender<BuildWaits>,
     },
     /// A latent provider call or timer ended.
     Latent(LatentEvent),
@@ -211,6 +228,9 @@ struct WorkerSlot {
     unconfirmed: BTreeSet<BuildId>,
     /// Order of the last hand-out, to spread builds among equals.
     last_assigned: u64,
+    /// The time ahead its agent last sent (when it stops taking builds,
+    /// its next window, its overrun grace).
+    outlook: Option<Outlook>,
 }
 
 impl WorkerSlot {
@@ -226,6 +246,7 @@ impl WorkerSlot {
             refused: BTreeSet::new(),
             unconfirmed: BTreeSet::new(),
             last_assigned: 0,
+            outlook: None,
         }
     }
 }
@@ -323,11 +344,21 @@ pub struct Scheduler {
     latent_stopped: Vec<oneshot::Sender<()>>,
     /// Missing-worker timers, reconcile deadlines and the schedule tick.
     timers: Timers,
+    /// Each builder's estimated build duration (window-aware admission).
+    estimates: Estimates,
 }
 
 impl Scheduler {
     /// Builds the scheduler from the config and the store's unfinished
     /// builds. `events` is the sender of the channel [`Scheduler::run`] reads.
+    /// Seeds the builders' duration estimates with `(builder, duration)`
+    /// of past successful builds, oldest first (from the store at start).
+    pub fn seed_estimates(&mut self, history: Vec<(String, jiff::SignedDuration)>) {
+        for (builder, took) in history {
+            self.estimates.record(&builder, took);
+        }
+    }
+
     pub fn new(
         config: Arc<MasterConfig>,
         store: Store,
@@ -381,6 +412,7 @@ impl Scheduler {
             latent_shutdown: false,
             latent_stopped: Vec::new(),
             timers: Timers::default(),
+            estimates: Estimates::default(),
         };
         scheduler.locks = BuildLocks::new(scheduler.config.locks.clone());
         scheduler.configure_latent();
@@ -547,7 +579,9 @@ impl Scheduler {
             AgentMessage::Hello { .. } => {
                 tracing::warn!("worker {worker}: a second hello on one connection is ignored");
             }
-            AgentMessage::Presence { presence } => self.on_presence(worker, presence),
+            AgentMessage::Presence { presence, outlook } => {
+                self.on_presence(worker, presence, outlook)
+            }
             AgentMessage::BuildAccepted { build_id } => match self.running.get_mut(&build_id) {
                 Some(run) if run.worker == worker => run.accepted = true,
                 _ => self.refuse(worker, build_id, "accepted"),

@@ -1,13 +1,17 @@
 //! THE decision "which worker gets this build now", as a pure function of
-//! the facts about the builder's listed workers ([`pick_worker`]), and the
+//! the facts about the build and the builder's listed workers
+//! ([`pick_worker`], window-aware through [`super::admission`]), and the
 //! scheduler glue that gathers those facts from its state.
 
 use std::collections::HashMap;
 
+use jiff::SignedDuration;
+use jiff::tz::TimeZone;
 use nightshift_policy::PresenceState;
-use nightshift_proto::wire::BuildId;
+use nightshift_proto::wire::{BuildId, Window};
 
 use super::Scheduler;
+use super::admission::{self, BuildFacts, CutShort, LaterFit};
 
 /// What the decision needs to know about one worker the builder lists.
 #[derive(Debug, Clone, PartialEq)]
@@ -35,91 +39,118 @@ pub(super) struct WorkerFacts<'a> {
     pub refused_it: bool,
     /// Order of its last hand-out (lower: longer ago).
     pub last_assigned: u64,
+    /// When it stops taking builds, as its agent last said (`None`: unknown
+    /// or never).
+    pub takes_builds_until: Option<jiff::Timestamp>,
+    /// Its next window of taking builds, as its agent last said.
+    pub next_window: Option<Window>,
+    /// The owner's accepted grace past the end of its availability.
+    pub overrun: SignedDuration,
 }
 
 /// Picks the worker for a build among the builder's listed workers, in the
 /// builder's order: `available` workers first (fewest running builds, then
 /// least recently given one, then first listed), `reluctant` ones only when
 /// no available one can take it, never `away`/`offline`, disconnected, full
-/// ones or ones that refused it. `Err` says what the build waits for.
-/// Costs O(candidates), and allocates nothing unless no worker can take it.
-pub(super) fn pick_worker<'a, I>(candidates: I) -> Result<&'a str, String>
-where
-    I: IntoIterator<Item = Candidate<'a>>,
-    I::IntoIter: Clone,
-{
-    let candidates = candidates.into_iter();
+/// ones or ones that refused it.
+///
+/// Window-aware: a worker whose availability (plus its overrun) ends before
+/// the build's estimated end is used only when no worker fits now, none that
+/// fits is merely busy, no window that fits opens later, and the builder
+/// says `best-effort` ([`admission::when_none_fits`]); among such workers the
+/// one whose availability lasts longest. `Err` says what the build waits
+/// for. Costs O(candidates).
+pub(super) fn pick_worker<'a>(
+    build: &BuildFacts,
+    candidates: impl IntoIterator<Item = Candidate<'a>>,
+) -> Result<&'a str, String> {
     let mut best: Option<(PresenceState, usize, u64, &'a str)> = None;
-    for candidate in candidates.clone() {
-        let Candidate::Worker(facts) = candidate else {
-            continue;
+    let mut best_cut: Option<(
+        PresenceState,
+        std::cmp::Reverse<jiff::Timestamp>,
+        usize,
+        u64,
+        &'a str,
+    )> = None;
+    let mut later: Option<LaterFit<'a>> = None;
+    let mut why = Vec::new();
+    for candidate in candidates {
+        let facts = match candidate {
+            Candidate::NotConfigured { name } => {
+                why.push(format!("{name} not configured"));
+                continue;
+            }
+            Candidate::Worker(facts) => facts,
         };
-        if why_not(&facts).is_some() {
+        let name = facts.name;
+        if !facts.connected {
+            why.push(format!("{name} offline"));
             continue;
         }
-        let key = (facts.state, facts.running, facts.last_assigned, facts.name);
+        let state = facts.state;
+        let fits_now = build.fits(build.now, facts.takes_builds_until, facts.overrun);
+        if !state.takes_builds() {
+            why.push(format!("{name} {state}"));
+            if let Some(opens) = build.fitting_start(facts.next_window, facts.overrun) {
+                let chance = LaterFit {
+                    name,
+                    opens: Some(opens),
+                };
+                later = Some(admission::earlier(later, chance));
+            }
+            continue;
+        }
+        let busy = facts.running + facts.lock_waits;
+        let capacity = facts.capacity;
+        if busy >= capacity {
+            why.push(format!("{name} busy ({busy}/{capacity})"));
+            if fits_now {
+                later = Some(admission::earlier(later, LaterFit { name, opens: None }));
+            }
+            continue;
+        }
+        if facts.refused_it {
+            why.push(format!("{name} refused it"));
+            continue;
+        }
+        if let (false, Some(until)) = (fits_now, facts.takes_builds_until) {
+            let key = (
+                state,
+                std::cmp::Reverse(until),
+                facts.running,
+                facts.last_assigned,
+                name,
+            );
+            if best_cut.is_none_or(|b| (key.0, key.1, key.2, key.3) < (b.0, b.1, b.2, b.3)) {
+                best_cut = Some(key);
+            }
+            continue;
+        }
+        let key = (state, facts.running, facts.last_assigned, name);
         if best.is_none_or(|b| (key.0, key.1, key.2) < (b.0, b.1, b.2)) {
             best = Some(key);
         }
     }
-    if let Some((_, _, _, name)) = best {
-        return Ok(name);
-    }
-    // Nobody: say why, naming the first few and counting the rest.
-    let mut why = Vec::new();
-    let mut more = 0usize;
-    for candidate in candidates {
-        if why.len() == WHY_NAMES {
-            more += 1;
-            continue;
+    match (best, best_cut) {
+        (Some((_, _, _, name)), _) => Ok(name),
+        (None, Some((_, std::cmp::Reverse(until), _, _, name))) => {
+            admission::when_none_fits(build, CutShort { name, until }, later)
         }
-        why.push(match candidate {
-            Candidate::NotConfigured { name } => format!("{name} not configured"),
-            Candidate::Worker(facts) => {
-                let reason = why_not(&facts).unwrap_or(WhyNot::Offline);
-                match reason {
-                    WhyNot::Offline => format!("{} offline", facts.name),
-                    WhyNot::State => format!("{} {}", facts.name, facts.state),
-                    WhyNot::Busy => format!(
-                        "{} busy ({}/{})",
-                        facts.name,
-                        facts.running + facts.lock_waits,
-                        facts.capacity
-                    ),
-                    WhyNot::Refused => format!("{} refused it", facts.name),
-                }
+        (None, None) => {
+            let mut text = format!("a worker: {}", why.join(", "));
+            if let Some(LaterFit {
+                name,
+                opens: Some(opens),
+            }) = later
+            {
+                text.push_str(&format!(
+                    "; {name} opens at {} (fits {})",
+                    build.when(opens),
+                    build.estimate_text()
+                ));
             }
-        });
-    }
-    if more > 0 {
-        why.push(format!("and {more} more"));
-    }
-    Err(format!("a worker: {}", why.join(", ")))
-}
-
-/// Workers named in a "waits for" text; the rest are counted.
-const WHY_NAMES: usize = 20;
-
-/// Why a configured worker cannot take the build, if it cannot.
-#[derive(Debug, Clone, Copy)]
-enum WhyNot {
-    Offline,
-    State,
-    Busy,
-    Refused,
-}
-
-fn why_not(facts: &WorkerFacts<'_>) -> Option<WhyNot> {
-    if !facts.connected {
-        Some(WhyNot::Offline)
-    } else if !facts.state.takes_builds() {
-        Some(WhyNot::State)
-    } else if facts.running + facts.lock_waits >= facts.capacity {
-        Some(WhyNot::Busy)
-    } else if facts.refused_it {
-        Some(WhyNot::Refused)
-    } else {
-        None
+            Err(text)
+        }
     }
 }
 
@@ -136,23 +167,22 @@ impl Scheduler {
         let Some(builder) = self.queue.get(&id).map(|q| q.builder.as_str()) else {
             return Err("not queued".into());
         };
-        // A "no" cached from a build nobody refused holds for every build
-        // of the builder in this pass: presence and capacity are the same
-        // for all of them, and hand-outs only use capacity up.
-        if let Some(why) = no_worker.get(builder) {
+        // A build some worker refused is decided on its own (only the
+        // builder's listed workers are asked: no other can have refused it
+        // in a way the decision looks at).
+        let refused = self.config.builder(builder).is_some_and(|def| {
+            def.workers.iter().any(|name| {
+                self.workers
+                    .get(name)
+                    .is_some_and(|slot| slot.refused.contains(&id))
+            })
+        });
+        if !refused && let Some(why) = no_worker.get(builder) {
             return Err(why.clone());
         }
         let decision = self.pick_for(id);
-        // A build some listed worker refused failed perhaps only for that:
-        // its "no" is not cached (looked up only when nobody can take it).
         if let Err(why) = &decision
-            && !self.config.builder(builder).is_some_and(|def| {
-                def.workers.iter().any(|name| {
-                    self.workers
-                        .get(name)
-                        .is_some_and(|slot| slot.refused.contains(&id))
-                })
-            })
+            && !refused
         {
             no_worker.insert(builder.to_owned(), why.clone());
         }
@@ -171,38 +201,45 @@ impl Scheduler {
                 queued.builder
             ));
         };
-        // Lock waits per worker, counted once for the whole decision.
-        let mut lock_waits: HashMap<&str, usize> = HashMap::new();
-        for worker in self.lock_waits.values() {
-            *lock_waits.entry(worker.as_str()).or_default() += 1;
-        }
-        let lock_waits = &lock_waits;
-        let candidates = builder.workers.iter().map(move |name| {
+        let build = BuildFacts {
+            now: self.clock.now(),
+            estimate: self.estimates.get(&builder.name),
+            admission: builder.admission,
+            zone: TimeZone::system(),
+        };
+        let candidates = builder.workers.iter().map(|name| {
             let Some(slot) = self.workers.get(name) else {
                 return Candidate::NotConfigured { name };
             };
+            let outlook = slot.outlook.as_ref();
             Candidate::Worker(WorkerFacts {
                 name,
                 connected: slot.conn.is_some(),
-                state: self.effective_state(name, &slot.presence),
+                state: self.effective_presence(name, &slot.presence).state,
                 capacity: self
                     .config
                     .worker(name)
                     .map_or(1, |w| w.max_builds)
                     .min(slot.agent_max_builds) as usize,
                 running: slot.running.len(),
-                lock_waits: lock_waits.get(name.as_str()).copied().unwrap_or(0),
+                lock_waits: self.lock_waits.values().filter(|w| *w == name).count(),
                 refused_it: slot.refused.contains(&id),
                 last_assigned: slot.last_assigned,
+                takes_builds_until: outlook.and_then(|o| o.takes_builds_until),
+                next_window: outlook.and_then(|o| o.next_window),
+                overrun: outlook.map_or(SignedDuration::ZERO, |o| {
+                    SignedDuration::from_secs(i64::try_from(o.overrun_secs).unwrap_or(i64::MAX))
+                }),
             })
         });
-        pick_worker(candidates).map(str::to_owned)
+        pick_worker(&build, candidates).map(str::to_owned)
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::config::Admission;
     use PresenceState::{Available, Away, Offline, Reluctant};
 
     /// A connected idle worker with room for one build.
@@ -216,6 +253,9 @@ mod tests {
             lock_waits: 0,
             refused_it: false,
             last_assigned: 0,
+            takes_builds_until: None,
+            next_window: None,
+            overrun: SignedDuration::ZERO,
         })
     }
 
@@ -234,8 +274,24 @@ mod tests {
     }
 
     fn check(input: Vec<Candidate<'_>>, expect: Result<&str, &str>) {
-        let got = pick_worker(input.clone());
-        assert_eq!(got, expect.map_err(str::to_owned), "candidates: {input:#?}");
+        check_build(
+            &BuildFacts::unknown(at("2026-12-01T12:00:00Z")),
+            input,
+            expect,
+        );
+    }
+
+    fn check_build(build: &BuildFacts, input: Vec<Candidate<'_>>, expect: Result<&str, &str>) {
+        let got = pick_worker(build, input.clone());
+        assert_eq!(
+            got,
+            expect.map_err(str::to_owned),
+            "build: {build:#?}\ncandidates: {input:#?}"
+        );
+    }
+
+    fn at(text: &str) -> jiff::Timestamp {
+        text.parse().expect("timestamp")
     }
 
     #[test]
@@ -292,19 +348,6 @@ mod tests {
     }
 
     #[test]
-    fn a_long_list_of_workers_that_cannot_take_it_is_summarised() {
-        let names: Vec<String> = (0..1000).map(|i| format!("w{i}")).collect();
-        let all_away: Vec<Candidate<'_>> = names.iter().map(|n| w(n, Away)).collect();
-        let why = pick_worker(all_away.clone()).unwrap_err();
-        assert!(why.starts_with("a worker: w0 away, w1 away,"), "{why}");
-        assert!(why.ends_with("w19 away, and 980 more"), "{why}");
-        // The last one listed can take it: found without any text.
-        let mut one_free = all_away;
-        one_free.push(w("free", Reluctant));
-        assert_eq!(pick_worker(one_free), Ok("free"));
-    }
-
-    #[test]
     fn says_what_the_build_waits_for_when_nobody_can_take_it() {
         check(vec![], Err("a worker: "));
         check(
@@ -333,6 +376,154 @@ mod tests {
                 w("r", Reluctant),
             ],
             Ok("r"),
+        );
+    }
+
+    /// A build of `mins` minutes (estimated) at 06:00 UTC on Tue 2026-12-01.
+    fn lasting(mins: i64, admission: Admission) -> BuildFacts {
+        BuildFacts {
+            now: at("2026-12-01T06:00:00Z"),
+            estimate: Some(SignedDuration::from_mins(mins)),
+            admission,
+            zone: TimeZone::UTC,
+        }
+    }
+
+    /// Available until `until` (UTC, today), with `overrun` minutes of grace.
+    fn until<'a>(candidate: Candidate<'a>, until: &str, overrun: i64) -> Candidate<'a> {
+        with(candidate, |f| {
+            f.takes_builds_until = Some(at(&format!("2026-12-01T{until}:00Z")));
+            f.overrun = SignedDuration::from_mins(overrun);
+        })
+    }
+
+    /// Away now; its next window is `[from, to)` (UTC, today).
+    fn opens<'a>(name: &'a str, from: &str, to: &str) -> Candidate<'a> {
+        with(w(name, Away), |f| {
+            f.next_window = Some(Window {
+                from: at(&format!("2026-12-01T{from}:00Z")),
+                until: Some(at(&format!("2026-12-01T{to}:00Z"))),
+            })
+        })
+    }
+
+    #[test]
+    fn a_build_goes_where_the_window_will_not_cut_it() {
+        use Admission::{BestEffort, Fit};
+        let ninety = lasting(90, Fit);
+        // 06:00 + 90 min: lab-1 closes at 07:00, lab-2 at 08:00. lab-1 is
+        // first listed and was given a build longest ago, yet lab-2 gets it.
+        check_build(
+            &ninety,
+            vec![
+                until(w("lab-1", Available), "07:00", 0),
+                with(until(w("lab-2", Available), "08:00", 0), |f| {
+                    f.last_assigned = 9
+                }),
+            ],
+            Ok("lab-2"),
+        );
+        // A fitting reluctant worker beats an available one that would cut it.
+        check_build(
+            &ninety,
+            vec![
+                until(w("lab-1", Available), "07:00", 0),
+                w("lab-2", Reluctant),
+            ],
+            Ok("lab-2"),
+        );
+        // Exactly at the end fits; one minute later does not.
+        check_build(
+            &ninety,
+            vec![until(w("lab-1", Available), "07:30", 0)],
+            Ok("lab-1"),
+        );
+        check_build(
+            &lasting(91, BestEffort),
+            vec![
+                until(w("lab-1", Available), "07:30", 0),
+                opens("lab-3", "19:00", "23:00"),
+            ],
+            Err("a window that fits 1h31m: lab-1 ends at 07:30; lab-3 opens at 19:00"),
+        );
+        // The owner's overrun grace counts.
+        check_build(
+            &ninety,
+            vec![until(w("lab-1", Available), "07:00", 30)],
+            Ok("lab-1"),
+        );
+        check_build(
+            &ninety,
+            vec![until(w("lab-1", Available), "07:00", 29)],
+            Err("no window fits 1h30m before 07:00 (lab-1 ends then; admission = \"fit\")"),
+        );
+        // No estimate yet: nothing is held back.
+        check_build(
+            &BuildFacts::unknown(at("2026-12-01T06:59:00Z")),
+            vec![until(w("lab-1", Available), "07:00", 0)],
+            Ok("lab-1"),
+        );
+    }
+
+    #[test]
+    fn when_nothing_fits_now_the_build_waits_or_starts_by_the_builders_setting() {
+        use Admission::{BestEffort, Fit};
+        // A fitting worker that is merely busy: wait for it, in both modes.
+        for mode in [Fit, BestEffort] {
+            check_build(
+                &lasting(90, mode),
+                vec![
+                    until(w("lab-1", Available), "07:00", 0),
+                    with(w("lab-2", Available), |f| f.running = 1),
+                ],
+                Err("a window that fits 1h30m: lab-1 ends at 07:00; lab-2 fits once it has room"),
+            );
+        }
+        // A window long enough opens later: wait for it, in both modes.
+        check_build(
+            &lasting(80, BestEffort),
+            vec![
+                until(w("lab-1", Available), "07:00", 0),
+                opens("lab-3", "19:00", "20:00"),
+                opens("lab-4", "21:00", "23:00"),
+            ],
+            Err("a window that fits 1h20m: lab-1 ends at 07:00; lab-4 opens at 21:00"),
+        );
+        // No window fits at all: `fit` waits and says why ...
+        let short_windows = || {
+            vec![
+                until(w("lab-1", Available), "07:00", 0),
+                until(w("lab-2", Available), "07:10", 0),
+                opens("lab-3", "19:00", "20:00"),
+            ]
+        };
+        check_build(
+            &lasting(80, Fit),
+            short_windows(),
+            Err("no window fits 1h20m before 07:10 (lab-2 ends then; admission = \"fit\")"),
+        );
+        // ... `best-effort` starts it where the availability lasts longest.
+        check_build(&lasting(80, BestEffort), short_windows(), Ok("lab-2"));
+        // Nobody can take it now: the wait names a window that fits.
+        check_build(
+            &lasting(80, Fit),
+            vec![w("lab-1", Away), opens("lab-3", "19:00", "21:00")],
+            Err("a worker: lab-1 away, lab-3 away; lab-3 opens at 19:00 (fits 1h20m)"),
+        );
+        // A window that opened already counts from now; one with no known
+        // end fits anything.
+        check_build(
+            &lasting(80, Fit),
+            vec![
+                until(w("lab-1", Available), "07:00", 0),
+                with(w("lab-3", Away), |f| {
+                    f.next_window = Some(Window {
+                        from: at("2026-12-02T19:00:00Z"),
+                        until: None,
+                    })
+                }),
+            ],
+            Err("a window that fits 1h20m: lab-1 ends at 07:00; lab-3 opens at Wed 19:00"),
         );
     }
 }

@@ -2,19 +2,18 @@
 //! show: workers with their effective presence, what each waiting build
 //! waits for, and where each running build runs.
 
-use std::collections::BTreeMap;
-
 use nightshift_policy::Source;
 use nightshift_proto::api::{LatentInfo, WorkerInfo, WorkerList};
 use nightshift_proto::wire::BuildId;
 
-use super::{Scheduler, Snapshot};
+use super::{BuildWaits, Scheduler, Snapshot};
 
 impl Scheduler {
     /// What each of `ids` waits for, if it waits: O(ids), whatever the
     /// number of workers (a build's API answer must not cost a snapshot).
-    pub(super) fn waiting_for(&self, ids: &[BuildId]) -> BTreeMap<BuildId, String> {
-        ids.iter()
+    pub(super) fn waiting_for(&self, ids: &[BuildId]) -> BuildWaits {
+        let waiting_for = ids
+            .iter()
             .filter_map(|&id| {
                 let why = match self.queue.get(&id) {
                     Some(queued) => queued.waiting_for.clone(),
@@ -23,7 +22,16 @@ impl Scheduler {
                 }?;
                 Some((id, why))
             })
-            .collect()
+            .collect();
+        let estimates = self
+            .estimates
+            .all()
+            .map(|(builder, took)| (builder.to_owned(), took))
+            .collect();
+        BuildWaits {
+            waiting_for,
+            estimates,
+        }
     }
 
     /// The read-only view the API and the dashboard show.
@@ -96,6 +104,11 @@ impl Scheduler {
                 .running
                 .iter()
                 .map(|(id, run)| (*id, run.worker.clone()))
+                .collect(),
+            estimates: self
+                .estimates
+                .all()
+                .map(|(builder, took)| (builder.to_owned(), took))
                 .collect(),
         }
     }

@@ -108,6 +108,7 @@ impl Harness {
                 max_builds: 1,
                 presence: presence(state),
                 running,
+                outlook: None,
             },
             out,
         });

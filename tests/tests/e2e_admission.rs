@@ -1,0 +1,151 @@
+//! End-to-end test of window-aware admission through the real `master` and
+//! `worker` binaries: once a builder's history says its builds take ~5 s, a
+//! worker whose availability ends in a few seconds is not given one — the
+//! build goes to another worker, or waits (saying why in `master builds
+//! --json`) — and is never started where the window would cut it.
+//!
+//! The closing window is the owner's `set-availability available --for 4s`
+//! on a worker that is `away` by default: it ends at a chosen instant, which
+//! the agent sends to the master with its presence. Everything is awaited
+//! with generous deadlines; nothing depends on a tight sleep.
+
+use nightshift_policy::PresenceState;
+use nightshift_proto::api::{BuildInfo, BuildList, BuildState};
+use nightshift_proto::wire::{BuildId, Outcome};
+use nightshift_tests::{Farm, WorkerSpec};
+
+/// The builder's one step: about five seconds of work.
+const FIVE_SECONDS: &str = "sleep 5";
+
+async fn submit(farm: &Farm) -> anyhow::Result<BuildId> {
+    Ok(farm
+        .api()?
+        .submit("five", Default::default())
+        .await?
+        .build_id)
+}
+
+/// Build `id` as `master builds --json` prints it.
+fn listed(farm: &Farm, id: BuildId) -> anyhow::Result<BuildInfo> {
+    let (code, stdout, stderr) = farm.master_cli(&["builds", "--json"])?;
+    anyhow::ensure!(code == 0, "`master builds --json` exited {code}: {stderr}");
+    let list: BuildList = serde_json::from_str(&stdout)?;
+    list.builds
+        .into_iter()
+        .find(|b| b.id == id)
+        .ok_or_else(|| anyhow::anyhow!("build {id} is not in `master builds --json`: {stdout}"))
+}
+
+/// The owner of `worker` sets its availability by hand.
+fn set_availability(farm: &Farm, worker: &str, args: &[&str]) -> anyhow::Result<()> {
+    let mut all = vec!["set-availability"];
+    all.extend_from_slice(args);
+    let (code, _, stderr) = farm.worker_cli(worker, &all)?;
+    anyhow::ensure!(
+        code == 0,
+        "`worker {}` exited {code}: {stderr}",
+        all.join(" ")
+    );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_is_never_started_where_the_window_would_cut_it() -> anyhow::Result<()> {
+    let mut farm = Farm::builder()
+        // Listed first and never given a build: without admission it would
+        // be picked whenever it is available.
+        .worker(WorkerSpec::new("closing").worker_toml("[availability]\ndefault = \"away\"\n"))
+        .worker(WorkerSpec::new("steady").max_builds(3))
+        .builder("five", &["closing", "steady"], &[("work", FIVE_SECONDS)])
+        .start().await?;
+    farm.start_worker("closing")?;
+    farm.start_worker("steady")?;
+    farm.wait_worker_state("closing", PresenceState::Away)
+        .await?;
+    farm.wait_worker_state("steady", PresenceState::Available)
+        .await?;
+
+    // History: three successful builds of ~5 s (on `steady`, at once).
+    let mut history = Vec::new();
+    for _ in 0..3 {
+        history.push(submit(&farm).await?);
+    }
+    for id in history {
+        let build = farm.wait_build(id).await?;
+        assert_eq!(build.outcome, Some(Outcome::Success), "{build:?}");
+        assert_eq!(build.worker.as_deref(), Some("steady"), "{build:?}");
+    }
+
+    // 1. `closing` takes builds for 4 more seconds; `steady` has room. The
+    //    build goes to `steady`.
+    set_availability(&farm, "closing", &["available", "--for", "4s"])?;
+    let closing = farm
+        .wait_worker("closing", "closing to be available with a known end", |w| {
+            w.state == PresenceState::Available && w.until.is_some()
+        })
+        .await?;
+    let to_steady = submit(&farm).await?;
+    let started = farm
+        .wait_build_state(to_steady, "the build to start", |b| {
+            b.state != BuildState::Queued
+        })
+        .await?;
+    assert_eq!(
+        started.worker.as_deref(),
+        Some("steady"),
+        "closing's availability ends at {:?}: {started:?}",
+        closing.until
+    );
+    let shown = listed(&farm, to_steady)?;
+    if shown.state == BuildState::Running {
+        let estimate = shown.estimate_secs.expect("the estimate is shown");
+        assert!(
+            (5..=8).contains(&estimate),
+            "estimate {estimate} s: {shown:?}"
+        );
+    }
+    assert_eq!(
+        farm.wait_build(to_steady).await?.outcome,
+        Some(Outcome::Success)
+    );
+
+    // 2. Only `closing` takes builds, for 4 more seconds: the build waits,
+    //    says why, and is not started there when its window closes.
+    set_availability(&farm, "steady", &["away"])?;
+    farm.wait_worker_state("steady", PresenceState::Away)
+        .await?;
+    set_availability(&farm, "closing", &["available", "--for", "4s"])?;
+    farm.wait_worker("closing", "closing to be available with a known end", |w| {
+        w.state == PresenceState::Available && w.until.is_some()
+    })
+    .await?;
+    let waits = submit(&farm).await?;
+    farm.wait_build_state(waits, "the build to wait for a window", |b| {
+        b.waiting_for
+            .as_deref()
+            .is_some_and(|w| w.starts_with("no window fits"))
+    })
+    .await?;
+    let shown = listed(&farm, waits)?;
+    assert_eq!(shown.state, BuildState::Queued, "{shown:?}");
+    let why = shown.waiting_for.clone().unwrap_or_default();
+    assert!(
+        why.starts_with("no window fits 5s before ") && why.contains("closing ends then"),
+        "{why}"
+    );
+    assert!(shown.estimate_secs.is_some_and(|s| s >= 5), "{shown:?}");
+    // The window closes; the build was never handed to `closing`.
+    farm.wait_worker_state("closing", PresenceState::Away)
+        .await?;
+    let after = listed(&farm, waits)?;
+    assert_eq!(after.state, BuildState::Queued, "{after:?}");
+    assert_eq!(after.worker, None, "{after:?}");
+
+    // 3. `steady` comes back: the build runs there, whole.
+    set_availability(&farm, "steady", &["auto"])?;
+    let done = farm.wait_build(waits).await?;
+    assert_eq!(done.worker.as_deref(), Some("steady"), "{done:?}");
+    assert_eq!(done.outcome, Some(Outcome::Success), "{done:?}");
+    assert_eq!(done.retries, 0, "never started and cut: {done:?}");
+    Ok(())
+}

@@ -24,6 +24,7 @@ use nightshift_proto::wire::{
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
+use crate::live_log::{LiveEvent, LiveLogs};
 
 /// What runs after the batch's commit (or failed commit: `false`).
 type Completion = Box<dyn FnOnce(bool) + Send>;
@@ -140,10 +141,23 @@ pub enum StoreOutcome {
     NotYours,
 }
 
+/// A build's log as a viewer starts watching it: see [`Store::watch_log`].
+#[derive(Debug)]
+pub struct LogWatch {
+    pub log: String,
+    /// Earlier output was left out of `log`.
+    pub cut: bool,
+    pub finished: bool,
+    /// The output that follows (`None` once finished).
+    pub live: Option<tokio::sync::broadcast::Receiver<LiveEvent>>,
+}
+
 /// Handle to the store thread. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
     jobs: mpsc::Sender<Job>,
+    /// Viewers of live logs, fed from inside the store thread.
+    live: LiveLogs,
 }
 
 impl Store {
@@ -165,7 +179,10 @@ impl Store {
             .name("store".into())
             .spawn(move || run(conn, inbox))
             .context("cannot start the store thread")?;
-        Ok(Store { jobs })
+        Ok(Store {
+            jobs,
+            live: LiveLogs::default(),
+        })
     }
 
     /// Runs `f` in the next transaction; answers after the commit.
@@ -333,6 +350,7 @@ impl Store {
         into: BuildId,
         now: Timestamp,
     ) -> anyhow::Result<()> {
+        let live = self.live.clone();
         self.call(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "UPDATE builds SET state = 'finished', outcome = 'cancelled', reason = ?2, \
@@ -346,6 +364,7 @@ impl Store {
                     into as i64,
                     now.to_string()
                 ])?;
+                live.finish(id);
             }
             Ok(())
         })
@@ -396,9 +415,11 @@ impl Store {
 
     /// Appends a chunk of live output.
     pub fn append_log(&self, id: BuildId, step: u32, data: String) {
+        let live = self.live.clone();
         self.spawn("append log", move |conn| {
             conn.prepare_cached("INSERT INTO logs (build_id, step, data) VALUES (?1, ?2, ?3)")?
                 .execute(params![id as i64, step, data])?;
+            live.publish(id, step, &data);
             Ok(())
         });
     }
@@ -418,6 +439,7 @@ impl Store {
         worker: String,
         result: BuildResult,
     ) -> anyhow::Result<StoreOutcome> {
+        let live = self.live.clone();
         self.call(move |conn| {
             let id = result.build_id as i64;
             let row: Option<(String, Option<String>)> = conn
@@ -462,6 +484,7 @@ impl Store {
                 conn.prepare_cached("INSERT INTO logs (build_id, step, data) VALUES (?1, NULL, ?2)")?
                     .execute(params![id, result.log])?;
             }
+            live.finish(result.build_id);
             Ok(StoreOutcome::Stored)
         })
         .await
@@ -474,6 +497,7 @@ impl Store {
         reason: String,
         now: Timestamp,
     ) -> anyhow::Result<bool> {
+        let live = self.live.clone();
         self.call(move |conn| {
             let n = conn
                 .prepare_cached(
@@ -481,6 +505,7 @@ impl Store {
                      finished_at = ?3, waiting_for = NULL WHERE id = ?1 AND state = 'queued'",
                 )?
                 .execute(params![id as i64, reason, now.to_string()])?;
+            live.finish(id);
             Ok(n > 0)
         })
         .await
@@ -588,6 +613,57 @@ impl Store {
                 log.push_str(&chunk?);
             }
             Ok(Some(log))
+        })
+        .await
+    }
+
+    /// A build's log so far (its last `tail_bytes` at most, cut at a line
+    /// start, and whether earlier output was left out), whether the build
+    /// has finished, and a receiver of the output that follows, exactly:
+    /// taken in one store job, so no chunk is missed or repeated. `None`: no
+    /// such build.
+    pub async fn watch_log(&self, id: BuildId, tail_bytes: usize) -> anyhow::Result<Option<LogWatch>> {
+        let live = self.live.clone();
+        self.call(move |conn| {
+            let state: Option<String> = conn
+                .prepare_cached("SELECT state FROM builds WHERE id = ?1")?
+                .query_row(params![id as i64], |r| r.get(0))
+                .optional()?;
+            let Some(state) = state else {
+                return Ok(None);
+            };
+            let mut stmt = conn.prepare_cached(
+                "SELECT data FROM logs WHERE build_id = ?1 ORDER BY seq DESC",
+            )?;
+            let mut chunks = Vec::new();
+            let mut size = 0usize;
+            let mut cut = false;
+            for chunk in stmt.query_map(params![id as i64], |r| r.get::<_, String>(0))? {
+                let chunk = chunk?;
+                if size + chunk.len() > tail_bytes {
+                    let room = tail_bytes - size;
+                    let mut start = chunk.len() - room;
+                    while !chunk.is_char_boundary(start) {
+                        start += 1;
+                    }
+                    let tail = &chunk[start..];
+                    let tail = tail.find('\n').map_or("", |i| &tail[i + 1..]);
+                    chunks.push(tail.to_owned());
+                    cut = true;
+                    break;
+                }
+                size += chunk.len();
+                chunks.push(chunk);
+            }
+            chunks.reverse();
+            let finished = state == "finished";
+            let live = (!finished).then(|| live.subscribe(id));
+            Ok(Some(LogWatch {
+                log: chunks.concat(),
+                cut,
+                finished,
+                live,
+            }))
         })
         .await
     }

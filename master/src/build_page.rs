@@ -261,12 +261,12 @@ pub fn render(
         for (i, step) in steps.iter().enumerate() {
             let _ = write!(
                 html,
-                "<tr><td class=\"num\">{}</td><td class=\"name\">{}</td>\
-                 <td><span class=\"outcome {1}\">{2}</span></td><td class=\"num\">{3}</td></tr>",
-                i + 1,
-                esc(&step.name),
-                esc(&step.state),
-                step.duration
+                "<tr><td class=\"num\">{n}</td><td class=\"name\">{name}</td>\
+                 <td><span class=\"outcome {state}\">{state}</span></td><td class=\"num\">{took}</td></tr>",
+                n = i + 1,
+                name = esc(&step.name),
+                state = esc(&step.state),
+                took = step.duration
                     .as_deref()
                     .map_or_else(|| "<span class=\"none\">—</span>".to_owned(), esc),
             );
@@ -395,4 +395,121 @@ fn event_stream(
             Phase::Done => None,
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use nightshift_proto::wire::StepResult;
+
+    use super::*;
+
+    fn at(text: &str) -> Timestamp {
+        text.parse().unwrap()
+    }
+
+    fn build(state: BuildState) -> BuildInfo {
+        BuildInfo {
+            id: 12,
+            builder: "app<x>".to_owned(),
+            properties: BTreeMap::from([("secret".to_owned(), "hunter2".to_owned())]),
+            state,
+            worker: Some("desk \"1\"".to_owned()),
+            outcome: None,
+            retries: 0,
+            retry_reason: None,
+            waiting_for: None,
+            reason: None,
+            submitted_at: at("2026-11-23T13:00:00Z"),
+            started_at: Some(at("2026-11-23T13:02:00Z")),
+            finished_at: None,
+            steps: Vec::new(),
+            repository: Some("https://example.com/app.git".to_owned()),
+            branch: Some("main".to_owned()),
+            revision: Some("0123456789abcdef".to_owned()),
+            trigger: Some("webhook gh".to_owned()),
+            collapsed_into: None,
+        }
+    }
+
+    fn step(i: u32, outcome: Outcome, start: &str, end: &str) -> StepResult {
+        StepResult {
+            step: i,
+            outcome,
+            exit_code: Some(0),
+            signal: None,
+            started_at: at(start),
+            finished_at: at(end),
+        }
+    }
+
+    fn names() -> Vec<String> {
+        ["checkout", "build", "test"].map(str::to_owned).to_vec()
+    }
+
+    #[test]
+    fn a_running_build_shows_done_running_and_pending_steps_and_streams() {
+        let now = at("2026-11-23T13:05:00Z");
+        let mut b = build(BuildState::Running);
+        b.steps = vec![step(0, Outcome::Success, "2026-11-23T13:02:00Z", "2026-11-23T13:02:30Z")];
+        b.waiting_for = Some("lock deploy (on desk)".to_owned());
+        let rows = step_rows(&b, &names(), now);
+        let states: Vec<&str> = rows.iter().map(|r| r.state.as_str()).collect();
+        assert_eq!(states, ["success", "running", "pending"]);
+        assert_eq!(rows[0].duration.as_deref(), Some("30s"));
+        assert_eq!(rows[1].duration.as_deref(), Some("2m30s so far"));
+        assert_eq!(rows[2].duration, None);
+
+        let html = render(&b, &names(), "<script>x</script>\n", false, now, &TimeZone::UTC);
+        assert!(!html.contains("<script>x"), "{html}");
+        assert!(html.contains("&lt;script&gt;x&lt;/script&gt;"));
+        assert!(html.contains("app&lt;x&gt;"));
+        assert!(html.contains("<a href=\"/#worker-desk__1_\">desk &quot;1&quot;</a>"), "{html}");
+        assert!(html.contains("<code>0123456789abcdef</code>"));
+        assert!(html.contains("<dd>webhook gh</dd>"));
+        assert!(html.contains("waiting for lock deploy (on desk)"));
+        assert!(html.contains("after waiting 2m00s"));
+        assert!(html.contains("new EventSource('/builds/12/events')"));
+        assert!(html.contains("(live)"));
+        assert!(!html.contains("hunter2"), "properties stay private");
+    }
+
+    #[test]
+    fn a_finished_build_shows_the_complete_log_and_skipped_steps() {
+        let now = at("2026-11-23T14:00:00Z");
+        let mut b = build(BuildState::Finished);
+        b.outcome = Some(Outcome::Failure);
+        b.finished_at = Some(at("2026-11-23T13:04:05Z"));
+        b.steps = vec![
+            step(0, Outcome::Success, "2026-11-23T13:02:00Z", "2026-11-23T13:02:30Z"),
+            step(1, Outcome::Failure, "2026-11-23T13:02:30Z", "2026-11-23T13:04:05Z"),
+        ];
+        let rows = step_rows(&b, &names(), now);
+        let states: Vec<&str> = rows.iter().map(|r| r.state.as_str()).collect();
+        assert_eq!(states, ["success", "failure", "skipped"]);
+        let html = render(&b, &names(), "tail\n", true, now, &TimeZone::UTC);
+        assert!(!html.contains("EventSource"));
+        assert!(html.contains("(complete)"));
+        assert!(html.contains("took 2m05s"));
+        assert!(html.contains("<span class=\"outcome failure\">failure</span>"));
+        assert!(html.contains("Earlier output left out"));
+        assert!(html.contains("<code>master log 12</code>"));
+    }
+
+    #[test]
+    fn steps_without_names_still_show() {
+        let mut b = build(BuildState::Finished);
+        b.steps = vec![step(1, Outcome::Success, "2026-11-23T13:02:00Z", "2026-11-23T13:02:01Z")];
+        let rows = step_rows(&b, &[], at("2026-11-23T14:00:00Z"));
+        let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
+        assert_eq!(names, ["step 1", "step 2"]);
+        assert_eq!(rows[0].state, "skipped");
+    }
+
+    #[test]
+    fn worker_anchors_are_safe_ids() {
+        assert_eq!(worker_anchor("lab-1_a"), "lab-1_a");
+        assert_eq!(worker_anchor("a b\"<"), "a_b__");
+    }
 }

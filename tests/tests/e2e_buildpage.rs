@@ -64,7 +64,8 @@ async fn a_live_log_line_arrives_over_sse_before_the_build_ends() -> anyhow::Res
     let api = farm.api()?;
     let port = farm.url().port;
     let id = api.submit("app", BTreeMap::new()).await?.build_id;
-    farm.wait_build_state(id, BuildState::Running).await?;
+    farm.wait_build_state(id, "the build running", |b| b.state == BuildState::Running)
+        .await?;
 
     let mut events = Streaming::open(port, &format!("/builds/{id}/events")).await?;
     events.until("text/event-stream").await?;

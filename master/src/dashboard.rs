@@ -1,8 +1,8 @@
 //! A small read-only HTML page at `/` for the farm's admin: every worker's
 //! state and why (with latent instances), and the latest builds, in the
 //! master's local time. Server-rendered, no scripts, no external assets; it
-//! refreshes itself every 10 s with a meta refresh. It shows no build
-//! properties or logs (those need the admin token via the API).
+//! refreshes itself every 10 s with a meta refresh. Each build links to its
+//! page (`build_page`, with the log); build properties are never shown.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -191,8 +191,8 @@ pub fn render(
     let _ = write!(
         html,
         "<footer class=\"foot\">Read-only; refreshes every {REFRESH_SECS} s. Times are the \
-         master's local time ({}). Build properties and logs need the admin token: \
-         <code>master builds</code>, <code>master log ID</code> or the API.</footer>\
+         master's local time ({}). A build's number opens its page with the log; \
+         build properties need the admin token: <code>master builds</code> or the API.</footer>\
          </div></body></html>",
         esc(&zone)
     );

@@ -894,6 +894,49 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_log_watch_sees_each_chunk_once_then_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("master.db")).unwrap();
+        let a = store
+            .insert_build("app".into(), BTreeMap::new(), Timestamp::now())
+            .await
+            .unwrap();
+        store.mark_started(a, "w1".into(), Timestamp::now());
+        // Chunks queued right before and after the watch: each lands either
+        // in the snapshot or in the stream, never both, never neither.
+        for i in 0..50 {
+            store.append_log(a, 0, format!("{i}\n"));
+        }
+        let watch = store.watch_log(a, 1 << 20).await.unwrap().unwrap();
+        for i in 50..60 {
+            store.append_log(a, 0, format!("{i}\n"));
+        }
+        store
+            .finish("w1".into(), result(a, Outcome::Success))
+            .await
+            .unwrap();
+        assert!(!watch.finished && !watch.cut);
+        let mut seen = watch.log.clone();
+        let mut rx = watch.live.unwrap();
+        loop {
+            match rx.recv().await.unwrap() {
+                LiveEvent::Output { data, .. } => seen.push_str(&data),
+                LiveEvent::Finished => break,
+            }
+        }
+        let expected: String = (0..60).map(|i| format!("{i}\n")).collect();
+        assert_eq!(seen, expected);
+        // After the end: the stored log, no stream; a tail starts at a line.
+        let watch = store.watch_log(a, 12).await.unwrap().unwrap();
+        assert!(watch.finished && watch.live.is_none() && !watch.cut);
+        assert_eq!(watch.log, "full log\n");
+        let watch = store.watch_log(a, 6).await.unwrap().unwrap();
+        assert_eq!(watch.log, "", "a partial line is left out");
+        assert!(watch.cut);
+        assert!(store.watch_log(a + 100, 10).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
     async fn builds_survive_reopen_and_results_are_idempotent() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("master.db");

@@ -40,9 +40,14 @@ pub struct StepRow {
 /// The steps of `build`: the builder's names (`checkout` first for a builder
 /// with a source) merged with the stored results.
 pub fn step_rows(build: &BuildInfo, names: &[String], now: Timestamp) -> Vec<StepRow> {
-    let count = names
-        .len()
-        .max(build.steps.iter().map(|s| s.step as usize + 1).max().unwrap_or(0));
+    let count = names.len().max(
+        build
+            .steps
+            .iter()
+            .map(|s| s.step as usize + 1)
+            .max()
+            .unwrap_or(0),
+    );
     let mut running_marked = false;
     (0..count)
         .map(|i| {
@@ -170,7 +175,10 @@ pub fn render(
     let mut fact = |label: &str, value: String| {
         let _ = write!(html, "<dt>{label}</dt><dd>{value}</dd>");
     };
-    fact("Builder", format!("<span class=\"name\">{}</span>", esc(&build.builder)));
+    fact(
+        "Builder",
+        format!("<span class=\"name\">{}</span>", esc(&build.builder)),
+    );
     if let Some(revision) = &build.revision {
         fact("Revision", format!("<code>{}</code>", esc(revision)));
     }
@@ -235,7 +243,10 @@ pub fn render(
         let waited = short_duration(build.submitted_at, started);
         fact(
             "Started",
-            format!("{} <span class=\"soft\">after waiting {waited}</span>", time_html(started, now, tz)),
+            format!(
+                "{} <span class=\"soft\">after waiting {waited}</span>",
+                time_html(started, now, tz)
+            ),
         );
     }
     if let (Some(started), Some(finished)) = (build.started_at, build.finished_at) {
@@ -266,7 +277,8 @@ pub fn render(
                 n = i + 1,
                 name = esc(&step.name),
                 state = esc(&step.state),
-                took = step.duration
+                took = step
+                    .duration
                     .as_deref()
                     .map_or_else(|| "<span class=\"none\">—</span>".to_owned(), esc),
             );
@@ -289,7 +301,11 @@ pub fn render(
             build.id
         );
     }
-    let _ = write!(html, "<pre class=\"log\" id=\"log\">{}</pre></section>", esc(log));
+    let _ = write!(
+        html,
+        "<pre class=\"log\" id=\"log\">{}</pre></section>",
+        esc(log)
+    );
     if live {
         let _ = write!(
             html,
@@ -314,7 +330,13 @@ pub fn render(
 /// The `id` anchor of a worker's row on the dashboard.
 pub fn worker_anchor(name: &str) -> String {
     name.chars()
-        .map(|c| if c.is_ascii_alphanumeric() || c == '-' || c == '_' { c } else { '_' })
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
         .collect()
 }
 
@@ -359,9 +381,7 @@ fn json_event(name: &str, text: &str) -> SseEvent {
 
 /// The events of one viewer: memory bounded by the tail it starts with and
 /// the build's shared broadcast ring.
-fn event_stream(
-    watch: crate::store::LogWatch,
-) -> impl Stream<Item = Result<SseEvent, Infallible>> {
+fn event_stream(watch: crate::store::LogWatch) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     stream::unfold(Phase::Start(watch), |phase| async move {
         match phase {
             Phase::Start(watch) => {
@@ -383,7 +403,9 @@ fn event_stream(
                 Err(broadcast::error::RecvError::Lagged(n)) => Some((
                     Ok(json_event(
                         "skipped",
-                        &format!("\n[… {n} chunks of output skipped here; reload for the full log]\n"),
+                        &format!(
+                            "\n[… {n} chunks of output skipped here; reload for the full log]\n"
+                        ),
                     )),
                     Phase::Live(rx),
                 )),
@@ -452,7 +474,12 @@ mod tests {
     fn a_running_build_shows_done_running_and_pending_steps_and_streams() {
         let now = at("2026-11-23T13:05:00Z");
         let mut b = build(BuildState::Running);
-        b.steps = vec![step(0, Outcome::Success, "2026-11-23T13:02:00Z", "2026-11-23T13:02:30Z")];
+        b.steps = vec![step(
+            0,
+            Outcome::Success,
+            "2026-11-23T13:02:00Z",
+            "2026-11-23T13:02:30Z",
+        )];
         b.waiting_for = Some("lock deploy (on desk)".to_owned());
         let rows = step_rows(&b, &names(), now);
         let states: Vec<&str> = rows.iter().map(|r| r.state.as_str()).collect();
@@ -461,11 +488,21 @@ mod tests {
         assert_eq!(rows[1].duration.as_deref(), Some("2m30s so far"));
         assert_eq!(rows[2].duration, None);
 
-        let html = render(&b, &names(), "<script>x</script>\n", false, now, &TimeZone::UTC);
+        let html = render(
+            &b,
+            &names(),
+            "<script>x</script>\n",
+            false,
+            now,
+            &TimeZone::UTC,
+        );
         assert!(!html.contains("<script>x"), "{html}");
         assert!(html.contains("&lt;script&gt;x&lt;/script&gt;"));
         assert!(html.contains("app&lt;x&gt;"));
-        assert!(html.contains("<a href=\"/#worker-desk__1_\">desk &quot;1&quot;</a>"), "{html}");
+        assert!(
+            html.contains("<a href=\"/#worker-desk__1_\">desk &quot;1&quot;</a>"),
+            "{html}"
+        );
         assert!(html.contains("<code>0123456789abcdef</code>"));
         assert!(html.contains("<dd>webhook gh</dd>"));
         assert!(html.contains("waiting for lock deploy (on desk)"));
@@ -482,8 +519,18 @@ mod tests {
         b.outcome = Some(Outcome::Failure);
         b.finished_at = Some(at("2026-11-23T13:04:05Z"));
         b.steps = vec![
-            step(0, Outcome::Success, "2026-11-23T13:02:00Z", "2026-11-23T13:02:30Z"),
-            step(1, Outcome::Failure, "2026-11-23T13:02:30Z", "2026-11-23T13:04:05Z"),
+            step(
+                0,
+                Outcome::Success,
+                "2026-11-23T13:02:00Z",
+                "2026-11-23T13:02:30Z",
+            ),
+            step(
+                1,
+                Outcome::Failure,
+                "2026-11-23T13:02:30Z",
+                "2026-11-23T13:04:05Z",
+            ),
         ];
         let rows = step_rows(&b, &names(), now);
         let states: Vec<&str> = rows.iter().map(|r| r.state.as_str()).collect();
@@ -500,7 +547,12 @@ mod tests {
     #[test]
     fn steps_without_names_still_show() {
         let mut b = build(BuildState::Finished);
-        b.steps = vec![step(1, Outcome::Success, "2026-11-23T13:02:00Z", "2026-11-23T13:02:01Z")];
+        b.steps = vec![step(
+            1,
+            Outcome::Success,
+            "2026-11-23T13:02:00Z",
+            "2026-11-23T13:02:01Z",
+        )];
         let rows = step_rows(&b, &[], at("2026-11-23T14:00:00Z"));
         let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["step 1", "step 2"]);

@@ -2,10 +2,10 @@
 //! codes: 0 ok, 1 failure, 2 usage or config error.
 
 mod api;
+mod build_page;
 mod cli;
 mod client;
 mod config;
-mod build_page;
 mod dashboard;
 mod live_log;
 mod run;

@@ -15,6 +15,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 use std::sync::mpsc;
 
+use crate::live_log::{LiveEvent, LiveLogs};
 use anyhow::{Context, anyhow};
 use jiff::Timestamp;
 use nightshift_policy::Presence;
@@ -24,7 +25,6 @@ use nightshift_proto::wire::{
 };
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
-use crate::live_log::{LiveEvent, LiveLogs};
 
 /// What runs after the batch's commit (or failed commit: `false`).
 type Completion = Box<dyn FnOnce(bool) + Send>;
@@ -622,7 +622,11 @@ impl Store {
     /// has finished, and a receiver of the output that follows, exactly:
     /// taken in one store job, so no chunk is missed or repeated. `None`: no
     /// such build.
-    pub async fn watch_log(&self, id: BuildId, tail_bytes: usize) -> anyhow::Result<Option<LogWatch>> {
+    pub async fn watch_log(
+        &self,
+        id: BuildId,
+        tail_bytes: usize,
+    ) -> anyhow::Result<Option<LogWatch>> {
         let live = self.live.clone();
         self.call(move |conn| {
             let state: Option<String> = conn
@@ -632,9 +636,8 @@ impl Store {
             let Some(state) = state else {
                 return Ok(None);
             };
-            let mut stmt = conn.prepare_cached(
-                "SELECT data FROM logs WHERE build_id = ?1 ORDER BY seq DESC",
-            )?;
+            let mut stmt =
+                conn.prepare_cached("SELECT data FROM logs WHERE build_id = ?1 ORDER BY seq DESC")?;
             let mut chunks = Vec::new();
             let mut size = 0usize;
             let mut cut = false;
@@ -918,11 +921,8 @@ mod tests {
         assert!(!watch.finished && !watch.cut);
         let mut seen = watch.log.clone();
         let mut rx = watch.live.unwrap();
-        loop {
-            match rx.recv().await.unwrap() {
-                LiveEvent::Output { data, .. } => seen.push_str(&data),
-                LiveEvent::Finished => break,
-            }
+        while let LiveEvent::Output { data, .. } = rx.recv().await.unwrap() {
+            seen.push_str(&data);
         }
         let expected: String = (0..60).map(|i| format!("{i}\n")).collect();
         assert_eq!(seen, expected);

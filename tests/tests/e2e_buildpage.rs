@@ -21,8 +21,9 @@ struct Streaming {
 impl Streaming {
     async fn open(port: u16, path: &str) -> anyhow::Result<Streaming> {
         let mut tcp = TcpStream::connect(("127.0.0.1", port)).await?;
-        let request =
-            format!("GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAccept: text/event-stream\r\n\r\n");
+        let request = format!(
+            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAccept: text/event-stream\r\n\r\n"
+        );
         tcp.write_all(request.as_bytes()).await?;
         Ok(Streaming {
             tcp,
@@ -58,7 +59,11 @@ async fn a_live_log_line_arrives_over_sse_before_the_build_ends() -> anyhow::Res
     let mut farm = Farm::builder()
         .insecure()
         .worker(WorkerSpec::new("w1"))
-        .builder("app", &["w1"], &[("build", &step), ("after", "echo third-line")])
+        .builder(
+            "app",
+            &["w1"],
+            &[("build", &step), ("after", "echo third-line")],
+        )
         .start()?;
     farm.start_worker("w1")?;
     let api = farm.api()?;
@@ -73,12 +78,19 @@ async fn a_live_log_line_arrives_over_sse_before_the_build_ends() -> anyhow::Res
     events.until("first <line> & more").await?;
     assert!(!events.seen.contains("second-line"));
     let build = api.build(id).await?;
-    assert_eq!(build.state, BuildState::Running, "the build has not ended yet");
+    assert_eq!(
+        build.state,
+        BuildState::Running,
+        "the build has not ended yet"
+    );
 
     // The running build's page: state, worker link, the log so far, escaped.
     let (status, page) = api.call_raw("GET", &format!("/builds/{id}"), None).await?;
     assert_eq!(status, 200, "{page}");
-    assert!(page.contains("<span class=\"pill running\" id=\"build-state\">running</span>"), "{page}");
+    assert!(
+        page.contains("<span class=\"pill running\" id=\"build-state\">running</span>"),
+        "{page}"
+    );
     assert!(page.contains("<a href=\"/#worker-w1\">w1</a>"), "{page}");
     assert!(page.contains("first &lt;line&gt; &amp; more"), "{page}");
     assert!(page.contains(&format!("new EventSource('/builds/{id}/events')")));
@@ -98,8 +110,18 @@ async fn a_live_log_line_arrives_over_sse_before_the_build_ends() -> anyhow::Res
     for line in ["first &lt;line&gt; &amp; more", "second-line", "third-line"] {
         assert!(page.contains(line), "{line} in {page}");
     }
-    assert!(page.contains("<td class=\"name\">build</td><td><span class=\"outcome success\">success</span>"), "{page}");
-    assert!(page.contains("<td class=\"name\">after</td><td><span class=\"outcome success\">success</span>"), "{page}");
+    assert!(
+        page.contains(
+            "<td class=\"name\">build</td><td><span class=\"outcome success\">success</span>"
+        ),
+        "{page}"
+    );
+    assert!(
+        page.contains(
+            "<td class=\"name\">after</td><td><span class=\"outcome success\">success</span>"
+        ),
+        "{page}"
+    );
     assert!(!page.contains("EventSource"), "{page}");
 
     // A finished build's stream says all and ends.
@@ -109,7 +131,10 @@ async fn a_live_log_line_arrives_over_sse_before_the_build_ends() -> anyhow::Res
 
     // The farm page links builds and workers both ways.
     let (_, farm_page) = api.call_raw("GET", "/", None).await?;
-    assert!(farm_page.contains(&format!("<a href=\"/builds/{id}\">#{id}</a>")), "{farm_page}");
+    assert!(
+        farm_page.contains(&format!("<a href=\"/builds/{id}\">#{id}</a>")),
+        "{farm_page}"
+    );
     assert!(farm_page.contains("<tr id=\"worker-w1\">"), "{farm_page}");
 
     // Unknown and malformed ids are refused clearly.

@@ -11,6 +11,8 @@ use nightshift_proto::diag::{ConfigErrors, parse_toml};
 use serde::Deserialize;
 
 use crate::daemon::checkout::GitAuth;
+use crate::daemon::priority::BuildSettings;
+use crate::supervise::{RawSuperviseSettings, SuperviseSettings};
 
 /// Where `worker` looks when `--config` is not given: here first, then /etc.
 pub const DEFAULT_CONFIG_PATHS: [&str; 2] = ["worker.toml", "/etc/nightshift/worker.toml"];
@@ -77,7 +79,8 @@ fn deserialize_listen<'de, D: serde::Deserializer<'de>>(
 #[serde(deny_unknown_fields)]
 struct RawWorkerConfig {
     name: String,
-    master: String,
+    #[serde(default)]
+    master: Option<String>,
     #[serde(default)]
     token: Option<String>,
     #[serde(default)]
@@ -98,6 +101,10 @@ struct RawWorkerConfig {
     availability: AvailabilityConfig,
     #[serde(default)]
     git: GitAuth,
+    #[serde(default)]
+    builds: BuildSettings,
+    #[serde(default)]
+    supervise: Option<RawSuperviseSettings>,
 }
 
 fn one() -> u32 {
@@ -111,6 +118,7 @@ pub struct WorkerConfig {
     /// This worker's name, as the master knows it.
     pub name: String,
     /// The master's URL: `wss://host:port`, or `ws://` with `insecure = true`.
+    /// Empty when `[supervise]` runs a CI agent instead.
     pub master: String,
     pub token: Option<String>,
     pub token_file: Option<PathBuf>,
@@ -128,8 +136,13 @@ pub struct WorkerConfig {
     pub availability: AvailabilityConfig,
     /// `[git]`: this worker's credentials for checkouts (never sent anywhere).
     pub git: GitAuth,
+    /// How builds run beside the owner's work (`[builds]`).
+    pub builds: BuildSettings,
     /// How often foreign load is sampled (`[availability.load] sample_every`, default 5s).
     pub load_sample_interval: DurationSpec,
+    /// `[supervise]`: the CI agent this worker runs on its owner's terms,
+    /// in place of a nightshift master.
+    pub supervise: Option<SuperviseSettings>,
 }
 
 impl WorkerConfig {
@@ -179,7 +192,10 @@ impl WorkerConfig {
             return Err(errors);
         };
         let base = config_dir(path);
+        let supervise = raw.supervise.clone();
         let mut config = resolve(raw, &base);
+        config.supervise = supervise
+            .map(|raw| crate::supervise::resolve(raw, &base, &config.workdir, &mut errors));
         validate(&mut config, system_tz, &mut errors);
         errors.into_result(config)
     }
@@ -230,7 +246,7 @@ fn resolve(raw: RawWorkerConfig, base: &Path) -> WorkerConfig {
     control.token_file = control.token_file.map(at_base);
     WorkerConfig {
         name: raw.name,
-        master: raw.master,
+        master: raw.master.unwrap_or_default(),
         token: raw.token,
         token_file: raw.token_file.map(at_base),
         workdir: at_base(raw.workdir.unwrap_or_else(|| PathBuf::from("work"))),
@@ -245,13 +261,20 @@ fn resolve(raw: RawWorkerConfig, base: &Path) -> WorkerConfig {
             token_file: raw.git.token_file.map(at_base),
             username: raw.git.username,
         },
+        builds: raw.builds,
         load_sample_interval,
+        supervise: None,
     }
 }
 
 fn validate(config: &mut WorkerConfig, system_tz: TimeZone, errors: &mut ConfigErrors) {
     validate_name(&config.name, errors);
-    validate_master(config, errors);
+    if config.supervise.is_some() {
+        validate_supervised(config, errors);
+    } else {
+        validate_master(config, errors);
+        validate_token(config, errors);
+    }
     for (key, file) in [
         ("git.ssh_key", &config.git.ssh_key),
         ("git.token_file", &config.git.token_file),
@@ -268,6 +291,42 @@ fn validate(config: &mut WorkerConfig, system_tz: TimeZone, errors: &mut ConfigE
         errors.push_at_path("git.username", "must be a non-empty single line");
     }
 
+    if config.max_builds == 0 {
+        errors.push_at_path("max_builds", "max_builds must be at least 1");
+    } else if config.max_builds > 1024 {
+        errors.push_at_path("max_builds", "max_builds must be at most 1024");
+    }
+    for (key, problem) in config.builds.problems() {
+        errors.push_at_path(key, problem);
+    }
+    validate_tls_and_control(config, errors);
+
+    if let Err(policy_errors) = Policy::compile(&config.availability, system_tz) {
+        for PolicyError { path, message } in policy_errors {
+            errors.push_at_path(&path, message);
+        }
+    }
+}
+
+/// A supervising worker talks to no nightshift master: master-link keys
+/// would be silently unused, so they are errors.
+fn validate_supervised(config: &WorkerConfig, errors: &mut ConfigErrors) {
+    let unused = [
+        ("master", !config.master.is_empty()),
+        ("token", config.token.is_some()),
+        ("token_file", config.token_file.is_some()),
+    ];
+    for (key, set) in unused {
+        if set {
+            errors.push_at_key(
+                key,
+                format!("`{key}` is for a nightshift master, but [supervise] runs a CI agent instead (which talks to its own master); remove `{key}`"),
+            );
+        }
+    }
+}
+
+fn validate_token(config: &WorkerConfig, errors: &mut ConfigErrors) {
     match (&config.token, &config.token_file) {
         (Some(_), Some(_)) => {
             errors.push_at_key("token_file", "set either `token` or `token_file`, not both")
@@ -291,13 +350,9 @@ fn validate(config: &mut WorkerConfig, system_tz: TimeZone, errors: &mut ConfigE
         },
         _ => {}
     }
+}
 
-    if config.max_builds == 0 {
-        errors.push_at_path("max_builds", "max_builds must be at least 1");
-    } else if config.max_builds > 1024 {
-        errors.push_at_path("max_builds", "max_builds must be at most 1024");
-    }
-
+fn validate_tls_and_control(config: &mut WorkerConfig, errors: &mut ConfigErrors) {
     if let Some(pin) = &config.tls.pin_sha256 {
         match nightshift_proto::tls::normalize_pin(pin) {
             Ok(normalized) => config.tls.pin_sha256 = Some(normalized),
@@ -329,12 +384,6 @@ fn validate(config: &mut WorkerConfig, system_tz: TimeZone, errors: &mut ConfigE
             ),
         );
     }
-
-    if let Err(policy_errors) = Policy::compile(&config.availability, system_tz) {
-        for PolicyError { path, message } in policy_errors {
-            errors.push_at_path(&path, message);
-        }
-    }
 }
 
 fn validate_name(name: &str, errors: &mut ConfigErrors) {
@@ -356,6 +405,13 @@ fn validate_name(name: &str, errors: &mut ConfigErrors) {
 }
 
 fn validate_master(config: &WorkerConfig, errors: &mut ConfigErrors) {
+    if config.master.is_empty() {
+        errors.push_at_path(
+            "master",
+            "no master: set `master = \"wss://host:port\"`, or add a [supervise] section to run a CI agent instead",
+        );
+        return;
+    }
     let url = config.master.trim();
     let (scheme, rest) = match url.split_once("://") {
         Some((scheme, rest)) => (scheme.to_ascii_lowercase(), rest),
@@ -432,7 +488,7 @@ mod tests {
             [
                 "/srv/w/worker.toml:1:8: name: the worker name \"lab 3\" contains ' '; use letters, digits, `-`, `_` and `.`",
                 "/srv/w/worker.toml:2:10: master: ws:// sends the token unencrypted; use wss://, or set insecure = true (tests and trusted networks only)",
-                "/srv/w/worker.toml:3:1: max_bulds: unknown key `max_bulds`, expected one of `name`, `master`, `token`, `token_file`, `workdir`, `state_dir`, `max_builds`, `insecure`, `tls`, `control`, `availability`",
+                "/srv/w/worker.toml:3:1: max_bulds: unknown key `max_bulds`, expected one of `name`, `master`, `token`, `token_file`, `workdir`, `state_dir`, `max_builds`, `insecure`, `tls`, `control`, `availability`, `git`, `builds`, `supervise`",
                 "/srv/w/worker.toml:8:8: availability.schedule[0].days: unknown day \"mnd\", expected mon..sun",
                 "/srv/w/worker.toml:13:1: availability.schedule[1].colour: unknown key `colour`, expected one of `name`, `hours`, `days`, `open`, `close`, `state`",
                 "/srv/w/worker.toml:17:7: availability.load.for: invalid duration `soon`, expected e.g. `30s`, `2m`, `1h30m`, `2h` or `1d`",
@@ -473,6 +529,39 @@ mod tests {
     }
 
     #[test]
+    fn supervise_replaces_the_master_link() {
+        let text = "name = \"ci-1\"\n[supervise]\nkind = \"gitlab-runner\"\n";
+        let config = parse(text).unwrap();
+        let supervise = config.supervise.unwrap();
+        assert_eq!(supervise.command_line(), "gitlab-runner run");
+        assert_eq!(supervise.workdir, PathBuf::from("/srv/w/work"));
+        assert!(config.master.is_empty());
+
+        let errors = parse(&format!(
+            "{MINIMAL}[supervise]\nkind = \"buildkite-agent\"\n"
+        ))
+        .unwrap_err();
+        assert!(
+            errors.contains("master: `master` is for a nightshift master"),
+            "{errors}"
+        );
+        assert!(
+            errors.contains("token: `token` is for a nightshift master"),
+            "{errors}"
+        );
+
+        let errors = parse("name = \"w\"\ntoken = \"t\"\n").unwrap_err();
+        assert!(errors.contains("master: no master"), "{errors}");
+        let errors =
+            parse("name = \"w\"\n[supervise]\nkind = \"command\"\nstop_timeout = \"-1s\"\n")
+                .unwrap_err();
+        assert!(
+            errors.contains("supervise.command") && errors.contains("supervise.stop_timeout"),
+            "{errors}"
+        );
+    }
+
+    #[test]
     fn remote_control_needs_allow_remote() {
         let text = format!("{MINIMAL}[control]\nlisten = \"0.0.0.0:7878\"\n");
         assert!(parse(&text).unwrap_err().contains("control.listen"));
@@ -486,5 +575,44 @@ mod tests {
             "{MINIMAL}[control]\nlisten = \"0.0.0.0:7878\"\nallow_remote = true\ntoken_file = \"/etc/nightshift/control.token\"\n"
         );
         assert!(parse(&text).is_ok());
+    }
+
+    #[test]
+    fn builds_settings_have_owner_friendly_defaults_and_located_errors() {
+        use crate::daemon::priority::{CgroupUse, CpuPriority, IoPriority};
+        let config = parse(MINIMAL).unwrap();
+        assert_eq!(config.builds.cpu_priority, CpuPriority::Idle);
+        assert_eq!(config.builds.io_priority, IoPriority::Idle);
+        assert_eq!(config.builds.cpu_weight, 1);
+        assert_eq!(config.builds.memory_high, None);
+
+        let text = format!(
+            "{MINIMAL}[builds]\ncpu_priority = \"low\"\nio_priority = \"normal\"\ncgroups = \"off\"\ncpu_weight = 20\nmemory_high = \"4G\"\n"
+        );
+        let config = parse(&text).unwrap();
+        assert_eq!(config.builds.cpu_priority, CpuPriority::Low);
+        assert_eq!(config.builds.io_priority, IoPriority::Normal);
+        assert_eq!(config.builds.cgroups, CgroupUse::Off);
+        assert_eq!(config.builds.cpu_weight, 20);
+        assert_eq!(config.builds.memory_high_bytes(), Some(4 << 30));
+
+        let text = format!(
+            "{MINIMAL}[builds]\ncpu_priority = \"lowest\"\ncpu_weight = 0\nmemory_high = \"lots\"\n"
+        );
+        let errors = parse(&text).unwrap_err();
+        assert!(
+            errors.contains(":6:16: builds.cpu_priority: unknown value `lowest`"),
+            "{errors}"
+        );
+        let text = format!("{MINIMAL}[builds]\ncpu_weight = 0\nmemory_high = \"lots\"\n");
+        let errors = parse(&text).unwrap_err();
+        assert!(
+            errors.contains(":6:14: builds.cpu_weight: cpu_weight 0 is out of range"),
+            "{errors}"
+        );
+        assert!(
+            errors.contains(":7:15: builds.memory_high: \"lots\" is not a memory size"),
+            "{errors}"
+        );
     }
 }

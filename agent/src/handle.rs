@@ -6,6 +6,7 @@
 //! rather than polling; control requests travel as [`ControlCommand`]s with
 //! a reply channel.
 
+use crate::daemon::priority::BuildIsolation;
 use jiff::{SignedDuration, Timestamp};
 use nightshift_policy::Presence;
 use serde::{Deserialize, Serialize};
@@ -58,6 +59,87 @@ pub struct AgentStatus {
     /// The latest load sample the policy saw (foreign load only).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub load: Option<LoadSnapshot>,
+    /// How builds are accounted and made to yield to the owner.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub isolation: Option<BuildIsolation>,
+    /// The CI agent run under `[supervise]`, when configured.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub supervised: Option<SupervisedStatus>,
+}
+
+/// The supervised CI agent, as `[supervise]` runs it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SupervisedStatus {
+    /// `buildbot-worker`, `gitlab-runner`, `buildkite-agent` or `command`.
+    pub kind: String,
+    /// The command line it runs.
+    pub command: String,
+    pub state: SupervisedState,
+    /// When `state` last changed.
+    pub since: Timestamp,
+    /// Its process id while it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pid: Option<u32>,
+    /// Whether the presence wants it running, and why.
+    pub wanted: bool,
+    pub why: String,
+    /// Whether it runs a job, judged by its process tree (it has child
+    /// processes); `None` when it is not running.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job_running: Option<bool>,
+    /// When the graceful signal was sent (while `draining`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub draining_since: Option<Timestamp>,
+    /// When the hard-stop signal follows if it has not exited (while `draining`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hard_stop_at: Option<Timestamp>,
+    /// When it is started again (while `restarting`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_at: Option<Timestamp>,
+    /// Starts after an unexpected exit, since the agent started.
+    pub restarts: u64,
+    /// How it last ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_exit: Option<SupervisedExit>,
+}
+
+/// Where the supervised CI agent is in its life.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SupervisedState {
+    /// Not running, and not wanted.
+    Stopped,
+    Running,
+    /// Sent the graceful signal: finishing its job, then exiting.
+    Draining,
+    /// Exited while it should run; started again at `restart_at`.
+    Restarting,
+}
+
+impl SupervisedState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SupervisedState::Stopped => "stopped",
+            SupervisedState::Running => "running",
+            SupervisedState::Draining => "draining",
+            SupervisedState::Restarting => "restarting",
+        }
+    }
+}
+
+/// How the supervised CI agent last ended.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SupervisedExit {
+    pub at: Timestamp,
+    /// `exit 0`, `exit 1`, `signal SIGKILL`, or `unknown` (a leftover of an
+    /// earlier run, not our child).
+    pub status: String,
+    /// It was asked to stop (graceful or hard) rather than exiting by itself.
+    pub requested: bool,
+    /// It ignored the graceful signal and was stopped with the hard signal.
+    pub stopped_hard: bool,
+    /// In words, for people.
+    pub reason: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -98,6 +180,9 @@ pub struct LoadSnapshot {
     pub load1: f64,
     /// CPU use in percent of the whole machine, not counting own builds.
     pub cpu_percent: f64,
+    /// CPU use of the agent's own builds, in percent of the whole machine.
+    #[serde(default)]
+    pub build_cpu_percent: f64,
 }
 
 /// A cheap, cloneable handle on the running daemon.

@@ -6,6 +6,7 @@ mod control;
 mod daemon;
 mod handle;
 mod offline;
+mod supervise;
 
 use std::process::ExitCode;
 

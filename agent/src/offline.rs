@@ -1,14 +1,18 @@
 //! The verbs that need no running agent: `worker check` (validate worker.toml and say
 //! what its policies mean) and `worker schedule` (the coming intervals).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use jiff::civil::DateTime;
 use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp, ToSpan, Zoned};
-use nightshift_policy::{Inputs, Interval, Policy, format_duration};
+use nightshift_policy::{
+    Inputs, Interval, MAX_PREVIEW_CHANGES, Policy, PolicyError, format_duration,
+};
+use nightshift_proto::diag::parse_toml;
 use serde::Serialize;
+use serde::de::IgnoredAny;
 
 use crate::cli::ConfigArg;
 use crate::config::WorkerConfig;
@@ -48,18 +52,63 @@ pub fn check(config: &ConfigArg) -> ExitCode {
         Err(code) => return code,
     };
     println!("{}: ok", path.display());
-    println!("worker {} → master {}", worker.name, worker.master);
-    println!(
-        "builds at most {} at a time in {}",
-        worker.max_builds,
-        worker.workdir.display()
-    );
+    match &worker.supervise {
+        Some(supervise) => {
+            println!(
+                "worker {} supervises {} `{}` in {}",
+                worker.name,
+                supervise.kind.name(),
+                supervise.command_line(),
+                supervise.workdir.display()
+            );
+            println!(
+                "available starts it; away or offline sends {} (finish the job, exit), then {} after {}; reluctant {}s it",
+                supervise.graceful_signal.as_str(),
+                supervise.hard_signal.as_str(),
+                nightshift_policy::format_duration(
+                    jiff::SignedDuration::try_from(supervise.stop_timeout)
+                        .unwrap_or(jiff::SignedDuration::MAX)
+                ),
+                match supervise.reluctant {
+                    crate::supervise::ReluctantAction::Run => "run",
+                    crate::supervise::ReluctantAction::Stop => "stop",
+                }
+            );
+        }
+        None => {
+            println!("worker {} → master {}", worker.name, worker.master);
+            println!(
+                "builds at most {} at a time in {}",
+                worker.max_builds,
+                worker.workdir.display()
+            );
+        }
+    }
     for line in policy.describe() {
         println!("{line}");
+    }
+    for warning in located(&path, policy.warnings()) {
+        println!("warning: {warning}");
     }
     let now = Timestamp::now();
     println!("{}", right_now(&policy, now));
     ExitCode::SUCCESS
+}
+
+/// Each warning as `worker.toml:12:8: availability.schedule[0].open: …`.
+fn located(path: &Path, warnings: &[PolicyError]) -> Vec<String> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    warnings
+        .iter()
+        .map(|warning| {
+            let (_, mut place) = parse_toml::<IgnoredAny>(path, &text);
+            place.push_at_path(&warning.path, warning.message.clone());
+            place
+                .errors()
+                .last()
+                .map_or_else(|| warning.to_string(), |e| e.to_string())
+        })
+        .collect()
 }
 
 /// `right now: away (outside schedule nights …); available from Mon 19:00`.
@@ -70,6 +119,7 @@ fn right_now(policy: &Policy, now: Timestamp) -> String {
     if presence.state.takes_builds() {
         if let Some(end) = policy
             .preview(now, now + SignedDuration::from_hours(24 * 8))
+            .intervals
             .into_iter()
             .find(|i| !i.state.takes_builds())
         {
@@ -168,7 +218,24 @@ pub fn schedule(config: &ConfigArg, from: Option<&str>, days: u32, json: bool) -
             return ExitCode::from(USAGE);
         }
     };
-    let intervals = policy.preview(start, end);
+    let preview = policy.preview(start, end);
+    let intervals = preview.intervals;
+    // A span with more changes than the engine follows is shown up to where
+    // it stopped, and said so: exit 1, never a stretched last interval.
+    let cut = preview.truncated_at.map(|at| {
+        format!(
+            "error: the schedules change more than {MAX_PREVIEW_CHANGES} times in these {days} day{}; shown only up to {}, ask for fewer --days",
+            if days == 1 { "" } else { "s" },
+            rfc3339(&at.to_zoned(tz.clone()))
+        )
+    });
+    let finish = |cut: Option<String>| match cut {
+        Some(message) => {
+            eprintln!("{message}");
+            ExitCode::FAILURE
+        }
+        None => ExitCode::SUCCESS,
+    };
     if json {
         let rows: Vec<JsonInterval> = intervals
             .iter()
@@ -189,10 +256,16 @@ pub fn schedule(config: &ConfigArg, from: Option<&str>, days: u32, json: bool) -
                 return ExitCode::FAILURE;
             }
         }
-        return ExitCode::SUCCESS;
+        return finish(cut);
     }
     print!("{}", human_table(&worker.name, &policy, &intervals, days));
-    ExitCode::SUCCESS
+    if let Some(at) = preview.truncated_at {
+        println!(
+            "\nCut short at {}: the schedules change too often to follow further.",
+            at.to_zoned(tz.clone()).strftime("%a %d %b %H:%M %Z")
+        );
+    }
+    finish(cut)
 }
 
 fn human_table(name: &str, policy: &Policy, intervals: &[Interval], days: u32) -> String {

@@ -1,6 +1,6 @@
 //! The master's HTTP JSON API under `/api/v1` (admin token required): submit,
 //! list, show, wait for and cancel builds, read logs, list workers, pause and
-//! resume. Shapes are in `nightshift_proto::api`.
+//! resume; and `/metrics` (same token) in the Prometheus text format. Shapes are in `nightshift_proto::api`.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -15,8 +15,9 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use nightshift_proto::api::{
-    ApiError, BuildInfo, BuildList, BuildLog, BuildState, PauseState, ReconfigResponse,
-    SubmitRequest, SubmitResponse, WorkerList,
+    ApiError, BuildInfo, BuildList, BuildLog, BuildState, MAX_WORKER_PAGE, PauseState,
+    ReconfigResponse, SubmitRequest, SubmitResponse, WorkerInfo, WorkerList, WorkerPage,
+    WorkerQuery,
 };
 use nightshift_proto::wire::{BuildId, is_full_revision};
 use serde::Deserialize;
@@ -36,12 +37,17 @@ pub struct AppState {
     pub config: crate::reconfig::LiveConfig,
     pub store: Store,
     pub events: mpsc::UnboundedSender<Event>,
+    /// The bounded inbox of agent connection events (connect, frames,
+    /// disconnect), in order per connection.
+    pub agent_events: mpsc::Sender<Event>,
     /// Lowercase hex SHA-256 of the admin token.
     pub admin_token_sha256: String,
     /// Source of agent connection ids.
     pub next_conn: Arc<AtomicU64>,
     /// Tokens of the latent instances the scheduler started.
     pub latent_tokens: crate::latent::LatentTokens,
+    /// Agent sessions open, against `max_agents`.
+    pub agent_slots: Arc<crate::server::ConnectionGate>,
     /// What webhooks, polling and timed builds did.
     pub trigger_counters: Arc<crate::triggers::TriggerCounters>,
 }
@@ -114,6 +120,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/api/v1/pause", post(pause))
         .route("/api/v1/resume", post(resume))
         .route("/api/v1/reconfig", post(reconfig))
+        .route("/metrics", get(metrics))
         .route("/api/v1/triggers", get(trigger_counters))
         .route_layer(middleware::from_fn_with_state(state, require_admin))
 }
@@ -250,11 +257,27 @@ struct ListQuery {
     limit: Option<u32>,
 }
 
-fn overlay(build: &mut BuildInfo, live: &Snapshot) {
+/// What these builds wait for, from the scheduler (only the builds asked
+/// about: the cost does not grow with the number of workers).
+async fn waiting_for(
+    state: &AppState,
+    ids: Vec<BuildId>,
+) -> Result<BTreeMap<BuildId, String>, Failure> {
+    let (reply, answer) = oneshot::channel();
+    state
+        .events
+        .send(Event::WaitingFor { ids, reply })
+        .map_err(|_| Failure(StatusCode::SERVICE_UNAVAILABLE, "master is stopping".into()))?;
+    answer
+        .await
+        .map_err(|_| Failure(StatusCode::SERVICE_UNAVAILABLE, "master is stopping".into()))
+}
+
+fn overlay(build: &mut BuildInfo, waiting_for: &BTreeMap<BuildId, String>) {
     match build.state {
         // A running build shows a wait only while a step waits for a lock.
         BuildState::Queued | BuildState::Running => {
-            if let Some(why) = live.waiting_for.get(&build.id) {
+            if let Some(why) = waiting_for.get(&build.id) {
                 build.waiting_for = Some(why.clone());
             }
         }
@@ -273,7 +296,12 @@ async fn list_builds(
         .list_builds(limit)
         .await
         .map_err(Failure::internal)?;
-    let live = snapshot(&state).await?;
+    let pending = builds
+        .iter()
+        .filter(|b| b.state != BuildState::Finished)
+        .map(|b| b.id)
+        .collect();
+    let live = waiting_for(&state, pending).await?;
     for build in &mut builds {
         overlay(build, &live);
     }
@@ -287,8 +315,10 @@ async fn load_build(state: &AppState, id: BuildId) -> Result<BuildInfo, Failure>
         .await
         .map_err(Failure::internal)?
         .ok_or_else(|| Failure::not_found(id))?;
-    let live = snapshot(state).await?;
-    overlay(&mut build, &live);
+    if build.state != BuildState::Finished {
+        let live = waiting_for(state, vec![id]).await?;
+        overlay(&mut build, &live);
+    }
     Ok(build)
 }
 
@@ -372,8 +402,83 @@ async fn cancel_build(
     }
 }
 
-async fn workers(State(state): State<AppState>) -> Result<Json<WorkerList>, Failure> {
-    Ok(Json(snapshot(&state).await?.workers))
+/// `/metrics` (admin token): the Prometheus text format. It is on the
+/// master's one TLS port behind the admin token rather than on a second
+/// listener, because the farm's figures (worker names, queue depths,
+/// refusals) are the admin's to read, and Prometheus sends a bearer token
+/// (`authorization.credentials_file`) over TLS as easily as the CLI does.
+async fn metrics(State(state): State<AppState>) -> Result<Response, Failure> {
+    let live = snapshot(&state).await?;
+    let depths = state
+        .store
+        .depth_by_builder()
+        .await
+        .map_err(Failure::internal)?;
+    let builders: Vec<String> = state
+        .config
+        .get()
+        .builders
+        .iter()
+        .map(|b| b.name.clone())
+        .collect();
+    let text = crate::metrics::METRICS.render(&live, &builders, &depths);
+    Ok((
+        [(
+            header::CONTENT_TYPE,
+            nightshift_proto::prometheus::CONTENT_TYPE,
+        )],
+        text,
+    )
+        .into_response())
+}
+
+/// `GET /api/v1/workers`: filtered by state and name, one page in name
+/// order (at most [`MAX_WORKER_PAGE`]), with the total that matched.
+async fn workers(
+    State(state): State<AppState>,
+    query: Result<Query<WorkerQuery>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<WorkerPage>, Failure> {
+    let Query(query) = query.map_err(|e| Failure(StatusCode::BAD_REQUEST, e.body_text()))?;
+    let limit = query.limit.unwrap_or(MAX_WORKER_PAGE);
+    if !(1..=MAX_WORKER_PAGE).contains(&limit) {
+        return Err(Failure(
+            StatusCode::BAD_REQUEST,
+            format!("limit={limit}: must be 1 to {MAX_WORKER_PAGE}"),
+        ));
+    }
+    let WorkerList { paused, workers } = snapshot(&state).await?.workers;
+    Ok(Json(page_of_workers(paused, workers, &query, limit)))
+}
+
+fn page_of_workers(
+    paused: bool,
+    mut workers: Vec<WorkerInfo>,
+    query: &WorkerQuery,
+    limit: usize,
+) -> WorkerPage {
+    let mut counts = BTreeMap::new();
+    for worker in &workers {
+        *counts.entry(worker.state.as_str().to_owned()).or_insert(0) += 1;
+    }
+    workers.retain(|w| {
+        query.state.is_none_or(|state| w.state == state)
+            && query
+                .name
+                .as_deref()
+                .is_none_or(|name| w.name.contains(name))
+    });
+    workers.sort_unstable_by(|a, b| a.name.cmp(&b.name));
+    let total = workers.len();
+    let offset = query.offset.unwrap_or(0).min(total);
+    workers.truncate(offset.saturating_add(limit).min(total));
+    workers.drain(..offset);
+    WorkerPage {
+        paused,
+        workers,
+        total,
+        offset,
+        counts,
+    }
 }
 
 async fn set_paused(state: &AppState, paused: bool) -> Result<Json<PauseState>, Failure> {
@@ -427,5 +532,84 @@ mod tests {
         assert_eq!(bearer(&headers).as_deref(), Some("s3cret"));
         headers.insert(header::AUTHORIZATION, "Basic s3cret".parse().unwrap());
         assert_eq!(bearer(&headers), None);
+    }
+}
+
+#[cfg(test)]
+mod worker_page_tests {
+    use nightshift_policy::PresenceState;
+    use nightshift_proto::api::{WorkerInfo, WorkerQuery};
+
+    use super::page_of_workers;
+
+    fn worker(name: &str, state: PresenceState) -> WorkerInfo {
+        WorkerInfo {
+            name: name.to_owned(),
+            state,
+            reason: String::new(),
+            source: None,
+            since: None,
+            until: None,
+            connected: true,
+            max_builds: 1,
+            running: Vec::new(),
+            latent: None,
+        }
+    }
+
+    #[test]
+    fn workers_are_filtered_sorted_and_paged_with_totals() {
+        let workers = vec![
+            worker("lab-3", PresenceState::Away),
+            worker("lab-1", PresenceState::Available),
+            worker("desk-1", PresenceState::Available),
+            worker("lab-2", PresenceState::Available),
+        ];
+        let query = WorkerQuery {
+            state: Some(PresenceState::Available),
+            name: Some("lab".into()),
+            offset: Some(1),
+            limit: Some(5),
+        };
+        let page = page_of_workers(false, workers.clone(), &query, 5);
+        assert_eq!(page.total, 2);
+        assert_eq!(page.offset, 1);
+        let names: Vec<&str> = page.workers.iter().map(|w| w.name.as_str()).collect();
+        assert_eq!(names, ["lab-2"]);
+        assert_eq!(page.counts["available"], 3);
+        assert_eq!(page.counts["away"], 1);
+
+        // An offset past the end is an empty page, not an error.
+        let query = WorkerQuery {
+            offset: Some(10),
+            ..WorkerQuery::default()
+        };
+        let page = page_of_workers(false, workers.clone(), &query, 2);
+        assert_eq!((page.total, page.offset, page.workers.len()), (4, 4, 0));
+
+        let page = page_of_workers(false, workers, &WorkerQuery::default(), 2);
+        let names: Vec<&str> = page.workers.iter().map(|w| w.name.as_str()).collect();
+        assert_eq!(names, ["desk-1", "lab-1"]);
+    }
+
+    #[test]
+    fn the_query_string_round_trips() {
+        let query = WorkerQuery {
+            state: Some(PresenceState::Away),
+            name: Some("a b&c".into()),
+            offset: Some(3),
+            limit: Some(7),
+        };
+        let text = query.to_query_string();
+        assert_eq!(text, "state=away&name=a%20b%26c&offset=3&limit=7");
+        let parsed: WorkerQuery = parse_query(&text).expect("the master's extractor accepts it");
+        assert_eq!(parsed, query);
+    }
+
+    fn parse_query(text: &str) -> Option<WorkerQuery> {
+        let uri: axum::http::Uri = format!("/api/v1/workers?{text}").parse().ok()?;
+        axum::extract::Query::<WorkerQuery>::try_from_uri(&uri)
+            .ok()
+            .map(|q| q.0)
     }
 }

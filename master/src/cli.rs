@@ -56,6 +56,18 @@ pub enum Command {
     Workers {
         #[arg(long)]
         json: bool,
+        /// Only workers in this state (available, reluctant, away, offline).
+        #[arg(long)]
+        state: Option<nightshift_policy::PresenceState>,
+        /// Only workers whose name contains this text.
+        #[arg(long)]
+        name: Option<String>,
+        /// Skip this many (in name order).
+        #[arg(long)]
+        offset: Option<usize>,
+        /// Show at most this many (1 to 1000; default 1000).
+        #[arg(long)]
+        limit: Option<usize>,
         #[command(flatten)]
         conn: ConnArgs,
     },

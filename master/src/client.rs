@@ -9,7 +9,7 @@ use anyhow::{Context, bail};
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
 use nightshift_proto::api::{
-    ApiClient, BuildInfo, BuildState, MasterUrl, SubmitRequest, WorkerList,
+    ApiClient, BuildInfo, BuildState, MasterUrl, SubmitRequest, WorkerList, WorkerQuery,
 };
 use nightshift_proto::wire::Outcome;
 
@@ -197,20 +197,51 @@ pub async fn submit(
 }
 
 /// `master workers`: one line per worker; `--json` prints the API's answer.
-pub async fn workers(client: &ApiClient, json: bool) -> anyhow::Result<i32> {
-    let list: WorkerList = client.workers().await?;
+/// Filtered and paged by `query`; a table that is not everything says so.
+pub async fn workers(client: &ApiClient, query: &WorkerQuery, json: bool) -> anyhow::Result<i32> {
+    let page = client.workers_page(query).await?;
     if json {
-        print_json(&list)?;
+        print_json(&page)?;
         return Ok(0);
     }
-    if list.paused {
+    if page.paused {
         println!("master is PAUSED: no new builds are handed out");
     }
-    print!(
-        "{}",
-        workers_table(&list, Timestamp::now(), &TimeZone::system())
-    );
+    let shown = page.workers.len();
+    let list = WorkerList {
+        paused: page.paused,
+        workers: page.workers,
+    };
+    let now = Timestamp::now();
+    let tz = TimeZone::system();
+    print!("{}", workers_table(&list, now, &tz));
+    println!("(times in {})", zone_label(&tz, now));
+    if shown < page.total {
+        println!(
+            "showing {}-{} of {} matching workers (--offset/--limit for more, --state/--name to filter)",
+            page.offset + usize::from(shown > 0),
+            page.offset + shown,
+            page.total
+        );
+    }
     Ok(0)
+}
+
+/// The zone the tables' times are in: `Europe/Berlin (CET, UTC+01:00)`,
+/// `UTC`, or `local time (…)` when the system zone has no IANA name.
+fn zone_label(tz: &TimeZone, now: Timestamp) -> String {
+    let at = now.to_zoned(tz.clone());
+    let offset = at.strftime("%:z").to_string();
+    let abbreviation = at.strftime("%Z").to_string();
+    let name = tz.iana_name().unwrap_or("local time");
+    if matches!(name, "UTC" | "Etc/UTC") && offset == "+00:00" {
+        return "UTC".to_owned();
+    }
+    if abbreviation.is_empty() || abbreviation.starts_with(['+', '-']) {
+        format!("{name} (UTC{offset})")
+    } else {
+        format!("{name} ({abbreviation}, UTC{offset})")
+    }
 }
 
 /// The human table of `master workers`, times shown in `tz` relative to `now`.
@@ -519,6 +550,20 @@ mod tests {
         assert_eq!(short_duration(start, after(3720)), "1h02m");
         assert_eq!(short_duration(start, after(2 * 86_400 + 3 * 3600)), "2d03h");
         assert_eq!(short_duration(after(10), start), "0s", "never negative");
+    }
+
+    #[test]
+    fn the_time_zone_is_labelled() {
+        let now = now();
+        assert_eq!(zone_label(&TimeZone::UTC, now), "UTC");
+        assert_eq!(
+            zone_label(&TimeZone::get("Europe/Berlin").unwrap(), now),
+            "Europe/Berlin (CET, UTC+01:00)"
+        );
+        assert_eq!(
+            zone_label(&TimeZone::get("America/New_York").unwrap(), now),
+            "America/New_York (EST, UTC-05:00)"
+        );
     }
 
     #[test]

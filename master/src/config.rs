@@ -2,7 +2,7 @@
 //! keys refused and every error named by file, line, column and key, then
 //! validated as a whole (cross references, ranges) before anything binds.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -183,6 +183,9 @@ fn default_missing_timeout() -> Secs {
 fn default_max_starting() -> u32 {
     2
 }
+fn default_max_log_bytes() -> u64 {
+    crate::store::DEFAULT_LOG_CAP
+}
 fn default_max_builds() -> u32 {
     1
 }
@@ -203,6 +206,9 @@ struct RawConfig {
     missing_timeout: Secs,
     #[serde(default = "default_max_starting")]
     max_starting: u32,
+    #[serde(default = "default_max_log_bytes")]
+    max_log_bytes: u64,
+    max_agents: Option<u32>,
     #[serde(default)]
     worker: Vec<RawWorker>,
     #[serde(default)]
@@ -464,17 +470,65 @@ pub struct MasterConfig {
     pub admin_token_sha256: Option<String>,
     pub missing_timeout: Duration,
     pub max_starting: u32,
+    /// Each build's stored log is cut at this many bytes (`max_log_bytes`).
+    pub max_log_bytes: u64,
+    /// Most agents connected at once; `None`: as many as the descriptor
+    /// limit leaves room for beside API clients and browsers.
+    pub max_agents: Option<u32>,
     pub workers: Vec<WorkerDef>,
     pub builders: Vec<BuilderDef>,
     pub locks: Vec<LockDef>,
     /// The zone timed builds' `schedule` is read in (`None`: the system's).
     pub timezone: Option<String>,
     pub hooks: Vec<HookDef>,
+    /// `workers` by name and by token hash, so that looking one up costs the
+    /// same with 10,000 workers as with 4 (built once by `parse`).
+    pub index: WorkerIndex,
+}
+
+/// Lookups into [`MasterConfig::workers`] that stay O(1) in the number of
+/// workers: by name (every finished build, every snapshot row) and by token
+/// hash (every WebSocket upgrade).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WorkerIndex {
+    by_name: HashMap<String, usize>,
+    /// Token hash → positions of the workers with that hash (several workers
+    /// may share a token; each still has to name itself in its hello).
+    by_token: HashMap<String, Vec<usize>>,
+}
+
+impl WorkerIndex {
+    /// Indexes `workers` (first entry wins for a duplicate name, as a linear
+    /// search would; `parse` refuses duplicates anyway).
+    pub fn of(workers: &[WorkerDef]) -> WorkerIndex {
+        let mut index = WorkerIndex::default();
+        for (at, worker) in workers.iter().enumerate() {
+            index.by_name.entry(worker.name.clone()).or_insert(at);
+            index
+                .by_token
+                .entry(worker.token_sha256.clone())
+                .or_default()
+                .push(at);
+        }
+        index
+    }
 }
 
 impl MasterConfig {
     pub fn worker(&self, name: &str) -> Option<&WorkerDef> {
-        self.workers.iter().find(|w| w.name == name)
+        let at = *self.index.by_name.get(name)?;
+        self.workers.get(at).filter(|w| w.name == name)
+    }
+
+    /// The workers whose `token_sha256` is `hash` (lowercase hex).
+    pub fn workers_with_token(&self, hash: &str) -> impl Iterator<Item = &WorkerDef> {
+        self.index
+            .by_token
+            .get(hash)
+            .into_iter()
+            .flatten()
+            .filter_map(|&at| self.workers.get(at))
+            .filter(move |w| w.token_sha256 == hash)
     }
     pub fn builder(&self, name: &str) -> Option<&BuilderDef> {
         self.builders.iter().find(|b| b.name == name)
@@ -591,6 +645,18 @@ impl MasterConfig {
         }
         if raw.max_starting == 0 {
             issue("max_starting".into(), "must be at least 1".into());
+        }
+        if raw.max_log_bytes < 1024 {
+            issue(
+                "max_log_bytes".into(),
+                format!(
+                    "must be at least 1024 (bytes of log kept per build), got {}",
+                    raw.max_log_bytes
+                ),
+            );
+        }
+        if raw.max_agents == Some(0) {
+            issue("max_agents".into(), "must be at least 1".into());
         }
 
         let mut workers = Vec::new();
@@ -951,6 +1017,9 @@ impl MasterConfig {
             admin_token_sha256,
             missing_timeout: raw.missing_timeout.0,
             max_starting: raw.max_starting,
+            max_log_bytes: raw.max_log_bytes,
+            max_agents: raw.max_agents,
+            index: WorkerIndex::of(&workers),
             workers,
             builders,
             locks,

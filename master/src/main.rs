@@ -6,6 +6,8 @@ mod build_page;
 mod cli;
 mod client;
 mod config;
+#[cfg(test)]
+mod config_fuzz;
 mod dashboard;
 mod live_log;
 mod run;
@@ -17,6 +19,8 @@ mod triggers;
 mod latent;
 mod locks;
 mod master_schedule;
+mod metrics;
+mod outbox;
 mod reconfig;
 
 use std::process::ExitCode;
@@ -83,7 +87,22 @@ async fn dispatch(cli: Cli) -> anyhow::Result<i32> {
             )
             .await
         }
-        Command::Workers { json, conn } => client::workers(&client::connect(&conn)?, json).await,
+        Command::Workers {
+            json,
+            state,
+            name,
+            offset,
+            limit,
+            conn,
+        } => {
+            let query = nightshift_proto::api::WorkerQuery {
+                state,
+                name,
+                offset,
+                limit,
+            };
+            client::workers(&client::connect(&conn)?, &query, json).await
+        }
         Command::Builds { json, limit, conn } => {
             client::builds(&client::connect(&conn)?, limit, json).await
         }

@@ -236,6 +236,7 @@ pub fn check(old: &MasterConfig, new: &MasterConfig) -> Result<ReconfigPlan, Rec
     restart_only("listen", &old.listen, &new.listen, &mut restart);
     restart_only("data_dir", &old.data_dir, &new.data_dir, &mut restart);
     restart_only("tls", &old.tls, &new.tls, &mut restart);
+    restart_only("max_agents", &old.max_agents, &new.max_agents, &mut restart);
     restart_only(
         "admin_token_sha256",
         &old.admin_token_sha256,

@@ -12,7 +12,6 @@ use std::time::Duration;
 use anyhow::{Context, bail};
 use nightshift_proto::api::MasterUrl;
 use nightshift_proto::tls::{self, ServerTls};
-use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 
 use crate::api::{AppState, token_sha256};
@@ -90,7 +89,48 @@ pub fn check(path: Option<&Path>) -> anyhow::Result<i32> {
             ""
         }
     );
+    for warning in schedule_warnings(&config) {
+        println!("warning: {warning}");
+    }
     Ok(0)
+}
+
+/// What the workers' master-side schedules compile to with a caveat (a cron
+/// day field Linux crontab reads differently, a window that never opens),
+/// each located in the file like a config error.
+fn schedule_warnings(config: &MasterConfig) -> Vec<String> {
+    let text = std::fs::read_to_string(&config.source).unwrap_or_default();
+    let mut lines = Vec::new();
+    for (index, worker) in config.workers.iter().enumerate() {
+        if worker.schedule.is_empty() {
+            continue;
+        }
+        let availability = nightshift_policy::AvailabilityConfig {
+            timezone: worker.timezone.clone(),
+            default: None,
+            schedule: worker.schedule.clone(),
+            load: None,
+        };
+        let Ok(policy) = nightshift_policy::Policy::compile_for_master(
+            &availability,
+            jiff::tz::TimeZone::system(),
+            &format!("worker[{index}]"),
+        ) else {
+            continue;
+        };
+        for warning in policy.warnings() {
+            let (_, mut place) =
+                nightshift_proto::diag::parse_toml::<serde::de::IgnoredAny>(&config.source, &text);
+            place.push_at_path(&warning.path, warning.message.clone());
+            lines.push(
+                place
+                    .errors()
+                    .last()
+                    .map_or_else(|| warning.to_string(), |e| e.to_string()),
+            );
+        }
+    }
+    lines
 }
 
 /// `master add-worker NAME`.
@@ -232,12 +272,33 @@ pub async fn run(
     };
     let tls = server_tls(&config)?;
     let store = Store::open(&data_dir.join("master.db"))?;
+    store.set_log_cap(config.max_log_bytes);
     let unfinished = store.unfinished().await?;
+    let step_grants = store.step_grants().await?;
     let paused = store.paused().await?;
     let last_seen = store.last_presences().await?;
 
-    let listener = TcpListener::bind(config.listen)
-        .await
+    let (descriptors, room) = crate::server::raise_descriptor_limit();
+    // Agents may take all but a share of the room, so that at the agents'
+    // limit the admin API, the CLI and the dashboard still get in.
+    let agent_room = room.saturating_sub((room / 16).clamp(1, 1024)).max(1);
+    let max_agents = match config.max_agents {
+        Some(max) if u64::from(max) > agent_room => {
+            tracing::warn!(
+                "max_agents = {max} is more than the descriptor limit ({descriptors}) leaves room for; holding {agent_room}"
+            );
+            agent_room
+        }
+        Some(max) => u64::from(max),
+        None => agent_room,
+    };
+    tracing::info!(
+        "descriptor limit {descriptors}: room for {max_agents} agents ({room} connections in all)"
+    );
+    let gate = crate::server::ConnectionGate::new(usize::try_from(room).unwrap_or(usize::MAX));
+    let agent_slots =
+        crate::server::ConnectionGate::new(usize::try_from(max_agents).unwrap_or(usize::MAX));
+    let listener = crate::server::bind(config.listen)
         .with_context(|| format!("cannot listen on {}", config.listen))?;
     let bound = listener
         .local_addr()
@@ -246,6 +307,7 @@ pub async fn run(
     url.port = bound.port();
 
     let (events, inbox) = mpsc::unbounded_channel();
+    let (agent_events, agent_inbox) = mpsc::channel(crate::scheduler::AGENT_INBOX);
     let queued = unfinished.len();
     let mut scheduler = Scheduler::new(
         Arc::clone(&config),
@@ -271,14 +333,19 @@ pub async fn run(
         },
         latent_tokens.clone(),
     );
-    tokio::spawn(scheduler.run(inbox));
+    // Step lock holds from before a restart are held again before any
+    // agent connects (a waiting step must not get them meanwhile).
+    scheduler.restore_step_grants(step_grants);
+    tokio::spawn(scheduler.run(inbox, agent_inbox));
     let trigger_counters = Arc::new(crate::triggers::TriggerCounters::default());
     let state = AppState {
         trigger_counters: Arc::clone(&trigger_counters),
         latent_tokens,
+        agent_slots,
         config: crate::reconfig::LiveConfig::new(Arc::clone(&config)),
         store,
         events,
+        agent_events,
         admin_token_sha256: admin_hash,
         next_conn: Arc::new(AtomicU64::new(1)),
     };
@@ -331,6 +398,9 @@ pub async fn run(
             String::new()
         }
     );
+    println!(
+        "  capacity:   {max_agents} agents ({room} connections in all; descriptor limit {descriptors})"
+    );
     if let Some(tls) = &tls {
         println!("  workers trust it with, in worker.toml:");
         println!("      master = \"{ws_url}\"");
@@ -379,6 +449,7 @@ pub async fn run(
         listener,
         tls.map(|t| t.config),
         router,
+        gate,
         async move {
             let _ = stop_rx.await;
         },

@@ -1,27 +1,33 @@
-//! The master's one port: a TCP accept loop (TCP_NODELAY, optional TLS) that
-//! serves the axum router over hyper with upgrades, and the per-agent
-//! WebSocket session (authentication, hello, frames, heartbeats).
+//! The master's one port: a TCP accept loop (large listen backlog,
+//! TCP_NODELAY, optional TLS, a connection cap that sheds with "retry after",
+//! a pause instead of a spin when descriptors run out) that serves the axum
+//! router over hyper with upgrades, and the per-agent WebSocket session
+//! (token checked at the upgrade, hello, frames, heartbeats, and the
+//! per-connection frame rate limit: [`FrameLimits`]).
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use axum::Router;
 use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
-use axum::http::HeaderMap;
-use axum::response::Response;
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
+use nightshift_proto::api::ApiError;
 use nightshift_proto::wire::{
     AgentMessage, HEARTBEAT_SECS, MAX_FRAME_BYTES, MasterMessage, PROTOCOL_VERSION, WS_PATH,
 };
-use tokio::net::TcpListener;
-use tokio::sync::mpsc;
+use tokio::net::{TcpListener, TcpSocket};
 
 use crate::api::{AppState, bearer, constant_time_eq, token_sha256};
+use crate::metrics::DisconnectReason;
+use crate::outbox::{Next, OUTBOX_FRAMES, agent_outbox};
 use crate::scheduler::{Event, Hello, Outbound};
 
 /// Time an agent has to send its hello after the upgrade.
@@ -30,6 +36,206 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Heartbeats an agent may miss before its connection is dropped.
 const MISSED_BEATS: u32 = 3;
+/// Pending connections the kernel queues for us (it caps this at
+/// `net.core.somaxconn`): 10,000 agents reconnecting at once after a restart
+/// must wait in the queue, not time out in SYN retries as with 128.
+pub const LISTEN_BACKLOG: u32 = 8192;
+/// Descriptors kept for everything that is not a connection: SQLite and its
+/// WAL, the log, latent instances' pipes, the runtime.
+pub const RESERVED_DESCRIPTORS: u64 = 128;
+/// Per-connection WebSocket read buffer. Agent frames are small (a presence
+/// is ~200 bytes); a bigger frame grows the buffer as needed. The library's
+/// default, 128 KiB zero-filled before each read, cost 128 KiB per agent
+/// and a 128 KiB memset per heartbeat.
+pub const WS_READ_BUFFER: usize = 4 * 1024;
+/// Frames are written at once (each send is flushed anyway): no write
+/// buffer is kept per connection.
+pub const WS_WRITE_BUFFER: usize = 0;
+/// Longest the accept loop pauses when the process is out of descriptors.
+const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
+/// A connection refused over the cap is told to come back after between
+/// this many seconds and twice that (jittered, so a storm spreads out).
+const RETRY_AFTER_SECS: u64 = 2;
+
+/// Binds the master's port with a backlog of [`LISTEN_BACKLOG`].
+pub fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if address.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(address)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
+/// Raises the soft descriptor limit to the hard one and says how many
+/// connections that leaves room for (after [`RESERVED_DESCRIPTORS`]).
+pub fn raise_descriptor_limit() -> (u64, u64) {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(limits) => limits,
+        Err(e) => {
+            tracing::warn!("cannot read the descriptor limit: {e}");
+            return (1024, 1024 - RESERVED_DESCRIPTORS);
+        }
+    };
+    let limit = if soft < hard {
+        match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => hard,
+            Err(e) => {
+                tracing::warn!("cannot raise the descriptor limit from {soft} to {hard}: {e}");
+                soft
+            }
+        }
+    } else {
+        soft
+    };
+    (limit, limit.saturating_sub(RESERVED_DESCRIPTORS).max(1))
+}
+
+/// Counts open connections against the cap. A slot is given back when its
+/// [`ConnectionSlot`] drops, however the connection ended.
+#[derive(Debug)]
+pub struct ConnectionGate {
+    open: AtomicUsize,
+    max: usize,
+}
+
+impl ConnectionGate {
+    pub fn new(max: usize) -> Arc<ConnectionGate> {
+        Arc::new(ConnectionGate {
+            open: AtomicUsize::new(0),
+            max: max.max(1),
+        })
+    }
+
+    /// Takes a slot unless `max` connections are open.
+    pub fn enter(self: &Arc<Self>) -> Option<ConnectionSlot> {
+        self.open
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |open| {
+                (open < self.max).then_some(open + 1)
+            })
+            .ok()
+            .map(|_| ConnectionSlot(Arc::clone(self)))
+    }
+
+    /// Connections open now.
+    pub fn open(&self) -> usize {
+        self.open.load(Ordering::Acquire)
+    }
+
+    pub fn max(&self) -> usize {
+        self.max
+    }
+}
+
+/// One open connection's place under the cap.
+#[derive(Debug)]
+pub struct ConnectionSlot(Arc<ConnectionGate>);
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.0.open.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Frames per second one agent connection may send, sustained; beyond that
+/// the master reads its frames more slowly (TCP pushes back on the agent).
+pub const FRAMES_PER_SECOND: f64 = 500.0;
+/// Frames an agent may send in a burst before the sustained rate applies.
+pub const FRAME_BURST: f64 = 1000.0;
+/// Control frames (presence, step waits, accepted/refused, hello, goodbye)
+/// per second, sustained: a working agent sends a few per build.
+pub const CONTROL_FRAMES_PER_SECOND: f64 = 20.0;
+/// Control frames in a burst; an agent past it is disconnected.
+pub const CONTROL_FRAME_BURST: f64 = 100.0;
+
+/// A token bucket: `rate` tokens per second, at most `burst` saved up. Its
+/// clock is a parameter, so tests choose the instants.
+#[derive(Debug, Clone)]
+struct TokenBucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl TokenBucket {
+    fn new(rate: f64, burst: f64, now: Instant) -> TokenBucket {
+        TokenBucket {
+            rate,
+            burst,
+            tokens: burst,
+            at: now,
+        }
+    }
+
+    /// Takes one token, going into debt if there is none; answers how long
+    /// until the debt is paid (zero when there was a token).
+    fn take(&mut self, now: Instant) -> Duration {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst) - 1.0;
+        if self.tokens >= 0.0 {
+            Duration::ZERO
+        } else {
+            Duration::from_secs_f64(-self.tokens / self.rate)
+        }
+    }
+}
+
+/// What to do with one frame from an agent.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FrameVerdict {
+    /// Handle it now.
+    Pass,
+    /// Handle it after this pause (the connection is over its rate).
+    Throttle(Duration),
+    /// Close the connection with this reason.
+    Disconnect(String),
+}
+
+/// The per-connection frame rate limit: every frame counts against
+/// [`FRAMES_PER_SECOND`] (over it, reading slows down: backpressure);
+/// control frames also count against [`CONTROL_FRAMES_PER_SECOND`], and an
+/// agent that exhausts that burst is flooding and is disconnected.
+#[derive(Debug, Clone)]
+pub struct FrameLimits {
+    all: TokenBucket,
+    control: TokenBucket,
+}
+
+impl FrameLimits {
+    pub fn new(now: Instant) -> FrameLimits {
+        FrameLimits {
+            all: TokenBucket::new(FRAMES_PER_SECOND, FRAME_BURST, now),
+            control: TokenBucket::new(CONTROL_FRAMES_PER_SECOND, CONTROL_FRAME_BURST, now),
+        }
+    }
+
+    pub fn check(&mut self, message: &AgentMessage, now: Instant) -> FrameVerdict {
+        let control = matches!(
+            message,
+            AgentMessage::Hello { .. }
+                | AgentMessage::Presence { .. }
+                | AgentMessage::BuildAccepted { .. }
+                | AgentMessage::BuildRefused { .. }
+                | AgentMessage::StepWaiting { .. }
+                | AgentMessage::Goodbye { .. }
+        );
+        if control && !self.control.take(now).is_zero() {
+            return FrameVerdict::Disconnect(format!(
+                "rate limit: more than {CONTROL_FRAME_BURST} control frames (presence, step \
+                 waits, accepted/refused) at over {CONTROL_FRAMES_PER_SECOND}/s"
+            ));
+        }
+        match self.all.take(now) {
+            wait if wait.is_zero() => FrameVerdict::Pass,
+            wait => FrameVerdict::Throttle(wait),
+        }
+    }
+}
 
 /// The whole router: the admin API plus the agent endpoint.
 pub fn router(state: AppState) -> Router {
@@ -45,33 +251,115 @@ pub fn router(state: AppState) -> Router {
         .with_state(state)
 }
 
-/// Serves `router` on `listener` until `shutdown` resolves.
+/// Whether an accept error means the process (or system) is out of
+/// descriptors or memory: retrying at once would spin.
+fn out_of_resources(error: &std::io::Error) -> bool {
+    matches!(
+        error.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    )
+}
+
+/// The answer over a cap (`what`: "agents" or "connections"): 503 with a
+/// jittered `Retry-After`, then close.
+fn over_capacity(what: &str, limit: usize) -> Response {
+    let seconds = RETRY_AFTER_SECS + rand::random_range(0..=RETRY_AFTER_SECS);
+    let mut response = (
+        StatusCode::SERVICE_UNAVAILABLE,
+        axum::Json(ApiError {
+            error: format!("the master is at its limit of {limit} {what}; retry after {seconds} s"),
+        }),
+    )
+        .into_response();
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    response
+}
+
+/// Serves `router` on `listener` until `shutdown` resolves, holding at most
+/// `gate.max()` connections. Over the cap, up to a sixteenth more are
+/// answered 503 with `Retry-After` (and closed); beyond that a connection is
+/// closed at once, before its TLS handshake costs anything.
 pub async fn serve(
     listener: TcpListener,
     tls: Option<Arc<rustls::ServerConfig>>,
     router: Router,
+    gate: Arc<ConnectionGate>,
     shutdown: impl Future<Output = ()>,
 ) {
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let shedding = ConnectionGate::new((gate.max() / 16).clamp(16, 1024));
+    let mut pause = Duration::ZERO;
+    let mut shed_since_log = 0u64;
+    let mut last_shed_log: Option<Instant> = None;
     tokio::pin!(shutdown);
     loop {
         let (tcp, peer) = tokio::select! {
             () = &mut shutdown => break,
             accepted = listener.accept() => match accepted {
-                Ok(pair) => pair,
+                Ok(pair) => {
+                    pause = Duration::ZERO;
+                    pair
+                }
+                Err(e) if out_of_resources(&e) => {
+                    // Retrying at once would spin at 100 % CPU and flood
+                    // the log: pause (doubling up to a second) so that
+                    // connections ending free descriptors meanwhile.
+                    pause = (pause * 2).clamp(Duration::from_millis(10), ACCEPT_PAUSE_MAX);
+                    tracing::warn!(
+                        "accept failed: {e}; {} connections open (limit {}); pausing accepts for {} ms",
+                        gate.open(),
+                        gate.max(),
+                        pause.as_millis()
+                    );
+                    tokio::select! {
+                        () = &mut shutdown => break,
+                        () = tokio::time::sleep(pause) => {}
+                    }
+                    continue;
+                }
                 Err(e) => {
-                    // E.g. out of file descriptors: log and keep serving.
-                    tracing::warn!("accept failed: {e}");
+                    // E.g. a peer that reset before we accepted it.
+                    tracing::debug!("accept failed: {e}");
                     continue;
                 }
             },
         };
+        let (slot, router) = match gate.enter() {
+            Some(slot) => (slot, router.clone()),
+            None => {
+                shed_since_log += 1;
+                if last_shed_log.is_none_or(|at| at.elapsed() >= Duration::from_secs(1)) {
+                    tracing::warn!(
+                        "at the connection limit ({}): {shed_since_log} connections refused with retry-after since the last report",
+                        gate.max()
+                    );
+                    shed_since_log = 0;
+                    last_shed_log = Some(Instant::now());
+                }
+                match shedding.enter() {
+                    Some(slot) => {
+                        let limit = gate.max();
+                        let refuse = Router::new()
+                            .fallback(move || async move { over_capacity("connections", limit) });
+                        (slot, refuse)
+                    }
+                    // Beyond even that: close before the handshake.
+                    None => continue,
+                }
+            }
+        };
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!("{peer}: cannot set TCP_NODELAY: {e}");
         }
-        let service = TowerToHyperService::new(router.clone());
+        let service = TowerToHyperService::new(router);
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
+            let _slot = slot;
             // HTTP/1.1 only: agents, the CLI and browsers all speak it (no
             // ALPN offers h2), and WebSockets upgrade from it.
             let mut builder = hyper::server::conn::http1::Builder::new();
@@ -109,15 +397,53 @@ pub async fn serve(
     }
 }
 
+/// Whether `token` belongs to some worker (configured, or a latent instance
+/// started by this master). Checked before the upgrade, so a stranger costs
+/// one HTTP answer instead of a WebSocket session waiting for a hello.
+fn token_known(state: &AppState, token: &str) -> bool {
+    let hash = token_sha256(token);
+    let config = state.config.get();
+    config.workers_with_token(&hash).next().is_some()
+        || state.latent_tokens.worker_with_hash(&hash).is_some()
+}
+
 async fn agent_upgrade(
     State(state): State<AppState>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
-    let token = bearer(&headers);
+    let Some(token) = bearer(&headers) else {
+        return unauthorized("no token (send Authorization: Bearer <token> on the upgrade)");
+    };
+    if !token_known(&state, &token) {
+        return unauthorized("unknown worker or wrong token");
+    }
+    let Some(slot) = state.agent_slots.enter() else {
+        tracing::warn!(
+            "an agent was refused with retry-after: {} agents connected, the limit (max_agents)",
+            state.agent_slots.max()
+        );
+        return over_capacity("agents", state.agent_slots.max());
+    };
     ws.max_message_size(MAX_FRAME_BYTES)
         .max_frame_size(MAX_FRAME_BYTES)
-        .on_upgrade(move |socket| agent_session(state, socket, token))
+        .read_buffer_size(WS_READ_BUFFER)
+        .write_buffer_size(WS_WRITE_BUFFER)
+        .on_upgrade(move |socket| async move {
+            let _slot = slot;
+            agent_session(state, socket, Some(token)).await;
+        })
+}
+
+fn unauthorized(reason: &str) -> Response {
+    tracing::warn!("agent refused at the upgrade: {reason}");
+    (
+        StatusCode::UNAUTHORIZED,
+        axum::Json(ApiError {
+            error: reason.to_owned(),
+        }),
+    )
+        .into_response()
 }
 
 async fn refuse(socket: &mut WebSocket, reason: String) {
@@ -215,15 +541,18 @@ async fn agent_session(state: AppState, mut socket: WebSocket, token: Option<Str
         Err(reason) => return refuse(&mut socket, reason).await,
     };
     let conn = state.next_conn.fetch_add(1, Ordering::Relaxed);
-    let (out, mut outbox) = mpsc::unbounded_channel();
+    let (out, mut outbox) = agent_outbox(OUTBOX_FRAMES);
+    // Connection events go through the bounded agent inbox, in order: a
+    // full inbox makes this task wait, and its socket is not read meanwhile.
     if state
-        .events
+        .agent_events
         .send(Event::Connected {
             worker: worker.clone(),
             conn,
             hello,
             out,
         })
+        .await
         .is_err()
     {
         return refuse(&mut socket, "master is stopping".into()).await;
@@ -231,52 +560,90 @@ async fn agent_session(state: AppState, mut socket: WebSocket, token: Option<Str
     let beat = Duration::from_secs(HEARTBEAT_SECS);
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + beat, beat);
     let mut last_heard = Instant::now();
+    let mut limits = FrameLimits::new(Instant::now());
     let mut seq = 0u64;
     let reason = loop {
         tokio::select! {
-            outbound = outbox.recv() => match outbound {
-                Some(Outbound::Message(message)) => {
+            outbound = outbox.next() => match outbound {
+                Next::Frame(Outbound::Message(message)) => {
                     if let Err(e) = socket.send(Message::Text(message.encode().into())).await {
                         break format!("send failed: {e}");
                     }
                 }
-                Some(Outbound::Close(why)) => {
+                Next::Frame(Outbound::Close(why)) => {
                     let _ = socket.send(Message::Close(Some(CloseFrame {
                         code: 1000,
                         reason: truncate(&why, 120).into(),
                     }))).await;
                     break why;
                 }
-                None => break "master is stopping".into(),
+                Next::Overflowed => {
+                    let why = format!(
+                        "outbox full: the agent did not read its last {OUTBOX_FRAMES} frames"
+                    );
+                    tracing::warn!("worker {worker}: disconnected: {why}");
+                    let _ = socket.send(Message::Close(Some(CloseFrame {
+                        code: 1008,
+                        reason: truncate(&why, 120).into(),
+                    }))).await;
+                    break why;
+                }
+                Next::Dropped => break "master is stopping".into(),
             },
             frame = socket.recv() => {
                 last_heard = Instant::now();
                 match frame {
                     None => break "connection closed".into(),
                     Some(Err(e)) => break format!("bad frame: {e}"),
-                    Some(Ok(Message::Text(text))) => match AgentMessage::decode(text.as_str()) {
-                        Ok(AgentMessage::Ping { seq }) => {
-                            let pong = MasterMessage::Pong { seq }.encode();
-                            if let Err(e) = socket.send(Message::Text(pong.into())).await {
-                                break format!("send failed: {e}");
+                    Some(Ok(Message::Text(text))) => {
+                        let message = match AgentMessage::decode(text.as_str()) {
+                            Ok(message) => message,
+                            Err(e) => {
+                                crate::metrics::METRICS.disconnected(DisconnectReason::BadFrame);
+                                let _ = socket.send(Message::Close(Some(CloseFrame {
+                                    code: 1007,
+                                    reason: truncate(&e.to_string(), 120).into(),
+                                }))).await;
+                                break e.to_string();
+                            }
+                        };
+                        match limits.check(&message, Instant::now()) {
+                            FrameVerdict::Pass => {}
+                            FrameVerdict::Throttle(wait) => {
+                                // Not reading meanwhile: TCP pushes back on the agent.
+                                crate::metrics::METRICS.frame_rate_limited();
+                                tokio::time::sleep(wait).await;
+                            }
+                            FrameVerdict::Disconnect(why) => {
+                                crate::metrics::METRICS.disconnected(DisconnectReason::RateLimited);
+                                tracing::warn!("worker {worker}: disconnected: {why}");
+                                let _ = socket.send(Message::Close(Some(CloseFrame {
+                                    code: 1008,
+                                    reason: truncate(&why, 120).into(),
+                                }))).await;
+                                break why;
                             }
                         }
-                        Ok(AgentMessage::Pong { .. }) => {}
-                        Ok(message) => {
-                            let _ = state.events.send(Event::Agent {
-                                worker: worker.clone(),
-                                conn,
-                                message,
-                            });
+                        match message {
+                            AgentMessage::Ping { seq } => {
+                                let pong = MasterMessage::Pong { seq }.encode();
+                                if let Err(e) = socket.send(Message::Text(pong.into())).await {
+                                    break format!("send failed: {e}");
+                                }
+                            }
+                            AgentMessage::Pong { .. } => {}
+                            message => {
+                                let event = Event::Agent {
+                                    worker: worker.clone(),
+                                    conn,
+                                    message,
+                                };
+                                if state.agent_events.send(event).await.is_err() {
+                                    break "master is stopping".into();
+                                }
+                            }
                         }
-                        Err(e) => {
-                            let _ = socket.send(Message::Close(Some(CloseFrame {
-                                code: 1007,
-                                reason: truncate(&e.to_string(), 120).into(),
-                            }))).await;
-                            break e.to_string();
-                        }
-                    },
+                    }
                     Some(Ok(Message::Binary(_))) => {
                         let _ = socket.send(Message::Close(Some(CloseFrame {
                             code: 1003,
@@ -290,6 +657,7 @@ async fn agent_session(state: AppState, mut socket: WebSocket, token: Option<Str
             }
             _ = heartbeat.tick() => {
                 if last_heard.elapsed() > beat * MISSED_BEATS {
+                    crate::metrics::METRICS.disconnected(DisconnectReason::Silent);
                     break format!("silent for {}s (missed heartbeats)", last_heard.elapsed().as_secs());
                 }
                 seq += 1;
@@ -301,9 +669,85 @@ async fn agent_session(state: AppState, mut socket: WebSocket, token: Option<Str
         }
     };
     tracing::info!("worker {worker}: connection closed: {reason}");
-    let _ = state.events.send(Event::Disconnected {
-        worker,
-        conn,
-        reason,
-    });
+    let _ = state
+        .agent_events
+        .send(Event::Disconnected {
+            worker,
+            conn,
+            reason,
+        })
+        .await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nightshift_policy::{Presence, PresenceState, Source};
+
+    fn presence_frame() -> AgentMessage {
+        AgentMessage::Presence {
+            presence: Presence {
+                state: PresenceState::Available,
+                reason: "flip".into(),
+                source: Source::Manual,
+                since: jiff::Timestamp::UNIX_EPOCH,
+                until: None,
+            },
+        }
+    }
+
+    fn output_frame() -> AgentMessage {
+        AgentMessage::Output {
+            build_id: 1,
+            step: 0,
+            data: "y\n".into(),
+        }
+    }
+
+    #[test]
+    fn output_past_the_burst_is_throttled_to_the_rate_and_never_disconnected() {
+        let start = Instant::now();
+        let mut limits = FrameLimits::new(start);
+        for _ in 0..FRAME_BURST as usize {
+            assert_eq!(limits.check(&output_frame(), start), FrameVerdict::Pass);
+        }
+        match limits.check(&output_frame(), start) {
+            FrameVerdict::Throttle(wait) => {
+                assert_eq!(wait, Duration::from_secs_f64(1.0 / FRAMES_PER_SECOND));
+            }
+            other => panic!("expected a throttle, got {other:?}"),
+        }
+        // Far over the rate for long: still only throttled (a chatty build).
+        for _ in 0..10_000 {
+            assert!(matches!(
+                limits.check(&output_frame(), start),
+                FrameVerdict::Throttle(_)
+            ));
+        }
+        // Once the debt is paid (at the sustained rate), frames pass again.
+        let later = start + Duration::from_secs_f64(10_002.0 / FRAMES_PER_SECOND);
+        assert_eq!(limits.check(&output_frame(), later), FrameVerdict::Pass);
+    }
+
+    #[test]
+    fn a_presence_flood_is_disconnected_but_a_steady_pace_is_not() {
+        let start = Instant::now();
+        let mut steady = FrameLimits::new(start);
+        for i in 0..10_000u32 {
+            let at = start + Duration::from_secs_f64(f64::from(i) / CONTROL_FRAMES_PER_SECOND);
+            assert_eq!(
+                steady.check(&presence_frame(), at),
+                FrameVerdict::Pass,
+                "frame {i}"
+            );
+        }
+        let mut flood = FrameLimits::new(start);
+        for _ in 0..CONTROL_FRAME_BURST as usize {
+            assert_eq!(flood.check(&presence_frame(), start), FrameVerdict::Pass);
+        }
+        match flood.check(&presence_frame(), start) {
+            FrameVerdict::Disconnect(why) => assert!(why.contains("rate limit"), "{why}"),
+            other => panic!("expected a disconnect, got {other:?}"),
+        }
+    }
 }

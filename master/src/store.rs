@@ -10,12 +10,22 @@
 //!
 //! WAL with `synchronous = NORMAL`: a committed transaction survives a
 //! SIGKILL of the master (only a power loss can take the last commits).
+//!
+//! Bounded: the job queue holds at most [`STORE_QUEUE`] jobs; a caller that
+//! finds it full waits (real backpressure: the scheduler slows down, its
+//! connections stop reading, TCP pushes back on the agents). Each build's
+//! log is capped ([`Store::set_log_cap`]); output past the cap is counted,
+//! not stored, and the log ends with a line saying how much was dropped.
+//!
+//! A build remembers who it was handed to (`handed_to`), also across a
+//! re-queue, and [`Store::finish`] accepts a result only from that worker.
 
 use std::collections::BTreeMap;
 use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 
-use crate::live_log::{LiveEvent, LiveLogs};
 use anyhow::{Context, anyhow};
 use jiff::Timestamp;
 use nightshift_policy::Presence;
@@ -26,6 +36,8 @@ use nightshift_proto::wire::{
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
+use crate::live_log::{LiveEvent, LiveLogs};
+
 /// What runs after the batch's commit (or failed commit: `false`).
 type Completion = Box<dyn FnOnce(bool) + Send>;
 /// A job reports whether it succeeded (else its savepoint is rolled back).
@@ -33,6 +45,12 @@ type Job = Box<dyn FnOnce(&Connection) -> (bool, Completion) + Send>;
 
 /// Most jobs folded into one transaction.
 const MAX_BATCH: usize = 512;
+
+/// Most jobs waiting for the store thread; senders wait beyond that.
+pub const STORE_QUEUE: usize = 4096;
+
+/// Default per-build log cap (`max_log_bytes` in master.toml).
+pub const DEFAULT_LOG_CAP: u64 = 64 << 20;
 
 /// Ordered schema migrations; `PRAGMA user_version` counts the applied ones.
 const MIGRATIONS: &[&str] = &[
@@ -95,6 +113,20 @@ CREATE TABLE timed_builds (
     fired_at TEXT NOT NULL
 );
 "#,
+    r#"
+ALTER TABLE builds ADD COLUMN handed_to TEXT;
+UPDATE builds SET handed_to = worker WHERE worker IS NOT NULL;
+ALTER TABLE builds ADD COLUMN log_bytes INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE builds ADD COLUMN log_dropped INTEGER NOT NULL DEFAULT 0;
+UPDATE builds SET log_bytes = COALESCE(
+    (SELECT SUM(length(CAST(data AS BLOB))) FROM logs WHERE logs.build_id = builds.id), 0);
+CREATE TABLE step_grants (
+    build_id INTEGER NOT NULL,
+    step INTEGER NOT NULL,
+    worker TEXT NOT NULL,
+    PRIMARY KEY (build_id, step)
+);
+"#,
 ];
 
 /// A build that is not finished, as loaded at startup.
@@ -105,6 +137,9 @@ pub struct UnfinishedBuild {
     pub properties: BTreeMap<String, String>,
     pub state: BuildState,
     pub worker: Option<String>,
+    /// The worker it was last handed to (kept across a re-queue): the only
+    /// one whose result or adoption of it is accepted.
+    pub handed_to: Option<String>,
     pub retries: u32,
     pub source: Option<BuildSource>,
 }
@@ -130,6 +165,14 @@ pub enum HeadAdvance {
     Queued(Vec<BuildId>),
 }
 
+/// A step whose locks were granted, as persisted (re-taken after a restart).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StepGrant {
+    pub build_id: BuildId,
+    pub step: u32,
+    pub worker: String,
+}
+
 /// What a stored result did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum StoreOutcome {
@@ -137,7 +180,8 @@ pub enum StoreOutcome {
     Stored,
     /// The build was already finished by this worker: nothing changed.
     AlreadyStored,
-    /// The build does not exist, or another worker finished it.
+    /// The build does not exist, was never handed to this worker, or
+    /// another worker finished it.
     NotYours,
 }
 
@@ -155,7 +199,9 @@ pub struct LogWatch {
 /// Handle to the store thread. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::SyncSender<Job>,
+    /// Per-build log cap in bytes.
+    log_cap: Arc<AtomicU64>,
     /// Viewers of live logs, fed from inside the store thread.
     live: LiveLogs,
 }
@@ -174,15 +220,42 @@ impl Store {
         )
         .with_context(|| format!("cannot configure {}", path.display()))?;
         migrate(&conn).with_context(|| format!("cannot migrate {}", path.display()))?;
-        let (jobs, inbox) = mpsc::channel::<Job>();
+        let (jobs, inbox) = mpsc::sync_channel::<Job>(STORE_QUEUE);
         std::thread::Builder::new()
             .name("store".into())
             .spawn(move || run(conn, inbox))
             .context("cannot start the store thread")?;
         Ok(Store {
             jobs,
+            log_cap: Arc::new(AtomicU64::new(DEFAULT_LOG_CAP)),
             live: LiveLogs::default(),
         })
+    }
+
+    /// Sets the per-build log cap (`max_log_bytes`), for logs written from now on.
+    pub fn set_log_cap(&self, bytes: u64) {
+        self.log_cap.store(bytes, Ordering::Relaxed);
+    }
+
+    /// Queues `job`, waiting while the queue is full (on a multi-thread
+    /// runtime the wait moves this thread's other tasks elsewhere).
+    fn enqueue(&self, job: Job) -> Result<(), ()> {
+        match self.jobs.try_send(job) {
+            Ok(()) => Ok(()),
+            Err(mpsc::TrySendError::Disconnected(_)) => Err(()),
+            Err(mpsc::TrySendError::Full(job)) => {
+                crate::metrics::METRICS.store_queue_full();
+                let multi_thread = tokio::runtime::Handle::try_current().is_ok_and(|h| {
+                    h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread
+                });
+                let send = || self.jobs.send(job).map_err(|_| ());
+                if multi_thread {
+                    tokio::task::block_in_place(send)
+                } else {
+                    send()
+                }
+            }
+        }
     }
 
     /// Runs `f` in the next transaction; answers after the commit.
@@ -204,9 +277,8 @@ impl Store {
             });
             (ok, completion)
         });
-        self.jobs
-            .send(job)
-            .map_err(|_| anyhow!("the store thread has stopped"))?;
+        self.enqueue(job)
+            .map_err(|()| anyhow!("the store thread has stopped"))?;
         answer
             .await
             .map_err(|_| anyhow!("the store thread has stopped"))?
@@ -228,7 +300,7 @@ impl Store {
             });
             (ok, completion)
         });
-        if self.jobs.send(job).is_err() {
+        if self.enqueue(job).is_err() {
             tracing::error!("store: {what}: the store thread has stopped");
         }
     }
@@ -375,17 +447,20 @@ impl Store {
     pub fn mark_started(&self, id: BuildId, worker: String, now: Timestamp) {
         self.spawn("mark build started", move |conn| {
             conn.prepare_cached(
-                "UPDATE builds SET state = 'running', worker = ?2, started_at = ?3, waiting_for = NULL \
-                 WHERE id = ?1 AND state != 'finished'",
+                "UPDATE builds SET state = 'running', worker = ?2, handed_to = ?2, started_at = ?3, \
+                 waiting_for = NULL WHERE id = ?1 AND state != 'finished'",
             )?
             .execute(params![id as i64, worker, now.to_string()])?;
             Ok(())
         });
     }
 
-    /// The build goes back to the queue; `retry` counts it as a retry.
+    /// The build goes back to the queue; `retry` counts it as a retry. It
+    /// still remembers who it was handed to, and gives up its step grants.
     pub fn requeue(&self, id: BuildId, retry: Option<String>) {
         self.spawn("re-queue build", move |conn| {
+            conn.prepare_cached("DELETE FROM step_grants WHERE build_id = ?1")?
+                .execute(params![id as i64])?;
             match retry {
                 Some(reason) => conn
                     .prepare_cached(
@@ -413,15 +488,127 @@ impl Store {
         });
     }
 
-    /// Appends a chunk of live output.
-    pub fn append_log(&self, id: BuildId, step: u32, data: String) {
-        let live = self.live.clone();
-        self.spawn("append log", move |conn| {
-            conn.prepare_cached("INSERT INTO logs (build_id, step, data) VALUES (?1, ?2, ?3)")?
-                .execute(params![id as i64, step, data])?;
-            live.publish(id, step, &data);
+    /// The build was taken back from the worker it was handed to (e.g. its
+    /// lock lease ended): no result or adoption from that worker is
+    /// accepted any more.
+    pub fn forget_handed_to(&self, id: BuildId) {
+        self.spawn("forget who a build was handed to", move |conn| {
+            conn.prepare_cached(
+                "UPDATE builds SET handed_to = NULL WHERE id = ?1 AND state != 'finished'",
+            )?
+            .execute(params![id as i64])?;
             Ok(())
         });
+    }
+
+    /// Appends a chunk of live output, up to the build's log cap; past the
+    /// cap only the number of dropped bytes is recorded.
+    pub fn append_log(&self, id: BuildId, step: u32, data: String) {
+        let cap = self.log_cap.load(Ordering::Relaxed);
+        let live = self.live.clone();
+        self.spawn("append log", move |conn| {
+            let Some((stored, dropped)) = log_room(conn, id)? else {
+                return Ok(());
+            };
+            let room = cap.saturating_sub(stored);
+            let kept = prefix_within(&data, room);
+            if !kept.is_empty() {
+                conn.prepare_cached("INSERT INTO logs (build_id, step, data) VALUES (?1, ?2, ?3)")?
+                    .execute(params![id as i64, step, kept])?;
+                live.publish(id, step, kept);
+            }
+            let lost = (data.len() - kept.len()) as u64;
+            if lost > 0 {
+                crate::metrics::METRICS.log_bytes_dropped(lost);
+            }
+            conn.prepare_cached(
+                "UPDATE builds SET log_bytes = ?2, log_dropped = ?3 WHERE id = ?1",
+            )?
+            .execute(params![
+                id as i64,
+                (stored + kept.len() as u64) as i64,
+                (dropped + lost) as i64
+            ])?;
+            Ok(())
+        });
+    }
+
+    /// Persists that `step` of build `id` holds its locks on `worker`;
+    /// answers after the commit (the grant is sent only then, so a restart
+    /// cannot forget a hold the agent acts on).
+    pub async fn save_step_grant(
+        &self,
+        id: BuildId,
+        step: u32,
+        worker: String,
+    ) -> anyhow::Result<()> {
+        self.call(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO step_grants (build_id, step, worker) VALUES (?1, ?2, ?3) \
+                 ON CONFLICT(build_id, step) DO UPDATE SET worker = excluded.worker",
+            )?
+            .execute(params![id as i64, step, worker])?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// The step's locks were released.
+    pub fn drop_step_grant(&self, id: BuildId, step: u32) {
+        self.spawn("drop step grant", move |conn| {
+            conn.prepare_cached("DELETE FROM step_grants WHERE build_id = ?1 AND step = ?2")?
+                .execute(params![id as i64, step])?;
+            Ok(())
+        });
+    }
+
+    /// Every persisted step grant of an unfinished build.
+    pub async fn step_grants(&self) -> anyhow::Result<Vec<StepGrant>> {
+        self.call(|conn| {
+            let mut stmt = conn.prepare(
+                "SELECT g.build_id, g.step, g.worker FROM step_grants g \
+                 JOIN builds b ON b.id = g.build_id WHERE b.state = 'running' \
+                 ORDER BY g.build_id, g.step",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok(StepGrant {
+                    build_id: r.get::<_, i64>(0)? as BuildId,
+                    step: r.get(1)?,
+                    worker: r.get(2)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    /// Queued and running builds per builder.
+    pub async fn depth_by_builder(&self) -> anyhow::Result<BTreeMap<String, (u64, u64)>> {
+        self.call(|conn| {
+            let mut stmt = conn.prepare_cached(
+                "SELECT builder, state, COUNT(*) FROM builds WHERE state != 'finished' \
+                 GROUP BY builder, state",
+            )?;
+            let rows = stmt.query_map([], |r| {
+                Ok((
+                    r.get::<_, String>(0)?,
+                    r.get::<_, String>(1)?,
+                    r.get::<_, i64>(2)?,
+                ))
+            })?;
+            let mut out: BTreeMap<String, (u64, u64)> = BTreeMap::new();
+            for row in rows {
+                let (builder, state, count) = row?;
+                let entry = out.entry(builder).or_default();
+                let count = u64::try_from(count).unwrap_or(0);
+                match state.as_str() {
+                    "queued" => entry.0 = count,
+                    _ => entry.1 = count,
+                }
+            }
+            Ok(out)
+        })
+        .await
     }
 
     /// Stores one finished step.
@@ -439,21 +626,27 @@ impl Store {
         worker: String,
         result: BuildResult,
     ) -> anyhow::Result<StoreOutcome> {
+        let cap = self.log_cap.load(Ordering::Relaxed);
+        let outcome = result.outcome;
         let live = self.live.clone();
-        self.call(move |conn| {
+        let stored = self.call(move |conn| {
             let id = result.build_id as i64;
-            let row: Option<(String, Option<String>)> = conn
-                .prepare_cached("SELECT state, worker FROM builds WHERE id = ?1")?
-                .query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?)))
+            let row: Option<(String, Option<String>, Option<String>)> = conn
+                .prepare_cached("SELECT state, worker, handed_to FROM builds WHERE id = ?1")?
+                .query_row(params![id], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
                 .optional()?;
             match row {
                 None => return Ok(StoreOutcome::NotYours),
-                Some((state, owner)) if state == "finished" => {
+                Some((state, owner, _)) if state == "finished" => {
                     return Ok(if owner.as_deref() == Some(worker.as_str()) {
                         StoreOutcome::AlreadyStored
                     } else {
                         StoreOutcome::NotYours
                     });
+                }
+                // Only the worker it was handed to may finish it.
+                Some((_, _, handed_to)) if handed_to.as_deref() != Some(worker.as_str()) => {
+                    return Ok(StoreOutcome::NotYours);
                 }
                 Some(_) => {}
             }
@@ -477,17 +670,34 @@ impl Store {
             for step in &result.steps {
                 store_step(conn, result.build_id, step)?;
             }
+            conn.prepare_cached("DELETE FROM step_grants WHERE build_id = ?1")?
+                .execute(params![id])?;
             if !result.log.is_empty() {
-                // The full log supersedes whatever part streamed live.
+                // The full log supersedes whatever part streamed live, up to
+                // the cap; what streamed past the cap stays counted.
+                let (_, dropped_live) = log_room(conn, result.build_id)?.unwrap_or((0, 0));
+                let kept = prefix_within(&result.log, cap);
+                let lost = (result.log.len() - kept.len()) as u64;
+                if lost > 0 {
+                    crate::metrics::METRICS.log_bytes_dropped(lost);
+                }
                 conn.prepare_cached("DELETE FROM logs WHERE build_id = ?1")?
                     .execute(params![id])?;
                 conn.prepare_cached("INSERT INTO logs (build_id, step, data) VALUES (?1, NULL, ?2)")?
-                    .execute(params![id, result.log])?;
+                    .execute(params![id, kept])?;
+                conn.prepare_cached(
+                    "UPDATE builds SET log_bytes = ?2, log_dropped = ?3 WHERE id = ?1",
+                )?
+                .execute(params![id, kept.len() as i64, lost.max(dropped_live) as i64])?;
             }
             live.finish(result.build_id);
             Ok(StoreOutcome::Stored)
         })
-        .await
+        .await;
+        if let Ok(StoreOutcome::Stored) = stored {
+            crate::metrics::METRICS.build_finished(outcome);
+        }
+        stored
     }
 
     /// Marks a queued build finished without running (cancelled).
@@ -498,25 +708,30 @@ impl Store {
         now: Timestamp,
     ) -> anyhow::Result<bool> {
         let live = self.live.clone();
-        self.call(move |conn| {
-            let n = conn
-                .prepare_cached(
-                    "UPDATE builds SET state = 'finished', outcome = 'cancelled', reason = ?2, \
+        let cancelled = self
+            .call(move |conn| {
+                let n = conn
+                    .prepare_cached(
+                        "UPDATE builds SET state = 'finished', outcome = 'cancelled', reason = ?2, \
                      finished_at = ?3, waiting_for = NULL WHERE id = ?1 AND state = 'queued'",
-                )?
-                .execute(params![id as i64, reason, now.to_string()])?;
-            live.finish(id);
-            Ok(n > 0)
-        })
-        .await
+                    )?
+                    .execute(params![id as i64, reason, now.to_string()])?;
+                live.finish(id);
+                Ok(n > 0)
+            })
+            .await;
+        if let Ok(true) = cancelled {
+            crate::metrics::METRICS.build_finished(Outcome::Cancelled);
+        }
+        cancelled
     }
 
     /// Every build that is not finished, oldest first.
     pub async fn unfinished(&self) -> anyhow::Result<Vec<UnfinishedBuild>> {
         self.call(|conn| {
             let mut stmt = conn.prepare(
-                "SELECT id, builder, properties, state, worker, retries, repository, branch, revision \
-                 FROM builds WHERE state != 'finished' ORDER BY id",
+                "SELECT id, builder, properties, state, worker, retries, repository, branch, revision, \
+                 handed_to FROM builds WHERE state != 'finished' ORDER BY id",
             )?;
             let rows = stmt.query_map([], |r| {
                 let props: String = r.get(2)?;
@@ -529,6 +744,7 @@ impl Store {
                     worker: r.get(4)?,
                     retries: r.get(5)?,
                     source: source_of(r.get(6)?, r.get(7)?, r.get(8)?),
+                    handed_to: r.get(9)?,
                 })
             })?;
             rows.collect()
@@ -611,6 +827,15 @@ impl Store {
             let mut log = String::new();
             for chunk in chunks {
                 log.push_str(&chunk?);
+            }
+            let (_, dropped) = log_room(conn, id)?.unwrap_or((0, 0));
+            if dropped > 0 {
+                if !log.is_empty() && !log.ends_with('\n') {
+                    log.push('\n');
+                }
+                log.push_str(&format!(
+                    "[nightshift: {dropped} bytes dropped: this build's log reached its cap (max_log_bytes)]\n"
+                ));
             }
             Ok(Some(log))
         })
@@ -813,6 +1038,28 @@ fn build_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BuildInfo> {
         trigger: r.get(16)?,
         collapsed_into: r.get::<_, Option<i64>>(17)?.map(|id| id as BuildId),
     })
+}
+
+/// A build's stored and dropped log bytes (`None`: no such build).
+fn log_room(conn: &Connection, id: BuildId) -> rusqlite::Result<Option<(u64, u64)>> {
+    conn.prepare_cached("SELECT log_bytes, log_dropped FROM builds WHERE id = ?1")?
+        .query_row(params![id as i64], |r| {
+            Ok((
+                u64::try_from(r.get::<_, i64>(0)?).unwrap_or(0),
+                u64::try_from(r.get::<_, i64>(1)?).unwrap_or(0),
+            ))
+        })
+        .optional()
+}
+
+/// The longest prefix of `text` of at most `max` bytes that ends on a
+/// character boundary.
+fn prefix_within(text: &str, max: u64) -> &str {
+    let mut end = usize::try_from(max).unwrap_or(usize::MAX).min(text.len());
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    &text[..end]
 }
 
 fn store_step(conn: &Connection, id: BuildId, result: &StepResult) -> rusqlite::Result<()> {

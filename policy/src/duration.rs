@@ -27,8 +27,17 @@ pub fn parse_duration(s: &str) -> Result<SignedDuration, String> {
             "duration `{text}` is negative, expected a length such as `2h`"
         ));
     }
+    if duration > MAX_DURATION {
+        return Err(format!(
+            "duration `{text}` is longer than 100 years, the longest nightshift takes"
+        ));
+    }
     Ok(duration)
 }
+
+/// The longest duration accepted: far past any timeout or window, and far
+/// inside what instants can be shifted by without overflow.
+pub const MAX_DURATION: SignedDuration = SignedDuration::from_hours(100 * 365 * 24);
 
 fn invalid_duration(text: &str) -> String {
     format!("invalid duration `{text}`, expected e.g. `30s`, `2m`, `1h30m`, `2h` or `1d`")
@@ -41,18 +50,21 @@ pub fn format_duration(duration: SignedDuration) -> String {
     if duration.is_negative() {
         out.push('-');
     }
-    if secs == 0 {
-        let millis = duration.subsec_millis().unsigned_abs();
-        return if millis > 0 {
-            format!("{out}{millis}ms")
-        } else {
-            "0s".to_owned()
-        };
+    let mut nanos = u64::from(duration.subsec_nanos().unsigned_abs());
+    if secs == 0 && nanos == 0 {
+        return "0s".to_owned();
     }
     for (unit, size) in [("d", 86_400u64), ("h", 3_600), ("m", 60), ("s", 1)] {
         if secs >= size {
             out.push_str(&format!("{}{unit}", secs / size));
             secs %= size;
+        }
+    }
+    // Below a second, exactly: `9s232ms`, `1ms500us`, `7ns`.
+    for (unit, size) in [("ms", 1_000_000u64), ("us", 1_000), ("ns", 1)] {
+        if nanos >= size {
+            out.push_str(&format!("{}{unit}", nanos / size));
+            nanos %= size;
         }
     }
     out
@@ -157,7 +169,17 @@ mod tests {
 
     #[test]
     fn rejects_bad_text_naming_it() {
-        for text in ["", "2 parsecs", "h", "-5m", "12"] {
+        // "1h242949672960m" was found by the fuzzer: it printed as days that
+        // jiff cannot read back, and would overflow an instant.
+        for text in [
+            "",
+            "2 parsecs",
+            "h",
+            "-5m",
+            "12",
+            "1h242949672960m",
+            "36501d",
+        ] {
             let error = parse_duration(text).expect_err(text);
             assert!(error.contains(text.trim()), "{error}");
         }
@@ -170,6 +192,17 @@ mod tests {
             assert_eq!(parse_duration(&format_duration(d)), Ok(d));
         }
         assert_eq!(format_duration(SignedDuration::from_secs(5400)), "1h30m");
+        // Found by the fuzzer: sub-second parts above a second were dropped.
+        for (nanos, text) in [
+            (9_232_000_000, "9s232ms"),
+            (1_500_000, "1ms500us"),
+            (7, "7ns"),
+            (90_061_000_000_001, "1d1h1m1s1ns"),
+        ] {
+            let d = SignedDuration::from_nanos(nanos);
+            assert_eq!(format_duration(d), text);
+            assert_eq!(parse_duration(text), Ok(d));
+        }
     }
 
     #[test]

@@ -7,6 +7,7 @@
 mod config;
 mod cron;
 pub mod duration;
+mod firing;
 mod load;
 mod policy;
 mod state;
@@ -17,7 +18,7 @@ pub use cron::CronSchedule;
 pub use duration::{DurationSpec, format_duration, parse_duration};
 pub use load::{ForeignLoadSample, LoadMonitor, LoadVerdict};
 pub use policy::{
-    CompileOptions, Inputs, Interval, ManualOverride, MasterOverride, Policy, PolicyError,
-    PolicyOwner, PresenceChange, PresenceTracker,
+    CompileOptions, Inputs, Interval, MAX_PREVIEW_CHANGES, MAX_UNTIL_STEPS, ManualOverride,
+    MasterOverride, Policy, PolicyError, PolicyOwner, PresenceChange, PresenceTracker, Preview,
 };
 pub use state::{Presence, PresenceState, Source, UnknownSource, UnknownState};

@@ -9,9 +9,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::{AvailabilityConfig, LoadConfig};
 use crate::duration::format_duration;
+use crate::firing::CronPair;
 use crate::load::{LoadMonitor, LoadVerdict};
 use crate::state::{Presence, PresenceState, Source};
-use crate::window::{DaySet, Window, parse_cron, parse_hours};
+use crate::window::{DaySet, Window, crontab_reading_differs, parse_cron, parse_hours};
 
 /// A problem in the availability config, located by its key path
 /// (e.g. `availability.schedule[1].days`); the config loader turns the path
@@ -151,6 +152,17 @@ impl Interval {
     }
 }
 
+/// What [`Policy::preview`] answers: the intervals, and where they stop short
+/// of the span asked for when it had too many changes to follow.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Preview {
+    pub intervals: Vec<Interval>,
+    /// `Some(t)`: the span had more than [`MAX_PREVIEW_CHANGES`] changes; the
+    /// intervals are exact and end at `t`, nothing after `t` was computed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub truncated_at: Option<Timestamp>,
+}
+
 /// Validated, ready-to-evaluate availability policies.
 #[derive(Debug, Clone)]
 pub struct Policy {
@@ -161,6 +173,7 @@ pub struct Policy {
     windows: Vec<Window>,
     load: Option<LoadConfig>,
     owner: PolicyOwner,
+    warnings: Vec<PolicyError>,
 }
 
 /// The verdict of the schedules and default alone at one instant.
@@ -171,6 +184,15 @@ struct ScheduleVerdict {
     since: Option<Timestamp>,
 }
 
+/// How many schedule changes [`Policy::preview`] follows before it stops and
+/// says so (a year of a window that opens and closes every few minutes).
+pub const MAX_PREVIEW_CHANGES: usize = 100_000;
+
+/// How many coming changes [`Policy::evaluate`] looks through for the one
+/// that changes the state (its `until`).
+pub const MAX_UNTIL_STEPS: usize = 1_000;
+
+/// How many changes [`Policy::fits`] follows before it answers "does not fit".
 const MAX_STEPS: usize = 100_000;
 
 impl Policy {
@@ -208,6 +230,7 @@ impl Policy {
         options: &CompileOptions,
     ) -> Result<Policy, Vec<PolicyError>> {
         let mut errors = Vec::new();
+        let mut warnings = Vec::new();
         let at = |key: &str, message: String| PolicyError {
             path: options.key_path(key),
             message,
@@ -299,6 +322,11 @@ impl Policy {
                             "`days` goes with `hours`; with `open`/`close` put the days in the cron day-of-week field".to_owned(),
                         ));
                     }
+                    for (field, text) in [("open", open), ("close", close)] {
+                        if let Some(message) = crontab_reading_differs(text) {
+                            warnings.push(at(&key(field), message));
+                        }
+                    }
                     let open_cron = parse_cron(open).map_err(|m| errors.push(at(&key("open"), m)));
                     let close_cron =
                         parse_cron(close).map_err(|m| errors.push(at(&key("close"), m)));
@@ -316,16 +344,36 @@ impl Policy {
                                     fires = false;
                                 }
                             }
-                            fires.then(|| {
-                                Window::from_cron(
-                                    name.to_owned(),
-                                    entry.state,
-                                    open_cron,
-                                    close_cron,
-                                    open.clone(),
-                                    close.clone(),
-                                )
-                            })
+                            let pair = fires.then(|| CronPair::new(open_cron, close_cron));
+                            match pair {
+                                Some(pair) if !pair.lone_open && !pair.lone_close => {
+                                    errors.push(at(
+                                        &key("close"),
+                                        format!(
+                                            "open = \"{open}\" and close = \"{close}\" fire at the same times, so the window never opens; make close fire when the window should end (for a window that is always open, set `default` instead)"
+                                        ),
+                                    ));
+                                    None
+                                }
+                                Some(pair) => {
+                                    if !pair.lone_open {
+                                        warnings.push(at(
+                                            &key("open"),
+                                            format!(
+                                                "every time open = \"{open}\" fires, close = \"{close}\" fires too, so this window never opens"
+                                            ),
+                                        ));
+                                    }
+                                    Some(Window::from_cron(
+                                        name.to_owned(),
+                                        entry.state,
+                                        pair,
+                                        open.clone(),
+                                        close.clone(),
+                                    ))
+                                }
+                                None => None,
+                            }
                         }
                         _ => None,
                     }
@@ -398,7 +446,15 @@ impl Policy {
             windows,
             load: cfg.load.clone(),
             owner: options.owner,
+            warnings,
         })
+    }
+
+    /// What is valid but may not mean what its writer thinks (a cron day
+    /// field read differently by Linux crontab, a window that never opens),
+    /// located like errors. `worker check` and `master check` print them.
+    pub fn warnings(&self) -> &[PolicyError] {
+        &self.warnings
     }
 
     /// The zone the schedules are written in.
@@ -533,11 +589,78 @@ impl Policy {
     /// The presence at `now`: stopping beats everything, an unexpired manual
     /// override beats the automatic sources, and among the automatic sources
     /// (master, load, schedules/default) the most restrictive wins (on a tie:
-    /// master, then load, then the schedule). `until` is [`Policy::next_change`];
+    /// master, then load, then the schedule). `until` is the instant the
+    /// *state* next changes (an override that ends into the same state, or a
+    /// window that hands over to another with the same state, is not one);
+    /// the agent re-evaluates earlier, at [`Policy::next_change`];
     /// `since` is when the deciding condition began where known, else `now`
     /// (use [`PresenceTracker`] to keep `since` across evaluations).
     pub fn evaluate(&self, now: Timestamp, inputs: &Inputs) -> Presence {
-        let until = self.next_change(now, inputs);
+        let mut presence = self.presence_at(now, inputs, false);
+        presence.until = self.state_ends(now, inputs, presence.state);
+        presence
+    }
+
+    /// The presence at `now` with `until` left unset: [`Policy::evaluate`]
+    /// without its look-ahead through coming changes, for callers that only
+    /// compare states and reasons (and re-evaluate at every change anyway).
+    pub fn evaluate_without_until(&self, now: Timestamp, inputs: &Inputs) -> Presence {
+        self.presence_at(now, inputs, false)
+    }
+
+    /// When the presence *state* next differs from `state` (not merely its
+    /// reason or source): walks the coming changes, taking a pending load
+    /// verdict as flipped once its deadline passes. `None` when no change is
+    /// known within [`MAX_UNTIL_STEPS`] changes.
+    fn state_ends(
+        &self,
+        now: Timestamp,
+        inputs: &Inputs,
+        state: PresenceState,
+    ) -> Option<Timestamp> {
+        // A source that holds without end at or above anything the schedules
+        // can give keeps the state for good: nothing to walk.
+        let schedules_at_most = self
+            .windows
+            .iter()
+            .map(|w| w.state)
+            .fold(self.default, PresenceState::max);
+        let holds_for_good = |at: Timestamp| {
+            let master = inputs
+                .master
+                .as_ref()
+                .filter(|m| m.until.is_none() && m.is_active(at))
+                .map(|m| m.state);
+            let load = inputs
+                .load
+                .as_ref()
+                .filter(|l| l.high && l.pending_change.is_none())
+                .map(|l| l.state);
+            master
+                .into_iter()
+                .chain(load)
+                .max()
+                .is_some_and(|floor| floor == state && floor >= schedules_at_most)
+        };
+        let mut at = now;
+        for _ in 0..MAX_UNTIL_STEPS {
+            let manual_decides = inputs.manual.as_ref().is_some_and(|m| m.is_active(at));
+            if !manual_decides && holds_for_good(at) {
+                return None;
+            }
+            let next = self.next_change(at, inputs)?;
+            if self.presence_at(next, inputs, true).state != state {
+                return Some(next);
+            }
+            at = next;
+        }
+        None
+    }
+
+    /// The presence at `now` without `until`. With `predict_load`, a load
+    /// verdict whose `pending_change` is at or before `now` counts as flipped.
+    fn presence_at(&self, now: Timestamp, inputs: &Inputs, predict_load: bool) -> Presence {
+        let until = None;
         if inputs.stopping {
             return Presence {
                 state: PresenceState::Away,
@@ -568,7 +691,11 @@ impl Policy {
             since: schedule.since.unwrap_or(now).min(now),
             until,
         };
-        if let Some(load) = inputs.load.as_ref().filter(|l| l.high)
+        let load_high = |load: &LoadVerdict| {
+            let flipped = predict_load && load.pending_change.is_some_and(|t| t <= now);
+            load.high != flipped
+        };
+        if let Some(load) = inputs.load.as_ref().filter(|l| load_high(l))
             && load.state >= best.state
         {
             best.state = load.state;
@@ -621,40 +748,96 @@ impl Policy {
     }
 
     /// The intervals in `[from, to)` as the schedules and default alone give
-    /// them: contiguous, in order, neighbours with equal state and source merged.
-    pub fn preview(&self, from: Timestamp, to: Timestamp) -> Vec<Interval> {
+    /// them: contiguous, in order, neighbours with equal state and source
+    /// merged. A span with more than [`MAX_PREVIEW_CHANGES`] changes is cut
+    /// there, and [`Preview::truncated_at`] says where.
+    pub fn preview(&self, from: Timestamp, to: Timestamp) -> Preview {
+        self.preview_limited(from, to, MAX_PREVIEW_CHANGES)
+    }
+
+    /// [`Policy::preview`] with a chosen limit on the changes followed.
+    pub fn preview_limited(&self, from: Timestamp, to: Timestamp, max_changes: usize) -> Preview {
+        let max_changes = max_changes.max(1);
         let mut intervals: Vec<Interval> = Vec::new();
-        let mut start = from;
+        if from >= to {
+            return Preview {
+                intervals,
+                truncated_at: None,
+            };
+        }
+        // Each window's own changes in the span, merged into one timeline.
+        let start = self.zoned(from);
+        let mut inside: Vec<bool> = self
+            .windows
+            .iter()
+            .map(|w| w.membership(&start).inside)
+            .collect();
+        let mut changes: Vec<(Timestamp, usize, bool)> = Vec::new();
+        for (index, window) in self.windows.iter().enumerate() {
+            changes.extend(
+                window
+                    .changes_between(&self.tz, from, to, inside[index], max_changes + 1)
+                    .into_iter()
+                    .map(|(at, open)| (at, index, open)),
+            );
+        }
+        changes.sort_by_key(|(at, index, _)| (*at, *index));
+        let mut at = from;
+        let mut pending = changes.into_iter().peekable();
         let mut steps = 0;
-        while start < to {
-            let zoned = self.zoned(start);
-            let verdict = self.schedule_verdict(&zoned);
-            let end = self
-                .next_schedule_change(&zoned)
-                .filter(|t| *t > start)
-                .map_or(to, |t| t.min(to));
-            steps += 1;
-            let end = if steps >= MAX_STEPS { to } else { end };
+        loop {
+            while let Some((_, index, open)) = pending.next_if(|(t, _, _)| *t <= at) {
+                inside[index] = open;
+            }
+            let (state, source) = self.verdict_of(&inside);
+            let end = pending.peek().map_or(to, |(t, _, _)| *t);
             match intervals.last_mut() {
-                Some(last) if last.state == verdict.state && last.source == verdict.source => {
-                    last.to = end;
-                }
+                Some(last) if last.state == state && last.source == source => last.to = end,
                 _ => intervals.push(Interval {
-                    from: start,
+                    from: at,
                     to: end,
-                    state: verdict.state,
-                    source: verdict.source,
+                    state,
+                    source,
                 }),
             }
-            start = end;
+            if end >= to {
+                break;
+            }
+            steps += 1;
+            at = end;
+            if steps >= max_changes {
+                return Preview {
+                    intervals,
+                    truncated_at: Some(at),
+                };
+            }
         }
-        intervals
+        Preview {
+            intervals,
+            truncated_at: None,
+        }
+    }
+
+    /// The state and source the schedules give when `inside[i]` says which
+    /// windows are open (the same choice as [`Policy::evaluate`] makes).
+    fn verdict_of(&self, inside: &[bool]) -> (PresenceState, Source) {
+        let mut best: Option<&Window> = None;
+        for (window, _) in self.windows.iter().zip(inside).filter(|(_, open)| **open) {
+            match best {
+                Some(b) if b.state >= window.state => {}
+                _ => best = Some(window),
+            }
+        }
+        match best {
+            Some(window) => (window.state, self.schedule_source(&window.name)),
+            None => (self.default, self.default_source()),
+        }
     }
 
     /// Whether a build of length `expected` started at `now` would end before
     /// the policies next take the worker away (load is taken as it is now).
     pub fn fits(&self, now: Timestamp, inputs: &Inputs, expected: SignedDuration) -> bool {
-        if !self.evaluate(now, inputs).state.takes_builds() {
+        if !self.presence_at(now, inputs, false).state.takes_builds() {
             return false;
         }
         let Ok(end) = now.checked_add(expected.max(SignedDuration::ZERO)) else {
@@ -668,7 +851,7 @@ impl Policy {
             if next >= end {
                 return true;
             }
-            if !self.evaluate(next, inputs).state.takes_builds() {
+            if !self.presence_at(next, inputs, true).state.takes_builds() {
                 return false;
             }
             at = next;
@@ -680,10 +863,14 @@ impl Policy {
     /// itself if they do already), within `horizon`.
     pub fn next_available(&self, now: Timestamp, horizon: SignedDuration) -> Option<Timestamp> {
         let end = now.checked_add(horizon).ok()?;
-        self.preview(now, end)
-            .into_iter()
-            .find(|i| i.state.takes_builds())
-            .map(|i| i.from)
+        let mut from = now;
+        loop {
+            let preview = self.preview(from, end);
+            if let Some(found) = preview.intervals.iter().find(|i| i.state.takes_builds()) {
+                return Some(found.from);
+            }
+            from = preview.truncated_at?;
+        }
     }
 }
 

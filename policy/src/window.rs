@@ -8,11 +8,9 @@ use croner::parser::{CronParser, Seconds, Year};
 use jiff::tz::TimeZone;
 use jiff::{Timestamp, Zoned};
 
+use crate::firing::CronPair;
+pub(crate) use crate::firing::Membership;
 use crate::state::PresenceState;
-
-/// How many back-to-back windows (a close and an open at the same instant)
-/// are followed before the window is taken to be open throughout.
-const MAX_TIE_CHAIN: usize = 16;
 
 const DAY_NAMES: [&str; 7] = ["sun", "mon", "tue", "wed", "thu", "fri", "sat"];
 const FULL_DAY_NAMES: [&str; 7] = [
@@ -156,7 +154,10 @@ fn parse_clock(text: &str, whole: &str) -> Result<u32, String> {
             "invalid time \"{text}\" in hours = \"{whole}\", expected HH:MM-HH:MM such as \"19:00-07:00\""
         )
     };
-    if hour.is_empty() || hour.len() > 2 || minute.len() > 2 || minute.is_empty() {
+    let digits = |part: &str| {
+        !part.is_empty() && part.len() <= 2 && part.bytes().all(|b| b.is_ascii_digit())
+    };
+    if !digits(hour) || !digits(minute) {
         return Err(bad());
     }
     let hour: u32 = hour.parse().map_err(|_| bad())?;
@@ -216,6 +217,9 @@ pub(crate) fn parse_cron(expr: &str) -> Result<Cron, String> {
             if fields.len() == 1 { "" } else { "s" }
         ));
     }
+    for (index, field) in fields.iter().enumerate() {
+        check_field_words(expr, index, field)?;
+    }
     match parser().parse(expr) {
         Ok(cron) => Ok(cron),
         Err(error) => {
@@ -236,6 +240,85 @@ pub(crate) fn parse_cron(expr: &str) -> Result<Cron, String> {
             ))
         }
     }
+}
+
+const MONTH_NAMES: [&str; 12] = [
+    "jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec",
+];
+
+/// Names belong in their own field only: month names in the month field, day
+/// names in the day-of-week field (croner would read `mon` in the month field
+/// as January, `dec` in the day-of-month field as 12). Also allowed are `L`
+/// and `W` in day-of-month and `L` in day-of-week.
+fn check_field_words(expr: &str, index: usize, field: &str) -> Result<(), String> {
+    let lower = field.to_ascii_lowercase();
+    for word in lower
+        .split(|c: char| !c.is_ascii_alphabetic())
+        .filter(|w| !w.is_empty())
+    {
+        let is_month = MONTH_NAMES.contains(&word);
+        let is_day = DAY_NAMES.contains(&word);
+        let allowed = match index {
+            2 => matches!(word, "l" | "w" | "lw"),
+            3 => is_month,
+            4 => is_day || word == "l",
+            _ => false,
+        };
+        if allowed {
+            continue;
+        }
+        let what = if is_day {
+            format!("`{word}` is a day name, which belongs in the day-of-week (5th) field")
+        } else if is_month {
+            format!("`{word}` is a month name, which belongs in the month (4th) field")
+        } else {
+            format!("`{word}` is not a value of this field")
+        };
+        return Err(format!(
+            "cron expression \"{expr}\": the {} `{field}` is invalid ({what})",
+            FIELD_NAMES[index]
+        ));
+    }
+    Ok(())
+}
+
+/// Where nightshift's reading of a cron expression differs from Linux
+/// crontab's (Vixie/cronie): a day-of-month or day-of-week that starts with
+/// `*` but is not `*` (e.g. `*/2`) beside a restricted other day field.
+/// nightshift fires on days matching either field (POSIX, croner); crontab
+/// fires only on days matching both. `None` where the readings agree.
+pub(crate) fn crontab_reading_differs(expr: &str) -> Option<String> {
+    let fields: Vec<&str> = expr.split_whitespace().collect();
+    let [_, _, dom, _, dow] = fields.as_slice() else {
+        return None;
+    };
+    let is_star = |f: &str| f == "*" || f == "?";
+    let starred_step = |f: &str| f.starts_with('*') && !is_star(f);
+    if dow.starts_with('+') {
+        return None;
+    }
+    let (starred, other) = if starred_step(dom) && !is_star(dow) {
+        (
+            format!("day-of-month `{dom}`"),
+            format!("day-of-week `{dow}`"),
+        )
+    } else if starred_step(dow) && !is_star(dom) {
+        (
+            format!("day-of-week `{dow}`"),
+            format!("day-of-month `{dom}`"),
+        )
+    } else {
+        return None;
+    };
+    Some(format!(
+        "cron expression \"{expr}\": the {starred} and the {other} are both restricted, so it fires on days that match either (as POSIX cron and croner read it); Linux crontab would fire only on days that match both. To require both, start the day-of-week with `+` (e.g. \"{}\")",
+        fields[..4]
+            .iter()
+            .copied()
+            .chain([format!("+{dow}").as_str()])
+            .collect::<Vec<_>>()
+            .join(" ")
+    ))
 }
 
 fn croner_message(error: &croner::errors::CronError) -> String {
@@ -260,16 +343,7 @@ pub(crate) struct Window {
     pub name: String,
     pub state: PresenceState,
     pub form: WindowForm,
-    open: Cron,
-    close: Cron,
-}
-
-/// Where an instant stands relative to a window.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Membership {
-    pub inside: bool,
-    /// When the window last opened (inside) or closed (outside), if ever.
-    pub since: Option<Timestamp>,
+    pair: CronPair,
 }
 
 impl Window {
@@ -298,16 +372,14 @@ impl Window {
             name,
             state,
             form: WindowForm::Hours { open, close, days },
-            open: parse_cron(&open_expr)?,
-            close: parse_cron(&close_expr)?,
+            pair: CronPair::new(parse_cron(&open_expr)?, parse_cron(&close_expr)?),
         })
     }
 
     pub(crate) fn from_cron(
         name: String,
         state: PresenceState,
-        open: Cron,
-        close: Cron,
+        pair: CronPair,
         open_text: String,
         close_text: String,
     ) -> Window {
@@ -318,81 +390,63 @@ impl Window {
                 open: open_text,
                 close: close_text,
             },
-            open,
-            close,
+            pair,
         }
     }
 
-    /// Whether the window is open at `at`: it last opened after it last closed
-    /// (both inclusive of `at`). When it opens and closes at the same instant,
-    /// it is open if it was open just before (one window ends as the next
-    /// begins, e.g. `00:00-24:00` on `sat,sun`), else that window is empty
-    /// (e.g. it would open in a skipped DST hour and close at the gap's end).
+    /// Whether the window is open at `at`: its last lone open or close at or
+    /// before `at` was an open. Where open and close fire at the same instant
+    /// the window stays as it was just before (one window ends as the next
+    /// begins, e.g. `00:00-24:00` on `sat,sun`; or an empty window, e.g. one
+    /// that would open in a skipped DST hour and close at the gap's end),
+    /// however many such instants follow each other.
     pub(crate) fn membership(&self, at: &Zoned) -> Membership {
-        let mut probe = at.clone();
-        let mut inclusive = true;
-        let mut first_tie: Option<Timestamp> = None;
-        for _ in 0..MAX_TIE_CHAIN {
-            let last_open = self.open.find_previous_occurrence(&probe, inclusive).ok();
-            let last_close = self.close.find_previous_occurrence(&probe, inclusive).ok();
-            match (last_open, last_close) {
-                (Some(open), Some(close)) if open.timestamp() == close.timestamp() => {
-                    first_tie.get_or_insert(open.timestamp());
-                    probe = open;
-                    inclusive = false;
-                }
-                (Some(open), Some(close)) if open.timestamp() > close.timestamp() => {
-                    return Membership {
-                        inside: true,
-                        since: Some(first_tie.unwrap_or(open.timestamp())),
-                    };
-                }
-                (Some(open), None) => {
-                    return Membership {
-                        inside: true,
-                        since: Some(first_tie.unwrap_or(open.timestamp())),
-                    };
-                }
-                (_, close) => {
-                    return Membership {
-                        inside: false,
-                        since: first_tie.or(close.map(|c| c.timestamp())),
-                    };
-                }
+        if self.always_open() {
+            return Membership {
+                inside: true,
+                since: None,
+            };
+        }
+        self.pair.membership(at.time_zone(), at.timestamp())
+    }
+
+    /// `hours = "00:00-24:00"` on every day: open throughout (its open and
+    /// close crons are the same, every midnight a tie).
+    fn always_open(&self) -> bool {
+        matches!(
+            self.form,
+            WindowForm::Hours {
+                open: 0,
+                close: 1440,
+                days: DaySet::ALL
             }
-        }
-        // A long chain of back-to-back windows: open throughout.
-        Membership {
-            inside: true,
-            since: first_tie,
-        }
+        )
     }
 
     /// The next instant strictly after `at` at which the window closes (if
-    /// `inside`; a close where the next window opens at once is skipped) or
-    /// opens (an open that closes at the same instant, an empty window, is
-    /// skipped too: nothing changes there).
+    /// `inside`) or opens: where it changes, by the rule of [`Window::membership`].
     pub(crate) fn next_boundary(&self, at: &Zoned, inside: bool) -> Option<Timestamp> {
-        if !inside {
-            let mut probe = at.clone();
-            for _ in 0..MAX_TIE_CHAIN {
-                let open = self.open.find_next_occurrence(&probe, false).ok()?;
-                if self.membership(&open).inside {
-                    return Some(open.timestamp());
-                }
-                probe = open;
-            }
-            return Some(probe.timestamp());
+        if self.always_open() {
+            return None;
         }
-        let mut probe = at.clone();
-        for _ in 0..MAX_TIE_CHAIN {
-            let close = self.close.find_next_occurrence(&probe, false).ok()?;
-            if !self.membership(&close).inside {
-                return Some(close.timestamp());
-            }
-            probe = close;
+        self.pair
+            .next_boundary(at.time_zone(), at.timestamp(), inside)
+    }
+
+    /// The instants in `(from, to)` where this window opens or closes, with
+    /// whether it is open after each, given whether it is open at `from`.
+    pub(crate) fn changes_between(
+        &self,
+        tz: &TimeZone,
+        from: Timestamp,
+        to: Timestamp,
+        inside: bool,
+        limit: usize,
+    ) -> Vec<(Timestamp, bool)> {
+        if self.always_open() {
+            return Vec::new();
         }
-        Some(probe.timestamp())
+        self.pair.changes_between(tz, from, to, inside, limit)
     }
 
     /// Whether both expressions ever fire (searching from 2000 in `tz`).
@@ -421,8 +475,8 @@ impl Window {
             }
             WindowForm::Cron { open, close } => format!(
                 "from \"{open}\" ({}) until \"{close}\" ({}), {zone_name}",
-                lowercase_first(&self.open.describe()),
-                lowercase_first(&self.close.describe())
+                lowercase_first(&self.pair.open.cron().describe()),
+                lowercase_first(&self.pair.close.cron().describe())
             ),
         }
     }
@@ -475,6 +529,8 @@ mod tests {
     fn hours_parse() {
         assert_eq!(parse_hours("19:00-07:00"), Ok((1140, 420)));
         assert_eq!(parse_hours("9-17"), Ok((540, 1020)));
+        assert_eq!(parse_hours("7-19"), Ok((420, 1140)));
+        assert_eq!(parse_hours("7:30 – 19"), Ok((450, 1140)));
         assert_eq!(parse_hours("00:00-24:00"), Ok((0, 1440)));
         for bad in [
             "19:00",
@@ -483,9 +539,68 @@ mod tests {
             "7:00-7:00",
             "ab-cd",
             "24:00-01:00",
+            "+7:00-08:00",
+            "7:00-+8:00",
+            "-7:00-08:00",
+            "7:0x-08:00",
         ] {
             let error = parse_hours(bad).unwrap_err();
             assert!(error.contains(bad), "{bad}: {error}");
+        }
+    }
+
+    #[test]
+    fn names_in_the_wrong_field_are_rejected() {
+        for (expr, field, word) in [
+            ("0 9 * mon *", "month (4th field", "`mon` is a day name"),
+            (
+                "0 9 * * jan",
+                "day-of-week (5th field",
+                "`jan` is a month name",
+            ),
+            ("mon 9 * * *", "minute (1st field", "`mon` is a day name"),
+            ("0 sat * * *", "hour (2nd field", "`sat` is a day name"),
+            (
+                "0 9 dec * *",
+                "day-of-month (3rd field",
+                "`dec` is a month name",
+            ),
+            (
+                "0 9 * * monday",
+                "day-of-week (5th field",
+                "`monday` is not a value",
+            ),
+        ] {
+            let error = parse_cron(expr).unwrap_err();
+            assert!(error.contains(field), "{expr}: {error}");
+            assert!(error.contains(word), "{expr}: {error}");
+            assert!(error.contains(&format!("\"{expr}\"")), "{expr}: {error}");
+        }
+        for good in [
+            "0 9 * jan-mar mon-fri",
+            "0 9 L * *",
+            "0 9 15W * *",
+            "0 9 * * 5L",
+            "0 9 * DEC SUN",
+        ] {
+            assert!(parse_cron(good).is_ok(), "{good}");
+        }
+    }
+
+    #[test]
+    fn crontab_differences_are_found() {
+        let warning = crontab_reading_differs("0 9 */2 * mon").unwrap();
+        assert!(warning.contains("either"), "{warning}");
+        assert!(warning.contains("\"0 9 */2 * +mon\""), "{warning}");
+        assert!(crontab_reading_differs("0 9 1 * */2").is_some());
+        for same in [
+            "0 9 */2 * *",
+            "0 9 * * mon",
+            "0 9 1-7 * mon",
+            "0 9 */2 * +mon",
+            "0 9 ? * */2",
+        ] {
+            assert_eq!(crontab_reading_differs(same), None, "{same}");
         }
     }
 

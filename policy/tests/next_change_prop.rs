@@ -135,7 +135,9 @@ fn inputs_at(now: Timestamp, spec: &OverrideSpec) -> Inputs {
 
 /// What must not change between re-evaluations.
 fn key_with(policy: &Policy, at: Timestamp, inputs: &Inputs) -> (PresenceState, String, String) {
-    let p = policy.evaluate(at, inputs);
+    // `until` is not compared here, and `evaluate`'s look-ahead for it
+    // would make this minute-by-minute walk quadratic.
+    let p = policy.evaluate_without_until(at, inputs);
     (p.state, p.source.to_string(), p.reason)
 }
 

@@ -266,7 +266,8 @@ fn cases() -> Vec<Case> {
             "2026-11-23T22:30:00Z",
             Reluctant,
             "schedule:backup",
-            Some("2026-11-23T23:00:00Z"),
+            // evenings closes at 23:00 under backup: the state holds until 02:00.
+            Some("2026-11-24T02:00:00Z"),
         ),
         case(
             OVERLAPPING_UTC,
@@ -288,14 +289,15 @@ fn cases() -> Vec<Case> {
             "2026-11-28T12:00:00+01:00",
             Reluctant,
             "schedule:weekends",
-            Some("2026-11-28T19:00:00+01:00"),
+            // nights open and close under the weekend: reluctant until Monday 00:00.
+            Some("2026-11-30T00:00:00+01:00"),
         ),
         case(
             WEEKENDS,
             "2026-11-29T00:00:00+01:00",
             Reluctant,
             "schedule:weekends",
-            Some("2026-11-29T07:00:00+01:00"),
+            Some("2026-11-30T00:00:00+01:00"),
         ),
         case(
             WEEKENDS,
@@ -542,12 +544,21 @@ fn presence_table() {
                 c.at, got, presence.reason, want
             ));
         }
-        // `until` is exactly next_change.
-        assert_eq!(
-            presence.until,
-            policy.next_change(now, &c.inputs),
-            "case {index}"
-        );
+        // `until` is the first re-evaluation (next_change) at which the
+        // state differs; every re-evaluation before it keeps the state.
+        let mut at = now;
+        let mut walked = None;
+        while let Some(next) = policy.next_change(at, &c.inputs) {
+            if policy.evaluate(next, &c.inputs).state != presence.state {
+                walked = Some(next);
+                break;
+            }
+            at = next;
+            if at > now + SignedDuration::from_hours(24 * 30) {
+                break;
+            }
+        }
+        assert_eq!(presence.until, walked, "case {index}");
         assert!(presence.since <= now, "case {index}: since after now");
     }
     assert!(failures.is_empty(), "{}", failures.join("\n"));
@@ -662,15 +673,18 @@ fn load_goes_away_only_after_holding_for_the_duration() {
     let v = monitor.verdict_at(ts("2026-11-23T10:03:30Z"));
     assert!(v.high);
     assert_eq!(v.since, ts("2026-11-23T10:03:30Z"));
-    let p = policy.evaluate(
-        ts("2026-11-23T10:03:30Z"),
-        &Inputs {
-            load: Some(v),
-            ..Inputs::default()
-        },
-    );
+    let inputs = Inputs {
+        load: Some(v),
+        ..Inputs::default()
+    };
+    let p = policy.evaluate(ts("2026-11-23T10:03:30Z"), &inputs);
     assert_eq!((p.state, p.source), (Away, Source::Load));
-    assert_eq!(p.until, Some(ts("2026-11-23T18:00:00Z")));
+    // The schedule ends at 18:00 into the default `away`: no state change then.
+    assert_eq!(p.until, None);
+    assert_eq!(
+        policy.next_change(ts("2026-11-23T10:03:30Z"), &inputs),
+        Some(ts("2026-11-23T18:00:00Z"))
+    );
 }
 
 #[test]
@@ -760,7 +774,7 @@ fn preview_is_contiguous_merged_and_ordered() {
     let p = policy(WEEKENDS);
     let from = ts("2026-11-27T12:00:00+01:00");
     let to = ts("2026-12-01T12:00:00+01:00");
-    let intervals = p.preview(from, to);
+    let intervals = p.preview(from, to).intervals;
     assert_eq!(intervals.first().map(|i| i.from), Some(from));
     assert_eq!(intervals.last().map(|i| i.to), Some(to));
     for pair in intervals.windows(2) {
@@ -838,8 +852,14 @@ fn master_side_schedule_carries_source_master() {
     };
     let own = policy(AWAY_AT_LUNCH).evaluate(ts("2026-11-23T12:00:00+01:00"), &inputs);
     assert_eq!((own.state, own.source), (Away, Source::Master));
-    // Re-evaluated when its own lunch window opens, before the master's schedule ends.
-    assert_eq!(own.until, Some(ts("2026-11-23T12:00:00Z")));
+    // Its own lunch window (away) opens under the master's away: no change;
+    // the state changes when the master's schedule ends at 19:00 Berlin.
+    assert_eq!(own.until, Some(ts("2026-11-23T18:00:00Z")));
+    // But the agent re-evaluates when the lunch window opens.
+    assert_eq!(
+        policy(AWAY_AT_LUNCH).next_change(ts("2026-11-23T12:00:00+01:00"), &inputs),
+        Some(ts("2026-11-23T12:00:00Z"))
+    );
     let bad: AvailabilityConfig =
         toml::from_str("[[schedule]]\nname = \"x\"\nhours = \"7-7\"\n").unwrap();
     let errors =

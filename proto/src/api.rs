@@ -179,6 +179,74 @@ pub struct WorkerList {
     pub workers: Vec<WorkerInfo>,
 }
 
+/// Largest page `GET /api/v1/workers` returns (also its default).
+pub const MAX_WORKER_PAGE: usize = 1000;
+
+/// `GET /api/v1/workers?state=…&name=…&offset=…&limit=…`: which workers, and
+/// which page of them (in name order).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WorkerQuery {
+    /// Only workers in this state.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<PresenceState>,
+    /// Only workers whose name contains this text.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// Skip this many matching workers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub offset: Option<usize>,
+    /// At most this many (1 to [`MAX_WORKER_PAGE`]; default the maximum).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limit: Option<usize>,
+}
+
+impl WorkerQuery {
+    /// The query string (without `?`), percent-encoded.
+    pub fn to_query_string(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(state) = self.state {
+            parts.push(format!("state={}", state.as_str()));
+        }
+        if let Some(name) = &self.name {
+            parts.push(format!("name={}", percent_encode(name)));
+        }
+        if let Some(offset) = self.offset {
+            parts.push(format!("offset={offset}"));
+        }
+        if let Some(limit) = self.limit {
+            parts.push(format!("limit={limit}"));
+        }
+        parts.join("&")
+    }
+}
+
+fn percent_encode(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        if byte.is_ascii_alphanumeric() || matches!(byte, b'-' | b'_' | b'.' | b'~') {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// The answer of `GET /api/v1/workers`: a [`WorkerList`] (same fields) plus
+/// how many workers matched and where this page starts.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct WorkerPage {
+    pub paused: bool,
+    pub workers: Vec<WorkerInfo>,
+    /// Workers matching the query, all pages together.
+    pub total: usize,
+    pub offset: usize,
+    /// Workers by state, over all workers (not only this page or filter).
+    #[serde(default)]
+    pub counts: BTreeMap<String, usize>,
+}
+
 /// `POST /api/v1/pause` and `/resume`: the master's state afterwards.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct PauseState {
@@ -487,6 +555,17 @@ impl ApiClient {
     pub async fn workers(&self) -> Result<WorkerList, ApiCallError> {
         self.call("GET", &format!("{API_PREFIX}/workers"), None)
             .await
+    }
+
+    /// One filtered page of the workers.
+    pub async fn workers_page(&self, query: &WorkerQuery) -> Result<WorkerPage, ApiCallError> {
+        let query = query.to_query_string();
+        let path = if query.is_empty() {
+            format!("{API_PREFIX}/workers")
+        } else {
+            format!("{API_PREFIX}/workers?{query}")
+        };
+        self.call("GET", &path, None).await
     }
 
     pub async fn pause(&self) -> Result<PauseState, ApiCallError> {

@@ -31,10 +31,15 @@
 //! Everything waits with generous deadlines ([`DEADLINE`]) so a loaded CI
 //! machine does not make tests flaky; nothing sleeps to "let things settle".
 
+pub mod fleet;
+pub mod soak;
+pub mod supervised;
+
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -122,6 +127,74 @@ where
     }
 }
 
+/// A fresh cgroup v2 directory for an agent to run in (as systemd's
+/// `Delegate=yes` gives one), removed with everything under it on drop; or a
+/// loud failure. The cgroup tests must run where a cgroup can be created (CI
+/// runs as root); `NIGHTSHIFT_SKIP_CGROUP_TESTS=1` skips them explicitly
+/// (`Ok(None)`).
+pub fn test_cgroup(tag: &str) -> anyhow::Result<Option<TestCgroup>> {
+    let made = (|| -> anyhow::Result<PathBuf> {
+        let mounts = std::fs::read_to_string("/proc/self/mountinfo")?;
+        let mount = mounts
+            .lines()
+            .find_map(|line| {
+                let (before, after) = line.split_once(" - ")?;
+                (after.split_whitespace().next()? == "cgroup2")
+                    .then(|| before.split_whitespace().nth(4).map(PathBuf::from))?
+            })
+            .context("no cgroup2 mount in /proc/self/mountinfo")?;
+        let own = std::fs::read_to_string("/proc/self/cgroup")?;
+        let relative = own
+            .lines()
+            .find_map(|line| line.strip_prefix("0::"))
+            .context("no cgroup v2 line in /proc/self/cgroup")?
+            .trim_start_matches('/')
+            .to_owned();
+        let dir = mount
+            .join(relative)
+            .join(format!("nightshift-e2e-{}-{tag}", std::process::id()));
+        std::fs::create_dir(&dir).with_context(|| format!("mkdir {}", dir.display()))?;
+        Ok(dir)
+    })();
+    match made {
+        Ok(dir) => Ok(Some(TestCgroup(dir))),
+        Err(_) if std::env::var("NIGHTSHIFT_SKIP_CGROUP_TESTS").is_ok_and(|v| v == "1") => {
+            eprintln!("cgroup test skipped: NIGHTSHIFT_SKIP_CGROUP_TESTS=1");
+            Ok(None)
+        }
+        Err(error) => Err(error.context(
+            "cannot create a cgroup v2 for this test; run as root on a cgroup v2 host, or set NIGHTSHIFT_SKIP_CGROUP_TESTS=1 to skip the cgroup tests",
+        )),
+    }
+}
+
+/// A cgroup made by [`test_cgroup`]; removed (children first) on drop, once
+/// the processes in it are gone.
+#[derive(Debug)]
+pub struct TestCgroup(pub PathBuf);
+
+impl Drop for TestCgroup {
+    fn drop(&mut self) {
+        fn remove(dir: &Path) {
+            if let Ok(entries) = std::fs::read_dir(dir) {
+                for entry in entries.flatten() {
+                    if entry.path().is_dir() {
+                        remove(&entry.path());
+                    }
+                }
+            }
+            let _ = std::fs::remove_dir(dir);
+        }
+        for _ in 0..50 {
+            remove(&self.0);
+            if !self.0.exists() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
 /// One `[[worker]]` of the farm.
 #[derive(Debug, Clone)]
 pub struct WorkerSpec {
@@ -130,6 +203,9 @@ pub struct WorkerSpec {
     pub max_builds: u32,
     /// Extra lines for this worker's worker.toml (e.g. `[availability]`).
     pub worker_toml_extra: String,
+    /// A cgroup v2 directory the agent is started in (as systemd's
+    /// `Delegate=yes` would), see [`test_cgroup`].
+    pub cgroup: Option<PathBuf>,
 }
 
 impl WorkerSpec {
@@ -139,7 +215,14 @@ impl WorkerSpec {
             token: new_token(),
             max_builds: 1,
             worker_toml_extra: String::new(),
+            cgroup: None,
         }
+    }
+
+    /// Starts the agent inside `cgroup` (a delegated subtree of its own).
+    pub fn in_cgroup(mut self, cgroup: &Path) -> WorkerSpec {
+        self.cgroup = Some(cgroup.to_owned());
+        self
     }
     pub fn max_builds(mut self, n: u32) -> WorkerSpec {
         self.max_builds = n;
@@ -654,7 +737,8 @@ impl Farm {
             .create(true)
             .append(true)
             .open(wdir.join("worker.log"))?;
-        let child = Command::new(self.worker_bin())
+        let mut command = Command::new(self.worker_bin());
+        command
             .arg("run")
             .arg("--config")
             .arg(&config)
@@ -662,7 +746,24 @@ impl Farm {
             .env("NOTIFY_SOCKET", &notify_path)
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
-            .stderr(log)
+            .stderr(log);
+        if let Some(cgroup) = &self.worker_spec(name)?.cgroup {
+            let procs =
+                std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes())?;
+            // SAFETY: only async-signal-safe calls (open, write, close) on
+            // memory prepared before the fork.
+            unsafe {
+                command.pre_exec(move || {
+                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
+                    if fd < 0 || libc::write(fd, b"0".as_ptr().cast(), 1) != 1 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                    libc::close(fd);
+                    Ok(())
+                });
+            }
+        }
+        let child = command
             .spawn()
             .with_context(|| format!("cannot start {}", self.worker_bin().display()))?;
         Ok(self.agents.entry(name.to_owned()).or_insert(AgentProcess {
@@ -1012,6 +1113,17 @@ type WsStream =
 
 /// A raw WebSocket client speaking the agent protocol by hand: for tests of
 /// the master alone (bad tokens, garbage frames, races).
+/// How the master answered a WebSocket upgrade it did not accept.
+#[derive(Debug, Clone)]
+pub struct UpgradeRefusal {
+    /// HTTP status (401 for a bad token, 503 at the connection limit).
+    pub status: u16,
+    /// The `error` of the JSON body.
+    pub error: String,
+    /// Seconds from the `Retry-After` header, when present.
+    pub retry_after: Option<u64>,
+}
+
 pub struct FakeAgent {
     ws: WsStream,
 }
@@ -1030,6 +1142,22 @@ pub fn presence(state: PresenceState) -> Presence {
 impl FakeAgent {
     /// Opens the WebSocket (TLS, pinned) with `token` as the bearer.
     pub async fn connect(farm: &Farm, token: Option<&str>) -> anyhow::Result<FakeAgent> {
+        match FakeAgent::try_connect(farm, token).await? {
+            Ok(agent) => Ok(agent),
+            Err(refusal) => bail!(
+                "the master refused the upgrade: {} {}",
+                refusal.status,
+                refusal.error
+            ),
+        }
+    }
+
+    /// Opens the WebSocket, or returns how the master refused the upgrade
+    /// (an HTTP answer instead of `101 Switching Protocols`).
+    pub async fn try_connect(
+        farm: &Farm,
+        token: Option<&str>,
+    ) -> anyhow::Result<Result<FakeAgent, UpgradeRefusal>> {
         let mut request = format!("{}{WS_PATH}", farm.ws_url()).into_client_request()?;
         if let Some(token) = token {
             request
@@ -1041,11 +1169,31 @@ impl FakeAgent {
         } else {
             Some(tokio_tungstenite::Connector::Rustls(farm.tls_client()?))
         };
-        let (ws, _) =
-            tokio_tungstenite::connect_async_tls_with_config(request, None, true, connector)
-                .await
-                .context("websocket connect")?;
-        Ok(FakeAgent { ws })
+        match tokio_tungstenite::connect_async_tls_with_config(request, None, true, connector).await
+        {
+            Ok((ws, _)) => Ok(Ok(FakeAgent { ws })),
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                let body = response
+                    .body()
+                    .as_deref()
+                    .map(String::from_utf8_lossy)
+                    .unwrap_or_default()
+                    .into_owned();
+                let error = serde_json::from_str::<serde_json::Value>(&body)
+                    .ok()
+                    .and_then(|v| v.get("error")?.as_str().map(str::to_owned))
+                    .unwrap_or(body);
+                Ok(Err(UpgradeRefusal {
+                    status: response.status().as_u16(),
+                    error,
+                    retry_after: response
+                        .headers()
+                        .get("retry-after")
+                        .and_then(|v| v.to_str().ok()?.parse().ok()),
+                }))
+            }
+            Err(e) => Err(anyhow::Error::new(e).context("websocket connect")),
+        }
     }
 
     /// Sends a hello.

@@ -264,3 +264,177 @@ fn schedule_on_a_broken_config_exits_2() {
         text(&out.stderr)
     );
 }
+
+const WORKER_HEAD: &str = r#"name = "anna-desktop"
+master = "wss://builds.example.org:8443"
+token = "s3cret"
+
+[tls]
+pin_sha256 = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"
+
+[availability]
+"#;
+
+fn with_window(zone: &str, open: &str, close: &str) -> String {
+    format!(
+        "{WORKER_HEAD}timezone = \"{zone}\"\n\n[[availability.schedule]]\nname = \"w\"\nopen = \"{open}\"\nclose = \"{close}\"\n"
+    )
+}
+
+#[test]
+fn check_rejects_names_in_the_wrong_cron_field_at_line_and_column() {
+    for (open, word) in [
+        ("0 9 * mon *", "`mon` is a day name"),
+        ("0 9 * * jan", "`jan` is a month name"),
+        ("mon 9 * * *", "`mon` is a day name"),
+        ("0 sat * * *", "`sat` is a day name"),
+        ("0 9 dec * *", "`dec` is a month name"),
+    ] {
+        let dir = dir_with(&with_window("UTC", open, "0 17 * * *"));
+        let out = worker(dir.path(), &["check"]);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{open}: {stderr}");
+        assert!(
+            stderr.contains("worker.toml:13:8: availability.schedule[0].open:"),
+            "{open}: {stderr}"
+        );
+        assert!(stderr.contains(word), "{open}: {stderr}");
+    }
+}
+
+#[test]
+fn check_warns_where_crontab_reads_the_day_fields_differently() {
+    let dir = dir_with(&with_window("UTC", "0 9 */2 * mon", "0 17 * * *"));
+    let out = worker(dir.path(), &["check"]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        stdout.contains("warning: worker.toml:13:8: availability.schedule[0].open:"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("\"0 9 */2 * +mon\""), "{stdout}");
+}
+
+#[test]
+fn schedule_applies_the_dst_rule_to_every_cron() {
+    // A close in New York's spring-forward gap (02:00 on 2026-03-08) closes
+    // at the first instant after it, 03:00, not at the next close (14:00).
+    let dir = dir_with(&with_window(
+        "America/New_York",
+        "30 3,15 * * 6",
+        "0 2,14 * * 0",
+    ));
+    let out = worker(
+        dir.path(),
+        &[
+            "schedule",
+            "--from",
+            "2026-03-07T12:00:00-05:00",
+            "--days",
+            "2",
+            "--json",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let rows: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).expect("JSON");
+    let summary: Vec<(String, String, String)> = rows
+        .iter()
+        .map(|row| {
+            let field = |key: &str| row[key].as_str().unwrap_or_default().to_owned();
+            (field("from"), field("to"), field("state"))
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            (
+                "2026-03-07T12:00:00-05:00".to_owned(),
+                "2026-03-08T03:00:00-04:00".to_owned(),
+                "available".to_owned()
+            ),
+            (
+                "2026-03-08T03:00:00-04:00".to_owned(),
+                "2026-03-09T12:00:00-04:00".to_owned(),
+                "away".to_owned()
+            ),
+        ]
+    );
+}
+
+#[test]
+fn schedule_says_when_it_was_cut_short() {
+    // Opens on even minutes, closes on odd ones: 1440 changes a day, more
+    // than the preview follows in 100 days.
+    let dir = dir_with(&with_window("UTC", "*/2 * * * *", "1-59/2 * * * *"));
+    for json in [false, true] {
+        let mut args = vec![
+            "schedule",
+            "--from",
+            "2026-12-01T00:00:00Z",
+            "--days",
+            "100",
+        ];
+        if json {
+            args.push("--json");
+        }
+        let out = worker(dir.path(), &args);
+        let stderr = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "json {json}: {stderr}");
+        assert!(
+            stderr.contains("change more than 100000 times")
+                && stderr.contains("shown only up to 2027-02-08T10:40:00+00:00"),
+            "json {json}: {stderr}"
+        );
+        if json {
+            let rows: Vec<serde_json::Value> =
+                serde_json::from_slice(&out.stdout).expect("the exact part as JSON");
+            assert_eq!(rows.len(), 100_000);
+            assert_eq!(rows[99_999]["to"], "2027-02-08T10:40:00+00:00");
+        } else {
+            assert!(
+                text(&out.stdout).contains("Cut short at"),
+                "{}",
+                text(&out.stdout)
+            );
+        }
+    }
+}
+
+#[test]
+fn master_check_rejects_misplaced_names_and_warns_on_day_fields() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let write = |open: &str| {
+        let config = format!(
+            "listen = \"127.0.0.1:0\"\ninsecure = true\n\n[[worker]]\nname = \"w\"\n\
+             token_sha256 = \"0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef\"\n\
+             schedule = [\n  {{ name = \"odd\", open = \"{open}\", close = \"0 17 * * *\" }},\n]\n"
+        );
+        std::fs::write(dir.path().join("master.toml"), config).expect("write master.toml");
+    };
+    let master = |dir: &Path| {
+        Command::new(bin_dir().join("master"))
+            .args(["check", "--config", "master.toml"])
+            .current_dir(dir)
+            .env("TZ", "UTC")
+            .output()
+            .expect("run master")
+    };
+    write("0 9 */2 * mon");
+    let out = master(dir.path());
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert!(
+        stdout.contains("warning: master.toml:8:26: worker[0].schedule[0].open:")
+            && stdout.contains("\"0 9 */2 * +mon\""),
+        "{stdout}"
+    );
+    write("0 9 * mon *");
+    let out = master(dir.path());
+    let stderr = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("master.toml:8:26: worker[0].schedule[0].open:")
+            && stderr.contains("`mon` is a day name"),
+        "{stderr}"
+    );
+}

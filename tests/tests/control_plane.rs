@@ -90,6 +90,21 @@ async fn cli_changes_the_state_and_the_master_sees_it() -> anyhow::Result<()> {
     assert_eq!(code, 0, "{stderr}");
     assert!(text.starts_with("lab-3: AWAY until "), "{text}");
     assert!(text.contains("set by you"), "{text}");
+    // Its times are labelled with the policy's zone, as are the master's.
+    assert!(text.contains("times:   Europe/Berlin ("), "{text}");
+    let (code, table, stderr) = farm.master_cli(&["workers"])?;
+    assert_eq!(code, 0, "master workers: {stderr}");
+    assert!(table.contains("(times in "), "{table}");
+
+    // Available by hand for an hour on a worker that is available anyway:
+    // the state does not change when the hour ends, so there is no "until".
+    let status = farm.worker_cli_json(
+        WORKER,
+        &["set-availability", "available", "--for", "1h", "--json"],
+    )?;
+    assert_eq!(status["presence"]["state"], "available", "{status}");
+    assert_eq!(status["presence"]["source"], "manual", "{status}");
+    assert!(status["presence"]["until"].is_null(), "{status}");
 
     let (code, _, stderr) = farm.worker_cli(WORKER, &["set-availability", "reluctant"])?;
     assert_eq!(code, 0, "{stderr}");

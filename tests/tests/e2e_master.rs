@@ -18,29 +18,88 @@ fn two_worker_farm() -> anyhow::Result<Farm> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn wrong_token_is_refused() -> anyhow::Result<()> {
+async fn wrong_token_is_refused_at_the_upgrade() -> anyhow::Result<()> {
     let farm = two_worker_farm()?;
-    let mut agent = FakeAgent::connect(&farm, Some("not-the-token")).await?;
+    let refusal = FakeAgent::try_connect(&farm, Some("not-the-token"))
+        .await?
+        .err()
+        .expect("a wrong token gets no WebSocket");
+    assert_eq!(refusal.status, 401, "{refusal:?}");
+    assert!(refusal.error.contains("wrong token"), "{refusal:?}");
+    // No token at all is refused too, and names the header.
+    let refusal = FakeAgent::try_connect(&farm, None)
+        .await?
+        .err()
+        .expect("no token gets no WebSocket");
+    assert_eq!(refusal.status, 401, "{refusal:?}");
+    assert!(refusal.error.contains("Authorization"), "{refusal:?}");
+    // A valid token naming another worker in its hello is refused there.
+    let token_a = farm.worker_spec("a")?.token.clone();
+    let mut agent = FakeAgent::connect(&farm, Some(&token_a)).await?;
     agent
-        .hello("a", PresenceState::Available, 1, vec![])
+        .hello("b", PresenceState::Available, 1, vec![])
         .await?;
     let seen = agent.expect_closed().await?;
     assert!(
         matches!(seen.first(), Some(MasterMessage::Refused { reason }) if reason.contains("wrong token")),
         "{seen:?}"
     );
-    // No token at all is refused too, and names the header.
-    let mut agent = FakeAgent::connect(&farm, None).await?;
-    agent
-        .hello("a", PresenceState::Available, 1, vec![])
-        .await?;
-    let seen = agent.expect_closed().await?;
-    assert!(
-        matches!(seen.first(), Some(MasterMessage::Refused { reason }) if reason.contains("Authorization")),
-        "{seen:?}"
-    );
     let workers = farm.api()?.workers().await?;
     assert!(workers.workers.iter().all(|w| !w.connected));
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn over_max_agents_the_master_answers_retry_after_and_keeps_serving() -> anyhow::Result<()> {
+    let farm = Farm::builder()
+        .worker(WorkerSpec::new("a"))
+        .worker(WorkerSpec::new("b"))
+        .worker(WorkerSpec::new("c"))
+        .builder("app", &["a", "b", "c"], &[("build", "echo building")])
+        .master_toml("max_agents = 2")
+        .start()?;
+    assert!(
+        farm.master_log().contains("room for 2 agents"),
+        "the master says how many agents it can hold:\n{}",
+        farm.master_log()
+    );
+    let token =
+        |name: &str| -> anyhow::Result<String> { Ok(farm.worker_spec(name)?.token.clone()) };
+    let mut a = FakeAgent::connect(&farm, Some(&token("a")?)).await?;
+    a.hello("a", PresenceState::Available, 1, vec![]).await?;
+    assert!(matches!(a.recv().await?, MasterMessage::Welcome { .. }));
+    let mut b = FakeAgent::connect(&farm, Some(&token("b")?)).await?;
+    b.hello("b", PresenceState::Available, 1, vec![]).await?;
+    assert!(matches!(b.recv().await?, MasterMessage::Welcome { .. }));
+    // The third is shed with a clear answer, not a hang or a crash.
+    let refusal = FakeAgent::try_connect(&farm, Some(&token("c")?))
+        .await?
+        .err()
+        .expect("over max_agents the upgrade is refused");
+    assert_eq!(refusal.status, 503, "{refusal:?}");
+    assert!(refusal.error.contains("limit of 2 agents"), "{refusal:?}");
+    let retry_after = refusal.retry_after.expect("a Retry-After header");
+    assert!((1..=60).contains(&retry_after), "{refusal:?}");
+    // The admin API still answers at the agents' limit, and builds still run.
+    let api = farm.api()?;
+    let id = api.submit("app", Default::default()).await?.build_id;
+    let started = tokio::select! {
+        started = a.expect_start() => started?,
+        started = b.expect_start() => started?,
+    };
+    assert_eq!(started, id);
+    // A slot frees when an agent leaves; then c gets in.
+    b.close().await;
+    let mut c =
+        nightshift_tests::wait_for("c to get a slot", nightshift_tests::DEADLINE, || async {
+            match FakeAgent::try_connect(&farm, Some(&token("c")?)).await? {
+                Ok(agent) => Ok(Some(agent)),
+                Err(_) => Ok(None),
+            }
+        })
+        .await?;
+    c.hello("c", PresenceState::Available, 1, vec![]).await?;
+    assert!(matches!(c.recv().await?, MasterMessage::Welcome { .. }));
     Ok(())
 }
 

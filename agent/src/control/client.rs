@@ -19,7 +19,7 @@ use super::api::{ErrorBody, SetAvailabilityBody, StopAnswer, StopBody};
 use super::guard::{self, TokenError};
 use super::page::{source_words, state_word};
 use super::server::SOCKET_FILE_NAME;
-use super::when::{self, short_time, span_words};
+use super::when::{self, short_time, span_words, zone_label};
 use crate::cli::{AvailabilityArg, ConfigArg};
 use crate::config::WorkerConfig;
 use crate::handle::AgentStatus;
@@ -387,6 +387,7 @@ pub fn describe(status: &AgentStatus, now: Timestamp, tz: &TimeZone) -> String {
         short_time(presence.since, now, tz),
         span_words(now.duration_since(presence.since))
     );
+    let _ = writeln!(out, "  times:   {}", zone_label(tz, now));
     if status.stopping {
         let _ = writeln!(out, "  stopping: exits when its running builds end");
     } else if let Some(manual) = &status.manual {
@@ -400,7 +401,9 @@ pub fn describe(status: &AgentStatus, now: Timestamp, tz: &TimeZone) -> String {
             manual.state
         );
     }
-    if status.builds.is_empty() {
+    if let Some(supervised) = &status.supervised {
+        describe_supervised(&mut out, supervised, now, tz);
+    } else if status.builds.is_empty() {
         let _ = writeln!(out, "  builds:  none running");
     } else {
         for build in &status.builds {
@@ -431,7 +434,9 @@ pub fn describe(status: &AgentStatus, now: Timestamp, tz: &TimeZone) -> String {
         .since
         .map(|since| format!(" since {}", short_time(since, now, tz)))
         .unwrap_or_default();
-    if master.connected {
+    if status.supervised.is_some() {
+        // No nightshift master: the CI agent talks to its own.
+    } else if master.connected {
         let _ = writeln!(out, "  master:  {} (connected{since})", master.url);
     } else {
         let error = master
@@ -464,6 +469,78 @@ pub fn describe(status: &AgentStatus, now: Timestamp, tz: &TimeZone) -> String {
         )
     );
     out
+}
+
+/// The `ci agent:` lines of `worker status` for a `[supervise]` worker.
+fn describe_supervised(
+    out: &mut String,
+    supervised: &crate::handle::SupervisedStatus,
+    now: Timestamp,
+    tz: &TimeZone,
+) {
+    use std::fmt::Write;
+    let pid = supervised
+        .pid
+        .map(|pid| format!(" pid {pid},"))
+        .unwrap_or_default();
+    let job = match supervised.job_running {
+        Some(true) => ", running a job",
+        Some(false) => ", idle",
+        None => "",
+    };
+    let _ = writeln!(
+        out,
+        "  ci agent: {} {}{pid} since {}{job} — {}",
+        supervised.kind,
+        supervised.state.as_str(),
+        short_time(supervised.since, now, tz),
+        supervised.command
+    );
+    if let Some(at) = supervised.hard_stop_at {
+        let _ = writeln!(
+            out,
+            "           draining; stopped hard at {} if still running",
+            short_time(at, now, tz)
+        );
+    }
+    if let Some(at) = supervised.restart_at {
+        let _ = writeln!(
+            out,
+            "           starts again at {}",
+            short_time(at, now, tz)
+        );
+    }
+    let _ = writeln!(
+        out,
+        "           {}: {}",
+        if supervised.wanted {
+            "wanted running"
+        } else {
+            "wanted stopped"
+        },
+        supervised.why
+    );
+    if let Some(exit) = &supervised.last_exit {
+        let _ = writeln!(
+            out,
+            "  last exit: {} at {}{} — {}",
+            exit.status,
+            short_time(exit.at, now, tz),
+            if exit.stopped_hard {
+                " (stopped hard)"
+            } else {
+                ""
+            },
+            exit.reason
+        );
+    }
+    if supervised.restarts > 0 {
+        let _ = writeln!(
+            out,
+            "  restarts: {} after exiting by itself",
+            supervised.restarts
+        );
+    }
 }
 
 fn plural(count: u64, one: &str, many: &str) -> String {
@@ -562,6 +639,10 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("since:   11:55 (5 min ago)"), "{text}");
+        assert!(
+            text.contains("times:   Europe/Berlin (CET, UTC+01:00)\n"),
+            "{text}"
+        );
         assert!(text.contains("manual:  away until 19:00"), "{text}");
         assert!(
             text.contains("build:   #42 linux\nx86 — step 2 \"test\", running 2 min"),

@@ -5,10 +5,10 @@ use std::fmt::Write;
 use jiff::Timestamp;
 use nightshift_policy::PresenceState;
 
-use crate::handle::AgentStatus;
+use crate::handle::{AgentStatus, SupervisedState, SupervisedStatus};
 
-/// The content type of the Prometheus text format.
-pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+pub use nightshift_proto::prometheus::CONTENT_TYPE;
+use nightshift_proto::prometheus::{escape_label, family, number};
 
 /// Renders every metric for `status` as seen at `now`.
 pub fn render(status: &AgentStatus, now: Timestamp) -> String {
@@ -154,46 +154,95 @@ pub fn render(status: &AgentStatus, now: Timestamp) -> String {
             load.at.as_second()
         );
     }
+    if let Some(supervised) = &status.supervised {
+        supervised_metrics(&mut out, &worker, supervised);
+    }
     out
 }
 
-fn family(out: &mut String, name: &str, kind: &str, help: &str) {
-    let _ = writeln!(out, "# HELP {name} {help}");
-    let _ = writeln!(out, "# TYPE {name} {kind}");
+/// The `[supervise]` CI agent: state, pid, draining, job, restarts, last exit.
+fn supervised_metrics(out: &mut String, worker: &str, supervised: &SupervisedStatus) {
+    family(
+        out,
+        "nightshift_worker_supervised_state",
+        "gauge",
+        "The supervised CI agent: 1 for the state it is in, 0 for the others.",
+    );
+    for state in [
+        SupervisedState::Stopped,
+        SupervisedState::Running,
+        SupervisedState::Draining,
+        SupervisedState::Restarting,
+    ] {
+        let _ = writeln!(
+            out,
+            "nightshift_worker_supervised_state{{worker=\"{worker}\",kind=\"{}\",state=\"{}\"}} {}",
+            supervised.kind,
+            state.as_str(),
+            u8::from(supervised.state == state)
+        );
+    }
+    family(
+        out,
+        "nightshift_worker_supervised_state_since_timestamp_seconds",
+        "gauge",
+        "When the supervised CI agent entered its state (Unix time).",
+    );
+    let _ = writeln!(
+        out,
+        "nightshift_worker_supervised_state_since_timestamp_seconds{{worker=\"{worker}\"}} {}",
+        supervised.since.as_second()
+    );
+    family(
+        out,
+        "nightshift_worker_supervised_pid",
+        "gauge",
+        "The supervised CI agent's process id (0 when it is not running).",
+    );
+    let _ = writeln!(
+        out,
+        "nightshift_worker_supervised_pid{{worker=\"{worker}\"}} {}",
+        supervised.pid.unwrap_or(0)
+    );
+    family(
+        out,
+        "nightshift_worker_supervised_job_running",
+        "gauge",
+        "1 while the supervised CI agent has child processes (runs a job), 0 otherwise.",
+    );
+    let _ = writeln!(
+        out,
+        "nightshift_worker_supervised_job_running{{worker=\"{worker}\"}} {}",
+        u8::from(supervised.job_running == Some(true))
+    );
+    counter(
+        out,
+        "nightshift_worker_supervised_restarts_total",
+        "Starts of the supervised CI agent after it exited by itself (or failed to start).",
+        worker,
+        supervised.restarts,
+    );
+    if let Some(exit) = &supervised.last_exit {
+        family(
+            out,
+            "nightshift_worker_supervised_last_exit_timestamp_seconds",
+            "gauge",
+            "When the supervised CI agent last ended, with how (status), whether it was asked to and whether it had to be stopped hard.",
+        );
+        let _ = writeln!(
+            out,
+            "nightshift_worker_supervised_last_exit_timestamp_seconds{{worker=\"{worker}\",status=\"{}\",requested=\"{}\",stopped_hard=\"{}\"}} {}",
+            escape_label(&exit.status),
+            exit.requested,
+            exit.stopped_hard,
+            exit.at.as_second()
+        );
+    }
 }
 
 fn counter(out: &mut String, name: &str, help: &str, worker: &str, value: u64) {
     family(out, name, "counter", help);
     let _ = writeln!(out, "{name}{{worker=\"{worker}\"}} {value}");
-}
-
-/// A sample value: finite numbers as Rust prints them, else Prometheus' words.
-fn number(value: f64) -> String {
-    if value.is_nan() {
-        "NaN".into()
-    } else if value.is_infinite() {
-        if value > 0.0 {
-            "+Inf".into()
-        } else {
-            "-Inf".into()
-        }
-    } else {
-        format!("{value}")
-    }
-}
-
-/// Escapes a label value: backslash, double quote and newline.
-fn escape_label(value: &str) -> String {
-    let mut out = String::with_capacity(value.len());
-    for c in value.chars() {
-        match c {
-            '\\' => out.push_str("\\\\"),
-            '"' => out.push_str("\\\""),
-            '\n' => out.push_str("\\n"),
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 #[cfg(test)]
@@ -359,7 +408,20 @@ pub(crate) mod tests {
                 at: now,
                 load1: 0.5,
                 cpu_percent: 12.25,
+                build_cpu_percent: 40.0,
             }),
+            isolation: Some(crate::daemon::priority::BuildIsolation {
+                accounting: "process-tree".into(),
+                cgroup_parent: None,
+                cpu_priority: crate::daemon::priority::CpuPriority::Idle,
+                io_priority: crate::daemon::priority::IoPriority::Idle,
+                cpu_weight: 1,
+                cpu_weight_applied: false,
+                memory_high_bytes: Some(3 << 30),
+                memory_high_applied: false,
+                notes: vec!["builds have <no> cgroup".into()],
+            }),
+            supervised: None,
         }
     }
 
@@ -439,6 +501,80 @@ pub(crate) mod tests {
             ),
             Some(1.0)
         );
+    }
+
+    #[test]
+    fn supervised_agent_is_shown() {
+        let now: Timestamp = "2026-11-23T11:00:00Z".parse().unwrap();
+        let mut status = status_fixture(now);
+        status.supervised = Some(crate::handle::SupervisedStatus {
+            kind: "buildbot-worker".into(),
+            command: "buildbot-worker start --nodaemon .".into(),
+            state: SupervisedState::Draining,
+            since: now,
+            pid: Some(4321),
+            wanted: false,
+            why: "away (manual): lunch".into(),
+            job_running: Some(true),
+            draining_since: Some(now),
+            hard_stop_at: None,
+            restart_at: None,
+            restarts: 3,
+            last_exit: Some(crate::handle::SupervisedExit {
+                at: now,
+                status: "signal SIGTERM".into(),
+                requested: true,
+                stopped_hard: true,
+                reason: "ignored".into(),
+            }),
+        });
+        let text = render(&status, now);
+        let samples = parse(&text).unwrap_or_else(|error| panic!("{error}\n{text}"));
+        let value = |name: &str, label: (&str, &str)| {
+            samples
+                .iter()
+                .find(|s| {
+                    s.name == name && s.labels.get(label.0).map(String::as_str) == Some(label.1)
+                })
+                .map(|s| s.value)
+        };
+        assert_eq!(
+            value("nightshift_worker_supervised_state", ("state", "draining")),
+            Some(1.0)
+        );
+        assert_eq!(
+            value("nightshift_worker_supervised_state", ("state", "running")),
+            Some(0.0)
+        );
+        assert_eq!(
+            value(
+                "nightshift_worker_supervised_pid",
+                ("worker", "lab \"3\"\\")
+            ),
+            Some(4321.0)
+        );
+        assert_eq!(
+            value(
+                "nightshift_worker_supervised_job_running",
+                ("worker", "lab \"3\"\\")
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            value(
+                "nightshift_worker_supervised_restarts_total",
+                ("worker", "lab \"3\"\\")
+            ),
+            Some(3.0)
+        );
+        assert_eq!(
+            value(
+                "nightshift_worker_supervised_last_exit_timestamp_seconds",
+                ("stopped_hard", "true")
+            ),
+            Some(now.as_second() as f64)
+        );
+        assert!(!render(&status_fixture(now), now).contains("supervised"));
     }
 
     #[test]

@@ -18,4 +18,6 @@ pub mod when;
 pub use server::serve;
 
 #[cfg(test)]
+mod fuzz_tests;
+#[cfg(test)]
 mod tests;

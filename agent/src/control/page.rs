@@ -17,7 +17,8 @@ use nightshift_policy::{PresenceState, Source};
 
 use super::server::{PreviewInterval, Shared};
 use super::when::{short_time, span_words};
-use crate::handle::AgentStatus;
+use crate::daemon::priority::{BuildIsolation, CpuPriority, IoPriority};
+use crate::handle::{AgentStatus, SupervisedState, SupervisedStatus};
 
 const STYLE: &str = include_str!("page.css");
 const SCRIPT: &str = include_str!("page.js");
@@ -301,6 +302,15 @@ pub fn render_details(
     preview: Option<&[PreviewInterval]>,
 ) -> String {
     let mut html = String::with_capacity(8 * 1024);
+    if let Some(supervised) = &status.supervised {
+        // A supervising worker has no builds or master of its own: its CI
+        // agent takes the place of both.
+        html.push_str(&render_supervised(supervised, now, tz));
+        if let Some(preview) = preview {
+            html.push_str(&render_timeline(status, preview, now, tz));
+        }
+        return html;
+    }
     // Builds.
     html.push_str("<section class=\"card\" id=\"builds\">\n  <h2>Builds</h2>\n");
     if status.builds.is_empty() {
@@ -339,6 +349,9 @@ pub fn render_details(
         ),
     };
     let _ = writeln!(html, "  <p class=\"soft small\">{totals}</p>\n</section>");
+    if let Some(isolation) = &status.isolation {
+        html.push_str(&render_isolation(isolation));
+    }
 
     // The master link.
     let master = &status.master;
@@ -372,6 +385,126 @@ pub fn render_details(
     if let Some(preview) = preview {
         html.push_str(&render_timeline(status, preview, now, tz));
     }
+    html
+}
+
+/// How builds yield to the owner: priorities, cgroup limits, accounting.
+fn render_isolation(isolation: &BuildIsolation) -> String {
+    let cpu = match isolation.cpu_priority {
+        CpuPriority::Idle => "idle (runs only when your programs leave a CPU free)",
+        CpuPriority::Low => "low (nice 19)",
+        CpuPriority::Normal => "normal (as the agent)",
+    };
+    let io = match isolation.io_priority {
+        IoPriority::Idle => "idle (disk only when nobody else uses it)",
+        IoPriority::Low => "low (best effort, lowest level)",
+        IoPriority::Normal => "normal (as the agent)",
+    };
+    let applied = |on: bool| if on { "" } else { " (not applied)" };
+    let memory = match isolation.memory_high_bytes {
+        Some(bytes) => format!(
+            "{:.1} GiB{}",
+            bytes as f64 / (1u64 << 30) as f64,
+            applied(isolation.memory_high_applied)
+        ),
+        None => "none".to_owned(),
+    };
+    let accounting = match &isolation.cgroup_parent {
+        Some(parent) => format!("one cgroup per build under <code>{}</code>", escape(parent)),
+        None => {
+            "by process tree (every process a build started, in any group or session)".to_owned()
+        }
+    };
+    let mut html = format!(
+        "<section class=\"card\" id=\"isolation\">\n  <h2>How builds yield to you</h2>\n  <dl class=\"facts\">\n    <dt>CPU priority</dt><dd>{cpu}</dd>\n    <dt>Disk priority</dt><dd>{io}</dd>\n    <dt>CPU weight</dt><dd>{weight}{weight_applied}</dd>\n    <dt>Memory ceiling</dt><dd>{memory}</dd>\n    <dt>Accounting</dt><dd>{accounting}; builds never count as your load</dd>\n  </dl>\n",
+        weight = isolation.cpu_weight,
+        weight_applied = applied(isolation.cpu_weight_applied),
+    );
+    for note in &isolation.notes {
+        let _ = writeln!(html, "  <p class=\"soft small\">{}</p>", escape(note));
+    }
+    html.push_str("</section>\n");
+    html
+}
+
+/// The supervised CI agent: what runs, since when, draining, its last exit.
+fn render_supervised(supervised: &SupervisedStatus, now: Timestamp, tz: &TimeZone) -> String {
+    let when = |at: Timestamp| escape(&short_time(at, now, tz));
+    let (dot, headline) = match supervised.state {
+        SupervisedState::Running => (
+            "ok",
+            format!(
+                "Running (pid {}) since {}{}.",
+                supervised.pid.unwrap_or(0),
+                when(supervised.since),
+                match supervised.job_running {
+                    Some(true) => ", running a job",
+                    Some(false) => ", idle",
+                    None => "",
+                }
+            ),
+        ),
+        SupervisedState::Draining => (
+            "warn",
+            format!(
+                "Draining (pid {}): asked at {} to finish its job and exit{}{}.",
+                supervised.pid.unwrap_or(0),
+                when(supervised.draining_since.unwrap_or(supervised.since)),
+                match supervised.job_running {
+                    Some(true) => "; a job is still running",
+                    _ => "",
+                },
+                supervised
+                    .hard_stop_at
+                    .map(|at| format!("; stopped hard at {} if still running", when(at)))
+                    .unwrap_or_default()
+            ),
+        ),
+        SupervisedState::Restarting => (
+            "bad",
+            format!(
+                "Exited; starting again{}.",
+                supervised
+                    .restart_at
+                    .map(|at| format!(" at {}", when(at)))
+                    .unwrap_or_default()
+            ),
+        ),
+        SupervisedState::Stopped => ("bad", format!("Stopped since {}.", when(supervised.since))),
+    };
+    let mut html = format!(
+        "<section class=\"card\" id=\"supervised\">\n  <h2>CI agent ({kind})</h2>\n  <p><span class=\"dot {dot}\"></span>{headline}</p>\n  <p class=\"soft small\"><code>{command}</code> — {wanted}: {why}</p>\n",
+        kind = escape(&supervised.kind),
+        command = escape(&supervised.command),
+        wanted = if supervised.wanted {
+            "wanted running"
+        } else {
+            "wanted stopped"
+        },
+        why = escape(&supervised.why),
+    );
+    if let Some(exit) = &supervised.last_exit {
+        let _ = writeln!(
+            html,
+            "  <p class=\"soft small\">Last exit {} ({}){}: {}</p>",
+            when(exit.at),
+            escape(&exit.status),
+            if exit.stopped_hard {
+                ", stopped hard"
+            } else {
+                ""
+            },
+            escape(&exit.reason)
+        );
+    }
+    if supervised.restarts > 0 {
+        let _ = writeln!(
+            html,
+            "  <p class=\"soft small\">Restarted {} after exiting by itself.</p>",
+            plural(supervised.restarts, "time", "times")
+        );
+    }
+    html.push_str("</section>\n");
     html
 }
 
@@ -594,6 +727,46 @@ mod tests {
     }
 
     #[test]
+    fn a_supervising_worker_shows_its_ci_agent_instead_of_builds_and_master() {
+        let now: Timestamp = "2026-11-23T11:00:00Z".parse().unwrap();
+        let mut status = status_fixture(now);
+        status.builds.clear();
+        status.supervised = Some(SupervisedStatus {
+            kind: "gitlab-runner".into(),
+            command: "gitlab-runner run <&>".into(),
+            state: SupervisedState::Draining,
+            since: now,
+            pid: Some(77),
+            wanted: false,
+            why: "away (manual): lunch".into(),
+            job_running: Some(true),
+            draining_since: Some(now),
+            hard_stop_at: Some("2026-11-23T12:00:00Z".parse().unwrap()),
+            restart_at: None,
+            restarts: 2,
+            last_exit: Some(crate::handle::SupervisedExit {
+                at: now,
+                status: "exit 0".into(),
+                requested: true,
+                stopped_hard: false,
+                reason: "finished after SIGQUIT and ended with exit 0".into(),
+            }),
+        });
+        let html = render_page(&status, now, &tz(), None, "abc123");
+        assert!(html.contains("CI agent (gitlab-runner)"), "{html}");
+        assert!(html.contains("Draining (pid 77)"), "{html}");
+        assert!(html.contains("a job is still running"), "{html}");
+        assert!(
+            html.contains("stopped hard at 13:00 if still running"),
+            "{html}"
+        );
+        assert!(html.contains("gitlab-runner run &lt;&amp;&gt;"), "{html}");
+        assert!(html.contains("Restarted 2 times"), "{html}");
+        assert!(!html.contains("Build master"), "{html}");
+        assert!(!html.contains("id=\"builds\""), "{html}");
+    }
+
+    #[test]
     fn page_shows_state_reason_builds_and_master() {
         let now: Timestamp = "2026-11-23T11:00:00Z".parse().unwrap();
         let mut status = status_fixture(now);
@@ -610,6 +783,12 @@ mod tests {
         assert!(html.contains("wss://master.example:9443"));
         assert!(html.contains("data-started=\"2026-11-23T10:58:30Z\""));
         assert!(!html.contains("id=\"week\""));
+        // How builds yield: priorities, what is not applied and why.
+        assert!(html.contains("How builds yield to you"), "{html}");
+        assert!(html.contains("<dt>CPU priority</dt><dd>idle"), "{html}");
+        assert!(html.contains("<dd>1 (not applied)</dd>"), "{html}");
+        assert!(html.contains("3.0 GiB (not applied)"), "{html}");
+        assert!(html.contains("builds have &lt;no&gt; cgroup"), "{html}");
     }
 
     #[test]

@@ -170,7 +170,7 @@ pub async fn serve(
     options.allow_remote = config.control.allow_remote;
     options.token_file = config.control.token_file.clone();
     let policy = Arc::new(policy);
-    options.preview = Some(Arc::new(move |from, to| policy.preview(from, to)));
+    options.preview = Some(Arc::new(move |from, to| policy.preview(from, to).intervals));
     serve_with(handle, options, state_dir).await
 }
 

@@ -23,19 +23,19 @@ use crate::handle::{AgentHandle, AgentStatus, ControlCommand};
 
 const WAIT: Duration = Duration::from_secs(30);
 
-fn now() -> Timestamp {
+pub(super) fn now() -> Timestamp {
     "2026-11-23T11:00:00Z".parse().unwrap()
 }
 
 /// A fake daemon: applies `SetManual` and `Stop` to its status and counts
 /// the commands it received.
-struct FakeDaemon {
-    handle: AgentHandle,
+pub(super) struct FakeDaemon {
+    pub(super) handle: AgentHandle,
     status: Arc<watch::Sender<AgentStatus>>,
-    commands: Arc<AtomicUsize>,
+    pub(super) commands: Arc<AtomicUsize>,
 }
 
-fn fake_daemon() -> FakeDaemon {
+pub(super) fn fake_daemon() -> FakeDaemon {
     let (status_tx, status_rx) = watch::channel(metrics::tests::status_fixture(now()));
     let status_tx = Arc::new(status_tx);
     let (commands_tx, mut commands_rx) = mpsc::channel::<ControlCommand>(8);

@@ -88,6 +88,23 @@ pub fn short_time(at: Timestamp, now: Timestamp, tz: &TimeZone) -> String {
     }
 }
 
+/// The zone times are shown in, as a reader needs it: `Europe/Berlin (CET,
+/// UTC+01:00)`, `UTC`, or `local time (…)` when the zone has no IANA name.
+pub fn zone_label(tz: &TimeZone, now: Timestamp) -> String {
+    let at = now.to_zoned(tz.clone());
+    let offset = at.strftime("%:z").to_string();
+    let abbreviation = at.strftime("%Z").to_string();
+    let name = tz.iana_name().unwrap_or("local time");
+    if matches!(name, "UTC" | "Etc/UTC") && offset == "+00:00" {
+        return "UTC".to_owned();
+    }
+    if abbreviation.is_empty() || abbreviation.starts_with(['+', '-']) {
+        format!("{name} (UTC{offset})")
+    } else {
+        format!("{name} ({abbreviation}, UTC{offset})")
+    }
+}
+
 /// A rounded span in words: `45 s`, `12 min`, `2 h 5 min`, `3 days 4 h`.
 pub fn span_words(span: SignedDuration) -> String {
     let exact = span.as_secs().unsigned_abs();

@@ -29,6 +29,7 @@ use crate::handle::{
     AgentHandle, AgentStatus, ControlCommand, Counters, LoadSnapshot, ManualRequest, MasterLink,
     RunningBuild,
 };
+use crate::supervise::{StopRequest, SupervisorLink};
 
 /// Longest sleep between evaluations without a [`WallAlarm`]: a machine that
 /// was suspended (tokio's clock stops) re-checks the wall clock at least this
@@ -65,6 +66,8 @@ pub enum Event {
     Signal(SignalKind),
     /// The stop deadline or the wait for acknowledgements ran out.
     StopTimer,
+    /// The supervised CI agent's status changed (`[supervise]`).
+    Supervised,
 }
 
 /// Fixed facts about this agent.
@@ -157,6 +160,9 @@ pub struct Daemon {
     link: MasterLink,
     stop: Option<StopMode>,
     stop_requests: u32,
+    /// When the first graceful stop began (the stop deadline's reason says
+    /// how long the builds were given).
+    stop_began: Option<Instant>,
     /// When a stopping agent with no builds gives up waiting for acks.
     ack_wait_until: Option<Instant>,
     exit: Option<Exit>,
@@ -164,6 +170,8 @@ pub struct Daemon {
     /// a suspend, and when the clock is set). `None` in tests with a fake
     /// clock, and where `timerfd` is unavailable.
     alarm: Option<WallAlarm>,
+    /// The CI agent the presence drives, in place of a master (`[supervise]`).
+    supervisor: Option<SupervisorLink>,
 }
 
 impl Daemon {
@@ -217,6 +225,8 @@ impl Daemon {
             master: link.clone(),
             counters: Counters::default(),
             load: None,
+            isolation: Some(trees.isolation()),
+            supervised: None,
         };
         let (status_tx, status_rx) = watch::channel(status);
         let load_monitor = policy.load_monitor();
@@ -242,9 +252,11 @@ impl Daemon {
             link,
             stop: None,
             stop_requests: 0,
+            stop_began: None,
             ack_wait_until: None,
             exit: None,
             alarm: None,
+            supervisor: None,
         };
         let inbox = Inbox {
             commands: command_rx,
@@ -271,6 +283,33 @@ impl Daemon {
     pub fn with_wall_alarm(mut self, alarm: WallAlarm) -> Daemon {
         self.alarm = Some(alarm);
         self
+    }
+
+    /// Drives a supervised CI agent from the presence (`[supervise]`);
+    /// the daemon exits only after it has stopped.
+    pub fn with_supervisor(mut self, supervisor: SupervisorLink) -> Daemon {
+        self.supervisor = Some(supervisor);
+        self.steer_supervisor();
+        self.publish_status();
+        self
+    }
+
+    /// Tells the supervised agent what the presence and a stop now want.
+    fn steer_supervisor(&self) {
+        let Some(supervisor) = &self.supervisor else {
+            return;
+        };
+        let Some(presence) = self.tracker.current() else {
+            return;
+        };
+        let stop = match self.stop {
+            None => StopRequest::None,
+            Some(StopMode::Graceful { deadline }) => StopRequest::Graceful { hard_at: deadline },
+            Some(StopMode::Now) => StopRequest::Graceful {
+                hard_at: Some(Instant::now()),
+            },
+        };
+        supervisor.steer(presence, stop);
     }
 
     pub fn presence(&self) -> Presence {
@@ -305,6 +344,8 @@ impl Daemon {
         }
         let alarm = self.alarm.as_mut();
         let has_alarm = alarm.is_some();
+        let supervisor = self.supervisor.as_mut();
+        let has_supervisor = supervisor.is_some();
         tokio::select! {
             biased;
             Some(signal) = inbox.signals.recv() => Event::Signal(signal),
@@ -312,6 +353,7 @@ impl Daemon {
             Some(event) = inbox.runner.recv() => Event::Runner(event),
             Some(event) = inbox.link.recv() => Event::Link(event),
             Some(sample) = inbox.load.recv() => Event::Load(sample),
+            () = async { if let Some(supervisor) = supervisor { supervisor.changed().await } }, if has_supervisor => Event::Supervised,
             () = tokio::time::sleep_until(stop_wake.unwrap_or(far)), if stop_wake.is_some() => Event::StopTimer,
             () = tokio::time::sleep_until(policy_wake) => Event::PolicyTimer,
             fired = async { alarm?.fired().await.err() }, if has_alarm => {
@@ -379,6 +421,7 @@ impl Daemon {
             Event::Runner(event) => self.on_runner(event),
             Event::Signal(signal) => self.on_signal(signal),
             Event::StopTimer => self.on_stop_timer(),
+            Event::Supervised => self.maybe_finish_stop(),
         }
         self.publish_status();
     }
@@ -412,6 +455,7 @@ impl Daemon {
             at: sample.at,
             load1: sample.load1,
             cpu_percent: sample.cpu_percent,
+            build_cpu_percent: sample.build_cpu_percent,
         });
         let Some(monitor) = &mut self.load_monitor else {
             return;
@@ -468,6 +512,7 @@ impl Daemon {
             self.told_master = Some(presence.clone());
             self.send(AgentMessage::Presence { presence });
         }
+        self.steer_supervisor();
     }
 
     /// Whether `presence` differs from what the master knows in a way it
@@ -587,7 +632,9 @@ impl Daemon {
         if let Some(StopMode::Now) = self.stop {
             return;
         }
-        let deadline = deadline.map(|deadline| Instant::now() + deadline);
+        let now = Instant::now();
+        self.stop_began.get_or_insert(now);
+        let deadline = deadline.map(|deadline| now + deadline);
         let deadline = match (self.stop, deadline) {
             // A later request can only bring the deadline closer.
             (
@@ -610,7 +657,7 @@ impl Daemon {
             match deadline {
                 Some(deadline) => format!(
                     ", cancelling them in {} s",
-                    deadline.saturating_duration_since(Instant::now()).as_secs()
+                    seconds_text(deadline.saturating_duration_since(now))
                 ),
                 None => String::new(),
             }
@@ -652,11 +699,15 @@ impl Daemon {
                 self.builds.len()
             );
             self.stop = Some(StopMode::Now);
+            let given = self.stop_began.map_or(Duration::ZERO, |began| {
+                deadline.saturating_duration_since(began)
+            });
+            let reason = format!("its stop deadline of {} s ran out", seconds_text(given));
             for build in self.builds.values_mut() {
-                build.disposition = Disposition::GiveBack;
-                build.control.cancel(
-                    "the worker's stop deadline was reached; the master re-queues the build",
-                );
+                // It ran: its result says so (cancelled, with the reason),
+                // and the master re-queues it as a retry.
+                build.disposition = Disposition::Report;
+                build.control.cancel(&reason);
             }
         }
         if self
@@ -676,6 +727,14 @@ impl Daemon {
     fn maybe_finish_stop(&mut self) {
         if self.stop.is_none() || !self.builds.is_empty() || self.exit.is_some() {
             return;
+        }
+        if let Some(supervisor) = &self.supervisor {
+            // The deadline, if any, travelled with the stop request: the
+            // supervisor sends the hard signal itself.
+            self.steer_supervisor();
+            if !supervisor.is_idle() {
+                return;
+            }
         }
         if self.unacked.is_empty() || !self.link.connected {
             self.finish_stop();
@@ -1076,6 +1135,8 @@ impl Daemon {
                 presence_changes: self.counters.presence_changes,
             },
             load: self.load_snapshot.clone(),
+            isolation: Some(self.trees.isolation()),
+            supervised: self.supervisor.as_ref().map(SupervisorLink::status),
         };
         self.status.send_if_modified(|current| {
             if *current == status {
@@ -1124,6 +1185,13 @@ pub fn notify_systemd(states: &[sd_notify::NotifyState<'_>]) {
     if let Err(error) = sd_notify::notify(states) {
         tracing::debug!("cannot notify systemd: {error}");
     }
+}
+
+/// A duration in seconds for people, to the tenth: `2`, `0.3`, `1.5` (a
+/// deadline of 2 s measured a moment later still reads `2`).
+fn seconds_text(duration: Duration) -> String {
+    let tenths = (duration.as_secs_f64() * 10.0).round();
+    format!("{}", tenths / 10.0)
 }
 
 #[cfg(test)]
@@ -1606,7 +1674,9 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn at_the_stop_deadline_the_build_is_handed_back_for_the_master_to_requeue() {
+    async fn at_the_stop_deadline_the_build_is_reported_cancelled_with_the_deadline() {
+        // Issue 8: the build ran, so it is not "refused": its result says it
+        // was cancelled and why, and the master counts a retry.
         let mut fixture = start(ALWAYS, Arc::new(SystemClock), 1);
         fixture.link_up().await;
         fixture.start_build(1, "sleep 300");
@@ -1619,18 +1689,31 @@ mod tests {
             .await;
         assert_eq!(fixture.next_presence().await.source, Source::Stopping);
         match fixture.next_to_master().await {
-            AgentMessage::BuildRefused { build_id, reason } => {
-                assert_eq!(build_id, 1);
-                assert!(reason.contains("deadline"), "{reason}");
+            AgentMessage::BuildFinished { result } => {
+                assert_eq!(result.build_id, 1);
+                assert_eq!(result.outcome, nightshift_proto::wire::Outcome::Cancelled);
+                assert_eq!(
+                    result.reason.as_deref(),
+                    Some("its stop deadline of 0.3 s ran out")
+                );
             }
-            other => panic!("expected the build handed back, got {other:?}"),
+            other => panic!("expected the cancelled result, got {other:?}"),
         }
+        fixture.master_sends(MasterMessage::ResultStored { build_id: 1 });
         assert!(matches!(
             fixture.next_to_master().await,
             AgentMessage::Goodbye { .. }
         ));
         let (_, state) = fixture.exit().await;
         assert!(!state.path().join("results/1.json").exists());
+    }
+
+    #[test]
+    fn seconds_for_people() {
+        assert_eq!(seconds_text(Duration::from_secs(2)), "2");
+        assert_eq!(seconds_text(Duration::from_millis(1999)), "2");
+        assert_eq!(seconds_text(Duration::from_millis(300)), "0.3");
+        assert_eq!(seconds_text(Duration::from_millis(1500)), "1.5");
     }
 
     #[tokio::test]

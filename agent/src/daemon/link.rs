@@ -30,6 +30,14 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The link is dropped after this many heartbeats without hearing anything.
 const MISSED_BEATS: u32 = 3;
 const BACKOFF_START: Duration = Duration::from_millis(200);
+/// After losing an established connection the first attempt comes at a
+/// uniformly random instant within this window: when a master restarts,
+/// all its agents lost their connections in the same instant, and spreading
+/// their first attempts turns 10,000 simultaneous TLS handshakes into about
+/// ten per millisecond.
+const RECONNECT_SPREAD: Duration = Duration::from_secs(1);
+/// Longest `Retry-After` from a master that is honoured.
+const RETRY_AFTER_MAX: Duration = Duration::from_secs(300);
 
 /// How to reach the master.
 #[derive(Clone)]
@@ -120,10 +128,12 @@ pub fn spawn(
 enum SessionEnd {
     /// Goodbye sent or the agent is exiting: stop for good.
     Finished,
-    /// Lost; `welcomed` says whether the master had accepted us.
+    /// Lost; `welcomed` says whether the master had accepted us, and
+    /// `retry_after` is how long a master at its limit asked us to wait.
     Lost {
         error: String,
         welcomed: bool,
+        retry_after: Option<Duration>,
     },
     Refused(String),
 }
@@ -147,20 +157,30 @@ async fn run(
             }
         }
         let end = session(&settings, &hello, &mut outbound, &events).await;
-        match end {
+        let pause = match end {
             SessionEnd::Finished => return,
-            SessionEnd::Lost { error, welcomed } => {
+            SessionEnd::Lost {
+                error,
+                welcomed,
+                retry_after,
+            } => {
+                let _ = events.send(LinkEvent::Down { error });
                 if welcomed {
                     backoff = BACKOFF_START;
+                    spread(RECONNECT_SPREAD)
+                } else {
+                    let pause = jittered(backoff);
+                    backoff = (backoff * 2).min(settings.backoff_max.max(BACKOFF_START));
+                    retry_after.map_or(pause, |asked| asked.min(RETRY_AFTER_MAX).max(pause))
                 }
-                let _ = events.send(LinkEvent::Down { error });
             }
             SessionEnd::Refused(reason) => {
                 let _ = events.send(LinkEvent::Refused { reason });
+                let pause = jittered(backoff);
+                backoff = (backoff * 2).min(settings.backoff_max.max(BACKOFF_START));
+                pause
             }
-        }
-        let pause = jittered(backoff);
-        backoff = (backoff * 2).min(settings.backoff_max.max(BACKOFF_START));
+        };
         let wake = Instant::now() + pause;
         // Wait, but leave at once when the agent says goodbye meanwhile.
         loop {
@@ -182,6 +202,42 @@ fn jittered(backoff: Duration) -> Duration {
     half + Duration::from_millis(extra)
 }
 
+/// Anywhere from nothing to `window`, uniformly.
+fn spread(window: Duration) -> Duration {
+    Duration::from_millis(rand::random_range(0..=window.as_millis() as u64))
+}
+
+/// What an HTTP answer to the upgrade means: 401/403 is a refusal (wrong
+/// token), 503 a master at its connection limit that says when to retry.
+fn http_refusal(
+    url: &str,
+    response: &tokio_tungstenite::tungstenite::http::Response<Option<Vec<u8>>>,
+) -> SessionEnd {
+    let status = response.status();
+    let body = response
+        .body()
+        .as_deref()
+        .map(String::from_utf8_lossy)
+        .unwrap_or_default();
+    let reason = serde_json::from_str::<serde_json::Value>(&body)
+        .ok()
+        .and_then(|value| value.get("error")?.as_str().map(str::to_owned))
+        .unwrap_or_else(|| body.trim().chars().take(200).collect());
+    match status.as_u16() {
+        401 | 403 => SessionEnd::Refused(reason),
+        code => SessionEnd::Lost {
+            error: format!("the master at {url} answered {code}: {reason}"),
+            welcomed: false,
+            retry_after: response
+                .headers()
+                .get("retry-after")
+                .and_then(|value| value.to_str().ok())
+                .and_then(|value| value.trim().parse::<u64>().ok())
+                .map(Duration::from_secs),
+        },
+    }
+}
+
 async fn session(
     settings: &LinkSettings,
     hello: &watch::Receiver<HelloState>,
@@ -191,6 +247,7 @@ async fn session(
     let lost = |error: String| SessionEnd::Lost {
         error,
         welcomed: false,
+        retry_after: None,
     };
     let mut request = match settings.url.as_str().into_client_request() {
         Ok(request) => request,
@@ -217,6 +274,9 @@ async fn session(
     );
     let mut socket = match tokio::time::timeout(CONNECT_TIMEOUT, connect).await {
         Err(_) => return lost(format!("connecting to {} timed out", settings.url)),
+        Ok(Err(tokio_tungstenite::tungstenite::Error::Http(response))) => {
+            return http_refusal(&settings.url, &response);
+        }
         Ok(Err(error)) => return lost(format!("cannot connect to {}: {error}", settings.url)),
         Ok(Ok((socket, _response))) => socket,
     };
@@ -297,6 +357,7 @@ async fn session(
     let welcomed_lost = |error: String| SessionEnd::Lost {
         error,
         welcomed: true,
+        retry_after: None,
     };
     loop {
         tokio::select! {
@@ -632,6 +693,99 @@ mod tests {
             other => panic!("expected the link to drop, got {other:?}"),
         }
         drop(socket);
+    }
+
+    /// Answers one connection's upgrade request with a plain HTTP response.
+    async fn answer_http(listener: &TcpListener, response: &str) -> tokio::time::Instant {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut stream, _) = tokio::time::timeout(Duration::from_secs(60), listener.accept())
+            .await
+            .expect("the agent connects")
+            .unwrap();
+        let at = tokio::time::Instant::now();
+        let mut request = Vec::new();
+        let mut chunk = [0u8; 1024];
+        while !request.windows(4).any(|w| w == b"\r\n\r\n") {
+            let n = stream.read(&mut chunk).await.unwrap();
+            assert!(n > 0, "the agent sent its upgrade request");
+            request.extend_from_slice(&chunk[..n]);
+        }
+        stream.write_all(response.as_bytes()).await.unwrap();
+        stream.shutdown().await.unwrap();
+        at
+    }
+
+    fn http(status: &str, extra: &str, body: &str) -> String {
+        format!(
+            "HTTP/1.1 {status}\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n{extra}\r\n{body}",
+            body.len()
+        )
+    }
+
+    #[tokio::test]
+    async fn a_token_refused_at_the_upgrade_is_reported_with_the_masters_reason() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut agent = agent_for(&listener).await;
+        answer_http(
+            &listener,
+            &http(
+                "401 Unauthorized",
+                "",
+                r#"{"error":"unknown worker or wrong token"}"#,
+            ),
+        )
+        .await;
+        assert_eq!(
+            event(&mut agent.events).await,
+            LinkEvent::Refused {
+                reason: "unknown worker or wrong token".into()
+            }
+        );
+    }
+
+    #[tokio::test]
+    async fn a_busy_master_is_retried_no_sooner_than_its_retry_after() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let mut agent = agent_for(&listener).await;
+        let refused_at = answer_http(
+            &listener,
+            &http(
+                "503 Service Unavailable",
+                "retry-after: 2\r\n",
+                r#"{"error":"the master is at its connection limit"}"#,
+            ),
+        )
+        .await;
+        match event(&mut agent.events).await {
+            LinkEvent::Down { error } => {
+                assert!(
+                    error.contains("503") && error.contains("connection limit"),
+                    "{error}"
+                )
+            }
+            other => panic!("expected the link to report the refusal, got {other:?}"),
+        }
+        // backoff_max is 400 ms: only the master's Retry-After explains a
+        // pause of 2 s.
+        let (mut socket, _) = accept(&listener).await;
+        assert!(
+            refused_at.elapsed() >= Duration::from_secs(2),
+            "retried after {:?}",
+            refused_at.elapsed()
+        );
+        assert!(matches!(
+            receive(&mut socket).await,
+            AgentMessage::Hello { .. }
+        ));
+    }
+
+    #[test]
+    fn the_spread_after_a_lost_connection_covers_its_window() {
+        let pauses: Vec<Duration> = (0..400).map(|_| spread(Duration::from_secs(1))).collect();
+        assert!(pauses.iter().all(|p| *p <= Duration::from_secs(1)));
+        // Uniform over the window: both quarters at the ends are used.
+        assert!(pauses.iter().any(|p| *p < Duration::from_millis(250)));
+        assert!(pauses.iter().any(|p| *p > Duration::from_millis(750)));
     }
 
     #[test]

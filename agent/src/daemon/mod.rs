@@ -3,6 +3,8 @@
 //! event loop, and exits 0 after a clean stop, 1 on failure, 2 on a bad config.
 
 mod alarm;
+pub mod build_cgroup;
+pub mod build_tree;
 pub mod checkout;
 pub mod clock;
 pub mod event_loop;
@@ -10,7 +12,9 @@ mod files;
 pub mod link;
 pub mod load;
 pub mod manual;
+pub mod priority;
 pub mod runner;
+pub mod spawn;
 pub mod spool;
 
 use std::path::{Path, PathBuf};
@@ -23,7 +27,7 @@ use tokio::sync::mpsc;
 use self::clock::{Clock, SystemClock};
 use self::event_loop::{Daemon, Exit, Settings, SignalKind, notify_systemd};
 use self::link::LinkSettings;
-use self::load::{BuildTrees, LoadMeasurement, LoadSampler};
+use self::load::{BuildTrees, LoadMeasurement, LoadSampler, TreesError};
 use self::runner::RunnerSettings;
 use self::spool::Spool;
 use crate::cli::ConfigArg;
@@ -83,10 +87,18 @@ pub fn main(arg: &ConfigArg) -> ExitCode {
     }
 }
 
+/// How the agent reaches its master: a nightshift master link, or a
+/// supervised CI agent (`[supervise]`) that talks to its own.
+enum Upstream {
+    Master {
+        url: String,
+        token: String,
+        tls: Option<Arc<rustls::ClientConfig>>,
+    },
+    Supervised(Arc<crate::supervise::SuperviseSettings>),
+}
+
 async fn run(path: &Path, config: WorkerConfig) -> Result<Exit, Failure> {
-    let token = config
-        .token()
-        .map_err(|error| Failure::Config(format!("{error:#}")))?;
     let policy = config.policy().map_err(|errors| {
         Failure::Config(
             errors
@@ -96,19 +108,9 @@ async fn run(path: &Path, config: WorkerConfig) -> Result<Exit, Failure> {
                 .join("; "),
         )
     })?;
-    let url = link::endpoint(&config.master, config.insecure)
-        .map_err(|error| Failure::Config(format!("master: {error}")))?;
-    let tls = if url.starts_with("wss://") {
-        Some(
-            nightshift_proto::tls::client_config(
-                config.tls.ca_file.as_deref(),
-                config.tls.pin_sha256.as_deref(),
-            )
-            .map_err(|error| Failure::Config(format!("[tls]: {error:#}")))?,
-        )
-    } else {
-        tracing::warn!("talking to the master without TLS (insecure = true)");
-        None
+    let upstream = match &config.supervise {
+        Some(supervise) => Upstream::Supervised(Arc::new(supervise.clone())),
+        None => master_upstream(&config)?,
     };
 
     for (what, dir) in [
@@ -119,6 +121,12 @@ async fn run(path: &Path, config: WorkerConfig) -> Result<Exit, Failure> {
             .map_err(|error| Failure::Runtime(format!("cannot create the {what}: {error}")))?;
     }
     let _lock = lock_state_dir(&config.state_dir)?;
+    // Before the leftover builds are killed: a CI agent left by a crashed
+    // run is asked to finish its job instead.
+    let leftover = match upstream {
+        Upstream::Supervised(_) => crate::supervise::claim_leftover(&config.state_dir),
+        Upstream::Master { .. } => None,
+    };
     let clock: Arc<dyn Clock> = Arc::new(SystemClock);
     let manual = manual::load(&config.state_dir, clock.now()).map_err(|error| {
         Failure::Runtime(format!(
@@ -127,11 +135,12 @@ async fn run(path: &Path, config: WorkerConfig) -> Result<Exit, Failure> {
     })?;
     let spool = Spool::open(&config.state_dir)
         .map_err(|error| Failure::Runtime(format!("cannot open the result spool: {error}")))?;
-    let trees = Arc::new(BuildTrees::detect(&config.state_dir).map_err(|error| {
-        Failure::Runtime(format!(
-            "cannot create the build records directory: {error}"
-        ))
-    })?);
+    let trees = Arc::new(
+        BuildTrees::detect(&config.state_dir, &config.builds).map_err(|error| match error {
+            TreesError::Records(message) => Failure::Runtime(message),
+            TreesError::NoCgroup(message) => Failure::Config(message),
+        })?,
+    );
     for line in trees.kill_leftovers() {
         tracing::warn!("{line}");
     }
@@ -154,7 +163,7 @@ async fn run(path: &Path, config: WorkerConfig) -> Result<Exit, Failure> {
         kill_grace: KILL_GRACE,
         git: config.git.clone(),
     });
-    let (daemon, inbox, wiring) = Daemon::new(
+    let (mut daemon, inbox, wiring) = Daemon::new(
         settings,
         clock.clone(),
         policy,
@@ -163,6 +172,26 @@ async fn run(path: &Path, config: WorkerConfig) -> Result<Exit, Failure> {
         runner_settings,
         trees.clone(),
     );
+    let sample_every = config
+        .load_sample_interval
+        .to_std()
+        .max(MIN_SAMPLE_INTERVAL);
+    if let Upstream::Supervised(settings) = &upstream {
+        tracing::info!(
+            "supervising `{}` ({}) in {}; the presence starts and stops it",
+            settings.command_line(),
+            settings.kind.name(),
+            settings.workdir.display()
+        );
+        daemon = daemon.with_supervisor(crate::supervise::spawn(
+            settings.clone(),
+            config.state_dir.clone(),
+            trees.clone(),
+            clock.clone(),
+            sample_every,
+            leftover,
+        ));
+    }
     let daemon = match alarm::WallAlarm::new() {
         Ok(alarm) => daemon.with_wall_alarm(alarm),
         Err(error) => {
@@ -190,29 +219,28 @@ async fn run(path: &Path, config: WorkerConfig) -> Result<Exit, Failure> {
     );
 
     spawn_signal_forwarder(wiring.signals.clone())?;
-    let sample_every = config
-        .load_sample_interval
-        .to_std()
-        .max(MIN_SAMPLE_INTERVAL);
     let sampler = tokio::spawn(sample_load(
         trees,
         clock,
         sample_every,
         wiring.load_samples.clone(),
     ));
-    let link_task = link::spawn(
-        LinkSettings {
-            url,
-            token,
-            worker: config.name.clone(),
-            max_builds: config.max_builds,
-            tls,
-            backoff_max: RECONNECT_MAX,
-        },
-        wiring.hello.clone(),
-        wiring.to_master,
-        wiring.link_events.clone(),
-    );
+    let link_task = match upstream {
+        Upstream::Master { url, token, tls } => Some(link::spawn(
+            LinkSettings {
+                url,
+                token,
+                worker: config.name.clone(),
+                max_builds: config.max_builds,
+                tls,
+                backoff_max: RECONNECT_MAX,
+            },
+            wiring.hello.clone(),
+            wiring.to_master,
+            wiring.link_events.clone(),
+        )),
+        Upstream::Supervised(_) => None,
+    };
     notify_systemd(&[
         sd_notify::NotifyState::Ready,
         sd_notify::NotifyState::Status(&format!("{} ({})", presence.state, presence.reason)),
@@ -221,9 +249,10 @@ async fn run(path: &Path, config: WorkerConfig) -> Result<Exit, Failure> {
     let exit = daemon.run(inbox).await;
 
     // The goodbye is on its way; give the link a moment to deliver it.
-    if tokio::time::timeout(Duration::from_secs(5), link_task)
-        .await
-        .is_err()
+    if let Some(link_task) = link_task
+        && tokio::time::timeout(Duration::from_secs(5), link_task)
+            .await
+            .is_err()
     {
         tracing::warn!("the master link did not close in time");
     }
@@ -232,6 +261,28 @@ async fn run(path: &Path, config: WorkerConfig) -> Result<Exit, Failure> {
         tracing::warn!("{error:#}");
     }
     Ok(exit)
+}
+
+/// The master URL, token and TLS settings of a worker with a nightshift master.
+fn master_upstream(config: &WorkerConfig) -> Result<Upstream, Failure> {
+    let token = config
+        .token()
+        .map_err(|error| Failure::Config(format!("{error:#}")))?;
+    let url = link::endpoint(&config.master, config.insecure)
+        .map_err(|error| Failure::Config(format!("master: {error}")))?;
+    let tls = if url.starts_with("wss://") {
+        Some(
+            nightshift_proto::tls::client_config(
+                config.tls.ca_file.as_deref(),
+                config.tls.pin_sha256.as_deref(),
+            )
+            .map_err(|error| Failure::Config(format!("[tls]: {error:#}")))?,
+        )
+    } else {
+        tracing::warn!("talking to the master without TLS (insecure = true)");
+        None
+    };
+    Ok(Upstream::Master { url, token, tls })
 }
 
 /// One agent per state directory: a second one would fight over the spool

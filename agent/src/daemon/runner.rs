@@ -1,6 +1,7 @@
 //! Runs builds: each step with `sh -c` in `workdir/<builder>`, in its own
-//! process group (and its own cgroup when the agent may create them), output
-//! streamed in batches, the whole tree killed on cancel or timeout.
+//! process group (and its own cgroup when the agent may create them) at the
+//! priorities of `[builds]`, output streamed in batches, everything the step
+//! started killed on cancel or timeout.
 //!
 //! A build runs as one tokio task that reports [`RunnerEvent`]s to the event
 //! loop and takes cancel requests and lock grants through [`BuildControl`].
@@ -8,20 +9,20 @@
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
 use std::path::{Component, Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
 use jiff::Timestamp;
 use nightshift_proto::wire::{BuildId, BuildResult, Outcome, StepResult, StepSpec};
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
+use nix::sys::signal::Signal;
 use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 
+use super::build_tree::{AGENT_MARKER, BUILD_MARKER};
 use super::clock::Clock;
 use super::load::BuildTrees;
+use super::spawn::{self, StepChild, StepCommand, step_environment, var};
 
 /// Output batches are sent at most this long after their first byte...
 const FLUSH_AFTER: Duration = Duration::from_millis(50);
@@ -358,7 +359,7 @@ impl Build {
                         Outcome::Timeout,
                         format!("step `{}` ran past its timeout of {secs} s", step.name),
                     ));
-                    signal_group(pgid, Signal::SIGTERM);
+                    self.trees.signal_build(self.request.build_id, Signal::SIGTERM);
                     kill_at = Some(Instant::now() + self.settings.kill_grace);
                 }
                 changed = self.cancel.changed(), if cancel_open && ended_by.is_none() => {
@@ -367,14 +368,14 @@ impl Build {
                         Ok(()) => {
                             if let Some(reason) = self.cancel_reason() {
                                 ended_by = Some((Outcome::Cancelled, reason));
-                                signal_group(pgid, Signal::SIGTERM);
+                                self.trees.signal_build(self.request.build_id, Signal::SIGTERM);
                                 kill_at = Some(Instant::now() + self.settings.kill_grace);
                             }
                         }
                     }
                 }
                 () = sleep_until(kill_at.unwrap_or(far)), if kill_at.is_some() => {
-                    signal_group(pgid, Signal::SIGKILL);
+                    self.trees.signal_build(self.request.build_id, Signal::SIGKILL);
                     kill_at = None;
                 }
                 () = sleep_until(drain_until.unwrap_or(far)), if drain_until.is_some() && reader.is_some() => {
@@ -383,9 +384,18 @@ impl Build {
                 }
             }
         }
-        // Nothing a step started outlives it.
-        signal_group(pgid, Signal::SIGKILL);
-        self.trees.set_step_group(self.request.build_id, None);
+        // Nothing a step started outlives it, whatever group or session it
+        // moved to.
+        let trees = self.trees.clone();
+        let build_id = self.request.build_id;
+        let killed = tokio::task::spawn_blocking(move || {
+            trees.signal_build(build_id, Signal::SIGKILL);
+            trees.set_step_group(build_id, None);
+        })
+        .await;
+        if killed.is_err() {
+            self.trees.set_step_group(build_id, None);
+        }
         self.flush(step_no, &mut batch);
         if let Some(text) = batch.finish() {
             self.log.push(&text);
@@ -452,66 +462,50 @@ impl Build {
         step: &StepSpec,
         dir: &Path,
         cgroup: Option<&Path>,
-    ) -> std::io::Result<(tokio::process::Child, tokio::net::unix::pipe::Receiver)> {
+    ) -> std::io::Result<(StepChild, tokio::net::unix::pipe::Receiver)> {
         let (reader, writer) = std::io::pipe()?;
-        let mut command = tokio::process::Command::new("sh");
+        let markers = [
+            var(AGENT_MARKER, self.trees.agent_tag()),
+            var(BUILD_MARKER, self.request.build_id.to_string()),
+            var("NIGHTSHIFT_BUILDER", &self.request.builder),
+            var("NIGHTSHIFT_STEP", &step.name),
+        ];
+        let properties = self
+            .request
+            .properties
+            .iter()
+            .map(|(key, value)| var(property_env_name(key), value));
+        let source = super::checkout::source_env(self.request.source.as_ref())
+            .into_iter()
+            .map(|(name, value)| var(name, value));
+        // Credentials reach the checkout step only, never a build's own steps.
+        let auth = step
+            .checkout
+            .then(|| super::checkout::auth_env(&self.settings.git))
+            .into_iter()
+            .flatten()
+            .map(|(name, value)| var(name, value));
+        let step_env = step.env.iter().map(|(name, value)| var(name, value));
         let script = match step.checkout {
             true => super::checkout::script(self.request.source.as_ref()),
             false => step.command.clone(),
         };
-        command
-            .arg("-c")
-            .arg(script)
-            .current_dir(dir)
-            .stdin(Stdio::null())
-            .stdout(writer.try_clone()?)
-            .stderr(writer)
-            .process_group(0)
-            .kill_on_drop(false);
-        for (name, _) in std::env::vars_os() {
-            let text = name.to_string_lossy();
-            if HIDDEN_ENV_PREFIXES
-                .iter()
-                .any(|prefix| text.starts_with(prefix))
-            {
-                command.env_remove(&name);
-            }
-        }
-        command
-            .env("NIGHTSHIFT_BUILD_ID", self.request.build_id.to_string())
-            .env("NIGHTSHIFT_BUILDER", &self.request.builder)
-            .env("NIGHTSHIFT_STEP", &step.name);
-        for (key, value) in &self.request.properties {
-            command.env(property_env_name(key), value);
-        }
-        command.envs(super::checkout::source_env(self.request.source.as_ref()));
-        if step.checkout {
-            command.envs(super::checkout::auth_env(&self.settings.git));
-        }
-        command.envs(&step.env);
-        if let Some(cgroup) = cgroup {
-            let procs =
-                std::ffi::CString::new(cgroup.join("cgroup.procs").as_os_str().as_encoded_bytes())
-                    .map_err(std::io::Error::other)?;
-            // SAFETY: the closure only calls async-signal-safe functions
-            // (open, write, close) on memory prepared before the fork.
-            unsafe {
-                command.pre_exec(move || {
-                    let fd = libc::open(procs.as_ptr(), libc::O_WRONLY | libc::O_CLOEXEC);
-                    if fd >= 0 {
-                        // Failure leaves the step in the agent's cgroup; the
-                        // process-group accounting still covers it.
-                        let _ = libc::write(fd, b"0".as_ptr().cast(), 1);
-                        libc::close(fd);
-                    }
-                    Ok(())
-                });
-            }
-        }
-        let child = command.spawn()?;
-        // `command` holds our copies of the pipe's write end: drop them so
-        // the reader sees end-of-file when the step's processes are done.
-        drop(command);
+        let child = spawn::spawn(StepCommand {
+            script,
+            dir: dir.to_owned(),
+            env: step_environment(
+                &HIDDEN_ENV_PREFIXES,
+                markers
+                    .into_iter()
+                    .chain(properties)
+                    .chain(source)
+                    .chain(auth)
+                    .chain(step_env),
+            ),
+            output: OwnedFd::from(writer),
+            cgroup: cgroup.map(Path::to_owned),
+            priority: self.trees.child_priority(),
+        })?;
         let reader = tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(reader))?;
         Ok((child, reader))
     }
@@ -531,13 +525,6 @@ fn property_env_name(key: &str) -> String {
         })
         .collect();
     format!("NIGHTSHIFT_PROP_{key}")
-}
-
-fn signal_group(pgid: Option<i32>, signal: Signal) {
-    if let Some(pgid) = pgid.filter(|pgid| *pgid > 1) {
-        // ESRCH (the group is already gone) is the expected case at the end.
-        let _ = killpg(Pid::from_raw(pgid), signal);
-    }
 }
 
 /// `base/relative`, refusing absolute paths and `..` so a build never
@@ -885,6 +872,33 @@ mod tests {
             "grandchild {pid} survived the timeout"
         );
         assert!(!result.log.contains("not-reached"));
+    }
+
+    #[tokio::test]
+    async fn processes_that_left_the_steps_group_or_session_die_with_the_step() {
+        let mut harness = Harness::new();
+        // `setsid` and a double fork: neither is in the step's process group
+        // after its parent is gone, and the step does not wait for them.
+        harness.start(
+            11,
+            vec![step(
+                "escape",
+                "setsid sh -c 'echo setsid=$$; exec sleep 300' & \
+                 sh -c 'sh -c \"echo orphan=\\$\\$; setsid sleep 300\" &'; \
+                 sleep 1",
+            )],
+        );
+        let (events, result) = harness.finish().await;
+        assert_eq!(result.outcome, Outcome::Success, "{}", result.log);
+        let log = output_of(&events);
+        let pids: Vec<i32> = log
+            .lines()
+            .filter_map(|line| line.split_once('=')?.1.trim().parse().ok())
+            .collect();
+        assert_eq!(pids.len(), 2, "{log}");
+        for pid in pids {
+            assert!(wait_until_dead(pid).await, "{pid} outlived its step: {log}");
+        }
     }
 
     #[tokio::test]

@@ -149,27 +149,43 @@ pub fn settings_from_config(
 /// the scheduler (which makes them at each start) and the connection
 /// handler (which accepts an agent presenting one).
 #[derive(Debug, Clone, Default)]
-pub struct LatentTokens(Arc<RwLock<HashMap<String, String>>>);
+pub struct LatentTokens(Arc<RwLock<TokenTable>>);
+
+/// Worker → token hash, and the reverse, so that an upgrade presenting a
+/// token finds its worker without a scan.
+#[derive(Debug, Default)]
+struct TokenTable {
+    by_worker: HashMap<String, String>,
+    by_hash: HashMap<String, String>,
+}
 
 impl LatentTokens {
     /// Sets or clears the token `worker`'s instance may present.
     pub fn set(&self, worker: &str, token: Option<&str>) {
-        let mut map = self.0.write().unwrap_or_else(|poison| poison.into_inner());
-        match token {
-            Some(token) => {
-                map.insert(worker.to_owned(), sha256_hex(token));
-            }
-            None => {
-                map.remove(worker);
-            }
+        let mut table = self.0.write().unwrap_or_else(|poison| poison.into_inner());
+        if let Some(old) = table.by_worker.remove(worker) {
+            table.by_hash.remove(&old);
+        }
+        if let Some(token) = token {
+            let hash = sha256_hex(token);
+            table.by_worker.insert(worker.to_owned(), hash.clone());
+            table.by_hash.insert(hash, worker.to_owned());
         }
     }
 
     /// Whether `token` is the current instance token of `worker`.
     pub fn matches(&self, worker: &str, token: &str) -> bool {
-        let map = self.0.read().unwrap_or_else(|poison| poison.into_inner());
-        map.get(worker)
+        let table = self.0.read().unwrap_or_else(|poison| poison.into_inner());
+        table
+            .by_worker
+            .get(worker)
             .is_some_and(|hash| constant_time_eq(hash, &sha256_hex(token)))
+    }
+
+    /// The worker whose current instance token hashes to `hash`, if any.
+    pub fn worker_with_hash(&self, hash: &str) -> Option<String> {
+        let table = self.0.read().unwrap_or_else(|poison| poison.into_inner());
+        table.by_hash.get(hash).cloned()
     }
 }
 
@@ -658,6 +674,11 @@ impl LatentPool {
         if slot.attempt != attempt || slot.state != LatentState::Starting {
             return Vec::new();
         }
+        crate::metrics::METRICS.latent_start(match &outcome {
+            StartOutcome::Started => crate::metrics::LatentStart::Started,
+            StartOutcome::NotNow(_) => crate::metrics::LatentStart::NotNow,
+            StartOutcome::Failed(_) => crate::metrics::LatentStart::Failed,
+        });
         match outcome {
             StartOutcome::Started => {
                 slot.start_confirmed = true;
@@ -665,9 +686,9 @@ impl LatentPool {
                     slot.consecutive_failures = 0;
                     slot.generation += 1;
                     set_state(slot, LatentState::Running, "agent connected".into(), now);
-                } else {
-                    slot.reason = format!("{}; waiting for its agent to connect", slot.reason);
+                    return self.linger_if_idle(worker, now);
                 }
+                slot.reason = format!("{}; waiting for its agent to connect", slot.reason);
                 Vec::new()
             }
             StartOutcome::NotNow(why) => {
@@ -765,6 +786,7 @@ impl LatentPool {
         }
         match (kind, slot.state) {
             (TimerKind::StartTimeout, LatentState::Starting) => {
+                crate::metrics::METRICS.latent_start(crate::metrics::LatentStart::TimedOut);
                 let timeout = slot.settings.start_timeout;
                 let what = if slot.start_confirmed {
                     "its agent did not connect"
@@ -785,7 +807,10 @@ impl LatentPool {
                     now,
                 )
             }
-            (TimerKind::Linger, LatentState::Lingering) => {
+            (TimerKind::Linger, LatentState::Lingering)
+            | (TimerKind::Linger, LatentState::Running)
+                if slot.running_builds == 0 =>
+            {
                 let master = self.master.clone();
                 let wait = slot.settings.build_wait_timeout;
                 begin_stop(
@@ -853,11 +878,11 @@ impl LatentPool {
                 slot.consecutive_failures = 0;
                 slot.generation += 1;
                 set_state(slot, LatentState::Running, "agent connected".into(), now);
-                Ok(Vec::new())
+                Ok(self.linger_if_idle(worker, now))
             }
             LatentState::Running | LatentState::Lingering => {
                 slot.connected = true;
-                Ok(Vec::new())
+                Ok(self.linger_if_idle(worker, now))
             }
             LatentState::Stopping => Err(format!(
                 "latent worker `{worker}` is being stopped ({})",
@@ -954,6 +979,35 @@ impl LatentPool {
             slot.stop_when_idle = Some(format!("worker turned away ({why})"));
         }
         self.stop_if_idle(worker, now)
+    }
+
+    /// An instance that just came up (or back) with no build gets the linger
+    /// timer: it stays `running` (the build it was started for is normally
+    /// handed out in the same scheduler turn), but if no build reaches it
+    /// within `build_wait_timeout` it is stopped. The timer is armed even
+    /// when that is 0, so the hand-out of the same turn still wins. Every
+    /// path into `running` thus ends in a stop unless a build arrives.
+    fn linger_if_idle(&mut self, worker: &str, now: Now) -> Vec<LatentAction> {
+        let Some(slot) = self.slots.get_mut(worker) else {
+            return Vec::new();
+        };
+        if slot.running_builds > 0 || slot.state != LatentState::Running {
+            return Vec::new();
+        }
+        let wait = slot.settings.build_wait_timeout;
+        slot.generation += 1;
+        slot.reason = format!(
+            "{}; stops after {}s without a build",
+            slot.reason,
+            wait.as_secs()
+        );
+        vec![LatentAction::Timer {
+            worker: worker.to_owned(),
+            at: now.mono + wait,
+            kind: TimerKind::Linger,
+            generation: slot.generation,
+            instance: None,
+        }]
     }
 
     fn stop_if_idle(&mut self, worker: &str, now: Now) -> Vec<LatentAction> {

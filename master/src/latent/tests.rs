@@ -102,6 +102,64 @@ fn started(pool: &mut LatentPool, worker: &str, attempt: u64, now: Now) -> Vec<L
     )
 }
 
+/// Issue 8: an instance whose build was taken by another worker before it
+/// came up has nothing to do; it is stopped after `build_wait_timeout`,
+/// whichever of "agent connected" and "provider start returned" came last.
+#[test]
+fn an_instance_that_comes_up_without_a_build_is_stopped_after_build_wait_timeout() {
+    for agent_first in [false, true] {
+        let clock = Clock::new();
+        let mut pool = pool(&["vm1"], 2, 2, &clock);
+        let attempt = attempt_of(&pool.start("vm1", "build 1", clock.at(0)).unwrap());
+        let actions = if agent_first {
+            // The agent's hello makes it running before the provider returns.
+            let connected = pool.agent_connected("vm1", clock.at(2)).unwrap();
+            assert!(started(&mut pool, "vm1", attempt, clock.at(3)).is_empty());
+            connected
+        } else {
+            assert!(started(&mut pool, "vm1", attempt, clock.at(1)).is_empty());
+            pool.agent_connected("vm1", clock.at(2)).unwrap()
+        };
+        assert_eq!(pool.state("vm1"), Some(LatentState::Running));
+        let (at, generation) = timer_of(&actions, TimerKind::Linger);
+        assert_eq!(at, clock.at(4).mono, "agent_first={agent_first}");
+        let actions = pool.handle(
+            LatentEvent::Timer {
+                worker: "vm1".into(),
+                kind: TimerKind::Linger,
+                generation,
+                health: None,
+            },
+            clock.at(4),
+        );
+        assert!(has_stop(&actions), "agent_first={agent_first}: {actions:?}");
+        assert_eq!(pool.state("vm1"), Some(LatentState::Stopping));
+    }
+}
+
+/// The same timer does nothing to an instance that got its build.
+#[test]
+fn the_connect_timer_spares_an_instance_that_got_its_build() {
+    let clock = Clock::new();
+    let mut pool = pool(&["vm1"], 2, 2, &clock);
+    let attempt = attempt_of(&pool.start("vm1", "build 1", clock.at(0)).unwrap());
+    started(&mut pool, "vm1", attempt, clock.at(1));
+    let actions = pool.agent_connected("vm1", clock.at(1)).unwrap();
+    let (_, generation) = timer_of(&actions, TimerKind::Linger);
+    pool.build_started("vm1", clock.at(1));
+    let actions = pool.handle(
+        LatentEvent::Timer {
+            worker: "vm1".into(),
+            kind: TimerKind::Linger,
+            generation,
+            health: None,
+        },
+        clock.at(3),
+    );
+    assert!(actions.is_empty(), "{actions:?}");
+    assert_eq!(pool.state("vm1"), Some(LatentState::Running));
+}
+
 #[test]
 fn full_cycle_stopped_starting_running_lingering_stopping_stopped() {
     let clock = Clock::new();

@@ -7,8 +7,10 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use nightshift_proto::wire::{BuildId, BuildResult, BuildSource, MasterMessage, Outcome, StepSpec};
 use tokio::sync::oneshot;
 
+use super::timers::TimerSlot;
 use super::{Event, Queued, Running, Scheduler};
 use crate::latent::Now;
+use crate::metrics::{METRICS, RefusalReason, Refused, RetryReason};
 use crate::store::StoreOutcome;
 
 impl Scheduler {
@@ -105,8 +107,56 @@ impl Scheduler {
             .is_some_and(|run| run.worker == worker)
     }
 
+    /// Refuses a frame about build `id` from a worker it is not handed to:
+    /// logged with the reason and counted.
     pub(super) fn refuse(&self, worker: &str, id: BuildId, what: &str) {
-        tracing::warn!("worker {worker} {what} build {id}, which is not assigned to it; ignored");
+        let why = if self.running.contains_key(&id) || self.queue.contains_key(&id) {
+            RefusalReason::NotHandedToIt
+        } else {
+            RefusalReason::UnknownOrFinished
+        };
+        self.refuse_because(worker, id, what, Refused::Frame, why);
+    }
+
+    /// Refuses what `worker` tried (`what`, e.g. "delivered a result for")
+    /// on build `id`, logging and counting `kind` and `why`.
+    pub(super) fn refuse_because(
+        &self,
+        worker: &str,
+        id: BuildId,
+        what: &str,
+        kind: Refused,
+        why: RefusalReason,
+    ) {
+        let because = match why {
+            RefusalReason::NotHandedToIt => "it was not handed to it",
+            RefusalReason::BuilderDoesNotListIt => "its builder does not list it",
+            RefusalReason::UnknownOrFinished => "it is unknown or finished",
+        };
+        tracing::warn!(
+            "worker {worker} {what} build {id}, which is not assigned to it ({because}); refused"
+        );
+        METRICS.refused(kind, why);
+    }
+
+    /// Whether `worker` may act on (adopt, finish) the queued build
+    /// `queued`: it was handed to that worker, and its builder lists it.
+    pub(super) fn may_act_on_queued(
+        &self,
+        worker: &str,
+        queued: &Queued,
+    ) -> Result<(), RefusalReason> {
+        let listed = self
+            .config
+            .builder(&queued.builder)
+            .is_some_and(|b| b.workers.iter().any(|w| w == worker));
+        if !listed {
+            return Err(RefusalReason::BuilderDoesNotListIt);
+        }
+        if queued.handed_to.as_deref() != Some(worker) {
+            return Err(RefusalReason::NotHandedToIt);
+        }
+        Ok(())
     }
 
     /// The agent turned a handed-out build down: it goes back to the queue
@@ -126,9 +176,15 @@ impl Scheduler {
             let actions = self.latent.build_finished(worker, Now::system());
             self.run_latent(worker, actions);
             self.store.requeue(build_id, None);
+            self.timers.cancel(&TimerSlot::StepLease(build_id));
             self.queue.insert(
                 build_id,
-                Queued::new(run.builder, run.properties, run.source),
+                Queued::handed_back(
+                    run.builder,
+                    run.properties,
+                    run.source,
+                    Some(worker.to_owned()),
+                ),
             );
         }
         self.maybe_release(worker);
@@ -140,15 +196,38 @@ impl Scheduler {
         if self.finishing.contains(&id) {
             return; // the first delivery is being stored; it will be acknowledged
         }
-        if result.outcome == Outcome::Cancelled && !self.cancel_requested.remove(&id) {
+        // Only the worker it was handed to may end it (nor consume the
+        // admin's cancel meant for that worker).
+        let cancelled = result.outcome == Outcome::Cancelled;
+        let kind = if cancelled {
+            Refused::Cancel
+        } else {
+            Refused::Result
+        };
+        let what = if cancelled {
+            "sent a cancelled result for"
+        } else {
+            "delivered a result for"
+        };
+        match self.running.get(&id) {
+            Some(run) if run.worker != worker => {
+                return self.refuse_because(worker, id, what, kind, RefusalReason::NotHandedToIt);
+            }
+            Some(_) => {}
+            None => {
+                if let Some(queued) = self.queue.get(&id)
+                    && let Err(why) = self.may_act_on_queued(worker, queued)
+                {
+                    return self.refuse_because(worker, id, what, kind, why);
+                }
+            }
+        }
+        if cancelled && !self.cancel_requested.remove(&id) {
             // Cancelled on the worker's side (a stop deadline, a second
             // SIGTERM, the owner): the request is not done, it runs elsewhere.
             return self.on_worker_cancelled(worker, &result);
         }
         match self.running.get(&id) {
-            Some(run) if run.worker != worker => {
-                return self.refuse(worker, id, "delivered a result for");
-            }
             Some(_) => {
                 self.running.remove(&id);
                 if let Some(slot) = self.workers.get_mut(worker) {
@@ -171,18 +250,29 @@ impl Scheduler {
             }
         }
         tracing::info!("build {id} finished on {worker}: {}", result.outcome);
-        self.lock_waits.remove(&id);
+        let waited_on = self.lock_waits.remove(&id);
+        self.timers.cancel(&TimerSlot::StepLease(id));
         let granted = self.locks.release_build(id);
         self.on_lock_grants(granted);
         self.finishing.insert(id);
         let store = self.store.clone();
         let events = self.events.clone();
-        let worker = worker.to_owned();
+        let owner = worker.to_owned();
         tokio::spawn(async move {
-            let stored = store.finish(worker.clone(), result).await;
-            let _ = events.send(Event::ResultCommitted { worker, id, stored });
+            let stored = store.finish(owner.clone(), result).await;
+            let _ = events.send(Event::ResultCommitted {
+                worker: owner,
+                id,
+                stored,
+            });
         });
-        self.maybe_release_all();
+        // Only two workers can have become idle here (never a scan of all
+        // of them on a per-build path): the one that ran the build, and
+        // the one whose slot a lock wait of the build kept.
+        self.maybe_release(worker);
+        if let Some(other) = waited_on.filter(|other| other != worker) {
+            self.maybe_release(&other);
+        }
         self.assign();
     }
 
@@ -198,7 +288,7 @@ impl Scheduler {
                 "cancelled on worker {worker}: {}",
                 result.reason.as_deref().unwrap_or("no reason given")
             );
-            self.requeue(worker, id, &reason);
+            self.requeue(worker, id, &reason, RetryReason::CancelledOnWorker);
         }
         // Nothing to store: the agent may forget its result.
         self.send(worker, MasterMessage::ResultStored { build_id: id });
@@ -219,9 +309,12 @@ impl Scheduler {
                 self.notify_finished(id);
             }
             Ok(StoreOutcome::NotYours) => {
-                tracing::warn!(
-                    "worker {worker} delivered a result for build {id}, which is unknown or \
-                     finished by another worker; ignored"
+                self.refuse_because(
+                    worker,
+                    id,
+                    "delivered a result for",
+                    Refused::Result,
+                    RefusalReason::UnknownOrFinished,
                 );
             }
             Err(e) => {
@@ -239,20 +332,30 @@ impl Scheduler {
         }
     }
 
-    /// Moves a running build back to the queue as a retry.
-    pub(super) fn requeue(&mut self, worker: &str, id: BuildId, reason: &str) {
+    /// Moves a running build back to the queue as a retry. It remembers
+    /// `worker`, which may still deliver its result or adopt it again.
+    pub(super) fn requeue(&mut self, worker: &str, id: BuildId, reason: &str, kind: RetryReason) {
         if let Some(slot) = self.workers.get_mut(worker) {
             slot.running.remove(&id);
         }
+        self.timers.cancel(&TimerSlot::StepLease(id));
         let granted = self.locks.release_build(id);
         self.on_lock_grants(granted);
         if let Some(run) = self.running.remove(&id) {
             tracing::warn!("build {id} re-queued: {reason}");
+            METRICS.retried(kind);
             let actions = self.latent.build_finished(worker, Now::system());
             self.run_latent(worker, actions);
             self.store.requeue(id, Some(reason.to_owned()));
-            self.queue
-                .insert(id, Queued::new(run.builder, run.properties, run.source));
+            self.queue.insert(
+                id,
+                Queued::handed_back(
+                    run.builder,
+                    run.properties,
+                    run.source,
+                    Some(worker.to_owned()),
+                ),
+            );
         }
     }
 
@@ -393,6 +496,7 @@ impl Scheduler {
             slot.last_assigned = self.assignments;
         }
         self.latent.build_started(&worker, Now::system());
+        METRICS.waited_before_start(queued.queued_at.elapsed());
         tracing::info!("build {id} ({}) handed to {worker}", queued.builder);
         self.send(
             &worker,
@@ -415,6 +519,7 @@ impl Scheduler {
                 source: queued.source,
                 accepted: false,
                 step_locks,
+                leased_step: None,
             },
         );
     }

@@ -6,12 +6,13 @@ use std::collections::BTreeSet;
 
 use nightshift_policy::Presence;
 use nightshift_proto::wire::{BuildId, HEARTBEAT_SECS, MasterMessage, PROTOCOL_VERSION};
-use tokio::sync::mpsc;
 
 use super::timers::TimerSlot;
 use super::{ConnId, Event, Hello, Outbound, RECONCILE_GRACE, Running, Scheduler, offline};
 use crate::latent::Now;
 use crate::locks::LockHolder;
+use crate::metrics::{Refused, RetryReason};
+use crate::outbox::AgentOutbox;
 
 impl Scheduler {
     pub(super) fn on_connected(
@@ -19,7 +20,7 @@ impl Scheduler {
         worker: String,
         conn: ConnId,
         hello: Hello,
-        out: mpsc::UnboundedSender<Outbound>,
+        out: AgentOutbox,
     ) {
         if self.workers.contains_key(&worker) && self.latent.is_latent(&worker) {
             match self.latent.agent_connected(&worker, Now::system()) {
@@ -51,8 +52,24 @@ impl Scheduler {
             match self.running.get(&id) {
                 Some(run) if run.worker == worker => {}
                 Some(_) => cancel.push(id),
-                None if self.queue.contains_key(&id) => adopted.push(id),
-                None => cancel.push(id),
+                None => match self.queue.get(&id) {
+                    // Only the worker it was handed to, still listed by its
+                    // builder, may carry on with a re-queued build.
+                    Some(queued) => match self.may_act_on_queued(&worker, queued) {
+                        Ok(()) => adopted.push(id),
+                        Err(why) => {
+                            self.refuse_because(
+                                &worker,
+                                id,
+                                "listed in its hello",
+                                Refused::Adoption,
+                                why,
+                            );
+                            cancel.push(id);
+                        }
+                    },
+                    None => cancel.push(id),
+                },
             }
         }
         let now = self.clock.now();
@@ -82,6 +99,7 @@ impl Scheduler {
                         source: queued.source,
                         accepted: true,
                         step_locks,
+                        leased_step: None,
                     },
                 );
                 self.store.mark_started(id, worker.clone(), now);
@@ -250,7 +268,7 @@ impl Scheduler {
             self.config.missing_timeout.as_secs()
         );
         for id in ids {
-            self.requeue(worker, id, &reason);
+            self.requeue(worker, id, &reason, RetryReason::WorkerMissing);
         }
         if self.config.worker(worker).is_none() {
             self.drop_if_drained(worker);
@@ -271,7 +289,7 @@ impl Scheduler {
             .collect();
         let reason = format!("worker {worker} reconnected without it and delivered no result");
         for id in ids {
-            self.requeue(worker, id, &reason);
+            self.requeue(worker, id, &reason, RetryReason::ReconnectedWithoutIt);
         }
         self.maybe_release(worker);
         self.assign();
@@ -298,13 +316,6 @@ impl Scheduler {
             );
             tracing::info!("worker {worker} released: {reason}");
             self.send(worker, MasterMessage::Released { reason });
-        }
-    }
-
-    pub(super) fn maybe_release_all(&mut self) {
-        let names: Vec<String> = self.workers.keys().cloned().collect();
-        for name in names {
-            self.maybe_release(&name);
         }
     }
 

@@ -3,11 +3,20 @@
 //! slot kept, acting on grants, and step grants.
 
 use std::collections::BTreeSet;
+use std::time::Duration;
 
 use nightshift_proto::wire::{BuildId, MasterMessage};
 
-use super::Scheduler;
+use super::timers::TimerSlot;
+use super::{Event, Outbound, Scheduler};
 use crate::locks::{Claim, LockHolder, split_locks};
+use crate::metrics::{LockLevel, METRICS, RetryReason};
+use crate::store::StepGrant;
+
+/// How long past its step's timeout a lock grant lasts: the agent kills the
+/// step at its timeout and reports it; a grant still held after this grace
+/// is taken back (the agent is broken or lying).
+pub const LEASE_GRACE: Duration = Duration::from_secs(10);
 
 impl Scheduler {
     /// The builder's build-level locks as the current config has them.
@@ -58,6 +67,7 @@ impl Scheduler {
                     .waiting_text(id)
                     .unwrap_or_else(|| "locks".into());
                 tracing::info!("build {id}: waiting for {why} (on {worker})");
+                METRICS.lock_wait(LockLevel::Build);
                 self.note_waiting(id, format!("{why} (on {worker})"));
                 self.lock_waits.insert(id, worker);
             }
@@ -81,7 +91,7 @@ impl Scheduler {
                     if let Some(run) = self.running.get(&id) {
                         let worker = run.worker.clone();
                         tracing::info!("build {id} step {step}: locks granted");
-                        self.send(&worker, MasterMessage::StepGranted { build_id: id, step });
+                        self.grant_step(&worker, id, step);
                     }
                 }
                 LockHolder::Build(id) => {
@@ -125,15 +135,173 @@ impl Scheduler {
             .locks
             .request(LockHolder::Step(build_id, step), worker, &claims)
         {
-            Ok(true) => self.send(worker, MasterMessage::StepGranted { build_id, step }),
+            Ok(true) => self.grant_step(worker, build_id, step),
             Ok(false) => {
                 let why = self.locks.waiting_text(build_id).unwrap_or_default();
                 tracing::info!("build {build_id} step {step}: waiting for {why}");
+                METRICS.lock_wait(LockLevel::Step);
             }
             Err(e) => {
                 tracing::error!("build {build_id} step {step}: {e}; started without that lock");
                 self.send(worker, MasterMessage::StepGranted { build_id, step });
             }
+        }
+    }
+
+    /// `step` of `build_id` holds its locks: persist the grant (a restarted
+    /// master takes it again), arm its lease (the step's timeout plus
+    /// [`LEASE_GRACE`]), and only after the commit tell the agent. A
+    /// repeated request (after a reconnect) is answered again; it does not
+    /// extend the lease.
+    pub(super) fn grant_step(&mut self, worker: &str, build_id: BuildId, step: u32) {
+        let Some(run) = self.running.get_mut(&build_id) else {
+            return;
+        };
+        if run.leased_step != Some(step) {
+            run.leased_step = Some(step);
+            let timeout = self
+                .config
+                .builder(&run.builder)
+                .and_then(|b| b.steps.get(step as usize))
+                .and_then(|s| s.timeout);
+            if let Some(timeout) = timeout {
+                self.timers.set(
+                    TimerSlot::StepLease(build_id),
+                    timeout + LEASE_GRACE,
+                    Event::LeaseEnded { build_id, step },
+                );
+            }
+        }
+        let outbox = self
+            .workers
+            .get(worker)
+            .and_then(|slot| slot.conn.as_ref())
+            .map(|(_, out)| out.clone());
+        let store = self.store.clone();
+        let worker = worker.to_owned();
+        tokio::spawn(async move {
+            if let Err(e) = store.save_step_grant(build_id, step, worker).await {
+                tracing::error!(
+                    "build {build_id} step {step}: cannot persist its lock grant ({e:#}); \
+                     granted anyway"
+                );
+            }
+            if let Some(out) = outbox {
+                let _ = out.send(Outbound::Message(MasterMessage::StepGranted {
+                    build_id,
+                    step,
+                }));
+            }
+        });
+    }
+
+    /// The agent finished `step`: its locks go to the next waiter.
+    pub(super) fn release_step(&mut self, build_id: BuildId, step: u32) {
+        if let Some(run) = self.running.get_mut(&build_id)
+            && run.leased_step == Some(step)
+        {
+            run.leased_step = None;
+            self.timers.cancel(&TimerSlot::StepLease(build_id));
+        }
+        self.store.drop_step_grant(build_id, step);
+        let granted = self.locks.release(LockHolder::Step(build_id, step));
+        self.on_lock_grants(granted);
+    }
+
+    /// A step's lease ended while it still held its locks: the master takes
+    /// the locks back, cancels the build on its worker and re-queues it as a
+    /// retry; that worker's result for it is no longer accepted.
+    pub(super) fn on_lease_ended(&mut self, build_id: BuildId, step: u32) {
+        let Some(run) = self.running.get(&build_id) else {
+            return;
+        };
+        if run.leased_step != Some(step) {
+            return;
+        }
+        let worker = run.worker.clone();
+        let timeout = self
+            .config
+            .builder(&run.builder)
+            .and_then(|b| b.steps.get(step as usize))
+            .and_then(|s| s.timeout)
+            .unwrap_or_default();
+        let reason = format!(
+            "step {step} held its locks {}s past its timeout ({}s) on worker {worker}; lease ended",
+            LEASE_GRACE.as_secs(),
+            timeout.as_secs()
+        );
+        self.send(
+            &worker,
+            MasterMessage::CancelBuild {
+                build_id,
+                reason: reason.clone(),
+            },
+        );
+        self.requeue(&worker, build_id, &reason, RetryReason::LockLeaseEnded);
+        // Taken back: nothing more from that worker is accepted for it.
+        if let Some(queued) = self.queue.get_mut(&build_id) {
+            queued.handed_to = None;
+        }
+        self.store.forget_handed_to(build_id);
+        self.maybe_release(&worker);
+        self.assign();
+    }
+
+    /// After a restart: the step grants persisted before it are held again
+    /// (before any agent connects), with a fresh lease.
+    pub fn restore_step_grants(&mut self, grants: Vec<StepGrant>) {
+        for grant in grants {
+            let Some(run) = self.running.get(&grant.build_id) else {
+                continue;
+            };
+            if run.worker != grant.worker {
+                continue;
+            }
+            let claims = run
+                .step_locks
+                .get(grant.step as usize)
+                .cloned()
+                .unwrap_or_default();
+            let holder = LockHolder::Step(grant.build_id, grant.step);
+            match self.locks.request(holder, &grant.worker, &claims) {
+                Ok(true) => {
+                    tracing::info!(
+                        "build {} step {}: holds its locks again after the restart",
+                        grant.build_id,
+                        grant.step
+                    );
+                    // Re-arm the lease; the agent's repeated request is
+                    // answered without extending it.
+                    self.grant_lease_only(grant.build_id, grant.step);
+                }
+                Ok(false) => tracing::warn!(
+                    "build {} step {}: its locks are held by others after the restart; it waits",
+                    grant.build_id,
+                    grant.step
+                ),
+                Err(e) => tracing::warn!("build {} step {}: {e}", grant.build_id, grant.step),
+            }
+        }
+    }
+
+    /// Arms a restored grant's lease without telling the agent (it asks
+    /// again when it reconnects).
+    fn grant_lease_only(&mut self, build_id: BuildId, step: u32) {
+        let Some(run) = self.running.get_mut(&build_id) else {
+            return;
+        };
+        run.leased_step = Some(step);
+        let timeout = self
+            .config
+            .builder(&run.builder)
+            .and_then(|b| b.steps.get(step as usize))
+            .and_then(|s| s.timeout);
+        if let Some(timeout) = timeout {
+            self.timers.set(
+                TimerSlot::StepLease(build_id),
+                timeout + LEASE_GRACE,
+                Event::LeaseEnded { build_id, step },
+            );
         }
     }
 

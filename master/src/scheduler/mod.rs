@@ -43,6 +43,7 @@ use crate::config::MasterConfig;
 use crate::latent::{LatentEvent, LatentPool, LatentProvider, LatentTokens, MasterAccess};
 use crate::locks::{BuildLocks, Claim, LockHolder};
 use crate::master_schedule::MasterSchedules;
+use crate::outbox::AgentOutbox;
 use crate::store::{Store, StoreOutcome, UnfinishedBuild};
 
 use timers::Timers;
@@ -67,6 +68,12 @@ impl Clock for SystemClock {
 /// After a reconnect, how long the agent has to deliver the results of
 /// builds the master expected it to run but that its hello did not list.
 pub const RECONCILE_GRACE: Duration = Duration::from_secs(2 * HEARTBEAT_SECS);
+
+/// Agent connection events (connect, frames, disconnect) waiting for the
+/// scheduler; connection tasks wait (and stop reading their sockets) when
+/// this many are queued. Each connection is also rate-limited, so one agent
+/// cannot fill it for long.
+pub const AGENT_INBOX: usize = 1024;
 
 /// What the scheduler sends a connection task.
 #[derive(Debug, Clone, PartialEq)]
@@ -103,7 +110,7 @@ pub enum Event {
         worker: String,
         conn: ConnId,
         hello: Hello,
-        out: mpsc::UnboundedSender<Outbound>,
+        out: AgentOutbox,
     },
     /// A frame from an agent (heartbeats are answered by the connection).
     Agent {
@@ -158,6 +165,12 @@ pub enum Event {
     Snapshot {
         reply: oneshot::Sender<Snapshot>,
     },
+    /// What each of these builds waits for, for those that wait (the part
+    /// of a [`Snapshot`] one build's answer needs, without the workers).
+    WaitingFor {
+        ids: Vec<BuildId>,
+        reply: oneshot::Sender<BTreeMap<BuildId, String>>,
+    },
     /// A latent provider call or timer ended.
     Latent(LatentEvent),
     /// The master is shutting down: stop every latent instance, answer once
@@ -168,6 +181,12 @@ pub enum Event {
     /// The next boundary of a master-side schedule is due (one timer, reset
     /// by every refresh).
     ScheduleTick,
+    /// A step's lock grant outlived its lease (the step's timeout plus
+    /// grace) while the build still held it.
+    LeaseEnded {
+        build_id: BuildId,
+        step: u32,
+    },
     /// A new config, validated and checked by `reconfig::reload`: apply it
     /// without interrupting running builds, then answer.
     Reconfig {
@@ -178,7 +197,7 @@ pub enum Event {
 
 /// A worker's live state as the scheduler sees it.
 struct WorkerSlot {
-    conn: Option<(ConnId, mpsc::UnboundedSender<Outbound>)>,
+    conn: Option<(ConnId, AgentOutbox)>,
     presence: Presence,
     agent_max_builds: u32,
     running: BTreeSet<BuildId>,
@@ -216,6 +235,11 @@ struct Queued {
     builder: String,
     properties: BTreeMap<String, String>,
     waiting_for: Option<String>,
+    /// The worker it was last handed to, kept across a re-queue: the only
+    /// one whose result or adoption of it is accepted.
+    handed_to: Option<String>,
+    /// When it (re-)joined the queue, for the wait-before-start histogram.
+    queued_at: std::time::Instant,
     /// The revision it builds (builders with a `source`).
     source: Option<BuildSource>,
 }
@@ -231,6 +255,21 @@ impl Queued {
             properties,
             waiting_for: None,
             source,
+            handed_to: None,
+            queued_at: std::time::Instant::now(),
+        }
+    }
+
+    /// A build back in the queue that was handed to `worker`.
+    fn handed_back(
+        builder: String,
+        properties: BTreeMap<String, String>,
+        source: Option<BuildSource>,
+        worker: Option<String>,
+    ) -> Queued {
+        Queued {
+            handed_to: worker,
+            ..Queued::new(builder, properties, source)
         }
     }
 }
@@ -245,6 +284,8 @@ struct Running {
     /// Each step's locks as configured when the build started (a reconfig
     /// does not change a running build).
     step_locks: Vec<Vec<Claim>>,
+    /// The step whose locks are granted (its lease runs), if any.
+    leased_step: Option<u32>,
 }
 
 /// The scheduler's state; [`Scheduler::run`] is its event loop.
@@ -373,6 +414,7 @@ impl Scheduler {
                             source: build.source,
                             accepted: true,
                             step_locks,
+                            leased_step: None,
                         },
                     );
                 }
@@ -381,15 +423,26 @@ impl Scheduler {
                         build.id,
                         Some("its worker is no longer in master.toml".into()),
                     );
+                    crate::metrics::METRICS.retried(crate::metrics::RetryReason::WorkerRemoved);
                     scheduler.queue.insert(
                         build.id,
-                        Queued::new(build.builder, build.properties, build.source),
+                        Queued::handed_back(
+                            build.builder,
+                            build.properties,
+                            build.source,
+                            build.handed_to,
+                        ),
                     );
                 }
                 _ => {
                     scheduler.queue.insert(
                         build.id,
-                        Queued::new(build.builder, build.properties, build.source),
+                        Queued::handed_back(
+                            build.builder,
+                            build.properties,
+                            build.source,
+                            build.handed_to,
+                        ),
                     );
                 }
             }
@@ -408,7 +461,13 @@ impl Scheduler {
 
     /// The event loop: runs until every sender is gone. Timers are polled
     /// here, in the same loop, so a timer is an event like any other.
-    pub async fn run(mut self, mut inbox: mpsc::UnboundedReceiver<Event>) {
+    /// `agent_inbox` is the bounded channel of agent connection events
+    /// ([`AGENT_INBOX`]); `inbox` carries the API's, timers' and tasks'.
+    pub async fn run(
+        mut self,
+        mut inbox: mpsc::UnboundedReceiver<Event>,
+        mut agent_inbox: mpsc::Receiver<Event>,
+    ) {
         self.refresh_schedules();
         self.assign();
         loop {
@@ -417,6 +476,7 @@ impl Scheduler {
                     Some(event) => self.handle(event),
                     None => break,
                 },
+                Some(event) = agent_inbox.recv() => self.handle(event),
                 Some(event) = self.timers.next_expired() => self.handle(event),
             }
         }
@@ -464,11 +524,15 @@ impl Scheduler {
             Event::Snapshot { reply } => {
                 let _ = reply.send(self.snapshot());
             }
+            Event::WaitingFor { ids, reply } => {
+                let _ = reply.send(self.waiting_for(&ids));
+            }
             Event::StopLatent { reply } => self.on_stop_latent(reply),
             Event::ScheduleTick => {
                 self.refresh_schedules();
                 self.assign();
             }
+            Event::LeaseEnded { build_id, step } => self.on_lease_ended(build_id, step),
             Event::Reconfig { config, reply } => {
                 self.apply_config(config);
                 let _ = reply.send(());
@@ -517,8 +581,7 @@ impl Scheduler {
                 if self.owns(worker, build_id) {
                     let step = result.step;
                     self.store.store_step(build_id, result);
-                    let granted = self.locks.release(LockHolder::Step(build_id, step));
-                    self.on_lock_grants(granted);
+                    self.release_step(build_id, step);
                 } else {
                     self.refuse(worker, build_id, "finished a step of");
                 }

@@ -42,48 +42,84 @@ pub(super) struct WorkerFacts<'a> {
 /// least recently given one, then first listed), `reluctant` ones only when
 /// no available one can take it, never `away`/`offline`, disconnected, full
 /// ones or ones that refused it. `Err` says what the build waits for.
-/// Costs O(candidates).
-pub(super) fn pick_worker<'a>(
-    candidates: impl IntoIterator<Item = Candidate<'a>>,
-) -> Result<&'a str, String> {
+/// Costs O(candidates), and allocates nothing unless no worker can take it.
+pub(super) fn pick_worker<'a, I>(candidates: I) -> Result<&'a str, String>
+where
+    I: IntoIterator<Item = Candidate<'a>>,
+    I::IntoIter: Clone,
+{
+    let candidates = candidates.into_iter();
     let mut best: Option<(PresenceState, usize, u64, &'a str)> = None;
-    let mut why = Vec::new();
-    for candidate in candidates {
-        let facts = match candidate {
-            Candidate::NotConfigured { name } => {
-                why.push(format!("{name} not configured"));
-                continue;
-            }
-            Candidate::Worker(facts) => facts,
+    for candidate in candidates.clone() {
+        let Candidate::Worker(facts) = candidate else {
+            continue;
         };
-        let name = facts.name;
-        if !facts.connected {
-            why.push(format!("{name} offline"));
+        if why_not(&facts).is_some() {
             continue;
         }
-        let state = facts.state;
-        if !state.takes_builds() {
-            why.push(format!("{name} {state}"));
-            continue;
-        }
-        let busy = facts.running + facts.lock_waits;
-        let capacity = facts.capacity;
-        if busy >= capacity {
-            why.push(format!("{name} busy ({busy}/{capacity})"));
-            continue;
-        }
-        if facts.refused_it {
-            why.push(format!("{name} refused it"));
-            continue;
-        }
-        let key = (state, facts.running, facts.last_assigned, name);
+        let key = (facts.state, facts.running, facts.last_assigned, facts.name);
         if best.is_none_or(|b| (key.0, key.1, key.2) < (b.0, b.1, b.2)) {
             best = Some(key);
         }
     }
-    match best {
-        Some((_, _, _, name)) => Ok(name),
-        None => Err(format!("a worker: {}", why.join(", "))),
+    if let Some((_, _, _, name)) = best {
+        return Ok(name);
+    }
+    // Nobody: say why, naming the first few and counting the rest.
+    let mut why = Vec::new();
+    let mut more = 0usize;
+    for candidate in candidates {
+        if why.len() == WHY_NAMES {
+            more += 1;
+            continue;
+        }
+        why.push(match candidate {
+            Candidate::NotConfigured { name } => format!("{name} not configured"),
+            Candidate::Worker(facts) => {
+                let reason = why_not(&facts).unwrap_or(WhyNot::Offline);
+                match reason {
+                    WhyNot::Offline => format!("{} offline", facts.name),
+                    WhyNot::State => format!("{} {}", facts.name, facts.state),
+                    WhyNot::Busy => format!(
+                        "{} busy ({}/{})",
+                        facts.name,
+                        facts.running + facts.lock_waits,
+                        facts.capacity
+                    ),
+                    WhyNot::Refused => format!("{} refused it", facts.name),
+                }
+            }
+        });
+    }
+    if more > 0 {
+        why.push(format!("and {more} more"));
+    }
+    Err(format!("a worker: {}", why.join(", ")))
+}
+
+/// Workers named in a "waits for" text; the rest are counted.
+const WHY_NAMES: usize = 20;
+
+/// Why a configured worker cannot take the build, if it cannot.
+#[derive(Debug, Clone, Copy)]
+enum WhyNot {
+    Offline,
+    State,
+    Busy,
+    Refused,
+}
+
+fn why_not(facts: &WorkerFacts<'_>) -> Option<WhyNot> {
+    if !facts.connected {
+        Some(WhyNot::Offline)
+    } else if !facts.state.takes_builds() {
+        Some(WhyNot::State)
+    } else if facts.running + facts.lock_waits >= facts.capacity {
+        Some(WhyNot::Busy)
+    } else if facts.refused_it {
+        Some(WhyNot::Refused)
+    } else {
+        None
     }
 }
 
@@ -100,22 +136,23 @@ impl Scheduler {
         let Some(builder) = self.queue.get(&id).map(|q| q.builder.as_str()) else {
             return Err("not queued".into());
         };
-        // A build some worker refused is decided on its own (only the
-        // builder's listed workers are asked: no other can have refused it
-        // in a way the decision looks at).
-        let refused = self.config.builder(builder).is_some_and(|def| {
-            def.workers.iter().any(|name| {
-                self.workers
-                    .get(name)
-                    .is_some_and(|slot| slot.refused.contains(&id))
-            })
-        });
-        if !refused && let Some(why) = no_worker.get(builder) {
+        // A "no" cached from a build nobody refused holds for every build
+        // of the builder in this pass: presence and capacity are the same
+        // for all of them, and hand-outs only use capacity up.
+        if let Some(why) = no_worker.get(builder) {
             return Err(why.clone());
         }
         let decision = self.pick_for(id);
+        // A build some listed worker refused failed perhaps only for that:
+        // its "no" is not cached (looked up only when nobody can take it).
         if let Err(why) = &decision
-            && !refused
+            && !self.config.builder(builder).is_some_and(|def| {
+                def.workers.iter().any(|name| {
+                    self.workers
+                        .get(name)
+                        .is_some_and(|slot| slot.refused.contains(&id))
+                })
+            })
         {
             no_worker.insert(builder.to_owned(), why.clone());
         }
@@ -134,21 +171,27 @@ impl Scheduler {
                 queued.builder
             ));
         };
-        let candidates = builder.workers.iter().map(|name| {
+        // Lock waits per worker, counted once for the whole decision.
+        let mut lock_waits: HashMap<&str, usize> = HashMap::new();
+        for worker in self.lock_waits.values() {
+            *lock_waits.entry(worker.as_str()).or_default() += 1;
+        }
+        let lock_waits = &lock_waits;
+        let candidates = builder.workers.iter().map(move |name| {
             let Some(slot) = self.workers.get(name) else {
                 return Candidate::NotConfigured { name };
             };
             Candidate::Worker(WorkerFacts {
                 name,
                 connected: slot.conn.is_some(),
-                state: self.effective_presence(name, &slot.presence).state,
+                state: self.effective_state(name, &slot.presence),
                 capacity: self
                     .config
                     .worker(name)
                     .map_or(1, |w| w.max_builds)
                     .min(slot.agent_max_builds) as usize,
                 running: slot.running.len(),
-                lock_waits: self.lock_waits.values().filter(|w| *w == name).count(),
+                lock_waits: lock_waits.get(name.as_str()).copied().unwrap_or(0),
                 refused_it: slot.refused.contains(&id),
                 last_assigned: slot.last_assigned,
             })
@@ -246,6 +289,19 @@ mod tests {
             ],
             Ok("a"),
         );
+    }
+
+    #[test]
+    fn a_long_list_of_workers_that_cannot_take_it_is_summarised() {
+        let names: Vec<String> = (0..1000).map(|i| format!("w{i}")).collect();
+        let all_away: Vec<Candidate<'_>> = names.iter().map(|n| w(n, Away)).collect();
+        let why = pick_worker(all_away.clone()).unwrap_err();
+        assert!(why.starts_with("a worker: w0 away, w1 away,"), "{why}");
+        assert!(why.ends_with("w19 away, and 980 more"), "{why}");
+        // The last one listed can take it: found without any text.
+        let mut one_free = all_away;
+        one_free.push(w("free", Reluctant));
+        assert_eq!(pick_worker(one_free), Ok("free"));
     }
 
     #[test]

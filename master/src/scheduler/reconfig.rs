@@ -19,6 +19,7 @@ impl Scheduler {
     pub(super) fn apply_config(&mut self, config: Arc<MasterConfig>) {
         let now = self.clock.now();
         self.config = config;
+        self.store.set_log_cap(self.config.max_log_bytes);
         for def in &self.config.workers {
             self.workers.entry(def.name.clone()).or_insert_with(|| {
                 WorkerSlot::new(

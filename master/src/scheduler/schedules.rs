@@ -46,6 +46,15 @@ impl Scheduler {
         combine(pushed, self.schedules.verdict(worker))
     }
 
+    /// The state of [`Scheduler::effective_presence`], without copying the
+    /// presence (the per-candidate question of every decision).
+    pub(super) fn effective_state(&self, worker: &str, pushed: &Presence) -> PresenceState {
+        match self.schedules.verdict(worker) {
+            Some(master) if master.state > pushed.state => master.state,
+            _ => pushed.state,
+        }
+    }
+
     /// Re-evaluates the master-side schedules now: tells each agent whose
     /// verdict changed (`MasterOverride`), lets a latent worker the schedule
     /// sends away stop after its builds, and re-arms the one timer for the

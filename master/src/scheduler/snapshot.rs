@@ -2,12 +2,30 @@
 //! show: workers with their effective presence, what each waiting build
 //! waits for, and where each running build runs.
 
+use std::collections::BTreeMap;
+
 use nightshift_policy::Source;
 use nightshift_proto::api::{LatentInfo, WorkerInfo, WorkerList};
+use nightshift_proto::wire::BuildId;
 
 use super::{Scheduler, Snapshot};
 
 impl Scheduler {
+    /// What each of `ids` waits for, if it waits: O(ids), whatever the
+    /// number of workers (a build's API answer must not cost a snapshot).
+    pub(super) fn waiting_for(&self, ids: &[BuildId]) -> BTreeMap<BuildId, String> {
+        ids.iter()
+            .filter_map(|&id| {
+                let why = match self.queue.get(&id) {
+                    Some(queued) => queued.waiting_for.clone(),
+                    None if self.running.contains_key(&id) => self.locks.waiting_text(id),
+                    None => None,
+                }?;
+                Some((id, why))
+            })
+            .collect()
+    }
+
     /// The read-only view the API and the dashboard show.
     pub(super) fn snapshot(&self) -> Snapshot {
         let workers = self

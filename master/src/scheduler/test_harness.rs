@@ -12,6 +12,7 @@ use tokio::sync::mpsc;
 
 use super::{Clock, ConnId, Event, Hello, Outbound, Scheduler};
 use crate::config::MasterConfig;
+use crate::outbox::{OUTBOX_FRAMES, OutboxReceiver, agent_outbox};
 use crate::store::Store;
 
 pub(super) const HASH: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
@@ -95,8 +96,8 @@ impl Harness {
         worker: &str,
         state: PresenceState,
         running: Vec<BuildId>,
-    ) -> (ConnId, mpsc::UnboundedReceiver<Outbound>) {
-        let (out, rx) = mpsc::unbounded_channel();
+    ) -> (ConnId, OutboxReceiver) {
+        let (out, rx) = agent_outbox(OUTBOX_FRAMES);
         let conn = self.next_conn;
         self.next_conn += 1;
         self.scheduler.handle(Event::Connected {
@@ -129,7 +130,7 @@ impl Harness {
     }
 }
 
-pub(super) fn started(rx: &mut mpsc::UnboundedReceiver<Outbound>) -> Vec<BuildId> {
+pub(super) fn started(rx: &mut OutboxReceiver) -> Vec<BuildId> {
     let mut ids = Vec::new();
     while let Ok(out) = rx.try_recv() {
         if let Outbound::Message(MasterMessage::StartBuild { build_id, .. }) = out {
@@ -139,7 +140,7 @@ pub(super) fn started(rx: &mut mpsc::UnboundedReceiver<Outbound>) -> Vec<BuildId
     ids
 }
 
-pub(super) fn released(rx: &mut mpsc::UnboundedReceiver<Outbound>) -> bool {
+pub(super) fn released(rx: &mut OutboxReceiver) -> bool {
     let mut seen = false;
     while let Ok(out) = rx.try_recv() {
         seen |= matches!(out, Outbound::Message(MasterMessage::Released { .. }));

@@ -26,6 +26,8 @@ pub(super) enum TimerSlot {
     Reconcile(String),
     /// The next boundary of any master-side schedule.
     ScheduleTick,
+    /// The lease of a build's step lock grant (one step holds at a time).
+    StepLease(nightshift_proto::wire::BuildId),
 }
 
 /// The armed timers; each fires as the [`Event`] it was armed with.

@@ -1,7 +1,10 @@
 //! `nightshift-bench`: starts a real master and real worker agents on
 //! loopback and prints the figures the project tracks: submit→start latency,
 //! trivial builds per second with 1 and 4 workers, master CPU time per build,
-//! presence change → master seeing it, and idle RSS of agent and master.
+//! presence change → master seeing it, idle RSS of agent and master, and
+//! how builds yield: submit→start with builds spaced apart (with and without
+//! a cgroup per build), and the speed of a CPU-bound owner task beside a
+//! build that burns every core, relative to the task alone.
 //!
 //! Run it on an otherwise idle machine, after `cargo build --release`:
 //! `cargo run --release -p nightshift-tests --bin nightshift-bench`
@@ -32,9 +35,25 @@ struct Figures {
     builds_per_sec_4_workers: f64,
     master_cpu_ms_per_build: f64,
     presence_to_master_ms: Summary,
+    /// The same while a fake agent floods the master with output frames.
+    presence_to_master_during_flood_ms: Summary,
+    /// Frames per second the flooder got through (the master's rate limit).
+    flood_frames_per_sec: f64,
     idle_agent_rss_mb: f64,
     idle_agent_private_mb: f64,
     idle_master_rss_mb: f64,
+    /// Submit → step running, 0.5 s between builds, process-tree mode.
+    spaced_submit_to_start_ms: Summary,
+    /// The same with one cgroup per build (`None`: no cgroup could be made).
+    spaced_submit_to_start_cgroup_ms: Option<Summary>,
+    /// The owner's task speed beside a build burning every core, in percent
+    /// of its speed alone: builds at normal priority (the old behaviour),
+    /// at the default idle priority, and at the default in cgroup mode.
+    owner_speed_normal_priority_percent: f64,
+    owner_speed_idle_priority_percent: f64,
+    owner_speed_cgroup_percent: Option<f64>,
+    /// Why the cgroup figures are missing, or what cgroup mode applied.
+    cgroup_note: String,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -263,10 +282,40 @@ async fn wait_available(farm: &Farm, names: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A step that burns every core until cancelled.
+const BURN_EVERY_CORE: &str =
+    "for i in $(seq $(nproc)); do (while :; do :; done) & done; sleep 600";
+
 async fn run(builds: usize) -> anyhow::Result<Figures> {
+    // Declared before the farm so it is removed after the agents are gone.
+    let cgroup = nightshift_tests::test_cgroup("bench");
     let mut builder = Farm::builder();
     for name in WORKERS {
         builder = builder.worker(WorkerSpec::new(name));
+    }
+    // A worker no builder lists: the flooder.
+    builder = builder.worker(WorkerSpec::new("flood"));
+    builder = builder
+        .worker(WorkerSpec::new("pt").worker_toml("[builds]\ncgroups = \"off\"\n"))
+        .worker(WorkerSpec::new("pt-normal").worker_toml(
+            "[builds]\ncgroups = \"off\"\ncpu_priority = \"normal\"\nio_priority = \"normal\"\n",
+        ))
+        .builder("stamp-pt", &["pt"], &[("stamp", "date +%s%N")])
+        .builder("burn-pt", &["pt"], &[("burn", BURN_EVERY_CORE)])
+        .builder("burn-normal", &["pt-normal"], &[("burn", BURN_EVERY_CORE)]);
+    let cgroup_dir = match &cgroup {
+        Ok(Some(dir)) => Some(dir.0.clone()),
+        _ => None,
+    };
+    if let Some(dir) = &cgroup_dir {
+        builder = builder
+            .worker(
+                WorkerSpec::new("cg")
+                    .in_cgroup(dir)
+                    .worker_toml("[builds]\ncgroups = \"required\"\n"),
+            )
+            .builder("stamp-cg", &["cg"], &[("stamp", "date +%s%N")])
+            .builder("burn-cg", &["cg"], &[("burn", BURN_EVERY_CORE)]);
     }
     let mut farm = builder
         .builder("trivial", &WORKERS, &[("run", "true")])
@@ -285,8 +334,8 @@ async fn run(builds: usize) -> anyhow::Result<Figures> {
     let mut latencies = Vec::new();
     for round in 0..40 {
         let sent = now_ns();
-        let id = conn.submit("stamp").await?;
-        conn.wait_finished(id).await?;
+        let id = conn.submit("stamp").await.context("submit → start")?;
+        conn.wait_finished(id).await.context("submit → start")?;
         let log = conn
             .call("GET", &format!("/api/v1/builds/{id}/log"), None)
             .await?;
@@ -305,7 +354,9 @@ async fn run(builds: usize) -> anyhow::Result<Figures> {
 
     // Throughput with one worker, and the master's CPU per build.
     let cpu_before = cpu_ms(master_pid)?;
-    figures.builds_per_sec_1_worker = throughput(&farm, "trivial", builds, 4).await?;
+    figures.builds_per_sec_1_worker = throughput(&farm, "trivial", builds, 4)
+        .await
+        .context("throughput, 1 worker")?;
     let cpu_after = cpu_ms(master_pid)?;
 
     for name in &WORKERS[1..] {
@@ -313,7 +364,9 @@ async fn run(builds: usize) -> anyhow::Result<Figures> {
     }
     wait_available(&farm, &WORKERS).await?;
     let cpu_before_4 = cpu_ms(master_pid)?;
-    figures.builds_per_sec_4_workers = throughput(&farm, "trivial", builds * 2, 16).await?;
+    figures.builds_per_sec_4_workers = throughput(&farm, "trivial", builds * 2, 16)
+        .await
+        .context("throughput, 4 workers")?;
     let cpu_after_4 = cpu_ms(master_pid)?;
     figures.master_cpu_ms_per_build =
         ((cpu_after - cpu_before) + (cpu_after_4 - cpu_before_4)) / (builds * 3) as f64;
@@ -327,37 +380,49 @@ async fn run(builds: usize) -> anyhow::Result<Figures> {
         .to_owned();
     let control_port = farm.agent("w1").context("w1 not running")?.control_port;
     let mut control = Conn::open(control_port, None, control_token).await?;
-    let mut presence = Vec::new();
-    for round in 0..60 {
-        let (word, state) = if round % 2 == 0 {
-            ("away", PresenceState::Away)
-        } else {
-            ("available", PresenceState::Available)
-        };
-        let start = Instant::now();
-        control
-            .call(
-                "POST",
-                "/api/v1/set-availability",
-                Some(format!("{{\"state\":\"{word}\"}}")),
-            )
-            .await?;
-        loop {
-            let text = conn.call("GET", "/api/v1/workers", None).await?;
-            let list: WorkerList = serde_json::from_str(&text)?;
-            if list
-                .workers
-                .iter()
-                .any(|w| w.name == "w1" && w.state == state)
-            {
-                break;
+    // The master closes connections left idle during the throughput runs.
+    let mut conn = Conn::open(farm.port, Some(tls.clone()), token.clone()).await?;
+    let presence = presence_flips(&mut control, &mut conn, 60).await?;
+    control
+        .call(
+            "POST",
+            "/api/v1/set-availability",
+            Some("{\"state\":\"auto\"}".into()),
+        )
+        .await?;
+
+    // The same while another agent floods the master with output frames
+    // (for builds that are not its own: refused, rate-limited, never fatal).
+    let mut flooder = farm
+        .fake_agent("flood", PresenceState::Away)
+        .await
+        .context("connecting the flooder")?;
+    let flooding = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let flood = tokio::spawn({
+        let flooding = Arc::clone(&flooding);
+        async move {
+            let started = Instant::now();
+            let mut sent = 0u64;
+            let data = "x".repeat(200);
+            while flooding.load(std::sync::atomic::Ordering::Relaxed) {
+                let frame = nightshift_proto::wire::AgentMessage::Output {
+                    build_id: 1,
+                    step: 0,
+                    data: data.clone(),
+                };
+                if flooder.send(&frame).await.is_err() {
+                    break;
+                }
+                sent += 1;
             }
-            if start.elapsed() > Duration::from_secs(10) {
-                bail!("the master never saw w1 {word}");
-            }
+            sent as f64 / started.elapsed().as_secs_f64()
         }
-        presence.push(start.elapsed().as_secs_f64() * 1e3);
-    }
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let during = presence_flips(&mut control, &mut conn, 30).await;
+    flooding.store(false, std::sync::atomic::Ordering::Relaxed);
+    figures.flood_frames_per_sec = flood.await?;
+    figures.presence_to_master_during_flood_ms = Summary::of(during?);
     control
         .call(
             "POST",
@@ -379,7 +444,123 @@ async fn run(builds: usize) -> anyhow::Result<Figures> {
     figures.idle_agent_rss_mb = rss.iter().copied().fold(0.0, f64::max);
     figures.idle_agent_private_mb = private.iter().copied().fold(0.0, f64::max);
     figures.idle_master_rss_mb = rss_mb(master_pid)?;
+    for name in WORKERS {
+        farm.stop_worker(name)
+            .context("stopping the throughput workers")?;
+    }
+
+    // How builds yield, on workers of their own.
+    let mut yielding = vec!["pt", "pt-normal"];
+    if cgroup_dir.is_some() {
+        yielding.push("cg");
+    }
+    for name in &yielding {
+        farm.start_worker(name)?;
+    }
+    wait_available(&farm, &yielding)
+        .await
+        .context("the yield workers")?;
+    // A fresh connection: the master closes idle ones.
+    let mut conn = Conn::open(farm.port, Some(tls.clone()), token.clone()).await?;
+    figures.spaced_submit_to_start_ms = spaced_latency(&mut conn, "stamp-pt")
+        .await
+        .context("spaced submit → start, no cgroups")?;
+    figures.owner_speed_normal_priority_percent = owner_speed(&farm, "burn-normal")
+        .await
+        .context("owner speed beside a normal-priority build")?;
+    figures.owner_speed_idle_priority_percent = owner_speed(&farm, "burn-pt")
+        .await
+        .context("owner speed beside an idle-priority build")?;
+    match (&cgroup, &cgroup_dir) {
+        (_, Some(_)) => {
+            let mut conn = Conn::open(farm.port, Some(tls.clone()), token.clone()).await?;
+            figures.spaced_submit_to_start_cgroup_ms = Some(
+                spaced_latency(&mut conn, "stamp-cg")
+                    .await
+                    .context("spaced submit → start, cgroup per build")?,
+            );
+            figures.owner_speed_cgroup_percent = Some(
+                owner_speed(&farm, "burn-cg")
+                    .await
+                    .context("owner speed beside a build in a cgroup")?,
+            );
+            let status = farm.worker_cli_json("cg", &["status", "--json"])?;
+            let isolation = &status["isolation"];
+            figures.cgroup_note = format!(
+                "cpu.weight {} applied: {}; {}",
+                isolation["cpu_weight"], isolation["cpu_weight_applied"], isolation["notes"]
+            );
+        }
+        (Err(error), None) => figures.cgroup_note = format!("no cgroup mode: {error:#}"),
+        (Ok(_), None) => {
+            figures.cgroup_note = "no cgroup mode: NIGHTSHIFT_SKIP_CGROUP_TESTS=1".to_owned()
+        }
+    }
+    drop(farm);
+    drop(cgroup);
     Ok(figures)
+}
+
+/// Submit → the step's first command running, with 0.5 s between builds
+/// (a build arriving at an idle worker, not back to back).
+async fn spaced_latency(conn: &mut Conn, builder: &str) -> anyhow::Result<Summary> {
+    let mut latencies = Vec::new();
+    for round in 0..45 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let sent = now_ns();
+        let id = conn.submit(builder).await?;
+        conn.wait_finished(id).await?;
+        let log = conn
+            .call("GET", &format!("/api/v1/builds/{id}/log"), None)
+            .await?;
+        let log: nightshift_proto::api::BuildLog = serde_json::from_str(&log)?;
+        let started: u128 = log
+            .log
+            .lines()
+            .find_map(|l| l.trim().parse().ok())
+            .ok_or_else(|| anyhow!("build {id} printed no timestamp: {:?}", log.log))?;
+        if round >= 5 {
+            latencies.push(started.saturating_sub(sent) as f64 / 1e6);
+        }
+    }
+    Ok(Summary::of(latencies))
+}
+
+/// A fixed amount of CPU-bound work on one thread, like an owner's compile
+/// job; returns how long it took.
+fn owner_task() -> Duration {
+    let start = Instant::now();
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for i in 0..300_000_000u64 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x = x.wrapping_add(i);
+    }
+    std::hint::black_box(x);
+    start.elapsed()
+}
+
+/// The owner's task speed beside a build of `builder` (which burns every
+/// core) relative to the task alone, in percent: the median of three
+/// alternating alone/beside pairs.
+async fn owner_speed(farm: &Farm, builder: &str) -> anyhow::Result<f64> {
+    let api = farm.api()?;
+    let mut ratios = Vec::new();
+    for _ in 0..3 {
+        let alone = tokio::task::spawn_blocking(owner_task).await?;
+        let id = api.submit(builder, BTreeMap::new()).await?.build_id;
+        farm.wait_build_state(id, "running", |build| build.state == BuildState::Running)
+            .await?;
+        // Let the burners start on every core.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let beside = tokio::task::spawn_blocking(owner_task).await?;
+        api.cancel(id, Some("bench: measured")).await?;
+        farm.wait_build(id).await?;
+        ratios.push(alone.as_secs_f64() / beside.as_secs_f64() * 100.0);
+    }
+    ratios.sort_by(f64::total_cmp);
+    Ok(ratios[1])
 }
 
 fn main() -> std::process::ExitCode {
@@ -444,6 +625,10 @@ fn main() -> std::process::ExitCode {
                 f.presence_to_master_ms
             );
             println!(
+                "  … while an agent floods frames:   {} (flooder got {:.0} frames/s through)",
+                f.presence_to_master_during_flood_ms, f.flood_frames_per_sec
+            );
+            println!(
                 "idle agent RSS (largest of 4):      {:.1} MB, of which private {:.1} MB",
                 f.idle_agent_rss_mb, f.idle_agent_private_mb
             );
@@ -451,6 +636,32 @@ fn main() -> std::process::ExitCode {
                 "idle master RSS:                    {:.1} MB",
                 f.idle_master_rss_mb
             );
+            println!(
+                "submit → step running, 0.5 s apart, no cgroups:   {}",
+                f.spaced_submit_to_start_ms
+            );
+            match &f.spaced_submit_to_start_cgroup_ms {
+                Some(summary) => {
+                    println!("submit → step running, 0.5 s apart, cgroup/build: {summary}")
+                }
+                None => println!("submit → step running, cgroup/build: not measured"),
+            }
+            println!("owner task speed beside a build burning every core (alone = 100 %):");
+            println!(
+                "  build at normal priority (old behaviour): {:.0} %",
+                f.owner_speed_normal_priority_percent
+            );
+            println!(
+                "  build at idle priority, no cgroups:       {:.0} %",
+                f.owner_speed_idle_priority_percent
+            );
+            match f.owner_speed_cgroup_percent {
+                Some(percent) => {
+                    println!("  build at idle priority, cgroup/build:     {percent:.0} %")
+                }
+                None => println!("  build in a cgroup:                        not measured"),
+            }
+            println!("  cgroup mode: {}", f.cgroup_note);
             std::process::ExitCode::SUCCESS
         }
         Err(error) => {
@@ -458,4 +669,48 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Flips w1 between away and available `rounds` times through its control
+/// API; for each, the time until the master's API shows the new state.
+async fn presence_flips(
+    control: &mut Conn,
+    conn: &mut Conn,
+    rounds: usize,
+) -> anyhow::Result<Vec<f64>> {
+    let mut presence = Vec::new();
+    for round in 0..rounds {
+        let (word, state) = if round % 2 == 0 {
+            ("away", PresenceState::Away)
+        } else {
+            ("available", PresenceState::Available)
+        };
+        let start = Instant::now();
+        control
+            .call(
+                "POST",
+                "/api/v1/set-availability",
+                Some(format!("{{\"state\":\"{word}\"}}")),
+            )
+            .await?;
+        loop {
+            let text = conn
+                .call("GET", "/api/v1/workers", None)
+                .await
+                .context("presence → master")?;
+            let list: WorkerList = serde_json::from_str(&text)?;
+            if list
+                .workers
+                .iter()
+                .any(|w| w.name == "w1" && w.state == state)
+            {
+                break;
+            }
+            if start.elapsed() > Duration::from_secs(10) {
+                bail!("the master never saw w1 {word}");
+            }
+        }
+        presence.push(start.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(presence)
 }

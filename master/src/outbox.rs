@@ -1,0 +1,151 @@
+//! An agent connection's outbox: the bounded queue of frames the scheduler
+//! sends to one agent. The scheduler never waits on an agent: when an agent
+//! does not read its frames and the outbox is full, the frame is not queued
+//! and the connection is closed ("outbox full"); the agent reconnects and
+//! the hello reconciles what it missed (unlisted builds are re-queued, lock
+//! grants are asked for again, results re-sent).
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use tokio::sync::{Notify, mpsc};
+
+use crate::metrics::{DisconnectReason, METRICS};
+use crate::scheduler::Outbound;
+
+/// Frames one agent's outbox holds.
+pub const OUTBOX_FRAMES: usize = 1024;
+
+/// The scheduler's end of an outbox. Cheap to clone.
+#[derive(Debug, Clone)]
+pub struct AgentOutbox {
+    frames: mpsc::Sender<Outbound>,
+    overflow: Arc<Overflow>,
+}
+
+/// The connection task's end.
+#[derive(Debug)]
+pub struct OutboxReceiver {
+    frames: mpsc::Receiver<Outbound>,
+    overflow: Arc<Overflow>,
+}
+
+#[derive(Debug, Default)]
+struct Overflow {
+    full: AtomicBool,
+    notify: Notify,
+}
+
+/// A new outbox holding `capacity` frames.
+pub fn agent_outbox(capacity: usize) -> (AgentOutbox, OutboxReceiver) {
+    let (frames, receiver) = mpsc::channel(capacity);
+    let overflow = Arc::new(Overflow::default());
+    (
+        AgentOutbox {
+            frames,
+            overflow: Arc::clone(&overflow),
+        },
+        OutboxReceiver {
+            frames: receiver,
+            overflow,
+        },
+    )
+}
+
+/// Why a frame was not queued.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutboxError {
+    /// The agent does not read: its connection is being closed.
+    Full,
+    /// The connection is gone.
+    Closed,
+}
+
+impl AgentOutbox {
+    /// Queues `frame` without waiting.
+    pub fn send(&self, frame: Outbound) -> Result<(), OutboxError> {
+        match self.frames.try_send(frame) {
+            Ok(()) => Ok(()),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(OutboxError::Closed),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                if !self.overflow.full.swap(true, Ordering::Relaxed) {
+                    METRICS.disconnected(DisconnectReason::OutboxFull);
+                    self.overflow.notify.notify_one();
+                }
+                Err(OutboxError::Full)
+            }
+        }
+    }
+}
+
+/// What the connection task gets next.
+#[derive(Debug, PartialEq)]
+pub enum Next {
+    Frame(Outbound),
+    /// The outbox overflowed: close the connection.
+    Overflowed,
+    /// The scheduler dropped the outbox (the master is stopping, or a newer
+    /// connection replaced this one).
+    Dropped,
+}
+
+impl OutboxReceiver {
+    /// The next queued frame, without waiting (for tests).
+    #[cfg(test)]
+    pub fn try_recv(&mut self) -> Result<Outbound, mpsc::error::TryRecvError> {
+        self.frames.try_recv()
+    }
+
+    /// The next frame to send, or why there is none.
+    pub async fn next(&mut self) -> Next {
+        if self.overflow.full.load(Ordering::Relaxed) {
+            return Next::Overflowed;
+        }
+        tokio::select! {
+            frame = self.frames.recv() => match frame {
+                Some(frame) => Next::Frame(frame),
+                None => Next::Dropped,
+            },
+            () = self.overflow.notify.notified() => Next::Overflowed,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_full_outbox_refuses_the_frame_and_closes_the_connection() {
+        let (outbox, mut receiver) = agent_outbox(2);
+        assert_eq!(outbox.send(Outbound::Close("a".into())), Ok(()));
+        assert_eq!(outbox.send(Outbound::Close("b".into())), Ok(()));
+        assert_eq!(
+            outbox.send(Outbound::Close("c".into())),
+            Err(OutboxError::Full)
+        );
+        assert_eq!(receiver.next().await, Next::Overflowed);
+        drop(receiver);
+        assert_eq!(
+            outbox.send(Outbound::Close("d".into())),
+            Err(OutboxError::Closed)
+        );
+    }
+
+    #[tokio::test]
+    async fn frames_arrive_in_order_and_a_dropped_outbox_says_so() {
+        let (outbox, mut receiver) = agent_outbox(4);
+        outbox.send(Outbound::Close("1".into())).unwrap();
+        outbox.send(Outbound::Close("2".into())).unwrap();
+        drop(outbox);
+        assert_eq!(
+            receiver.next().await,
+            Next::Frame(Outbound::Close("1".into()))
+        );
+        assert_eq!(
+            receiver.next().await,
+            Next::Frame(Outbound::Close("2".into()))
+        );
+        assert_eq!(receiver.next().await, Next::Dropped);
+    }
+}

@@ -1,0 +1,257 @@
+//! `nightshift-scale`: one real `master` and N lightweight fake agents that
+//! speak the real protocol through `nightshift-proto` (TLS WebSocket, hello,
+//! heartbeats both ways, presence frames, accepted/step/finished frames for
+//! every build), swept over N = 100, 1,000, 10,000. For each N it prints:
+//! time for all N to connect at the same instant, master RSS per connected
+//! agent, idle master CPU, a flip of every worker to `away` (and back) until
+//! the scheduler has seen all, trivial builds/s and master CPU per build with
+//! N idle workers, the `master workers` answer time, and a reconnect storm
+//! (the master SIGKILLed and restarted: time until all N are back).
+//!
+//! Run it after `cargo build --release`:
+//! `cargo run --release -p nightshift-tests --bin nightshift-scale`
+//! (`--agents 100,1000` picks the sizes, `--builds N` the throughput run,
+//! `--json` prints one JSON object). It raises its own descriptor limit. It
+//! is a benchmark, not a test: it asserts nothing and only reports.
+
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use nightshift_policy::PresenceState;
+use nightshift_tests::fleet::{Conn, Fleet, PHASE_LIMIT, cpu_ms, rss_kb, throughput};
+use nightshift_tests::{Farm, WorkerSpec};
+use serde::Serialize;
+
+const BUILDER: &str = "trivial";
+
+/// The figures for one N.
+#[derive(Debug, Default, Serialize)]
+struct Row {
+    agents: usize,
+    /// All N started at the same instant → all welcomed.
+    connect_s: f64,
+    /// Attempts that failed (refused with retry-after, timed out, reset).
+    connect_failures: usize,
+    master_rss_mb: f64,
+    master_rss_kb_per_agent: f64,
+    idle_cpu_pct: f64,
+    /// Every worker sends `away` → the API (through the scheduler) shows none available.
+    flip_away_ms: f64,
+    /// And back to `available`.
+    flip_back_ms: f64,
+    builds_per_s: f64,
+    master_cpu_ms_per_build: f64,
+    /// `master workers` (the real CLI, default page) wall time.
+    workers_cli_ms: f64,
+    /// `GET /api/v1/workers?state=available&limit=50` on a kept-alive connection.
+    workers_api_ms: f64,
+    /// The master SIGKILLed and restarted: its ready line → all N welcomed.
+    storm_s: f64,
+    storm_failures: usize,
+}
+
+struct Args {
+    sizes: Vec<usize>,
+    builds: usize,
+    json: bool,
+}
+
+fn parse_args() -> anyhow::Result<Args> {
+    let mut args = Args {
+        sizes: vec![100, 1_000, 10_000],
+        builds: 500,
+        json: false,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(arg) = it.next() {
+        match arg.as_str() {
+            "--json" => args.json = true,
+            "--agents" => {
+                let list = it.next().context("--agents needs a list, e.g. 100,1000")?;
+                args.sizes = list
+                    .split(',')
+                    .map(|n| n.trim().replace('_', "").parse())
+                    .collect::<Result<_, _>>()
+                    .with_context(|| format!("--agents {list}: not a list of numbers"))?;
+            }
+            "--builds" => {
+                let n = it.next().context("--builds needs a number")?;
+                args.builds = n.parse().with_context(|| format!("--builds {n}"))?;
+            }
+            other => {
+                bail!("unknown argument `{other}` (expected --agents N,N,..., --builds N, --json)")
+            }
+        }
+    }
+    Ok(args)
+}
+
+/// Waits until the API shows `want` available workers; returns the ms taken.
+async fn until_available(conn: &mut Conn, want: usize, since: Instant) -> anyhow::Result<f64> {
+    loop {
+        if conn.available().await? == want {
+            return Ok(since.elapsed().as_secs_f64() * 1000.0);
+        }
+        if since.elapsed() > PHASE_LIMIT {
+            bail!("the scheduler did not see the flip within {PHASE_LIMIT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+async fn measure(n: usize, builds: usize) -> anyhow::Result<Row> {
+    let names: Vec<String> = (0..n).map(|i| format!("s{i:05}")).collect();
+    let mut farm_builder = Farm::builder();
+    for name in &names {
+        farm_builder = farm_builder.worker(WorkerSpec::new(name));
+    }
+    let refs: Vec<&str> = names.iter().map(String::as_str).collect();
+    let mut farm = farm_builder
+        .builder(BUILDER, &refs, &[("noop", "true")])
+        .start()?;
+    let pid = farm.master_pid().context("no master pid")?;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let rss_before = rss_kb(pid)?;
+
+    let (fleet, presence_tx, stop_tx) = Fleet::new(&farm)?;
+    let mut row = Row {
+        agents: n,
+        ..Row::default()
+    };
+
+    // Everyone at once.
+    let start = Instant::now();
+    let agents = fleet.spawn(&farm, &names)?;
+    fleet.all_connected(n).await?;
+    row.connect_s = start.elapsed().as_secs_f64();
+    row.connect_failures = fleet.failures.swap(0, Ordering::Relaxed);
+
+    // Settle (the last connections' handshakes), then memory and idle CPU
+    // over two heartbeat periods.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let rss = rss_kb(pid)?;
+    row.master_rss_mb = rss / 1024.0;
+    row.master_rss_kb_per_agent = (rss - rss_before) / n as f64;
+    let idle = Duration::from_secs(10);
+    let cpu = cpu_ms(pid)?;
+    tokio::time::sleep(idle).await;
+    row.idle_cpu_pct = (cpu_ms(pid)? - cpu) / idle.as_secs_f64() / 10.0;
+
+    let mut conn = Conn::open(&farm).await?;
+    let start = Instant::now();
+    presence_tx.send_replace(PresenceState::Away);
+    row.flip_away_ms = until_available(&mut conn, 0, start).await?;
+    let start = Instant::now();
+    presence_tx.send_replace(PresenceState::Available);
+    row.flip_back_ms = until_available(&mut conn, n, start).await?;
+
+    let cpu = cpu_ms(pid)?;
+    row.builds_per_s = throughput(&farm, BUILDER, builds, 8).await?;
+    row.master_cpu_ms_per_build = (cpu_ms(pid)? - cpu) / builds as f64;
+
+    let start = Instant::now();
+    let (code, _, stderr) = farm.master_cli(&["workers"])?;
+    row.workers_cli_ms = start.elapsed().as_secs_f64() * 1000.0;
+    if code != 0 {
+        bail!("master workers failed: {stderr}");
+    }
+    let start = Instant::now();
+    conn.call("GET", "/api/v1/workers?state=available&limit=50", None)
+        .await?;
+    row.workers_api_ms = start.elapsed().as_secs_f64() * 1000.0;
+    drop(conn);
+
+    // The storm: every agent loses its master at once and comes back.
+    farm.kill_master()?;
+    fleet.failures.store(0, Ordering::Relaxed);
+    farm.start_master()?;
+    let start = Instant::now();
+    fleet.all_connected(n).await?;
+    row.storm_s = start.elapsed().as_secs_f64();
+    row.storm_failures = fleet.failures.load(Ordering::Relaxed);
+
+    stop_tx.send_replace(true);
+    for agent in agents {
+        let _ = agent.await;
+    }
+    Ok(row)
+}
+
+fn raise_own_descriptor_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        eprintln!("cannot raise the descriptor limit from {soft} to {hard}: {e}");
+    }
+}
+
+fn print_table(rows: &[Row]) {
+    let header: Vec<String> = rows.iter().map(|r| r.agents.to_string()).collect();
+    println!("| connected agents | {} |", header.join(" | "));
+    println!("|---|{}", "---|".repeat(rows.len()));
+    let line = |label: &str, cell: &dyn Fn(&Row) -> String| {
+        let cells: Vec<String> = rows.iter().map(cell).collect();
+        println!("| {label} | {} |", cells.join(" | "));
+    };
+    line("all connected (at once)", &|r| {
+        format!(
+            "{:.2} s ({} failed attempts)",
+            r.connect_s, r.connect_failures
+        )
+    });
+    line("master RSS per connected agent", &|r| {
+        format!(
+            "{:.1} KB ({:.0} MB in all)",
+            r.master_rss_kb_per_agent, r.master_rss_mb
+        )
+    });
+    line("idle master CPU, % of one core", &|r| {
+        format!("{:.2}", r.idle_cpu_pct)
+    });
+    line("all flip to away → scheduler has seen all", &|r| {
+        format!("{:.0} ms", r.flip_away_ms)
+    });
+    line("all flip back to available", &|r| {
+        format!("{:.0} ms", r.flip_back_ms)
+    });
+    line("trivial builds/s with N idle workers", &|r| {
+        format!("{:.0}", r.builds_per_s)
+    });
+    line("master CPU per build", &|r| {
+        format!("{:.2} ms", r.master_cpu_ms_per_build)
+    });
+    line("`master workers` (CLI, first page)", &|r| {
+        format!("{:.0} ms", r.workers_cli_ms)
+    });
+    line("API: 50 available workers", &|r| {
+        format!("{:.1} ms", r.workers_api_ms)
+    });
+    line("master restart → all reconnected", &|r| {
+        format!("{:.2} s ({} failed attempts)", r.storm_s, r.storm_failures)
+    });
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() -> anyhow::Result<()> {
+    let args = parse_args()?;
+    raise_own_descriptor_limit();
+    nightshift_proto::tls::install_crypto_provider();
+    let mut rows = Vec::new();
+    for &n in &args.sizes {
+        eprintln!("N = {n} ...");
+        let row = measure(n, args.builds)
+            .await
+            .with_context(|| format!("with {n} agents"))?;
+        eprintln!("{row:?}");
+        rows.push(row);
+    }
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print_table(&rows);
+    }
+    Ok(())
+}

@@ -1,0 +1,704 @@
+//! The fault soak: a real master and real agents run many builds with random
+//! steps and lock claims while faults are injected at random (away flips,
+//! manual `--for`, graceful stops with and without deadlines, SIGKILLed
+//! agents, a SIGKILLed and restarted master, an intruding agent that floods
+//! frames and forges results). Afterwards the farm's promises are checked
+//! from the master's API and from a ledger every step appends to.
+//!
+//! Used by the `nightshift-soak` binary (long runs) and by `tests/tests/soak.rs`
+//! (a short seeded run in the test suite).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, bail};
+use nightshift_policy::PresenceState;
+use nightshift_proto::api::{BuildInfo, BuildState};
+use nightshift_proto::wire::{AgentMessage, BuildId, BuildResult, Outcome};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use serde::Serialize;
+
+use crate::{FakeAgent, Farm, WorkerSpec, presence};
+
+/// The lock every `locked` build's middle step claims; `max_count = 1`.
+const LOCK: &str = "soak-lock";
+/// The name of the intruder: a worker with a valid token whom no builder lists.
+const INTRUDER: &str = "intruder";
+/// What the intruder writes into the results it forges.
+const FORGED: &str = "FORGED-BY-INTRUDER";
+
+/// What a soak run does.
+#[derive(Debug, Clone)]
+pub struct SoakConfig {
+    pub builds: usize,
+    pub workers: usize,
+    pub seed: u64,
+    /// Also SIGKILL and restart the master.
+    pub master_faults: bool,
+    /// Longest wait for the last builds to finish after the faults stop.
+    pub drain_deadline: Duration,
+}
+
+impl Default for SoakConfig {
+    fn default() -> SoakConfig {
+        SoakConfig {
+            builds: 1000,
+            workers: 4,
+            seed: 1,
+            master_faults: true,
+            drain_deadline: Duration::from_secs(300),
+        }
+    }
+}
+
+/// What a run saw; every count but `builds`, `faults_injected` and
+/// `retried` must be 0.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SoakReport {
+    pub builds: usize,
+    pub lost: usize,
+    pub duplicated: usize,
+    pub started_while_away: usize,
+    pub lock_overlaps: usize,
+    pub forged_accepted: usize,
+    /// Builds whose outcome is not the one their steps determine.
+    pub wrong_outcome: usize,
+    pub faults_injected: usize,
+    pub retried: usize,
+    pub seconds: f64,
+    /// One line per violation, for the log.
+    pub violations: Vec<String>,
+    /// Faults by kind.
+    pub faults: BTreeMap<String, usize>,
+}
+
+impl SoakReport {
+    pub fn is_clean(&self) -> bool {
+        self.violations.is_empty()
+    }
+
+    /// The one summary line.
+    pub fn summary(&self) -> String {
+        format!(
+            "builds {}, lost {}, duplicated {}, started-while-away {}, lock overlaps {}, \
+             forged accepted {}, wrong outcome {}, faults injected {}, retried {}, {:.0} s",
+            self.builds,
+            self.lost,
+            self.duplicated,
+            self.started_while_away,
+            self.lock_overlaps,
+            self.forged_accepted,
+            self.wrong_outcome,
+            self.faults_injected,
+            self.retried,
+            self.seconds
+        )
+    }
+}
+
+/// Seconds since the epoch, as `date +%s.%N` prints them in the ledger.
+fn now_secs() -> f64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
+}
+
+/// A step command that appends `<build> <event> <worker dir> <time>` to the ledger.
+fn ledger_line(ledger: &Path, event: &str) -> String {
+    format!(
+        "printf '%s %s %s %s\\n' \"$NIGHTSHIFT_BUILD_ID\" {event} \"$PWD\" \"$(date +%s.%N)\" >> {}",
+        ledger.display()
+    )
+}
+
+fn toml_str(text: &str) -> String {
+    serde_json::to_string(text).expect("a string serializes")
+}
+
+fn master_toml(ledger: &Path, workers: &[String]) -> String {
+    let list = workers
+        .iter()
+        .map(|w| toml_str(w))
+        .collect::<Vec<_>>()
+        .join(", ");
+    let start = toml_str(&ledger_line(ledger, "start"));
+    let work = toml_str("sleep 0.0$((NIGHTSHIFT_BUILD_ID % 10))");
+    let flaky =
+        toml_str("sleep 0.0$((NIGHTSHIFT_BUILD_ID % 5)); exit $((NIGHTSHIFT_BUILD_ID % 4 == 0))");
+    let critical = toml_str(&format!(
+        "{}; sleep 0.$((NIGHTSHIFT_BUILD_ID % 3 + 1)); {}",
+        ledger_line(ledger, "acquire"),
+        ledger_line(ledger, "release")
+    ));
+    let end = toml_str(&ledger_line(ledger, "end"));
+    format!(
+        r#"
+[[lock]]
+name = "{LOCK}"
+scope = "master"
+max_count = 1
+
+[[builder]]
+name = "quick"
+workers = [{list}]
+steps = [
+  {{ name = "s0", command = {start} }},
+  {{ name = "work", command = {work} }},
+  {{ name = "end", command = {end} }},
+]
+
+[[builder]]
+name = "flaky"
+workers = [{list}]
+steps = [
+  {{ name = "s0", command = {start} }},
+  {{ name = "work", command = {flaky} }},
+]
+
+[[builder]]
+name = "slow"
+workers = [{list}]
+steps = [
+  {{ name = "s0", command = {start} }},
+  {{ name = "work", command = "sleep 1.$((NIGHTSHIFT_BUILD_ID % 9))" }},
+  {{ name = "end", command = {end} }},
+]
+
+[[builder]]
+name = "locked"
+workers = [{list}]
+steps = [
+  {{ name = "s0", command = {start} }},
+  {{ name = "critical", command = {critical}, locks = [{{ name = "{LOCK}", access = "exclusive" }}] }},
+  {{ name = "end", command = {end} }},
+]
+"#
+    )
+}
+
+/// One line of the ledger.
+#[derive(Debug, Clone)]
+struct Entry {
+    build: BuildId,
+    event: String,
+    worker: String,
+    at: f64,
+}
+
+fn read_ledger(path: &Path) -> anyhow::Result<Vec<Entry>> {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let mut entries = Vec::new();
+    for line in text.lines() {
+        let mut parts = line.split(' ');
+        let (Some(build), Some(event), Some(dir), Some(at)) =
+            (parts.next(), parts.next(), parts.next(), parts.next())
+        else {
+            bail!("ledger line {line:?} is torn");
+        };
+        // `<farm>/workers/<name>/work/<builder>`
+        let worker = Path::new(dir)
+            .parent()
+            .and_then(Path::parent)
+            .and_then(Path::file_name)
+            .map(|name| name.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        entries.push(Entry {
+            build: build
+                .parse()
+                .with_context(|| format!("ledger line {line:?}"))?,
+            event: event.to_owned(),
+            worker,
+            at: at
+                .parse()
+                .with_context(|| format!("ledger line {line:?}"))?,
+        });
+    }
+    Ok(entries)
+}
+
+/// A stretch during which a worker must start no build: from the moment its
+/// `away` (or stop) was acknowledged until it was asked back.
+#[derive(Debug, Clone)]
+struct AwayWindow {
+    worker: String,
+    from: f64,
+    to: f64,
+    why: String,
+}
+
+/// When a worker's builds stopped by force (SIGKILL, a stop deadline): lock
+/// holds without a `release` end there.
+#[derive(Debug, Clone)]
+struct Downtime {
+    worker: String,
+    at: f64,
+}
+
+/// The faults a soak injects, in the order they take turns.
+#[derive(Debug, Clone, Copy)]
+enum Fault {
+    Away,
+    AwayFor,
+    Stop,
+    StopDeadline,
+    KillAgent,
+    Intruder,
+    KillMaster,
+}
+
+/// Master faults last, so `--no-master-faults` drops just them.
+const FAULT_KINDS: &[Fault] = &[
+    Fault::Away,
+    Fault::Intruder,
+    Fault::KillAgent,
+    Fault::AwayFor,
+    Fault::StopDeadline,
+    Fault::Stop,
+    Fault::KillMaster,
+];
+
+struct Soak {
+    config: SoakConfig,
+    farm: Farm,
+    rng: StdRng,
+    workers: Vec<String>,
+    ledger: PathBuf,
+    submitted: Vec<BuildId>,
+    away: Vec<AwayWindow>,
+    downtimes: Vec<Downtime>,
+    faults: BTreeMap<String, usize>,
+}
+
+/// Runs a soak and returns what it saw.
+pub async fn run(config: SoakConfig) -> anyhow::Result<SoakReport> {
+    let started = Instant::now();
+    let workers: Vec<String> = (1..=config.workers).map(|i| format!("w{i}")).collect();
+    let ledger_dir = tempfile::Builder::new()
+        .prefix("nightshift-soak-")
+        .tempdir()
+        .context("cannot create the ledger dir")?;
+    let ledger = ledger_dir.path().join("ledger");
+    let mut builder = Farm::builder()
+        .missing_timeout("2s")
+        .master_toml(&master_toml(&ledger, &workers))
+        .worker(WorkerSpec::new(INTRUDER));
+    for (i, name) in workers.iter().enumerate() {
+        builder = builder.worker(WorkerSpec::new(name).max_builds(1 + (i % 2) as u32));
+    }
+    let mut farm = builder.start()?;
+    for name in &workers {
+        farm.start_worker(name)?;
+    }
+    for name in &workers {
+        farm.wait_worker_ready(name).await?;
+    }
+    let mut soak = Soak {
+        rng: StdRng::seed_from_u64(config.seed),
+        config,
+        farm,
+        workers,
+        ledger,
+        submitted: Vec::new(),
+        away: Vec::new(),
+        downtimes: Vec::new(),
+        faults: BTreeMap::new(),
+    };
+    soak.drive().await?;
+    let mut report = soak.check().await?;
+    report.seconds = started.elapsed().as_secs_f64();
+    drop(ledger_dir);
+    Ok(report)
+}
+
+impl Soak {
+    /// Submits every build, injecting a fault now and then, then heals the
+    /// farm so every build can finish.
+    async fn drive(&mut self) -> anyhow::Result<()> {
+        while self.submitted.len() < self.config.builds {
+            let batch = self
+                .rng
+                .random_range(1..=4)
+                .min(self.config.builds - self.submitted.len());
+            for _ in 0..batch {
+                // Mostly short builds; a few long enough for a stop deadline
+                // to cut them.
+                let builder = [
+                    "quick", "flaky", "locked", "quick", "flaky", "locked", "slow",
+                ][self.rng.random_range(0..7)];
+                let id = self.submit(builder).await?;
+                self.submitted.push(id);
+            }
+            if self.rng.random_bool(0.6) {
+                self.inject().await?;
+            }
+            let pause = self.rng.random_range(20..250);
+            tokio::time::sleep(Duration::from_millis(pause)).await;
+        }
+        self.heal().await
+    }
+
+    /// Submits, retrying while the master is down (it restarts itself only
+    /// when a fault says so, so a failure here is a fault in progress).
+    async fn submit(&mut self, builder: &str) -> anyhow::Result<BuildId> {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            match self.farm.api()?.submit(builder, Default::default()).await {
+                Ok(response) => return Ok(response.build_id),
+                Err(error) if Instant::now() > deadline => {
+                    bail!("cannot submit to {builder}: {error}")
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+    }
+
+    fn count(&mut self, kind: &str) {
+        *self.faults.entry(kind.to_owned()).or_default() += 1;
+    }
+
+    fn running(&mut self, name: &str) -> bool {
+        self.farm.agent(name).is_some()
+    }
+
+    /// The next fault: the kinds take turns (so a short run meets each of
+    /// them), on a random worker.
+    async fn inject(&mut self) -> anyhow::Result<()> {
+        let worker = self.workers[self.rng.random_range(0..self.workers.len())].clone();
+        if !self.running(&worker) {
+            return Ok(());
+        }
+        let kinds = if self.config.master_faults {
+            FAULT_KINDS
+        } else {
+            &FAULT_KINDS[..FAULT_KINDS.len() - 1]
+        };
+        let kind = kinds[self.faults.values().sum::<usize>() % kinds.len()];
+        match kind {
+            Fault::Away => self.away_flip(&worker, None).await,
+            Fault::AwayFor => self.away_flip(&worker, Some("1s")).await,
+            Fault::Stop => self.graceful_stop(&worker, None).await,
+            Fault::StopDeadline => self.graceful_stop(&worker, Some("1s")).await,
+            Fault::KillAgent => self.kill_agent(&worker).await,
+            Fault::Intruder => self.intrude().await,
+            Fault::KillMaster => self.kill_master().await,
+        }
+    }
+
+    fn cli(&self, worker: &str, args: &[&str]) -> anyhow::Result<()> {
+        let (code, out, err) = self.farm.worker_cli(worker, args)?;
+        if code != 0 {
+            bail!(
+                "`worker {}` for {worker} exited {code}: {out}{err}",
+                args.join(" ")
+            );
+        }
+        Ok(())
+    }
+
+    async fn away_flip(&mut self, worker: &str, for_: Option<&str>) -> anyhow::Result<()> {
+        let mut args = vec!["set-availability", "away"];
+        if let Some(for_) = for_ {
+            args.extend(["--for", for_]);
+        }
+        self.cli(worker, &args)?;
+        let from = now_secs();
+        match for_ {
+            Some(_) => {
+                self.count("manual away --for 1s");
+                // The manual state was set before the acknowledgement, so it
+                // ends a little before `from + 1 s`.
+                self.away.push(AwayWindow {
+                    worker: worker.to_owned(),
+                    from,
+                    to: from + 0.9,
+                    why: "away --for 1s".into(),
+                });
+            }
+            None => {
+                self.count("away flip");
+                let hold = self.rng.random_range(100..1200);
+                tokio::time::sleep(Duration::from_millis(hold)).await;
+                let to = now_secs();
+                self.cli(worker, &["set-availability", "auto"])?;
+                self.away.push(AwayWindow {
+                    worker: worker.to_owned(),
+                    from,
+                    to,
+                    why: "away".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    async fn graceful_stop(&mut self, worker: &str, deadline: Option<&str>) -> anyhow::Result<()> {
+        let mut args = vec!["stop", "--graceful"];
+        if let Some(deadline) = deadline {
+            args.extend(["--deadline", deadline]);
+            self.count("graceful stop with deadline");
+        } else {
+            self.count("graceful stop");
+        }
+        self.cli(worker, &args)?;
+        let from = now_secs();
+        let code = self
+            .farm
+            .wait_worker_exit(worker, Duration::from_secs(60))?;
+        if code != Some(0) {
+            bail!("`worker stop --graceful` left {worker} exiting with {code:?}");
+        }
+        let to = now_secs();
+        if deadline.is_some() {
+            self.downtimes.push(Downtime {
+                worker: worker.to_owned(),
+                at: to,
+            });
+        }
+        self.away.push(AwayWindow {
+            worker: worker.to_owned(),
+            from,
+            to,
+            why: "stopping".into(),
+        });
+        self.farm.restart_worker(worker)?;
+        self.farm.wait_worker_ready(worker).await
+    }
+
+    async fn kill_agent(&mut self, worker: &str) -> anyhow::Result<()> {
+        self.count("SIGKILL agent");
+        self.farm.kill_worker(worker)?;
+        self.downtimes.push(Downtime {
+            worker: worker.to_owned(),
+            at: now_secs(),
+        });
+        let down = self.rng.random_range(0..3000);
+        tokio::time::sleep(Duration::from_millis(down)).await;
+        self.farm.restart_worker(worker)?;
+        self.farm.wait_worker_ready(worker).await
+    }
+
+    async fn kill_master(&mut self) -> anyhow::Result<()> {
+        self.count("SIGKILL master");
+        self.farm.kill_master()?;
+        let down = self.rng.random_range(0..1500);
+        tokio::time::sleep(Duration::from_millis(down)).await;
+        self.farm.start_master()
+    }
+
+    /// A worker with a valid token that no builder lists tries to adopt and
+    /// finish builds that are not its own, and floods the master.
+    async fn intrude(&mut self) -> anyhow::Result<()> {
+        self.count("intruder (adopt, forge, flood)");
+        let token = self.farm.worker_spec(INTRUDER)?.token.clone();
+        let Ok(mut agent) = FakeAgent::connect(&self.farm, Some(&token)).await else {
+            return Ok(());
+        };
+        let recent: Vec<BuildId> = self.submitted.iter().rev().take(8).copied().collect();
+        agent
+            .hello(INTRUDER, PresenceState::Available, 1, recent.clone())
+            .await?;
+        let now = jiff::Timestamp::now();
+        for id in &recent {
+            let forged = AgentMessage::BuildFinished {
+                result: BuildResult {
+                    build_id: *id,
+                    outcome: Outcome::Success,
+                    steps: vec![],
+                    reason: None,
+                    log: FORGED.into(),
+                    finished_at: now,
+                },
+            };
+            if agent.send(&forged).await.is_err() {
+                break;
+            }
+        }
+        for i in 0..2000 {
+            let state = if i % 2 == 0 {
+                PresenceState::Away
+            } else {
+                PresenceState::Available
+            };
+            let frame = AgentMessage::Presence {
+                presence: presence(state),
+            };
+            if agent.send(&frame).await.is_err() {
+                // Disconnected for flooding: what we want.
+                break;
+            }
+        }
+        agent.close().await;
+        Ok(())
+    }
+
+    /// Every worker back, available and running; the master running.
+    async fn heal(&mut self) -> anyhow::Result<()> {
+        for worker in self.workers.clone() {
+            if !self.running(&worker) {
+                self.farm.restart_worker(&worker)?;
+                self.farm.wait_worker_ready(&worker).await?;
+            }
+            self.cli(&worker, &["set-availability", "auto"])?;
+        }
+        Ok(())
+    }
+
+    /// Waits for every build, then checks the promises.
+    async fn check(&mut self) -> anyhow::Result<SoakReport> {
+        let mut report = SoakReport {
+            builds: self.submitted.len(),
+            faults_injected: self.faults.values().sum(),
+            faults: self.faults.clone(),
+            ..SoakReport::default()
+        };
+        let deadline = Instant::now() + self.config.drain_deadline;
+        let mut finished: BTreeMap<BuildId, BuildInfo> = BTreeMap::new();
+        let pending: BTreeSet<BuildId> = self.submitted.iter().copied().collect();
+        while finished.len() < pending.len() && Instant::now() < deadline {
+            let api = self.farm.api()?;
+            let open: Vec<BuildId> = pending
+                .iter()
+                .filter(|id| !finished.contains_key(id))
+                .copied()
+                .collect();
+            for id in open {
+                if let Ok(build) = api.build(id).await
+                    && build.state == BuildState::Finished
+                {
+                    finished.insert(id, build);
+                }
+            }
+            if finished.len() < pending.len() {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+            }
+        }
+        for id in pending.iter().filter(|id| !finished.contains_key(id)) {
+            report.lost += 1;
+            let state = self.farm.api()?.build(*id).await.map(|b| b.state);
+            report
+                .violations
+                .push(format!("build {id} never finished (state {state:?})"));
+        }
+
+        let entries = read_ledger(&self.ledger)?;
+        // Runs per build: how many times its first step started.
+        let mut runs: BTreeMap<BuildId, Vec<&Entry>> = BTreeMap::new();
+        for entry in entries.iter().filter(|e| e.event == "start") {
+            runs.entry(entry.build).or_default().push(entry);
+        }
+        for (id, build) in &finished {
+            let count = runs.get(id).map_or(0, Vec::len) as u32;
+            if build.retries > 0 {
+                report.retried += 1;
+            }
+            if count > 1 + build.retries || (count > 1 && build.retry_reason.is_none()) {
+                report.duplicated += 1;
+                report.violations.push(format!(
+                    "build {id} ran {count} times with retries {} and reason {:?}",
+                    build.retries, build.retry_reason
+                ));
+            }
+            // Every step decides its own exit from the build id: `flaky`
+            // fails when the id is a multiple of 4, the others never.
+            let expected = if build.builder == "flaky" && id % 4 == 0 {
+                Outcome::Failure
+            } else {
+                Outcome::Success
+            };
+            if build.outcome != Some(expected) {
+                report.wrong_outcome += 1;
+                report.violations.push(format!(
+                    "build {id} of {} ended {:?}, its steps make it {expected:?} ({:?})",
+                    build.builder, build.outcome, build.reason
+                ));
+            }
+            if build.worker.as_deref() == Some(INTRUDER) {
+                report.forged_accepted += 1;
+                report
+                    .violations
+                    .push(format!("build {id} is recorded as run by the intruder"));
+            }
+        }
+        for id in finished.keys() {
+            if let Ok(log) = self.farm.api()?.log(*id).await
+                && log.log.contains(FORGED)
+            {
+                report.forged_accepted += 1;
+                report
+                    .violations
+                    .push(format!("build {id} carries a forged result"));
+            }
+        }
+        for entry in entries.iter().filter(|e| e.event == "start") {
+            for window in &self.away {
+                if window.worker == entry.worker && entry.at > window.from && entry.at < window.to {
+                    report.started_while_away += 1;
+                    report.violations.push(format!(
+                        "build {} started on {} at {:.3}, {:.3} s after its {} was acknowledged",
+                        entry.build,
+                        entry.worker,
+                        entry.at,
+                        entry.at - window.from,
+                        window.why
+                    ));
+                }
+            }
+        }
+        report.lock_overlaps = self.lock_overlaps(&entries, &mut report.violations);
+        Ok(report)
+    }
+
+    /// Lock holds from the ledger (`acquire` to `release`, or to the holder's
+    /// forced end); with `max_count = 1` no two may overlap.
+    fn lock_overlaps(&self, entries: &[Entry], violations: &mut Vec<String>) -> usize {
+        let mut holds: Vec<(f64, f64, BuildId, String)> = Vec::new();
+        let end_of_run = now_secs();
+        for acquire in entries.iter().filter(|e| e.event == "acquire") {
+            let release = entries
+                .iter()
+                .filter(|e| {
+                    e.event == "release"
+                        && e.build == acquire.build
+                        && e.worker == acquire.worker
+                        && e.at >= acquire.at
+                })
+                .map(|e| e.at)
+                .fold(f64::INFINITY, f64::min);
+            let forced = self
+                .downtimes
+                .iter()
+                .filter(|d| d.worker == acquire.worker && d.at >= acquire.at)
+                .map(|d| d.at)
+                .fold(f64::INFINITY, f64::min);
+            let end = release.min(forced).min(end_of_run);
+            holds.push((acquire.at, end, acquire.build, acquire.worker.clone()));
+        }
+        holds.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut overlaps = 0;
+        let mut latest: Option<&(f64, f64, BuildId, String)> = None;
+        for hold in &holds {
+            if let Some(previous) = latest {
+                if hold.0 < previous.1 {
+                    overlaps += 1;
+                    let mut line = String::new();
+                    let _ = write!(
+                        line,
+                        "lock {LOCK}: build {} on {} took it at {:.3} while build {} on {} held it until {:.3}",
+                        hold.2, hold.3, hold.0, previous.2, previous.3, previous.1
+                    );
+                    violations.push(line);
+                }
+                if hold.1 > previous.1 {
+                    latest = Some(hold);
+                }
+            } else {
+                latest = Some(hold);
+            }
+        }
+        overlaps
+    }
+}

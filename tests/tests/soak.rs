@@ -1,0 +1,29 @@
+//! A short seeded fault soak through the real binaries: about 100 builds
+//! with faults injected, every promise checked (`nightshift-soak` runs the
+//! long one).
+
+use std::time::Duration;
+
+use nightshift_tests::soak::{SoakConfig, run};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_short_soak_loses_duplicates_and_forges_nothing() -> anyhow::Result<()> {
+    let report = run(SoakConfig {
+        builds: 100,
+        workers: 3,
+        seed: 20_261_130,
+        master_faults: true,
+        drain_deadline: Duration::from_secs(180),
+    })
+    .await?;
+    eprintln!("{}", report.summary());
+    // Every kind of fault took its turn.
+    assert!(report.faults.len() >= 7, "{report:?}");
+    assert!(
+        report.is_clean(),
+        "{}\n{:#?}",
+        report.summary(),
+        report.violations
+    );
+    Ok(())
+}

@@ -101,6 +101,7 @@ struct RawWorkerConfig {
     availability: AvailabilityConfig,
     #[serde(default)]
     git: GitAuth,
+    #[serde(default)]
     builds: BuildSettings,
     #[serde(default)]
     supervise: Option<RawSuperviseSettings>,

@@ -1,8 +1,8 @@
 //! A small read-only HTML page at `/` for the farm's admin: every worker's
 //! state and why (with latent instances), and the latest builds, in the
 //! master's local time. Server-rendered, no scripts, no external assets; it
-//! refreshes itself every 10 s with a meta refresh. It shows no build
-//! properties or logs (those need the admin token via the API).
+//! refreshes itself every 10 s with a meta refresh. Each build links to its
+//! page (`build_page`, with the log); build properties are never shown.
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -25,7 +25,7 @@ const LATEST_BUILDS: u32 = 50;
 /// Seconds between the page's own reloads (meta refresh).
 const REFRESH_SECS: u32 = 10;
 /// The page's styles, inlined into every answer.
-const STYLE: &str = include_str!("dashboard.css");
+pub const STYLE: &str = include_str!("dashboard.css");
 
 /// Unfinished builds counted in the store: the summary line counts all of
 /// them, not only those among the latest listed.
@@ -36,7 +36,7 @@ pub struct BuildCounts {
 }
 
 /// Escapes text for HTML (element content and quoted attribute values).
-fn esc(text: &str) -> String {
+pub fn esc(text: &str) -> String {
     let mut out = String::with_capacity(text.len());
     for c in text.chars() {
         match c {
@@ -145,7 +145,7 @@ pub fn short_duration(start: Timestamp, end: Timestamp) -> String {
 }
 
 /// A `<time>` element: the short local time, the full one as a tooltip.
-fn time_html(t: Timestamp, now: Timestamp, tz: &TimeZone) -> String {
+pub fn time_html(t: Timestamp, now: Timestamp, tz: &TimeZone) -> String {
     let machine = Timestamp::from_second(t.as_second()).unwrap_or(t);
     format!(
         "<time datetime=\"{}\" title=\"{}\">{}</time>",
@@ -191,8 +191,8 @@ pub fn render(
     let _ = write!(
         html,
         "<footer class=\"foot\">Read-only; refreshes every {REFRESH_SECS} s. Times are the \
-         master's local time ({}). Build properties and logs need the admin token: \
-         <code>master builds</code>, <code>master log ID</code> or the API.</footer>\
+         master's local time ({}). A build's number opens its page with the log; \
+         build properties need the admin token: <code>master builds</code> or the API.</footer>\
          </div></body></html>",
         esc(&zone)
     );
@@ -266,7 +266,11 @@ fn render_workers(html: &mut String, workers: &[WorkerInfo], now: Timestamp, tz:
     }
     html.push_str("</tr></thead><tbody>");
     for w in workers {
-        html.push_str("<tr>");
+        let _ = write!(
+            html,
+            "<tr id=\"worker-{}\">",
+            esc(&crate::build_page::worker_anchor(&w.name))
+        );
         let (dot, link) = if w.connected {
             ("on", "connected")
         } else {
@@ -331,7 +335,11 @@ fn render_workers(html: &mut String, workers: &[WorkerInfo], now: Timestamp, tz:
         if w.running.is_empty() {
             html.push_str("<span class=\"none\">idle</span>");
         } else {
-            let ids: Vec<String> = w.running.iter().map(|id| format!("#{id}")).collect();
+            let ids: Vec<String> = w
+                .running
+                .iter()
+                .map(|id| format!("<a href=\"/builds/{id}\">#{id}</a>"))
+                .collect();
             html.push_str(&ids.join(", "));
         }
         let _ = write!(
@@ -406,17 +414,22 @@ fn render_builds(html: &mut String, builds: &[BuildInfo], now: Timestamp, tz: &T
         };
         let _ = write!(
             html,
-            "<tr><td data-label=\"Build\" class=\"num\">#{}</td>\
-             <td data-label=\"Builder\" class=\"name\">{}</td>\
-             <td data-label=\"Source\">{}</td>\
+            "<tr><td data-label=\"Build\" class=\"num\"><a href=\"/builds/{id}\">#{id}</a></td>\
+             <td data-label=\"Builder\" class=\"name\">{builder}</td>\
+             <td data-label=\"Source\">{source}</td>\
              <td data-label=\"State\"><span class=\"pill {state}\">{state}</span></td>\
-             <td data-label=\"Worker\">{}</td>",
-            b.id,
-            esc(&b.builder),
-            source_cell(b),
-            b.worker
-                .as_deref()
-                .map_or_else(|| "<span class=\"none\">—</span>".to_owned(), esc),
+             <td data-label=\"Worker\">{worker}</td>",
+            id = b.id,
+            builder = esc(&b.builder),
+            source = source_cell(b),
+            worker = b.worker.as_deref().map_or_else(
+                || "<span class=\"none\">—</span>".to_owned(),
+                |w| format!(
+                    "<a href=\"#worker-{}\">{}</a>",
+                    esc(&crate::build_page::worker_anchor(w)),
+                    esc(w)
+                )
+            ),
         );
         html.push_str("<td data-label=\"Outcome\">");
         match (b.outcome, &b.reason) {
@@ -475,7 +488,7 @@ fn render_builds(html: &mut String, builds: &[BuildInfo], now: Timestamp, tz: &T
 /// The scheduler's word for what a build waits for, as a phrase: its words
 /// read after "waiting for" (`lock deploy (on b1)`, `a worker: b1 away`),
 /// except a pause or a builder gone from master.toml, which say themselves.
-fn wait_phrase(waiting: &str) -> String {
+pub fn wait_phrase(waiting: &str) -> String {
     if waiting == "master is paused" {
         "held: the master is paused".to_owned()
     } else if waiting.starts_with("builder ") {

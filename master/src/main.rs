@@ -2,12 +2,14 @@
 //! codes ([`ExitStatus`]): 0 ok, 1 failure, 2 usage or config error.
 
 mod api;
+mod build_page;
 mod cli;
 mod client;
 mod config;
 #[cfg(test)]
 mod config_fuzz;
 mod dashboard;
+mod live_log;
 mod run;
 mod scheduler;
 mod server;

@@ -242,6 +242,8 @@ pub fn router(state: AppState) -> Router {
     crate::api::router(state.clone())
         .route(WS_PATH, get(agent_upgrade))
         .route("/", get(crate::dashboard::page))
+        .route("/builds/{id}", get(crate::build_page::page))
+        .route("/builds/{id}/events", get(crate::build_page::events))
         .route(
             "/hooks/{name}",
             axum::routing::post(crate::triggers::webhook::receive),

@@ -36,6 +36,8 @@ use nightshift_proto::wire::{
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
+use crate::live_log::{LiveEvent, LiveLogs};
+
 /// What runs after the batch's commit (or failed commit: `false`).
 type Completion = Box<dyn FnOnce(bool) + Send>;
 /// A job reports whether it succeeded (else its savepoint is rolled back).
@@ -183,12 +185,25 @@ pub enum StoreOutcome {
     NotYours,
 }
 
+/// A build's log as a viewer starts watching it: see [`Store::watch_log`].
+#[derive(Debug)]
+pub struct LogWatch {
+    pub log: String,
+    /// Earlier output was left out of `log`.
+    pub cut: bool,
+    pub finished: bool,
+    /// The output that follows (`None` once finished).
+    pub live: Option<tokio::sync::broadcast::Receiver<LiveEvent>>,
+}
+
 /// Handle to the store thread. Cheap to clone.
 #[derive(Clone)]
 pub struct Store {
     jobs: mpsc::SyncSender<Job>,
     /// Per-build log cap in bytes.
     log_cap: Arc<AtomicU64>,
+    /// Viewers of live logs, fed from inside the store thread.
+    live: LiveLogs,
 }
 
 impl Store {
@@ -213,6 +228,7 @@ impl Store {
         Ok(Store {
             jobs,
             log_cap: Arc::new(AtomicU64::new(DEFAULT_LOG_CAP)),
+            live: LiveLogs::default(),
         })
     }
 
@@ -406,6 +422,7 @@ impl Store {
         into: BuildId,
         now: Timestamp,
     ) -> anyhow::Result<()> {
+        let live = self.live.clone();
         self.call(move |conn| {
             let mut stmt = conn.prepare_cached(
                 "UPDATE builds SET state = 'finished', outcome = 'cancelled', reason = ?2, \
@@ -419,6 +436,7 @@ impl Store {
                     into as i64,
                     now.to_string()
                 ])?;
+                live.finish(id);
             }
             Ok(())
         })
@@ -487,6 +505,7 @@ impl Store {
     /// cap only the number of dropped bytes is recorded.
     pub fn append_log(&self, id: BuildId, step: u32, data: String) {
         let cap = self.log_cap.load(Ordering::Relaxed);
+        let live = self.live.clone();
         self.spawn("append log", move |conn| {
             let Some((stored, dropped)) = log_room(conn, id)? else {
                 return Ok(());
@@ -496,6 +515,7 @@ impl Store {
             if !kept.is_empty() {
                 conn.prepare_cached("INSERT INTO logs (build_id, step, data) VALUES (?1, ?2, ?3)")?
                     .execute(params![id as i64, step, kept])?;
+                live.publish(id, step, kept);
             }
             let lost = (data.len() - kept.len()) as u64;
             if lost > 0 {
@@ -608,6 +628,7 @@ impl Store {
     ) -> anyhow::Result<StoreOutcome> {
         let cap = self.log_cap.load(Ordering::Relaxed);
         let outcome = result.outcome;
+        let live = self.live.clone();
         let stored = self.call(move |conn| {
             let id = result.build_id as i64;
             let row: Option<(String, Option<String>, Option<String>)> = conn
@@ -669,6 +690,7 @@ impl Store {
                 )?
                 .execute(params![id, kept.len() as i64, lost.max(dropped_live) as i64])?;
             }
+            live.finish(result.build_id);
             Ok(StoreOutcome::Stored)
         })
         .await;
@@ -685,6 +707,7 @@ impl Store {
         reason: String,
         now: Timestamp,
     ) -> anyhow::Result<bool> {
+        let live = self.live.clone();
         let cancelled = self
             .call(move |conn| {
                 let n = conn
@@ -693,6 +716,7 @@ impl Store {
                      finished_at = ?3, waiting_for = NULL WHERE id = ?1 AND state = 'queued'",
                     )?
                     .execute(params![id as i64, reason, now.to_string()])?;
+                live.finish(id);
                 Ok(n > 0)
             })
             .await;
@@ -814,6 +838,60 @@ impl Store {
                 ));
             }
             Ok(Some(log))
+        })
+        .await
+    }
+
+    /// A build's log so far (its last `tail_bytes` at most, cut at a line
+    /// start, and whether earlier output was left out), whether the build
+    /// has finished, and a receiver of the output that follows, exactly:
+    /// taken in one store job, so no chunk is missed or repeated. `None`: no
+    /// such build.
+    pub async fn watch_log(
+        &self,
+        id: BuildId,
+        tail_bytes: usize,
+    ) -> anyhow::Result<Option<LogWatch>> {
+        let live = self.live.clone();
+        self.call(move |conn| {
+            let state: Option<String> = conn
+                .prepare_cached("SELECT state FROM builds WHERE id = ?1")?
+                .query_row(params![id as i64], |r| r.get(0))
+                .optional()?;
+            let Some(state) = state else {
+                return Ok(None);
+            };
+            let mut stmt =
+                conn.prepare_cached("SELECT data FROM logs WHERE build_id = ?1 ORDER BY seq DESC")?;
+            let mut chunks = Vec::new();
+            let mut size = 0usize;
+            let mut cut = false;
+            for chunk in stmt.query_map(params![id as i64], |r| r.get::<_, String>(0))? {
+                let chunk = chunk?;
+                if size + chunk.len() > tail_bytes {
+                    let room = tail_bytes - size;
+                    let mut start = chunk.len() - room;
+                    while !chunk.is_char_boundary(start) {
+                        start += 1;
+                    }
+                    let tail = &chunk[start..];
+                    let tail = tail.find('\n').map_or("", |i| &tail[i + 1..]);
+                    chunks.push(tail.to_owned());
+                    cut = true;
+                    break;
+                }
+                size += chunk.len();
+                chunks.push(chunk);
+            }
+            chunks.reverse();
+            let finished = state == "finished";
+            let live = (!finished).then(|| live.subscribe(id));
+            Ok(Some(LogWatch {
+                log: chunks.concat(),
+                cut,
+                finished,
+                live,
+            }))
         })
         .await
     }
@@ -1099,6 +1177,46 @@ mod tests {
             log: "full log\n".into(),
             finished_at: now,
         }
+    }
+
+    #[tokio::test]
+    async fn a_log_watch_sees_each_chunk_once_then_the_end() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("master.db")).unwrap();
+        let a = store
+            .insert_build("app".into(), BTreeMap::new(), Timestamp::now())
+            .await
+            .unwrap();
+        store.mark_started(a, "w1".into(), Timestamp::now());
+        // Chunks queued right before and after the watch: each lands either
+        // in the snapshot or in the stream, never both, never neither.
+        for i in 0..50 {
+            store.append_log(a, 0, format!("{i}\n"));
+        }
+        let watch = store.watch_log(a, 1 << 20).await.unwrap().unwrap();
+        for i in 50..60 {
+            store.append_log(a, 0, format!("{i}\n"));
+        }
+        store
+            .finish("w1".into(), result(a, Outcome::Success))
+            .await
+            .unwrap();
+        assert!(!watch.finished && !watch.cut);
+        let mut seen = watch.log.clone();
+        let mut rx = watch.live.unwrap();
+        while let LiveEvent::Output { data, .. } = rx.recv().await.unwrap() {
+            seen.push_str(&data);
+        }
+        let expected: String = (0..60).map(|i| format!("{i}\n")).collect();
+        assert_eq!(seen, expected);
+        // After the end: the stored log, no stream; a tail starts at a line.
+        let watch = store.watch_log(a, 12).await.unwrap().unwrap();
+        assert!(watch.finished && watch.live.is_none() && !watch.cut);
+        assert_eq!(watch.log, "full log\n");
+        let watch = store.watch_log(a, 6).await.unwrap().unwrap();
+        assert_eq!(watch.log, "", "a partial line is left out");
+        assert!(watch.cut);
+        assert!(store.watch_log(a + 100, 10).await.unwrap().is_none());
     }
 
     #[tokio::test]

@@ -57,7 +57,8 @@ async fn a_build_is_never_started_where_the_window_would_cut_it() -> anyhow::Res
         .worker(WorkerSpec::new("closing").worker_toml("[availability]\ndefault = \"away\"\n"))
         .worker(WorkerSpec::new("steady").max_builds(3))
         .builder("five", &["closing", "steady"], &[("work", FIVE_SECONDS)])
-        .start().await?;
+        .start()
+        .await?;
     farm.start_worker("closing")?;
     farm.start_worker("steady")?;
     farm.wait_worker_state("closing", PresenceState::Away)

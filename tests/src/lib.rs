@@ -103,7 +103,8 @@ fn find_fresh_binaries() -> anyhow::Result<PathBuf> {
                     binary.display()
                 )
             })?;
-        if let Some((source, changed)) = newest_source()?
+        let own = if name == "master" { "master" } else { "agent" };
+        if let Some((source, changed)) = newest_source(&[own, "proto", "policy"])?
             && changed > built
         {
             bail!(
@@ -186,10 +187,11 @@ fn build_binaries(dir: &std::path::Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The most recently changed source of the binaries: any file under the
-/// `src/` of `agent`, `master`, `proto` and `policy`, their Cargo.toml, the
-/// workspace's Cargo.toml and Cargo.lock.
-fn newest_source() -> anyhow::Result<Option<(PathBuf, std::time::SystemTime)>> {
+/// The most recently changed source of one binary: any file under the
+/// `src/` of `crates` (its own crate, `proto` and `policy`). A change there
+/// always makes cargo rebuild that binary, so a binary older than it is stale;
+/// the other binary's sources are not its (cargo does not rebuild it for them).
+fn newest_source(crates: &[&str]) -> anyhow::Result<Option<(PathBuf, std::time::SystemTime)>> {
     fn visit(
         path: &std::path::Path,
         newest: &mut Option<(PathBuf, std::time::SystemTime)>,
@@ -209,14 +211,8 @@ fn newest_source() -> anyhow::Result<Option<(PathBuf, std::time::SystemTime)>> {
     }
     let root = workspace_root();
     let mut newest = None;
-    for path in [root.join("Cargo.toml"), root.join("Cargo.lock")] {
-        visit(&path, &mut newest).with_context(|| format!("cannot read {}", path.display()))?;
-    }
-    for krate in ["agent", "master", "proto", "policy"] {
-        for path in [
-            root.join(krate).join("src"),
-            root.join(krate).join("Cargo.toml"),
-        ] {
+    for krate in crates {
+        for path in [root.join(krate).join("src")] {
             visit(&path, &mut newest).with_context(|| format!("cannot read {}", path.display()))?;
         }
     }

@@ -147,12 +147,12 @@ async fn garbage_frames_close_only_that_connection_while_a_build_goes_on() -> an
     // Whatever happened to b, the master keeps b's slot usable: b reconnects.
     let b = farm.fake_agent("b", PresenceState::Away).await?;
     b.close().await;
-    // A wrong-token attempt does not disturb a either.
-    let mut intruder = FakeAgent::connect(&farm, Some("wrong")).await?;
-    intruder
-        .hello("a", PresenceState::Available, 1, vec![])
-        .await?;
-    intruder.expect_closed().await?;
+    // A wrong-token attempt (refused at the upgrade) does not disturb a either.
+    let refusal = FakeAgent::try_connect(&farm, Some("wrong"))
+        .await?
+        .err()
+        .expect("a wrong token gets no WebSocket");
+    assert_eq!(refusal.status, 401, "{refusal:?}");
 
     a.finish(id, Outcome::Success, "still fine\n").await?;
     let build = farm.wait_build(id).await?;

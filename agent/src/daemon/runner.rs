@@ -384,12 +384,21 @@ impl Build {
                 }
             }
         }
-        // Nothing a step started outlives it, whatever group or session it
-        // moved to.
+        // Nothing a step started outlives it: its process group now; and
+        // after the build's last step, everything the build started,
+        // whatever group or session it moved to. (A whole-build kill between
+        // steps could reach the next step, which runs in the same build
+        // cgroup and carries the same build marker.)
         let trees = self.trees.clone();
         let build_id = self.request.build_id;
+        let last_step = step_no as usize + 1 >= self.request.steps.len();
         let killed = tokio::task::spawn_blocking(move || {
-            trees.signal_build(build_id, Signal::SIGKILL);
+            if let Some(pgid) = pgid.filter(|pgid| *pgid > 1) {
+                let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), Signal::SIGKILL);
+            }
+            if last_step {
+                trees.signal_build(build_id, Signal::SIGKILL);
+            }
             trees.set_step_group(build_id, None);
         })
         .await;

@@ -59,10 +59,13 @@ impl BuildFacts {
         self.fits(from, window.until, overrun).then_some(from)
     }
 
-    /// `1h20m` (or `an unknown time`).
+    /// `1h20m` (or `an unknown time`), to the second: an estimate is no
+    /// more precise than that.
     pub fn estimate_text(&self) -> String {
-        self.estimate
-            .map_or_else(|| "an unknown time".to_owned(), format_duration)
+        self.estimate.map_or_else(
+            || "an unknown time".to_owned(),
+            |estimate| format_duration(jiff::SignedDuration::from_secs(estimate.as_secs().max(1))),
+        )
     }
 
     /// `07:00` today, `Tue 07:00` within a week, else the date, in the zone.

@@ -212,9 +212,8 @@ fn newest_source(crates: &[&str]) -> anyhow::Result<Option<(PathBuf, std::time::
     let root = workspace_root();
     let mut newest = None;
     for krate in crates {
-        for path in [root.join(krate).join("src")] {
-            visit(&path, &mut newest).with_context(|| format!("cannot read {}", path.display()))?;
-        }
+        let path = root.join(krate).join("src");
+        visit(&path, &mut newest).with_context(|| format!("cannot read {}", path.display()))?;
     }
     Ok(newest)
 }

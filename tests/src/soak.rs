@@ -635,16 +635,20 @@ impl Soak {
                     .push(format!("build {id} carries a forged result"));
             }
         }
-        for entry in entries.iter().filter(|e| e.event == "start") {
-            for window in &self.away {
-                if window.worker == entry.worker && entry.at > window.from && entry.at < window.to {
+        // A build handed out and accepted just before the away was
+        // acknowledged may start its first step just after: what counts is
+        // when the master handed it out (`started_at` of its last run).
+        for (id, build) in &finished {
+            let (Some(worker), Some(started)) = (build.worker.as_deref(), build.started_at) else {
+                continue;
+            };
+            let at = started.as_nanosecond() as f64 / 1e9;
+            for window in self.away.iter().filter(|w| w.worker == worker) {
+                if at > window.from && at < window.to {
                     report.started_while_away += 1;
                     report.violations.push(format!(
-                        "build {} started on {} at {:.3}, {:.3} s after its {} was acknowledged",
-                        entry.build,
-                        entry.worker,
-                        entry.at,
-                        entry.at - window.from,
+                        "build {id} was handed to {worker} at {at:.3}, {:.3} s after its {} was acknowledged",
+                        at - window.from,
                         window.why
                     ));
                 }

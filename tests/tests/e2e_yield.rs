@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use nightshift_policy::PresenceState;
 use nightshift_proto::wire::Outcome;
-use nightshift_tests::{Farm, WorkerSpec, test_cgroup};
+use nightshift_tests::{DEADLINE, Farm, WorkerSpec, test_cgroup, wait_for};
 
 /// Three CPU burners that each leave the step's process group: GNU
 /// `timeout` (new group), `setsid` (new session) and a double fork (the
@@ -211,13 +211,21 @@ async fn escaped_build_processes_are_the_builds_load_in_cgroup_mode() -> anyhow:
         ));
     burn_and_watch(spec, "cgroup").await?;
     // The agent moved itself into a leaf so build cgroups could get
-    // controllers; every build cgroup is gone.
-    let left: Vec<String> = fs_err::read_dir(&cgroup.0)?
-        .flatten()
-        .filter(|entry| entry.path().is_dir())
-        .map(|entry| entry.file_name().to_string_lossy().into_owned())
-        .collect();
-    assert_eq!(left, ["agent"], "{left:?}");
+    // controllers; every build cgroup is gone (once its killed processes
+    // are reaped).
+    let dir = cgroup.0.clone();
+    wait_for("every build cgroup to be removed", DEADLINE, || {
+        let dir = dir.clone();
+        async move {
+            let left: Vec<String> = fs_err::read_dir(&dir)?
+                .flatten()
+                .filter(|entry| entry.path().is_dir())
+                .map(|entry| entry.file_name().to_string_lossy().into_owned())
+                .collect();
+            Ok((left == ["agent"]).then_some(()))
+        }
+    })
+    .await?;
     Ok(())
 }
 

@@ -383,8 +383,23 @@ impl BuildTrees {
             && let Some(cgroup) = tree.cgroup
         {
             inner.retired_usec += cgroup_usage_usec(&cgroup).unwrap_or(0);
-            if let Err(error) = fs_err::remove_dir(&cgroup) {
-                tracing::warn!("cannot remove cgroup {}: {error}", cgroup.display());
+            if fs_err::remove_dir(&cgroup).is_err() {
+                // Killed processes leave the cgroup only once reaped: try
+                // again for a few seconds off the event loop.
+                std::thread::spawn(move || {
+                    let mut last = None;
+                    for _ in 0..50 {
+                        std::thread::sleep(std::time::Duration::from_millis(100));
+                        match fs_err::remove_dir(&cgroup) {
+                            Ok(()) => return,
+                            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return,
+                            Err(error) => last = Some(error),
+                        }
+                    }
+                    if let Some(error) = last {
+                        tracing::warn!("cannot remove cgroup {}: {error}", cgroup.display());
+                    }
+                });
             }
         }
     }

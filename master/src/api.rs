@@ -50,6 +50,8 @@ pub struct AppState {
     pub agent_slots: Arc<crate::server::ConnectionGate>,
     /// What webhooks, polling and timed builds did.
     pub trigger_counters: Arc<crate::triggers::TriggerCounters>,
+    /// Builds' stored artifacts.
+    pub artifacts: Arc<crate::artifacts::Artifacts>,
 }
 
 /// An error response: status plus [`ApiError`] JSON.
@@ -116,6 +118,14 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/api/v1/builds/{id}/wait", get(wait_build))
         .route("/api/v1/builds/{id}/log", get(build_log))
         .route("/api/v1/builds/{id}/cancel", post(cancel_build))
+        .route(
+            "/api/v1/builds/{id}/artifacts",
+            get(crate::artifacts::list),
+        )
+        .route(
+            "/api/v1/builds/{id}/artifacts/{*name}",
+            get(crate::artifacts::download),
+        )
         .route("/api/v1/workers", get(workers))
         .route("/api/v1/pause", post(pause))
         .route("/api/v1/resume", post(resume))

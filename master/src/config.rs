@@ -186,6 +186,19 @@ fn default_max_starting() -> u32 {
 fn default_max_log_bytes() -> u64 {
     crate::store::DEFAULT_LOG_CAP
 }
+/// Default `max_artifact_bytes`: the largest single artifact file.
+pub const DEFAULT_MAX_ARTIFACT_BYTES: u64 = 1 << 30;
+/// Default `max_build_artifact_bytes`: the largest total of one build's artifacts.
+pub const DEFAULT_MAX_BUILD_ARTIFACT_BYTES: u64 = 4 << 30;
+fn default_max_artifact_bytes() -> u64 {
+    DEFAULT_MAX_ARTIFACT_BYTES
+}
+fn default_max_build_artifact_bytes() -> u64 {
+    DEFAULT_MAX_BUILD_ARTIFACT_BYTES
+}
+fn default_artifact_retention() -> Secs {
+    Secs(Duration::from_secs(30 * 86400))
+}
 fn default_max_builds() -> u32 {
     1
 }
@@ -209,6 +222,14 @@ struct RawConfig {
     #[serde(default = "default_max_log_bytes")]
     max_log_bytes: u64,
     max_agents: Option<u32>,
+    #[serde(default = "default_max_artifact_bytes")]
+    max_artifact_bytes: u64,
+    #[serde(default = "default_max_build_artifact_bytes")]
+    max_build_artifact_bytes: u64,
+    #[serde(default = "default_artifact_retention")]
+    artifact_retention: Secs,
+    #[serde(default)]
+    artifact_keep_builds: u32,
     #[serde(default)]
     worker: Vec<RawWorker>,
     #[serde(default)]
@@ -286,6 +307,8 @@ struct RawBuilder {
     only_if_changed: bool,
     #[serde(default)]
     collapse: bool,
+    #[serde(default)]
+    artifacts: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -443,6 +466,9 @@ pub struct BuilderDef {
     pub only_if_changed: bool,
     /// Waiting requests for the same branch collapse into the newest.
     pub collapse: bool,
+    /// Glob patterns, relative to the build directory, of the files the
+    /// agent uploads after the last step succeeded (checked by [`check_artifact_pattern`]).
+    pub artifacts: Vec<String>,
 }
 
 /// Which forge's push events a hook understands.
@@ -474,6 +500,53 @@ pub struct HookDef {
     pub builders: Vec<String>,
 }
 
+/// The master's artifact caps and retention (top-level keys of master.toml).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ArtifactSettings {
+    /// Largest single file (`max_artifact_bytes`).
+    pub max_file_bytes: u64,
+    /// Largest total of one build's files (`max_build_artifact_bytes`).
+    pub max_build_bytes: u64,
+    /// Artifacts older than this are deleted (`artifact_retention`); `None`: kept
+    /// until `keep_builds` pushes them out.
+    pub retention: Option<Duration>,
+    /// Only the newest this many builds of each builder keep their artifacts
+    /// (`artifact_keep_builds`); 0: no count limit.
+    pub keep_builds: u32,
+}
+
+impl Default for ArtifactSettings {
+    fn default() -> Self {
+        ArtifactSettings {
+            max_file_bytes: DEFAULT_MAX_ARTIFACT_BYTES,
+            max_build_bytes: DEFAULT_MAX_BUILD_ARTIFACT_BYTES,
+            retention: Some(default_artifact_retention().0),
+            keep_builds: 0,
+        }
+    }
+}
+
+/// Checks one `artifacts` glob pattern: relative to the build directory,
+/// no `..`, valid glob syntax (`*`, `?`, `[...]`, `**`).
+pub fn check_artifact_pattern(pattern: &str) -> Result<(), String> {
+    if pattern.trim().is_empty() {
+        return Err("an artifact pattern is empty".into());
+    }
+    if pattern.starts_with('/') {
+        return Err(format!(
+            "`{pattern}` is absolute; artifact patterns are relative to the build directory"
+        ));
+    }
+    if pattern.split('/').any(|part| part == "..") {
+        return Err(format!(
+            "`{pattern}` contains `..`; artifacts come from inside the build directory"
+        ));
+    }
+    glob::Pattern::new(pattern)
+        .map(|_| ())
+        .map_err(|e| format!("`{pattern}` is not a valid glob pattern: {e}"))
+}
+
 /// A validated master config.
 #[derive(Debug, Clone, PartialEq)]
 pub struct MasterConfig {
@@ -491,6 +564,8 @@ pub struct MasterConfig {
     /// Most agents connected at once; `None`: as many as the descriptor
     /// limit leaves room for beside API clients and browsers.
     pub max_agents: Option<u32>,
+    /// What the master keeps of builds' artifacts.
+    pub artifacts: ArtifactSettings,
     pub workers: Vec<WorkerDef>,
     pub builders: Vec<BuilderDef>,
     pub locks: Vec<LockDef>,
@@ -674,6 +749,36 @@ impl MasterConfig {
         if raw.max_agents == Some(0) {
             issue("max_agents".into(), "must be at least 1".into());
         }
+        if raw.max_artifact_bytes == 0 {
+            issue(
+                "max_artifact_bytes".into(),
+                "must be at least 1 (bytes of the largest artifact file)".into(),
+            );
+        }
+        if raw.max_build_artifact_bytes < raw.max_artifact_bytes {
+            issue(
+                "max_build_artifact_bytes".into(),
+                format!(
+                    "{} is less than max_artifact_bytes ({}): one build's artifacts together \
+                     must be allowed at least one largest file",
+                    raw.max_build_artifact_bytes, raw.max_artifact_bytes
+                ),
+            );
+        }
+        let retention = raw.artifact_retention.0;
+        if !retention.is_zero() && retention < Duration::from_secs(60) {
+            issue(
+                "artifact_retention".into(),
+                "must be at least 1m (or 0 to keep artifacts until artifact_keep_builds drops them)"
+                    .into(),
+            );
+        }
+        let artifacts = ArtifactSettings {
+            max_file_bytes: raw.max_artifact_bytes,
+            max_build_bytes: raw.max_build_artifact_bytes,
+            retention: (!retention.is_zero()).then_some(retention),
+            keep_builds: raw.artifact_keep_builds,
+        };
 
         let mut workers = Vec::new();
         let mut worker_names = BTreeSet::new();
@@ -947,6 +1052,11 @@ impl MasterConfig {
                         .into(),
                 );
             }
+            for (j, pattern) in b.artifacts.iter().enumerate() {
+                if let Err(why) = check_artifact_pattern(pattern) {
+                    issue(format!("builder[{i}].artifacts[{j}]"), why);
+                }
+            }
             if b.collapse && !has_source {
                 issue(
                     format!("builder[{i}].collapse"),
@@ -965,6 +1075,7 @@ impl MasterConfig {
                 schedule: b.schedule,
                 only_if_changed: b.only_if_changed,
                 collapse: b.collapse,
+                artifacts: b.artifacts,
             });
         }
 
@@ -1037,6 +1148,7 @@ impl MasterConfig {
             max_starting: raw.max_starting,
             max_log_bytes: raw.max_log_bytes,
             max_agents: raw.max_agents,
+            artifacts,
             index: WorkerIndex::of(&workers),
             workers,
             builders,

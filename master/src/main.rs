@@ -2,6 +2,7 @@
 //! codes ([`ExitStatus`]): 0 ok, 1 failure, 2 usage or config error.
 
 mod api;
+mod artifacts;
 mod build_page;
 mod cli;
 mod client;

@@ -245,6 +245,14 @@ pub fn router(state: AppState) -> Router {
         .route("/builds/{id}", get(crate::build_page::page))
         .route("/builds/{id}/events", get(crate::build_page::events))
         .route(
+            "/builds/{id}/artifacts/{*name}",
+            get(crate::artifacts::download),
+        )
+        .route(
+            "/api/v1/agent/builds/{id}/artifacts/{*name}",
+            axum::routing::put(crate::artifacts::upload),
+        )
+        .route(
             "/hooks/{name}",
             axum::routing::post(crate::triggers::webhook::receive),
         )

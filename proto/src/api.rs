@@ -383,6 +383,16 @@ pub struct ApiClient {
     tls: Option<std::sync::Arc<rustls::ClientConfig>>,
 }
 
+/// Shows where the client points, never its token.
+impl std::fmt::Debug for ApiClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiClient")
+            .field("url", &self.url.to_string())
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
 impl ApiClient {
     /// `tls` is required for an `https://` URL.
     pub fn new(

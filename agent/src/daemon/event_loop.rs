@@ -1282,6 +1282,7 @@ mod tests {
             manual,
             Spool::open(state.path()).unwrap(),
             Arc::new(RunnerSettings {
+                artifacts: None,
                 workdir: work.path().to_owned(),
                 kill_grace: Duration::from_millis(500),
                 git: Default::default(),
@@ -1393,6 +1394,7 @@ mod tests {
                     workdir: None,
                     needs_grant: false,
                     checkout: false,
+                    upload: None,
                 }],
                 properties: BTreeMap::new(),
                 source: None,
@@ -1850,6 +1852,7 @@ mod tests {
                 workdir: None,
                 needs_grant: true,
                 checkout: false,
+                upload: None,
             }],
             properties: BTreeMap::new(),
             source: None,

@@ -48,6 +48,9 @@ pub struct RunnerSettings {
     pub kill_grace: Duration,
     /// The worker's git credentials, for the checkout step only.
     pub git: super::checkout::GitAuth,
+    /// The master's API with this worker's token, for artifact uploads
+    /// (`None` for a supervised agent, which runs no builds of ours).
+    pub artifacts: Option<nightshift_proto::api::ApiClient>,
 }
 
 /// A build as the master handed it out.
@@ -155,12 +158,12 @@ struct Build {
 }
 
 /// How one step ended.
-struct StepEnd {
-    outcome: Outcome,
-    exit_code: Option<i32>,
-    signal: Option<i32>,
+pub(super) struct StepEnd {
+    pub(super) outcome: Outcome,
+    pub(super) exit_code: Option<i32>,
+    pub(super) signal: Option<i32>,
     /// Why, when the step did not simply exit.
-    reason: Option<String>,
+    pub(super) reason: Option<String>,
 }
 
 impl Build {
@@ -197,9 +200,16 @@ impl Build {
                         step: step_no,
                         at: started_at,
                     });
-                    let end = self
-                        .run_step(step_no, &step, &build_dir, cgroup.as_deref())
-                        .await;
+                    let end = match &step.upload {
+                        Some(upload) => {
+                            super::upload::run(self.upload_context(step_no), upload, &build_dir)
+                                .await
+                        }
+                        None => {
+                            self.run_step(step_no, &step, &build_dir, cgroup.as_deref())
+                                .await
+                        }
+                    };
                     let result = StepResult {
                         step: step_no,
                         outcome: end.outcome,
@@ -228,6 +238,18 @@ impl Build {
             finished_at: self.clock.now(),
         };
         self.send(RunnerEvent::Finished { result });
+    }
+
+    /// What the artifact upload step needs of the build.
+    fn upload_context(&mut self, step: u32) -> super::upload::UploadContext<'_> {
+        super::upload::UploadContext {
+            build_id: self.request.build_id,
+            step,
+            client: self.settings.artifacts.clone(),
+            cancel: &mut self.cancel,
+            events: &self.events,
+            log: &mut self.log,
+        }
     }
 
     fn send(&self, event: RunnerEvent) {
@@ -624,13 +646,13 @@ impl Batch {
 
 /// The build's log: everything, or its tail when it grows past the limit.
 #[derive(Default)]
-struct Log {
+pub(super) struct Log {
     text: String,
     dropped: usize,
 }
 
 impl Log {
-    fn push(&mut self, data: &str) {
+    pub(super) fn push(&mut self, data: &str) {
         self.text.push_str(data);
         if self.text.len() > LOG_LIMIT {
             let mut cut = self.text.len() - LOG_LIMIT * 3 / 4;
@@ -668,6 +690,7 @@ mod tests {
             workdir: None,
             needs_grant: false,
             checkout: false,
+            upload: None,
         }
     }
 
@@ -689,6 +712,7 @@ mod tests {
 
         fn start(&self, build_id: BuildId, steps: Vec<StepSpec>) -> BuildControl {
             let settings = Arc::new(RunnerSettings {
+                artifacts: None,
                 workdir: self.workdir.path().to_owned(),
                 kill_grace: Duration::from_millis(500),
                 git: Default::default(),

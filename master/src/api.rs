@@ -118,10 +118,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/api/v1/builds/{id}/wait", get(wait_build))
         .route("/api/v1/builds/{id}/log", get(build_log))
         .route("/api/v1/builds/{id}/cancel", post(cancel_build))
-        .route(
-            "/api/v1/builds/{id}/artifacts",
-            get(crate::artifacts::list),
-        )
+        .route("/api/v1/builds/{id}/artifacts", get(crate::artifacts::list))
         .route(
             "/api/v1/builds/{id}/artifacts/{*name}",
             get(crate::artifacts::download),

@@ -91,7 +91,9 @@ fn check_owner(
 ) -> rusqlite::Result<Result<(String, u64), RefusalReason>> {
     let row: Option<(String, Option<String>, String)> = conn
         .prepare_cached("SELECT state, handed_to, builder FROM builds WHERE id = ?1")?
-        .query_row(params![id as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .query_row(params![id as i64], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })
         .optional()?;
     let builder = match row {
         None => return Ok(Err(RefusalReason::UnknownOrFinished)),
@@ -178,12 +180,9 @@ async fn receive(
             "unknown worker token".into(),
         ));
     }
-    let id: BuildId = id.parse().map_err(|_| {
-        Refusal(
-            StatusCode::BAD_REQUEST,
-            format!("`{id}` is not a build id"),
-        )
-    })?;
+    let id: BuildId = id
+        .parse()
+        .map_err(|_| Refusal(StatusCode::BAD_REQUEST, format!("`{id}` is not a build id")))?;
     check_artifact_name(name).map_err(|why| rejected(StatusCode::BAD_REQUEST, why))?;
     let sha256 = headers
         .get(ARTIFACT_SHA256_HEADER)
@@ -300,7 +299,9 @@ async fn receive(
             METRICS.artifact_stored(length);
             artifacts.stored.notify_one();
             remove_files(artifacts, pushed_out).await;
-            tracing::info!("build {id}: artifact `{name}` stored ({length} bytes, sha256 {sha256})");
+            tracing::info!(
+                "build {id}: artifact `{name}` stored ({length} bytes, sha256 {sha256})"
+            );
             Ok(ArtifactInfo {
                 name: name.to_owned(),
                 size: length,
@@ -327,7 +328,9 @@ fn refused(id: BuildId, name: &str, workers: &[String], why: RefusalReason) -> R
         RefusalReason::UnknownOrFinished => {
             format!("build {id} is unknown or finished: it takes no artifacts")
         }
-        _ => format!("build {id} is not running on worker {who}: its artifacts are not yours to upload"),
+        _ => format!(
+            "build {id} is not running on worker {who}: its artifacts are not yours to upload"
+        ),
     };
     tracing::warn!("artifact `{name}` from {who} refused: {text}");
     Refusal(StatusCode::FORBIDDEN, text)
@@ -437,11 +440,8 @@ async fn remove_files(artifacts: &Artifacts, rows: Vec<(BuildId, String)>) {
 /// `GET /api/v1/builds/{id}/artifacts`.
 pub async fn list(State(state): State<AppState>, UrlPath(id): UrlPath<String>) -> Response {
     let Ok(id) = id.parse::<BuildId>() else {
-        return Refusal(
-            StatusCode::BAD_REQUEST,
-            format!("`{id}` is not a build id"),
-        )
-        .into_response();
+        return Refusal(StatusCode::BAD_REQUEST, format!("`{id}` is not a build id"))
+            .into_response();
     };
     let listed = state
         .artifacts
@@ -483,12 +483,9 @@ pub async fn download(
 }
 
 async fn open(state: &AppState, id: &str, name: &str) -> Result<Response, Refusal> {
-    let id: BuildId = id.parse().map_err(|_| {
-        Refusal(
-            StatusCode::BAD_REQUEST,
-            format!("`{id}` is not a build id"),
-        )
-    })?;
+    let id: BuildId = id
+        .parse()
+        .map_err(|_| Refusal(StatusCode::BAD_REQUEST, format!("`{id}` is not a build id")))?;
     check_artifact_name(name).map_err(|why| Refusal(StatusCode::BAD_REQUEST, why))?;
     let key = name.to_owned();
     let info = state
@@ -589,10 +586,7 @@ pub async fn retain(artifacts: Arc<Artifacts>, config: LiveConfig) {
             && due <= now
         {
             let before = now - retention.as_secs() as i64;
-            let expired = artifacts
-                .store
-                .call(move |conn| expire(conn, before))
-                .await;
+            let expired = artifacts.store.call(move |conn| expire(conn, before)).await;
             match expired {
                 Ok(rows) => {
                     tracing::info!(
@@ -642,4 +636,172 @@ fn expire(conn: &Connection, before: i64) -> rusqlite::Result<Vec<(BuildId, Stri
         delete.execute(params![*id as i64, name])?;
     }
     Ok(rows)
+}
+
+/// A size in bytes as people read it (`1.5 MiB`).
+pub fn human_size(bytes: u64) -> String {
+    const UNITS: [&str; 5] = ["bytes", "KiB", "MiB", "GiB", "TiB"];
+    let mut value = bytes as f64;
+    let mut unit = 0;
+    while value >= 1024.0 && unit + 1 < UNITS.len() {
+        value /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 {
+        format!("{bytes} bytes")
+    } else {
+        format!("{value:.1} {}", UNITS[unit])
+    }
+}
+
+/// The build page's list of artifacts (nothing when it has none): each a
+/// download link, its size and SHA-256.
+pub fn render_list(html: &mut String, build: &nightshift_proto::api::BuildInfo) {
+    use crate::dashboard::esc;
+    use std::fmt::Write;
+    if build.artifacts.is_empty() {
+        return;
+    }
+    html.push_str(
+        "<section class=\"card\" id=\"artifacts\"><h2>Artifacts</h2><table><thead><tr>\
+         <th>Name</th><th>Size</th><th>SHA-256</th></tr></thead><tbody>",
+    );
+    for artifact in &build.artifacts {
+        let _ = write!(
+            html,
+            "<tr><td class=\"name\"><a href=\"/builds/{id}/artifacts/{href}\" download>{name}</a></td>\
+             <td class=\"num\">{size}</td><td><code>{sha}</code></td></tr>",
+            id = build.id,
+            href = esc(&nightshift_proto::wire::encode_path(&artifact.name)),
+            name = esc(&artifact.name),
+            size = esc(&human_size(artifact.size)),
+            sha = esc(&artifact.sha256),
+        );
+    }
+    html.push_str("</tbody></table></section>");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use nightshift_proto::api::{BuildInfo, BuildState};
+
+    fn connection() -> Connection {
+        let conn = Connection::open_in_memory().expect("sqlite");
+        conn.execute_batch(
+            "CREATE TABLE builds (id INTEGER PRIMARY KEY, builder TEXT NOT NULL, state TEXT NOT NULL, handed_to TEXT);
+             CREATE TABLE artifacts (build_id INTEGER NOT NULL, name TEXT NOT NULL, size INTEGER NOT NULL,
+               sha256 TEXT NOT NULL, stored_at INTEGER NOT NULL, PRIMARY KEY (build_id, name));",
+        )
+        .expect("schema");
+        conn
+    }
+
+    fn add(conn: &Connection, id: i64, name: &str, size: i64, at: i64) {
+        conn.execute(
+            "INSERT INTO artifacts VALUES (?1, ?2, ?3, 'x', ?4)",
+            params![id, name, size, at],
+        )
+        .expect("insert");
+    }
+
+    #[test]
+    fn only_the_worker_running_the_build_may_upload() {
+        let conn = connection();
+        conn.execute_batch(
+            "INSERT INTO builds VALUES (1, 'b', 'running', 'w1');
+             INSERT INTO builds VALUES (2, 'b', 'finished', 'w1');
+             INSERT INTO builds VALUES (3, 'b', 'queued', 'w1');",
+        )
+        .expect("builds");
+        add(&conn, 1, "dist/a", 10, 0);
+        let mine = |id, name: &str, who: &str| {
+            check_owner(&conn, id, name, &[who.to_owned()]).expect("query")
+        };
+        assert_eq!(mine(1, "dist/b", "w1"), Ok(("b".to_owned(), 10)));
+        // Replacing its own file does not count the old one.
+        assert_eq!(mine(1, "dist/a", "w1"), Ok(("b".to_owned(), 0)));
+        assert_eq!(mine(1, "dist/b", "w2"), Err(RefusalReason::NotHandedToIt));
+        assert_eq!(mine(2, "x", "w1"), Err(RefusalReason::UnknownOrFinished));
+        // Taken back into the queue: no longer the worker's.
+        assert_eq!(mine(3, "x", "w1"), Err(RefusalReason::NotHandedToIt));
+        assert_eq!(mine(9, "x", "w1"), Err(RefusalReason::UnknownOrFinished));
+    }
+
+    #[test]
+    fn expiry_takes_the_old_and_keep_builds_the_newest_per_builder() {
+        let conn = connection();
+        conn.execute_batch(
+            "INSERT INTO builds VALUES (1, 'b', 'finished', 'w');
+             INSERT INTO builds VALUES (2, 'b', 'finished', 'w');
+             INSERT INTO builds VALUES (3, 'b', 'running', 'w');
+             INSERT INTO builds VALUES (4, 'other', 'finished', 'w');",
+        )
+        .expect("builds");
+        add(&conn, 1, "a", 1, 100);
+        add(&conn, 1, "b", 1, 100);
+        add(&conn, 2, "a", 1, 200);
+        add(&conn, 3, "a", 1, 300);
+        add(&conn, 4, "a", 1, 50);
+        let mut pushed = push_out(&conn, "b", 2).expect("push out");
+        pushed.sort();
+        assert_eq!(pushed, [(1, "a".to_owned()), (1, "b".to_owned())]);
+        assert_eq!(
+            list_rows(&conn, 4).expect("list").len(),
+            1,
+            "other builder kept"
+        );
+        let expired = expire(&conn, 200).expect("expire");
+        assert_eq!(expired, [(4, "a".to_owned()), (2, "a".to_owned())]);
+        assert_eq!(list_rows(&conn, 3).expect("list").len(), 1);
+    }
+
+    #[test]
+    fn the_build_page_links_each_artifact_escaped() {
+        let build = BuildInfo {
+            id: 7,
+            builder: "b".into(),
+            properties: Default::default(),
+            state: BuildState::Finished,
+            worker: None,
+            outcome: None,
+            retries: 0,
+            retry_reason: None,
+            waiting_for: None,
+            reason: None,
+            submitted_at: Timestamp::UNIX_EPOCH,
+            started_at: None,
+            finished_at: None,
+            steps: Vec::new(),
+            estimate_secs: None,
+            repository: None,
+            branch: None,
+            revision: None,
+            trigger: None,
+            collapsed_into: None,
+            artifacts: vec![ArtifactInfo {
+                name: "dist/<x> y.tar.gz".into(),
+                size: 1536,
+                sha256: "ab".repeat(32),
+                stored_at: Timestamp::UNIX_EPOCH,
+            }],
+        };
+        let mut html = String::new();
+        render_list(&mut html, &build);
+        assert!(
+            html.contains("href=\"/builds/7/artifacts/dist/%3Cx%3E%20y.tar.gz\""),
+            "{html}"
+        );
+        assert!(html.contains(">dist/&lt;x&gt; y.tar.gz</a>"), "{html}");
+        assert!(html.contains("1.5 KiB"), "{html}");
+        let mut none = String::new();
+        render_list(
+            &mut none,
+            &BuildInfo {
+                artifacts: Vec::new(),
+                ..build
+            },
+        );
+        assert!(none.is_empty());
+    }
 }

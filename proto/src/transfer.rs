@@ -115,7 +115,10 @@ fn failure(status: Option<u16>, message: String) -> ApiCallError {
 async fn refusal_text(response: hyper::Response<hyper::body::Incoming>) -> String {
     use http_body_util::{BodyExt, Limited};
     let status = response.status().as_u16();
-    let text = match Limited::new(response.into_body(), 64 * 1024).collect().await {
+    let text = match Limited::new(response.into_body(), 64 * 1024)
+        .collect()
+        .await
+    {
         Ok(body) => String::from_utf8_lossy(&body.to_bytes()).into_owned(),
         Err(_) => String::new(),
     };

@@ -183,7 +183,11 @@ pub fn check_artifact_name(name: &str) -> Result<(), String> {
     }
     for part in name.split('/') {
         match part {
-            "" => return Err(format!("artifact name `{name}` has an empty path component")),
+            "" => {
+                return Err(format!(
+                    "artifact name `{name}` has an empty path component"
+                ));
+            }
             "." | ".." => {
                 return Err(format!(
                     "artifact name `{name}` contains `{part}`; only plain path components are allowed"

@@ -172,8 +172,8 @@ pub(super) async fn run(
             };
         }
         let path = file.path.clone();
-        let hashed = tokio::task::spawn_blocking(move || nightshift_proto::transfer::hash_file(&path))
-            .await;
+        let hashed =
+            tokio::task::spawn_blocking(move || nightshift_proto::transfer::hash_file(&path)).await;
         let (size, sha256) = match hashed {
             Ok(Ok(hashed)) => hashed,
             Ok(Err(e)) => return context.fail(format!("artifact `{}`: {e}", file.name)),
@@ -195,13 +195,8 @@ pub(super) async fn run(
         }
         let mut attempt = 1;
         loop {
-            let sending = client.upload_artifact(
-                context.build_id,
-                &file.name,
-                &file.path,
-                size,
-                &sha256,
-            );
+            let sending =
+                client.upload_artifact(context.build_id, &file.name, &file.path, size, &sha256);
             let result = tokio::select! {
                 result = sending => result,
                 reason = wait_cancel(context.cancel) => {
@@ -276,7 +271,12 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let root = dir.path();
         fs_err::create_dir_all(root.join("dist/sub")).expect("mkdir");
-        for file in ["dist/a.tar.gz", "dist/b.tar.gz", "dist/notes.txt", "dist/sub/c.tar.gz"] {
+        for file in [
+            "dist/a.tar.gz",
+            "dist/b.tar.gz",
+            "dist/notes.txt",
+            "dist/sub/c.tar.gz",
+        ] {
             fs_err::write(root.join(file), file).expect("write");
         }
         let patterns = ["dist/*.tar.gz".to_owned(), "dist/**/c.tar.gz".to_owned()];
@@ -311,7 +311,9 @@ mod tests {
         let (found, warnings) = find(dir.path(), &["dist/*".to_owned()]).expect("found");
         assert_eq!(names(&found), ["dist/alias", "dist/ok"]);
         assert!(
-            warnings.iter().any(|w| w.contains("`dist/key`: it links outside")),
+            warnings
+                .iter()
+                .any(|w| w.contains("`dist/key`: it links outside")),
             "{warnings:?}"
         );
     }

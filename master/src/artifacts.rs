@@ -205,16 +205,6 @@ async fn receive(
                 format!("artifact `{name}`: send its size as Content-Length"),
             )
         })?;
-    let limits = state.config.get().artifacts;
-    if length > limits.max_file_bytes {
-        return Err(rejected(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            format!(
-                "artifact `{name}` is {length} bytes, over the master's max_artifact_bytes ({})",
-                limits.max_file_bytes
-            ),
-        ));
-    }
     let store = &state.artifacts.store;
     let (owner_name, owner_workers) = (name.to_owned(), workers.clone());
     let checked = store
@@ -225,6 +215,16 @@ async fn receive(
         Ok((_, others)) => others,
         Err(why) => return Err(refused(id, name, &workers, why)),
     };
+    let limits = state.config.get().artifacts;
+    if length > limits.max_file_bytes {
+        return Err(rejected(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "artifact `{name}` is {length} bytes, over the master's max_artifact_bytes ({})",
+                limits.max_file_bytes
+            ),
+        ));
+    }
     if others.saturating_add(length) > limits.max_build_bytes {
         return Err(rejected(
             StatusCode::PAYLOAD_TOO_LARGE,

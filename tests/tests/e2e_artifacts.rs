@@ -1,0 +1,234 @@
+//! End-to-end tests of build artifacts through the real binaries over TLS:
+//! a build's `dist/*.tar.gz` uploaded by its agent, listed by the API and
+//! the build page, downloaded by `master artifacts --get` with its checksum
+//! verified, still there after a master restart; an oversize artifact fails
+//! its build with the reason; uploads for another worker's build, oversize,
+//! with a wrong checksum or a path escape are refused by the master itself.
+
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use nightshift_proto::api::{ApiClient, BuildState};
+use nightshift_proto::wire::{ARTIFACT_SHA256_HEADER, Outcome, artifact_upload_path};
+use nightshift_tests::{DEADLINE, Farm, WorkerSpec, wait_for};
+use sha2::{Digest, Sha256};
+
+/// Max bytes per artifact file in these tests' master.toml.
+const MAX_FILE: u64 = 8192;
+
+fn sha256(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+fn master_toml() -> String {
+    format!(
+        "max_artifact_bytes = {MAX_FILE}\nmax_build_artifact_bytes = 20000\nartifact_retention = \"30d\"\n\
+         \n[[builder]]\nname = \"dist\"\nworkers = [\"w1\"]\nartifacts = [\"dist/*.tar.gz\", \"missing/*.zip\"]\n\
+         steps = [{{ name = \"pack\", command = \"rm -rf dist && mkdir -p dist/sub && printf 'hello artifact' > dist/x.tar.gz && head -c 3000 /dev/urandom > 'dist/y z.tar.gz' && echo no > dist/notes.txt\" }}]\n\
+         \n[[builder]]\nname = \"big\"\nworkers = [\"w1\"]\nartifacts = [\"dist/*.bin\"]\n\
+         steps = [{{ name = \"pack\", command = \"mkdir -p dist && head -c 10000 /dev/zero > dist/big.bin\" }}]\n\
+         \n[[builder]]\nname = \"slow\"\nworkers = [\"w2\"]\nartifacts = [\"out/*\"]\n\
+         steps = [{{ name = \"wait\", command = \"echo started; sleep 120\" }}]\n"
+    )
+}
+
+/// A client of the master's port presenting worker `name`'s token.
+fn as_worker(farm: &Farm, name: &str) -> anyhow::Result<ApiClient> {
+    let token = farm.worker_spec(name)?.token.clone();
+    Ok(ApiClient::new(farm.url(), token, Some(farm.tls_client()?))?)
+}
+
+/// A raw artifact upload; returns the status and body text.
+async fn put(
+    client: &ApiClient,
+    id: u64,
+    name: &str,
+    body: &[u8],
+    sha: &str,
+) -> anyhow::Result<(u16, String)> {
+    let request = client
+        .request("PUT", &artifact_upload_path(id, name))
+        .header("content-length", body.len())
+        .header(ARTIFACT_SHA256_HEADER, sha)
+        .body(Full::new(Bytes::copy_from_slice(body)))?;
+    let response = client.send(request).await?;
+    let status = response.status().as_u16();
+    let text = response.into_body().collect().await?.to_bytes();
+    Ok((status, String::from_utf8_lossy(&text).into_owned()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_leaves_verified_downloadable_artifacts_and_the_master_enforces_its_rules()
+-> anyhow::Result<()> {
+    let mut farm = Farm::builder()
+        .worker(WorkerSpec::new("w1"))
+        .worker(WorkerSpec::new("w2"))
+        .master_toml(&master_toml())
+        .start()
+        .await?;
+    farm.start_worker("w1")?;
+    farm.start_worker("w2")?;
+    farm.wait_worker_ready("w1").await?;
+    farm.wait_worker_ready("w2").await?;
+    let api = farm.api()?;
+
+    // A build's dist/*.tar.gz reach the master, checksummed.
+    let id = api.submit("dist", Default::default()).await?.build_id;
+    let build = farm.wait_build(id).await?;
+    let log = api.log(id).await?.log;
+    assert_eq!(
+        build.outcome,
+        Some(Outcome::Success),
+        "{build:?}\n{log}\nmaster log:\n{}\nworker log:\n{}",
+        farm.master_log(),
+        farm.worker_log("w1")
+    );
+    assert!(
+        log.contains("`missing/*.zip` matched no file"),
+        "a pattern matching nothing is a warning in the log: {log}"
+    );
+    assert_eq!(build.steps.len(), 2, "pack, then the artifacts step");
+    let dist = farm.worker_dir("w1").join("work/dist/dist");
+    let x = fs_err::read(dist.join("x.tar.gz"))?;
+    let y = fs_err::read(dist.join("y z.tar.gz"))?;
+    let names: Vec<(&str, u64, &str)> = build
+        .artifacts
+        .iter()
+        .map(|a| (a.name.as_str(), a.size, a.sha256.as_str()))
+        .collect();
+    assert_eq!(
+        names,
+        [
+            ("dist/x.tar.gz", x.len() as u64, sha256(&x).as_str()),
+            ("dist/y z.tar.gz", 3000, sha256(&y).as_str()),
+        ]
+    );
+    assert_eq!(api.artifacts(id).await?.artifacts, build.artifacts);
+    let stored = farm.data_dir().join(format!("artifacts/{id}/dist/x.tar.gz"));
+    assert_eq!(fs_err::read(&stored)?, x, "stored under data_dir/artifacts/<build>/");
+
+    // The CLI lists them and downloads one, verifying its checksum.
+    let (code, out, err) = farm.master_cli(&["artifacts", &id.to_string()])?;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("dist/x.tar.gz") && out.contains(&sha256(&x)),
+        "{out}"
+    );
+    let (code, out, err) = farm.master_cli(&["artifacts", &id.to_string(), "--json"])?;
+    assert_eq!(code, 0, "{out}{err}");
+    let listed: serde_json::Value = serde_json::from_str(&out)?;
+    assert_eq!(listed["artifacts"][1]["name"], "dist/y z.tar.gz", "{out}");
+    let target = farm.dir.path().join("got.tar.gz");
+    let target_arg = target.display().to_string();
+    let (code, out, err) = farm.master_cli(&[
+        "artifacts",
+        &id.to_string(),
+        "--get",
+        "dist/y z.tar.gz",
+        "-o",
+        &target_arg,
+    ])?;
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("verified") && out.contains(&sha256(&y)), "{out}");
+    assert_eq!(fs_err::read(&target)?, y);
+    let (code, out, err) = farm.master_cli(&["artifacts", &id.to_string(), "--get", "nope"])?;
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("no artifact `nope`") && err.contains("dist/x.tar.gz"), "{err}");
+
+    // The build page links them; the link serves the file with its headers.
+    let (status, page) = api.call_raw("GET", &format!("/builds/{id}"), None).await?;
+    assert_eq!(status, 200);
+    assert!(
+        page.contains(&format!("href=\"/builds/{id}/artifacts/dist/y%20z.tar.gz\"")),
+        "{page}"
+    );
+    let request = api
+        .request("GET", &format!("/builds/{id}/artifacts/dist/x.tar.gz"))
+        .body(http_body_util::Empty::<Bytes>::new())?;
+    let response = api.send(request).await?;
+    assert_eq!(response.status().as_u16(), 200);
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(header("content-length"), x.len().to_string());
+    assert_eq!(header("content-type"), "application/octet-stream");
+    assert_eq!(header(ARTIFACT_SHA256_HEADER), sha256(&x));
+    assert!(header("content-disposition").contains("filename=\"x.tar.gz\""));
+    assert_eq!(response.into_body().collect().await?.to_bytes(), x);
+
+    // An oversize artifact fails its build, with the reason.
+    let big = api.submit("big", Default::default()).await?.build_id;
+    let build = farm.wait_build(big).await?;
+    assert_eq!(build.outcome, Some(Outcome::Failure), "{build:?}");
+    let reason = build.reason.clone().unwrap_or_default();
+    assert!(
+        reason.contains("dist/big.bin") && reason.contains("max_artifact_bytes (8192)"),
+        "{reason}"
+    );
+    assert!(api.log(big).await?.log.contains("max_artifact_bytes"));
+    assert!(build.artifacts.is_empty());
+
+    // While w2 runs a build, the master itself judges uploads for it.
+    let slow = api.submit("slow", Default::default()).await?.build_id;
+    farm.wait_build_state(slow, "the slow build running", |b| {
+        b.state == BuildState::Running
+    })
+    .await?;
+    wait_for("the slow build's first output", DEADLINE, || {
+        let api = api.clone();
+        async move { Ok(api.log(slow).await?.log.contains("started").then_some(())) }
+    })
+    .await?;
+    let w1 = as_worker(&farm, "w1")?;
+    let w2 = as_worker(&farm, "w2")?;
+    let data = b"forged".as_slice();
+    let (status, text) = put(&w1, slow, "out/f", data, &sha256(data)).await?;
+    assert_eq!(status, 403, "another worker's build: {text}");
+    assert!(text.contains("not running on worker w1"), "{text}");
+    let (status, text) = put(&w1, id, "out/f", data, &sha256(data)).await?;
+    assert_eq!(status, 403, "a finished build: {text}");
+    let (status, text) = put(&w2, slow, "out/f", data, &sha256(b"other")).await?;
+    assert_eq!(status, 422, "{text}");
+    assert!(text.contains("checksum mismatch"), "{text}");
+    let oversize = vec![7u8; MAX_FILE as usize + 1];
+    let (status, text) = put(&w2, slow, "out/big", &oversize, &sha256(&oversize)).await?;
+    assert_eq!(status, 413, "{text}");
+    assert!(text.contains("max_artifact_bytes"), "{text}");
+    let (status, text) = put(&w2, slow, "../../escape", data, &sha256(data)).await?;
+    assert!(status == 400 || status == 404, "{status}: {text}");
+    let (status, text) = put(&w2, slow, "out/%2E%2E/x", data, &sha256(data)).await?;
+    assert_eq!(status, 400, "{text}");
+    assert!(text.contains("`..`"), "{text}");
+    let (status, text) = put(&w2, slow, "out/own", data, &sha256(data)).await?;
+    assert_eq!(status, 201, "its own running build: {text}");
+    assert!(
+        !farm.data_dir().join("escape").exists() && !farm.data_dir().join("artifacts/x").exists()
+    );
+    let (status, metrics) = api.call_raw("GET", "/metrics", None).await?;
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains(
+            "nightshift_master_refused_total{what=\"artifact\",reason=\"not_handed_to_it\"} 1"
+        ) && metrics.contains(
+            "nightshift_master_refused_total{what=\"artifact\",reason=\"unknown_or_finished\"} 1"
+        ),
+        "{metrics}"
+    );
+    api.cancel(slow, Some("done testing")).await?;
+    farm.wait_build(slow).await?;
+
+    // Restarted, the master still lists and serves them.
+    farm.stop_master().await?;
+    farm.start_master().await?;
+    let api = farm.api()?;
+    assert_eq!(api.artifacts(id).await?.artifacts.len(), 2);
+    let again = farm.dir.path().join("again.tar.gz");
+    let got = api.download_artifact(id, "dist/x.tar.gz", &again).await?;
+    assert_eq!((got.size, got.sha256), (x.len() as u64, sha256(&x)));
+    assert_eq!(fs_err::read(&again)?, x);
+    Ok(())
+}

@@ -1376,23 +1376,46 @@ steps = [{{ name = "make", command = "make", timeout = "5m", env = {{ CC = "cc" 
         let defaults = parse(&with("", "[]")).unwrap();
         assert_eq!(defaults.artifacts, ArtifactSettings::default());
         assert_eq!(
-            parse(&with("artifact_retention = 0", "[]")).unwrap().artifacts.retention,
+            parse(&with("artifact_retention = 0", "[]"))
+                .unwrap()
+                .artifacts
+                .retention,
             None
         );
 
         for (top, artifacts, key, words) in [
-            ("", r#"["/etc/passwd"]"#, "builder[0].artifacts[0]", "absolute"),
+            (
+                "",
+                r#"["/etc/passwd"]"#,
+                "builder[0].artifacts[0]",
+                "absolute",
+            ),
             ("", r#"["dist/../../x"]"#, "builder[0].artifacts[0]", "`..`"),
-            ("", r#"["ok", "[unclosed"]"#, "builder[0].artifacts[1]", "not a valid glob"),
+            (
+                "",
+                r#"["ok", "[unclosed"]"#,
+                "builder[0].artifacts[1]",
+                "not a valid glob",
+            ),
             ("", r#"[""]"#, "builder[0].artifacts[0]", "empty"),
-            ("max_artifact_bytes = 0", "[]", "max_artifact_bytes", "at least 1"),
+            (
+                "max_artifact_bytes = 0",
+                "[]",
+                "max_artifact_bytes",
+                "at least 1",
+            ),
             (
                 "max_artifact_bytes = 10\nmax_build_artifact_bytes = 5",
                 "[]",
                 "max_build_artifact_bytes",
                 "less than max_artifact_bytes",
             ),
-            ("artifact_retention = \"10s\"", "[]", "artifact_retention", "at least 1m"),
+            (
+                "artifact_retention = \"10s\"",
+                "[]",
+                "artifact_retention",
+                "at least 1m",
+            ),
         ] {
             let shown = parse(&with(top, artifacts)).unwrap_err().to_string();
             assert!(

@@ -12,8 +12,9 @@ use nightshift_proto::wire::{ARTIFACT_SHA256_HEADER, Outcome, artifact_upload_pa
 use nightshift_tests::{DEADLINE, Farm, WorkerSpec, wait_for};
 use sha2::{Digest, Sha256};
 
-/// Max bytes per artifact file in these tests' master.toml.
-const MAX_FILE: u64 = 8192;
+/// Max bytes per artifact file in these tests' master.toml: above axum's
+/// 2 MB default body limit, so streaming past it is exercised.
+const MAX_FILE: u64 = 3 << 20;
 
 fn sha256(bytes: &[u8]) -> String {
     hex::encode(Sha256::digest(bytes))
@@ -21,11 +22,11 @@ fn sha256(bytes: &[u8]) -> String {
 
 fn master_toml() -> String {
     format!(
-        "max_artifact_bytes = {MAX_FILE}\nmax_build_artifact_bytes = 20000\nartifact_retention = \"30d\"\n\
+        "max_artifact_bytes = {MAX_FILE}\nmax_build_artifact_bytes = 10000000\nartifact_retention = \"30d\"\n\
          \n[[builder]]\nname = \"dist\"\nworkers = [\"w1\"]\nartifacts = [\"dist/*.tar.gz\", \"missing/*.zip\"]\n\
-         steps = [{{ name = \"pack\", command = \"rm -rf dist && mkdir -p dist/sub && printf 'hello artifact' > dist/x.tar.gz && head -c 3000 /dev/urandom > 'dist/y z.tar.gz' && echo no > dist/notes.txt\" }}]\n\
+         steps = [{{ name = \"pack\", command = \"rm -rf dist && mkdir -p dist/sub && printf 'hello artifact' > dist/x.tar.gz && head -c 3000000 /dev/urandom > 'dist/y z.tar.gz' && echo no > dist/notes.txt\" }}]\n\
          \n[[builder]]\nname = \"big\"\nworkers = [\"w1\"]\nartifacts = [\"dist/*.bin\"]\n\
-         steps = [{{ name = \"pack\", command = \"mkdir -p dist && head -c 10000 /dev/zero > dist/big.bin\" }}]\n\
+         steps = [{{ name = \"pack\", command = \"mkdir -p dist && head -c 4000000 /dev/zero > dist/big.bin\" }}]\n\
          \n[[builder]]\nname = \"slow\"\nworkers = [\"w2\"]\nartifacts = [\"out/*\"]\n\
          steps = [{{ name = \"wait\", command = \"echo started; sleep 120\" }}]\n"
     )
@@ -99,12 +100,18 @@ async fn a_build_leaves_verified_downloadable_artifacts_and_the_master_enforces_
         names,
         [
             ("dist/x.tar.gz", x.len() as u64, sha256(&x).as_str()),
-            ("dist/y z.tar.gz", 3000, sha256(&y).as_str()),
+            ("dist/y z.tar.gz", 3_000_000, sha256(&y).as_str()),
         ]
     );
     assert_eq!(api.artifacts(id).await?.artifacts, build.artifacts);
-    let stored = farm.data_dir().join(format!("artifacts/{id}/dist/x.tar.gz"));
-    assert_eq!(fs_err::read(&stored)?, x, "stored under data_dir/artifacts/<build>/");
+    let stored = farm
+        .data_dir()
+        .join(format!("artifacts/{id}/dist/x.tar.gz"));
+    assert_eq!(
+        fs_err::read(&stored)?,
+        x,
+        "stored under data_dir/artifacts/<build>/"
+    );
 
     // The CLI lists them and downloads one, verifying its checksum.
     let (code, out, err) = farm.master_cli(&["artifacts", &id.to_string()])?;
@@ -128,17 +135,25 @@ async fn a_build_leaves_verified_downloadable_artifacts_and_the_master_enforces_
         &target_arg,
     ])?;
     assert_eq!(code, 0, "{out}{err}");
-    assert!(out.contains("verified") && out.contains(&sha256(&y)), "{out}");
+    assert!(
+        out.contains("verified") && out.contains(&sha256(&y)),
+        "{out}"
+    );
     assert_eq!(fs_err::read(&target)?, y);
     let (code, out, err) = farm.master_cli(&["artifacts", &id.to_string(), "--get", "nope"])?;
     assert_eq!(code, 1, "{out}{err}");
-    assert!(err.contains("no artifact `nope`") && err.contains("dist/x.tar.gz"), "{err}");
+    assert!(
+        err.contains("no artifact `nope`") && err.contains("dist/x.tar.gz"),
+        "{err}"
+    );
 
     // The build page links them; the link serves the file with its headers.
     let (status, page) = api.call_raw("GET", &format!("/builds/{id}"), None).await?;
     assert_eq!(status, 200);
     assert!(
-        page.contains(&format!("href=\"/builds/{id}/artifacts/dist/y%20z.tar.gz\"")),
+        page.contains(&format!(
+            "href=\"/builds/{id}/artifacts/dist/y%20z.tar.gz\""
+        )),
         "{page}"
     );
     let request = api
@@ -166,7 +181,8 @@ async fn a_build_leaves_verified_downloadable_artifacts_and_the_master_enforces_
     assert_eq!(build.outcome, Some(Outcome::Failure), "{build:?}");
     let reason = build.reason.clone().unwrap_or_default();
     assert!(
-        reason.contains("dist/big.bin") && reason.contains("max_artifact_bytes (8192)"),
+        reason.contains("dist/big.bin")
+            && reason.contains(&format!("max_artifact_bytes ({MAX_FILE})")),
         "{reason}"
     );
     assert!(api.log(big).await?.log.contains("max_artifact_bytes"));

@@ -413,7 +413,11 @@ impl Build {
         // cgroup and carries the same build marker.)
         let trees = self.trees.clone();
         let build_id = self.request.build_id;
-        let last_step = step_no as usize + 1 >= self.request.steps.len();
+        // The artifact upload step starts no process: the build's processes
+        // are all killed before it reads the files they made.
+        let last_step = self.request.steps[step_no as usize + 1..]
+            .iter()
+            .all(|later| later.upload.is_some());
         let killed = tokio::task::spawn_blocking(move || {
             if let Some(pgid) = pgid.filter(|pgid| *pgid > 1) {
                 let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), Signal::SIGKILL);

@@ -46,8 +46,18 @@ async fn put(
     body: &[u8],
     sha: &str,
 ) -> anyhow::Result<(u16, String)> {
+    put_to(client, &artifact_upload_path(id, name), body, sha).await
+}
+
+/// A raw upload to `path` as given (no encoding).
+async fn put_to(
+    client: &ApiClient,
+    path: &str,
+    body: &[u8],
+    sha: &str,
+) -> anyhow::Result<(u16, String)> {
     let request = client
-        .request("PUT", &artifact_upload_path(id, name))
+        .request("PUT", path)
         .header("content-length", body.len())
         .header(ARTIFACT_SHA256_HEADER, sha)
         .body(Full::new(Bytes::copy_from_slice(body)))?;
@@ -214,9 +224,10 @@ async fn a_build_leaves_verified_downloadable_artifacts_and_the_master_enforces_
     let (status, text) = put(&w2, slow, "out/big", &oversize, &sha256(&oversize)).await?;
     assert_eq!(status, 413, "{text}");
     assert!(text.contains("max_artifact_bytes"), "{text}");
-    let (status, text) = put(&w2, slow, "../../escape", data, &sha256(data)).await?;
+    let base = format!("/api/v1/agent/builds/{slow}/artifacts");
+    let (status, text) = put_to(&w2, &format!("{base}/../../escape"), data, &sha256(data)).await?;
     assert!(status == 400 || status == 404, "{status}: {text}");
-    let (status, text) = put(&w2, slow, "out/%2E%2E/x", data, &sha256(data)).await?;
+    let (status, text) = put_to(&w2, &format!("{base}/out/%2E%2E/x"), data, &sha256(data)).await?;
     assert_eq!(status, 400, "{text}");
     assert!(text.contains("`..`"), "{text}");
     let (status, text) = put(&w2, slow, "out/own", data, &sha256(data)).await?;

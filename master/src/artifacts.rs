@@ -556,53 +556,28 @@ async fn open(state: &AppState, id: &str, name: &str) -> Result<Response, Refusa
 }
 
 /// The retention timer: sleeps until the oldest artifact expires (or, with
-/// none, until one is stored or the config changes), deletes what expired,
-/// and sleeps again. Never woken by requests.
+/// none or no `artifact_retention`, until one is stored or the config
+/// changes), deletes what expired ([`sweep`]), and sleeps again. Never
+/// woken by requests.
 pub async fn retain(artifacts: Arc<Artifacts>, config: LiveConfig) {
     let mut changes = config.subscribe();
     loop {
         let retention = config.get().artifacts.retention;
+        let now = Timestamp::now();
         let due = match retention {
             None => None,
-            Some(retention) => {
-                let oldest = artifacts
-                    .store
-                    .call(|conn| {
-                        conn.prepare_cached("SELECT MIN(stored_at) FROM artifacts")?
-                            .query_row([], |r| r.get::<_, Option<i64>>(0))
-                    })
-                    .await;
-                match oldest {
-                    Ok(oldest) => oldest.map(|at| at.saturating_add(retention.as_secs() as i64)),
-                    Err(e) => {
-                        tracing::error!("artifacts: retention: {e:#}");
-                        return;
-                    }
-                }
-            }
-        };
-        let now = Timestamp::now().as_second();
-        if let (Some(due), Some(retention)) = (due, retention)
-            && due <= now
-        {
-            let before = now - retention.as_secs() as i64;
-            let expired = artifacts.store.call(move |conn| expire(conn, before)).await;
-            match expired {
-                Ok(rows) => {
-                    tracing::info!(
-                        "artifacts: {} expired (older than artifact_retention)",
-                        rows.len()
-                    );
-                    remove_files(&artifacts, rows).await;
-                }
+            Some(retention) => match sweep(&artifacts, retention, now).await {
+                Ok(due) => due,
                 Err(e) => {
                     tracing::error!("artifacts: retention: {e:#}");
                     return;
                 }
-            }
-            continue;
-        }
-        let sleep = due.map(|due| Duration::from_secs((due - now).max(1) as u64));
+            },
+        };
+        let sleep = due.map(|due| {
+            let secs = due.as_second().saturating_sub(now.as_second()).max(1);
+            Duration::from_secs(secs as u64)
+        });
         tokio::select! {
             () = async {
                 match sleep {
@@ -618,6 +593,42 @@ pub async fn retain(artifacts: Arc<Artifacts>, config: LiveConfig) {
             }
         }
     }
+}
+
+/// Deletes every artifact stored `retention` or longer before `now` (rows,
+/// files, emptied directories); answers when the next one expires.
+pub async fn sweep(
+    artifacts: &Artifacts,
+    retention: Duration,
+    now: Timestamp,
+) -> anyhow::Result<Option<Timestamp>> {
+    let keep = i64::try_from(retention.as_secs()).unwrap_or(i64::MAX);
+    let before = now.as_second().saturating_sub(keep);
+    loop {
+        let expired = artifacts
+            .store
+            .call(move |conn| expire(conn, before))
+            .await?;
+        let full = expired.len() as u64 >= u64::from(EXPIRE_BATCH);
+        if !expired.is_empty() {
+            tracing::info!(
+                "artifacts: {} expired (stored more than artifact_retention ago)",
+                expired.len()
+            );
+            remove_files(artifacts, expired).await;
+        }
+        if !full {
+            break;
+        }
+    }
+    let oldest = artifacts
+        .store
+        .call(|conn| {
+            conn.prepare_cached("SELECT MIN(stored_at) FROM artifacts")?
+                .query_row([], |r| r.get::<_, Option<i64>>(0))
+        })
+        .await?;
+    Ok(oldest.and_then(|at| Timestamp::from_second(at.saturating_add(keep)).ok()))
 }
 
 /// Deletes up to [`EXPIRE_BATCH`] rows stored before `before` (unix seconds).
@@ -754,6 +765,50 @@ mod tests {
         let expired = expire(&conn, 200).expect("expire");
         assert_eq!(expired, [(4, "a".to_owned()), (2, "a".to_owned())]);
         assert_eq!(list_rows(&conn, 3).expect("list").len(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_sweep_deletes_expired_files_and_says_when_the_next_expires() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("master.db")).expect("store");
+        let artifacts = Artifacts::new(dir.path(), store.clone()).expect("artifacts");
+        let t0 = Timestamp::from_second(1_800_000_000).expect("instant");
+        let day = Duration::from_secs(86400);
+        for (id, name, age_days) in [(1, "dist/a.tar.gz", 3), (1, "b", 3), (2, "c", 1)] {
+            let path = artifacts.path(id, name);
+            fs_err::create_dir_all(path.parent().expect("parent")).expect("mkdir");
+            fs_err::write(&path, name).expect("write");
+            let at = t0.as_second() - age_days * 86400;
+            store
+                .call(move |conn| {
+                    conn.execute(
+                        "INSERT INTO artifacts VALUES (?1, ?2, 1, 'x', ?3)",
+                        params![id as i64, name, at],
+                    )
+                })
+                .await
+                .expect("insert");
+        }
+        // Kept 7 days: nothing expires yet; the oldest goes in 4 days.
+        let due = sweep(&artifacts, 7 * day, t0).await.expect("sweep");
+        assert_eq!(due, Some(t0 + jiff::SignedDuration::from_hours(4 * 24)));
+        assert!(artifacts.path(1, "dist/a.tar.gz").exists());
+        // Kept 2 days: build 1's files go, directories with them; build 2's stay.
+        let due = sweep(&artifacts, 2 * day, t0).await.expect("sweep");
+        assert_eq!(due, Some(t0 + jiff::SignedDuration::from_hours(24)));
+        assert!(
+            !artifacts.root.join("1").exists(),
+            "build 1's directory is gone"
+        );
+        assert!(artifacts.path(2, "c").exists());
+        let left = store.call(|conn| list_rows(conn, 1)).await.expect("list");
+        assert!(left.is_empty());
+        // Past the last one: nothing left, nothing due.
+        let due = sweep(&artifacts, 2 * day, t0 + 2 * day)
+            .await
+            .expect("sweep");
+        assert_eq!(due, None);
+        assert!(!artifacts.path(2, "c").exists());
     }
 
     #[test]

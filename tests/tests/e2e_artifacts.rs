@@ -35,7 +35,7 @@ fn master_toml() -> String {
 /// A client of the master's port presenting worker `name`'s token.
 fn as_worker(farm: &Farm, name: &str) -> anyhow::Result<ApiClient> {
     let token = farm.worker_spec(name)?.token.clone();
-    Ok(ApiClient::new(farm.url(), token, Some(farm.tls_client()?))?)
+    ApiClient::new(farm.url(), token, Some(farm.tls_client()?))
 }
 
 /// A raw artifact upload; returns the status and body text.

@@ -537,6 +537,31 @@ impl Scheduler {
     }
 }
 
+/// The step a builder with `artifacts` ends with: the agent uploads the
+/// matching files (it runs only when every step before it succeeded).
+pub(crate) fn upload_step(
+    builder: &crate::config::BuilderDef,
+    settings: &crate::config::ArtifactSettings,
+) -> Option<StepSpec> {
+    (!builder.artifacts.is_empty()).then(|| StepSpec {
+        name: ARTIFACT_STEP.into(),
+        command: format!("upload artifacts {}", builder.artifacts.join(" ")),
+        timeout_secs: None,
+        env: BTreeMap::new(),
+        workdir: None,
+        needs_grant: false,
+        checkout: false,
+        upload: Some(nightshift_proto::wire::ArtifactUpload {
+            patterns: builder.artifacts.clone(),
+            max_file_bytes: settings.max_file_bytes,
+            max_build_bytes: settings.max_build_bytes,
+        }),
+    })
+}
+
+/// Name of the artifact upload step.
+pub(crate) const ARTIFACT_STEP: &str = "artifacts";
+
 #[cfg(test)]
 mod tests {
     use jiff::Timestamp;
@@ -688,28 +713,3 @@ mod tests {
         assert_eq!(started(&mut b), vec![id]);
     }
 }
-
-/// The step a builder with `artifacts` ends with: the agent uploads the
-/// matching files (it runs only when every step before it succeeded).
-pub(crate) fn upload_step(
-    builder: &crate::config::BuilderDef,
-    settings: &crate::config::ArtifactSettings,
-) -> Option<StepSpec> {
-    (!builder.artifacts.is_empty()).then(|| StepSpec {
-        name: ARTIFACT_STEP.into(),
-        command: format!("upload artifacts {}", builder.artifacts.join(" ")),
-        timeout_secs: None,
-        env: BTreeMap::new(),
-        workdir: None,
-        needs_grant: false,
-        checkout: false,
-        upload: Some(nightshift_proto::wire::ArtifactUpload {
-            patterns: builder.artifacts.clone(),
-            max_file_bytes: settings.max_file_bytes,
-            max_build_bytes: settings.max_build_bytes,
-        }),
-    })
-}
-
-/// Name of the artifact upload step.
-pub(crate) const ARTIFACT_STEP: &str = "artifacts";

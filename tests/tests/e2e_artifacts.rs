@@ -67,6 +67,39 @@ async fn put_to(
     Ok((status, String::from_utf8_lossy(&text).into_owned()))
 }
 
+/// Sends only the headers of an upload of `length` bytes (with `Expect:
+/// 100-continue`, as curl does for large bodies) and returns the whole
+/// answer: a cap refused from the headers never waits for the body.
+async fn headers_only_put(
+    farm: &Farm,
+    token: &str,
+    path: &str,
+    length: u64,
+) -> anyhow::Result<String> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let tcp = tokio::net::TcpStream::connect(("127.0.0.1", farm.url().port)).await?;
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1")?;
+    let mut tls = tokio_rustls::TlsConnector::from(farm.tls_client()?)
+        .connect(name, tcp)
+        .await?;
+    let request = format!(
+        "PUT {path} HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {token}\r\n\
+         Content-Length: {length}\r\n{ARTIFACT_SHA256_HEADER}: {}\r\nExpect: 100-continue\r\n\
+         Connection: close\r\n\r\n",
+        "0".repeat(64)
+    );
+    tls.write_all(request.as_bytes()).await?;
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(DEADLINE, tls.read_to_end(&mut answer)).await?;
+    // The master may close without a TLS close_notify once it has answered.
+    if let Err(e) = read
+        && answer.is_empty()
+    {
+        return Err(e.into());
+    }
+    Ok(String::from_utf8_lossy(&answer).into_owned())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_build_leaves_verified_downloadable_artifacts_and_the_master_enforces_its_rules()
 -> anyhow::Result<()> {
@@ -220,10 +253,12 @@ async fn a_build_leaves_verified_downloadable_artifacts_and_the_master_enforces_
     let (status, text) = put(&w2, slow, "out/f", data, &sha256(b"other")).await?;
     assert_eq!(status, 422, "{text}");
     assert!(text.contains("checksum mismatch"), "{text}");
-    let oversize = vec![7u8; MAX_FILE as usize + 1];
-    let (status, text) = put(&w2, slow, "out/big", &oversize, &sha256(&oversize)).await?;
-    assert_eq!(status, 413, "{text}");
-    assert!(text.contains("max_artifact_bytes"), "{text}");
+    // Refused from the headers alone: the body is never read.
+    let w2_token = farm.worker_spec("w2")?.token.clone();
+    let path = artifact_upload_path(slow, "out/big");
+    let answer = headers_only_put(&farm, &w2_token, &path, MAX_FILE + 1).await?;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(answer.contains("max_artifact_bytes"), "{answer}");
     let base = format!("/api/v1/agent/builds/{slow}/artifacts");
     let (status, text) = put_to(&w2, &format!("{base}/../../escape"), data, &sha256(data)).await?;
     assert!(status == 400 || status == 404, "{status}: {text}");

@@ -947,6 +947,47 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_builds_processes_are_gone_before_its_artifacts_are_read() {
+        let mut harness = Harness::new();
+        let upload = StepSpec {
+            upload: Some(nightshift_proto::wire::ArtifactUpload {
+                patterns: vec!["dist/*".into()],
+                max_file_bytes: 1 << 20,
+                max_build_bytes: 1 << 20,
+            }),
+            ..step("artifacts", "upload artifacts dist/*")
+        };
+        harness.start(
+            12,
+            vec![
+                step(
+                    "daemon",
+                    "setsid sh -c 'echo daemon=$$; exec sleep 300' & sleep 1",
+                ),
+                upload,
+            ],
+        );
+        let (events, result) = harness.finish().await;
+        // This harness has no master: the upload step fails, saying so.
+        assert_eq!(result.outcome, Outcome::Failure, "{}", result.log);
+        assert_eq!(result.steps.len(), 2, "{}", result.log);
+        assert!(
+            result.log.contains("no master to upload to"),
+            "{}",
+            result.log
+        );
+        let log = output_of(&events);
+        let pid: i32 = log
+            .lines()
+            .find_map(|line| line.strip_prefix("daemon=")?.trim().parse().ok())
+            .expect("the daemon's pid");
+        assert!(
+            wait_until_dead(pid).await,
+            "a daemon of the last real step outlived it: {log}"
+        );
+    }
+
+    #[tokio::test]
     async fn a_step_that_ignores_sigterm_is_killed_after_the_grace_period() {
         let mut harness = Harness::new();
         let stubborn = step(

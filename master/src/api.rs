@@ -50,6 +50,8 @@ pub struct AppState {
     pub agent_slots: Arc<crate::server::ConnectionGate>,
     /// What webhooks, polling and timed builds did.
     pub trigger_counters: Arc<crate::triggers::TriggerCounters>,
+    /// Dashboard logins.
+    pub sessions: Arc<crate::session::Sessions>,
 }
 
 /// An error response: status plus [`ApiError`] JSON.
@@ -485,7 +487,9 @@ fn page_of_workers(
     }
 }
 
-async fn set_paused(state: &AppState, paused: bool) -> Result<Json<PauseState>, Failure> {
+/// Pauses or resumes the farm (stored, then told to the scheduler): the
+/// API's and the dashboard's one way.
+pub async fn set_paused(state: &AppState, paused: bool) -> Result<Json<PauseState>, Failure> {
     state
         .store
         .set_paused(paused)

@@ -219,6 +219,8 @@ struct RawConfig {
     timezone: Option<String>,
     #[serde(default)]
     hook: Vec<RawHook>,
+    #[serde(default)]
+    dashboard: DashboardAccess,
 }
 
 #[derive(Debug, Deserialize)]
@@ -445,6 +447,28 @@ pub struct BuilderDef {
     pub collapse: bool,
 }
 
+/// Who may read the dashboard, build pages and live logs (`dashboard`).
+/// Actions (cancel, rebuild, pause/resume) need a login either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DashboardAccess {
+    /// Anyone who reaches the master's port.
+    Public,
+    /// Only a browser logged in with the admin token (the default: the
+    /// page shows owners' own words for their absences and build logs).
+    #[default]
+    Login,
+}
+
+impl DashboardAccess {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DashboardAccess::Public => "public",
+            DashboardAccess::Login => "login",
+        }
+    }
+}
+
 /// Which forge's push events a hook understands.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -497,6 +521,8 @@ pub struct MasterConfig {
     /// The zone timed builds' `schedule` is read in (`None`: the system's).
     pub timezone: Option<String>,
     pub hooks: Vec<HookDef>,
+    /// Who may read the dashboard (`dashboard = "public" | "login"`).
+    pub dashboard: DashboardAccess,
     /// `workers` by name and by token hash, so that looking one up costs the
     /// same with 10,000 workers as with 4 (built once by `parse`).
     pub index: WorkerIndex,
@@ -1043,6 +1069,7 @@ impl MasterConfig {
             locks,
             timezone: raw.timezone,
             hooks,
+            dashboard: raw.dashboard,
         };
         errors
             .into_result(config)

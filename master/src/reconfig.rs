@@ -286,6 +286,13 @@ pub fn check(old: &MasterConfig, new: &MasterConfig) -> Result<ReconfigPlan, Rec
             new.missing_timeout.as_secs()
         ));
     }
+    if old.dashboard != new.dashboard {
+        settings.push(format!(
+            "dashboard: {} -> {}",
+            old.dashboard.as_str(),
+            new.dashboard.as_str()
+        ));
+    }
     Ok(plan(
         (&workers(old), &workers(new)),
         (&builders(old), &builders(new)),

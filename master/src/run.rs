@@ -535,6 +535,7 @@ pub async fn run(
         agent_events,
         admin_token_sha256: admin_hash,
         next_conn: Arc::new(AtomicU64::new(1)),
+        sessions: Arc::default(),
     };
     // SIGHUP reloads master.toml, as `master reconfig` does.
     let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())

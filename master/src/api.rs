@@ -427,7 +427,15 @@ async fn metrics(State(state): State<AppState>) -> Result<Response, Failure> {
         .iter()
         .map(|b| b.name.clone())
         .collect();
-    let text = crate::metrics::METRICS.render(&live, &builders, &depths);
+    let mut text = crate::metrics::METRICS.render(&live, &builders, &depths);
+    let hooks: Vec<String> = state
+        .config
+        .get()
+        .hooks
+        .iter()
+        .map(|h| h.name.clone())
+        .collect();
+    state.trigger_counters.render_metrics(&mut text, &hooks);
     Ok((
         [(
             header::CONTENT_TYPE,

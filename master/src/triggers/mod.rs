@@ -405,6 +405,6 @@ mod tests {
         }
         let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
         let helps = text.lines().filter(|l| l.starts_with("# HELP ")).count();
-        assert_eq!((types, helps), (10, 10), "{text}");
+        assert_eq!((types, helps), (9, 9), "{text}");
     }
 }

@@ -115,8 +115,7 @@ pub async fn rebuild(
         Ok(build) => build,
         Err(why) => return fail(StatusCode::CONFLICT, why),
     };
-    match crate::triggers::queue_builds(&state.store, &state.events, vec![build], Vec::new())
-        .await
+    match crate::triggers::queue_builds(&state.store, &state.events, vec![build], Vec::new()).await
     {
         Ok(ids) => match ids.first() {
             Some(new) => {
@@ -353,11 +352,17 @@ mod tests {
         };
         let running = build_controls(&build(BuildState::Running), &session);
         assert!(running.contains("action=\"/builds/7/cancel\""), "{running}");
-        assert!(running.contains("name=\"csrf\" value=\"t0k&quot;en\""), "{running}");
+        assert!(
+            running.contains("name=\"csrf\" value=\"t0k&quot;en\""),
+            "{running}"
+        );
         assert!(!running.contains("rebuild"));
         assert!(running.contains("action=\"/logout\""));
         let finished = build_controls(&build(BuildState::Finished), &session);
-        assert!(finished.contains("action=\"/builds/7/rebuild\""), "{finished}");
+        assert!(
+            finished.contains("action=\"/builds/7/rebuild\""),
+            "{finished}"
+        );
         assert!(!finished.contains("/cancel"));
     }
 }

@@ -397,9 +397,8 @@ pub async fn run(
     listen: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<ExitStatus> {
     let (mut config, embedded) = resolve_config(config_path, true)?;
-    let trigger_clock = crate::triggers::clock_from_env(std::env::var_os(
-        crate::triggers::TEST_CLOCK_ENV,
-    ))?;
+    let trigger_clock =
+        crate::triggers::clock_from_env(std::env::var_os(crate::triggers::TEST_CLOCK_ENV))?;
     if let Some(listen) = listen {
         config.listen = listen;
     }

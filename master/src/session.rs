@@ -241,7 +241,10 @@ pub fn same_origin(headers: &HeaderMap, tls: bool) -> Result<(), String> {
     let text = |name: header::HeaderName| {
         headers
             .get(name)
-            .map(|v| v.to_str().map_err(|_| "a header that is not text".to_owned()))
+            .map(|v| {
+                v.to_str()
+                    .map_err(|_| "a header that is not text".to_owned())
+            })
             .transpose()
     };
     let host = text(header::HOST)?.ok_or("no Host header")?;
@@ -528,10 +531,7 @@ mod tests {
 
     #[test]
     fn cookies_are_found_among_several() {
-        let h = headers(&[
-            ("cookie", "a=1; nightshift_session=abc"),
-            ("cookie", "b=2"),
-        ]);
+        let h = headers(&[("cookie", "a=1; nightshift_session=abc"), ("cookie", "b=2")]);
         assert_eq!(cookie(&h, "nightshift_session"), Some("abc"));
         assert_eq!(cookie(&h, "b"), Some("2"));
         assert_eq!(cookie(&h, "c"), None);
@@ -551,16 +551,29 @@ mod tests {
 
     #[test]
     fn only_same_origin_forms_pass() {
-        let ok = headers(&[("host", "ci.example:8443"), ("origin", "https://ci.example:8443")]);
+        let ok = headers(&[
+            ("host", "ci.example:8443"),
+            ("origin", "https://ci.example:8443"),
+        ]);
         assert_eq!(same_origin(&ok, true), Ok(()));
         // The scheme counts.
-        assert!(same_origin(&ok, false).unwrap_err().contains("not this dashboard"));
-        let evil = headers(&[("host", "ci.example:8443"), ("origin", "https://evil.example")]);
+        assert!(
+            same_origin(&ok, false)
+                .unwrap_err()
+                .contains("not this dashboard")
+        );
+        let evil = headers(&[
+            ("host", "ci.example:8443"),
+            ("origin", "https://evil.example"),
+        ]);
         let why = same_origin(&evil, true).unwrap_err();
         assert!(why.contains("Origin `https://evil.example`"), "{why}");
         let null = headers(&[("host", "ci.example"), ("origin", "null")]);
         assert!(same_origin(&null, true).is_err());
-        let referer = headers(&[("host", "ci.example"), ("referer", "https://ci.example/builds/3")]);
+        let referer = headers(&[
+            ("host", "ci.example"),
+            ("referer", "https://ci.example/builds/3"),
+        ]);
         assert_eq!(same_origin(&referer, true), Ok(()));
         let lookalike = headers(&[
             ("host", "ci.example"),
@@ -568,14 +581,26 @@ mod tests {
         ]);
         assert!(same_origin(&lookalike, true).is_err());
         let neither = headers(&[("host", "ci.example")]);
-        assert!(same_origin(&neither, true).unwrap_err().contains("no Origin or Referer"));
+        assert!(
+            same_origin(&neither, true)
+                .unwrap_err()
+                .contains("no Origin or Referer")
+        );
         let cross_site = headers(&[
             ("host", "ci.example"),
             ("origin", "https://ci.example"),
             ("sec-fetch-site", "cross-site"),
         ]);
-        assert!(same_origin(&cross_site, true).unwrap_err().contains("Sec-Fetch-Site"));
-        assert!(same_origin(&headers(&[]), true).unwrap_err().contains("no Host"));
+        assert!(
+            same_origin(&cross_site, true)
+                .unwrap_err()
+                .contains("Sec-Fetch-Site")
+        );
+        assert!(
+            same_origin(&headers(&[]), true)
+                .unwrap_err()
+                .contains("no Host")
+        );
     }
 
     #[test]

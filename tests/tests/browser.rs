@@ -546,7 +546,9 @@ async fn build_page_login_live_log_and_cancel() -> anyhow::Result<()> {
     })
     .await
     .context("loading the page")??;
-    let at = browser.evaluate("location.pathname + location.search").await?;
+    let at = browser
+        .evaluate("location.pathname + location.search")
+        .await?;
     assert_eq!(
         at,
         Value::String(format!("/login?next=/builds/{id}")),
@@ -604,7 +606,12 @@ async fn build_page_login_live_log_and_cancel() -> anyhow::Result<()> {
             ms,
         ))
         .await
-        .with_context(|| format!("the live line never arrived; worker log:\n{}", farm.worker_log("w1")))?;
+        .with_context(|| {
+            format!(
+                "the live line never arrived; worker log:\n{}",
+                farm.worker_log("w1")
+            )
+        })?;
     assert_eq!(
         browser.evaluate("window.__sameDocument === true").await?,
         Value::Bool(true),
@@ -635,7 +642,10 @@ async fn build_page_login_live_log_and_cancel() -> anyhow::Result<()> {
     let shown = browser.evaluate("document.body.innerText").await?;
     let shown = shown.as_str().unwrap_or_default();
     assert!(shown.contains("cancelled from the dashboard"), "{shown}");
-    assert!(shown.contains("Rebuild"), "a finished build offers a rebuild: {shown}");
+    assert!(
+        shown.contains("Rebuild"),
+        "a finished build offers a rebuild: {shown}"
+    );
     let build = api.build(id).await?;
     assert_eq!(build.outcome, Some(Outcome::Cancelled), "{build:?}");
 

@@ -109,8 +109,7 @@ fn form_value(text: &str) -> String {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn login_then_cancel_rebuild_pause_and_every_forged_post_is_refused() -> anyhow::Result<()>
-{
+async fn login_then_cancel_rebuild_pause_and_every_forged_post_is_refused() -> anyhow::Result<()> {
     // No worker connects: the build stays queued until it is cancelled.
     let farm = Farm::builder()
         .insecure()
@@ -190,21 +189,35 @@ async fn login_then_cancel_rebuild_pause_and_every_forged_post_is_refused() -> a
     let page = http(port, "GET", "/", &[("Cookie", &cookie)], "")?;
     assert_eq!(page.status, 200, "{page:?}");
     let csrf = csrf_of(&page.body)?;
-    assert!(page.body.contains("action=\"/farm/pause\""), "{}", page.body);
+    assert!(
+        page.body.contains("action=\"/farm/pause\""),
+        "{}",
+        page.body
+    );
     assert!(
         page.body
             .contains(&format!("action=\"/builds/{id}/cancel\"")),
         "{}",
         page.body
     );
-    let build_page = http(port, "GET", &format!("/builds/{id}"), &[("Cookie", &cookie)], "")?;
+    let build_page = http(
+        port,
+        "GET",
+        &format!("/builds/{id}"),
+        &[("Cookie", &cookie)],
+        "",
+    )?;
     assert_eq!(csrf_of(&build_page.body)?, csrf, "one token per session");
 
     // Forged cancels: each refused with its reason, the build untouched.
     let cancel = format!("/builds/{id}/cancel");
     let good_form = format!("csrf={csrf}");
     for (headers, form, reason) in [
-        (vec![("Origin", origin.as_str())], good_form.clone(), "no session"),
+        (
+            vec![("Origin", origin.as_str())],
+            good_form.clone(),
+            "no session",
+        ),
         (
             vec![("Origin", origin.as_str()), ("Cookie", cookie.as_str())],
             "csrf=0000".to_owned(),
@@ -216,7 +229,10 @@ async fn login_then_cancel_rebuild_pause_and_every_forged_post_is_refused() -> a
             "no CSRF token",
         ),
         (
-            vec![("Origin", "http://evil.example"), ("Cookie", cookie.as_str())],
+            vec![
+                ("Origin", "http://evil.example"),
+                ("Cookie", cookie.as_str()),
+            ],
             good_form.clone(),
             "cross-origin",
         ),
@@ -255,28 +271,39 @@ async fn login_then_cancel_rebuild_pause_and_every_forged_post_is_refused() -> a
     let answer = http(port, "GET", &cancel, &[("Cookie", &cookie)], "")?;
     assert_eq!(answer.status, 405, "{answer:?}");
     let build = api.build(id).await?;
-    assert_eq!(build.state, BuildState::Queued, "nothing changed: {build:?}");
+    assert_eq!(
+        build.state,
+        BuildState::Queued,
+        "nothing changed: {build:?}"
+    );
 
     // Forged pauses change nothing either.
     for headers in [
         vec![("Origin", origin.as_str())],
-        vec![("Origin", "http://evil.example"), ("Cookie", cookie.as_str())],
+        vec![
+            ("Origin", "http://evil.example"),
+            ("Cookie", cookie.as_str()),
+        ],
     ] {
         let answer = http(port, "POST", "/farm/pause", &headers, &good_form)?;
         assert_eq!(answer.status, 403, "{answer:?}");
     }
-    assert!(!api.workers().await?.paused, "a forged pause paused the farm");
+    assert!(
+        !api.workers().await?.paused,
+        "a forged pause paused the farm"
+    );
 
     // The real forms work, through the scheduler's own paths.
     let session = [("Origin", origin.as_str()), ("Cookie", cookie.as_str())];
     let answer = http(port, "POST", "/farm/pause", &session, &good_form)?;
-    assert_eq!(
-        (answer.status, answer.header("location")),
-        (303, Some("/"))
-    );
+    assert_eq!((answer.status, answer.header("location")), (303, Some("/")));
     assert!(api.workers().await?.paused);
     let page = http(port, "GET", "/", &[("Cookie", &cookie)], "")?;
-    assert!(page.body.contains("action=\"/farm/resume\""), "{}", page.body);
+    assert!(
+        page.body.contains("action=\"/farm/resume\""),
+        "{}",
+        page.body
+    );
     let answer = http(port, "POST", "/farm/resume", &session, &good_form)?;
     assert_eq!(answer.status, 303, "{answer:?}");
     assert!(!api.workers().await?.paused);
@@ -289,7 +316,10 @@ async fn login_then_cancel_rebuild_pause_and_every_forged_post_is_refused() -> a
     );
     let build = farm.wait_build(id).await?;
     assert_eq!(build.outcome, Some(Outcome::Cancelled), "{build:?}");
-    assert_eq!(build.reason.as_deref(), Some("cancelled from the dashboard"));
+    assert_eq!(
+        build.reason.as_deref(),
+        Some("cancelled from the dashboard")
+    );
     // Cancelling it again is a clear conflict.
     let answer = http(port, "POST", &cancel, &session, &good_form)?;
     assert_eq!(answer.status, 409, "{answer:?}");
@@ -329,7 +359,10 @@ async fn login_then_cancel_rebuild_pause_and_every_forged_post_is_refused() -> a
         "{answer:?}"
     );
     let answer = http(port, "GET", "/", &[("Cookie", &cookie)], "")?;
-    assert_eq!(answer.status, 303, "the old cookie is no session: {answer:?}");
+    assert_eq!(
+        answer.status, 303,
+        "the old cookie is no session: {answer:?}"
+    );
     let answer = http(
         port,
         "POST",
@@ -343,8 +376,7 @@ async fn login_then_cancel_rebuild_pause_and_every_forged_post_is_refused() -> a
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_public_dashboard_is_readable_but_its_actions_still_need_a_login() -> anyhow::Result<()>
-{
+async fn a_public_dashboard_is_readable_but_its_actions_still_need_a_login() -> anyhow::Result<()> {
     let farm = Farm::builder()
         .insecure()
         .master_toml("dashboard = \"public\"")
@@ -359,7 +391,11 @@ async fn a_public_dashboard_is_readable_but_its_actions_still_need_a_login() -> 
 
     let page = http(port, "GET", "/", &[], "")?;
     assert_eq!(page.status, 200, "{page:?}");
-    assert!(page.body.contains("href=\"/login?next=/\""), "{}", page.body);
+    assert!(
+        page.body.contains("href=\"/login?next=/\""),
+        "{}",
+        page.body
+    );
     assert!(!page.body.contains("<form"), "no actions without a login");
     let build_page = http(port, "GET", &format!("/builds/{id}"), &[], "")?;
     assert_eq!(build_page.status, 200);

@@ -47,7 +47,10 @@ async fn a_nightly_fires_at_its_instant_in_berlin_across_the_spring_forward_gap(
         log.contains("schedule of builder nightly fires (2026-03-29T01:00:00Z)"),
         "{log}"
     );
-    assert!(log.contains("NIGHTSHIFT_TEST_TRIGGER_CLOCK is set"), "{log}");
+    assert!(
+        log.contains("NIGHTSHIFT_TEST_TRIGGER_CLOCK is set"),
+        "{log}"
+    );
     let done = farm.wait_build(build.id).await?;
     assert_eq!(done.state, BuildState::Finished);
     assert_eq!(

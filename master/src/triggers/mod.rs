@@ -375,7 +375,11 @@ mod tests {
         let real = clock_from_env(None).unwrap().now();
         assert!(real.duration_since(jiff::Timestamp::now()).abs().as_secs() < 60);
         let bad = clock_from_env(Some("tomorrow".into())).err().unwrap();
-        assert!(bad.to_string().contains("NIGHTSHIFT_TEST_TRIGGER_CLOCK=`tomorrow`"), "{bad}");
+        assert!(
+            bad.to_string()
+                .contains("NIGHTSHIFT_TEST_TRIGGER_CLOCK=`tomorrow`"),
+            "{bad}"
+        );
     }
 
     #[test]
@@ -401,7 +405,10 @@ mod tests {
             "nightshift_master_triggered_builds_total{trigger=\"webhook\"} 2",
             "nightshift_master_triggered_builds_total{trigger=\"schedule\"} 0",
         ] {
-            assert!(text.lines().any(|l| l == line), "missing {line:?} in\n{text}");
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
         }
         let types = text.lines().filter(|l| l.starts_with("# TYPE ")).count();
         let helps = text.lines().filter(|l| l.starts_with("# HELP ")).count();

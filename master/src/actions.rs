@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 use crate::api::AppState;
 use crate::dashboard::esc;
 use crate::scheduler::Event;
-use crate::session::{CsrfForm, Viewer, authorize_form};
+use crate::session::{CsrfForm, Refusal, Viewer, authorize_form};
 use crate::store::NewBuild;
 
 fn redirect(to: &str) -> Response {
@@ -31,17 +31,12 @@ fn redirect(to: &str) -> Response {
 }
 
 fn fail(status: StatusCode, why: String) -> Response {
-    (
-        status,
-        [(header::CACHE_CONTROL, "no-store")],
-        format!("{why}\n"),
-    )
-        .into_response()
+    Refusal::new(status, why).into_response()
 }
 
-fn parse_id(text: &str) -> Result<BuildId, Response> {
+fn parse_id(text: &str) -> Result<BuildId, Refusal> {
     text.parse().map_err(|_| {
-        fail(
+        Refusal::new(
             StatusCode::BAD_REQUEST,
             format!("bad build id `{text}`: expected a number"),
         )
@@ -53,7 +48,7 @@ fn authorize(
     state: &AppState,
     headers: &HeaderMap,
     form: Result<Form<CsrfForm>, FormRejection>,
-) -> Result<(), Response> {
+) -> Result<(), Refusal> {
     let csrf = form.ok().and_then(|Form(f)| f.csrf);
     authorize_form(state, headers, csrf.as_deref()).map(|_| ())
 }
@@ -66,11 +61,11 @@ pub async fn cancel(
     form: Result<Form<CsrfForm>, FormRejection>,
 ) -> Response {
     if let Err(refused) = authorize(&state, &headers, form) {
-        return refused;
+        return refused.into_response();
     }
     let id = match parse_id(&id) {
         Ok(id) => id,
-        Err(bad) => return bad,
+        Err(bad) => return bad.into_response(),
     };
     let (reply, answer) = oneshot::channel();
     let reason = "cancelled from the dashboard".to_owned();
@@ -100,11 +95,11 @@ pub async fn rebuild(
     form: Result<Form<CsrfForm>, FormRejection>,
 ) -> Response {
     if let Err(refused) = authorize(&state, &headers, form) {
-        return refused;
+        return refused.into_response();
     }
     let id = match parse_id(&id) {
         Ok(id) => id,
-        Err(bad) => return bad,
+        Err(bad) => return bad.into_response(),
     };
     let old = match state.store.get_build(id).await {
         Ok(Some(build)) => build,
@@ -171,7 +166,7 @@ async fn set_paused(
     paused: bool,
 ) -> Response {
     if let Err(refused) = authorize(&state, &headers, form) {
-        return refused;
+        return refused.into_response();
     }
     match crate::api::set_paused(&state, paused).await {
         Ok(_) => {

@@ -287,15 +287,37 @@ pub fn same_origin(headers: &HeaderMap, tls: bool) -> Result<(), String> {
     }
 }
 
+/// A form post that did nothing: its status and the reason, sent as text.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: StatusCode,
+    pub why: String,
+}
+
+impl Refusal {
+    pub fn new(status: StatusCode, why: impl Into<String>) -> Refusal {
+        Refusal {
+            status,
+            why: why.into(),
+        }
+    }
+}
+
+impl IntoResponse for Refusal {
+    fn into_response(self) -> Response {
+        let text = if self.status == StatusCode::FORBIDDEN {
+            tracing::warn!("dashboard: refused: {}", self.why);
+            format!("refused: {}\n", self.why)
+        } else {
+            format!("{}\n", self.why)
+        };
+        (self.status, [(header::CACHE_CONTROL, "no-store")], text).into_response()
+    }
+}
+
 /// A refused action or login: 403 with the reason.
-pub fn forbidden(why: &str) -> Response {
-    tracing::warn!("dashboard: refused: {why}");
-    (
-        StatusCode::FORBIDDEN,
-        [(header::CACHE_CONTROL, "no-store")],
-        format!("refused: {why}\n"),
-    )
-        .into_response()
+pub fn forbidden(why: &str) -> Refusal {
+    Refusal::new(StatusCode::FORBIDDEN, why)
 }
 
 /// The session behind a form post, checked in full: same origin, a live
@@ -305,7 +327,7 @@ pub fn authorize_form(
     state: &AppState,
     headers: &HeaderMap,
     form_csrf: Option<&str>,
-) -> Result<String, Response> {
+) -> Result<String, Refusal> {
     same_origin(headers, tls_on(state)).map_err(|why| forbidden(&why))?;
     let Some((id, csrf)) = session_of(state, headers) else {
         return Err(forbidden(
@@ -400,7 +422,7 @@ pub async fn login(
 ) -> Response {
     let tls = tls_on(&state);
     if let Err(why) = same_origin(&headers, tls) {
-        return forbidden(&why);
+        return forbidden(&why).into_response();
     }
     let access = state.config.get().dashboard;
     let Ok(Form(form)) = form else {
@@ -462,7 +484,7 @@ pub async fn logout(
     let csrf = form.ok().and_then(|Form(f)| f.csrf);
     let id = match authorize_form(&state, &headers, csrf.as_deref()) {
         Ok(id) => id,
-        Err(refused) => return refused,
+        Err(refused) => return refused.into_response(),
     };
     state.sessions.remove(&id);
     let tls = tls_on(&state);

@@ -436,6 +436,17 @@ steps = [{ name = "s", command = "true" }]
     }
 
     #[test]
+    fn the_dashboard_setting_changes_live() {
+        let old = config(BASE);
+        let new = config(&BASE.replace(
+            "data_dir = \"data\"",
+            "data_dir = \"data\"\ndashboard = \"public\"",
+        ));
+        let plan = check(&old, &new).unwrap();
+        assert_eq!(plan.settings, vec!["dashboard: login -> public"]);
+    }
+
+    #[test]
     fn check_refuses_restart_only_settings() {
         let old = config(BASE);
         let new = config(

@@ -570,7 +570,18 @@ pub async fn run(
         .replacen("https://", "wss://", 1)
         .replacen("http://", "ws://", 1);
     println!("nightshift master ready on {url}");
-    println!("  dashboard:  {url}/");
+    match (config.dashboard, &config.admin_token_sha256) {
+        (crate::config::DashboardAccess::Public, _) => {
+            println!("  dashboard:  {url}/  (public; actions need a login)")
+        }
+        (crate::config::DashboardAccess::Login, None) => println!(
+            "  dashboard:  {url}/  (log in with the admin token in {})",
+            data_dir.join(ADMIN_TOKEN_FILE).display()
+        ),
+        (crate::config::DashboardAccess::Login, Some(_)) => {
+            println!("  dashboard:  {url}/  (log in with the admin token)")
+        }
+    }
     println!(
         "  config:     {}",
         if embedded {

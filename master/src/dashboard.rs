@@ -1,8 +1,10 @@
-//! A small read-only HTML page at `/` for the farm's admin: every worker's
-//! state and why (with latent instances), and the latest builds, in the
-//! master's local time. Server-rendered, no scripts, no external assets; it
-//! refreshes itself every 10 s with a meta refresh. Each build links to its
-//! page (`build_page`, with the log); build properties are never shown.
+//! A small HTML page at `/` for the farm's admin: every worker's state and
+//! why (with latent instances), and the latest builds, in the master's local
+//! time. Server-rendered, no scripts, no external assets; it refreshes itself
+//! every 10 s with a meta refresh. Each build links to its page
+//! (`build_page`, with the log); build properties are never shown. A
+//! logged-in viewer also gets the `actions` forms (pause/resume, cancel,
+//! rebuild).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -776,6 +778,62 @@ mod tests {
         assert!(html.contains("<span class=\"outcome success\">success</span>"));
         assert!(text.contains("cancelled by the admin"));
         assert!(!html.contains("hunter2"), "build properties must not show");
+    }
+
+    #[test]
+    fn a_session_gets_forms_with_its_csrf_token_and_nobody_else_does() {
+        let now = at("2026-11-23T13:30:00Z");
+        let mut workers = WorkerList {
+            paused: false,
+            workers: Vec::new(),
+        };
+        let mut done = build(6, BuildState::Finished);
+        done.outcome = Some(Outcome::Success);
+        let builds = vec![build(7, BuildState::Queued), done];
+        let session = Viewer {
+            authenticated: true,
+            csrf: Some("c5rf".to_owned()),
+        };
+        let html = render(
+            &workers,
+            &builds,
+            BuildCounts::default(),
+            &session,
+            now,
+            &TimeZone::UTC,
+        );
+        assert!(html.contains("action=\"/farm/pause\""), "{html}");
+        assert!(html.contains("action=\"/builds/7/cancel\""), "{html}");
+        assert!(html.contains("action=\"/builds/6/rebuild\""), "{html}");
+        assert!(!html.contains("/builds/6/cancel"), "{html}");
+        assert!(html.contains("action=\"/logout\""), "{html}");
+        assert_eq!(
+            html.matches("name=\"csrf\" value=\"c5rf\"").count(),
+            html.matches("<form").count(),
+            "every form carries the token"
+        );
+        workers.paused = true;
+        let paused = render(
+            &workers,
+            &builds,
+            BuildCounts::default(),
+            &session,
+            now,
+            &TimeZone::UTC,
+        );
+        assert!(paused.contains("action=\"/farm/resume\""), "{paused}");
+        assert!(!paused.contains("/farm/pause"), "{paused}");
+
+        let anonymous = render(
+            &workers,
+            &builds,
+            BuildCounts::default(),
+            &Viewer::default(),
+            now,
+            &TimeZone::UTC,
+        );
+        assert!(!anonymous.contains("<form"), "{anonymous}");
+        assert!(anonymous.contains("href=\"/login?next=/\""), "{anonymous}");
     }
 
     #[test]

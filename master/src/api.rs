@@ -93,14 +93,21 @@ pub fn bearer(headers: &HeaderMap) -> Option<String> {
     (!token.is_empty()).then(|| token.to_owned())
 }
 
+/// Whether `token` is the admin token (compared by hash, in constant time).
+pub fn is_admin_token(state: &AppState, token: &str) -> bool {
+    constant_time_eq(
+        token_sha256(token).as_bytes(),
+        state.admin_token_sha256.as_bytes(),
+    )
+}
+
+/// Whether the request carries the admin token as its bearer token.
+pub fn is_admin(state: &AppState, headers: &HeaderMap) -> bool {
+    bearer(headers).is_some_and(|token| is_admin_token(state, &token))
+}
+
 async fn require_admin(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let authorized = bearer(request.headers()).is_some_and(|token| {
-        constant_time_eq(
-            token_sha256(&token).as_bytes(),
-            state.admin_token_sha256.as_bytes(),
-        )
-    });
-    if !authorized {
+    if !is_admin(&state, request.headers()) {
         return Failure(
             StatusCode::UNAUTHORIZED,
             "missing or wrong admin token (Authorization: Bearer <token>)".into(),

@@ -18,7 +18,7 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::{Extension, Form};
 use serde::Deserialize;
 
-use crate::api::{AppState, bearer, constant_time_eq, token_sha256};
+use crate::api::{AppState, constant_time_eq, is_admin, is_admin_token, token_sha256};
 use crate::config::{DashboardAccess, TlsMode};
 use crate::dashboard::{STYLE, esc};
 
@@ -156,15 +156,6 @@ fn session_of(state: &AppState, headers: &HeaderMap) -> Option<(String, String)>
     Some((id.to_owned(), csrf))
 }
 
-fn admin_bearer(state: &AppState, headers: &HeaderMap) -> bool {
-    bearer(headers).is_some_and(|token| {
-        constant_time_eq(
-            token_sha256(&token).as_bytes(),
-            state.admin_token_sha256.as_bytes(),
-        )
-    })
-}
-
 /// Whether `next` is a path on this site (not `//host`, not a URL), so a
 /// login link cannot send the browser elsewhere.
 pub fn local_path(next: &str) -> Option<&str> {
@@ -209,7 +200,7 @@ pub async fn gate(State(state): State<AppState>, mut request: Request, next: Nex
             csrf: Some(csrf),
         },
         None => Viewer {
-            authenticated: admin_bearer(&state, request.headers()),
+            authenticated: is_admin(&state, request.headers()),
             csrf: None,
         },
     };
@@ -435,10 +426,7 @@ pub async fn login(
     };
     let next = local_path(&form.next).unwrap_or("/").to_owned();
     let token = form.token.trim();
-    if !constant_time_eq(
-        token_sha256(token).as_bytes(),
-        state.admin_token_sha256.as_bytes(),
-    ) {
+    if !is_admin_token(&state, token) {
         tracing::warn!("dashboard: a login with a wrong admin token");
         return login_html(
             StatusCode::FORBIDDEN,

@@ -397,8 +397,8 @@ pub async fn run(
     listen: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<ExitStatus> {
     let (mut config, embedded) = resolve_config(config_path, true)?;
-    let trigger_clock =
-        crate::triggers::clock_from_env(std::env::var_os(crate::triggers::TEST_CLOCK_ENV))?;
+    let test_clock =
+        crate::triggers::test_clock_start(std::env::var_os(crate::triggers::TEST_CLOCK_ENV))?;
     if let Some(listen) = listen {
         config.listen = listen;
     }
@@ -561,7 +561,7 @@ pub async fn run(
             events: state.events.clone(),
             counters: trigger_counters,
         },
-        trigger_clock,
+        crate::triggers::trigger_clock(test_clock),
     );
     let router = crate::server::router(state);
 

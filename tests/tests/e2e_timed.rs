@@ -9,8 +9,8 @@ use nightshift_proto::api::BuildState;
 use nightshift_proto::wire::Outcome;
 use nightshift_tests::{DEADLINE, Farm, WorkerSpec, wait_for};
 
-/// 10 s before 2026-03-29 03:00 CEST (01:00 UTC).
-const CLOCK_START: &str = "2026-03-29T00:59:50Z";
+/// 15 s before 2026-03-29 03:00 CEST (01:00 UTC), when the triggers start.
+const CLOCK_START: &str = "2026-03-29T00:59:45Z";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_nightly_fires_at_its_instant_in_berlin_across_the_spring_forward_gap()

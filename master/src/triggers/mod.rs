@@ -330,28 +330,37 @@ impl crate::scheduler::Clock for OffsetClock {
     }
 }
 
-/// The triggers' clock: the real one, or (with [`TEST_CLOCK_ENV`] set) one
-/// that reads `value` now. A value that is not an instant is an error that
-/// names the variable.
-pub fn clock_from_env(
+/// The instant [`TEST_CLOCK_ENV`] names, if it is set (read once, at
+/// start, before anything binds). A value that is not an instant is an
+/// error that names the variable.
+pub fn test_clock_start(
     value: Option<std::ffi::OsString>,
-) -> anyhow::Result<Arc<dyn crate::scheduler::Clock>> {
+) -> anyhow::Result<Option<jiff::Timestamp>> {
     let Some(value) = value else {
-        return Ok(Arc::new(crate::scheduler::SystemClock));
+        return Ok(None);
     };
     let text = value.to_string_lossy();
-    let start: jiff::Timestamp = text.trim().parse().map_err(|e| {
+    let start = text.trim().parse().map_err(|e| {
         anyhow::anyhow!(
             "{TEST_CLOCK_ENV}=`{text}`: not an instant like `2026-03-29T00:59:50Z` ({e}); \
              unset it to use the real clock"
         )
     })?;
+    Ok(Some(start))
+}
+
+/// The triggers' clock: the real one, or one that reads `start` now (made
+/// right before the triggers start, so a slow start costs the test nothing).
+pub fn trigger_clock(start: Option<jiff::Timestamp>) -> Arc<dyn crate::scheduler::Clock> {
+    let Some(start) = start else {
+        return Arc::new(crate::scheduler::SystemClock);
+    };
     let offset = jiff::Timestamp::now().duration_until(start);
     tracing::warn!(
         "{TEST_CLOCK_ENV} is set: timed builds run by a clock that reads {start} now \
          (a test hook; the rest of the master keeps the real time)"
     );
-    Ok(Arc::new(OffsetClock { offset }))
+    Arc::new(OffsetClock { offset })
 }
 
 /// Starts the polling and timed-build tasks.
@@ -368,13 +377,15 @@ mod tests {
 
     #[test]
     fn the_test_clock_reads_the_instant_it_was_given_and_advances() {
-        let clock = clock_from_env(Some("2026-03-29T00:59:50Z".into())).unwrap();
+        let start = test_clock_start(Some("2026-03-29T00:59:50Z".into())).unwrap();
+        let clock = trigger_clock(start);
         let read = clock.now();
         let start: jiff::Timestamp = "2026-03-29T00:59:50Z".parse().unwrap();
         assert!(read >= start && read < start + jiff::SignedDuration::from_secs(60));
-        let real = clock_from_env(None).unwrap().now();
+        assert_eq!(test_clock_start(None).unwrap(), None);
+        let real = trigger_clock(None).now();
         assert!(real.duration_since(jiff::Timestamp::now()).abs().as_secs() < 60);
-        let bad = clock_from_env(Some("tomorrow".into())).err().unwrap();
+        let bad = test_clock_start(Some("tomorrow".into())).unwrap_err();
         assert!(
             bad.to_string()
                 .contains("NIGHTSHIFT_TEST_TRIGGER_CLOCK=`tomorrow`"),

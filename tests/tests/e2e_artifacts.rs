@@ -217,6 +217,28 @@ async fn a_build_leaves_verified_downloadable_artifacts_and_the_master_enforces_
     assert_eq!(header(ARTIFACT_SHA256_HEADER), sha256(&x));
     assert!(header("content-disposition").contains("filename=\"x.tar.gz\""));
     assert_eq!(response.into_body().collect().await?.to_bytes(), x);
+    // The link is behind the build page's gate (`dashboard = "login"`, the
+    // default): a stranger is sent to the login page, and gets no bytes.
+    let stranger = ApiClient::new(farm.url(), "not-a-token".into(), Some(farm.tls_client()?))?;
+    let request = stranger
+        .request("GET", &format!("/builds/{id}/artifacts/dist/x.tar.gz"))
+        .body(http_body_util::Empty::<Bytes>::new())?;
+    let response = stranger.send(request).await?;
+    assert_eq!(response.status().as_u16(), 303);
+    let location = response
+        .headers()
+        .get("location")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default();
+    assert!(location.starts_with("/login?next="), "{location}");
+    let (status, _) = stranger
+        .call_raw(
+            "GET",
+            &format!("/api/v1/builds/{id}/artifacts/dist/x.tar.gz"),
+            None,
+        )
+        .await?;
+    assert_eq!(status, 401, "the API's download needs the admin token");
 
     // An oversize artifact fails its build, with the reason.
     let big = api.submit("big", Default::default()).await?.build_id;

@@ -333,3 +333,60 @@ fn sources_hooks_and_triggers_are_validated_together() {
     assert_eq!(hook.kind, HookKind::Gitea);
     assert_eq!(hook.secret_file, Path::new("/etc/hook.secret"));
 }
+
+#[test]
+fn a_command_workers_health_script_reaches_its_provider_and_only_command_may_have_one() {
+    let text = r#"
+[[worker]]
+name = "vm"
+latent = { provider = "command", start = "vm-start", stop = "vm-stop", health = "vm-alive" }
+
+[[builder]]
+name = "app"
+workers = ["vm"]
+steps = [{ name = "s", command = "true" }]
+"#;
+    let config = parse(text).unwrap();
+    let settings = crate::latent::settings_from_config(
+        config.worker("vm").unwrap(),
+        Path::new("/srv/data"),
+        Path::new("/srv"),
+    )
+    .unwrap();
+    let crate::latent::ProviderSpec::Command(command) = settings.provider else {
+        panic!("a command provider was configured: {settings:?}");
+    };
+    assert_eq!(command.health.as_deref(), Some("vm-alive"));
+    assert_eq!(command.start, "vm-start");
+
+    let without = text.replace(", health = \"vm-alive\"", "");
+    let config = parse(&without).unwrap();
+    let settings = crate::latent::settings_from_config(
+        config.worker("vm").unwrap(),
+        Path::new("/d"),
+        Path::new("/"),
+    )
+    .unwrap();
+    let crate::latent::ProviderSpec::Command(command) = settings.provider else {
+        panic!("a command provider was configured: {settings:?}");
+    };
+    assert_eq!(command.health, None);
+
+    let process = r#"
+[[worker]]
+name = "vm"
+latent = { provider = "process", health = "vm-alive" }
+
+[[builder]]
+name = "app"
+workers = ["vm"]
+steps = [{ name = "s", command = "true" }]
+"#;
+    let shown = parse(process).unwrap_err().to_string();
+    assert!(
+        shown.contains("master.toml:4:")
+            && shown.contains("worker[0].latent.health")
+            && shown.contains("only provider `command`"),
+        "{shown}"
+    );
+}

@@ -20,7 +20,7 @@ pub fn settings_from_config(
         crate::config::LatentProvider::Command => ProviderSpec::Command(command::CommandSettings {
             start: latent.start.clone().unwrap_or_default(),
             stop: latent.stop.clone().unwrap_or_default(),
-            health: None,
+            health: latent.health.clone(),
         }),
         crate::config::LatentProvider::Process => ProviderSpec::Process(process::ProcessSettings {
             worker_binary: latent.worker_bin.as_ref().map(resolve),

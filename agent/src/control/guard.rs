@@ -20,7 +20,7 @@ use axum::response::{IntoResponse, Response};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
-use super::api::ApiError;
+use super::error::ApiError;
 
 /// The name of the generated token file inside the state dir.
 pub const TOKEN_FILE_NAME: &str = "control.token";

@@ -15,7 +15,7 @@ use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
 use nightshift_policy::{PresenceState, Source};
 
-use super::server::{PreviewInterval, Shared};
+use super::state::{PreviewInterval, Shared};
 use super::when::{short_time, span_words};
 use crate::daemon::priority::{BuildIsolation, CpuPriority, IoPriority};
 use crate::handle::{AgentStatus, SupervisedState, SupervisedStatus};

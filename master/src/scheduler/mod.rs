@@ -29,6 +29,8 @@ mod snapshot;
 mod timers;
 
 #[cfg(test)]
+mod lock_stress;
+#[cfg(test)]
 mod test_harness;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};

@@ -4,6 +4,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
+use nightshift_proto::secret::constant_time_eq;
 use rand::Rng;
 
 /// The tokens of running latent instances (SHA-256, hex), shared between
@@ -40,7 +41,7 @@ impl LatentTokens {
         table
             .by_worker
             .get(worker)
-            .is_some_and(|hash| constant_time_eq(hash, &sha256_hex(token)))
+            .is_some_and(|hash| constant_time_eq(hash.as_bytes(), sha256_hex(token).as_bytes()))
     }
 
     /// The worker whose current instance token hashes to `hash`, if any.
@@ -58,12 +59,4 @@ fn sha256_hex(text: &str) -> String {
 pub(super) fn new_token() -> String {
     let bytes: [u8; 32] = rand::rng().random();
     hex::encode(bytes)
-}
-
-fn constant_time_eq(a: &str, b: &str) -> bool {
-    a.len() == b.len()
-        && a.bytes()
-            .zip(b.bytes())
-            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
-            == 0
 }

@@ -17,10 +17,10 @@ use nightshift_proto::wire::BuildId;
 use tokio::sync::oneshot;
 
 use crate::api::AppState;
-use crate::dashboard::esc;
 use crate::scheduler::Event;
 use crate::session::{CsrfForm, Refusal, Viewer, authorize_form};
 use crate::store::NewBuild;
+use nightshift_proto::html::escape;
 
 fn redirect(to: &str) -> Response {
     let mut response = StatusCode::SEE_OTHER.into_response();
@@ -203,11 +203,11 @@ pub fn button(action: &str, label: &str, id: &str, class: &str, csrf: &str) -> S
     format!(
         "<form method=\"post\" action=\"{}\" class=\"act\"><input type=\"hidden\" name=\"csrf\" \
          value=\"{}\"><button type=\"submit\" id=\"{}\" class=\"{}\">{}</button></form>",
-        esc(action),
-        esc(csrf),
-        esc(id),
-        esc(class),
-        esc(label)
+        escape(action),
+        escape(csrf),
+        escape(id),
+        escape(class),
+        escape(label)
     )
 }
 
@@ -223,7 +223,7 @@ pub fn account_html(viewer: &Viewer, here: &str) -> String {
         None => format!(
             "<span class=\"account\"><a href=\"/login?next={}\" id=\"login-link\">Log in</a> to \
              act</span>",
-            esc(here)
+            escape(here)
         ),
     }
 }

@@ -19,6 +19,7 @@ use nightshift_proto::api::{
     ReconfigResponse, SubmitRequest, SubmitResponse, WorkerInfo, WorkerList, WorkerPage,
     WorkerQuery,
 };
+use nightshift_proto::secret::constant_time_eq;
 use nightshift_proto::wire::{BuildId, is_full_revision};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
@@ -74,14 +75,6 @@ impl IntoResponse for Failure {
     fn into_response(self) -> Response {
         (self.0, Json(ApiError { error: self.1 })).into_response()
     }
-}
-
-/// Compares two byte strings in time independent of where they differ.
-pub fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Lowercase hex SHA-256 of a token.
@@ -545,13 +538,6 @@ async fn reconfig(State(state): State<AppState>) -> Result<Json<ReconfigResponse
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn constant_time_eq_compares_whole_strings() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"abcd"));
-    }
 
     #[test]
     fn bearer_needs_the_scheme() {

@@ -668,7 +668,7 @@ pub fn human_size(bytes: u64) -> String {
 /// The build page's list of artifacts (nothing when it has none): each a
 /// download link, its size and SHA-256.
 pub fn render_list(html: &mut String, build: &nightshift_proto::api::BuildInfo) {
-    use crate::dashboard::esc;
+    use nightshift_proto::html::escape as esc;
     use std::fmt::Write;
     if build.artifacts.is_empty() {
         return;

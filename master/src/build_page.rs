@@ -20,9 +20,10 @@ use nightshift_proto::wire::{BuildId, Outcome};
 use tokio::sync::{broadcast, oneshot};
 
 use crate::api::AppState;
-use crate::dashboard::{STYLE, esc, short_duration, time_html, wait_phrase};
+use crate::dashboard::{STYLE, short_duration, time_html, wait_phrase};
 use crate::live_log::LiveEvent;
 use crate::scheduler::Event;
+use nightshift_proto::html::escape;
 
 /// The most log a page or a new viewer's first event carries: the tail,
 /// from a line start; the whole log is `master log ID`.
@@ -180,7 +181,7 @@ pub fn render(
          <body><div class=\"wrap\"><header class=\"top\"><h1><a class=\"brand\" href=\"/\">nightshift</a> \
          build #{id}</h1><span class=\"pill {state}\" id=\"build-state\">{state}</span>{controls}</header>",
         id = build.id,
-        builder = esc(&build.builder),
+        builder = escape(&build.builder),
     );
     html.push_str("<section class=\"card\"><h2>Build</h2><dl class=\"facts\">");
     let mut fact = |label: &str, value: String| {
@@ -188,27 +189,27 @@ pub fn render(
     };
     fact(
         "Builder",
-        format!("<span class=\"name\">{}</span>", esc(&build.builder)),
+        format!("<span class=\"name\">{}</span>", escape(&build.builder)),
     );
     if let Some(revision) = &build.revision {
-        fact("Revision", format!("<code>{}</code>", esc(revision)));
+        fact("Revision", format!("<code>{}</code>", escape(revision)));
     }
     if let Some(branch) = &build.branch {
-        fact("Branch", esc(branch));
+        fact("Branch", escape(branch));
     }
     if let Some(repository) = &build.repository {
-        fact("Repository", format!("<code>{}</code>", esc(repository)));
+        fact("Repository", format!("<code>{}</code>", escape(repository)));
     }
     if let Some(trigger) = &build.trigger {
-        fact("Trigger", esc(trigger));
+        fact("Trigger", escape(trigger));
     }
     fact(
         "Worker",
         match &build.worker {
             Some(worker) => format!(
                 "<a href=\"/#worker-{0}\">{1}</a>",
-                esc(&worker_anchor(worker)),
-                esc(worker)
+                escape(&worker_anchor(worker)),
+                escape(worker)
             ),
             None => "<span class=\"none\">—</span>".into(),
         },
@@ -217,7 +218,7 @@ pub fn render(
         let reason = build
             .reason
             .as_deref()
-            .map(|r| format!(" — {}", esc(r)))
+            .map(|r| format!(" — {}", escape(r)))
             .unwrap_or_default();
         fact(
             "Outcome",
@@ -233,7 +234,10 @@ pub fn render(
     if let Some(waiting) = &build.waiting_for {
         fact(
             "Waiting",
-            format!("<span class=\"wait\">{}</span>", esc(&wait_phrase(waiting))),
+            format!(
+                "<span class=\"wait\">{}</span>",
+                escape(&wait_phrase(waiting))
+            ),
         );
     }
     if build.retries > 0 {
@@ -242,10 +246,12 @@ pub fn render(
             format!(
                 "{} — {}",
                 build.retries,
-                esc(build
-                    .retry_reason
-                    .as_deref()
-                    .unwrap_or("re-queued after its worker lost it"))
+                escape(
+                    build
+                        .retry_reason
+                        .as_deref()
+                        .unwrap_or("re-queued after its worker lost it")
+                )
             ),
         );
     }
@@ -286,12 +292,12 @@ pub fn render(
                 "<tr><td class=\"num\">{n}</td><td class=\"name\">{name}</td>\
                  <td><span class=\"outcome {state}\">{state}</span></td><td class=\"num\">{took}</td></tr>",
                 n = i + 1,
-                name = esc(&step.name),
-                state = esc(&step.state),
+                name = escape(&step.name),
+                state = escape(&step.state),
                 took = step
                     .duration
                     .as_deref()
-                    .map_or_else(|| "<span class=\"none\">—</span>".to_owned(), esc),
+                    .map_or_else(|| "<span class=\"none\">—</span>".to_owned(), escape),
             );
         }
         html.push_str("</tbody></table>");
@@ -316,7 +322,7 @@ pub fn render(
     let _ = write!(
         html,
         "<pre class=\"log\" id=\"log\">{}</pre></section>",
-        esc(log)
+        escape(log)
     );
     if live {
         let _ = write!(

@@ -16,7 +16,10 @@ use nightshift_proto::wire::Outcome;
 
 use crate::cli::ConnArgs;
 use crate::config::{MasterConfig, TlsMode};
-use crate::run::{ADMIN_TOKEN_FILE, ConfigSource, config_search_order, find_config};
+use crate::locate::{
+    ADMIN_TOKEN_FILE, ConfigSource, config_search_order, find_config, local_url, pin_of_file,
+    read_token,
+};
 
 /// Builds an API client from the flags, the environment and master.toml.
 pub fn connect(args: &ConnArgs) -> anyhow::Result<ApiClient> {
@@ -74,36 +77,6 @@ pub fn connect(args: &ConnArgs) -> anyhow::Result<ApiClient> {
     ApiClient::new(url, token, tls)
 }
 
-/// Reads a token file (first line, trimmed).
-pub fn read_token(path: &Path) -> anyhow::Result<String> {
-    // fs-err's error names the file.
-    let text = fs_err::read_to_string(path)?;
-    let token = text.lines().next().unwrap_or_default().trim().to_owned();
-    if token.is_empty() {
-        bail!("{} is empty", path.display());
-    }
-    Ok(token)
-}
-
-/// The URL a local CLI uses for this config's listen address.
-pub fn local_url(config: &MasterConfig) -> MasterUrl {
-    let ip = config.listen.ip();
-    let host = if ip.is_unspecified() {
-        if ip.is_ipv4() {
-            "127.0.0.1".to_owned()
-        } else {
-            "::1".to_owned()
-        }
-    } else {
-        ip.to_string()
-    };
-    MasterUrl {
-        tls: config.tls != TlsMode::Insecure,
-        host,
-        port: config.listen.port(),
-    }
-}
-
 /// How a local client trusts this config's certificate: its pin.
 fn trust_for(config: &MasterConfig) -> anyhow::Result<(Option<PathBuf>, Option<String>)> {
     let cert = match &config.tls {
@@ -115,19 +88,6 @@ fn trust_for(config: &MasterConfig) -> anyhow::Result<(Option<PathBuf>, Option<S
         TlsMode::Files { cert, .. } => cert.clone(),
     };
     Ok((None, Some(pin_of_file(&cert)?)))
-}
-
-/// SHA-256 pin of the first certificate in a PEM file.
-pub fn pin_of_file(path: &Path) -> anyhow::Result<String> {
-    use rustls::pki_types::CertificateDer;
-    use rustls::pki_types::pem::PemObject;
-    let cert = CertificateDer::from_pem_file(path).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot read the master's certificate {}: {e} (has the master run once?)",
-            path.display()
-        )
-    })?;
-    Ok(nightshift_proto::tls::cert_pin_sha256(cert.as_ref()))
 }
 
 fn print_json<T: serde::Serialize>(value: &T) -> anyhow::Result<()> {

@@ -16,7 +16,7 @@ const SEEDS: &[&str] = &[
     include_str!("../../packaging/examples/master.toml"),
     r#"listen = "127.0.0.1:0"
 data_dir = "data"
-missing_timeout = 30
+missing_timeout = "30s"
 timezone = "America/New_York"
 
 [[worker]]

@@ -2,15 +2,11 @@
 //! worker-scoped (one copy per worker) locks, taken with `exclusive` or
 //! `counting` access, all-or-nothing, with waiters served in arrival order.
 //!
-//! Two faces over one model:
-//! - [`LockManager`] is synchronous and owned by the scheduler's single task:
-//!   [`LockManager::request`] grants a whole claim set at once or queues it,
-//!   and [`LockManager::release`] returns the tickets that the release
-//!   granted, so the scheduler acts on them in the same turn (push, no retry
-//!   loop).
-//! - [`SharedLocks`] wraps it for code that prefers to `await` a grant:
-//!   [`SharedLocks::acquire`] is a future that a release wakes, and the
-//!   [`LockGuard`] it yields releases on drop.
+//! [`LockManager`] is synchronous and owned by the scheduler's single task:
+//! [`LockManager::request`] grants a whole claim set at once or queues it,
+//! and [`LockManager::release`] returns the tickets that the release granted,
+//! so the scheduler acts on them in the same turn (push, no retry loop).
+//! [`BuildLocks`] names its tickets in scheduler terms (a build, a step).
 //!
 //! Why no deadlock: a requester never holds part of its set while waiting for
 //! the rest (no hold-and-wait), and every waiter is queued on all its locks at
@@ -27,11 +23,9 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
-use std::sync::{Arc, Mutex, MutexGuard};
 
 use nightshift_proto::wire::BuildId;
 use serde::{Deserialize, Serialize};
-use tokio::sync::oneshot;
 
 /// Where a lock lives: one copy for the whole master, or one copy per worker.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -409,125 +403,6 @@ impl LockManager {
     }
 }
 
-/// [`LockManager`] shared between tasks, with a future per waiter. The
-/// scheduler, a single task, uses [`BuildLocks`] instead; this face serves
-/// code that waits for locks in its own task (and the stress test).
-#[cfg_attr(not(test), allow(dead_code))]
-#[derive(Clone, Default)]
-pub struct SharedLocks {
-    inner: Arc<Mutex<SharedInner>>,
-}
-
-#[cfg_attr(not(test), allow(dead_code))]
-#[derive(Default)]
-struct SharedInner {
-    manager: LockManager,
-    wakers: HashMap<Ticket, oneshot::Sender<()>>,
-}
-
-#[cfg_attr(not(test), allow(dead_code))]
-impl SharedLocks {
-    pub fn new(defs: impl IntoIterator<Item = LockDef>) -> SharedLocks {
-        SharedLocks {
-            inner: Arc::new(Mutex::new(SharedInner {
-                manager: LockManager::new(defs),
-                wakers: HashMap::new(),
-            })),
-        }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, SharedInner> {
-        // A panic elsewhere while holding this mutex cannot leave the model
-        // half-updated in a way that matters more than stopping every build.
-        self.inner
-            .lock()
-            .unwrap_or_else(|poison| poison.into_inner())
-    }
-
-    /// Queues a request for every lock in `claims` now (its place in line is
-    /// taken at this call) and returns a future that resolves once all of
-    /// them are held, to a guard that releases them on drop. Dropping the
-    /// future while it waits withdraws the request (or gives back a grant
-    /// that raced with the drop). An unknown lock is refused at once.
-    pub fn acquire(
-        &self,
-        worker: &str,
-        claims: &[Claim],
-    ) -> Result<impl Future<Output = LockGuard> + Send + 'static, LockError> {
-        let mut inner = self.lock();
-        let requested = inner.manager.request(worker, claims)?;
-        let wake = match requested {
-            Requested::Granted(_) => None,
-            Requested::Waiting(ticket) => {
-                let (tx, rx) = oneshot::channel();
-                inner.wakers.insert(ticket, tx);
-                Some(rx)
-            }
-        };
-        drop(inner);
-        // The guard owns the ticket from here on: whether the wait completes
-        // or the future is dropped, the ticket is released exactly once.
-        let guard = LockGuard {
-            locks: self.clone(),
-            ticket: requested.ticket(),
-        };
-        Ok(async move {
-            if let Some(wake) = wake {
-                // The sender goes away only when the ticket is granted or
-                // released, and only this guard releases it.
-                let _ = wake.await;
-            }
-            guard
-        })
-    }
-
-    fn release(&self, ticket: Ticket) {
-        let mut inner = self.lock();
-        inner.wakers.remove(&ticket);
-        let granted = inner.manager.release(ticket);
-        wake(&mut inner, granted);
-    }
-}
-
-#[cfg_attr(not(test), allow(dead_code))]
-fn wake(inner: &mut SharedInner, granted: Vec<Ticket>) {
-    for ticket in granted {
-        if let Some(waker) = inner.wakers.remove(&ticket) {
-            // A dropped receiver means its future is being dropped; its
-            // guard releases the grant.
-            let _ = waker.send(());
-        }
-    }
-}
-
-/// Holds a set of locks; releases them when dropped.
-#[cfg_attr(not(test), allow(dead_code))]
-pub struct LockGuard {
-    locks: SharedLocks,
-    ticket: Ticket,
-}
-
-#[cfg_attr(not(test), allow(dead_code))]
-impl LockGuard {
-    pub fn ticket(&self) -> Ticket {
-        self.ticket
-    }
-}
-
-impl Drop for LockGuard {
-    fn drop(&mut self) {
-        self.locks.release(self.ticket);
-    }
-}
-
-impl fmt::Debug for LockGuard {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("LockGuard")
-            .field("ticket", &self.ticket)
-            .finish()
-    }
-}
-
 /// Splits a builder's locks into the set its build takes before it starts
 /// and the set each step takes when it starts.
 ///
@@ -684,8 +559,6 @@ impl BuildLocks {
 mod tests {
     use super::*;
     use proptest::prelude::*;
-    use std::sync::atomic::{AtomicU32, Ordering};
-    use std::time::Duration;
 
     fn master_lock(name: &str, max_count: u32) -> LockDef {
         LockDef {
@@ -1028,95 +901,6 @@ mod tests {
         }
     }
 
-    /// Many builders as tasks with overlapping lock sets, each holding for a
-    /// few scheduler turns: all finish (no deadlock) and no count is ever
-    /// exceeded while held.
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn async_stress_with_many_builders_completes_without_exceeding_counts() {
-        let defs = stress_defs();
-        let locks = SharedLocks::new(defs.clone());
-        let in_use: Arc<HashMap<(String, String), AtomicU32>> = Arc::new(
-            STRESS_LOCKS
-                .iter()
-                .flat_map(|l| {
-                    STRESS_WORKERS
-                        .iter()
-                        .map(move |w| ((l.to_string(), w.to_string()), AtomicU32::new(0)))
-                })
-                .collect(),
-        );
-        let mut tasks = Vec::new();
-        let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
-        let mut next = move || {
-            seed ^= seed << 13;
-            seed ^= seed >> 7;
-            seed ^= seed << 17;
-            seed
-        };
-        for builder in 0..60 {
-            let worker = STRESS_WORKERS[(next() % 3) as usize];
-            let mut claims = Vec::new();
-            for _ in 0..(1 + next() % 3) {
-                let lock = STRESS_LOCKS[(next() % 5) as usize];
-                let access = if next() % 3 == 0 {
-                    Access::Exclusive
-                } else {
-                    Access::Counting
-                };
-                claims.push(Claim::new(lock, access));
-            }
-            let locks = locks.clone();
-            let defs = defs.clone();
-            let in_use = in_use.clone();
-            tasks.push(tokio::spawn(async move {
-                for _round in 0..5 {
-                    let guard = locks.acquire(worker, &claims).unwrap().await;
-                    // Count distinct copies, scoped per worker (master locks
-                    // tracked under every worker's key for simplicity: use
-                    // the "*" worker for them).
-                    let mut taken: BTreeMap<String, Access> = BTreeMap::new();
-                    for claim in &claims {
-                        let e = taken.entry(claim.name.clone()).or_insert(claim.access);
-                        *e = (*e).max(claim.access);
-                    }
-                    let mut keys = Vec::new();
-                    for (name, access) in &taken {
-                        let def = defs.iter().find(|d| &d.name == name).unwrap();
-                        let (key_worker, max) = match def.scope {
-                            LockScope::Master => ("wA", def.max_count),
-                            LockScope::Worker => (worker, def.max_count_on(worker)),
-                        };
-                        let units = if *access == Access::Exclusive { max } else { 1 };
-                        let counter = &in_use[&(name.clone(), key_worker.to_owned())];
-                        let now = counter.fetch_add(units, Ordering::SeqCst) + units;
-                        assert!(now <= max, "builder {builder}: {name} at {now} over {max}");
-                        keys.push((counter, units));
-                    }
-                    tokio::task::yield_now().await;
-                    tokio::task::yield_now().await;
-                    for (counter, units) in keys {
-                        counter.fetch_sub(units, Ordering::SeqCst);
-                    }
-                    drop(guard);
-                }
-            }));
-        }
-        let all = async {
-            for task in tasks {
-                task.await.unwrap();
-            }
-        };
-        tokio::time::timeout(Duration::from_secs(60), all)
-            .await
-            .expect("lock stress deadlocked");
-        let inner = locks.lock();
-        assert_eq!(
-            inner.manager.held_count() + inner.manager.waiting_count(),
-            0
-        );
-        assert!(inner.wakers.is_empty());
-    }
-
     #[test]
     fn split_moves_step_locks_that_some_build_holds_whole_to_the_build() {
         let build_level: BTreeSet<String> = ["a".to_owned()].into();
@@ -1320,32 +1104,5 @@ mod tests {
             locks.manager.held_count() + locks.manager.waiting_count(),
             0
         );
-    }
-
-    fn is_pending<F: std::future::Future + Unpin>(future: &mut F) -> bool {
-        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
-        std::pin::Pin::new(future).poll(&mut cx).is_pending()
-    }
-
-    #[tokio::test]
-    async fn dropping_a_waiting_acquire_withdraws_it() {
-        let locks = SharedLocks::new([master_lock("a", 1)]);
-        let holder = locks.acquire("w", &[excl("a")]).unwrap().await;
-        let mut second = Box::pin(locks.acquire("w", &[excl("a")]).unwrap());
-        assert!(is_pending(&mut second));
-        let mut third = Box::pin(locks.acquire("w", &[excl("a")]).unwrap());
-        assert!(is_pending(&mut third));
-        assert_eq!(locks.lock().manager.waiting_count(), 2);
-        // The second waiter gives up; the third gets the lock after the holder.
-        drop(second);
-        assert_eq!(locks.lock().manager.waiting_count(), 1);
-        drop(holder);
-        let guard = tokio::time::timeout(Duration::from_secs(30), third)
-            .await
-            .expect("third waiter woken");
-        assert!(locks.lock().manager.is_held(guard.ticket()));
-        assert_eq!(locks.lock().manager.waiting_count(), 0);
-        drop(guard);
-        assert_eq!(locks.lock().manager.held_count(), 0);
     }
 }

@@ -12,6 +12,7 @@ mod config;
 mod config_fuzz;
 mod dashboard;
 mod live_log;
+mod locate;
 mod run;
 mod scheduler;
 mod server;

@@ -16,103 +16,14 @@ use nightshift_proto::tls::{self, ServerTls};
 use tokio::sync::mpsc;
 
 use crate::api::{AppState, token_sha256};
-use crate::client::{local_url, pin_of_file, read_token};
-use crate::config::{ConfigError, EMBEDDED_DEFAULT, MasterConfig, TlsMode};
+use crate::config::{ConfigError, MasterConfig, TlsMode};
+use crate::locate::{
+    ADMIN_TOKEN_FILE, ConfigSource, EMBEDDED_DATA_DIR, LOCAL_TOKEN_FILE, LOCAL_WORKER,
+    config_search_order, find_config, local_url, new_token, pin_of_file, resolve_config,
+    token_file,
+};
 use crate::scheduler::{Scheduler, SystemClock};
 use crate::store::Store;
-
-/// The generated admin token, inside the data dir.
-pub const ADMIN_TOKEN_FILE: &str = "admin.token";
-/// The local worker's token (embedded default and `--local-worker`).
-pub const LOCAL_TOKEN_FILE: &str = "local-worker.token";
-/// The name of the local worker.
-pub const LOCAL_WORKER: &str = "local";
-/// Where the embedded default keeps its data, relative to the current dir.
-pub const EMBEDDED_DATA_DIR: &str = "nightshift-data";
-
-/// A fresh random token (256 bits, hex).
-pub fn new_token() -> String {
-    hex::encode(rand::random::<[u8; 32]>())
-}
-
-/// Reads `path`'s token, creating it (mode 0600) when `create` and missing.
-fn token_file(path: &Path, create: bool) -> anyhow::Result<Option<String>> {
-    if path.exists() {
-        return read_token(path).map(Some);
-    }
-    if !create {
-        return Ok(None);
-    }
-    if let Some(dir) = path.parent() {
-        fs_err::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    }
-    let token = new_token();
-    tls::write_private(path, format!("{token}\n").as_bytes())?;
-    Ok(Some(token))
-}
-
-/// The environment variable naming master.toml for every verb (as `--config`).
-pub const CONFIG_ENV: &str = "NIGHTSHIFT_MASTER_CONFIG";
-/// Where an installed master keeps its config (packaging/).
-pub const SYSTEM_CONFIG: &str = "/etc/nightshift/master.toml";
-
-/// Where a verb's config came from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ConfigSource {
-    /// `--config FILE` or `NIGHTSHIFT_MASTER_CONFIG` (clap reads both).
-    Given,
-    /// `./master.toml`.
-    CurrentDir,
-    /// `/etc/nightshift/master.toml`.
-    System,
-    /// No file anywhere: the embedded default, data in `./nightshift-data`.
-    Embedded,
-}
-
-/// Where a verb looks for master.toml when `--config` is not given, in order,
-/// for messages.
-pub fn config_search_order() -> String {
-    format!("--config, ${CONFIG_ENV}, ./master.toml, {SYSTEM_CONFIG}")
-}
-
-/// The config a verb uses: `--config` (or `NIGHTSHIFT_MASTER_CONFIG`), else
-/// `./master.toml`, else `/etc/nightshift/master.toml`, else the embedded
-/// default. A file that exists but is broken is an error (never skipped).
-/// Returns whether it is the embedded one. With `create`, the embedded
-/// default's local-worker token is created when missing.
-pub fn resolve_config(path: Option<&Path>, create: bool) -> anyhow::Result<(MasterConfig, bool)> {
-    let (config, source) = find_config(path, create)?;
-    Ok((config, source == ConfigSource::Embedded))
-}
-
-/// [`resolve_config`], saying where the config came from.
-pub fn find_config(
-    path: Option<&Path>,
-    create: bool,
-) -> anyhow::Result<(MasterConfig, ConfigSource)> {
-    if let Some(path) = path {
-        return Ok((MasterConfig::load(path)?, ConfigSource::Given));
-    }
-    let here = Path::new("master.toml");
-    if here.exists() {
-        return Ok((MasterConfig::load(here)?, ConfigSource::CurrentDir));
-    }
-    let system = Path::new(SYSTEM_CONFIG);
-    if system.exists() {
-        return Ok((MasterConfig::load(system)?, ConfigSource::System));
-    }
-    let cwd = std::env::current_dir().context("cannot read the current directory")?;
-    let data_dir = cwd.join(EMBEDDED_DATA_DIR);
-    let token = token_file(&data_dir.join(LOCAL_TOKEN_FILE), create)?;
-    // Without a token yet (a CLI verb before the first run), any hash will do:
-    // no worker can connect to a master that is not running.
-    let hash = token
-        .map(|t| token_sha256(&t))
-        .unwrap_or_else(|| "0".repeat(64));
-    let text = EMBEDDED_DEFAULT.replace("@LOCAL_TOKEN_SHA256@", &hash);
-    let config = MasterConfig::parse(&text, Path::new("<embedded default>"), &cwd)?;
-    Ok((config, ConfigSource::Embedded))
-}
 
 /// The master.toml `master init` writes: the local worker (whose token
 /// hash is filled in) and a sample builder whose steps succeed run after run.

@@ -25,10 +25,11 @@ use nightshift_proto::wire::{
 };
 use tokio::net::{TcpListener, TcpSocket};
 
-use crate::api::{AppState, bearer, constant_time_eq, token_sha256};
+use crate::api::{AppState, bearer, token_sha256};
 use crate::metrics::DisconnectReason;
 use crate::outbox::{Next, OUTBOX_FRAMES, agent_outbox};
 use crate::scheduler::{Event, Hello, Outbound};
+use nightshift_proto::secret::constant_time_eq;
 
 /// Time an agent has to send its hello after the upgrade.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);

@@ -18,9 +18,11 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::{Extension, Form};
 use serde::Deserialize;
 
-use crate::api::{AppState, constant_time_eq, is_admin, is_admin_token, token_sha256};
+use crate::api::{AppState, is_admin, is_admin_token, token_sha256};
 use crate::config::{DashboardAccess, TlsMode};
-use crate::dashboard::{STYLE, esc};
+use crate::dashboard::STYLE;
+use nightshift_proto::html::escape;
+use nightshift_proto::secret::constant_time_eq;
 
 /// Most sessions kept at once; a login beyond it ends the session that
 /// would expire first.
@@ -375,7 +377,7 @@ fn login_html(
         let _ = write!(
             html,
             "<p class=\"error\" role=\"alert\" id=\"login-error\">{}</p>",
-            esc(error)
+            escape(error)
         );
     }
     let _ = write!(
@@ -393,7 +395,7 @@ fn login_html(
         } else {
             "Anyone may read this dashboard; cancelling, rebuilding and pausing need a login."
         },
-        next = esc(next),
+        next = escape(next),
     );
     (status, [(header::CACHE_CONTROL, "no-store")], Html(html)).into_response()
 }

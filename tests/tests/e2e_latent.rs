@@ -401,24 +401,34 @@ steps = [{{ name = "s", command = "true" }}]
 }
 
 /// A start that "succeeds" but whose agent never connects is stopped at
-/// `start_timeout`, the worker is backed off, and the request stays queued.
+/// `start_timeout`, the worker is backed off, and the request stays queued;
+/// the configured `health` script is asked and its answer is in the reason.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_start_whose_agent_never_connects_times_out_and_the_request_stays_queued()
 -> anyhow::Result<()> {
     let scripts = tempfile::tempdir()?;
     let stopped = scripts.path().join("stopped");
+    let asked = scripts.path().join("health-asked");
     let start = script(scripts.path(), "start", "exit 0")?;
     let stop = script(
         scripts.path(),
         "stop",
         &format!("touch {}", stopped.display()),
     )?;
+    let health = script(
+        scripts.path(),
+        "health",
+        &format!(
+            "echo \"$NIGHTSHIFT_WORKER_NAME\" > {}; echo no such machine; exit 1",
+            asked.display()
+        ),
+    )?;
     let extra = format!(
         r#"
 [[worker]]
 name = "vm"
 max_builds = 1
-latent = {{ provider = "command", start = {start}, stop = {stop}, start_timeout = "1s" }}
+latent = {{ provider = "command", start = {start}, stop = {stop}, health = {health}, start_timeout = "1s" }}
 
 [[builder]]
 name = "app"
@@ -427,6 +437,7 @@ steps = [{{ name = "s", command = "true" }}]
 "#,
         start = toml_str(&start),
         stop = toml_str(&stop),
+        health = toml_str(&health),
     );
     let farm = Farm::builder().master_toml(&extra).start().await?;
     let api = farm.api()?;
@@ -443,6 +454,15 @@ steps = [{{ name = "s", command = "true" }}]
         vm.reason
             .contains("its agent did not connect within start_timeout (1s)"),
         "{vm:?}"
+    );
+    assert!(
+        vm.reason.contains("the instance is gone") && vm.reason.contains("no such machine"),
+        "the health script's answer is in the reason: {vm:?}"
+    );
+    assert_eq!(
+        fs_err::read_to_string(&asked)?.trim(),
+        "vm",
+        "the health script ran for the worker"
     );
     assert!(stopped.exists(), "the timed-out instance was stopped");
     let build = api.build(id).await?;

@@ -3,11 +3,13 @@
 //! restarts and missing workers; the last tests use real `worker` agents.
 
 use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use nightshift_policy::PresenceState;
 use nightshift_proto::api::BuildState;
 use nightshift_proto::wire::{AgentMessage, MasterMessage, Outcome};
-use nightshift_tests::{FakeAgent, Farm, WorkerSpec, presence};
+use nightshift_tests::{DEADLINE, FakeAgent, Farm, WorkerSpec, presence, wait_for};
 
 async fn two_worker_farm() -> anyhow::Result<Farm> {
     Farm::builder()
@@ -174,11 +176,24 @@ async fn a_worker_may_not_finish_another_workers_build() -> anyhow::Result<()> {
     let id = api.submit("app", BTreeMap::new()).await?.build_id;
     assert_eq!(a.expect_start().await?, id);
     b.finish(id, Outcome::Failure, "forged\n").await?;
-    // b's forged result is refused; the build still runs on a.
-    let build = farm
-        .wait_build_state(id, "the forged result to be logged", |_| true)
-        .await?;
-    assert_eq!(build.state, BuildState::Running);
+    // b's forged result is refused (the master counts the refusal), and the
+    // build still runs on a.
+    wait_for("b's forged result to be refused", DEADLINE, || {
+        let farm = &farm;
+        async move {
+            let (status, text) = farm.api()?.call_raw("GET", "/metrics", None).await?;
+            anyhow::ensure!(status == 200, "/metrics answered {status}: {text}");
+            Ok(text
+                .lines()
+                .any(|line| {
+                    line == "nightshift_master_refused_total{what=\"result\",reason=\"not_handed_to_it\"} 1"
+                })
+                .then_some(()))
+        }
+    })
+    .await?;
+    let build = api.build(id).await?;
+    assert_eq!(build.state, BuildState::Running, "{build:?}");
     a.finish(id, Outcome::Success, "genuine\n").await?;
     let build = farm.wait_build(id).await?;
     assert_eq!(build.outcome, Some(Outcome::Success));
@@ -425,7 +440,15 @@ async fn a_refused_start_is_requeued_at_once_and_runs_elsewhere() -> anyhow::Res
         reason: "turned away".into(),
     })
     .await?;
+    let refused_at = Instant::now();
     assert_eq!(b.expect_start().await?, id);
+    // At once: no timer is involved (a lost build would wait for
+    // missing_timeout, 60 s here); the bound leaves room for a loaded machine.
+    let waited = refused_at.elapsed();
+    assert!(
+        waited < Duration::from_secs(15),
+        "re-queued only after {waited:?}"
+    );
     b.finish(id, Outcome::Success, "").await?;
     assert_eq!(farm.wait_build(id).await?.worker.as_deref(), Some("b"));
     Ok(())
@@ -624,6 +647,8 @@ async fn a_burst_queued_before_any_worker_connects_runs_completely_once() -> any
     for _ in 0..BURST {
         ids.push(api.submit("app", BTreeMap::new()).await?.build_id);
     }
+    // Every StartBuild either agent receives, per build id.
+    let starts = Arc::new(Mutex::new(BTreeMap::<u64, u32>::new()));
     let mut tasks = Vec::new();
     for name in ["a", "b"] {
         let token = farm.worker_spec(name)?.token.clone();
@@ -631,10 +656,16 @@ async fn a_burst_queued_before_any_worker_connects_runs_completely_once() -> any
         agent
             .hello(name, PresenceState::Available, 2, vec![])
             .await?;
+        let starts = Arc::clone(&starts);
         tasks.push(tokio::spawn(async move {
             loop {
                 match agent.recv().await {
                     Ok(MasterMessage::StartBuild { build_id, .. }) => {
+                        *starts
+                            .lock()
+                            .unwrap_or_else(|poison| poison.into_inner())
+                            .entry(build_id)
+                            .or_default() += 1;
                         if agent
                             .finish(build_id, Outcome::Success, "ok\n")
                             .await
@@ -656,6 +687,20 @@ async fn a_burst_queued_before_any_worker_connects_runs_completely_once() -> any
     }
     let builds = api.builds(1000).await?.builds;
     assert_eq!(builds.len(), BURST);
+    // Completely once: each build was started exactly once, and nothing else.
+    let starts = starts
+        .lock()
+        .unwrap_or_else(|poison| poison.into_inner())
+        .clone();
+    let started: Vec<u64> = starts.keys().copied().collect();
+    let mut expected: Vec<u64> = ids.clone();
+    expected.sort_unstable();
+    assert_eq!(
+        started, expected,
+        "the builds started are the builds submitted"
+    );
+    let twice: Vec<_> = starts.iter().filter(|(_, n)| **n != 1).collect();
+    assert!(twice.is_empty(), "started more than once: {twice:?}");
     let on_a = builds
         .iter()
         .filter(|b| b.worker.as_deref() == Some("a"))

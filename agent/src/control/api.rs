@@ -8,13 +8,13 @@ use axum::Json;
 use axum::body::Bytes;
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, header};
-use axum::response::{IntoResponse, Response};
 use jiff::{SignedDuration, Timestamp};
 use nightshift_policy::{Presence, PresenceState};
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
-use super::server::Shared;
+use super::error::ApiError;
+use super::state::Shared;
 use super::when;
 use crate::handle::{AgentStatus, ControlCommand, ManualRequest};
 
@@ -58,56 +58,6 @@ pub struct StopAnswer {
     pub graceful: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub deadline: Option<Timestamp>,
-}
-
-/// The JSON error body: `{"error": "...", "field": "state"}`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct ErrorBody {
-    pub error: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub field: Option<String>,
-}
-
-/// An error answer of the control plane.
-#[derive(Debug, Clone)]
-pub struct ApiError {
-    pub status: StatusCode,
-    pub body: ErrorBody,
-}
-
-impl ApiError {
-    pub fn new(status: StatusCode, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status,
-            body: ErrorBody {
-                error: message.into(),
-                field: None,
-            },
-        }
-    }
-
-    pub fn field(field: &str, message: impl Into<String>) -> ApiError {
-        ApiError {
-            status: StatusCode::BAD_REQUEST,
-            body: ErrorBody {
-                error: format!("`{field}`: {}", message.into()),
-                field: Some(field.to_owned()),
-            },
-        }
-    }
-}
-
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        let mut response = (self.status, Json(self.body)).into_response();
-        if self.status == StatusCode::UNAUTHORIZED {
-            response.headers_mut().insert(
-                header::WWW_AUTHENTICATE,
-                header::HeaderValue::from_static("Bearer"),
-            );
-        }
-        response
-    }
 }
 
 /// Parses a JSON body into `T`, naming the offending field on error.

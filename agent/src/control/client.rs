@@ -15,7 +15,8 @@ use jiff::{SignedDuration, Timestamp};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::UnixStream;
 
-use super::api::{ErrorBody, SetAvailabilityBody, StopAnswer, StopBody};
+use super::api::{SetAvailabilityBody, StopAnswer, StopBody};
+use super::error::ErrorBody;
 use super::guard::{self, TokenError};
 use super::page::{source_words, state_word};
 use super::server::SOCKET_FILE_NAME;

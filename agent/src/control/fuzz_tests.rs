@@ -18,7 +18,8 @@ use tokio_util::sync::CancellationToken;
 use tower::ServiceExt;
 
 use super::guard::{GuardConfig, Secrets};
-use super::server::{Shared, router};
+use super::server::router;
+use super::state::Shared;
 use super::tests::{fake_daemon, now};
 use crate::config::WorkerConfig;
 

@@ -20,7 +20,9 @@ use axum::response::{IntoResponse, Response};
 use rand::RngCore;
 use sha2::{Digest, Sha256};
 
-use super::api::ApiError;
+use nightshift_proto::secret::constant_time_eq;
+
+use super::error::ApiError;
 
 /// The name of the generated token file inside the state dir.
 pub const TOKEN_FILE_NAME: &str = "control.token";
@@ -82,13 +84,6 @@ fn derive_csrf(token: &str) -> String {
     hasher.update(b"nightshift control-plane csrf v1\0");
     hasher.update(token.as_bytes());
     hex::encode(hasher.finalize())
-}
-
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    if a.len() != b.len() {
-        return false;
-    }
-    a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Where the control token lives: the configured `token_file`, else

@@ -9,10 +9,12 @@
 
 pub mod api;
 pub mod client;
+pub mod error;
 pub mod guard;
 pub mod metrics;
 pub mod page;
 pub mod server;
+pub mod state;
 pub mod when;
 
 pub use server::serve;

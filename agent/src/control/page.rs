@@ -14,8 +14,9 @@ use futures_util::Stream;
 use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
 use nightshift_policy::{PresenceState, Source};
+use nightshift_proto::html::escape;
 
-use super::server::{PreviewInterval, Shared};
+use super::state::{PreviewInterval, Shared};
 use super::when::{short_time, span_words};
 use crate::daemon::priority::{BuildIsolation, CpuPriority, IoPriority};
 use crate::handle::{AgentStatus, SupervisedState, SupervisedStatus};
@@ -711,24 +712,6 @@ fn tail_lines(text: &str, max: usize) -> String {
     let text = text.replace("\r\n", "\n").replace('\r', "\n");
     let lines: Vec<&str> = text.lines().collect();
     lines[lines.len().saturating_sub(max)..].join("\n")
-}
-
-/// Escapes text for HTML element content and quoted attribute values.
-pub fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            '\r' => out.push('\n'),
-            c if c.is_control() && c != '\n' && c != '\t' => {}
-            c => out.push(c),
-        }
-    }
-    out
 }
 
 #[cfg(test)]

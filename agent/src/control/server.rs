@@ -22,8 +22,10 @@ use tokio::net::{TcpListener, UnixListener};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
-use super::api::{self, ApiError};
+use super::api;
+use super::error::ApiError;
 use super::guard::{self, GuardConfig, Secrets};
+use super::state::{Clock, PreviewFn, Shared};
 use super::{metrics, page};
 use crate::config::WorkerConfig;
 use crate::handle::AgentHandle;
@@ -34,16 +36,6 @@ pub const SOCKET_FILE_NAME: &str = "control.sock";
 pub const ADDR_FILE_NAME: &str = "control.addr";
 /// The largest request body accepted.
 pub const MAX_BODY_BYTES: usize = 16 * 1024;
-
-/// The wall clock, injected so tests choose the instant.
-pub type Clock = Arc<dyn Fn() -> Timestamp + Send + Sync>;
-
-/// The coming intervals of the policies between two instants, for the
-/// page's week-ahead timeline.
-pub type PreviewFn = Arc<dyn Fn(Timestamp, Timestamp) -> Vec<PreviewInterval> + Send + Sync>;
-
-/// One interval of the week ahead, as the policy's `preview` gives it.
-pub type PreviewInterval = nightshift_policy::Interval;
 
 /// What the control plane needs besides the daemon handle.
 #[derive(Clone)]
@@ -72,18 +64,6 @@ impl ControlOptions {
             preview: None,
         }
     }
-}
-
-/// What every handler sees.
-#[derive(Clone)]
-pub struct Shared {
-    pub handle: AgentHandle,
-    pub clock: Clock,
-    pub time_zone: TimeZone,
-    pub preview: Option<PreviewFn>,
-    pub secrets: Secrets,
-    /// Cancelled when the server shuts down; ends the live streams.
-    pub shutdown: CancellationToken,
 }
 
 /// The running control plane. Shut it down with [`ControlServer::shutdown`];

@@ -15,8 +15,8 @@ use nightshift_policy::{Presence, PresenceState, Source};
 use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{mpsc, watch};
 
-use super::api::ErrorBody;
 use super::client::{Reply, send};
+use super::error::ErrorBody;
 use super::server::{ADDR_FILE_NAME, ControlOptions, ControlServer, SOCKET_FILE_NAME, serve_with};
 use super::{guard, metrics};
 use crate::handle::{AgentHandle, AgentStatus, ControlCommand};
@@ -688,14 +688,14 @@ async fn serve_demo_page() {
                 day.weekday(),
                 jiff::civil::Weekday::Saturday | jiff::civil::Weekday::Sunday
             );
-            let night = |from, to| super::server::PreviewInterval {
+            let night = |from, to| super::state::PreviewInterval {
                 from,
                 to,
                 state: PresenceState::Available,
                 source: Source::Schedule("nights".into()),
             };
             out.push(night(at(0), at(7)));
-            out.push(super::server::PreviewInterval {
+            out.push(super::state::PreviewInterval {
                 from: at(7),
                 to: at(19),
                 state: if weekend {

@@ -180,13 +180,30 @@ fn master_side_schedules_use_the_worker_toml_forms() {
 }
 
 #[test]
-fn durations_parse() {
-    assert_eq!(Secs::parse("90").unwrap().0, Duration::from_secs(90));
+fn durations_parse_in_the_one_grammar_and_a_bare_number_is_refused() {
+    assert_eq!(Secs::parse("90s").unwrap().0, Duration::from_secs(90));
     assert_eq!(Secs::parse("1h30m").unwrap().0, Duration::from_secs(5400));
     assert_eq!(Secs::parse("250ms").unwrap().0, Duration::from_millis(250));
     assert_eq!(Secs::parse("1h 30m").unwrap().0, Duration::from_secs(5400));
-    assert!(Secs::parse("3 weeks").is_err());
+    assert_eq!(
+        Secs::parse("2d").unwrap().0,
+        Duration::from_secs(2 * 86_400)
+    );
     assert!(Secs::parse("m").is_err());
+    assert!(Secs::parse("-5s").is_err());
+    let why = Secs::parse("90").unwrap_err();
+    assert!(
+        why.contains("needs a unit") && why.contains("\"90s\""),
+        "{why}"
+    );
+    // In the file too, located, as worker.toml's `for = 30` is.
+    let shown = parse("missing_timeout = 30\n").unwrap_err().to_string();
+    assert!(
+        shown.contains("master.toml:1:")
+            && shown.contains("missing_timeout")
+            && shown.contains("a duration needs a unit: write \"30s\""),
+        "{shown}"
+    );
 }
 
 #[test]
@@ -230,7 +247,7 @@ steps = [{{ name = "s", command = "true", timeout = -5 }}]
     let err = MasterConfig::parse(&text, Path::new("master.toml"), Path::new("/srv")).unwrap_err();
     assert_eq!(
         err.to_string(),
-        "master.toml:2:19: missing_timeout: unknown unit `parsecs` in duration `5 parsecs`; use ms, s, m, h or d\n\
+        "master.toml:2:19: missing_timeout: invalid duration `5 parsecs`, expected e.g. `30s`, `2m`, `1h30m`, `2h` or `1d`\n\
              master.toml:7:1: worker[0].max_bulds: unknown key `max_bulds`, expected one of `name`, `token_sha256`, `max_builds`, `schedule`, `timezone`, `latent`\n\
              master.toml:11:9: lock[0].scope: unknown value `planet`, expected `master` or `worker`\n\
              master.toml:15:18: builder[0].workers[1]: unknown worker `ghost` (no [[worker]] with that name)\n\
@@ -410,4 +427,61 @@ fn artifacts_patterns_caps_and_retention_are_validated() {
             "{top} {artifacts}: {shown}"
         );
     }
+}
+
+#[test]
+fn a_command_workers_health_script_reaches_its_provider_and_only_command_may_have_one() {
+    let text = r#"
+[[worker]]
+name = "vm"
+latent = { provider = "command", start = "vm-start", stop = "vm-stop", health = "vm-alive" }
+
+[[builder]]
+name = "app"
+workers = ["vm"]
+steps = [{ name = "s", command = "true" }]
+"#;
+    let config = parse(text).unwrap();
+    let settings = crate::latent::settings_from_config(
+        config.worker("vm").unwrap(),
+        Path::new("/srv/data"),
+        Path::new("/srv"),
+    )
+    .unwrap();
+    let crate::latent::ProviderSpec::Command(command) = settings.provider else {
+        panic!("a command provider was configured: {settings:?}");
+    };
+    assert_eq!(command.health.as_deref(), Some("vm-alive"));
+    assert_eq!(command.start, "vm-start");
+
+    let without = text.replace(", health = \"vm-alive\"", "");
+    let config = parse(&without).unwrap();
+    let settings = crate::latent::settings_from_config(
+        config.worker("vm").unwrap(),
+        Path::new("/d"),
+        Path::new("/"),
+    )
+    .unwrap();
+    let crate::latent::ProviderSpec::Command(command) = settings.provider else {
+        panic!("a command provider was configured: {settings:?}");
+    };
+    assert_eq!(command.health, None);
+
+    let process = r#"
+[[worker]]
+name = "vm"
+latent = { provider = "process", health = "vm-alive" }
+
+[[builder]]
+name = "app"
+workers = ["vm"]
+steps = [{ name = "s", command = "true" }]
+"#;
+    let shown = parse(process).unwrap_err().to_string();
+    assert!(
+        shown.contains("master.toml:4:")
+            && shown.contains("worker[0].latent.health")
+            && shown.contains("only provider `command`"),
+        "{shown}"
+    );
 }

@@ -49,6 +49,10 @@ pub struct LatentConfig {
     pub start: Option<String>,
     /// `command`: the script that stops the instance.
     pub stop: Option<String>,
+    /// `command`: the script that tells whether the instance exists (exit 0:
+    /// it does); asked when a start times out, and its answer is part of
+    /// the reason shown.
+    pub health: Option<String>,
     /// `process`: the worker binary (default: `worker` next to `master`).
     pub worker_bin: Option<String>,
     /// `process`: the worker's work directory.
@@ -172,6 +176,12 @@ pub(super) fn parse_workers(
                 issue(
                     format!("worker[{i}].latent"),
                     "provider `command` needs both `start` and `stop` scripts".into(),
+                );
+            }
+            if latent.provider != LatentProvider::Command && latent.health.is_some() {
+                issue(
+                    format!("worker[{i}].latent.health"),
+                    "only provider `command` runs a `health` script".into(),
                 );
             }
             if let Some(url) = &latent.master_url

@@ -1,8 +1,13 @@
 //! Tests of the latent state machine with chosen instants, and of the
 //! action driver with a fake provider under paused tokio time.
 
-use std::sync::Mutex;
+use std::collections::{BTreeMap, BTreeSet};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
+use tokio::time::Instant;
+
+use super::settings::{BACKOFF_FIRST, BACKOFF_MAX, backoff_after};
 use super::*;
 
 fn settings(build_wait_secs: u64, start_timeout_secs: u64) -> LatentSettings {

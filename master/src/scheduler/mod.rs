@@ -30,6 +30,8 @@ mod snapshot;
 mod timers;
 
 #[cfg(test)]
+mod lock_stress;
+#[cfg(test)]
 mod test_harness;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};

@@ -97,6 +97,17 @@ impl Harness {
         state: PresenceState,
         running: Vec<BuildId>,
     ) -> (ConnId, OutboxReceiver) {
+        self.connect_with_slots(worker, state, running, 1)
+    }
+
+    /// [`Harness::connect`] for an agent that takes `max_builds` at once.
+    pub(super) fn connect_with_slots(
+        &mut self,
+        worker: &str,
+        state: PresenceState,
+        running: Vec<BuildId>,
+        max_builds: u32,
+    ) -> (ConnId, OutboxReceiver) {
         let (out, rx) = agent_outbox(OUTBOX_FRAMES);
         let conn = self.next_conn;
         self.next_conn += 1;
@@ -105,7 +116,7 @@ impl Harness {
             conn,
             hello: Hello {
                 agent_version: "test".into(),
-                max_builds: 1,
+                max_builds,
                 presence: presence(state),
                 running,
                 outlook: None,
@@ -116,14 +127,19 @@ impl Harness {
     }
 
     pub(super) async fn submit(&mut self) -> BuildId {
+        self.submit_to("app").await
+    }
+
+    /// Submits a build of `builder`.
+    pub(super) async fn submit_to(&mut self, builder: &str) -> BuildId {
         let id = self
             .store
-            .insert_build("app".into(), BTreeMap::new(), Timestamp::UNIX_EPOCH)
+            .insert_build(builder.into(), BTreeMap::new(), Timestamp::UNIX_EPOCH)
             .await
             .unwrap();
         self.scheduler.handle(Event::Submitted {
             id,
-            builder: "app".into(),
+            builder: builder.into(),
             properties: BTreeMap::new(),
             source: None,
         });

@@ -19,9 +19,10 @@ use serde_json::Value;
 use sha2::Sha256;
 
 use super::{HookResult, TriggerCounters, queue_builds, source_for};
-use crate::api::{AppState, bearer, constant_time_eq};
+use crate::api::{AppState, bearer};
 use crate::config::{HookDef, HookKind, MasterConfig};
 use crate::store::NewBuild;
+use nightshift_proto::secret::constant_time_eq;
 
 /// Largest body a hook accepts (a push event with 20 commits is ~30 KiB).
 pub const MAX_HOOK_BODY: usize = 1 << 20;

@@ -445,8 +445,14 @@ async fn a_graceful_stop_finishes_the_running_build_refuses_new_ones_then_exits(
     assert_eq!((result.build_id, result.outcome), (1, Outcome::Success));
     assert_eq!(result.log, "done\n");
     assert!(fixture.state.path().join("results/1.json").exists());
-    // Waits for the master to store the result before leaving.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Waits for the master to store the result before leaving: the daemon
+    // decides while it sends the result, so a Goodbye would already follow it.
+    while let Ok(message) = fixture.wiring.to_master.try_recv() {
+        assert!(
+            !matches!(message, AgentMessage::Goodbye { .. }),
+            "left before the master stored the result: {message:?}"
+        );
+    }
     assert!(!fixture.task.is_finished());
     fixture.master_sends(MasterMessage::ResultStored { build_id: 1 });
     assert!(matches!(

@@ -5,7 +5,7 @@
 
 use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
-use nightshift_policy::format_duration;
+use nightshift_policy::{PresenceState, format_duration};
 use nightshift_proto::wire::Window;
 
 use crate::config::Admission;
@@ -43,6 +43,24 @@ impl BuildFacts {
         match (from.checked_add(estimate), until.checked_add(overrun)) {
             (Ok(end), Ok(limit)) => end <= limit,
             _ => false,
+        }
+    }
+
+    /// The presence a worker that takes builds now competes with for this
+    /// build: an `available` one whose run, by the estimate, would go past
+    /// the instant it turns `reluctant` (plus the owner's overrun) ranks as
+    /// `reluctant` — the owner lends that time only when nobody else can
+    /// take the build. Unknown estimate: it ranks as it is.
+    pub fn ranks_as(
+        &self,
+        state: PresenceState,
+        reluctant_from: Option<Timestamp>,
+        overrun: SignedDuration,
+    ) -> PresenceState {
+        if state == PresenceState::Available && !self.fits(self.now, reluctant_from, overrun) {
+            PresenceState::Reluctant
+        } else {
+            state
         }
     }
 
@@ -142,5 +160,44 @@ pub(super) fn earlier<'a>(a: Option<LaterFit<'a>>, b: LaterFit<'a>) -> LaterFit<
         // `None` (as soon as it has room) orders before any instant.
         Some(a) if a.opens <= b.opens => a,
         _ => b,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use PresenceState::{Available, Away, Reluctant};
+
+    fn at(text: &str) -> Timestamp {
+        text.parse().expect("timestamp")
+    }
+
+    #[test]
+    fn a_run_into_reluctant_time_ranks_as_reluctant() {
+        let now = at("2026-12-01T06:00:00Z");
+        let build = |mins: Option<i64>| BuildFacts {
+            estimate: mins.map(SignedDuration::from_mins),
+            ..BuildFacts::unknown(now)
+        };
+        let seven = Some(at("2026-12-01T07:00:00Z"));
+        let mins = SignedDuration::from_mins;
+        // (estimate, state now, turns reluctant at, overrun, ranks as)
+        let cases = [
+            (Some(60), Available, seven, mins(0), Available),
+            (Some(61), Available, seven, mins(0), Reluctant),
+            (Some(61), Available, seven, mins(1), Available),
+            (Some(600), Available, None, mins(0), Available),
+            (None, Available, seven, mins(0), Available),
+            (Some(1), Available, Some(now), mins(0), Reluctant),
+            (Some(600), Reluctant, None, mins(0), Reluctant),
+            (Some(600), Away, seven, mins(0), Away),
+        ];
+        for (estimate, state, reluctant_from, overrun, expect) in cases {
+            assert_eq!(
+                build(estimate).ranks_as(state, reluctant_from, overrun),
+                expect,
+                "estimate {estimate:?} min, {state}, reluctant from {reluctant_from:?}, overrun {overrun}"
+            );
+        }
     }
 }

@@ -10,14 +10,15 @@ use std::fmt::Write;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
-use jiff::Timestamp;
 use jiff::tz::TimeZone;
+use jiff::{SignedDuration, Timestamp};
 use nightshift_policy::PresenceState;
 use nightshift_proto::api::{BuildInfo, BuildState, LatentInfo, WorkerInfo, WorkerList};
 use nightshift_proto::wire::{BuildId, Outcome};
 use tokio::sync::oneshot;
 
 use crate::api::AppState;
+use crate::config::Admission;
 use crate::scheduler::Event;
 
 /// How many builds the page lists, newest first.
@@ -69,10 +70,23 @@ pub async fn page(State(state): State<AppState>) -> Response {
         Ok(counts) => counts,
         Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")).into_response(),
     };
-    let builds = with_live_waits(builds, &snapshot.waiting_for);
+    let builds = with_live_waits(builds, &snapshot.waiting_for, &snapshot.estimates);
+    let builders: Vec<BuilderRow> = state
+        .config
+        .get()
+        .builders
+        .iter()
+        .map(|def| BuilderRow {
+            name: def.name.clone(),
+            workers: def.workers.len(),
+            admission: def.admission,
+            estimate: snapshot.estimates.get(&def.name).copied(),
+        })
+        .collect();
     let html = render(
         &snapshot.workers,
         &builds,
+        &builders,
         counts,
         Timestamp::now(),
         &TimeZone::system(),
@@ -88,9 +102,19 @@ async fn count_unfinished(state: &AppState) -> anyhow::Result<BuildCounts> {
 
 /// What each build waits for right now: the scheduler's live word for a
 /// queued build (else the stored one), for a running build only the live
-/// word (a step waiting for a lock), nothing for a finished build.
-fn with_live_waits(mut builds: Vec<BuildInfo>, live: &BTreeMap<BuildId, String>) -> Vec<BuildInfo> {
+/// word (a step waiting for a lock), nothing for a finished build; and the
+/// builder's estimated duration while it is not finished.
+fn with_live_waits(
+    mut builds: Vec<BuildInfo>,
+    live: &BTreeMap<BuildId, String>,
+    estimates: &BTreeMap<String, SignedDuration>,
+) -> Vec<BuildInfo> {
     for build in &mut builds {
+        if build.state != BuildState::Finished {
+            build.estimate_secs = estimates
+                .get(&build.builder)
+                .and_then(|took| u64::try_from(took.as_secs()).ok());
+        }
         let now = live.get(&build.id).cloned();
         build.waiting_for = match build.state {
             BuildState::Queued => now.or(build.waiting_for.take()),
@@ -155,6 +179,31 @@ pub fn time_html(t: Timestamp, now: Timestamp, tz: &TimeZone) -> String {
     )
 }
 
+/// A builder's estimated duration as people say it: `40 s`, `5 min`
+/// (rounded up: an estimate is a promise not to take longer), `1 h 20 min`.
+pub fn estimate_words(secs: u64) -> String {
+    if secs < 60 {
+        return format!("{} s", secs.max(1));
+    }
+    let minutes = secs.div_ceil(60);
+    match (minutes / 60, minutes % 60) {
+        (0, m) => format!("{m} min"),
+        (h, 0) => format!("{h} h"),
+        (h, m) => format!("{h} h {m} min"),
+    }
+}
+
+/// One builder as the dashboard lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BuilderRow {
+    pub name: String,
+    /// How many workers it lists.
+    pub workers: usize,
+    pub admission: Admission,
+    /// Its estimated duration (window-aware admission); `None` until known.
+    pub estimate: Option<SignedDuration>,
+}
+
 /// `1 worker` / `3 workers`.
 fn plural(n: usize, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
@@ -164,6 +213,7 @@ fn plural(n: usize, one: &str, many: &str) -> String {
 pub fn render(
     workers: &WorkerList,
     builds: &[BuildInfo],
+    builders: &[BuilderRow],
     counts: BuildCounts,
     now: Timestamp,
     tz: &TimeZone,
@@ -184,6 +234,7 @@ pub fn render(
     render_header(&mut html, workers, counts, now, tz);
     render_workers(&mut html, &workers.workers, now, tz);
     render_builds(&mut html, builds, now, tz);
+    render_builders(&mut html, builders);
     let zone = tz
         .iana_name()
         .map(str::to_owned)
@@ -485,6 +536,48 @@ fn render_builds(html: &mut String, builds: &[BuildInfo], now: Timestamp, tz: &T
     html.push_str("</tbody></table></section>");
 }
 
+/// The builders card: each builder's estimated duration, which window-aware
+/// admission holds against the workers' windows.
+fn render_builders(html: &mut String, builders: &[BuilderRow]) {
+    if builders.is_empty() {
+        return;
+    }
+    let _ = write!(
+        html,
+        "<section class=\"card\"><h2>Builders <span class=\"count\">({})</span></h2>\
+         <table><thead><tr><th>Builder</th><th>Workers</th><th>Estimated duration</th>\
+         <th>Admission</th></tr></thead><tbody>",
+        builders.len()
+    );
+    for b in builders {
+        let estimate = match b.estimate {
+            Some(took) => format!(
+                "<span class=\"tip\" title=\"90th percentile of its last {} successful builds\">{}</span>",
+                crate::scheduler::estimate::WINDOW,
+                esc(&estimate_words(u64::try_from(took.as_secs()).unwrap_or(0)))
+            ),
+            None => format!(
+                "<span class=\"none\">unknown until {} successful builds</span>",
+                crate::scheduler::estimate::MIN_SAMPLES
+            ),
+        };
+        let admission = match b.admission {
+            Admission::Fit => "fit: waits for a window that fits",
+            Admission::BestEffort => "best-effort: starts where the window lasts longest",
+        };
+        let _ = write!(
+            html,
+            "<tr><td data-label=\"Builder\" class=\"name\">{}</td>\
+             <td data-label=\"Workers\" class=\"num\">{}</td>\
+             <td data-label=\"Estimated duration\">{estimate}</td>\
+             <td data-label=\"Admission\">{admission}</td></tr>",
+            esc(&b.name),
+            b.workers,
+        );
+    }
+    html.push_str("</tbody></table></section>");
+}
+
 /// The scheduler's word for what a build waits for, as a phrase: its words
 /// read after "waiting for" (`lock deploy (on b1)`, `a worker: b1 away`),
 /// except a pause or a builder gone from master.toml, which say themselves.
@@ -498,17 +591,25 @@ pub fn wait_phrase(waiting: &str) -> String {
     }
 }
 
-/// How long a build has waited, has run so far, or took.
+/// How long a build has waited, has run so far, or took (with the
+/// builder's estimate while it is not finished).
 fn build_duration(b: &BuildInfo, now: Timestamp) -> String {
+    let estimate = b.estimate_secs.map(estimate_words);
     match (b.state, b.started_at, b.finished_at) {
         (BuildState::Queued, _, _) => format!(
-            "<span class=\"soft\">queued {}</span>",
-            short_duration(b.submitted_at, now)
+            "<span class=\"soft\">queued {}{}</span>",
+            short_duration(b.submitted_at, now),
+            estimate
+                .map(|e| format!("; estimated {e}"))
+                .unwrap_or_default()
         ),
         (BuildState::Running, Some(start), _) => {
             format!(
-                "{} <span class=\"soft\">so far</span>",
-                short_duration(start, now)
+                "{} <span class=\"soft\">so far{}</span>",
+                short_duration(start, now),
+                estimate
+                    .map(|e| format!(" of an estimated {e}"))
+                    .unwrap_or_default()
             )
         }
         (BuildState::Finished, Some(start), Some(end)) => {
@@ -681,7 +782,7 @@ mod tests {
             running: 1,
         };
 
-        let html = render(&workers, &builds, counts, now, &tz);
+        let html = render(&workers, &builds, &[], counts, now, &tz);
 
         // Escaped, never raw.
         assert!(!html.contains("<script>"), "{html}");
@@ -732,7 +833,14 @@ mod tests {
             paused: false,
             workers: Vec::new(),
         };
-        let html = render(&workers, &[], BuildCounts::default(), now, &TimeZone::UTC);
+        let html = render(
+            &workers,
+            &[],
+            &[],
+            BuildCounts::default(),
+            now,
+            &TimeZone::UTC,
+        );
         let text = strip_tags(&html);
         assert!(!text.contains("Paused"), "{text}");
         assert!(text.contains("0 workers: 0 available"), "{text}");
@@ -769,14 +877,86 @@ mod tests {
         let mut finished = build(4, BuildState::Finished);
         finished.waiting_for = Some("stale word".to_owned());
         let live = BTreeMap::from([(3, "lock deploy".to_owned())]);
+        let estimates = BTreeMap::from([("hello".to_owned(), SignedDuration::from_secs(300))]);
         let builds = with_live_waits(
             vec![queued_stored, running_stale, running_lock, finished],
             &live,
+            &estimates,
         );
         let waits: Vec<Option<&str>> = builds.iter().map(|b| b.waiting_for.as_deref()).collect();
         assert_eq!(
             waits,
             vec![Some("no available worker"), None, Some("lock deploy"), None]
+        );
+        // The estimate goes with unfinished builds only.
+        let estimates: Vec<Option<u64>> = builds.iter().map(|b| b.estimate_secs).collect();
+        assert_eq!(estimates, vec![Some(300), Some(300), Some(300), None]);
+    }
+
+    #[test]
+    fn estimates_read_in_minutes_rounded_up() {
+        for (secs, words) in [
+            (0, "1 s"),
+            (42, "42 s"),
+            (60, "1 min"),
+            (61, "2 min"),
+            (300, "5 min"),
+            (3600, "1 h"),
+            (4800, "1 h 20 min"),
+            (4801, "1 h 21 min"),
+        ] {
+            assert_eq!(estimate_words(secs), words, "{secs} s");
+        }
+    }
+
+    #[test]
+    fn builders_and_unfinished_builds_show_the_estimate() {
+        let now = at("2026-11-23T13:30:00Z");
+        let workers = WorkerList {
+            paused: false,
+            workers: vec![worker("lab", PresenceState::Available, "night hours")],
+        };
+        let builders = vec![
+            BuilderRow {
+                name: "app<x>".to_owned(),
+                workers: 3,
+                admission: Admission::Fit,
+                estimate: Some(SignedDuration::from_secs(4800)),
+            },
+            BuilderRow {
+                name: "docs".to_owned(),
+                workers: 1,
+                admission: Admission::BestEffort,
+                estimate: None,
+            },
+        ];
+        let mut queued = build(9, BuildState::Queued);
+        queued.estimate_secs = Some(300);
+        let mut running = build(7, BuildState::Running);
+        running.started_at = Some(at("2026-11-23T13:28:00Z"));
+        running.estimate_secs = Some(300);
+        let html = render(
+            &workers,
+            &[queued, running],
+            &builders,
+            BuildCounts::default(),
+            now,
+            &TimeZone::UTC,
+        );
+        let text = strip_tags(&html);
+        assert!(html.contains("app&lt;x&gt;"), "{html}");
+        assert!(
+            text.contains("app<x>31 h 20 minfit: waits for a window that fits"),
+            "{text}"
+        );
+        assert!(
+            text.contains("docs1unknown until 3 successful buildsbest-effort"),
+            "{text}"
+        );
+        assert!(text.contains("queued 30m00s; estimated 5 min"), "{text}");
+        assert!(
+            text.contains("2m00s so far of an estimated 5 min"),
+            "{text}"
         );
     }
 

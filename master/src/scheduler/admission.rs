@@ -100,6 +100,15 @@ impl BuildFacts {
     }
 }
 
+/// The earlier of two instants, `None` being "never" (the agent's outlook
+/// and the master-side schedule each limit a worker's availability).
+pub(super) fn earliest(a: Option<Timestamp>, b: Option<Timestamp>) -> Option<Timestamp> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
 /// The best worker that could take the build now but whose availability
 /// would cut it: its name and when its availability ends.
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -170,6 +179,15 @@ mod tests {
 
     fn at(text: &str) -> Timestamp {
         text.parse().expect("timestamp")
+    }
+
+    #[test]
+    fn the_earliest_limit_wins_and_none_is_never() {
+        let (six, seven) = (at("2026-12-01T06:00:00Z"), at("2026-12-01T07:00:00Z"));
+        assert_eq!(earliest(Some(seven), Some(six)), Some(six));
+        assert_eq!(earliest(None, Some(seven)), Some(seven));
+        assert_eq!(earliest(Some(six), None), Some(six));
+        assert_eq!(earliest(None, None), None);
     }
 
     #[test]

@@ -216,6 +216,8 @@ impl Scheduler {
                 return Candidate::NotConfigured { name };
             };
             let outlook = slot.outlook.as_ref();
+            // The agent cannot foresee the master's own schedule for it.
+            let limits = self.schedules.limits(name);
             Candidate::Worker(WorkerFacts {
                 name,
                 connected: slot.conn.is_some(),
@@ -229,8 +231,14 @@ impl Scheduler {
                 lock_waits: self.lock_waits.values().filter(|w| *w == name).count(),
                 refused_it: slot.refused.contains(&id),
                 last_assigned: slot.last_assigned,
-                takes_builds_until: outlook.and_then(|o| o.takes_builds_until),
-                reluctant_from: outlook.and_then(|o| o.reluctant_from),
+                takes_builds_until: admission::earliest(
+                    outlook.and_then(|o| o.takes_builds_until),
+                    limits.takes_builds_until,
+                ),
+                reluctant_from: admission::earliest(
+                    outlook.and_then(|o| o.reluctant_from),
+                    limits.reluctant_from,
+                ),
                 next_window: outlook.and_then(|o| o.next_window),
                 overrun: outlook.map_or(SignedDuration::ZERO, |o| {
                     SignedDuration::from_secs(i64::try_from(o.overrun_secs).unwrap_or(i64::MAX))

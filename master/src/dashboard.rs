@@ -788,6 +788,7 @@ mod tests {
             revision: None,
             trigger: None,
             collapsed_into: None,
+            artifacts: Vec::new(),
         }
     }
 

@@ -4,6 +4,7 @@
 //! One module per section; `parse` runs them in order and collects every
 //! error.
 
+mod artifacts;
 mod builders;
 mod duration;
 mod error;
@@ -26,6 +27,7 @@ use nightshift_proto::diag::parse_toml;
 
 use crate::locks::LockDef;
 
+pub use artifacts::ArtifactSettings;
 pub use builders::{Admission, BuilderDef};
 pub use duration::Secs;
 pub use error::{ConfigError, ConfigIssue};
@@ -94,6 +96,14 @@ struct RawConfig {
     #[serde(default = "default_max_log_bytes")]
     max_log_bytes: u64,
     max_agents: Option<u32>,
+    #[serde(default = "artifacts::default_max_artifact_bytes")]
+    max_artifact_bytes: u64,
+    #[serde(default = "artifacts::default_max_build_artifact_bytes")]
+    max_build_artifact_bytes: u64,
+    #[serde(default = "artifacts::default_artifact_retention")]
+    artifact_retention: Secs,
+    #[serde(default)]
+    artifact_keep_builds: u32,
     #[serde(default)]
     worker: Vec<RawWorker>,
     #[serde(default)]
@@ -125,6 +135,8 @@ pub struct MasterConfig {
     /// Most agents connected at once; `None`: as many as the descriptor
     /// limit leaves room for beside API clients and browsers.
     pub max_agents: Option<u32>,
+    /// What the master keeps of builds' artifacts.
+    pub artifacts: ArtifactSettings,
     pub workers: Vec<WorkerDef>,
     pub builders: Vec<BuilderDef>,
     pub locks: Vec<LockDef>,
@@ -231,6 +243,7 @@ impl MasterConfig {
         let written = Written::of(text);
 
         let general = general::parse_general(&raw, base, &mut errors);
+        let artifacts = artifacts::parse_artifacts(&raw, &mut errors);
         let (workers, worker_names) = workers::parse_workers(raw.worker, &written, &mut errors);
         let (locks, lock_names) =
             locks::parse_locks(raw.lock, &worker_names, &written, &mut errors);
@@ -261,6 +274,7 @@ impl MasterConfig {
             max_starting: raw.max_starting,
             max_log_bytes: raw.max_log_bytes,
             max_agents: raw.max_agents,
+            artifacts,
             index: WorkerIndex::of(&workers),
             workers,
             builders,

@@ -3,7 +3,7 @@
 //! build that still fits now. Pure: every instant is a parameter.
 
 use jiff::{SignedDuration, Timestamp};
-use nightshift_policy::{Inputs, Policy, Source};
+use nightshift_policy::{Inputs, Policy, PresenceState, Source};
 use nightshift_proto::wire::{Outlook, Window};
 
 /// How far ahead the outlook looks (a week and a day: every weekly window).
@@ -26,13 +26,27 @@ fn next_flip(
     want: bool,
     end: Timestamp,
 ) -> Option<Timestamp> {
+    next_where(policy, from, inputs, end, |state| {
+        state.takes_builds() == want
+    })
+}
+
+/// The first change after `from` and not after `end` to a state `wanted`
+/// accepts.
+fn next_where(
+    policy: &Policy,
+    from: Timestamp,
+    inputs: &Inputs,
+    end: Timestamp,
+    wanted: impl Fn(PresenceState) -> bool,
+) -> Option<Timestamp> {
     let mut at = from;
     for _ in 0..MAX_STEPS {
         let next = policy.next_change(at, inputs)?;
         if next > end {
             return None;
         }
-        if takes(policy, next, inputs) == want {
+        if wanted(policy.evaluate(next, inputs).state) {
             return Some(next);
         }
         at = next;
@@ -66,6 +80,17 @@ pub fn outlook(
     } else {
         (None, Some(now))
     };
+    // An available worker that turns reluctant before it stops taking
+    // builds: from then on it lends its time only when nobody else can.
+    let reluctant_from = if presence.state == PresenceState::Available {
+        let last = takes_builds_until.unwrap_or(end);
+        next_where(policy, now, inputs, last, |state| {
+            state == PresenceState::Reluctant
+        })
+        .filter(|at| *at < last)
+    } else {
+        None
+    };
     let future = Inputs {
         load: None,
         ..inputs.clone()
@@ -83,6 +108,7 @@ pub fn outlook(
     });
     Outlook {
         takes_builds_until,
+        reluctant_from,
         next_window,
         overrun_secs,
     }
@@ -108,7 +134,7 @@ pub fn longest_fit(outlook: &Outlook, takes_now: bool, now: Timestamp) -> Option
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nightshift_policy::{AvailabilityConfig, ManualOverride, PresenceState, ScheduleConfig};
+    use nightshift_policy::{AvailabilityConfig, ManualOverride, ScheduleConfig};
 
     fn nights() -> Policy {
         let config = AvailabilityConfig {
@@ -153,6 +179,84 @@ mod tests {
             longest_fit(&got, true, at("2026-12-01T05:50:00Z")),
             Some(SignedDuration::from_mins(25))
         );
+    }
+
+    /// Nights available, then a reluctant morning until 09:00 (Berlin).
+    fn nights_then_a_reluctant_morning() -> Policy {
+        let config = AvailabilityConfig {
+            timezone: Some("Europe/Berlin".to_owned()),
+            schedule: vec![
+                ScheduleConfig {
+                    name: "nights".to_owned(),
+                    hours: Some("19:00-07:00".to_owned()),
+                    days: None,
+                    open: None,
+                    close: None,
+                    state: PresenceState::Available,
+                },
+                ScheduleConfig {
+                    name: "mornings".to_owned(),
+                    hours: Some("07:00-09:00".to_owned()),
+                    days: None,
+                    open: None,
+                    close: None,
+                    state: PresenceState::Reluctant,
+                },
+            ],
+            ..AvailabilityConfig::default()
+        };
+        Policy::compile(&config, jiff::tz::TimeZone::UTC).expect("valid")
+    }
+
+    #[test]
+    fn an_available_worker_says_when_it_turns_reluctant() {
+        let policy = nights_then_a_reluctant_morning();
+        let cases = [
+            // (now, takes builds until, reluctant from): 06:50 Berlin,
+            // available: reluctant at 07:00, away at 09:00.
+            (
+                "2026-12-01T05:50:00Z",
+                Some("2026-12-01T08:00:00Z"),
+                Some("2026-12-01T06:00:00Z"),
+            ),
+            // Midnight: the same morning ahead.
+            (
+                "2026-11-30T23:00:00Z",
+                Some("2026-12-01T08:00:00Z"),
+                Some("2026-12-01T06:00:00Z"),
+            ),
+            // 08:00, reluctant already: only the end of taking builds.
+            ("2026-12-01T07:00:00Z", Some("2026-12-01T08:00:00Z"), None),
+            // Away at noon: neither.
+            ("2026-12-01T11:00:00Z", None, None),
+        ];
+        for (now, until, reluctant) in cases {
+            let got = outlook(&policy, at(now), &Inputs::default(), SignedDuration::ZERO);
+            assert_eq!(got.takes_builds_until, until.map(at), "at {now}");
+            assert_eq!(got.reluctant_from, reluctant.map(at), "at {now}");
+        }
+        // Plain nights never turn reluctant.
+        let got = outlook(
+            &nights(),
+            at("2026-12-01T05:50:00Z"),
+            &Inputs::default(),
+            SignedDuration::ZERO,
+        );
+        assert_eq!(got.reluctant_from, None);
+        // Reluctant by hand until 06:30, then the schedule's nights until 07:00.
+        let now = at("2026-12-01T05:00:00Z");
+        let inputs = Inputs {
+            manual: Some(ManualOverride {
+                state: PresenceState::Reluctant,
+                reason: None,
+                set_at: now,
+                until: Some(at("2026-12-01T05:30:00Z")),
+            }),
+            ..Inputs::default()
+        };
+        let got = outlook(&policy, now, &inputs, SignedDuration::ZERO);
+        assert_eq!(got.reluctant_from, None, "reluctant now: nothing to add");
+        assert_eq!(got.takes_builds_until, Some(at("2026-12-01T08:00:00Z")));
     }
 
     #[test]

@@ -122,6 +122,10 @@ pub async fn page(
             && let Ok(snapshot) = answer.await
         {
             let live = snapshot.waiting_for.get(&id).cloned();
+            build.estimate_secs = snapshot
+                .estimates
+                .get(&build.builder)
+                .and_then(|took| u64::try_from(took.as_secs()).ok());
             build.waiting_for = match build.state {
                 BuildState::Queued => live.or(build.waiting_for.take()),
                 _ => live,
@@ -263,6 +267,29 @@ pub fn render(
             format!(
                 "{} <span class=\"soft\">after waiting {waited}</span>",
                 time_html(started, now, tz)
+            ),
+        );
+    }
+    if let (Some(secs), true) = (build.estimate_secs, build.state != BuildState::Finished) {
+        let ends = build
+            .started_at
+            .and_then(|started| {
+                started
+                    .checked_add(jiff::SignedDuration::from_secs(i64::try_from(secs).ok()?))
+                    .ok()
+            })
+            .map(|end| {
+                format!(
+                    " <span class=\"soft\">ends about {}</span>",
+                    time_html(end, now, tz)
+                )
+            })
+            .unwrap_or_default();
+        fact(
+            "Estimate",
+            format!(
+                "estimated {}{ends}",
+                esc(&crate::dashboard::estimate_words(secs))
             ),
         );
     }
@@ -531,6 +558,38 @@ mod tests {
         assert!(html.contains("new EventSource('/builds/12/events')"));
         assert!(html.contains("(live)"));
         assert!(!html.contains("hunter2"), "properties stay private");
+    }
+
+    #[test]
+    fn an_unfinished_build_shows_its_builders_estimate() {
+        let now = at("2026-11-23T13:05:00Z");
+        let mut b = build(BuildState::Running);
+        b.estimate_secs = Some(300);
+        let html = render(&b, &names(), "", "", false, now, &TimeZone::UTC);
+        let started = b.started_at.expect("started");
+        let ends = started + jiff::SignedDuration::from_secs(300);
+        assert!(
+            html.contains("<dt>Estimate</dt><dd>estimated 5 min"),
+            "{html}"
+        );
+        assert!(
+            html.contains(&format!(
+                "ends about {}",
+                time_html(ends, now, &TimeZone::UTC)
+            )),
+            "{html}"
+        );
+        // Queued: the estimate, no end yet.
+        let mut queued = build(BuildState::Queued);
+        queued.started_at = None;
+        queued.estimate_secs = Some(4800);
+        let html = render(&queued, &names(), "", "", false, now, &TimeZone::UTC);
+        assert!(html.contains("<dd>estimated 1 h 20 min</dd>"), "{html}");
+        // Finished builds say what they took, not what was expected.
+        let mut done = build(BuildState::Finished);
+        done.estimate_secs = Some(300);
+        let html = render(&done, &names(), "", "", false, now, &TimeZone::UTC);
+        assert!(!html.contains("estimated"), "{html}");
     }
 
     #[test]

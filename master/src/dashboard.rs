@@ -12,8 +12,8 @@ use std::fmt::Write;
 use axum::extract::State;
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
-use jiff::Timestamp;
 use jiff::tz::TimeZone;
+use jiff::{SignedDuration, Timestamp};
 use nightshift_policy::PresenceState;
 use nightshift_proto::api::{BuildInfo, BuildState, LatentInfo, WorkerInfo, WorkerList};
 use nightshift_proto::html::escape;
@@ -22,6 +22,7 @@ use tokio::sync::oneshot;
 
 use crate::actions;
 use crate::api::AppState;
+use crate::config::Admission;
 use crate::scheduler::Event;
 use crate::session::Viewer;
 
@@ -61,10 +62,23 @@ pub async fn page(
         Ok(counts) => counts,
         Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")).into_response(),
     };
-    let builds = with_live_waits(builds, &snapshot.waiting_for);
+    let builds = with_live_waits(builds, &snapshot.waiting_for, &snapshot.estimates);
+    let builders: Vec<BuilderRow> = state
+        .config
+        .get()
+        .builders
+        .iter()
+        .map(|def| BuilderRow {
+            name: def.name.clone(),
+            workers: def.workers.len(),
+            admission: def.admission,
+            estimate: snapshot.estimates.get(&def.name).copied(),
+        })
+        .collect();
     let html = render(
         &snapshot.workers,
         &builds,
+        &builders,
         counts,
         &crate::session::viewer(viewer),
         Timestamp::now(),
@@ -81,9 +95,19 @@ async fn count_unfinished(state: &AppState) -> anyhow::Result<BuildCounts> {
 
 /// What each build waits for right now: the scheduler's live word for a
 /// queued build (else the stored one), for a running build only the live
-/// word (a step waiting for a lock), nothing for a finished build.
-fn with_live_waits(mut builds: Vec<BuildInfo>, live: &BTreeMap<BuildId, String>) -> Vec<BuildInfo> {
+/// word (a step waiting for a lock), nothing for a finished build; and the
+/// builder's estimated duration while it is not finished.
+fn with_live_waits(
+    mut builds: Vec<BuildInfo>,
+    live: &BTreeMap<BuildId, String>,
+    estimates: &BTreeMap<String, SignedDuration>,
+) -> Vec<BuildInfo> {
     for build in &mut builds {
+        if build.state != BuildState::Finished {
+            build.estimate_secs = estimates
+                .get(&build.builder)
+                .and_then(|took| u64::try_from(took.as_secs()).ok());
+        }
         let now = live.get(&build.id).cloned();
         build.waiting_for = match build.state {
             BuildState::Queued => now.or(build.waiting_for.take()),
@@ -148,6 +172,31 @@ pub fn time_html(t: Timestamp, now: Timestamp, tz: &TimeZone) -> String {
     )
 }
 
+/// A builder's estimated duration as people say it: `40 s`, `5 min`
+/// (rounded up: an estimate is a promise not to take longer), `1 h 20 min`.
+pub fn estimate_words(secs: u64) -> String {
+    if secs < 60 {
+        return format!("{} s", secs.max(1));
+    }
+    let minutes = secs.div_ceil(60);
+    match (minutes / 60, minutes % 60) {
+        (0, m) => format!("{m} min"),
+        (h, 0) => format!("{h} h"),
+        (h, m) => format!("{h} h {m} min"),
+    }
+}
+
+/// One builder as the dashboard lists it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BuilderRow {
+    pub name: String,
+    /// How many workers it lists.
+    pub workers: usize,
+    pub admission: Admission,
+    /// Its estimated duration (window-aware admission); `None` until known.
+    pub estimate: Option<SignedDuration>,
+}
+
 /// `1 worker` / `3 workers`.
 fn plural(n: usize, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
@@ -158,6 +207,7 @@ fn plural(n: usize, one: &str, many: &str) -> String {
 pub fn render(
     workers: &WorkerList,
     builds: &[BuildInfo],
+    builders: &[BuilderRow],
     counts: BuildCounts,
     viewer: &Viewer,
     now: Timestamp,
@@ -179,6 +229,7 @@ pub fn render(
     render_header(&mut html, workers, counts, viewer, now, tz);
     render_workers(&mut html, &workers.workers, now, tz);
     render_builds(&mut html, builds, viewer.csrf.as_deref(), now, tz);
+    render_builders(&mut html, builders);
     let zone = tz
         .iana_name()
         .map(str::to_owned)
@@ -525,6 +576,48 @@ fn render_builds(
     html.push_str("</tbody></table></section>");
 }
 
+/// The builders card: each builder's estimated duration, which window-aware
+/// admission holds against the workers' windows.
+fn render_builders(html: &mut String, builders: &[BuilderRow]) {
+    if builders.is_empty() {
+        return;
+    }
+    let _ = write!(
+        html,
+        "<section class=\"card\"><h2>Builders <span class=\"count\">({})</span></h2>\
+         <table><thead><tr><th>Builder</th><th>Workers</th><th>Estimated duration</th>\
+         <th>Admission</th></tr></thead><tbody>",
+        builders.len()
+    );
+    for b in builders {
+        let estimate = match b.estimate {
+            Some(took) => format!(
+                "<span class=\"tip\" title=\"90th percentile of its last {} successful builds\">{}</span>",
+                crate::scheduler::estimate::WINDOW,
+                esc(&estimate_words(u64::try_from(took.as_secs()).unwrap_or(0)))
+            ),
+            None => format!(
+                "<span class=\"none\">unknown until {} successful builds</span>",
+                crate::scheduler::estimate::MIN_SAMPLES
+            ),
+        };
+        let admission = match b.admission {
+            Admission::Fit => "fit: waits for a window that fits",
+            Admission::BestEffort => "best-effort: starts where the window lasts longest",
+        };
+        let _ = write!(
+            html,
+            "<tr><td data-label=\"Builder\" class=\"name\">{}</td>\
+             <td data-label=\"Workers\" class=\"num\">{}</td>\
+             <td data-label=\"Estimated duration\">{estimate}</td>\
+             <td data-label=\"Admission\">{admission}</td></tr>",
+            esc(&b.name),
+            b.workers,
+        );
+    }
+    html.push_str("</tbody></table></section>");
+}
+
 /// The scheduler's word for what a build waits for, as a phrase: its words
 /// read after "waiting for" (`lock deploy (on b1)`, `a worker: b1 away`),
 /// except a pause or a builder gone from master.toml, which say themselves.
@@ -538,17 +631,25 @@ pub fn wait_phrase(waiting: &str) -> String {
     }
 }
 
-/// How long a build has waited, has run so far, or took.
+/// How long a build has waited, has run so far, or took (with the
+/// builder's estimate while it is not finished).
 fn build_duration(b: &BuildInfo, now: Timestamp) -> String {
+    let estimate = b.estimate_secs.map(estimate_words);
     match (b.state, b.started_at, b.finished_at) {
         (BuildState::Queued, _, _) => format!(
-            "<span class=\"soft\">queued {}</span>",
-            short_duration(b.submitted_at, now)
+            "<span class=\"soft\">queued {}{}</span>",
+            short_duration(b.submitted_at, now),
+            estimate
+                .map(|e| format!("; estimated {e}"))
+                .unwrap_or_default()
         ),
         (BuildState::Running, Some(start), _) => {
             format!(
-                "{} <span class=\"soft\">so far</span>",
-                short_duration(start, now)
+                "{} <span class=\"soft\">so far{}</span>",
+                short_duration(start, now),
+                estimate
+                    .map(|e| format!(" of an estimated {e}"))
+                    .unwrap_or_default()
             )
         }
         (BuildState::Finished, Some(start), Some(end)) => {
@@ -714,7 +815,7 @@ mod tests {
             running: 1,
         };
 
-        let html = render(&workers, &builds, counts, &Viewer::default(), now, &tz);
+        let html = render(&workers, &builds, &[], counts, &Viewer::default(), now, &tz);
 
         // Escaped, never raw.
         assert!(!html.contains("<script>"), "{html}");
@@ -775,6 +876,7 @@ mod tests {
         let html = render(
             &workers,
             &builds,
+            &[],
             BuildCounts::default(),
             &session,
             now,
@@ -794,6 +896,7 @@ mod tests {
         let paused = render(
             &workers,
             &builds,
+            &[],
             BuildCounts::default(),
             &session,
             now,
@@ -805,6 +908,7 @@ mod tests {
         let anonymous = render(
             &workers,
             &builds,
+            &[],
             BuildCounts::default(),
             &Viewer::default(),
             now,
@@ -823,6 +927,7 @@ mod tests {
         };
         let html = render(
             &workers,
+            &[],
             &[],
             BuildCounts::default(),
             &Viewer::default(),
@@ -865,14 +970,87 @@ mod tests {
         let mut finished = build(4, BuildState::Finished);
         finished.waiting_for = Some("stale word".to_owned());
         let live = BTreeMap::from([(3, "lock deploy".to_owned())]);
+        let estimates = BTreeMap::from([("hello".to_owned(), SignedDuration::from_secs(300))]);
         let builds = with_live_waits(
             vec![queued_stored, running_stale, running_lock, finished],
             &live,
+            &estimates,
         );
         let waits: Vec<Option<&str>> = builds.iter().map(|b| b.waiting_for.as_deref()).collect();
         assert_eq!(
             waits,
             vec![Some("no available worker"), None, Some("lock deploy"), None]
+        );
+        // The estimate goes with unfinished builds only.
+        let estimates: Vec<Option<u64>> = builds.iter().map(|b| b.estimate_secs).collect();
+        assert_eq!(estimates, vec![Some(300), Some(300), Some(300), None]);
+    }
+
+    #[test]
+    fn estimates_read_in_minutes_rounded_up() {
+        for (secs, words) in [
+            (0, "1 s"),
+            (42, "42 s"),
+            (60, "1 min"),
+            (61, "2 min"),
+            (300, "5 min"),
+            (3600, "1 h"),
+            (4800, "1 h 20 min"),
+            (4801, "1 h 21 min"),
+        ] {
+            assert_eq!(estimate_words(secs), words, "{secs} s");
+        }
+    }
+
+    #[test]
+    fn builders_and_unfinished_builds_show_the_estimate() {
+        let now = at("2026-11-23T13:30:00Z");
+        let workers = WorkerList {
+            paused: false,
+            workers: vec![worker("lab", PresenceState::Available, "night hours")],
+        };
+        let builders = vec![
+            BuilderRow {
+                name: "app<x>".to_owned(),
+                workers: 3,
+                admission: Admission::Fit,
+                estimate: Some(SignedDuration::from_secs(4800)),
+            },
+            BuilderRow {
+                name: "docs".to_owned(),
+                workers: 1,
+                admission: Admission::BestEffort,
+                estimate: None,
+            },
+        ];
+        let mut queued = build(9, BuildState::Queued);
+        queued.estimate_secs = Some(300);
+        let mut running = build(7, BuildState::Running);
+        running.started_at = Some(at("2026-11-23T13:28:00Z"));
+        running.estimate_secs = Some(300);
+        let html = render(
+            &workers,
+            &[queued, running],
+            &builders,
+            BuildCounts::default(),
+            &Viewer::default(),
+            now,
+            &TimeZone::UTC,
+        );
+        let text = strip_tags(&html);
+        assert!(html.contains("app&lt;x&gt;"), "{html}");
+        assert!(
+            text.contains("app<x>31 h 20 minfit: waits for a window that fits"),
+            "{text}"
+        );
+        assert!(
+            text.contains("docs1unknown until 3 successful buildsbest-effort"),
+            "{text}"
+        );
+        assert!(text.contains("queued 30m00s; estimated 5 min"), "{text}");
+        assert!(
+            text.contains("2m00s so far of an estimated 5 min"),
+            "{text}"
         );
     }
 

@@ -6,12 +6,15 @@
 //! The scheduler keeps one timer for [`MasterSchedules::next_change`] and
 //! calls [`MasterSchedules::refresh`] when it fires (a schedule boundary
 //! fires at the boundary, no polling); every changed verdict is sent to the
-//! agent as `MasterMessage::MasterOverride` so it shows it too.
+//! agent as `MasterMessage::MasterOverride` so it shows it too. It also
+//! keeps, per worker, what its schedule says about the time ahead
+//! ([`ScheduleLimits`]), which window-aware admission joins with the
+//! agent's own outlook: the agent cannot foresee the master's schedule.
 
 use std::collections::BTreeMap;
 
-use jiff::Timestamp;
 use jiff::tz::TimeZone;
+use jiff::{SignedDuration, Timestamp};
 use nightshift_policy::{
     AvailabilityConfig, Inputs, Policy, Presence, PresenceState, ScheduleConfig,
 };
@@ -26,11 +29,30 @@ pub struct ScheduleSpec {
     pub windows: Vec<ScheduleConfig>,
 }
 
+/// How far ahead the limits look (a week and a day, like the agent's
+/// outlook).
+const LIMITS_HORIZON: SignedDuration = SignedDuration::from_hours(24 * 8);
+/// Most changes followed when looking ahead (a guard).
+const LIMITS_MAX_STEPS: usize = 1000;
+
+/// What a worker's master-side schedule says about the time ahead, as of
+/// its last boundary: when it next stops the worker taking builds, and when
+/// it first makes an unrestricted worker `reluctant` before that (`None`:
+/// not within the horizon, or no schedule).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ScheduleLimits {
+    pub takes_builds_until: Option<Timestamp>,
+    pub reluctant_from: Option<Timestamp>,
+    /// The schedule's next boundary: the limits are recomputed then.
+    due: Option<Timestamp>,
+}
+
 /// Every worker's master-side schedule, compiled, with the last verdicts.
 #[derive(Debug, Default)]
 pub struct MasterSchedules {
     policies: BTreeMap<String, Policy>,
     verdicts: BTreeMap<String, Option<Presence>>,
+    limits: BTreeMap<String, ScheduleLimits>,
 }
 
 impl MasterSchedules {
@@ -64,6 +86,7 @@ impl MasterSchedules {
             Ok(MasterSchedules {
                 policies,
                 verdicts: BTreeMap::new(),
+                limits: BTreeMap::new(),
             })
         } else {
             Err(errors)
@@ -83,10 +106,26 @@ impl MasterSchedules {
         self.verdicts.get(worker).and_then(Option::as_ref)
     }
 
+    /// What `worker`'s schedule says about the time ahead, as of the last
+    /// [`Self::refresh`] (nothing when it has none).
+    pub fn limits(&self, worker: &str) -> ScheduleLimits {
+        self.limits.get(worker).copied().unwrap_or_default()
+    }
+
     /// Re-evaluates every schedule at `now`; returns the workers whose
-    /// verdict changed (state or source), with the new verdict.
+    /// verdict changed (state or source), with the new verdict. The limits
+    /// of a worker whose schedule passed a boundary are looked ahead again.
     pub fn refresh(&mut self, now: Timestamp) -> Vec<(String, Option<Presence>)> {
         let mut changed = Vec::new();
+        for (worker, policy) in &self.policies {
+            let due = self
+                .limits
+                .get(worker)
+                .is_none_or(|l| l.due.is_some_and(|due| due <= now));
+            if due {
+                self.limits.insert(worker.clone(), limits_of(policy, now));
+            }
+        }
         for worker in self.policies.keys() {
             let fresh = self.evaluate(worker, now);
             let before = self.verdicts.get(worker).cloned().flatten();
@@ -122,6 +161,8 @@ impl MasterSchedules {
             .into_iter()
             .filter(|(worker, _)| self.policies.contains_key(worker))
             .collect();
+        // Schedules may have changed: the next refresh looks ahead again.
+        self.limits.clear();
     }
 
     /// Workers that had a verdict and no longer have a schedule after a
@@ -133,6 +174,42 @@ impl MasterSchedules {
             .cloned()
             .collect()
     }
+}
+
+/// The limits of `policy` looked ahead from `now`.
+fn limits_of(policy: &Policy, now: Timestamp) -> ScheduleLimits {
+    let inputs = Inputs::default();
+    let due = policy.next_change(now, &inputs);
+    let mut limits = ScheduleLimits {
+        due,
+        ..ScheduleLimits::default()
+    };
+    let state_now = policy.evaluate(now, &inputs).state;
+    if !state_now.takes_builds() {
+        return limits;
+    }
+    let Ok(end) = now.checked_add(LIMITS_HORIZON) else {
+        return limits;
+    };
+    let mut at = now;
+    for _ in 0..LIMITS_MAX_STEPS {
+        let Some(next) = policy.next_change(at, &inputs).filter(|next| *next <= end) else {
+            break;
+        };
+        let state = policy.evaluate(next, &inputs).state;
+        if !state.takes_builds() {
+            limits.takes_builds_until = Some(next);
+            break;
+        }
+        if state == PresenceState::Reluctant
+            && state_now == PresenceState::Available
+            && limits.reluctant_from.is_none()
+        {
+            limits.reluctant_from = Some(next);
+        }
+        at = next;
+    }
+    limits
 }
 
 /// The presence the master acts on: the worker's own, unless the master's
@@ -202,6 +279,49 @@ mod tests {
         let evening = at("2026-11-23T18:00:00Z");
         assert_eq!(schedules.refresh(evening), vec![("w1".to_owned(), None)]);
         assert_eq!(schedules.verdict("w1"), None);
+    }
+
+    #[test]
+    fn the_limits_say_when_the_master_schedule_stops_or_restricts_a_worker() {
+        let mut spec = nights("w1");
+        spec.windows.push(ScheduleConfig {
+            name: "mornings".into(),
+            hours: Some("07:00-09:00".into()),
+            days: None,
+            open: None,
+            close: None,
+            state: PresenceState::Reluctant,
+        });
+        let mut schedules = MasterSchedules::compile([spec, nights("w2")], TimeZone::UTC).unwrap();
+        assert_eq!(schedules.limits("w1"), ScheduleLimits::default());
+        // 06:50 Berlin: w1 turns reluctant at 07:00 and away at 09:00; w2
+        // goes away at 07:00; w3 has no schedule.
+        let early = at("2026-11-24T05:50:00Z");
+        schedules.refresh(early);
+        let w1 = schedules.limits("w1");
+        assert_eq!(w1.takes_builds_until, Some(at("2026-11-24T08:00:00Z")));
+        assert_eq!(w1.reluctant_from, Some(at("2026-11-24T06:00:00Z")));
+        let w2 = schedules.limits("w2");
+        assert_eq!(w2.takes_builds_until, Some(at("2026-11-24T06:00:00Z")));
+        assert_eq!(w2.reluctant_from, None);
+        assert_eq!(schedules.limits("w3"), ScheduleLimits::default());
+        // Before w1's next boundary nothing is looked ahead again ...
+        schedules.refresh(at("2026-11-24T05:55:00Z"));
+        assert_eq!(schedules.limits("w1"), w1);
+        // ... after it, from then: reluctant now (no reluctant_from), away at 09:00.
+        schedules.refresh(at("2026-11-24T06:30:00Z"));
+        let w1 = schedules.limits("w1");
+        assert_eq!(w1.takes_builds_until, Some(at("2026-11-24T08:00:00Z")));
+        assert_eq!(w1.reluctant_from, None);
+        // Away by day: nothing to limit (the verdict keeps it from builds);
+        // midnight: the night runs on to 07:00.
+        schedules.refresh(at("2026-11-24T11:00:00Z"));
+        assert_eq!(schedules.limits("w2").takes_builds_until, None);
+        schedules.refresh(at("2026-11-24T23:00:00Z"));
+        assert_eq!(
+            schedules.limits("w2").takes_builds_until,
+            Some(at("2026-11-25T06:00:00Z"))
+        );
     }
 
     #[test]

@@ -273,6 +273,12 @@ pub struct Outlook {
     /// taken as it is now.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub takes_builds_until: Option<Timestamp>,
+    /// When a worker that is `available` now turns `reluctant` before it
+    /// stops taking builds: a build running past it runs in time the owner
+    /// lends only when nobody else can take the build. `None`: it stays
+    /// available for as long as it takes builds (or is not available now).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reluctant_from: Option<Timestamp>,
     /// The next stretch in which it takes builds again, after the current
     /// one (or from now, when it takes none now), within the horizon.
     #[serde(default, skip_serializing_if = "Option::is_none")]

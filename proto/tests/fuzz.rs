@@ -54,6 +54,7 @@ fn agent_seeds() -> Vec<String> {
             presence: presence(),
             outlook: Some(nightshift_proto::wire::Outlook {
                 takes_builds_until: Some(at("2026-11-30T18:00:00Z")),
+                reluctant_from: Some(at("2026-11-30T17:00:00Z")),
                 next_window: Some(nightshift_proto::wire::Window {
                     from: at("2026-12-01T19:00:00Z"),
                     until: None,

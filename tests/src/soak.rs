@@ -5,6 +5,15 @@
 //! frames and forges results). Afterwards the farm's promises are checked
 //! from the master's API and from a ledger every step appends to.
 //!
+//! Beside the faulty workers run windowed ones: `away` by default, their
+//! owner opens a short window now and then (`set-availability available
+//! --for 1s..4s`, whose end the agent announces to the master as its
+//! outlook). Window-aware admission must start no build there that the
+//! window's close would cut: the report counts builds that ran past their
+//! window's close although their builder's estimate was known
+//! (`ran_past_window`, goal 0), and a build admitted although its estimate
+//! did not fit is a violation.
+//!
 //! Used by the `nightshift-soak` binary (long runs) and by `tests/tests/soak.rs`
 //! (a short seeded run in the test suite).
 
@@ -35,6 +44,8 @@ const FORGED: &str = "FORGED-BY-INTRUDER";
 pub struct SoakConfig {
     pub builds: usize,
     pub workers: usize,
+    /// Workers that take builds only in short windows their owner opens.
+    pub windowed: usize,
     pub seed: u64,
     /// Also SIGKILL and restart the master.
     pub master_faults: bool,
@@ -47,6 +58,7 @@ impl Default for SoakConfig {
         SoakConfig {
             builds: 1000,
             workers: 4,
+            windowed: 2,
             seed: 1,
             master_faults: true,
             drain_deadline: Duration::from_secs(300),
@@ -54,8 +66,11 @@ impl Default for SoakConfig {
     }
 }
 
-/// What a run saw; every count but `builds`, `faults_injected` and
-/// `retried` must be 0.
+/// What a run saw; every count but `builds`, `faults_injected`, `retried`,
+/// `windows`, `windowed_builds` and the `ran_past_*` figures must be 0.
+/// `ran_past_window` is a figure with goal 0, not a violation: an estimate
+/// is a 90th percentile, and a build may take longer than its builders'
+/// recent ones.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct SoakReport {
     pub builds: usize,
@@ -68,9 +83,26 @@ pub struct SoakReport {
     pub wrong_outcome: usize,
     pub faults_injected: usize,
     pub retried: usize,
+    /// Windows the windowed workers' owners opened.
+    pub windows: usize,
+    /// Builds handed to a windowed worker inside a window.
+    pub windowed_builds: usize,
+    /// Of those, builds that ran past the window's close although their
+    /// builder's estimate was known when they started (goal 0).
+    pub ran_past_window: usize,
+    /// Of those, builds that ran past the close while their builder's
+    /// estimate was still unknown (admission cannot hold them back).
+    pub ran_past_without_estimate: usize,
+    /// The longest run past a close, seconds (0 when none).
+    pub ran_past_max_secs: f64,
+    /// Builds started in a window whose rest was shorter than their
+    /// builder's estimate (admission's own error; must be 0).
+    pub admitted_past_window: usize,
     pub seconds: f64,
     /// One line per violation, for the log.
     pub violations: Vec<String>,
+    /// One line per build that ran past its window's close.
+    pub ran_past: Vec<String>,
     /// Faults by kind.
     pub faults: BTreeMap<String, usize>,
 }
@@ -84,7 +116,9 @@ impl SoakReport {
     pub fn summary(&self) -> String {
         format!(
             "builds {}, lost {}, duplicated {}, started-while-away {}, lock overlaps {}, \
-             forged accepted {}, wrong outcome {}, faults injected {}, retried {}, {:.0} s",
+             forged accepted {}, wrong outcome {}, faults injected {}, retried {}, \
+             windows {}, builds in windows {}, ran past the window {} (without estimate {}, \
+             at most {:.2} s), admitted past the window {}, {:.0} s",
             self.builds,
             self.lost,
             self.duplicated,
@@ -94,6 +128,12 @@ impl SoakReport {
             self.wrong_outcome,
             self.faults_injected,
             self.retried,
+            self.windows,
+            self.windowed_builds,
+            self.ran_past_window,
+            self.ran_past_without_estimate,
+            self.ran_past_max_secs,
+            self.admitted_past_window,
             self.seconds
         )
     }
@@ -119,9 +159,18 @@ fn toml_str(text: &str) -> String {
     serde_json::to_string(text).expect("a string serializes")
 }
 
-fn master_toml(ledger: &Path, workers: &[String]) -> String {
+/// The builders' configs: `workers` take every builder, `windowed` ones
+/// every builder but `locked` (whose duration is mostly the wait for the
+/// lock, which no estimate foresees).
+fn master_toml(ledger: &Path, workers: &[String], windowed: &[String]) -> String {
+    let locked_list = workers
+        .iter()
+        .map(|w| toml_str(w))
+        .collect::<Vec<_>>()
+        .join(", ");
     let list = workers
         .iter()
+        .chain(windowed)
         .map(|w| toml_str(w))
         .collect::<Vec<_>>()
         .join(", ");
@@ -170,7 +219,7 @@ steps = [
 
 [[builder]]
 name = "locked"
-workers = [{list}]
+workers = [{locked_list}]
 steps = [
   {{ name = "s0", command = {start} }},
   {{ name = "critical", command = {critical}, locks = [{{ name = "{LOCK}", access = "exclusive" }}] }},
@@ -238,6 +287,25 @@ struct Downtime {
     at: f64,
 }
 
+/// A window a windowed worker's owner opened: asked for at `requested`,
+/// taking builds until `closes` (what the agent announced).
+#[derive(Debug, Clone)]
+struct OpenWindow {
+    worker: String,
+    requested: f64,
+    closes: f64,
+}
+
+/// How long after a window's close the master may still hand out a build
+/// before the agent's `away` reaches it (the agent refuses such a build;
+/// it is re-queued and runs elsewhere).
+const CLOSE_PUSH_GRACE: f64 = 0.5;
+
+/// Tolerance when re-computing the master's estimate from the API's
+/// figures (the master measures from the agent's step start, a restarted
+/// master re-seeds from hand-out times).
+const ESTIMATE_TOLERANCE: f64 = 0.2;
+
 /// The faults a soak injects, in the order they take turns.
 #[derive(Debug, Clone, Copy)]
 enum Fault {
@@ -266,6 +334,9 @@ struct Soak {
     farm: Farm,
     rng: StdRng,
     workers: Vec<String>,
+    windowed: Vec<String>,
+    windows: Vec<OpenWindow>,
+    began: f64,
     ledger: PathBuf,
     submitted: Vec<BuildId>,
     away: Vec<AwayWindow>,
@@ -276,7 +347,9 @@ struct Soak {
 /// Runs a soak and returns what it saw.
 pub async fn run(config: SoakConfig) -> anyhow::Result<SoakReport> {
     let started = Instant::now();
+    let began = now_secs();
     let workers: Vec<String> = (1..=config.workers).map(|i| format!("w{i}")).collect();
+    let windowed: Vec<String> = (1..=config.windowed).map(|i| format!("v{i}")).collect();
     let ledger_dir = tempfile::Builder::new()
         .prefix("nightshift-soak-")
         .tempdir()
@@ -284,16 +357,20 @@ pub async fn run(config: SoakConfig) -> anyhow::Result<SoakReport> {
     let ledger = ledger_dir.path().join("ledger");
     let mut builder = Farm::builder()
         .missing_timeout("2s")
-        .master_toml(&master_toml(&ledger, &workers))
+        .master_toml(&master_toml(&ledger, &workers, &windowed))
         .worker(WorkerSpec::new(INTRUDER));
     for (i, name) in workers.iter().enumerate() {
         builder = builder.worker(WorkerSpec::new(name).max_builds(1 + (i % 2) as u32));
     }
+    for name in &windowed {
+        builder = builder
+            .worker(WorkerSpec::new(name).worker_toml("[availability]\ndefault = \"away\"\n"));
+    }
     let mut farm = builder.start().await?;
-    for name in &workers {
+    for name in workers.iter().chain(&windowed) {
         farm.start_worker(name)?;
     }
-    for name in &workers {
+    for name in workers.iter().chain(&windowed) {
         farm.wait_worker_ready(name).await?;
     }
     let mut soak = Soak {
@@ -301,6 +378,9 @@ pub async fn run(config: SoakConfig) -> anyhow::Result<SoakReport> {
         config,
         farm,
         workers,
+        windowed,
+        windows: Vec::new(),
+        began,
         ledger,
         submitted: Vec::new(),
         away: Vec::new(),
@@ -335,6 +415,7 @@ impl Soak {
             if self.rng.random_bool(0.6) {
                 self.inject().await?;
             }
+            self.open_windows()?;
             let pause = self.rng.random_range(20..250);
             tokio::time::sleep(Duration::from_millis(pause)).await;
         }
@@ -354,6 +435,45 @@ impl Soak {
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         }
+    }
+
+    /// Now and then the owner of a windowed worker whose last window has
+    /// closed opens a new one of 1 to 4 s (`set-availability available
+    /// --for`); the close it announces is the manual state's end.
+    fn open_windows(&mut self) -> anyhow::Result<()> {
+        for worker in self.windowed.clone() {
+            let now = now_secs();
+            let open = self
+                .windows
+                .iter()
+                .rev()
+                .find(|w| w.worker == worker)
+                .is_some_and(|w| w.closes + CLOSE_PUSH_GRACE > now);
+            if open || !self.rng.random_bool(0.3) {
+                continue;
+            }
+            let length = format!("{}s", self.rng.random_range(1..=4));
+            let requested = now_secs();
+            let status = self.farm.worker_cli_json(
+                &worker,
+                &["set-availability", "available", "--for", &length, "--json"],
+            )?;
+            let until = status["manual"]["until"]
+                .as_str()
+                .or_else(|| status["presence"]["until"].as_str())
+                .with_context(|| {
+                    format!("`set-availability --for` on {worker} says no end: {status}")
+                })?;
+            let closes: jiff::Timestamp = until
+                .parse()
+                .with_context(|| format!("the end {until:?} of {worker}'s window"))?;
+            self.windows.push(OpenWindow {
+                worker,
+                requested,
+                closes: closes.as_nanosecond() as f64 / 1e9,
+            });
+        }
+        Ok(())
     }
 
     fn count(&mut self, kind: &str) {
@@ -549,6 +669,102 @@ impl Soak {
         Ok(())
     }
 
+    /// The windowed workers' stretches outside their windows (before the
+    /// first, between two, after the last): nothing may start there.
+    fn closed_stretches(&self, end: f64) -> Vec<AwayWindow> {
+        let mut stretches = Vec::new();
+        for worker in &self.windowed {
+            let mut from = self.began;
+            let mut why = "away before its first window".to_owned();
+            for window in self.windows.iter().filter(|w| &w.worker == worker) {
+                stretches.push(AwayWindow {
+                    worker: worker.clone(),
+                    from,
+                    to: window.requested,
+                    why: why.clone(),
+                });
+                from = window.closes + CLOSE_PUSH_GRACE;
+                why = "window's close".to_owned();
+            }
+            stretches.push(AwayWindow {
+                worker: worker.clone(),
+                from,
+                to: end,
+                why,
+            });
+        }
+        stretches
+    }
+
+    /// What admission promised for the windowed workers: every build handed
+    /// out in a window with its builder's estimate known ends before the
+    /// close, and none is admitted whose estimate does not fit.
+    fn check_windows(&self, finished: &BTreeMap<BuildId, BuildInfo>, report: &mut SoakReport) {
+        report.windows = self.windows.len();
+        let secs = |t: jiff::Timestamp| t.as_nanosecond() as f64 / 1e9;
+        // Each builder's successful runs, as the master measures them
+        // (first step's start to the end), by when they finished.
+        let mut history: BTreeMap<&str, Vec<(f64, f64)>> = BTreeMap::new();
+        for build in finished.values() {
+            if let (Some(Outcome::Success), Some(first), Some(end)) =
+                (build.outcome, build.steps.first(), build.finished_at)
+            {
+                history
+                    .entry(build.builder.as_str())
+                    .or_default()
+                    .push((secs(end), secs(end) - secs(first.started_at)));
+            }
+        }
+        for runs in history.values_mut() {
+            runs.sort_by(|a, b| a.0.total_cmp(&b.0));
+        }
+        for (id, build) in finished {
+            let (Some(worker), Some(started), Some(ended)) =
+                (build.worker.as_deref(), build.started_at, build.finished_at)
+            else {
+                continue;
+            };
+            let (started, ended) = (secs(started), secs(ended));
+            let Some(window) = self
+                .windows
+                .iter()
+                .find(|w| w.worker == worker && w.requested <= started && started < w.closes)
+            else {
+                continue;
+            };
+            report.windowed_builds += 1;
+            let estimate = history
+                .get(build.builder.as_str())
+                .and_then(|runs| estimate_at(runs, started));
+            if ended > window.closes {
+                let past = ended - window.closes;
+                report.ran_past_max_secs = report.ran_past_max_secs.max(past);
+                if estimate.is_some() {
+                    report.ran_past_window += 1;
+                    report.ran_past.push(format!(
+                        "build {id} of {} on {worker} ran {past:.3} s past its window's close \
+                         (estimate {estimate:.3?} s, started {:.3} s before the close)",
+                        build.builder,
+                        window.closes - started
+                    ));
+                } else {
+                    report.ran_past_without_estimate += 1;
+                }
+            }
+            if let Some(estimate) = estimate
+                && started + estimate > window.closes + ESTIMATE_TOLERANCE
+            {
+                report.admitted_past_window += 1;
+                report.violations.push(format!(
+                    "build {id} of {} was handed to {worker} {:.3} s before its window's close \
+                     with an estimate of {estimate:.3} s",
+                    build.builder,
+                    window.closes - started
+                ));
+            }
+        }
+    }
+
     /// Waits for every build, then checks the promises.
     async fn check(&mut self) -> anyhow::Result<SoakReport> {
         let mut report = SoakReport {
@@ -638,12 +854,18 @@ impl Soak {
         // A build handed out and accepted just before the away was
         // acknowledged may start its first step just after: what counts is
         // when the master handed it out (`started_at` of its last run).
+        let closed = self.closed_stretches(now_secs());
         for (id, build) in &finished {
             let (Some(worker), Some(started)) = (build.worker.as_deref(), build.started_at) else {
                 continue;
             };
             let at = started.as_nanosecond() as f64 / 1e9;
-            for window in self.away.iter().filter(|w| w.worker == worker) {
+            for window in self
+                .away
+                .iter()
+                .chain(&closed)
+                .filter(|w| w.worker == worker)
+            {
                 if at > window.from && at < window.to {
                     report.started_while_away += 1;
                     report.violations.push(format!(
@@ -655,6 +877,7 @@ impl Soak {
             }
         }
         report.lock_overlaps = self.lock_overlaps(&entries, &mut report.violations);
+        self.check_windows(&finished, &mut report);
         Ok(report)
     }
 
@@ -706,5 +929,35 @@ impl Soak {
             }
         }
         overlaps
+    }
+}
+
+/// The master's estimate for a build handed out at `at`: the 90th
+/// percentile (nearest rank) of the last 20 successful runs that finished
+/// before, unknown under 3 (as `master/src/scheduler/estimate.rs`).
+fn estimate_at(runs: &[(f64, f64)], at: f64) -> Option<f64> {
+    const WINDOW: usize = 20;
+    const MIN_SAMPLES: usize = 3;
+    let before = runs.partition_point(|(ended, _)| *ended < at);
+    let recent = &runs[before.saturating_sub(WINDOW)..before];
+    if recent.len() < MIN_SAMPLES {
+        return None;
+    }
+    let mut took: Vec<f64> = recent.iter().map(|(_, took)| *took).collect();
+    took.sort_by(f64::total_cmp);
+    let rank = (90 * took.len()).div_ceil(100).max(1);
+    took.get(rank - 1).copied()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::estimate_at;
+
+    #[test]
+    fn the_estimate_is_the_masters_percentile_of_runs_finished_before() {
+        let runs: Vec<(f64, f64)> = (1..=10).map(|i| (f64::from(i), f64::from(i))).collect();
+        assert_eq!(estimate_at(&runs, 3.0), None, "two runs before");
+        assert_eq!(estimate_at(&runs, 3.5), Some(3.0));
+        assert_eq!(estimate_at(&runs, 100.0), Some(9.0));
     }
 }

@@ -150,3 +150,89 @@ async fn a_build_is_never_started_where_the_window_would_cut_it() -> anyhow::Res
     assert_eq!(done.retries, 0, "never started and cut: {done:?}");
     Ok(())
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_that_would_run_into_reluctant_time_goes_to_a_worker_available_throughout()
+-> anyhow::Result<()> {
+    let mut farm = Farm::builder()
+        // Listed first and never given a build: without the reluctant check
+        // it would be picked whenever it is available.
+        .worker(WorkerSpec::new("turning").worker_toml("[availability]\ndefault = \"reluctant\"\n"))
+        .worker(WorkerSpec::new("steady").max_builds(3))
+        .builder("five", &["turning", "steady"], &[("work", FIVE_SECONDS)])
+        .start()
+        .await?;
+    farm.start_worker("turning")?;
+    farm.start_worker("steady")?;
+    farm.wait_worker_state("turning", PresenceState::Reluctant)
+        .await?;
+    farm.wait_worker_state("steady", PresenceState::Available)
+        .await?;
+    let mut history = Vec::new();
+    for _ in 0..3 {
+        history.push(submit(&farm).await?);
+    }
+    for id in history {
+        let build = farm.wait_build(id).await?;
+        assert_eq!(build.outcome, Some(Outcome::Success), "{build:?}");
+        assert_eq!(build.worker.as_deref(), Some("steady"), "{build:?}");
+    }
+
+    // 1. `turning` is available for 4 more seconds, then reluctant (its
+    //    default) with no end: a ~5 s build would run into the owner's
+    //    reluctant time, so `steady`, available throughout, gets it.
+    set_availability(&farm, "turning", &["available", "--for", "4s"])?;
+    let turning = farm
+        .wait_worker("turning", "turning to be available with a known end", |w| {
+            w.state == PresenceState::Available && w.until.is_some()
+        })
+        .await?;
+    let to_steady = submit(&farm).await?;
+    let started = farm
+        .wait_build_state(to_steady, "the build to start", |b| {
+            b.state != BuildState::Queued
+        })
+        .await?;
+    assert_eq!(
+        started.worker.as_deref(),
+        Some("steady"),
+        "turning turns reluctant at {:?}: {started:?}\n{}",
+        turning.until,
+        farm.master_log()
+    );
+    // The estimate shows on the dashboard's builders card and the build page.
+    let api = farm.api()?;
+    let (status, page) = api.call_raw("GET", "/", None).await?;
+    assert_eq!(status, 200, "{page}");
+    assert!(
+        page.contains("Estimated duration")
+            && ["5 s", "6 s", "7 s", "8 s"]
+                .iter()
+                .any(|words| page.contains(&format!(">{words}<"))),
+        "{page}"
+    );
+    let (status, build_page) = api
+        .call_raw("GET", &format!("/builds/{to_steady}"), None)
+        .await?;
+    assert_eq!(status, 200, "{build_page}");
+    let done = farm.wait_build(to_steady).await?;
+    assert_eq!(done.outcome, Some(Outcome::Success), "{done:?}");
+    if build_page.contains("id=\"build-state\">running<") {
+        assert!(build_page.contains("estimated "), "{build_page}");
+    }
+
+    // 2. Nobody else can take it: the reluctant time is lent for it.
+    set_availability(&farm, "steady", &["away"])?;
+    farm.wait_worker_state("steady", PresenceState::Away)
+        .await?;
+    set_availability(&farm, "turning", &["available", "--for", "4s"])?;
+    farm.wait_worker("turning", "turning to be available with a known end", |w| {
+        w.state == PresenceState::Available && w.until.is_some()
+    })
+    .await?;
+    let lent = submit(&farm).await?;
+    let done = farm.wait_build(lent).await?;
+    assert_eq!(done.worker.as_deref(), Some("turning"), "{done:?}");
+    assert_eq!(done.outcome, Some(Outcome::Success), "{done:?}");
+    Ok(())
+}

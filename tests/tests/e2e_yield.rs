@@ -45,27 +45,28 @@ fn ticks_of(pids: &[i32]) -> u64 {
         .sum()
 }
 
-/// The machine's CPU use over `span`, in percent (from /proc/stat).
-async fn machine_cpu_percent(span: Duration) -> f64 {
-    let read = || -> (u64, u64) {
-        let text = fs_err::read_to_string("/proc/stat").unwrap_or_default();
-        let fields: Vec<u64> = text
-            .lines()
-            .next()
-            .unwrap_or_default()
-            .split_whitespace()
-            .skip(1)
-            .filter_map(|n| n.parse().ok())
-            .collect();
-        let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
-        (fields.iter().sum(), idle)
-    };
-    let (total0, idle0) = read();
-    tokio::time::sleep(span).await;
-    let (total1, idle1) = read();
-    let total = total1.saturating_sub(total0).max(1) as f64;
-    100.0 * (1.0 - idle1.saturating_sub(idle0) as f64 / total)
+/// The machine's CPU ticks so far, all and idle (the first line of
+/// /proc/stat; idle counts iowait too).
+fn machine_ticks() -> (u64, u64) {
+    let text = fs_err::read_to_string("/proc/stat").unwrap_or_default();
+    let fields: Vec<u64> = text
+        .lines()
+        .next()
+        .unwrap_or_default()
+        .split_whitespace()
+        .skip(1)
+        .take(8)
+        .filter_map(|n| n.parse().ok())
+        .collect();
+    let idle = fields.get(3).copied().unwrap_or(0) + fields.get(4).copied().unwrap_or(0);
+    (fields.iter().sum(), idle)
 }
+
+/// The load policy's threshold (`max_cpu_percent` in [`LOAD_POLICY`]).
+const MAX_CPU_PERCENT: f64 = 60.0;
+/// How far the agent's own sampling (other instants, other spans) may be
+/// from the test's 2-second windows, in percentage points of the machine.
+const SAMPLING_SLACK: f64 = 15.0;
 
 /// Runs the escaping burners as a build and checks the agent's figures;
 /// returns the farm with its worker still running.
@@ -86,9 +87,6 @@ async fn burn_and_watch(spec: WorkerSpec, accounting: &str) -> anyhow::Result<Fa
         "{status:#}\n{}",
         farm.worker_log("w")
     );
-    // On a machine already busy with other work the owner's load is real
-    // and going away is right; the presence check needs a quiet machine.
-    let baseline = machine_cpu_percent(Duration::from_secs(2)).await;
 
     let api = farm.api()?;
     let id = api.submit("burn", BTreeMap::new()).await?.build_id;
@@ -97,9 +95,13 @@ async fn burn_and_watch(spec: WorkerSpec, accounting: &str) -> anyhow::Result<Fa
     let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as f64;
     let started = Instant::now();
     let mut pids: Vec<i32> = Vec::new();
-    let mut window: Option<(Instant, u64)> = None;
+    let mut window: Option<(Instant, u64, (u64, u64))> = None;
     let mut true_shares = Vec::new();
     let mut agent_shares = Vec::new();
+    // The load that is really not the build's: the machine's use minus
+    // what the burners used, per window; and the agent's foreign figure.
+    let mut true_foreign = Vec::new();
+    let mut agent_foreign = Vec::new();
     let mut samples = Vec::new();
     let mut went_away = false;
     // Watch the agent's figures against the burners' own CPU while the
@@ -125,22 +127,32 @@ async fn burn_and_watch(spec: WorkerSpec, accounting: &str) -> anyhow::Result<Fa
         let foreign = status["load"]["cpu_percent"].as_f64().unwrap_or(0.0);
         let now = Instant::now();
         let ticks = ticks_of(&pids);
+        let machine = machine_ticks();
         if pids.len() == 3 {
             match window {
-                None => window = Some((now, ticks)),
-                Some((then, then_ticks)) if now.duration_since(then) >= Duration::from_secs(2) => {
+                None => window = Some((now, ticks, machine)),
+                Some((then, then_ticks, (then_total, then_idle)))
+                    if now.duration_since(then) >= Duration::from_secs(2) =>
+                {
                     let seconds = now.duration_since(then).as_secs_f64();
-                    true_shares.push(
+                    let burners =
                         ticks.saturating_sub(then_ticks) as f64 / ticks_per_sec / seconds / cpus
-                            * 100.0,
-                    );
+                            * 100.0;
+                    let total = machine.0.saturating_sub(then_total).max(1) as f64;
+                    let busy = 100.0 * (1.0 - machine.1.saturating_sub(then_idle) as f64 / total);
+                    true_shares.push(burners);
                     agent_shares.push(build);
-                    window = Some((now, ticks));
+                    true_foreign.push((busy - burners).max(0.0));
+                    agent_foreign.push(foreign);
+                    window = Some((now, ticks, machine));
                 }
                 Some(_) => {}
             }
         }
-        samples.push(format!("{state} build={build:.0}% foreign={foreign:.0}%"));
+        samples.push(format!(
+            "{state} build={build:.0}% foreign={foreign:.0}% (true foreign {:.0}%)",
+            true_foreign.last().copied().unwrap_or(f64::NAN)
+        ));
         went_away |= state == "away";
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
@@ -158,15 +170,29 @@ async fn burn_and_watch(spec: WorkerSpec, accounting: &str) -> anyhow::Result<Fa
         claimed >= truth * 0.7,
         "the agent counted {claimed:.1} % as the build's, but its processes used {truth:.1} %: agent {agent_shares:?}, burners {true_shares:?}, samples {samples:?}"
     );
-    if baseline < 30.0 {
-        assert!(
-            !went_away,
-            "the worker went away during its own build on a quiet machine (baseline {baseline:.0} %): {samples:?}\n{}",
-            farm.worker_log("w")
-        );
-    } else {
+    // The agent's foreign load is the machine's minus the build's, however
+    // busy the machine is with other work: counting the escaped burners as
+    // foreign would add their whole share.
+    let (foreign_truth, foreign_claimed) = (mean(&true_foreign), mean(&agent_foreign));
+    eprintln!(
+        "foreign load: the agent saw {foreign_claimed:.1} %, the machine minus the burners was {foreign_truth:.1} %"
+    );
+    assert!(
+        foreign_claimed <= foreign_truth + SAMPLING_SLACK.min(truth / 2.0).max(5.0),
+        "the agent saw {foreign_claimed:.1} % foreign load, but the machine minus the burners' {truth:.1} % was {foreign_truth:.1} %: agent {agent_foreign:?}, true {true_foreign:?}, samples {samples:?}"
+    );
+    // The worker goes away during its own build only when the load that is
+    // not the build's really passed the threshold (other work on a shared
+    // machine is the owner's load too); else it must stay.
+    let peak_truth = true_foreign.iter().copied().fold(0.0, f64::max);
+    assert!(
+        !went_away || peak_truth >= MAX_CPU_PERCENT - SAMPLING_SLACK,
+        "the worker went away during its own build although the load not caused by it peaked at {peak_truth:.0} % (threshold {MAX_CPU_PERCENT} %): true {true_foreign:?}, samples {samples:?}\n{}",
+        farm.worker_log("w")
+    );
+    if went_away {
         eprintln!(
-            "the machine was busy before the build ({baseline:.0} % CPU): the owner's load was real, presence not checked"
+            "the worker went away: the other work on this machine peaked at {peak_truth:.0} % (the owner's load is real)"
         );
     }
     // Nothing the step started outlives it, whatever group it moved to.

@@ -11,14 +11,21 @@ async fn a_short_soak_loses_duplicates_and_forges_nothing() -> anyhow::Result<()
     let report = run(SoakConfig {
         builds: 100,
         workers: 3,
+        windowed: 2,
         seed: 20_261_130,
         master_faults: true,
         drain_deadline: Duration::from_secs(180),
     })
     .await?;
     eprintln!("{}", report.summary());
-    // Every kind of fault took its turn.
+    // Every kind of fault took its turn, and windows opened and closed
+    // with builds in them.
     assert!(report.faults.len() >= 7, "{report:?}");
+    assert!(
+        report.windows >= 3 && report.windowed_builds >= 1,
+        "{}",
+        report.summary()
+    );
     assert!(
         report.is_clean(),
         "{}\n{:#?}",

@@ -834,6 +834,7 @@ mod tests {
         status.presence.state = PresenceState::Available;
         status.outlook = Some(nightshift_proto::wire::Outlook {
             takes_builds_until: Some("2026-11-23T12:10:00Z".parse().unwrap()),
+            reluctant_from: None,
             next_window: None,
             overrun_secs: 900,
         });

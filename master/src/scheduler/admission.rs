@@ -5,7 +5,7 @@
 
 use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
-use nightshift_policy::format_duration;
+use nightshift_policy::{PresenceState, format_duration};
 use nightshift_proto::wire::Window;
 
 use crate::config::Admission;
@@ -46,6 +46,24 @@ impl BuildFacts {
         }
     }
 
+    /// The presence a worker that takes builds now competes with for this
+    /// build: an `available` one whose run, by the estimate, would go past
+    /// the instant it turns `reluctant` (plus the owner's overrun) ranks as
+    /// `reluctant` — the owner lends that time only when nobody else can
+    /// take the build. Unknown estimate: it ranks as it is.
+    pub fn ranks_as(
+        &self,
+        state: PresenceState,
+        reluctant_from: Option<Timestamp>,
+        overrun: SignedDuration,
+    ) -> PresenceState {
+        if state == PresenceState::Available && !self.fits(self.now, reluctant_from, overrun) {
+            PresenceState::Reluctant
+        } else {
+            state
+        }
+    }
+
     /// When a worker that cannot take the build now could start it in a
     /// window that fits: `window`'s start (or now, when it started already).
     pub fn fitting_start(
@@ -79,6 +97,15 @@ impl BuildFacts {
         } else {
             at.strftime("%Y-%m-%d %H:%M").to_string()
         }
+    }
+}
+
+/// The earlier of two instants, `None` being "never" (the agent's outlook
+/// and the master-side schedule each limit a worker's availability).
+pub(super) fn earliest(a: Option<Timestamp>, b: Option<Timestamp>) -> Option<Timestamp> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
     }
 }
 
@@ -142,5 +169,53 @@ pub(super) fn earlier<'a>(a: Option<LaterFit<'a>>, b: LaterFit<'a>) -> LaterFit<
         // `None` (as soon as it has room) orders before any instant.
         Some(a) if a.opens <= b.opens => a,
         _ => b,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use PresenceState::{Available, Away, Reluctant};
+
+    fn at(text: &str) -> Timestamp {
+        text.parse().expect("timestamp")
+    }
+
+    #[test]
+    fn the_earliest_limit_wins_and_none_is_never() {
+        let (six, seven) = (at("2026-12-01T06:00:00Z"), at("2026-12-01T07:00:00Z"));
+        assert_eq!(earliest(Some(seven), Some(six)), Some(six));
+        assert_eq!(earliest(None, Some(seven)), Some(seven));
+        assert_eq!(earliest(Some(six), None), Some(six));
+        assert_eq!(earliest(None, None), None);
+    }
+
+    #[test]
+    fn a_run_into_reluctant_time_ranks_as_reluctant() {
+        let now = at("2026-12-01T06:00:00Z");
+        let build = |mins: Option<i64>| BuildFacts {
+            estimate: mins.map(SignedDuration::from_mins),
+            ..BuildFacts::unknown(now)
+        };
+        let seven = Some(at("2026-12-01T07:00:00Z"));
+        let mins = SignedDuration::from_mins;
+        // (estimate, state now, turns reluctant at, overrun, ranks as)
+        let cases = [
+            (Some(60), Available, seven, mins(0), Available),
+            (Some(61), Available, seven, mins(0), Reluctant),
+            (Some(61), Available, seven, mins(1), Available),
+            (Some(600), Available, None, mins(0), Available),
+            (None, Available, seven, mins(0), Available),
+            (Some(1), Available, Some(now), mins(0), Reluctant),
+            (Some(600), Reluctant, None, mins(0), Reluctant),
+            (Some(600), Away, seven, mins(0), Away),
+        ];
+        for (estimate, state, reluctant_from, overrun, expect) in cases {
+            assert_eq!(
+                build(estimate).ranks_as(state, reluctant_from, overrun),
+                expect,
+                "estimate {estimate:?} min, {state}, reluctant from {reluctant_from:?}, overrun {overrun}"
+            );
+        }
     }
 }

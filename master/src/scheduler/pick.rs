@@ -42,6 +42,9 @@ pub(super) struct WorkerFacts<'a> {
     /// When it stops taking builds, as its agent last said (`None`: unknown
     /// or never).
     pub takes_builds_until: Option<jiff::Timestamp>,
+    /// When it turns from `available` to `reluctant` before that, as its
+    /// agent last said.
+    pub reluctant_from: Option<jiff::Timestamp>,
     /// Its next window of taking builds, as its agent last said.
     pub next_window: Option<Window>,
     /// The owner's accepted grace past the end of its availability.
@@ -52,7 +55,8 @@ pub(super) struct WorkerFacts<'a> {
 /// builder's order: `available` workers first (fewest running builds, then
 /// least recently given one, then first listed), `reluctant` ones only when
 /// no available one can take it, never `away`/`offline`, disconnected, full
-/// ones or ones that refused it.
+/// ones or ones that refused it. An available worker whose run would go
+/// into its reluctant time counts as reluctant ([`BuildFacts::ranks_as`]).
 ///
 /// Window-aware: a worker whose availability (plus its overrun) ends before
 /// the build's estimated end is used only when no worker fits now, none that
@@ -87,7 +91,7 @@ pub(super) fn pick_worker<'a>(
             why.push(format!("{name} offline"));
             continue;
         }
-        let state = facts.state;
+        let state = build.ranks_as(facts.state, facts.reluctant_from, facts.overrun);
         let fits_now = build.fits(build.now, facts.takes_builds_until, facts.overrun);
         if !state.takes_builds() {
             why.push(format!("{name} {state}"));
@@ -212,6 +216,8 @@ impl Scheduler {
                 return Candidate::NotConfigured { name };
             };
             let outlook = slot.outlook.as_ref();
+            // The agent cannot foresee the master's own schedule for it.
+            let limits = self.schedules.limits(name);
             Candidate::Worker(WorkerFacts {
                 name,
                 connected: slot.conn.is_some(),
@@ -225,7 +231,14 @@ impl Scheduler {
                 lock_waits: self.lock_waits.values().filter(|w| *w == name).count(),
                 refused_it: slot.refused.contains(&id),
                 last_assigned: slot.last_assigned,
-                takes_builds_until: outlook.and_then(|o| o.takes_builds_until),
+                takes_builds_until: admission::earliest(
+                    outlook.and_then(|o| o.takes_builds_until),
+                    limits.takes_builds_until,
+                ),
+                reluctant_from: admission::earliest(
+                    outlook.and_then(|o| o.reluctant_from),
+                    limits.reluctant_from,
+                ),
                 next_window: outlook.and_then(|o| o.next_window),
                 overrun: outlook.map_or(SignedDuration::ZERO, |o| {
                     SignedDuration::from_secs(i64::try_from(o.overrun_secs).unwrap_or(i64::MAX))
@@ -254,6 +267,7 @@ mod tests {
             refused_it: false,
             last_assigned: 0,
             takes_builds_until: None,
+            reluctant_from: None,
             next_window: None,
             overrun: SignedDuration::ZERO,
         })
@@ -462,6 +476,81 @@ mod tests {
             &BuildFacts::unknown(at("2026-12-01T06:59:00Z")),
             vec![until(w("lab-1", Available), "07:00", 0)],
             Ok("lab-1"),
+        );
+    }
+
+    /// Available now, reluctant from `from` (UTC, today).
+    fn reluctant_from<'a>(candidate: Candidate<'a>, from: &str) -> Candidate<'a> {
+        with(candidate, |f| {
+            f.reluctant_from = Some(at(&format!("2026-12-01T{from}:00Z")))
+        })
+    }
+
+    #[test]
+    fn a_build_that_would_run_into_reluctant_time_goes_there_last() {
+        use Admission::Fit;
+        let ninety = lasting(90, Fit);
+        // lab-1 turns reluctant at 07:00 (away at 09:00): a 90-minute build
+        // from 06:00 would run into the owner's reluctant morning, so lab-2,
+        // available throughout, gets it though lab-1 is first and idle longer.
+        check_build(
+            &ninety,
+            vec![
+                until(reluctant_from(w("lab-1", Available), "07:00"), "09:00", 0),
+                with(w("lab-2", Available), |f| f.last_assigned = 9),
+            ],
+            Ok("lab-2"),
+        );
+        // It ranks with the reluctant ones: fewer running builds decide.
+        check_build(
+            &ninety,
+            vec![
+                with(
+                    until(reluctant_from(w("lab-1", Available), "07:00"), "09:00", 0),
+                    |f| {
+                        f.capacity = 2;
+                        f.running = 1
+                    },
+                ),
+                w("lab-2", Reluctant),
+            ],
+            Ok("lab-2"),
+        );
+        // Nobody else can take it: the reluctant morning is lent for it.
+        check_build(
+            &ninety,
+            vec![
+                until(reluctant_from(w("lab-1", Available), "07:00"), "09:00", 0),
+                with(w("lab-2", Available), |f| f.running = 1),
+                w("lab-3", Away),
+            ],
+            Ok("lab-1"),
+        );
+        // A build that ends before 07:00 (or within the owner's overrun)
+        // still counts lab-1 as available.
+        for (build, overrun) in [(lasting(60, Fit), 0), (ninety.clone(), 30)] {
+            check_build(
+                &build,
+                vec![
+                    w("lab-2", Reluctant),
+                    until(
+                        reluctant_from(w("lab-1", Available), "07:00"),
+                        "09:00",
+                        overrun,
+                    ),
+                ],
+                Ok("lab-1"),
+            );
+        }
+        // Reluctant time does not stretch the end: past 09:00 is still cut.
+        check_build(
+            &lasting(200, Fit),
+            vec![until(
+                reluctant_from(w("lab-1", Available), "07:00"),
+                "09:00",
+                0,
+            )],
+            Err("no window fits 3h20m before 09:00 (lab-1 ends then; admission = \"fit\")"),
         );
     }
 

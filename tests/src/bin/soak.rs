@@ -10,7 +10,7 @@ use nightshift_tests::soak::{SoakConfig, run};
 
 /// Runs a real master and real agents through many builds under random
 /// faults and checks that nothing is lost, duplicated, started while away,
-/// over-locked or forged.
+/// over-locked, forged or started where a window's close would cut it.
 #[derive(Debug, Parser)]
 #[command(name = "nightshift-soak", version)]
 struct Args {
@@ -20,6 +20,11 @@ struct Args {
     /// How many real agents.
     #[arg(long, default_value_t = 4)]
     workers: usize,
+    /// How many workers take builds only in short windows (1-4 s) their
+    /// owner opens now and then; admission must not start a build there
+    /// that a window's close would cut.
+    #[arg(long, default_value_t = 2)]
+    windowed: usize,
     /// Seed of the faults and builds (the same seed injects the same faults).
     #[arg(long, default_value_t = 1)]
     seed: u64,
@@ -40,6 +45,7 @@ async fn main() -> ExitCode {
     let config = SoakConfig {
         builds: args.builds,
         workers: args.workers.max(1),
+        windowed: args.windowed,
         seed: args.seed,
         master_faults: !args.no_master_faults,
         drain_deadline: Duration::from_secs(args.drain_secs),
@@ -48,6 +54,9 @@ async fn main() -> ExitCode {
         Ok(report) => {
             for violation in &report.violations {
                 eprintln!("violation: {violation}");
+            }
+            for line in &report.ran_past {
+                eprintln!("ran past its window: {line}");
             }
             if args.json {
                 println!(

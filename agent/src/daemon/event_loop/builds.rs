@@ -17,6 +17,10 @@ impl Daemon {
             self.send(AgentMessage::BuildAccepted { build_id });
             return;
         }
+        // The presence at this instant: a window may have closed a moment
+        // ago while the loop, busy or starved of CPU, has not yet handled
+        // the policy boundary (the master is told at once, too).
+        self.reevaluate();
         let presence = self
             .tracker
             .current()

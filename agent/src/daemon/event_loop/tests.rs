@@ -225,6 +225,50 @@ async fn a_schedule_boundary_is_pushed_exactly_at_the_boundary_and_nothing_befor
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_build_offered_just_after_the_window_closed_is_refused() {
+    // The window closed at 07:00, but the loop has not yet handled the
+    // boundary when the master's offer arrives (a starved process).
+    #[derive(Debug)]
+    struct Late(FakeClock, std::sync::atomic::AtomicBool);
+    impl Clock for Late {
+        fn now(&self) -> Timestamp {
+            let now = self.0.now();
+            if self.1.load(std::sync::atomic::Ordering::SeqCst) {
+                now + SignedDuration::from_secs(60)
+            } else {
+                now
+            }
+        }
+    }
+    let late = Arc::new(Late(
+        FakeClock::starting_at(at("2026-11-24T06:59:30Z")),
+        false.into(),
+    ));
+    let mut fixture = start(NIGHTS, late.clone(), 1);
+    fixture.link_up().await;
+    late.1.store(true, std::sync::atomic::Ordering::SeqCst);
+    fixture.start_build(9, "true");
+    let mut away_first = false;
+    loop {
+        match fixture.next_to_master().await {
+            AgentMessage::Presence { presence, .. } => {
+                away_first |= presence.state == PresenceState::Away;
+            }
+            AgentMessage::BuildRefused { build_id, reason } => {
+                assert_eq!(build_id, 9);
+                assert!(reason.contains("away"), "{reason}");
+                break;
+            }
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+    assert!(
+        away_first,
+        "the master hears of the close before the refusal"
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_wall_clock_jump_is_noticed_within_a_minute() {
     // A suspended laptop: tokio's clock stood still while the wall
     // clock moved past the boundary.

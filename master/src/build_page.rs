@@ -289,7 +289,7 @@ pub fn render(
             "Estimate",
             format!(
                 "estimated {}{ends}",
-                esc(&crate::dashboard::estimate_words(secs))
+                escape(&crate::dashboard::estimate_words(secs))
             ),
         );
     }

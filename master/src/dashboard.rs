@@ -594,7 +594,7 @@ fn render_builders(html: &mut String, builders: &[BuilderRow]) {
             Some(took) => format!(
                 "<span class=\"tip\" title=\"90th percentile of its last {} successful builds\">{}</span>",
                 crate::scheduler::estimate::WINDOW,
-                esc(&estimate_words(u64::try_from(took.as_secs()).unwrap_or(0)))
+                escape(&estimate_words(u64::try_from(took.as_secs()).unwrap_or(0)))
             ),
             None => format!(
                 "<span class=\"none\">unknown until {} successful builds</span>",
@@ -611,7 +611,7 @@ fn render_builders(html: &mut String, builders: &[BuilderRow]) {
              <td data-label=\"Workers\" class=\"num\">{}</td>\
              <td data-label=\"Estimated duration\">{estimate}</td>\
              <td data-label=\"Admission\">{admission}</td></tr>",
-            esc(&b.name),
+            escape(&b.name),
             b.workers,
         );
     }

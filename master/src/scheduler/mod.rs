@@ -19,6 +19,7 @@
 mod admission;
 mod builds;
 mod connections;
+mod eligible;
 pub mod estimate;
 mod latent;
 mod locks;
@@ -50,7 +51,9 @@ use crate::master_schedule::MasterSchedules;
 use crate::outbox::AgentOutbox;
 use crate::store::{Store, StoreOutcome, UnfinishedBuild};
 
+use eligible::Eligible;
 use estimate::Estimates;
+use locks::LockWaits;
 use timers::Timers;
 
 /// Identity of one agent connection, unique for the master's lifetime.
@@ -255,7 +258,10 @@ impl WorkerSlot {
 struct Queued {
     builder: String,
     properties: BTreeMap<String, String>,
-    waiting_for: Option<String>,
+    waiting_for: Option<Waiting>,
+    /// A worker refused it since it was queued: its pick is decided on its
+    /// own, not from the builder's cached "no worker" of the pass.
+    refused: bool,
     /// The worker it was last handed to, kept across a re-queue: the only
     /// one whose result or adoption of it is accepted.
     handed_to: Option<String>,
@@ -275,6 +281,7 @@ impl Queued {
             builder,
             properties,
             waiting_for: None,
+            refused: false,
             source,
             handed_to: None,
             queued_at: std::time::Instant::now(),
@@ -293,6 +300,20 @@ impl Queued {
             ..Queued::new(builder, properties, source)
         }
     }
+}
+
+/// What a queued build waits for.
+#[derive(Debug, Clone, PartialEq)]
+enum Waiting {
+    /// Said in words when it was decided (locks, pause, admission, latent).
+    Because(String),
+    /// No worker the builder lists can take it now. The words (each
+    /// worker's state) are put together only when the build is shown, not
+    /// on every pick: building them visits every listed worker.
+    NoWorker {
+        /// What the latent pool said, when it was asked.
+        latent: Option<String>,
+    },
 }
 
 /// A build handed out to a worker.
@@ -330,7 +351,7 @@ pub struct Scheduler {
     locks: BuildLocks,
     /// Queued builds whose worker is chosen and whose builder-level locks
     /// are being waited for (the worker's slot is kept for them).
-    lock_waits: BTreeMap<BuildId, String>,
+    lock_waits: LockWaits,
     /// Latent (on-demand) workers: their life cycle, providers and tokens.
     latent: LatentPool,
     latent_providers: BTreeMap<String, Arc<dyn LatentProvider>>,
@@ -346,6 +367,9 @@ pub struct Scheduler {
     timers: Timers,
     /// Each builder's estimated build duration (window-aware admission).
     estimates: Estimates,
+    /// Per builder, the workers that could take a build now, in pick order
+    /// (kept up to date by [`Scheduler::touch`]).
+    eligible: Eligible,
 }
 
 impl Scheduler {
@@ -403,7 +427,7 @@ impl Scheduler {
             paused,
             assignments: 0,
             locks: BuildLocks::default(),
-            lock_waits: BTreeMap::new(),
+            lock_waits: LockWaits::default(),
             latent: LatentPool::new(MasterAccess::default(), 1),
             latent_providers: BTreeMap::new(),
             latent_tokens: LatentTokens::default(),
@@ -413,6 +437,7 @@ impl Scheduler {
             latent_stopped: Vec::new(),
             timers: Timers::default(),
             estimates: Estimates::default(),
+            eligible: Eligible::default(),
         };
         scheduler.locks = BuildLocks::new(scheduler.config.locks.clone());
         scheduler.configure_latent();
@@ -488,6 +513,7 @@ impl Scheduler {
         for worker in with_builds {
             scheduler.start_missing_timer(&worker);
         }
+        scheduler.rebuild_eligible();
         scheduler
     }
 
@@ -571,6 +597,8 @@ impl Scheduler {
             }
             Event::Latent(event) => self.on_latent_event(event),
         }
+        #[cfg(test)]
+        self.check_eligible();
     }
 
     /// Reacts to one frame from the current connection of `worker`.

@@ -62,6 +62,7 @@ impl Scheduler {
             self.send(&worker, MasterMessage::MasterOverride { presence: None });
         }
         self.refresh_schedules();
+        self.rebuild_eligible();
         self.assign();
     }
 }

@@ -16,7 +16,7 @@ impl Scheduler {
             .iter()
             .filter_map(|&id| {
                 let why = match self.queue.get(&id) {
-                    Some(queued) => queued.waiting_for.clone(),
+                    Some(queued) => Some(self.explain(id, queued.waiting_for.as_ref()?)),
                     None if self.running.contains_key(&id) => self.locks.waiting_text(id),
                     None => None,
                 }?;
@@ -92,7 +92,7 @@ impl Scheduler {
             waiting_for: self
                 .queue
                 .iter()
-                .filter_map(|(id, q)| Some((*id, q.waiting_for.clone()?)))
+                .filter_map(|(id, q)| Some((*id, self.explain(*id, q.waiting_for.as_ref()?))))
                 // Running builds whose next step waits for a lock.
                 .chain(
                     self.running

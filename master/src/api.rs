@@ -50,6 +50,8 @@ pub struct AppState {
     pub agent_slots: Arc<crate::server::ConnectionGate>,
     /// What webhooks, polling and timed builds did.
     pub trigger_counters: Arc<crate::triggers::TriggerCounters>,
+    /// Workers enrolled through a `[[worker_group]]` (hashed tokens).
+    pub enrolled: crate::worker_groups::Enrolled,
 }
 
 /// An error response: status plus [`ApiError`] JSON.
@@ -117,6 +119,10 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/api/v1/builds/{id}/log", get(build_log))
         .route("/api/v1/builds/{id}/cancel", post(cancel_build))
         .route("/api/v1/workers", get(workers))
+        .route(
+            "/api/v1/workers/{name}/revoke",
+            post(crate::worker_groups::revoke),
+        )
         .route("/api/v1/pause", post(pause))
         .route("/api/v1/resume", post(resume))
         .route("/api/v1/reconfig", post(reconfig))

@@ -2,6 +2,7 @@
 //! keys refused and every error named by file, line, column and key, then
 //! validated as a whole (cross references, ranges) before anything binds.
 
+use crate::worker_groups::WorkerGroupDef;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fmt;
 use std::net::SocketAddr;
@@ -211,6 +212,8 @@ struct RawConfig {
     max_agents: Option<u32>,
     #[serde(default)]
     worker: Vec<RawWorker>,
+    #[serde(default)]
+    worker_group: Vec<crate::worker_groups::RawWorkerGroup>,
     #[serde(default)]
     builder: Vec<RawBuilder>,
     #[serde(default)]
@@ -492,6 +495,8 @@ pub struct MasterConfig {
     /// limit leaves room for beside API clients and browsers.
     pub max_agents: Option<u32>,
     pub workers: Vec<WorkerDef>,
+    /// `[[worker_group]]`: machines that enrol themselves.
+    pub worker_groups: Vec<WorkerGroupDef>,
     pub builders: Vec<BuilderDef>,
     pub locks: Vec<LockDef>,
     /// The zone timed builds' `schedule` is read in (`None`: the system's).
@@ -545,6 +550,16 @@ impl MasterConfig {
             .flatten()
             .filter_map(|&at| self.workers.get(at))
             .filter(move |w| w.token_sha256 == hash)
+    }
+    /// The `[[worker_group]]` named `name` (groups are few: a scan).
+    pub fn worker_group(&self, name: &str) -> Option<&WorkerGroupDef> {
+        self.worker_groups.iter().find(|g| g.name == name)
+    }
+    /// The group whose enrolment token hashes to `hash`.
+    pub fn group_with_enroll_token(&self, hash: &str) -> Option<&WorkerGroupDef> {
+        self.worker_groups.iter().find(|g| {
+            crate::api::constant_time_eq(g.enroll_token_sha256.as_bytes(), hash.as_bytes())
+        })
     }
     pub fn builder(&self, name: &str) -> Option<&BuilderDef> {
         self.builders.iter().find(|b| b.name == name)
@@ -822,6 +837,10 @@ impl MasterConfig {
             });
         }
 
+        let worker_groups =
+            crate::worker_groups::validate(raw.worker_group, &worker_names, &mut issue);
+        let group_names: BTreeSet<&str> = worker_groups.iter().map(|g| g.name.as_str()).collect();
+
         let mut builders = Vec::new();
         let mut builder_names = BTreeSet::new();
         for (i, b) in raw.builder.into_iter().enumerate() {
@@ -844,10 +863,15 @@ impl MasterConfig {
                 );
             }
             for (j, worker) in b.workers.iter().enumerate() {
-                if !worker_names.contains(worker) && !written.workers.contains(worker) {
+                if !worker_names.contains(worker)
+                    && !written.workers.contains(worker)
+                    && !group_names.contains(worker.as_str())
+                {
                     issue(
                         format!("builder[{i}].workers[{j}]"),
-                        format!("unknown worker `{}` (no [[worker]] with that name)", worker),
+                        format!(
+                            "unknown worker `{worker}` (no [[worker]] or [[worker_group]] with that name)"
+                        ),
                     );
                 }
             }
@@ -1039,6 +1063,7 @@ impl MasterConfig {
             max_agents: raw.max_agents,
             index: WorkerIndex::of(&workers),
             workers,
+            worker_groups,
             builders,
             locks,
             timezone: raw.timezone,
@@ -1093,7 +1118,7 @@ pub fn check_branch_name(branch: &str) -> Result<(), String> {
     }
 }
 
-fn valid_name(name: &str) -> bool {
+pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name

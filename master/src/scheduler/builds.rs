@@ -148,11 +148,7 @@ impl Scheduler {
         worker: &str,
         queued: &Queued,
     ) -> Result<(), RefusalReason> {
-        let listed = self
-            .config
-            .builder(&queued.builder)
-            .is_some_and(|b| b.workers.iter().any(|w| w == worker));
-        if !listed {
+        if !self.builder_lists(&queued.builder, worker) {
             return Err(RefusalReason::BuilderDoesNotListIt);
         }
         if queued.handed_to.as_deref() != Some(worker) {

@@ -282,7 +282,7 @@ impl Scheduler {
         for id in ids {
             self.requeue(worker, id, &reason, RetryReason::WorkerMissing);
         }
-        if self.config.worker(worker).is_none() {
+        if !self.is_known(worker) {
             self.drop_if_drained(worker);
         }
         self.assign();
@@ -309,7 +309,7 @@ impl Scheduler {
 
     /// Sends `Released` to an idle worker that takes no builds.
     pub(super) fn maybe_release(&mut self, worker: &str) {
-        if self.config.worker(worker).is_none() {
+        if !self.is_known(worker) {
             self.drop_if_drained(worker);
             return;
         }

@@ -34,7 +34,8 @@ pub(super) struct Eligible {
     builders: HashMap<String, usize>,
     /// Per builder, its eligible workers in pick order.
     sets: Vec<BTreeSet<Entry>>,
-    /// Worker → the builders listing it, with its position in each list.
+    /// Worker (or worker group) → the builders listing it, with its
+    /// position in each list; a group's members share the group's place.
     listed_in: HashMap<String, Vec<(usize, usize)>>,
     /// Worker → its rank, for the workers in the sets.
     current: HashMap<String, Rank>,
@@ -44,8 +45,12 @@ pub(super) struct Eligible {
 }
 
 impl Eligible {
-    /// An empty index for `config`'s builders (every worker not eligible).
-    pub fn new(config: &MasterConfig) -> Eligible {
+    /// An empty index for `config`'s builders (every worker not eligible);
+    /// `members` are the enrolled workers with their group.
+    pub fn new<'a>(
+        config: &MasterConfig,
+        members: impl IntoIterator<Item = (&'a String, &'a String)>,
+    ) -> Eligible {
         let mut index = Eligible::default();
         for (at, builder) in config.builders.iter().enumerate() {
             index.builders.insert(builder.name.clone(), at);
@@ -66,7 +71,30 @@ impl Eligible {
                     .push((at, position));
             }
         }
+        for (worker, group) in members {
+            index.list_member(worker, group);
+        }
         index
+    }
+
+    /// Lists enrolled `worker` wherever its `group` is listed.
+    pub fn list_member(&mut self, worker: &str, group: &str) {
+        if let Some(places) = self.listed_in.get(group).cloned() {
+            self.listed_in.insert(worker.to_owned(), places);
+        }
+    }
+
+    /// Forgets a worker (a revoked member); call after `set(worker, None)`.
+    pub fn unlist(&mut self, worker: &str) {
+        if !self.current.contains_key(worker) {
+            self.listed_in.remove(worker);
+        }
+    }
+
+    /// Whether some builder lists `worker` (by name or through its group).
+    #[cfg(test)]
+    pub fn is_listed(&self, worker: &str) -> bool {
+        self.listed_in.contains_key(worker)
     }
 
     /// Sets `worker`'s rank (`None`: it cannot take a build now).
@@ -162,7 +190,7 @@ mod tests {
 
     #[test]
     fn each_builder_keeps_its_eligible_workers_in_pick_order() {
-        let mut index = Eligible::new(&config());
+        let mut index = Eligible::new(&config(), []);
         assert!(order(&index, "abc").is_empty());
         for name in ["a", "b", "c"] {
             index.set(name, rank(Available, 0, 0));

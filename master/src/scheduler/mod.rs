@@ -20,6 +20,7 @@ mod admission;
 mod builds;
 mod connections;
 mod eligible;
+mod enrolment;
 pub mod estimate;
 mod latent;
 mod locks;
@@ -50,6 +51,7 @@ use crate::locks::{BuildLocks, Claim, LockHolder};
 use crate::master_schedule::MasterSchedules;
 use crate::outbox::AgentOutbox;
 use crate::store::{Store, StoreOutcome, UnfinishedBuild};
+use crate::worker_groups::Member;
 
 use eligible::Eligible;
 use estimate::Estimates;
@@ -206,6 +208,16 @@ pub enum Event {
     LeaseEnded {
         build_id: BuildId,
         step: u32,
+    },
+    /// A worker enrolled (committed, and in the server's roster).
+    Enrolled {
+        member: Member,
+    },
+    /// An enrolled worker was revoked (committed, and out of the server's
+    /// roster); answers whether the scheduler knew it.
+    Revoked {
+        name: String,
+        reply: oneshot::Sender<bool>,
     },
     /// A new config, validated and checked by `reconfig::reload`: apply it
     /// without interrupting running builds, then answer.
@@ -370,6 +382,10 @@ pub struct Scheduler {
     /// Per builder, the workers that could take a build now, in pick order
     /// (kept up to date by [`Scheduler::touch`]).
     eligible: Eligible,
+    /// Enrolled workers (`[[worker_group]]` members) → their group.
+    members: HashMap<String, String>,
+    /// Worker group → its enrolled members, by name.
+    group_members: HashMap<String, BTreeSet<String>>,
 }
 
 impl Scheduler {
@@ -391,6 +407,7 @@ impl Scheduler {
         unfinished: Vec<UnfinishedBuild>,
         last_seen: BTreeMap<String, Presence>,
         paused: bool,
+        enrolled: Vec<Member>,
     ) -> Scheduler {
         let now = clock.now();
         let not_connected = |name: &str| match last_seen.get(name) {
@@ -438,7 +455,12 @@ impl Scheduler {
             timers: Timers::default(),
             estimates: Estimates::default(),
             eligible: Eligible::default(),
+            members: HashMap::new(),
+            group_members: HashMap::new(),
         };
+        for member in enrolled {
+            scheduler.add_member(member);
+        }
         scheduler.locks = BuildLocks::new(scheduler.config.locks.clone());
         scheduler.configure_latent();
         scheduler.schedules = scheduler.compile_schedules();
@@ -596,6 +618,10 @@ impl Scheduler {
                 let _ = reply.send(());
             }
             Event::Latent(event) => self.on_latent_event(event),
+            Event::Enrolled { member } => self.on_enrolled(member),
+            Event::Revoked { name, reply } => {
+                let _ = reply.send(self.on_revoked(&name));
+            }
         }
         #[cfg(test)]
         self.check_eligible();

@@ -162,9 +162,8 @@ impl Scheduler {
     /// Builds `worker` may run at once: the lower of master.toml's
     /// `max_builds` and its agent's.
     fn capacity(&self, worker: &str, slot: &WorkerSlot) -> usize {
-        self.config
-            .worker(worker)
-            .map_or(1, |w| w.max_builds)
+        self.configured_max_builds(worker)
+            .unwrap_or(1)
             .min(slot.agent_max_builds) as usize
     }
 
@@ -198,7 +197,7 @@ impl Scheduler {
 
     /// The eligible sets from scratch (at start and after a reconfig).
     pub(super) fn rebuild_eligible(&mut self) {
-        self.eligible = Eligible::new(&self.config);
+        self.eligible = Eligible::new(&self.config, &self.members);
         let names: Vec<String> = self.workers.keys().cloned().collect();
         for name in names {
             self.touch(&name);
@@ -213,10 +212,11 @@ impl Scheduler {
             .workers
             .keys()
             .filter(|name| {
-                self.config
-                    .builders
-                    .iter()
-                    .any(|b| b.workers.iter().any(|w| w == *name))
+                self.config.builders.iter().any(|b| {
+                    b.workers
+                        .iter()
+                        .any(|w| w == *name || self.members.get(*name) == Some(w))
+                })
             })
             .filter_map(|name| Some((name.clone(), self.rank_of(name)?)))
             .collect();
@@ -298,13 +298,22 @@ impl Scheduler {
             .map_err(Waiting::Because)
     }
 
-    /// The facts of every worker `builder` lists, for build `id`.
+    /// The facts of every worker `builder` lists (a group: each of its
+    /// members, by name), for build `id`.
     fn candidates<'a>(
         &'a self,
         builder: &'a BuilderDef,
         id: BuildId,
     ) -> impl Iterator<Item = Candidate<'a>> + 'a {
-        builder.workers.iter().map(move |name| {
+        let names = builder.workers.iter().flat_map(move |entry| {
+            let group = self
+                .config
+                .worker_group(entry)
+                .map(|_| self.members_of(entry));
+            let single = group.is_none().then_some(entry);
+            group.into_iter().flatten().chain(single)
+        });
+        names.map(move |name| {
             let Some(slot) = self.workers.get(name) else {
                 return Candidate::NotConfigured { name };
             };

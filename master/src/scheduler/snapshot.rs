@@ -36,24 +36,33 @@ impl Scheduler {
 
     /// The read-only view the API and the dashboard show.
     pub(super) fn snapshot(&self) -> Snapshot {
+        let mut members: Vec<&String> = self
+            .members
+            .keys()
+            .filter(|name| self.is_known(name))
+            .collect();
+        members.sort();
         let workers = self
             .config
             .workers
             .iter()
-            .filter_map(|def| {
-                let slot = self.workers.get(&def.name)?;
-                let presence = self.effective_presence(&def.name, &slot.presence);
+            .map(|def| &def.name)
+            .chain(members)
+            .filter_map(|name| {
+                let slot = self.workers.get(name)?;
+                let presence = self.effective_presence(name, &slot.presence);
+                let max_builds = self.configured_max_builds(name).unwrap_or(1);
                 Some(WorkerInfo {
-                    name: def.name.clone(),
+                    name: name.clone(),
                     state: presence.state,
                     reason: presence.reason.clone(),
                     source: Some(presence.source.clone()),
                     since: Some(presence.since),
                     until: presence.until,
                     connected: slot.conn.is_some(),
-                    max_builds: def.max_builds.min(slot.agent_max_builds),
+                    max_builds: max_builds.min(slot.agent_max_builds),
                     running: slot.running.iter().copied().collect(),
-                    latent: self.latent.status(&def.name).map(|s| LatentInfo {
+                    latent: self.latent.status(name).map(|s| LatentInfo {
                         state: s.state.as_str().to_owned(),
                         reason: s.reason,
                         since: s.since,
@@ -66,7 +75,7 @@ impl Scheduler {
             .chain(
                 self.workers
                     .iter()
-                    .filter(|(name, _)| self.config.worker(name).is_none())
+                    .filter(|(name, _)| !self.is_known(name))
                     .map(|(name, slot)| WorkerInfo {
                         name: name.clone(),
                         state: slot.presence.state,

@@ -81,6 +81,7 @@ impl Harness {
             Vec::new(),
             BTreeMap::new(),
             false,
+            Vec::new(),
         );
         Harness {
             scheduler,

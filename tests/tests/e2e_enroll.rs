@@ -68,14 +68,23 @@ async fn a_group_token_enrols_workers_that_run_builds_and_a_revoked_one_is_refus
     // lab-1 enrols explicitly; its token file is private.
     let config = farm.write_worker_config("lab-1")?;
     let (code, stdout, stderr) = farm.worker_cli("lab-1", &["enroll"])?;
-    assert_eq!(code, 0, "worker enroll: {stdout}{stderr}\n{}", diagnostics(&farm));
+    assert_eq!(
+        code,
+        0,
+        "worker enroll: {stdout}{stderr}\n{}",
+        diagnostics(&farm)
+    );
     assert!(
         stdout.contains("enrolled as lab-1 in group lab"),
         "{stdout}"
     );
     let token_file = config.with_file_name("worker.token");
     let lab1_token = fs_err::read_to_string(&token_file)?.trim().to_owned();
-    assert_eq!(lab1_token.len(), 64, "a fresh 256-bit token: {lab1_token:?}");
+    assert_eq!(
+        lab1_token.len(),
+        64,
+        "a fresh 256-bit token: {lab1_token:?}"
+    );
     assert_ne!(lab1_token, group_token);
     let mode = fs_err::metadata(&token_file)?.permissions().mode() & 0o777;
     assert_eq!(mode, 0o600, "token_file mode {mode:o}");
@@ -92,9 +101,10 @@ async fn a_group_token_enrols_workers_that_run_builds_and_a_revoked_one_is_refus
             .await
             .map_err(|e| anyhow::anyhow!("{e:#}\n{}", diagnostics(&farm)))?;
     }
-    let lab2_token = fs_err::read_to_string(farm.worker_config("lab-2").with_file_name("worker.token"))?
-        .trim()
-        .to_owned();
+    let lab2_token =
+        fs_err::read_to_string(farm.worker_config("lab-2").with_file_name("worker.token"))?
+            .trim()
+            .to_owned();
     assert_ne!(lab1_token, lab2_token, "each worker has its own token");
     // The master keeps only the hashes.
     let stored = data_dir_bytes(&farm)?;
@@ -110,7 +120,12 @@ async fn a_group_token_enrols_workers_that_run_builds_and_a_revoked_one_is_refus
     let mut ran_on = Vec::new();
     for id in [first, second] {
         let build = farm.wait_build(id).await?;
-        assert_eq!(build.outcome, Some(Outcome::Success), "{build:?}\n{}", diagnostics(&farm));
+        assert_eq!(
+            build.outcome,
+            Some(Outcome::Success),
+            "{build:?}\n{}",
+            diagnostics(&farm)
+        );
         ran_on.push(build.worker.clone().unwrap_or_default());
     }
     ran_on.sort();
@@ -128,13 +143,22 @@ async fn a_group_token_enrols_workers_that_run_builds_and_a_revoked_one_is_refus
     let taken = enroller.enroll("lab-1").await.expect_err("lab-1 exists");
     assert_eq!(taken.status, Some(409), "{taken}");
     assert!(taken.message.contains("revoke"), "{taken}");
-    let foreign = enroller.enroll("desk-1").await.expect_err("not the group's prefix");
+    let foreign = enroller
+        .enroll("desk-1")
+        .await
+        .expect_err("not the group's prefix");
     assert_eq!(foreign.status, Some(400), "{foreign}");
     assert!(foreign.message.contains("lab-<suffix>"), "{foreign}");
     let stranger = ApiClient::new(farm.url(), new_token(), Some(farm.tls_client()?))?;
-    let wrong = stranger.enroll("lab-9").await.expect_err("not a group token");
+    let wrong = stranger
+        .enroll("lab-9")
+        .await
+        .expect_err("not a group token");
     assert_eq!(wrong.status, Some(401), "{wrong}");
-    let admin_only = enroller.revoke_worker("lab-1").await.expect_err("admin only");
+    let admin_only = enroller
+        .revoke_worker("lab-1")
+        .await
+        .expect_err("admin only");
     assert_eq!(admin_only.status, Some(401), "{admin_only}");
 
     // Revoking lab-2: its connection ends and its token is refused.
@@ -146,13 +170,17 @@ async fn a_group_token_enrols_workers_that_run_builds_and_a_revoked_one_is_refus
         .err()
         .expect("a revoked token gets no WebSocket");
     assert_eq!(refusal.status, 401, "{refusal:?}");
-    wait_for("lab-2 to be gone from the workers", Duration::from_secs(30), || {
-        let api = api.clone();
-        async move {
-            let list = api.workers().await?;
-            Ok((!list.workers.iter().any(|w| w.name == "lab-2")).then_some(()))
-        }
-    })
+    wait_for(
+        "lab-2 to be gone from the workers",
+        Duration::from_secs(30),
+        || {
+            let api = api.clone();
+            async move {
+                let list = api.workers().await?;
+                Ok((!list.workers.iter().any(|w| w.name == "lab-2")).then_some(()))
+            }
+        },
+    )
     .await?;
     let (code, _, stderr) = farm.master_cli(&["revoke-worker", "lab-2"])?;
     assert_ne!(code, 0, "revoking twice: {stderr}");
@@ -160,7 +188,12 @@ async fn a_group_token_enrols_workers_that_run_builds_and_a_revoked_one_is_refus
     // Builds go to lab-1 only now.
     let third = api.submit("app", BTreeMap::new()).await?.build_id;
     let build = farm.wait_build(third).await?;
-    assert_eq!(build.worker.as_deref(), Some("lab-1"), "{}", diagnostics(&farm));
+    assert_eq!(
+        build.worker.as_deref(),
+        Some("lab-1"),
+        "{}",
+        diagnostics(&farm)
+    );
 
     // Enrolments survive a master restart: lab-1 comes back and builds.
     farm.stop_master().await?;
@@ -174,7 +207,11 @@ async fn a_group_token_enrols_workers_that_run_builds_and_a_revoked_one_is_refus
     assert_eq!(build.state, BuildState::Finished);
     assert_eq!(build.worker.as_deref(), Some("lab-1"));
     assert!(
-        !api.workers().await?.workers.iter().any(|w| w.name == "lab-2"),
+        !api.workers()
+            .await?
+            .workers
+            .iter()
+            .any(|w| w.name == "lab-2"),
         "a revoked worker stays revoked after a restart"
     );
     Ok(())

@@ -26,6 +26,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::scheduler::{Event, Snapshot};
 use crate::store::{NewBuild, Store};
+use crate::worker_groups::revoke as revoke_worker;
 
 /// Longest a `wait` request is held open.
 const MAX_WAIT_SECS: u64 = 300;
@@ -119,10 +120,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/api/v1/builds/{id}/log", get(build_log))
         .route("/api/v1/builds/{id}/cancel", post(cancel_build))
         .route("/api/v1/workers", get(workers))
-        .route(
-            "/api/v1/workers/{name}/revoke",
-            post(crate::worker_groups::revoke),
-        )
+        .route("/api/v1/workers/{name}/revoke", post(revoke_worker))
         .route("/api/v1/pause", post(pause))
         .route("/api/v1/resume", post(resume))
         .route("/api/v1/reconfig", post(reconfig))

@@ -16,8 +16,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use nightshift_proto::api::{
     ApiError, BuildInfo, BuildList, BuildLog, BuildState, MAX_WORKER_PAGE, PauseState,
-    ReconfigResponse, SubmitRequest, SubmitResponse, WorkerInfo, WorkerList, WorkerPage,
-    WorkerQuery,
+    ReconfigResponse, SubmitRequest, SubmitResponse, WorkerPage, WorkerQuery,
 };
 use nightshift_proto::wire::{BuildId, is_full_revision};
 use serde::Deserialize;
@@ -454,39 +453,17 @@ async fn workers(
             format!("limit={limit}: must be 1 to {MAX_WORKER_PAGE}"),
         ));
     }
-    let WorkerList { paused, workers } = snapshot(&state).await?.workers;
-    Ok(Json(page_of_workers(paused, workers, &query, limit)))
-}
-
-fn page_of_workers(
-    paused: bool,
-    mut workers: Vec<WorkerInfo>,
-    query: &WorkerQuery,
-    limit: usize,
-) -> WorkerPage {
-    let mut counts = BTreeMap::new();
-    for worker in &workers {
-        *counts.entry(worker.state.as_str().to_owned()).or_insert(0) += 1;
-    }
-    workers.retain(|w| {
-        query.state.is_none_or(|state| w.state == state)
-            && query
-                .name
-                .as_deref()
-                .is_none_or(|name| w.name.contains(name))
-    });
-    workers.sort_unstable_by(|a, b| a.name.cmp(&b.name));
-    let total = workers.len();
-    let offset = query.offset.unwrap_or(0).min(total);
-    workers.truncate(offset.saturating_add(limit).min(total));
-    workers.drain(..offset);
-    WorkerPage {
-        paused,
-        workers,
-        total,
-        offset,
-        counts,
-    }
+    let (reply, answer) = oneshot::channel();
+    let stopping = || Failure(StatusCode::SERVICE_UNAVAILABLE, "master is stopping".into());
+    state
+        .events
+        .send(Event::WorkersPage {
+            query,
+            limit,
+            reply,
+        })
+        .map_err(|_| stopping())?;
+    Ok(Json(answer.await.map_err(|_| stopping())?))
 }
 
 async fn set_paused(state: &AppState, paused: bool) -> Result<Json<PauseState>, Failure> {
@@ -546,59 +523,7 @@ mod tests {
 #[cfg(test)]
 mod worker_page_tests {
     use nightshift_policy::PresenceState;
-    use nightshift_proto::api::{WorkerInfo, WorkerQuery};
-
-    use super::page_of_workers;
-
-    fn worker(name: &str, state: PresenceState) -> WorkerInfo {
-        WorkerInfo {
-            name: name.to_owned(),
-            state,
-            reason: String::new(),
-            source: None,
-            since: None,
-            until: None,
-            connected: true,
-            max_builds: 1,
-            running: Vec::new(),
-            latent: None,
-        }
-    }
-
-    #[test]
-    fn workers_are_filtered_sorted_and_paged_with_totals() {
-        let workers = vec![
-            worker("lab-3", PresenceState::Away),
-            worker("lab-1", PresenceState::Available),
-            worker("desk-1", PresenceState::Available),
-            worker("lab-2", PresenceState::Available),
-        ];
-        let query = WorkerQuery {
-            state: Some(PresenceState::Available),
-            name: Some("lab".into()),
-            offset: Some(1),
-            limit: Some(5),
-        };
-        let page = page_of_workers(false, workers.clone(), &query, 5);
-        assert_eq!(page.total, 2);
-        assert_eq!(page.offset, 1);
-        let names: Vec<&str> = page.workers.iter().map(|w| w.name.as_str()).collect();
-        assert_eq!(names, ["lab-2"]);
-        assert_eq!(page.counts["available"], 3);
-        assert_eq!(page.counts["away"], 1);
-
-        // An offset past the end is an empty page, not an error.
-        let query = WorkerQuery {
-            offset: Some(10),
-            ..WorkerQuery::default()
-        };
-        let page = page_of_workers(false, workers.clone(), &query, 2);
-        assert_eq!((page.total, page.offset, page.workers.len()), (4, 4, 0));
-
-        let page = page_of_workers(false, workers, &WorkerQuery::default(), 2);
-        let names: Vec<&str> = page.workers.iter().map(|w| w.name.as_str()).collect();
-        assert_eq!(names, ["desk-1", "lab-1"]);
-    }
+    use nightshift_proto::api::WorkerQuery;
 
     #[test]
     fn the_query_string_round_trips() {

@@ -110,14 +110,18 @@ impl Fleet {
 
 enum SessionEnd {
     Stop,
-    Lost { welcomed: bool },
+    Lost {
+        welcomed: bool,
+    },
     Busy(Duration),
+    /// Nothing listens on the port (the master is restarting).
+    PortRefused,
 }
 
 /// One fake agent: connects, says hello, stays, reconnects as the real agent
 /// does (spread over a second after losing a welcomed connection, then
-/// backoff doubling from 200 ms to 10 s with jitter, a 503's Retry-After
-/// honoured).
+/// backoff doubling from 200 ms to 10 s with jitter, to 2 s only while the
+/// port refuses connections, a 503's Retry-After honoured).
 pub async fn fake_agent(fleet: Arc<Fleet>, name: String, token: String) {
     let mut backoff = Duration::from_millis(200);
     let mut stop = fleet.stop.clone();
@@ -132,6 +136,13 @@ pub async fn fake_agent(fleet: Arc<Fleet>, name: String, token: String) {
                 fleet.failures.fetch_add(1, Ordering::Relaxed);
                 let pause = jittered(backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(10));
+                pause
+            }
+            SessionEnd::PortRefused => {
+                fleet.failures.fetch_add(1, Ordering::Relaxed);
+                backoff = backoff.min(Duration::from_secs(2));
+                let pause = jittered(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(2));
                 pause
             }
             SessionEnd::Busy(asked) => {
@@ -188,6 +199,11 @@ async fn session(fleet: &Fleet, name: &str, token: &str) -> SessionEnd {
                 .and_then(|v| v.to_str().ok()?.parse().ok())
                 .map_or(Duration::ZERO, Duration::from_secs);
             return SessionEnd::Busy(asked);
+        }
+        Ok(Err(tokio_tungstenite::tungstenite::Error::Io(e)))
+            if e.kind() == std::io::ErrorKind::ConnectionRefused =>
+        {
+            return SessionEnd::PortRefused;
         }
         _ => return lost,
     };

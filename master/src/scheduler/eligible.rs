@@ -91,12 +91,6 @@ impl Eligible {
         }
     }
 
-    /// Whether some builder lists `worker` (by name or through its group).
-    #[cfg(test)]
-    pub fn is_listed(&self, worker: &str) -> bool {
-        self.listed_in.contains_key(worker)
-    }
-
     /// Sets `worker`'s rank (`None`: it cannot take a build now).
     pub fn set(&mut self, worker: &str, rank: Option<Rank>) {
         if self.current.get(worker) == rank.as_ref() {

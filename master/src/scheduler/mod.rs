@@ -39,7 +39,7 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 use nightshift_policy::{Presence, PresenceState, Source};
-use nightshift_proto::api::WorkerList;
+use nightshift_proto::api::{WorkerList, WorkerPage, WorkerQuery};
 use nightshift_proto::wire::{
     AgentMessage, BuildId, BuildSource, HEARTBEAT_SECS, MasterMessage, Outlook,
 };
@@ -186,6 +186,13 @@ pub enum Event {
     },
     Snapshot {
         reply: oneshot::Sender<Snapshot>,
+    },
+    /// One page of the workers, in name order (`master workers`, the
+    /// dashboard): rows are built for the page only.
+    WorkersPage {
+        query: WorkerQuery,
+        limit: usize,
+        reply: oneshot::Sender<WorkerPage>,
     },
     /// What each of these builds waits for, for those that wait (the part
     /// of a [`Snapshot`] one build's answer needs, without the workers).
@@ -603,6 +610,13 @@ impl Scheduler {
             Event::Watch { id, reply } => self.on_watch(id, reply),
             Event::Snapshot { reply } => {
                 let _ = reply.send(self.snapshot());
+            }
+            Event::WorkersPage {
+                query,
+                limit,
+                reply,
+            } => {
+                let _ = reply.send(self.workers_page(&query, limit));
             }
             Event::WaitingFor { ids, reply } => {
                 let _ = reply.send(self.waiting_for(&ids));

@@ -4,10 +4,10 @@
 //! by `worker enroll`, or by `worker run` when `token_file` does not exist.
 
 use std::io::Write;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 
 use anyhow::Context;
+use fs_err::os::unix::fs::OpenOptionsExt;
 use nightshift_proto::api::{ApiClient, EnrollResponse, MasterUrl};
 use nightshift_proto::exit::ExitStatus;
 
@@ -66,7 +66,7 @@ fn write_private(path: &Path, contents: &[u8]) -> std::io::Result<()> {
         .map(|n| n.to_string_lossy().into_owned())
         .unwrap_or_default();
     let tmp = dir.join(format!(".{name}.tmp-{}", std::process::id()));
-    let mut file = std::fs::OpenOptions::new()
+    let mut file = fs_err::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)

@@ -553,10 +553,12 @@ pub async fn run(
         store.clone(),
         Arc::new(SystemClock),
         events.clone(),
-        unfinished,
-        last_seen,
-        paused,
-        enrolled.all(),
+        crate::scheduler::Restored {
+            unfinished,
+            last_seen,
+            paused,
+            enrolled: enrolled.all(),
+        },
     );
     scheduler.seed_estimates(durations);
     // Latent instances reach the master as any worker would, with a token

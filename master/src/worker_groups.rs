@@ -238,100 +238,6 @@ impl Enrolled {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn group(name: &str) -> WorkerGroupDef {
-        WorkerGroupDef {
-            name: name.into(),
-            enroll_token_sha256: "a".repeat(64),
-            max_builds: 1,
-            max_workers: 10,
-        }
-    }
-
-    #[test]
-    fn members_are_named_after_their_group() {
-        let lab = group("lab");
-        assert!(lab.may_name("lab-pc17"));
-        assert!(lab.may_name("lab-a.b_c"));
-        assert!(!lab.may_name("lab-"), "a suffix is needed");
-        assert!(!lab.may_name("lab"), "the group's own name");
-        assert!(!lab.may_name("labx-1"));
-        assert!(!lab.may_name("other-1"));
-        assert!(!lab.may_name("lab-a b"), "not a valid name");
-    }
-
-    #[test]
-    fn the_roster_finds_members_by_name_and_token_and_counts_them_per_group() {
-        let member = |name: &str, group: &str, hash: char| Member {
-            name: name.into(),
-            group: group.into(),
-            token_sha256: hash.to_string().repeat(64),
-        };
-        let roster = Enrolled::of(vec![
-            member("lab-1", "lab", '1'),
-            member("lab-2", "lab", '2'),
-        ]);
-        assert_eq!(roster.count("lab"), 2);
-        assert_eq!(roster.with_token(&"2".repeat(64)).unwrap().name, "lab-2");
-        assert_eq!(roster.member("lab-1").unwrap().token_sha256, "1".repeat(64));
-        // Re-issuing a member's token forgets the old one.
-        roster.insert(member("lab-1", "lab", '3'));
-        assert!(roster.with_token(&"1".repeat(64)).is_none());
-        assert_eq!(roster.count("lab"), 2);
-        assert_eq!(roster.remove("lab-1").unwrap().group, "lab");
-        assert!(roster.with_token(&"3".repeat(64)).is_none());
-        assert!(roster.member("lab-1").is_none());
-        assert_eq!(roster.count("lab"), 1);
-        assert!(roster.remove("lab-1").is_none());
-    }
-
-    #[test]
-    fn groups_are_validated_with_every_problem_named() {
-        let raw: Vec<RawWorkerGroup> = toml::from_str::<toml::Table>(
-            r#"
-            [[g]]
-            name = "w"
-            enroll_token_sha256 = "xyz"
-            max_builds = 0
-            [[g]]
-            name = "lab"
-            [[g]]
-            name = "lab"
-            enroll_token_sha256 = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
-            [[g]]
-            name = "lab2"
-            enroll_token_sha256 = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
-            "#,
-        )
-        .unwrap()["g"]
-            .clone()
-            .try_into()
-            .unwrap();
-        let mut issues = Vec::new();
-        let workers = BTreeSet::from(["w".to_owned()]);
-        let groups = validate(raw, &workers, &mut |key, message| {
-            issues.push(format!("{key}: {message}"))
-        });
-        assert_eq!(groups.len(), 4);
-        assert_eq!(groups[2].enroll_token_sha256, "a".repeat(64));
-        let text = issues.join("\n");
-        for expected in [
-            "worker_group[0].name: `w` is already a [[worker]]",
-            "worker_group[0].enroll_token_sha256: `xyz` is not 64 hex digits",
-            "worker_group[0].max_builds: must be at least 1",
-            "worker_group[1].enroll_token_sha256: missing",
-            "worker_group[2].name: worker group `lab` is defined twice",
-            "worker_group[3].enroll_token_sha256: the same enrolment token as group `lab`",
-        ] {
-            assert!(text.contains(expected), "{expected}\nin:\n{text}");
-        }
-        assert_eq!(issues.len(), 6, "{text}");
-    }
-}
-
 /// An error answer: status and [`ApiError`] JSON.
 fn failure(status: StatusCode, error: String) -> Response {
     (status, Json(ApiError { error })).into_response()
@@ -471,4 +377,98 @@ pub async fn revoke(State(state): State<AppState>, Path(name): Path<String>) -> 
         group: member.group,
     })
     .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn group(name: &str) -> WorkerGroupDef {
+        WorkerGroupDef {
+            name: name.into(),
+            enroll_token_sha256: "a".repeat(64),
+            max_builds: 1,
+            max_workers: 10,
+        }
+    }
+
+    #[test]
+    fn members_are_named_after_their_group() {
+        let lab = group("lab");
+        assert!(lab.may_name("lab-pc17"));
+        assert!(lab.may_name("lab-a.b_c"));
+        assert!(!lab.may_name("lab-"), "a suffix is needed");
+        assert!(!lab.may_name("lab"), "the group's own name");
+        assert!(!lab.may_name("labx-1"));
+        assert!(!lab.may_name("other-1"));
+        assert!(!lab.may_name("lab-a b"), "not a valid name");
+    }
+
+    #[test]
+    fn the_roster_finds_members_by_name_and_token_and_counts_them_per_group() {
+        let member = |name: &str, group: &str, hash: char| Member {
+            name: name.into(),
+            group: group.into(),
+            token_sha256: hash.to_string().repeat(64),
+        };
+        let roster = Enrolled::of(vec![
+            member("lab-1", "lab", '1'),
+            member("lab-2", "lab", '2'),
+        ]);
+        assert_eq!(roster.count("lab"), 2);
+        assert_eq!(roster.with_token(&"2".repeat(64)).unwrap().name, "lab-2");
+        assert_eq!(roster.member("lab-1").unwrap().token_sha256, "1".repeat(64));
+        // Re-issuing a member's token forgets the old one.
+        roster.insert(member("lab-1", "lab", '3'));
+        assert!(roster.with_token(&"1".repeat(64)).is_none());
+        assert_eq!(roster.count("lab"), 2);
+        assert_eq!(roster.remove("lab-1").unwrap().group, "lab");
+        assert!(roster.with_token(&"3".repeat(64)).is_none());
+        assert!(roster.member("lab-1").is_none());
+        assert_eq!(roster.count("lab"), 1);
+        assert!(roster.remove("lab-1").is_none());
+    }
+
+    #[test]
+    fn groups_are_validated_with_every_problem_named() {
+        let raw: Vec<RawWorkerGroup> = toml::from_str::<toml::Table>(
+            r#"
+            [[g]]
+            name = "w"
+            enroll_token_sha256 = "xyz"
+            max_builds = 0
+            [[g]]
+            name = "lab"
+            [[g]]
+            name = "lab"
+            enroll_token_sha256 = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+            [[g]]
+            name = "lab2"
+            enroll_token_sha256 = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+            "#,
+        )
+        .unwrap()["g"]
+            .clone()
+            .try_into()
+            .unwrap();
+        let mut issues = Vec::new();
+        let workers = BTreeSet::from(["w".to_owned()]);
+        let groups = validate(raw, &workers, &mut |key, message| {
+            issues.push(format!("{key}: {message}"))
+        });
+        assert_eq!(groups.len(), 4);
+        assert_eq!(groups[2].enroll_token_sha256, "a".repeat(64));
+        let text = issues.join("\n");
+        for expected in [
+            "worker_group[0].name: `w` is already a [[worker]]",
+            "worker_group[0].enroll_token_sha256: `xyz` is not 64 hex digits",
+            "worker_group[0].max_builds: must be at least 1",
+            "worker_group[1].enroll_token_sha256: missing",
+            "worker_group[2].name: worker group `lab` is defined twice",
+            "worker_group[3].enroll_token_sha256: the same enrolment token as group `lab`",
+        ] {
+            assert!(text.contains(expected), "{expected}\nin:\n{text}");
+        }
+        assert_eq!(issues.len(), 6, "{text}");
+    }
 }

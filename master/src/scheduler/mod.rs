@@ -349,6 +349,18 @@ struct Running {
     leased_step: Option<u32>,
 }
 
+/// What the store held at start, for [`Scheduler::new`].
+#[derive(Debug, Default)]
+pub struct Restored {
+    /// Builds not finished before the restart.
+    pub unfinished: Vec<UnfinishedBuild>,
+    /// Each worker's last known presence.
+    pub last_seen: BTreeMap<String, Presence>,
+    pub paused: bool,
+    /// The workers enrolled through a `[[worker_group]]`.
+    pub enrolled: Vec<Member>,
+}
+
 /// The scheduler's state; [`Scheduler::run`] is its event loop.
 pub struct Scheduler {
     config: Arc<MasterConfig>,
@@ -411,11 +423,14 @@ impl Scheduler {
         store: Store,
         clock: Arc<dyn Clock>,
         events: mpsc::UnboundedSender<Event>,
-        unfinished: Vec<UnfinishedBuild>,
-        last_seen: BTreeMap<String, Presence>,
-        paused: bool,
-        enrolled: Vec<Member>,
+        restored: Restored,
     ) -> Scheduler {
+        let Restored {
+            unfinished,
+            last_seen,
+            paused,
+            enrolled,
+        } = restored;
         let now = clock.now();
         let not_connected = |name: &str| match last_seen.get(name) {
             Some(last) => offline(

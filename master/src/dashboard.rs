@@ -863,7 +863,7 @@ mod tests {
             csrf: Some("c5rf".to_owned()),
         };
         let html = render(
-            &workers,
+            &page(workers.clone()),
             &builds,
             BuildCounts::default(),
             &session,
@@ -882,7 +882,7 @@ mod tests {
         );
         workers.paused = true;
         let paused = render(
-            &workers,
+            &page(workers.clone()),
             &builds,
             BuildCounts::default(),
             &session,
@@ -893,7 +893,7 @@ mod tests {
         assert!(!paused.contains("/farm/pause"), "{paused}");
 
         let anonymous = render(
-            &workers,
+            &page(workers.clone()),
             &builds,
             BuildCounts::default(),
             &Viewer::default(),

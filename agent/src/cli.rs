@@ -55,6 +55,10 @@ pub enum Command {
         #[arg(long, value_name = "DURATION", requires = "graceful")]
         deadline: Option<String>,
     },
+    /// Enrol this machine in its worker group: trade the group's enrolment
+    /// token (`enroll_token_file`) for this worker's own token, written to
+    /// `token_file`. `worker run` does it by itself on its first start.
+    Enroll(ConfigArg),
     /// Validate worker.toml and say what its policies mean.
     Check(ConfigArg),
     /// Show the coming intervals the schedules give.

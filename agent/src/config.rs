@@ -86,6 +86,8 @@ struct RawWorkerConfig {
     #[serde(default)]
     token_file: Option<PathBuf>,
     #[serde(default)]
+    enroll_token_file: Option<PathBuf>,
+    #[serde(default)]
     workdir: Option<PathBuf>,
     #[serde(default)]
     state_dir: Option<PathBuf>,
@@ -122,6 +124,9 @@ pub struct WorkerConfig {
     pub master: String,
     pub token: Option<String>,
     pub token_file: Option<PathBuf>,
+    /// A worker group's enrolment token: traded once for this worker's own
+    /// token, written to `token_file` (see `worker enroll`).
+    pub enroll_token_file: Option<PathBuf>,
     /// Where builds run; default `work` next to the config file.
     pub workdir: PathBuf,
     /// Manual state, spooled results, control token and socket; default
@@ -249,6 +254,7 @@ fn resolve(raw: RawWorkerConfig, base: &Path) -> WorkerConfig {
         master: raw.master.unwrap_or_default(),
         token: raw.token,
         token_file: raw.token_file.map(at_base),
+        enroll_token_file: raw.enroll_token_file.map(at_base),
         workdir: at_base(raw.workdir.unwrap_or_else(|| PathBuf::from("work"))),
         state_dir: at_base(raw.state_dir.unwrap_or_else(|| PathBuf::from("state"))),
         max_builds: raw.max_builds,
@@ -315,6 +321,7 @@ fn validate_supervised(config: &WorkerConfig, errors: &mut ConfigErrors) {
         ("master", !config.master.is_empty()),
         ("token", config.token.is_some()),
         ("token_file", config.token_file.is_some()),
+        ("enroll_token_file", config.enroll_token_file.is_some()),
     ];
     for (key, set) in unused {
         if set {
@@ -327,6 +334,32 @@ fn validate_supervised(config: &WorkerConfig, errors: &mut ConfigErrors) {
 }
 
 fn validate_token(config: &WorkerConfig, errors: &mut ConfigErrors) {
+    if let Some(enroll) = &config.enroll_token_file {
+        // The token comes from the enrolment, into `token_file`.
+        if config.token.is_some() {
+            errors.push_at_key(
+                "enroll_token_file",
+                "`token` and `enroll_token_file` contradict each other: an enrolled worker's token is written to `token_file`",
+            );
+        } else if config.token_file.is_none() {
+            errors.push_at_key(
+                "enroll_token_file",
+                "also set `token_file`: where the token the enrolment gives this worker is kept",
+            );
+        }
+        match fs_err::read_to_string(enroll) {
+            Ok(text) if text.trim().is_empty() => errors.push_at_path(
+                "enroll_token_file",
+                format!("{} is empty", enroll.display()),
+            ),
+            Ok(_) => {}
+            Err(error) => errors.push_at_path(
+                "enroll_token_file",
+                format!("cannot read {}: {error}", enroll.display()),
+            ),
+        }
+        return;
+    }
     match (&config.token, &config.token_file) {
         (Some(_), Some(_)) => {
             errors.push_at_key("token_file", "set either `token` or `token_file`, not both")

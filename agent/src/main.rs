@@ -4,6 +4,7 @@ mod cli;
 mod config;
 mod control;
 mod daemon;
+mod enroll;
 mod handle;
 mod offline;
 mod outlook;
@@ -39,6 +40,7 @@ fn dispatch(cli: Cli) -> ExitStatus {
             deadline,
         } => control::client::stop(&config, graceful, deadline),
         Command::Check(config) => offline::check(&config),
+        Command::Enroll(config) => enroll::main(&config),
         Command::Schedule {
             config,
             from,

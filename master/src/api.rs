@@ -16,8 +16,7 @@ use axum::routing::{get, post};
 use axum::{Json, Router};
 use nightshift_proto::api::{
     ApiError, BuildInfo, BuildList, BuildLog, BuildState, MAX_WORKER_PAGE, PauseState,
-    ReconfigResponse, SubmitRequest, SubmitResponse, WorkerInfo, WorkerList, WorkerPage,
-    WorkerQuery,
+    ReconfigResponse, SubmitRequest, SubmitResponse, WorkerPage, WorkerQuery,
 };
 use nightshift_proto::secret::constant_time_eq;
 use nightshift_proto::wire::{BuildId, is_full_revision};
@@ -28,6 +27,7 @@ use tokio::sync::{mpsc, oneshot};
 use crate::artifacts::{download as artifact, list as artifacts};
 use crate::scheduler::{Event, Snapshot};
 use crate::store::{NewBuild, Store};
+use crate::worker_groups::revoke as revoke_worker;
 
 /// Longest a `wait` request is held open.
 const MAX_WAIT_SECS: u64 = 300;
@@ -54,6 +54,8 @@ pub struct AppState {
     pub trigger_counters: Arc<crate::triggers::TriggerCounters>,
     /// Builds' stored artifacts.
     pub artifacts: Arc<crate::artifacts::Artifacts>,
+    /// Workers enrolled through a `[[worker_group]]` (hashed tokens).
+    pub enrolled: crate::worker_groups::Enrolled,
     /// Dashboard logins.
     pub sessions: Arc<crate::session::Sessions>,
 }
@@ -124,6 +126,7 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/api/v1/builds/{id}/artifacts", get(artifacts))
         .route("/api/v1/builds/{id}/artifacts/{*name}", get(artifact))
         .route("/api/v1/workers", get(workers))
+        .route("/api/v1/workers/{name}/revoke", post(revoke_worker))
         .route("/api/v1/pause", post(pause))
         .route("/api/v1/resume", post(resume))
         .route("/api/v1/reconfig", post(reconfig))
@@ -465,39 +468,17 @@ async fn workers(
             format!("limit={limit}: must be 1 to {MAX_WORKER_PAGE}"),
         ));
     }
-    let WorkerList { paused, workers } = snapshot(&state).await?.workers;
-    Ok(Json(page_of_workers(paused, workers, &query, limit)))
-}
-
-fn page_of_workers(
-    paused: bool,
-    mut workers: Vec<WorkerInfo>,
-    query: &WorkerQuery,
-    limit: usize,
-) -> WorkerPage {
-    let mut counts = BTreeMap::new();
-    for worker in &workers {
-        *counts.entry(worker.state.as_str().to_owned()).or_insert(0) += 1;
-    }
-    workers.retain(|w| {
-        query.state.is_none_or(|state| w.state == state)
-            && query
-                .name
-                .as_deref()
-                .is_none_or(|name| w.name.contains(name))
-    });
-    workers.sort_unstable_by(|a, b| a.name.cmp(&b.name));
-    let total = workers.len();
-    let offset = query.offset.unwrap_or(0).min(total);
-    workers.truncate(offset.saturating_add(limit).min(total));
-    workers.drain(..offset);
-    WorkerPage {
-        paused,
-        workers,
-        total,
-        offset,
-        counts,
-    }
+    let (reply, answer) = oneshot::channel();
+    let stopping = || Failure(StatusCode::SERVICE_UNAVAILABLE, "master is stopping".into());
+    state
+        .events
+        .send(Event::WorkersPage {
+            query,
+            limit,
+            reply,
+        })
+        .map_err(|_| stopping())?;
+    Ok(Json(answer.await.map_err(|_| stopping())?))
 }
 
 /// Pauses or resumes the farm (stored, then told to the scheduler): the
@@ -552,59 +533,7 @@ mod tests {
 #[cfg(test)]
 mod worker_page_tests {
     use nightshift_policy::PresenceState;
-    use nightshift_proto::api::{WorkerInfo, WorkerQuery};
-
-    use super::page_of_workers;
-
-    fn worker(name: &str, state: PresenceState) -> WorkerInfo {
-        WorkerInfo {
-            name: name.to_owned(),
-            state,
-            reason: String::new(),
-            source: None,
-            since: None,
-            until: None,
-            connected: true,
-            max_builds: 1,
-            running: Vec::new(),
-            latent: None,
-        }
-    }
-
-    #[test]
-    fn workers_are_filtered_sorted_and_paged_with_totals() {
-        let workers = vec![
-            worker("lab-3", PresenceState::Away),
-            worker("lab-1", PresenceState::Available),
-            worker("desk-1", PresenceState::Available),
-            worker("lab-2", PresenceState::Available),
-        ];
-        let query = WorkerQuery {
-            state: Some(PresenceState::Available),
-            name: Some("lab".into()),
-            offset: Some(1),
-            limit: Some(5),
-        };
-        let page = page_of_workers(false, workers.clone(), &query, 5);
-        assert_eq!(page.total, 2);
-        assert_eq!(page.offset, 1);
-        let names: Vec<&str> = page.workers.iter().map(|w| w.name.as_str()).collect();
-        assert_eq!(names, ["lab-2"]);
-        assert_eq!(page.counts["available"], 3);
-        assert_eq!(page.counts["away"], 1);
-
-        // An offset past the end is an empty page, not an error.
-        let query = WorkerQuery {
-            offset: Some(10),
-            ..WorkerQuery::default()
-        };
-        let page = page_of_workers(false, workers.clone(), &query, 2);
-        assert_eq!((page.total, page.offset, page.workers.len()), (4, 4, 0));
-
-        let page = page_of_workers(false, workers, &WorkerQuery::default(), 2);
-        let names: Vec<&str> = page.workers.iter().map(|w| w.name.as_str()).collect();
-        assert_eq!(names, ["desk-1", "lab-1"]);
-    }
+    use nightshift_proto::api::WorkerQuery;
 
     #[test]
     fn the_query_string_round_trips() {

@@ -159,6 +159,29 @@ pub enum Command {
         #[arg(long, short, env = "NIGHTSHIFT_MASTER_CONFIG", value_name = "FILE")]
         config: Option<PathBuf>,
     },
+    /// Make an enrolment token for a new worker group; print its
+    /// [[worker_group]] entry for master.toml and the worker.toml lines its
+    /// machines share (each enrols itself with `worker enroll`).
+    AddWorkerGroup {
+        /// The group's name (its workers are named `<name>-<suffix>`).
+        name: String,
+        /// The master's URL as the workers reach it (default: from the config).
+        #[arg(long, value_name = "URL")]
+        url: Option<String>,
+        /// master.toml (for the listen address and the certificate pin).
+        #[arg(long, short, env = "NIGHTSHIFT_MASTER_CONFIG", value_name = "FILE")]
+        config: Option<PathBuf>,
+    },
+    /// Revoke an enrolled worker: its token stops working at once, its
+    /// connection is closed and its running builds run elsewhere.
+    RevokeWorker {
+        /// The worker's name.
+        name: String,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
     /// Validate master.toml; errors name file, line and key.
     Check {
         /// master.toml (default: ./master.toml, then /etc/nightshift/master.toml).

@@ -550,6 +550,30 @@ pub async fn cancel(
 
 /// `master reconfig`: exit 0 when applied, 2 when the new config is refused
 /// (its errors are printed), 1 when the master cannot be reached.
+/// `master revoke-worker NAME`.
+pub async fn revoke_worker(
+    client: &ApiClient,
+    name: &str,
+    json: bool,
+) -> anyhow::Result<ExitStatus> {
+    if !crate::config::valid_name(name) {
+        return Err(crate::cli::UsageError(format!(
+            "`{name}` is not a valid worker name (letters, digits, `-`, `_`, `.`)"
+        ))
+        .into());
+    }
+    let answer = client.revoke_worker(name).await?;
+    if json {
+        print_json(&answer)?;
+    } else {
+        println!(
+            "worker {} (group {}) revoked: its token no longer works",
+            answer.name, answer.group
+        );
+    }
+    Ok(ExitStatus::Ok)
+}
+
 pub async fn reconfig(client: &ApiClient, json: bool) -> anyhow::Result<ExitStatus> {
     match client.reconfig().await {
         Ok(answer) => {

@@ -9,13 +9,14 @@
 use std::collections::BTreeMap;
 use std::fmt::Write;
 
-use axum::extract::State;
+use axum::extract::rejection::QueryRejection;
+use axum::extract::{Query, State};
 use axum::http::{StatusCode, header};
 use axum::response::{Html, IntoResponse, Response};
 use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
 use nightshift_policy::PresenceState;
-use nightshift_proto::api::{BuildInfo, BuildState, LatentInfo, WorkerInfo, WorkerList};
+use nightshift_proto::api::{BuildInfo, BuildState, LatentInfo, WorkerPage, WorkerQuery};
 use nightshift_proto::html::escape;
 use nightshift_proto::wire::{BuildId, Outcome};
 use tokio::sync::oneshot;
@@ -28,6 +29,9 @@ use crate::session::Viewer;
 
 /// How many builds the page lists, newest first.
 const LATEST_BUILDS: u32 = 50;
+/// How many workers the page lists (in name order; `?state=`, `?name=` and
+/// `?offset=` pick others), whatever the size of the farm.
+const WORKERS_SHOWN: usize = 200;
 /// Seconds between the page's own reloads (meta refresh).
 const REFRESH_SECS: u32 = 10;
 /// The page's styles, inlined into every answer.
@@ -41,28 +45,56 @@ pub struct BuildCounts {
     pub running: u64,
 }
 
-/// `GET /`: asks the scheduler for its live view and the store for the
-/// latest builds, then renders the page in the master's local time zone.
+/// `GET /`: asks the scheduler for one page of workers (the first
+/// [`WORKERS_SHOWN`] in name order, or as `?state=&name=&offset=` say) with
+/// the counts by state, and for what the listed builds wait, and the store
+/// for the latest builds; renders the page in the master's local time zone.
 pub async fn page(
     State(state): State<AppState>,
     viewer: Option<axum::Extension<crate::session::Viewer>>,
+    query: Result<Query<WorkerQuery>, QueryRejection>,
 ) -> Response {
+    let Ok(Query(query)) = query else {
+        return (
+            StatusCode::BAD_REQUEST,
+            "bad query: state=available|reluctant|away|offline, name=TEXT, offset=N",
+        )
+            .into_response();
+    };
+    let stopping = || (StatusCode::SERVICE_UNAVAILABLE, "master is stopping").into_response();
     let (reply, answer) = oneshot::channel();
-    if state.events.send(Event::Snapshot { reply }).is_err() {
-        return (StatusCode::SERVICE_UNAVAILABLE, "master is stopping").into_response();
+    let ask = Event::WorkersPage {
+        query,
+        limit: WORKERS_SHOWN,
+        reply,
+    };
+    if state.events.send(ask).is_err() {
+        return stopping();
     }
-    let Ok(snapshot) = answer.await else {
-        return (StatusCode::SERVICE_UNAVAILABLE, "master is stopping").into_response();
+    let Ok(workers) = answer.await else {
+        return stopping();
     };
     let builds = match state.store.list_builds(LATEST_BUILDS).await {
         Ok(builds) => builds,
         Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")).into_response(),
     };
+    let (reply, answer) = oneshot::channel();
+    let ids = builds
+        .iter()
+        .filter(|b| b.state != BuildState::Finished)
+        .map(|b| b.id)
+        .collect();
+    if state.events.send(Event::WaitingFor { ids, reply }).is_err() {
+        return stopping();
+    }
+    let Ok(waits) = answer.await else {
+        return stopping();
+    };
     let counts = match count_unfinished(&state).await {
         Ok(counts) => counts,
         Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}")).into_response(),
     };
-    let builds = with_live_waits(builds, &snapshot.waiting_for, &snapshot.estimates);
+    let builds = with_live_waits(builds, &waits.waiting_for, &waits.estimates);
     let builders: Vec<BuilderRow> = state
         .config
         .get()
@@ -72,11 +104,11 @@ pub async fn page(
             name: def.name.clone(),
             workers: def.workers.len(),
             admission: def.admission,
-            estimate: snapshot.estimates.get(&def.name).copied(),
+            estimate: waits.estimates.get(&def.name).copied(),
         })
         .collect();
     let html = render(
-        &snapshot.workers,
+        &workers,
         &builds,
         &builders,
         counts,
@@ -205,7 +237,7 @@ fn plural(n: usize, one: &str, many: &str) -> String {
 /// The whole page for these workers and builds as of `now`, times in `tz`,
 /// with the actions `viewer` may take.
 pub fn render(
-    workers: &WorkerList,
+    workers: &WorkerPage,
     builds: &[BuildInfo],
     builders: &[BuilderRow],
     counts: BuildCounts,
@@ -227,7 +259,7 @@ pub fn render(
          <title>{title}</title><style>{STYLE}</style></head><body><div class=\"wrap\">"
     );
     render_header(&mut html, workers, counts, viewer, now, tz);
-    render_workers(&mut html, &workers.workers, now, tz);
+    render_workers(&mut html, workers, now, tz);
     render_builds(&mut html, builds, viewer.csrf.as_deref(), now, tz);
     render_builders(&mut html, builders);
     let zone = tz
@@ -253,7 +285,7 @@ pub fn render(
 /// Title, summary line and the paused banner.
 fn render_header(
     html: &mut String,
-    workers: &WorkerList,
+    workers: &WorkerPage,
     counts: BuildCounts,
     viewer: &Viewer,
     now: Timestamp,
@@ -274,11 +306,11 @@ fn render_header(
         escape(&now.to_zoned(tz.clone()).strftime("%H:%M:%S %Z").to_string()),
         actions::account_html(viewer, "/"),
     );
-    let count = |state: PresenceState| workers.workers.iter().filter(|w| w.state == state).count();
+    let count = |state: PresenceState| workers.counts.get(state.as_str()).copied().unwrap_or(0);
     let _ = write!(
         html,
         "<p class=\"summary\"><b>{}</b>: ",
-        plural(workers.workers.len(), "worker", "workers")
+        plural(workers.counts.values().sum(), "worker", "workers")
     );
     for (i, state) in PresenceState::ALL.into_iter().enumerate() {
         let _ = write!(
@@ -302,13 +334,26 @@ fn render_header(
     }
 }
 
-/// The workers card.
-fn render_workers(html: &mut String, workers: &[WorkerInfo], now: Timestamp, tz: &TimeZone) {
+/// The workers card: one page of them, and how to see the others.
+fn render_workers(html: &mut String, page: &WorkerPage, now: Timestamp, tz: &TimeZone) {
+    let workers = page.workers.as_slice();
     let _ = write!(
         html,
         "<section class=\"card\"><h2>Workers <span class=\"count\">({})</span></h2>",
-        workers.len()
+        page.total
     );
+    if workers.len() < page.total {
+        let _ = write!(
+            html,
+            "<p class=\"more\">Showing {}–{} of {} (name order). Others: \
+             <code>?offset={}</code>, <code>?state=away</code>, <code>?name=lab-</code>; \
+             or <code>master workers</code>.</p>",
+            page.offset + 1,
+            page.offset + workers.len(),
+            page.total,
+            page.offset + workers.len()
+        );
+    }
     if workers.is_empty() {
         html.push_str(
             "<p class=\"empty\">No workers: add <code>[[worker]]</code> entries to \
@@ -683,6 +728,22 @@ fn source_cell(b: &BuildInfo) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nightshift_proto::api::{WorkerInfo, WorkerList};
+
+    /// All of `list` as one page, with its counts by state.
+    fn page(list: WorkerList) -> WorkerPage {
+        let mut counts = BTreeMap::new();
+        for w in &list.workers {
+            *counts.entry(w.state.as_str().to_owned()).or_insert(0) += 1;
+        }
+        WorkerPage {
+            paused: list.paused,
+            total: list.workers.len(),
+            offset: 0,
+            workers: list.workers,
+            counts,
+        }
+    }
     use nightshift_policy::Source;
 
     fn at(text: &str) -> Timestamp {
@@ -815,7 +876,15 @@ mod tests {
             running: 1,
         };
 
-        let html = render(&workers, &builds, &[], counts, &Viewer::default(), now, &tz);
+        let html = render(
+            &page(workers),
+            &builds,
+            &[],
+            counts,
+            &Viewer::default(),
+            now,
+            &tz,
+        );
 
         // Escaped, never raw.
         assert!(!html.contains("<script>"), "{html}");
@@ -874,7 +943,7 @@ mod tests {
             csrf: Some("c5rf".to_owned()),
         };
         let html = render(
-            &workers,
+            &page(workers.clone()),
             &builds,
             &[],
             BuildCounts::default(),
@@ -894,7 +963,7 @@ mod tests {
         );
         workers.paused = true;
         let paused = render(
-            &workers,
+            &page(workers.clone()),
             &builds,
             &[],
             BuildCounts::default(),
@@ -906,7 +975,7 @@ mod tests {
         assert!(!paused.contains("/farm/pause"), "{paused}");
 
         let anonymous = render(
-            &workers,
+            &page(workers.clone()),
             &builds,
             &[],
             BuildCounts::default(),
@@ -926,7 +995,7 @@ mod tests {
             workers: Vec::new(),
         };
         let html = render(
-            &workers,
+            &page(workers),
             &[],
             &[],
             BuildCounts::default(),
@@ -1029,7 +1098,7 @@ mod tests {
         running.started_at = Some(at("2026-11-23T13:28:00Z"));
         running.estimate_secs = Some(300);
         let html = render(
-            &workers,
+            &page(workers),
             &[queued, running],
             &builders,
             BuildCounts::default(),

@@ -19,6 +19,7 @@ mod server;
 mod session;
 mod store;
 mod triggers;
+mod worker_groups;
 
 mod latent;
 mod locks;
@@ -145,6 +146,12 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitStatus> {
         Command::Reconfig { json, conn } => client::reconfig(&client::connect(&conn)?, json).await,
         Command::AddWorker { name, url, config } => {
             run::add_worker(&name, url.as_deref(), config.as_deref())
+        }
+        Command::AddWorkerGroup { name, url, config } => {
+            run::add_worker_group(&name, url.as_deref(), config.as_deref())
+        }
+        Command::RevokeWorker { name, json, conn } => {
+            client::revoke_worker(&client::connect(&conn)?, &name, json).await
         }
         Command::Check { config } => run::check(config.as_deref()),
         Command::Init { path, force } => run::init(&path, force),

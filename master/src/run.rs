@@ -204,10 +204,63 @@ pub fn add_worker(
     println!("name = {}", toml::Value::String(name.to_owned()));
     println!("master = \"{ws_url}\"");
     println!("token = \"{token}\"");
+    print_trust_lines(&master_url, config);
+    Ok(ExitStatus::Ok)
+}
+
+/// `master add-worker-group NAME`: a fresh enrolment token, the group's
+/// entry for master.toml, and the worker.toml lines every machine of the
+/// group shares.
+pub fn add_worker_group(
+    name: &str,
+    url: Option<&str>,
+    config: Option<&Path>,
+) -> anyhow::Result<ExitStatus> {
+    if !crate::config::valid_name(name) {
+        return Err(crate::cli::UsageError(format!(
+            "`{name}` is not a valid group name (letters, digits, `-`, `_`, `.`)"
+        ))
+        .into());
+    }
+    let (config, _) = find_config(config, false)?;
+    let master_url = match url {
+        Some(url) => {
+            MasterUrl::parse(url).map_err(|e| crate::cli::UsageError(format!("--url: {e}")))?
+        }
+        None => local_url(&config),
+    };
+    let ws_url = master_url
+        .to_string()
+        .replacen("https://", "wss://", 1)
+        .replacen("http://", "ws://", 1);
+    let token = new_token();
+    let quoted = toml::Value::String(name.to_owned());
+    println!("# Add to master.toml (then restart or reconfig the master), and list");
+    println!("# the group by its name in the `workers` of the builders it serves:");
+    println!("[[worker_group]]");
+    println!("name = {quoted}");
+    println!("enroll_token_sha256 = \"{}\"", token_sha256(&token));
+    println!("max_builds = 1");
+    println!();
+    println!("# The group's enrolment token (it only enrols; it runs no build):");
+    println!("# {token}");
+    println!("# Put it in a file (mode 0600) on each machine, e.g. /etc/nightshift/enroll.token.");
+    println!();
+    println!("# Each machine's worker.toml; `name` must start with \"{name}-\":");
+    println!("name = \"{name}-HOSTNAME\"");
+    println!("master = \"{ws_url}\"");
+    println!("enroll_token_file = \"/etc/nightshift/enroll.token\"");
+    println!("token_file = \"/var/lib/nightshift/worker.token\"  # written at enrolment");
+    print_trust_lines(&master_url, &config);
+    Ok(ExitStatus::Ok)
+}
+
+/// worker.toml's lines for trusting the master: `insecure` or `[tls]`.
+fn print_trust_lines(master_url: &MasterUrl, config: &MasterConfig) {
     if !master_url.tls {
         println!("insecure = true");
     } else {
-        let cert = resolved.as_ref().and_then(|c| match &c.tls {
+        let cert = Some(config).and_then(|c| match &c.tls {
             TlsMode::SelfSigned => Some(c.data_dir.join("tls").join(tls::SELF_SIGNED_CERT_FILE)),
             TlsMode::Files { cert, .. } => Some(cert.clone()),
             TlsMode::Insecure => None,
@@ -220,7 +273,6 @@ pub fn add_worker(
             ),
         }
     }
-    Ok(ExitStatus::Ok)
 }
 
 /// The token `add-worker NAME` prints. For `local`, the token
@@ -379,6 +431,7 @@ pub async fn run(
     let step_grants = store.step_grants().await?;
     let paused = store.paused().await?;
     let last_seen = store.last_presences().await?;
+    let enrolled = crate::worker_groups::Enrolled::of(store.enrolled_workers().await?);
     let durations = store
         .recent_durations(crate::scheduler::estimate::WINDOW)
         .await?;
@@ -413,9 +466,12 @@ pub async fn run(
         store.clone(),
         Arc::new(SystemClock),
         events.clone(),
-        unfinished,
-        last_seen,
-        paused,
+        crate::scheduler::Restored {
+            unfinished,
+            last_seen,
+            paused,
+            enrolled: enrolled.all(),
+        },
     );
     scheduler.seed_estimates(durations);
     // Latent instances reach the master as any worker would, with a token
@@ -450,6 +506,7 @@ pub async fn run(
         agent_events,
         admin_token_sha256: admin_hash,
         next_conn: Arc::new(AtomicU64::new(1)),
+        enrolled,
         sessions: Arc::default(),
     };
     tokio::spawn(crate::artifacts::retain(artifacts, state.config.clone()));

@@ -267,6 +267,7 @@ pub fn router(state: AppState) -> Router {
         .route("/farm/resume", post(crate::actions::resume));
     crate::api::router(state.clone())
         .route(WS_PATH, get(agent_upgrade))
+        .route("/api/v1/enroll", post(crate::worker_groups::enroll))
         .merge(pages)
         .merge(forms)
         .route(
@@ -426,14 +427,19 @@ pub async fn serve(
     }
 }
 
-/// Whether `token` belongs to some worker (configured, or a latent instance
-/// started by this master). Checked before the upgrade, so a stranger costs
+/// Whether `token` belongs to some worker (configured, enrolled in a
+/// configured group, or a latent instance started by this master). A
+/// group's enrolment token is not a worker token: it is refused here. Checked before the upgrade, so a stranger costs
 /// one HTTP answer instead of a WebSocket session waiting for a hello.
 fn token_known(state: &AppState, token: &str) -> bool {
     let hash = token_sha256(token);
     let config = state.config.get();
     config.workers_with_token(&hash).next().is_some()
         || state.latent_tokens.worker_with_hash(&hash).is_some()
+        || state
+            .enrolled
+            .with_token(&hash)
+            .is_some_and(|member| config.worker_group(&member.group).is_some())
 }
 
 async fn agent_upgrade(
@@ -539,8 +545,14 @@ async fn read_hello(
         return Err("the first frame must be a hello".into());
     };
     let config = state.config.get();
-    let Some(def) = config.worker(&worker) else {
-        return Err(format!("unknown worker `{worker}` or wrong token"));
+    // A `[[worker]]`'s token hash, or an enrolled member's (of a group
+    // still configured).
+    let expected = match config.worker(&worker) {
+        Some(def) => def.token_sha256.clone(),
+        None => match state.enrolled.member(&worker) {
+            Some(member) if config.worker_group(&member.group).is_some() => member.token_sha256,
+            _ => return Err(format!("unknown worker `{worker}` or wrong token")),
+        },
     };
     let Some(token) = token else {
         return Err(format!(
@@ -548,7 +560,7 @@ async fn read_hello(
         ));
     };
     // A latent instance presents the token made for its start.
-    if !constant_time_eq(token_sha256(&token).as_bytes(), def.token_sha256.as_bytes())
+    if !constant_time_eq(token_sha256(&token).as_bytes(), expected.as_bytes())
         && !state.latent_tokens.matches(&worker, &token)
     {
         return Err(format!("unknown worker `{worker}` or wrong token"));

@@ -37,6 +37,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use crate::live_log::{LiveEvent, LiveLogs};
+use crate::worker_groups::Member;
 
 /// What runs after the batch's commit (or failed commit: `false`).
 type Completion = Box<dyn FnOnce(bool) + Send>;
@@ -137,6 +138,12 @@ CREATE TABLE artifacts (
     PRIMARY KEY (build_id, name)
 );
 CREATE INDEX artifacts_by_age ON artifacts(stored_at);
+CREATE TABLE enrolled_workers (
+    name TEXT PRIMARY KEY,
+    worker_group TEXT NOT NULL,
+    token_sha256 TEXT NOT NULL UNIQUE,
+    enrolled_at TEXT NOT NULL
+);
 "#,
 ];
 
@@ -951,6 +958,55 @@ impl Store {
                 }
             }
             Ok(out)
+        })
+        .await
+    }
+
+    /// Every enrolled worker (`[[worker_group]]` members), at start.
+    pub async fn enrolled_workers(&self) -> anyhow::Result<Vec<Member>> {
+        self.call(|conn| {
+            let mut stmt =
+                conn.prepare("SELECT name, worker_group, token_sha256 FROM enrolled_workers")?;
+            let rows = stmt.query_map([], |r| {
+                Ok(Member {
+                    name: r.get(0)?,
+                    group: r.get(1)?,
+                    token_sha256: r.get(2)?,
+                })
+            })?;
+            rows.collect()
+        })
+        .await
+    }
+
+    /// Records an enrolment; `Ok(false)`: the name is taken (nothing
+    /// changed).
+    pub async fn enroll(&self, member: Member, now: Timestamp) -> anyhow::Result<bool> {
+        self.call(move |conn| {
+            let added = conn.execute(
+                "INSERT INTO enrolled_workers (name, worker_group, token_sha256, enrolled_at) \
+                 VALUES (?1, ?2, ?3, ?4) ON CONFLICT(name) DO NOTHING",
+                params![
+                    member.name,
+                    member.group,
+                    member.token_sha256,
+                    now.to_string()
+                ],
+            )?;
+            Ok(added == 1)
+        })
+        .await
+    }
+
+    /// Forgets an enrolled worker (its token stops working); `Ok(false)`:
+    /// there was none of that name.
+    pub async fn revoke(&self, name: String) -> anyhow::Result<bool> {
+        self.call(move |conn| {
+            let gone = conn.execute(
+                "DELETE FROM enrolled_workers WHERE name = ?1",
+                params![name],
+            )?;
+            Ok(gone == 1)
         })
         .await
     }

@@ -291,6 +291,30 @@ pub struct ApiError {
     pub error: String,
 }
 
+/// `POST /api/v1/enroll` (authorized by a worker group's enrolment token):
+/// the name the new worker wants.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EnrollRequest {
+    pub name: String,
+}
+
+/// The answer to an enrolment: the worker's own token, shown this once
+/// (the master keeps only its hash).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EnrollResponse {
+    pub name: String,
+    pub group: String,
+    pub token: String,
+}
+
+/// `POST /api/v1/workers/{name}/revoke`: the enrolled worker is forgotten.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokeResponse {
+    pub name: String,
+    pub group: String,
+}
+
 /// Where a master's API is: scheme, host and port of `https://host:port`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MasterUrl {
@@ -613,6 +637,26 @@ impl ApiClient {
 
     pub async fn workers(&self) -> Result<WorkerList, ApiCallError> {
         self.call("GET", &format!("{API_PREFIX}/workers"), None)
+            .await
+    }
+
+    /// Enrols a new worker named `name`; this client's token must be a
+    /// worker group's enrolment token.
+    pub async fn enroll(&self, name: &str) -> Result<EnrollResponse, ApiCallError> {
+        let body = serde_json::to_string(&EnrollRequest {
+            name: name.to_owned(),
+        })
+        .map_err(|e| ApiCallError {
+            status: None,
+            message: format!("cannot encode the request: {e}"),
+        })?;
+        self.call("POST", &format!("{API_PREFIX}/enroll"), Some(body))
+            .await
+    }
+
+    /// Revokes enrolled worker `name` (admin).
+    pub async fn revoke_worker(&self, name: &str) -> Result<RevokeResponse, ApiCallError> {
+        self.call("POST", &format!("{API_PREFIX}/workers/{name}/revoke"), None)
             .await
     }
 

@@ -110,14 +110,18 @@ impl Fleet {
 
 enum SessionEnd {
     Stop,
-    Lost { welcomed: bool },
+    Lost {
+        welcomed: bool,
+    },
     Busy(Duration),
+    /// Nothing listens on the port (the master is restarting).
+    PortRefused,
 }
 
 /// One fake agent: connects, says hello, stays, reconnects as the real agent
 /// does (spread over a second after losing a welcomed connection, then
-/// backoff doubling from 200 ms to 10 s with jitter, a 503's Retry-After
-/// honoured).
+/// backoff doubling from 200 ms to 10 s with jitter, to 2 s only while the
+/// port refuses connections, a 503's Retry-After honoured).
 pub async fn fake_agent(fleet: Arc<Fleet>, name: String, token: String) {
     let mut backoff = Duration::from_millis(200);
     let mut stop = fleet.stop.clone();
@@ -132,6 +136,13 @@ pub async fn fake_agent(fleet: Arc<Fleet>, name: String, token: String) {
                 fleet.failures.fetch_add(1, Ordering::Relaxed);
                 let pause = jittered(backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(10));
+                pause
+            }
+            SessionEnd::PortRefused => {
+                fleet.failures.fetch_add(1, Ordering::Relaxed);
+                backoff = backoff.min(Duration::from_secs(2));
+                let pause = jittered(backoff);
+                backoff = (backoff * 2).min(Duration::from_secs(2));
                 pause
             }
             SessionEnd::Busy(asked) => {
@@ -188,6 +199,11 @@ async fn session(fleet: &Fleet, name: &str, token: &str) -> SessionEnd {
                 .and_then(|v| v.to_str().ok()?.parse().ok())
                 .map_or(Duration::ZERO, Duration::from_secs);
             return SessionEnd::Busy(asked);
+        }
+        Ok(Err(tokio_tungstenite::tungstenite::Error::Io(e)))
+            if e.kind() == std::io::ErrorKind::ConnectionRefused =>
+        {
+            return SessionEnd::PortRefused;
         }
         _ => return lost,
     };
@@ -313,7 +329,8 @@ async fn run_build(ws: &mut Socket, build_id: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// One kept-alive HTTPS connection to the admin API.
+/// One kept-alive HTTP/1.1 connection (TLS or plain), so the figures
+/// measure the farm and not the bench's own handshakes.
 pub struct Conn {
     sender: SendRequest<Full<Bytes>>,
     host: String,
@@ -321,20 +338,47 @@ pub struct Conn {
 }
 
 impl Conn {
+    /// To the farm master's admin API (TLS unless the farm is insecure).
     pub async fn open(farm: &Farm) -> anyhow::Result<Conn> {
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", farm.port)).await?;
+        let tls = if farm.is_insecure() {
+            None
+        } else {
+            Some(farm.tls_client()?)
+        };
+        Conn::connect(farm.port, tls, farm.admin_token()?).await
+    }
+
+    /// To any HTTP server on loopback `port` (an agent's control plane
+    /// too), over TLS when `tls` is given, with `token` as the bearer.
+    pub async fn connect(
+        port: u16,
+        tls: Option<Arc<rustls::ClientConfig>>,
+        token: String,
+    ) -> anyhow::Result<Conn> {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
         tcp.set_nodelay(true)?;
-        let name = rustls::pki_types::ServerName::try_from("127.0.0.1")?;
-        let stream = tokio_rustls::TlsConnector::from(farm.tls_client()?)
-            .connect(name.to_owned(), tcp)
-            .await?;
-        let (sender, connection) =
-            hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-        tokio::spawn(connection);
+        let sender = match tls {
+            Some(config) => {
+                let name = rustls::pki_types::ServerName::try_from("127.0.0.1")?;
+                let stream = tokio_rustls::TlsConnector::from(config)
+                    .connect(name.to_owned(), tcp)
+                    .await?;
+                let (sender, connection) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+                tokio::spawn(connection);
+                sender
+            }
+            None => {
+                let (sender, connection) =
+                    hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
+                tokio::spawn(connection);
+                sender
+            }
+        };
         Ok(Conn {
             sender,
-            host: format!("127.0.0.1:{}", farm.port),
-            token: farm.admin_token()?,
+            host: format!("127.0.0.1:{port}"),
+            token,
         })
     }
 
@@ -365,6 +409,35 @@ impl Conn {
         Ok(text)
     }
 
+    /// Queues a build of `builder`; answers its id.
+    pub async fn submit(&mut self, builder: &str) -> anyhow::Result<u64> {
+        let body = serde_json::to_string(&SubmitRequest {
+            builder: builder.to_owned(),
+            properties: BTreeMap::new(),
+            revision: None,
+            branch: None,
+        })?;
+        let text = self.call("POST", "/api/v1/builds", Some(body)).await?;
+        Ok(serde_json::from_str::<SubmitResponse>(&text)?.build_id)
+    }
+
+    /// Waits (long-polling) until build `id` is finished.
+    pub async fn wait_finished(&mut self, id: u64) -> anyhow::Result<BuildInfo> {
+        loop {
+            let text = self
+                .call(
+                    "GET",
+                    &format!("/api/v1/builds/{id}/wait?timeout_secs=60"),
+                    None,
+                )
+                .await?;
+            let build: BuildInfo = serde_json::from_str(&text)?;
+            if build.state == BuildState::Finished {
+                return Ok(build);
+            }
+        }
+    }
+
     pub async fn available(&mut self) -> anyhow::Result<usize> {
         let text = self
             .call("GET", "/api/v1/workers?state=available&limit=1", None)
@@ -390,16 +463,22 @@ pub fn cpu_ms(pid: u32) -> anyhow::Result<f64> {
     Ok(ticks * 1000.0 / hz)
 }
 
+/// Resident memory of `pid` in KB (`VmRSS`).
 pub fn rss_kb(pid: u32) -> anyhow::Result<f64> {
+    status_kb(pid, "VmRSS:")
+}
+
+/// A KB figure of `/proc/PID/status`, by its field name (`"RssAnon:"`).
+pub fn status_kb(pid: u32, field: &str) -> anyhow::Result<f64> {
     let status = fs_err::read_to_string(format!("/proc/{pid}/status"))?;
     let line = status
         .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .ok_or_else(|| anyhow!("no VmRSS for {pid}"))?;
+        .find(|l| l.starts_with(field))
+        .ok_or_else(|| anyhow!("no {field} for {pid}"))?;
     Ok(line
         .split_whitespace()
         .nth(1)
-        .ok_or_else(|| anyhow!("odd VmRSS line"))?
+        .ok_or_else(|| anyhow!("odd {field} line"))?
         .parse()?)
 }
 
@@ -420,29 +499,10 @@ pub async fn throughput(
         let builder = builder.to_owned();
         tasks.push(tokio::spawn(async move {
             while next.fetch_add(1, Ordering::Relaxed) < total {
-                let body = serde_json::to_string(&SubmitRequest {
-                    builder: builder.to_owned(),
-                    properties: BTreeMap::new(),
-                    revision: None,
-                    branch: None,
-                })?;
-                let text = conn.call("POST", "/api/v1/builds", Some(body)).await?;
-                let id = serde_json::from_str::<SubmitResponse>(&text)?.build_id;
-                loop {
-                    let text = conn
-                        .call(
-                            "GET",
-                            &format!("/api/v1/builds/{id}/wait?timeout_secs=60"),
-                            None,
-                        )
-                        .await?;
-                    let build: BuildInfo = serde_json::from_str(&text)?;
-                    if build.state == BuildState::Finished {
-                        if build.outcome != Some(Outcome::Success) {
-                            bail!("build {id} ended {:?}", build.outcome);
-                        }
-                        break;
-                    }
+                let id = conn.submit(&builder).await?;
+                let build = conn.wait_finished(id).await?;
+                if build.outcome != Some(Outcome::Success) {
+                    bail!("build {id} ended {:?}", build.outcome);
                 }
             }
             anyhow::Ok(())

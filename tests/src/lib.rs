@@ -386,6 +386,10 @@ pub struct WorkerSpec {
     pub cgroup: Option<PathBuf>,
     /// Extra environment of its `worker run`.
     pub env: Vec<(String, String)>,
+    /// A member of a `[[worker_group]]`: not written to master.toml; its
+    /// worker.toml has this enrolment token (in `enroll_token_file`) and a
+    /// `token_file` the enrolment fills.
+    pub enroll_token: Option<String>,
 }
 
 impl WorkerSpec {
@@ -398,6 +402,16 @@ impl WorkerSpec {
             worker_toml_extra: String::new(),
             cgroup: None,
             env: Vec::new(),
+            enroll_token: None,
+        }
+    }
+
+    /// A worker that enrols itself in a `[[worker_group]]` with the group's
+    /// `enroll_token` (master.toml has no `[[worker]]` for it).
+    pub fn enrolled(name: &str, enroll_token: &str) -> WorkerSpec {
+        WorkerSpec {
+            enroll_token: Some(enroll_token.to_owned()),
+            ..WorkerSpec::new(name)
         }
     }
 
@@ -552,7 +566,7 @@ impl FarmBuilder {
             let _ = writeln!(text, "missing_timeout = {}", toml_str(timeout));
         }
         text.push_str(&self.extra);
-        for w in &self.workers {
+        for w in self.workers.iter().filter(|w| w.enroll_token.is_none()) {
             let _ = write!(
                 text,
                 "\n[[worker]]\nname = {}\ntoken_sha256 = \"{}\"\nmax_builds = {}\n",
@@ -902,11 +916,26 @@ impl Farm {
         } else {
             ("", trust.as_str())
         };
+        let token = match &spec.enroll_token {
+            // Enrols on its first `worker run` (or `worker enroll`).
+            Some(enroll_token) => {
+                let enroll_file = wdir.join("enroll.token");
+                fs_err::write(&enroll_file, format!("{enroll_token}\n"))?;
+                format!(
+                    "enroll_token_file = {}\ntoken_file = {}",
+                    toml_str(&enroll_file.display().to_string()),
+                    toml_str(&wdir.join("worker.token").display().to_string())
+                )
+            }
+            None => format!(
+                "token = {}",
+                toml_str(spec.presented_token.as_deref().unwrap_or(&spec.token))
+            ),
+        };
         let text = format!(
-            "name = {}\nmaster = \"{}\"\ntoken = {}\nworkdir = {}\nstate_dir = {}\nmax_builds = {}\n{top}{}\n[control]\nlisten = \"127.0.0.1:0\"\n{tables}",
+            "name = {}\nmaster = \"{}\"\n{token}\nworkdir = {}\nstate_dir = {}\nmax_builds = {}\n{top}{}\n[control]\nlisten = \"127.0.0.1:0\"\n{tables}",
             toml_str(&spec.name),
             self.ws_url(),
-            toml_str(spec.presented_token.as_deref().unwrap_or(&spec.token)),
             toml_str(&wdir.join("work").display().to_string()),
             toml_str(&self.worker_state_dir(name).display().to_string()),
             spec.max_builds,

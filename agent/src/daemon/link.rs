@@ -36,6 +36,12 @@ const BACKOFF_START: Duration = Duration::from_millis(200);
 /// their first attempts turns 10,000 simultaneous TLS handshakes into about
 /// ten per millisecond.
 const RECONNECT_SPREAD: Duration = Duration::from_secs(1);
+/// Longest pause while the master's port refuses connections: nothing
+/// listens there, as while a master restarts, and it will be back soon; a
+/// short cap brings its agents back within seconds of its return (jitter
+/// still spreads them), where the general cap (`backoff_max`) would leave
+/// them waiting up to its full length.
+const REFUSED_BACKOFF_MAX: Duration = Duration::from_secs(2);
 /// Longest `Retry-After` from a master that is honoured.
 const RETRY_AFTER_MAX: Duration = Duration::from_secs(300);
 
@@ -136,8 +142,32 @@ enum SessionEnd {
         error: String,
         welcomed: bool,
         retry_after: Option<Duration>,
+        /// The TCP connection was refused: nothing listens on the port.
+        port_refused: bool,
     },
     Refused(String),
+}
+
+/// The pause before the next attempt after a connection that was never
+/// welcomed, and the backoff after it: exponential with jitter up to
+/// `backoff_max` (up to [`REFUSED_BACKOFF_MAX`] while the port refuses), and
+/// never sooner than a master's `Retry-After`.
+fn next_pause(
+    backoff: Duration,
+    backoff_max: Duration,
+    port_refused: bool,
+    retry_after: Option<Duration>,
+) -> (Duration, Duration) {
+    let cap = if port_refused {
+        backoff_max.min(REFUSED_BACKOFF_MAX)
+    } else {
+        backoff_max
+    }
+    .max(BACKOFF_START);
+    let backoff = backoff.min(cap);
+    let pause = jittered(backoff);
+    let pause = retry_after.map_or(pause, |asked| asked.min(RETRY_AFTER_MAX).max(pause));
+    (pause, (backoff * 2).min(cap))
 }
 
 async fn run(
@@ -165,15 +195,17 @@ async fn run(
                 error,
                 welcomed,
                 retry_after,
+                port_refused,
             } => {
                 let _ = events.send(LinkEvent::Down { error });
                 if welcomed {
                     backoff = BACKOFF_START;
                     spread(RECONNECT_SPREAD)
                 } else {
-                    let pause = jittered(backoff);
-                    backoff = (backoff * 2).min(settings.backoff_max.max(BACKOFF_START));
-                    retry_after.map_or(pause, |asked| asked.min(RETRY_AFTER_MAX).max(pause))
+                    let (pause, next) =
+                        next_pause(backoff, settings.backoff_max, port_refused, retry_after);
+                    backoff = next;
+                    pause
                 }
             }
             SessionEnd::Refused(reason) => {
@@ -230,6 +262,7 @@ fn http_refusal(
         code => SessionEnd::Lost {
             error: format!("the master at {url} answered {code}: {reason}"),
             welcomed: false,
+            port_refused: false,
             retry_after: response
                 .headers()
                 .get("retry-after")
@@ -250,6 +283,7 @@ async fn session(
         error,
         welcomed: false,
         retry_after: None,
+        port_refused: false,
     };
     let mut request = match settings.url.as_str().into_client_request() {
         Ok(request) => request,
@@ -278,6 +312,16 @@ async fn session(
         Err(_) => return lost(format!("connecting to {} timed out", settings.url)),
         Ok(Err(tokio_tungstenite::tungstenite::Error::Http(response))) => {
             return http_refusal(&settings.url, &response);
+        }
+        Ok(Err(tokio_tungstenite::tungstenite::Error::Io(error)))
+            if error.kind() == std::io::ErrorKind::ConnectionRefused =>
+        {
+            return SessionEnd::Lost {
+                error: format!("cannot connect to {}: {error}", settings.url),
+                welcomed: false,
+                retry_after: None,
+                port_refused: true,
+            };
         }
         Ok(Err(error)) => return lost(format!("cannot connect to {}: {error}", settings.url)),
         Ok(Ok((socket, _response))) => socket,
@@ -361,6 +405,7 @@ async fn session(
         error,
         welcomed: true,
         retry_after: None,
+        port_refused: false,
     };
     loop {
         tokio::select! {
@@ -798,5 +843,51 @@ mod tests {
             let pause = jittered(Duration::from_secs(4));
             assert!(pause >= Duration::from_secs(2) && pause <= Duration::from_secs(4));
         }
+    }
+
+    /// The pauses of `attempts` failed attempts in a row, from the start.
+    fn pauses(attempts: usize, port_refused: bool, retry_after: Option<Duration>) -> Vec<Duration> {
+        let mut backoff = BACKOFF_START;
+        (0..attempts)
+            .map(|_| {
+                let (pause, next) =
+                    next_pause(backoff, Duration::from_secs(10), port_refused, retry_after);
+                backoff = next;
+                pause
+            })
+            .collect()
+    }
+
+    #[test]
+    fn a_refused_port_is_retried_within_two_seconds_other_failures_back_off_to_the_cap() {
+        // A master restarting (nothing listens): never more than 2 s apart,
+        // and still spread (upper half of the backoff).
+        let refused = pauses(30, true, None);
+        assert!(
+            refused.iter().all(|p| *p <= REFUSED_BACKOFF_MAX),
+            "{refused:?}"
+        );
+        assert!(
+            refused[20..].iter().all(|p| *p >= REFUSED_BACKOFF_MAX / 2),
+            "{refused:?}"
+        );
+        // Anything else (a timeout, a TLS error) backs off up to the cap.
+        let other = pauses(30, false, None);
+        assert!(
+            other.iter().all(|p| *p <= Duration::from_secs(10)),
+            "{other:?}"
+        );
+        assert!(
+            other[20..].iter().all(|p| *p >= Duration::from_secs(5)),
+            "{other:?}"
+        );
+        // Both start small.
+        assert!(refused[0] <= BACKOFF_START && other[0] <= BACKOFF_START);
+        // A master at its limit is not asked again before its Retry-After.
+        let asked = pauses(5, false, Some(Duration::from_secs(7)));
+        assert!(
+            asked.iter().all(|p| *p >= Duration::from_secs(7)),
+            "{asked:?}"
+        );
     }
 }

@@ -110,6 +110,16 @@ async fn run(path: &Path, config: WorkerConfig) -> Result<Exit, Failure> {
                 .join("; "),
         )
     })?;
+    if config.supervise.is_none() && crate::enroll::needed(&config) {
+        let answer = crate::enroll::enroll(&config)
+            .await
+            .map_err(|error| Failure::Runtime(format!("{error:#}")))?;
+        tracing::info!(
+            "enrolled as {} in group {}; token kept in token_file",
+            answer.name,
+            answer.group
+        );
+    }
     let upstream = match &config.supervise {
         Some(supervise) => Upstream::Supervised(Arc::new(supervise.clone())),
         None => master_upstream(&config)?,

@@ -134,6 +134,7 @@ pub struct BuilderDef {
 pub(super) fn parse_builders(
     raw: Vec<RawBuilder>,
     worker_names: &BTreeSet<String>,
+    group_names: &BTreeSet<String>,
     lock_names: &BTreeSet<String>,
     written: &Written,
     errors: &mut ConfigErrors,
@@ -161,10 +162,15 @@ pub(super) fn parse_builders(
             );
         }
         for (j, worker) in b.workers.iter().enumerate() {
-            if !worker_names.contains(worker) && !written.workers.contains(worker) {
+            if !worker_names.contains(worker)
+                && !written.workers.contains(worker)
+                && !group_names.contains(worker)
+            {
                 issue(
                     format!("builder[{i}].workers[{j}]"),
-                    format!("unknown worker `{}` (no [[worker]] with that name)", worker),
+                    format!(
+                        "unknown worker `{worker}` (no [[worker]] or [[worker_group]] with that name)"
+                    ),
                 );
             }
         }

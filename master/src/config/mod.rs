@@ -26,6 +26,7 @@ use serde::Deserialize;
 use nightshift_proto::diag::parse_toml;
 
 use crate::locks::LockDef;
+use crate::worker_groups::WorkerGroupDef;
 
 pub use artifacts::ArtifactSettings;
 pub use builders::{Admission, BuilderDef};
@@ -33,7 +34,7 @@ pub use duration::Secs;
 pub use error::{ConfigError, ConfigIssue};
 pub use general::{DashboardAccess, TlsMode};
 pub use hooks::{HookDef, HookKind};
-pub use names::check_branch_name;
+pub use names::{check_branch_name, normalize_hash, valid_name};
 pub use workers::{LatentProvider, WorkerDef};
 
 use builders::RawBuilder;
@@ -107,6 +108,8 @@ struct RawConfig {
     #[serde(default)]
     worker: Vec<RawWorker>,
     #[serde(default)]
+    worker_group: Vec<crate::worker_groups::RawWorkerGroup>,
+    #[serde(default)]
     builder: Vec<RawBuilder>,
     #[serde(default)]
     lock: Vec<RawLock>,
@@ -138,6 +141,8 @@ pub struct MasterConfig {
     /// What the master keeps of builds' artifacts.
     pub artifacts: ArtifactSettings,
     pub workers: Vec<WorkerDef>,
+    /// `[[worker_group]]`: machines that enrol themselves.
+    pub worker_groups: Vec<WorkerGroupDef>,
     pub builders: Vec<BuilderDef>,
     pub locks: Vec<LockDef>,
     /// The zone timed builds' `schedule` is read in (`None`: the system's).
@@ -194,6 +199,19 @@ impl MasterConfig {
             .filter_map(|&at| self.workers.get(at))
             .filter(move |w| w.token_sha256 == hash)
     }
+    /// The `[[worker_group]]` named `name` (groups are few: a scan).
+    pub fn worker_group(&self, name: &str) -> Option<&WorkerGroupDef> {
+        self.worker_groups.iter().find(|g| g.name == name)
+    }
+    /// The group whose enrolment token hashes to `hash`.
+    pub fn group_with_enroll_token(&self, hash: &str) -> Option<&WorkerGroupDef> {
+        self.worker_groups.iter().find(|g| {
+            nightshift_proto::secret::constant_time_eq(
+                g.enroll_token_sha256.as_bytes(),
+                hash.as_bytes(),
+            )
+        })
+    }
     pub fn builder(&self, name: &str) -> Option<&BuilderDef> {
         self.builders.iter().find(|b| b.name == name)
     }
@@ -247,9 +265,16 @@ impl MasterConfig {
         let (workers, worker_names) = workers::parse_workers(raw.worker, &written, &mut errors);
         let (locks, lock_names) =
             locks::parse_locks(raw.lock, &worker_names, &written, &mut errors);
+        let worker_groups = crate::worker_groups::validate(
+            raw.worker_group,
+            &worker_names,
+            &mut |key: String, message: String| errors.push_at_path(&key, message),
+        );
+        let group_names = worker_groups.iter().map(|g| g.name.clone()).collect();
         let builders = builders::parse_builders(
             raw.builder,
             &worker_names,
+            &group_names,
             &lock_names,
             &written,
             &mut errors,
@@ -277,6 +302,7 @@ impl MasterConfig {
             artifacts,
             index: WorkerIndex::of(&workers),
             workers,
+            worker_groups,
             builders,
             locks,
             timezone: raw.timezone,

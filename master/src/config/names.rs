@@ -46,7 +46,7 @@ pub fn check_branch_name(branch: &str) -> Result<(), String> {
     }
 }
 
-pub(super) fn valid_name(name: &str) -> bool {
+pub fn valid_name(name: &str) -> bool {
     !name.is_empty()
         && name.len() <= 64
         && name

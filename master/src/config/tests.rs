@@ -250,7 +250,7 @@ steps = [{{ name = "s", command = "true", timeout = -5 }}]
         "master.toml:2:19: missing_timeout: invalid duration `5 parsecs`, expected e.g. `30s`, `2m`, `1h30m`, `2h` or `1d`\n\
              master.toml:7:1: worker[0].max_bulds: unknown key `max_bulds`, expected one of `name`, `token_sha256`, `max_builds`, `schedule`, `timezone`, `latent`\n\
              master.toml:11:9: lock[0].scope: unknown value `planet`, expected `master` or `worker`\n\
-             master.toml:15:18: builder[0].workers[1]: unknown worker `ghost` (no [[worker]] with that name)\n\
+             master.toml:15:18: builder[0].workers[1]: unknown worker `ghost` (no [[worker]] or [[worker_group]] with that name)\n\
              master.toml:16:1: builder[0].colour: unknown key `colour`, expected one of `name`, `workers`, `steps`, `locks`, `admission`, `source`, `poll`, `schedule`, `only_if_changed`, `collapse`, `artifacts`\n\
              master.toml:18:68: builder[0].steps[0].locks[0].access: unknown value `sometimes`, expected `counting` or `exclusive`\n\
              master.toml:25:52: builder[1].steps[0].timeout: a duration cannot be negative (-5)"

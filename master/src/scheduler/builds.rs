@@ -8,7 +8,7 @@ use nightshift_proto::wire::{BuildId, BuildResult, BuildSource, MasterMessage, O
 use tokio::sync::oneshot;
 
 use super::timers::TimerSlot;
-use super::{Event, Queued, Running, Scheduler};
+use super::{Event, Queued, Running, Scheduler, Waiting};
 use crate::latent::Now;
 use crate::metrics::{METRICS, RefusalReason, Refused, RetryReason};
 use crate::store::StoreOutcome;
@@ -49,7 +49,9 @@ impl Scheduler {
         tracing::info!("builds {older:?} of {builder} collapsed into build {into}");
         for &id in &older {
             self.queue.remove(&id);
-            self.lock_waits.remove(&id);
+            if let Some(worker) = self.lock_waits.remove(&id) {
+                self.touch(&worker);
+            }
             let granted = self.locks.release_build(id);
             self.on_lock_grants(granted);
             self.finishing.insert(id);
@@ -146,11 +148,7 @@ impl Scheduler {
         worker: &str,
         queued: &Queued,
     ) -> Result<(), RefusalReason> {
-        let listed = self
-            .config
-            .builder(&queued.builder)
-            .is_some_and(|b| b.workers.iter().any(|w| w == worker));
-        if !listed {
+        if !self.builder_lists(&queued.builder, worker) {
             return Err(RefusalReason::BuilderDoesNotListIt);
         }
         if queued.handed_to.as_deref() != Some(worker) {
@@ -171,6 +169,7 @@ impl Scheduler {
                 slot.running.remove(&build_id);
                 slot.refused.insert(build_id);
             }
+            self.touch(worker);
             let granted = self.locks.release_build(build_id);
             self.on_lock_grants(granted);
             let actions = self.latent.build_finished(worker, Now::system());
@@ -179,12 +178,15 @@ impl Scheduler {
             self.timers.cancel(&TimerSlot::StepLease(build_id));
             self.queue.insert(
                 build_id,
-                Queued::handed_back(
-                    run.builder,
-                    run.properties,
-                    run.source,
-                    Some(worker.to_owned()),
-                ),
+                Queued {
+                    refused: true,
+                    ..Queued::handed_back(
+                        run.builder,
+                        run.properties,
+                        run.source,
+                        Some(worker.to_owned()),
+                    )
+                },
             );
         }
         self.maybe_release(worker);
@@ -243,6 +245,7 @@ impl Scheduler {
                     slot.running.remove(&id);
                     slot.unconfirmed.remove(&id);
                 }
+                self.touch(worker);
                 let actions = self.latent.build_finished(worker, Now::system());
                 self.run_latent(worker, actions);
             }
@@ -260,6 +263,9 @@ impl Scheduler {
         }
         tracing::info!("build {id} finished on {worker}: {}", result.outcome);
         let waited_on = self.lock_waits.remove(&id);
+        if let Some(other) = &waited_on {
+            self.touch(other);
+        }
         self.timers.cancel(&TimerSlot::StepLease(id));
         let granted = self.locks.release_build(id);
         self.on_lock_grants(granted);
@@ -347,6 +353,7 @@ impl Scheduler {
         if let Some(slot) = self.workers.get_mut(worker) {
             slot.running.remove(&id);
         }
+        self.touch(worker);
         self.timers.cancel(&TimerSlot::StepLease(id));
         let granted = self.locks.release_build(id);
         self.on_lock_grants(granted);
@@ -370,7 +377,9 @@ impl Scheduler {
 
     pub(super) fn on_cancel(&mut self, id: BuildId, reason: String) -> Result<(), String> {
         if self.queue.remove(&id).is_some() {
-            self.lock_waits.remove(&id);
+            if let Some(worker) = self.lock_waits.remove(&id) {
+                self.touch(&worker);
+            }
             let granted = self.locks.release_build(id);
             self.on_lock_grants(granted);
             let store = self.store.clone();
@@ -426,11 +435,11 @@ impl Scheduler {
                     Some(text) => format!("{text} (on {worker})"),
                     None => format!("locks (on {worker})"),
                 };
-                self.note_waiting(id, why);
+                self.note_waiting(id, Waiting::Because(why));
                 continue;
             }
             let decision = if self.paused {
-                Err("master is paused".to_owned())
+                Err(Waiting::Because("master is paused".to_owned()))
             } else {
                 self.pick_worker_cached(id, &mut no_worker)
             };
@@ -445,13 +454,21 @@ impl Scheduler {
         }
     }
 
-    /// Records what a queued build waits for (shown by `master builds`).
-    pub(super) fn note_waiting(&mut self, id: BuildId, why: String) {
+    /// Records what a queued build waits for (shown by `master builds`; the
+    /// store keeps the kind of wait, the words are built when it is shown).
+    pub(super) fn note_waiting(&mut self, id: BuildId, why: Waiting) {
         if let Some(queued) = self.queue.get_mut(&id)
-            && queued.waiting_for.as_deref() != Some(why.as_str())
+            && queued.waiting_for.as_ref() != Some(&why)
         {
-            queued.waiting_for = Some(why.clone());
-            self.store.set_waiting_for(id, Some(why));
+            let stored = match &why {
+                Waiting::Because(text) => text.clone(),
+                Waiting::NoWorker { latent: None } => "a worker that can take it".to_owned(),
+                Waiting::NoWorker {
+                    latent: Some(latent),
+                } => format!("a worker that can take it; latent: {latent}"),
+            };
+            queued.waiting_for = Some(why);
+            self.store.set_waiting_for(id, Some(stored));
         }
     }
 
@@ -507,6 +524,7 @@ impl Scheduler {
             slot.running.insert(id);
             slot.last_assigned = self.assignments;
         }
+        self.touch(&worker);
         self.latent.build_started(&worker, Now::system());
         METRICS.waited_before_start(queued.queued_at.elapsed());
         tracing::info!("build {id} ({}) handed to {worker}", queued.builder);

@@ -82,7 +82,9 @@ impl Scheduler {
                 );
                 // It runs whatever its locks: drop a wait for them elsewhere
                 // and hold them here.
-                self.lock_waits.remove(&id);
+                if let Some(other) = self.lock_waits.remove(&id) {
+                    self.touch(&other);
+                }
                 let granted = self.locks.release_build(id);
                 self.on_lock_grants(granted);
                 let claims = self.builder_locks(&queued.builder);
@@ -125,6 +127,7 @@ impl Scheduler {
             .filter(|id| !listed.contains(id) && !self.finishing.contains(id))
             .collect();
         let unconfirmed = !slot.unconfirmed.is_empty();
+        self.touch(&worker);
         // Back in time: its missing timer is moot.
         self.timers.cancel(&TimerSlot::Missing(worker.clone()));
         tracing::info!(
@@ -195,6 +198,7 @@ impl Scheduler {
             slot.presence = presence.clone();
             slot.outlook = outlook;
         }
+        self.touch(worker);
         let takes_builds = presence.state.takes_builds();
         let why = format!("{}: {}", presence.source, presence.reason);
         self.store.save_presence(worker.to_owned(), presence);
@@ -223,6 +227,7 @@ impl Scheduler {
         slot.presence = offline(now, &format!("disconnected: {reason}"));
         slot.unconfirmed.clear();
         let busy = !slot.running.is_empty();
+        self.touch(worker);
         // Its connection's reconcile deadline has nothing left to check.
         self.timers.cancel(&TimerSlot::Reconcile(worker.to_owned()));
         tracing::info!(
@@ -277,7 +282,7 @@ impl Scheduler {
         for id in ids {
             self.requeue(worker, id, &reason, RetryReason::WorkerMissing);
         }
-        if self.config.worker(worker).is_none() {
+        if !self.is_known(worker) {
             self.drop_if_drained(worker);
         }
         self.assign();
@@ -304,7 +309,7 @@ impl Scheduler {
 
     /// Sends `Released` to an idle worker that takes no builds.
     pub(super) fn maybe_release(&mut self, worker: &str) {
-        if self.config.worker(worker).is_none() {
+        if !self.is_known(worker) {
             self.drop_if_drained(worker);
             return;
         }
@@ -332,7 +337,7 @@ impl Scheduler {
         let Some(slot) = self.workers.get(worker) else {
             return;
         };
-        if !slot.running.is_empty() || self.lock_waits.values().any(|w| w == worker) {
+        if !slot.running.is_empty() || self.lock_waits.count(worker) > 0 {
             return;
         }
         if let Some((_, out)) = &slot.conn {
@@ -342,6 +347,7 @@ impl Scheduler {
             let _ = out.send(Outbound::Close("worker removed from master.toml".into()));
         }
         self.workers.remove(worker);
+        self.touch(worker);
         self.timers.cancel(&TimerSlot::Missing(worker.to_owned()));
         self.timers.cancel(&TimerSlot::Reconcile(worker.to_owned()));
     }

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use nightshift_proto::wire::BuildId;
 use tokio::sync::oneshot;
 
-use super::{Event, Scheduler};
+use super::{Event, Scheduler, Waiting};
 use crate::latent::{LatentAction, LatentChoice, LatentEvent, LatentTokens, MasterAccess, Now};
 
 impl Scheduler {
@@ -112,18 +112,15 @@ impl Scheduler {
         &mut self,
         id: BuildId,
         counted_on: &mut BTreeSet<String>,
-        why: String,
-    ) -> String {
+        why: Waiting,
+    ) -> Waiting {
         if self.latent_shutdown {
             return why;
         }
-        let candidates: Vec<String> = match self
-            .queue
-            .get(&id)
-            .and_then(|q| self.config.builder(&q.builder))
-        {
-            Some(builder) => builder
-                .workers
+        let candidates: Vec<String> = match self.queue.get(&id) {
+            Some(queued) => self
+                .eligible
+                .latent_of(&queued.builder)
                 .iter()
                 .filter(|w| self.latent.is_latent(w))
                 .filter(|w| self.workers.get(*w).is_none_or(|s| s.conn.is_none()))
@@ -145,13 +142,22 @@ impl Scheduler {
             .latent
             .serve(&refs, counted_on, &format!("build {id}"), Now::system())
         {
-            LatentChoice::AlreadyStarting(worker) => format!("latent worker {worker} to start"),
+            LatentChoice::AlreadyStarting(worker) => {
+                Waiting::Because(format!("latent worker {worker} to start"))
+            }
             LatentChoice::Start { worker, actions } => {
                 tracing::info!("build {id}: starting latent worker {worker}");
                 self.run_latent(&worker, actions);
-                format!("latent worker {worker} to start (started for this build)")
+                Waiting::Because(format!(
+                    "latent worker {worker} to start (started for this build)"
+                ))
             }
-            LatentChoice::Wait(reason) => format!("{why}; latent: {reason}"),
+            LatentChoice::Wait(reason) => match why {
+                Waiting::Because(why) => Waiting::Because(format!("{why}; latent: {reason}")),
+                Waiting::NoWorker { .. } => Waiting::NoWorker {
+                    latent: Some(reason),
+                },
+            },
         }
     }
 

@@ -2,13 +2,13 @@
 //! its steps take, waiting for builder-level locks with the chosen worker's
 //! slot kept, acting on grants, and step grants.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
 use nightshift_proto::wire::{BuildId, MasterMessage};
 
 use super::timers::TimerSlot;
-use super::{Event, Outbound, Scheduler};
+use super::{Event, Outbound, Scheduler, Waiting};
 use crate::locks::{Claim, LockHolder, split_locks};
 use crate::metrics::{LockLevel, METRICS, RetryReason};
 use crate::store::StepGrant;
@@ -17,6 +17,58 @@ use crate::store::StepGrant;
 /// step at its timeout and reports it; a grant still held after this grace
 /// is taken back (the agent is broken or lying).
 pub const LEASE_GRACE: Duration = Duration::from_secs(10);
+
+/// Queued builds whose worker is chosen and whose builder-level locks are
+/// being waited for (the worker's slot is kept for them), by build and by
+/// worker, so a worker's count costs O(1) on the pick's path.
+#[derive(Debug, Default)]
+pub(super) struct LockWaits {
+    by_build: BTreeMap<BuildId, String>,
+    by_worker: HashMap<String, BTreeSet<BuildId>>,
+}
+
+impl LockWaits {
+    /// The worker build `id` waits on.
+    pub fn get(&self, id: &BuildId) -> Option<&String> {
+        self.by_build.get(id)
+    }
+
+    pub fn insert(&mut self, id: BuildId, worker: String) {
+        if let Some(old) = self.by_build.insert(id, worker.clone()) {
+            self.forget(&old, id);
+        }
+        self.by_worker.entry(worker).or_default().insert(id);
+    }
+
+    /// Ends build `id`'s wait; answers the worker it waited on.
+    pub fn remove(&mut self, id: &BuildId) -> Option<String> {
+        let worker = self.by_build.remove(id)?;
+        self.forget(&worker, *id);
+        Some(worker)
+    }
+
+    fn forget(&mut self, worker: &str, id: BuildId) {
+        if let Some(ids) = self.by_worker.get_mut(worker) {
+            ids.remove(&id);
+            if ids.is_empty() {
+                self.by_worker.remove(worker);
+            }
+        }
+    }
+
+    /// How many builds wait on `worker`.
+    pub fn count(&self, worker: &str) -> usize {
+        self.by_worker.get(worker).map_or(0, BTreeSet::len)
+    }
+
+    /// The builds waiting on `worker`.
+    pub fn of(&self, worker: &str) -> Vec<BuildId> {
+        self.by_worker
+            .get(worker)
+            .map(|ids| ids.iter().copied().collect())
+            .unwrap_or_default()
+    }
+}
 
 impl Scheduler {
     /// The builder's build-level locks as the current config has them.
@@ -68,8 +120,9 @@ impl Scheduler {
                     .unwrap_or_else(|| "locks".into());
                 tracing::info!("build {id}: waiting for {why} (on {worker})");
                 METRICS.lock_wait(LockLevel::Build);
-                self.note_waiting(id, format!("{why} (on {worker})"));
-                self.lock_waits.insert(id, worker);
+                self.note_waiting(id, Waiting::Because(format!("{why} (on {worker})")));
+                self.lock_waits.insert(id, worker.clone());
+                self.touch(&worker);
             }
             Err(e) => {
                 // The config was validated as a whole; a lock it names exists.
@@ -98,6 +151,7 @@ impl Scheduler {
                     let Some(worker) = self.lock_waits.remove(&id) else {
                         continue; // a running build re-taking its locks after a restart
                     };
+                    self.touch(&worker);
                     let can_take = !self.paused
                         && self.queue.contains_key(&id)
                         && self.workers.get(&worker).is_some_and(|s| {
@@ -308,14 +362,10 @@ impl Scheduler {
     /// `worker` went away or offline: builds waiting for locks on it give
     /// their place back and return to the queue. Returns whether any did.
     pub(super) fn unbind_lock_waits(&mut self, worker: &str) -> bool {
-        let ids: Vec<BuildId> = self
-            .lock_waits
-            .iter()
-            .filter(|(_, w)| *w == worker)
-            .map(|(id, _)| *id)
-            .collect();
+        let ids = self.lock_waits.of(worker);
         for id in &ids {
             self.lock_waits.remove(id);
+            self.touch(worker);
             let granted = self.locks.release(LockHolder::Build(*id));
             self.on_lock_grants(granted);
         }

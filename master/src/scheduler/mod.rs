@@ -20,6 +20,8 @@ mod admission;
 mod builds;
 pub(crate) use builds::ARTIFACT_STEP;
 mod connections;
+mod eligible;
+mod enrolment;
 pub mod estimate;
 mod latent;
 mod locks;
@@ -40,7 +42,7 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 use nightshift_policy::{Presence, PresenceState, Source};
-use nightshift_proto::api::WorkerList;
+use nightshift_proto::api::{WorkerList, WorkerPage, WorkerQuery};
 use nightshift_proto::wire::{
     AgentMessage, BuildId, BuildSource, HEARTBEAT_SECS, MasterMessage, Outlook,
 };
@@ -52,8 +54,11 @@ use crate::locks::{BuildLocks, Claim, LockHolder};
 use crate::master_schedule::MasterSchedules;
 use crate::outbox::AgentOutbox;
 use crate::store::{Store, StoreOutcome, UnfinishedBuild};
+use crate::worker_groups::Member;
 
+use eligible::Eligible;
 use estimate::Estimates;
+use locks::LockWaits;
 use timers::Timers;
 
 /// Identity of one agent connection, unique for the master's lifetime.
@@ -185,6 +190,13 @@ pub enum Event {
     Snapshot {
         reply: oneshot::Sender<Snapshot>,
     },
+    /// One page of the workers, in name order (`master workers`, the
+    /// dashboard): rows are built for the page only.
+    WorkersPage {
+        query: WorkerQuery,
+        limit: usize,
+        reply: oneshot::Sender<WorkerPage>,
+    },
     /// What each of these builds waits for, for those that wait (the part
     /// of a [`Snapshot`] one build's answer needs, without the workers).
     WaitingFor {
@@ -206,6 +218,16 @@ pub enum Event {
     LeaseEnded {
         build_id: BuildId,
         step: u32,
+    },
+    /// A worker enrolled (committed, and in the server's roster).
+    Enrolled {
+        member: Member,
+    },
+    /// An enrolled worker was revoked (committed, and out of the server's
+    /// roster); answers whether the scheduler knew it.
+    Revoked {
+        name: String,
+        reply: oneshot::Sender<bool>,
     },
     /// A new config, validated and checked by `reconfig::reload`: apply it
     /// without interrupting running builds, then answer.
@@ -258,7 +280,10 @@ impl WorkerSlot {
 struct Queued {
     builder: String,
     properties: BTreeMap<String, String>,
-    waiting_for: Option<String>,
+    waiting_for: Option<Waiting>,
+    /// A worker refused it since it was queued: its pick is decided on its
+    /// own, not from the builder's cached "no worker" of the pass.
+    refused: bool,
     /// The worker it was last handed to, kept across a re-queue: the only
     /// one whose result or adoption of it is accepted.
     handed_to: Option<String>,
@@ -278,6 +303,7 @@ impl Queued {
             builder,
             properties,
             waiting_for: None,
+            refused: false,
             source,
             handed_to: None,
             queued_at: std::time::Instant::now(),
@@ -298,6 +324,20 @@ impl Queued {
     }
 }
 
+/// What a queued build waits for.
+#[derive(Debug, Clone, PartialEq)]
+enum Waiting {
+    /// Said in words when it was decided (locks, pause, admission, latent).
+    Because(String),
+    /// No worker the builder lists can take it now. The words (each
+    /// worker's state) are put together only when the build is shown, not
+    /// on every pick: building them visits every listed worker.
+    NoWorker {
+        /// What the latent pool said, when it was asked.
+        latent: Option<String>,
+    },
+}
+
 /// A build handed out to a worker.
 struct Running {
     worker: String,
@@ -310,6 +350,18 @@ struct Running {
     step_locks: Vec<Vec<Claim>>,
     /// The step whose locks are granted (its lease runs), if any.
     leased_step: Option<u32>,
+}
+
+/// What the store held at start, for [`Scheduler::new`].
+#[derive(Debug, Default)]
+pub struct Restored {
+    /// Builds not finished before the restart.
+    pub unfinished: Vec<UnfinishedBuild>,
+    /// Each worker's last known presence.
+    pub last_seen: BTreeMap<String, Presence>,
+    pub paused: bool,
+    /// The workers enrolled through a `[[worker_group]]`.
+    pub enrolled: Vec<Member>,
 }
 
 /// The scheduler's state; [`Scheduler::run`] is its event loop.
@@ -333,7 +385,7 @@ pub struct Scheduler {
     locks: BuildLocks,
     /// Queued builds whose worker is chosen and whose builder-level locks
     /// are being waited for (the worker's slot is kept for them).
-    lock_waits: BTreeMap<BuildId, String>,
+    lock_waits: LockWaits,
     /// Latent (on-demand) workers: their life cycle, providers and tokens.
     latent: LatentPool,
     latent_providers: BTreeMap<String, Arc<dyn LatentProvider>>,
@@ -349,6 +401,13 @@ pub struct Scheduler {
     timers: Timers,
     /// Each builder's estimated build duration (window-aware admission).
     estimates: Estimates,
+    /// Per builder, the workers that could take a build now, in pick order
+    /// (kept up to date by [`Scheduler::touch`]).
+    eligible: Eligible,
+    /// Enrolled workers (`[[worker_group]]` members) → their group.
+    members: HashMap<String, String>,
+    /// Worker group → its enrolled members, by name.
+    group_members: HashMap<String, BTreeSet<String>>,
 }
 
 impl Scheduler {
@@ -367,10 +426,14 @@ impl Scheduler {
         store: Store,
         clock: Arc<dyn Clock>,
         events: mpsc::UnboundedSender<Event>,
-        unfinished: Vec<UnfinishedBuild>,
-        last_seen: BTreeMap<String, Presence>,
-        paused: bool,
+        restored: Restored,
     ) -> Scheduler {
+        let Restored {
+            unfinished,
+            last_seen,
+            paused,
+            enrolled,
+        } = restored;
         let now = clock.now();
         let not_connected = |name: &str| match last_seen.get(name) {
             Some(last) => offline(
@@ -406,7 +469,7 @@ impl Scheduler {
             paused,
             assignments: 0,
             locks: BuildLocks::default(),
-            lock_waits: BTreeMap::new(),
+            lock_waits: LockWaits::default(),
             latent: LatentPool::new(MasterAccess::default(), 1),
             latent_providers: BTreeMap::new(),
             latent_tokens: LatentTokens::default(),
@@ -416,7 +479,13 @@ impl Scheduler {
             latent_stopped: Vec::new(),
             timers: Timers::default(),
             estimates: Estimates::default(),
+            eligible: Eligible::default(),
+            members: HashMap::new(),
+            group_members: HashMap::new(),
         };
+        for member in enrolled {
+            scheduler.add_member(member);
+        }
         scheduler.locks = BuildLocks::new(scheduler.config.locks.clone());
         scheduler.configure_latent();
         scheduler.schedules = scheduler.compile_schedules();
@@ -491,6 +560,7 @@ impl Scheduler {
         for worker in with_builds {
             scheduler.start_missing_timer(&worker);
         }
+        scheduler.rebuild_eligible();
         scheduler
     }
 
@@ -559,6 +629,13 @@ impl Scheduler {
             Event::Snapshot { reply } => {
                 let _ = reply.send(self.snapshot());
             }
+            Event::WorkersPage {
+                query,
+                limit,
+                reply,
+            } => {
+                let _ = reply.send(self.workers_page(&query, limit));
+            }
             Event::WaitingFor { ids, reply } => {
                 let _ = reply.send(self.waiting_for(&ids));
             }
@@ -573,7 +650,13 @@ impl Scheduler {
                 let _ = reply.send(());
             }
             Event::Latent(event) => self.on_latent_event(event),
+            Event::Enrolled { member } => self.on_enrolled(member),
+            Event::Revoked { name, reply } => {
+                let _ = reply.send(self.on_revoked(&name));
+            }
         }
+        #[cfg(test)]
+        self.check_eligible();
     }
 
     /// Reacts to one frame from the current connection of `worker`.

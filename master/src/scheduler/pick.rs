@@ -1,17 +1,21 @@
 //! THE decision "which worker gets this build now", as a pure function of
 //! the facts about the build and the builder's listed workers
 //! ([`pick_worker`], window-aware through [`super::admission`]), and the
-//! scheduler glue that gathers those facts from its state.
+//! scheduler glue: the O(log n) pick from the builder's eligible workers
+//! ([`super::eligible`]) and the words for a waiting build, built only when
+//! it is shown.
 
 use std::collections::HashMap;
 
 use jiff::SignedDuration;
 use jiff::tz::TimeZone;
 use nightshift_policy::PresenceState;
-use nightshift_proto::wire::{BuildId, Window};
+use nightshift_proto::wire::{BuildId, Outlook, Window};
 
-use super::Scheduler;
 use super::admission::{self, BuildFacts, CutShort, LaterFit};
+use super::eligible::{Eligible, Rank};
+use super::{Scheduler, Waiting, WorkerSlot};
+use crate::config::BuilderDef;
 
 /// What the decision needs to know about one worker the builder lists.
 #[derive(Debug, Clone, PartialEq)]
@@ -159,6 +163,70 @@ pub(super) fn pick_worker<'a>(
 }
 
 impl Scheduler {
+    /// Builds `worker` may run at once: the lower of master.toml's
+    /// `max_builds` and its agent's.
+    fn capacity(&self, worker: &str, slot: &WorkerSlot) -> usize {
+        self.configured_max_builds(worker)
+            .unwrap_or(1)
+            .min(slot.agent_max_builds) as usize
+    }
+
+    /// `worker`'s place in the pick order when it could take a build now
+    /// (connected, taking builds, a free slot); `None` otherwise.
+    fn rank_of(&self, worker: &str) -> Option<Rank> {
+        let slot = self.workers.get(worker)?;
+        slot.conn.as_ref()?;
+        let state = self.effective_presence(worker, &slot.presence).state;
+        if !state.takes_builds() {
+            return None;
+        }
+        let busy = slot.running.len() + self.lock_waits.count(worker);
+        if busy >= self.capacity(worker, slot) {
+            return None;
+        }
+        Some(Rank {
+            state,
+            running: slot.running.len(),
+            last_assigned: slot.last_assigned,
+        })
+    }
+
+    /// Re-files `worker` in the eligible sets after anything its rank is
+    /// made of changed (connection, presence, running builds, lock waits,
+    /// last hand-out, capacity). O(builders listing it × log n).
+    pub(super) fn touch(&mut self, worker: &str) {
+        let rank = self.rank_of(worker);
+        self.eligible.set(worker, rank);
+    }
+
+    /// The eligible sets from scratch (at start and after a reconfig).
+    pub(super) fn rebuild_eligible(&mut self) {
+        self.eligible = Eligible::new(&self.config, &self.members);
+        let names: Vec<String> = self.workers.keys().cloned().collect();
+        for name in names {
+            self.touch(&name);
+        }
+    }
+
+    /// Tests: the eligible sets agree with every worker's rank computed
+    /// from scratch (a mutation that forgot [`Scheduler::touch`] fails here).
+    #[cfg(test)]
+    pub(super) fn check_eligible(&self) {
+        let expected: std::collections::BTreeMap<String, Rank> = self
+            .workers
+            .keys()
+            .filter(|name| {
+                self.config.builders.iter().any(|b| {
+                    b.workers
+                        .iter()
+                        .any(|w| w == *name || self.members.get(*name) == Some(w))
+                })
+            })
+            .filter_map(|name| Some((name.clone(), self.rank_of(name)?)))
+            .collect();
+        assert_eq!(self.eligible.ranks(), expected, "eligible sets are stale");
+    }
+
     /// [`Scheduler::pick_for`], remembering within one pass of
     /// [`Scheduler::assign`] which builders no worker can take: hand-outs in
     /// the pass only use capacity up, so a "no" stays a "no", and a long
@@ -166,87 +234,175 @@ impl Scheduler {
     pub(super) fn pick_worker_cached(
         &self,
         id: BuildId,
-        no_worker: &mut HashMap<String, String>,
-    ) -> Result<String, String> {
-        let Some(builder) = self.queue.get(&id).map(|q| q.builder.as_str()) else {
-            return Err("not queued".into());
+        no_worker: &mut HashMap<String, Waiting>,
+    ) -> Result<String, Waiting> {
+        let Some(queued) = self.queue.get(&id) else {
+            return Err(Waiting::Because("not queued".into()));
         };
-        // A build some worker refused is decided on its own (only the
-        // builder's listed workers are asked: no other can have refused it
-        // in a way the decision looks at).
-        let refused = self.config.builder(builder).is_some_and(|def| {
-            def.workers.iter().any(|name| {
-                self.workers
-                    .get(name)
-                    .is_some_and(|slot| slot.refused.contains(&id))
-            })
-        });
-        if !refused && let Some(why) = no_worker.get(builder) {
+        // A build some worker refused is decided on its own.
+        if !queued.refused
+            && let Some(why) = no_worker.get(&queued.builder)
+        {
             return Err(why.clone());
         }
         let decision = self.pick_for(id);
         if let Err(why) = &decision
-            && !refused
+            && !queued.refused
         {
-            no_worker.insert(builder.to_owned(), why.clone());
+            no_worker.insert(queued.builder.clone(), why.clone());
         }
         decision
     }
 
-    /// Which connected worker gets queued build `id` now ([`pick_worker`]
-    /// over the facts of its builder's listed workers).
-    pub(super) fn pick_for(&self, id: BuildId) -> Result<String, String> {
-        let Some(queued) = self.queue.get(&id) else {
-            return Err("not queued".into());
-        };
-        let Some(builder) = self.config.builder(&queued.builder) else {
-            return Err(format!(
-                "builder `{}` is not in master.toml",
-                queued.builder
-            ));
-        };
-        let build = BuildFacts {
+    /// What `name`'s build must fit: its agent's outlook, and the master's
+    /// own schedule for it, which the agent cannot foresee. O(1).
+    fn limits(&self, name: &str, outlook: Option<&Outlook>) -> WorkerLimits {
+        let schedule = self.schedules.limits(name);
+        WorkerLimits {
+            takes_builds_until: admission::earliest(
+                outlook.and_then(|o| o.takes_builds_until),
+                schedule.takes_builds_until,
+            ),
+            reluctant_from: admission::earliest(
+                outlook.and_then(|o| o.reluctant_from),
+                schedule.reluctant_from,
+            ),
+            overrun: outlook.map_or(SignedDuration::ZERO, |o| {
+                SignedDuration::from_secs(i64::try_from(o.overrun_secs).unwrap_or(i64::MAX))
+            }),
+        }
+    }
+
+    /// What admission needs to know about a build of `builder` now.
+    fn build_facts(&self, builder: &BuilderDef) -> BuildFacts {
+        BuildFacts {
             now: self.clock.now(),
             estimate: self.estimates.get(&builder.name),
             admission: builder.admission,
             zone: TimeZone::system(),
+        }
+    }
+
+    /// Which connected worker gets queued build `id` now: the first of its
+    /// builder's eligible workers (in pick order) that did not refuse it and
+    /// whose availability fits the build. O(log n) for the usual pick; only
+    /// when eligible workers exist and none fits does it decide with
+    /// [`pick_worker`] over every listed worker (window admission).
+    pub(super) fn pick_for(&self, id: BuildId) -> Result<String, Waiting> {
+        let Some(queued) = self.queue.get(&id) else {
+            return Err(Waiting::Because("not queued".into()));
         };
-        let candidates = builder.workers.iter().map(|name| {
+        let Some(builder) = self.config.builder(&queued.builder) else {
+            return Err(Waiting::Because(format!(
+                "builder `{}` is not in master.toml",
+                queued.builder
+            )));
+        };
+        let build = self.build_facts(builder);
+        let mut cut_short = false;
+        for name in self.eligible.in_order(&builder.name) {
+            let Some(slot) = self.workers.get(name) else {
+                continue;
+            };
+            if slot.refused.contains(&id) {
+                continue;
+            }
+            let limits = self.limits(name, slot.outlook.as_ref());
+            let state = self.effective_presence(name, &slot.presence).state;
+            if build.ranks_as(state, limits.reluctant_from, limits.overrun) != state {
+                // The run would go into this worker's reluctant time: the
+                // full pick decides who ranks first.
+                cut_short = true;
+                break;
+            }
+            if build.fits(build.now, limits.takes_builds_until, limits.overrun) {
+                return Ok(name.to_owned());
+            }
+            cut_short = true;
+        }
+        if !cut_short {
+            return Err(Waiting::NoWorker { latent: None });
+        }
+        pick_worker(&build, self.candidates(builder, id))
+            .map(str::to_owned)
+            .map_err(Waiting::Because)
+    }
+
+    /// The facts of every worker `builder` lists (a group: each of its
+    /// members, by name), for build `id`.
+    fn candidates<'a>(
+        &'a self,
+        builder: &'a BuilderDef,
+        id: BuildId,
+    ) -> impl Iterator<Item = Candidate<'a>> + 'a {
+        let names = builder.workers.iter().flat_map(move |entry| {
+            let group = self
+                .config
+                .worker_group(entry)
+                .map(|_| self.members_of(entry));
+            let single = group.is_none().then_some(entry);
+            group.into_iter().flatten().chain(single)
+        });
+        names.map(move |name| {
             let Some(slot) = self.workers.get(name) else {
                 return Candidate::NotConfigured { name };
             };
             let outlook = slot.outlook.as_ref();
-            // The agent cannot foresee the master's own schedule for it.
-            let limits = self.schedules.limits(name);
+            let limits = self.limits(name, outlook);
             Candidate::Worker(WorkerFacts {
                 name,
                 connected: slot.conn.is_some(),
                 state: self.effective_presence(name, &slot.presence).state,
-                capacity: self
-                    .config
-                    .worker(name)
-                    .map_or(1, |w| w.max_builds)
-                    .min(slot.agent_max_builds) as usize,
+                capacity: self.capacity(name, slot),
                 running: slot.running.len(),
-                lock_waits: self.lock_waits.values().filter(|w| *w == name).count(),
+                lock_waits: self.lock_waits.count(name),
                 refused_it: slot.refused.contains(&id),
                 last_assigned: slot.last_assigned,
-                takes_builds_until: admission::earliest(
-                    outlook.and_then(|o| o.takes_builds_until),
-                    limits.takes_builds_until,
-                ),
-                reluctant_from: admission::earliest(
-                    outlook.and_then(|o| o.reluctant_from),
-                    limits.reluctant_from,
-                ),
+                takes_builds_until: limits.takes_builds_until,
+                reluctant_from: limits.reluctant_from,
                 next_window: outlook.and_then(|o| o.next_window),
-                overrun: outlook.map_or(SignedDuration::ZERO, |o| {
-                    SignedDuration::from_secs(i64::try_from(o.overrun_secs).unwrap_or(i64::MAX))
-                }),
+                overrun: limits.overrun,
             })
-        });
-        pick_worker(&build, candidates).map(str::to_owned)
+        })
     }
+
+    /// What queued build `id` waits for, in words: for a build no worker
+    /// can take, every listed worker's state (built here, when the build is
+    /// shown, never on the pick's path).
+    pub(super) fn explain(&self, id: BuildId, waiting: &Waiting) -> String {
+        let latent = match waiting {
+            Waiting::Because(text) => return text.clone(),
+            Waiting::NoWorker { latent } => latent,
+        };
+        let builder = self
+            .queue
+            .get(&id)
+            .and_then(|queued| self.config.builder(&queued.builder));
+        let text = match builder {
+            Some(builder) => {
+                match pick_worker(&self.build_facts(builder), self.candidates(builder, id)) {
+                    Err(text) => text,
+                    Ok(name) => format!("a worker ({name} takes it at the next hand-out)"),
+                }
+            }
+            None => "a worker".to_owned(),
+        };
+        match latent {
+            Some(latent) => format!("{text}; latent: {latent}"),
+            None => text,
+        }
+    }
+}
+
+/// When a worker stops taking builds and its overrun grace, from the
+/// outlook its agent last sent.
+/// The limits a worker's build must fit: its agent's outlook and the
+/// master's own schedule for it, the earliest of each.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct WorkerLimits {
+    pub takes_builds_until: Option<jiff::Timestamp>,
+    pub reluctant_from: Option<jiff::Timestamp>,
+    pub overrun: SignedDuration,
 }
 
 #[cfg(test)]

@@ -28,10 +28,19 @@ impl Scheduler {
                 )
             });
         }
+        let back: Vec<String> = self
+            .members
+            .iter()
+            .filter(|(_, group)| self.config.worker_group(group).is_some())
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in back {
+            self.ensure_member_slot(&name, "its group is back in master.toml; not connected yet");
+        }
         let removed: Vec<String> = self
             .workers
             .keys()
-            .filter(|name| self.config.worker(name).is_none())
+            .filter(|name| !self.is_known(name))
             .cloned()
             .collect();
         for name in &removed {
@@ -62,6 +71,7 @@ impl Scheduler {
             self.send(&worker, MasterMessage::MasterOverride { presence: None });
         }
         self.refresh_schedules();
+        self.rebuild_eligible();
         self.assign();
     }
 }

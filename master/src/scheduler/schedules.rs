@@ -66,6 +66,7 @@ impl Scheduler {
                     presence: verdict.clone(),
                 },
             );
+            self.touch(&worker);
             let takes = self
                 .workers
                 .get(&worker)

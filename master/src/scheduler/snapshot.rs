@@ -1,12 +1,49 @@
-//! The read-only [`Snapshot`] of the scheduler the API and the dashboard
-//! show: workers with their effective presence, what each waiting build
-//! waits for, and where each running build runs.
+//! The read-only views of the scheduler the API and the dashboard show: a
+//! page of workers with their effective presence (`master workers`, the
+//! dashboard: one pass over the workers, rows built for the page only), the
+//! whole [`Snapshot`], and what each waiting build waits for.
 
-use nightshift_policy::Source;
-use nightshift_proto::api::{LatentInfo, WorkerInfo, WorkerList};
+use std::collections::BTreeMap;
+
+use nightshift_policy::{PresenceState, Source};
+use nightshift_proto::api::{LatentInfo, WorkerInfo, WorkerList, WorkerPage, WorkerQuery};
 use nightshift_proto::wire::BuildId;
 
-use super::{BuildWaits, Scheduler, Snapshot};
+use super::{BuildWaits, Scheduler, Snapshot, WorkerSlot};
+
+/// One page of `workers` (given in name order): those matching `query`
+/// (state, a substring of the name), `offset` of them skipped, at most
+/// `limit`; with how many matched and how many workers are in each state.
+/// One pass, and nothing is kept but the page's items.
+pub(super) fn page_of<'a, T>(
+    workers: impl Iterator<Item = (&'a str, PresenceState, T)>,
+    query: &WorkerQuery,
+    limit: usize,
+) -> (Vec<T>, usize, usize, BTreeMap<String, usize>) {
+    let offset = query.offset.unwrap_or(0);
+    let mut by_state = [0usize; PresenceState::ALL.len()];
+    let mut page = Vec::new();
+    let mut total = 0;
+    for (name, state, item) in workers {
+        by_state[state as usize] += 1;
+        let matches = query.state.is_none_or(|wanted| wanted == state)
+            && query.name.as_deref().is_none_or(|part| name.contains(part));
+        if !matches {
+            continue;
+        }
+        if total >= offset && page.len() < limit {
+            page.push(item);
+        }
+        total += 1;
+    }
+    let counts = PresenceState::ALL
+        .into_iter()
+        .zip(by_state)
+        .filter(|(_, n)| *n > 0)
+        .map(|(state, n)| (state.as_str().to_owned(), n))
+        .collect();
+    (page, total, offset.min(total), counts)
+}
 
 impl Scheduler {
     /// What each of `ids` waits for, if it waits: O(ids), whatever the
@@ -16,7 +53,7 @@ impl Scheduler {
             .iter()
             .filter_map(|&id| {
                 let why = match self.queue.get(&id) {
-                    Some(queued) => queued.waiting_for.clone(),
+                    Some(queued) => Some(self.explain(id, queued.waiting_for.as_ref()?)),
                     None if self.running.contains_key(&id) => self.locks.waiting_text(id),
                     None => None,
                 }?;
@@ -34,55 +71,94 @@ impl Scheduler {
         }
     }
 
+    /// The state `worker` is shown in: its effective presence's, or, for one
+    /// removed from master.toml and still draining, the last it pushed.
+    fn shown_state(&self, worker: &str, slot: &WorkerSlot) -> PresenceState {
+        if self.is_known(worker) {
+            self.effective_presence(worker, &slot.presence).state
+        } else {
+            slot.presence.state
+        }
+    }
+
+    /// `worker`'s row as the API shows it.
+    fn worker_info(&self, name: &str, slot: &WorkerSlot) -> WorkerInfo {
+        if !self.is_known(name) {
+            return WorkerInfo {
+                name: name.to_owned(),
+                state: slot.presence.state,
+                reason: format!(
+                    "removed from master.toml; released after its running builds ({})",
+                    slot.presence.reason
+                ),
+                source: Some(Source::Master),
+                since: Some(slot.presence.since),
+                until: None,
+                connected: slot.conn.is_some(),
+                max_builds: slot.agent_max_builds,
+                running: slot.running.iter().copied().collect(),
+                latent: None,
+            };
+        }
+        let presence = self.effective_presence(name, &slot.presence);
+        let max_builds = self.configured_max_builds(name).unwrap_or(1);
+        WorkerInfo {
+            name: name.to_owned(),
+            state: presence.state,
+            reason: presence.reason.clone(),
+            source: Some(presence.source.clone()),
+            since: Some(presence.since),
+            until: presence.until,
+            connected: slot.conn.is_some(),
+            max_builds: max_builds.min(slot.agent_max_builds),
+            running: slot.running.iter().copied().collect(),
+            latent: self.latent.status(name).map(|s| LatentInfo {
+                state: s.state.as_str().to_owned(),
+                reason: s.reason,
+                since: s.since,
+                retry_after: s.retry_after,
+                provider: s.provider.to_owned(),
+            }),
+        }
+    }
+
+    /// One page of the workers in name order (see [`page_of`]): a pass
+    /// over the workers' states, rows built for the page only.
+    pub(super) fn workers_page(&self, query: &WorkerQuery, limit: usize) -> WorkerPage {
+        let rows = self
+            .workers
+            .iter()
+            .map(|(name, slot)| (name.as_str(), self.shown_state(name, slot), (name, slot)));
+        let (page, total, offset, counts) = page_of(rows, query, limit);
+        WorkerPage {
+            paused: self.paused,
+            workers: page
+                .into_iter()
+                .map(|(name, slot)| self.worker_info(name, slot))
+                .collect(),
+            total,
+            offset,
+            counts,
+        }
+    }
+
     /// The read-only view the API and the dashboard show.
     pub(super) fn snapshot(&self) -> Snapshot {
+        let mut members: Vec<&String> = self
+            .members
+            .keys()
+            .filter(|name| self.is_known(name))
+            .collect();
+        members.sort();
         let workers = self
             .config
             .workers
             .iter()
-            .filter_map(|def| {
-                let slot = self.workers.get(&def.name)?;
-                let presence = self.effective_presence(&def.name, &slot.presence);
-                Some(WorkerInfo {
-                    name: def.name.clone(),
-                    state: presence.state,
-                    reason: presence.reason.clone(),
-                    source: Some(presence.source.clone()),
-                    since: Some(presence.since),
-                    until: presence.until,
-                    connected: slot.conn.is_some(),
-                    max_builds: def.max_builds.min(slot.agent_max_builds),
-                    running: slot.running.iter().copied().collect(),
-                    latent: self.latent.status(&def.name).map(|s| LatentInfo {
-                        state: s.state.as_str().to_owned(),
-                        reason: s.reason,
-                        since: s.since,
-                        retry_after: s.retry_after,
-                        provider: s.provider.to_owned(),
-                    }),
-                })
-            })
+            .map(|def| &def.name)
+            .chain(members)
             // Workers removed by a reconfig that still run builds.
-            .chain(
-                self.workers
-                    .iter()
-                    .filter(|(name, _)| self.config.worker(name).is_none())
-                    .map(|(name, slot)| WorkerInfo {
-                        name: name.clone(),
-                        state: slot.presence.state,
-                        reason: format!(
-                            "removed from master.toml; released after its running builds ({})",
-                            slot.presence.reason
-                        ),
-                        source: Some(Source::Master),
-                        since: Some(slot.presence.since),
-                        until: None,
-                        connected: slot.conn.is_some(),
-                        max_builds: slot.agent_max_builds,
-                        running: slot.running.iter().copied().collect(),
-                        latent: None,
-                    }),
-            )
+            .chain(self.workers.keys().filter(|name| !self.is_known(name)))
+            .filter_map(|name| Some(self.worker_info(name, self.workers.get(name)?)))
             .collect();
         Snapshot {
             workers: WorkerList {
@@ -92,7 +168,7 @@ impl Scheduler {
             waiting_for: self
                 .queue
                 .iter()
-                .filter_map(|(id, q)| Some((*id, q.waiting_for.clone()?)))
+                .filter_map(|(id, q)| Some((*id, self.explain(*id, q.waiting_for.as_ref()?))))
                 // Running builds whose next step waits for a lock.
                 .chain(
                     self.running
@@ -111,5 +187,43 @@ impl Scheduler {
                 .map(|(builder, took)| (builder.to_owned(), took))
                 .collect(),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workers_are_filtered_and_paged_in_one_pass_with_totals() {
+        use PresenceState::{Available, Away};
+        let workers = [
+            ("desk-1", Available),
+            ("lab-1", Available),
+            ("lab-2", Available),
+            ("lab-3", Away),
+        ];
+        let rows = || workers.iter().map(|&(name, state)| (name, state, name));
+        let query = WorkerQuery {
+            state: Some(Available),
+            name: Some("lab".into()),
+            offset: Some(1),
+            limit: Some(5),
+        };
+        let (page, total, offset, counts) = page_of(rows(), &query, 5);
+        assert_eq!((page, total, offset), (vec!["lab-2"], 2, 1));
+        assert_eq!(counts["available"], 3);
+        assert_eq!(counts["away"], 1);
+        assert!(!counts.contains_key("offline"));
+        // An offset past the end is an empty page, not an error.
+        let past = WorkerQuery {
+            offset: Some(10),
+            ..WorkerQuery::default()
+        };
+        let (page, total, offset, _) = page_of(rows(), &past, 2);
+        assert_eq!((page.len(), total, offset), (0, 4, 4));
+        // The first page, in the order given.
+        let (page, total, _, _) = page_of(rows(), &WorkerQuery::default(), 2);
+        assert_eq!((page, total), (vec!["desk-1", "lab-1"], 4));
     }
 }

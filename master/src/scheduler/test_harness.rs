@@ -10,7 +10,7 @@ use nightshift_policy::{Presence, PresenceState, Source};
 use nightshift_proto::wire::{BuildId, MasterMessage};
 use tokio::sync::mpsc;
 
-use super::{Clock, ConnId, Event, Hello, Outbound, Scheduler};
+use super::{Clock, ConnId, Event, Hello, Outbound, Restored, Scheduler};
 use crate::config::MasterConfig;
 use crate::outbox::{OUTBOX_FRAMES, OutboxReceiver, agent_outbox};
 use crate::store::Store;
@@ -78,9 +78,7 @@ impl Harness {
             store.clone(),
             Arc::new(FixedClock(Timestamp::UNIX_EPOCH)),
             tx,
-            Vec::new(),
-            BTreeMap::new(),
-            false,
+            Restored::default(),
         );
         Harness {
             scheduler,

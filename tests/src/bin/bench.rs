@@ -19,12 +19,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, anyhow, bail};
-use http_body_util::{BodyExt, Full};
-use hyper::body::Bytes;
-use hyper::client::conn::http1::SendRequest;
-use hyper_util::rt::TokioIo;
 use nightshift_policy::PresenceState;
-use nightshift_proto::api::{BuildInfo, BuildState, SubmitRequest, SubmitResponse, WorkerList};
+use nightshift_proto::api::{BuildState, WorkerList};
+use nightshift_tests::fleet::{Conn, cpu_ms, status_kb, throughput};
 use nightshift_tests::{Farm, WorkerSpec};
 use serde::Serialize;
 
@@ -97,102 +94,6 @@ impl std::fmt::Display for Summary {
     }
 }
 
-/// One kept-alive HTTP/1.1 connection (TLS or plain), so the figures measure
-/// the farm and not the bench's own handshakes.
-struct Conn {
-    sender: SendRequest<Full<Bytes>>,
-    host: String,
-    token: String,
-}
-
-impl Conn {
-    async fn open(
-        port: u16,
-        tls: Option<Arc<rustls::ClientConfig>>,
-        token: String,
-    ) -> anyhow::Result<Conn> {
-        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
-        tcp.set_nodelay(true)?;
-        let sender = match tls {
-            Some(config) => {
-                let name = rustls::pki_types::ServerName::try_from("127.0.0.1")?;
-                let stream = tokio_rustls::TlsConnector::from(config)
-                    .connect(name.to_owned(), tcp)
-                    .await?;
-                let (sender, connection) =
-                    hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
-                tokio::spawn(connection);
-                sender
-            }
-            None => {
-                let (sender, connection) =
-                    hyper::client::conn::http1::handshake(TokioIo::new(tcp)).await?;
-                tokio::spawn(connection);
-                sender
-            }
-        };
-        Ok(Conn {
-            sender,
-            host: format!("127.0.0.1:{port}"),
-            token,
-        })
-    }
-
-    async fn call(
-        &mut self,
-        method: &str,
-        path: &str,
-        body: Option<String>,
-    ) -> anyhow::Result<String> {
-        self.sender.ready().await?;
-        let request = hyper::Request::builder()
-            .method(method)
-            .uri(path)
-            .header(hyper::header::HOST, &self.host)
-            .header(
-                hyper::header::AUTHORIZATION,
-                format!("Bearer {}", self.token),
-            )
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))?;
-        let response = self.sender.send_request(request).await?;
-        let status = response.status();
-        let body = response.into_body().collect().await?.to_bytes();
-        let text = String::from_utf8_lossy(&body).into_owned();
-        if !status.is_success() {
-            bail!("{method} {path}: {status}: {text}");
-        }
-        Ok(text)
-    }
-
-    async fn submit(&mut self, builder: &str) -> anyhow::Result<u64> {
-        let body = serde_json::to_string(&SubmitRequest {
-            builder: builder.to_owned(),
-            properties: BTreeMap::new(),
-            revision: None,
-            branch: None,
-        })?;
-        let text = self.call("POST", "/api/v1/builds", Some(body)).await?;
-        Ok(serde_json::from_str::<SubmitResponse>(&text)?.build_id)
-    }
-
-    async fn wait_finished(&mut self, id: u64) -> anyhow::Result<BuildInfo> {
-        loop {
-            let text = self
-                .call(
-                    "GET",
-                    &format!("/api/v1/builds/{id}/wait?timeout_secs=60"),
-                    None,
-                )
-                .await?;
-            let build: BuildInfo = serde_json::from_str(&text)?;
-            if build.state == BuildState::Finished {
-                return Ok(build);
-            }
-        }
-    }
-}
-
 fn now_ns() -> u128 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -200,82 +101,16 @@ fn now_ns() -> u128 {
         .unwrap_or(0)
 }
 
-/// utime + stime of a process, in milliseconds.
-fn cpu_ms(pid: u32) -> anyhow::Result<f64> {
-    let stat = fs_err::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the `(comm)`, which may contain spaces.
-    let after = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest)
-        .ok_or_else(|| anyhow!("odd /proc/{pid}/stat"))?;
-    let fields: Vec<&str> = after.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the whole line: 11 and 12 here.
-    let ticks: f64 = fields[11].parse::<f64>()? + fields[12].parse::<f64>()?;
-    let hz = match nix::unistd::sysconf(nix::unistd::SysconfVar::CLK_TCK) {
-        Ok(Some(ticks)) if ticks > 0 => ticks as f64,
-        _ => 100.0,
-    };
-    Ok(ticks * 1000.0 / hz)
-}
-
 /// Resident memory of `pid` in MB: `VmRSS` (all of it, including the
 /// binary's and libraries' pages shared with the page cache).
 fn rss_mb(pid: u32) -> anyhow::Result<f64> {
-    status_mb(pid, "VmRSS:")
+    Ok(status_kb(pid, "VmRSS:")? / 1024.0)
 }
 
 /// Private resident memory of `pid` in MB (`RssAnon`: heap, stacks, what
 /// the process alone costs the machine).
 fn private_mb(pid: u32) -> anyhow::Result<f64> {
-    status_mb(pid, "RssAnon:")
-}
-
-fn status_mb(pid: u32, field: &str) -> anyhow::Result<f64> {
-    let status = fs_err::read_to_string(format!("/proc/{pid}/status"))?;
-    let line = status
-        .lines()
-        .find(|l| l.starts_with(field))
-        .ok_or_else(|| anyhow!("no {field} for {pid}"))?;
-    let kb: f64 = line
-        .split_whitespace()
-        .nth(1)
-        .ok_or_else(|| anyhow!("odd {field} line"))?
-        .parse()?;
-    Ok(kb / 1024.0)
-}
-
-/// Runs `total` builds of `builder` from `clients` kept-alive connections
-/// (each submits, waits for the result, and goes again); returns builds/s.
-async fn throughput(
-    farm: &Farm,
-    builder: &str,
-    total: usize,
-    clients: usize,
-) -> anyhow::Result<f64> {
-    let tls = farm.tls_client()?;
-    let token = farm.admin_token()?;
-    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let start = Instant::now();
-    let mut tasks = Vec::new();
-    for _ in 0..clients {
-        let mut conn = Conn::open(farm.port, Some(tls.clone()), token.clone()).await?;
-        let next = next.clone();
-        let builder = builder.to_owned();
-        tasks.push(tokio::spawn(async move {
-            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < total {
-                let id = conn.submit(&builder).await?;
-                let build = conn.wait_finished(id).await?;
-                if build.outcome != Some(nightshift_proto::wire::Outcome::Success) {
-                    bail!("build {id} did not succeed: {build:?}");
-                }
-            }
-            anyhow::Ok(())
-        }));
-    }
-    for task in tasks {
-        task.await??;
-    }
-    Ok(total as f64 / start.elapsed().as_secs_f64())
+    Ok(status_kb(pid, "RssAnon:")? / 1024.0)
 }
 
 async fn wait_available(farm: &Farm, names: &[&str]) -> anyhow::Result<()> {
@@ -335,7 +170,7 @@ async fn run(builds: usize) -> anyhow::Result<Figures> {
     wait_available(&farm, &["w1"]).await?;
 
     // Submit → start: the step prints the wall clock when it starts.
-    let mut conn = Conn::open(farm.port, Some(tls.clone()), token.clone()).await?;
+    let mut conn = Conn::connect(farm.port, Some(tls.clone()), token.clone()).await?;
     let mut latencies = Vec::new();
     for round in 0..40 {
         let sent = now_ns();
@@ -384,9 +219,9 @@ async fn run(builds: usize) -> anyhow::Result<Figures> {
         .trim()
         .to_owned();
     let control_port = farm.worker_control_port("w1")?;
-    let mut control = Conn::open(control_port, None, control_token).await?;
+    let mut control = Conn::connect(control_port, None, control_token).await?;
     // The master closes connections left idle during the throughput runs.
-    let mut conn = Conn::open(farm.port, Some(tls.clone()), token.clone()).await?;
+    let mut conn = Conn::connect(farm.port, Some(tls.clone()), token.clone()).await?;
     let presence = presence_flips(&mut control, &mut conn, 60).await?;
     control
         .call(
@@ -467,7 +302,7 @@ async fn run(builds: usize) -> anyhow::Result<Figures> {
         .await
         .context("the yield workers")?;
     // A fresh connection: the master closes idle ones.
-    let mut conn = Conn::open(farm.port, Some(tls.clone()), token.clone()).await?;
+    let mut conn = Conn::connect(farm.port, Some(tls.clone()), token.clone()).await?;
     figures.spaced_submit_to_start_ms = spaced_latency(&mut conn, "stamp-pt")
         .await
         .context("spaced submit → start, no cgroups")?;
@@ -479,7 +314,7 @@ async fn run(builds: usize) -> anyhow::Result<Figures> {
         .context("owner speed beside an idle-priority build")?;
     match (&cgroup, &cgroup_dir) {
         (_, Some(_)) => {
-            let mut conn = Conn::open(farm.port, Some(tls.clone()), token.clone()).await?;
+            let mut conn = Conn::connect(farm.port, Some(tls.clone()), token.clone()).await?;
             figures.spaced_submit_to_start_cgroup_ms = Some(
                 spaced_latency(&mut conn, "stamp-cg")
                     .await

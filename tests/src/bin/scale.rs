@@ -25,6 +25,20 @@ use serde::Serialize;
 
 const BUILDER: &str = "trivial";
 
+const USAGE: &str = "\
+nightshift-scale: one real master and N fake agents speaking the real protocol;
+prints the issue's table (connect, RSS per agent, idle CPU, farm-wide flip,
+builds/s and master CPU per build, `master workers`, restart storm) per N.
+
+The release figures, on an otherwise quiet machine, in one command:
+  cargo build --release --bins && target/release/nightshift-scale
+
+Options:
+  --agents N,N,...  the sizes (default 100,1000,10000)
+  --builds N        builds per throughput run (default 500)
+  --json            one JSON object instead of the table
+  -h, --help        this text";
+
 /// The figures for one N.
 #[derive(Debug, Default, Serialize)]
 struct Row {
@@ -67,6 +81,10 @@ fn parse_args() -> anyhow::Result<Args> {
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--json" => args.json = true,
+            "--help" | "-h" => {
+                println!("{USAGE}");
+                std::process::exit(0);
+            }
             "--agents" => {
                 let list = it.next().context("--agents needs a list, e.g. 100,1000")?;
                 args.sizes = list

@@ -1,0 +1,218 @@
+//! End-to-end enrolment through the real binaries: two machines enrol in one
+//! `[[worker_group]]` with the group's token (one with `worker enroll`, one
+//! by its first `worker run`), each gets its own token (only the hash is
+//! kept by the master), both run builds of a builder that lists the group,
+//! the group token itself opens no agent session, a revoked worker is
+//! refused and its place is free again, and enrolments survive a restart.
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::PermissionsExt;
+use std::time::Duration;
+
+use nightshift_policy::PresenceState;
+use nightshift_proto::api::{ApiClient, BuildState};
+use nightshift_proto::wire::Outcome;
+use nightshift_tests::{FakeAgent, Farm, WorkerSpec, new_token, sha256_hex, wait_for};
+
+/// Every file under the master's data dir, as bytes.
+fn data_dir_bytes(farm: &Farm) -> anyhow::Result<Vec<u8>> {
+    let mut all = Vec::new();
+    for entry in walk(&farm.data_dir())? {
+        all.extend(fs_err::read(entry)?);
+    }
+    Ok(all)
+}
+
+fn walk(dir: &std::path::Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
+    let mut files = Vec::new();
+    for entry in fs_err::read_dir(dir)? {
+        let path = entry?.path();
+        if path.is_dir() {
+            files.extend(walk(&path)?);
+        } else {
+            files.push(path);
+        }
+    }
+    Ok(files)
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|window| window == needle.as_bytes())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_token_enrols_workers_that_run_builds_and_a_revoked_one_is_refused()
+-> anyhow::Result<()> {
+    let group_token = new_token();
+    let mut farm = Farm::builder()
+        .master_toml(&format!(
+            "[[worker_group]]\nname = \"lab\"\nenroll_token_sha256 = \"{}\"\nmax_builds = 1\n",
+            sha256_hex(&group_token)
+        ))
+        .worker(WorkerSpec::enrolled("lab-1", &group_token))
+        .worker(WorkerSpec::enrolled("lab-2", &group_token))
+        .builder("app", &["lab"], &[("build", "sleep 1; echo built")])
+        .start()
+        .await?;
+    let diagnostics = |farm: &Farm| {
+        format!(
+            "--- master log:\n{}\n--- lab-1:\n{}\n--- lab-2:\n{}",
+            farm.master_log(),
+            farm.worker_log("lab-1"),
+            farm.worker_log("lab-2")
+        )
+    };
+
+    // lab-1 enrols explicitly; its token file is private.
+    let config = farm.write_worker_config("lab-1")?;
+    let (code, stdout, stderr) = farm.worker_cli("lab-1", &["enroll"])?;
+    assert_eq!(
+        code,
+        0,
+        "worker enroll: {stdout}{stderr}\n{}",
+        diagnostics(&farm)
+    );
+    assert!(
+        stdout.contains("enrolled as lab-1 in group lab"),
+        "{stdout}"
+    );
+    let token_file = config.with_file_name("worker.token");
+    let lab1_token = fs_err::read_to_string(&token_file)?.trim().to_owned();
+    assert_eq!(
+        lab1_token.len(),
+        64,
+        "a fresh 256-bit token: {lab1_token:?}"
+    );
+    assert_ne!(lab1_token, group_token);
+    let mode = fs_err::metadata(&token_file)?.permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "token_file mode {mode:o}");
+    // Enrolling again is refused: the name is taken.
+    let (code, _, stderr) = farm.worker_cli("lab-1", &["enroll"])?;
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("already enrolled"), "{stderr}");
+
+    // lab-2 enrols by itself on its first `worker run`.
+    farm.start_worker("lab-1")?;
+    farm.start_worker("lab-2")?;
+    for name in ["lab-1", "lab-2"] {
+        farm.wait_worker_state(name, PresenceState::Available)
+            .await
+            .map_err(|e| anyhow::anyhow!("{e:#}\n{}", diagnostics(&farm)))?;
+    }
+    let lab2_token =
+        fs_err::read_to_string(farm.worker_config("lab-2").with_file_name("worker.token"))?
+            .trim()
+            .to_owned();
+    assert_ne!(lab1_token, lab2_token, "each worker has its own token");
+    // The master keeps only the hashes.
+    let stored = data_dir_bytes(&farm)?;
+    for token in [&lab1_token, &lab2_token, &group_token] {
+        assert!(!contains(&stored, token), "a token is stored in clear");
+    }
+    assert!(contains(&stored, &sha256_hex(&lab1_token)));
+
+    // Both run builds of the builder that lists the group.
+    let api = farm.api()?;
+    let first = api.submit("app", BTreeMap::new()).await?.build_id;
+    let second = api.submit("app", BTreeMap::new()).await?.build_id;
+    let mut ran_on = Vec::new();
+    for id in [first, second] {
+        let build = farm.wait_build(id).await?;
+        assert_eq!(
+            build.outcome,
+            Some(Outcome::Success),
+            "{build:?}\n{}",
+            diagnostics(&farm)
+        );
+        ran_on.push(build.worker.clone().unwrap_or_default());
+    }
+    ran_on.sort();
+    assert_eq!(ran_on, ["lab-1", "lab-2"], "{}", diagnostics(&farm));
+
+    // The group token opens no agent session and runs nothing.
+    let refusal = FakeAgent::try_connect(&farm, Some(&group_token))
+        .await?
+        .err()
+        .expect("the enrolment token gets no WebSocket");
+    assert_eq!(refusal.status, 401, "{refusal:?}");
+
+    // Enrolment refusals say why and change nothing.
+    let enroller = ApiClient::new(farm.url(), group_token.clone(), Some(farm.tls_client()?))?;
+    let taken = enroller.enroll("lab-1").await.expect_err("lab-1 exists");
+    assert_eq!(taken.status, Some(409), "{taken}");
+    assert!(taken.message.contains("revoke"), "{taken}");
+    let foreign = enroller
+        .enroll("desk-1")
+        .await
+        .expect_err("not the group's prefix");
+    assert_eq!(foreign.status, Some(400), "{foreign}");
+    assert!(foreign.message.contains("lab-<suffix>"), "{foreign}");
+    let stranger = ApiClient::new(farm.url(), new_token(), Some(farm.tls_client()?))?;
+    let wrong = stranger
+        .enroll("lab-9")
+        .await
+        .expect_err("not a group token");
+    assert_eq!(wrong.status, Some(401), "{wrong}");
+    let admin_only = enroller
+        .revoke_worker("lab-1")
+        .await
+        .expect_err("admin only");
+    assert_eq!(admin_only.status, Some(401), "{admin_only}");
+
+    // Revoking lab-2: its connection ends and its token is refused.
+    let (code, stdout, stderr) = farm.master_cli(&["revoke-worker", "lab-2"])?;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("lab-2 (group lab) revoked"), "{stdout}");
+    let refusal = FakeAgent::try_connect(&farm, Some(&lab2_token))
+        .await?
+        .err()
+        .expect("a revoked token gets no WebSocket");
+    assert_eq!(refusal.status, 401, "{refusal:?}");
+    wait_for(
+        "lab-2 to be gone from the workers",
+        Duration::from_secs(30),
+        || {
+            let api = api.clone();
+            async move {
+                let list = api.workers().await?;
+                Ok((!list.workers.iter().any(|w| w.name == "lab-2")).then_some(()))
+            }
+        },
+    )
+    .await?;
+    let (code, _, stderr) = farm.master_cli(&["revoke-worker", "lab-2"])?;
+    assert_ne!(code, 0, "revoking twice: {stderr}");
+    assert!(stderr.contains("no enrolled worker `lab-2`"), "{stderr}");
+    // Builds go to lab-1 only now.
+    let third = api.submit("app", BTreeMap::new()).await?.build_id;
+    let build = farm.wait_build(third).await?;
+    assert_eq!(
+        build.worker.as_deref(),
+        Some("lab-1"),
+        "{}",
+        diagnostics(&farm)
+    );
+
+    // Enrolments survive a master restart: lab-1 comes back and builds.
+    farm.stop_master().await?;
+    farm.start_master().await?;
+    farm.wait_worker_state("lab-1", PresenceState::Available)
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:#}\n{}", diagnostics(&farm)))?;
+    let api = farm.api()?;
+    let fourth = api.submit("app", BTreeMap::new()).await?.build_id;
+    let build = farm.wait_build(fourth).await?;
+    assert_eq!(build.state, BuildState::Finished);
+    assert_eq!(build.worker.as_deref(), Some("lab-1"));
+    assert!(
+        !api.workers()
+            .await?
+            .workers
+            .iter()
+            .any(|w| w.name == "lab-2"),
+        "a revoked worker stays revoked after a restart"
+    );
+    Ok(())
+}

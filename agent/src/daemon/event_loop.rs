@@ -23,6 +23,7 @@ use super::clock::Clock;
 use super::link::{HelloState, LinkEvent};
 use super::load::{BuildTrees, LoadMeasurement};
 use super::manual;
+use super::outgoing::{LINK_QUEUE, LinkReceiver, LinkSender, Outgoing, link_queue};
 use super::runner::{self, BuildControl, BuildRequest, RunnerEvent, RunnerSettings};
 use super::spool::Spool;
 use crate::handle::{
@@ -86,7 +87,7 @@ pub struct Settings {
 pub struct Inbox {
     pub commands: mpsc::Receiver<ControlCommand>,
     pub link: mpsc::UnboundedReceiver<LinkEvent>,
-    pub runner: mpsc::UnboundedReceiver<RunnerEvent>,
+    pub runner: mpsc::Receiver<RunnerEvent>,
     pub load: mpsc::UnboundedReceiver<LoadMeasurement>,
     pub signals: mpsc::UnboundedReceiver<SignalKind>,
 }
@@ -99,7 +100,7 @@ pub struct Wiring {
     pub load_samples: mpsc::UnboundedSender<LoadMeasurement>,
     pub signals: mpsc::UnboundedSender<SignalKind>,
     /// Frames for the master; the link task reads them.
-    pub to_master: mpsc::UnboundedReceiver<AgentMessage>,
+    pub to_master: LinkReceiver,
     pub hello: watch::Receiver<HelloState>,
 }
 
@@ -158,8 +159,8 @@ pub struct Daemon {
     spool: Spool,
     runner_settings: Arc<RunnerSettings>,
     trees: Arc<BuildTrees>,
-    runner_events: mpsc::UnboundedSender<RunnerEvent>,
-    to_master: mpsc::UnboundedSender<AgentMessage>,
+    runner_events: mpsc::Sender<RunnerEvent>,
+    to_master: LinkSender,
     hello: watch::Sender<HelloState>,
     status: watch::Sender<AgentStatus>,
     link: MasterLink,
@@ -194,10 +195,10 @@ impl Daemon {
     ) -> (Daemon, Inbox, Wiring) {
         let (command_tx, command_rx) = mpsc::channel(64);
         let (link_tx, link_rx) = mpsc::unbounded_channel();
-        let (runner_tx, runner_rx) = mpsc::unbounded_channel();
+        let (runner_tx, runner_rx) = mpsc::channel(runner::EVENT_QUEUE);
         let (load_tx, load_rx) = mpsc::unbounded_channel();
         let (signal_tx, signal_rx) = mpsc::unbounded_channel();
-        let (master_tx, master_rx) = mpsc::unbounded_channel();
+        let (master_tx, master_rx) = link_queue(LINK_QUEUE);
 
         let now = clock.now();
         let inputs = Inputs {
@@ -1022,37 +1023,63 @@ impl Daemon {
 
     fn on_runner(&mut self, event: RunnerEvent) {
         match event {
-            RunnerEvent::StepWaiting { build_id, step } => {
+            RunnerEvent::StepWaiting {
+                build_id,
+                step,
+                credit,
+            } => {
                 self.set_step(build_id, step);
                 if let Some(build) = self.builds.get_mut(&build_id) {
                     build.awaiting_grant = Some(step);
                 }
-                self.send(AgentMessage::StepWaiting { build_id, step });
+                self.send(Outgoing {
+                    message: AgentMessage::StepWaiting { build_id, step },
+                    credit,
+                });
             }
-            RunnerEvent::StepStarted { build_id, step, at } => {
+            RunnerEvent::StepStarted {
+                build_id,
+                step,
+                at,
+                credit,
+            } => {
                 self.set_step(build_id, step);
                 if let Some(build) = self.builds.get_mut(&build_id) {
                     build.awaiting_grant = None;
                 }
-                self.send(AgentMessage::StepStarted { build_id, step, at });
+                self.send(Outgoing {
+                    message: AgentMessage::StepStarted { build_id, step, at },
+                    credit,
+                });
             }
             RunnerEvent::Output {
                 build_id,
                 step,
                 data,
+                credit,
             } => {
                 if let Some(build) = self.builds.get_mut(&build_id) {
                     push_tail(&mut build.tail, &data);
                     build.status.tail = build.tail.join("");
                 }
-                self.send(AgentMessage::Output {
-                    build_id,
-                    step,
-                    data,
+                self.send(Outgoing {
+                    message: AgentMessage::Output {
+                        build_id,
+                        step,
+                        data,
+                    },
+                    credit,
                 });
             }
-            RunnerEvent::StepFinished { build_id, result } => {
-                self.send(AgentMessage::StepFinished { build_id, result });
+            RunnerEvent::StepFinished {
+                build_id,
+                result,
+                credit,
+            } => {
+                self.send(Outgoing {
+                    message: AgentMessage::StepFinished { build_id, result },
+                    credit,
+                });
             }
             RunnerEvent::Finished { result } => self.build_finished(result),
         }
@@ -1125,9 +1152,12 @@ impl Daemon {
 
     /// Sends a frame when the link is up. While it is down nothing is
     /// queued: the hello and the spool resend cover what matters.
-    fn send(&self, message: AgentMessage) {
+    /// Queues a frame for the master; dropped while the link is down (the
+    /// next hello and the results re-sent after it bring the master up to
+    /// date), which also gives back a build frame's credit.
+    fn send(&self, frame: impl Into<Outgoing>) {
         if self.link.connected {
-            let _ = self.to_master.send(message);
+            self.to_master.send(frame);
         }
     }
 
@@ -1285,6 +1315,7 @@ mod tests {
                 workdir: work.path().to_owned(),
                 kill_grace: Duration::from_millis(500),
                 git: Default::default(),
+                credit: Default::default(),
             }),
             Arc::new(BuildTrees::without_cgroups()),
         );
@@ -1338,7 +1369,8 @@ mod tests {
                 let message = tokio::time::timeout(self.patience, self.wiring.to_master.recv())
                     .await
                     .expect("a frame for the master within a minute")
-                    .expect("the daemon keeps its channel open");
+                    .expect("the daemon keeps its channel open")
+                    .message;
                 match message {
                     AgentMessage::Output { .. }
                     | AgentMessage::StepStarted { .. }
@@ -1763,7 +1795,7 @@ mod tests {
         .unwrap()
         .unwrap();
         assert!(fixture.state.path().join("results/9.json").exists());
-        while let Ok(message) = fixture.wiring.to_master.try_recv() {
+        while let Ok(Outgoing { message, .. }) = fixture.wiring.to_master.try_recv() {
             assert!(
                 !matches!(message, AgentMessage::BuildFinished { .. }),
                 "sent while down"
@@ -1823,7 +1855,7 @@ mod tests {
         .unwrap()
         .unwrap();
         // The master moved it elsewhere: no result, nothing spooled.
-        while let Ok(message) = fixture.wiring.to_master.try_recv() {
+        while let Ok(Outgoing { message, .. }) = fixture.wiring.to_master.try_recv() {
             assert!(
                 !matches!(
                     message,

@@ -37,6 +37,8 @@ pub(super) struct WorkerFacts<'a> {
     pub lock_waits: usize,
     /// It refused this build since its last presence change.
     pub refused_it: bool,
+    /// Its step held this build's locks past the lease; it cools off.
+    pub cooling_off: bool,
     /// Order of its last hand-out (lower: longer ago).
     pub last_assigned: u64,
     /// When it stops taking builds, as its agent last said (`None`: unknown
@@ -52,7 +54,8 @@ pub(super) struct WorkerFacts<'a> {
 /// builder's order: `available` workers first (fewest running builds, then
 /// least recently given one, then first listed), `reluctant` ones only when
 /// no available one can take it, never `away`/`offline`, disconnected, full
-/// ones or ones that refused it.
+/// ones, ones that refused it, or the one cooling off after its lease of
+/// the build's locks ended.
 ///
 /// Window-aware: a worker whose availability (plus its overrun) ends before
 /// the build's estimated end is used only when no worker fits now, none that
@@ -113,6 +116,12 @@ pub(super) fn pick_worker<'a>(
             why.push(format!("{name} refused it"));
             continue;
         }
+        if facts.cooling_off {
+            why.push(format!(
+                "{name} cooling off (its lock lease of this build ended)"
+            ));
+            continue;
+        }
         if let (false, Some(until)) = (fits_now, facts.takes_builds_until) {
             let key = (
                 state,
@@ -164,19 +173,21 @@ impl Scheduler {
         id: BuildId,
         no_worker: &mut HashMap<String, String>,
     ) -> Result<String, String> {
-        let Some(builder) = self.queue.get(&id).map(|q| q.builder.as_str()) else {
+        let Some(queued) = self.queue.get(&id) else {
             return Err("not queued".into());
         };
-        // A build some worker refused is decided on its own (only the
-        // builder's listed workers are asked: no other can have refused it
-        // in a way the decision looks at).
-        let refused = self.config.builder(builder).is_some_and(|def| {
-            def.workers.iter().any(|name| {
-                self.workers
-                    .get(name)
-                    .is_some_and(|slot| slot.refused.contains(&id))
-            })
-        });
+        let builder = queued.builder.as_str();
+        // A build some worker refused, or one worker must not get, is
+        // decided on its own (only the builder's listed workers are asked:
+        // no other can have refused it in a way the decision looks at).
+        let refused = queued.avoid.is_some()
+            || self.config.builder(builder).is_some_and(|def| {
+                def.workers.iter().any(|name| {
+                    self.workers
+                        .get(name)
+                        .is_some_and(|slot| slot.refused.contains(&id))
+                })
+            });
         if !refused && let Some(why) = no_worker.get(builder) {
             return Err(why.clone());
         }
@@ -224,6 +235,7 @@ impl Scheduler {
                 running: slot.running.len(),
                 lock_waits: self.lock_waits.values().filter(|w| *w == name).count(),
                 refused_it: slot.refused.contains(&id),
+                cooling_off: queued.avoid.as_deref() == Some(name.as_str()),
                 last_assigned: slot.last_assigned,
                 takes_builds_until: outlook.and_then(|o| o.takes_builds_until),
                 next_window: outlook.and_then(|o| o.next_window),
@@ -252,6 +264,7 @@ mod tests {
             running: 0,
             lock_waits: 0,
             refused_it: false,
+            cooling_off: false,
             last_assigned: 0,
             takes_builds_until: None,
             next_window: None,
@@ -376,6 +389,28 @@ mod tests {
                 w("r", Reluctant),
             ],
             Ok("r"),
+        );
+    }
+
+    #[test]
+    fn the_worker_cooling_off_after_its_lease_ended_is_passed_over() {
+        // Even idle, available and listed first: a reluctant one wins...
+        check(
+            vec![
+                with(w("held", Available), |f| f.cooling_off = true),
+                w("r", Reluctant),
+            ],
+            Ok("r"),
+        );
+        // ...and with nobody else, the build waits and says why.
+        check(
+            vec![
+                with(w("held", Available), |f| f.cooling_off = true),
+                with(w("busy", Available), |f| f.running = 1),
+            ],
+            Err(
+                "a worker: held cooling off (its lock lease of this build ended),                  busy busy (1/1)",
+            ),
         );
     }
 

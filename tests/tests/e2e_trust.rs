@@ -186,12 +186,24 @@ async fn a_requeued_build_takes_a_result_only_from_the_worker_it_was_handed_to()
     })
     .await?;
 
-    // b (away, so nothing is handed to it) forges the result.
+    // b (away, so nothing is handed to it) forges the result: it is told
+    // the refusal, so a real agent drops it instead of re-sending it.
     let mut b = farm.fake_agent("b", PresenceState::Away).await?;
     b.send(&AgentMessage::BuildFinished {
         result: result(id, Outcome::Success, "forged\n"),
     })
     .await?;
+    loop {
+        match b.recv().await? {
+            MasterMessage::ResultRefused { build_id, reason } => {
+                assert_eq!(build_id, id);
+                assert!(reason.contains("not handed to it"), "{reason}");
+                break;
+            }
+            MasterMessage::ResultStored { .. } => bail!("the forged result was acknowledged"),
+            _ => {}
+        }
+    }
     wait_for("the forged result refused", DEADLINE, || {
         let farm = &farm;
         async move {
@@ -802,6 +814,88 @@ async fn a_step_lock_grant_ends_with_its_lease() -> anyhow::Result<()> {
             "reason=\"lock_lease_ended\""
         ),
         1.0
+    );
+
+    // a is idle and first in the list, but the build does not go straight
+    // back to it: it waits for b, which is busy, and says why.
+    farm.wait_build_state(first, "waiting, a cooling off", |b| {
+        b.waiting_for
+            .as_deref()
+            .is_some_and(|w| w.contains("a cooling off") && w.contains("b busy"))
+    })
+    .await
+    .with_context(|| farm.master_log())?;
+    let now = jiff::Timestamp::now();
+    b.send(&AgentMessage::StepFinished {
+        build_id: second,
+        result: StepResult {
+            step: 0,
+            outcome: Outcome::Success,
+            exit_code: Some(0),
+            signal: None,
+            started_at: now,
+            finished_at: now,
+        },
+    })
+    .await?;
+    b.send(&AgentMessage::BuildFinished {
+        result: result(second, Outcome::Success, "two\n"),
+    })
+    .await?;
+    // b is free: the build goes to b, never to a.
+    let handed_to_a = async {
+        loop {
+            if let MasterMessage::StartBuild { build_id, .. } = a.recv().await?
+                && build_id == first
+            {
+                return anyhow::Ok(());
+            }
+        }
+    };
+    tokio::select! {
+        started = b.expect_start() => assert_eq!(started?, first),
+        wrong = handed_to_a => {
+            wrong?;
+            bail!("build {first} went straight back to a");
+        }
+    }
+    assert_eq!(api.build(first).await?.worker.as_deref(), Some("b"));
+    Ok(())
+}
+
+/// The wait-before-start histogram measures waits this master saw: a build
+/// queued before a restart and started after it is not counted (its wait
+/// began in the previous process); one queued after the restart is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builds_restored_at_a_restart_stay_out_of_the_wait_histogram() -> anyhow::Result<()> {
+    let mut farm = farm_with_release("60s").await?;
+    let api = farm.api()?;
+    let restored = api.submit("release", BTreeMap::new()).await?.build_id;
+    farm.kill_master().await?;
+    farm.start_master().await?;
+    let mut a = farm.fake_agent("a", PresenceState::Available).await?;
+    assert_eq!(a.expect_start().await?, restored);
+    let count = |text: &str| {
+        sample(
+            text,
+            "nightshift_master_wait_before_start_seconds_count",
+            "",
+        )
+    };
+    let text = master_metrics(&farm).await?;
+    assert_eq!(count(&text), 0.0, "a restored build was counted:\n{text}");
+    a.send(&AgentMessage::BuildFinished {
+        result: result(restored, Outcome::Success, "one\n"),
+    })
+    .await?;
+    farm.wait_build(restored).await?;
+    let fresh = api.submit("release", BTreeMap::new()).await?.build_id;
+    assert_eq!(a.expect_start().await?, fresh);
+    let text = master_metrics(&farm).await?;
+    assert_eq!(
+        count(&text),
+        1.0,
+        "the fresh build was not counted:\n{text}"
     );
     Ok(())
 }

@@ -1833,6 +1833,43 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_refused_result_is_dropped_from_the_spool_and_not_sent_again() {
+        let mut fixture = start(ALWAYS, Arc::new(SystemClock), 1);
+        fixture.link_up().await;
+        fixture.start_build(9, "echo done");
+        assert!(matches!(
+            fixture.next_to_master().await,
+            AgentMessage::BuildAccepted { build_id: 9 }
+        ));
+        assert!(matches!(
+            fixture.next_to_master().await,
+            AgentMessage::BuildFinished { .. }
+        ));
+        assert!(fixture.state.path().join("results/9.json").exists());
+        fixture.master_sends(MasterMessage::ResultRefused {
+            build_id: 9,
+            reason: "not assigned to this worker: it is unknown or finished".into(),
+        });
+        // Link events are handled in order: the refusal before the reconnect.
+        fixture
+            .wiring
+            .link_events
+            .send(LinkEvent::Down {
+                error: "connection reset".into(),
+            })
+            .unwrap();
+        fixture.link_up().await;
+        // After the welcome the spool is re-sent at once; a build handed out
+        // next is answered after it. Nothing of build 9 comes first.
+        fixture.start_build(10, "true");
+        match fixture.next_to_master().await {
+            AgentMessage::BuildAccepted { build_id: 10 } => {}
+            other => panic!("expected build 10 accepted, nothing re-sent; got {other:?}"),
+        }
+        assert!(!fixture.state.path().join("results/9.json").exists());
+    }
+
+    #[tokio::test]
     async fn a_full_worker_refuses_and_the_welcome_cancels_builds_requeued_elsewhere() {
         let mut fixture = start(ALWAYS, Arc::new(SystemClock), 1);
         fixture.link_up().await;

@@ -67,7 +67,9 @@ async fn machine_cpu_percent(span: Duration) -> f64 {
     100.0 * (1.0 - idle1.saturating_sub(idle0) as f64 / total)
 }
 
-async fn burn_and_watch(spec: WorkerSpec, accounting: &str) -> anyhow::Result<()> {
+/// Runs the escaping burners as a build and checks the agent's figures;
+/// returns the farm with its worker still running.
+async fn burn_and_watch(spec: WorkerSpec, accounting: &str) -> anyhow::Result<Farm> {
     let mut farm = Farm::builder()
         .worker(spec)
         .builder("burn", &["w"], &[("burn", ESCAPING_BURNERS)])
@@ -175,8 +177,7 @@ async fn burn_and_watch(spec: WorkerSpec, accounting: &str) -> anyhow::Result<()
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
-    farm.stop_worker("w").await?;
-    Ok(())
+    Ok(farm)
 }
 
 /// Whether the process exists and is not a zombie.
@@ -196,7 +197,9 @@ async fn escaped_build_processes_are_the_builds_load_in_process_tree_mode() -> a
     let spec = WorkerSpec::new("w").worker_toml(&format!(
         "{LOAD_POLICY}[builds]\ncgroups = \"off\"\ncpu_priority = \"normal\"\n"
     ));
-    burn_and_watch(spec, "process-tree").await
+    let mut farm = burn_and_watch(spec, "process-tree").await?;
+    farm.stop_worker("w").await?;
+    Ok(())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -209,24 +212,44 @@ async fn escaped_build_processes_are_the_builds_load_in_cgroup_mode() -> anyhow:
         .worker_toml(&format!(
             "{LOAD_POLICY}[builds]\ncgroups = \"required\"\ncpu_priority = \"normal\"\n"
         ));
-    burn_and_watch(spec, "cgroup").await?;
+    let mut farm = burn_and_watch(spec, "cgroup").await?;
     // The agent moved itself into a leaf so build cgroups could get
-    // controllers; every build cgroup is gone (once its killed processes
-    // are reaped).
+    // controllers; the running agent removes every build cgroup once its
+    // killed processes are gone.
     let dir = cgroup.0.clone();
-    wait_for("every build cgroup to be removed", DEADLINE, || {
+    let removed = wait_for("every build cgroup to be removed", DEADLINE, || {
         let dir = dir.clone();
-        async move {
-            let left: Vec<String> = fs_err::read_dir(&dir)?
-                .flatten()
-                .filter(|entry| entry.path().is_dir())
-                .map(|entry| entry.file_name().to_string_lossy().into_owned())
-                .collect();
-            Ok((left == ["agent"]).then_some(()))
-        }
+        async move { Ok((build_cgroups(&dir)?.is_empty()).then_some(())) }
     })
-    .await?;
+    .await;
+    if let Err(error) = removed {
+        let mut report = String::new();
+        for name in build_cgroups(&dir)? {
+            let path = dir.join(&name);
+            let read = |file: &str| fs_err::read_to_string(path.join(file)).unwrap_or_default();
+            report.push_str(&format!(
+                "{name}: events {:?}, procs {:?}\n",
+                read("cgroup.events"),
+                read("cgroup.procs")
+            ));
+            for pid in read("cgroup.procs").split_whitespace() {
+                let stat = fs_err::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+                report.push_str(&format!("  {stat}\n"));
+            }
+        }
+        anyhow::bail!("{error}\n{report}\n{}", farm.worker_log("w"));
+    }
+    farm.stop_worker("w").await?;
     Ok(())
+}
+
+/// The build cgroups (everything but the agent's own leaf) under `dir`.
+fn build_cgroups(dir: &std::path::Path) -> anyhow::Result<Vec<String>> {
+    Ok(fs_err::read_dir(dir)?
+        .flatten()
+        .filter(|entry| entry.path().is_dir() && entry.file_name() != "agent")
+        .map(|entry| entry.file_name().to_string_lossy().into_owned())
+        .collect())
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -212,3 +212,143 @@ pub fn cgroup_usage_usec(cgroup: &Path) -> Option<u64> {
         .find_map(|line| line.strip_prefix("usage_usec "))
         .and_then(|value| value.trim().parse().ok())
 }
+
+/// How many build cgroups may wait for removal at once; past it the oldest
+/// is left for the next agent start to sweep (see [`sweep_stale`]).
+const MAX_PENDING_REMOVALS: usize = 256;
+
+/// Removes ended builds' cgroups once the kernel lets it: a cgroup cannot be
+/// removed while its killed processes are not yet reaped (by init, or by
+/// whoever adopted them), which can take a while on a busy machine or under
+/// an init that reaps lazily. One thread retries every pending removal with
+/// backoff (100 ms doubling to 5 s) for as long as the agent runs.
+#[derive(Debug, Clone, Default)]
+pub struct CgroupSweeper {
+    shared: std::sync::Arc<SweeperShared>,
+}
+
+#[derive(Debug, Default)]
+struct SweeperShared {
+    pending: std::sync::Mutex<SweeperState>,
+    wake: std::sync::Condvar,
+}
+
+#[derive(Debug, Default)]
+struct SweeperState {
+    paths: std::collections::VecDeque<PathBuf>,
+    thread_started: bool,
+}
+
+impl CgroupSweeper {
+    /// Removes `cgroup` now if it is empty, else as soon as it can be.
+    pub fn remove(&self, cgroup: PathBuf) {
+        if try_remove(&cgroup) {
+            return;
+        }
+        let mut state = self
+            .shared
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if state.paths.len() >= MAX_PENDING_REMOVALS
+            && let Some(dropped) = state.paths.pop_front()
+        {
+            tracing::warn!(
+                "{} build cgroups wait for removal; {} is left for the next start",
+                MAX_PENDING_REMOVALS,
+                dropped.display()
+            );
+        }
+        state.paths.push_back(cgroup);
+        if !state.thread_started {
+            let shared = self.shared.clone();
+            let spawned = std::thread::Builder::new()
+                .name("cgroup-sweeper".to_owned())
+                .spawn(move || sweep(&shared));
+            match spawned {
+                Ok(_) => state.thread_started = true,
+                Err(error) => tracing::warn!("cannot start the cgroup sweeper: {error}"),
+            }
+        }
+        self.shared.wake.notify_one();
+    }
+
+    /// How many build cgroups still wait for removal.
+    #[cfg(test)]
+    pub fn pending(&self) -> usize {
+        self.shared
+            .pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .paths
+            .len()
+    }
+}
+
+/// `rmdir`; true when the cgroup is gone (removed now or already).
+fn try_remove(cgroup: &Path) -> bool {
+    match fs_err::remove_dir(cgroup) {
+        Ok(()) => true,
+        Err(error) => error.kind() == std::io::ErrorKind::NotFound,
+    }
+}
+
+fn sweep(shared: &SweeperShared) {
+    const FIRST: std::time::Duration = std::time::Duration::from_millis(100);
+    const LONGEST: std::time::Duration = std::time::Duration::from_secs(5);
+    let mut delay = FIRST;
+    let mut state = shared
+        .pending
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    loop {
+        if state.paths.is_empty() {
+            delay = FIRST;
+            state = shared
+                .wake
+                .wait(state)
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
+            continue;
+        }
+        let (next, _) = shared
+            .wake
+            .wait_timeout(state, delay)
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        state = next;
+        let before = state.paths.len();
+        state.paths.retain(|cgroup| !try_remove(cgroup));
+        delay = if state.paths.len() < before {
+            FIRST
+        } else {
+            (delay * 2).min(LONGEST)
+        };
+    }
+}
+
+/// Removes empty build cgroups under `parent` left by agents that are gone
+/// (their pid is in the name: `nightshift-<pid>-build-<id>`). A cgroup that
+/// still holds processes cannot be removed, so nothing running is touched.
+/// Returns how many were removed.
+pub fn sweep_stale(parent: &Path) -> usize {
+    let Ok(entries) = fs_err::read_dir(parent) else {
+        return 0;
+    };
+    let own = std::process::id();
+    entries
+        .flatten()
+        .filter(|entry| {
+            let name = entry.file_name();
+            let name = name.to_string_lossy();
+            let Some(pid) = name
+                .strip_prefix("nightshift-")
+                .and_then(|rest| rest.split_once("-build-"))
+                .and_then(|(pid, _)| pid.parse::<u32>().ok())
+            else {
+                return false;
+            };
+            // Gone agents only; this agent's own are swept as its builds end.
+            pid != own && !Path::new(&format!("/proc/{pid}")).exists()
+        })
+        .filter(|entry| fs_err::remove_dir(entry.path()).is_ok())
+        .count()
+}

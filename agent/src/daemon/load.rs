@@ -25,7 +25,9 @@ use jiff::Timestamp;
 use nightshift_proto::wire::BuildId;
 use nix::sys::signal::Signal;
 
-use super::build_cgroup::{CgroupHost, cgroup_usage_usec, signal_cgroup};
+use super::build_cgroup::{
+    CgroupHost, CgroupSweeper, cgroup_usage_usec, signal_cgroup, sweep_stale,
+};
 use super::build_tree::{
     BUILD_MARKER, ProcessTracker, TrackedBuild, all_processes, environ_value, read_stat,
 };
@@ -46,6 +48,8 @@ pub struct BuildTrees {
     /// crashed one left.
     records: Option<PathBuf>,
     inner: Mutex<TreesInner>,
+    /// Removes ended builds' cgroups once their processes are reaped.
+    sweeper: CgroupSweeper,
     /// The value of `NIGHTSHIFT_AGENT` in this agent's build processes.
     tag: String,
     /// Process-tree membership of builds without a cgroup. Locked only by
@@ -107,6 +111,10 @@ impl BuildTrees {
             for note in &host.notes {
                 tracing::info!("{note}");
             }
+            let stale = sweep_stale(&host.parent);
+            if stale > 0 {
+                tracing::info!("removed {stale} empty build cgroup(s) left by earlier agent runs");
+            }
         }
         Ok(BuildTrees {
             cgroups,
@@ -114,6 +122,7 @@ impl BuildTrees {
             settings: settings.clone(),
             records: Some(records),
             inner: Mutex::default(),
+            sweeper: CgroupSweeper::default(),
             tag: std::process::id().to_string(),
             tracker: Mutex::new(ProcessTracker::new(
                 std::process::id() as i32,
@@ -144,6 +153,7 @@ impl BuildTrees {
             memory_high: None,
             records: None,
             inner: Mutex::default(),
+            sweeper: CgroupSweeper::default(),
             tag: tag.clone(),
             tracker: Mutex::new(ProcessTracker::new(std::process::id() as i32, tag)),
         }
@@ -383,24 +393,8 @@ impl BuildTrees {
             && let Some(cgroup) = tree.cgroup
         {
             inner.retired_usec += cgroup_usage_usec(&cgroup).unwrap_or(0);
-            if fs_err::remove_dir(&cgroup).is_err() {
-                // Killed processes leave the cgroup only once reaped: try
-                // again for a few seconds off the event loop.
-                std::thread::spawn(move || {
-                    let mut last = None;
-                    for _ in 0..50 {
-                        std::thread::sleep(std::time::Duration::from_millis(100));
-                        match fs_err::remove_dir(&cgroup) {
-                            Ok(()) => return,
-                            Err(error) if error.kind() == std::io::ErrorKind::NotFound => return,
-                            Err(error) => last = Some(error),
-                        }
-                    }
-                    if let Some(error) = last {
-                        tracing::warn!("cannot remove cgroup {}: {error}", cgroup.display());
-                    }
-                });
-            }
+            // Killed processes leave the cgroup only once reaped.
+            self.sweeper.remove(cgroup);
         }
     }
 
@@ -776,6 +770,39 @@ mod tests {
                 .exists(),
             "the build's cgroup is removed when it ends"
         );
+    }
+
+    #[test]
+    fn a_build_cgroup_still_holding_processes_is_removed_once_they_are_gone() {
+        use super::super::build_cgroup::CgroupSweeper;
+        let Some(cgroup) = test_cgroup("sweeper") else {
+            return;
+        };
+        let build = cgroup
+            .0
+            .join(format!("nightshift-{}-build-9", std::process::id()));
+        fs_err::create_dir(&build).unwrap();
+        let mut child = std::process::Command::new("sleep")
+            .arg("300")
+            .spawn()
+            .unwrap();
+        fs_err::write(build.join("cgroup.procs"), child.id().to_string()).unwrap();
+        let sweeper = CgroupSweeper::default();
+        sweeper.remove(build.clone());
+        assert!(build.is_dir(), "removed while a process was in it");
+        assert_eq!(sweeper.pending(), 1);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while build.exists() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{} outlived its last process",
+                build.display()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(sweeper.pending(), 0);
     }
 
     #[test]

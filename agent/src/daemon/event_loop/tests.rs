@@ -1,0 +1,738 @@
+//! Tests of the event loop with a fake clock, a fake link and real runners.
+
+use super::builds::push_tail;
+use super::*;
+use crate::daemon::clock::{FakeClock, SystemClock};
+use crate::daemon::manual;
+use crate::handle::ManualRequest;
+use nightshift_policy::Source;
+use nightshift_policy::{AvailabilityConfig, PresenceState};
+use nightshift_proto::wire::{AgentMessage, MasterMessage};
+use nightshift_proto::wire::{Outcome, StepSpec};
+use tokio::sync::oneshot;
+
+fn at(text: &str) -> Timestamp {
+    text.parse().unwrap()
+}
+
+fn policy(toml_text: &str) -> Policy {
+    let config: AvailabilityConfig = toml::from_str(toml_text).unwrap();
+    Policy::compile(&config, jiff::tz::TimeZone::UTC).unwrap()
+}
+
+const NIGHTS: &str = r#"
+        timezone = "UTC"
+        default = "away"
+        [[schedule]]
+        name = "nights"
+        hours = "19:00-07:00"
+    "#;
+const ALWAYS: &str = r#"
+        timezone = "UTC"
+        default = "available"
+    "#;
+
+struct Fixture {
+    wiring: Wiring,
+    task: tokio::task::JoinHandle<Exit>,
+    state: tempfile::TempDir,
+    _work: tempfile::TempDir,
+    clock: Arc<dyn Clock>,
+    /// How long to wait for a frame: virtual days with paused time,
+    /// a real minute otherwise.
+    patience: Duration,
+}
+
+fn start(policy_text: &str, clock: Arc<dyn Clock>, max_builds: u32) -> Fixture {
+    let state = tempfile::tempdir().unwrap();
+    let work = tempfile::tempdir().unwrap();
+    start_in(policy_text, clock, max_builds, state, work)
+}
+
+fn start_in(
+    policy_text: &str,
+    clock: Arc<dyn Clock>,
+    max_builds: u32,
+    state: tempfile::TempDir,
+    work: tempfile::TempDir,
+) -> Fixture {
+    let manual = manual::load(state.path(), clock.now()).unwrap();
+    let (daemon, inbox, wiring) = Daemon::new(
+        Settings {
+            worker: "w1".into(),
+            master_url: "wss://master.test".into(),
+            max_builds,
+            state_dir: state.path().to_owned(),
+            overrun: SignedDuration::ZERO,
+        },
+        clock.clone(),
+        policy(policy_text),
+        manual,
+        Spool::open(state.path()).unwrap(),
+        Arc::new(RunnerSettings {
+            workdir: work.path().to_owned(),
+            kill_grace: Duration::from_millis(500),
+            git: Default::default(),
+            credit: Default::default(),
+        }),
+        Arc::new(BuildTrees::without_cgroups()),
+    );
+    let task = tokio::spawn(daemon.run(inbox));
+    let patience = if clock.now() < at("2027-01-01T00:00:00Z") {
+        Duration::from_secs(3 * 86400)
+    } else {
+        Duration::from_secs(60)
+    };
+    Fixture {
+        wiring,
+        task,
+        state,
+        _work: work,
+        clock,
+        patience,
+    }
+}
+
+impl Fixture {
+    /// The link comes up, as the link task would report it.
+    async fn link_up(&self) {
+        let presence = self.wiring.hello.borrow().presence.clone();
+        self.wiring
+            .link_events
+            .send(LinkEvent::Up {
+                presence,
+                cancel: Vec::new(),
+            })
+            .unwrap();
+        let mut status = self.wiring.handle.status.clone();
+        tokio::time::timeout(
+            self.patience,
+            status.wait_for(|status| status.master.connected),
+        )
+        .await
+        .expect("the daemon sees the link up")
+        .unwrap();
+    }
+
+    fn master_sends(&self, message: MasterMessage) {
+        self.wiring
+            .link_events
+            .send(LinkEvent::Frame(message))
+            .unwrap();
+    }
+
+    /// The next frame for the master that is not build chatter.
+    async fn next_to_master(&mut self) -> AgentMessage {
+        loop {
+            let message = tokio::time::timeout(self.patience, self.wiring.to_master.recv())
+                .await
+                .expect("a frame for the master within a minute")
+                .expect("the daemon keeps its channel open")
+                .message;
+            match message {
+                AgentMessage::Output { .. }
+                | AgentMessage::StepStarted { .. }
+                | AgentMessage::StepFinished { .. } => continue,
+                other => return other,
+            }
+        }
+    }
+
+    async fn next_presence(&mut self) -> Presence {
+        match self.next_to_master().await {
+            AgentMessage::Presence { presence, .. } => presence,
+            other => panic!("expected a presence, got {other:?}"),
+        }
+    }
+
+    async fn set_manual(&self, manual: Option<ManualRequest>) -> Result<Presence, String> {
+        let (reply, answer) = oneshot::channel();
+        self.wiring
+            .handle
+            .commands
+            .send(ControlCommand::SetManual { manual, reply })
+            .await
+            .unwrap();
+        answer.await.unwrap()
+    }
+
+    async fn stop(&self, graceful: bool, deadline: Option<SignedDuration>) {
+        let (reply, answer) = oneshot::channel();
+        self.wiring
+            .handle
+            .commands
+            .send(ControlCommand::Stop {
+                graceful,
+                deadline,
+                reply,
+            })
+            .await
+            .unwrap();
+        answer.await.unwrap().unwrap();
+    }
+
+    fn start_build(&self, build_id: BuildId, command: &str) {
+        self.master_sends(MasterMessage::StartBuild {
+            build_id,
+            builder: "demo".into(),
+            steps: vec![StepSpec {
+                name: "only".into(),
+                command: command.into(),
+                timeout_secs: None,
+                env: BTreeMap::new(),
+                workdir: None,
+                needs_grant: false,
+                checkout: false,
+            }],
+            properties: BTreeMap::new(),
+            source: None,
+        });
+    }
+
+    /// Waits for the daemon to end; returns its exit and its state dir.
+    async fn exit(self) -> (Exit, tempfile::TempDir) {
+        let exit = tokio::time::timeout(self.patience, self.task)
+            .await
+            .expect("the daemon exits")
+            .unwrap();
+        (exit, self.state)
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_schedule_boundary_is_pushed_exactly_at_the_boundary_and_nothing_before() {
+    let clock: Arc<dyn Clock> = Arc::new(FakeClock::starting_at(at("2026-11-23T18:30:00Z")));
+    let mut fixture = start(NIGHTS, clock, 1);
+    assert_eq!(
+        fixture.wiring.hello.borrow().presence.state,
+        PresenceState::Away
+    );
+    fixture.link_up().await;
+    // Half an hour of capped sleeps and re-checks, then the window opens.
+    let presence = fixture.next_presence().await;
+    assert_eq!(presence.state, PresenceState::Available);
+    assert_eq!(presence.source, Source::Schedule("nights".into()));
+    assert_eq!(fixture.clock.now(), at("2026-11-23T19:00:00Z"));
+    assert_eq!(presence.since, at("2026-11-23T19:00:00Z"));
+    assert_eq!(presence.until, Some(at("2026-11-24T07:00:00Z")));
+    let status = fixture.wiring.handle.status.borrow().clone();
+    assert_eq!(status.presence.state, PresenceState::Available);
+    assert_eq!(status.counters.presence_changes, 1);
+    // And it closes at 07:00.
+    let presence = fixture.next_presence().await;
+    assert_eq!(presence.state, PresenceState::Away);
+    assert_eq!(fixture.clock.now(), at("2026-11-24T07:00:00Z"));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_wall_clock_jump_is_noticed_within_a_minute() {
+    // A suspended laptop: tokio's clock stood still while the wall
+    // clock moved past the boundary.
+    #[derive(Debug)]
+    struct Jumping(FakeClock, std::sync::atomic::AtomicBool);
+    impl Clock for Jumping {
+        fn now(&self) -> Timestamp {
+            let now = self.0.now();
+            if self.1.load(std::sync::atomic::Ordering::SeqCst) {
+                now + SignedDuration::from_hours(3)
+            } else {
+                now
+            }
+        }
+    }
+    let jumping = Arc::new(Jumping(
+        FakeClock::starting_at(at("2026-11-23T17:00:00Z")),
+        false.into(),
+    ));
+    let mut fixture = start(NIGHTS, jumping.clone(), 1);
+    fixture.link_up().await;
+    tokio::time::sleep(Duration::from_secs(5)).await;
+    jumping.1.store(true, std::sync::atomic::Ordering::SeqCst);
+    let started = tokio::time::Instant::now();
+    let presence = fixture.next_presence().await;
+    assert_eq!(presence.state, PresenceState::Available);
+    assert!(started.elapsed() <= MAX_SLEEP, "{:?}", started.elapsed());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_manual_state_is_pushed_persisted_and_runs_out_by_itself() {
+    let clock: Arc<dyn Clock> = Arc::new(FakeClock::starting_at(at("2026-11-23T12:00:00Z")));
+    let mut fixture = start(ALWAYS, clock, 1);
+    fixture.link_up().await;
+    let presence = fixture
+        .set_manual(Some(ManualRequest {
+            state: PresenceState::Away,
+            until: Some(at("2026-11-23T13:00:00Z")),
+            reason: Some("gaming".into()),
+        }))
+        .await
+        .unwrap();
+    assert_eq!(presence.state, PresenceState::Away);
+    assert_eq!(presence.source, Source::Manual);
+    let pushed = fixture.next_presence().await;
+    assert_eq!(pushed, presence);
+    assert!(manual::path(fixture.state.path()).exists());
+    assert_eq!(
+        fixture
+            .wiring
+            .handle
+            .status
+            .borrow()
+            .manual
+            .as_ref()
+            .map(|m| m.state),
+        Some(PresenceState::Away)
+    );
+
+    let back = fixture.next_presence().await;
+    assert_eq!(back.state, PresenceState::Available);
+    assert_eq!(back.source, Source::Default);
+    assert_eq!(fixture.clock.now(), at("2026-11-23T13:00:00Z"));
+    assert!(!manual::path(fixture.state.path()).exists());
+    assert_eq!(fixture.wiring.handle.status.borrow().manual, None);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_manual_state_survives_a_restart() {
+    let clock: Arc<dyn Clock> = Arc::new(FakeClock::starting_at(at("2026-11-23T12:00:00Z")));
+    let fixture = start(ALWAYS, clock.clone(), 1);
+    fixture
+        .set_manual(Some(ManualRequest {
+            state: PresenceState::Reluctant,
+            until: None,
+            reason: None,
+        }))
+        .await
+        .unwrap();
+    fixture.task.abort();
+    let restarted = start_in(
+        ALWAYS,
+        clock,
+        1,
+        fixture.state,
+        tempfile::tempdir().unwrap(),
+    );
+    let hello = restarted.wiring.hello.borrow().presence.clone();
+    assert_eq!(hello.state, PresenceState::Reluctant);
+    assert_eq!(hello.source, Source::Manual);
+}
+
+#[tokio::test(start_paused = true)]
+async fn bad_manual_requests_are_refused_and_change_nothing() {
+    let clock: Arc<dyn Clock> = Arc::new(FakeClock::starting_at(at("2026-11-23T12:00:00Z")));
+    let fixture = start(ALWAYS, clock, 1);
+    let error = fixture
+        .set_manual(Some(ManualRequest {
+            state: PresenceState::Away,
+            until: Some(at("2026-11-23T11:00:00Z")),
+            reason: None,
+        }))
+        .await
+        .unwrap_err();
+    assert!(error.contains("not in the future"), "{error}");
+    let error = fixture
+        .set_manual(Some(ManualRequest {
+            state: PresenceState::Offline,
+            until: None,
+            reason: None,
+        }))
+        .await
+        .unwrap_err();
+    assert!(error.contains("offline"), "{error}");
+    assert_eq!(
+        fixture.wiring.handle.status.borrow().presence.state,
+        PresenceState::Available
+    );
+    assert!(!manual::path(fixture.state.path()).exists());
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_away_worker_refuses_builds_and_a_master_override_is_applied() {
+    let clock: Arc<dyn Clock> = Arc::new(FakeClock::starting_at(at("2026-11-23T12:00:00Z")));
+    let mut fixture = start(NIGHTS, clock, 1);
+    fixture.link_up().await;
+    fixture.start_build(5, "true");
+    match fixture.next_to_master().await {
+        AgentMessage::BuildRefused { build_id, reason } => {
+            assert_eq!(build_id, 5);
+            assert!(reason.contains("away"), "{reason}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    fixture
+        .set_manual(Some(ManualRequest {
+            state: PresenceState::Available,
+            until: None,
+            reason: None,
+        }))
+        .await
+        .unwrap();
+    assert_eq!(
+        fixture.next_presence().await.state,
+        PresenceState::Available
+    );
+    // The manual state beats the automatic sources, the master's too.
+    fixture.set_manual(None).await.unwrap();
+    assert_eq!(fixture.next_presence().await.state, PresenceState::Away);
+    fixture.master_sends(MasterMessage::MasterOverride {
+        presence: Some(Presence {
+            state: PresenceState::Away,
+            reason: "paused by the admin".into(),
+            source: Source::Master,
+            since: at("2026-11-23T12:00:00Z"),
+            until: None,
+        }),
+    });
+    let presence = fixture.next_presence().await;
+    assert_eq!(presence.source, Source::Master);
+    assert_eq!(presence.reason, "paused by the admin");
+}
+
+#[tokio::test(start_paused = true)]
+async fn nothing_is_sent_while_the_link_is_down_and_the_hello_carries_the_presence() {
+    let clock: Arc<dyn Clock> = Arc::new(FakeClock::starting_at(at("2026-11-23T18:59:00Z")));
+    let mut fixture = start(NIGHTS, clock, 1);
+    tokio::time::sleep(Duration::from_secs(120)).await;
+    assert!(fixture.wiring.to_master.try_recv().is_err());
+    let hello = fixture.wiring.hello.borrow().presence.clone();
+    assert_eq!(hello.state, PresenceState::Available);
+    // Welcomed with that presence: nothing more to push.
+    fixture.link_up().await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(fixture.wiring.to_master.try_recv().is_err());
+    assert!(fixture.wiring.handle.status.borrow().master.connected);
+}
+
+#[tokio::test(start_paused = true)]
+async fn sigterm_with_no_builds_goes_away_says_goodbye_and_exits() {
+    let clock: Arc<dyn Clock> = Arc::new(FakeClock::starting_at(at("2026-11-23T12:00:00Z")));
+    let mut fixture = start(ALWAYS, clock, 1);
+    fixture.link_up().await;
+    fixture.wiring.signals.send(SignalKind::Terminate).unwrap();
+    let presence = fixture.next_presence().await;
+    assert_eq!(presence.state, PresenceState::Away);
+    assert_eq!(presence.source, Source::Stopping);
+    assert!(matches!(
+        fixture.next_to_master().await,
+        AgentMessage::Goodbye { .. }
+    ));
+    assert!(matches!(fixture.exit().await.0, Exit::Stopped(_)));
+}
+
+// Builds run real processes, so these use the real clock.
+
+#[tokio::test]
+async fn a_graceful_stop_finishes_the_running_build_refuses_new_ones_then_exits() {
+    let mut fixture = start(ALWAYS, Arc::new(SystemClock), 2);
+    fixture.link_up().await;
+    fixture.start_build(1, "sleep 1; echo done");
+    assert_eq!(
+        fixture.next_to_master().await,
+        AgentMessage::BuildAccepted { build_id: 1 }
+    );
+    assert_eq!(fixture.wiring.hello.borrow().running, vec![1]);
+    fixture.stop(true, None).await;
+    assert_eq!(fixture.next_presence().await.source, Source::Stopping);
+    fixture.start_build(2, "true");
+    assert!(matches!(
+        fixture.next_to_master().await,
+        AgentMessage::BuildRefused { build_id: 2, .. }
+    ));
+    let result = match fixture.next_to_master().await {
+        AgentMessage::BuildFinished { result } => result,
+        other => panic!("expected the result, got {other:?}"),
+    };
+    assert_eq!((result.build_id, result.outcome), (1, Outcome::Success));
+    assert_eq!(result.log, "done\n");
+    assert!(fixture.state.path().join("results/1.json").exists());
+    // Waits for the master to store the result before leaving.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(!fixture.task.is_finished());
+    fixture.master_sends(MasterMessage::ResultStored { build_id: 1 });
+    assert!(matches!(
+        fixture.next_to_master().await,
+        AgentMessage::Goodbye { .. }
+    ));
+    let (exit, state) = fixture.exit().await;
+    assert!(matches!(exit, Exit::Stopped(_)));
+    assert!(!state.path().join("results/1.json").exists());
+}
+
+#[tokio::test]
+async fn a_second_sigterm_cancels_the_build_at_once_and_hands_it_back() {
+    let mut fixture = start(ALWAYS, Arc::new(SystemClock), 1);
+    fixture.link_up().await;
+    fixture.start_build(1, "sleep 300");
+    assert!(matches!(
+        fixture.next_to_master().await,
+        AgentMessage::BuildAccepted { .. }
+    ));
+    fixture.wiring.signals.send(SignalKind::Terminate).unwrap();
+    assert_eq!(fixture.next_presence().await.source, Source::Stopping);
+    fixture.wiring.signals.send(SignalKind::Terminate).unwrap();
+    match fixture.next_to_master().await {
+        AgentMessage::BuildRefused { build_id, reason } => {
+            assert_eq!(build_id, 1);
+            assert!(reason.contains("re-queues"), "{reason}");
+        }
+        other => panic!("expected the build handed back, got {other:?}"),
+    }
+    assert!(matches!(
+        fixture.next_to_master().await,
+        AgentMessage::Goodbye { .. }
+    ));
+    let (_, state) = fixture.exit().await;
+    assert!(!state.path().join("results/1.json").exists());
+}
+
+#[tokio::test]
+async fn at_the_stop_deadline_the_build_is_reported_cancelled_with_the_deadline() {
+    // Issue 8: the build ran, so it is not "refused": its result says it
+    // was cancelled and why, and the master counts a retry.
+    let mut fixture = start(ALWAYS, Arc::new(SystemClock), 1);
+    fixture.link_up().await;
+    fixture.start_build(1, "sleep 300");
+    assert!(matches!(
+        fixture.next_to_master().await,
+        AgentMessage::BuildAccepted { .. }
+    ));
+    fixture
+        .stop(true, Some(SignedDuration::from_millis(300)))
+        .await;
+    assert_eq!(fixture.next_presence().await.source, Source::Stopping);
+    match fixture.next_to_master().await {
+        AgentMessage::BuildFinished { result } => {
+            assert_eq!(result.build_id, 1);
+            assert_eq!(result.outcome, nightshift_proto::wire::Outcome::Cancelled);
+            assert_eq!(
+                result.reason.as_deref(),
+                Some("its stop deadline of 0.3 s ran out")
+            );
+        }
+        other => panic!("expected the cancelled result, got {other:?}"),
+    }
+    fixture.master_sends(MasterMessage::ResultStored { build_id: 1 });
+    assert!(matches!(
+        fixture.next_to_master().await,
+        AgentMessage::Goodbye { .. }
+    ));
+    let (_, state) = fixture.exit().await;
+    assert!(!state.path().join("results/1.json").exists());
+}
+
+#[test]
+fn seconds_for_people() {
+    assert_eq!(seconds_text(Duration::from_secs(2)), "2");
+    assert_eq!(seconds_text(Duration::from_millis(1999)), "2");
+    assert_eq!(seconds_text(Duration::from_millis(300)), "0.3");
+    assert_eq!(seconds_text(Duration::from_millis(1500)), "1.5");
+}
+
+#[tokio::test]
+async fn a_result_finished_while_disconnected_is_delivered_after_reconnecting() {
+    let mut fixture = start(ALWAYS, Arc::new(SystemClock), 1);
+    fixture.link_up().await;
+    fixture.start_build(9, "sleep 0.3; echo finished offline");
+    assert!(matches!(
+        fixture.next_to_master().await,
+        AgentMessage::BuildAccepted { .. }
+    ));
+    fixture
+        .wiring
+        .link_events
+        .send(LinkEvent::Down {
+            error: "connection reset".into(),
+        })
+        .unwrap();
+    let mut status = fixture.wiring.handle.status.clone();
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        status.wait_for(|status| status.counters.builds_run == 1),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    assert!(fixture.state.path().join("results/9.json").exists());
+    while let Ok(Outgoing { message, .. }) = fixture.wiring.to_master.try_recv() {
+        assert!(
+            !matches!(message, AgentMessage::BuildFinished { .. }),
+            "sent while down"
+        );
+    }
+    fixture.link_up().await;
+    match fixture.next_to_master().await {
+        AgentMessage::BuildFinished { result } => {
+            assert_eq!(result.build_id, 9);
+            assert_eq!(result.log, "finished offline\n");
+        }
+        other => panic!("expected the spooled result, got {other:?}"),
+    }
+    fixture.master_sends(MasterMessage::ResultStored { build_id: 9 });
+    let state = fixture.state.path().to_owned();
+    tokio::time::timeout(Duration::from_secs(60), async {
+        while state.join("results/9.json").exists() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test]
+async fn a_refused_result_is_dropped_from_the_spool_and_not_sent_again() {
+    let mut fixture = start(ALWAYS, Arc::new(SystemClock), 1);
+    fixture.link_up().await;
+    fixture.start_build(9, "echo done");
+    assert!(matches!(
+        fixture.next_to_master().await,
+        AgentMessage::BuildAccepted { build_id: 9 }
+    ));
+    assert!(matches!(
+        fixture.next_to_master().await,
+        AgentMessage::BuildFinished { .. }
+    ));
+    assert!(fixture.state.path().join("results/9.json").exists());
+    fixture.master_sends(MasterMessage::ResultRefused {
+        build_id: 9,
+        reason: "not assigned to this worker: it is unknown or finished".into(),
+    });
+    // Link events are handled in order: the refusal before the reconnect.
+    fixture
+        .wiring
+        .link_events
+        .send(LinkEvent::Down {
+            error: "connection reset".into(),
+        })
+        .unwrap();
+    fixture.link_up().await;
+    // After the welcome the spool is re-sent at once; a build handed out
+    // next is answered after it. Nothing of build 9 comes first.
+    fixture.start_build(10, "true");
+    match fixture.next_to_master().await {
+        AgentMessage::BuildAccepted { build_id: 10 } => {}
+        other => panic!("expected build 10 accepted, nothing re-sent; got {other:?}"),
+    }
+    assert!(!fixture.state.path().join("results/9.json").exists());
+}
+
+#[tokio::test]
+async fn a_full_worker_refuses_and_the_welcome_cancels_builds_requeued_elsewhere() {
+    let mut fixture = start(ALWAYS, Arc::new(SystemClock), 1);
+    fixture.link_up().await;
+    fixture.start_build(1, "sleep 300");
+    assert!(matches!(
+        fixture.next_to_master().await,
+        AgentMessage::BuildAccepted { build_id: 1 }
+    ));
+    fixture.start_build(2, "true");
+    match fixture.next_to_master().await {
+        AgentMessage::BuildRefused { build_id, reason } => {
+            assert_eq!(build_id, 2);
+            assert!(reason.contains("full"), "{reason}");
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+    let presence = fixture.wiring.hello.borrow().presence.clone();
+    fixture
+        .wiring
+        .link_events
+        .send(LinkEvent::Up {
+            presence,
+            cancel: vec![1],
+        })
+        .unwrap();
+    let mut status = fixture.wiring.handle.status.clone();
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        status.wait_for(|status| status.builds.is_empty() && status.counters.builds_run == 1),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    // The master moved it elsewhere: no result, nothing spooled.
+    while let Ok(Outgoing { message, .. }) = fixture.wiring.to_master.try_recv() {
+        assert!(
+            !matches!(
+                message,
+                AgentMessage::BuildFinished { .. } | AgentMessage::BuildRefused { .. }
+            ),
+            "{message:?}"
+        );
+    }
+    assert!(!fixture.state.path().join("results/1.json").exists());
+}
+
+#[tokio::test]
+async fn a_step_waiting_for_its_locks_asks_again_after_a_reconnect() {
+    let mut fixture = start(ALWAYS, Arc::new(SystemClock), 1);
+    fixture.link_up().await;
+    fixture.master_sends(MasterMessage::StartBuild {
+        build_id: 4,
+        builder: "demo".into(),
+        steps: vec![StepSpec {
+            name: "locked".into(),
+            command: "echo compiled".into(),
+            timeout_secs: None,
+            env: BTreeMap::new(),
+            workdir: None,
+            needs_grant: true,
+            checkout: false,
+        }],
+        properties: BTreeMap::new(),
+        source: None,
+    });
+    assert!(matches!(
+        fixture.next_to_master().await,
+        AgentMessage::BuildAccepted { build_id: 4 }
+    ));
+    assert!(matches!(
+        fixture.next_to_master().await,
+        AgentMessage::StepWaiting {
+            build_id: 4,
+            step: 0
+        }
+    ));
+    // The link drops; the master's grant (sent meanwhile) is lost.
+    fixture
+        .wiring
+        .link_events
+        .send(LinkEvent::Down {
+            error: "connection reset".into(),
+        })
+        .unwrap();
+    fixture.link_up().await;
+    assert!(
+        matches!(
+            fixture.next_to_master().await,
+            AgentMessage::StepWaiting {
+                build_id: 4,
+                step: 0
+            }
+        ),
+        "the waiting step asks again after the reconnect"
+    );
+    fixture.master_sends(MasterMessage::StepGranted {
+        build_id: 4,
+        step: 0,
+    });
+    match fixture.next_to_master().await {
+        AgentMessage::BuildFinished { result } => {
+            assert_eq!(result.build_id, 4);
+            assert_eq!(result.outcome, nightshift_proto::wire::Outcome::Success);
+        }
+        other => panic!("expected the result, got {other:?}"),
+    }
+}
+
+#[test]
+fn the_tail_keeps_the_last_lines() {
+    let mut tail = Vec::new();
+    push_tail(&mut tail, "a\nb");
+    push_tail(&mut tail, "c\n");
+    assert_eq!(tail, vec!["a\n", "bc\n"]);
+    for n in 0..40 {
+        push_tail(&mut tail, &format!("line {n}\n"));
+    }
+    assert_eq!(tail.len(), TAIL_LINES);
+    assert_eq!(tail.last().map(String::as_str), Some("line 39\n"));
+}

@@ -1,0 +1,128 @@
+//! The top-level keys of `master.toml`: where the master listens, its data
+//! directory, TLS, the admin token and the limits.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use nightshift_proto::diag::ConfigErrors;
+use serde::Deserialize;
+
+use super::RawConfig;
+use super::names::normalize_hash;
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawTls {
+    cert_file: Option<String>,
+    key_file: Option<String>,
+}
+
+/// Where the master gets its certificate.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TlsMode {
+    /// Plain HTTP / ws (explicit `insecure = true`).
+    Insecure,
+    /// Self-signed in `data_dir/tls/`, created on first start.
+    SelfSigned,
+    /// Configured certificate chain and key.
+    Files { cert: PathBuf, key: PathBuf },
+}
+
+/// The top-level keys, checked.
+pub(super) struct General {
+    pub(super) listen: SocketAddr,
+    pub(super) data_dir: PathBuf,
+    pub(super) tls: TlsMode,
+    pub(super) admin_token_sha256: Option<String>,
+}
+
+/// Checks the top-level keys of `raw`; relative paths resolve against `base`.
+pub(super) fn parse_general(raw: &RawConfig, base: &Path, errors: &mut ConfigErrors) -> General {
+    let mut issue = |key: String, message: String| errors.push_at_path(&key, message);
+    let listen = match raw.listen.parse::<SocketAddr>() {
+        Ok(addr) => addr,
+        Err(_) => {
+            issue(
+                "listen".into(),
+                format!(
+                    "`{}` is not an address:port like `127.0.0.1:8443` or `[::]:8443`",
+                    raw.listen
+                ),
+            );
+            SocketAddr::from(([127, 0, 0, 1], 8443))
+        }
+    };
+    let data_dir = base.join(raw.data_dir.as_deref().unwrap_or("nightshift-data"));
+    let tls = match (raw.insecure, &raw.tls) {
+        (true, Some(_)) => {
+            issue(
+                "tls".into(),
+                "`insecure = true` and a `[tls]` section contradict each other".into(),
+            );
+            TlsMode::Insecure
+        }
+        (true, None) => TlsMode::Insecure,
+        (false, None) => TlsMode::SelfSigned,
+        (
+            false,
+            Some(RawTls {
+                cert_file,
+                key_file,
+            }),
+        ) => match (cert_file, key_file) {
+            (Some(cert), Some(key)) => TlsMode::Files {
+                cert: base.join(cert),
+                key: base.join(key),
+            },
+            (None, None) => TlsMode::SelfSigned,
+            _ => {
+                issue(
+                    "tls".into(),
+                    "set both `cert_file` and `key_file`, or neither for a self-signed certificate"
+                        .into(),
+                );
+                TlsMode::SelfSigned
+            }
+        },
+    };
+    let admin_token_sha256 = match &raw.admin_token_sha256 {
+        Some(hash) => match normalize_hash(hash) {
+            Some(hash) => Some(hash),
+            None => {
+                issue(
+                    "admin_token_sha256".into(),
+                    "must be 64 hex digits (the SHA-256 of the admin token)".into(),
+                );
+                None
+            }
+        },
+        None => None,
+    };
+    if raw.missing_timeout.0.is_zero() {
+        issue(
+            "missing_timeout".into(),
+            "must be more than 0 (a blip would re-queue every build)".into(),
+        );
+    }
+    if raw.max_starting == 0 {
+        issue("max_starting".into(), "must be at least 1".into());
+    }
+    if raw.max_log_bytes < 1024 {
+        issue(
+            "max_log_bytes".into(),
+            format!(
+                "must be at least 1024 (bytes of log kept per build), got {}",
+                raw.max_log_bytes
+            ),
+        );
+    }
+    if raw.max_agents == Some(0) {
+        issue("max_agents".into(), "must be at least 1".into());
+    }
+    General {
+        listen,
+        data_dir,
+        tls,
+        admin_token_sha256,
+    }
+}

@@ -1,0 +1,271 @@
+//! `master.toml`: the typed configuration of a master, parsed with unknown
+//! keys refused and every error named by file, line, column and key, then
+//! validated as a whole (cross references, ranges) before anything binds.
+//! One module per section; `parse` runs them in order and collects every
+//! error.
+
+mod builders;
+mod duration;
+mod error;
+mod general;
+mod hooks;
+mod locks;
+mod names;
+#[cfg(test)]
+mod tests;
+mod workers;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use nightshift_proto::diag::parse_toml;
+
+use crate::locks::LockDef;
+
+pub use builders::{Admission, BuilderDef};
+pub use duration::Secs;
+pub use error::{ConfigError, ConfigIssue};
+pub use general::TlsMode;
+pub use hooks::{HookDef, HookKind};
+pub use names::check_branch_name;
+pub use workers::{LatentProvider, WorkerDef};
+
+use builders::RawBuilder;
+use general::RawTls;
+use hooks::RawHook;
+use locks::RawLock;
+use names::Written;
+use workers::RawWorker;
+
+/// The config used by `master run` when no `--config` is given and no
+/// `master.toml` is in the current directory: one local worker, one harmless
+/// builder.
+pub const EMBEDDED_DEFAULT: &str = r#"# nightshift embedded default master config
+listen = "127.0.0.1:8443"
+data_dir = "nightshift-data"
+
+[[worker]]
+name = "local"
+token_sha256 = "@LOCAL_TOKEN_SHA256@"
+max_builds = 2
+
+[[builder]]
+name = "hello"
+workers = ["local"]
+steps = [
+  { name = "greet", command = "echo hello from nightshift on $(hostname)" },
+  { name = "env", command = "uname -a && date -u" },
+]
+"#;
+
+fn default_listen() -> String {
+    "127.0.0.1:8443".into()
+}
+fn default_missing_timeout() -> Secs {
+    Secs(Duration::from_secs(60))
+}
+fn default_max_starting() -> u32 {
+    2
+}
+fn default_max_log_bytes() -> u64 {
+    crate::store::DEFAULT_LOG_CAP
+}
+
+/// The file as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default = "default_listen")]
+    listen: String,
+    data_dir: Option<String>,
+    #[serde(default)]
+    insecure: bool,
+    #[serde(default)]
+    tls: Option<RawTls>,
+    admin_token_sha256: Option<String>,
+    #[serde(default = "default_missing_timeout")]
+    missing_timeout: Secs,
+    #[serde(default = "default_max_starting")]
+    max_starting: u32,
+    #[serde(default = "default_max_log_bytes")]
+    max_log_bytes: u64,
+    max_agents: Option<u32>,
+    #[serde(default)]
+    worker: Vec<RawWorker>,
+    #[serde(default)]
+    builder: Vec<RawBuilder>,
+    #[serde(default)]
+    lock: Vec<RawLock>,
+    /// The master's time zone for builders' `schedule` (default: the system's).
+    timezone: Option<String>,
+    #[serde(default)]
+    hook: Vec<RawHook>,
+}
+
+/// A validated master config.
+#[derive(Debug, Clone, PartialEq)]
+pub struct MasterConfig {
+    /// The file it came from (or `<embedded default>`).
+    pub source: PathBuf,
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub tls: TlsMode,
+    /// Lowercase hex SHA-256 of the admin token, when configured.
+    pub admin_token_sha256: Option<String>,
+    pub missing_timeout: Duration,
+    pub max_starting: u32,
+    /// Each build's stored log is cut at this many bytes (`max_log_bytes`).
+    pub max_log_bytes: u64,
+    /// Most agents connected at once; `None`: as many as the descriptor
+    /// limit leaves room for beside API clients and browsers.
+    pub max_agents: Option<u32>,
+    pub workers: Vec<WorkerDef>,
+    pub builders: Vec<BuilderDef>,
+    pub locks: Vec<LockDef>,
+    /// The zone timed builds' `schedule` is read in (`None`: the system's).
+    pub timezone: Option<String>,
+    pub hooks: Vec<HookDef>,
+    /// `workers` by name and by token hash, so that looking one up costs the
+    /// same with 10,000 workers as with 4 (built once by `parse`).
+    pub index: WorkerIndex,
+}
+
+/// Lookups into [`MasterConfig::workers`] that stay O(1) in the number of
+/// workers: by name (every finished build, every snapshot row) and by token
+/// hash (every WebSocket upgrade).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct WorkerIndex {
+    by_name: HashMap<String, usize>,
+    /// Token hash → positions of the workers with that hash (several workers
+    /// may share a token; each still has to name itself in its hello).
+    by_token: HashMap<String, Vec<usize>>,
+}
+
+impl WorkerIndex {
+    /// Indexes `workers` (first entry wins for a duplicate name, as a linear
+    /// search would; `parse` refuses duplicates anyway).
+    pub fn of(workers: &[WorkerDef]) -> WorkerIndex {
+        let mut index = WorkerIndex::default();
+        for (at, worker) in workers.iter().enumerate() {
+            index.by_name.entry(worker.name.clone()).or_insert(at);
+            index
+                .by_token
+                .entry(worker.token_sha256.clone())
+                .or_default()
+                .push(at);
+        }
+        index
+    }
+}
+
+impl MasterConfig {
+    pub fn worker(&self, name: &str) -> Option<&WorkerDef> {
+        let at = *self.index.by_name.get(name)?;
+        self.workers.get(at).filter(|w| w.name == name)
+    }
+
+    /// The workers whose `token_sha256` is `hash` (lowercase hex).
+    pub fn workers_with_token(&self, hash: &str) -> impl Iterator<Item = &WorkerDef> {
+        self.index
+            .by_token
+            .get(hash)
+            .into_iter()
+            .flatten()
+            .filter_map(|&at| self.workers.get(at))
+            .filter(move |w| w.token_sha256 == hash)
+    }
+    pub fn builder(&self, name: &str) -> Option<&BuilderDef> {
+        self.builders.iter().find(|b| b.name == name)
+    }
+    pub fn hook(&self, name: &str) -> Option<&HookDef> {
+        self.hooks.iter().find(|h| h.name == name)
+    }
+    /// The zone of timed builds (the configured one, else the system's).
+    pub fn time_zone(&self) -> jiff::tz::TimeZone {
+        self.timezone
+            .as_deref()
+            .and_then(|name| jiff::tz::TimeZone::get(name).ok())
+            .unwrap_or_else(jiff::tz::TimeZone::system)
+    }
+
+    /// Reads and validates a config file.
+    pub fn load(path: &Path) -> Result<MasterConfig, ConfigError> {
+        let text = fs_err::read_to_string(path).map_err(|e| ConfigError {
+            file: path.to_path_buf(),
+            issues: vec![ConfigIssue {
+                line: None,
+                column: None,
+                key: String::new(),
+                message: format!("cannot read: {e}"),
+            }],
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let base = if base.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            base
+        };
+        // Absolute, so the paths derived from it (data_dir, certificates)
+        // stay right for processes started elsewhere: latent instances run
+        // in their own directory and are handed the CA file's path.
+        let base = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
+        MasterConfig::parse(&text, path, &base)
+    }
+
+    /// Parses config text; relative paths are resolved against `base`.
+    pub fn parse(text: &str, file: &Path, base: &Path) -> Result<MasterConfig, ConfigError> {
+        let (raw, mut errors) = parse_toml::<RawConfig>(file, text);
+        let Some(raw) = raw else {
+            return Err(ConfigError::from_diag(&errors));
+        };
+        // Names as written, so that an entry left out for its own error does
+        // not also make every reference to it an error.
+        let written = Written::of(text);
+
+        let general = general::parse_general(&raw, base, &mut errors);
+        let (workers, worker_names) = workers::parse_workers(raw.worker, &written, &mut errors);
+        let (locks, lock_names) =
+            locks::parse_locks(raw.lock, &worker_names, &written, &mut errors);
+        let builders = builders::parse_builders(
+            raw.builder,
+            &worker_names,
+            &lock_names,
+            &written,
+            &mut errors,
+        );
+        if let Some(tz) = &raw.timezone
+            && jiff::tz::TimeZone::get(tz).is_err()
+        {
+            errors.push_at_path(
+                "timezone",
+                format!("unknown time zone `{tz}` (an IANA name like `Europe/Berlin`)"),
+            );
+        }
+        let hooks = hooks::parse_hooks(raw.hook, &builders, base, &written, &mut errors);
+
+        let config = MasterConfig {
+            source: file.to_path_buf(),
+            listen: general.listen,
+            data_dir: general.data_dir,
+            tls: general.tls,
+            admin_token_sha256: general.admin_token_sha256,
+            missing_timeout: raw.missing_timeout.0,
+            max_starting: raw.max_starting,
+            max_log_bytes: raw.max_log_bytes,
+            max_agents: raw.max_agents,
+            index: WorkerIndex::of(&workers),
+            workers,
+            builders,
+            locks,
+            timezone: raw.timezone,
+            hooks,
+        };
+        errors
+            .into_result(config)
+            .map_err(|errors| ConfigError::from_diag(&errors))
+    }
+}

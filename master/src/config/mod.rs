@@ -4,6 +4,7 @@
 //! One module per section; `parse` runs them in order and collects every
 //! error.
 
+mod agent_limits;
 mod builders;
 mod duration;
 mod error;
@@ -26,6 +27,7 @@ use nightshift_proto::diag::parse_toml;
 
 use crate::locks::LockDef;
 
+pub use agent_limits::AgentLimits;
 pub use builders::{Admission, BuilderDef};
 pub use duration::Secs;
 pub use error::{ConfigError, ConfigIssue};
@@ -94,6 +96,7 @@ struct RawConfig {
     #[serde(default = "default_max_log_bytes")]
     max_log_bytes: u64,
     max_agents: Option<u32>,
+    agent_limits: Option<agent_limits::RawAgentLimits>,
     #[serde(default)]
     worker: Vec<RawWorker>,
     #[serde(default)]
@@ -123,6 +126,8 @@ pub struct MasterConfig {
     /// Most agents connected at once; `None`: as many as the descriptor
     /// limit leaves room for beside API clients and browsers.
     pub max_agents: Option<u32>,
+    /// What one agent connection may send and have queued (`[agent_limits]`).
+    pub agent_limits: AgentLimits,
     pub workers: Vec<WorkerDef>,
     pub builders: Vec<BuilderDef>,
     pub locks: Vec<LockDef>,
@@ -227,6 +232,7 @@ impl MasterConfig {
         let written = Written::of(text);
 
         let general = general::parse_general(&raw, base, &mut errors);
+        let agent_limits = agent_limits::parse_agent_limits(raw.agent_limits.as_ref(), &mut errors);
         let (workers, worker_names) = workers::parse_workers(raw.worker, &written, &mut errors);
         let (locks, lock_names) =
             locks::parse_locks(raw.lock, &worker_names, &written, &mut errors);
@@ -257,6 +263,7 @@ impl MasterConfig {
             max_starting: raw.max_starting,
             max_log_bytes: raw.max_log_bytes,
             max_agents: raw.max_agents,
+            agent_limits,
             index: WorkerIndex::of(&workers),
             workers,
             builders,

@@ -899,3 +899,81 @@ async fn builds_restored_at_a_restart_stay_out_of_the_wait_histogram() -> anyhow
     );
     Ok(())
 }
+
+/// VmRSS of process `pid` in bytes, from /proc.
+fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    let status = fs_err::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS line")?;
+    Ok(kib * 1024)
+}
+
+/// A step running `yes` on a link the master throttles to 10 frames/s: the
+/// real agent stays under 64 MiB resident (the step waits on its pipe while
+/// output waits for credit), and the build's result and the end of its log
+/// still arrive. (The minute-long run is in `nightshift-bench`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_flooding_a_slow_link_keeps_the_agent_small_and_its_result_arrives()
+-> anyhow::Result<()> {
+    const LIMIT: u64 = 64 * 1024 * 1024;
+    let mut farm = Farm::builder()
+        .worker(WorkerSpec::new("w"))
+        .builder(
+            "flood",
+            &["w"],
+            &[("flood", "timeout 12 yes; echo after-the-flood")],
+        )
+        .master_toml("[agent_limits]\nframes_per_second = 10\nframe_burst = 10\n")
+        .start()
+        .await?;
+    farm.start_worker("w")?;
+    farm.wait_worker_ready("w").await?;
+    let pid = farm.agent("w").context("the worker runs")?.child.id();
+    let api = farm.api()?;
+    let id = api.submit("flood", BTreeMap::new()).await?.build_id;
+    farm.wait_build_state(id, "the flood running", |b| b.state == BuildState::Running)
+        .await?;
+    // Sample the agent's RSS while the build runs (a measurement, not a
+    // synchronisation: the build's end is awaited through the API).
+    let mut peak = 0;
+    let mut samples = 0;
+    let finished = loop {
+        peak = peak.max(rss_bytes(pid)?);
+        samples += 1;
+        let build = api.wait(id, 1).await?;
+        if build.state == BuildState::Finished {
+            break build;
+        }
+    };
+    eprintln!(
+        "agent peak RSS {:.1} MiB over {samples} samples",
+        peak as f64 / 1048576.0
+    );
+    assert!(
+        peak < LIMIT,
+        "the agent reached {peak} bytes resident (limit {LIMIT})\n{}",
+        farm.worker_log("w")
+    );
+    assert_eq!(
+        finished.outcome,
+        Some(Outcome::Success),
+        "{finished:?}\n{}",
+        farm.worker_log("w")
+    );
+    let log = api.log(id).await?.log;
+    assert!(
+        log.ends_with("y\nafter-the-flood\n"),
+        "the log's end: {:?}",
+        &log[log.len().saturating_sub(200)..]
+    );
+    // The slow link carried megabytes, not gigabytes: the step waited.
+    assert!(
+        log.len() < 32 * 1024 * 1024,
+        "{} bytes: the step was not held back",
+        log.len()
+    );
+    Ok(())
+}

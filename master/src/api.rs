@@ -50,6 +50,8 @@ pub struct AppState {
     pub agent_slots: Arc<crate::server::ConnectionGate>,
     /// What webhooks, polling and timed builds did.
     pub trigger_counters: Arc<crate::triggers::TriggerCounters>,
+    /// Dashboard logins.
+    pub sessions: Arc<crate::session::Sessions>,
 }
 
 /// An error response: status plus [`ApiError`] JSON.
@@ -91,14 +93,21 @@ pub fn bearer(headers: &HeaderMap) -> Option<String> {
     (!token.is_empty()).then(|| token.to_owned())
 }
 
+/// Whether `token` is the admin token (compared by hash, in constant time).
+pub fn is_admin_token(state: &AppState, token: &str) -> bool {
+    constant_time_eq(
+        token_sha256(token).as_bytes(),
+        state.admin_token_sha256.as_bytes(),
+    )
+}
+
+/// Whether the request carries the admin token as its bearer token.
+pub fn is_admin(state: &AppState, headers: &HeaderMap) -> bool {
+    bearer(headers).is_some_and(|token| is_admin_token(state, &token))
+}
+
 async fn require_admin(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    let authorized = bearer(request.headers()).is_some_and(|token| {
-        constant_time_eq(
-            token_sha256(&token).as_bytes(),
-            state.admin_token_sha256.as_bytes(),
-        )
-    });
-    if !authorized {
+    if !is_admin(&state, request.headers()) {
         return Failure(
             StatusCode::UNAUTHORIZED,
             "missing or wrong admin token (Authorization: Bearer <token>)".into(),
@@ -425,7 +434,15 @@ async fn metrics(State(state): State<AppState>) -> Result<Response, Failure> {
         .iter()
         .map(|b| b.name.clone())
         .collect();
-    let text = crate::metrics::METRICS.render(&live, &builders, &depths);
+    let mut text = crate::metrics::METRICS.render(&live, &builders, &depths);
+    let hooks: Vec<String> = state
+        .config
+        .get()
+        .hooks
+        .iter()
+        .map(|h| h.name.clone())
+        .collect();
+    state.trigger_counters.render_metrics(&mut text, &hooks);
     Ok((
         [(
             header::CONTENT_TYPE,
@@ -485,7 +502,9 @@ fn page_of_workers(
     }
 }
 
-async fn set_paused(state: &AppState, paused: bool) -> Result<Json<PauseState>, Failure> {
+/// Pauses or resumes the farm (stored, then told to the scheduler): the
+/// API's and the dashboard's one way.
+pub async fn set_paused(state: &AppState, paused: bool) -> Result<Json<PauseState>, Failure> {
     state
         .store
         .set_paused(paused)

@@ -91,7 +91,11 @@ pub fn step_rows(build: &BuildInfo, names: &[String], now: Timestamp) -> Vec<Ste
 }
 
 /// `GET /builds/{id}`.
-pub async fn page(State(state): State<AppState>, Path(id): Path<String>) -> Response {
+pub async fn page(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    viewer: Option<axum::Extension<crate::session::Viewer>>,
+) -> Response {
     let Ok(id) = id.parse::<BuildId>() else {
         return (
             StatusCode::BAD_REQUEST,
@@ -136,9 +140,11 @@ pub async fn page(State(state): State<AppState>, Path(id): Path<String>) -> Resp
                 .collect()
         })
         .unwrap_or_default();
+    let controls = crate::actions::build_controls(&build, &crate::session::viewer(viewer));
     let html = render(
         &build,
         &names,
+        &controls,
         &watch.log,
         watch.cut,
         Timestamp::now(),
@@ -147,10 +153,12 @@ pub async fn page(State(state): State<AppState>, Path(id): Path<String>) -> Resp
     ([(header::CACHE_CONTROL, "no-store")], Html(html)).into_response()
 }
 
-/// The build page for `build` with its log so far, as of `now`.
+/// The build page for `build` with its log so far, as of `now`;
+/// `controls` is the viewer's actions (`actions::build_controls`).
 pub fn render(
     build: &BuildInfo,
     step_names: &[String],
+    controls: &str,
     log: &str,
     cut: bool,
     now: Timestamp,
@@ -167,7 +175,7 @@ pub fn render(
          <meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">\
          <title>Build #{id} {builder} ({state}) · nightshift</title><style>{STYLE}</style></head>\
          <body><div class=\"wrap\"><header class=\"top\"><h1><a class=\"brand\" href=\"/\">nightshift</a> \
-         build #{id}</h1><span class=\"pill {state}\" id=\"build-state\">{state}</span></header>",
+         build #{id}</h1><span class=\"pill {state}\" id=\"build-state\">{state}</span>{controls}</header>",
         id = build.id,
         builder = esc(&build.builder),
     );
@@ -492,6 +500,7 @@ mod tests {
         let html = render(
             &b,
             &names(),
+            "",
             "<script>x</script>\n",
             false,
             now,
@@ -536,7 +545,7 @@ mod tests {
         let rows = step_rows(&b, &names(), now);
         let states: Vec<&str> = rows.iter().map(|r| r.state.as_str()).collect();
         assert_eq!(states, ["success", "failure", "skipped"]);
-        let html = render(&b, &names(), "tail\n", true, now, &TimeZone::UTC);
+        let html = render(&b, &names(), "", "tail\n", true, now, &TimeZone::UTC);
         assert!(!html.contains("EventSource"));
         assert!(html.contains("(complete)"));
         assert!(html.contains("took 2m05s"));

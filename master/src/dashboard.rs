@@ -1,8 +1,10 @@
-//! A small read-only HTML page at `/` for the farm's admin: every worker's
-//! state and why (with latent instances), and the latest builds, in the
-//! master's local time. Server-rendered, no scripts, no external assets; it
-//! refreshes itself every 10 s with a meta refresh. Each build links to its
-//! page (`build_page`, with the log); build properties are never shown.
+//! A small HTML page at `/` for the farm's admin: every worker's state and
+//! why (with latent instances), and the latest builds, in the master's local
+//! time. Server-rendered, no scripts, no external assets; it refreshes itself
+//! every 10 s with a meta refresh. Each build links to its page
+//! (`build_page`, with the log); build properties are never shown. A
+//! logged-in viewer also gets the `actions` forms (pause/resume, cancel,
+//! rebuild).
 
 use std::collections::BTreeMap;
 use std::fmt::Write;
@@ -17,8 +19,10 @@ use nightshift_proto::api::{BuildInfo, BuildState, LatentInfo, WorkerInfo, Worke
 use nightshift_proto::wire::{BuildId, Outcome};
 use tokio::sync::oneshot;
 
+use crate::actions;
 use crate::api::AppState;
 use crate::scheduler::Event;
+use crate::session::Viewer;
 
 /// How many builds the page lists, newest first.
 const LATEST_BUILDS: u32 = 50;
@@ -53,7 +57,10 @@ pub fn esc(text: &str) -> String {
 
 /// `GET /`: asks the scheduler for its live view and the store for the
 /// latest builds, then renders the page in the master's local time zone.
-pub async fn page(State(state): State<AppState>) -> Response {
+pub async fn page(
+    State(state): State<AppState>,
+    viewer: Option<axum::Extension<crate::session::Viewer>>,
+) -> Response {
     let (reply, answer) = oneshot::channel();
     if state.events.send(Event::Snapshot { reply }).is_err() {
         return (StatusCode::SERVICE_UNAVAILABLE, "master is stopping").into_response();
@@ -74,6 +81,7 @@ pub async fn page(State(state): State<AppState>) -> Response {
         &snapshot.workers,
         &builds,
         counts,
+        &crate::session::viewer(viewer),
         Timestamp::now(),
         &TimeZone::system(),
     );
@@ -160,11 +168,13 @@ fn plural(n: usize, one: &str, many: &str) -> String {
     format!("{n} {}", if n == 1 { one } else { many })
 }
 
-/// The whole page for these workers and builds as of `now`, times in `tz`.
+/// The whole page for these workers and builds as of `now`, times in `tz`,
+/// with the actions `viewer` may take.
 pub fn render(
     workers: &WorkerList,
     builds: &[BuildInfo],
     counts: BuildCounts,
+    viewer: &Viewer,
     now: Timestamp,
     tz: &TimeZone,
 ) -> String {
@@ -181,19 +191,24 @@ pub fn render(
          <meta http-equiv=\"refresh\" content=\"{REFRESH_SECS}\">\
          <title>{title}</title><style>{STYLE}</style></head><body><div class=\"wrap\">"
     );
-    render_header(&mut html, workers, counts, now, tz);
+    render_header(&mut html, workers, counts, viewer, now, tz);
     render_workers(&mut html, &workers.workers, now, tz);
-    render_builds(&mut html, builds, now, tz);
+    render_builds(&mut html, builds, viewer.csrf.as_deref(), now, tz);
     let zone = tz
         .iana_name()
         .map(str::to_owned)
         .unwrap_or_else(|| now.to_zoned(tz.clone()).strftime("%Z").to_string());
     let _ = write!(
         html,
-        "<footer class=\"foot\">Read-only; refreshes every {REFRESH_SECS} s. Times are the \
+        "<footer class=\"foot\">{}; refreshes every {REFRESH_SECS} s. Times are the \
          master's local time ({}). A build's number opens its page with the log; \
          build properties need the admin token: <code>master builds</code> or the API.</footer>\
          </div></body></html>",
+        if viewer.csrf.is_some() {
+            "Logged in"
+        } else {
+            "Read-only"
+        },
         esc(&zone)
     );
     html
@@ -204,15 +219,24 @@ fn render_header(
     html: &mut String,
     workers: &WorkerList,
     counts: BuildCounts,
+    viewer: &Viewer,
     now: Timestamp,
     tz: &TimeZone,
 ) {
+    let farm_button = match &viewer.csrf {
+        Some(csrf) if workers.paused => {
+            actions::button("/farm/resume", "Resume the farm", "resume", "", csrf)
+        }
+        Some(csrf) => actions::button("/farm/pause", "Pause the farm", "pause", "", csrf),
+        None => String::new(),
+    };
     let _ = write!(
         html,
         "<header class=\"top\"><h1><span class=\"brand\">nightshift</span> master</h1>\
-         <span class=\"asof\" title=\"{}\">as of {}</span></header>",
+         <span class=\"asof\" title=\"{}\">as of {}</span><div class=\"controls\">{farm_button}{}</div></header>",
         esc(&full_time(now, tz)),
         esc(&now.to_zoned(tz.clone()).strftime("%H:%M:%S %Z").to_string()),
+        actions::account_html(viewer, "/"),
     );
     let count = |state: PresenceState| workers.workers.iter().filter(|w| w.state == state).count();
     let _ = write!(
@@ -389,7 +413,13 @@ fn render_latent(html: &mut String, latent: &LatentInfo, now: Timestamp, tz: &Ti
 }
 
 /// The latest builds card.
-fn render_builds(html: &mut String, builds: &[BuildInfo], now: Timestamp, tz: &TimeZone) {
+fn render_builds(
+    html: &mut String,
+    builds: &[BuildInfo],
+    csrf: Option<&str>,
+    now: Timestamp,
+    tz: &TimeZone,
+) {
     let _ = write!(
         html,
         "<section class=\"card\"><h2>Latest builds <span class=\"count\">(newest first, \
@@ -404,9 +434,12 @@ fn render_builds(html: &mut String, builds: &[BuildInfo], now: Timestamp, tz: &T
     }
     html.push_str(
         "<table><thead><tr><th>#</th><th>Builder</th><th>Source</th><th>State</th><th>Worker</th>\
-         <th>Outcome</th><th>Retries</th><th>Detail</th><th>Submitted</th><th>Duration</th>\
-         </tr></thead><tbody>",
+         <th>Outcome</th><th>Retries</th><th>Detail</th><th>Submitted</th><th>Duration</th>",
     );
+    if csrf.is_some() {
+        html.push_str("<th>Action</th>");
+    }
+    html.push_str("</tr></thead><tbody>");
     for b in builds {
         let state = match (b.state, b.outcome) {
             (BuildState::Finished, Some(Outcome::Cancelled)) => "cancelled",
@@ -477,10 +510,32 @@ fn render_builds(html: &mut String, builds: &[BuildInfo], now: Timestamp, tz: &T
         let _ = write!(
             html,
             "</td><td data-label=\"Submitted\" class=\"num\">{}</td>\
-             <td data-label=\"Duration\" class=\"num\">{}</td></tr>",
+             <td data-label=\"Duration\" class=\"num\">{}</td>",
             time_html(b.submitted_at, now, tz),
             build_duration(b, now),
         );
+        if let Some(csrf) = csrf {
+            html.push_str("<td data-label=\"Action\">");
+            html.push_str(&if b.state == BuildState::Finished {
+                actions::button(
+                    &format!("/builds/{}/rebuild", b.id),
+                    "Rebuild",
+                    &format!("rebuild-{}", b.id),
+                    "small",
+                    csrf,
+                )
+            } else {
+                actions::button(
+                    &format!("/builds/{}/cancel", b.id),
+                    "Cancel",
+                    &format!("cancel-{}", b.id),
+                    "small danger",
+                    csrf,
+                )
+            });
+            html.push_str("</td>");
+        }
+        html.push_str("</tr>");
     }
     html.push_str("</tbody></table></section>");
 }
@@ -681,7 +736,7 @@ mod tests {
             running: 1,
         };
 
-        let html = render(&workers, &builds, counts, now, &tz);
+        let html = render(&workers, &builds, counts, &Viewer::default(), now, &tz);
 
         // Escaped, never raw.
         assert!(!html.contains("<script>"), "{html}");
@@ -726,13 +781,76 @@ mod tests {
     }
 
     #[test]
+    fn a_session_gets_forms_with_its_csrf_token_and_nobody_else_does() {
+        let now = at("2026-11-23T13:30:00Z");
+        let mut workers = WorkerList {
+            paused: false,
+            workers: Vec::new(),
+        };
+        let mut done = build(6, BuildState::Finished);
+        done.outcome = Some(Outcome::Success);
+        let builds = vec![build(7, BuildState::Queued), done];
+        let session = Viewer {
+            authenticated: true,
+            csrf: Some("c5rf".to_owned()),
+        };
+        let html = render(
+            &workers,
+            &builds,
+            BuildCounts::default(),
+            &session,
+            now,
+            &TimeZone::UTC,
+        );
+        assert!(html.contains("action=\"/farm/pause\""), "{html}");
+        assert!(html.contains("action=\"/builds/7/cancel\""), "{html}");
+        assert!(html.contains("action=\"/builds/6/rebuild\""), "{html}");
+        assert!(!html.contains("/builds/6/cancel"), "{html}");
+        assert!(html.contains("action=\"/logout\""), "{html}");
+        assert_eq!(
+            html.matches("name=\"csrf\" value=\"c5rf\"").count(),
+            html.matches("<form").count(),
+            "every form carries the token"
+        );
+        workers.paused = true;
+        let paused = render(
+            &workers,
+            &builds,
+            BuildCounts::default(),
+            &session,
+            now,
+            &TimeZone::UTC,
+        );
+        assert!(paused.contains("action=\"/farm/resume\""), "{paused}");
+        assert!(!paused.contains("/farm/pause"), "{paused}");
+
+        let anonymous = render(
+            &workers,
+            &builds,
+            BuildCounts::default(),
+            &Viewer::default(),
+            now,
+            &TimeZone::UTC,
+        );
+        assert!(!anonymous.contains("<form"), "{anonymous}");
+        assert!(anonymous.contains("href=\"/login?next=/\""), "{anonymous}");
+    }
+
+    #[test]
     fn an_unpaused_empty_farm_says_what_to_do() {
         let now = at("2026-11-23T13:30:00Z");
         let workers = WorkerList {
             paused: false,
             workers: Vec::new(),
         };
-        let html = render(&workers, &[], BuildCounts::default(), now, &TimeZone::UTC);
+        let html = render(
+            &workers,
+            &[],
+            BuildCounts::default(),
+            &Viewer::default(),
+            now,
+            &TimeZone::UTC,
+        );
         let text = strip_tags(&html);
         assert!(!text.contains("Paused"), "{text}");
         assert!(text.contains("0 workers: 0 available"), "{text}");

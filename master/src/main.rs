@@ -1,6 +1,7 @@
 //! The `master` binary: parses the command line and runs one verb. Exit
 //! codes ([`ExitStatus`]): 0 ok, 1 failure, 2 usage or config error.
 
+mod actions;
 mod api;
 mod build_page;
 mod cli;
@@ -13,6 +14,7 @@ mod live_log;
 mod run;
 mod scheduler;
 mod server;
+mod session;
 mod store;
 mod triggers;
 

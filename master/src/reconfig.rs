@@ -286,6 +286,13 @@ pub fn check(old: &MasterConfig, new: &MasterConfig) -> Result<ReconfigPlan, Rec
             new.missing_timeout.as_secs()
         ));
     }
+    if old.dashboard != new.dashboard {
+        settings.push(format!(
+            "dashboard: {} -> {}",
+            old.dashboard.as_str(),
+            new.dashboard.as_str()
+        ));
+    }
     Ok(plan(
         (&workers(old), &workers(new)),
         (&builders(old), &builders(new)),
@@ -426,6 +433,17 @@ steps = [{ name = "s", command = "true" }]
         assert_eq!(plan.locks.changed, vec!["db"]);
         assert_eq!(plan.settings, vec!["max_starting: 2 -> 3"]);
         assert!(check(&old, &old).unwrap().is_empty());
+    }
+
+    #[test]
+    fn the_dashboard_setting_changes_live() {
+        let old = config(BASE);
+        let new = config(&BASE.replace(
+            "data_dir = \"data\"",
+            "data_dir = \"data\"\ndashboard = \"public\"",
+        ));
+        let plan = check(&old, &new).unwrap();
+        assert_eq!(plan.settings, vec!["dashboard: login -> public"]);
     }
 
     #[test]

@@ -397,6 +397,8 @@ pub async fn run(
     listen: Option<std::net::SocketAddr>,
 ) -> anyhow::Result<ExitStatus> {
     let (mut config, embedded) = resolve_config(config_path, true)?;
+    let test_clock =
+        crate::triggers::test_clock_start(std::env::var_os(crate::triggers::TEST_CLOCK_ENV))?;
     if let Some(listen) = listen {
         config.listen = listen;
     }
@@ -535,6 +537,7 @@ pub async fn run(
         agent_events,
         admin_token_sha256: admin_hash,
         next_conn: Arc::new(AtomicU64::new(1)),
+        sessions: Arc::default(),
     };
     // SIGHUP reloads master.toml, as `master reconfig` does.
     let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
@@ -558,7 +561,7 @@ pub async fn run(
             events: state.events.clone(),
             counters: trigger_counters,
         },
-        Arc::new(SystemClock),
+        crate::triggers::trigger_clock(test_clock),
     );
     let router = crate::server::router(state);
 
@@ -567,7 +570,18 @@ pub async fn run(
         .replacen("https://", "wss://", 1)
         .replacen("http://", "ws://", 1);
     println!("nightshift master ready on {url}");
-    println!("  dashboard:  {url}/");
+    match (config.dashboard, &config.admin_token_sha256) {
+        (crate::config::DashboardAccess::Public, _) => {
+            println!("  dashboard:  {url}/  (public; actions need a login)")
+        }
+        (crate::config::DashboardAccess::Login, None) => println!(
+            "  dashboard:  {url}/  (log in with the admin token in {})",
+            data_dir.join(ADMIN_TOKEN_FILE).display()
+        ),
+        (crate::config::DashboardAccess::Login, Some(_)) => {
+            println!("  dashboard:  {url}/  (log in with the admin token)")
+        }
+    }
     println!(
         "  config:     {}",
         if embedded {

@@ -16,7 +16,7 @@ use axum::extract::State;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use nightshift_proto::api::ApiError;
@@ -239,11 +239,31 @@ impl FrameLimits {
 
 /// The whole router: the admin API plus the agent endpoint.
 pub fn router(state: AppState) -> Router {
-    crate::api::router(state.clone())
-        .route(WS_PATH, get(agent_upgrade))
+    // The dashboard's pages: readable by anyone, or only after a login
+    // (`dashboard`); the gate also tells each page who is looking.
+    let pages = Router::new()
         .route("/", get(crate::dashboard::page))
         .route("/builds/{id}", get(crate::build_page::page))
         .route("/builds/{id}/events", get(crate::build_page::events))
+        .route_layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            crate::session::gate,
+        ));
+    // Logins and actions check their own session, CSRF token and origin.
+    let forms = Router::new()
+        .route(
+            "/login",
+            get(crate::session::login_page).post(crate::session::login),
+        )
+        .route("/logout", post(crate::session::logout))
+        .route("/builds/{id}/cancel", post(crate::actions::cancel))
+        .route("/builds/{id}/rebuild", post(crate::actions::rebuild))
+        .route("/farm/pause", post(crate::actions::pause))
+        .route("/farm/resume", post(crate::actions::resume));
+    crate::api::router(state.clone())
+        .route(WS_PATH, get(agent_upgrade))
+        .merge(pages)
+        .merge(forms)
         .route(
             "/hooks/{name}",
             axum::routing::post(crate::triggers::webhook::receive),

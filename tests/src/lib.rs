@@ -478,6 +478,7 @@ pub struct FarmBuilder {
     extra: String,
     missing_timeout: Option<String>,
     insecure: bool,
+    master_env: Vec<(String, String)>,
 }
 
 fn toml_str(text: &str) -> String {
@@ -521,6 +522,13 @@ impl FarmBuilder {
         self
     }
 
+    /// An environment variable for every start of the master (e.g. a test
+    /// hook such as `NIGHTSHIFT_TEST_TRIGGER_CLOCK`).
+    pub fn master_env(mut self, key: &str, value: &str) -> FarmBuilder {
+        self.master_env.push((key.to_owned(), value.to_owned()));
+        self
+    }
+
     /// `missing_timeout` of master.toml, e.g. `"3s"`.
     pub fn missing_timeout(mut self, timeout: &str) -> FarmBuilder {
         self.missing_timeout = Some(timeout.to_owned());
@@ -561,6 +569,7 @@ impl FarmBuilder {
             config,
             port: 0,
             insecure: self.insecure,
+            master_env: self.master_env,
             workers: self.workers,
             master: None,
             agents: BTreeMap::new(),
@@ -666,6 +675,8 @@ pub struct Farm {
     pub port: u16,
     /// Plain HTTP/`ws://` ([`FarmBuilder::insecure`]) instead of TLS.
     insecure: bool,
+    /// Environment variables for the master ([`FarmBuilder::master_env`]).
+    master_env: Vec<(String, String)>,
     workers: Vec<WorkerSpec>,
     master: Option<Spawned>,
     agents: BTreeMap<String, AgentProcess>,
@@ -789,6 +800,7 @@ impl Farm {
             .arg(&config)
             .current_dir(self.dir.path())
             .env("NIGHTSHIFT_LOG", "info")
+            .envs(self.master_env.iter().map(|(k, v)| (k, v)))
             .stderr(stderr);
         let master = Spawned::start("master", command)?;
         let ready = master

@@ -1,6 +1,8 @@
 //! The worker's status page in a real headless Chromium: open the page, click
 //! "away for 1 hour", see the state change live (no reload), save a
-//! screenshot to `target/screenshots/status-page.png`.
+//! screenshot to `target/screenshots/status-page.png`. And the master's
+//! build page over TLS: log in with the admin token, watch a live log line
+//! arrive, click cancel, see the build cancelled.
 //!
 //! Needs Debian's `chromium` package (`/usr/bin/chromium`, or the path in
 //! `NIGHTSHIFT_CHROMIUM`) and the workspace binaries built
@@ -58,6 +60,8 @@ mod cdp {
                     "--hide-scrollbars",
                     "--remote-debugging-address=127.0.0.1",
                     "--remote-debugging-port=0",
+                    // The test master's certificate is self-signed.
+                    "--ignore-certificate-errors",
                 ])
                 .arg(format!("--user-data-dir={}", profile.path().display()))
                 .arg("about:blank")
@@ -161,6 +165,12 @@ mod cdp {
         pub async fn call(&mut self, method: &str, params: Value) -> anyhow::Result<Value> {
             let session = self.session.clone();
             self.send(session, method, params).await
+        }
+
+        /// Forgets the events seen so far (before an action whose own
+        /// events are awaited next).
+        pub fn clear_events(&mut self) {
+            self.events.clear();
         }
 
         /// Waits for a page event (e.g. `Page.loadEventFired`).
@@ -450,6 +460,201 @@ state = "reluctant"
 
     drop(browser);
     farm.stop_worker("lab-3").await
+}
+
+/// Evaluates `wait_for_js(predicate)` until it holds, across the page's own
+/// navigations (a form post, a reload when the build ends), which destroy
+/// the evaluation; fails after `DEADLINE`.
+async fn wait_across_loads(browser: &mut cdp::Browser, predicate: &str) -> anyhow::Result<()> {
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut last = String::new();
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if left.is_zero() {
+            bail!("timed out waiting for {predicate}: {last}");
+        }
+        match tokio::time::timeout(
+            left,
+            browser.evaluate(&wait_for_js(predicate, left.as_millis())),
+        )
+        .await
+        {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(e)) => {
+                last = format!("{e:#}");
+                // The document went away under the evaluation: wait for the
+                // next one to load.
+                if last.contains("context") || last.contains("navigat") {
+                    let _ = tokio::time::timeout(left, browser.event("Page.loadEventFired")).await;
+                } else if last.contains("timed out waiting") {
+                    bail!("{last}");
+                } else {
+                    let _ = tokio::time::timeout(
+                        std::time::Duration::from_millis(200),
+                        browser.event("Page.loadEventFired"),
+                    )
+                    .await;
+                }
+            }
+            Err(_) => bail!("timed out waiting for {predicate}: {last}"),
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn build_page_login_live_log_and_cancel() -> anyhow::Result<()> {
+    use nightshift_proto::api::BuildState;
+    use nightshift_proto::wire::Outcome;
+
+    let chromium = chromium()?;
+    let gate = tempfile::tempdir()?;
+    let release = gate.path().join("release");
+    let step = format!(
+        "echo first-live-line; while [ ! -e '{}' ]; do sleep 0.05; done; \
+         echo second-live-line; sleep 600",
+        release.display()
+    );
+    // TLS (the default): the session cookie is `Secure`.
+    let mut farm = Farm::builder()
+        .worker(WorkerSpec::new("w1"))
+        .builder("app", &["w1"], &[("build", &step)])
+        .start()
+        .await?;
+    farm.start_worker("w1")?;
+    let api = farm.api()?;
+    let id = api
+        .submit("app", std::collections::BTreeMap::new())
+        .await?
+        .build_id;
+    farm.wait_build_state(id, "the build running", |b| b.state == BuildState::Running)
+        .await
+        .with_context(|| format!("master log:\n{}", farm.master_log()))?;
+    let url = format!("https://127.0.0.1:{}/builds/{id}", farm.port);
+    let token = farm.admin_token()?;
+    let mut browser =
+        tokio::time::timeout(DEADLINE, cdp::Browser::launch(&chromium, DEADLINE)).await??;
+    let ms = DEADLINE.as_millis();
+
+    // The build page sends a browser without a session to the login.
+    tokio::time::timeout(DEADLINE, async {
+        browser.call("Page.enable", json!({})).await?;
+        browser.call("Network.enable", json!({})).await?;
+        browser.clear_events();
+        browser.call("Page.navigate", json!({"url": url})).await?;
+        browser.event("Page.loadEventFired").await?;
+        anyhow::Ok(())
+    })
+    .await
+    .context("loading the page")??;
+    let at = browser
+        .evaluate("location.pathname + location.search")
+        .await?;
+    assert_eq!(
+        at,
+        Value::String(format!("/login?next=/builds/{id}")),
+        "not sent to the login"
+    );
+
+    // Log in with the admin token: back on the build page, with a session.
+    browser
+        .evaluate(&format!(
+            "document.getElementById('token').value = {}",
+            serde_json::to_string(&token)?
+        ))
+        .await?;
+    browser.clear_events();
+    browser.click("#login").await?;
+    wait_across_loads(
+        &mut browser,
+        &format!("location.pathname === '/builds/{id}' && document.getElementById('cancel')"),
+    )
+    .await
+    .with_context(|| format!("master log:\n{}", farm.master_log()))?;
+    let cookies = browser
+        .call("Network.getCookies", json!({"urls": [url]}))
+        .await?;
+    let session = cookies["cookies"]
+        .as_array()
+        .and_then(|all| {
+            all.iter()
+                .find(|c| c["name"] == "__Host-nightshift_session")
+        })
+        .cloned()
+        .with_context(|| format!("no session cookie: {cookies}"))?;
+    assert_eq!(session["httpOnly"], true, "{session}");
+    assert_eq!(session["secure"], true, "{session}");
+    assert_eq!(session["sameSite"], "Strict", "{session}");
+    assert_eq!(
+        browser.evaluate("document.cookie").await?,
+        Value::String(String::new()),
+        "scripts cannot read the session"
+    );
+
+    // A live log line arrives without a reload.
+    browser
+        .evaluate(&wait_for_js(
+            "document.getElementById('log').textContent.includes('first-live-line')",
+            ms,
+        ))
+        .await
+        .context("the first line never showed")?;
+    browser.evaluate("window.__sameDocument = true").await?;
+    fs_err::write(&release, "")?;
+    browser
+        .evaluate(&wait_for_js(
+            "document.getElementById('log').textContent.includes('second-live-line')",
+            ms,
+        ))
+        .await
+        .with_context(|| {
+            format!(
+                "the live line never arrived; worker log:\n{}",
+                farm.worker_log("w1")
+            )
+        })?;
+    assert_eq!(
+        browser.evaluate("window.__sameDocument === true").await?,
+        Value::Bool(true),
+        "the page was reloaded instead of updated live"
+    );
+    assert_eq!(
+        browser
+            .evaluate("document.getElementById('build-state').textContent")
+            .await?,
+        Value::String("running".into())
+    );
+
+    // Cancel: the page comes back showing the build cancelled.
+    browser.clear_events();
+    browser.click("#cancel").await?;
+    wait_across_loads(
+        &mut browser,
+        "document.getElementById('build-state').textContent === 'cancelled'",
+    )
+    .await
+    .with_context(|| {
+        format!(
+            "master log:\n{}\nworker log:\n{}",
+            farm.master_log(),
+            farm.worker_log("w1")
+        )
+    })?;
+    let shown = browser.evaluate("document.body.innerText").await?;
+    let shown = shown.as_str().unwrap_or_default();
+    assert!(shown.contains("cancelled from the dashboard"), "{shown}");
+    assert!(
+        shown.contains("Rebuild"),
+        "a finished build offers a rebuild: {shown}"
+    );
+    let build = api.build(id).await?;
+    assert_eq!(build.outcome, Some(Outcome::Cancelled), "{build:?}");
+
+    let png = browser.screenshot(1000).await?;
+    let path = screenshot_dir()?.join("build-page.png");
+    fs_err::write(&path, &png).with_context(|| format!("writing {}", path.display()))?;
+    eprintln!("screenshot: {}", path.display());
+    drop(browser);
+    farm.stop_worker("w1").await
 }
 
 #[test]

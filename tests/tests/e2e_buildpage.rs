@@ -19,10 +19,13 @@ struct Streaming {
 }
 
 impl Streaming {
-    async fn open(port: u16, path: &str) -> anyhow::Result<Streaming> {
+    /// Opens `path` with the admin token (the dashboard is `login` by
+    /// default; the token stands in for a session when reading).
+    async fn open(port: u16, path: &str, token: &str) -> anyhow::Result<Streaming> {
         let mut tcp = TcpStream::connect(("127.0.0.1", port)).await?;
         let request = format!(
-            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAccept: text/event-stream\r\n\r\n"
+            "GET {path} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAccept: text/event-stream\r\n\
+             Authorization: Bearer {token}\r\n\r\n"
         );
         tcp.write_all(request.as_bytes()).await?;
         Ok(Streaming {
@@ -76,7 +79,8 @@ async fn a_live_log_line_arrives_over_sse_before_the_build_ends() -> anyhow::Res
             )
         })?;
 
-    let mut events = Streaming::open(port, &format!("/builds/{id}/events")).await?;
+    let token = farm.admin_token()?;
+    let mut events = Streaming::open(port, &format!("/builds/{id}/events"), &token).await?;
     events.until("text/event-stream").await?;
     // The first line arrives live (in the first `reset` or as a `log` event).
     events.until("first <line> & more").await?;
@@ -130,7 +134,7 @@ async fn a_live_log_line_arrives_over_sse_before_the_build_ends() -> anyhow::Res
     assert!(!page.contains("EventSource"), "{page}");
 
     // A finished build's stream says all and ends.
-    let mut again = Streaming::open(port, &format!("/builds/{id}/events")).await?;
+    let mut again = Streaming::open(port, &format!("/builds/{id}/events"), &token).await?;
     again.until("event: done").await?;
     assert!(again.seen.contains("second-line"), "{}", again.seen);
 

@@ -267,6 +267,24 @@ async fn a_signed_push_builds_exactly_its_revision_and_bad_hooks_queue_nothing()
     assert_eq!(counters["hook_malformed"], 1, "{counters}");
     assert_eq!(counters["hook_oversized"], 1, "{counters}");
     assert_eq!(counters["hook_builds_queued"], 1, "{counters}");
+    // The same counts, per hook and reason, in /metrics.
+    let (status, metrics) = farm.api()?.call_raw("GET", "/metrics", None).await?;
+    assert_eq!(status, 200, "{metrics}");
+    for line in [
+        "nightshift_master_hook_accepted_total{hook=\"gh\"} 1",
+        "nightshift_master_hook_builds_queued_total{hook=\"gh\"} 1",
+        "nightshift_master_hook_refused_total{hook=\"gh\",reason=\"bad_signature\"} 2",
+        "nightshift_master_hook_refused_total{hook=\"gh\",reason=\"malformed\"} 1",
+        "nightshift_master_hook_refused_total{hook=\"gh\",reason=\"oversized\"} 1",
+        "nightshift_master_hook_refused_total{hook=\"gh\",reason=\"secret_unavailable\"} 0",
+        "nightshift_master_hook_unknown_total 1",
+        "nightshift_master_triggered_builds_total{trigger=\"webhook\"} 1",
+    ] {
+        assert!(
+            metrics.lines().any(|l| l == line),
+            "no {line:?} in\n{metrics}"
+        );
+    }
 
     // `master builds` shows the source and the trigger.
     let (code, out, err) = farm.master_cli(&["builds"])?;

@@ -304,6 +304,8 @@ async fn both_metrics_endpoints_pass_promtool_and_the_masters_needs_the_admin_to
     let mut farm = Farm::builder()
         .worker(WorkerSpec::new("w1"))
         .builder("app", &["w1"], &[("build", "echo hi")])
+        // A hook, so that its per-hook families have samples to check.
+        .master_toml("[[hook]]\nname = \"gh\"\nkind = \"github\"\nsecret_file = \"hook.secret\"\n")
         .start()
         .await?;
     farm.start_worker("w1")?;
@@ -313,6 +315,12 @@ async fn both_metrics_endpoints_pass_promtool_and_the_masters_needs_the_admin_to
 
     let text = master_metrics(&farm).await?;
     promtool_check("master", &text)?;
+    assert!(
+        text.contains(
+            "nightshift_master_hook_refused_total{hook=\"gh\",reason=\"bad_signature\"} 0"
+        ),
+        "{text}"
+    );
     assert_eq!(
         sample(
             &text,

@@ -17,6 +17,28 @@ pub(super) struct RawTls {
     key_file: Option<String>,
 }
 
+/// Who may read the dashboard, build pages and live logs (`dashboard`).
+/// Actions (cancel, rebuild, pause/resume) need a login either way.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DashboardAccess {
+    /// Anyone who reaches the master's port.
+    Public,
+    /// Only a browser logged in with the admin token (the default: the
+    /// page shows owners' own words for their absences and build logs).
+    #[default]
+    Login,
+}
+
+impl DashboardAccess {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DashboardAccess::Public => "public",
+            DashboardAccess::Login => "login",
+        }
+    }
+}
+
 /// Where the master gets its certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum TlsMode {

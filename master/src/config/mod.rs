@@ -31,7 +31,7 @@ pub use agent_limits::AgentLimits;
 pub use builders::{Admission, BuilderDef};
 pub use duration::Secs;
 pub use error::{ConfigError, ConfigIssue};
-pub use general::TlsMode;
+pub use general::{DashboardAccess, TlsMode};
 pub use hooks::{HookDef, HookKind};
 pub use names::check_branch_name;
 pub use workers::{LatentProvider, WorkerDef};
@@ -107,6 +107,8 @@ struct RawConfig {
     timezone: Option<String>,
     #[serde(default)]
     hook: Vec<RawHook>,
+    #[serde(default)]
+    dashboard: DashboardAccess,
 }
 
 /// A validated master config.
@@ -134,6 +136,8 @@ pub struct MasterConfig {
     /// The zone timed builds' `schedule` is read in (`None`: the system's).
     pub timezone: Option<String>,
     pub hooks: Vec<HookDef>,
+    /// Who may read the dashboard (`dashboard = "public" | "login"`).
+    pub dashboard: DashboardAccess,
     /// `workers` by name and by token hash, so that looking one up costs the
     /// same with 10,000 workers as with 4 (built once by `parse`).
     pub index: WorkerIndex,
@@ -270,6 +274,7 @@ impl MasterConfig {
             locks,
             timezone: raw.timezone,
             hooks,
+            dashboard: raw.dashboard,
         };
         errors
             .into_result(config)

@@ -94,6 +94,15 @@ pub async fn run(live: LiveConfig, clock: Arc<dyn Clock>, fires: mpsc::Sender<Ti
     }
 }
 
+/// A timed build's trigger: the instant it fired for, in the master's
+/// zone (`schedule 2026-03-29 03:00 CEST`).
+pub fn schedule_trigger(at: Timestamp, tz: &jiff::tz::TimeZone) -> String {
+    format!(
+        "schedule {}",
+        at.to_zoned(tz.clone()).strftime("%Y-%m-%d %H:%M %Z")
+    )
+}
+
 /// Queues what the firing loop sends.
 pub async fn queue_fired(context: TriggerContext, mut fired: mpsc::Receiver<TimedFire>) {
     while let Some(fire) = fired.recv().await {
@@ -147,7 +156,7 @@ async fn queue_one(context: &TriggerContext, fire: TimedFire) {
         builder: builder.name.clone(),
         properties: Default::default(),
         source,
-        trigger: "schedule".into(),
+        trigger: schedule_trigger(fire.at, &config.time_zone()),
     };
     match context
         .store
@@ -236,6 +245,10 @@ mod tests {
         assert_eq!(first.at.to_string(), "2026-03-29T01:00:00Z");
         assert!(clock.now() >= first.at);
         assert!(clock.now() < first.at + jiff::SignedDuration::from_secs(1));
+        assert_eq!(
+            schedule_trigger(first.at, &jiff::tz::TimeZone::get("Europe/Berlin").unwrap()),
+            "schedule 2026-03-29 03:00 CEST"
+        );
         let second = fired.recv().await.unwrap();
         assert_eq!(second.at, local("2026-03-30T02:30:00", "Europe/Berlin"));
         assert!(clock.now() >= second.at);

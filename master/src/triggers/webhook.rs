@@ -18,7 +18,7 @@ use serde::Serialize;
 use serde_json::Value;
 use sha2::Sha256;
 
-use super::{TriggerCounters, queue_builds, source_for};
+use super::{HookResult, TriggerCounters, queue_builds, source_for};
 use crate::api::{AppState, bearer, constant_time_eq};
 use crate::config::{HookDef, HookKind, MasterConfig};
 use crate::store::NewBuild;
@@ -332,6 +332,7 @@ pub async fn receive(
         .and_then(|v| v.parse::<u64>().ok());
     if declared.is_some_and(|len| len > MAX_HOOK_BODY as u64) {
         TriggerCounters::bump(&counters.hook_oversized, 1);
+        counters.hook(&name, HookResult::Oversized, 1);
         return refuse(
             StatusCode::PAYLOAD_TOO_LARGE,
             format!("hook `{name}`: the body is larger than {MAX_HOOK_BODY} bytes"),
@@ -341,6 +342,7 @@ pub async fn receive(
         Ok(body) => body,
         Err(_) => {
             TriggerCounters::bump(&counters.hook_oversized, 1);
+            counters.hook(&name, HookResult::Oversized, 1);
             return refuse(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 format!(
@@ -356,6 +358,7 @@ pub async fn receive(
                 "hook `{name}`: cannot read its secret file {}: {e}",
                 hook.secret_file.display()
             );
+            counters.hook(&name, HookResult::SecretUnavailable, 1);
             return refuse(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!(
@@ -365,6 +368,7 @@ pub async fn receive(
         }
     };
     if secret.is_empty() {
+        counters.hook(&name, HookResult::SecretUnavailable, 1);
         return refuse(
             StatusCode::SERVICE_UNAVAILABLE,
             format!("hook `{name}`: the hook's secret file is empty"),
@@ -376,18 +380,22 @@ pub async fn receive(
         Ok(push) => push,
         Err(Rejection::BadSignature(why)) => {
             TriggerCounters::bump(&counters.hook_bad_signature, 1);
+            counters.hook(&name, HookResult::BadSignature, 1);
             return refuse(StatusCode::UNAUTHORIZED, format!("hook `{name}`: {why}"));
         }
         Err(Rejection::Malformed(why)) => {
             TriggerCounters::bump(&counters.hook_malformed, 1);
+            counters.hook(&name, HookResult::Malformed, 1);
             return refuse(StatusCode::BAD_REQUEST, format!("hook `{name}`: {why}"));
         }
         Err(Rejection::NotAPush(why)) => {
             TriggerCounters::bump(&counters.hook_accepted, 1);
+            counters.hook(&name, HookResult::Accepted, 1);
             return ignore(&counters, format!("hook `{name}`: {why}"));
         }
     };
     TriggerCounters::bump(&counters.hook_accepted, 1);
+    counters.hook(&name, HookResult::Accepted, 1);
     let Some(branch) = push.branch.clone() else {
         return ignore(
             &counters,
@@ -428,6 +436,7 @@ pub async fn receive(
     match queue_builds(&state.store, &state.events, builds, heads).await {
         Ok(ids) => {
             TriggerCounters::bump(&counters.hook_builds_queued, ids.len() as u64);
+            counters.hook(&name, HookResult::BuildQueued, ids.len() as u64);
             tracing::info!(
                 "hook `{name}`: push of {revision} to `{branch}` queued builds {ids:?} ({})",
                 names.join(", ")

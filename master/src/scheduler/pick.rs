@@ -408,9 +408,7 @@ mod tests {
                 with(w("held", Available), |f| f.cooling_off = true),
                 with(w("busy", Available), |f| f.running = 1),
             ],
-            Err(
-                "a worker: held cooling off (its lock lease of this build ended),                  busy busy (1/1)",
-            ),
+            Err("a worker: held cooling off (its lock lease of this build ended), busy busy (1/1)"),
         );
     }
 

@@ -289,6 +289,7 @@ mod tests {
             revision: Some("a".repeat(40)),
             trigger: None,
             collapsed_into: None,
+            artifacts: Vec::new(),
         }
     }
 

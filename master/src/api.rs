@@ -24,6 +24,7 @@ use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::artifacts::{download as artifact, list as artifacts};
 use crate::scheduler::{Event, Snapshot};
 use crate::store::{NewBuild, Store};
 
@@ -50,6 +51,8 @@ pub struct AppState {
     pub agent_slots: Arc<crate::server::ConnectionGate>,
     /// What webhooks, polling and timed builds did.
     pub trigger_counters: Arc<crate::triggers::TriggerCounters>,
+    /// Builds' stored artifacts.
+    pub artifacts: Arc<crate::artifacts::Artifacts>,
     /// Dashboard logins.
     pub sessions: Arc<crate::session::Sessions>,
 }
@@ -125,6 +128,8 @@ pub fn router(state: AppState) -> Router<AppState> {
         .route("/api/v1/builds/{id}/wait", get(wait_build))
         .route("/api/v1/builds/{id}/log", get(build_log))
         .route("/api/v1/builds/{id}/cancel", post(cancel_build))
+        .route("/api/v1/builds/{id}/artifacts", get(artifacts))
+        .route("/api/v1/builds/{id}/artifacts/{*name}", get(artifact))
         .route("/api/v1/workers", get(workers))
         .route("/api/v1/pause", post(pause))
         .route("/api/v1/resume", post(resume))

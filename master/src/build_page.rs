@@ -134,9 +134,12 @@ pub async fn page(
         .builder(&build.builder)
         .map(|def| {
             let checkout = def.source.is_some().then(|| "checkout".to_owned());
+            let upload =
+                (!def.artifacts.is_empty()).then(|| crate::scheduler::ARTIFACT_STEP.to_owned());
             checkout
                 .into_iter()
                 .chain(def.steps.iter().map(|s| s.name.clone()))
+                .chain(upload)
                 .collect()
         })
         .unwrap_or_default();
@@ -294,6 +297,7 @@ pub fn render(
         html.push_str("</tbody></table>");
     }
     html.push_str("</section>");
+    crate::artifacts::render_list(&mut html, build);
 
     let live = build.state != BuildState::Finished;
     let _ = write!(
@@ -461,6 +465,7 @@ mod tests {
             revision: Some("0123456789abcdef".to_owned()),
             trigger: Some("webhook gh".to_owned()),
             collapsed_into: None,
+            artifacts: Vec::new(),
         }
     }
 

@@ -90,6 +90,22 @@ pub enum Command {
         #[command(flatten)]
         conn: ConnArgs,
     },
+    /// List a build's artifacts (name, size, SHA-256), or download one with
+    /// --get, checking its SHA-256.
+    Artifacts {
+        build_id: u64,
+        /// Download this artifact (its name as listed, e.g. dist/x.tar.gz).
+        #[arg(long, value_name = "NAME")]
+        get: Option<String>,
+        /// Where to write the download (default: the artifact's file name in
+        /// the current directory).
+        #[arg(long, short, value_name = "PATH", requires = "get")]
+        output: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        conn: ConnArgs,
+    },
     /// Cancel a queued or running build.
     Cancel {
         build_id: u64,

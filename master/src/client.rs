@@ -1,5 +1,5 @@
 //! The CLI verbs that talk to a running master's API (`submit`, `workers`,
-//! `builds`, `log`, `cancel`, `pause`, `resume`), and how they find it: the
+//! `builds`, `log`, `artifacts`, `cancel`, `pause`, `resume`), and how they find it: the
 //! URL, the admin token and the certificate to trust.
 
 use std::collections::BTreeMap;
@@ -480,6 +480,100 @@ pub async fn log(client: &ApiClient, id: u64, json: bool) -> anyhow::Result<Exit
         print_json(&log)?;
     } else {
         print!("{}", log.log);
+    }
+    Ok(ExitStatus::Ok)
+}
+
+/// `master artifacts BUILD`: the build's artifacts as a table.
+pub async fn artifacts(client: &ApiClient, id: u64, json: bool) -> anyhow::Result<ExitStatus> {
+    let list = client.artifacts(id).await?;
+    if json {
+        print_json(&list)?;
+        return Ok(ExitStatus::Ok);
+    }
+    if list.artifacts.is_empty() {
+        println!("build {id} has no artifacts");
+        return Ok(ExitStatus::Ok);
+    }
+    let width = list
+        .artifacts
+        .iter()
+        .map(|a| a.name.chars().count())
+        .max()
+        .unwrap_or(4)
+        .max(4);
+    println!(
+        "{:<width$}  {:>12}  {:<64}  STORED",
+        "NAME", "BYTES", "SHA256"
+    );
+    let tz = TimeZone::system();
+    for artifact in &list.artifacts {
+        println!(
+            "{:<width$}  {:>12}  {:<64}  {}",
+            artifact.name,
+            artifact.size,
+            artifact.sha256,
+            artifact
+                .stored_at
+                .to_zoned(tz.clone())
+                .strftime("%Y-%m-%d %H:%M")
+        );
+    }
+    Ok(ExitStatus::Ok)
+}
+
+/// `master artifacts BUILD --get NAME [-o PATH]`: downloads the artifact
+/// and checks its size and SHA-256 against the master's record.
+pub async fn get_artifact(
+    client: &ApiClient,
+    id: u64,
+    name: &str,
+    output: Option<&Path>,
+    json: bool,
+) -> anyhow::Result<ExitStatus> {
+    let list = client.artifacts(id).await?;
+    let Some(record) = list.artifacts.iter().find(|a| a.name == name) else {
+        let known: Vec<&str> = list.artifacts.iter().map(|a| a.name.as_str()).collect();
+        bail!(
+            "build {id} has no artifact `{name}` (it has: {})",
+            if known.is_empty() {
+                "none".to_owned()
+            } else {
+                known.join(", ")
+            }
+        );
+    };
+    let dest = match output {
+        Some(path) => path.to_owned(),
+        None => PathBuf::from(name.rsplit('/').next().unwrap_or(name)),
+    };
+    let got = client.download_artifact(id, name, &dest).await?;
+    if got.sha256 != record.sha256 || got.size != record.size {
+        let _ = fs_err::remove_file(&dest);
+        bail!(
+            "artifact `{name}` of build {id}: downloaded {} bytes with sha256 {}, but the master              recorded {} bytes with sha256 {}; the file was removed",
+            got.size,
+            got.sha256,
+            record.size,
+            record.sha256
+        );
+    }
+    if json {
+        print_json(&serde_json::json!({
+            "build_id": id,
+            "name": name,
+            "path": dest,
+            "size": got.size,
+            "sha256": got.sha256,
+            "verified": true,
+        }))?;
+    } else {
+        println!(
+            "build {id}: {name} -> {} ({} bytes, sha256 {} verified)",
+            dest.display(),
+            got.size,
+            got.sha256
+        );
     }
     Ok(ExitStatus::Ok)
 }

@@ -687,6 +687,7 @@ mod tests {
             revision: None,
             trigger: None,
             collapsed_into: None,
+            artifacts: Vec::new(),
         }
     }
 

@@ -3,6 +3,7 @@
 
 mod actions;
 mod api;
+mod artifacts;
 mod build_page;
 mod cli;
 mod client;
@@ -114,6 +115,21 @@ async fn dispatch(cli: Cli) -> anyhow::Result<ExitStatus> {
             json,
             conn,
         } => client::log(&client::connect(&conn)?, build_id, json).await,
+        Command::Artifacts {
+            build_id,
+            get,
+            output,
+            json,
+            conn,
+        } => {
+            let client = client::connect(&conn)?;
+            match get {
+                Some(name) => {
+                    client::get_artifact(&client, build_id, &name, output.as_deref(), json).await
+                }
+                None => client::artifacts(&client, build_id, json).await,
+            }
+        }
         Command::Cancel {
             build_id,
             reason,

@@ -38,6 +38,8 @@ pub enum Refused {
     Adoption,
     /// A `cancelled` result that would consume another worker's cancel.
     Cancel,
+    /// An artifact upload.
+    Artifact,
 }
 
 impl Refused {
@@ -47,6 +49,7 @@ impl Refused {
             Refused::Result => "result",
             Refused::Adoption => "adoption",
             Refused::Cancel => "cancel",
+            Refused::Artifact => "artifact",
         }
     }
 }
@@ -164,6 +167,9 @@ pub struct Metrics {
     log_bytes_dropped: AtomicU64,
     store_queue_full: AtomicU64,
     frames_rate_limited: AtomicU64,
+    artifacts_stored: AtomicU64,
+    artifact_bytes_stored: AtomicU64,
+    artifact_uploads_rejected: AtomicU64,
 }
 
 impl Default for Metrics {
@@ -187,6 +193,9 @@ impl Metrics {
             log_bytes_dropped: AtomicU64::new(0),
             store_queue_full: AtomicU64::new(0),
             frames_rate_limited: AtomicU64::new(0),
+            artifacts_stored: AtomicU64::new(0),
+            artifact_bytes_stored: AtomicU64::new(0),
+            artifact_uploads_rejected: AtomicU64::new(0),
         }
     }
 
@@ -231,6 +240,20 @@ impl Metrics {
 
     pub fn log_bytes_dropped(&self, bytes: u64) {
         self.log_bytes_dropped.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// An artifact of `bytes` was verified and stored.
+    pub fn artifact_stored(&self, bytes: u64) {
+        self.artifacts_stored.fetch_add(1, Ordering::Relaxed);
+        self.artifact_bytes_stored
+            .fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// An artifact upload from the build's own worker was refused (too
+    /// large, bad name, checksum mismatch, broken off).
+    pub fn artifact_upload_rejected(&self) {
+        self.artifact_uploads_rejected
+            .fetch_add(1, Ordering::Relaxed);
     }
 
     pub fn store_queue_full(&self) {
@@ -437,6 +460,7 @@ impl Metrics {
             Refused::Result,
             Refused::Adoption,
             Refused::Cancel,
+            Refused::Artifact,
         ] {
             for why in [
                 RefusalReason::NotHandedToIt,
@@ -562,6 +586,27 @@ impl Metrics {
             &[],
             self.store_queue_full.load(Ordering::Relaxed) as f64,
         );
+        for (name, help, value) in [
+            (
+                "nightshift_master_artifacts_stored_total",
+                "Artifacts uploaded, verified (SHA-256) and stored.",
+                &self.artifacts_stored,
+            ),
+            (
+                "nightshift_master_artifact_bytes_stored_total",
+                "Bytes of artifacts stored.",
+                &self.artifact_bytes_stored,
+            ),
+            (
+                "nightshift_master_artifact_uploads_rejected_total",
+                "Artifact uploads of a build's own worker refused: over a size cap, a bad name, \
+                 a checksum mismatch or a broken-off body.",
+                &self.artifact_uploads_rejected,
+            ),
+        ] {
+            family(&mut out, name, "counter", help);
+            sample(&mut out, name, &[], value.load(Ordering::Relaxed) as f64);
+        }
         out
     }
 }

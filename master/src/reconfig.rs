@@ -286,6 +286,12 @@ pub fn check(old: &MasterConfig, new: &MasterConfig) -> Result<ReconfigPlan, Rec
             new.missing_timeout.as_secs()
         ));
     }
+    if old.artifacts != new.artifacts {
+        settings.push(format!(
+            "artifacts: {:?} -> {:?}",
+            old.artifacts, new.artifacts
+        ));
+    }
     if old.dashboard != new.dashboard {
         settings.push(format!(
             "dashboard: {} -> {}",

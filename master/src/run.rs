@@ -527,7 +527,9 @@ pub async fn run(
     scheduler.restore_step_grants(step_grants);
     tokio::spawn(scheduler.run(inbox, agent_inbox));
     let trigger_counters = Arc::new(crate::triggers::TriggerCounters::default());
+    let artifacts = crate::artifacts::Artifacts::new(&data_dir, store.clone())?;
     let state = AppState {
+        artifacts: Arc::clone(&artifacts),
         trigger_counters: Arc::clone(&trigger_counters),
         latent_tokens,
         agent_slots,
@@ -539,6 +541,7 @@ pub async fn run(
         next_conn: Arc::new(AtomicU64::new(1)),
         sessions: Arc::default(),
     };
+    tokio::spawn(crate::artifacts::retain(artifacts, state.config.clone()));
     // SIGHUP reloads master.toml, as `master reconfig` does.
     let mut sighup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("cannot listen for SIGHUP")?;

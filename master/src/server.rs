@@ -245,6 +245,10 @@ pub fn router(state: AppState) -> Router {
         .route("/", get(crate::dashboard::page))
         .route("/builds/{id}", get(crate::build_page::page))
         .route("/builds/{id}/events", get(crate::build_page::events))
+        .route(
+            "/builds/{id}/artifacts/{*name}",
+            get(crate::artifacts::download),
+        )
         .route_layer(axum::middleware::from_fn_with_state(
             state.clone(),
             crate::session::gate,
@@ -264,6 +268,10 @@ pub fn router(state: AppState) -> Router {
         .route(WS_PATH, get(agent_upgrade))
         .merge(pages)
         .merge(forms)
+        .route(
+            "/api/v1/agent/builds/{id}/artifacts/{*name}",
+            axum::routing::put(crate::artifacts::upload),
+        )
         .route(
             "/hooks/{name}",
             axum::routing::post(crate::triggers::webhook::receive),

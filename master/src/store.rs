@@ -127,6 +127,17 @@ CREATE TABLE step_grants (
     PRIMARY KEY (build_id, step)
 );
 "#,
+    r#"
+CREATE TABLE artifacts (
+    build_id INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    sha256 TEXT NOT NULL,
+    stored_at INTEGER NOT NULL,
+    PRIMARY KEY (build_id, name)
+);
+CREATE INDEX artifacts_by_age ON artifacts(stored_at);
+"#,
 ];
 
 /// A build that is not finished, as loaded at startup.
@@ -806,6 +817,7 @@ impl Store {
                     build.steps.push(step);
                 }
             }
+            build.artifacts = crate::artifacts::list_rows(conn, id)?;
             Ok(Some(build))
         })
         .await
@@ -1073,6 +1085,7 @@ fn build_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BuildInfo> {
         revision: r.get(15)?,
         trigger: r.get(16)?,
         collapsed_into: r.get::<_, Option<i64>>(17)?.map(|id| id as BuildId),
+        artifacts: Vec::new(),
     })
 }
 

@@ -127,6 +127,27 @@ pub struct BuildInfo {
     /// was collapsed into (it then ended `cancelled` without running).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub collapsed_into: Option<BuildId>,
+    /// The files the build uploaded (`artifacts` of its builder), by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub artifacts: Vec<ArtifactInfo>,
+}
+
+/// One stored artifact of a build.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactInfo {
+    /// Its path relative to the build directory, e.g. `dist/x.tar.gz`.
+    pub name: String,
+    pub size: u64,
+    /// Lowercase hex SHA-256 of the content, verified by the master.
+    pub sha256: String,
+    pub stored_at: Timestamp,
+}
+
+/// `GET /api/v1/builds/{id}/artifacts`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactList {
+    pub build_id: BuildId,
+    pub artifacts: Vec<ArtifactInfo>,
 }
 
 /// `GET /api/v1/builds`: newest first.
@@ -345,7 +366,7 @@ pub struct ApiCallError {
 }
 
 impl ApiCallError {
-    fn io(url: &MasterUrl, what: impl std::fmt::Display) -> ApiCallError {
+    pub(crate) fn io(url: &MasterUrl, what: impl std::fmt::Display) -> ApiCallError {
         ApiCallError {
             status: None,
             message: format!("cannot reach the master at {url}: {what}"),
@@ -360,6 +381,16 @@ pub struct ApiClient {
     url: MasterUrl,
     token: String,
     tls: Option<std::sync::Arc<rustls::ClientConfig>>,
+}
+
+/// Shows where the client points, never its token.
+impl std::fmt::Debug for ApiClient {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ApiClient")
+            .field("url", &self.url.to_string())
+            .field("tls", &self.tls.is_some())
+            .finish_non_exhaustive()
+    }
 }
 
 impl ApiClient {
@@ -379,28 +410,15 @@ impl ApiClient {
         &self.url
     }
 
-    /// One request; returns the status and body text.
-    pub async fn call_raw(
-        &self,
-        method: &str,
-        path: &str,
-        body: Option<String>,
-    ) -> Result<(u16, String), ApiCallError> {
-        use http_body_util::{BodyExt, Full};
-        use hyper::body::Bytes;
-        use hyper_util::rt::TokioIo;
-
-        let tcp = tokio::net::TcpStream::connect((self.url.host.as_str(), self.url.port))
-            .await
-            .map_err(|e| ApiCallError::io(&self.url, e))?;
-        let _ = tcp.set_nodelay(true);
+    /// A request to `path` carrying the Host and the token.
+    pub fn request(&self, method: &str, path: &str) -> hyper::http::request::Builder {
         let host_header = self.url.to_string();
         let host_header = host_header
             .split("://")
             .nth(1)
             .unwrap_or_default()
             .to_owned();
-        let request = hyper::Request::builder()
+        hyper::Request::builder()
             .method(method)
             .uri(path)
             .header(hyper::header::HOST, host_header)
@@ -408,19 +426,36 @@ impl ApiClient {
                 hyper::header::AUTHORIZATION,
                 format!("Bearer {}", self.token),
             )
-            .header(hyper::header::CONTENT_TYPE, "application/json")
-            .body(Full::new(Bytes::from(body.unwrap_or_default())))
-            .map_err(|e| ApiCallError {
-                status: None,
-                message: format!("bad request: {e}"),
-            })?;
+    }
 
-        async fn exchange<S>(
+    /// Sends one request on a new connection and returns the response with
+    /// its body still streaming (uploads and downloads never hold a whole
+    /// file in memory).
+    pub async fn send<B>(
+        &self,
+        request: hyper::Request<B>,
+    ) -> Result<hyper::Response<hyper::body::Incoming>, ApiCallError>
+    where
+        B: hyper::body::Body + Send + 'static,
+        B::Data: Send,
+        B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        use hyper_util::rt::TokioIo;
+
+        let tcp = tokio::net::TcpStream::connect((self.url.host.as_str(), self.url.port))
+            .await
+            .map_err(|e| ApiCallError::io(&self.url, e))?;
+        let _ = tcp.set_nodelay(true);
+
+        async fn exchange<S, B>(
             io: S,
-            request: hyper::Request<Full<Bytes>>,
-        ) -> Result<(u16, Bytes), String>
+            request: hyper::Request<B>,
+        ) -> Result<hyper::Response<hyper::body::Incoming>, String>
         where
             S: hyper::rt::Read + hyper::rt::Write + Unpin + Send + 'static,
+            B: hyper::body::Body + Send + 'static,
+            B::Data: Send,
+            B::Error: Into<Box<dyn std::error::Error + Send + Sync>>,
         {
             let (mut sender, connection) = hyper::client::conn::http1::handshake(io)
                 .await
@@ -428,18 +463,10 @@ impl ApiClient {
             tokio::spawn(async move {
                 let _ = connection.await;
             });
-            let response = sender
+            sender
                 .send_request(request)
                 .await
-                .map_err(|e| e.to_string())?;
-            let status = response.status().as_u16();
-            let body = response
-                .into_body()
-                .collect()
-                .await
-                .map_err(|e| e.to_string())?
-                .to_bytes();
-            Ok((status, body))
+                .map_err(|e| e.to_string())
         }
 
         let result = match &self.tls {
@@ -454,11 +481,39 @@ impl ApiClient {
             }
             _ => exchange(TokioIo::new(tcp), request).await,
         };
-        let (status, body) = result.map_err(|e| ApiCallError::io(&self.url, e))?;
+        result.map_err(|e| ApiCallError::io(&self.url, e))
+    }
+
+    /// One request; returns the status and body text.
+    pub async fn call_raw(
+        &self,
+        method: &str,
+        path: &str,
+        body: Option<String>,
+    ) -> Result<(u16, String), ApiCallError> {
+        use http_body_util::{BodyExt, Full};
+        use hyper::body::Bytes;
+
+        let request = self
+            .request(method, path)
+            .header(hyper::header::CONTENT_TYPE, "application/json")
+            .body(Full::new(Bytes::from(body.unwrap_or_default())))
+            .map_err(|e| ApiCallError {
+                status: None,
+                message: format!("bad request: {e}"),
+            })?;
+        let response = self.send(request).await?;
+        let status = response.status().as_u16();
+        let body = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| ApiCallError::io(&self.url, e))?
+            .to_bytes();
         Ok((status, String::from_utf8_lossy(&body).into_owned()))
     }
 
-    async fn call<T: for<'de> Deserialize<'de>>(
+    pub(crate) async fn call<T: for<'de> Deserialize<'de>>(
         &self,
         method: &str,
         path: &str,

@@ -1,6 +1,7 @@
 //! What the agent, the master and their CLIs share: the wire protocol, the
 //! HTTP API shapes, TLS setup, config diagnostics, logging setup, the exit
-//! statuses, the Prometheus text format and the fuzzer for peer input.
+//! statuses, the Prometheus text format, streaming artifact transfer and the
+//! fuzzer for peer input.
 
 pub mod api;
 pub mod diag;
@@ -9,4 +10,5 @@ pub mod fuzz;
 pub mod log;
 pub mod prometheus;
 pub mod tls;
+pub mod transfer;
 pub mod wire;

@@ -110,6 +110,98 @@ pub struct StepSpec {
     /// which only describes it.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub checkout: bool,
+    /// This step uploads the build's artifacts: the agent uploads the files
+    /// matching these patterns to the master instead of running `command`
+    /// (which only describes it). Absent for every other step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upload: Option<ArtifactUpload>,
+}
+
+/// What the artifact upload step uploads and the master's caps, so the agent
+/// can refuse an oversize file before sending it (the master enforces the
+/// caps itself: the agent is not trusted to).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactUpload {
+    /// Glob patterns relative to the build directory (`dist/*.tar.gz`).
+    pub patterns: Vec<String>,
+    /// Largest single file the master stores (`max_artifact_bytes`).
+    pub max_file_bytes: u64,
+    /// Largest total of one build's files (`max_build_artifact_bytes`).
+    pub max_build_bytes: u64,
+}
+
+/// Header of an artifact upload (and download) carrying the lowercase hex
+/// SHA-256 of the file's content.
+pub const ARTIFACT_SHA256_HEADER: &str = "x-nightshift-sha256";
+
+/// Longest artifact name (its path relative to the build directory).
+pub const MAX_ARTIFACT_NAME: usize = 1024;
+
+/// The path an agent `PUT`s artifact `name` of build `id` to, on the
+/// master's port, with its worker token as `Authorization: Bearer`.
+pub fn artifact_upload_path(id: BuildId, name: &str) -> String {
+    format!("/api/v1/agent/builds/{id}/artifacts/{}", encode_path(name))
+}
+
+/// Percent-encodes a `/`-separated relative path for a URL, keeping `/`.
+pub fn encode_path(name: &str) -> String {
+    let mut out = String::with_capacity(name.len());
+    for byte in name.bytes() {
+        if byte.is_ascii_alphanumeric() || b"-._~/".contains(&byte) {
+            out.push(byte as char);
+        } else {
+            out.push_str(&format!("%{byte:02X}"));
+        }
+    }
+    out
+}
+
+/// Checks an artifact name: a relative `/`-separated path of plain
+/// components (no `..`, `.`, empty component, leading `/`, backslash or
+/// control character), at most [`MAX_ARTIFACT_NAME`] bytes. Both ends check
+/// it; the master stores the file under exactly this relative path.
+pub fn check_artifact_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("the artifact name is empty".into());
+    }
+    if name.len() > MAX_ARTIFACT_NAME {
+        return Err(format!(
+            "the artifact name is {} bytes long; at most {MAX_ARTIFACT_NAME} are allowed",
+            name.len()
+        ));
+    }
+    if name.starts_with('/') {
+        return Err(format!(
+            "artifact name `{name}` is absolute; it must be relative to the build directory"
+        ));
+    }
+    if let Some(c) = name.chars().find(|c| c.is_control() || *c == '\\') {
+        return Err(format!(
+            "artifact name `{}` contains the character {c:?}",
+            name.escape_debug()
+        ));
+    }
+    for part in name.split('/') {
+        match part {
+            "" => {
+                return Err(format!(
+                    "artifact name `{name}` has an empty path component"
+                ));
+            }
+            "." | ".." => {
+                return Err(format!(
+                    "artifact name `{name}` contains `{part}`; only plain path components are allowed"
+                ));
+            }
+            _ if part.len() > 255 => {
+                return Err(format!(
+                    "artifact name `{name}` has a path component longer than 255 bytes"
+                ));
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// How a step or build ended.
@@ -366,4 +458,48 @@ fn decode<T: for<'de> Deserialize<'de>>(text: &str) -> Result<T, FrameError> {
         )));
     }
     serde_json::from_str(text).map_err(|e| FrameError(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn artifact_names_keep_relative_paths_and_refuse_escapes() {
+        for good in ["x.tar.gz", "dist/x.tar.gz", "a b/ü.bin", ".hidden/f"] {
+            assert_eq!(check_artifact_name(good), Ok(()), "{good}");
+        }
+        for (bad, why) in [
+            ("", "empty"),
+            ("/etc/passwd", "absolute"),
+            ("../x", "`..`"),
+            ("dist/../../x", "`..`"),
+            ("./x", "`.`"),
+            ("dist//x", "empty path component"),
+            ("dist/", "empty path component"),
+            ("a\\b", "'\\\\'"),
+            ("a\nb", "'\\n'"),
+        ] {
+            let error = check_artifact_name(bad).expect_err(bad);
+            assert!(error.contains(why), "{bad:?}: {error}");
+        }
+        assert!(check_artifact_name(&"a".repeat(MAX_ARTIFACT_NAME + 1)).is_err());
+    }
+
+    #[test]
+    fn upload_paths_encode_everything_but_the_separators() {
+        assert_eq!(
+            artifact_upload_path(7, "dist/a b%.tar.gz"),
+            "/api/v1/agent/builds/7/artifacts/dist/a%20b%25.tar.gz"
+        );
+    }
+
+    #[test]
+    fn an_older_step_without_upload_still_decodes() {
+        let step: StepSpec =
+            serde_json::from_str(r#"{"name":"x","command":"true"}"#).expect("decodes");
+        assert_eq!(step.upload, None);
+        let encoded = serde_json::to_string(&step).expect("encodes");
+        assert!(!encoded.contains("upload"), "{encoded}");
+    }
 }

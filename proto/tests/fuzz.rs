@@ -116,12 +116,27 @@ fn master_seeds() -> Vec<String> {
         workdir: Some("src".into()),
         needs_grant: true,
         checkout: false,
+        upload: None,
+    };
+    let upload = StepSpec {
+        name: "artifacts".into(),
+        command: "upload artifacts dist/*.tar.gz".into(),
+        timeout_secs: None,
+        env: BTreeMap::new(),
+        workdir: None,
+        needs_grant: false,
+        checkout: false,
+        upload: Some(nightshift_proto::wire::ArtifactUpload {
+            patterns: vec!["dist/*.tar.gz".into()],
+            max_file_bytes: 1 << 30,
+            max_build_bytes: 4 << 30,
+        }),
     };
     let start: MasterMessage = serde_json::from_value(serde_json::json!({
         "type": "start_build",
         "build_id": 9,
         "builder": "linux",
-        "steps": [step],
+        "steps": [step, upload],
         "properties": { "release": "yes" },
     }))
     .expect("the seed StartBuild is valid");

@@ -649,11 +649,13 @@ mod tests {
                     workdir: None,
                     needs_grant: false,
                     checkout: false,
+                    upload: None,
                 }],
                 properties: Default::default(),
                 source: None,
             },
             Arc::new(RunnerSettings {
+                artifacts: None,
                 workdir: work.path().to_owned(),
                 kill_grace: Duration::from_millis(500),
                 git: Default::default(),

@@ -17,6 +17,7 @@ pub mod priority;
 pub mod runner;
 pub mod spawn;
 pub mod spool;
+pub mod upload;
 
 use nightshift_proto::exit::ExitStatus;
 use std::path::{Path, PathBuf};
@@ -164,11 +165,22 @@ async fn run(path: &Path, config: WorkerConfig) -> Result<Exit, Failure> {
             .overrun
             .map_or(SignedDuration::ZERO, |o| o.get()),
     };
+    let artifacts = match &upstream {
+        Upstream::Master { url, token, tls } => Some(
+            nightshift_proto::api::MasterUrl::parse(url)
+                .and_then(|url| {
+                    nightshift_proto::api::ApiClient::new(url, token.clone(), tls.clone())
+                })
+                .map_err(|error| Failure::Config(format!("master: {error:#}")))?,
+        ),
+        Upstream::Supervised(_) => None,
+    };
     let runner_settings = Arc::new(RunnerSettings {
         workdir: config.workdir.clone(),
         kill_grace: KILL_GRACE,
         git: config.git.clone(),
         credit: outgoing::OutputCredit::default(),
+        artifacts,
     });
     let (mut daemon, inbox, wiring) = Daemon::new(
         settings,

@@ -67,6 +67,9 @@ pub struct RunnerSettings {
     pub git: super::checkout::GitAuth,
     /// The agent's credit for build frames in flight to the master.
     pub credit: OutputCredit,
+    /// The master's API with this worker's token, for artifact uploads
+    /// (`None` for a supervised agent, which runs no builds of ours).
+    pub artifacts: Option<nightshift_proto::api::ApiClient>,
 }
 
 /// A build as the master handed it out.
@@ -178,12 +181,12 @@ struct Build {
 }
 
 /// How one step ended.
-struct StepEnd {
-    outcome: Outcome,
-    exit_code: Option<i32>,
-    signal: Option<i32>,
+pub(super) struct StepEnd {
+    pub(super) outcome: Outcome,
+    pub(super) exit_code: Option<i32>,
+    pub(super) signal: Option<i32>,
     /// Why, when the step did not simply exit.
-    reason: Option<String>,
+    pub(super) reason: Option<String>,
 }
 
 impl Build {
@@ -224,9 +227,16 @@ impl Build {
                         credit,
                     })
                     .await;
-                    let end = self
-                        .run_step(step_no, &step, &build_dir, cgroup.as_deref())
-                        .await;
+                    let end = match &step.upload {
+                        Some(upload) => {
+                            super::upload::run(self.upload_context(step_no), upload, &build_dir)
+                                .await
+                        }
+                        None => {
+                            self.run_step(step_no, &step, &build_dir, cgroup.as_deref())
+                                .await
+                        }
+                    };
                     let result = StepResult {
                         step: step_no,
                         outcome: end.outcome,
@@ -261,6 +271,18 @@ impl Build {
             finished_at: self.clock.now(),
         };
         self.send(RunnerEvent::Finished { result }).await;
+    }
+
+    /// What the artifact upload step needs of the build.
+    fn upload_context(&mut self, step: u32) -> super::upload::UploadContext<'_> {
+        super::upload::UploadContext {
+            build_id: self.request.build_id,
+            step,
+            client: self.settings.artifacts.clone(),
+            cancel: &mut self.cancel,
+            events: &self.events,
+            log: &mut self.log,
+        }
     }
 
     async fn send(&self, event: RunnerEvent) {
@@ -471,7 +493,11 @@ impl Build {
         // cgroup and carries the same build marker.)
         let trees = self.trees.clone();
         let build_id = self.request.build_id;
-        let last_step = step_no as usize + 1 >= self.request.steps.len();
+        // The artifact upload step starts no process: the build's processes
+        // are all killed before it reads the files they made.
+        let last_step = self.request.steps[step_no as usize + 1..]
+            .iter()
+            .all(|later| later.upload.is_some());
         let killed = tokio::task::spawn_blocking(move || {
             if let Some(pgid) = pgid.filter(|pgid| *pgid > 1) {
                 let _ = nix::sys::signal::killpg(nix::unistd::Pid::from_raw(pgid), Signal::SIGKILL);
@@ -704,13 +730,13 @@ impl Batch {
 
 /// The build's log: everything, or its tail when it grows past the limit.
 #[derive(Default)]
-struct Log {
+pub(super) struct Log {
     text: String,
     dropped: usize,
 }
 
 impl Log {
-    fn push(&mut self, data: &str) {
+    pub(super) fn push(&mut self, data: &str) {
         self.text.push_str(data);
         if self.text.len() > LOG_LIMIT {
             let mut cut = self.text.len() - LOG_LIMIT * 3 / 4;
@@ -749,6 +775,7 @@ mod tests {
             workdir: None,
             needs_grant: false,
             checkout: false,
+            upload: None,
         }
     }
 
@@ -776,6 +803,7 @@ mod tests {
 
         fn start(&self, build_id: BuildId, steps: Vec<StepSpec>) -> BuildControl {
             let settings = Arc::new(RunnerSettings {
+                artifacts: None,
                 workdir: self.workdir.path().to_owned(),
                 kill_grace: Duration::from_millis(500),
                 git: Default::default(),
@@ -1090,6 +1118,47 @@ mod tests {
         for pid in pids {
             assert!(wait_until_dead(pid).await, "{pid} outlived its step: {log}");
         }
+    }
+
+    #[tokio::test]
+    async fn the_builds_processes_are_gone_before_its_artifacts_are_read() {
+        let mut harness = Harness::new();
+        let upload = StepSpec {
+            upload: Some(nightshift_proto::wire::ArtifactUpload {
+                patterns: vec!["dist/*".into()],
+                max_file_bytes: 1 << 20,
+                max_build_bytes: 1 << 20,
+            }),
+            ..step("artifacts", "upload artifacts dist/*")
+        };
+        harness.start(
+            12,
+            vec![
+                step(
+                    "daemon",
+                    "setsid sh -c 'echo daemon=$$; exec sleep 300' & sleep 1",
+                ),
+                upload,
+            ],
+        );
+        let (events, result) = harness.finish().await;
+        // This harness has no master: the upload step fails, saying so.
+        assert_eq!(result.outcome, Outcome::Failure, "{}", result.log);
+        assert_eq!(result.steps.len(), 2, "{}", result.log);
+        assert!(
+            result.log.contains("no master to upload to"),
+            "{}",
+            result.log
+        );
+        let log = output_of(&events);
+        let pid: i32 = log
+            .lines()
+            .find_map(|line| line.strip_prefix("daemon=")?.trim().parse().ok())
+            .expect("the daemon's pid");
+        assert!(
+            wait_until_dead(pid).await,
+            "a daemon of the last real step outlived it: {log}"
+        );
     }
 
     #[tokio::test]

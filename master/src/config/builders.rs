@@ -1,5 +1,5 @@
 //! The `[[builder]]` entries of `master.toml`: workers, steps, locks,
-//! admission, source and triggers (poll, schedule).
+//! admission, source, triggers (poll, schedule) and artifacts.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
@@ -9,6 +9,7 @@ use nightshift_proto::wire::CheckoutMode;
 use serde::Deserialize;
 
 use super::Secs;
+use super::artifacts::check_artifact_pattern;
 use super::names::{Written, check_branch_name, check_repo_url, valid_name};
 use crate::locks::{Access, Claim};
 
@@ -45,6 +46,8 @@ pub(super) struct RawBuilder {
     only_if_changed: bool,
     #[serde(default)]
     collapse: bool,
+    #[serde(default)]
+    artifacts: Vec<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -121,6 +124,10 @@ pub struct BuilderDef {
     pub only_if_changed: bool,
     /// Waiting requests for the same branch collapse into the newest.
     pub collapse: bool,
+    /// Glob patterns, relative to the build directory, of the files the
+    /// agent uploads after the last step succeeded (checked by
+    /// [`check_artifact_pattern`]).
+    pub artifacts: Vec<String>,
 }
 
 /// Checks the `[[builder]]` entries against the workers and locks defined.
@@ -257,6 +264,11 @@ pub(super) fn parse_builders(
                         .into(),
                 );
         }
+        for (j, pattern) in b.artifacts.iter().enumerate() {
+            if let Err(why) = check_artifact_pattern(pattern) {
+                issue(format!("builder[{i}].artifacts[{j}]"), why);
+            }
+        }
         if b.collapse && !has_source {
             issue(
                 format!("builder[{i}].collapse"),
@@ -275,6 +287,7 @@ pub(super) fn parse_builders(
             schedule: b.schedule,
             only_if_changed: b.only_if_changed,
             collapse: b.collapse,
+            artifacts: b.artifacts,
         });
     }
     builders

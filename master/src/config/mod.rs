@@ -5,6 +5,7 @@
 //! error.
 
 mod agent_limits;
+mod artifacts;
 mod builders;
 mod duration;
 mod error;
@@ -28,6 +29,7 @@ use nightshift_proto::diag::parse_toml;
 use crate::locks::LockDef;
 
 pub use agent_limits::AgentLimits;
+pub use artifacts::ArtifactSettings;
 pub use builders::{Admission, BuilderDef};
 pub use duration::Secs;
 pub use error::{ConfigError, ConfigIssue};
@@ -97,6 +99,14 @@ struct RawConfig {
     max_log_bytes: u64,
     max_agents: Option<u32>,
     agent_limits: Option<agent_limits::RawAgentLimits>,
+    #[serde(default = "artifacts::default_max_artifact_bytes")]
+    max_artifact_bytes: u64,
+    #[serde(default = "artifacts::default_max_build_artifact_bytes")]
+    max_build_artifact_bytes: u64,
+    #[serde(default = "artifacts::default_artifact_retention")]
+    artifact_retention: Secs,
+    #[serde(default)]
+    artifact_keep_builds: u32,
     #[serde(default)]
     worker: Vec<RawWorker>,
     #[serde(default)]
@@ -130,6 +140,8 @@ pub struct MasterConfig {
     pub max_agents: Option<u32>,
     /// What one agent connection may send and have queued (`[agent_limits]`).
     pub agent_limits: AgentLimits,
+    /// What the master keeps of builds' artifacts.
+    pub artifacts: ArtifactSettings,
     pub workers: Vec<WorkerDef>,
     pub builders: Vec<BuilderDef>,
     pub locks: Vec<LockDef>,
@@ -237,6 +249,7 @@ impl MasterConfig {
 
         let general = general::parse_general(&raw, base, &mut errors);
         let agent_limits = agent_limits::parse_agent_limits(raw.agent_limits.as_ref(), &mut errors);
+        let artifacts = artifacts::parse_artifacts(&raw, &mut errors);
         let (workers, worker_names) = workers::parse_workers(raw.worker, &written, &mut errors);
         let (locks, lock_names) =
             locks::parse_locks(raw.lock, &worker_names, &written, &mut errors);
@@ -268,6 +281,7 @@ impl MasterConfig {
             max_log_bytes: raw.max_log_bytes,
             max_agents: raw.max_agents,
             agent_limits,
+            artifacts,
             index: WorkerIndex::of(&workers),
             workers,
             builders,

@@ -277,7 +277,7 @@ steps = [{{ name = "s", command = "true", timeout = -5 }}]
              master.toml:7:1: worker[0].max_bulds: unknown key `max_bulds`, expected one of `name`, `token_sha256`, `max_builds`, `schedule`, `timezone`, `latent`\n\
              master.toml:11:9: lock[0].scope: unknown value `planet`, expected `master` or `worker`\n\
              master.toml:15:18: builder[0].workers[1]: unknown worker `ghost` (no [[worker]] with that name)\n\
-             master.toml:16:1: builder[0].colour: unknown key `colour`, expected one of `name`, `workers`, `steps`, `locks`, `admission`, `source`, `poll`, `schedule`, `only_if_changed`, `collapse`\n\
+             master.toml:16:1: builder[0].colour: unknown key `colour`, expected one of `name`, `workers`, `steps`, `locks`, `admission`, `source`, `poll`, `schedule`, `only_if_changed`, `collapse`, `artifacts`\n\
              master.toml:18:68: builder[0].steps[0].locks[0].access: unknown value `sometimes`, expected `counting` or `exclusive`\n\
              master.toml:25:52: builder[1].steps[0].timeout: a duration cannot be negative (-5)"
     );
@@ -375,4 +375,82 @@ fn sources_hooks_and_triggers_are_validated_together() {
     let hook = config.hook("forge").unwrap();
     assert_eq!(hook.kind, HookKind::Gitea);
     assert_eq!(hook.secret_file, Path::new("/etc/hook.secret"));
+}
+
+#[test]
+fn artifacts_patterns_caps_and_retention_are_validated() {
+    let with = |top: &str, artifacts: &str| {
+        format!(
+            "{top}\n[[worker]]\nname = \"b1\"\ntoken_sha256 = \"{HASH}\"\n\n[[builder]]\nname = \"app\"\n\
+             workers = [\"b1\"]\nsteps = [{{ name = \"make\", command = \"make\" }}]\nartifacts = {artifacts}\n"
+        )
+    };
+    let config = parse(&with(
+        "max_artifact_bytes = 1000\nmax_build_artifact_bytes = 5000\nartifact_retention = \"7d\"\nartifact_keep_builds = 3",
+        r#"["dist/*.tar.gz", "out/**/*.zip"]"#,
+    ))
+    .unwrap();
+    assert_eq!(
+        config.builder("app").unwrap().artifacts,
+        ["dist/*.tar.gz", "out/**/*.zip"]
+    );
+    assert_eq!(
+        config.artifacts,
+        ArtifactSettings {
+            max_file_bytes: 1000,
+            max_build_bytes: 5000,
+            retention: Some(Duration::from_secs(7 * 86400)),
+            keep_builds: 3,
+        }
+    );
+    let defaults = parse(&with("", "[]")).unwrap();
+    assert_eq!(defaults.artifacts, ArtifactSettings::default());
+    assert_eq!(
+        parse(&with("artifact_retention = 0", "[]"))
+            .unwrap()
+            .artifacts
+            .retention,
+        None
+    );
+
+    for (top, artifacts, key, words) in [
+        (
+            "",
+            r#"["/etc/passwd"]"#,
+            "builder[0].artifacts[0]",
+            "absolute",
+        ),
+        ("", r#"["dist/../../x"]"#, "builder[0].artifacts[0]", "`..`"),
+        (
+            "",
+            r#"["ok", "[unclosed"]"#,
+            "builder[0].artifacts[1]",
+            "not a valid glob",
+        ),
+        ("", r#"[""]"#, "builder[0].artifacts[0]", "empty"),
+        (
+            "max_artifact_bytes = 0",
+            "[]",
+            "max_artifact_bytes",
+            "at least 1",
+        ),
+        (
+            "max_artifact_bytes = 10\nmax_build_artifact_bytes = 5",
+            "[]",
+            "max_build_artifact_bytes",
+            "less than max_artifact_bytes",
+        ),
+        (
+            "artifact_retention = \"10s\"",
+            "[]",
+            "artifact_retention",
+            "at least 1m",
+        ),
+    ] {
+        let shown = parse(&with(top, artifacts)).unwrap_err().to_string();
+        assert!(
+            shown.contains(&format!("{key}: ")) && shown.contains(words),
+            "{top} {artifacts}: {shown}"
+        );
+    }
 }

@@ -513,6 +513,7 @@ impl Scheduler {
             workdir: None,
             needs_grant: false,
             checkout: true,
+            upload: None,
         });
         let offset = usize::from(checkout.is_some());
         let steps: Vec<StepSpec> = checkout
@@ -526,8 +527,10 @@ impl Scheduler {
                     workdir: s.workdir.clone(),
                     needs_grant: step_locks.get(i + offset).is_some_and(|l| !l.is_empty()),
                     checkout: false,
+                    upload: None,
                 })
             }))
+            .chain(def.and_then(|b| upload_step(b, &self.config.artifacts)))
             .collect();
         self.assignments += 1;
         if let Some(slot) = self.workers.get_mut(&worker) {
@@ -575,6 +578,31 @@ fn refusal_text(why: RefusalReason) -> &'static str {
         RefusalReason::UnknownOrFinished => "it is unknown or finished",
     }
 }
+
+/// The step a builder with `artifacts` ends with: the agent uploads the
+/// matching files (it runs only when every step before it succeeded).
+pub(crate) fn upload_step(
+    builder: &crate::config::BuilderDef,
+    settings: &crate::config::ArtifactSettings,
+) -> Option<StepSpec> {
+    (!builder.artifacts.is_empty()).then(|| StepSpec {
+        name: ARTIFACT_STEP.into(),
+        command: format!("upload artifacts {}", builder.artifacts.join(" ")),
+        timeout_secs: None,
+        env: BTreeMap::new(),
+        workdir: None,
+        needs_grant: false,
+        checkout: false,
+        upload: Some(nightshift_proto::wire::ArtifactUpload {
+            patterns: builder.artifacts.clone(),
+            max_file_bytes: settings.max_file_bytes,
+            max_build_bytes: settings.max_build_bytes,
+        }),
+    })
+}
+
+/// Name of the artifact upload step.
+pub(crate) const ARTIFACT_STEP: &str = "artifacts";
 
 #[cfg(test)]
 mod tests {

@@ -18,6 +18,7 @@
 
 mod admission;
 mod builds;
+pub(crate) use builds::ARTIFACT_STEP;
 mod connections;
 pub mod estimate;
 mod latent;

@@ -70,6 +70,7 @@ fn start_in(
         manual,
         Spool::open(state.path()).unwrap(),
         Arc::new(RunnerSettings {
+            artifacts: None,
             workdir: work.path().to_owned(),
             kill_grace: Duration::from_millis(500),
             git: Default::default(),
@@ -183,6 +184,7 @@ impl Fixture {
                 workdir: None,
                 needs_grant: false,
                 checkout: false,
+                upload: None,
             }],
             properties: BTreeMap::new(),
             source: None,
@@ -677,6 +679,7 @@ async fn a_step_waiting_for_its_locks_asks_again_after_a_reconnect() {
             workdir: None,
             needs_grant: true,
             checkout: false,
+            upload: None,
         }],
         properties: BTreeMap::new(),
         source: None,

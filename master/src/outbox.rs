@@ -13,7 +13,9 @@ use tokio::sync::{Notify, mpsc};
 use crate::metrics::{DisconnectReason, METRICS};
 use crate::scheduler::Outbound;
 
-/// Frames one agent's outbox holds.
+/// Frames one agent's outbox holds unless `[agent_limits] outbox_frames`
+/// says otherwise.
+#[cfg(test)]
 pub const OUTBOX_FRAMES: usize = 1024;
 
 /// The scheduler's end of an outbox. Cheap to clone.

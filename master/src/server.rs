@@ -26,8 +26,9 @@ use nightshift_proto::wire::{
 use tokio::net::{TcpListener, TcpSocket};
 
 use crate::api::{AppState, bearer, token_sha256};
+use crate::config::AgentLimits;
 use crate::metrics::DisconnectReason;
-use crate::outbox::{Next, OUTBOX_FRAMES, agent_outbox};
+use crate::outbox::{Next, agent_outbox};
 use crate::scheduler::{Event, Hello, Outbound};
 use nightshift_proto::secret::constant_time_eq;
 
@@ -141,17 +142,6 @@ impl Drop for ConnectionSlot {
     }
 }
 
-/// Frames per second one agent connection may send, sustained; beyond that
-/// the master reads its frames more slowly (TCP pushes back on the agent).
-pub const FRAMES_PER_SECOND: f64 = 500.0;
-/// Frames an agent may send in a burst before the sustained rate applies.
-pub const FRAME_BURST: f64 = 1000.0;
-/// Control frames (presence, step waits, accepted/refused, hello, goodbye)
-/// per second, sustained: a working agent sends a few per build.
-pub const CONTROL_FRAMES_PER_SECOND: f64 = 20.0;
-/// Control frames in a burst; an agent past it is disconnected.
-pub const CONTROL_FRAME_BURST: f64 = 100.0;
-
 /// A token bucket: `rate` tokens per second, at most `burst` saved up. Its
 /// clock is a parameter, so tests choose the instants.
 #[derive(Debug, Clone)]
@@ -197,10 +187,11 @@ pub enum FrameVerdict {
     Disconnect(String),
 }
 
-/// The per-connection frame rate limit: every frame counts against
-/// [`FRAMES_PER_SECOND`] (over it, reading slows down: backpressure);
-/// control frames also count against [`CONTROL_FRAMES_PER_SECOND`], and an
-/// agent that exhausts that burst is flooding and is disconnected.
+/// The per-connection frame rate limit (`[agent_limits]`): every frame
+/// counts against `frames_per_second` (over it, reading slows down:
+/// backpressure); control frames also count against
+/// `control_frames_per_second`, and an agent that exhausts that burst is
+/// flooding and is disconnected.
 #[derive(Debug, Clone)]
 pub struct FrameLimits {
     all: TokenBucket,
@@ -208,10 +199,18 @@ pub struct FrameLimits {
 }
 
 impl FrameLimits {
-    pub fn new(now: Instant) -> FrameLimits {
+    pub fn new(limits: &AgentLimits, now: Instant) -> FrameLimits {
         FrameLimits {
-            all: TokenBucket::new(FRAMES_PER_SECOND, FRAME_BURST, now),
-            control: TokenBucket::new(CONTROL_FRAMES_PER_SECOND, CONTROL_FRAME_BURST, now),
+            all: TokenBucket::new(
+                f64::from(limits.frames_per_second),
+                f64::from(limits.frame_burst),
+                now,
+            ),
+            control: TokenBucket::new(
+                f64::from(limits.control_frames_per_second),
+                f64::from(limits.control_frame_burst),
+                now,
+            ),
         }
     }
 
@@ -227,8 +226,9 @@ impl FrameLimits {
         );
         if control && !self.control.take(now).is_zero() {
             return FrameVerdict::Disconnect(format!(
-                "rate limit: more than {CONTROL_FRAME_BURST} control frames (presence, step \
-                 waits, accepted/refused) at over {CONTROL_FRAMES_PER_SECOND}/s"
+                "rate limit: more than {} control frames (presence, step waits, \
+                 accepted/refused) at over {}/s",
+                self.control.burst, self.control.rate
             ));
         }
         match self.all.take(now) {
@@ -584,7 +584,11 @@ async fn agent_session(state: AppState, mut socket: WebSocket, token: Option<Str
         Err(reason) => return refuse(&mut socket, reason).await,
     };
     let conn = state.next_conn.fetch_add(1, Ordering::Relaxed);
-    let (out, mut outbox) = agent_outbox(OUTBOX_FRAMES);
+    // Limits as configured when the agent connected (a reconfig applies to
+    // later connections).
+    let agent_limits = state.config.get().agent_limits;
+    let outbox_frames = agent_limits.outbox_frames as usize;
+    let (out, mut outbox) = agent_outbox(outbox_frames);
     // Connection events go through the bounded agent inbox, in order: a
     // full inbox makes this task wait, and its socket is not read meanwhile.
     if state
@@ -603,7 +607,7 @@ async fn agent_session(state: AppState, mut socket: WebSocket, token: Option<Str
     let beat = Duration::from_secs(HEARTBEAT_SECS);
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + beat, beat);
     let mut last_heard = Instant::now();
-    let mut limits = FrameLimits::new(Instant::now());
+    let mut limits = FrameLimits::new(&agent_limits, Instant::now());
     let mut seq = 0u64;
     let reason = loop {
         tokio::select! {
@@ -622,7 +626,7 @@ async fn agent_session(state: AppState, mut socket: WebSocket, token: Option<Str
                 }
                 Next::Overflowed => {
                     let why = format!(
-                        "outbox full: the agent did not read its last {OUTBOX_FRAMES} frames"
+                        "outbox full: the agent did not read its last {outbox_frames} frames"
                     );
                     tracing::warn!("worker {worker}: disconnected: {why}");
                     let _ = socket.send(Message::Close(Some(CloseFrame {
@@ -751,13 +755,17 @@ mod tests {
     #[test]
     fn output_past_the_burst_is_throttled_to_the_rate_and_never_disconnected() {
         let start = Instant::now();
-        let mut limits = FrameLimits::new(start);
-        for _ in 0..FRAME_BURST as usize {
+        let defaults = AgentLimits::default();
+        let mut limits = FrameLimits::new(&defaults, start);
+        for _ in 0..defaults.frame_burst {
             assert_eq!(limits.check(&output_frame(), start), FrameVerdict::Pass);
         }
         match limits.check(&output_frame(), start) {
             FrameVerdict::Throttle(wait) => {
-                assert_eq!(wait, Duration::from_secs_f64(1.0 / FRAMES_PER_SECOND));
+                assert_eq!(
+                    wait,
+                    Duration::from_secs_f64(1.0 / f64::from(defaults.frames_per_second))
+                );
             }
             other => panic!("expected a throttle, got {other:?}"),
         }
@@ -769,28 +777,66 @@ mod tests {
             ));
         }
         // Once the debt is paid (at the sustained rate), frames pass again.
-        let later = start + Duration::from_secs_f64(10_002.0 / FRAMES_PER_SECOND);
+        let later =
+            start + Duration::from_secs_f64(10_002.0 / f64::from(defaults.frames_per_second));
         assert_eq!(limits.check(&output_frame(), later), FrameVerdict::Pass);
     }
 
     #[test]
     fn a_presence_flood_is_disconnected_but_a_steady_pace_is_not() {
         let start = Instant::now();
-        let mut steady = FrameLimits::new(start);
+        let defaults = AgentLimits::default();
+        let mut steady = FrameLimits::new(&defaults, start);
         for i in 0..10_000u32 {
-            let at = start + Duration::from_secs_f64(f64::from(i) / CONTROL_FRAMES_PER_SECOND);
+            let at = start
+                + Duration::from_secs_f64(
+                    f64::from(i) / f64::from(defaults.control_frames_per_second),
+                );
             assert_eq!(
                 steady.check(&presence_frame(), at),
                 FrameVerdict::Pass,
                 "frame {i}"
             );
         }
-        let mut flood = FrameLimits::new(start);
-        for _ in 0..CONTROL_FRAME_BURST as usize {
+        let mut flood = FrameLimits::new(&defaults, start);
+        for _ in 0..defaults.control_frame_burst {
             assert_eq!(flood.check(&presence_frame(), start), FrameVerdict::Pass);
         }
         match flood.check(&presence_frame(), start) {
             FrameVerdict::Disconnect(why) => assert!(why.contains("rate limit"), "{why}"),
+            other => panic!("expected a disconnect, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn configured_limits_are_the_ones_applied() {
+        let start = Instant::now();
+        let limits = AgentLimits {
+            frames_per_second: 4,
+            frame_burst: 2,
+            control_frames_per_second: 1,
+            control_frame_burst: 3,
+            outbox_frames: 8,
+        };
+        let mut frames = FrameLimits::new(&limits, start);
+        assert_eq!(frames.check(&output_frame(), start), FrameVerdict::Pass);
+        assert_eq!(frames.check(&output_frame(), start), FrameVerdict::Pass);
+        assert_eq!(
+            frames.check(&output_frame(), start),
+            FrameVerdict::Throttle(Duration::from_millis(250))
+        );
+        let mut control = FrameLimits::new(&limits, start);
+        for _ in 0..3 {
+            assert!(!matches!(
+                control.check(&presence_frame(), start),
+                FrameVerdict::Disconnect(_)
+            ));
+        }
+        match control.check(&presence_frame(), start) {
+            FrameVerdict::Disconnect(why) => {
+                assert!(why.contains("more than 3 control frames"), "{why}");
+                assert!(why.contains("over 1/s"), "{why}");
+            }
             other => panic!("expected a disconnect, got {other:?}"),
         }
     }

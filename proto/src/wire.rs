@@ -408,6 +408,13 @@ pub enum MasterMessage {
     ResultStored {
         build_id: BuildId,
     },
+    /// The master will never take this build's result from this agent (it
+    /// was not handed to it, was taken back, or is unknown or finished): the
+    /// agent forgets it as after `ResultStored`, and logs the reason.
+    ResultRefused {
+        build_id: BuildId,
+        reason: String,
+    },
     /// The worker is away (or removed) and idle: the master lets it go. A
     /// stopping agent exits on this.
     Released {

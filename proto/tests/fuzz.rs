@@ -161,6 +161,10 @@ fn master_seeds() -> Vec<String> {
             reason: "by admin".into(),
         },
         MasterMessage::ResultStored { build_id: 9 },
+        MasterMessage::ResultRefused {
+            build_id: 9,
+            reason: "it was not handed to it".into(),
+        },
         MasterMessage::Released {
             reason: "away and idle".into(),
         },

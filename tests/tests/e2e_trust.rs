@@ -186,12 +186,24 @@ async fn a_requeued_build_takes_a_result_only_from_the_worker_it_was_handed_to()
     })
     .await?;
 
-    // b (away, so nothing is handed to it) forges the result.
+    // b (away, so nothing is handed to it) forges the result: it is told
+    // the refusal, so a real agent drops it instead of re-sending it.
     let mut b = farm.fake_agent("b", PresenceState::Away).await?;
     b.send(&AgentMessage::BuildFinished {
         result: result(id, Outcome::Success, "forged\n"),
     })
     .await?;
+    loop {
+        match b.recv().await? {
+            MasterMessage::ResultRefused { build_id, reason } => {
+                assert_eq!(build_id, id);
+                assert!(reason.contains("not handed to it"), "{reason}");
+                break;
+            }
+            MasterMessage::ResultStored { .. } => bail!("the forged result was acknowledged"),
+            _ => {}
+        }
+    }
     wait_for("the forged result refused", DEADLINE, || {
         let farm = &farm;
         async move {
@@ -810,6 +822,166 @@ async fn a_step_lock_grant_ends_with_its_lease() -> anyhow::Result<()> {
             "reason=\"lock_lease_ended\""
         ),
         1.0
+    );
+
+    // a is idle and first in the list, but the build does not go straight
+    // back to it: it waits for b, which is busy, and says why.
+    farm.wait_build_state(first, "waiting, a cooling off", |b| {
+        b.waiting_for
+            .as_deref()
+            .is_some_and(|w| w.contains("a cooling off") && w.contains("b busy"))
+    })
+    .await
+    .with_context(|| farm.master_log())?;
+    let now = jiff::Timestamp::now();
+    b.send(&AgentMessage::StepFinished {
+        build_id: second,
+        result: StepResult {
+            step: 0,
+            outcome: Outcome::Success,
+            exit_code: Some(0),
+            signal: None,
+            started_at: now,
+            finished_at: now,
+        },
+    })
+    .await?;
+    b.send(&AgentMessage::BuildFinished {
+        result: result(second, Outcome::Success, "two\n"),
+    })
+    .await?;
+    // b is free: the build goes to b, never to a.
+    let handed_to_a = async {
+        loop {
+            if let MasterMessage::StartBuild { build_id, .. } = a.recv().await?
+                && build_id == first
+            {
+                return anyhow::Ok(());
+            }
+        }
+    };
+    tokio::select! {
+        started = b.expect_start() => assert_eq!(started?, first),
+        wrong = handed_to_a => {
+            wrong?;
+            bail!("build {first} went straight back to a");
+        }
+    }
+    assert_eq!(api.build(first).await?.worker.as_deref(), Some("b"));
+    Ok(())
+}
+
+/// The wait-before-start histogram measures waits this master saw: a build
+/// queued before a restart and started after it is not counted (its wait
+/// began in the previous process); one queued after the restart is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn builds_restored_at_a_restart_stay_out_of_the_wait_histogram() -> anyhow::Result<()> {
+    let mut farm = farm_with_release("60s").await?;
+    let api = farm.api()?;
+    let restored = api.submit("release", BTreeMap::new()).await?.build_id;
+    farm.kill_master().await?;
+    farm.start_master().await?;
+    let mut a = farm.fake_agent("a", PresenceState::Available).await?;
+    assert_eq!(a.expect_start().await?, restored);
+    let count = |text: &str| {
+        sample(
+            text,
+            "nightshift_master_wait_before_start_seconds_count",
+            "",
+        )
+    };
+    let text = master_metrics(&farm).await?;
+    assert_eq!(count(&text), 0.0, "a restored build was counted:\n{text}");
+    a.send(&AgentMessage::BuildFinished {
+        result: result(restored, Outcome::Success, "one\n"),
+    })
+    .await?;
+    farm.wait_build(restored).await?;
+    let fresh = api.submit("release", BTreeMap::new()).await?.build_id;
+    assert_eq!(a.expect_start().await?, fresh);
+    let text = master_metrics(&farm).await?;
+    assert_eq!(
+        count(&text),
+        1.0,
+        "the fresh build was not counted:\n{text}"
+    );
+    Ok(())
+}
+
+/// VmRSS of process `pid` in bytes, from /proc.
+fn rss_bytes(pid: u32) -> anyhow::Result<u64> {
+    let status = fs_err::read_to_string(format!("/proc/{pid}/status"))?;
+    let kib: u64 = status
+        .lines()
+        .find_map(|line| line.strip_prefix("VmRSS:"))
+        .and_then(|rest| rest.trim().trim_end_matches("kB").trim().parse().ok())
+        .context("no VmRSS line")?;
+    Ok(kib * 1024)
+}
+
+/// A step running `yes` on a link the master throttles to 10 frames/s: the
+/// real agent stays under 64 MiB resident (the step waits on its pipe while
+/// output waits for credit), and the build's result and the end of its log
+/// still arrive. (The minute-long run is in `nightshift-bench`.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_flooding_a_slow_link_keeps_the_agent_small_and_its_result_arrives()
+-> anyhow::Result<()> {
+    const LIMIT: u64 = 64 * 1024 * 1024;
+    let mut farm = Farm::builder()
+        .worker(WorkerSpec::new("w"))
+        .builder(
+            "flood",
+            &["w"],
+            &[("flood", "timeout 12 yes; echo after-the-flood")],
+        )
+        .master_toml("[agent_limits]\nframes_per_second = 10\nframe_burst = 10\n")
+        .start()
+        .await?;
+    farm.start_worker("w")?;
+    farm.wait_worker_ready("w").await?;
+    let pid = farm.agent("w").context("the worker runs")?.child.id();
+    let api = farm.api()?;
+    let id = api.submit("flood", BTreeMap::new()).await?.build_id;
+    farm.wait_build_state(id, "the flood running", |b| b.state == BuildState::Running)
+        .await?;
+    // Sample the agent's RSS while the build runs (a measurement, not a
+    // synchronisation: the build's end is awaited through the API).
+    let mut peak = 0;
+    let mut samples = 0;
+    let finished = loop {
+        peak = peak.max(rss_bytes(pid)?);
+        samples += 1;
+        let build = api.wait(id, 1).await?;
+        if build.state == BuildState::Finished {
+            break build;
+        }
+    };
+    eprintln!(
+        "agent peak RSS {:.1} MiB over {samples} samples",
+        peak as f64 / 1048576.0
+    );
+    assert!(
+        peak < LIMIT,
+        "the agent reached {peak} bytes resident (limit {LIMIT})\n{}",
+        farm.worker_log("w")
+    );
+    assert_eq!(
+        finished.outcome,
+        Some(Outcome::Success),
+        "{finished:?}\n{}",
+        farm.worker_log("w")
+    );
+    let log = api.log(id).await?.log;
+    assert!(
+        log.ends_with("y\nafter-the-flood\n"),
+        "the log's end: {:?}",
+        &log[log.len().saturating_sub(200)..]
+    );
+    // The slow link carried megabytes, not gigabytes: the step waited.
+    assert!(
+        log.len() < 32 * 1024 * 1024,
+        "{} bytes: the step was not held back",
+        log.len()
     );
     Ok(())
 }

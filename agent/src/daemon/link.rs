@@ -18,6 +18,8 @@ use nightshift_proto::wire::{
     PROTOCOL_VERSION, WS_PATH,
 };
 use tokio::sync::{mpsc, watch};
+
+use super::outgoing::{LinkReceiver, Outgoing};
 use tokio::time::Instant;
 use tokio_tungstenite::Connector;
 use tokio_tungstenite::tungstenite::Message;
@@ -127,7 +129,7 @@ pub fn endpoint(url: &str, insecure: bool) -> Result<String, String> {
 pub fn spawn(
     settings: LinkSettings,
     hello: watch::Receiver<HelloState>,
-    outbound: mpsc::UnboundedReceiver<AgentMessage>,
+    outbound: LinkReceiver,
     events: mpsc::UnboundedSender<LinkEvent>,
 ) -> tokio::task::JoinHandle<()> {
     tokio::spawn(run(settings, hello, outbound, events))
@@ -173,21 +175,27 @@ fn next_pause(
 async fn run(
     settings: LinkSettings,
     hello: watch::Receiver<HelloState>,
-    mut outbound: mpsc::UnboundedReceiver<AgentMessage>,
+    mut outbound: LinkReceiver,
     events: mpsc::UnboundedSender<LinkEvent>,
 ) {
     let mut backoff = BACKOFF_START;
     loop {
-        // Frames meant for the previous connection are stale now.
+        // Frames meant for the previous connection are stale now (dropping
+        // them gives back their credit), and so is an overflow.
         loop {
             match outbound.try_recv() {
-                Ok(AgentMessage::Goodbye { .. }) | Err(mpsc::error::TryRecvError::Disconnected) => {
+                Ok(Outgoing {
+                    message: AgentMessage::Goodbye { .. },
+                    ..
+                })
+                | Err(mpsc::error::TryRecvError::Disconnected) => {
                     return;
                 }
                 Ok(_) => continue,
                 Err(mpsc::error::TryRecvError::Empty) => break,
             }
         }
+        outbound.forget_overflow();
         let end = session(&settings, &hello, &mut outbound, &events).await;
         let pause = match end {
             SessionEnd::Finished => return,
@@ -220,8 +228,12 @@ async fn run(
         loop {
             tokio::select! {
                 () = tokio::time::sleep_until(wake) => break,
-                message = outbound.recv() => match message {
-                    None | Some(AgentMessage::Goodbye { .. }) => return,
+                frame = outbound.recv() => match frame {
+                    None
+                    | Some(Outgoing {
+                        message: AgentMessage::Goodbye { .. },
+                        ..
+                    }) => return,
                     Some(_) => {}
                 },
             }
@@ -276,7 +288,7 @@ fn http_refusal(
 async fn session(
     settings: &LinkSettings,
     hello: &watch::Receiver<HelloState>,
-    outbound: &mut mpsc::UnboundedReceiver<AgentMessage>,
+    outbound: &mut LinkReceiver,
     events: &mpsc::UnboundedSender<LinkEvent>,
 ) -> SessionEnd {
     let lost = |error: String| SessionEnd::Lost {
@@ -398,6 +410,7 @@ async fn session(
         heartbeat_secs
     });
     let mut ticker = tokio::time::interval_at(Instant::now() + beat, beat);
+    let overflow = outbound.overflow_signal();
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
     let mut seq = 0u64;
@@ -409,17 +422,33 @@ async fn session(
     };
     loop {
         tokio::select! {
-            message = outbound.recv() => {
-                let Some(message) = message else {
+            frame = outbound.recv() => {
+                let Some(Outgoing { message, credit }) = frame else {
                     let _ = socket.close(None).await;
                     return SessionEnd::Finished;
                 };
                 let goodbye = matches!(message, AgentMessage::Goodbye { .. });
-                if let Err(error) = socket.send(Message::text(message.encode())).await {
-                    if goodbye {
-                        return SessionEnd::Finished;
+                // A master that reads nothing for this long is not coming
+                // back on this connection (a slow one still makes progress).
+                let sent = tokio::time::timeout(
+                    beat * MISSED_BEATS,
+                    socket.send(Message::text(message.encode())),
+                )
+                .await;
+                // Written (or failed): its credit goes back to the runner.
+                drop(credit);
+                match sent {
+                    Ok(Ok(())) => {}
+                    _ if goodbye => return SessionEnd::Finished,
+                    Ok(Err(error)) => {
+                        return welcomed_lost(format!("sending to the master failed: {error}"));
                     }
-                    return welcomed_lost(format!("sending to the master failed: {error}"));
+                    Err(_) => {
+                        return welcomed_lost(format!(
+                            "the master read nothing for {} s",
+                            (beat * MISSED_BEATS).as_secs()
+                        ));
+                    }
                 }
                 if goodbye {
                     let _ = tokio::time::timeout(Duration::from_secs(2), socket.close(None)).await;
@@ -454,6 +483,11 @@ async fn session(
                     Some(Err(error)) => return welcomed_lost(format!("connection failed: {error}")),
                     None => return welcomed_lost("the master closed the connection".into()),
                 }
+            }
+            () = overflow.happened() => {
+                return welcomed_lost(
+                    "the queue to the master overflowed; reconnecting to resynchronise".into(),
+                );
             }
             _ = ticker.tick() => {
                 if last_heard.elapsed() > beat * MISSED_BEATS {
@@ -573,7 +607,7 @@ mod tests {
     }
 
     struct Agent {
-        outbound: mpsc::UnboundedSender<AgentMessage>,
+        outbound: crate::daemon::outgoing::LinkSender,
         events: mpsc::UnboundedReceiver<LinkEvent>,
         task: tokio::task::JoinHandle<()>,
         _hello: watch::Sender<HelloState>,
@@ -593,7 +627,8 @@ mod tests {
             running: vec![4],
             outlook: Outlook::default(),
         });
-        let (outbound_tx, outbound_rx) = mpsc::unbounded_channel();
+        let (outbound_tx, outbound_rx) =
+            crate::daemon::outgoing::link_queue(crate::daemon::outgoing::LINK_QUEUE);
         let (events_tx, events_rx) = mpsc::unbounded_channel();
         let task = spawn(
             LinkSettings {
@@ -653,10 +688,11 @@ mod tests {
             event(&mut agent.events).await,
             LinkEvent::Frame(MasterMessage::ResultStored { build_id: 3 })
         );
-        agent
-            .outbound
-            .send(AgentMessage::BuildAccepted { build_id: 5 })
-            .unwrap();
+        assert!(
+            agent
+                .outbound
+                .send(AgentMessage::BuildAccepted { build_id: 5 })
+        );
         assert_eq!(
             receive(&mut socket).await,
             AgentMessage::BuildAccepted { build_id: 5 }
@@ -681,12 +717,9 @@ mod tests {
             LinkEvent::Up { .. }
         ));
 
-        agent
-            .outbound
-            .send(AgentMessage::Goodbye {
-                reason: "stopped".into(),
-            })
-            .unwrap();
+        assert!(agent.outbound.send(AgentMessage::Goodbye {
+            reason: "stopped".into(),
+        }));
         assert_eq!(
             receive(&mut socket).await,
             AgentMessage::Goodbye {

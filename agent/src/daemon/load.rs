@@ -636,7 +636,7 @@ mod tests {
         use super::super::clock::SystemClock;
         use super::super::runner::{self, BuildRequest, RunnerEvent, RunnerSettings};
         let work = tempfile::tempdir().unwrap();
-        let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+        let (events_tx, mut events) = tokio::sync::mpsc::channel(runner::EVENT_QUEUE);
         let _control = runner::spawn(
             BuildRequest {
                 build_id,
@@ -659,6 +659,7 @@ mod tests {
                 workdir: work.path().to_owned(),
                 kill_grace: Duration::from_millis(500),
                 git: Default::default(),
+                credit: Default::default(),
             }),
             trees.clone(),
             Arc::new(SystemClock),

@@ -12,6 +12,7 @@ mod files;
 pub mod link;
 pub mod load;
 pub mod manual;
+pub mod outgoing;
 pub mod priority;
 pub mod runner;
 pub mod spawn;
@@ -188,6 +189,7 @@ async fn run(path: &Path, config: WorkerConfig) -> Result<Exit, Failure> {
         workdir: config.workdir.clone(),
         kill_grace: KILL_GRACE,
         git: config.git.clone(),
+        credit: outgoing::OutputCredit::default(),
         artifacts,
     });
     let (mut daemon, inbox, wiring) = Daemon::new(

@@ -5,6 +5,13 @@
 //!
 //! A build runs as one tokio task that reports [`RunnerEvent`]s to the event
 //! loop and takes cancel requests and lock grants through [`BuildControl`].
+//!
+//! Bounded end to end: events go to the loop through a bounded channel, and
+//! every build frame for the master (output, step start, end and wait) first
+//! takes [`Credit`] from the agent's [`OutputCredit`]. While a batch waits
+//! for credit the step's pipe is not read, so a step that writes faster than
+//! the link to the master carries blocks on its own writes; the batch waiting
+//! holds at most [`BATCH_BYTES`].
 
 use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
@@ -22,18 +29,28 @@ use tokio::time::{Instant, sleep_until};
 use super::build_tree::{AGENT_MARKER, BUILD_MARKER};
 use super::clock::Clock;
 use super::load::BuildTrees;
+use super::outgoing::{Credit, OutputCredit};
 use super::spawn::{self, StepChild, StepCommand, step_environment, var};
 
 /// Output batches are sent at most this long after their first byte...
 const FLUSH_AFTER: Duration = Duration::from_millis(50);
-/// ...or as soon as they reach this size.
-const BATCH_BYTES: usize = 32 * 1024;
+/// ...or as soon as they reach this size (the pipe is not read while a
+/// full batch waits for credit).
+pub const BATCH_BYTES: usize = 32 * 1024;
 /// The log carried in a `BuildResult` keeps at most this much (the tail);
 /// the live stream carried everything. Keeps the frame under the wire limit.
 const LOG_LIMIT: usize = 512 * 1024;
 /// After a step's main process exits, how long to wait for processes it left
-/// behind to close their output before they are killed.
+/// behind to close their output before they are killed; after that, how long
+/// the pipe may stay idle (not counting waits for credit) before it is closed.
 const DRAIN_AFTER_EXIT: Duration = Duration::from_secs(2);
+/// Once the step's group is killed, output is read for at most this long
+/// (something outside the group may keep writing).
+const DRAIN_AFTER_KILL: Duration = Duration::from_secs(60);
+
+/// Events queued from all running builds to the event loop; a build whose
+/// event does not fit waits (the loop never does).
+pub const EVENT_QUEUE: usize = 64;
 
 /// Environment variables of the agent that builds must never inherit: the
 /// systemd notification socket, watchdog and socket-activation variables.
@@ -48,6 +65,8 @@ pub struct RunnerSettings {
     pub kill_grace: Duration,
     /// The worker's git credentials, for the checkout step only.
     pub git: super::checkout::GitAuth,
+    /// The agent's credit for build frames in flight to the master.
+    pub credit: OutputCredit,
     /// The master's API with this worker's token, for artifact uploads
     /// (`None` for a supervised agent, which runs no builds of ours).
     pub artifacts: Option<nightshift_proto::api::ApiClient>,
@@ -71,20 +90,24 @@ pub enum RunnerEvent {
     StepWaiting {
         build_id: BuildId,
         step: u32,
+        credit: Credit,
     },
     StepStarted {
         build_id: BuildId,
         step: u32,
         at: Timestamp,
+        credit: Credit,
     },
     Output {
         build_id: BuildId,
         step: u32,
         data: String,
+        credit: Credit,
     },
     StepFinished {
         build_id: BuildId,
         result: StepResult,
+        credit: Credit,
     },
     Finished {
         result: BuildResult,
@@ -125,7 +148,7 @@ pub fn spawn(
     settings: Arc<RunnerSettings>,
     trees: Arc<BuildTrees>,
     clock: Arc<dyn Clock>,
-    events: mpsc::UnboundedSender<RunnerEvent>,
+    events: mpsc::Sender<RunnerEvent>,
 ) -> BuildControl {
     let (cancel_tx, cancel_rx) = watch::channel(None);
     let (grant_tx, grant_rx) = mpsc::unbounded_channel();
@@ -151,7 +174,7 @@ struct Build {
     settings: Arc<RunnerSettings>,
     trees: Arc<BuildTrees>,
     clock: Arc<dyn Clock>,
-    events: mpsc::UnboundedSender<RunnerEvent>,
+    events: mpsc::Sender<RunnerEvent>,
     cancel: watch::Receiver<Option<String>>,
     grants: mpsc::UnboundedReceiver<u32>,
     log: Log,
@@ -176,7 +199,8 @@ impl Build {
 
         match safe_join(&self.settings.workdir, &self.request.builder) {
             Err(problem) => {
-                self.note(0, &format!("nightshift: bad builder name: {problem}\n"));
+                self.note(0, &format!("nightshift: bad builder name: {problem}\n"))
+                    .await;
                 outcome = Outcome::Failure;
                 reason = Some(problem);
             }
@@ -195,11 +219,14 @@ impl Build {
                         break;
                     }
                     let started_at = self.clock.now();
+                    let credit = self.settings.credit.take(0).await;
                     self.send(RunnerEvent::StepStarted {
                         build_id,
                         step: step_no,
                         at: started_at,
-                    });
+                        credit,
+                    })
+                    .await;
                     let end = match &step.upload {
                         Some(upload) => {
                             super::upload::run(self.upload_context(step_no), upload, &build_dir)
@@ -219,7 +246,13 @@ impl Build {
                         finished_at: self.clock.now(),
                     };
                     steps.push(result.clone());
-                    self.send(RunnerEvent::StepFinished { build_id, result });
+                    let credit = self.settings.credit.take(0).await;
+                    self.send(RunnerEvent::StepFinished {
+                        build_id,
+                        result,
+                        credit,
+                    })
+                    .await;
                     if end.outcome != Outcome::Success {
                         outcome = end.outcome;
                         reason = end.reason;
@@ -237,7 +270,7 @@ impl Build {
             log: std::mem::take(&mut self.log).finish(),
             finished_at: self.clock.now(),
         };
-        self.send(RunnerEvent::Finished { result });
+        self.send(RunnerEvent::Finished { result }).await;
     }
 
     /// What the artifact upload step needs of the build.
@@ -252,10 +285,10 @@ impl Build {
         }
     }
 
-    fn send(&self, event: RunnerEvent) {
+    async fn send(&self, event: RunnerEvent) {
         // The loop outlives every build it starts; if it is gone the agent
         // is exiting and there is nobody left to tell.
-        let _ = self.events.send(event);
+        let _ = self.events.send(event).await;
     }
 
     fn cancel_reason(&self) -> Option<String> {
@@ -263,21 +296,27 @@ impl Build {
     }
 
     /// Writes a line of the agent's own into the step's output.
-    fn note(&mut self, step: u32, text: &str) {
+    async fn note(&mut self, step: u32, text: &str) {
         self.log.push(text);
+        let credit = self.settings.credit.take(text.len()).await;
         self.send(RunnerEvent::Output {
             build_id: self.request.build_id,
             step,
             data: text.to_owned(),
-        });
+            credit,
+        })
+        .await;
     }
 
     /// Sends `StepWaiting` and waits for the grant; false when cancelled first.
     async fn wait_for_grant(&mut self, step: u32) -> bool {
+        let credit = self.settings.credit.take(0).await;
         self.send(RunnerEvent::StepWaiting {
             build_id: self.request.build_id,
             step,
-        });
+            credit,
+        })
+        .await;
         loop {
             tokio::select! {
                 granted = self.grants.recv() => match granted {
@@ -312,7 +351,7 @@ impl Build {
                 Ok(dir) => dir,
                 Err(problem) => {
                     let text = format!("step `{}`: bad workdir: {problem}", step.name);
-                    self.note(step_no, &format!("nightshift: {text}\n"));
+                    self.note(step_no, &format!("nightshift: {text}\n")).await;
                     return failed(text);
                 }
             },
@@ -320,14 +359,14 @@ impl Build {
         };
         if let Err(error) = fs_err::create_dir_all(&dir) {
             let text = format!("step `{}`: cannot create its directory: {error}", step.name);
-            self.note(step_no, &format!("nightshift: {text}\n"));
+            self.note(step_no, &format!("nightshift: {text}\n")).await;
             return failed(text);
         }
         let (mut child, reader) = match self.spawn_step(step, &dir, cgroup) {
             Ok(spawned) => spawned,
             Err(error) => {
                 let text = format!("step `{}`: cannot start `sh`: {error}", step.name);
-                self.note(step_no, &format!("nightshift: {text}\n"));
+                self.note(step_no, &format!("nightshift: {text}\n")).await;
                 return failed(text);
             }
         };
@@ -340,7 +379,12 @@ impl Build {
         let mut status = None;
         let mut ended_by: Option<(Outcome, String)> = None;
         let mut kill_at: Option<Instant> = None;
+        // After the main process exits: when its group is killed (lingering
+        // writers had their time), then when the pipe counts as idle.
         let mut drain_until: Option<Instant> = None;
+        let mut group_killed_at: Option<Instant> = None;
+        // The batch's time is up: it goes as soon as there is credit.
+        let mut batch_due = false;
         let timeout_at = step
             .timeout_secs
             .map(|secs| Instant::now() + Duration::from_secs(secs));
@@ -351,27 +395,43 @@ impl Build {
             if status.is_some() && reader.is_none() {
                 break;
             }
+            // A full batch is not added to: the pipe waits, and so does the
+            // step when it fills.
+            let batch_full = batch.pending.len() >= BATCH_BYTES;
+            let sending = (batch_full || batch_due) && !batch.pending.is_empty();
+            let drain_deadline = match group_killed_at {
+                None => drain_until,
+                Some(killed) => drain_until.map(|idle| idle.min(killed + DRAIN_AFTER_KILL)),
+            };
             tokio::select! {
                 read = async {
                     match reader.as_mut() {
                         Some(reader) => reader.read(&mut buffer).await,
                         None => std::future::pending().await,
                     }
-                } => match read {
+                }, if !batch_full => match read {
                     Ok(0) | Err(_) => reader = None,
                     Ok(n) => {
                         batch.push(&buffer[..n]);
-                        if batch.pending.len() >= BATCH_BYTES {
-                            self.flush(step_no, &mut batch);
+                        if group_killed_at.is_some() {
+                            drain_until = Some(Instant::now() + DRAIN_AFTER_EXIT);
                         }
                     }
                 },
+                credit = self.settings.credit.take(batch.pending.len()), if sending => {
+                    batch_due = false;
+                    self.flush(step_no, &mut batch, credit).await;
+                    if group_killed_at.is_some() {
+                        // Waiting for credit is not idleness.
+                        drain_until = Some(Instant::now() + DRAIN_AFTER_EXIT);
+                    }
+                }
                 exit = child.wait(), if status.is_none() => {
                     status = Some(exit);
                     drain_until = Some(Instant::now() + DRAIN_AFTER_EXIT);
                 }
-                () = sleep_until(batch.due.unwrap_or(far)), if batch.due.is_some() => {
-                    self.flush(step_no, &mut batch);
+                () = sleep_until(batch.due.unwrap_or(far)), if batch.due.is_some() && !batch_due => {
+                    batch_due = true;
                 }
                 () = sleep_until(timeout_at.unwrap_or(far)),
                     if timeout_at.is_some() && ended_by.is_none() && status.is_none() =>
@@ -400,9 +460,29 @@ impl Build {
                     self.trees.signal_build(self.request.build_id, Signal::SIGKILL);
                     kill_at = None;
                 }
-                () = sleep_until(drain_until.unwrap_or(far)), if drain_until.is_some() && reader.is_some() => {
-                    // Something the step started still holds its output open.
-                    reader = None;
+                () = sleep_until(drain_deadline.unwrap_or(far)),
+                    if drain_deadline.is_some() && reader.is_some() && !sending =>
+                {
+                    let now = Instant::now();
+                    match group_killed_at {
+                        None => {
+                            // Something the step started still holds its
+                            // output open: its group goes now, and what it
+                            // wrote before is still read (at the link's pace).
+                            if let Some(pgid) = pgid.filter(|pgid| *pgid > 1) {
+                                let _ = nix::sys::signal::killpg(
+                                    nix::unistd::Pid::from_raw(pgid),
+                                    Signal::SIGKILL,
+                                );
+                            }
+                            group_killed_at = Some(now);
+                            drain_until = Some(now + DRAIN_AFTER_EXIT);
+                        }
+                        // Nothing came for a while (a process outside the
+                        // group holds the pipe), or something outside the
+                        // group keeps writing: stop reading.
+                        Some(_) => reader = None,
+                    }
                 }
             }
         }
@@ -431,14 +511,12 @@ impl Build {
         if killed.is_err() {
             self.trees.set_step_group(build_id, None);
         }
-        self.flush(step_no, &mut batch);
+        if !batch.pending.is_empty() {
+            let credit = self.settings.credit.take(batch.pending.len()).await;
+            self.flush(step_no, &mut batch, credit).await;
+        }
         if let Some(text) = batch.finish() {
-            self.log.push(&text);
-            self.send(RunnerEvent::Output {
-                build_id: self.request.build_id,
-                step: step_no,
-                data: text,
-            });
+            self.note(step_no, &text).await;
         }
 
         use std::os::unix::process::ExitStatusExt;
@@ -481,14 +559,16 @@ impl Build {
         }
     }
 
-    fn flush(&mut self, step_no: u32, batch: &mut Batch) {
+    async fn flush(&mut self, step_no: u32, batch: &mut Batch, credit: Credit) {
         if let Some(data) = batch.take() {
             self.log.push(&data);
             self.send(RunnerEvent::Output {
                 build_id: self.request.build_id,
                 step: step_no,
                 data,
-            });
+                credit,
+            })
+            .await;
         }
     }
 
@@ -684,6 +764,7 @@ impl Log {
 mod tests {
     use super::*;
     use crate::daemon::clock::SystemClock;
+    use crate::daemon::outgoing::FRAME_COST;
 
     fn step(name: &str, command: &str) -> StepSpec {
         StepSpec {
@@ -700,17 +781,23 @@ mod tests {
 
     struct Harness {
         workdir: tempfile::TempDir,
-        events: mpsc::UnboundedReceiver<RunnerEvent>,
-        sender: mpsc::UnboundedSender<RunnerEvent>,
+        events: mpsc::Receiver<RunnerEvent>,
+        sender: mpsc::Sender<RunnerEvent>,
+        credit: OutputCredit,
     }
 
     impl Harness {
         fn new() -> Harness {
-            let (sender, events) = mpsc::unbounded_channel();
+            Harness::with_credit(OutputCredit::default())
+        }
+
+        fn with_credit(credit: OutputCredit) -> Harness {
+            let (sender, events) = mpsc::channel(EVENT_QUEUE);
             Harness {
                 workdir: tempfile::tempdir().unwrap(),
                 events,
                 sender,
+                credit,
             }
         }
 
@@ -720,6 +807,7 @@ mod tests {
                 workdir: self.workdir.path().to_owned(),
                 kill_grace: Duration::from_millis(500),
                 git: Default::default(),
+                credit: self.credit.clone(),
             });
             let mut properties = BTreeMap::new();
             properties.insert("branch-name".to_owned(), "main".to_owned());
@@ -746,15 +834,101 @@ mod tests {
         }
 
         /// Collects events until the build finishes.
+        /// Collects events until the build finishes (giving back their
+        /// credit, as the link does once it has written them).
         async fn finish(&mut self) -> (Vec<RunnerEvent>, BuildResult) {
             let mut seen = Vec::new();
             loop {
                 match self.next().await {
                     RunnerEvent::Finished { result } => return (seen, result),
-                    event => seen.push(event),
+                    event => seen.push(without_credit(event)),
                 }
             }
         }
+    }
+
+    fn without_credit(event: RunnerEvent) -> RunnerEvent {
+        match event {
+            RunnerEvent::StepWaiting { build_id, step, .. } => RunnerEvent::StepWaiting {
+                build_id,
+                step,
+                credit: Credit::none(),
+            },
+            RunnerEvent::StepStarted {
+                build_id, step, at, ..
+            } => RunnerEvent::StepStarted {
+                build_id,
+                step,
+                at,
+                credit: Credit::none(),
+            },
+            RunnerEvent::Output {
+                build_id,
+                step,
+                data,
+                ..
+            } => RunnerEvent::Output {
+                build_id,
+                step,
+                data,
+                credit: Credit::none(),
+            },
+            RunnerEvent::StepFinished {
+                build_id, result, ..
+            } => RunnerEvent::StepFinished {
+                build_id,
+                result,
+                credit: Credit::none(),
+            },
+            finished @ RunnerEvent::Finished { .. } => finished,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_step_writing_faster_than_its_credit_comes_back_waits_on_its_pipe() {
+        // 256 KiB of credit, held by the test as a link that writes nothing.
+        let credit = OutputCredit::new(256 * 1024);
+        let mut harness = Harness::with_credit(credit.clone());
+        let marker = harness.workdir.path().join("demo/wrote-everything");
+        // 8 MB: far more than the credit, the batch, the read buffer and
+        // the pipe together can take from the step.
+        harness.start(
+            7,
+            vec![step(
+                "flood",
+                "head -c 8000000 /dev/zero | tr '\\0' y; touch wrote-everything; echo done",
+            )],
+        );
+        let mut held = Vec::new();
+        let mut bytes = 0;
+        // The largest frame: a batch just under full plus one read.
+        while credit.available() >= FRAME_COST + BATCH_BYTES + 16 * 1024 + 4 {
+            let event = harness.next().await;
+            if let RunnerEvent::Output { data, .. } = &event {
+                bytes += data.len();
+            }
+            held.push(event);
+        }
+        // The credit is spent and nothing is given back: the step can only
+        // have written what the credit, one batch, one read and the pipe hold.
+        assert!(bytes <= 256 * 1024, "{bytes} bytes of output arrived");
+        assert!(
+            !marker.exists(),
+            "the step finished writing 8 MB although only {bytes} bytes left it"
+        );
+        // The link catches up: everything arrives, in order, and the step ends.
+        drop(held);
+        let (events, result) = harness.finish().await;
+        assert_eq!(
+            result.outcome,
+            Outcome::Success,
+            "{}",
+            result.reason.unwrap_or_default()
+        );
+        let rest = output_of(&events);
+        assert_eq!(bytes + rest.len(), 8_000_000 + "done\n".len());
+        assert!(rest.ends_with("yyydone\n"), "{}", &rest[rest.len() - 20..]);
+        assert!(marker.exists());
     }
 
     fn output_of(events: &[RunnerEvent]) -> String {
@@ -1046,7 +1220,7 @@ mod tests {
         let mut waiting = false;
         while !waiting {
             match harness.next().await {
-                RunnerEvent::StepWaiting { build_id, step } => {
+                RunnerEvent::StepWaiting { build_id, step, .. } => {
                     assert_eq!((build_id, step), (6, 1));
                     waiting = true;
                 }

@@ -26,7 +26,7 @@ pub(super) struct UploadContext<'a> {
     pub(super) step: u32,
     pub(super) client: Option<ApiClient>,
     pub(super) cancel: &'a mut watch::Receiver<Option<String>>,
-    pub(super) events: &'a mpsc::UnboundedSender<RunnerEvent>,
+    pub(super) events: &'a mpsc::Sender<RunnerEvent>,
     pub(super) log: &'a mut Log,
 }
 
@@ -34,10 +34,13 @@ impl UploadContext<'_> {
     fn note(&mut self, text: &str) {
         let line = format!("nightshift: {text}\n");
         self.log.push(&line);
-        let _ = self.events.send(RunnerEvent::Output {
+        // A handful of lines per upload, without credit; if the bounded
+        // queue to the loop is full the line is still in the result's log.
+        let _ = self.events.try_send(RunnerEvent::Output {
             build_id: self.build_id,
             step: self.step,
             data: line,
+            credit: super::outgoing::Credit::none(),
         });
     }
 

@@ -4,6 +4,7 @@
 //! One module per section; `parse` runs them in order and collects every
 //! error.
 
+mod agent_limits;
 mod artifacts;
 mod builders;
 mod duration;
@@ -28,6 +29,7 @@ use nightshift_proto::diag::parse_toml;
 use crate::locks::LockDef;
 use crate::worker_groups::WorkerGroupDef;
 
+pub use agent_limits::AgentLimits;
 pub use artifacts::ArtifactSettings;
 pub use builders::{Admission, BuilderDef};
 pub use duration::Secs;
@@ -97,6 +99,7 @@ struct RawConfig {
     #[serde(default = "default_max_log_bytes")]
     max_log_bytes: u64,
     max_agents: Option<u32>,
+    agent_limits: Option<agent_limits::RawAgentLimits>,
     #[serde(default = "artifacts::default_max_artifact_bytes")]
     max_artifact_bytes: u64,
     #[serde(default = "artifacts::default_max_build_artifact_bytes")]
@@ -138,6 +141,8 @@ pub struct MasterConfig {
     /// Most agents connected at once; `None`: as many as the descriptor
     /// limit leaves room for beside API clients and browsers.
     pub max_agents: Option<u32>,
+    /// What one agent connection may send and have queued (`[agent_limits]`).
+    pub agent_limits: AgentLimits,
     /// What the master keeps of builds' artifacts.
     pub artifacts: ArtifactSettings,
     pub workers: Vec<WorkerDef>,
@@ -261,6 +266,7 @@ impl MasterConfig {
         let written = Written::of(text);
 
         let general = general::parse_general(&raw, base, &mut errors);
+        let agent_limits = agent_limits::parse_agent_limits(raw.agent_limits.as_ref(), &mut errors);
         let artifacts = artifacts::parse_artifacts(&raw, &mut errors);
         let (workers, worker_names) = workers::parse_workers(raw.worker, &written, &mut errors);
         let (locks, lock_names) =
@@ -299,6 +305,7 @@ impl MasterConfig {
             max_starting: raw.max_starting,
             max_log_bytes: raw.max_log_bytes,
             max_agents: raw.max_agents,
+            agent_limits,
             artifacts,
             index: WorkerIndex::of(&workers),
             workers,

@@ -55,6 +55,49 @@ steps = [{{ name = "make", command = "make", timeout = "5m", env = {{ CC = "cc" 
     assert_eq!(app.locks, vec![Claim::new("compile", Access::Counting)]);
     assert_eq!(config.locks[0].max_count_for_worker["b2"], 4);
     assert_eq!(app.admission, Admission::Fit, "the default");
+    assert_eq!(config.agent_limits, super::AgentLimits::default());
+}
+
+#[test]
+fn agent_limits_are_read_checked_and_named_where_wrong() {
+    let config = parse(
+        "[agent_limits]\nframes_per_second = 50\nframe_burst = 60\n\
+         control_frames_per_second = 5\ncontrol_frame_burst = 7\noutbox_frames = 256\n",
+    )
+    .unwrap();
+    assert_eq!(
+        config.agent_limits,
+        super::AgentLimits {
+            frames_per_second: 50,
+            frame_burst: 60,
+            control_frames_per_second: 5,
+            control_frame_burst: 7,
+            outbox_frames: 256,
+        }
+    );
+    // Unset keys keep their defaults.
+    let config = parse("[agent_limits]\noutbox_frames = 64\n").unwrap();
+    assert_eq!(config.agent_limits.outbox_frames, 64);
+    assert_eq!(config.agent_limits.frames_per_second, 500);
+
+    let shown = parse("[agent_limits]\nframes_per_second = 0\noutbox_frames = 2000000\n")
+        .unwrap_err()
+        .to_string();
+    assert!(shown.contains("master.toml:2:"), "{shown}");
+    assert!(shown.contains("agent_limits.frames_per_second"), "{shown}");
+    assert!(shown.contains("master.toml:3:"), "{shown}");
+    assert!(
+        shown.contains("agent_limits.outbox_frames") && shown.contains("got 2000000"),
+        "{shown}"
+    );
+    let shown = parse("[agent_limits]\nframes_per_sec = 5\n")
+        .unwrap_err()
+        .to_string();
+    assert!(shown.contains("frames_per_sec"), "{shown}");
+    let shown = parse("[agent_limits]\nframe_burst = -1\n")
+        .unwrap_err()
+        .to_string();
+    assert!(shown.contains("master.toml:2:"), "{shown}");
 }
 
 #[test]

@@ -130,15 +130,33 @@ impl Scheduler {
         kind: Refused,
         why: RefusalReason,
     ) {
-        let because = match why {
-            RefusalReason::NotHandedToIt => "it was not handed to it",
-            RefusalReason::BuilderDoesNotListIt => "its builder does not list it",
-            RefusalReason::UnknownOrFinished => "it is unknown or finished",
-        };
+        let because = refusal_text(why);
         tracing::warn!(
             "worker {worker} {what} build {id}, which is not assigned to it ({because}); refused"
         );
         METRICS.refused(kind, why);
+    }
+
+    /// Refuses a result (a cancelled one too) that `worker` delivered for
+    /// `id`, and tells the agent with the reason: the refusal is final, so
+    /// the agent drops the result from its spool instead of sending it
+    /// again after every reconnect.
+    pub(super) fn refuse_result(
+        &self,
+        worker: &str,
+        id: BuildId,
+        what: &str,
+        kind: Refused,
+        why: RefusalReason,
+    ) {
+        self.refuse_because(worker, id, what, kind, why);
+        self.send(
+            worker,
+            MasterMessage::ResultRefused {
+                build_id: id,
+                reason: format!("not assigned to this worker: {}", refusal_text(why)),
+            },
+        );
     }
 
     /// Whether `worker` may act on (adopt, finish) the queued build
@@ -213,14 +231,14 @@ impl Scheduler {
         };
         match self.running.get(&id) {
             Some(run) if run.worker != worker => {
-                return self.refuse_because(worker, id, what, kind, RefusalReason::NotHandedToIt);
+                return self.refuse_result(worker, id, what, kind, RefusalReason::NotHandedToIt);
             }
             Some(_) => {}
             None => {
                 if let Some(queued) = self.queue.get(&id)
                     && let Err(why) = self.may_act_on_queued(worker, queued)
                 {
-                    return self.refuse_because(worker, id, what, kind, why);
+                    return self.refuse_result(worker, id, what, kind, why);
                 }
             }
         }
@@ -231,7 +249,13 @@ impl Scheduler {
         }
         match self.running.get(&id) {
             Some(run) if run.worker != worker => {
-                return self.refuse(worker, id, "delivered a result for");
+                return self.refuse_result(
+                    worker,
+                    id,
+                    "delivered a result for",
+                    Refused::Result,
+                    RefusalReason::NotHandedToIt,
+                );
             }
             Some(run) => {
                 if result.outcome == Outcome::Success
@@ -296,7 +320,13 @@ impl Scheduler {
         let id = result.build_id;
         let owned = self.owns(worker, id);
         if !owned && !self.queue.contains_key(&id) {
-            return self.refuse(worker, id, "cancelled");
+            return self.refuse_result(
+                worker,
+                id,
+                "sent a cancelled result for",
+                Refused::Cancel,
+                RefusalReason::UnknownOrFinished,
+            );
         }
         if owned {
             let reason = format!(
@@ -324,7 +354,7 @@ impl Scheduler {
                 self.notify_finished(id);
             }
             Ok(StoreOutcome::NotYours) => {
-                self.refuse_because(
+                self.refuse_result(
                     worker,
                     id,
                     "delivered a result for",
@@ -526,7 +556,10 @@ impl Scheduler {
         }
         self.touch(&worker);
         self.latent.build_started(&worker, Now::system());
-        METRICS.waited_before_start(queued.queued_at.elapsed());
+        self.timers.cancel(&TimerSlot::CoolOff(id));
+        if let Some(queued_at) = queued.queued_at {
+            METRICS.waited_before_start(queued_at.elapsed());
+        }
         tracing::info!("build {id} ({}) handed to {worker}", queued.builder);
         self.send(
             &worker,
@@ -552,6 +585,15 @@ impl Scheduler {
                 leased_step: None,
             },
         );
+    }
+}
+
+/// Why something a worker tried on a build was refused, in words.
+fn refusal_text(why: RefusalReason) -> &'static str {
+    match why {
+        RefusalReason::NotHandedToIt => "it was not handed to it",
+        RefusalReason::BuilderDoesNotListIt => "its builder does not list it",
+        RefusalReason::UnknownOrFinished => "it is unknown or finished",
     }
 }
 

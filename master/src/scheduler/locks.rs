@@ -17,6 +17,9 @@ use crate::store::StepGrant;
 /// step at its timeout and reports it; a grant still held after this grace
 /// is taken back (the agent is broken or lying).
 pub const LEASE_GRACE: Duration = Duration::from_secs(10);
+/// How long a build whose lease ended is not handed back to the worker that
+/// held it, when the builder lists another worker.
+pub const LEASE_COOL_OFF: Duration = Duration::from_secs(300);
 
 /// Queued builds whose worker is chosen and whose builder-level locks are
 /// being waited for (the worker's slot is kept for them), by build and by
@@ -292,9 +295,26 @@ impl Scheduler {
             },
         );
         self.requeue(&worker, build_id, &reason, RetryReason::LockLeaseEnded);
-        // Taken back: nothing more from that worker is accepted for it.
+        // Taken back: nothing more from that worker is accepted for it, and
+        // it does not get it straight back (unless nobody else could).
         if let Some(queued) = self.queue.get_mut(&build_id) {
             queued.handed_to = None;
+            let others = self
+                .config
+                .builder(&queued.builder)
+                .is_some_and(|def| def.workers.iter().any(|name| *name != worker));
+            if others {
+                tracing::info!(
+                    "build {build_id}: not handed to {worker} again for {} s",
+                    LEASE_COOL_OFF.as_secs()
+                );
+                queued.avoid = Some(worker.clone());
+                self.timers.set(
+                    TimerSlot::CoolOff(build_id),
+                    LEASE_COOL_OFF,
+                    Event::CoolOffEnded { build_id },
+                );
+            }
         }
         self.store.forget_handed_to(build_id);
         self.maybe_release(&worker);

@@ -229,6 +229,10 @@ pub enum Event {
         name: String,
         reply: oneshot::Sender<bool>,
     },
+    /// The worker whose lease of this build ended may be given it again.
+    CoolOffEnded {
+        build_id: BuildId,
+    },
     /// A new config, validated and checked by `reconfig::reload`: apply it
     /// without interrupting running builds, then answer.
     Reconfig {
@@ -287,8 +291,13 @@ struct Queued {
     /// The worker it was last handed to, kept across a re-queue: the only
     /// one whose result or adoption of it is accepted.
     handed_to: Option<String>,
-    /// When it (re-)joined the queue, for the wait-before-start histogram.
-    queued_at: std::time::Instant,
+    /// A worker it is not handed to again until [`LEASE_COOL_OFF`] ends:
+    /// the one whose step held its locks past the lease.
+    avoid: Option<String>,
+    /// When it (re-)joined the queue, for the wait-before-start histogram;
+    /// `None` for a build restored at a master restart (its wait began
+    /// before this process and is not measured).
+    queued_at: Option<std::time::Instant>,
     /// The revision it builds (builders with a `source`).
     source: Option<BuildSource>,
 }
@@ -306,7 +315,21 @@ impl Queued {
             refused: false,
             source,
             handed_to: None,
-            queued_at: std::time::Instant::now(),
+            avoid: None,
+            queued_at: Some(std::time::Instant::now()),
+        }
+    }
+
+    /// A build restored from the store at a master restart.
+    fn restored(
+        builder: String,
+        properties: BTreeMap<String, String>,
+        source: Option<BuildSource>,
+        worker: Option<String>,
+    ) -> Queued {
+        Queued {
+            queued_at: None,
+            ..Queued::handed_back(builder, properties, source, worker)
         }
     }
 
@@ -530,7 +553,7 @@ impl Scheduler {
                     crate::metrics::METRICS.retried(crate::metrics::RetryReason::WorkerRemoved);
                     scheduler.queue.insert(
                         build.id,
-                        Queued::handed_back(
+                        Queued::restored(
                             build.builder,
                             build.properties,
                             build.source,
@@ -541,7 +564,7 @@ impl Scheduler {
                 _ => {
                     scheduler.queue.insert(
                         build.id,
-                        Queued::handed_back(
+                        Queued::restored(
                             build.builder,
                             build.properties,
                             build.source,
@@ -645,6 +668,12 @@ impl Scheduler {
                 self.assign();
             }
             Event::LeaseEnded { build_id, step } => self.on_lease_ended(build_id, step),
+            Event::CoolOffEnded { build_id } => {
+                if let Some(queued) = self.queue.get_mut(&build_id) {
+                    queued.avoid = None;
+                }
+                self.assign();
+            }
             Event::Reconfig { config, reply } => {
                 self.apply_config(config);
                 let _ = reply.send(());

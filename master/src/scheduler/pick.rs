@@ -41,6 +41,8 @@ pub(super) struct WorkerFacts<'a> {
     pub lock_waits: usize,
     /// It refused this build since its last presence change.
     pub refused_it: bool,
+    /// Its step held this build's locks past the lease; it cools off.
+    pub cooling_off: bool,
     /// Order of its last hand-out (lower: longer ago).
     pub last_assigned: u64,
     /// When it stops taking builds, as its agent last said (`None`: unknown
@@ -59,8 +61,9 @@ pub(super) struct WorkerFacts<'a> {
 /// builder's order: `available` workers first (fewest running builds, then
 /// least recently given one, then first listed), `reluctant` ones only when
 /// no available one can take it, never `away`/`offline`, disconnected, full
-/// ones or ones that refused it. An available worker whose run would go
-/// into its reluctant time counts as reluctant ([`BuildFacts::ranks_as`]).
+/// ones, ones that refused it, or the one cooling off after its lease of
+/// the build's locks ended. An available worker whose run would go into its
+/// reluctant time counts as reluctant ([`BuildFacts::ranks_as`]).
 ///
 /// Window-aware: a worker whose availability (plus its overrun) ends before
 /// the build's estimated end is used only when no worker fits now, none that
@@ -119,6 +122,12 @@ pub(super) fn pick_worker<'a>(
         }
         if facts.refused_it {
             why.push(format!("{name} refused it"));
+            continue;
+        }
+        if facts.cooling_off {
+            why.push(format!(
+                "{name} cooling off (its lock lease of this build ended)"
+            ));
             continue;
         }
         if let (false, Some(until)) = (fits_now, facts.takes_builds_until) {
@@ -239,15 +248,15 @@ impl Scheduler {
         let Some(queued) = self.queue.get(&id) else {
             return Err(Waiting::Because("not queued".into()));
         };
-        // A build some worker refused is decided on its own.
-        if !queued.refused
-            && let Some(why) = no_worker.get(&queued.builder)
-        {
+        // A build some worker refused, or one worker must not get (cooling
+        // off), is decided on its own.
+        let own_decision = queued.refused || queued.avoid.is_some();
+        if !own_decision && let Some(why) = no_worker.get(&queued.builder) {
             return Err(why.clone());
         }
         let decision = self.pick_for(id);
         if let Err(why) = &decision
-            && !queued.refused
+            && !own_decision
         {
             no_worker.insert(queued.builder.clone(), why.clone());
         }
@@ -304,7 +313,7 @@ impl Scheduler {
             let Some(slot) = self.workers.get(name) else {
                 continue;
             };
-            if slot.refused.contains(&id) {
+            if slot.refused.contains(&id) || queued.avoid.as_deref() == Some(name) {
                 continue;
             }
             let limits = self.limits(name, slot.outlook.as_ref());
@@ -343,6 +352,10 @@ impl Scheduler {
             let single = group.is_none().then_some(entry);
             group.into_iter().flatten().chain(single)
         });
+        let avoid = self
+            .queue
+            .get(&id)
+            .and_then(|queued| queued.avoid.as_deref());
         names.map(move |name| {
             let Some(slot) = self.workers.get(name) else {
                 return Candidate::NotConfigured { name };
@@ -357,6 +370,7 @@ impl Scheduler {
                 running: slot.running.len(),
                 lock_waits: self.lock_waits.count(name),
                 refused_it: slot.refused.contains(&id),
+                cooling_off: avoid == Some(name.as_str()),
                 last_assigned: slot.last_assigned,
                 takes_builds_until: limits.takes_builds_until,
                 reluctant_from: limits.reluctant_from,
@@ -421,6 +435,7 @@ mod tests {
             running: 0,
             lock_waits: 0,
             refused_it: false,
+            cooling_off: false,
             last_assigned: 0,
             takes_builds_until: None,
             reluctant_from: None,
@@ -546,6 +561,26 @@ mod tests {
                 w("r", Reluctant),
             ],
             Ok("r"),
+        );
+    }
+
+    #[test]
+    fn the_worker_cooling_off_after_its_lease_ended_is_passed_over() {
+        // Even idle, available and listed first: a reluctant one wins...
+        check(
+            vec![
+                with(w("held", Available), |f| f.cooling_off = true),
+                w("r", Reluctant),
+            ],
+            Ok("r"),
+        );
+        // ...and with nobody else, the build waits and says why.
+        check(
+            vec![
+                with(w("held", Available), |f| f.cooling_off = true),
+                with(w("busy", Available), |f| f.running = 1),
+            ],
+            Err("a worker: held cooling off (its lock lease of this build ended), busy busy (1/1)"),
         );
     }
 

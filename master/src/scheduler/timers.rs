@@ -28,6 +28,9 @@ pub(super) enum TimerSlot {
     ScheduleTick,
     /// The lease of a build's step lock grant (one step holds at a time).
     StepLease(nightshift_proto::wire::BuildId),
+    /// The end of a re-queued build's cool-off from the worker whose lease
+    /// of it ended.
+    CoolOff(nightshift_proto::wire::BuildId),
 }
 
 /// The armed timers; each fires as the [`Event`] it was armed with.

@@ -7,7 +7,7 @@ use crate::daemon::runner::{self, BuildRequest, RunnerEvent};
 
 use crate::handle::RunningBuild;
 
-use super::{Build, Daemon, Disposition, TAIL_LINES};
+use super::{Build, Daemon, Disposition, Outgoing, TAIL_LINES};
 
 impl Daemon {
     pub(super) fn start_build(&mut self, request: BuildRequest) {
@@ -105,37 +105,63 @@ impl Daemon {
 
     pub(super) fn on_runner(&mut self, event: RunnerEvent) {
         match event {
-            RunnerEvent::StepWaiting { build_id, step } => {
+            RunnerEvent::StepWaiting {
+                build_id,
+                step,
+                credit,
+            } => {
                 self.set_step(build_id, step);
                 if let Some(build) = self.builds.get_mut(&build_id) {
                     build.awaiting_grant = Some(step);
                 }
-                self.send(AgentMessage::StepWaiting { build_id, step });
+                self.send(Outgoing {
+                    message: AgentMessage::StepWaiting { build_id, step },
+                    credit,
+                });
             }
-            RunnerEvent::StepStarted { build_id, step, at } => {
+            RunnerEvent::StepStarted {
+                build_id,
+                step,
+                at,
+                credit,
+            } => {
                 self.set_step(build_id, step);
                 if let Some(build) = self.builds.get_mut(&build_id) {
                     build.awaiting_grant = None;
                 }
-                self.send(AgentMessage::StepStarted { build_id, step, at });
+                self.send(Outgoing {
+                    message: AgentMessage::StepStarted { build_id, step, at },
+                    credit,
+                });
             }
             RunnerEvent::Output {
                 build_id,
                 step,
                 data,
+                credit,
             } => {
                 if let Some(build) = self.builds.get_mut(&build_id) {
                     push_tail(&mut build.tail, &data);
                     build.status.tail = build.tail.join("");
                 }
-                self.send(AgentMessage::Output {
-                    build_id,
-                    step,
-                    data,
+                self.send(Outgoing {
+                    message: AgentMessage::Output {
+                        build_id,
+                        step,
+                        data,
+                    },
+                    credit,
                 });
             }
-            RunnerEvent::StepFinished { build_id, result } => {
-                self.send(AgentMessage::StepFinished { build_id, result });
+            RunnerEvent::StepFinished {
+                build_id,
+                result,
+                credit,
+            } => {
+                self.send(Outgoing {
+                    message: AgentMessage::StepFinished { build_id, result },
+                    credit,
+                });
             }
             RunnerEvent::Finished { result } => self.build_finished(result),
         }

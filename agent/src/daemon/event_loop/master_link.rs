@@ -140,6 +140,18 @@ impl Daemon {
                 }
                 self.maybe_finish_stop();
             }
+            MasterMessage::ResultRefused { build_id, reason } => {
+                // Re-sending it on every reconnect would only be refused again.
+                tracing::warn!(
+                    "the master refused the result of build {build_id} ({reason}); \
+                     dropped from the spool"
+                );
+                self.unacked.remove(&build_id);
+                if let Err(error) = self.spool.remove(build_id) {
+                    tracing::warn!("cannot remove the spooled result of build {build_id}: {error}");
+                }
+                self.maybe_finish_stop();
+            }
             MasterMessage::Released { reason } => {
                 if self.stop.is_some() && self.builds.is_empty() {
                     tracing::info!("the master released this worker: {reason}");

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use jiff::{SignedDuration, Timestamp};
 use nightshift_policy::{Inputs, LoadMonitor, ManualOverride, Policy, Presence, PresenceTracker};
-use nightshift_proto::wire::{AgentMessage, BuildId, Outlook};
+use nightshift_proto::wire::{BuildId, Outlook};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
@@ -27,7 +27,8 @@ use super::alarm::WallAlarm;
 use super::clock::Clock;
 use super::link::{HelloState, LinkEvent};
 use super::load::{BuildTrees, LoadMeasurement};
-use super::runner::{BuildControl, RunnerEvent, RunnerSettings};
+use super::outgoing::{LINK_QUEUE, LinkReceiver, LinkSender, Outgoing, link_queue};
+use super::runner::{self, BuildControl, RunnerEvent, RunnerSettings};
 use super::spool::Spool;
 use crate::handle::{
     AgentHandle, AgentStatus, ControlCommand, Counters, LoadSnapshot, MasterLink, RunningBuild,
@@ -89,7 +90,7 @@ pub struct Settings {
 pub struct Inbox {
     pub commands: mpsc::Receiver<ControlCommand>,
     pub link: mpsc::UnboundedReceiver<LinkEvent>,
-    pub runner: mpsc::UnboundedReceiver<RunnerEvent>,
+    pub runner: mpsc::Receiver<RunnerEvent>,
     pub load: mpsc::UnboundedReceiver<LoadMeasurement>,
     pub signals: mpsc::UnboundedReceiver<SignalKind>,
 }
@@ -102,7 +103,7 @@ pub struct Wiring {
     pub load_samples: mpsc::UnboundedSender<LoadMeasurement>,
     pub signals: mpsc::UnboundedSender<SignalKind>,
     /// Frames for the master; the link task reads them.
-    pub to_master: mpsc::UnboundedReceiver<AgentMessage>,
+    pub to_master: LinkReceiver,
     pub hello: watch::Receiver<HelloState>,
 }
 
@@ -161,8 +162,8 @@ pub struct Daemon {
     spool: Spool,
     runner_settings: Arc<RunnerSettings>,
     trees: Arc<BuildTrees>,
-    runner_events: mpsc::UnboundedSender<RunnerEvent>,
-    to_master: mpsc::UnboundedSender<AgentMessage>,
+    runner_events: mpsc::Sender<RunnerEvent>,
+    to_master: LinkSender,
     hello: watch::Sender<HelloState>,
     status: watch::Sender<AgentStatus>,
     link: MasterLink,
@@ -197,10 +198,10 @@ impl Daemon {
     ) -> (Daemon, Inbox, Wiring) {
         let (command_tx, command_rx) = mpsc::channel(64);
         let (link_tx, link_rx) = mpsc::unbounded_channel();
-        let (runner_tx, runner_rx) = mpsc::unbounded_channel();
+        let (runner_tx, runner_rx) = mpsc::channel(runner::EVENT_QUEUE);
         let (load_tx, load_rx) = mpsc::unbounded_channel();
         let (signal_tx, signal_rx) = mpsc::unbounded_channel();
-        let (master_tx, master_rx) = mpsc::unbounded_channel();
+        let (master_tx, master_rx) = link_queue(LINK_QUEUE);
 
         let now = clock.now();
         let inputs = Inputs {
@@ -439,10 +440,11 @@ impl Daemon {
     }
 
     /// Sends a frame when the link is up. While it is down nothing is
-    /// queued: the hello and the spool resend cover what matters.
-    fn send(&self, message: AgentMessage) {
+    /// queued: the hello and the spool resend cover what matters (and a
+    /// dropped build frame gives its credit back).
+    fn send(&self, frame: impl Into<Outgoing>) {
         if self.link.connected {
-            let _ = self.to_master.send(message);
+            self.to_master.send(frame);
         }
     }
 

@@ -7,7 +7,7 @@ use crate::daemon::manual;
 use crate::handle::ManualRequest;
 use nightshift_policy::Source;
 use nightshift_policy::{AvailabilityConfig, PresenceState};
-use nightshift_proto::wire::MasterMessage;
+use nightshift_proto::wire::{AgentMessage, MasterMessage};
 use nightshift_proto::wire::{Outcome, StepSpec};
 use tokio::sync::oneshot;
 
@@ -74,6 +74,7 @@ fn start_in(
             workdir: work.path().to_owned(),
             kill_grace: Duration::from_millis(500),
             git: Default::default(),
+            credit: Default::default(),
         }),
         Arc::new(BuildTrees::without_cgroups()),
     );
@@ -127,7 +128,8 @@ impl Fixture {
             let message = tokio::time::timeout(self.patience, self.wiring.to_master.recv())
                 .await
                 .expect("a frame for the master within a minute")
-                .expect("the daemon keeps its channel open");
+                .expect("the daemon keeps its channel open")
+                .message;
             match message {
                 AgentMessage::Output { .. }
                 | AgentMessage::StepStarted { .. }
@@ -493,8 +495,9 @@ async fn a_graceful_stop_finishes_the_running_build_refuses_new_ones_then_exits(
     // decides while it sends the result, so a Goodbye would already follow it.
     while let Ok(message) = fixture.wiring.to_master.try_recv() {
         assert!(
-            !matches!(message, AgentMessage::Goodbye { .. }),
-            "left before the master stored the result: {message:?}"
+            !matches!(message.message, AgentMessage::Goodbye { .. }),
+            "left before the master stored the result: {:?}",
+            message.message
         );
     }
     assert!(!fixture.task.is_finished());
@@ -603,7 +606,7 @@ async fn a_result_finished_while_disconnected_is_delivered_after_reconnecting() 
     .unwrap()
     .unwrap();
     assert!(fixture.state.path().join("results/9.json").exists());
-    while let Ok(message) = fixture.wiring.to_master.try_recv() {
+    while let Ok(Outgoing { message, .. }) = fixture.wiring.to_master.try_recv() {
         assert!(
             !matches!(message, AgentMessage::BuildFinished { .. }),
             "sent while down"
@@ -626,6 +629,43 @@ async fn a_result_finished_while_disconnected_is_delivered_after_reconnecting() 
     })
     .await
     .unwrap();
+}
+
+#[tokio::test]
+async fn a_refused_result_is_dropped_from_the_spool_and_not_sent_again() {
+    let mut fixture = start(ALWAYS, Arc::new(SystemClock), 1);
+    fixture.link_up().await;
+    fixture.start_build(9, "echo done");
+    assert!(matches!(
+        fixture.next_to_master().await,
+        AgentMessage::BuildAccepted { build_id: 9 }
+    ));
+    assert!(matches!(
+        fixture.next_to_master().await,
+        AgentMessage::BuildFinished { .. }
+    ));
+    assert!(fixture.state.path().join("results/9.json").exists());
+    fixture.master_sends(MasterMessage::ResultRefused {
+        build_id: 9,
+        reason: "not assigned to this worker: it is unknown or finished".into(),
+    });
+    // Link events are handled in order: the refusal before the reconnect.
+    fixture
+        .wiring
+        .link_events
+        .send(LinkEvent::Down {
+            error: "connection reset".into(),
+        })
+        .unwrap();
+    fixture.link_up().await;
+    // After the welcome the spool is re-sent at once; a build handed out
+    // next is answered after it. Nothing of build 9 comes first.
+    fixture.start_build(10, "true");
+    match fixture.next_to_master().await {
+        AgentMessage::BuildAccepted { build_id: 10 } => {}
+        other => panic!("expected build 10 accepted, nothing re-sent; got {other:?}"),
+    }
+    assert!(!fixture.state.path().join("results/9.json").exists());
 }
 
 #[tokio::test]
@@ -663,7 +703,7 @@ async fn a_full_worker_refuses_and_the_welcome_cancels_builds_requeued_elsewhere
     .unwrap()
     .unwrap();
     // The master moved it elsewhere: no result, nothing spooled.
-    while let Ok(message) = fixture.wiring.to_master.try_recv() {
+    while let Ok(Outgoing { message, .. }) = fixture.wiring.to_master.try_recv() {
         assert!(
             !matches!(
                 message,

@@ -521,7 +521,7 @@ mod tests {
             [
                 "/srv/w/worker.toml:1:8: name: the worker name \"lab 3\" contains ' '; use letters, digits, `-`, `_` and `.`",
                 "/srv/w/worker.toml:2:10: master: ws:// sends the token unencrypted; use wss://, or set insecure = true (tests and trusted networks only)",
-                "/srv/w/worker.toml:3:1: max_bulds: unknown key `max_bulds`, expected one of `name`, `master`, `token`, `token_file`, `workdir`, `state_dir`, `max_builds`, `insecure`, `tls`, `control`, `availability`, `git`, `builds`, `supervise`",
+                "/srv/w/worker.toml:3:1: max_bulds: unknown key `max_bulds`, expected one of `name`, `master`, `token`, `token_file`, `enroll_token_file`, `workdir`, `state_dir`, `max_builds`, `insecure`, `tls`, `control`, `availability`, `git`, `builds`, `supervise`",
                 "/srv/w/worker.toml:8:8: availability.schedule[0].days: unknown day \"mnd\", expected mon..sun",
                 "/srv/w/worker.toml:13:1: availability.schedule[1].colour: unknown key `colour`, expected one of `name`, `hours`, `days`, `open`, `close`, `state`",
                 "/srv/w/worker.toml:17:7: availability.load.for: invalid duration `soon`, expected e.g. `30s`, `2m`, `1h30m`, `2h` or `1d`",

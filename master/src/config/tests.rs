@@ -423,7 +423,7 @@ fn artifacts_patterns_caps_and_retention_are_validated() {
     let defaults = parse(&with("", "[]")).unwrap();
     assert_eq!(defaults.artifacts, ArtifactSettings::default());
     assert_eq!(
-        parse(&with("artifact_retention = 0", "[]"))
+        parse(&with("artifact_retention = \"0s\"", "[]"))
             .unwrap()
             .artifacts
             .retention,

@@ -160,6 +160,8 @@ pub struct UnfinishedBuild {
     pub handed_to: Option<String>,
     pub retries: u32,
     pub source: Option<BuildSource>,
+    /// When a running build was handed out (the master's clock).
+    pub started_at: Option<Timestamp>,
 }
 
 /// A build request to insert: what the API and the triggers queue.
@@ -749,7 +751,7 @@ impl Store {
         self.call(|conn| {
             let mut stmt = conn.prepare(
                 "SELECT id, builder, properties, state, worker, retries, repository, branch, revision, \
-                 handed_to FROM builds WHERE state != 'finished' ORDER BY id",
+                 handed_to, started_at FROM builds WHERE state != 'finished' ORDER BY id",
             )?;
             let rows = stmt.query_map([], |r| {
                 let props: String = r.get(2)?;
@@ -763,6 +765,7 @@ impl Store {
                     retries: r.get(5)?,
                     source: source_of(r.get(6)?, r.get(7)?, r.get(8)?),
                     handed_to: r.get(9)?,
+                    started_at: parse_ts(r.get(10)?),
                 })
             })?;
             rows.collect()

@@ -69,8 +69,8 @@ impl Default for SoakConfig {
 /// What a run saw; every count but `builds`, `faults_injected`, `retried`,
 /// `windows`, `windowed_builds` and the `ran_past_*` figures must be 0.
 /// `ran_past_window` is a figure with goal 0, not a violation: an estimate
-/// is a 90th percentile, and a build may take longer than its builders'
-/// recent ones.
+/// bounds the builder's recent runs with a margin, and a build may still
+/// take longer than all of them (a machine suddenly loaded).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct SoakReport {
     pub builds: usize,
@@ -302,8 +302,9 @@ struct OpenWindow {
 const CLOSE_PUSH_GRACE: f64 = 0.5;
 
 /// Tolerance when re-computing the master's estimate from the API's
-/// figures (the master measures from the agent's step start, a restarted
-/// master re-seeds from hand-out times).
+/// figures (stored to the microsecond; a build adopted after its worker
+/// came back counts from the adoption in the store, and not at all in the
+/// master's memory).
 const ESTIMATE_TOLERANCE: f64 = 0.2;
 
 /// The faults a soak injects, in the order they take turns.
@@ -703,16 +704,16 @@ impl Soak {
         report.windows = self.windows.len();
         let secs = |t: jiff::Timestamp| t.as_nanosecond() as f64 / 1e9;
         // Each builder's successful runs, as the master measures them
-        // (first step's start to the end), by when they finished.
+        // (hand-out to the end), by when they finished.
         let mut history: BTreeMap<&str, Vec<(f64, f64)>> = BTreeMap::new();
         for build in finished.values() {
-            if let (Some(Outcome::Success), Some(first), Some(end)) =
-                (build.outcome, build.steps.first(), build.finished_at)
+            if let (Some(Outcome::Success), Some(started), Some(end)) =
+                (build.outcome, build.started_at, build.finished_at)
             {
                 history
                     .entry(build.builder.as_str())
                     .or_default()
-                    .push((secs(end), secs(end) - secs(first.started_at)));
+                    .push((secs(end), secs(end) - secs(started)));
             }
         }
         for runs in history.values_mut() {
@@ -932,9 +933,11 @@ impl Soak {
     }
 }
 
-/// The master's estimate for a build handed out at `at`: the 90th
-/// percentile (nearest rank) of the last 20 successful runs that finished
-/// before, unknown under 3 (as `master/src/scheduler/estimate.rs`).
+/// The master's estimate for a build handed out at `at`: the longest of
+/// the last 20 successful runs that finished before plus a margin (half the
+/// spread between their median and the longest, at least a tenth of the
+/// longest and at least 1 s), unknown under 3 (as
+/// `master/src/scheduler/estimate.rs`).
 fn estimate_at(runs: &[(f64, f64)], at: f64) -> Option<f64> {
     const WINDOW: usize = 20;
     const MIN_SAMPLES: usize = 3;
@@ -945,8 +948,10 @@ fn estimate_at(runs: &[(f64, f64)], at: f64) -> Option<f64> {
     }
     let mut took: Vec<f64> = recent.iter().map(|(_, took)| *took).collect();
     took.sort_by(f64::total_cmp);
-    let rank = (90 * took.len()).div_ceil(100).max(1);
-    took.get(rank - 1).copied()
+    let longest = *took.last()?;
+    let median = took[(took.len() - 1) / 2];
+    let margin = ((longest - median) / 2.0).max(longest / 10.0).max(1.0);
+    Some(longest + margin)
 }
 
 #[cfg(test)]
@@ -954,10 +959,18 @@ mod tests {
     use super::estimate_at;
 
     #[test]
-    fn the_estimate_is_the_masters_percentile_of_runs_finished_before() {
-        let runs: Vec<(f64, f64)> = (1..=10).map(|i| (f64::from(i), f64::from(i))).collect();
+    fn the_estimate_is_the_masters_bound_of_runs_finished_before() {
+        let runs: Vec<(f64, f64)> = (1..=10)
+            .map(|i| (f64::from(i), 10.0 * f64::from(i)))
+            .collect();
         assert_eq!(estimate_at(&runs, 3.0), None, "two runs before");
-        assert_eq!(estimate_at(&runs, 3.5), Some(3.0));
-        assert_eq!(estimate_at(&runs, 100.0), Some(9.0));
+        // 10, 20, 30 s: longest 30, median 20, margin 5 → a tenth, 3 → 5.
+        assert_eq!(estimate_at(&runs, 3.5), Some(35.0));
+        // 10..=100 s: longest 100, median 50, margin 25.
+        assert_eq!(estimate_at(&runs, 100.0), Some(125.0));
+        // Short runs: at least 1 s of margin.
+        let quick = [(1.0, 0.2), (2.0, 0.3), (3.0, 0.25)];
+        let estimate = estimate_at(&quick, 4.0).expect("three runs before");
+        assert!((estimate - 1.3).abs() < 1e-9, "{estimate}");
     }
 }

@@ -192,6 +192,7 @@ pub(super) struct StepEnd {
 impl Build {
     async fn run(mut self) {
         let build_id = self.request.build_id;
+        tracing::debug!(target: nightshift_proto::log::HANDOFF, "build {build_id}: runner started");
         let cgroup = self.trees.begin(build_id);
         let mut steps = Vec::new();
         let mut outcome = Outcome::Success;
@@ -362,6 +363,11 @@ impl Build {
             self.note(step_no, &format!("nightshift: {text}\n")).await;
             return failed(text);
         }
+        tracing::debug!(
+            target: nightshift_proto::log::HANDOFF,
+            "build {}: step {step_no} starting",
+            self.request.build_id
+        );
         let (mut child, reader) = match self.spawn_step(step, &dir, cgroup) {
             Ok(spawned) => spawned,
             Err(error) => {
@@ -370,6 +376,11 @@ impl Build {
                 return failed(text);
             }
         };
+        tracing::debug!(
+            target: nightshift_proto::log::HANDOFF,
+            "build {}: step {step_no} spawned",
+            self.request.build_id
+        );
         let pgid = child.id().map(|pid| pid as i32);
         self.trees.set_step_group(self.request.build_id, pgid);
 

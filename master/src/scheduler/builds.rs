@@ -22,6 +22,7 @@ impl Scheduler {
         properties: BTreeMap<String, String>,
         source: Option<BuildSource>,
     ) {
+        tracing::debug!(target: nightshift_proto::log::HANDOFF, "build {id}: queued");
         self.collapse_into(id, &builder, source.as_ref());
         self.queue
             .insert(id, Queued::new(builder, properties, source));
@@ -258,10 +259,12 @@ impl Scheduler {
                 );
             }
             Some(run) => {
+                // Hand-out to end: what the owner's window sees, and what
+                // admission counts from (see `estimate.rs`).
                 if result.outcome == Outcome::Success
-                    && let Some(first) = result.steps.first()
+                    && let Some(handed_out) = run.handed_out
                 {
-                    let took = result.finished_at.duration_since(first.started_at);
+                    let took = result.finished_at.duration_since(handed_out);
                     self.estimates.record(&run.builder, took);
                 }
                 self.running.remove(&id);
@@ -571,8 +574,9 @@ impl Scheduler {
                 source,
             },
         );
-        self.store
-            .mark_started(id, worker.clone(), self.clock.now());
+        tracing::debug!(target: nightshift_proto::log::HANDOFF, "build {id}: handed out");
+        let handed_out = self.clock.now();
+        self.store.mark_started(id, worker.clone(), handed_out);
         self.running.insert(
             id,
             Running {
@@ -583,6 +587,7 @@ impl Scheduler {
                 accepted: false,
                 step_locks,
                 leased_step: None,
+                handed_out: Some(handed_out),
             },
         );
     }

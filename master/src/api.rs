@@ -261,7 +261,7 @@ async fn submit(
         .ok_or_else(|| Failure::internal(anyhow::anyhow!("no build id returned")))?;
     tracing::debug!(
         target: nightshift_proto::log::HANDOFF,
-        "build {id}: committed, {} us after the request was read",
+        "build {id}: answered, {} us after the request was read",
         received.elapsed().as_micros()
     );
     Ok((StatusCode::CREATED, Json(SubmitResponse { build_id: id })))

@@ -132,7 +132,10 @@ async fn a_build_is_never_started_where_the_window_would_cut_it() -> anyhow::Res
     let why = shown.waiting_for.clone().unwrap_or_default();
     // The estimate bounds the ~5 s runs from their hand-out, with a margin.
     let estimate = shown.estimate_secs.expect("the estimate is shown");
-    assert!((6..=9).contains(&estimate), "estimate {estimate} s: {shown:?}");
+    assert!(
+        (6..=9).contains(&estimate),
+        "estimate {estimate} s: {shown:?}"
+    );
     assert!(
         why.starts_with(&format!("no window fits {estimate}s before "))
             && why.contains("closing ends then"),

@@ -31,16 +31,30 @@ impl Store {
         builds: Vec<NewBuild>,
         heads: Vec<(String, String, String)>,
     ) -> anyhow::Result<Vec<BuildId>> {
+        self.insert_builds_then(builds, heads, |_| {}).await
+    }
+
+    /// [`Store::insert_builds`], and `committed` runs with the new ids on
+    /// the store thread as soon as they are committed.
+    pub async fn insert_builds_then(
+        &self,
+        builds: Vec<NewBuild>,
+        heads: Vec<(String, String, String)>,
+        committed: impl FnOnce(&[BuildId]) + Send + 'static,
+    ) -> anyhow::Result<Vec<BuildId>> {
         let now = Timestamp::now();
-        self.call(move |conn| {
-            for (repository, branch, revision) in &heads {
-                record_head(conn, repository, branch, revision, now)?;
-            }
-            builds
-                .iter()
-                .map(|build| insert_new_build(conn, build, now))
-                .collect()
-        })
+        self.call_then(
+            move |conn| {
+                for (repository, branch, revision) in &heads {
+                    record_head(conn, repository, branch, revision, now)?;
+                }
+                builds
+                    .iter()
+                    .map(|build| insert_new_build(conn, build, now))
+                    .collect()
+            },
+            move |ids: &Vec<BuildId>| committed(ids),
+        )
         .await
     }
 

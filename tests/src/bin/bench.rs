@@ -495,7 +495,7 @@ async fn spaced_latency(
 
 /// The stages of the hand-off trace, in the order a build passes them (the
 /// master's, then the agent's). The first is derived: the master's
-/// "committed" line says how long after the request was read it came.
+/// "answered" line says how long after the request was read it came.
 const STAGES: [&str; 11] = [
     "request read by the master",
     "committed",
@@ -531,14 +531,13 @@ fn stages(master_log: &str, worker_log: &str, samples: &[Sample]) -> Vec<Stage> 
             continue;
         };
         let at = u128::try_from(at.as_nanosecond()).unwrap_or(0);
-        if let Some(after) = what.strip_prefix("committed, ") {
+        if let Some(after) = what.strip_prefix("answered, ") {
             let micros: u128 = after
                 .split_whitespace()
                 .next()
                 .and_then(|n| n.parse().ok())
                 .unwrap_or(0);
             seen.insert((id, STAGES[0]), at.saturating_sub(micros * 1000));
-            seen.insert((id, STAGES[1]), at);
         } else if let Some(stage) = STAGES.iter().find(|stage| what == **stage) {
             seen.insert((id, stage), at);
         }

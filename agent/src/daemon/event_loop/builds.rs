@@ -57,7 +57,6 @@ impl Daemon {
             request.builder,
             request.steps.len()
         );
-        self.send(AgentMessage::BuildAccepted { build_id });
         let status = RunningBuild {
             build_id,
             builder: request.builder.clone(),
@@ -90,6 +89,10 @@ impl Daemon {
                 awaiting_grant: None,
             },
         );
+        // Told after the runner is spawned, so the step's start runs ahead
+        // of writing this frame (the runner's own frames go through this
+        // loop, so they still follow it on the wire).
+        self.send(AgentMessage::BuildAccepted { build_id });
         self.update_hello_running();
     }
 

@@ -500,7 +500,7 @@ mod tests {
 
         // A collapsed request ends unrun, naming the newer one.
         let newer = store
-            .insert_builds(vec![build(&a)], Vec::new())
+            .insert_builds_then(vec![build(&a)], Vec::new(), |_| {})
             .await
             .unwrap()[0];
         store

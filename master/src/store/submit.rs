@@ -26,16 +26,8 @@ impl Store {
     /// Each of `heads` (repository, branch, revision) is recorded as that
     /// branch's last seen head in the same commit (a pushed revision is not
     /// polled again).
-    pub async fn insert_builds(
-        &self,
-        builds: Vec<NewBuild>,
-        heads: Vec<(String, String, String)>,
-    ) -> anyhow::Result<Vec<BuildId>> {
-        self.insert_builds_then(builds, heads, |_| {}).await
-    }
-
-    /// [`Store::insert_builds`], and `committed` runs with the new ids on
-    /// the store thread as soon as they are committed.
+    /// `committed` runs with the new ids on the store thread as soon as they
+    /// are committed (before this answers).
     pub async fn insert_builds_then(
         &self,
         builds: Vec<NewBuild>,

@@ -20,10 +20,11 @@ use nightshift_proto::wire::{BuildId, Outcome};
 use tokio::sync::{broadcast, oneshot};
 
 use crate::api::AppState;
-use crate::dashboard::{STYLE, short_duration, time_html, wait_phrase};
+use crate::dashboard::{STYLE, time_html, wait_phrase};
 use crate::live_log::LiveEvent;
 use crate::scheduler::Event;
 use nightshift_proto::html::escape;
+use nightshift_proto::when::short_duration;
 
 /// The most log a page or a new viewer's first event carries: the tail,
 /// from a line start; the whole log is `master log ID`.

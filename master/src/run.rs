@@ -22,8 +22,9 @@ use crate::locate::{
     config_search_order, find_config, local_url, new_token, pin_of_file, resolve_config,
     token_file,
 };
-use crate::scheduler::{Scheduler, SystemClock};
+use crate::scheduler::Scheduler;
 use crate::store::Store;
+use nightshift_proto::clock::SystemClock;
 
 /// The master.toml `master init` writes: the local worker (whose token
 /// hash is filled in) and a sample builder whose steps succeed run after run.

@@ -18,6 +18,7 @@ use jiff::{SignedDuration, Timestamp};
 use nightshift_policy::PresenceState;
 use nightshift_proto::api::{BuildInfo, BuildState, LatentInfo, WorkerPage, WorkerQuery};
 use nightshift_proto::html::escape;
+use nightshift_proto::when::{short_duration, short_time};
 use nightshift_proto::wire::{BuildId, Outcome};
 use tokio::sync::oneshot;
 

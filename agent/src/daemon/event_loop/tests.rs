@@ -2,11 +2,11 @@
 
 use super::builds::push_tail;
 use super::*;
-use crate::daemon::clock::{FakeClock, SystemClock};
 use crate::daemon::manual;
 use crate::handle::ManualRequest;
 use nightshift_policy::Source;
 use nightshift_policy::{AvailabilityConfig, PresenceState};
+use nightshift_proto::clock::{SystemClock, TestClock};
 use nightshift_proto::wire::{AgentMessage, MasterMessage};
 use nightshift_proto::wire::{Outcome, StepSpec};
 use tokio::sync::oneshot;
@@ -203,7 +203,7 @@ impl Fixture {
 
 #[tokio::test(start_paused = true)]
 async fn a_schedule_boundary_is_pushed_exactly_at_the_boundary_and_nothing_before() {
-    let clock: Arc<dyn Clock> = Arc::new(FakeClock::starting_at(at("2026-11-23T18:30:00Z")));
+    let clock: Arc<dyn Clock> = Arc::new(TestClock::starting_at(at("2026-11-23T18:30:00Z")));
     let mut fixture = start(NIGHTS, clock, 1);
     assert_eq!(
         fixture.wiring.hello.borrow().presence.state,
@@ -231,7 +231,7 @@ async fn a_build_offered_just_after_the_window_closed_is_refused() {
     // The window closed at 07:00, but the loop has not yet handled the
     // boundary when the master's offer arrives (a starved process).
     #[derive(Debug)]
-    struct Late(FakeClock, std::sync::atomic::AtomicBool);
+    struct Late(TestClock, std::sync::atomic::AtomicBool);
     impl Clock for Late {
         fn now(&self) -> Timestamp {
             let now = self.0.now();
@@ -243,7 +243,7 @@ async fn a_build_offered_just_after_the_window_closed_is_refused() {
         }
     }
     let late = Arc::new(Late(
-        FakeClock::starting_at(at("2026-11-24T06:59:30Z")),
+        TestClock::starting_at(at("2026-11-24T06:59:30Z")),
         false.into(),
     ));
     let mut fixture = start(NIGHTS, late.clone(), 1);
@@ -275,7 +275,7 @@ async fn a_wall_clock_jump_is_noticed_within_a_minute() {
     // A suspended laptop: tokio's clock stood still while the wall
     // clock moved past the boundary.
     #[derive(Debug)]
-    struct Jumping(FakeClock, std::sync::atomic::AtomicBool);
+    struct Jumping(TestClock, std::sync::atomic::AtomicBool);
     impl Clock for Jumping {
         fn now(&self) -> Timestamp {
             let now = self.0.now();
@@ -287,7 +287,7 @@ async fn a_wall_clock_jump_is_noticed_within_a_minute() {
         }
     }
     let jumping = Arc::new(Jumping(
-        FakeClock::starting_at(at("2026-11-23T17:00:00Z")),
+        TestClock::starting_at(at("2026-11-23T17:00:00Z")),
         false.into(),
     ));
     let mut fixture = start(NIGHTS, jumping.clone(), 1);
@@ -302,7 +302,7 @@ async fn a_wall_clock_jump_is_noticed_within_a_minute() {
 
 #[tokio::test(start_paused = true)]
 async fn a_manual_state_is_pushed_persisted_and_runs_out_by_itself() {
-    let clock: Arc<dyn Clock> = Arc::new(FakeClock::starting_at(at("2026-11-23T12:00:00Z")));
+    let clock: Arc<dyn Clock> = Arc::new(TestClock::starting_at(at("2026-11-23T12:00:00Z")));
     let mut fixture = start(ALWAYS, clock, 1);
     fixture.link_up().await;
     let presence = fixture
@@ -340,7 +340,7 @@ async fn a_manual_state_is_pushed_persisted_and_runs_out_by_itself() {
 
 #[tokio::test(start_paused = true)]
 async fn a_manual_state_survives_a_restart() {
-    let clock: Arc<dyn Clock> = Arc::new(FakeClock::starting_at(at("2026-11-23T12:00:00Z")));
+    let clock: Arc<dyn Clock> = Arc::new(TestClock::starting_at(at("2026-11-23T12:00:00Z")));
     let fixture = start(ALWAYS, clock.clone(), 1);
     fixture
         .set_manual(Some(ManualRequest {
@@ -365,7 +365,7 @@ async fn a_manual_state_survives_a_restart() {
 
 #[tokio::test(start_paused = true)]
 async fn bad_manual_requests_are_refused_and_change_nothing() {
-    let clock: Arc<dyn Clock> = Arc::new(FakeClock::starting_at(at("2026-11-23T12:00:00Z")));
+    let clock: Arc<dyn Clock> = Arc::new(TestClock::starting_at(at("2026-11-23T12:00:00Z")));
     let fixture = start(ALWAYS, clock, 1);
     let error = fixture
         .set_manual(Some(ManualRequest {
@@ -394,7 +394,7 @@ async fn bad_manual_requests_are_refused_and_change_nothing() {
 
 #[tokio::test(start_paused = true)]
 async fn an_away_worker_refuses_builds_and_a_master_override_is_applied() {
-    let clock: Arc<dyn Clock> = Arc::new(FakeClock::starting_at(at("2026-11-23T12:00:00Z")));
+    let clock: Arc<dyn Clock> = Arc::new(TestClock::starting_at(at("2026-11-23T12:00:00Z")));
     let mut fixture = start(NIGHTS, clock, 1);
     fixture.link_up().await;
     fixture.start_build(5, "true");
@@ -436,7 +436,7 @@ async fn an_away_worker_refuses_builds_and_a_master_override_is_applied() {
 
 #[tokio::test(start_paused = true)]
 async fn nothing_is_sent_while_the_link_is_down_and_the_hello_carries_the_presence() {
-    let clock: Arc<dyn Clock> = Arc::new(FakeClock::starting_at(at("2026-11-23T18:59:00Z")));
+    let clock: Arc<dyn Clock> = Arc::new(TestClock::starting_at(at("2026-11-23T18:59:00Z")));
     let mut fixture = start(NIGHTS, clock, 1);
     tokio::time::sleep(Duration::from_secs(120)).await;
     assert!(fixture.wiring.to_master.try_recv().is_err());
@@ -451,7 +451,7 @@ async fn nothing_is_sent_while_the_link_is_down_and_the_hello_carries_the_presen
 
 #[tokio::test(start_paused = true)]
 async fn sigterm_with_no_builds_goes_away_says_goodbye_and_exits() {
-    let clock: Arc<dyn Clock> = Arc::new(FakeClock::starting_at(at("2026-11-23T12:00:00Z")));
+    let clock: Arc<dyn Clock> = Arc::new(TestClock::starting_at(at("2026-11-23T12:00:00Z")));
     let mut fixture = start(ALWAYS, clock, 1);
     fixture.link_up().await;
     fixture.wiring.signals.send(SignalKind::Terminate).unwrap();

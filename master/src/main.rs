@@ -18,6 +18,7 @@ mod scheduler;
 mod server;
 mod session;
 mod store;
+mod style;
 mod triggers;
 mod worker_groups;
 

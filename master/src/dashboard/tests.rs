@@ -385,3 +385,9 @@ fn strip_tags(html: &str) -> String {
         .replace("&#39;", "'")
         .replace("&amp;", "&")
 }
+
+#[test]
+fn worker_anchors_are_safe_ids() {
+    assert_eq!(worker_anchor("lab-1_a"), "lab-1_a");
+    assert_eq!(worker_anchor("a b\"<"), "a_b__");
+}

@@ -649,7 +649,7 @@ mod tests {
             "{table}"
         );
         assert!(
-            lines[1].starts_with("7 ") && lines[1].contains(" 10:20:00 "),
+            lines[1].starts_with("7 ") && lines[1].contains(" 10:20 "),
             "{table}"
         );
         assert!(

@@ -8,7 +8,7 @@ use nightshift_policy::Source;
 use nightshift_policy::{AvailabilityConfig, PresenceState};
 use nightshift_proto::clock::{SystemClock, TestClock};
 use nightshift_proto::wire::{AgentMessage, MasterMessage};
-use nightshift_proto::wire::{Outcome, StepSpec};
+use nightshift_proto::wire::{BuildResult, Outcome, StepSpec};
 use tokio::sync::oneshot;
 
 fn at(text: &str) -> Timestamp {
@@ -189,6 +189,22 @@ impl Fixture {
             properties: BTreeMap::new(),
             source: None,
         });
+    }
+
+    /// The next frame to the master must accept `build_id`.
+    async fn expect_accepted(&mut self, build_id: BuildId) {
+        assert_eq!(
+            self.next_to_master().await,
+            AgentMessage::BuildAccepted { build_id }
+        );
+    }
+
+    /// The next frame to the master must be a build's result; returns it.
+    async fn next_result(&mut self) -> BuildResult {
+        match self.next_to_master().await {
+            AgentMessage::BuildFinished { result } => result,
+            other => panic!("expected a build result, got {other:?}"),
+        }
     }
 
     /// Waits for the daemon to end; returns its exit and its state dir.
@@ -472,10 +488,7 @@ async fn a_graceful_stop_finishes_the_running_build_refuses_new_ones_then_exits(
     let mut fixture = start(ALWAYS, Arc::new(SystemClock), 2);
     fixture.link_up().await;
     fixture.start_build(1, "sleep 1; echo done");
-    assert_eq!(
-        fixture.next_to_master().await,
-        AgentMessage::BuildAccepted { build_id: 1 }
-    );
+    fixture.expect_accepted(1).await;
     assert_eq!(fixture.wiring.hello.borrow().running, vec![1]);
     fixture.stop(true, None).await;
     assert_eq!(fixture.next_presence().await.source, Source::Stopping);
@@ -484,10 +497,7 @@ async fn a_graceful_stop_finishes_the_running_build_refuses_new_ones_then_exits(
         fixture.next_to_master().await,
         AgentMessage::BuildRefused { build_id: 2, .. }
     ));
-    let result = match fixture.next_to_master().await {
-        AgentMessage::BuildFinished { result } => result,
-        other => panic!("expected the result, got {other:?}"),
-    };
+    let result = fixture.next_result().await;
     assert_eq!((result.build_id, result.outcome), (1, Outcome::Success));
     assert_eq!(result.log, "done\n");
     assert!(fixture.state.path().join("results/1.json").exists());
@@ -516,10 +526,7 @@ async fn a_second_sigterm_cancels_the_build_at_once_and_hands_it_back() {
     let mut fixture = start(ALWAYS, Arc::new(SystemClock), 1);
     fixture.link_up().await;
     fixture.start_build(1, "sleep 300");
-    assert!(matches!(
-        fixture.next_to_master().await,
-        AgentMessage::BuildAccepted { .. }
-    ));
+    fixture.expect_accepted(1).await;
     fixture.wiring.signals.send(SignalKind::Terminate).unwrap();
     assert_eq!(fixture.next_presence().await.source, Source::Stopping);
     fixture.wiring.signals.send(SignalKind::Terminate).unwrap();
@@ -545,25 +552,18 @@ async fn at_the_stop_deadline_the_build_is_reported_cancelled_with_the_deadline(
     let mut fixture = start(ALWAYS, Arc::new(SystemClock), 1);
     fixture.link_up().await;
     fixture.start_build(1, "sleep 300");
-    assert!(matches!(
-        fixture.next_to_master().await,
-        AgentMessage::BuildAccepted { .. }
-    ));
+    fixture.expect_accepted(1).await;
     fixture
         .stop(true, Some(SignedDuration::from_millis(300)))
         .await;
     assert_eq!(fixture.next_presence().await.source, Source::Stopping);
-    match fixture.next_to_master().await {
-        AgentMessage::BuildFinished { result } => {
-            assert_eq!(result.build_id, 1);
-            assert_eq!(result.outcome, nightshift_proto::wire::Outcome::Cancelled);
-            assert_eq!(
-                result.reason.as_deref(),
-                Some("its stop deadline of 0.3 s ran out")
-            );
-        }
-        other => panic!("expected the cancelled result, got {other:?}"),
-    }
+    let result = fixture.next_result().await;
+    assert_eq!(result.build_id, 1);
+    assert_eq!(result.outcome, nightshift_proto::wire::Outcome::Cancelled);
+    assert_eq!(
+        result.reason.as_deref(),
+        Some("its stop deadline of 0.3 s ran out")
+    );
     fixture.master_sends(MasterMessage::ResultStored { build_id: 1 });
     assert!(matches!(
         fixture.next_to_master().await,
@@ -586,10 +586,7 @@ async fn a_result_finished_while_disconnected_is_delivered_after_reconnecting() 
     let mut fixture = start(ALWAYS, Arc::new(SystemClock), 1);
     fixture.link_up().await;
     fixture.start_build(9, "sleep 0.3; echo finished offline");
-    assert!(matches!(
-        fixture.next_to_master().await,
-        AgentMessage::BuildAccepted { .. }
-    ));
+    fixture.expect_accepted(9).await;
     fixture
         .wiring
         .link_events
@@ -613,13 +610,9 @@ async fn a_result_finished_while_disconnected_is_delivered_after_reconnecting() 
         );
     }
     fixture.link_up().await;
-    match fixture.next_to_master().await {
-        AgentMessage::BuildFinished { result } => {
-            assert_eq!(result.build_id, 9);
-            assert_eq!(result.log, "finished offline\n");
-        }
-        other => panic!("expected the spooled result, got {other:?}"),
-    }
+    let result = fixture.next_result().await;
+    assert_eq!(result.build_id, 9);
+    assert_eq!(result.log, "finished offline\n");
     fixture.master_sends(MasterMessage::ResultStored { build_id: 9 });
     let state = fixture.state.path().to_owned();
     tokio::time::timeout(Duration::from_secs(60), async {
@@ -636,10 +629,7 @@ async fn a_refused_result_is_dropped_from_the_spool_and_not_sent_again() {
     let mut fixture = start(ALWAYS, Arc::new(SystemClock), 1);
     fixture.link_up().await;
     fixture.start_build(9, "echo done");
-    assert!(matches!(
-        fixture.next_to_master().await,
-        AgentMessage::BuildAccepted { build_id: 9 }
-    ));
+    fixture.expect_accepted(9).await;
     assert!(matches!(
         fixture.next_to_master().await,
         AgentMessage::BuildFinished { .. }
@@ -673,10 +663,7 @@ async fn a_full_worker_refuses_and_the_welcome_cancels_builds_requeued_elsewhere
     let mut fixture = start(ALWAYS, Arc::new(SystemClock), 1);
     fixture.link_up().await;
     fixture.start_build(1, "sleep 300");
-    assert!(matches!(
-        fixture.next_to_master().await,
-        AgentMessage::BuildAccepted { build_id: 1 }
-    ));
+    fixture.expect_accepted(1).await;
     fixture.start_build(2, "true");
     match fixture.next_to_master().await {
         AgentMessage::BuildRefused { build_id, reason } => {
@@ -769,13 +756,9 @@ async fn a_step_waiting_for_its_locks_asks_again_after_a_reconnect() {
         build_id: 4,
         step: 0,
     });
-    match fixture.next_to_master().await {
-        AgentMessage::BuildFinished { result } => {
-            assert_eq!(result.build_id, 4);
-            assert_eq!(result.outcome, nightshift_proto::wire::Outcome::Success);
-        }
-        other => panic!("expected the result, got {other:?}"),
-    }
+    let result = fixture.next_result().await;
+    assert_eq!(result.build_id, 4);
+    assert_eq!(result.outcome, nightshift_proto::wire::Outcome::Success);
 }
 
 #[test]

@@ -102,6 +102,7 @@ impl Scheduler {
                         accepted: true,
                         step_locks,
                         leased_step: None,
+                        handed_out: None,
                     },
                 );
                 self.store.mark_started(id, worker.clone(), now);

@@ -360,6 +360,10 @@ struct Running {
     step_locks: Vec<Vec<Claim>>,
     /// The step whose locks are granted (its lease runs), if any.
     leased_step: Option<u32>,
+    /// When it was handed out, by the scheduler's clock (the start of the
+    /// span its builder's estimate measures); `None` for a build adopted
+    /// from a worker that came back with it, whose hand-out is not known.
+    handed_out: Option<jiff::Timestamp>,
 }
 
 /// What the store held at start, for [`Scheduler::new`].
@@ -529,6 +533,7 @@ impl Scheduler {
                             accepted: true,
                             step_locks,
                             leased_step: None,
+                            handed_out: build.started_at,
                         },
                     );
                 }

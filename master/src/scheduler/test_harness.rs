@@ -118,6 +118,11 @@ impl Harness {
         (conn, rx)
     }
 
+    /// The store the scheduler writes to.
+    pub(super) fn store(&self) -> &Store {
+        &self.store
+    }
+
     pub(super) async fn submit(&mut self) -> BuildId {
         self.submit_to("app").await
     }

@@ -80,6 +80,8 @@ pub struct UnfinishedBuild {
     pub handed_to: Option<String>,
     pub retries: u32,
     pub source: Option<BuildSource>,
+    /// When a running build was handed out (the master's clock).
+    pub started_at: Option<Timestamp>,
 }
 
 /// A build request to insert: what the API and the triggers queue.
@@ -201,13 +203,28 @@ impl Store {
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
     ) -> anyhow::Result<R> {
+        self.call_then(f, |_| {}).await
+    }
+
+    /// [`Store::call`], and `then` runs with the committed value on the
+    /// store thread right after the commit, before the caller is answered:
+    /// what must follow a commit at once (a new build to the scheduler)
+    /// does not wait for the caller's task to wake up first.
+    pub async fn call_then<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
+        then: impl FnOnce(&R) + Send + 'static,
+    ) -> anyhow::Result<R> {
         let (reply, answer) = oneshot::channel();
         let job: Job = Box::new(move |conn| {
             let result = f(conn);
             let ok = result.is_ok();
             let completion: Completion = Box::new(move |committed| {
                 let result = match (committed, result) {
-                    (true, Ok(value)) => Ok(value),
+                    (true, Ok(value)) => {
+                        then(&value);
+                        Ok(value)
+                    }
                     (false, Ok(_)) => Err(anyhow!("the database commit failed")),
                     (_, Err(e)) => Err(anyhow!("database error: {e}")),
                 };
@@ -484,7 +501,7 @@ mod tests {
 
         // A collapsed request ends unrun, naming the newer one.
         let newer = store
-            .insert_builds(vec![build(&a)], Vec::new())
+            .insert_builds_then(vec![build(&a)], Vec::new(), |_| {})
             .await
             .unwrap()[0];
         store

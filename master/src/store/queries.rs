@@ -40,7 +40,7 @@ impl Store {
         self.call(|conn| {
             let mut stmt = conn.prepare(
                 "SELECT id, builder, properties, state, worker, retries, repository, branch, revision, \
-                 handed_to FROM builds WHERE state != 'finished' ORDER BY id",
+                 handed_to, started_at FROM builds WHERE state != 'finished' ORDER BY id",
             )?;
             let rows = stmt.query_map([], |r| {
                 let props: String = r.get(2)?;
@@ -54,6 +54,7 @@ impl Store {
                     retries: r.get(5)?,
                     source: source_of(r.get(6)?, r.get(7)?, r.get(8)?),
                     handed_to: r.get(9)?,
+                    started_at: parse_ts(r.get(10)?),
                 })
             })?;
             rows.collect()

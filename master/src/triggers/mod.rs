@@ -299,16 +299,26 @@ pub fn announce(events: &mpsc::UnboundedSender<Event>, ids: &[BuildId], builds: 
 }
 
 /// Commits `builds` (and the branch heads they build, if any), then hands
-/// them to the scheduler: the one way a request enters the queue.
+/// them to the scheduler: the one way a request enters the queue. The
+/// scheduler hears of them from the store thread right after the commit
+/// (before the caller is answered), so a hand-out does not wait for the
+/// caller's task to be woken first.
 pub async fn queue_builds(
     store: &Store,
     events: &mpsc::UnboundedSender<Event>,
     builds: Vec<NewBuild>,
     heads: Vec<(String, String, String)>,
 ) -> anyhow::Result<Vec<BuildId>> {
-    let ids = store.insert_builds(builds.clone(), heads).await?;
-    announce(events, &ids, builds);
-    Ok(ids)
+    let events = events.clone();
+    let announced = builds.clone();
+    store
+        .insert_builds_then(builds, heads, move |ids| {
+            for id in ids {
+                tracing::debug!(target: nightshift_proto::log::HANDOFF, "build {id}: committed");
+            }
+            announce(&events, ids, announced)
+        })
+        .await
 }
 
 /// The test hook for timed builds: an RFC 3339 instant at which the

@@ -197,6 +197,7 @@ pub(super) struct StepEnd {
 impl Build {
     async fn run(mut self) {
         let build_id = self.request.build_id;
+        tracing::debug!(target: nightshift_proto::log::HANDOFF, "build {build_id}: runner started");
         let cgroup = self.trees.begin(build_id);
         let mut steps = Vec::new();
         let mut outcome = Outcome::Success;

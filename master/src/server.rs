@@ -38,6 +38,23 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Heartbeats an agent may miss before its connection is dropped.
 const MISSED_BEATS: u32 = 3;
+/// Most heartbeats per second the whole farm sends the master: the beat
+/// each agent is given in its welcome grows past [`HEARTBEAT_SECS`] with the
+/// number of workers the master knows, so that this holds (each beat is a
+/// TLS frame read, a pong written and a wakeup).
+pub const FARM_HEARTBEATS_PER_SEC: u64 = 1_000;
+/// The longest beat given (a dead connection is noticed within three).
+pub const HEARTBEAT_MAX_SECS: u64 = 30;
+
+/// The heartbeat period, in seconds, for a master that knows `workers`
+/// workers (configured and enrolled): [`HEARTBEAT_SECS`] for most farms,
+/// longer for very big ones (10,000 workers: 10 s).
+pub fn heartbeat_secs_for(workers: usize) -> u64 {
+    let workers = u64::try_from(workers).unwrap_or(u64::MAX);
+    workers
+        .div_ceil(FARM_HEARTBEATS_PER_SEC)
+        .clamp(HEARTBEAT_SECS, HEARTBEAT_MAX_SECS)
+}
 /// Pending connections the kernel queues for us (it caps this at
 /// `net.core.somaxconn`): 10,000 agents reconnecting at once after a restart
 /// must wait in the queue, not time out in SYN retries as with 128.
@@ -586,7 +603,10 @@ async fn agent_session(state: AppState, mut socket: WebSocket, token: Option<Str
     let conn = state.next_conn.fetch_add(1, Ordering::Relaxed);
     // Limits as configured when the agent connected (a reconfig applies to
     // later connections).
-    let agent_limits = state.config.get().agent_limits;
+    let config = state.config.get();
+    let agent_limits = config.agent_limits;
+    let heartbeat_secs = heartbeat_secs_for(config.workers.len() + state.enrolled.len());
+    drop(config);
     let outbox_frames = agent_limits.outbox_frames as usize;
     let (out, mut outbox) = agent_outbox(outbox_frames);
     // Connection events go through the bounded agent inbox, in order: a
@@ -597,6 +617,7 @@ async fn agent_session(state: AppState, mut socket: WebSocket, token: Option<Str
             worker: worker.clone(),
             conn,
             hello,
+            heartbeat_secs,
             out,
         })
         .await
@@ -604,8 +625,11 @@ async fn agent_session(state: AppState, mut socket: WebSocket, token: Option<Str
     {
         return refuse(&mut socket, "master is stopping".into()).await;
     }
-    let beat = Duration::from_secs(HEARTBEAT_SECS);
+    // The agent pings every beat and the master answers; the master pings
+    // only an agent silent for a beat: one frame each way per beat, not two.
+    let beat = Duration::from_secs(heartbeat_secs);
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + beat, beat);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
     let mut limits = FrameLimits::new(&agent_limits, Instant::now());
     let mut seq = 0u64;
@@ -707,6 +731,9 @@ async fn agent_session(state: AppState, mut socket: WebSocket, token: Option<Str
                     crate::metrics::METRICS.disconnected(DisconnectReason::Silent);
                     break format!("silent for {}s (missed heartbeats)", last_heard.elapsed().as_secs());
                 }
+                if last_heard.elapsed() < beat {
+                    continue;
+                }
                 seq += 1;
                 let ping = MasterMessage::Ping { seq }.encode();
                 if let Err(e) = socket.send(Message::Text(ping.into())).await {
@@ -805,6 +832,23 @@ mod tests {
         match flood.check(&presence_frame(), start) {
             FrameVerdict::Disconnect(why) => assert!(why.contains("rate limit"), "{why}"),
             other => panic!("expected a disconnect, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_heartbeat_grows_with_the_farm_past_a_thousand_beats_per_second() {
+        assert_eq!(heartbeat_secs_for(0), HEARTBEAT_SECS);
+        assert_eq!(heartbeat_secs_for(4), HEARTBEAT_SECS);
+        assert_eq!(heartbeat_secs_for(5_000), HEARTBEAT_SECS);
+        assert_eq!(heartbeat_secs_for(5_001), 6);
+        assert_eq!(heartbeat_secs_for(10_000), 10);
+        assert_eq!(heartbeat_secs_for(1_000_000), HEARTBEAT_MAX_SECS);
+        for workers in [1, 999, 5_001, 10_000, 29_999] {
+            let beat = heartbeat_secs_for(workers);
+            assert!(
+                workers as u64 <= beat * FARM_HEARTBEATS_PER_SEC,
+                "{workers} workers at one beat per {beat} s exceed the farm's rate"
+            );
         }
     }
 

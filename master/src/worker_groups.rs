@@ -230,6 +230,11 @@ impl Enrolled {
         self.read().per_group.get(group).copied().unwrap_or(0)
     }
 
+    /// How many workers are enrolled, in all groups.
+    pub fn len(&self) -> usize {
+        self.read().by_name.len()
+    }
+
     /// Every member (the scheduler's start).
     pub fn all(&self) -> Vec<Member> {
         let mut members: Vec<Member> = self.read().by_name.values().cloned().collect();

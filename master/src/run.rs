@@ -508,6 +508,9 @@ pub async fn run(
         next_conn: Arc::new(AtomicU64::new(1)),
         enrolled,
         sessions: Arc::default(),
+        enrol_limiter: Arc::new(crate::worker_groups::EnrolLimiter::new(
+            std::time::Instant::now(),
+        )),
     };
     tokio::spawn(crate::artifacts::retain(artifacts, state.config.clone()));
     // SIGHUP reloads master.toml, as `master reconfig` does.

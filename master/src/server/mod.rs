@@ -84,6 +84,34 @@ const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
 /// this many seconds and twice that (jittered, so a storm spreads out).
 const RETRY_AFTER_SECS: u64 = 2;
 
+/// The router as hyper's service, putting the peer's address on every
+/// request (`ConnectInfo<SocketAddr>`, read as an `Extension`, for limits per source
+/// such as enrolment's) without a router of its own per connection.
+#[derive(Clone)]
+struct WithPeer {
+    inner: TowerToHyperService<Router>,
+    peer: SocketAddr,
+}
+
+impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for WithPeer {
+    type Response = <TowerToHyperService<Router> as hyper::service::Service<
+        hyper::Request<hyper::body::Incoming>,
+    >>::Response;
+    type Error = <TowerToHyperService<Router> as hyper::service::Service<
+        hyper::Request<hyper::body::Incoming>,
+    >>::Error;
+    type Future = <TowerToHyperService<Router> as hyper::service::Service<
+        hyper::Request<hyper::body::Incoming>,
+    >>::Future;
+
+    fn call(&self, mut request: hyper::Request<hyper::body::Incoming>) -> Self::Future {
+        request
+            .extensions_mut()
+            .insert(axum::extract::ConnectInfo(self.peer));
+        self.inner.call(request)
+    }
+}
+
 /// Binds the master's port with a backlog of [`LISTEN_BACKLOG`].
 pub fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if address.is_ipv4() {
@@ -269,9 +297,10 @@ pub async fn serve(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!("{peer}: cannot set TCP_NODELAY: {e}");
         }
-        // The peer's address, for limits per source (enrolment).
-        let router = router.layer(axum::Extension(axum::extract::ConnectInfo(peer)));
-        let service = TowerToHyperService::new(router);
+        let service = WithPeer {
+            inner: TowerToHyperService::new(router),
+            peer,
+        };
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let _slot = slot;

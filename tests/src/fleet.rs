@@ -41,6 +41,9 @@ pub struct Fleet {
     pub connected: AtomicUsize,
     /// Failed connection attempts.
     pub failures: AtomicUsize,
+    /// The heartbeat period the master gave in its last welcome, in seconds
+    /// (0 before the first).
+    pub beat_secs: std::sync::atomic::AtomicU64,
     changed: Notify,
     presence: watch::Receiver<PresenceState>,
     stop: watch::Receiver<bool>,
@@ -63,6 +66,7 @@ impl Fleet {
             tls: farm.tls_client()?,
             connected: AtomicUsize::new(0),
             failures: AtomicUsize::new(0),
+            beat_secs: std::sync::atomic::AtomicU64::new(0),
             changed: Notify::new(),
             presence,
             stop,
@@ -226,6 +230,7 @@ async fn session(fleet: &Fleet, name: &str, token: &str) -> SessionEnd {
     let beat = match tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
         Ok(Some(Ok(Message::Text(text)))) => match MasterMessage::decode(&text) {
             Ok(MasterMessage::Welcome { heartbeat_secs, .. }) if heartbeat_secs > 0 => {
+                fleet.beat_secs.store(heartbeat_secs, Ordering::Relaxed);
                 Duration::from_secs(heartbeat_secs)
             }
             Ok(MasterMessage::Welcome { .. }) => HEARTBEAT,

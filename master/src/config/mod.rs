@@ -8,7 +8,6 @@ mod agent_limits;
 mod artifacts;
 mod builders;
 mod duration;
-mod error;
 mod general;
 mod hooks;
 mod locks;
@@ -33,10 +32,10 @@ pub use agent_limits::AgentLimits;
 pub use artifacts::ArtifactSettings;
 pub use builders::{Admission, BuilderDef};
 pub use duration::Secs;
-pub use error::{ConfigError, ConfigIssue};
 pub use general::{DashboardAccess, MasterReach, TlsMode};
 pub use hooks::{HookDef, HookKind};
 pub use names::{check_branch_name, normalize_hash, valid_name};
+pub use nightshift_proto::diag::ConfigErrors;
 pub use workers::{LatentProvider, WorkerDef};
 
 use builders::RawBuilder;
@@ -232,16 +231,16 @@ impl MasterConfig {
     }
 
     /// Reads and validates a config file.
-    pub fn load(path: &Path) -> Result<MasterConfig, ConfigError> {
+    pub fn load(path: &Path) -> Result<MasterConfig, ConfigErrors> {
         let (text, base) = read_config_file(path)?;
         MasterConfig::parse(&text, path, &base)
     }
 
     /// Parses config text; relative paths are resolved against `base`.
-    pub fn parse(text: &str, file: &Path, base: &Path) -> Result<MasterConfig, ConfigError> {
+    pub fn parse(text: &str, file: &Path, base: &Path) -> Result<MasterConfig, ConfigErrors> {
         let (raw, mut errors) = parse_toml::<RawConfig>(file, text);
         let Some(raw) = raw else {
-            return Err(ConfigError::from_diag(&errors));
+            return Err(errors);
         };
         // Names as written, so that an entry left out for its own error does
         // not also make every reference to it an error.
@@ -298,23 +297,17 @@ impl MasterConfig {
             hooks,
             dashboard: raw.dashboard,
         };
-        errors
-            .into_result(config)
-            .map_err(|errors| ConfigError::from_diag(&errors))
+        errors.into_result(config)
     }
 }
 
 /// A config file's text and the absolute directory its relative paths
 /// resolve against.
-fn read_config_file(path: &Path) -> Result<(String, PathBuf), ConfigError> {
-    let text = fs_err::read_to_string(path).map_err(|e| ConfigError {
-        file: path.to_path_buf(),
-        issues: vec![ConfigIssue {
-            line: None,
-            column: None,
-            key: String::new(),
-            message: format!("cannot read: {e}"),
-        }],
+fn read_config_file(path: &Path) -> Result<(String, PathBuf), ConfigErrors> {
+    let text = fs_err::read_to_string(path).map_err(|e| {
+        let mut errors = ConfigErrors::new(path);
+        errors.push(format!("cannot read: {e}"));
+        errors
     })?;
     let base = path.parent().unwrap_or(Path::new("."));
     let base = if base.as_os_str().is_empty() {
@@ -333,17 +326,17 @@ impl MasterReach {
     /// Reads what a CLI verb needs of a config file (`listen`, `data_dir`,
     /// `insecure`, `[tls]`), skipping every other key unchecked: one
     /// parse of the text, no validation of workers, builders or schedules.
-    pub fn load(path: &Path) -> Result<MasterReach, ConfigError> {
+    pub fn load(path: &Path) -> Result<MasterReach, ConfigErrors> {
         let (text, base) = read_config_file(path)?;
         MasterReach::parse(&text, path, &base)
     }
 
     /// [`MasterReach::load`] of config text.
-    pub fn parse(text: &str, file: &Path, base: &Path) -> Result<MasterReach, ConfigError> {
+    pub fn parse(text: &str, file: &Path, base: &Path) -> Result<MasterReach, ConfigErrors> {
         // The quick way keeps no position of any key; on any problem the
         // careful way below finds them, to say where.
         if let Ok(raw) = toml::from_str::<general::RawReach>(text) {
-            let mut errors = nightshift_proto::diag::ConfigErrors::new(file);
+            let mut errors = ConfigErrors::new(file);
             let reach = general::parse_reach(&raw, file, base, &mut errors);
             if errors.is_empty() {
                 return Ok(reach);
@@ -351,12 +344,10 @@ impl MasterReach {
         }
         let (raw, mut errors) = parse_toml::<general::RawReach>(file, text);
         let Some(raw) = raw else {
-            return Err(ConfigError::from_diag(&errors));
+            return Err(errors);
         };
         let reach = general::parse_reach(&raw, file, base, &mut errors);
-        errors
-            .into_result(reach)
-            .map_err(|errors| ConfigError::from_diag(&errors))
+        errors.into_result(reach)
     }
 }
 

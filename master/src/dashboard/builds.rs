@@ -49,7 +49,7 @@ pub(super) fn render_builds(
                 || "<span class=\"none\">—</span>".to_owned(),
                 |w| format!(
                     "<a href=\"#worker-{}\">{}</a>",
-                    escape(&crate::build_page::worker_anchor(w)),
+                    escape(&worker_anchor(w)),
                     escape(w)
                 )
             ),

@@ -44,6 +44,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 use nightshift_policy::{Presence, PresenceState, Source};
 use nightshift_proto::api::{WorkerList, WorkerPage, WorkerQuery};
+use nightshift_proto::clock::Clock;
 use nightshift_proto::wire::{
     AgentMessage, BuildId, BuildSource, HEARTBEAT_SECS, MasterMessage, Outlook,
 };
@@ -65,20 +66,6 @@ use timers::Timers;
 
 /// Identity of one agent connection, unique for the master's lifetime.
 pub type ConnId = u64;
-
-/// The source of "now" for presence timestamps (injected in tests).
-pub trait Clock: Send + Sync {
-    fn now(&self) -> Timestamp;
-}
-
-/// The real clock.
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now(&self) -> Timestamp {
-        Timestamp::now()
-    }
-}
 
 /// After a reconnect, how long the agent has to deliver the results of
 /// builds the master expected it to run but that its hello did not list.

@@ -49,6 +49,7 @@ mod workers;
 
 use logs::*;
 use queries::*;
+pub use queries::{artifact_row, list_rows};
 use schema::*;
 use submit::*;
 

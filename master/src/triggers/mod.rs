@@ -322,7 +322,7 @@ struct OffsetClock {
     offset: jiff::SignedDuration,
 }
 
-impl crate::scheduler::Clock for OffsetClock {
+impl nightshift_proto::clock::Clock for OffsetClock {
     fn now(&self) -> jiff::Timestamp {
         jiff::Timestamp::now()
             .checked_add(self.offset)
@@ -351,9 +351,9 @@ pub fn test_clock_start(
 
 /// The triggers' clock: the real one, or one that reads `start` now (made
 /// right before the triggers start, so a slow start costs the test nothing).
-pub fn trigger_clock(start: Option<jiff::Timestamp>) -> Arc<dyn crate::scheduler::Clock> {
+pub fn trigger_clock(start: Option<jiff::Timestamp>) -> Arc<dyn nightshift_proto::clock::Clock> {
     let Some(start) = start else {
-        return Arc::new(crate::scheduler::SystemClock);
+        return Arc::new(nightshift_proto::clock::SystemClock);
     };
     let offset = jiff::Timestamp::now().duration_until(start);
     tracing::warn!(
@@ -364,7 +364,7 @@ pub fn trigger_clock(start: Option<jiff::Timestamp>) -> Arc<dyn crate::scheduler
 }
 
 /// Starts the polling and timed-build tasks.
-pub fn start(context: TriggerContext, clock: Arc<dyn crate::scheduler::Clock>) {
+pub fn start(context: TriggerContext, clock: Arc<dyn nightshift_proto::clock::Clock>) {
     tokio::spawn(poll::run(context.clone()));
     let (fires, fired) = mpsc::channel(timed::MAX_PENDING_FIRES);
     tokio::spawn(timed::run(context.config.clone(), clock, fires));

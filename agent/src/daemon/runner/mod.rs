@@ -27,10 +27,10 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 
 use super::build_tree::{AGENT_MARKER, BUILD_MARKER};
-use super::clock::Clock;
 use super::load::BuildTrees;
 use super::outgoing::{Credit, OutputCredit};
 use super::spawn::{self, StepChild, StepCommand, step_environment, var};
+use nightshift_proto::clock::Clock;
 
 mod output;
 mod step;

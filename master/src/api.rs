@@ -58,6 +58,8 @@ pub struct AppState {
     pub enrolled: crate::worker_groups::Enrolled,
     /// Dashboard logins.
     pub sessions: Arc<crate::session::Sessions>,
+    /// The enrolment endpoint's rate limit.
+    pub enrol_limiter: Arc<crate::worker_groups::EnrolLimiter>,
 }
 
 /// An error response: status plus [`ApiError`] JSON.

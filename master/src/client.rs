@@ -16,16 +16,18 @@ use nightshift_proto::when::{short_duration, short_time, zone_label};
 use nightshift_proto::wire::Outcome;
 
 use crate::cli::ConnArgs;
-use crate::config::{MasterConfig, TlsMode};
+use crate::config::{MasterReach, TlsMode};
 use crate::locate::{
-    ADMIN_TOKEN_FILE, ConfigSource, config_search_order, find_config, local_url, pin_of_file,
+    ADMIN_TOKEN_FILE, ConfigSource, config_search_order, find_reach, local_url, pin_of_file,
     read_token,
 };
 
 /// Builds an API client from the flags, the environment and master.toml.
 pub fn connect(args: &ConnArgs) -> anyhow::Result<ApiClient> {
     let (from_config, source) = if args.url.is_none() || args.token.is_none() {
-        let (config, source) = find_config(args.config.as_deref(), false)?;
+        // Only the keys that say where the master is: the running master
+        // checked the rest (a 10,000-worker file is not validated again).
+        let (config, source) = find_reach(args.config.as_deref())?;
         (Some(config), Some(source))
     } else {
         (None, None)
@@ -34,7 +36,7 @@ pub fn connect(args: &ConnArgs) -> anyhow::Result<ApiClient> {
         (Some(url), _) => {
             MasterUrl::parse(url).map_err(|e| crate::cli::UsageError(format!("--url: {e}")))?
         }
-        (None, Some(config)) => local_url(config),
+        (None, Some(config)) => local_url(config.listen, &config.tls),
         (None, None) => bail!("no master URL: give --url or --config"),
     };
     let token = match (&args.token, &from_config) {
@@ -79,7 +81,7 @@ pub fn connect(args: &ConnArgs) -> anyhow::Result<ApiClient> {
 }
 
 /// How a local client trusts this config's certificate: its pin.
-fn trust_for(config: &MasterConfig) -> anyhow::Result<(Option<PathBuf>, Option<String>)> {
+fn trust_for(config: &MasterReach) -> anyhow::Result<(Option<PathBuf>, Option<String>)> {
     let cert = match &config.tls {
         TlsMode::Insecure => return Ok((None, None)),
         TlsMode::SelfSigned => config

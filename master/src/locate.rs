@@ -4,6 +4,7 @@
 //! the data dir, and the URL and certificate pin a CLI on the same machine
 //! reaches the master with.
 
+use std::net::SocketAddr;
 use std::path::Path;
 
 use anyhow::{Context, bail};
@@ -11,7 +12,7 @@ use nightshift_proto::api::MasterUrl;
 use nightshift_proto::tls;
 
 use crate::api::token_sha256;
-use crate::config::{EMBEDDED_DEFAULT, MasterConfig, TlsMode};
+use crate::config::{EMBEDDED_DEFAULT, MasterConfig, MasterReach, TlsMode};
 
 /// The generated admin token, inside the data dir.
 pub const ADMIN_TOKEN_FILE: &str = "admin.token";
@@ -106,6 +107,25 @@ pub fn find_config(
     Ok((config, ConfigSource::Embedded))
 }
 
+/// What a CLI verb that talks to the running master needs of its config
+/// (see [`MasterReach`]), found as [`find_config`] finds the config: only
+/// the listen address, data directory and TLS keys of a file are read.
+pub fn find_reach(path: Option<&Path>) -> anyhow::Result<(MasterReach, ConfigSource)> {
+    if let Some(path) = path {
+        return Ok((MasterReach::load(path)?, ConfigSource::Given));
+    }
+    let here = Path::new("master.toml");
+    if here.exists() {
+        return Ok((MasterReach::load(here)?, ConfigSource::CurrentDir));
+    }
+    let system = Path::new(SYSTEM_CONFIG);
+    if system.exists() {
+        return Ok((MasterReach::load(system)?, ConfigSource::System));
+    }
+    let (config, source) = find_config(None, false)?;
+    Ok((MasterReach::from(&config), source))
+}
+
 /// Reads a token file (first line, trimmed).
 pub fn read_token(path: &Path) -> anyhow::Result<String> {
     // fs-err's error names the file.
@@ -117,9 +137,10 @@ pub fn read_token(path: &Path) -> anyhow::Result<String> {
     Ok(token)
 }
 
-/// The URL a local CLI uses for this config's listen address.
-pub fn local_url(config: &MasterConfig) -> MasterUrl {
-    let ip = config.listen.ip();
+/// The URL a local CLI uses for a master listening on `listen` (TLS unless
+/// `tls` is insecure).
+pub fn local_url(listen: SocketAddr, tls: &TlsMode) -> MasterUrl {
+    let ip = listen.ip();
     let host = if ip.is_unspecified() {
         if ip.is_ipv4() {
             "127.0.0.1".to_owned()
@@ -130,9 +151,9 @@ pub fn local_url(config: &MasterConfig) -> MasterUrl {
         ip.to_string()
     };
     MasterUrl {
-        tls: config.tls != TlsMode::Insecure,
+        tls: *tls != TlsMode::Insecure,
         host,
-        port: config.listen.port(),
+        port: listen.port(),
     }
 }
 

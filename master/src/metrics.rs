@@ -167,6 +167,8 @@ pub struct Metrics {
     log_bytes_dropped: AtomicU64,
     store_queue_full: AtomicU64,
     frames_rate_limited: AtomicU64,
+    /// Enrolments refused by the source's and by the global rate limit.
+    enrolments_rate_limited: [AtomicU64; 2],
     artifacts_stored: AtomicU64,
     artifact_bytes_stored: AtomicU64,
     artifact_uploads_rejected: AtomicU64,
@@ -193,6 +195,7 @@ impl Metrics {
             log_bytes_dropped: AtomicU64::new(0),
             store_queue_full: AtomicU64::new(0),
             frames_rate_limited: AtomicU64::new(0),
+            enrolments_rate_limited: [const { AtomicU64::new(0) }; 2],
             artifacts_stored: AtomicU64::new(0),
             artifact_bytes_stored: AtomicU64::new(0),
             artifact_uploads_rejected: AtomicU64::new(0),
@@ -262,6 +265,14 @@ impl Metrics {
 
     pub fn frame_rate_limited(&self) {
         self.frames_rate_limited.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn enrolment_rate_limited(&self, limit: crate::worker_groups::EnrolLimit) {
+        let index = match limit {
+            crate::worker_groups::EnrolLimit::Source => 0,
+            crate::worker_groups::EnrolLimit::Global => 1,
+        };
+        self.enrolments_rate_limited[index].fetch_add(1, Ordering::Relaxed);
     }
 
     /// Renders the counters plus the gauges of `snapshot` and `depths`
@@ -488,6 +499,26 @@ impl Metrics {
             &[],
             self.frames_rate_limited.load(Ordering::Relaxed) as f64,
         );
+        family(
+            &mut out,
+            "nightshift_master_enrolments_rate_limited_total",
+            "counter",
+            "Enrolments refused with 429 by the rate limit of their source address or of all.",
+        );
+        for (limit, count) in [
+            crate::worker_groups::EnrolLimit::Source,
+            crate::worker_groups::EnrolLimit::Global,
+        ]
+        .into_iter()
+        .zip(&self.enrolments_rate_limited)
+        {
+            sample(
+                &mut out,
+                "nightshift_master_enrolments_rate_limited_total",
+                &[("limit", limit.label())],
+                count.load(Ordering::Relaxed) as f64,
+            );
+        }
         family(
             &mut out,
             "nightshift_master_agent_disconnects_total",

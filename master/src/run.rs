@@ -186,7 +186,7 @@ pub fn add_worker(
         Some(url) => {
             MasterUrl::parse(url).map_err(|e| crate::cli::UsageError(format!("--url: {e}")))?
         }
-        None => local_url(&resolved),
+        None => local_url(resolved.listen, &resolved.tls),
     };
     let resolved = Some(resolved);
     let ws_url = master_url
@@ -228,7 +228,7 @@ pub fn add_worker_group(
         Some(url) => {
             MasterUrl::parse(url).map_err(|e| crate::cli::UsageError(format!("--url: {e}")))?
         }
-        None => local_url(&config),
+        None => local_url(config.listen, &config.tls),
     };
     let ws_url = master_url
         .to_string()
@@ -453,7 +453,7 @@ pub async fn run(
     let gate = crate::server::ConnectionGate::new(usize::try_from(room).unwrap_or(usize::MAX));
     let agent_slots =
         crate::server::ConnectionGate::new(usize::try_from(max_agents).unwrap_or(usize::MAX));
-    let url = local_url(&config);
+    let url = local_url(config.listen, &config.tls);
 
     let (events, inbox) = mpsc::unbounded_channel();
     let (agent_events, agent_inbox) = mpsc::channel(crate::scheduler::AGENT_INBOX);
@@ -505,6 +505,9 @@ pub async fn run(
         next_conn: Arc::new(AtomicU64::new(1)),
         enrolled,
         sessions: Arc::default(),
+        enrol_limiter: Arc::new(crate::worker_groups::EnrolLimiter::new(
+            std::time::Instant::now(),
+        )),
     };
     tokio::spawn(crate::artifacts::retain(artifacts, state.config.clone()));
     // SIGHUP reloads master.toml, as `master reconfig` does.

@@ -2,15 +2,18 @@
 //! token and each receives its own worker token, of which the master keeps
 //! only the hash (in SQLite, not in master.toml); and the roster of enrolled
 //! workers the server checks upgrades and hellos against, by name or token
-//! hash in O(1); the enrolment and revocation endpoints.
+//! hash in O(1); the enrolment and revocation endpoints, the enrolment one
+//! rate-limited per source address and in all ([`EnrolLimiter`]).
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::sync::{Arc, RwLock};
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use axum::Json;
 use axum::extract::rejection::JsonRejection;
-use axum::extract::{Path, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::extract::{ConnectInfo, Path, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use nightshift_proto::api::{ApiError, EnrollRequest, EnrollResponse, RevokeResponse};
 use serde::Deserialize;
@@ -230,6 +233,11 @@ impl Enrolled {
         self.read().per_group.get(group).copied().unwrap_or(0)
     }
 
+    /// How many workers are enrolled, in all groups.
+    pub fn len(&self) -> usize {
+        self.read().by_name.len()
+    }
+
     /// Every member (the scheduler's start).
     pub fn all(&self) -> Vec<Member> {
         let mut members: Vec<Member> = self.read().by_name.values().cloned().collect();
@@ -243,15 +251,169 @@ fn failure(status: StatusCode, error: String) -> Response {
     (status, Json(ApiError { error })).into_response()
 }
 
+/// Enrolments one source address may make per second, sustained…
+pub const ENROL_PER_SOURCE_PER_SEC: f64 = 2.0;
+/// …and at once (a lab behind one NAT enrolling its machines together).
+pub const ENROL_PER_SOURCE_BURST: f64 = 60.0;
+/// Enrolments per second from everywhere together, sustained…
+pub const ENROL_PER_SEC: f64 = 50.0;
+/// …and at once.
+pub const ENROL_BURST: f64 = 500.0;
+/// Most source addresses remembered; past it, addresses whose bucket is
+/// full again are forgotten, and a new one meets only the global limit.
+pub const ENROL_SOURCES_KEPT: usize = 4096;
+
+/// A token bucket that refuses (without going into debt) when empty.
+#[derive(Debug, Clone)]
+struct Bucket {
+    rate: f64,
+    burst: f64,
+    tokens: f64,
+    at: Instant,
+}
+
+impl Bucket {
+    fn new(rate: f64, burst: f64, now: Instant) -> Bucket {
+        Bucket {
+            rate,
+            burst,
+            tokens: burst,
+            at: now,
+        }
+    }
+
+    fn refill(&mut self, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.at).as_secs_f64();
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        self.at = now;
+    }
+
+    /// Takes a token, or answers how long until there is one.
+    fn take(&mut self, now: Instant) -> Result<(), Duration> {
+        self.refill(now);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            Ok(())
+        } else {
+            Err(Duration::from_secs_f64((1.0 - self.tokens) / self.rate))
+        }
+    }
+
+    fn is_full(&mut self, now: Instant) -> bool {
+        self.refill(now);
+        self.tokens >= self.burst
+    }
+}
+
+/// Which limit refused an enrolment.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EnrolLimit {
+    /// Its source address's.
+    Source,
+    /// All sources' together.
+    Global,
+}
+
+impl EnrolLimit {
+    pub fn label(self) -> &'static str {
+        match self {
+            EnrolLimit::Source => "source",
+            EnrolLimit::Global => "global",
+        }
+    }
+}
+
+/// The enrolment endpoint's own rate limit: a token bucket per source
+/// address and one for all of them, checked before the enrolment token is
+/// (a guess costs a token too). Its clock is a parameter, so tests choose
+/// the instants.
+#[derive(Debug)]
+pub struct EnrolLimiter {
+    state: Mutex<LimiterState>,
+}
+
+#[derive(Debug)]
+struct LimiterState {
+    global: Bucket,
+    per_source: HashMap<IpAddr, Bucket>,
+}
+
+impl EnrolLimiter {
+    pub fn new(now: Instant) -> EnrolLimiter {
+        EnrolLimiter {
+            state: Mutex::new(LimiterState {
+                global: Bucket::new(ENROL_PER_SEC, ENROL_BURST, now),
+                per_source: HashMap::new(),
+            }),
+        }
+    }
+
+    /// Whether `source` may enrol at `now`; when not, which limit says so
+    /// and when to come back.
+    pub fn check(&self, source: IpAddr, now: Instant) -> Result<(), (EnrolLimit, Duration)> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if !state.per_source.contains_key(&source) && state.per_source.len() >= ENROL_SOURCES_KEPT {
+            state.per_source.retain(|_, bucket| !bucket.is_full(now));
+        }
+        let kept =
+            state.per_source.len() < ENROL_SOURCES_KEPT || state.per_source.contains_key(&source);
+        if kept {
+            let bucket = state.per_source.entry(source).or_insert_with(|| {
+                Bucket::new(ENROL_PER_SOURCE_PER_SEC, ENROL_PER_SOURCE_BURST, now)
+            });
+            // A source's own refusal does not use up the others' share.
+            bucket
+                .take(now)
+                .map_err(|wait| (EnrolLimit::Source, wait))?;
+        }
+        state
+            .global
+            .take(now)
+            .map_err(|wait| (EnrolLimit::Global, wait))
+    }
+}
+
+/// `429 Too Many Requests` with a `Retry-After` of `wait` (whole seconds,
+/// at least one).
+fn too_many(limit: EnrolLimit, wait: Duration) -> Response {
+    let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
+    let whose = match limit {
+        EnrolLimit::Source => "from this address",
+        EnrolLimit::Global => "on this master",
+    };
+    let mut response = failure(
+        StatusCode::TOO_MANY_REQUESTS,
+        format!("too many enrolments {whose}; retry after {seconds} s"),
+    );
+    response
+        .headers_mut()
+        .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
+    response
+}
+
 /// `POST /api/v1/enroll`, authorized by a group's enrolment token: records a
 /// new member of that group under the name it asks for and answers its own
 /// token, shown this once (only the hash is stored). The enrolment token
 /// itself opens no agent session.
 pub async fn enroll(
     State(state): State<AppState>,
+    peer: Option<axum::Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     body: Result<Json<EnrollRequest>, JsonRejection>,
 ) -> Response {
+    // The accept loop puts the peer's address on every request.
+    let source = peer.map_or(
+        IpAddr::from([0, 0, 0, 0]),
+        |axum::Extension(ConnectInfo(addr))| addr.ip(),
+    );
+    if let Err((limit, wait)) = state.enrol_limiter.check(source, Instant::now()) {
+        crate::metrics::METRICS.enrolment_rate_limited(limit);
+        tracing::warn!(
+            "enrolment from {source} refused: over the {} rate limit",
+            limit.label()
+        );
+        return too_many(limit, wait);
+    }
     let Some(token) = bearer(&headers) else {
         return failure(
             StatusCode::UNAUTHORIZED,
@@ -382,6 +544,64 @@ pub async fn revoke(State(state): State<AppState>, Path(name): Path<String>) -> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn enrolments_are_limited_per_source_and_in_all() {
+        let t0 = Instant::now();
+        let limiter = EnrolLimiter::new(t0);
+        let lab: IpAddr = "10.0.0.1".parse().unwrap();
+        let burst = ENROL_PER_SOURCE_BURST as usize;
+        for i in 0..burst {
+            assert_eq!(limiter.check(lab, t0), Ok(()), "enrolment {i}");
+        }
+        let (limit, wait) = limiter.check(lab, t0).unwrap_err();
+        assert_eq!(limit, EnrolLimit::Source);
+        assert_eq!(
+            wait,
+            Duration::from_secs_f64(1.0 / ENROL_PER_SOURCE_PER_SEC)
+        );
+        // Another address is not held up by the first one's.
+        assert_eq!(limiter.check("10.0.0.2".parse().unwrap(), t0), Ok(()));
+        // After the wait, the lab may go on at the sustained rate.
+        assert_eq!(limiter.check(lab, t0 + wait), Ok(()));
+        assert!(limiter.check(lab, t0 + wait).is_err());
+
+        // Many addresses at once meet the global limit.
+        let limiter = EnrolLimiter::new(t0);
+        let mut refused = None;
+        for i in 0..(ENROL_BURST as u32 + 1) {
+            let source = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            if let Err(why) = limiter.check(source, t0) {
+                refused = Some((i, why.0));
+                break;
+            }
+        }
+        assert_eq!(refused, Some((ENROL_BURST as u32, EnrolLimit::Global)));
+    }
+
+    #[test]
+    fn a_refusal_is_429_with_whole_seconds_to_wait() {
+        let response = too_many(EnrolLimit::Source, Duration::from_millis(300));
+        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
+        let response = too_many(EnrolLimit::Global, Duration::from_millis(2100));
+        assert_eq!(response.headers()[header::RETRY_AFTER], "3");
+    }
+
+    #[test]
+    fn the_sources_remembered_stay_bounded() {
+        let t0 = Instant::now();
+        let limiter = EnrolLimiter::new(t0);
+        let later = t0 + Duration::from_secs(3600);
+        for i in 0..(ENROL_SOURCES_KEPT as u32 + 10) {
+            let source = IpAddr::from(std::net::Ipv4Addr::from(0x0a00_0000 + i));
+            // Spread out, so the global bucket never runs dry.
+            let now = t0 + Duration::from_secs(u64::from(i));
+            let _ = limiter.check(source, now.min(later));
+        }
+        let kept = limiter.state.lock().unwrap().per_source.len();
+        assert!(kept <= ENROL_SOURCES_KEPT, "{kept} sources kept");
+    }
 
     fn group(name: &str) -> WorkerGroupDef {
         WorkerGroupDef {

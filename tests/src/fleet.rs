@@ -30,7 +30,8 @@ use crate::{Farm, presence};
 
 /// How long any phase may take before giving up on it.
 pub const PHASE_LIMIT: Duration = Duration::from_secs(180);
-const HEARTBEAT: Duration = Duration::from_secs(5);
+/// The beat when a welcome gives none (the protocol's default).
+const HEARTBEAT: Duration = Duration::from_secs(nightshift_proto::wire::HEARTBEAT_SECS);
 
 /// What all fake agents share with the driver.
 pub struct Fleet {
@@ -40,6 +41,9 @@ pub struct Fleet {
     pub connected: AtomicUsize,
     /// Failed connection attempts.
     pub failures: AtomicUsize,
+    /// The heartbeat period the master gave in its last welcome, in seconds
+    /// (0 before the first).
+    pub beat_secs: std::sync::atomic::AtomicU64,
     changed: Notify,
     presence: watch::Receiver<PresenceState>,
     stop: watch::Receiver<bool>,
@@ -62,6 +66,7 @@ impl Fleet {
             tls: farm.tls_client()?,
             connected: AtomicUsize::new(0),
             failures: AtomicUsize::new(0),
+            beat_secs: std::sync::atomic::AtomicU64::new(0),
             changed: Notify::new(),
             presence,
             stop,
@@ -221,16 +226,21 @@ async fn session(fleet: &Fleet, name: &str, token: &str) -> SessionEnd {
     if ws.send(Message::text(hello.encode())).await.is_err() {
         return lost;
     }
-    match tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
+    // The beat the master gives (longer for a big farm), as the agent keeps.
+    let beat = match tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
         Ok(Some(Ok(Message::Text(text)))) => match MasterMessage::decode(&text) {
-            Ok(MasterMessage::Welcome { .. }) => {}
+            Ok(MasterMessage::Welcome { heartbeat_secs, .. }) if heartbeat_secs > 0 => {
+                fleet.beat_secs.store(heartbeat_secs, Ordering::Relaxed);
+                Duration::from_secs(heartbeat_secs)
+            }
+            Ok(MasterMessage::Welcome { .. }) => HEARTBEAT,
             _ => return lost,
         },
         _ => return lost,
-    }
+    };
     fleet.connected.fetch_add(1, Ordering::AcqRel);
     fleet.changed.notify_waiters();
-    let end = connected(fleet, &mut ws, &mut presence_rx).await;
+    let end = connected(fleet, &mut ws, &mut presence_rx, beat).await;
     fleet.connected.fetch_sub(1, Ordering::AcqRel);
     fleet.changed.notify_waiters();
     end
@@ -243,9 +253,10 @@ async fn connected(
     fleet: &Fleet,
     ws: &mut Socket,
     presence_rx: &mut watch::Receiver<PresenceState>,
+    heartbeat: Duration,
 ) -> SessionEnd {
     let mut stop = fleet.stop.clone();
-    let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + HEARTBEAT, HEARTBEAT);
+    let mut beat = tokio::time::interval_at(tokio::time::Instant::now() + heartbeat, heartbeat);
     let mut seq = 0;
     let gone = SessionEnd::Lost { welcomed: true };
     loop {

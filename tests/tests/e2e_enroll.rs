@@ -216,3 +216,65 @@ async fn a_group_token_enrols_workers_that_run_builds_and_a_revoked_one_is_refus
     );
     Ok(())
 }
+
+/// The enrolment endpoint limits each source address (and all together):
+/// past its burst, even guesses of the token are answered 429 with the
+/// time to come back, and /metrics counts them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn enrolments_past_the_rate_limit_are_told_to_retry_later() -> anyhow::Result<()> {
+    let group_token = new_token();
+    let farm = Farm::builder()
+        .master_toml(&format!(
+            "[[worker_group]]\nname = \"lab\"\nenroll_token_sha256 = \"{}\"\n",
+            sha256_hex(&group_token)
+        ))
+        .start()
+        .await?;
+    let guesser = ApiClient::new(farm.url(), new_token(), Some(farm.tls_client()?))?;
+    let mut limited = None;
+    // The burst per source is 60; the sustained rate (2/s) adds a few while
+    // this loop runs on a loaded machine, so allow some more.
+    for attempt in 0..400 {
+        let refused = guesser
+            .enroll("lab-1")
+            .await
+            .expect_err("a guessed token enrols nothing");
+        match refused.status {
+            Some(401) => continue,
+            Some(429) => {
+                limited = Some((attempt, refused));
+                break;
+            }
+            _ => panic!("attempt {attempt}: {refused}\n{}", farm.master_log()),
+        }
+    }
+    let (attempt, refused) = limited.unwrap_or_else(|| {
+        panic!(
+            "400 enrolments from one address were never limited\n{}",
+            farm.master_log()
+        )
+    });
+    assert!(attempt >= 60, "limited after only {attempt} attempts");
+    assert!(
+        refused
+            .message
+            .contains("too many enrolments from this address")
+            && refused.message.contains("retry after"),
+        "{refused}"
+    );
+    // The right token is held up too while the address is over its limit.
+    let enroller = ApiClient::new(farm.url(), group_token, Some(farm.tls_client()?))?;
+    let held = enroller.enroll("lab-1").await.expect_err("over the limit");
+    assert_eq!(held.status, Some(429), "{held}");
+    let (status, metrics) = farm.api()?.call_raw("GET", "/metrics", None).await?;
+    assert_eq!(status, 200, "{metrics}");
+    let counted = metrics
+        .lines()
+        .find(|l| {
+            l.starts_with("nightshift_master_enrolments_rate_limited_total{limit=\"source\"}")
+        })
+        .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .unwrap_or_else(|| panic!("no source-limit counter in /metrics:\n{metrics}"));
+    assert!(counted >= 2.0, "{counted} refusals counted:\n{metrics}");
+    Ok(())
+}

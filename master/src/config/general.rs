@@ -58,24 +58,80 @@ pub(super) struct General {
     pub(super) admin_token_sha256: Option<String>,
 }
 
-/// Checks the top-level keys of `raw`; relative paths resolve against `base`.
-pub(super) fn parse_general(raw: &RawConfig, base: &Path, errors: &mut ConfigErrors) -> General {
+/// The keys a CLI verb reads to reach the running master: every other key
+/// is skipped unchecked (the running master checked them), so that `master
+/// workers` beside a 10,000-worker master.toml does not validate 10,000
+/// entries first.
+#[derive(Debug, Deserialize)]
+pub(super) struct RawReach {
+    #[serde(default = "super::default_listen")]
+    listen: String,
+    data_dir: Option<String>,
+    #[serde(default)]
+    insecure: bool,
+    #[serde(default)]
+    tls: Option<RawTls>,
+}
+
+/// Where a running master listens, where its data (and admin token) is, and
+/// how its certificate is trusted: what a CLI verb needs of master.toml.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MasterReach {
+    /// The file it came from (or `<embedded default>`).
+    pub source: PathBuf,
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub tls: TlsMode,
+}
+
+/// Checks the keys of [`RawReach`]; relative paths resolve against `base`.
+pub(super) fn parse_reach(
+    raw: &RawReach,
+    source: &Path,
+    base: &Path,
+    errors: &mut ConfigErrors,
+) -> MasterReach {
+    let (listen, data_dir, tls) = reach_keys(
+        &raw.listen,
+        raw.data_dir.as_deref(),
+        raw.insecure,
+        raw.tls.as_ref(),
+        base,
+        errors,
+    );
+    MasterReach {
+        source: source.to_path_buf(),
+        listen,
+        data_dir,
+        tls,
+    }
+}
+
+/// `listen`, `data_dir` and the TLS mode, checked (the part of the
+/// top-level keys a client needs too).
+fn reach_keys(
+    listen_text: &str,
+    data_dir: Option<&str>,
+    insecure: bool,
+    tls: Option<&RawTls>,
+    base: &Path,
+    errors: &mut ConfigErrors,
+) -> (SocketAddr, PathBuf, TlsMode) {
     let mut issue = |key: String, message: String| errors.push_at_path(&key, message);
-    let listen = match raw.listen.parse::<SocketAddr>() {
+    let listen = match listen_text.parse::<SocketAddr>() {
         Ok(addr) => addr,
         Err(_) => {
             issue(
                 "listen".into(),
                 format!(
-                    "`{}` is not an address:port like `127.0.0.1:8443` or `[::]:8443`",
-                    raw.listen
+                    "`{listen_text}` is not an address:port like `127.0.0.1:8443` or `[::]:8443`",
                 ),
             );
             SocketAddr::from(([127, 0, 0, 1], 8443))
         }
     };
-    let data_dir = base.join(raw.data_dir.as_deref().unwrap_or("nightshift-data"));
-    let tls = match (raw.insecure, &raw.tls) {
+    let data_dir = base.join(data_dir.unwrap_or("nightshift-data"));
+    let tls = match (insecure, tls) {
         (true, Some(_)) => {
             issue(
                 "tls".into(),
@@ -107,6 +163,20 @@ pub(super) fn parse_general(raw: &RawConfig, base: &Path, errors: &mut ConfigErr
             }
         },
     };
+    (listen, data_dir, tls)
+}
+
+/// Checks the top-level keys of `raw`; relative paths resolve against `base`.
+pub(super) fn parse_general(raw: &RawConfig, base: &Path, errors: &mut ConfigErrors) -> General {
+    let (listen, data_dir, tls) = reach_keys(
+        &raw.listen,
+        raw.data_dir.as_deref(),
+        raw.insecure,
+        raw.tls.as_ref(),
+        base,
+        errors,
+    );
+    let mut issue = |key: String, message: String| errors.push_at_path(&key, message);
     let admin_token_sha256 = match &raw.admin_token_sha256 {
         Some(hash) => match normalize_hash(hash) {
             Some(hash) => Some(hash),

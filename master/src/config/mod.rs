@@ -32,7 +32,7 @@ pub use agent_limits::AgentLimits;
 pub use artifacts::ArtifactSettings;
 pub use builders::{Admission, BuilderDef};
 pub use duration::Secs;
-pub use general::{DashboardAccess, TlsMode};
+pub use general::{DashboardAccess, MasterReach, TlsMode};
 pub use hooks::{HookDef, HookKind};
 pub use names::{check_branch_name, normalize_hash, valid_name};
 pub use nightshift_proto::diag::ConfigErrors;
@@ -232,21 +232,7 @@ impl MasterConfig {
 
     /// Reads and validates a config file.
     pub fn load(path: &Path) -> Result<MasterConfig, ConfigErrors> {
-        let text = fs_err::read_to_string(path).map_err(|e| {
-            let mut errors = ConfigErrors::new(path);
-            errors.push(format!("cannot read: {e}"));
-            errors
-        })?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        let base = if base.as_os_str().is_empty() {
-            Path::new(".")
-        } else {
-            base
-        };
-        // Absolute, so the paths derived from it (data_dir, certificates)
-        // stay right for processes started elsewhere: latent instances run
-        // in their own directory and are handed the CA file's path.
-        let base = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
+        let (text, base) = read_config_file(path)?;
         MasterConfig::parse(&text, path, &base)
     }
 
@@ -312,5 +298,66 @@ impl MasterConfig {
             dashboard: raw.dashboard,
         };
         errors.into_result(config)
+    }
+}
+
+/// A config file's text and the absolute directory its relative paths
+/// resolve against.
+fn read_config_file(path: &Path) -> Result<(String, PathBuf), ConfigErrors> {
+    let text = fs_err::read_to_string(path).map_err(|e| {
+        let mut errors = ConfigErrors::new(path);
+        errors.push(format!("cannot read: {e}"));
+        errors
+    })?;
+    let base = path.parent().unwrap_or(Path::new("."));
+    let base = if base.as_os_str().is_empty() {
+        Path::new(".")
+    } else {
+        base
+    };
+    // Absolute, so the paths derived from it (data_dir, certificates)
+    // stay right for processes started elsewhere: latent instances run
+    // in their own directory and are handed the CA file's path.
+    let base = std::path::absolute(base).unwrap_or_else(|_| base.to_path_buf());
+    Ok((text, base))
+}
+
+impl MasterReach {
+    /// Reads what a CLI verb needs of a config file (`listen`, `data_dir`,
+    /// `insecure`, `[tls]`), skipping every other key unchecked: one
+    /// parse of the text, no validation of workers, builders or schedules.
+    pub fn load(path: &Path) -> Result<MasterReach, ConfigErrors> {
+        let (text, base) = read_config_file(path)?;
+        MasterReach::parse(&text, path, &base)
+    }
+
+    /// [`MasterReach::load`] of config text.
+    pub fn parse(text: &str, file: &Path, base: &Path) -> Result<MasterReach, ConfigErrors> {
+        // The quick way keeps no position of any key; on any problem the
+        // careful way below finds them, to say where.
+        if let Ok(raw) = toml::from_str::<general::RawReach>(text) {
+            let mut errors = ConfigErrors::new(file);
+            let reach = general::parse_reach(&raw, file, base, &mut errors);
+            if errors.is_empty() {
+                return Ok(reach);
+            }
+        }
+        let (raw, mut errors) = parse_toml::<general::RawReach>(file, text);
+        let Some(raw) = raw else {
+            return Err(errors);
+        };
+        let reach = general::parse_reach(&raw, file, base, &mut errors);
+        errors.into_result(reach)
+    }
+}
+
+impl From<&MasterConfig> for MasterReach {
+    fn from(config: &MasterConfig) -> MasterReach {
+        MasterReach {
+            source: config.source.clone(),
+            listen: config.listen,
+            data_dir: config.data_dir.clone(),
+            tls: config.tls.clone(),
+        }
     }
 }

@@ -524,3 +524,55 @@ steps = [{ name = "s", command = "true" }]
         "{shown}"
     );
 }
+
+#[test]
+fn a_client_reads_where_the_master_is_and_skips_the_rest() {
+    let reach = |text: &str| MasterReach::parse(text, Path::new("master.toml"), Path::new("/srv"));
+    // `[tls]` after the workers, and a worker entry the full check refuses:
+    // the client still finds the master (the running one checked its file).
+    let text = format!(
+        r#"
+listen = "0.0.0.0:9443"
+data_dir = "state"
+
+[[worker]]
+name = "b1"
+token_sha256 = "{HASH}"
+colour = "blue"
+
+[tls]
+cert_file = "tls/cert.pem"
+key_file = "tls/key.pem"
+"#
+    );
+    assert!(parse(&text).is_err(), "the full check refuses `colour`");
+    let got = reach(&text).unwrap();
+    assert_eq!(got.listen, "0.0.0.0:9443".parse().unwrap());
+    assert_eq!(got.data_dir, Path::new("/srv/state"));
+    assert_eq!(
+        got.tls,
+        TlsMode::Files {
+            cert: "/srv/tls/cert.pem".into(),
+            key: "/srv/tls/key.pem".into(),
+        }
+    );
+    // The same answer as the full parse of a valid file.
+    let valid = format!("insecure = true\n[[worker]]\nname = \"b1\"\ntoken_sha256 = \"{HASH}\"\n");
+    assert_eq!(
+        reach(&valid).unwrap(),
+        MasterReach::from(&parse(&valid).unwrap())
+    );
+    // What it reads is checked, and the error says where.
+    let err = reach("listen = \"nowhere\"\n").unwrap_err().to_string();
+    assert!(
+        err.contains("listen") && err.contains("not an address"),
+        "{err}"
+    );
+    assert!(err.contains(":1"), "names the line: {err}");
+    let err = reach("insecure = true\n[tls]\ncert_file = \"c\"\nkey_file = \"k\"\n")
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("contradict"), "{err}");
+    let err = reach("listen = [\n").unwrap_err().to_string();
+    assert!(err.contains("master.toml"), "{err}");
+}

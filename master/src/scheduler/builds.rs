@@ -456,6 +456,10 @@ impl Scheduler {
 
     /// Hands out every queued build that a worker can take now, oldest first.
     pub(super) fn assign(&mut self) {
+        if self.batching {
+            self.assign_due = true;
+            return;
+        }
         let ids: Vec<BuildId> = self.queue.keys().copied().collect();
         // Latent instances starting already, each counted on by one build.
         let mut counted_on = BTreeSet::new();

@@ -5,7 +5,7 @@
 use std::collections::BTreeSet;
 
 use nightshift_policy::Presence;
-use nightshift_proto::wire::{BuildId, HEARTBEAT_SECS, MasterMessage, Outlook, PROTOCOL_VERSION};
+use nightshift_proto::wire::{BuildId, MasterMessage, Outlook, PROTOCOL_VERSION};
 
 use super::timers::TimerSlot;
 use super::{ConnId, Event, Hello, Outbound, RECONCILE_GRACE, Running, Scheduler, offline};
@@ -20,6 +20,7 @@ impl Scheduler {
         worker: String,
         conn: ConnId,
         hello: Hello,
+        heartbeat_secs: u64,
         out: AgentOutbox,
     ) {
         if self.workers.contains_key(&worker) && self.latent.is_latent(&worker) {
@@ -147,7 +148,7 @@ impl Scheduler {
             MasterMessage::Welcome {
                 protocol: PROTOCOL_VERSION,
                 master_version: env!("CARGO_PKG_VERSION").into(),
-                heartbeat_secs: HEARTBEAT_SECS,
+                heartbeat_secs,
                 cancel,
             },
         );
@@ -185,7 +186,9 @@ impl Scheduler {
         presence: Presence,
         outlook: Option<Outlook>,
     ) {
-        tracing::info!(
+        // Debug, not info: a farm-wide flip at 19:00 is 10,000 of these
+        // (the dashboard, `master workers` and the metrics show the states).
+        tracing::debug!(
             "worker {worker} is {} ({}: {})",
             presence.state,
             presence.source,
@@ -327,7 +330,7 @@ impl Scheduler {
                 "{} and idle ({}: {})",
                 slot.presence.state, slot.presence.source, slot.presence.reason
             );
-            tracing::info!("worker {worker} released: {reason}");
+            tracing::debug!("worker {worker} released: {reason}");
             self.send(worker, MasterMessage::Released { reason });
         }
     }

@@ -28,6 +28,7 @@ mod locks;
 pub mod pick;
 mod reconfig;
 mod schedules;
+mod shown;
 mod snapshot;
 mod timers;
 
@@ -60,6 +61,7 @@ use crate::worker_groups::Member;
 use eligible::Eligible;
 use estimate::Estimates;
 use locks::LockWaits;
+use shown::ShownStates;
 use timers::Timers;
 
 /// Identity of one agent connection, unique for the master's lifetime.
@@ -74,6 +76,10 @@ pub const RECONCILE_GRACE: Duration = Duration::from_secs(2 * HEARTBEAT_SECS);
 /// this many are queued. Each connection is also rate-limited, so one agent
 /// cannot fill it for long.
 pub const AGENT_INBOX: usize = 1024;
+
+/// Most agent events handled in one turn of the loop before one hand-out
+/// pass (see [`Scheduler::run`]).
+pub const AGENT_BATCH: usize = 64;
 
 /// What the scheduler sends a connection task.
 #[derive(Debug, Clone, PartialEq)]
@@ -122,6 +128,8 @@ pub enum Event {
         worker: String,
         conn: ConnId,
         hello: Hello,
+        /// The heartbeat period its connection keeps (told in the welcome).
+        heartbeat_secs: u64,
         out: AgentOutbox,
     },
     /// A frame from an agent (heartbeats are answered by the connection).
@@ -418,6 +426,12 @@ pub struct Scheduler {
     /// Per builder, the workers that could take a build now, in pick order
     /// (kept up to date by [`Scheduler::touch`]).
     eligible: Eligible,
+    /// Every worker under the state it is shown in (pages by state).
+    shown: ShownStates,
+    /// Handling a batch of agent events: a hand-out pass waits for its end.
+    batching: bool,
+    /// A hand-out pass was asked for during the batch.
+    assign_due: bool,
     /// Enrolled workers (`[[worker_group]]` members) → their group.
     members: HashMap<String, String>,
     /// Worker group → its enrolled members, by name.
@@ -494,6 +508,9 @@ impl Scheduler {
             timers: Timers::default(),
             estimates: Estimates::default(),
             eligible: Eligible::default(),
+            shown: ShownStates::default(),
+            batching: false,
+            assign_due: false,
             members: HashMap::new(),
             group_members: HashMap::new(),
         };
@@ -596,9 +613,28 @@ impl Scheduler {
                     Some(event) => self.handle(event),
                     None => break,
                 },
-                Some(event) = agent_inbox.recv() => self.handle(event),
+                Some(event) = agent_inbox.recv() => self.handle_agent_batch(event, &mut agent_inbox),
                 Some(event) = self.timers.next_expired() => self.handle(event),
             }
+        }
+    }
+
+    /// Handles `first` and the agent events queued behind it (at most
+    /// [`AGENT_BATCH`]) with one hand-out pass at the end instead of one per
+    /// event: a farm-wide flip is 10,000 presences, and each pass visits the
+    /// queue. The other inbox is served between batches.
+    fn handle_agent_batch(&mut self, first: Event, agent_inbox: &mut mpsc::Receiver<Event>) {
+        self.batching = true;
+        self.handle(first);
+        for _ in 1..AGENT_BATCH {
+            match agent_inbox.try_recv() {
+                Ok(event) => self.handle(event),
+                Err(_) => break,
+            }
+        }
+        self.batching = false;
+        if std::mem::take(&mut self.assign_due) {
+            self.assign();
         }
     }
 
@@ -609,8 +645,9 @@ impl Scheduler {
                 worker,
                 conn,
                 hello,
+                heartbeat_secs,
                 out,
-            } => self.on_connected(worker, conn, hello, out),
+            } => self.on_connected(worker, conn, hello, heartbeat_secs, out),
             Event::Agent {
                 worker,
                 conn,

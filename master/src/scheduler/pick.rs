@@ -14,6 +14,7 @@ use nightshift_proto::wire::{BuildId, Outlook, Window};
 
 use super::admission::{self, BuildFacts, CutShort, LaterFit};
 use super::eligible::{Eligible, Rank};
+use super::shown::ShownStates;
 use super::{Scheduler, Waiting, WorkerSlot};
 use crate::config::BuilderDef;
 
@@ -84,24 +85,24 @@ pub(super) fn pick_worker<'a>(
         &'a str,
     )> = None;
     let mut later: Option<LaterFit<'a>> = None;
-    let mut why = Vec::new();
+    let mut why = WhyNot::default();
     for candidate in candidates {
         let facts = match candidate {
             Candidate::NotConfigured { name } => {
-                why.push(format!("{name} not configured"));
+                why.note(name, "not configured", String::new());
                 continue;
             }
             Candidate::Worker(facts) => facts,
         };
         let name = facts.name;
         if !facts.connected {
-            why.push(format!("{name} offline"));
+            why.note(name, "offline", String::new());
             continue;
         }
         let state = build.ranks_as(facts.state, facts.reluctant_from, facts.overrun);
         let fits_now = build.fits(build.now, facts.takes_builds_until, facts.overrun);
         if !state.takes_builds() {
-            why.push(format!("{name} {state}"));
+            why.note(name, state.as_str(), String::new());
             if let Some(opens) = build.fitting_start(facts.next_window, facts.overrun) {
                 let chance = LaterFit {
                     name,
@@ -114,20 +115,22 @@ pub(super) fn pick_worker<'a>(
         let busy = facts.running + facts.lock_waits;
         let capacity = facts.capacity;
         if busy >= capacity {
-            why.push(format!("{name} busy ({busy}/{capacity})"));
+            why.note(name, "busy", format!(" ({busy}/{capacity})"));
             if fits_now {
                 later = Some(admission::earlier(later, LaterFit { name, opens: None }));
             }
             continue;
         }
         if facts.refused_it {
-            why.push(format!("{name} refused it"));
+            why.note(name, "refused it", String::new());
             continue;
         }
         if facts.cooling_off {
-            why.push(format!(
-                "{name} cooling off (its lock lease of this build ended)"
-            ));
+            why.note(
+                name,
+                "cooling off",
+                " (its lock lease of this build ended)".to_owned(),
+            );
             continue;
         }
         if let (false, Some(until)) = (fits_now, facts.takes_builds_until) {
@@ -154,7 +157,7 @@ pub(super) fn pick_worker<'a>(
             admission::when_none_fits(build, CutShort { name, until }, later)
         }
         (None, None) => {
-            let mut text = format!("a worker: {}", why.join(", "));
+            let mut text = format!("a worker: {}", why.text());
             if let Some(LaterFit {
                 name,
                 opens: Some(opens),
@@ -168,6 +171,47 @@ pub(super) fn pick_worker<'a>(
             }
             Err(text)
         }
+    }
+}
+
+/// Most workers named one by one in what a build waits for; the rest are
+/// counted by state, so a builder listing 10,000 workers says so in a line.
+pub(super) const WHY_NAMED: usize = 10;
+
+/// Why no listed worker takes a build: the first [`WHY_NAMED`] workers
+/// with their reason, then a count per reason.
+#[derive(Debug, Default)]
+struct WhyNot {
+    named: Vec<String>,
+    more: Vec<(&'static str, usize)>,
+}
+
+impl WhyNot {
+    /// `name` cannot take it for `reason` (`detail` follows the reason when
+    /// the worker is named).
+    fn note(&mut self, name: &str, reason: &'static str, detail: String) {
+        if self.named.len() < WHY_NAMED {
+            self.named.push(format!("{name} {reason}{detail}"));
+        } else if let Some((_, n)) = self.more.iter_mut().find(|(r, _)| *r == reason) {
+            *n += 1;
+        } else {
+            self.more.push((reason, 1));
+        }
+    }
+
+    /// `b1 away, b2 offline` (and `and 9,990 more: 9,000 away, 990 offline`).
+    fn text(&self) -> String {
+        let mut text = self.named.join(", ");
+        if !self.more.is_empty() {
+            let total: usize = self.more.iter().map(|(_, n)| n).sum();
+            let each: Vec<String> = self
+                .more
+                .iter()
+                .map(|(reason, n)| format!("{n} {reason}"))
+                .collect();
+            text.push_str(&format!(" and {total} more: {}", each.join(", ")));
+        }
+        text
     }
 }
 
@@ -203,14 +247,21 @@ impl Scheduler {
     /// Re-files `worker` in the eligible sets after anything its rank is
     /// made of changed (connection, presence, running builds, lock waits,
     /// last hand-out, capacity). O(builders listing it × log n).
+    /// Also re-files it under the state it is shown in. O(log n).
     pub(super) fn touch(&mut self, worker: &str) {
         let rank = self.rank_of(worker);
         self.eligible.set(worker, rank);
+        let shown = self
+            .workers
+            .get(worker)
+            .map(|slot| self.shown_state(worker, slot));
+        self.shown.set(worker, shown);
     }
 
     /// The eligible sets from scratch (at start and after a reconfig).
     pub(super) fn rebuild_eligible(&mut self) {
         self.eligible = Eligible::new(&self.config, &self.members);
+        self.shown = ShownStates::default();
         let names: Vec<String> = self.workers.keys().cloned().collect();
         for name in names {
             self.touch(&name);
@@ -234,6 +285,16 @@ impl Scheduler {
             .filter_map(|name| Some((name.clone(), self.rank_of(name)?)))
             .collect();
         assert_eq!(self.eligible.ranks(), expected, "eligible sets are stale");
+        let shown: std::collections::BTreeMap<String, PresenceState> = self
+            .workers
+            .iter()
+            .map(|(name, slot)| (name.clone(), self.shown_state(name, slot)))
+            .collect();
+        assert_eq!(
+            self.shown.all(),
+            shown,
+            "the workers filed by state are stale"
+        );
     }
 
     /// [`Scheduler::pick_for`], remembering within one pass of
@@ -384,20 +445,39 @@ impl Scheduler {
     /// can take, every listed worker's state (built here, when the build is
     /// shown, never on the pick's path).
     pub(super) fn explain(&self, id: BuildId, waiting: &Waiting) -> String {
+        self.explain_with(id, waiting, &mut HashMap::new())
+    }
+
+    /// [`Scheduler::explain`], remembering in `said` what the builds of each
+    /// builder that no worker refused wait for: explaining a long queue (a
+    /// snapshot) visits each builder's workers once, not once per build.
+    pub(super) fn explain_with(
+        &self,
+        id: BuildId,
+        waiting: &Waiting,
+        said: &mut HashMap<String, String>,
+    ) -> String {
         let latent = match waiting {
             Waiting::Because(text) => return text.clone(),
             Waiting::NoWorker { latent } => latent,
         };
-        let builder = self
-            .queue
-            .get(&id)
-            .and_then(|queued| self.config.builder(&queued.builder));
+        let queued = self.queue.get(&id);
+        let builder = queued.and_then(|queued| self.config.builder(&queued.builder));
+        let shared = queued.is_some_and(|q| !q.refused && q.avoid.is_none());
         let text = match builder {
+            Some(builder) if shared && said.contains_key(&builder.name) => {
+                said[&builder.name].clone()
+            }
             Some(builder) => {
-                match pick_worker(&self.build_facts(builder), self.candidates(builder, id)) {
-                    Err(text) => text,
-                    Ok(name) => format!("a worker ({name} takes it at the next hand-out)"),
+                let text =
+                    match pick_worker(&self.build_facts(builder), self.candidates(builder, id)) {
+                        Err(text) => text,
+                        Ok(name) => format!("a worker ({name} takes it at the next hand-out)"),
+                    };
+                if shared {
+                    said.insert(builder.name.clone(), text.clone());
                 }
+                text
             }
             None => "a worker".to_owned(),
         };
@@ -529,6 +609,28 @@ mod tests {
                 }),
             ],
             Ok("a"),
+        );
+    }
+
+    #[test]
+    fn a_long_list_names_the_first_workers_and_counts_the_rest_by_reason() {
+        let names: Vec<String> = (0..25).map(|i| format!("w{i:02}")).collect();
+        let input: Vec<Candidate<'_>> = names
+            .iter()
+            .enumerate()
+            .map(|(i, name)| match i % 3 {
+                0 => w(name, Away),
+                1 => with(w(name, Available), |f| f.connected = false),
+                _ => with(w(name, Available), |f| f.running = 1),
+            })
+            .collect();
+        check(
+            input,
+            Err(
+                "a worker: w00 away, w01 offline, w02 busy (1/1), w03 away, w04 offline, \
+                 w05 busy (1/1), w06 away, w07 offline, w08 busy (1/1), w09 away \
+                 and 15 more: 5 offline, 5 busy, 5 away",
+            ),
         );
     }
 

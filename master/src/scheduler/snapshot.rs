@@ -1,6 +1,7 @@
 //! The read-only views of the scheduler the API and the dashboard show: a
 //! page of workers with their effective presence (`master workers`, the
-//! dashboard: one pass over the workers, rows built for the page only), the
+//! dashboard: rows built for the page only, from the workers filed by
+//! state unless a name filter asks for a search), the
 //! whole [`Snapshot`], and what each waiting build waits for.
 
 use std::collections::BTreeMap;
@@ -73,7 +74,7 @@ impl Scheduler {
 
     /// The state `worker` is shown in: its effective presence's, or, for one
     /// removed from master.toml and still draining, the last it pushed.
-    fn shown_state(&self, worker: &str, slot: &WorkerSlot) -> PresenceState {
+    pub(super) fn shown_state(&self, worker: &str, slot: &WorkerSlot) -> PresenceState {
         if self.is_known(worker) {
             self.effective_presence(worker, &slot.presence).state
         } else {
@@ -124,12 +125,49 @@ impl Scheduler {
 
     /// One page of the workers in name order (see [`page_of`]): a pass
     /// over the workers' states, rows built for the page only.
+    /// Filtered by state alone, or not filtered, it costs O(offset + page)
+    /// (the [`ShownStates`](super::shown::ShownStates) index); a name filter
+    /// is a search, one pass over the workers.
     pub(super) fn workers_page(&self, query: &WorkerQuery, limit: usize) -> WorkerPage {
-        let rows = self
-            .workers
-            .iter()
-            .map(|(name, slot)| (name.as_str(), self.shown_state(name, slot), (name, slot)));
-        let (page, total, offset, counts) = page_of(rows, query, limit);
+        let (page, total, offset, counts) = if query.name.is_some() {
+            let rows = self
+                .workers
+                .iter()
+                .map(|(name, slot)| (name.as_str(), self.shown_state(name, slot), (name, slot)));
+            page_of(rows, query, limit)
+        } else {
+            let offset = query.offset.unwrap_or(0);
+            let (names, total): (Vec<&str>, usize) = match query.state {
+                Some(state) => (
+                    self.shown
+                        .in_state(state)
+                        .skip(offset)
+                        .take(limit)
+                        .collect(),
+                    self.shown.count(state),
+                ),
+                None => (
+                    self.workers
+                        .keys()
+                        .map(String::as_str)
+                        .skip(offset)
+                        .take(limit)
+                        .collect(),
+                    self.workers.len(),
+                ),
+            };
+            let page = names
+                .into_iter()
+                .filter_map(|name| self.workers.get_key_value(name))
+                .collect();
+            let counts = PresenceState::ALL
+                .into_iter()
+                .map(|state| (state, self.shown.count(state)))
+                .filter(|(_, n)| *n > 0)
+                .map(|(state, n)| (state.as_str().to_owned(), n))
+                .collect();
+            (page, total, offset.min(total), counts)
+        };
         WorkerPage {
             paused: self.paused,
             workers: page
@@ -144,6 +182,7 @@ impl Scheduler {
 
     /// The read-only view the API and the dashboard show.
     pub(super) fn snapshot(&self) -> Snapshot {
+        let mut said = std::collections::HashMap::new();
         let mut members: Vec<&String> = self
             .members
             .keys()
@@ -168,7 +207,12 @@ impl Scheduler {
             waiting_for: self
                 .queue
                 .iter()
-                .filter_map(|(id, q)| Some((*id, self.explain(*id, q.waiting_for.as_ref()?))))
+                .filter_map(|(id, q)| {
+                    Some((
+                        *id,
+                        self.explain_with(*id, q.waiting_for.as_ref()?, &mut said),
+                    ))
+                })
                 // Running builds whose next step waits for a lock.
                 .chain(
                     self.running
@@ -193,6 +237,70 @@ impl Scheduler {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::scheduler::Event;
+    use crate::scheduler::test_harness::Harness;
+
+    /// The page a full pass gives, for comparison with the indexed one.
+    fn by_full_pass(h: &Harness, query: &WorkerQuery, limit: usize) -> (Vec<String>, usize) {
+        let s = &h.scheduler;
+        let rows = s
+            .workers
+            .iter()
+            .map(|(name, slot)| (name.as_str(), s.shown_state(name, slot), name.clone()));
+        let (page, total, _, _) = page_of(rows, query, limit);
+        (page, total)
+    }
+
+    #[tokio::test]
+    async fn pages_by_state_from_the_index_agree_with_a_full_pass() {
+        use PresenceState::{Available, Away, Offline};
+        let mut h = Harness::new();
+        let (_, _rx_a) = h.connect("a", Available, vec![]);
+        let (conn_b, _rx_b) = h.connect("b", Away, vec![]);
+        // `r` never connects: offline.
+        for (state, offset, limit) in [
+            (Some(Available), 0, 10),
+            (Some(Away), 0, 10),
+            (Some(Offline), 0, 10),
+            (Some(Available), 1, 10),
+            (None, 1, 1),
+            (None, 0, 10),
+            (None, 5, 10),
+        ] {
+            let query = WorkerQuery {
+                state,
+                offset: Some(offset),
+                ..WorkerQuery::default()
+            };
+            let page = h.scheduler.workers_page(&query, limit);
+            let names: Vec<String> = page.workers.iter().map(|w| w.name.clone()).collect();
+            assert_eq!(
+                (names, page.total),
+                by_full_pass(&h, &query, limit),
+                "{query:?}"
+            );
+            assert_eq!(page.counts["available"], 1);
+            assert_eq!(page.counts["away"], 1);
+            assert_eq!(page.counts["offline"], 1);
+        }
+        // A worker that changes state moves in the index.
+        h.scheduler.handle(Event::Agent {
+            worker: "b".into(),
+            conn: conn_b,
+            message: nightshift_proto::wire::AgentMessage::Presence {
+                presence: crate::scheduler::test_harness::presence(Available),
+                outlook: None,
+            },
+        });
+        let query = WorkerQuery {
+            state: Some(Available),
+            ..WorkerQuery::default()
+        };
+        let page = h.scheduler.workers_page(&query, 10);
+        let names: Vec<&str> = page.workers.iter().map(|w| w.name.as_str()).collect();
+        assert_eq!((names, page.total), (vec!["a", "b"], 2));
+        assert!(!page.counts.contains_key("away"));
+    }
 
     #[test]
     fn workers_are_filtered_and_paged_in_one_pass_with_totals() {

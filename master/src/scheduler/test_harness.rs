@@ -113,6 +113,7 @@ impl Harness {
                 running,
                 outlook: None,
             },
+            heartbeat_secs: nightshift_proto::wire::HEARTBEAT_SECS,
             out,
         });
         (conn, rx)

@@ -161,7 +161,10 @@ async fn agent_session(state: AppState, mut socket: WebSocket, token: Option<Str
     let conn = state.next_conn.fetch_add(1, Ordering::Relaxed);
     // Limits as configured when the agent connected (a reconfig applies to
     // later connections).
-    let agent_limits = state.config.get().agent_limits;
+    let config = state.config.get();
+    let agent_limits = config.agent_limits;
+    let heartbeat_secs = heartbeat_secs_for(config.workers.len() + state.enrolled.len());
+    drop(config);
     let outbox_frames = agent_limits.outbox_frames as usize;
     let (out, mut outbox) = agent_outbox(outbox_frames);
     // Connection events go through the bounded agent inbox, in order: a
@@ -172,6 +175,7 @@ async fn agent_session(state: AppState, mut socket: WebSocket, token: Option<Str
             worker: worker.clone(),
             conn,
             hello,
+            heartbeat_secs,
             out,
         })
         .await
@@ -179,8 +183,11 @@ async fn agent_session(state: AppState, mut socket: WebSocket, token: Option<Str
     {
         return refuse(&mut socket, "master is stopping".into()).await;
     }
-    let beat = Duration::from_secs(HEARTBEAT_SECS);
+    // The agent pings every beat and the master answers; the master pings
+    // only an agent silent for a beat: one frame each way per beat, not two.
+    let beat = Duration::from_secs(heartbeat_secs);
     let mut heartbeat = tokio::time::interval_at(tokio::time::Instant::now() + beat, beat);
+    heartbeat.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut last_heard = Instant::now();
     let mut limits = FrameLimits::new(&agent_limits, Instant::now());
     let mut seq = 0u64;
@@ -287,6 +294,9 @@ async fn agent_session(state: AppState, mut socket: WebSocket, token: Option<Str
                 if last_heard.elapsed() > beat * MISSED_BEATS {
                     crate::metrics::METRICS.disconnected(DisconnectReason::Silent);
                     break format!("silent for {}s (missed heartbeats)", last_heard.elapsed().as_secs());
+                }
+                if last_heard.elapsed() < beat {
+                    continue;
                 }
                 seq += 1;
                 let ping = MasterMessage::Ping { seq }.encode();

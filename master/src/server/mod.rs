@@ -45,6 +45,24 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Heartbeats an agent may miss before its connection is dropped.
 const MISSED_BEATS: u32 = 3;
+/// Most heartbeats per second the whole farm sends the master: the beat
+/// each agent is given in its welcome grows past [`HEARTBEAT_SECS`] with the
+/// number of workers the master knows, so that this holds (each beat is a
+/// TLS frame read, a pong written and a wakeup: ~0.1 ms of the master's
+/// CPU on a loaded 2-core machine, so 400/s are 4 % of a core).
+pub const FARM_HEARTBEATS_PER_SEC: u64 = 400;
+/// The longest beat given (a dead connection is noticed within three).
+pub const HEARTBEAT_MAX_SECS: u64 = 30;
+
+/// The heartbeat period, in seconds, for a master that knows `workers`
+/// workers (configured and enrolled): [`HEARTBEAT_SECS`] for most farms,
+/// longer past 2,000 (10,000 workers: 25 s).
+pub fn heartbeat_secs_for(workers: usize) -> u64 {
+    let workers = u64::try_from(workers).unwrap_or(u64::MAX);
+    workers
+        .div_ceil(FARM_HEARTBEATS_PER_SEC)
+        .clamp(HEARTBEAT_SECS, HEARTBEAT_MAX_SECS)
+}
 /// Pending connections the kernel queues for us (it caps this at
 /// `net.core.somaxconn`): 10,000 agents reconnecting at once after a restart
 /// must wait in the queue, not time out in SYN retries as with 128.
@@ -65,6 +83,34 @@ const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
 /// A connection refused over the cap is told to come back after between
 /// this many seconds and twice that (jittered, so a storm spreads out).
 const RETRY_AFTER_SECS: u64 = 2;
+
+/// The router as hyper's service, putting the peer's address on every
+/// request (`ConnectInfo<SocketAddr>`, read as an `Extension`, for limits per source
+/// such as enrolment's) without a router of its own per connection.
+#[derive(Clone)]
+struct WithPeer {
+    inner: TowerToHyperService<Router>,
+    peer: SocketAddr,
+}
+
+impl hyper::service::Service<hyper::Request<hyper::body::Incoming>> for WithPeer {
+    type Response = <TowerToHyperService<Router> as hyper::service::Service<
+        hyper::Request<hyper::body::Incoming>,
+    >>::Response;
+    type Error = <TowerToHyperService<Router> as hyper::service::Service<
+        hyper::Request<hyper::body::Incoming>,
+    >>::Error;
+    type Future = <TowerToHyperService<Router> as hyper::service::Service<
+        hyper::Request<hyper::body::Incoming>,
+    >>::Future;
+
+    fn call(&self, mut request: hyper::Request<hyper::body::Incoming>) -> Self::Future {
+        request
+            .extensions_mut()
+            .insert(axum::extract::ConnectInfo(self.peer));
+        self.inner.call(request)
+    }
+}
 
 /// Binds the master's port with a backlog of [`LISTEN_BACKLOG`].
 pub fn bind(address: SocketAddr) -> std::io::Result<TcpListener> {
@@ -251,7 +297,10 @@ pub async fn serve(
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!("{peer}: cannot set TCP_NODELAY: {e}");
         }
-        let service = TowerToHyperService::new(router);
+        let service = WithPeer {
+            inner: TowerToHyperService::new(router),
+            peer,
+        };
         let acceptor = acceptor.clone();
         tokio::spawn(async move {
             let _slot = slot;
@@ -371,6 +420,23 @@ mod tests {
         match flood.check(&presence_frame(), start) {
             FrameVerdict::Disconnect(why) => assert!(why.contains("rate limit"), "{why}"),
             other => panic!("expected a disconnect, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_heartbeat_grows_with_the_farm_past_400_beats_per_second() {
+        assert_eq!(heartbeat_secs_for(0), HEARTBEAT_SECS);
+        assert_eq!(heartbeat_secs_for(4), HEARTBEAT_SECS);
+        assert_eq!(heartbeat_secs_for(2_000), HEARTBEAT_SECS);
+        assert_eq!(heartbeat_secs_for(2_001), 6);
+        assert_eq!(heartbeat_secs_for(10_000), 25);
+        assert_eq!(heartbeat_secs_for(1_000_000), HEARTBEAT_MAX_SECS);
+        for workers in [1, 999, 2_001, 10_000, 11_999] {
+            let beat = heartbeat_secs_for(workers);
+            assert!(
+                workers as u64 <= beat * FARM_HEARTBEATS_PER_SEC,
+                "{workers} workers at one beat per {beat} s exceed the farm's rate"
+            );
         }
     }
 

@@ -37,6 +37,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use crate::live_log::{LiveEvent, LiveLogs};
+use crate::outbox::{Committed, commit_signal};
 use crate::worker_groups::Member;
 
 /// What runs after the batch's commit (or failed commit: `false`).
@@ -323,6 +324,34 @@ impl Store {
         }
     }
 
+    /// [`Store::spawn`] whose answer is done once the transaction has ended
+    /// (committed, or failed and logged), for a frame that must wait for it.
+    fn spawn_committed(
+        &self,
+        what: &'static str,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<()> + Send + 'static,
+    ) -> Committed {
+        let (signal, committed) = commit_signal();
+        let job: Job = Box::new(move |conn| {
+            let result = f(conn);
+            let ok = result.is_ok();
+            let completion: Completion = Box::new(move |committed| {
+                match result {
+                    Err(e) => tracing::error!("store: {what}: {e}"),
+                    Ok(()) if !committed => tracing::error!("store: {what}: commit failed"),
+                    Ok(()) => {}
+                }
+                signal.fire();
+            });
+            (ok, completion)
+        });
+        if self.enqueue(job).is_err() {
+            // The signal was dropped with the job: waiters go on.
+            tracing::error!("store: {what}: the store thread has stopped");
+        }
+        committed
+    }
+
     /// Inserts a queued build without a source; returns its id once committed.
     #[cfg(test)]
     pub async fn insert_build(
@@ -461,16 +490,18 @@ impl Store {
         .await
     }
 
-    /// The build was handed to `worker`.
-    pub fn mark_started(&self, id: BuildId, worker: String, now: Timestamp) {
-        self.spawn("mark build started", move |conn| {
+    /// The build was handed to `worker`. The answer is done once the
+    /// transaction has ended: the agent is told only then, so a master
+    /// killed meanwhile cannot forget a build an agent runs.
+    pub fn mark_started(&self, id: BuildId, worker: String, now: Timestamp) -> Committed {
+        self.spawn_committed("mark build started", move |conn| {
             conn.prepare_cached(
                 "UPDATE builds SET state = 'running', worker = ?2, handed_to = ?2, started_at = ?3, \
                  waiting_for = NULL WHERE id = ?1 AND state != 'finished'",
             )?
             .execute(params![id as i64, worker, now.to_string()])?;
             Ok(())
-        });
+        })
     }
 
     /// The build goes back to the queue; `retry` counts it as a retry. It

@@ -51,6 +51,10 @@ pub struct SoakConfig {
     pub master_faults: bool,
     /// Longest wait for the last builds to finish after the faults stop.
     pub drain_deadline: Duration,
+    /// Keep the farm's directory (master and worker logs, the database,
+    /// the ledger) after the run even when it is clean; it is always kept
+    /// when a violation is found.
+    pub keep_dir: bool,
 }
 
 impl Default for SoakConfig {
@@ -62,6 +66,7 @@ impl Default for SoakConfig {
             seed: 1,
             master_faults: true,
             drain_deadline: Duration::from_secs(300),
+            keep_dir: false,
         }
     }
 }
@@ -105,6 +110,22 @@ pub struct SoakReport {
     pub ran_past: Vec<String>,
     /// Faults by kind.
     pub faults: BTreeMap<String, usize>,
+    /// Every fault injected, in order, with when it began and ended.
+    pub fault_log: Vec<FaultRecord>,
+    /// The farm's directory (master.log, workers/*/worker.log, data/,
+    /// ledger), when it was kept.
+    pub kept_dir: Option<String>,
+}
+
+/// One injected fault: what, on which worker, from when until when
+/// (seconds since the epoch, as in the ledger).
+#[derive(Debug, Clone, Serialize)]
+pub struct FaultRecord {
+    pub kind: String,
+    /// The worker it hit (`None` for the master and the intruder).
+    pub worker: Option<String>,
+    pub began: f64,
+    pub ended: f64,
 }
 
 impl SoakReport {
@@ -178,10 +199,14 @@ fn master_toml(ledger: &Path, workers: &[String], windowed: &[String]) -> String
     let work = toml_str("sleep 0.0$((NIGHTSHIFT_BUILD_ID % 10))");
     let flaky =
         toml_str("sleep 0.0$((NIGHTSHIFT_BUILD_ID % 5)); exit $((NIGHTSHIFT_BUILD_ID % 4 == 0))");
+    // A cancel (SIGTERM to the step's group) ends the hold too: the trap
+    // writes the release once `sleep` is gone, so a cancelled hold is not
+    // taken for one that lasts until the worker's next downtime.
     let critical = toml_str(&format!(
-        "{}; sleep 0.$((NIGHTSHIFT_BUILD_ID % 3 + 1)); {}",
+        "release() {{ {}; }}; {}; trap 'release; exit 143' TERM; \
+         sleep 0.$((NIGHTSHIFT_BUILD_ID % 3 + 1)); release",
+        ledger_line(ledger, "release"),
         ledger_line(ledger, "acquire"),
-        ledger_line(ledger, "release")
     ));
     let end = toml_str(&ledger_line(ledger, "end"));
     format!(
@@ -296,6 +321,10 @@ struct OpenWindow {
     closes: f64,
 }
 
+/// How far before a violation the faults that may explain it are looked
+/// for (a master restart re-queues after `missing_timeout`, 2 s here).
+const FAULT_LOOKBACK: f64 = 10.0;
+
 /// How long after a window's close the master may still hand out a build
 /// before the agent's `away` reaches it (the agent refuses such a build;
 /// it is re-queued and runs elsewhere).
@@ -342,6 +371,7 @@ struct Soak {
     away: Vec<AwayWindow>,
     downtimes: Vec<Downtime>,
     faults: BTreeMap<String, usize>,
+    fault_log: Vec<FaultRecord>,
 }
 
 /// Runs a soak and returns what it saw.
@@ -386,10 +416,27 @@ pub async fn run(config: SoakConfig) -> anyhow::Result<SoakReport> {
         away: Vec::new(),
         downtimes: Vec::new(),
         faults: BTreeMap::new(),
+        fault_log: Vec::new(),
     };
     soak.drive().await?;
     let mut report = soak.check().await?;
     report.seconds = started.elapsed().as_secs_f64();
+    if soak.config.keep_dir || !report.is_clean() {
+        // Everything a failure is read from afterwards, in one place.
+        let dir = soak.farm.dir.path().to_path_buf();
+        let copied = fs_err::copy(&soak.ledger, dir.join("ledger"));
+        if let Err(e) = copied {
+            report
+                .violations
+                .push(format!("cannot keep the ledger: {e}"));
+        }
+        fs_err::write(
+            dir.join("report.json"),
+            serde_json::to_string_pretty(&report).context("the report serializes")?,
+        )?;
+        soak.farm.dir.disable_cleanup(true);
+        report.kept_dir = Some(dir.display().to_string());
+    }
     drop(ledger_dir);
     Ok(report)
 }
@@ -476,8 +523,17 @@ impl Soak {
         Ok(())
     }
 
-    fn count(&mut self, kind: &str) {
+    /// Counts a fault of `kind` on `worker` (none for the master or the
+    /// intruder) and logs when it began; [`Soak::inject`] notes its end.
+    fn count(&mut self, kind: &str, worker: Option<&str>) {
         *self.faults.entry(kind.to_owned()).or_default() += 1;
+        let now = now_secs();
+        self.fault_log.push(FaultRecord {
+            kind: kind.to_owned(),
+            worker: worker.map(str::to_owned),
+            began: now,
+            ended: now,
+        });
     }
 
     fn running(&mut self, name: &str) -> bool {
@@ -497,7 +553,8 @@ impl Soak {
             &FAULT_KINDS[..FAULT_KINDS.len() - 1]
         };
         let kind = kinds[self.faults.values().sum::<usize>() % kinds.len()];
-        match kind {
+        let logged = self.fault_log.len();
+        let done = match kind {
             Fault::Away => self.away_flip(&worker, None).await,
             Fault::AwayFor => self.away_flip(&worker, Some("1s")).await,
             Fault::Stop => self.graceful_stop(&worker, None).await,
@@ -505,7 +562,11 @@ impl Soak {
             Fault::KillAgent => self.kill_agent(&worker).await,
             Fault::Intruder => self.intrude().await,
             Fault::KillMaster => self.kill_master().await,
+        };
+        if let Some(record) = self.fault_log.get_mut(logged) {
+            record.ended = now_secs();
         }
+        done
     }
 
     fn cli(&self, worker: &str, args: &[&str]) -> anyhow::Result<()> {
@@ -520,26 +581,33 @@ impl Soak {
     }
 
     async fn away_flip(&mut self, worker: &str, for_: Option<&str>) -> anyhow::Result<()> {
-        let mut args = vec!["set-availability", "away"];
-        if let Some(for_) = for_ {
-            args.extend(["--for", for_]);
-        }
-        self.cli(worker, &args)?;
-        let from = now_secs();
         match for_ {
-            Some(_) => {
-                self.count("manual away --for 1s");
-                // The manual state was set before the acknowledgement, so it
-                // ends a little before `from + 1 s`.
+            Some(for_) => {
+                self.count("manual away --for 1s", Some(worker));
+                let status = self.farm.worker_cli_json(
+                    worker,
+                    &["set-availability", "away", "--for", for_, "--json"],
+                )?;
+                let from = now_secs();
+                // The manual state ends when the agent says (it was set
+                // before the CLI returned, so a little before `from + 1 s`).
+                let until = status["manual"]["until"].as_str().with_context(|| {
+                    format!("`set-availability away --for` on {worker} says no end: {status}")
+                })?;
+                let until: jiff::Timestamp = until
+                    .parse()
+                    .with_context(|| format!("the end {until:?} of {worker}'s away"))?;
                 self.away.push(AwayWindow {
                     worker: worker.to_owned(),
                     from,
-                    to: from + 0.9,
-                    why: "away --for 1s".into(),
+                    to: until.as_nanosecond() as f64 / 1e9,
+                    why: format!("away --for {for_}"),
                 });
             }
             None => {
-                self.count("away flip");
+                self.count("away flip", Some(worker));
+                self.cli(worker, &["set-availability", "away"])?;
+                let from = now_secs();
                 let hold = self.rng.random_range(100..1200);
                 tokio::time::sleep(Duration::from_millis(hold)).await;
                 let to = now_secs();
@@ -559,9 +627,9 @@ impl Soak {
         let mut args = vec!["stop", "--graceful"];
         if let Some(deadline) = deadline {
             args.extend(["--deadline", deadline]);
-            self.count("graceful stop with deadline");
+            self.count("graceful stop with deadline", Some(worker));
         } else {
-            self.count("graceful stop");
+            self.count("graceful stop", Some(worker));
         }
         self.cli(worker, &args)?;
         let from = now_secs();
@@ -590,7 +658,7 @@ impl Soak {
     }
 
     async fn kill_agent(&mut self, worker: &str) -> anyhow::Result<()> {
-        self.count("SIGKILL agent");
+        self.count("SIGKILL agent", Some(worker));
         self.farm.kill_worker(worker)?;
         self.downtimes.push(Downtime {
             worker: worker.to_owned(),
@@ -603,7 +671,7 @@ impl Soak {
     }
 
     async fn kill_master(&mut self) -> anyhow::Result<()> {
-        self.count("SIGKILL master");
+        self.count("SIGKILL master", None);
         self.farm.kill_master().await?;
         let down = self.rng.random_range(0..1500);
         tokio::time::sleep(Duration::from_millis(down)).await;
@@ -613,7 +681,7 @@ impl Soak {
     /// A worker with a valid token that no builder lists tries to adopt and
     /// finish builds that are not its own, and floods the master.
     async fn intrude(&mut self) -> anyhow::Result<()> {
-        self.count("intruder (adopt, forge, flood)");
+        self.count("intruder (adopt, forge, flood)", None);
         let token = self.farm.worker_spec(INTRUDER)?.token.clone();
         let Ok(mut agent) = FakeAgent::connect(&self.farm, Some(&token)).await else {
             return Ok(());
@@ -771,6 +839,7 @@ impl Soak {
             builds: self.submitted.len(),
             faults_injected: self.faults.values().sum(),
             faults: self.faults.clone(),
+            fault_log: self.fault_log.clone(),
             ..SoakReport::default()
         };
         let deadline = Instant::now() + self.config.drain_deadline;
@@ -815,9 +884,20 @@ impl Soak {
             }
             if count > 1 + build.retries || (count > 1 && build.retry_reason.is_none()) {
                 report.duplicated += 1;
+                let starts = runs.get(id).map(Vec::as_slice).unwrap_or_default();
+                let first = starts.first().map_or(0.0, |e| e.at);
+                let last = starts.last().map_or(0.0, |e| e.at);
+                let where_ = starts
+                    .iter()
+                    .map(|e| format!("{} at {:.3}", e.worker, e.at))
+                    .collect::<Vec<_>>()
+                    .join(", ");
                 report.violations.push(format!(
-                    "build {id} ran {count} times with retries {} and reason {:?}",
-                    build.retries, build.retry_reason
+                    "build {id} ran {count} times with retries {} and reason {:?} \
+                     (started on {where_}; faults around: {})",
+                    build.retries,
+                    build.retry_reason,
+                    self.faults_around(first - FAULT_LOOKBACK, last)
                 ));
             }
             // Every step decides its own exit from the build id: `flaky`
@@ -881,6 +961,32 @@ impl Soak {
         Ok(report)
     }
 
+    /// The faults that were under way between `from` and `to`, in words.
+    fn faults_around(&self, from: f64, to: f64) -> String {
+        let near: Vec<String> = self
+            .fault_log
+            .iter()
+            .filter(|f| f.ended >= from && f.began <= to)
+            .map(|f| {
+                format!(
+                    "{}{} {:.3}..{:.3}",
+                    f.kind,
+                    f.worker
+                        .as_deref()
+                        .map(|w| format!(" on {w}"))
+                        .unwrap_or_default(),
+                    f.began,
+                    f.ended
+                )
+            })
+            .collect();
+        if near.is_empty() {
+            "none".to_owned()
+        } else {
+            near.join("; ")
+        }
+    }
+
     /// Lock holds from the ledger (`acquire` to `release`, or to the holder's
     /// forced end); with `max_count = 1` no two may overlap.
     fn lock_overlaps(&self, entries: &[Entry], violations: &mut Vec<String>) -> usize {
@@ -916,8 +1022,16 @@ impl Soak {
                     let mut line = String::new();
                     let _ = write!(
                         line,
-                        "lock {LOCK}: build {} on {} took it at {:.3} while build {} on {} held it until {:.3}",
-                        hold.2, hold.3, hold.0, previous.2, previous.3, previous.1
+                        "lock {LOCK}: build {} on {} took it at {:.3} while build {} on {} held it \
+                         (from {:.3}) until {:.3} (faults around: {})",
+                        hold.2,
+                        hold.3,
+                        hold.0,
+                        previous.2,
+                        previous.3,
+                        previous.0,
+                        previous.1,
+                        self.faults_around(previous.0 - FAULT_LOOKBACK, hold.0)
                     );
                     violations.push(line);
                 }

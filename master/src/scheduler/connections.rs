@@ -104,7 +104,8 @@ impl Scheduler {
                         leased_step: None,
                     },
                 );
-                self.store.mark_started(id, worker.clone(), now);
+                // The agent runs it already: nothing waits for the commit.
+                let _ = self.store.mark_started(id, worker.clone(), now);
                 if let Some(slot) = self.workers.get_mut(&worker) {
                     slot.running.insert(id);
                 }
@@ -148,6 +149,7 @@ impl Scheduler {
                 master_version: env!("CARGO_PKG_VERSION").into(),
                 heartbeat_secs: HEARTBEAT_SECS,
                 cancel,
+                missing_timeout_secs: Some(self.config.missing_timeout.as_secs()),
             },
         );
         if let Some(verdict) = self.schedules.verdict(&worker) {

@@ -52,7 +52,7 @@ use crate::config::MasterConfig;
 use crate::latent::{LatentEvent, LatentPool, LatentProvider, LatentTokens, MasterAccess};
 use crate::locks::{BuildLocks, Claim, LockHolder};
 use crate::master_schedule::MasterSchedules;
-use crate::outbox::AgentOutbox;
+use crate::outbox::{AgentOutbox, Committed};
 use crate::store::{Store, StoreOutcome, UnfinishedBuild};
 use crate::worker_groups::Member;
 
@@ -94,6 +94,9 @@ pub enum Outbound {
     Message(MasterMessage),
     /// Close the connection, logging the reason.
     Close(String),
+    /// Hold back the frames after this one until this store write is
+    /// committed (what they tell the agent must survive a master crash).
+    AfterCommit(Committed),
 }
 
 /// The parts of an agent's hello the scheduler uses.
@@ -754,6 +757,16 @@ impl Scheduler {
     /// Sends `message` to `worker` if it is connected.
     fn send(&self, worker: &str, message: MasterMessage) {
         if let Some((_, out)) = self.workers.get(worker).and_then(|s| s.conn.as_ref()) {
+            let _ = out.send(Outbound::Message(message));
+        }
+    }
+
+    /// Sends `message` to `worker` once `committed` is (its later frames
+    /// wait too, so they keep their order).
+    fn send_after_commit(&self, worker: &str, committed: Committed, message: MasterMessage) {
+        if let Some((_, out)) = self.workers.get(worker).and_then(|s| s.conn.as_ref())
+            && out.send(Outbound::AfterCommit(committed)).is_ok()
+        {
             let _ = out.send(Outbound::Message(message));
         }
     }

@@ -146,6 +146,10 @@ CREATE TABLE enrolled_workers (
     enrolled_at TEXT NOT NULL
 );
 "#,
+    r#"
+ALTER TABLE builds ADD COLUMN cool_off_worker TEXT;
+ALTER TABLE builds ADD COLUMN cool_off_until TEXT;
+"#,
 ];
 
 /// A build that is not finished, as loaded at startup.
@@ -161,6 +165,9 @@ pub struct UnfinishedBuild {
     pub handed_to: Option<String>,
     pub retries: u32,
     pub source: Option<BuildSource>,
+    /// The worker it is kept away from after its lock lease ended there,
+    /// and until when (a restart keeps the cool-off).
+    pub cool_off: Option<(String, Timestamp)>,
 }
 
 /// A build request to insert: what the API and the triggers queue.
@@ -528,6 +535,22 @@ impl Store {
         });
     }
 
+    /// Keeps build `id` away from `worker` until `until` (its lock lease
+    /// ended there), or ends that (`None`): survives a restart.
+    pub fn set_cool_off(&self, id: BuildId, cool_off: Option<(String, Timestamp)>) {
+        self.spawn("set a build's cool-off", move |conn| {
+            let (worker, until) = match cool_off {
+                Some((worker, until)) => (Some(worker), Some(until.to_string())),
+                None => (None, None),
+            };
+            conn.prepare_cached(
+                "UPDATE builds SET cool_off_worker = ?2, cool_off_until = ?3 WHERE id = ?1",
+            )?
+            .execute(params![id as i64, worker, until])?;
+            Ok(())
+        });
+    }
+
     /// What a queued build waits for (shown by `master builds`).
     pub fn set_waiting_for(&self, id: BuildId, text: Option<String>) {
         self.spawn("set waiting-for text", move |conn| {
@@ -780,7 +803,8 @@ impl Store {
         self.call(|conn| {
             let mut stmt = conn.prepare(
                 "SELECT id, builder, properties, state, worker, retries, repository, branch, revision, \
-                 handed_to FROM builds WHERE state != 'finished' ORDER BY id",
+                 handed_to, cool_off_worker, cool_off_until FROM builds \
+                 WHERE state != 'finished' ORDER BY id",
             )?;
             let rows = stmt.query_map([], |r| {
                 let props: String = r.get(2)?;
@@ -794,6 +818,10 @@ impl Store {
                     retries: r.get(5)?,
                     source: source_of(r.get(6)?, r.get(7)?, r.get(8)?),
                     handed_to: r.get(9)?,
+                    cool_off: match (r.get::<_, Option<String>>(10)?, r.get::<_, Option<String>>(11)?) {
+                        (Some(worker), Some(until)) => until.parse().ok().map(|until| (worker, until)),
+                        _ => None,
+                    },
                 })
             })?;
             rows.collect()

@@ -873,6 +873,74 @@ async fn a_step_lock_grant_ends_with_its_lease() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The cool-off after a lease ended survives a master restart: the build
+/// is still kept from the worker whose step held its locks too long, and
+/// goes to the other one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_cool_off_survives_a_master_restart() -> anyhow::Result<()> {
+    let mut farm = step_lock_farm(Some("1s")).await?;
+    let api = farm.api()?;
+    let mut a = farm.fake_agent("a", PresenceState::Available).await?;
+    let id = api.submit("app", BTreeMap::new()).await?.build_id;
+    assert_eq!(a.expect_start().await?, id);
+    a.send(&AgentMessage::BuildAccepted { build_id: id })
+        .await?;
+    a.send(&AgentMessage::StepWaiting {
+        build_id: id,
+        step: 0,
+    })
+    .await?;
+    expect_granted(&mut a, id).await?;
+    // a never finishes the step: the lease (1 s + 10 s grace) ends.
+    loop {
+        if let MasterMessage::CancelBuild { build_id, .. } = a.recv().await?
+            && build_id == id
+        {
+            break;
+        }
+    }
+    let cooling = |b: &nightshift_proto::api::BuildInfo| {
+        b.waiting_for
+            .as_deref()
+            .is_some_and(|w| w.contains("a cooling off"))
+    };
+    farm.wait_build_state(id, "waiting, a cooling off", cooling)
+        .await
+        .with_context(|| farm.master_log())?;
+    drop(a);
+    farm.kill_master().await?;
+    farm.start_master().await?;
+    // a is back, idle and first in the list: the build still waits.
+    let mut a = farm.fake_agent("a", PresenceState::Available).await?;
+    farm.wait_worker("a", "a connected", |w| w.connected)
+        .await?;
+    farm.wait_build_state(
+        id,
+        "still waiting, a cooling off after the restart",
+        cooling,
+    )
+    .await
+    .with_context(|| farm.master_log())?;
+    let mut b = farm.fake_agent("b", PresenceState::Available).await?;
+    let handed_to_a = async {
+        loop {
+            if let MasterMessage::StartBuild { build_id, .. } = a.recv().await?
+                && build_id == id
+            {
+                return anyhow::Ok(());
+            }
+        }
+    };
+    tokio::select! {
+        started = b.expect_start() => assert_eq!(started?, id),
+        wrong = handed_to_a => {
+            wrong?;
+            bail!("build {id} went back to a after the restart:\n{}", farm.master_log());
+        }
+    }
+    Ok(())
+}
+
 /// The wait-before-start histogram measures waits this master saw: a build
 /// queued before a restart and started after it is not counted (its wait
 /// began in the previous process); one queued after the restart is.

@@ -314,6 +314,9 @@ impl Scheduler {
                     LEASE_COOL_OFF,
                     Event::CoolOffEnded { build_id },
                 );
+                let until = self.clock.now() + LEASE_COOL_OFF;
+                self.store
+                    .set_cool_off(build_id, Some((worker.clone(), until)));
             }
         }
         self.store.forget_handed_to(build_id);

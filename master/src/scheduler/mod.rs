@@ -565,15 +565,25 @@ impl Scheduler {
                     );
                 }
                 _ => {
-                    scheduler.queue.insert(
-                        build.id,
-                        Queued::restored(
-                            build.builder,
-                            build.properties,
-                            build.source,
-                            build.handed_to,
-                        ),
+                    let mut queued = Queued::restored(
+                        build.builder,
+                        build.properties,
+                        build.source,
+                        build.handed_to,
                     );
+                    // A cool-off that began before the restart runs on.
+                    if let Some((worker, until)) = build.cool_off
+                        && let Ok(left) = std::time::Duration::try_from(until.duration_since(now))
+                        && !left.is_zero()
+                    {
+                        queued.avoid = Some(worker);
+                        scheduler.timers.set(
+                            timers::TimerSlot::CoolOff(build.id),
+                            left,
+                            Event::CoolOffEnded { build_id: build.id },
+                        );
+                    }
+                    scheduler.queue.insert(build.id, queued);
                 }
             }
         }
@@ -675,6 +685,7 @@ impl Scheduler {
                 if let Some(queued) = self.queue.get_mut(&build_id) {
                     queued.avoid = None;
                 }
+                self.store.set_cool_off(build_id, None);
                 self.assign();
             }
             Event::Reconfig { config, reply } => {

@@ -404,6 +404,11 @@ pub enum MasterMessage {
         /// builder's `locks`): see `Welcome::missing_timeout_secs`.
         #[serde(default, skip_serializing_if = "std::ops::Not::not")]
         holds_locks: bool,
+        /// The master keeps at most this much of the build's log
+        /// (`max_log_bytes`): the agent sends no output past it, and says
+        /// so once in the log. Absent: no limit on the agent's side.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_log_bytes: Option<u64>,
     },
     /// The locks for this step are held; the agent may start it.
     StepGranted {

@@ -509,6 +509,62 @@ async fn a_builds_log_is_capped_and_says_how_much_was_dropped() -> anyhow::Resul
     Ok(())
 }
 
+/// A real agent sends no output past `max_log_bytes`: a step printing
+/// ~1.3 MB runs to its end, the bytes that cross the link stay under the
+/// cap (the master's `output_bytes_received` metric), and the log says once
+/// that it is full and, last, how much was not sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_agent_sends_no_output_past_max_log_bytes() -> anyhow::Result<()> {
+    let mut farm = Farm::builder()
+        .worker(WorkerSpec::new("a"))
+        .builder(
+            "app",
+            &["a"],
+            &[("loud", "seq 1 200000"), ("after", "echo after")],
+        )
+        .master_toml("max_log_bytes = 16384\n")
+        .start()
+        .await?;
+    farm.start_worker("a")?;
+    farm.wait_worker_ready("a").await?;
+    let api = farm.api()?;
+    let id = api.submit("app", BTreeMap::new()).await?.build_id;
+    let build = farm.wait_build(id).await?;
+    assert_eq!(
+        build.outcome,
+        Some(Outcome::Success),
+        "{build:?}\n{}",
+        farm.worker_log("a")
+    );
+    let text = master_metrics(&farm).await?;
+    let crossed = sample(&text, "nightshift_master_output_bytes_received_total", "");
+    assert!(
+        crossed > 0.0 && crossed <= 16384.0,
+        "{crossed} bytes of output crossed the link (max_log_bytes 16384)"
+    );
+    let log = api.log(id).await?.log;
+    assert!(log.len() <= 16384, "{} bytes stored", log.len());
+    assert_eq!(
+        log.matches("log reached max_log_bytes (16384 bytes)")
+            .count(),
+        1,
+        "{log}"
+    );
+    assert!(
+        log.trim_end()
+            .ends_with("bytes of output past max_log_bytes were not sent]"),
+        "{}",
+        &log[log.len().saturating_sub(300)..]
+    );
+    assert!(
+        farm.worker_log("a")
+            .contains("its log reached max_log_bytes (16384 bytes)"),
+        "{}",
+        farm.worker_log("a")
+    );
+    Ok(())
+}
+
 /// A build cancelled at `worker stop --graceful --deadline 2s` ran: it is
 /// re-queued as a retry with the reason, and the agent's log says 2 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -653,6 +653,7 @@ mod tests {
                 }],
                 properties: Default::default(),
                 source: None,
+                max_log_bytes: None,
             },
             Arc::new(RunnerSettings {
                 artifacts: None,

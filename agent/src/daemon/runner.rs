@@ -82,6 +82,8 @@ pub struct BuildRequest {
     /// What the build checks out (the step marked `checkout`) and names in
     /// every step's environment.
     pub source: Option<nightshift_proto::wire::BuildSource>,
+    /// The master's `max_log_bytes`: no output is sent past it.
+    pub max_log_bytes: Option<u64>,
 }
 
 /// What a running build tells the event loop, in order.
@@ -161,6 +163,7 @@ pub fn spawn(
         cancel: cancel_rx,
         grants: grant_rx,
         log: Log::default(),
+        withheld: 0,
     };
     tokio::spawn(build.run());
     BuildControl {
@@ -178,6 +181,8 @@ struct Build {
     cancel: watch::Receiver<Option<String>>,
     grants: mpsc::UnboundedReceiver<u32>,
     log: Log,
+    /// Output not sent because the log reached `max_log_bytes`.
+    withheld: u64,
 }
 
 /// How one step ended.
@@ -267,7 +272,16 @@ impl Build {
             outcome,
             steps,
             reason,
-            log: std::mem::take(&mut self.log).finish(),
+            log: {
+                let mut log = std::mem::take(&mut self.log).finish();
+                if self.withheld > 0 {
+                    log.push_str(&format!(
+                        "[nightshift: {} bytes of output past max_log_bytes were not sent]\n",
+                        self.withheld
+                    ));
+                }
+                log
+            },
             finished_at: self.clock.now(),
         };
         self.send(RunnerEvent::Finished { result }).await;
@@ -561,6 +575,9 @@ impl Build {
 
     async fn flush(&mut self, step_no: u32, batch: &mut Batch, credit: Credit) {
         if let Some(data) = batch.take() {
+            let Some(data) = self.within_log_cap(data) else {
+                return; // the pipe is drained, nothing crosses the link
+            };
             self.log.push(&data);
             self.send(RunnerEvent::Output {
                 build_id: self.request.build_id,
@@ -728,6 +745,46 @@ impl Batch {
     }
 }
 
+/// Room kept under `max_log_bytes` for the lines saying the log is full.
+const LOG_FULL_NOTE_ROOM: u64 = 512;
+
+impl Build {
+    /// What of `data` may still be sent under the master's `max_log_bytes`
+    /// (less [`LOG_FULL_NOTE_ROOM`]): all of it, a part followed once by a
+    /// line saying the log is full, or nothing (`None`). What is cut is
+    /// counted for the result's last line.
+    fn within_log_cap(&mut self, data: String) -> Option<String> {
+        let Some(cap) = self.request.max_log_bytes else {
+            return Some(data);
+        };
+        let room = cap.saturating_sub(LOG_FULL_NOTE_ROOM);
+        let sent = self.log.total() as u64;
+        if self.withheld > 0 || sent + data.len() as u64 > room {
+            let first = self.withheld == 0;
+            let mut keep = usize::try_from(room.saturating_sub(sent)).unwrap_or(usize::MAX);
+            keep = keep.min(data.len());
+            while !data.is_char_boundary(keep) {
+                keep -= 1;
+            }
+            self.withheld += (data.len() - keep) as u64;
+            if !first {
+                return None;
+            }
+            tracing::info!(
+                "build {}: its log reached max_log_bytes ({cap} bytes); later output is not sent",
+                self.request.build_id
+            );
+            let mut kept = data[..keep].to_owned();
+            kept.push_str(&format!(
+                "\n[nightshift: this build's log reached max_log_bytes ({cap} bytes): later \
+                 output is not sent to the master; the steps run on]\n"
+            ));
+            return Some(kept);
+        }
+        Some(data)
+    }
+}
+
 /// The build's log: everything, or its tail when it grows past the limit.
 #[derive(Default)]
 pub(super) struct Log {
@@ -746,6 +803,11 @@ impl Log {
             self.text.drain(..cut);
             self.dropped += cut;
         }
+    }
+
+    /// Bytes pushed so far (kept or not).
+    fn total(&self) -> usize {
+        self.text.len() + self.dropped
     }
 
     fn finish(self) -> String {
@@ -802,6 +864,16 @@ mod tests {
         }
 
         fn start(&self, build_id: BuildId, steps: Vec<StepSpec>) -> BuildControl {
+            self.start_capped(build_id, steps, None)
+        }
+
+        /// [`Harness::start`] with the master's `max_log_bytes`.
+        fn start_capped(
+            &self,
+            build_id: BuildId,
+            steps: Vec<StepSpec>,
+            max_log_bytes: Option<u64>,
+        ) -> BuildControl {
             let settings = Arc::new(RunnerSettings {
                 artifacts: None,
                 workdir: self.workdir.path().to_owned(),
@@ -818,6 +890,7 @@ mod tests {
                     steps,
                     properties,
                     source: None,
+                    max_log_bytes,
                 },
                 settings,
                 Arc::new(BuildTrees::without_cgroups()),
@@ -1007,6 +1080,50 @@ mod tests {
         assert_eq!(
             kinds,
             ["started 0", "finished 0", "started 1", "finished 1"]
+        );
+    }
+
+    /// Issue 8: output past the master's `max_log_bytes` does not cross
+    /// the link. The step runs to its end (its pipe is still drained), the
+    /// log says once that it is full, and the result's last line says how
+    /// much was not sent.
+    #[tokio::test]
+    async fn output_past_max_log_bytes_is_not_sent_and_the_step_runs_on() {
+        let mut harness = Harness::new();
+        harness.start_capped(
+            3,
+            vec![step("loud", "seq 1 200000"), step("after", "echo after")],
+            Some(8192),
+        );
+        let (events, result) = harness.finish().await;
+        assert_eq!(result.outcome, Outcome::Success, "{}", result.log);
+        assert_eq!(result.steps.len(), 2, "both steps ran");
+        let sent = output_of(&events);
+        assert!(sent.len() <= 8192, "{} bytes sent", sent.len());
+        assert_eq!(
+            sent.matches("log reached max_log_bytes (8192 bytes)")
+                .count(),
+            1,
+            "{sent}"
+        );
+        assert!(!sent.contains("after\n"), "{sent}");
+        assert!(result.log.starts_with(&sent));
+        assert!(
+            result.log.len() <= 8192,
+            "{} bytes in the result",
+            result.log.len()
+        );
+        // `seq 1 200000` writes 1,288,895 bytes: nearly all were withheld.
+        let last = result.log.trim_end().lines().last().unwrap_or_default();
+        let withheld: u64 = last
+            .strip_prefix("[nightshift: ")
+            .and_then(|rest| rest.split(' ').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no count in the last line {last:?}"));
+        assert!(
+            withheld > 1_280_000
+                && last.ends_with("bytes of output past max_log_bytes were not sent]"),
+            "{last}"
         );
     }
 

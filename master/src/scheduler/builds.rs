@@ -588,6 +588,7 @@ impl Scheduler {
                 properties: queued.properties.clone(),
                 source,
                 holds_locks,
+                max_log_bytes: Some(self.config.max_log_bytes),
             },
         );
         self.running.insert(

@@ -735,6 +735,7 @@ impl Scheduler {
                 data,
             } => {
                 if self.owns(worker, build_id) {
+                    crate::metrics::METRICS.output_received(data.len() as u64);
                     self.store.append_log(build_id, step, data);
                 } else {
                     self.refuse(worker, build_id, "sent output for");

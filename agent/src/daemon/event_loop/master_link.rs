@@ -119,6 +119,7 @@ impl Daemon {
                 properties,
                 source,
                 holds_locks,
+                max_log_bytes,
             } => self.start_build(
                 BuildRequest {
                     build_id,
@@ -126,6 +127,7 @@ impl Daemon {
                     steps,
                     properties,
                     source,
+                    max_log_bytes,
                 },
                 holds_locks,
             ),

@@ -196,6 +196,7 @@ impl Fixture {
             properties: BTreeMap::new(),
             source: None,
             holds_locks: false,
+            max_log_bytes: None,
         });
     }
 
@@ -753,6 +754,7 @@ async fn a_step_waiting_for_its_locks_asks_again_after_a_reconnect() {
         properties: BTreeMap::new(),
         source: None,
         holds_locks: false,
+        max_log_bytes: None,
     });
     assert!(matches!(
         fixture.next_to_master().await,
@@ -837,6 +839,7 @@ async fn a_step_holding_a_lock_stops_when_the_master_is_lost_for_half_its_missin
             properties: BTreeMap::new(),
             source: None,
             holds_locks: false,
+            max_log_bytes: None,
         });
         assert!(matches!(
             fixture.next_to_master().await,

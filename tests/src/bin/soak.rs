@@ -64,6 +64,9 @@ async fn main() -> ExitCode {
             for line in &report.ran_past {
                 eprintln!("ran past its window: {line}");
             }
+            for line in &report.ledger_torn {
+                eprintln!("a torn ledger line (its step was killed while writing), skipped: {line:?}");
+            }
             if let Some(dir) = &report.kept_dir {
                 eprintln!(
                     "the farm's directory is kept: {dir} (master.log, workers/*/worker.log, \

@@ -65,7 +65,9 @@ async fn main() -> ExitCode {
                 eprintln!("ran past its window: {line}");
             }
             for line in &report.ledger_torn {
-                eprintln!("a torn ledger line (its step was killed while writing), skipped: {line:?}");
+                eprintln!(
+                    "a torn ledger line (its step was killed while writing), skipped: {line:?}"
+                );
             }
             if let Some(dir) = &report.kept_dir {
                 eprintln!(

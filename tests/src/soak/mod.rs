@@ -279,7 +279,9 @@ pub async fn run(config: SoakConfig) -> anyhow::Result<SoakReport> {
         let dir = soak.farm.dir.path().to_path_buf();
         let copied = fs_err::copy(&soak.ledger, dir.join("ledger"));
         if let Err(e) = copied {
-            report.violations.push(format!("cannot keep the ledger: {e}"));
+            report
+                .violations
+                .push(format!("cannot keep the ledger: {e}"));
         }
         fs_err::write(
             dir.join("report.json"),

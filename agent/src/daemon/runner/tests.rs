@@ -297,8 +297,7 @@ async fn output_past_max_log_bytes_is_not_sent_and_the_step_runs_on() {
         .and_then(|n| n.parse().ok())
         .unwrap_or_else(|| panic!("no count in the last line {last:?}"));
     assert!(
-        withheld > 1_280_000
-            && last.ends_with("bytes of output past max_log_bytes were not sent]"),
+        withheld > 1_280_000 && last.ends_with("bytes of output past max_log_bytes were not sent]"),
         "{last}"
     );
 }

@@ -601,6 +601,7 @@ impl Scheduler {
                 accepted: false,
                 step_locks,
                 leased_step: None,
+                waiting_step: None,
             },
         );
     }

@@ -45,6 +45,9 @@ impl Scheduler {
                 "replaced by a newer connection of the same worker".into(),
             ));
         }
+        // Step waits asked for on an earlier connection are stale: the
+        // agent asks again for the steps it still runs.
+        self.drop_step_waits(&worker);
         let listed: BTreeSet<BuildId> = hello.running.iter().copied().collect();
         let mut cancel = Vec::new();
         let mut adopted = Vec::new();
@@ -102,6 +105,7 @@ impl Scheduler {
                         accepted: true,
                         step_locks,
                         leased_step: None,
+                        waiting_step: None,
                     },
                 );
                 // The agent runs it already: nothing waits for the commit.
@@ -232,6 +236,9 @@ impl Scheduler {
         self.touch(worker);
         // Its connection's reconcile deadline has nothing left to check.
         self.timers.cancel(&TimerSlot::Reconcile(worker.to_owned()));
+        // Nobody listens for its step grants until it is back (and asks
+        // again): a grant now could reach a later run of the same build.
+        self.drop_step_waits(worker);
         tracing::info!(
             "worker {worker} disconnected ({reason}){}",
             if busy {

@@ -376,6 +376,8 @@ struct Running {
     step_locks: Vec<Vec<Claim>>,
     /// The step whose locks are granted (its lease runs), if any.
     leased_step: Option<u32>,
+    /// The step waiting for its locks on the current connection, if any.
+    waiting_step: Option<u32>,
 }
 
 /// What the store held at start, for [`Scheduler::new`].
@@ -545,6 +547,7 @@ impl Scheduler {
                             accepted: true,
                             step_locks,
                             leased_step: None,
+                            waiting_step: None,
                         },
                     );
                 }

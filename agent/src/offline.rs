@@ -12,6 +12,7 @@ use nightshift_policy::{
     Inputs, Interval, MAX_PREVIEW_CHANGES, Policy, PolicyError, format_duration,
 };
 use nightshift_proto::diag::parse_toml;
+use nightshift_proto::when::short_time;
 use serde::Serialize;
 use serde::de::IgnoredAny;
 
@@ -122,17 +123,11 @@ fn right_now(policy: &Policy, now: Timestamp) -> String {
             .into_iter()
             .find(|i| !i.state.takes_builds())
         {
-            line.push_str(&format!(
-                "; away from {}",
-                short_time(&end.from.to_zoned(tz.clone()), now, tz)
-            ));
+            line.push_str(&format!("; away from {}", short_time(end.from, now, tz)));
         }
     } else {
         match policy.next_available(now, SignedDuration::from_hours(24 * 8)) {
-            Some(at) => line.push_str(&format!(
-                "; takes builds from {}",
-                short_time(&at.to_zoned(tz.clone()), now, tz)
-            )),
+            Some(at) => line.push_str(&format!("; takes builds from {}", short_time(at, now, tz))),
             None => line.push_str("; no time to take builds in the coming week"),
         }
     }
@@ -153,22 +148,10 @@ fn longest_fit_line(policy: &Policy, at: Timestamp, overrun: SignedDuration) -> 
         (Some(fit), Some(end)) if takes => format!(
             "longest build that fits at the start: {} (availability ends {}, overrun {})",
             format_duration(fit),
-            short_time(&end.to_zoned(tz.clone()), at, tz),
+            short_time(end, at, tz),
             format_duration(overrun)
         ),
         (Some(_), _) => "longest build that fits at the start: none (not taking builds)".to_owned(),
-    }
-}
-
-/// `19:00` today, `Tue 07:00` within a week, else the date.
-fn short_time(at: &Zoned, now: Timestamp, tz: &TimeZone) -> String {
-    let today = now.to_zoned(tz.clone()).date();
-    if at.date() == today {
-        at.strftime("%H:%M").to_string()
-    } else if at.date() < today.saturating_add(6.days()) {
-        at.strftime("%a %H:%M").to_string()
-    } else {
-        at.strftime("%a %Y-%m-%d %H:%M").to_string()
     }
 }
 

@@ -166,6 +166,7 @@ async fn submit(
     State(state): State<AppState>,
     body: Result<Json<SubmitRequest>, JsonRejection>,
 ) -> Result<(StatusCode, Json<SubmitResponse>), Failure> {
+    let received = std::time::Instant::now();
     let Json(request) = body.map_err(|e| Failure(StatusCode::BAD_REQUEST, e.body_text()))?;
     let config = state.config.get();
     if config.builder(&request.builder).is_none() {
@@ -258,6 +259,11 @@ async fn submit(
         .first()
         .copied()
         .ok_or_else(|| Failure::internal(anyhow::anyhow!("no build id returned")))?;
+    tracing::debug!(
+        target: nightshift_proto::log::HANDOFF,
+        "build {id}: answered, {} us after the request was read",
+        received.elapsed().as_micros()
+    );
     Ok((StatusCode::CREATED, Json(SubmitResponse { build_id: id })))
 }
 

@@ -20,10 +20,12 @@ use nightshift_proto::wire::{BuildId, Outcome};
 use tokio::sync::{broadcast, oneshot};
 
 use crate::api::AppState;
-use crate::dashboard::{STYLE, short_duration, time_html, wait_phrase};
+use crate::dashboard::{time_html, wait_phrase, worker_anchor};
 use crate::live_log::LiveEvent;
 use crate::scheduler::Event;
+use crate::style::STYLE;
 use nightshift_proto::html::escape;
+use nightshift_proto::when::short_duration;
 
 /// The most log a page or a new viewer's first event carries: the tail,
 /// from a line start; the whole log is `master log ID`.
@@ -372,19 +374,6 @@ pub fn render(
     html
 }
 
-/// The `id` anchor of a worker's row on the dashboard.
-pub fn worker_anchor(name: &str) -> String {
-    name.chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
-                c
-            } else {
-                '_'
-            }
-        })
-        .collect()
-}
-
 /// What the event stream still has to say.
 enum Phase {
     Start(crate::store::LogWatch),
@@ -637,11 +626,5 @@ mod tests {
         let names: Vec<&str> = rows.iter().map(|r| r.name.as_str()).collect();
         assert_eq!(names, ["step 1", "step 2"]);
         assert_eq!(rows[0].state, "skipped");
-    }
-
-    #[test]
-    fn worker_anchors_are_safe_ids() {
-        assert_eq!(worker_anchor("lab-1_a"), "lab-1_a");
-        assert_eq!(worker_anchor("a b\"<"), "a_b__");
     }
 }

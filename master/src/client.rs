@@ -12,6 +12,7 @@ use nightshift_proto::api::{
     ApiClient, BuildInfo, BuildState, MasterUrl, SubmitRequest, WorkerList, WorkerQuery,
 };
 use nightshift_proto::exit::ExitStatus;
+use nightshift_proto::when::{short_duration, short_time, zone_label};
 use nightshift_proto::wire::Outcome;
 
 use crate::cli::ConnArgs;
@@ -206,23 +207,6 @@ pub async fn workers(
     Ok(ExitStatus::Ok)
 }
 
-/// The zone the tables' times are in: `Europe/Berlin (CET, UTC+01:00)`,
-/// `UTC`, or `local time (…)` when the system zone has no IANA name.
-fn zone_label(tz: &TimeZone, now: Timestamp) -> String {
-    let at = now.to_zoned(tz.clone());
-    let offset = at.strftime("%:z").to_string();
-    let abbreviation = at.strftime("%Z").to_string();
-    let name = tz.iana_name().unwrap_or("local time");
-    if matches!(name, "UTC" | "Etc/UTC") && offset == "+00:00" {
-        return "UTC".to_owned();
-    }
-    if abbreviation.is_empty() || abbreviation.starts_with(['+', '-']) {
-        format!("{name} (UTC{offset})")
-    } else {
-        format!("{name} ({abbreviation}, UTC{offset})")
-    }
-}
-
 /// The human table of `master workers`, times shown in `tz` relative to `now`.
 fn workers_table(list: &WorkerList, now: Timestamp, tz: &TimeZone) -> String {
     let mut table = Table::new([
@@ -390,47 +374,6 @@ impl<const N: usize> Table<N> {
             out.push('\n');
         }
         out
-    }
-}
-
-/// A time as an admin reads it at a glance, in `tz`: `10:07:49` today,
-/// `Mon 19:00` within six days either way, `Nov 30 19:00` this year, else
-/// `2027-01-04 19:00`.
-fn short_time(t: Timestamp, now: Timestamp, tz: &TimeZone) -> String {
-    let (at, today) = (t.to_zoned(tz.clone()), now.to_zoned(tz.clone()));
-    let days_apart = at
-        .date()
-        .since(today.date())
-        .map_or(i32::MAX, |span| span.get_days().abs());
-    let format = if days_apart == 0 {
-        "%H:%M:%S"
-    } else if days_apart <= 6 {
-        "%a %H:%M"
-    } else if at.year() == today.year() {
-        "%b %d %H:%M"
-    } else {
-        "%Y-%m-%d %H:%M"
-    };
-    at.strftime(format).to_string()
-}
-
-/// How long from `start` to `end`: `42s`, `3m05s`, `1h02m`, `2d03h`.
-fn short_duration(start: Timestamp, end: Timestamp) -> String {
-    let secs = end.as_second().saturating_sub(start.as_second()).max(0);
-    let (days, hours, minutes, seconds) = (
-        secs / 86_400,
-        secs % 86_400 / 3600,
-        secs % 3600 / 60,
-        secs % 60,
-    );
-    if days > 0 {
-        format!("{days}d{hours:02}h")
-    } else if hours > 0 {
-        format!("{hours}h{minutes:02}m")
-    } else if minutes > 0 {
-        format!("{minutes}m{seconds:02}s")
-    } else {
-        format!("{seconds}s")
     }
 }
 
@@ -629,62 +572,6 @@ mod tests {
     }
 
     #[test]
-    fn times_are_short_and_depend_on_how_far_they_are() {
-        let tz = TimeZone::UTC;
-        let show = |t: &str| short_time(at(t), now(), &tz);
-        assert_eq!(show("2026-11-23T10:07:49.265281293Z"), "10:07:49");
-        assert_eq!(show("2026-11-23T23:59:59Z"), "23:59:59");
-        assert_eq!(show("2026-11-22T19:00:00Z"), "Sun 19:00");
-        assert_eq!(show("2026-11-29T07:00:00Z"), "Sun 07:00");
-        assert_eq!(show("2026-11-30T07:00:00Z"), "Nov 30 07:00");
-        assert_eq!(show("2026-01-02T08:15:00Z"), "Jan 02 08:15");
-        assert_eq!(show("2027-01-04T19:00:00Z"), "2027-01-04 19:00");
-    }
-
-    #[test]
-    fn times_are_shown_in_the_given_zone() {
-        let berlin = TimeZone::get("Europe/Berlin").expect("tzdb");
-        // 23:30 UTC is already the next day in Berlin.
-        assert_eq!(
-            short_time(at("2026-11-23T23:30:00Z"), now(), &berlin),
-            "Tue 00:30"
-        );
-        assert_eq!(
-            short_time(at("2026-11-23T10:07:49Z"), now(), &berlin),
-            "11:07:49"
-        );
-    }
-
-    #[test]
-    fn durations_are_short() {
-        let start = now();
-        let after = |secs: i64| {
-            start
-                .checked_add(jiff::SignedDuration::from_secs(secs))
-                .unwrap()
-        };
-        assert_eq!(short_duration(start, after(42)), "42s");
-        assert_eq!(short_duration(start, after(185)), "3m05s");
-        assert_eq!(short_duration(start, after(3720)), "1h02m");
-        assert_eq!(short_duration(start, after(2 * 86_400 + 3 * 3600)), "2d03h");
-        assert_eq!(short_duration(after(10), start), "0s", "never negative");
-    }
-
-    #[test]
-    fn the_time_zone_is_labelled() {
-        let now = now();
-        assert_eq!(zone_label(&TimeZone::UTC, now), "UTC");
-        assert_eq!(
-            zone_label(&TimeZone::get("Europe/Berlin").unwrap(), now),
-            "Europe/Berlin (CET, UTC+01:00)"
-        );
-        assert_eq!(
-            zone_label(&TimeZone::get("America/New_York").unwrap(), now),
-            "America/New_York (EST, UTC-05:00)"
-        );
-    }
-
-    #[test]
     fn the_workers_table_is_aligned_and_short() {
         let list: WorkerList = serde_json::from_value(serde_json::json!({
             "paused": false,
@@ -717,11 +604,11 @@ mod tests {
             "{table}"
         );
         assert!(
-            lines[1].contains("10:07:49") && lines[1].contains("18:00:00"),
+            lines[1].contains("10:07") && lines[1].contains("18:00"),
             "{table}"
         );
         assert!(lines[1].contains(" 12,14 "), "{table}");
-        assert!(lines[2].contains("retry after 10:35:00]"), "{table}");
+        assert!(lines[2].contains("retry after 10:35]"), "{table}");
         // Every column starts at the same place on every line.
         for header in ["STATE", "SOURCE", "SINCE", "UNTIL", "RUNNING", "REASON"] {
             let column = lines[0].find(header).expect("a header");
@@ -762,7 +649,7 @@ mod tests {
             "{table}"
         );
         assert!(
-            lines[1].starts_with("7 ") && lines[1].contains(" 10:20:00 "),
+            lines[1].starts_with("7 ") && lines[1].contains(" 10:20 "),
             "{table}"
         );
         assert!(

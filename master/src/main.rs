@@ -18,6 +18,7 @@ mod scheduler;
 mod server;
 mod session;
 mod store;
+mod style;
 mod triggers;
 mod worker_groups;
 
@@ -34,7 +35,7 @@ use clap::{CommandFactory, Parser};
 use nightshift_proto::exit::ExitStatus;
 
 use crate::cli::{Cli, Command};
-use crate::config::ConfigError;
+use crate::config::ConfigErrors;
 
 fn main() -> ExitCode {
     nightshift_proto::tls::install_crypto_provider();
@@ -53,7 +54,7 @@ fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli)) {
         Ok(status) => status.into(),
         Err(e) => {
-            if let Some(config) = e.downcast_ref::<ConfigError>() {
+            if let Some(config) = e.downcast_ref::<ConfigErrors>() {
                 eprintln!("{config}");
                 return ExitStatus::Usage.into();
             }

@@ -16,14 +16,15 @@ use nightshift_proto::tls::{self, ServerTls};
 use tokio::sync::mpsc;
 
 use crate::api::{AppState, token_sha256};
-use crate::config::{ConfigError, MasterConfig, TlsMode};
+use crate::config::{ConfigErrors, MasterConfig, TlsMode};
 use crate::locate::{
     ADMIN_TOKEN_FILE, ConfigSource, EMBEDDED_DATA_DIR, LOCAL_TOKEN_FILE, LOCAL_WORKER,
     config_search_order, find_config, local_url, new_token, pin_of_file, resolve_config,
     token_file,
 };
-use crate::scheduler::{Scheduler, SystemClock};
+use crate::scheduler::Scheduler;
 use crate::store::Store;
+use nightshift_proto::clock::SystemClock;
 
 /// The master.toml `master init` writes: the local worker (whose token
 /// hash is filled in) and a sample builder whose steps succeed run after run.
@@ -382,16 +383,12 @@ pub async fn run(
 
     let local_token = if local_worker {
         let Some(def) = config.worker(LOCAL_WORKER) else {
-            return Err(ConfigError {
-                file: config.source.clone(),
-                issues: vec![crate::config::ConfigIssue {
-                    line: None,
-                    column: None,
-                    key: "worker".into(),
-                    message: format!("--local-worker needs a [[worker]] named `{LOCAL_WORKER}`"),
-                }],
-            }
-            .into());
+            let mut errors = ConfigErrors::new(&config.source);
+            errors.push_at_key(
+                "worker",
+                format!("--local-worker needs a [[worker]] named `{LOCAL_WORKER}`"),
+            );
+            return Err(errors.into());
         };
         let path = data_dir.join(LOCAL_TOKEN_FILE);
         let Some(token) = token_file(&path, embedded)? else {

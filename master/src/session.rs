@@ -20,7 +20,7 @@ use serde::Deserialize;
 
 use crate::api::{AppState, is_admin, is_admin_token, token_sha256};
 use crate::config::{DashboardAccess, TlsMode};
-use crate::dashboard::STYLE;
+use crate::style::STYLE;
 use nightshift_proto::html::escape;
 use nightshift_proto::secret::constant_time_eq;
 

@@ -4,6 +4,7 @@
 //! fuzzer for peer input.
 
 pub mod api;
+pub mod clock;
 pub mod diag;
 pub mod exit;
 pub mod fuzz;
@@ -13,4 +14,5 @@ pub mod prometheus;
 pub mod secret;
 pub mod tls;
 pub mod transfer;
+pub mod when;
 pub mod wire;

@@ -8,6 +8,12 @@ use tracing_subscriber::filter::{LevelFilter, Targets};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
+/// The target of the hand-off trace: one `debug` line per stage of a build's
+/// way from the submit to its first step running (`build N: <stage>`), on
+/// both binaries. `NIGHTSHIFT_LOG=info,nightshift::handoff=debug` shows it;
+/// `nightshift-bench --only spaced` reads it to say where the time goes.
+pub const HANDOFF: &str = "nightshift::handoff";
+
 /// The environment variables read for the filter, first match wins.
 pub const FILTER_VARS: [&str; 2] = ["NIGHTSHIFT_LOG", "RUST_LOG"];
 

@@ -171,6 +171,18 @@ impl FakeAgent {
         }
     }
 
+    /// Accepts build `build_id` and asks for the locks of its `step`, as an
+    /// agent does before running a step that claims locks.
+    pub async fn accept_and_wait_for_step(
+        &mut self,
+        build_id: BuildId,
+        step: u32,
+    ) -> anyhow::Result<()> {
+        self.send(&AgentMessage::BuildAccepted { build_id }).await?;
+        self.send(&AgentMessage::StepWaiting { build_id, step })
+            .await
+    }
+
     /// Waits until the connection is closed by the master; returns every
     /// message received before (e.g. a `Refused`).
     pub async fn expect_closed(&mut self) -> anyhow::Result<Vec<MasterMessage>> {

@@ -101,7 +101,7 @@ async fn a_build_is_never_started_where_the_window_would_cut_it() -> anyhow::Res
     if shown.state == BuildState::Running {
         let estimate = shown.estimate_secs.expect("the estimate is shown");
         assert!(
-            (5..=8).contains(&estimate),
+            (6..=9).contains(&estimate),
             "estimate {estimate} s: {shown:?}"
         );
     }
@@ -130,11 +130,17 @@ async fn a_build_is_never_started_where_the_window_would_cut_it() -> anyhow::Res
     let shown = listed(&farm, waits)?;
     assert_eq!(shown.state, BuildState::Queued, "{shown:?}");
     let why = shown.waiting_for.clone().unwrap_or_default();
+    // The estimate bounds the ~5 s runs from their hand-out, with a margin.
+    let estimate = shown.estimate_secs.expect("the estimate is shown");
     assert!(
-        why.starts_with("no window fits 5s before ") && why.contains("closing ends then"),
+        (6..=9).contains(&estimate),
+        "estimate {estimate} s: {shown:?}"
+    );
+    assert!(
+        why.starts_with(&format!("no window fits {estimate}s before "))
+            && why.contains("closing ends then"),
         "{why}"
     );
-    assert!(shown.estimate_secs.is_some_and(|s| s >= 5), "{shown:?}");
     // The window closes; the build was never handed to `closing`.
     farm.wait_worker_state("closing", PresenceState::Away)
         .await?;

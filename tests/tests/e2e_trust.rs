@@ -733,25 +733,13 @@ async fn a_step_lock_hold_survives_a_master_restart() -> anyhow::Result<()> {
     let mut a = farm.fake_agent("a", PresenceState::Available).await?;
     let first = api.submit("app", BTreeMap::new()).await?.build_id;
     assert_eq!(a.expect_start().await?, first);
-    a.send(&AgentMessage::BuildAccepted { build_id: first })
-        .await?;
-    a.send(&AgentMessage::StepWaiting {
-        build_id: first,
-        step: 0,
-    })
-    .await?;
+    a.accept_and_wait_for_step(first, 0).await?;
     expect_granted(&mut a, first).await?;
 
     let mut b = farm.fake_agent("b", PresenceState::Available).await?;
     let second = api.submit("app", BTreeMap::new()).await?.build_id;
     assert_eq!(b.expect_start().await?, second);
-    b.send(&AgentMessage::BuildAccepted { build_id: second })
-        .await?;
-    b.send(&AgentMessage::StepWaiting {
-        build_id: second,
-        step: 0,
-    })
-    .await?;
+    b.accept_and_wait_for_step(second, 0).await?;
     waiting_for_lock(&farm, second).await?;
 
     farm.kill_master().await?;
@@ -821,26 +809,14 @@ async fn a_step_lock_grant_ends_with_its_lease() -> anyhow::Result<()> {
     let mut a = farm.fake_agent("a", PresenceState::Available).await?;
     let first = api.submit("app", BTreeMap::new()).await?.build_id;
     assert_eq!(a.expect_start().await?, first);
-    a.send(&AgentMessage::BuildAccepted { build_id: first })
-        .await?;
-    a.send(&AgentMessage::StepWaiting {
-        build_id: first,
-        step: 0,
-    })
-    .await?;
+    a.accept_and_wait_for_step(first, 0).await?;
     expect_granted(&mut a, first).await?;
     let granted_at = Instant::now();
 
     let mut b = farm.fake_agent("b", PresenceState::Available).await?;
     let second = api.submit("app", BTreeMap::new()).await?.build_id;
     assert_eq!(b.expect_start().await?, second);
-    b.send(&AgentMessage::BuildAccepted { build_id: second })
-        .await?;
-    b.send(&AgentMessage::StepWaiting {
-        build_id: second,
-        step: 0,
-    })
-    .await?;
+    b.accept_and_wait_for_step(second, 0).await?;
     waiting_for_lock(&farm, second).await?;
 
     // a never finishes its step: the master ends the lease. (Both agents

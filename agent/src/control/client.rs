@@ -20,10 +20,11 @@ use super::error::ErrorBody;
 use super::guard::{self, TokenError};
 use super::page::{source_words, state_word};
 use super::server::SOCKET_FILE_NAME;
-use super::when::{self, short_time, span_words, zone_label};
+use super::when::{self, span_words};
 use crate::cli::{AvailabilityArg, ConfigArg};
 use crate::config::WorkerConfig;
 use crate::handle::AgentStatus;
+use nightshift_proto::when::{short_time, zone_label};
 
 /// A response: status and the whole body.
 #[derive(Debug)]

@@ -1,6 +1,7 @@
 //! The times people type at the control plane: `--for 2h`, `--until 19:00`,
 //! `until tomorrow`, full date-times — turned into instants in the policy's
-//! time zone, and instants turned back into short human words.
+//! time zone, and spans turned back into short human words (instants read
+//! through `nightshift_proto::when`).
 
 use jiff::civil::{DateTime, Time};
 use jiff::tz::TimeZone;
@@ -70,39 +71,6 @@ fn next_time_of_day(now: &Zoned, time: Time) -> Result<Timestamp, jiff::Error> {
     }
     let tomorrow = now.date().tomorrow()?.to_datetime(time);
     Ok(tomorrow.to_zoned(now.time_zone().clone())?.timestamp())
-}
-
-/// A short local clock time for `at` as seen at `now`: `19:00` today,
-/// `tomorrow 07:00`, `Sat 07:00` within a week, else `2026-12-24 08:00`.
-pub fn short_time(at: Timestamp, now: Timestamp, tz: &TimeZone) -> String {
-    let at = at.to_zoned(tz.clone());
-    let now = now.to_zoned(tz.clone());
-    let days = (at.date() - now.date()).get_days();
-    let clock = at.strftime("%H:%M").to_string();
-    match days {
-        0 => clock,
-        1 => format!("tomorrow {clock}"),
-        -1 => format!("yesterday {clock}"),
-        2..=6 => format!("{} {clock}", at.strftime("%a")),
-        _ => at.strftime("%Y-%m-%d %H:%M").to_string(),
-    }
-}
-
-/// The zone times are shown in, as a reader needs it: `Europe/Berlin (CET,
-/// UTC+01:00)`, `UTC`, or `local time (…)` when the zone has no IANA name.
-pub fn zone_label(tz: &TimeZone, now: Timestamp) -> String {
-    let at = now.to_zoned(tz.clone());
-    let offset = at.strftime("%:z").to_string();
-    let abbreviation = at.strftime("%Z").to_string();
-    let name = tz.iana_name().unwrap_or("local time");
-    if matches!(name, "UTC" | "Etc/UTC") && offset == "+00:00" {
-        return "UTC".to_owned();
-    }
-    if abbreviation.is_empty() || abbreviation.starts_with(['+', '-']) {
-        format!("{name} (UTC{offset})")
-    } else {
-        format!("{name} ({abbreviation}, UTC{offset})")
-    }
 }
 
 /// A rounded span in words: `45 s`, `12 min`, `2 h 5 min`, `3 days 4 h`.
@@ -222,17 +190,6 @@ mod tests {
 
     #[test]
     fn words() {
-        let now = at("2026-11-23T12:00");
-        assert_eq!(short_time(at("2026-11-23T19:00"), now, &tz()), "19:00");
-        assert_eq!(
-            short_time(at("2026-11-24T07:00"), now, &tz()),
-            "tomorrow 07:00"
-        );
-        assert_eq!(short_time(at("2026-11-28T07:00"), now, &tz()), "Sat 07:00");
-        assert_eq!(
-            short_time(at("2026-12-24T08:00"), now, &tz()),
-            "2026-12-24 08:00"
-        );
         assert_eq!(span_words(SignedDuration::from_secs(42)), "42 s");
         assert_eq!(span_words(SignedDuration::from_mins(125)), "2 h 5 min");
         assert_eq!(span_words(SignedDuration::from_secs(599)), "10 min");

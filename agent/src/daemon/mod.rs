@@ -6,7 +6,6 @@ mod alarm;
 pub mod build_cgroup;
 pub mod build_tree;
 pub mod checkout;
-pub mod clock;
 pub mod event_loop;
 mod files;
 pub mod link;
@@ -27,7 +26,6 @@ use std::time::Duration;
 use jiff::SignedDuration;
 use tokio::sync::mpsc;
 
-use self::clock::{Clock, SystemClock};
 use self::event_loop::{Daemon, Exit, Settings, SignalKind, notify_systemd};
 use self::link::LinkSettings;
 use self::load::{BuildTrees, LoadMeasurement, LoadSampler, TreesError};
@@ -35,6 +33,7 @@ use self::runner::RunnerSettings;
 use self::spool::Spool;
 use crate::cli::ConfigArg;
 use crate::config::WorkerConfig;
+use nightshift_proto::clock::{Clock, SystemClock};
 
 /// Between SIGTERM and SIGKILL for a cancelled or timed-out step.
 const KILL_GRACE: Duration = Duration::from_secs(5);

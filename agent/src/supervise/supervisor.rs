@@ -19,9 +19,9 @@ use tokio::time::Instant;
 
 use super::process::{self, Leftover};
 use super::settings::{HARD_STOP_GRACE, ReluctantAction, SuperviseSettings};
-use crate::daemon::clock::Clock;
 use crate::daemon::load::BuildTrees;
 use crate::handle::{SupervisedExit, SupervisedState, SupervisedStatus};
+use nightshift_proto::clock::Clock;
 
 /// First pause before restarting an agent that exited by itself.
 const BACKOFF_MIN: Duration = Duration::from_secs(1);

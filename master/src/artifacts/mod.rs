@@ -27,7 +27,7 @@ use tokio::sync::Notify;
 use crate::api::{AppState, bearer, token_sha256};
 use crate::metrics::{METRICS, RefusalReason, Refused};
 use crate::reconfig::LiveConfig;
-use crate::store::Store;
+use crate::store::{Store, artifact_row, list_rows};
 
 mod download;
 mod retention;
@@ -123,24 +123,6 @@ fn check_owner(
         )?
         .query_row(params![id as i64, name], |r| r.get(0))?;
     Ok(Ok((builder, others.max(0) as u64)))
-}
-
-/// The artifacts of build `id`, by name (used by the store's `get_build`).
-pub fn list_rows(conn: &Connection, id: BuildId) -> rusqlite::Result<Vec<ArtifactInfo>> {
-    let mut stmt = conn.prepare_cached(
-        "SELECT name, size, sha256, stored_at FROM artifacts WHERE build_id = ?1 ORDER BY name",
-    )?;
-    let rows = stmt.query_map(params![id as i64], artifact_row)?;
-    rows.collect()
-}
-
-fn artifact_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ArtifactInfo> {
-    Ok(ArtifactInfo {
-        name: r.get(0)?,
-        size: r.get::<_, i64>(1)?.max(0) as u64,
-        sha256: r.get(2)?,
-        stored_at: Timestamp::from_second(r.get(3)?).unwrap_or(Timestamp::UNIX_EPOCH),
-    })
 }
 
 /// A size in bytes as people read it (`1.5 MiB`).

@@ -8,7 +8,6 @@ mod agent_limits;
 mod artifacts;
 mod builders;
 mod duration;
-mod error;
 mod general;
 mod hooks;
 mod locks;
@@ -33,10 +32,10 @@ pub use agent_limits::AgentLimits;
 pub use artifacts::ArtifactSettings;
 pub use builders::{Admission, BuilderDef};
 pub use duration::Secs;
-pub use error::{ConfigError, ConfigIssue};
 pub use general::{DashboardAccess, TlsMode};
 pub use hooks::{HookDef, HookKind};
 pub use names::{check_branch_name, normalize_hash, valid_name};
+pub use nightshift_proto::diag::ConfigErrors;
 pub use workers::{LatentProvider, WorkerDef};
 
 use builders::RawBuilder;
@@ -232,15 +231,11 @@ impl MasterConfig {
     }
 
     /// Reads and validates a config file.
-    pub fn load(path: &Path) -> Result<MasterConfig, ConfigError> {
-        let text = fs_err::read_to_string(path).map_err(|e| ConfigError {
-            file: path.to_path_buf(),
-            issues: vec![ConfigIssue {
-                line: None,
-                column: None,
-                key: String::new(),
-                message: format!("cannot read: {e}"),
-            }],
+    pub fn load(path: &Path) -> Result<MasterConfig, ConfigErrors> {
+        let text = fs_err::read_to_string(path).map_err(|e| {
+            let mut errors = ConfigErrors::new(path);
+            errors.push(format!("cannot read: {e}"));
+            errors
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
         let base = if base.as_os_str().is_empty() {
@@ -256,10 +251,10 @@ impl MasterConfig {
     }
 
     /// Parses config text; relative paths are resolved against `base`.
-    pub fn parse(text: &str, file: &Path, base: &Path) -> Result<MasterConfig, ConfigError> {
+    pub fn parse(text: &str, file: &Path, base: &Path) -> Result<MasterConfig, ConfigErrors> {
         let (raw, mut errors) = parse_toml::<RawConfig>(file, text);
         let Some(raw) = raw else {
-            return Err(ConfigError::from_diag(&errors));
+            return Err(errors);
         };
         // Names as written, so that an entry left out for its own error does
         // not also make every reference to it an error.
@@ -316,8 +311,6 @@ impl MasterConfig {
             hooks,
             dashboard: raw.dashboard,
         };
-        errors
-            .into_result(config)
-            .map_err(|errors| ConfigError::from_diag(&errors))
+        errors.into_result(config)
     }
 }

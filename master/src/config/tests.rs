@@ -7,7 +7,7 @@ use nightshift_proto::wire::CheckoutMode;
 
 const HASH: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
 
-fn parse(text: &str) -> Result<MasterConfig, ConfigError> {
+fn parse(text: &str) -> Result<MasterConfig, ConfigErrors> {
     MasterConfig::parse(text, Path::new("master.toml"), Path::new("/srv"))
 }
 
@@ -180,7 +180,7 @@ steps = [{{ name = "s", command = "true", locks = [{{ name = "nolock", access = 
 "#
     );
     let err = parse(&text).unwrap_err();
-    assert_eq!(err.issues.len(), 2, "{err}");
+    assert_eq!(err.len(), 2, "{err}");
     let shown = err.to_string();
     assert!(
         shown.contains("master.toml:8:") && shown.contains("builder[0].workers[1]"),
@@ -298,12 +298,8 @@ steps = [{{ name = "s", command = "true", timeout = -5 }}]
              master.toml:18:68: builder[0].steps[0].locks[0].access: unknown value `sometimes`, expected `counting` or `exclusive`\n\
              master.toml:25:52: builder[1].steps[0].timeout: a duration cannot be negative (-5)"
     );
-    assert_eq!(err.issues.len(), 7);
-    assert!(
-        err.issues
-            .iter()
-            .all(|i| i.line.is_some() && i.column.is_some())
-    );
+    assert_eq!(err.len(), 7);
+    assert!(err.errors().iter().all(|i| i.line_column.is_some()));
 }
 
 #[test]

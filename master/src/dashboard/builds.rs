@@ -49,7 +49,7 @@ pub(super) fn render_builds(
                 || "<span class=\"none\">—</span>".to_owned(),
                 |w| format!(
                     "<a href=\"#worker-{}\">{}</a>",
-                    escape(&crate::build_page::worker_anchor(w)),
+                    escape(&worker_anchor(w)),
                     escape(w)
                 )
             ),
@@ -146,7 +146,7 @@ pub(super) fn render_builders(html: &mut String, builders: &[BuilderRow]) {
     for b in builders {
         let estimate = match b.estimate {
             Some(took) => format!(
-                "<span class=\"tip\" title=\"90th percentile of its last {} successful builds\">{}</span>",
+                "<span class=\"tip\" title=\"at most: the longest of its last {} successful builds plus a margin\">{}</span>",
                 crate::scheduler::estimate::WINDOW,
                 escape(&estimate_words(u64::try_from(took.as_secs()).unwrap_or(0)))
             ),

@@ -18,6 +18,7 @@ use jiff::{SignedDuration, Timestamp};
 use nightshift_policy::PresenceState;
 use nightshift_proto::api::{BuildInfo, BuildState, LatentInfo, WorkerPage, WorkerQuery};
 use nightshift_proto::html::escape;
+use nightshift_proto::when::{short_duration, short_time};
 use nightshift_proto::wire::{BuildId, Outcome};
 use tokio::sync::oneshot;
 
@@ -26,14 +27,7 @@ use crate::api::AppState;
 use crate::config::Admission;
 use crate::scheduler::Event;
 use crate::session::Viewer;
-
-mod builds;
-mod time;
-mod workers;
-
-pub use builds::*;
-pub use time::*;
-use workers::*;
+use crate::style::STYLE;
 
 /// How many builds the page lists, newest first.
 const LATEST_BUILDS: u32 = 50;
@@ -42,8 +36,14 @@ const LATEST_BUILDS: u32 = 50;
 const WORKERS_SHOWN: usize = 200;
 /// Seconds between the page's own reloads (meta refresh).
 const REFRESH_SECS: u32 = 10;
-/// The page's styles, inlined into every answer.
-pub const STYLE: &str = include_str!("../dashboard.css");
+
+mod builds;
+mod time;
+mod workers;
+
+pub use builds::*;
+pub use time::*;
+pub use workers::*;
 
 /// Unfinished builds counted in the store: the summary line counts all of
 /// them, not only those among the latest listed.

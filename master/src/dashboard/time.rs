@@ -2,47 +2,11 @@
 
 use super::*;
 
-/// A moment as an admin reads it in `tz`: `14:02` on the day of `now`,
-/// `Tue 24 Nov 09:05` on another day of the same year, and
-/// `Sun 23 Nov 2025 09:05` in another year.
-pub fn short_time(t: Timestamp, now: Timestamp, tz: &TimeZone) -> String {
-    let (at, today) = (t.to_zoned(tz.clone()), now.to_zoned(tz.clone()));
-    let format = if at.date() == today.date() {
-        "%H:%M"
-    } else if at.year() == today.year() {
-        "%a %-d %b %H:%M"
-    } else {
-        "%a %-d %b %Y %H:%M"
-    };
-    at.strftime(format).to_string()
-}
-
 /// A moment in full, for a tooltip: `2026-11-23 14:02:11 CET`.
 pub fn full_time(t: Timestamp, tz: &TimeZone) -> String {
     t.to_zoned(tz.clone())
         .strftime("%Y-%m-%d %H:%M:%S %Z")
         .to_string()
-}
-
-/// How long from `start` to `end`: `42s`, `3m05s`, `3h12m`, `2d03h`; a
-/// negative span (clocks apart) reads `0s`.
-pub fn short_duration(start: Timestamp, end: Timestamp) -> String {
-    let secs = end.as_second().saturating_sub(start.as_second()).max(0);
-    let (days, hours, minutes, seconds) = (
-        secs / 86_400,
-        secs % 86_400 / 3600,
-        secs % 3600 / 60,
-        secs % 60,
-    );
-    if days > 0 {
-        format!("{days}d{hours:02}h")
-    } else if hours > 0 {
-        format!("{hours}h{minutes:02}m")
-    } else if minutes > 0 {
-        format!("{minutes}m{seconds:02}s")
-    } else {
-        format!("{seconds}s")
-    }
 }
 
 /// A `<time>` element: the short local time, the full one as a tooltip.

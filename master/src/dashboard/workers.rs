@@ -42,7 +42,7 @@ pub(super) fn render_workers(html: &mut String, page: &WorkerPage, now: Timestam
         let _ = write!(
             html,
             "<tr id=\"worker-{}\">",
-            escape(&crate::build_page::worker_anchor(&w.name))
+            escape(&worker_anchor(&w.name))
         );
         let (dot, link) = if w.connected {
             ("on", "connected")
@@ -159,4 +159,17 @@ fn render_latent(html: &mut String, latent: &LatentInfo, now: Timestamp, tz: &Ti
         let _ = write!(html, "; next try at {}", time_html(retry, now, tz));
     }
     html.push_str("</span>");
+}
+
+/// The `id` anchor of a worker's row on the dashboard.
+pub fn worker_anchor(name: &str) -> String {
+    name.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
 }

@@ -6,6 +6,7 @@
 use jiff::tz::TimeZone;
 use jiff::{SignedDuration, Timestamp};
 use nightshift_policy::{PresenceState, format_duration};
+use nightshift_proto::when::short_time;
 use nightshift_proto::wire::Window;
 
 use crate::config::Admission;
@@ -86,17 +87,9 @@ impl BuildFacts {
         )
     }
 
-    /// `07:00` today, `Tue 07:00` within a week, else the date, in the zone.
+    /// The instant as [`short_time`] reads it, in the zone.
     pub fn when(&self, at: Timestamp) -> String {
-        let at = at.to_zoned(self.zone.clone());
-        let today = self.now.to_zoned(self.zone.clone()).date();
-        if at.date() == today {
-            at.strftime("%H:%M").to_string()
-        } else if at.date() < today.saturating_add(jiff::ToSpan::days(6)) {
-            at.strftime("%a %H:%M").to_string()
-        } else {
-            at.strftime("%Y-%m-%d %H:%M").to_string()
-        }
+        short_time(at, self.now, &self.zone)
     }
 }
 

@@ -22,6 +22,7 @@ impl Scheduler {
         properties: BTreeMap<String, String>,
         source: Option<BuildSource>,
     ) {
+        tracing::debug!(target: nightshift_proto::log::HANDOFF, "build {id}: queued");
         self.collapse_into(id, &builder, source.as_ref());
         self.queue
             .insert(id, Queued::new(builder, properties, source));
@@ -267,10 +268,12 @@ impl Scheduler {
                 );
             }
             Some(run) => {
+                // Hand-out to end: what the owner's window sees, and what
+                // admission counts from (see `estimate.rs`).
                 if result.outcome == Outcome::Success
-                    && let Some(first) = result.steps.first()
+                    && let Some(handed_out) = run.handed_out
                 {
-                    let took = result.finished_at.duration_since(first.started_at);
+                    let took = result.finished_at.duration_since(handed_out);
                     self.estimates.record(&run.builder, took);
                 }
                 self.running.remove(&id);
@@ -574,9 +577,8 @@ impl Scheduler {
         // between must not restore as queued a build an agent runs (it
         // would hand it out again, and the agent's hello would then be
         // told to cancel a build that already ran).
-        let committed = self
-            .store
-            .mark_started(id, worker.clone(), self.clock.now());
+        let handed_out = self.clock.now();
+        let committed = self.store.mark_started(id, worker.clone(), handed_out);
         let holds_locks = !self.builder_locks(&queued.builder).is_empty();
         self.send_after_commit(
             &worker,
@@ -591,6 +593,7 @@ impl Scheduler {
                 max_log_bytes: Some(self.config.max_log_bytes),
             },
         );
+        tracing::debug!(target: nightshift_proto::log::HANDOFF, "build {id}: handed out");
         self.running.insert(
             id,
             Running {
@@ -602,6 +605,7 @@ impl Scheduler {
                 step_locks,
                 leased_step: None,
                 waiting_step: None,
+                handed_out: Some(handed_out),
             },
         );
     }
@@ -823,6 +827,58 @@ mod tests {
             },
         });
         assert_eq!(h.scheduler.snapshot().running[&id], "a");
+    }
+
+    /// The estimate measures what the owner's window sees and admission
+    /// counts: hand-out (the scheduler's clock) to the end, not the first
+    /// step's start — in memory and when re-seeded from the store.
+    #[tokio::test]
+    async fn the_estimate_spans_the_hand_out_to_the_end_in_memory_and_in_the_store() {
+        let mut h = Harness::new();
+        let (ca, mut a) = h.connect("a", PresenceState::Available, vec![]);
+        // The harness's clock reads the epoch: every hand-out happens then.
+        let at = |secs: i64| Timestamp::from_second(secs).unwrap();
+        for _ in 0..3 {
+            let id = h.submit().await;
+            assert_eq!(started(&mut a), vec![id]);
+            // The first step starts 30 s after the hand-out (a slow
+            // checkout of the agent's, a lock) and the build ends at 90 s.
+            h.scheduler.handle(Event::Agent {
+                worker: "a".into(),
+                conn: ca,
+                message: AgentMessage::BuildFinished {
+                    result: BuildResult {
+                        build_id: id,
+                        outcome: Outcome::Success,
+                        steps: vec![nightshift_proto::wire::StepResult {
+                            step: 0,
+                            outcome: Outcome::Success,
+                            exit_code: Some(0),
+                            signal: None,
+                            started_at: at(30),
+                            finished_at: at(90),
+                        }],
+                        reason: None,
+                        log: String::new(),
+                        finished_at: at(90),
+                    },
+                },
+            });
+        }
+        let span = jiff::SignedDuration::from_secs(90);
+        let expected = super::super::estimate::bound(&std::iter::repeat_n(span, 3).collect());
+        assert_eq!(h.scheduler.estimates.get("app"), expected);
+        assert!(expected.is_some_and(|e| e > span), "{expected:?}");
+        // What a restarted master seeds from: the same span.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let stored = loop {
+            let stored = h.store().recent_durations(20).await.unwrap();
+            if stored.len() == 3 || std::time::Instant::now() > deadline {
+                break stored;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        };
+        assert_eq!(stored, vec![("app".to_owned(), span); 3]);
     }
 
     #[tokio::test]

@@ -106,6 +106,7 @@ impl Scheduler {
                         step_locks,
                         leased_step: None,
                         waiting_step: None,
+                        handed_out: None,
                     },
                 );
                 // The agent runs it already: nothing waits for the commit.

@@ -43,6 +43,7 @@ use std::time::Duration;
 use jiff::Timestamp;
 use nightshift_policy::{Presence, PresenceState, Source};
 use nightshift_proto::api::{WorkerList, WorkerPage, WorkerQuery};
+use nightshift_proto::clock::Clock;
 use nightshift_proto::wire::{
     AgentMessage, BuildId, BuildSource, HEARTBEAT_SECS, MasterMessage, Outlook,
 };
@@ -63,20 +64,6 @@ use timers::Timers;
 
 /// Identity of one agent connection, unique for the master's lifetime.
 pub type ConnId = u64;
-
-/// The source of "now" for presence timestamps (injected in tests).
-pub trait Clock: Send + Sync {
-    fn now(&self) -> Timestamp;
-}
-
-/// The real clock.
-pub struct SystemClock;
-
-impl Clock for SystemClock {
-    fn now(&self) -> Timestamp {
-        Timestamp::now()
-    }
-}
 
 /// After a reconnect, how long the agent has to deliver the results of
 /// builds the master expected it to run but that its hello did not list.
@@ -378,6 +365,10 @@ struct Running {
     leased_step: Option<u32>,
     /// The step waiting for its locks on the current connection, if any.
     waiting_step: Option<u32>,
+    /// When it was handed out, by the scheduler's clock (the start of the
+    /// span its builder's estimate measures); `None` for a build adopted
+    /// from a worker that came back with it, whose hand-out is not known.
+    handed_out: Option<jiff::Timestamp>,
 }
 
 /// What the store held at start, for [`Scheduler::new`].
@@ -548,6 +539,7 @@ impl Scheduler {
                             step_locks,
                             leased_step: None,
                             waiting_step: None,
+                            handed_out: build.started_at,
                         },
                     );
                 }

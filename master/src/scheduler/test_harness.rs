@@ -10,19 +10,13 @@ use nightshift_policy::{Presence, PresenceState, Source};
 use nightshift_proto::wire::{BuildId, MasterMessage};
 use tokio::sync::mpsc;
 
-use super::{Clock, ConnId, Event, Hello, Outbound, Restored, Scheduler};
+use super::{ConnId, Event, Hello, Outbound, Restored, Scheduler};
 use crate::config::MasterConfig;
 use crate::outbox::{OUTBOX_FRAMES, OutboxReceiver, agent_outbox};
 use crate::store::Store;
+use nightshift_proto::clock::FixedClock;
 
 pub(super) const HASH: &str = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa";
-
-struct FixedClock(Timestamp);
-impl Clock for FixedClock {
-    fn now(&self) -> Timestamp {
-        self.0
-    }
-}
 
 pub(super) struct Harness {
     pub(super) scheduler: Scheduler,
@@ -151,6 +145,11 @@ impl Harness {
             out,
         });
         (conn, rx)
+    }
+
+    /// The store the scheduler writes to.
+    pub(super) fn store(&self) -> &Store {
+        &self.store
     }
 
     pub(super) async fn submit(&mut self) -> BuildId {

@@ -191,6 +191,12 @@ async fn agent_session(state: AppState, mut socket: WebSocket, token: Option<Str
                     if let Err(e) = socket.send(Message::Text(message.encode().into())).await {
                         break format!("send failed: {e}");
                     }
+                    if let MasterMessage::StartBuild { build_id, .. } = &message {
+                        tracing::debug!(
+                            target: nightshift_proto::log::HANDOFF,
+                            "build {build_id}: hand-out written"
+                        );
+                    }
                 }
                 Next::Frame(Outbound::AfterCommit(committed)) => committed.wait().await,
                 Next::Frame(Outbound::Close(why)) => {

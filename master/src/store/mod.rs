@@ -50,6 +50,7 @@ mod workers;
 
 use logs::*;
 use queries::*;
+pub use queries::{artifact_row, list_rows};
 use schema::*;
 use submit::*;
 
@@ -83,6 +84,8 @@ pub struct UnfinishedBuild {
     /// The worker it is kept away from after its lock lease ended there,
     /// and until when (a restart keeps the cool-off).
     pub cool_off: Option<(String, Timestamp)>,
+    /// When a running build was handed out (the master's clock).
+    pub started_at: Option<Timestamp>,
 }
 
 /// A build request to insert: what the API and the triggers queue.
@@ -204,13 +207,28 @@ impl Store {
         &self,
         f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
     ) -> anyhow::Result<R> {
+        self.call_then(f, |_| {}).await
+    }
+
+    /// [`Store::call`], and `then` runs with the committed value on the
+    /// store thread right after the commit, before the caller is answered:
+    /// what must follow a commit at once (a new build to the scheduler)
+    /// does not wait for the caller's task to wake up first.
+    pub async fn call_then<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<R> + Send + 'static,
+        then: impl FnOnce(&R) + Send + 'static,
+    ) -> anyhow::Result<R> {
         let (reply, answer) = oneshot::channel();
         let job: Job = Box::new(move |conn| {
             let result = f(conn);
             let ok = result.is_ok();
             let completion: Completion = Box::new(move |committed| {
                 let result = match (committed, result) {
-                    (true, Ok(value)) => Ok(value),
+                    (true, Ok(value)) => {
+                        then(&value);
+                        Ok(value)
+                    }
                     (false, Ok(_)) => Err(anyhow!("the database commit failed")),
                     (_, Err(e)) => Err(anyhow!("database error: {e}")),
                 };
@@ -515,7 +533,7 @@ mod tests {
 
         // A collapsed request ends unrun, naming the newer one.
         let newer = store
-            .insert_builds(vec![build(&a)], Vec::new())
+            .insert_builds_then(vec![build(&a)], Vec::new(), |_| {})
             .await
             .unwrap()[0];
         store

@@ -1,6 +1,7 @@
 //! Reading builds back: unfinished builds, lists, counts, one build, queue depth.
 
 use super::*;
+use nightshift_proto::api::ArtifactInfo;
 
 impl Store {
     /// Queued and running builds per builder.
@@ -39,7 +40,7 @@ impl Store {
         self.call(|conn| {
             let mut stmt = conn.prepare(
                 "SELECT id, builder, properties, state, worker, retries, repository, branch, revision, \
-                 handed_to, cool_off_worker, cool_off_until FROM builds \
+                 handed_to, started_at, cool_off_worker, cool_off_until FROM builds \
                  WHERE state != 'finished' ORDER BY id",
             )?;
             let rows = stmt.query_map([], |r| {
@@ -54,7 +55,8 @@ impl Store {
                     retries: r.get(5)?,
                     source: source_of(r.get(6)?, r.get(7)?, r.get(8)?),
                     handed_to: r.get(9)?,
-                    cool_off: match (r.get::<_, Option<String>>(10)?, r.get::<_, Option<String>>(11)?) {
+                    started_at: parse_ts(r.get(10)?),
+                    cool_off: match (r.get::<_, Option<String>>(11)?, r.get::<_, Option<String>>(12)?) {
                         (Some(worker), Some(until)) => until.parse().ok().map(|until| (worker, until)),
                         _ => None,
                     },
@@ -119,7 +121,7 @@ impl Store {
                     build.steps.push(step);
                 }
             }
-            build.artifacts = crate::artifacts::list_rows(conn, id)?;
+            build.artifacts = list_rows(conn, id)?;
             Ok(Some(build))
         })
         .await
@@ -161,5 +163,24 @@ fn build_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<BuildInfo> {
         trigger: r.get(16)?,
         collapsed_into: r.get::<_, Option<i64>>(17)?.map(|id| id as BuildId),
         artifacts: Vec::new(),
+    })
+}
+
+/// The artifacts of build `id`, by name (for `get_build` and the artifacts API).
+pub fn list_rows(conn: &Connection, id: BuildId) -> rusqlite::Result<Vec<ArtifactInfo>> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT name, size, sha256, stored_at FROM artifacts WHERE build_id = ?1 ORDER BY name",
+    )?;
+    let rows = stmt.query_map(params![id as i64], artifact_row)?;
+    rows.collect()
+}
+
+/// One `artifacts` row as the API shows it.
+pub fn artifact_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<ArtifactInfo> {
+    Ok(ArtifactInfo {
+        name: r.get(0)?,
+        size: r.get::<_, i64>(1)?.max(0) as u64,
+        sha256: r.get(2)?,
+        stored_at: Timestamp::from_second(r.get(3)?).unwrap_or(Timestamp::UNIX_EPOCH),
     })
 }

@@ -26,21 +26,27 @@ impl Store {
     /// Each of `heads` (repository, branch, revision) is recorded as that
     /// branch's last seen head in the same commit (a pushed revision is not
     /// polled again).
-    pub async fn insert_builds(
+    /// `committed` runs with the new ids on the store thread as soon as they
+    /// are committed (before this answers).
+    pub async fn insert_builds_then(
         &self,
         builds: Vec<NewBuild>,
         heads: Vec<(String, String, String)>,
+        committed: impl FnOnce(&[BuildId]) + Send + 'static,
     ) -> anyhow::Result<Vec<BuildId>> {
         let now = Timestamp::now();
-        self.call(move |conn| {
-            for (repository, branch, revision) in &heads {
-                record_head(conn, repository, branch, revision, now)?;
-            }
-            builds
-                .iter()
-                .map(|build| insert_new_build(conn, build, now))
-                .collect()
-        })
+        self.call_then(
+            move |conn| {
+                for (repository, branch, revision) in &heads {
+                    record_head(conn, repository, branch, revision, now)?;
+                }
+                builds
+                    .iter()
+                    .map(|build| insert_new_build(conn, build, now))
+                    .collect()
+            },
+            move |ids: &Vec<BuildId>| committed(ids),
+        )
         .await
     }
 

@@ -299,16 +299,26 @@ pub fn announce(events: &mpsc::UnboundedSender<Event>, ids: &[BuildId], builds: 
 }
 
 /// Commits `builds` (and the branch heads they build, if any), then hands
-/// them to the scheduler: the one way a request enters the queue.
+/// them to the scheduler: the one way a request enters the queue. The
+/// scheduler hears of them from the store thread right after the commit
+/// (before the caller is answered), so a hand-out does not wait for the
+/// caller's task to be woken first.
 pub async fn queue_builds(
     store: &Store,
     events: &mpsc::UnboundedSender<Event>,
     builds: Vec<NewBuild>,
     heads: Vec<(String, String, String)>,
 ) -> anyhow::Result<Vec<BuildId>> {
-    let ids = store.insert_builds(builds.clone(), heads).await?;
-    announce(events, &ids, builds);
-    Ok(ids)
+    let events = events.clone();
+    let announced = builds.clone();
+    store
+        .insert_builds_then(builds, heads, move |ids| {
+            for id in ids {
+                tracing::debug!(target: nightshift_proto::log::HANDOFF, "build {id}: committed");
+            }
+            announce(&events, ids, announced)
+        })
+        .await
 }
 
 /// The test hook for timed builds: an RFC 3339 instant at which the
@@ -322,7 +332,7 @@ struct OffsetClock {
     offset: jiff::SignedDuration,
 }
 
-impl crate::scheduler::Clock for OffsetClock {
+impl nightshift_proto::clock::Clock for OffsetClock {
     fn now(&self) -> jiff::Timestamp {
         jiff::Timestamp::now()
             .checked_add(self.offset)
@@ -351,9 +361,9 @@ pub fn test_clock_start(
 
 /// The triggers' clock: the real one, or one that reads `start` now (made
 /// right before the triggers start, so a slow start costs the test nothing).
-pub fn trigger_clock(start: Option<jiff::Timestamp>) -> Arc<dyn crate::scheduler::Clock> {
+pub fn trigger_clock(start: Option<jiff::Timestamp>) -> Arc<dyn nightshift_proto::clock::Clock> {
     let Some(start) = start else {
-        return Arc::new(crate::scheduler::SystemClock);
+        return Arc::new(nightshift_proto::clock::SystemClock);
     };
     let offset = jiff::Timestamp::now().duration_until(start);
     tracing::warn!(
@@ -364,7 +374,7 @@ pub fn trigger_clock(start: Option<jiff::Timestamp>) -> Arc<dyn crate::scheduler
 }
 
 /// Starts the polling and timed-build tasks.
-pub fn start(context: TriggerContext, clock: Arc<dyn crate::scheduler::Clock>) {
+pub fn start(context: TriggerContext, clock: Arc<dyn nightshift_proto::clock::Clock>) {
     tokio::spawn(poll::run(context.clone()));
     let (fires, fired) = mpsc::channel(timed::MAX_PENDING_FIRES);
     tokio::spawn(timed::run(context.config.clone(), clock, fires));

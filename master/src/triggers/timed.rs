@@ -14,8 +14,8 @@ use tokio::sync::mpsc;
 use super::{TriggerContext, TriggerCounters, announce, source_for};
 use crate::config::MasterConfig;
 use crate::reconfig::LiveConfig;
-use crate::scheduler::Clock;
 use crate::store::NewBuild;
+use nightshift_proto::clock::Clock;
 
 /// Fires waiting to be queued (the firing loop waits when it is full).
 pub const MAX_PENDING_FIRES: usize = 64;
@@ -178,21 +178,8 @@ async fn queue_one(context: &TriggerContext, fire: TimedFire) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nightshift_proto::clock::TestClock;
     use std::path::Path;
-
-    /// A wall clock that starts at a chosen instant and advances with
-    /// tokio's (paused, auto-advancing) time.
-    struct TestClock {
-        base: Timestamp,
-        start: tokio::time::Instant,
-    }
-
-    impl Clock for TestClock {
-        fn now(&self) -> Timestamp {
-            let elapsed = tokio::time::Instant::now() - self.start;
-            self.base + jiff::SignedDuration::try_from(elapsed).unwrap()
-        }
-    }
 
     fn config(text: &str) -> MasterConfig {
         // `text` starts with top-level keys, so the worker table comes last.
@@ -233,10 +220,10 @@ mod tests {
             "timezone = \"Europe/Berlin\"\n\
              [[builder]]\nname = \"nightly\"\nworkers = [\"w\"]\nschedule = \"30 2 * * *\"\nsteps = [{ name = \"s\", command = \"true\" }]\n",
         )));
-        let clock = Arc::new(TestClock {
-            base: local("2026-03-28T23:00:00", "Europe/Berlin"),
-            start: tokio::time::Instant::now(),
-        });
+        let clock = Arc::new(TestClock::starting_at(local(
+            "2026-03-28T23:00:00",
+            "Europe/Berlin",
+        )));
         let (fires, mut fired) = mpsc::channel(4);
         tokio::spawn(run(live, clock.clone(), fires));
         // 02:30 does not exist on 2026-03-29: it fires at 03:00 CEST.

@@ -45,6 +45,12 @@ struct Figures {
     spaced_submit_to_start_ms: Summary,
     /// The same with one cgroup per build (`None`: no cgroup could be made).
     spaced_submit_to_start_cgroup_ms: Option<Summary>,
+    /// `--only spaced`: where the time goes, stage by stage (from the
+    /// binaries' hand-off trace), without and with cgroups.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    spaced_stages_ms: Vec<Stage>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    spaced_stages_cgroup_ms: Vec<Stage>,
     /// The owner's task speed beside a build burning every core, in percent
     /// of its speed alone: builds at normal priority (the old behaviour),
     /// at the default idle priority, and at the default in cgroup mode.
@@ -53,6 +59,14 @@ struct Figures {
     owner_speed_cgroup_percent: Option<f64>,
     /// Why the cgroup figures are missing, or what cgroup mode applied.
     cgroup_note: String,
+}
+
+/// One stage of the way from submit to the step running: the time since
+/// the stage before it.
+#[derive(Debug, Serialize)]
+struct Stage {
+    stage: String,
+    ms: Summary,
 }
 
 #[derive(Debug, Default, Serialize)]
@@ -125,7 +139,20 @@ async fn wait_available(farm: &Farm, names: &[&str]) -> anyhow::Result<()> {
 const BURN_EVERY_CORE: &str =
     "for i in $(seq $(nproc)); do (while :; do :; done) & done; sleep 600";
 
-async fn run(builds: usize) -> anyhow::Result<Figures> {
+/// What to run: everything, or only the spaced submit → step running
+/// figures (with `samples` samples per mode), for iterating on that path.
+#[derive(Debug, Clone, Copy)]
+struct Options {
+    builds: usize,
+    only_spaced: bool,
+    spaced_samples: usize,
+}
+
+async fn run(options: Options) -> anyhow::Result<Figures> {
+    if options.only_spaced {
+        return run_spaced(options.spaced_samples).await;
+    }
+    let builds = options.builds;
     // Declared before the farm so it is removed after the agents are gone.
     let cgroup = nightshift_tests::test_cgroup("bench");
     let mut builder = Farm::builder();
@@ -303,9 +330,14 @@ async fn run(builds: usize) -> anyhow::Result<Figures> {
         .context("the yield workers")?;
     // A fresh connection: the master closes idle ones.
     let mut conn = Conn::connect(farm.port, Some(tls.clone()), token.clone()).await?;
-    figures.spaced_submit_to_start_ms = spaced_latency(&mut conn, "stamp-pt")
-        .await
-        .context("spaced submit → start, no cgroups")?;
+    figures.spaced_submit_to_start_ms = Summary::of(
+        spaced_latency(&mut conn, "stamp-pt", options.spaced_samples)
+            .await
+            .context("spaced submit → start, no cgroups")?
+            .iter()
+            .map(Sample::latency_ms)
+            .collect(),
+    );
     figures.owner_speed_normal_priority_percent = owner_speed(&farm, "burn-normal")
         .await
         .context("owner speed beside a normal-priority build")?;
@@ -315,11 +347,14 @@ async fn run(builds: usize) -> anyhow::Result<Figures> {
     match (&cgroup, &cgroup_dir) {
         (_, Some(_)) => {
             let mut conn = Conn::connect(farm.port, Some(tls.clone()), token.clone()).await?;
-            figures.spaced_submit_to_start_cgroup_ms = Some(
-                spaced_latency(&mut conn, "stamp-cg")
+            figures.spaced_submit_to_start_cgroup_ms = Some(Summary::of(
+                spaced_latency(&mut conn, "stamp-cg", options.spaced_samples)
                     .await
-                    .context("spaced submit → start, cgroup per build")?,
-            );
+                    .context("spaced submit → start, cgroup per build")?
+                    .iter()
+                    .map(Sample::latency_ms)
+                    .collect(),
+            ));
             figures.owner_speed_cgroup_percent = Some(
                 owner_speed(&farm, "burn-cg")
                     .await
@@ -342,11 +377,98 @@ async fn run(builds: usize) -> anyhow::Result<Figures> {
     Ok(figures)
 }
 
+/// Only the spaced submit → step running figures, on a farm of the two
+/// workers they need (`pt` without cgroups, `cg` with one per build).
+async fn run_spaced(samples: usize) -> anyhow::Result<Figures> {
+    let cgroup = nightshift_tests::test_cgroup("bench");
+    let mut builder = Farm::builder()
+        .master_env("NIGHTSHIFT_LOG", TRACE_FILTER)
+        .worker(
+            WorkerSpec::new("pt")
+                .env("NIGHTSHIFT_LOG", TRACE_FILTER)
+                .worker_toml("[builds]\ncgroups = \"off\"\n"),
+        )
+        .builder("stamp-pt", &["pt"], &[("stamp", "date +%s%N")]);
+    let cgroup_dir = match &cgroup {
+        Ok(Some(dir)) => Some(dir.0.clone()),
+        _ => None,
+    };
+    if let Some(dir) = &cgroup_dir {
+        builder = builder
+            .worker(
+                WorkerSpec::new("cg")
+                    .in_cgroup(dir)
+                    .env("NIGHTSHIFT_LOG", TRACE_FILTER)
+                    .worker_toml("[builds]\ncgroups = \"required\"\n"),
+            )
+            .builder("stamp-cg", &["cg"], &[("stamp", "date +%s%N")]);
+    }
+    let mut farm = builder.start().await?;
+    let mut figures = Figures::default();
+    let tls = farm.tls_client()?;
+    let token = farm.admin_token()?;
+    farm.start_worker("pt")?;
+    wait_available(&farm, &["pt"]).await?;
+    let mut conn = Conn::connect(farm.port, Some(tls.clone()), token.clone()).await?;
+    let measured = spaced_latency(&mut conn, "stamp-pt", samples)
+        .await
+        .context("spaced submit → start, no cgroups")?;
+    figures.spaced_submit_to_start_ms =
+        Summary::of(measured.iter().map(Sample::latency_ms).collect());
+    figures.spaced_stages_ms = stages(&farm.master_log(), &farm.worker_log("pt"), &measured);
+    match (&cgroup, &cgroup_dir) {
+        (_, Some(_)) => {
+            farm.start_worker("cg")?;
+            wait_available(&farm, &["cg"]).await?;
+            let mut conn = Conn::connect(farm.port, Some(tls.clone()), token.clone()).await?;
+            let measured = spaced_latency(&mut conn, "stamp-cg", samples)
+                .await
+                .context("spaced submit → start, cgroup per build")?;
+            figures.spaced_submit_to_start_cgroup_ms = Some(Summary::of(
+                measured.iter().map(Sample::latency_ms).collect(),
+            ));
+            figures.spaced_stages_cgroup_ms =
+                stages(&farm.master_log(), &farm.worker_log("cg"), &measured);
+            figures.cgroup_note = "one cgroup per build".to_owned();
+        }
+        (Err(error), None) => figures.cgroup_note = format!("no cgroup mode: {error:#}"),
+        (Ok(_), None) => {
+            figures.cgroup_note = "no cgroup mode: NIGHTSHIFT_SKIP_CGROUP_TESTS=1".to_owned()
+        }
+    }
+    drop(farm);
+    drop(cgroup);
+    Ok(figures)
+}
+
+/// The log filter that turns on the binaries' hand-off trace.
+const TRACE_FILTER: &str = "info,nightshift::handoff=debug";
+
+/// One spaced build: its id, when the submit was sent and when its step
+/// printed the clock (nanoseconds since the epoch).
+#[derive(Debug, Clone, Copy)]
+struct Sample {
+    id: u64,
+    sent_ns: u128,
+    started_ns: u128,
+}
+
+impl Sample {
+    fn latency_ms(&self) -> f64 {
+        self.started_ns.saturating_sub(self.sent_ns) as f64 / 1e6
+    }
+}
+
 /// Submit → the step's first command running, with 0.5 s between builds
-/// (a build arriving at an idle worker, not back to back).
-async fn spaced_latency(conn: &mut Conn, builder: &str) -> anyhow::Result<Summary> {
-    let mut latencies = Vec::new();
-    for round in 0..45 {
+/// (a build arriving at an idle worker, not back to back): `samples`
+/// measured after 5 warm-up rounds.
+async fn spaced_latency(
+    conn: &mut Conn,
+    builder: &str,
+    samples: usize,
+) -> anyhow::Result<Vec<Sample>> {
+    let mut measured = Vec::new();
+    for round in 0..samples + 5 {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let sent = now_ns();
         let id = conn.submit(builder).await?;
@@ -361,10 +483,89 @@ async fn spaced_latency(conn: &mut Conn, builder: &str) -> anyhow::Result<Summar
             .find_map(|l| l.trim().parse().ok())
             .ok_or_else(|| anyhow!("build {id} printed no timestamp: {:?}", log.log))?;
         if round >= 5 {
-            latencies.push(started.saturating_sub(sent) as f64 / 1e6);
+            measured.push(Sample {
+                id,
+                sent_ns: sent,
+                started_ns: started,
+            });
         }
     }
-    Ok(Summary::of(latencies))
+    Ok(measured)
+}
+
+/// The stages of the hand-off trace, in the order a build passes them (the
+/// master's, then the agent's). The first is derived: the master's
+/// "answered" line says how long after the request was read it came.
+const STAGES: [&str; 11] = [
+    "request read by the master",
+    "committed",
+    "queued",
+    "handed out",
+    "hand-out written",
+    "hand-out read",
+    "offered",
+    "accepted",
+    "runner started",
+    "step 0 starting",
+    "step 0 spawned",
+];
+
+/// Where the time of each sample went: for every stage, the time since the
+/// stage before (the first since the submit was sent; a last row to the
+/// step printing the clock), from the `nightshift::handoff` lines of the
+/// master's and the worker's logs.
+fn stages(master_log: &str, worker_log: &str, samples: &[Sample]) -> Vec<Stage> {
+    // (build, stage) → nanoseconds since the epoch.
+    let mut seen: BTreeMap<(u64, &str), u128> = BTreeMap::new();
+    for line in master_log.lines().chain(worker_log.lines()) {
+        let Some((stamp, rest)) = line.split_once(' ') else {
+            continue;
+        };
+        let Some((_, event)) = rest.split_once("nightshift::handoff: build ") else {
+            continue;
+        };
+        let Some((id, what)) = event.split_once(": ") else {
+            continue;
+        };
+        let (Ok(at), Ok(id)) = (stamp.parse::<jiff::Timestamp>(), id.parse::<u64>()) else {
+            continue;
+        };
+        let at = u128::try_from(at.as_nanosecond()).unwrap_or(0);
+        if let Some(after) = what.strip_prefix("answered, ") {
+            let micros: u128 = after
+                .split_whitespace()
+                .next()
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0);
+            seen.insert((id, STAGES[0]), at.saturating_sub(micros * 1000));
+        } else if let Some(stage) = STAGES.iter().find(|stage| what == **stage) {
+            seen.insert((id, stage), at);
+        }
+    }
+    let mut rows: Vec<(String, Vec<f64>)> = STAGES
+        .iter()
+        .map(|stage| (stage.to_string(), Vec::new()))
+        .collect();
+    rows.push(("step printed the clock".to_owned(), Vec::new()));
+    for sample in samples {
+        let mut before = sample.sent_ns;
+        for (index, stage) in STAGES.iter().enumerate() {
+            if let Some(at) = seen.get(&(sample.id, *stage)) {
+                rows[index].1.push(at.saturating_sub(before) as f64 / 1e6);
+                before = *at;
+            }
+        }
+        rows[STAGES.len()]
+            .1
+            .push(sample.started_ns.saturating_sub(before) as f64 / 1e6);
+    }
+    rows.into_iter()
+        .filter(|(_, values)| !values.is_empty())
+        .map(|(stage, values)| Stage {
+            stage,
+            ms: Summary::of(values),
+        })
+        .collect()
 }
 
 /// A fixed amount of CPU-bound work on one thread, like an owner's compile
@@ -405,21 +606,43 @@ async fn owner_speed(farm: &Farm, builder: &str) -> anyhow::Result<f64> {
 }
 
 fn main() -> std::process::ExitCode {
-    let mut builds = 200usize;
+    let mut options = Options {
+        builds: 200,
+        only_spaced: false,
+        spaced_samples: 40,
+    };
     let mut json = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--json" => json = true,
             "--builds" => match args.next().and_then(|n| n.parse().ok()) {
-                Some(n) if n > 0 => builds = n,
+                Some(n) if n > 0 => options.builds = n,
                 _ => {
                     eprintln!("error: --builds needs a positive number");
                     return std::process::ExitCode::from(2);
                 }
             },
+            "--spaced-samples" => match args.next().and_then(|n| n.parse().ok()) {
+                Some(n) if n > 0 => options.spaced_samples = n,
+                _ => {
+                    eprintln!("error: --spaced-samples needs a positive number");
+                    return std::process::ExitCode::from(2);
+                }
+            },
+            "--only" => match args.next().as_deref() {
+                Some("spaced") => options.only_spaced = true,
+                other => {
+                    eprintln!(
+                        "error: --only takes `spaced` (submit → step running, 0.5 s apart), not {other:?}"
+                    );
+                    return std::process::ExitCode::from(2);
+                }
+            },
             "--help" | "-h" => {
-                println!("usage: nightshift-bench [--builds N] [--json]");
+                println!(
+                    "usage: nightshift-bench [--builds N] [--spaced-samples N] [--only spaced] [--json]"
+                );
                 return std::process::ExitCode::SUCCESS;
             }
             other => {
@@ -448,9 +671,13 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::FAILURE;
         }
     }
-    match runtime.block_on(run(builds)) {
+    match runtime.block_on(run(options)) {
         Ok(f) if json => {
             println!("{}", serde_json::to_string_pretty(&f).unwrap_or_default());
+            std::process::ExitCode::SUCCESS
+        }
+        Ok(f) if options.only_spaced => {
+            print_spaced(&f);
             std::process::ExitCode::SUCCESS
         }
         Ok(f) => {
@@ -486,16 +713,7 @@ fn main() -> std::process::ExitCode {
                 "idle master RSS:                    {:.1} MB",
                 f.idle_master_rss_mb
             );
-            println!(
-                "submit → step running, 0.5 s apart, no cgroups:   {}",
-                f.spaced_submit_to_start_ms
-            );
-            match &f.spaced_submit_to_start_cgroup_ms {
-                Some(summary) => {
-                    println!("submit → step running, 0.5 s apart, cgroup/build: {summary}")
-                }
-                None => println!("submit → step running, cgroup/build: not measured"),
-            }
+            print_spaced(&f);
             println!("owner task speed beside a build burning every core (alone = 100 %):");
             println!(
                 "  build at normal priority (old behaviour): {:.0} %",
@@ -517,6 +735,35 @@ fn main() -> std::process::ExitCode {
         Err(error) => {
             eprintln!("error: {error:#}");
             std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+/// The spaced submit → step running figures.
+fn print_spaced(f: &Figures) {
+    println!(
+        "submit → step running, 0.5 s apart, no cgroups:   {}",
+        f.spaced_submit_to_start_ms
+    );
+    match &f.spaced_submit_to_start_cgroup_ms {
+        Some(summary) => {
+            println!("submit → step running, 0.5 s apart, cgroup/build: {summary}")
+        }
+        None => println!("submit → step running, cgroup/build: not measured"),
+    }
+    for (mode, stages) in [
+        ("no cgroups", &f.spaced_stages_ms),
+        ("cgroup/build", &f.spaced_stages_cgroup_ms),
+    ] {
+        if stages.is_empty() {
+            continue;
+        }
+        println!("  where the time goes ({mode}; each stage since the one before):");
+        for stage in stages {
+            println!(
+                "    {:<28} median {:>6.2} ms, p90 {:>6.2} ms, max {:>7.2} ms",
+                stage.stage, stage.ms.median, stage.ms.p90, stage.ms.max
+            );
         }
     }
 }

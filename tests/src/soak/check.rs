@@ -218,9 +218,11 @@ impl Soak {
     }
 }
 
-/// The master's estimate for a build handed out at `at`: the 90th
-/// percentile (nearest rank) of the last 20 successful runs that finished
-/// before, unknown under 3 (as `master/src/scheduler/estimate.rs`).
+/// The master's estimate for a build handed out at `at`: the longest of
+/// the last 20 successful runs that finished before plus a margin (half the
+/// spread between their median and the longest, at least a tenth of the
+/// longest and at least 1 s), unknown under 3 (as
+/// `master/src/scheduler/estimate.rs`).
 pub(super) fn estimate_at(runs: &[(f64, f64)], at: f64) -> Option<f64> {
     const WINDOW: usize = 20;
     const MIN_SAMPLES: usize = 3;
@@ -231,6 +233,8 @@ pub(super) fn estimate_at(runs: &[(f64, f64)], at: f64) -> Option<f64> {
     }
     let mut took: Vec<f64> = recent.iter().map(|(_, took)| *took).collect();
     took.sort_by(f64::total_cmp);
-    let rank = (90 * took.len()).div_ceil(100).max(1);
-    took.get(rank - 1).copied()
+    let longest = *took.last()?;
+    let median = took[(took.len() - 1) / 2];
+    let margin = ((longest - median) / 2.0).max(longest / 10.0).max(1.0);
+    Some(longest + margin)
 }

@@ -261,16 +261,16 @@ impl Soak {
         report.windows = self.windows.len();
         let secs = |t: jiff::Timestamp| t.as_nanosecond() as f64 / 1e9;
         // Each builder's successful runs, as the master measures them
-        // (first step's start to the end), by when they finished.
+        // (hand-out to the end), by when they finished.
         let mut history: BTreeMap<&str, Vec<(f64, f64)>> = BTreeMap::new();
         for build in finished.values() {
-            if let (Some(Outcome::Success), Some(first), Some(end)) =
-                (build.outcome, build.steps.first(), build.finished_at)
+            if let (Some(Outcome::Success), Some(started), Some(end)) =
+                (build.outcome, build.started_at, build.finished_at)
             {
                 history
                     .entry(build.builder.as_str())
                     .or_default()
-                    .push((secs(end), secs(end) - secs(first.started_at)));
+                    .push((secs(end), secs(end) - secs(started)));
             }
         }
         for runs in history.values_mut() {

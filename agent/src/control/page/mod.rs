@@ -17,9 +17,10 @@ use nightshift_policy::{PresenceState, Source};
 use nightshift_proto::html::escape;
 
 use super::state::{PreviewInterval, Shared};
-use super::when::{short_time, span_words};
+use super::when::span_words;
 use crate::daemon::priority::{BuildIsolation, CpuPriority, IoPriority};
 use crate::handle::{AgentStatus, SupervisedState, SupervisedStatus};
+use nightshift_proto::when::short_time;
 
 mod details;
 mod timeline;

@@ -14,6 +14,7 @@ impl Daemon {
     /// master-wide locks for its whole run (the lock fence watches it).
     pub(super) fn start_build(&mut self, request: BuildRequest, holds_locks: bool) {
         let build_id = request.build_id;
+        tracing::debug!(target: nightshift_proto::log::HANDOFF, "build {build_id}: offered");
         if self.builds.contains_key(&build_id) {
             // The master re-sent a build we run: it is ours already.
             self.send(AgentMessage::BuildAccepted { build_id });
@@ -58,7 +59,6 @@ impl Daemon {
             request.builder,
             request.steps.len()
         );
-        self.send(AgentMessage::BuildAccepted { build_id });
         let status = RunningBuild {
             build_id,
             builder: request.builder.clone(),
@@ -72,6 +72,7 @@ impl Daemon {
             tail: String::new(),
         };
         let step_names = request.steps.iter().map(|step| step.name.clone()).collect();
+        tracing::debug!(target: nightshift_proto::log::HANDOFF, "build {build_id}: accepted");
         let control = runner::spawn(
             request,
             self.runner_settings.clone(),
@@ -93,6 +94,10 @@ impl Daemon {
                 fenced: false,
             },
         );
+        // Told after the runner is spawned, so the step's start runs ahead
+        // of writing this frame (the runner's own frames go through this
+        // loop, so they still follow it on the wire).
+        self.send(AgentMessage::BuildAccepted { build_id });
         self.update_hello_running();
     }
 

@@ -25,7 +25,6 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 
 use super::alarm::WallAlarm;
-use super::clock::Clock;
 use super::link::{HelloState, LinkEvent};
 use super::load::{BuildTrees, LoadMeasurement};
 use super::outgoing::{LINK_QUEUE, LinkReceiver, LinkSender, Outgoing, link_queue};
@@ -36,6 +35,7 @@ use crate::handle::{
 };
 use crate::outlook;
 use crate::supervise::{StopRequest, SupervisorLink};
+use nightshift_proto::clock::Clock;
 
 /// Longest sleep between evaluations without a [`WallAlarm`]: a machine that
 /// was suspended (tokio's clock stops) re-checks the wall clock at least this

@@ -2,13 +2,13 @@
 
 use super::builds::push_tail;
 use super::*;
-use crate::daemon::clock::{FakeClock, SystemClock};
 use crate::daemon::manual;
 use crate::handle::ManualRequest;
 use nightshift_policy::Source;
 use nightshift_policy::{AvailabilityConfig, PresenceState};
+use nightshift_proto::clock::{SystemClock, TestClock};
 use nightshift_proto::wire::{AgentMessage, MasterMessage};
-use nightshift_proto::wire::{Outcome, StepSpec};
+use nightshift_proto::wire::{BuildResult, Outcome, StepSpec};
 use tokio::sync::oneshot;
 
 fn at(text: &str) -> Timestamp {
@@ -200,6 +200,22 @@ impl Fixture {
         });
     }
 
+    /// The next frame to the master must accept `build_id`.
+    async fn expect_accepted(&mut self, build_id: BuildId) {
+        assert_eq!(
+            self.next_to_master().await,
+            AgentMessage::BuildAccepted { build_id }
+        );
+    }
+
+    /// The next frame to the master must be a build's result; returns it.
+    async fn next_result(&mut self) -> BuildResult {
+        match self.next_to_master().await {
+            AgentMessage::BuildFinished { result } => result,
+            other => panic!("expected a build result, got {other:?}"),
+        }
+    }
+
     /// Waits for the daemon to end; returns its exit and its state dir.
     async fn exit(self) -> (Exit, tempfile::TempDir) {
         let exit = tokio::time::timeout(self.patience, self.task)
@@ -212,7 +228,7 @@ impl Fixture {
 
 #[tokio::test(start_paused = true)]
 async fn a_schedule_boundary_is_pushed_exactly_at_the_boundary_and_nothing_before() {
-    let clock: Arc<dyn Clock> = Arc::new(FakeClock::starting_at(at("2026-11-23T18:30:00Z")));
+    let clock: Arc<dyn Clock> = Arc::new(TestClock::starting_at(at("2026-11-23T18:30:00Z")));
     let mut fixture = start(NIGHTS, clock, 1);
     assert_eq!(
         fixture.wiring.hello.borrow().presence.state,
@@ -240,7 +256,7 @@ async fn a_build_offered_just_after_the_window_closed_is_refused() {
     // The window closed at 07:00, but the loop has not yet handled the
     // boundary when the master's offer arrives (a starved process).
     #[derive(Debug)]
-    struct Late(FakeClock, std::sync::atomic::AtomicBool);
+    struct Late(TestClock, std::sync::atomic::AtomicBool);
     impl Clock for Late {
         fn now(&self) -> Timestamp {
             let now = self.0.now();
@@ -252,7 +268,7 @@ async fn a_build_offered_just_after_the_window_closed_is_refused() {
         }
     }
     let late = Arc::new(Late(
-        FakeClock::starting_at(at("2026-11-24T06:59:30Z")),
+        TestClock::starting_at(at("2026-11-24T06:59:30Z")),
         false.into(),
     ));
     let mut fixture = start(NIGHTS, late.clone(), 1);
@@ -284,7 +300,7 @@ async fn a_wall_clock_jump_is_noticed_within_a_minute() {
     // A suspended laptop: tokio's clock stood still while the wall
     // clock moved past the boundary.
     #[derive(Debug)]
-    struct Jumping(FakeClock, std::sync::atomic::AtomicBool);
+    struct Jumping(TestClock, std::sync::atomic::AtomicBool);
     impl Clock for Jumping {
         fn now(&self) -> Timestamp {
             let now = self.0.now();
@@ -296,7 +312,7 @@ async fn a_wall_clock_jump_is_noticed_within_a_minute() {
         }
     }
     let jumping = Arc::new(Jumping(
-        FakeClock::starting_at(at("2026-11-23T17:00:00Z")),
+        TestClock::starting_at(at("2026-11-23T17:00:00Z")),
         false.into(),
     ));
     let mut fixture = start(NIGHTS, jumping.clone(), 1);
@@ -311,7 +327,7 @@ async fn a_wall_clock_jump_is_noticed_within_a_minute() {
 
 #[tokio::test(start_paused = true)]
 async fn a_manual_state_is_pushed_persisted_and_runs_out_by_itself() {
-    let clock: Arc<dyn Clock> = Arc::new(FakeClock::starting_at(at("2026-11-23T12:00:00Z")));
+    let clock: Arc<dyn Clock> = Arc::new(TestClock::starting_at(at("2026-11-23T12:00:00Z")));
     let mut fixture = start(ALWAYS, clock, 1);
     fixture.link_up().await;
     let presence = fixture
@@ -349,7 +365,7 @@ async fn a_manual_state_is_pushed_persisted_and_runs_out_by_itself() {
 
 #[tokio::test(start_paused = true)]
 async fn a_manual_state_survives_a_restart() {
-    let clock: Arc<dyn Clock> = Arc::new(FakeClock::starting_at(at("2026-11-23T12:00:00Z")));
+    let clock: Arc<dyn Clock> = Arc::new(TestClock::starting_at(at("2026-11-23T12:00:00Z")));
     let fixture = start(ALWAYS, clock.clone(), 1);
     fixture
         .set_manual(Some(ManualRequest {
@@ -374,7 +390,7 @@ async fn a_manual_state_survives_a_restart() {
 
 #[tokio::test(start_paused = true)]
 async fn bad_manual_requests_are_refused_and_change_nothing() {
-    let clock: Arc<dyn Clock> = Arc::new(FakeClock::starting_at(at("2026-11-23T12:00:00Z")));
+    let clock: Arc<dyn Clock> = Arc::new(TestClock::starting_at(at("2026-11-23T12:00:00Z")));
     let fixture = start(ALWAYS, clock, 1);
     let error = fixture
         .set_manual(Some(ManualRequest {
@@ -403,7 +419,7 @@ async fn bad_manual_requests_are_refused_and_change_nothing() {
 
 #[tokio::test(start_paused = true)]
 async fn an_away_worker_refuses_builds_and_a_master_override_is_applied() {
-    let clock: Arc<dyn Clock> = Arc::new(FakeClock::starting_at(at("2026-11-23T12:00:00Z")));
+    let clock: Arc<dyn Clock> = Arc::new(TestClock::starting_at(at("2026-11-23T12:00:00Z")));
     let mut fixture = start(NIGHTS, clock, 1);
     fixture.link_up().await;
     fixture.start_build(5, "true");
@@ -445,7 +461,7 @@ async fn an_away_worker_refuses_builds_and_a_master_override_is_applied() {
 
 #[tokio::test(start_paused = true)]
 async fn nothing_is_sent_while_the_link_is_down_and_the_hello_carries_the_presence() {
-    let clock: Arc<dyn Clock> = Arc::new(FakeClock::starting_at(at("2026-11-23T18:59:00Z")));
+    let clock: Arc<dyn Clock> = Arc::new(TestClock::starting_at(at("2026-11-23T18:59:00Z")));
     let mut fixture = start(NIGHTS, clock, 1);
     tokio::time::sleep(Duration::from_secs(120)).await;
     assert!(fixture.wiring.to_master.try_recv().is_err());
@@ -460,7 +476,7 @@ async fn nothing_is_sent_while_the_link_is_down_and_the_hello_carries_the_presen
 
 #[tokio::test(start_paused = true)]
 async fn sigterm_with_no_builds_goes_away_says_goodbye_and_exits() {
-    let clock: Arc<dyn Clock> = Arc::new(FakeClock::starting_at(at("2026-11-23T12:00:00Z")));
+    let clock: Arc<dyn Clock> = Arc::new(TestClock::starting_at(at("2026-11-23T12:00:00Z")));
     let mut fixture = start(ALWAYS, clock, 1);
     fixture.link_up().await;
     fixture.wiring.signals.send(SignalKind::Terminate).unwrap();
@@ -481,10 +497,7 @@ async fn a_graceful_stop_finishes_the_running_build_refuses_new_ones_then_exits(
     let mut fixture = start(ALWAYS, Arc::new(SystemClock), 2);
     fixture.link_up().await;
     fixture.start_build(1, "sleep 1; echo done");
-    assert_eq!(
-        fixture.next_to_master().await,
-        AgentMessage::BuildAccepted { build_id: 1 }
-    );
+    fixture.expect_accepted(1).await;
     assert_eq!(fixture.wiring.hello.borrow().running, vec![1]);
     fixture.stop(true, None).await;
     assert_eq!(fixture.next_presence().await.source, Source::Stopping);
@@ -493,10 +506,7 @@ async fn a_graceful_stop_finishes_the_running_build_refuses_new_ones_then_exits(
         fixture.next_to_master().await,
         AgentMessage::BuildRefused { build_id: 2, .. }
     ));
-    let result = match fixture.next_to_master().await {
-        AgentMessage::BuildFinished { result } => result,
-        other => panic!("expected the result, got {other:?}"),
-    };
+    let result = fixture.next_result().await;
     assert_eq!((result.build_id, result.outcome), (1, Outcome::Success));
     assert_eq!(result.log, "done\n");
     assert!(fixture.state.path().join("results/1.json").exists());
@@ -528,10 +538,7 @@ async fn a_second_sigterm_cancels_the_build_at_once_and_reports_it_cancelled() {
     let mut fixture = start(ALWAYS, Arc::new(SystemClock), 1);
     fixture.link_up().await;
     fixture.start_build(1, "sleep 300");
-    assert!(matches!(
-        fixture.next_to_master().await,
-        AgentMessage::BuildAccepted { .. }
-    ));
+    fixture.expect_accepted(1).await;
     fixture.wiring.signals.send(SignalKind::Terminate).unwrap();
     assert_eq!(fixture.next_presence().await.source, Source::Stopping);
     fixture.wiring.signals.send(SignalKind::Terminate).unwrap();
@@ -563,25 +570,18 @@ async fn at_the_stop_deadline_the_build_is_reported_cancelled_with_the_deadline(
     let mut fixture = start(ALWAYS, Arc::new(SystemClock), 1);
     fixture.link_up().await;
     fixture.start_build(1, "sleep 300");
-    assert!(matches!(
-        fixture.next_to_master().await,
-        AgentMessage::BuildAccepted { .. }
-    ));
+    fixture.expect_accepted(1).await;
     fixture
         .stop(true, Some(SignedDuration::from_millis(300)))
         .await;
     assert_eq!(fixture.next_presence().await.source, Source::Stopping);
-    match fixture.next_to_master().await {
-        AgentMessage::BuildFinished { result } => {
-            assert_eq!(result.build_id, 1);
-            assert_eq!(result.outcome, nightshift_proto::wire::Outcome::Cancelled);
-            assert_eq!(
-                result.reason.as_deref(),
-                Some("its stop deadline of 0.3 s ran out")
-            );
-        }
-        other => panic!("expected the cancelled result, got {other:?}"),
-    }
+    let result = fixture.next_result().await;
+    assert_eq!(result.build_id, 1);
+    assert_eq!(result.outcome, nightshift_proto::wire::Outcome::Cancelled);
+    assert_eq!(
+        result.reason.as_deref(),
+        Some("its stop deadline of 0.3 s ran out")
+    );
     fixture.master_sends(MasterMessage::ResultStored { build_id: 1 });
     assert!(matches!(
         fixture.next_to_master().await,
@@ -604,10 +604,7 @@ async fn a_result_finished_while_disconnected_is_delivered_after_reconnecting() 
     let mut fixture = start(ALWAYS, Arc::new(SystemClock), 1);
     fixture.link_up().await;
     fixture.start_build(9, "sleep 0.3; echo finished offline");
-    assert!(matches!(
-        fixture.next_to_master().await,
-        AgentMessage::BuildAccepted { .. }
-    ));
+    fixture.expect_accepted(9).await;
     fixture
         .wiring
         .link_events
@@ -631,13 +628,9 @@ async fn a_result_finished_while_disconnected_is_delivered_after_reconnecting() 
         );
     }
     fixture.link_up().await;
-    match fixture.next_to_master().await {
-        AgentMessage::BuildFinished { result } => {
-            assert_eq!(result.build_id, 9);
-            assert_eq!(result.log, "finished offline\n");
-        }
-        other => panic!("expected the spooled result, got {other:?}"),
-    }
+    let result = fixture.next_result().await;
+    assert_eq!(result.build_id, 9);
+    assert_eq!(result.log, "finished offline\n");
     fixture.master_sends(MasterMessage::ResultStored { build_id: 9 });
     let state = fixture.state.path().to_owned();
     tokio::time::timeout(Duration::from_secs(60), async {
@@ -654,10 +647,7 @@ async fn a_refused_result_is_dropped_from_the_spool_and_not_sent_again() {
     let mut fixture = start(ALWAYS, Arc::new(SystemClock), 1);
     fixture.link_up().await;
     fixture.start_build(9, "echo done");
-    assert!(matches!(
-        fixture.next_to_master().await,
-        AgentMessage::BuildAccepted { build_id: 9 }
-    ));
+    fixture.expect_accepted(9).await;
     assert!(matches!(
         fixture.next_to_master().await,
         AgentMessage::BuildFinished { .. }
@@ -691,10 +681,7 @@ async fn a_full_worker_refuses_and_the_welcome_cancels_builds_requeued_elsewhere
     let mut fixture = start(ALWAYS, Arc::new(SystemClock), 1);
     fixture.link_up().await;
     fixture.start_build(1, "sleep 300");
-    assert!(matches!(
-        fixture.next_to_master().await,
-        AgentMessage::BuildAccepted { build_id: 1 }
-    ));
+    fixture.expect_accepted(1).await;
     fixture.start_build(2, "true");
     match fixture.next_to_master().await {
         AgentMessage::BuildRefused { build_id, reason } => {
@@ -790,13 +777,9 @@ async fn a_step_waiting_for_its_locks_asks_again_after_a_reconnect() {
         build_id: 4,
         step: 0,
     });
-    match fixture.next_to_master().await {
-        AgentMessage::BuildFinished { result } => {
-            assert_eq!(result.build_id, 4);
-            assert_eq!(result.outcome, nightshift_proto::wire::Outcome::Success);
-        }
-        other => panic!("expected the result, got {other:?}"),
-    }
+    let result = fixture.next_result().await;
+    assert_eq!(result.build_id, 4);
+    assert_eq!(result.outcome, nightshift_proto::wire::Outcome::Success);
 }
 
 #[test]

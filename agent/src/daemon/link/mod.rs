@@ -471,6 +471,12 @@ async fn session(
                         }
                         Ok(MasterMessage::Pong { .. }) => {}
                         Ok(message) => {
+                            if let MasterMessage::StartBuild { build_id, .. } = &message {
+                                tracing::debug!(
+                                    target: nightshift_proto::log::HANDOFF,
+                                    "build {build_id}: hand-out read"
+                                );
+                            }
                             let _ = events.send(LinkEvent::Frame(message));
                         }
                         Err(error) => {

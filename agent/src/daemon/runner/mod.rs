@@ -27,10 +27,10 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 
 use super::build_tree::{AGENT_MARKER, BUILD_MARKER};
-use super::clock::Clock;
 use super::load::BuildTrees;
 use super::outgoing::{Credit, OutputCredit};
 use super::spawn::{self, StepChild, StepCommand, step_environment, var};
+use nightshift_proto::clock::Clock;
 
 mod output;
 mod step;
@@ -202,6 +202,7 @@ pub(super) struct StepEnd {
 impl Build {
     async fn run(mut self) {
         let build_id = self.request.build_id;
+        tracing::debug!(target: nightshift_proto::log::HANDOFF, "build {build_id}: runner started");
         let cgroup = self.trees.begin(build_id);
         let mut steps = Vec::new();
         let mut outcome = Outcome::Success;

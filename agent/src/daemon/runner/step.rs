@@ -32,6 +32,11 @@ impl Build {
             self.note(step_no, &format!("nightshift: {text}\n")).await;
             return failed(text);
         }
+        tracing::debug!(
+            target: nightshift_proto::log::HANDOFF,
+            "build {}: step {step_no} starting",
+            self.request.build_id
+        );
         let (mut child, reader) = match self.spawn_step(step, &dir, cgroup) {
             Ok(spawned) => spawned,
             Err(error) => {
@@ -40,6 +45,11 @@ impl Build {
                 return failed(text);
             }
         };
+        tracing::debug!(
+            target: nightshift_proto::log::HANDOFF,
+            "build {}: step {step_no} spawned",
+            self.request.build_id
+        );
         let pgid = child.id().map(|pid| pid as i32);
         self.trees.set_step_group(self.request.build_id, pgid);
 

@@ -1,8 +1,8 @@
 //! Tests of the build runner: steps in order, streamed output, environment, timeouts and kills, cancel, lock grants, paths, logs.
 
 use super::*;
-use crate::daemon::clock::SystemClock;
 use crate::daemon::outgoing::FRAME_COST;
+use nightshift_proto::clock::SystemClock;
 
 fn step(name: &str, command: &str) -> StepSpec {
     StepSpec {

@@ -165,6 +165,7 @@ pub struct Metrics {
     wait_count: AtomicU64,
     wait_sum_micros: AtomicU64,
     log_bytes_dropped: AtomicU64,
+    output_bytes_received: AtomicU64,
     store_queue_full: AtomicU64,
     frames_rate_limited: AtomicU64,
     /// Enrolments refused by the source's and by the global rate limit.
@@ -193,6 +194,7 @@ impl Metrics {
             wait_count: AtomicU64::new(0),
             wait_sum_micros: AtomicU64::new(0),
             log_bytes_dropped: AtomicU64::new(0),
+            output_bytes_received: AtomicU64::new(0),
             store_queue_full: AtomicU64::new(0),
             frames_rate_limited: AtomicU64::new(0),
             enrolments_rate_limited: [const { AtomicU64::new(0) }; 2],
@@ -243,6 +245,12 @@ impl Metrics {
 
     pub fn log_bytes_dropped(&self, bytes: u64) {
         self.log_bytes_dropped.fetch_add(bytes, Ordering::Relaxed);
+    }
+
+    /// Live build output of `bytes` arrived from an agent.
+    pub fn output_received(&self, bytes: u64) {
+        self.output_bytes_received
+            .fetch_add(bytes, Ordering::Relaxed);
     }
 
     /// An artifact of `bytes` was verified and stored.
@@ -604,6 +612,18 @@ impl Metrics {
             "nightshift_master_log_bytes_dropped_total",
             &[],
             self.log_bytes_dropped.load(Ordering::Relaxed) as f64,
+        );
+        family(
+            &mut out,
+            "nightshift_master_output_bytes_received_total",
+            "counter",
+            "Live build output received from agents (agents send none past max_log_bytes).",
+        );
+        sample(
+            &mut out,
+            "nightshift_master_output_bytes_received_total",
+            &[],
+            self.output_bytes_received.load(Ordering::Relaxed) as f64,
         );
         family(
             &mut out,

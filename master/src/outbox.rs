@@ -8,7 +8,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
-use tokio::sync::{Notify, mpsc};
+use tokio::sync::{Notify, mpsc, watch};
 
 use crate::metrics::{DisconnectReason, METRICS};
 use crate::scheduler::Outbound;
@@ -77,6 +77,46 @@ impl AgentOutbox {
                 Err(OutboxError::Full)
             }
         }
+    }
+}
+
+/// A store write an agent must not hear of before it is committed (a
+/// hand-out: a master killed before the commit would forget a build the
+/// agent runs, and hand it out again). The scheduler queues it in an outbox
+/// ahead of the frame that depends on it ([`Outbound::AfterCommit`]); the
+/// connection task holds back that frame, and every later one, until the
+/// write's transaction has ended.
+#[derive(Debug, Clone)]
+pub struct Committed(watch::Receiver<bool>);
+
+/// The store's end of a [`Committed`].
+#[derive(Debug)]
+pub struct CommitSignal(watch::Sender<bool>);
+
+/// A new pair: the store fires the signal after the transaction.
+pub fn commit_signal() -> (CommitSignal, Committed) {
+    let (sender, receiver) = watch::channel(false);
+    (CommitSignal(sender), Committed(receiver))
+}
+
+impl CommitSignal {
+    /// The transaction ended (committed, or failed and logged).
+    pub fn fire(self) {
+        let _ = self.0.send(true);
+    }
+}
+
+impl Committed {
+    /// Waits for the transaction's end (or for the store thread's, if it
+    /// stopped without one).
+    pub async fn wait(mut self) {
+        let _ = self.0.wait_for(|done| *done).await;
+    }
+}
+
+impl PartialEq for Committed {
+    fn eq(&self, other: &Committed) -> bool {
+        self.0.same_channel(&other.0)
     }
 }
 

@@ -379,6 +379,12 @@ pub enum MasterMessage {
         /// Builds from the hello's `running` list that the master no longer
         /// expects (already re-queued elsewhere): the agent cancels them.
         cancel: Vec<BuildId>,
+        /// The master's `missing_timeout`: after it, a lost worker's builds
+        /// are re-queued and their locks given to others. An agent that lost
+        /// the master cancels what holds locks after half of it, so no lock
+        /// has two holders. Absent from masters that predate it.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        missing_timeout_secs: Option<u64>,
     },
     /// The hello was not accepted; the connection closes after this frame.
     Refused {
@@ -394,6 +400,15 @@ pub enum MasterMessage {
         /// name in every step's environment.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         source: Option<BuildSource>,
+        /// The build holds master-wide locks for its whole run (its
+        /// builder's `locks`): see `Welcome::missing_timeout_secs`.
+        #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+        holds_locks: bool,
+        /// The master keeps at most this much of the build's log
+        /// (`max_log_bytes`): the agent sends no output past it, and says
+        /// so once in the log. Absent: no limit on the agent's side.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        max_log_bytes: Option<u64>,
     },
     /// The locks for this step are held; the agent may start it.
     StepGranted {

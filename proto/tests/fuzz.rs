@@ -147,6 +147,7 @@ fn master_seeds() -> Vec<String> {
             master_version: "0.1.0".into(),
             heartbeat_secs: 5,
             cancel: vec![3],
+            missing_timeout_secs: Some(60),
         },
         MasterMessage::Refused {
             reason: "bad token".into(),

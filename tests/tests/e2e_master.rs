@@ -217,6 +217,7 @@ async fn submit_start_finish_stores_the_result_and_the_log() -> anyhow::Result<(
             steps,
             properties,
             source,
+            ..
         } => {
             assert_eq!(source, None);
             assert_eq!(build_id, id);

@@ -509,6 +509,62 @@ async fn a_builds_log_is_capped_and_says_how_much_was_dropped() -> anyhow::Resul
     Ok(())
 }
 
+/// A real agent sends no output past `max_log_bytes`: a step printing
+/// ~1.3 MB runs to its end, the bytes that cross the link stay under the
+/// cap (the master's `output_bytes_received` metric), and the log says once
+/// that it is full and, last, how much was not sent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_real_agent_sends_no_output_past_max_log_bytes() -> anyhow::Result<()> {
+    let mut farm = Farm::builder()
+        .worker(WorkerSpec::new("a"))
+        .builder(
+            "app",
+            &["a"],
+            &[("loud", "seq 1 200000"), ("after", "echo after")],
+        )
+        .master_toml("max_log_bytes = 16384\n")
+        .start()
+        .await?;
+    farm.start_worker("a")?;
+    farm.wait_worker_ready("a").await?;
+    let api = farm.api()?;
+    let id = api.submit("app", BTreeMap::new()).await?.build_id;
+    let build = farm.wait_build(id).await?;
+    assert_eq!(
+        build.outcome,
+        Some(Outcome::Success),
+        "{build:?}\n{}",
+        farm.worker_log("a")
+    );
+    let text = master_metrics(&farm).await?;
+    let crossed = sample(&text, "nightshift_master_output_bytes_received_total", "");
+    assert!(
+        crossed > 0.0 && crossed <= 16384.0,
+        "{crossed} bytes of output crossed the link (max_log_bytes 16384)"
+    );
+    let log = api.log(id).await?.log;
+    assert!(log.len() <= 16384, "{} bytes stored", log.len());
+    assert_eq!(
+        log.matches("log reached max_log_bytes (16384 bytes)")
+            .count(),
+        1,
+        "{log}"
+    );
+    assert!(
+        log.trim_end()
+            .ends_with("bytes of output past max_log_bytes were not sent]"),
+        "{}",
+        &log[log.len().saturating_sub(300)..]
+    );
+    assert!(
+        farm.worker_log("a")
+            .contains("its log reached max_log_bytes (16384 bytes)"),
+        "{}",
+        farm.worker_log("a")
+    );
+    Ok(())
+}
+
 /// A build cancelled at `worker stop --graceful --deadline 2s` ran: it is
 /// re-queued as a retry with the reason, and the agent's log says 2 s.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -846,6 +902,74 @@ async fn a_step_lock_grant_ends_with_its_lease() -> anyhow::Result<()> {
         }
     }
     assert_eq!(api.build(first).await?.worker.as_deref(), Some("b"));
+    Ok(())
+}
+
+/// The cool-off after a lease ended survives a master restart: the build
+/// is still kept from the worker whose step held its locks too long, and
+/// goes to the other one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_cool_off_survives_a_master_restart() -> anyhow::Result<()> {
+    let mut farm = step_lock_farm(Some("1s")).await?;
+    let api = farm.api()?;
+    let mut a = farm.fake_agent("a", PresenceState::Available).await?;
+    let id = api.submit("app", BTreeMap::new()).await?.build_id;
+    assert_eq!(a.expect_start().await?, id);
+    a.send(&AgentMessage::BuildAccepted { build_id: id })
+        .await?;
+    a.send(&AgentMessage::StepWaiting {
+        build_id: id,
+        step: 0,
+    })
+    .await?;
+    expect_granted(&mut a, id).await?;
+    // a never finishes the step: the lease (1 s + 10 s grace) ends.
+    loop {
+        if let MasterMessage::CancelBuild { build_id, .. } = a.recv().await?
+            && build_id == id
+        {
+            break;
+        }
+    }
+    let cooling = |b: &nightshift_proto::api::BuildInfo| {
+        b.waiting_for
+            .as_deref()
+            .is_some_and(|w| w.contains("a cooling off"))
+    };
+    farm.wait_build_state(id, "waiting, a cooling off", cooling)
+        .await
+        .with_context(|| farm.master_log())?;
+    drop(a);
+    farm.kill_master().await?;
+    farm.start_master().await?;
+    // a is back, idle and first in the list: the build still waits.
+    let mut a = farm.fake_agent("a", PresenceState::Available).await?;
+    farm.wait_worker("a", "a connected", |w| w.connected)
+        .await?;
+    farm.wait_build_state(
+        id,
+        "still waiting, a cooling off after the restart",
+        cooling,
+    )
+    .await
+    .with_context(|| farm.master_log())?;
+    let mut b = farm.fake_agent("b", PresenceState::Available).await?;
+    let handed_to_a = async {
+        loop {
+            if let MasterMessage::StartBuild { build_id, .. } = a.recv().await?
+                && build_id == id
+            {
+                return anyhow::Ok(());
+            }
+        }
+    };
+    tokio::select! {
+        started = b.expect_start() => assert_eq!(started?, id),
+        wrong = handed_to_a => {
+            wrong?;
+            bail!("build {id} went back to a after the restart:\n{}", farm.master_log());
+        }
+    }
     Ok(())
 }
 

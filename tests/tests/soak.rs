@@ -15,6 +15,7 @@ async fn a_short_soak_loses_duplicates_and_forges_nothing() -> anyhow::Result<()
         seed: 20_261_130,
         master_faults: true,
         drain_deadline: Duration::from_secs(180),
+        keep_dir: false,
     })
     .await?;
     eprintln!("{}", report.summary());
@@ -28,9 +29,10 @@ async fn a_short_soak_loses_duplicates_and_forges_nothing() -> anyhow::Result<()
     );
     assert!(
         report.is_clean(),
-        "{}\n{:#?}",
+        "{}\n{:#?}\nthe farm's directory is kept: {:?}",
         report.summary(),
-        report.violations
+        report.violations,
+        report.kept_dir
     );
     Ok(())
 }

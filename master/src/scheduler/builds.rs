@@ -182,6 +182,15 @@ impl Scheduler {
         if !self.owns(worker, build_id) {
             return self.refuse(worker, build_id, "refused");
         }
+        if self.running.get(&build_id).is_some_and(|run| run.accepted) {
+            // It accepted the build, so it ran (an older agent hands a
+            // build back this way when it stops at once): a retry, with why.
+            let why = format!("worker {worker} handed it back after starting it: {reason}");
+            self.requeue(worker, build_id, &why, RetryReason::CancelledOnWorker);
+            self.maybe_release(worker);
+            self.assign();
+            return;
+        }
         tracing::info!("build {build_id}: worker {worker} refused it ({reason}); re-queued");
         if let Some(run) = self.running.remove(&build_id) {
             if let Some(slot) = self.workers.get_mut(worker) {
@@ -568,19 +577,27 @@ impl Scheduler {
             METRICS.waited_before_start(queued_at.elapsed());
         }
         tracing::info!("build {id} ({}) handed to {worker}", queued.builder);
-        self.send(
+        // Committed before the agent hears of it: a master killed in
+        // between must not restore as queued a build an agent runs (it
+        // would hand it out again, and the agent's hello would then be
+        // told to cancel a build that already ran).
+        let handed_out = self.clock.now();
+        let committed = self.store.mark_started(id, worker.clone(), handed_out);
+        let holds_locks = !self.builder_locks(&queued.builder).is_empty();
+        self.send_after_commit(
             &worker,
+            committed,
             MasterMessage::StartBuild {
                 build_id: id,
                 builder: queued.builder.clone(),
                 steps,
                 properties: queued.properties.clone(),
                 source,
+                holds_locks,
+                max_log_bytes: Some(self.config.max_log_bytes),
             },
         );
         tracing::debug!(target: nightshift_proto::log::HANDOFF, "build {id}: handed out");
-        let handed_out = self.clock.now();
-        self.store.mark_started(id, worker.clone(), handed_out);
         self.running.insert(
             id,
             Running {
@@ -591,6 +608,7 @@ impl Scheduler {
                 accepted: false,
                 step_locks,
                 leased_step: None,
+                waiting_step: None,
                 handed_out: Some(handed_out),
             },
         );
@@ -695,6 +713,88 @@ mod tests {
         });
         assert_eq!(started(&mut b), vec![id]);
         assert!(started(&mut a).is_empty());
+    }
+
+    /// Soak, seed 20261130: a master SIGKILLed between a hand-out and its
+    /// commit restored the build as queued, handed it to another worker,
+    /// and told the first one, still running it, to cancel it: the build
+    /// ran twice with no retry counted. The agent now hears of a hand-out
+    /// only once it is committed, so a restart keeps the build on it.
+    #[tokio::test]
+    async fn a_hand_out_reaches_the_agent_only_once_committed_and_survives_a_restart() {
+        let mut h = Harness::new();
+        let (_, mut a) = h.connect("a", PresenceState::Available, vec![]);
+        let id = h.submit().await;
+        let mut barrier = None;
+        let mut start = false;
+        while let Ok(out) = a.try_recv() {
+            match out {
+                Outbound::AfterCommit(committed) => barrier = Some(committed),
+                Outbound::Message(MasterMessage::StartBuild { build_id, .. }) => {
+                    assert_eq!(build_id, id);
+                    assert!(
+                        barrier.is_some(),
+                        "StartBuild came before its commit barrier"
+                    );
+                    start = true;
+                }
+                _ => {}
+            }
+        }
+        assert!(start, "build {id} was not handed to a");
+        // What the connection task does before it writes StartBuild.
+        barrier.expect("a commit barrier").wait().await;
+        assert_eq!(
+            h.stored(id).await,
+            (nightshift_proto::api::BuildState::Running, Some("a".into())),
+            "the hand-out is committed before the agent can hear of it"
+        );
+        // The master dies and comes back: the build waits for a, it is
+        // not handed to b, and a's hello keeps it.
+        h.restart().await;
+        let (_, mut b) = h.connect("b", PresenceState::Available, vec![]);
+        assert!(started(&mut b).is_empty(), "handed out a second time");
+        let (_, mut a2) = h.connect("a", PresenceState::Available, vec![id]);
+        match a2.try_recv() {
+            Ok(Outbound::Message(MasterMessage::Welcome { cancel, .. })) => {
+                assert!(cancel.is_empty(), "a was told to cancel {cancel:?}")
+            }
+            other => panic!("expected the welcome, got {other:?}"),
+        }
+        assert_eq!(h.scheduler.snapshot().running[&id], "a");
+    }
+
+    /// A worker that hands back a build it accepted (an older agent
+    /// stopping at once) gets it re-queued as a retry with the reason: it
+    /// ran there.
+    #[tokio::test]
+    async fn a_build_handed_back_after_it_was_accepted_counts_as_a_retry() {
+        let mut h = Harness::new();
+        let (ca, mut a) = h.connect("a", PresenceState::Available, vec![]);
+        let id = h.submit().await;
+        assert_eq!(started(&mut a), vec![id]);
+        for message in [
+            AgentMessage::BuildAccepted { build_id: id },
+            AgentMessage::BuildRefused {
+                build_id: id,
+                reason: "the worker is stopping".into(),
+            },
+        ] {
+            h.scheduler.handle(Event::Agent {
+                worker: "a".into(),
+                conn: ca,
+                message,
+            });
+        }
+        assert_eq!(started(&mut a), vec![id], "re-queued and handed out again");
+        // The store's queue is FIFO: a read queued after the write sees it.
+        let build = h.store.get_build(id).await.unwrap().unwrap();
+        assert_eq!(build.retries, 1);
+        let reason = build.retry_reason.unwrap_or_default();
+        assert!(
+            reason.contains("worker a handed it back after starting it"),
+            "{reason}"
+        );
     }
 
     #[tokio::test]

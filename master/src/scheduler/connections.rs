@@ -46,6 +46,9 @@ impl Scheduler {
                 "replaced by a newer connection of the same worker".into(),
             ));
         }
+        // Step waits asked for on an earlier connection are stale: the
+        // agent asks again for the steps it still runs.
+        self.drop_step_waits(&worker);
         let listed: BTreeSet<BuildId> = hello.running.iter().copied().collect();
         let mut cancel = Vec::new();
         let mut adopted = Vec::new();
@@ -103,10 +106,12 @@ impl Scheduler {
                         accepted: true,
                         step_locks,
                         leased_step: None,
+                        waiting_step: None,
                         handed_out: None,
                     },
                 );
-                self.store.mark_started(id, worker.clone(), now);
+                // The agent runs it already: nothing waits for the commit.
+                let _ = self.store.mark_started(id, worker.clone(), now);
                 if let Some(slot) = self.workers.get_mut(&worker) {
                     slot.running.insert(id);
                 }
@@ -150,6 +155,7 @@ impl Scheduler {
                 master_version: env!("CARGO_PKG_VERSION").into(),
                 heartbeat_secs,
                 cancel,
+                missing_timeout_secs: Some(self.config.missing_timeout.as_secs()),
             },
         );
         if let Some(verdict) = self.schedules.verdict(&worker) {
@@ -234,6 +240,9 @@ impl Scheduler {
         self.touch(worker);
         // Its connection's reconcile deadline has nothing left to check.
         self.timers.cancel(&TimerSlot::Reconcile(worker.to_owned()));
+        // Nobody listens for its step grants until it is back (and asks
+        // again): a grant now could reach a later run of the same build.
+        self.drop_step_waits(worker);
         tracing::info!(
             "worker {worker} disconnected ({reason}){}",
             if busy {

@@ -8,7 +8,7 @@ use std::time::Duration;
 use nightshift_proto::wire::{BuildId, MasterMessage};
 
 use super::timers::TimerSlot;
-use super::{Event, Outbound, Scheduler, Waiting};
+use super::{Event, Scheduler, Waiting};
 use crate::locks::{Claim, LockHolder, split_locks};
 use crate::metrics::{LockLevel, METRICS, RetryReason};
 use crate::store::StepGrant;
@@ -194,6 +194,9 @@ impl Scheduler {
         {
             Ok(true) => self.grant_step(worker, build_id, step),
             Ok(false) => {
+                if let Some(run) = self.running.get_mut(&build_id) {
+                    run.waiting_step = Some(step);
+                }
                 let why = self.locks.waiting_text(build_id).unwrap_or_default();
                 tracing::info!("build {build_id} step {step}: waiting for {why}");
                 METRICS.lock_wait(LockLevel::Step);
@@ -214,6 +217,7 @@ impl Scheduler {
         let Some(run) = self.running.get_mut(&build_id) else {
             return;
         };
+        run.waiting_step = None;
         if run.leased_step != Some(step) {
             run.leased_step = Some(step);
             let timeout = self
@@ -229,27 +233,17 @@ impl Scheduler {
                 );
             }
         }
-        let outbox = self
-            .workers
-            .get(worker)
-            .and_then(|slot| slot.conn.as_ref())
-            .map(|(_, out)| out.clone());
-        let store = self.store.clone();
-        let worker = worker.to_owned();
-        tokio::spawn(async move {
-            if let Err(e) = store.save_step_grant(build_id, step, worker).await {
-                tracing::error!(
-                    "build {build_id} step {step}: cannot persist its lock grant ({e:#}); \
-                     granted anyway"
-                );
-            }
-            if let Some(out) = outbox {
-                let _ = out.send(Outbound::Message(MasterMessage::StepGranted {
-                    build_id,
-                    step,
-                }));
-            }
-        });
+        // Persisted, then sent in order with everything else for this
+        // connection: a grant can never reach the agent after a later
+        // frame (a re-queue's new StartBuild of the same build).
+        let committed = self
+            .store
+            .save_step_grant(build_id, step, worker.to_owned());
+        self.send_after_commit(
+            worker,
+            committed,
+            MasterMessage::StepGranted { build_id, step },
+        );
     }
 
     /// The agent finished `step`: its locks go to the next waiter.
@@ -314,6 +308,9 @@ impl Scheduler {
                     LEASE_COOL_OFF,
                     Event::CoolOffEnded { build_id },
                 );
+                let until = self.clock.now() + LEASE_COOL_OFF;
+                self.store
+                    .set_cool_off(build_id, Some((worker.clone(), until)));
             }
         }
         self.store.forget_handed_to(build_id);
@@ -379,6 +376,29 @@ impl Scheduler {
         }
     }
 
+    /// `worker`'s connection ended: the step waits its builds asked for on
+    /// it are withdrawn (the agent asks again after it reconnects, if it
+    /// still runs them). A grant is never given to a wait nobody listens to.
+    pub(super) fn drop_step_waits(&mut self, worker: &str) {
+        let ids: Vec<BuildId> = self
+            .workers
+            .get(worker)
+            .map(|slot| slot.running.iter().copied().collect())
+            .unwrap_or_default();
+        for id in ids {
+            let Some(step) = self
+                .running
+                .get_mut(&id)
+                .filter(|run| run.worker == worker)
+                .and_then(|run| run.waiting_step.take())
+            else {
+                continue;
+            };
+            let granted = self.locks.release(LockHolder::Step(id, step));
+            self.on_lock_grants(granted);
+        }
+    }
+
     /// `worker` went away or offline: builds waiting for locks on it give
     /// their place back and return to the queue. Returns whether any did.
     pub(super) fn unbind_lock_waits(&mut self, worker: &str) -> bool {
@@ -400,11 +420,120 @@ mod tests {
 
     use jiff::Timestamp;
     use nightshift_policy::PresenceState;
-    use nightshift_proto::wire::{AgentMessage, BuildResult};
+    use nightshift_proto::wire::{AgentMessage, BuildResult, MasterMessage};
 
-    use super::super::Event;
     use super::super::test_harness::{HASH, Harness, presence, started};
+    use super::super::{Event, Outbound};
     use crate::config::MasterConfig;
+
+    /// Soak, seed 20261130: an agent SIGKILLed while build X held a step
+    /// lock and build Y waited for it comes back without them. At the
+    /// reconcile deadline X's re-queue released the lock to Y's stale wait,
+    /// and that grant reached the restarted agent after Y was handed to it
+    /// again: Y ran its locked step beside the lock's real next holder.
+    /// Now a connection's end withdraws its step waits, and grants travel
+    /// in order with the other frames.
+    #[tokio::test]
+    async fn a_step_wait_of_a_lost_connection_is_never_granted_to_a_later_run() {
+        let text = format!(
+            r#"
+[[lock]]
+name = "db"
+scope = "master"
+max_count = 1
+[[worker]]
+name = "a"
+token_sha256 = "{HASH}"
+max_builds = 2
+[[worker]]
+name = "b"
+token_sha256 = "{HASH}"
+[[builder]]
+name = "app"
+workers = ["a"]
+steps = [{{ name = "s", command = "true", locks = [{{ name = "db", access = "exclusive" }}] }}]
+[[builder]]
+name = "other"
+workers = ["b"]
+steps = [{{ name = "s", command = "true", locks = [{{ name = "db", access = "exclusive" }}] }}]
+"#
+        );
+        let config =
+            MasterConfig::parse(&text, Path::new("master.toml"), Path::new("/tmp")).unwrap();
+        let mut h = Harness::with_config(Arc::new(config));
+        let (ca, mut a) = h.connect_with_slots("a", PresenceState::Available, vec![], 2);
+        let (cb, mut b) = h.connect("b", PresenceState::Available, vec![]);
+        let x = h.submit_to("app").await;
+        let y = h.submit_to("app").await;
+        assert_eq!(started(&mut a), vec![x, y]);
+        let agent = |h: &mut Harness, worker: &str, conn, message| {
+            h.scheduler.handle(Event::Agent {
+                worker: worker.into(),
+                conn,
+                message,
+            })
+        };
+        for id in [x, y] {
+            agent(
+                &mut h,
+                "a",
+                ca,
+                AgentMessage::StepWaiting {
+                    build_id: id,
+                    step: 0,
+                },
+            );
+        }
+        let z = h.submit_to("other").await;
+        assert_eq!(started(&mut b), vec![z]);
+        agent(
+            &mut h,
+            "b",
+            cb,
+            AgentMessage::StepWaiting {
+                build_id: z,
+                step: 0,
+            },
+        );
+        // a is SIGKILLed and restarted: it runs neither X nor Y any more.
+        h.scheduler.handle(Event::Disconnected {
+            worker: "a".into(),
+            conn: ca,
+            reason: "killed".into(),
+        });
+        let (ca2, mut a2) = h.connect_with_slots("a", PresenceState::Available, vec![], 2);
+        h.scheduler.handle(Event::ReconcileDeadline {
+            worker: "a".into(),
+            conn: ca2,
+        });
+        // X and Y are handed to the new agent again; nothing grants Y's old
+        // wait, and the lock went to Z, which asked first of the live waits.
+        let mut frames = Vec::new();
+        while let Ok(out) = a2.try_recv() {
+            if let Outbound::Message(message) = out {
+                frames.push(message);
+            }
+        }
+        assert!(
+            !frames
+                .iter()
+                .any(|m| matches!(m, MasterMessage::StepGranted { .. })),
+            "a stale grant reached the restarted agent: {frames:?}"
+        );
+        let restarted: Vec<_> = frames
+            .iter()
+            .filter_map(|m| match m {
+                MasterMessage::StartBuild { build_id, .. } => Some(*build_id),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(restarted, vec![x, y]);
+        let mut granted_z = false;
+        while let Ok(out) = b.try_recv() {
+            granted_z |= matches!(out, Outbound::Message(MasterMessage::StepGranted { build_id, .. }) if build_id == z);
+        }
+        assert!(granted_z, "the lock's next live waiter gets it");
+    }
 
     /// Issue 5: a build waiting for its builder-level lock keeps its chosen
     /// worker's slot; if that worker turns away the build gives the slot

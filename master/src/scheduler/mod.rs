@@ -54,7 +54,7 @@ use crate::config::MasterConfig;
 use crate::latent::{LatentEvent, LatentPool, LatentProvider, LatentTokens, MasterAccess};
 use crate::locks::{BuildLocks, Claim, LockHolder};
 use crate::master_schedule::MasterSchedules;
-use crate::outbox::AgentOutbox;
+use crate::outbox::{AgentOutbox, Committed};
 use crate::store::{Store, StoreOutcome, UnfinishedBuild};
 use crate::worker_groups::Member;
 
@@ -87,6 +87,9 @@ pub enum Outbound {
     Message(MasterMessage),
     /// Close the connection, logging the reason.
     Close(String),
+    /// Hold back the frames after this one until this store write is
+    /// committed (what they tell the agent must survive a master crash).
+    AfterCommit(Committed),
 }
 
 /// The parts of an agent's hello the scheduler uses.
@@ -368,6 +371,8 @@ struct Running {
     step_locks: Vec<Vec<Claim>>,
     /// The step whose locks are granted (its lease runs), if any.
     leased_step: Option<u32>,
+    /// The step waiting for its locks on the current connection, if any.
+    waiting_step: Option<u32>,
     /// When it was handed out, by the scheduler's clock (the start of the
     /// span its builder's estimate measures); `None` for a build adopted
     /// from a worker that came back with it, whose hand-out is not known.
@@ -550,6 +555,7 @@ impl Scheduler {
                             accepted: true,
                             step_locks,
                             leased_step: None,
+                            waiting_step: None,
                             handed_out: build.started_at,
                         },
                     );
@@ -571,15 +577,25 @@ impl Scheduler {
                     );
                 }
                 _ => {
-                    scheduler.queue.insert(
-                        build.id,
-                        Queued::restored(
-                            build.builder,
-                            build.properties,
-                            build.source,
-                            build.handed_to,
-                        ),
+                    let mut queued = Queued::restored(
+                        build.builder,
+                        build.properties,
+                        build.source,
+                        build.handed_to,
                     );
+                    // A cool-off that began before the restart runs on.
+                    if let Some((worker, until)) = build.cool_off
+                        && let Ok(left) = std::time::Duration::try_from(until.duration_since(now))
+                        && !left.is_zero()
+                    {
+                        queued.avoid = Some(worker);
+                        scheduler.timers.set(
+                            timers::TimerSlot::CoolOff(build.id),
+                            left,
+                            Event::CoolOffEnded { build_id: build.id },
+                        );
+                    }
+                    scheduler.queue.insert(build.id, queued);
                 }
             }
         }
@@ -701,6 +717,7 @@ impl Scheduler {
                 if let Some(queued) = self.queue.get_mut(&build_id) {
                     queued.avoid = None;
                 }
+                self.store.set_cool_off(build_id, None);
                 self.assign();
             }
             Event::Reconfig { config, reply } => {
@@ -750,6 +767,7 @@ impl Scheduler {
                 data,
             } => {
                 if self.owns(worker, build_id) {
+                    crate::metrics::METRICS.output_received(data.len() as u64);
                     self.store.append_log(build_id, step, data);
                 } else {
                     self.refuse(worker, build_id, "sent output for");
@@ -783,6 +801,16 @@ impl Scheduler {
     /// Sends `message` to `worker` if it is connected.
     fn send(&self, worker: &str, message: MasterMessage) {
         if let Some((_, out)) = self.workers.get(worker).and_then(|s| s.conn.as_ref()) {
+            let _ = out.send(Outbound::Message(message));
+        }
+    }
+
+    /// Sends `message` to `worker` once `committed` is (its later frames
+    /// wait too, so they keep their order).
+    fn send_after_commit(&self, worker: &str, committed: Committed, message: MasterMessage) {
+        if let Some((_, out)) = self.workers.get(worker).and_then(|s| s.conn.as_ref())
+            && out.send(Outbound::AfterCommit(committed)).is_ok()
+        {
             let _ = out.send(Outbound::Message(message));
         }
     }

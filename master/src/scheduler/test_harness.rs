@@ -22,7 +22,7 @@ pub(super) struct Harness {
     pub(super) scheduler: Scheduler,
     _events: mpsc::UnboundedReceiver<Event>,
     _dir: tempfile::TempDir,
-    store: Store,
+    pub(super) store: Store,
     next_conn: ConnId,
 }
 
@@ -81,6 +81,35 @@ impl Harness {
             store,
             next_conn: 1,
         }
+    }
+
+    /// A master restart: a new scheduler on the same store and config,
+    /// from what the store has committed (as `master run` starts one).
+    pub(super) async fn restart(&mut self) {
+        let unfinished = self.store.unfinished().await.unwrap();
+        let grants = self.store.step_grants().await.unwrap();
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.scheduler = Scheduler::new(
+            Arc::clone(&self.scheduler.config),
+            self.store.clone(),
+            Arc::new(FixedClock(Timestamp::UNIX_EPOCH)),
+            tx,
+            Restored {
+                unfinished,
+                ..Restored::default()
+            },
+        );
+        self.scheduler.restore_step_grants(grants);
+        self._events = rx;
+    }
+
+    /// What the store has committed about build `id`: its state and worker.
+    pub(super) async fn stored(
+        &self,
+        id: BuildId,
+    ) -> (nightshift_proto::api::BuildState, Option<String>) {
+        let build = self.store.get_build(id).await.unwrap().unwrap();
+        (build.state, build.worker)
     }
 
     pub(super) fn connect(

@@ -205,6 +205,7 @@ async fn agent_session(state: AppState, mut socket: WebSocket, token: Option<Str
                         );
                     }
                 }
+                Next::Frame(Outbound::AfterCommit(committed)) => committed.wait().await,
                 Next::Frame(Outbound::Close(why)) => {
                     let _ = socket.send(Message::Close(Some(CloseFrame {
                         code: 1000,

@@ -4,15 +4,10 @@ use super::*;
 
 impl Store {
     /// Persists that `step` of build `id` holds its locks on `worker`;
-    /// answers after the commit (the grant is sent only then, so a restart
-    /// cannot forget a hold the agent acts on).
-    pub async fn save_step_grant(
-        &self,
-        id: BuildId,
-        step: u32,
-        worker: String,
-    ) -> anyhow::Result<()> {
-        self.call(move |conn| {
+    /// the answer is done after the commit (the grant is sent only then, so
+    /// a restart cannot forget a hold the agent acts on).
+    pub fn save_step_grant(&self, id: BuildId, step: u32, worker: String) -> Committed {
+        self.spawn_committed("save step grant", move |conn| {
             conn.prepare_cached(
                 "INSERT INTO step_grants (build_id, step, worker) VALUES (?1, ?2, ?3) \
                  ON CONFLICT(build_id, step) DO UPDATE SET worker = excluded.worker",
@@ -20,7 +15,6 @@ impl Store {
             .execute(params![id as i64, step, worker])?;
             Ok(())
         })
-        .await
     }
 
     /// The step's locks were released.

@@ -3,16 +3,18 @@
 use super::*;
 
 impl Store {
-    /// The build was handed to `worker`.
-    pub fn mark_started(&self, id: BuildId, worker: String, now: Timestamp) {
-        self.spawn("mark build started", move |conn| {
+    /// The build was handed to `worker`. The answer is done once the
+    /// transaction has ended: the agent is told only then, so a master
+    /// killed meanwhile cannot forget a build an agent runs.
+    pub fn mark_started(&self, id: BuildId, worker: String, now: Timestamp) -> Committed {
+        self.spawn_committed("mark build started", move |conn| {
             conn.prepare_cached(
                 "UPDATE builds SET state = 'running', worker = ?2, handed_to = ?2, started_at = ?3, \
                  waiting_for = NULL WHERE id = ?1 AND state != 'finished'",
             )?
             .execute(params![id as i64, worker, now.to_string()])?;
             Ok(())
-        });
+        })
     }
 
     /// The build goes back to the queue; `retry` counts it as a retry. It
@@ -35,6 +37,22 @@ impl Store {
                     )?
                     .execute(params![id as i64])?,
             };
+            Ok(())
+        });
+    }
+
+    /// Keeps build `id` away from `worker` until `until` (its lock lease
+    /// ended there), or ends that (`None`): survives a restart.
+    pub fn set_cool_off(&self, id: BuildId, cool_off: Option<(String, Timestamp)>) {
+        self.spawn("set a build's cool-off", move |conn| {
+            let (worker, until) = match cool_off {
+                Some((worker, until)) => (Some(worker), Some(until.to_string())),
+                None => (None, None),
+            };
+            conn.prepare_cached(
+                "UPDATE builds SET cool_off_worker = ?2, cool_off_until = ?3 WHERE id = ?1",
+            )?
+            .execute(params![id as i64, worker, until])?;
             Ok(())
         });
     }

@@ -37,6 +37,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::oneshot;
 
 use crate::live_log::{LiveEvent, LiveLogs};
+use crate::outbox::{Committed, commit_signal};
 use crate::worker_groups::Member;
 
 mod grants;
@@ -80,6 +81,9 @@ pub struct UnfinishedBuild {
     pub handed_to: Option<String>,
     pub retries: u32,
     pub source: Option<BuildSource>,
+    /// The worker it is kept away from after its lock lease ended there,
+    /// and until when (a restart keeps the cool-off).
+    pub cool_off: Option<(String, Timestamp)>,
     /// When a running build was handed out (the master's clock).
     pub started_at: Option<Timestamp>,
 }
@@ -258,6 +262,34 @@ impl Store {
         if self.enqueue(job).is_err() {
             tracing::error!("store: {what}: the store thread has stopped");
         }
+    }
+
+    /// [`Store::spawn`] whose answer is done once the transaction has ended
+    /// (committed, or failed and logged), for a frame that must wait for it.
+    fn spawn_committed(
+        &self,
+        what: &'static str,
+        f: impl FnOnce(&Connection) -> rusqlite::Result<()> + Send + 'static,
+    ) -> Committed {
+        let (signal, committed) = commit_signal();
+        let job: Job = Box::new(move |conn| {
+            let result = f(conn);
+            let ok = result.is_ok();
+            let completion: Completion = Box::new(move |committed| {
+                match result {
+                    Err(e) => tracing::error!("store: {what}: {e}"),
+                    Ok(()) if !committed => tracing::error!("store: {what}: commit failed"),
+                    Ok(()) => {}
+                }
+                signal.fire();
+            });
+            (ok, completion)
+        });
+        if self.enqueue(job).is_err() {
+            // The signal was dropped with the job: waiters go on.
+            tracing::error!("store: {what}: the store thread has stopped");
+        }
+        committed
     }
 }
 

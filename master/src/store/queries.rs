@@ -40,7 +40,8 @@ impl Store {
         self.call(|conn| {
             let mut stmt = conn.prepare(
                 "SELECT id, builder, properties, state, worker, retries, repository, branch, revision, \
-                 handed_to, started_at FROM builds WHERE state != 'finished' ORDER BY id",
+                 handed_to, started_at, cool_off_worker, cool_off_until FROM builds \
+                 WHERE state != 'finished' ORDER BY id",
             )?;
             let rows = stmt.query_map([], |r| {
                 let props: String = r.get(2)?;
@@ -55,6 +56,10 @@ impl Store {
                     source: source_of(r.get(6)?, r.get(7)?, r.get(8)?),
                     handed_to: r.get(9)?,
                     started_at: parse_ts(r.get(10)?),
+                    cool_off: match (r.get::<_, Option<String>>(11)?, r.get::<_, Option<String>>(12)?) {
+                        (Some(worker), Some(until)) => until.parse().ok().map(|until| (worker, until)),
+                        _ => None,
+                    },
                 })
             })?;
             rows.collect()

@@ -94,6 +94,10 @@ CREATE TABLE enrolled_workers (
     enrolled_at TEXT NOT NULL
 );
 "#,
+    r#"
+ALTER TABLE builds ADD COLUMN cool_off_worker TEXT;
+ALTER TABLE builds ADD COLUMN cool_off_until TEXT;
+"#,
 ];
 
 pub(super) fn migrate(conn: &Connection) -> rusqlite::Result<()> {

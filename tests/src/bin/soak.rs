@@ -37,6 +37,11 @@ struct Args {
     /// Print the report as JSON instead of the summary line.
     #[arg(long)]
     json: bool,
+    /// Keep the farm's directory (master and worker logs, database, ledger,
+    /// report.json) even after a clean run; after a violation it is always
+    /// kept, and its path printed.
+    #[arg(long)]
+    keep_dir: bool,
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
@@ -49,6 +54,7 @@ async fn main() -> ExitCode {
         seed: args.seed,
         master_faults: !args.no_master_faults,
         drain_deadline: Duration::from_secs(args.drain_secs),
+        keep_dir: args.keep_dir,
     };
     match run(config).await {
         Ok(report) => {
@@ -57,6 +63,17 @@ async fn main() -> ExitCode {
             }
             for line in &report.ran_past {
                 eprintln!("ran past its window: {line}");
+            }
+            for line in &report.ledger_torn {
+                eprintln!(
+                    "a torn ledger line (its step was killed while writing), skipped: {line:?}"
+                );
+            }
+            if let Some(dir) = &report.kept_dir {
+                eprintln!(
+                    "the farm's directory is kept: {dir} (master.log, workers/*/worker.log, \
+                     ledger, report.json with every fault and when)"
+                );
             }
             if args.json {
                 println!(

@@ -9,6 +9,7 @@ impl Soak {
             builds: self.submitted.len(),
             faults_injected: self.faults.values().sum(),
             faults: self.faults.clone(),
+            fault_log: self.fault_log.clone(),
             ..SoakReport::default()
         };
         let deadline = Instant::now() + self.config.drain_deadline;
@@ -40,7 +41,8 @@ impl Soak {
                 .push(format!("build {id} never finished (state {state:?})"));
         }
 
-        let entries = read_ledger(&self.ledger)?;
+        let (entries, torn) = read_ledger(&self.ledger);
+        report.ledger_torn = torn;
         // Runs per build: how many times its first step started.
         let mut runs: BTreeMap<BuildId, Vec<&Entry>> = BTreeMap::new();
         for entry in entries.iter().filter(|e| e.event == "start") {
@@ -53,11 +55,23 @@ impl Soak {
             }
             if count > 1 + build.retries || (count > 1 && build.retry_reason.is_none()) {
                 report.duplicated += 1;
+                let starts = runs.get(id).map(Vec::as_slice).unwrap_or_default();
+                let first = starts.first().map_or(0.0, |e| e.at);
+                let last = starts.last().map_or(0.0, |e| e.at);
+                let where_ = starts
+                    .iter()
+                    .map(|e| format!("{} at {:.3}", e.worker, e.at))
+                    .collect::<Vec<_>>()
+                    .join(", ");
                 report.violations.push(format!(
-                    "build {id} ran {count} times with retries {} and reason {:?}",
-                    build.retries, build.retry_reason
+                    "build {id} ran {count} times with retries {} and reason {:?} \
+                     (started on {where_}; faults around: {})",
+                    build.retries,
+                    build.retry_reason,
+                    self.faults_around(first - FAULT_LOOKBACK, last)
                 ));
             }
+
             // Every step decides its own exit from the build id: `flaky`
             // fails when the id is a multiple of 4, the others never.
             let expected = if build.builder == "flaky" && id % 4 == 0 {
@@ -119,6 +133,32 @@ impl Soak {
         Ok(report)
     }
 
+    /// The faults that were under way between `from` and `to`, in words.
+    fn faults_around(&self, from: f64, to: f64) -> String {
+        let near: Vec<String> = self
+            .fault_log
+            .iter()
+            .filter(|f| f.ended >= from && f.began <= to)
+            .map(|f| {
+                format!(
+                    "{}{} {:.3}..{:.3}",
+                    f.kind,
+                    f.worker
+                        .as_deref()
+                        .map(|w| format!(" on {w}"))
+                        .unwrap_or_default(),
+                    f.began,
+                    f.ended
+                )
+            })
+            .collect();
+        if near.is_empty() {
+            "none".to_owned()
+        } else {
+            near.join("; ")
+        }
+    }
+
     /// Lock holds from the ledger (`acquire` to `release`, or to the holder's
     /// forced end); with `max_count = 1` no two may overlap.
     pub(super) fn lock_overlaps(&self, entries: &[Entry], violations: &mut Vec<String>) -> usize {
@@ -154,8 +194,16 @@ impl Soak {
                     let mut line = String::new();
                     let _ = write!(
                         line,
-                        "lock {LOCK}: build {} on {} took it at {:.3} while build {} on {} held it until {:.3}",
-                        hold.2, hold.3, hold.0, previous.2, previous.3, previous.1
+                        "lock {LOCK}: build {} on {} took it at {:.3} while build {} on {} held it \
+                         (from {:.3}) until {:.3} (faults around: {})",
+                        hold.2,
+                        hold.3,
+                        hold.0,
+                        previous.2,
+                        previous.3,
+                        previous.0,
+                        previous.1,
+                        self.faults_around(previous.0 - FAULT_LOOKBACK, hold.0)
                     );
                     violations.push(line);
                 }

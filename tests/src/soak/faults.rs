@@ -39,7 +39,8 @@ impl Soak {
             &FAULT_KINDS[..FAULT_KINDS.len() - 1]
         };
         let kind = kinds[self.faults.values().sum::<usize>() % kinds.len()];
-        match kind {
+        let logged = self.fault_log.len();
+        let done = match kind {
             Fault::Away => self.away_flip(&worker, None).await,
             Fault::AwayFor => self.away_flip(&worker, Some("1s")).await,
             Fault::Stop => self.graceful_stop(&worker, None).await,
@@ -47,7 +48,11 @@ impl Soak {
             Fault::KillAgent => self.kill_agent(&worker).await,
             Fault::Intruder => self.intrude().await,
             Fault::KillMaster => self.kill_master().await,
+        };
+        if let Some(record) = self.fault_log.get_mut(logged) {
+            record.ended = now_secs();
         }
+        done
     }
 
     fn cli(&self, worker: &str, args: &[&str]) -> anyhow::Result<()> {
@@ -62,26 +67,33 @@ impl Soak {
     }
 
     async fn away_flip(&mut self, worker: &str, for_: Option<&str>) -> anyhow::Result<()> {
-        let mut args = vec!["set-availability", "away"];
-        if let Some(for_) = for_ {
-            args.extend(["--for", for_]);
-        }
-        self.cli(worker, &args)?;
-        let from = now_secs();
         match for_ {
-            Some(_) => {
-                self.count("manual away --for 1s");
-                // The manual state was set before the acknowledgement, so it
-                // ends a little before `from + 1 s`.
+            Some(for_) => {
+                self.count("manual away --for 1s", Some(worker));
+                let status = self.farm.worker_cli_json(
+                    worker,
+                    &["set-availability", "away", "--for", for_, "--json"],
+                )?;
+                let from = now_secs();
+                // The manual state ends when the agent says (it was set
+                // before the CLI returned, so a little before `from + 1 s`).
+                let until = status["manual"]["until"].as_str().with_context(|| {
+                    format!("`set-availability away --for` on {worker} says no end: {status}")
+                })?;
+                let until: jiff::Timestamp = until
+                    .parse()
+                    .with_context(|| format!("the end {until:?} of {worker}'s away"))?;
                 self.away.push(AwayWindow {
                     worker: worker.to_owned(),
                     from,
-                    to: from + 0.9,
-                    why: "away --for 1s".into(),
+                    to: until.as_nanosecond() as f64 / 1e9,
+                    why: format!("away --for {for_}"),
                 });
             }
             None => {
-                self.count("away flip");
+                self.count("away flip", Some(worker));
+                self.cli(worker, &["set-availability", "away"])?;
+                let from = now_secs();
                 let hold = self.rng.random_range(100..1200);
                 tokio::time::sleep(Duration::from_millis(hold)).await;
                 let to = now_secs();
@@ -101,9 +113,9 @@ impl Soak {
         let mut args = vec!["stop", "--graceful"];
         if let Some(deadline) = deadline {
             args.extend(["--deadline", deadline]);
-            self.count("graceful stop with deadline");
+            self.count("graceful stop with deadline", Some(worker));
         } else {
-            self.count("graceful stop");
+            self.count("graceful stop", Some(worker));
         }
         self.cli(worker, &args)?;
         let from = now_secs();
@@ -132,7 +144,7 @@ impl Soak {
     }
 
     async fn kill_agent(&mut self, worker: &str) -> anyhow::Result<()> {
-        self.count("SIGKILL agent");
+        self.count("SIGKILL agent", Some(worker));
         self.farm.kill_worker(worker)?;
         self.downtimes.push(Downtime {
             worker: worker.to_owned(),
@@ -145,7 +157,7 @@ impl Soak {
     }
 
     async fn kill_master(&mut self) -> anyhow::Result<()> {
-        self.count("SIGKILL master");
+        self.count("SIGKILL master", None);
         self.farm.kill_master().await?;
         let down = self.rng.random_range(0..1500);
         tokio::time::sleep(Duration::from_millis(down)).await;
@@ -155,7 +167,7 @@ impl Soak {
     /// A worker with a valid token that no builder lists tries to adopt and
     /// finish builds that are not its own, and floods the master.
     async fn intrude(&mut self) -> anyhow::Result<()> {
-        self.count("intruder (adopt, forge, flood)");
+        self.count("intruder (adopt, forge, flood)", None);
         let token = self.farm.worker_spec(INTRUDER)?.token.clone();
         let Ok(mut agent) = FakeAgent::connect(&self.farm, Some(&token)).await else {
             return Ok(());

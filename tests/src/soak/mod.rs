@@ -59,6 +59,10 @@ pub struct SoakConfig {
     pub master_faults: bool,
     /// Longest wait for the last builds to finish after the faults stop.
     pub drain_deadline: Duration,
+    /// Keep the farm's directory (master and worker logs, the database,
+    /// the ledger) after the run even when it is clean; it is always kept
+    /// when a violation is found.
+    pub keep_dir: bool,
 }
 
 impl Default for SoakConfig {
@@ -70,6 +74,7 @@ impl Default for SoakConfig {
             seed: 1,
             master_faults: true,
             drain_deadline: Duration::from_secs(300),
+            keep_dir: false,
         }
     }
 }
@@ -113,6 +118,24 @@ pub struct SoakReport {
     pub ran_past: Vec<String>,
     /// Faults by kind.
     pub faults: BTreeMap<String, usize>,
+    /// Every fault injected, in order, with when it began and ended.
+    pub fault_log: Vec<FaultRecord>,
+    /// The farm's directory (master.log, workers/*/worker.log, data/,
+    /// ledger), when it was kept.
+    pub kept_dir: Option<String>,
+    /// Ledger lines a killed step left torn (skipped by the checks).
+    pub ledger_torn: Vec<String>,
+}
+
+/// One injected fault: what, on which worker, from when until when
+/// (seconds since the epoch, as in the ledger).
+#[derive(Debug, Clone, Serialize)]
+pub struct FaultRecord {
+    pub kind: String,
+    /// The worker it hit (`None` for the master and the intruder).
+    pub worker: Option<String>,
+    pub began: f64,
+    pub ended: f64,
 }
 
 impl SoakReport {
@@ -174,6 +197,10 @@ struct OpenWindow {
     closes: f64,
 }
 
+/// How far before a violation the faults that may explain it are looked
+/// for (a master restart re-queues after `missing_timeout`, 2 s here).
+const FAULT_LOOKBACK: f64 = 10.0;
+
 /// How long after a window's close the master may still hand out a build
 /// before the agent's `away` reaches it (the agent refuses such a build;
 /// it is re-queued and runs elsewhere).
@@ -198,6 +225,7 @@ struct Soak {
     away: Vec<AwayWindow>,
     downtimes: Vec<Downtime>,
     faults: BTreeMap<String, usize>,
+    fault_log: Vec<FaultRecord>,
 }
 
 /// Runs a soak and returns what it saw.
@@ -242,10 +270,27 @@ pub async fn run(config: SoakConfig) -> anyhow::Result<SoakReport> {
         away: Vec::new(),
         downtimes: Vec::new(),
         faults: BTreeMap::new(),
+        fault_log: Vec::new(),
     };
     soak.drive().await?;
     let mut report = soak.check().await?;
     report.seconds = started.elapsed().as_secs_f64();
+    if soak.config.keep_dir || !report.is_clean() {
+        // Everything a failure is read from afterwards, in one place.
+        let dir = soak.farm.dir.path().to_path_buf();
+        let copied = fs_err::copy(&soak.ledger, dir.join("ledger"));
+        if let Err(e) = copied {
+            report
+                .violations
+                .push(format!("cannot keep the ledger: {e}"));
+        }
+        fs_err::write(
+            dir.join("report.json"),
+            serde_json::to_string_pretty(&report).context("the report serializes")?,
+        )?;
+        soak.farm.dir.disable_cleanup(true);
+        report.kept_dir = Some(dir.display().to_string());
+    }
     drop(ledger_dir);
     Ok(report)
 }
@@ -332,8 +377,17 @@ impl Soak {
         Ok(())
     }
 
-    fn count(&mut self, kind: &str) {
+    /// Counts a fault of `kind` on `worker` (none for the master or the
+    /// intruder) and logs when it began; [`Soak::inject`] notes its end.
+    fn count(&mut self, kind: &str, worker: Option<&str>) {
         *self.faults.entry(kind.to_owned()).or_default() += 1;
+        let now = now_secs();
+        self.fault_log.push(FaultRecord {
+            kind: kind.to_owned(),
+            worker: worker.map(str::to_owned),
+            began: now,
+            ended: now,
+        });
     }
 
     fn running(&mut self, name: &str) -> bool {

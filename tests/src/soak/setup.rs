@@ -41,10 +41,14 @@ pub(super) fn master_toml(ledger: &Path, workers: &[String], windowed: &[String]
     let work = toml_str("sleep 0.0$((NIGHTSHIFT_BUILD_ID % 10))");
     let flaky =
         toml_str("sleep 0.0$((NIGHTSHIFT_BUILD_ID % 5)); exit $((NIGHTSHIFT_BUILD_ID % 4 == 0))");
+    // A cancel (SIGTERM to the step's group) ends the hold too: the trap
+    // writes the release once `sleep` is gone, so a cancelled hold is not
+    // taken for one that lasts until the worker's next downtime.
     let critical = toml_str(&format!(
-        "{}; sleep 0.$((NIGHTSHIFT_BUILD_ID % 3 + 1)); {}",
+        "release() {{ {}; }}; {}; trap 'trap \"\" TERM; release; exit 143' TERM; \
+         sleep 0.$((NIGHTSHIFT_BUILD_ID % 3 + 1)); release",
+        ledger_line(ledger, "release"),
         ledger_line(ledger, "acquire"),
-        ledger_line(ledger, "release")
     ));
     let end = toml_str(&ledger_line(ledger, "end"));
     format!(
@@ -101,15 +105,26 @@ pub(super) struct Entry {
     pub(super) at: f64,
 }
 
-pub(super) fn read_ledger(path: &Path) -> anyhow::Result<Vec<Entry>> {
+/// The ledger's entries, and its torn lines (a step killed while it
+/// wrote: skipped, and counted in the report).
+pub(super) fn read_ledger(path: &Path) -> (Vec<Entry>, Vec<String>) {
     let text = fs_err::read_to_string(path).unwrap_or_default();
     let mut entries = Vec::new();
+    let mut torn = Vec::new();
     for line in text.lines() {
         let mut parts = line.split(' ');
-        let (Some(build), Some(event), Some(dir), Some(at)) =
-            (parts.next(), parts.next(), parts.next(), parts.next())
-        else {
-            bail!("ledger line {line:?} is torn");
+        let parsed = match (parts.next(), parts.next(), parts.next(), parts.next()) {
+            (Some(build), Some(event), Some(dir), Some(at)) => {
+                match (build.parse::<BuildId>(), at.parse::<f64>()) {
+                    (Ok(build), Ok(at)) => Some((build, event, dir, at)),
+                    _ => None,
+                }
+            }
+            _ => None,
+        };
+        let Some((build, event, dir, at)) = parsed else {
+            torn.push(line.to_owned());
+            continue;
         };
         // `<farm>/workers/<name>/work/<builder>`
         let worker = Path::new(dir)
@@ -119,15 +134,11 @@ pub(super) fn read_ledger(path: &Path) -> anyhow::Result<Vec<Entry>> {
             .map(|name| name.to_string_lossy().into_owned())
             .unwrap_or_default();
         entries.push(Entry {
-            build: build
-                .parse()
-                .with_context(|| format!("ledger line {line:?}"))?,
+            build,
             event: event.to_owned(),
             worker,
-            at: at
-                .parse()
-                .with_context(|| format!("ledger line {line:?}"))?,
+            at,
         });
     }
-    Ok(entries)
+    (entries, torn)
 }

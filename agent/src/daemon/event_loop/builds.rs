@@ -10,7 +10,9 @@ use crate::handle::RunningBuild;
 use super::{Build, Daemon, Disposition, Outgoing, TAIL_LINES};
 
 impl Daemon {
-    pub(super) fn start_build(&mut self, request: BuildRequest) {
+    /// Starts `request` (unless refused); `holds_locks`: it holds
+    /// master-wide locks for its whole run (the lock fence watches it).
+    pub(super) fn start_build(&mut self, request: BuildRequest, holds_locks: bool) {
         let build_id = request.build_id;
         tracing::debug!(target: nightshift_proto::log::HANDOFF, "build {build_id}: offered");
         if self.builds.contains_key(&build_id) {
@@ -87,6 +89,9 @@ impl Daemon {
                 tail: Vec::new(),
                 step_names,
                 awaiting_grant: None,
+                holds_locks,
+                granted_step: None,
+                fenced: false,
             },
         );
         // Told after the runner is spawned, so the step's start runs ahead
@@ -163,6 +168,12 @@ impl Daemon {
                 result,
                 credit,
             } => {
+                if let Some(build) = self.builds.get_mut(&build_id)
+                    && build.granted_step == Some(result.step)
+                {
+                    // Its locks go back once the master hears of the end.
+                    build.granted_step = None;
+                }
                 self.send(Outgoing {
                     message: AgentMessage::StepFinished { build_id, result },
                     credit,
@@ -201,21 +212,6 @@ impl Daemon {
             .unwrap_or_default();
         let cancelled = result.outcome == nightshift_proto::wire::Outcome::Cancelled;
         match disposition {
-            Disposition::GiveBack if cancelled => {
-                // The build did not run to its end because this worker is
-                // leaving: hand it back for the master to re-queue rather
-                // than report it as a finished (cancelled) build.
-                tracing::info!(
-                    "build {build_id} finished: {}{how}; handed back to the master",
-                    result.outcome
-                );
-                self.send(AgentMessage::BuildRefused {
-                    build_id,
-                    reason: result
-                        .reason
-                        .unwrap_or_else(|| "the worker is stopping".to_owned()),
-                });
-            }
             Disposition::Drop if cancelled => {
                 tracing::info!(
                     "build {build_id} finished: {}{how}; the master had moved it elsewhere",

@@ -10,14 +10,21 @@ use crate::daemon::runner::BuildRequest;
 
 use crate::handle::MasterLink;
 
+use tokio::time::Instant;
+
 use super::{Daemon, Disposition};
 
 impl Daemon {
     pub(super) fn on_link(&mut self, event: LinkEvent) {
         let now = self.clock.now();
         match event {
-            LinkEvent::Up { presence, cancel } => {
+            LinkEvent::Up {
+                presence,
+                cancel,
+                missing_timeout,
+            } => {
                 tracing::info!("connected to the master at {}", self.settings.master_url);
+                self.fence.connected(missing_timeout);
                 self.link = MasterLink {
                     url: self.settings.master_url.clone(),
                     connected: true,
@@ -82,6 +89,7 @@ impl Daemon {
         self.link.connected = false;
         if changed {
             self.link.since = Some(now);
+            self.fence.lost(Instant::now());
         }
         self.link.error = Some(error);
         // Nobody to wait for acks from.
@@ -110,18 +118,25 @@ impl Daemon {
                 steps,
                 properties,
                 source,
-            } => self.start_build(BuildRequest {
-                build_id,
-                builder,
-                steps,
-                properties,
-                source,
-            }),
+                holds_locks,
+                max_log_bytes,
+            } => self.start_build(
+                BuildRequest {
+                    build_id,
+                    builder,
+                    steps,
+                    properties,
+                    source,
+                    max_log_bytes,
+                },
+                holds_locks,
+            ),
             MasterMessage::StepGranted { build_id, step } => match self.builds.get_mut(&build_id) {
                 Some(build) => {
                     if build.awaiting_grant == Some(step) {
                         build.awaiting_grant = None;
                     }
+                    build.granted_step = Some(step);
                     build.control.grant(step);
                 }
                 None => tracing::debug!("grant for build {build_id}, which is not running here"),

@@ -6,6 +6,7 @@
 
 mod builds;
 mod control;
+mod fence;
 mod master_link;
 mod presence;
 mod stopping;
@@ -71,6 +72,9 @@ pub enum Event {
     Signal(SignalKind),
     /// The stop deadline or the wait for acknowledgements ran out.
     StopTimer,
+    /// The master has been lost for half its `missing_timeout`: builds
+    /// holding locks stop ([`fence`]).
+    LockFence,
     /// The supervised CI agent's status changed (`[supervise]`).
     Supervised,
 }
@@ -119,8 +123,6 @@ pub enum Exit {
 enum Disposition {
     /// Its result, whatever it is.
     Report,
-    /// Cancelled because this worker is stopping: hand it back (re-queue).
-    GiveBack,
     /// Cancelled because the master re-queued it already: say nothing.
     Drop,
 }
@@ -134,6 +136,19 @@ struct Build {
     /// The step waiting for the master's lock grant, if any: asked for
     /// again after a reconnect (a grant sent while the link was down is lost).
     awaiting_grant: Option<u32>,
+    /// It holds master-wide locks for its whole run (builder `locks`).
+    holds_locks: bool,
+    /// The step running on the master's lock grant, until it ends.
+    granted_step: Option<u32>,
+    /// The lock fence cancelled it already.
+    fenced: bool,
+}
+
+impl Build {
+    /// Whether the master counts it as holding locks now.
+    fn holds_locks(&self) -> bool {
+        self.holds_locks || self.granted_step.is_some()
+    }
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -181,6 +196,8 @@ pub struct Daemon {
     alarm: Option<WallAlarm>,
     /// The CI agent the presence drives, in place of a master (`[supervise]`).
     supervisor: Option<SupervisorLink>,
+    /// When builds holding locks must stop after losing the master.
+    fence: fence::LockFence,
 }
 
 impl Daemon {
@@ -270,6 +287,7 @@ impl Daemon {
             exit: None,
             alarm: None,
             supervisor: None,
+            fence: fence::LockFence::default(),
         };
         let inbox = Inbox {
             commands: command_rx,
@@ -343,6 +361,7 @@ impl Daemon {
     async fn next_event(&mut self, inbox: &mut Inbox) -> Event {
         let (policy_wake, next_change) = self.policy_wake();
         let stop_wake = self.stop_wake();
+        let fence_wake = self.fence_wake();
         let far = Instant::now() + MAX_SLEEP * 10;
         if let Some(alarm) = &mut self.alarm {
             // With no boundary ahead the alarm still catches a clock change.
@@ -368,6 +387,7 @@ impl Daemon {
             Some(sample) = inbox.load.recv() => Event::Load(sample),
             () = async { if let Some(supervisor) = supervisor { supervisor.changed().await } }, if has_supervisor => Event::Supervised,
             () = tokio::time::sleep_until(stop_wake.unwrap_or(far)), if stop_wake.is_some() => Event::StopTimer,
+            () = tokio::time::sleep_until(fence_wake.unwrap_or(far)), if fence_wake.is_some() => Event::LockFence,
             () = tokio::time::sleep_until(policy_wake) => Event::PolicyTimer,
             fired = async { alarm?.fired().await.err() }, if has_alarm => {
                 if let Some(error) = fired {
@@ -434,6 +454,7 @@ impl Daemon {
             Event::Runner(event) => self.on_runner(event),
             Event::Signal(signal) => self.on_signal(signal),
             Event::StopTimer => self.on_stop_timer(),
+            Event::LockFence => self.on_lock_fence(),
             Event::Supervised => self.maybe_finish_stop(),
         }
         self.publish_status();

@@ -74,11 +74,12 @@ impl Daemon {
         notify_systemd(&[sd_notify::NotifyState::Stopping]);
         self.inputs.stopping = true;
         self.reevaluate();
+        let reason = format!("the worker stopped at once ({why}); the master re-queues the build");
         for build in self.builds.values_mut() {
-            build.disposition = Disposition::GiveBack;
-            build
-                .control
-                .cancel("the worker is stopping; the master re-queues the build");
+            // It ran: its result says so (cancelled, with the reason), and
+            // the master re-queues it as a retry.
+            build.disposition = Disposition::Report;
+            build.control.cancel(&reason);
         }
         self.maybe_finish_stop();
     }

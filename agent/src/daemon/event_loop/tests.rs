@@ -97,12 +97,19 @@ fn start_in(
 impl Fixture {
     /// The link comes up, as the link task would report it.
     async fn link_up(&self) {
+        self.link_up_with(None).await;
+    }
+
+    /// [`Fixture::link_up`] from a master whose welcome says its
+    /// `missing_timeout`.
+    async fn link_up_with(&self, missing_timeout: Option<Duration>) {
         let presence = self.wiring.hello.borrow().presence.clone();
         self.wiring
             .link_events
             .send(LinkEvent::Up {
                 presence,
                 cancel: Vec::new(),
+                missing_timeout,
             })
             .unwrap();
         let mut status = self.wiring.handle.status.clone();
@@ -188,6 +195,8 @@ impl Fixture {
             }],
             properties: BTreeMap::new(),
             source: None,
+            holds_locks: false,
+            max_log_bytes: None,
         });
     }
 
@@ -522,7 +531,10 @@ async fn a_graceful_stop_finishes_the_running_build_refuses_new_ones_then_exits(
 }
 
 #[tokio::test]
-async fn a_second_sigterm_cancels_the_build_at_once_and_hands_it_back() {
+async fn a_second_sigterm_cancels_the_build_at_once_and_reports_it_cancelled() {
+    // The build ran: it is not "refused" (which the master would re-queue
+    // as if it never ran) but reported cancelled with why, so the master
+    // counts a retry with that reason.
     let mut fixture = start(ALWAYS, Arc::new(SystemClock), 1);
     fixture.link_up().await;
     fixture.start_build(1, "sleep 300");
@@ -531,12 +543,18 @@ async fn a_second_sigterm_cancels_the_build_at_once_and_hands_it_back() {
     assert_eq!(fixture.next_presence().await.source, Source::Stopping);
     fixture.wiring.signals.send(SignalKind::Terminate).unwrap();
     match fixture.next_to_master().await {
-        AgentMessage::BuildRefused { build_id, reason } => {
-            assert_eq!(build_id, 1);
-            assert!(reason.contains("re-queues"), "{reason}");
+        AgentMessage::BuildFinished { result } => {
+            assert_eq!(result.build_id, 1);
+            assert_eq!(result.outcome, nightshift_proto::wire::Outcome::Cancelled);
+            let reason = result.reason.unwrap_or_default();
+            assert!(
+                reason.contains("a second SIGTERM") && reason.contains("re-queues"),
+                "{reason}"
+            );
         }
-        other => panic!("expected the build handed back, got {other:?}"),
+        other => panic!("expected the cancelled result, got {other:?}"),
     }
+    fixture.master_sends(MasterMessage::ResultStored { build_id: 1 });
     assert!(matches!(
         fixture.next_to_master().await,
         AgentMessage::Goodbye { .. }
@@ -679,6 +697,7 @@ async fn a_full_worker_refuses_and_the_welcome_cancels_builds_requeued_elsewhere
         .send(LinkEvent::Up {
             presence,
             cancel: vec![1],
+            missing_timeout: None,
         })
         .unwrap();
     let mut status = fixture.wiring.handle.status.clone();
@@ -721,6 +740,8 @@ async fn a_step_waiting_for_its_locks_asks_again_after_a_reconnect() {
         }],
         properties: BTreeMap::new(),
         source: None,
+        holds_locks: false,
+        max_log_bytes: None,
     });
     assert!(matches!(
         fixture.next_to_master().await,
@@ -772,4 +793,91 @@ fn the_tail_keeps_the_last_lines() {
     }
     assert_eq!(tail.len(), TAIL_LINES);
     assert_eq!(tail.last().map(String::as_str), Some("line 39\n"));
+}
+
+/// Issue 8 (soak): a master gives the locks of a worker it lost to others
+/// once its `missing_timeout` ends. A step running on a lock grant is
+/// cancelled when the master has been lost for half of it, so the lock
+/// never has two holders; its result says why (the master counts a retry).
+/// A build holding no lock runs on.
+#[tokio::test]
+async fn a_step_holding_a_lock_stops_when_the_master_is_lost_for_half_its_missing_timeout() {
+    let mut fixture = start(ALWAYS, Arc::new(SystemClock), 2);
+    fixture.link_up_with(Some(Duration::from_secs(2))).await;
+    let step = |command: &str, needs_grant| StepSpec {
+        name: "locked".into(),
+        command: command.into(),
+        timeout_secs: None,
+        env: BTreeMap::new(),
+        workdir: None,
+        needs_grant,
+        checkout: false,
+        upload: None,
+    };
+    for (build_id, needs_grant) in [(4, true), (5, false)] {
+        fixture.master_sends(MasterMessage::StartBuild {
+            build_id,
+            builder: "demo".into(),
+            steps: vec![step("sleep 300", needs_grant)],
+            properties: BTreeMap::new(),
+            source: None,
+            holds_locks: false,
+            max_log_bytes: None,
+        });
+        assert!(matches!(
+            fixture.next_to_master().await,
+            AgentMessage::BuildAccepted { .. }
+        ));
+        if needs_grant {
+            assert!(matches!(
+                fixture.next_to_master().await,
+                AgentMessage::StepWaiting {
+                    build_id: 4,
+                    step: 0
+                }
+            ));
+        }
+    }
+    fixture.master_sends(MasterMessage::StepGranted {
+        build_id: 4,
+        step: 0,
+    });
+    // The granted step runs: its start comes through.
+    loop {
+        let frame = tokio::time::timeout(Duration::from_secs(60), fixture.wiring.to_master.recv())
+            .await
+            .expect("a frame within a minute")
+            .expect("the channel stays open");
+        if matches!(frame.message, AgentMessage::StepStarted { build_id: 4, .. }) {
+            break;
+        }
+    }
+    let lost = Instant::now();
+    fixture
+        .wiring
+        .link_events
+        .send(LinkEvent::Down {
+            error: "connection reset".into(),
+        })
+        .unwrap();
+    let mut status = fixture.wiring.handle.status.clone();
+    tokio::time::timeout(
+        Duration::from_secs(60),
+        status.wait_for(|status| status.counters.builds_run == 1),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let fenced_after = lost.elapsed();
+    assert!(
+        fenced_after >= Duration::from_secs(1),
+        "cancelled {fenced_after:?} after the loss, before half the missing_timeout"
+    );
+    let spooled = fs_err::read_to_string(fixture.state.path().join("results/4.json")).unwrap();
+    let result: nightshift_proto::wire::BuildResult = serde_json::from_str(&spooled).unwrap();
+    assert_eq!(result.outcome, Outcome::Cancelled);
+    let reason = result.reason.unwrap_or_default();
+    assert!(reason.contains("missing_timeout of 2 s"), "{reason}");
+    let running: Vec<BuildId> = status.borrow().builds.iter().map(|b| b.build_id).collect();
+    assert_eq!(running, vec![5], "the build without a lock runs on");
 }

@@ -76,6 +76,8 @@ pub enum LinkEvent {
     Up {
         presence: Presence,
         cancel: Vec<BuildId>,
+        /// The master's `missing_timeout`, when it says (the lock fence).
+        missing_timeout: Option<Duration>,
     },
     /// The connection ended or an attempt failed; the link retries.
     Down {
@@ -383,6 +385,7 @@ async fn session(
             protocol,
             heartbeat_secs,
             cancel,
+            missing_timeout_secs,
             ..
         }))) => {
             if protocol != PROTOCOL_VERSION {
@@ -394,6 +397,7 @@ async fn session(
             let _ = events.send(LinkEvent::Up {
                 presence: said_hello.presence,
                 cancel,
+                missing_timeout: missing_timeout_secs.map(Duration::from_secs),
             });
             heartbeat_secs
         }

@@ -88,6 +88,7 @@ fn welcome(heartbeat_secs: u64) -> MasterMessage {
         master_version: "test".into(),
         heartbeat_secs,
         cancel: Vec::new(),
+        missing_timeout_secs: None,
     }
 }
 

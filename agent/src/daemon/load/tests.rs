@@ -90,6 +90,7 @@ async fn run_build(trees: &Arc<BuildTrees>, build_id: BuildId, command: &str) ->
             }],
             properties: Default::default(),
             source: None,
+            max_log_bytes: None,
         },
         Arc::new(RunnerSettings {
             artifacts: None,

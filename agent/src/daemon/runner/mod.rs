@@ -87,6 +87,8 @@ pub struct BuildRequest {
     /// What the build checks out (the step marked `checkout`) and names in
     /// every step's environment.
     pub source: Option<nightshift_proto::wire::BuildSource>,
+    /// The master's `max_log_bytes`: no output is sent past it.
+    pub max_log_bytes: Option<u64>,
 }
 
 /// What a running build tells the event loop, in order.
@@ -166,6 +168,7 @@ pub fn spawn(
         cancel: cancel_rx,
         grants: grant_rx,
         log: Log::default(),
+        withheld: 0,
     };
     tokio::spawn(build.run());
     BuildControl {
@@ -183,6 +186,8 @@ struct Build {
     cancel: watch::Receiver<Option<String>>,
     grants: mpsc::UnboundedReceiver<u32>,
     log: Log,
+    /// Output not sent because the log reached `max_log_bytes`.
+    withheld: u64,
 }
 
 /// How one step ended.
@@ -273,7 +278,16 @@ impl Build {
             outcome,
             steps,
             reason,
-            log: std::mem::take(&mut self.log).finish(),
+            log: {
+                let mut log = std::mem::take(&mut self.log).finish();
+                if self.withheld > 0 {
+                    log.push_str(&format!(
+                        "[nightshift: {} bytes of output past max_log_bytes were not sent]\n",
+                        self.withheld
+                    ));
+                }
+                log
+            },
             finished_at: self.clock.now(),
         };
         self.send(RunnerEvent::Finished { result }).await;

@@ -65,6 +65,47 @@ impl Batch {
     }
 }
 
+/// Room kept under `max_log_bytes` for the lines saying the log is full.
+const LOG_FULL_NOTE_ROOM: u64 = 512;
+
+impl Build {
+    /// What of `data` may still be sent under the master's `max_log_bytes`
+    /// (less [`LOG_FULL_NOTE_ROOM`]): all of it, a part followed once by a
+    /// line saying the log is full, or nothing (`None`). What is cut is
+    /// counted for the result's last line.
+    pub(super) fn within_log_cap(&mut self, data: String) -> Option<String> {
+        let Some(cap) = self.request.max_log_bytes else {
+            return Some(data);
+        };
+        let room = cap.saturating_sub(LOG_FULL_NOTE_ROOM);
+        let sent = self.log.total() as u64;
+        if self.withheld == 0 && sent + data.len() as u64 <= room {
+            return Some(data);
+        }
+        let first = self.withheld == 0;
+        let mut keep = usize::try_from(room.saturating_sub(sent))
+            .unwrap_or(usize::MAX)
+            .min(data.len());
+        while !data.is_char_boundary(keep) {
+            keep -= 1;
+        }
+        self.withheld += (data.len() - keep) as u64;
+        if !first {
+            return None;
+        }
+        tracing::info!(
+            "build {}: its log reached max_log_bytes ({cap} bytes); later output is not sent",
+            self.request.build_id
+        );
+        let mut kept = data[..keep].to_owned();
+        kept.push_str(&format!(
+            "\n[nightshift: this build's log reached max_log_bytes ({cap} bytes): later \
+             output is not sent to the master; the steps run on]\n"
+        ));
+        Some(kept)
+    }
+}
+
 /// The build's log: everything, or its tail when it grows past the limit.
 #[derive(Default)]
 pub(in crate::daemon) struct Log {
@@ -83,6 +124,11 @@ impl Log {
             self.text.drain(..cut);
             self.dropped += cut;
         }
+    }
+
+    /// Bytes pushed so far (kept or not).
+    fn total(&self) -> usize {
+        self.text.len() + self.dropped
     }
 
     pub(super) fn finish(self) -> String {

@@ -241,6 +241,9 @@ impl Build {
 
     async fn flush(&mut self, step_no: u32, batch: &mut Batch, credit: Credit) {
         if let Some(data) = batch.take() {
+            let Some(data) = self.within_log_cap(data) else {
+                return; // the pipe is drained, nothing crosses the link
+            };
             self.log.push(&data);
             self.send(RunnerEvent::Output {
                 build_id: self.request.build_id,

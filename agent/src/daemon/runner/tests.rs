@@ -40,6 +40,16 @@ impl Harness {
     }
 
     fn start(&self, build_id: BuildId, steps: Vec<StepSpec>) -> BuildControl {
+        self.start_capped(build_id, steps, None)
+    }
+
+    /// [`Harness::start`] with the master's `max_log_bytes`.
+    fn start_capped(
+        &self,
+        build_id: BuildId,
+        steps: Vec<StepSpec>,
+        max_log_bytes: Option<u64>,
+    ) -> BuildControl {
         let settings = Arc::new(RunnerSettings {
             artifacts: None,
             workdir: self.workdir.path().to_owned(),
@@ -56,6 +66,7 @@ impl Harness {
                 steps,
                 properties,
                 source: None,
+                max_log_bytes,
             },
             settings,
             Arc::new(BuildTrees::without_cgroups()),
@@ -245,6 +256,49 @@ async fn steps_run_in_order_in_the_builder_directory_and_stop_at_the_first_failu
     assert_eq!(
         kinds,
         ["started 0", "finished 0", "started 1", "finished 1"]
+    );
+}
+
+/// Issue 8: output past the master's `max_log_bytes` does not cross
+/// the link. The step runs to its end (its pipe is still drained), the
+/// log says once that it is full, and the result's last line says how
+/// much was not sent.
+#[tokio::test]
+async fn output_past_max_log_bytes_is_not_sent_and_the_step_runs_on() {
+    let mut harness = Harness::new();
+    harness.start_capped(
+        3,
+        vec![step("loud", "seq 1 200000"), step("after", "echo after")],
+        Some(8192),
+    );
+    let (events, result) = harness.finish().await;
+    assert_eq!(result.outcome, Outcome::Success, "{}", result.log);
+    assert_eq!(result.steps.len(), 2, "both steps ran");
+    let sent = output_of(&events);
+    assert!(sent.len() <= 8192, "{} bytes sent", sent.len());
+    assert_eq!(
+        sent.matches("log reached max_log_bytes (8192 bytes)")
+            .count(),
+        1,
+        "{sent}"
+    );
+    assert!(!sent.contains("after\n"), "{sent}");
+    assert!(result.log.starts_with(&sent));
+    assert!(
+        result.log.len() <= 8192,
+        "{} bytes in the result",
+        result.log.len()
+    );
+    // `seq 1 200000` writes 1,288,895 bytes: nearly all were withheld.
+    let last = result.log.trim_end().lines().last().unwrap_or_default();
+    let withheld: u64 = last
+        .strip_prefix("[nightshift: ")
+        .and_then(|rest| rest.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count in the last line {last:?}"));
+    assert!(
+        withheld > 1_280_000 && last.ends_with("bytes of output past max_log_bytes were not sent]"),
+        "{last}"
     );
 }
 

@@ -16,7 +16,7 @@ use nightshift_proto::api::{BuildInfo, BuildState};
 use nightshift_proto::wire::BuildId;
 use tokio::sync::oneshot;
 
-use crate::api::AppState;
+use crate::state::AppState;
 use crate::scheduler::Event;
 use crate::session::{CsrfForm, Refusal, Viewer, authorize_form};
 use crate::store::NewBuild;

@@ -19,7 +19,7 @@ use nightshift_proto::api::{BuildInfo, BuildState};
 use nightshift_proto::wire::{BuildId, Outcome};
 use tokio::sync::{broadcast, oneshot};
 
-use crate::api::AppState;
+use crate::state::AppState;
 use crate::dashboard::{time_html, wait_phrase, worker_anchor};
 use crate::live_log::LiveEvent;
 use crate::scheduler::Event;

@@ -23,7 +23,7 @@ use nightshift_proto::wire::{BuildId, Outcome};
 use tokio::sync::oneshot;
 
 use crate::actions;
-use crate::api::AppState;
+use crate::state::AppState;
 use crate::config::Admission;
 use crate::scheduler::Event;
 use crate::session::Viewer;

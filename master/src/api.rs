@@ -21,11 +21,11 @@ use serde::Deserialize;
 use tokio::sync::oneshot;
 
 use crate::artifacts::{download as artifact, list as artifacts};
-use crate::state::{AppState, is_admin};
+use crate::enrolment::revoke as revoke_worker;
 use crate::scheduler::Event;
 use crate::snapshot::{BuildWaits, Snapshot};
+use crate::state::{AppState, is_admin};
 use crate::store::NewBuild;
-use crate::enrolment::revoke as revoke_worker;
 
 /// Longest a `wait` request is held open.
 const MAX_WAIT_SECS: u64 = 300;
@@ -220,10 +220,7 @@ struct ListQuery {
 
 /// What these builds wait for, from the scheduler (only the builds asked
 /// about: the cost does not grow with the number of workers).
-async fn waiting_for(
-    state: &AppState,
-    ids: Vec<BuildId>,
-) -> Result<BuildWaits, Failure> {
+async fn waiting_for(state: &AppState, ids: Vec<BuildId>) -> Result<BuildWaits, Failure> {
     let (reply, answer) = oneshot::channel();
     state
         .events

@@ -10,7 +10,7 @@ use axum::extract::rejection::JsonRejection;
 use axum::extract::{ConnectInfo, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use nightshift_proto::api::{ApiError, EnrollResponse, EnrollRequest, RevokeResponse};
+use nightshift_proto::api::{ApiError, EnrollRequest, EnrollResponse, RevokeResponse};
 
 use crate::auth::{bearer, token_sha256};
 use crate::scheduler::Event;

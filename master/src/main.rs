@@ -9,9 +9,9 @@ mod build_page;
 mod cli;
 mod client;
 mod config;
-mod connection_limits;
 #[cfg(test)]
 mod config_fuzz;
+mod connection_limits;
 mod dashboard;
 mod enrolment;
 mod live_log;

@@ -16,9 +16,9 @@ use axum::response::{Html, IntoResponse, Response};
 use axum::{Extension, Form};
 use serde::Deserialize;
 
+use crate::config::{DashboardAccess, TlsMode};
 use crate::logins::SESSION_LIFETIME;
 use crate::state::{AppState, is_admin, is_admin_token};
-use crate::config::{DashboardAccess, TlsMode};
 use crate::style::STYLE;
 use nightshift_proto::html::escape;
 use nightshift_proto::secret::constant_time_eq;

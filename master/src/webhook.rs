@@ -19,8 +19,8 @@ use serde_json::Value;
 use sha2::Sha256;
 
 use crate::auth::bearer;
-use crate::state::AppState;
 use crate::config::{HookDef, HookKind, MasterConfig};
+use crate::state::AppState;
 use crate::store::NewBuild;
 use crate::triggers::{HookResult, TriggerCounters, queue_builds, source_for};
 use nightshift_proto::secret::constant_time_eq;

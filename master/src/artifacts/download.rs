@@ -47,7 +47,11 @@ pub async fn download(
     }
 }
 
-pub(super) async fn open(state: &ArtifactAccess, id: &str, name: &str) -> Result<Response, Refusal> {
+pub(super) async fn open(
+    state: &ArtifactAccess,
+    id: &str,
+    name: &str,
+) -> Result<Response, Refusal> {
     let id: BuildId = id
         .parse()
         .map_err(|_| Refusal(StatusCode::BAD_REQUEST, format!("`{id}` is not a build id")))?;

@@ -27,12 +27,12 @@ use nightshift_proto::wire::{
 use tokio::net::{TcpListener, TcpSocket};
 
 use crate::auth::{bearer, token_sha256};
-use crate::state::AppState;
 use crate::connection_limits::{ConnectionGate, FrameLimits, FrameVerdict};
 use crate::metrics::DisconnectReason;
-use crate::outbox::{Next, agent_outbox};
 use crate::outbox::Outbound;
+use crate::outbox::{Next, agent_outbox};
 use crate::scheduler::{Event, Hello};
+use crate::state::AppState;
 
 mod agent_socket;
 

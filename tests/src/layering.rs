@@ -58,8 +58,10 @@ pub fn module_graph(src: &Path) -> anyhow::Result<ModuleGraph> {
             files.push((stem.to_owned(), path));
         }
     }
-    let mut graph = ModuleGraph::default();
-    graph.modules = files.iter().map(|(m, _)| m.clone()).collect();
+    let mut graph = ModuleGraph {
+        modules: files.iter().map(|(m, _)| m.clone()).collect(),
+        edges: BTreeMap::new(),
+    };
     let mut test_only: BTreeSet<PathBuf> = BTreeSet::new();
     // Files of modules declared `#[cfg(test)] mod x;` (in the crate root too).
     for root in ["main.rs", "lib.rs"] {

@@ -332,15 +332,27 @@ async fn a_leftover_of_a_crashed_worker_is_drained_before_a_new_one_starts() {
     );
     assert!(!old_events.iter().any(|e| e.starts_with("job-aborted")));
     // Never two at once: the new one started after the old one exited, and
-    // none found the other's lock.
-    let all = events(&log);
+    // none found the other's lock. The worker reports the new pid as soon as
+    // it has spawned it; the stand-in writes its "start" line a moment later.
+    let new_start_line = format!("{} start", pid_of(&new));
+    let all = nightshift_tests::wait_for(
+        "the new runner's start event",
+        Duration::from_secs(10),
+        || {
+            let all = events(&log);
+            let seen = all.iter().any(|line| line.ends_with(&new_start_line));
+            async move { Ok(seen.then_some(all)) }
+        },
+    )
+    .await
+    .unwrap();
     let old_exit = all
         .iter()
         .position(|line| line.ends_with(&format!("{old} exit 0")))
         .unwrap();
     let new_start = all
         .iter()
-        .position(|line| line.ends_with(&format!("{} start", pid_of(&new))))
+        .position(|line| line.ends_with(&new_start_line))
         .unwrap();
     assert!(old_exit < new_start, "{all:?}");
     assert!(

@@ -11,15 +11,16 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::rt::TokioIo;
 use jiff::Timestamp;
 use jiff::tz::TimeZone;
-use nightshift_policy::{Presence, PresenceState, Source};
+use nightshift_policy::PresenceState;
 use tokio::net::{TcpStream, UnixStream};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 
 use super::client::{Reply, send};
 use super::error::ErrorBody;
 use super::server::{ADDR_FILE_NAME, ControlOptions, ControlServer, SOCKET_FILE_NAME, serve_with};
 use super::{guard, metrics};
-use crate::handle::{AgentHandle, AgentStatus, ControlCommand};
+use crate::demo::stand_in_daemon;
+use crate::handle::{AgentHandle, AgentStatus};
 
 const WAIT: Duration = Duration::from_secs(30);
 
@@ -27,8 +28,8 @@ pub(super) fn now() -> Timestamp {
     "2026-11-23T11:00:00Z".parse().unwrap()
 }
 
-/// A fake daemon: applies `SetManual` and `Stop` to its status and counts
-/// the commands it received.
+/// A fake daemon: the demo's stand-in over the tests' status fixture at
+/// [`now`], with its status and the count of commands it received.
 pub(super) struct FakeDaemon {
     pub(super) handle: AgentHandle,
     status: Arc<watch::Sender<AgentStatus>>,
@@ -36,55 +37,11 @@ pub(super) struct FakeDaemon {
 }
 
 pub(super) fn fake_daemon() -> FakeDaemon {
-    let (status_tx, status_rx) = watch::channel(metrics::tests::status_fixture(now()));
-    let status_tx = Arc::new(status_tx);
-    let (commands_tx, mut commands_rx) = mpsc::channel::<ControlCommand>(8);
+    let status = Arc::new(watch::channel(metrics::tests::status_fixture(now())).0);
     let commands = Arc::new(AtomicUsize::new(0));
-    let (sender, counter) = (status_tx.clone(), commands.clone());
-    tokio::spawn(async move {
-        while let Some(command) = commands_rx.recv().await {
-            counter.fetch_add(1, Ordering::SeqCst);
-            match command {
-                ControlCommand::SetManual { manual, reply } => {
-                    let presence = match &manual {
-                        Some(manual) => Presence {
-                            state: manual.state,
-                            reason: manual
-                                .reason
-                                .clone()
-                                .unwrap_or_else(|| "set by the owner".into()),
-                            source: Source::Manual,
-                            since: now(),
-                            until: manual.until,
-                        },
-                        None => Presence {
-                            state: PresenceState::Available,
-                            reason: "inside schedule nights".into(),
-                            source: Source::Schedule("nights".into()),
-                            since: now(),
-                            until: None,
-                        },
-                    };
-                    sender.send_modify(|status| {
-                        status.presence = presence.clone();
-                        status.manual = manual.clone();
-                        status.counters.presence_changes += 1;
-                    });
-                    let _ = reply.send(Ok(presence));
-                }
-                ControlCommand::Stop { reply, .. } => {
-                    sender.send_modify(|status| status.stopping = true);
-                    let _ = reply.send(Ok(()));
-                }
-            }
-        }
-    });
     FakeDaemon {
-        handle: AgentHandle {
-            commands: commands_tx,
-            status: status_rx,
-        },
-        status: status_tx,
+        handle: stand_in_daemon(status.clone(), commands.clone(), now),
+        status,
         commands,
     }
 }
@@ -637,99 +594,5 @@ async fn non_loopback_listen_needs_allow_remote_and_a_token_file() {
     let server = serve_with(daemon.handle.clone(), options, dir.path())
         .await
         .unwrap();
-    server.shutdown().await.unwrap();
-}
-
-/// Serves the page with made-up data for looking at it in a browser:
-/// `NIGHTSHIFT_DEMO_SECS=600 cargo test -p nightshift-agent serve_demo_page -- --ignored --nocapture`
-/// prints the URL and serves for that many seconds (default 60).
-#[tokio::test]
-#[ignore = "a manual tool: serves a demo page for a while"]
-async fn serve_demo_page() {
-    use crate::handle::RunningBuild;
-    let daemon = fake_daemon();
-    let real_now = Timestamp::now();
-    daemon.status.send_modify(|status| {
-        status.worker = "lab-3".into();
-        status.presence.state = PresenceState::Available;
-        status.presence.reason = "inside schedule nights (19:00–07:00)".into();
-        status.presence.since = real_now - jiff::SignedDuration::from_mins(47);
-        status.presence.until = Some(real_now + jiff::SignedDuration::from_mins(133));
-        status.builds = vec![RunningBuild {
-            build_id: 1842,
-            builder: "linux-x86_64".into(),
-            started_at: real_now - jiff::SignedDuration::from_secs(312),
-            step: 2,
-            step_name: "cargo test".into(),
-            tail: "   Compiling nightshift-policy v0.1.0\n   Compiling nightshift-agent v0.1.0\n    Finished `test` profile in 41.2s\n     Running unittests src/lib.rs\ntest window::tests::crosses_midnight ... ok\ntest window::tests::dst_spring_forward ... ok".into(),
-        }];
-    });
-    let tz = TimeZone::system();
-    let policy_tz = tz.clone();
-    let mut options = ControlOptions::new(
-        std::env::var("NIGHTSHIFT_DEMO_LISTEN")
-            .unwrap_or_else(|_| "127.0.0.1:0".into())
-            .parse()
-            .unwrap(),
-        tz,
-    );
-    options.preview = Some(Arc::new(move |from: Timestamp, to: Timestamp| {
-        // Nights 19:00–07:00 available, weekend days reluctant, else away.
-        let mut out = Vec::new();
-        let mut day = from.to_zoned(policy_tz.clone()).date();
-        while day.to_zoned(policy_tz.clone()).unwrap().timestamp() < to {
-            let at = |h: i8| {
-                day.at(h, 0, 0, 0)
-                    .to_zoned(policy_tz.clone())
-                    .unwrap()
-                    .timestamp()
-            };
-            let weekend = matches!(
-                day.weekday(),
-                jiff::civil::Weekday::Saturday | jiff::civil::Weekday::Sunday
-            );
-            let night = |from, to| super::state::PreviewInterval {
-                from,
-                to,
-                state: PresenceState::Available,
-                source: Source::Schedule("nights".into()),
-            };
-            out.push(night(at(0), at(7)));
-            out.push(super::state::PreviewInterval {
-                from: at(7),
-                to: at(19),
-                state: if weekend {
-                    PresenceState::Reluctant
-                } else {
-                    PresenceState::Away
-                },
-                source: if weekend {
-                    Source::Schedule("weekends".into())
-                } else {
-                    Source::Default
-                },
-            });
-            out.push(night(
-                at(19),
-                day.tomorrow()
-                    .unwrap()
-                    .to_zoned(policy_tz.clone())
-                    .unwrap()
-                    .timestamp(),
-            ));
-            day = day.tomorrow().unwrap();
-        }
-        out
-    }));
-    let dir = tempfile::tempdir().unwrap();
-    let server = serve_with(daemon.handle.clone(), options, dir.path())
-        .await
-        .unwrap();
-    println!("demo page: http://{}/", server.local_addr());
-    let secs = std::env::var("NIGHTSHIFT_DEMO_SECS")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(60);
-    tokio::time::sleep(Duration::from_secs(secs)).await;
     server.shutdown().await.unwrap();
 }

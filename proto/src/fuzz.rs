@@ -226,11 +226,11 @@ pub fn run(
     let mut progress = Progress::new(settings.iterations);
     let mut accepted = 0;
     let mut inputs = 0;
-    let mut try_one = |input: &str, inputs: &mut u64| {
+    let mut try_one = |input: &str, inputs: &mut u64, accepted: &mut u64| {
         *inputs += 1;
         match catch_unwind(AssertUnwindSafe(|| check(input))) {
             Ok(Verdict::Accepted) => {
-                accepted += 1;
+                *accepted += 1;
                 true
             }
             Ok(Verdict::Refused) => false,
@@ -246,11 +246,11 @@ pub fn run(
         }
     };
     for seed in seeds {
-        try_one(seed, &mut inputs);
+        try_one(seed, &mut inputs, &mut accepted);
     }
     while inputs < settings.iterations {
         let input = mutator.next_input();
-        if try_one(&input, &mut inputs) {
+        if try_one(&input, &mut inputs, &mut accepted) {
             mutator.keep(input);
         }
         progress.tick(target, inputs, settings.iterations, accepted);

@@ -4,13 +4,16 @@
 //! is past it, a real agent does not even send it), and a step flooding a
 //! throttled link keeps the agent small while its result still arrives.
 
+use std::collections::BTreeMap;
 use std::time::Instant;
 
-use anyhow::{Context, bail};
+use anyhow::Context;
 use nightshift_policy::PresenceState;
 use nightshift_proto::api::BuildState;
 use nightshift_proto::wire::{AgentMessage, Outcome};
-use nightshift_tests::{DEADLINE, Farm, WorkerSpec, metric_sample, presence, wait_for};
+use nightshift_tests::{
+    DEADLINE, Farm, WorkerSpec, metric_sample, one_step_result, presence, wait_for,
+};
 
 /// `a` and `b` may build `app`; only `a` may build `release`.
 /// `a` and `b` may build `app`; only `a` may build `release`.

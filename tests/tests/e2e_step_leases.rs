@@ -4,12 +4,13 @@
 //! retry and the waiting step runs), and the cool-off after a lease ended
 //! survives a restart.
 
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use anyhow::{Context, bail};
 use nightshift_policy::PresenceState;
-use nightshift_proto::api::BuildState;
-use nightshift_proto::wire::{AgentMessage, MasterMessage, Outcome};
-use nightshift_tests::{
-    DEADLINE, FakeAgent, Farm, WorkerSpec, metric_sample, one_step_result, wait_for,
-};
+use nightshift_proto::wire::{AgentMessage, MasterMessage, Outcome, StepResult};
+use nightshift_tests::{FakeAgent, Farm, WorkerSpec, metric_sample, one_step_result};
 
 /// master.toml for the step-lock tests: one exclusive `compile` lock taken
 /// by the only step of `app`, which `a` and `b` build.

@@ -10,9 +10,9 @@ use std::collections::BTreeMap;
 use anyhow::{Context, bail};
 use nightshift_policy::PresenceState;
 use nightshift_proto::api::BuildState;
-use nightshift_proto::wire::{AgentMessage, MasterMessage, Outcome};
+use nightshift_proto::wire::{AgentMessage, BuildResult, MasterMessage, Outcome};
 use nightshift_tests::{
-    DEADLINE, Farm, WorkerSpec, metric_sample, one_step_result, presence, wait_for,
+    DEADLINE, FakeAgent, Farm, WorkerSpec, metric_sample, one_step_result, wait_for,
 };
 
 /// `a` and `b` may build `app`; only `a` may build `release`.

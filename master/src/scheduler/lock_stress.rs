@@ -63,6 +63,11 @@ fn claims(rng: &mut Rng, taken: &[Claim]) -> Vec<Claim> {
     claims
 }
 
+/// The strings of `texts`, borrowed.
+fn as_str(texts: &[String]) -> Vec<&str> {
+    texts.iter().map(String::as_str).collect()
+}
+
 /// Each claim as a TOML inline table.
 fn toml_claims(claims: &[Claim]) -> Vec<String> {
     claims
@@ -93,8 +98,6 @@ fn random_farm(rng: &mut Rng) -> (Arc<MasterConfig>, Vec<LockPlan>) {
         let steps: Vec<Vec<Claim>> = (0..STEPS).map(|_| claims(rng, &build)).collect();
         let build_toml = toml_claims(&build);
         let steps_toml: Vec<Vec<String>> = steps.iter().map(|c| toml_claims(c)).collect();
-        let as_str =
-            |claims: &[String]| -> Vec<&str> { claims.iter().map(String::as_str).collect() };
         let step_claims: Vec<Vec<&str>> = steps_toml.iter().map(|c| as_str(c)).collect();
         let step_claims: Vec<&[&str]> = step_claims.iter().map(Vec::as_slice).collect();
         toml = toml.builder_with(

@@ -415,9 +415,6 @@ impl Scheduler {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-    use std::sync::Arc;
-
     use jiff::Timestamp;
     use nightshift_policy::PresenceState;
     use nightshift_proto::wire::{AgentMessage, BuildResult, MasterMessage};

@@ -219,19 +219,7 @@ impl Scheduler {
         };
         run.waiting_step = None;
         if run.leased_step != Some(step) {
-            run.leased_step = Some(step);
-            let timeout = self
-                .config
-                .builder(&run.builder)
-                .and_then(|b| b.steps.get(step as usize))
-                .and_then(|s| s.timeout);
-            if let Some(timeout) = timeout {
-                self.timers.set(
-                    TimerSlot::StepLease(build_id),
-                    timeout + LEASE_GRACE,
-                    Event::LeaseEnded { build_id, step },
-                );
-            }
+            self.grant_lease_only(build_id, step);
         }
         // Persisted, then sent in order with everything else for this
         // connection: a grant can never reach the agent after a later
@@ -355,8 +343,10 @@ impl Scheduler {
         }
     }
 
-    /// Arms a restored grant's lease without telling the agent (it asks
-    /// again when it reconnects).
+    /// Arms the lease of `step`'s grant (the step's timeout plus
+    /// [`LEASE_GRACE`]) without telling the agent: for a new grant (told
+    /// after its commit) and a restored one (the agent asks again when it
+    /// reconnects).
     fn grant_lease_only(&mut self, build_id: BuildId, step: u32) {
         let Some(run) = self.running.get_mut(&build_id) else {
             return;

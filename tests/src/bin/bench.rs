@@ -34,6 +34,9 @@ struct Figures {
     builds_per_sec_1_worker: f64,
     builds_per_sec_4_workers: f64,
     master_cpu_ms_per_build: f64,
+    /// Agents the master cut off during the throughput runs (rate limit,
+    /// outbox full, bad frame, silent): each costs a reconnect.
+    throughput_disconnects: f64,
     presence_to_master_ms: Summary,
     /// The same while a fake agent floods the master with output frames.
     presence_to_master_during_flood_ms: Summary,
@@ -224,6 +227,7 @@ async fn run(options: Options) -> anyhow::Result<Figures> {
     let cpu_after_4 = cpu_ms(master_pid)?;
     figures.master_cpu_ms_per_build =
         ((cpu_after - cpu_before) + (cpu_after_4 - cpu_before_4)) / (builds * 3) as f64;
+    figures.throughput_disconnects = agent_disconnects(&farm).await?;
     if options.only_throughput {
         return Ok(figures);
     }
@@ -753,6 +757,25 @@ fn print_throughput(f: &Figures) {
         "master CPU per build:               {:.3} ms",
         f.master_cpu_ms_per_build
     );
+    println!(
+        "agents cut off during these runs:   {}",
+        f.throughput_disconnects
+    );
+}
+
+/// How many agent connections the master has cut off, for any reason.
+async fn agent_disconnects(farm: &Farm) -> anyhow::Result<f64> {
+    let text = farm.master_metrics().await?;
+    Ok(["rate_limited", "outbox_full", "bad_frame", "silent"]
+        .iter()
+        .map(|why| {
+            nightshift_tests::metric_sample(
+                &text,
+                "nightshift_master_agent_disconnects_total",
+                &format!("reason=\"{why}\""),
+            )
+        })
+        .sum())
 }
 
 /// The spaced submit → step running figures.

@@ -159,7 +159,9 @@ impl Progress {
     /// Called after each input; cheap unless a line is due.
     fn tick(&mut self, target: &str, inputs: u64, iterations: u64, accepted: u64) {
         let by_count = inputs >= self.next_count;
-        if !by_count && (inputs % 256 != 0 || self.last_printed.elapsed() < PROGRESS_EVERY) {
+        if !by_count
+            && (!inputs.is_multiple_of(256) || self.last_printed.elapsed() < PROGRESS_EVERY)
+        {
             return;
         }
         if by_count {
@@ -466,11 +468,11 @@ mod tests {
             ("NIGHTSHIFT_FUZZ_ITERS_SCHEDULE", "300000"),
         ]);
         assert_eq!(
-            FuzzSettings::from_lookup("schedule", 5, &both).iterations,
+            FuzzSettings::from_lookup("schedule", 5, both).iterations,
             300_000
         );
         assert_eq!(
-            FuzzSettings::from_lookup("durations", 5, &both).iterations,
+            FuzzSettings::from_lookup("durations", 5, both).iterations,
             2_000_000
         );
         let none = env(&[]);

@@ -260,12 +260,11 @@ impl Fixture {
     /// Waits (a real minute at most) until the daemon's status says `done`.
     async fn wait_status(&self, done: impl FnMut(&AgentStatus) -> bool) -> AgentStatus {
         let mut status = self.wiring.handle.status.clone();
-        let seen = tokio::time::timeout(Duration::from_secs(60), status.wait_for(done))
+        tokio::time::timeout(Duration::from_secs(60), status.wait_for(done))
             .await
             .expect("the status within a minute")
             .unwrap()
-            .clone();
-        seen
+            .clone()
     }
 
     /// The next frame to the master must refuse `build_id`; returns why.

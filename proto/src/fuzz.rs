@@ -122,17 +122,7 @@ impl FuzzSettings {
 /// and the name in capitals, each other character than a letter or digit
 /// as `_` (`master.toml` → `NIGHTSHIFT_FUZZ_ITERS_MASTER_TOML`).
 pub fn iterations_variable(target: &str) -> String {
-    let name: String = target
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_uppercase()
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    format!("NIGHTSHIFT_FUZZ_ITERS_{name}")
+    crate::env::variable_name("NIGHTSHIFT_FUZZ_ITERS_", target)
 }
 
 /// Prints a pass's progress every tenth of its count or every

@@ -112,6 +112,19 @@ impl Farm {
         ))
     }
 
+    /// A started master (no agents yet) for workers `a` and `b`: both may
+    /// build `app`; only `a` may build `release`.
+    pub async fn with_release(missing_timeout: &str) -> anyhow::Result<Farm> {
+        Farm::builder()
+            .worker(WorkerSpec::new("a"))
+            .worker(WorkerSpec::new("b"))
+            .builder("app", &["a", "b"], &[("build", "echo building")])
+            .builder("release", &["a"], &[("build", "echo releasing")])
+            .missing_timeout(missing_timeout)
+            .start()
+            .await
+    }
+
     /// The master's `/metrics` text (with the admin token).
     pub async fn master_metrics(&self) -> anyhow::Result<String> {
         let (status, text) = self.api()?.call_raw("GET", "/metrics", None).await?;

@@ -15,24 +15,11 @@ use nightshift_tests::{
     DEADLINE, Farm, WorkerSpec, metric_sample, one_step_result, presence, wait_for,
 };
 
-/// `a` and `b` may build `app`; only `a` may build `release`.
-/// `a` and `b` may build `app`; only `a` may build `release`.
-async fn farm_with_release(missing_timeout: &str) -> anyhow::Result<Farm> {
-    Farm::builder()
-        .worker(WorkerSpec::new("a"))
-        .worker(WorkerSpec::new("b"))
-        .builder("app", &["a", "b"], &[("build", "echo building")])
-        .builder("release", &["a"], &[("build", "echo releasing")])
-        .missing_timeout(missing_timeout)
-        .start()
-        .await
-}
-
 /// One agent flooding presence frames is disconnected with a reason, while
 /// another worker's presence change still reaches the scheduler at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flooding_agent_is_disconnected_and_others_are_still_heard() -> anyhow::Result<()> {
-    let farm = farm_with_release("60s").await?;
+    let farm = Farm::with_release("60s").await?;
     let mut flooder = farm.fake_agent("a", PresenceState::Available).await?;
     let mut calm = farm.fake_agent("b", PresenceState::Away).await?;
     let flood = tokio::spawn(async move {

@@ -15,18 +15,6 @@ use nightshift_tests::{
     DEADLINE, FakeAgent, Farm, WorkerSpec, metric_sample, one_step_result, wait_for,
 };
 
-/// `a` and `b` may build `app`; only `a` may build `release`.
-async fn farm_with_release(missing_timeout: &str) -> anyhow::Result<Farm> {
-    Farm::builder()
-        .worker(WorkerSpec::new("a"))
-        .worker(WorkerSpec::new("b"))
-        .builder("app", &["a", "b"], &[("build", "echo building")])
-        .builder("release", &["a"], &[("build", "echo releasing")])
-        .missing_timeout(missing_timeout)
-        .start()
-        .await
-}
-
 /// Feeds `text` to `promtool check metrics`; a missing promtool fails the
 /// test unless `NIGHTSHIFT_SKIP_PROMTOOL=1`.
 fn promtool_check(what: &str, text: &str) -> anyhow::Result<()> {
@@ -70,7 +58,7 @@ fn promtool_check(what: &str, text: &str) -> anyhow::Result<()> {
 /// logged with a reason and counted.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_cannot_adopt_or_finish_a_queued_build_not_handed_to_it() -> anyhow::Result<()> {
-    let farm = farm_with_release("60s").await?;
+    let farm = Farm::with_release("60s").await?;
     let api = farm.api()?;
     let id = api.submit("release", BTreeMap::new()).await?.build_id;
 
@@ -134,7 +122,7 @@ async fn a_worker_cannot_adopt_or_finish_a_queued_build_not_handed_to_it() -> an
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_requeued_build_takes_a_result_only_from_the_worker_it_was_handed_to()
 -> anyhow::Result<()> {
-    let farm = farm_with_release("1s").await?;
+    let farm = Farm::with_release("1s").await?;
     let api = farm.api()?;
     let mut a = farm.fake_agent("a", PresenceState::Available).await?;
     let id = api.submit("app", BTreeMap::new()).await?.build_id;
@@ -207,7 +195,7 @@ async fn a_requeued_build_takes_a_result_only_from_the_worker_it_was_handed_to()
 /// cancelled (not re-queued).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn another_worker_cannot_consume_a_cancel() -> anyhow::Result<()> {
-    let farm = farm_with_release("60s").await?;
+    let farm = Farm::with_release("60s").await?;
     let api = farm.api()?;
     let mut a = farm.fake_agent("a", PresenceState::Available).await?;
     let mut b = farm.fake_agent("b", PresenceState::Away).await?;
@@ -392,7 +380,7 @@ async fn a_build_cancelled_at_the_stop_deadline_counts_as_a_retry_with_the_reaso
 /// began in the previous process); one queued after the restart is.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn builds_restored_at_a_restart_stay_out_of_the_wait_histogram() -> anyhow::Result<()> {
-    let mut farm = farm_with_release("60s").await?;
+    let mut farm = Farm::with_release("60s").await?;
     let api = farm.api()?;
     let restored = api.submit("release", BTreeMap::new()).await?.build_id;
     farm.kill_master().await?;

@@ -53,6 +53,18 @@ fn authorize(
     authorize_form(state, headers, csrf.as_deref()).map(|_| ())
 }
 
+/// For a form about one build: checks the form (as [`authorize`]), then
+/// reads the build id of the path.
+fn authorized_build_id(
+    state: &AppState,
+    headers: &HeaderMap,
+    form: Result<Form<CsrfForm>, FormRejection>,
+    id: &str,
+) -> Result<BuildId, Refusal> {
+    authorize(state, headers, form)?;
+    parse_id(id)
+}
+
 /// `POST /builds/{id}/cancel`.
 pub async fn cancel(
     State(state): State<AppState>,
@@ -60,12 +72,9 @@ pub async fn cancel(
     headers: HeaderMap,
     form: Result<Form<CsrfForm>, FormRejection>,
 ) -> Response {
-    if let Err(refused) = authorize(&state, &headers, form) {
-        return refused.into_response();
-    }
-    let id = match parse_id(&id) {
+    let id = match authorized_build_id(&state, &headers, form, &id) {
         Ok(id) => id,
-        Err(bad) => return bad.into_response(),
+        Err(refused) => return refused.into_response(),
     };
     let (reply, answer) = oneshot::channel();
     let reason = "cancelled from the dashboard".to_owned();
@@ -94,12 +103,9 @@ pub async fn rebuild(
     headers: HeaderMap,
     form: Result<Form<CsrfForm>, FormRejection>,
 ) -> Response {
-    if let Err(refused) = authorize(&state, &headers, form) {
-        return refused.into_response();
-    }
-    let id = match parse_id(&id) {
+    let id = match authorized_build_id(&state, &headers, form, &id) {
         Ok(id) => id,
-        Err(bad) => return bad.into_response(),
+        Err(refused) => return refused.into_response(),
     };
     let old = match state.store.get_build(id).await {
         Ok(Some(build)) => build,

@@ -103,11 +103,16 @@ pub enum FrameVerdict {
 /// counts against `frames_per_second` (over it, reading slows down:
 /// backpressure); control frames also count against
 /// `control_frames_per_second`, and an agent that exhausts that burst is
-/// flooding and is disconnected.
+/// flooding and is disconnected. An accept or refusal that answers a
+/// hand-out written on this connection is not a control frame: the master
+/// asked for it, and it cannot come more often than the master hands out
+/// (a busy worker accepts hundreds of builds a second).
 #[derive(Debug, Clone)]
 pub struct FrameLimits {
     all: TokenBucket,
     control: TokenBucket,
+    /// Hand-outs written on this connection not yet accepted or refused.
+    answers_owed: u64,
 }
 
 impl FrameLimits {
@@ -123,19 +128,35 @@ impl FrameLimits {
                 f64::from(limits.control_frame_burst),
                 now,
             ),
+            answers_owed: 0,
         }
     }
 
+    /// A hand-out (`StartBuild`) was written to the agent: one accept or
+    /// refusal is owed.
+    pub fn handed_out(&mut self) {
+        self.answers_owed = self.answers_owed.saturating_add(1);
+    }
+
     pub fn check(&mut self, message: &AgentMessage, now: Instant) -> FrameVerdict {
-        let control = matches!(
+        let answer = matches!(
             message,
-            AgentMessage::Hello { .. }
-                | AgentMessage::Presence { .. }
-                | AgentMessage::BuildAccepted { .. }
-                | AgentMessage::BuildRefused { .. }
-                | AgentMessage::StepWaiting { .. }
-                | AgentMessage::Goodbye { .. }
+            AgentMessage::BuildAccepted { .. } | AgentMessage::BuildRefused { .. }
         );
+        let owed = answer && self.answers_owed > 0;
+        if owed {
+            self.answers_owed -= 1;
+        }
+        let control = !owed
+            && matches!(
+                message,
+                AgentMessage::Hello { .. }
+                    | AgentMessage::Presence { .. }
+                    | AgentMessage::BuildAccepted { .. }
+                    | AgentMessage::BuildRefused { .. }
+                    | AgentMessage::StepWaiting { .. }
+                    | AgentMessage::Goodbye { .. }
+            );
         if control && !self.control.take(now).is_zero() {
             return FrameVerdict::Disconnect(format!(
                 "rate limit: more than {} control frames (presence, step waits, \
@@ -166,6 +187,43 @@ mod tests {
             },
             outlook: None,
         }
+    }
+
+    /// Issue 11: a worker running trivial builds back to back accepts far
+    /// more than `control_frames_per_second` builds a second; its answers
+    /// to hand-outs are not a flood. Unasked-for accepts still are.
+    #[test]
+    fn accepts_answering_hand_outs_are_not_control_frames_but_unasked_ones_are() {
+        let start = Instant::now();
+        let defaults = AgentLimits::default();
+        let mut limits = FrameLimits::new(&defaults, start);
+        let many = 10 * defaults.control_frame_burst;
+        for id in 0..u64::from(many) {
+            limits.handed_out();
+            let answer = if id % 2 == 0 {
+                AgentMessage::BuildAccepted { build_id: id }
+            } else {
+                AgentMessage::BuildRefused {
+                    build_id: id,
+                    reason: "full".into(),
+                }
+            };
+            assert_eq!(limits.check(&answer, start), FrameVerdict::Pass, "{id}");
+        }
+        // Nothing more is owed: accepts now count, and a flood of them is
+        // cut (later, once the bucket of all frames has filled again).
+        let later = start + Duration::from_secs(10);
+        for id in 0..defaults.control_frame_burst {
+            assert_eq!(
+                limits.check(&AgentMessage::BuildAccepted { build_id: 7 }, later),
+                FrameVerdict::Pass,
+                "{id}"
+            );
+        }
+        assert!(matches!(
+            limits.check(&AgentMessage::BuildAccepted { build_id: 7 }, later),
+            FrameVerdict::Disconnect(_)
+        ));
     }
 
     fn output_frame() -> AgentMessage {

@@ -6,10 +6,13 @@
 //!
 //! Each target is a test (`cargo test fuzz_`) that runs a short seeded pass;
 //! `NIGHTSHIFT_FUZZ_ITERS=2000000 cargo test --release fuzz_ -- --nocapture`
-//! runs a long one, `NIGHTSHIFT_FUZZ_SEED` picks other dice.
+//! runs a long one, `NIGHTSHIFT_FUZZ_ITERS_<TARGET>` (the target's name in
+//! capitals, `-` and `.` as `_`: `NIGHTSHIFT_FUZZ_ITERS_SCHEDULE`) gives one
+//! target its own count, `NIGHTSHIFT_FUZZ_SEED` picks other dice. A pass
+//! prints its progress every tenth of its count or every 30 s.
 
 use std::panic::{AssertUnwindSafe, catch_unwind};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
@@ -73,6 +76,9 @@ const COMMON_TOKENS: &[&str] = &[
     "~",
 ];
 
+/// The longest a pass runs without printing its progress.
+const PROGRESS_EVERY: Duration = Duration::from_secs(30);
+
 /// Values from the environment that shape a run.
 #[derive(Clone, Copy, Debug)]
 pub struct FuzzSettings {
@@ -81,11 +87,22 @@ pub struct FuzzSettings {
 }
 
 impl FuzzSettings {
-    /// `NIGHTSHIFT_FUZZ_ITERS` (else `default_iterations`) and
-    /// `NIGHTSHIFT_FUZZ_SEED` (else [`DEFAULT_SEED`]).
-    pub fn from_env(default_iterations: u64) -> FuzzSettings {
+    /// For `target`: `NIGHTSHIFT_FUZZ_ITERS_<TARGET>` (see
+    /// [`iterations_variable`]), else `NIGHTSHIFT_FUZZ_ITERS`, else
+    /// `default_iterations`; and `NIGHTSHIFT_FUZZ_SEED` (else
+    /// [`DEFAULT_SEED`]).
+    pub fn from_env(target: &str, default_iterations: u64) -> FuzzSettings {
+        Self::from_lookup(target, default_iterations, |name| std::env::var(name).ok())
+    }
+
+    /// [`FuzzSettings::from_env`] reading variables through `lookup`.
+    fn from_lookup(
+        target: &str,
+        default_iterations: u64,
+        lookup: impl Fn(&str) -> Option<String>,
+    ) -> FuzzSettings {
         let number = |name: &str| {
-            std::env::var(name).ok().map(|text| {
+            lookup(name).map(|text| {
                 text.trim()
                     .replace('_', "")
                     .parse::<u64>()
@@ -93,9 +110,60 @@ impl FuzzSettings {
             })
         };
         FuzzSettings {
-            iterations: number("NIGHTSHIFT_FUZZ_ITERS").unwrap_or(default_iterations),
+            iterations: number(&iterations_variable(target))
+                .or_else(|| number("NIGHTSHIFT_FUZZ_ITERS"))
+                .unwrap_or(default_iterations),
             seed: number("NIGHTSHIFT_FUZZ_SEED").unwrap_or(DEFAULT_SEED),
         }
+    }
+}
+
+/// The variable that sets `target`'s own count: `NIGHTSHIFT_FUZZ_ITERS_`
+/// and the name in capitals, each other character than a letter or digit
+/// as `_` (`master.toml` → `NIGHTSHIFT_FUZZ_ITERS_MASTER_TOML`).
+pub fn iterations_variable(target: &str) -> String {
+    crate::env::variable_name("NIGHTSHIFT_FUZZ_ITERS_", target)
+}
+
+/// Prints a pass's progress every tenth of its count or every
+/// [`PROGRESS_EVERY`], whichever comes first.
+struct Progress {
+    started: Instant,
+    last_printed: Instant,
+    tenth: u64,
+    next_count: u64,
+}
+
+impl Progress {
+    fn new(iterations: u64) -> Progress {
+        let tenth = (iterations / 10).max(1);
+        let now = Instant::now();
+        Progress {
+            started: now,
+            last_printed: now,
+            tenth,
+            next_count: tenth,
+        }
+    }
+
+    /// Called after each input; cheap unless a line is due.
+    fn tick(&mut self, target: &str, inputs: u64, iterations: u64, accepted: u64) {
+        let by_count = inputs >= self.next_count;
+        if !by_count
+            && (!inputs.is_multiple_of(256) || self.last_printed.elapsed() < PROGRESS_EVERY)
+        {
+            return;
+        }
+        if by_count {
+            self.next_count = (inputs / self.tenth + 1) * self.tenth;
+        }
+        self.last_printed = Instant::now();
+        let seconds = self.started.elapsed().as_secs_f64();
+        eprintln!(
+            "fuzz {target}: {inputs} of {iterations} inputs ({:.0} %), {accepted} accepted, {seconds:.1} s ({:.0}/s)",
+            inputs as f64 * 100.0 / iterations.max(1) as f64,
+            inputs as f64 / seconds.max(1e-9)
+        );
     }
 }
 
@@ -144,16 +212,17 @@ pub fn run(
     mut check: impl FnMut(&str) -> Verdict,
 ) -> FuzzReport {
     assert!(!seeds.is_empty(), "fuzz target {target} has no seeds");
-    let settings = FuzzSettings::from_env(default_iterations);
+    let settings = FuzzSettings::from_env(target, default_iterations);
     let mut mutator = Mutator::new(settings.seed, seeds, tokens);
     let started = Instant::now();
+    let mut progress = Progress::new(settings.iterations);
     let mut accepted = 0;
     let mut inputs = 0;
-    let mut try_one = |input: &str, inputs: &mut u64| {
+    let mut try_one = |input: &str, inputs: &mut u64, accepted: &mut u64| {
         *inputs += 1;
         match catch_unwind(AssertUnwindSafe(|| check(input))) {
             Ok(Verdict::Accepted) => {
-                accepted += 1;
+                *accepted += 1;
                 true
             }
             Ok(Verdict::Refused) => false,
@@ -169,13 +238,14 @@ pub fn run(
         }
     };
     for seed in seeds {
-        try_one(seed, &mut inputs);
+        try_one(seed, &mut inputs, &mut accepted);
     }
     while inputs < settings.iterations {
         let input = mutator.next_input();
-        if try_one(&input, &mut inputs) {
+        if try_one(&input, &mut inputs, &mut accepted) {
             mutator.keep(input);
         }
+        progress.tick(target, inputs, settings.iterations, accepted);
     }
     let report = FuzzReport {
         target: target.to_owned(),
@@ -363,6 +433,41 @@ mod tests {
         for _ in 0..200 {
             assert!(mutator.next_input().len() <= MAX_INPUT_BYTES);
         }
+    }
+
+    #[test]
+    fn a_target_count_beats_the_common_count() {
+        let env = |pairs: &'static [(&'static str, &'static str)]| {
+            move |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(key, _)| *key == name)
+                    .map(|(_, value)| (*value).to_owned())
+            }
+        };
+        assert_eq!(
+            iterations_variable("master.toml"),
+            "NIGHTSHIFT_FUZZ_ITERS_MASTER_TOML"
+        );
+        assert_eq!(
+            iterations_variable("wire-agent"),
+            "NIGHTSHIFT_FUZZ_ITERS_WIRE_AGENT"
+        );
+        let both = env(&[
+            ("NIGHTSHIFT_FUZZ_ITERS", "2_000_000"),
+            ("NIGHTSHIFT_FUZZ_ITERS_SCHEDULE", "300000"),
+        ]);
+        assert_eq!(
+            FuzzSettings::from_lookup("schedule", 5, both).iterations,
+            300_000
+        );
+        assert_eq!(
+            FuzzSettings::from_lookup("durations", 5, both).iterations,
+            2_000_000
+        );
+        let none = env(&[]);
+        let settings = FuzzSettings::from_lookup("schedule", 5, none);
+        assert_eq!((settings.iterations, settings.seed), (5, DEFAULT_SEED));
     }
 
     #[test]

@@ -6,6 +6,7 @@
 pub mod api;
 pub mod clock;
 pub mod diag;
+pub mod env;
 pub mod exit;
 pub mod fuzz;
 pub mod html;

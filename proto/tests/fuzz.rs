@@ -346,7 +346,7 @@ const PROBES: &[&str] = &[
 fn fuzz_schedule_syntax() {
     let seeds: Vec<String> = SCHEDULE_SEEDS.iter().map(|s| (*s).to_owned()).collect();
     fuzz::run(
-        "schedules",
+        "schedule",
         &seeds,
         SCHEDULE_TOKENS,
         SHORT_RUN / 8,

@@ -36,6 +36,35 @@ pub struct FakeAgent {
 }
 
 /// A presence for fake agents.
+/// The result of a build of one step that ended now with `outcome` (exit
+/// code 0 on success, else 1) and `log`: what a fake agent sends, or forges.
+pub fn one_step_result(
+    build_id: BuildId,
+    outcome: nightshift_proto::wire::Outcome,
+    log: &str,
+) -> nightshift_proto::wire::BuildResult {
+    let now = jiff::Timestamp::now();
+    nightshift_proto::wire::BuildResult {
+        build_id,
+        outcome,
+        steps: vec![nightshift_proto::wire::StepResult {
+            step: 0,
+            outcome,
+            exit_code: Some(if outcome == nightshift_proto::wire::Outcome::Success {
+                0
+            } else {
+                1
+            }),
+            signal: None,
+            started_at: now,
+            finished_at: now,
+        }],
+        reason: None,
+        log: log.to_owned(),
+        finished_at: now,
+    }
+}
+
 pub fn presence(state: PresenceState) -> Presence {
     Presence {
         state,
@@ -208,8 +237,6 @@ impl FakeAgent {
         outcome: nightshift_proto::wire::Outcome,
         log: &str,
     ) -> anyhow::Result<()> {
-        use nightshift_proto::wire::{BuildResult, StepResult};
-        let now = jiff::Timestamp::now();
         self.send(&AgentMessage::BuildAccepted { build_id }).await?;
         self.send(&AgentMessage::Output {
             build_id,
@@ -218,25 +245,7 @@ impl FakeAgent {
         })
         .await?;
         self.send(&AgentMessage::BuildFinished {
-            result: BuildResult {
-                build_id,
-                outcome,
-                steps: vec![StepResult {
-                    step: 0,
-                    outcome,
-                    exit_code: Some(if outcome == nightshift_proto::wire::Outcome::Success {
-                        0
-                    } else {
-                        1
-                    }),
-                    signal: None,
-                    started_at: now,
-                    finished_at: now,
-                }],
-                reason: None,
-                log: log.to_owned(),
-                finished_at: now,
-            },
+            result: one_step_result(build_id, outcome, log),
         })
         .await
     }

@@ -111,4 +111,40 @@ impl Farm {
             String::from_utf8_lossy(&output.stderr).into_owned(),
         ))
     }
+
+    /// A started master (no agents yet) for workers `a` and `b`: both may
+    /// build `app`; only `a` may build `release`.
+    pub async fn with_release(missing_timeout: &str) -> anyhow::Result<Farm> {
+        Farm::builder()
+            .worker(WorkerSpec::new("a"))
+            .worker(WorkerSpec::new("b"))
+            .builder("app", &["a", "b"], &[("build", "echo building")])
+            .builder("release", &["a"], &[("build", "echo releasing")])
+            .missing_timeout(missing_timeout)
+            .start()
+            .await
+    }
+
+    /// The master's `/metrics` text (with the admin token).
+    pub async fn master_metrics(&self) -> anyhow::Result<String> {
+        let (status, text) = self.api()?.call_raw("GET", "/metrics", None).await?;
+        if status != 200 {
+            bail!("/metrics answered {status}: {text}");
+        }
+        Ok(text)
+    }
+}
+
+/// The value of the sample `name{labels}` in a Prometheus text (labels as
+/// written, e.g. `what="result",reason="not_handed_to_it"`), or 0 when
+/// absent.
+pub fn metric_sample(text: &str, name: &str, labels: &str) -> f64 {
+    let key = if labels.is_empty() {
+        name.to_owned()
+    } else {
+        format!("{name}{{{labels}}}")
+    };
+    text.lines()
+        .find_map(|line| line.strip_prefix(&key)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
 }

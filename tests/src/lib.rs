@@ -50,6 +50,7 @@ pub use cgroup::*;
 pub use fake_agent::*;
 pub use farm_agents::*;
 pub use farm_builder::*;
+pub use farm_master::metric_sample;
 pub use process::*;
 
 use std::collections::BTreeMap;

@@ -10,7 +10,7 @@
 //! with generous deadlines; nothing depends on a tight sleep.
 
 use nightshift_policy::PresenceState;
-use nightshift_proto::api::{BuildInfo, BuildList, BuildState};
+use nightshift_proto::api::{BuildInfo, BuildList, BuildState, WorkerInfo};
 use nightshift_proto::wire::{BuildId, Outcome};
 use nightshift_tests::{Farm, WorkerSpec};
 
@@ -49,24 +49,44 @@ fn set_availability(farm: &Farm, worker: &str, args: &[&str]) -> anyhow::Result<
     Ok(())
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_build_is_never_started_where_the_window_would_cut_it() -> anyhow::Result<()> {
+/// The owner of `worker` makes it available for 4 more seconds; returns it
+/// as the master shows it once the master knows that end.
+async fn available_for_four_seconds(farm: &Farm, worker: &str) -> anyhow::Result<WorkerInfo> {
+    set_availability(farm, worker, &["available", "--for", "4s"])?;
+    farm.wait_worker(worker, "it to be available with a known end", |w| {
+        w.state == PresenceState::Available && w.until.is_some()
+    })
+    .await
+}
+
+/// The owner of `steady` sends it away; waits until the master shows it.
+async fn steady_goes_away(farm: &Farm) -> anyhow::Result<()> {
+    set_availability(farm, "steady", &["away"])?;
+    farm.wait_worker_state("steady", PresenceState::Away)
+        .await?;
+    Ok(())
+}
+
+/// A farm of two workers for the builder `five`: `other`, listed first and
+/// in its `default` state (so without admission it would be picked whenever
+/// it is available), and `steady`, available with room for three builds.
+/// Both are connected, and the builder has a history of three successful
+/// ~5 s builds (on `steady`, at once).
+async fn farm_with_history(other: &str, default: PresenceState) -> anyhow::Result<Farm> {
     let mut farm = Farm::builder()
-        // Listed first and never given a build: without admission it would
-        // be picked whenever it is available.
-        .worker(WorkerSpec::new("closing").worker_toml("[availability]\ndefault = \"away\"\n"))
+        .worker(
+            WorkerSpec::new(other)
+                .worker_toml(&format!("[availability]\ndefault = \"{default}\"\n")),
+        )
         .worker(WorkerSpec::new("steady").max_builds(3))
-        .builder("five", &["closing", "steady"], &[("work", FIVE_SECONDS)])
+        .builder("five", &[other, "steady"], &[("work", FIVE_SECONDS)])
         .start()
         .await?;
-    farm.start_worker("closing")?;
+    farm.start_worker(other)?;
     farm.start_worker("steady")?;
-    farm.wait_worker_state("closing", PresenceState::Away)
-        .await?;
+    farm.wait_worker_state(other, default).await?;
     farm.wait_worker_state("steady", PresenceState::Available)
         .await?;
-
-    // History: three successful builds of ~5 s (on `steady`, at once).
     let mut history = Vec::new();
     for _ in 0..3 {
         history.push(submit(&farm).await?);
@@ -76,15 +96,16 @@ async fn a_build_is_never_started_where_the_window_would_cut_it() -> anyhow::Res
         assert_eq!(build.outcome, Some(Outcome::Success), "{build:?}");
         assert_eq!(build.worker.as_deref(), Some("steady"), "{build:?}");
     }
+    Ok(farm)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_build_is_never_started_where_the_window_would_cut_it() -> anyhow::Result<()> {
+    let farm = farm_with_history("closing", PresenceState::Away).await?;
 
     // 1. `closing` takes builds for 4 more seconds; `steady` has room. The
     //    build goes to `steady`.
-    set_availability(&farm, "closing", &["available", "--for", "4s"])?;
-    let closing = farm
-        .wait_worker("closing", "closing to be available with a known end", |w| {
-            w.state == PresenceState::Available && w.until.is_some()
-        })
-        .await?;
+    let closing = available_for_four_seconds(&farm, "closing").await?;
     let to_steady = submit(&farm).await?;
     let started = farm
         .wait_build_state(to_steady, "the build to start", |b| {
@@ -112,14 +133,8 @@ async fn a_build_is_never_started_where_the_window_would_cut_it() -> anyhow::Res
 
     // 2. Only `closing` takes builds, for 4 more seconds: the build waits,
     //    says why, and is not started there when its window closes.
-    set_availability(&farm, "steady", &["away"])?;
-    farm.wait_worker_state("steady", PresenceState::Away)
-        .await?;
-    set_availability(&farm, "closing", &["available", "--for", "4s"])?;
-    farm.wait_worker("closing", "closing to be available with a known end", |w| {
-        w.state == PresenceState::Available && w.until.is_some()
-    })
-    .await?;
+    steady_goes_away(&farm).await?;
+    available_for_four_seconds(&farm, "closing").await?;
     let waits = submit(&farm).await?;
     farm.wait_build_state(waits, "the build to wait for a window", |b| {
         b.waiting_for
@@ -160,39 +175,12 @@ async fn a_build_is_never_started_where_the_window_would_cut_it() -> anyhow::Res
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_build_that_would_run_into_reluctant_time_goes_to_a_worker_available_throughout()
 -> anyhow::Result<()> {
-    let mut farm = Farm::builder()
-        // Listed first and never given a build: without the reluctant check
-        // it would be picked whenever it is available.
-        .worker(WorkerSpec::new("turning").worker_toml("[availability]\ndefault = \"reluctant\"\n"))
-        .worker(WorkerSpec::new("steady").max_builds(3))
-        .builder("five", &["turning", "steady"], &[("work", FIVE_SECONDS)])
-        .start()
-        .await?;
-    farm.start_worker("turning")?;
-    farm.start_worker("steady")?;
-    farm.wait_worker_state("turning", PresenceState::Reluctant)
-        .await?;
-    farm.wait_worker_state("steady", PresenceState::Available)
-        .await?;
-    let mut history = Vec::new();
-    for _ in 0..3 {
-        history.push(submit(&farm).await?);
-    }
-    for id in history {
-        let build = farm.wait_build(id).await?;
-        assert_eq!(build.outcome, Some(Outcome::Success), "{build:?}");
-        assert_eq!(build.worker.as_deref(), Some("steady"), "{build:?}");
-    }
+    let farm = farm_with_history("turning", PresenceState::Reluctant).await?;
 
     // 1. `turning` is available for 4 more seconds, then reluctant (its
     //    default) with no end: a ~5 s build would run into the owner's
     //    reluctant time, so `steady`, available throughout, gets it.
-    set_availability(&farm, "turning", &["available", "--for", "4s"])?;
-    let turning = farm
-        .wait_worker("turning", "turning to be available with a known end", |w| {
-            w.state == PresenceState::Available && w.until.is_some()
-        })
-        .await?;
+    let turning = available_for_four_seconds(&farm, "turning").await?;
     let to_steady = submit(&farm).await?;
     let started = farm
         .wait_build_state(to_steady, "the build to start", |b| {
@@ -228,14 +216,8 @@ async fn a_build_that_would_run_into_reluctant_time_goes_to_a_worker_available_t
     }
 
     // 2. Nobody else can take it: the reluctant time is lent for it.
-    set_availability(&farm, "steady", &["away"])?;
-    farm.wait_worker_state("steady", PresenceState::Away)
-        .await?;
-    set_availability(&farm, "turning", &["available", "--for", "4s"])?;
-    farm.wait_worker("turning", "turning to be available with a known end", |w| {
-        w.state == PresenceState::Available && w.until.is_some()
-    })
-    .await?;
+    steady_goes_away(&farm).await?;
+    available_for_four_seconds(&farm, "turning").await?;
     let lent = submit(&farm).await?;
     let done = farm.wait_build(lent).await?;
     assert_eq!(done.worker.as_deref(), Some("turning"), "{done:?}");

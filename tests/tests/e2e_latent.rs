@@ -6,6 +6,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
+use nightshift_policy::PresenceState;
 use nightshift_proto::api::{BuildState, WorkerInfo};
 use nightshift_proto::wire::{BuildId, Outcome};
 use nightshift_tests::{DEADLINE, Farm, WorkerSpec, wait_for};
@@ -468,5 +469,75 @@ steps = [{{ name = "s", command = "true" }}]
     let build = api.build(id).await?;
     assert_eq!(build.state, BuildState::Queued, "{build:?}");
     assert_eq!(build.retries, 0, "the request was never handed out");
+    Ok(())
+}
+
+/// A latent instance that comes up after its build was taken by another
+/// worker is stopped after `build_wait_timeout` (it used to run forever).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_latent_instance_that_comes_up_for_nothing_is_stopped() -> anyhow::Result<()> {
+    let dir = tempfile::tempdir()?;
+    // The instance boots in 2 s: a wrapper that waits, then runs the worker.
+    let wrapper = {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.path().join("slow-boot-worker");
+        let worker = nightshift_tests::bin_dir()?.join("worker");
+        fs_err::write(
+            &path,
+            format!("#!/bin/sh\nsleep 2\nexec {} \"$@\"\n", worker.display()),
+        )?;
+        fs_err::set_permissions(&path, std::fs::Permissions::from_mode(0o755))?;
+        path
+    };
+    let extra = format!(
+        r#"
+[[worker]]
+name = "l1"
+max_builds = 1
+latent = {{ provider = "process", worker_bin = {bin}, build_wait_timeout = "2s" }}
+"#,
+        bin = serde_json::to_string(&wrapper.display().to_string())?,
+    );
+    let farm = Farm::builder()
+        .worker(WorkerSpec::new("w"))
+        .builder("app", &["w", "l1"], &[("build", "true")])
+        .master_toml(&extra)
+        .start()
+        .await?;
+    let api = farm.api()?;
+    let id = api.submit("app", BTreeMap::new()).await?.build_id;
+    wait_for("l1 to be starting", DEADLINE, || {
+        let api = &api;
+        async move {
+            let workers = api.workers().await?.workers;
+            let l1 = workers.into_iter().find(|w| w.name == "l1");
+            Ok(l1
+                .and_then(|w| w.latent)
+                .filter(|l| l.state == "starting")
+                .map(|_| ()))
+        }
+    })
+    .await?;
+    let mut w = farm.fake_agent("w", PresenceState::Available).await?;
+    assert_eq!(w.expect_start().await?, id);
+    w.finish(id, Outcome::Success, "done\n").await?;
+    farm.wait_build(id).await?;
+
+    // l1 comes up with nothing to do, then is stopped.
+    farm.wait_worker("l1", "l1 connected", |w| w.connected)
+        .await?;
+    let stopped = wait_for("l1 to be stopped", DEADLINE, || {
+        let api = &api;
+        async move {
+            let workers = api.workers().await?.workers;
+            let l1 = workers.into_iter().find(|w| w.name == "l1");
+            Ok(l1.and_then(|w| w.latent).filter(|l| l.state == "stopped"))
+        }
+    })
+    .await?;
+    assert!(
+        stopped.reason.contains("idle for build_wait_timeout (2s)"),
+        "{stopped:?}"
+    );
     Ok(())
 }

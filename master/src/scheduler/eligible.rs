@@ -142,32 +142,20 @@ impl Eligible {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
+    use std::sync::Arc;
 
+    use super::super::test_harness::MasterToml;
     use super::*;
     use PresenceState::{Available, Reluctant};
 
-    fn config() -> MasterConfig {
-        let text = r#"
-            [[worker]]
-            name = "a"
-            token_sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
-            [[worker]]
-            name = "b"
-            token_sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
-            [[worker]]
-            name = "c"
-            token_sha256 = "0000000000000000000000000000000000000000000000000000000000000000"
-            [[builder]]
-            name = "abc"
-            workers = ["a", "b", "c"]
-            steps = [{ name = "s", command = "true" }]
-            [[builder]]
-            name = "cb"
-            workers = ["c", "b"]
-            steps = [{ name = "s", command = "true" }]
-        "#;
-        MasterConfig::parse(text, Path::new("master.toml"), Path::new("/tmp")).expect("config")
+    fn config() -> Arc<MasterConfig> {
+        MasterToml::new()
+            .worker("a")
+            .worker("b")
+            .worker("c")
+            .builder("abc", &["a", "b", "c"])
+            .builder("cb", &["c", "b"])
+            .parse()
     }
 
     fn rank(state: PresenceState, running: usize, last_assigned: u64) -> Option<Rank> {

@@ -5,8 +5,6 @@
 //! lock is ever used beyond its count.
 
 use std::collections::BTreeMap;
-use std::fmt::Write as _;
-use std::path::Path;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -16,7 +14,7 @@ use nightshift_proto::wire::{
     AgentMessage, BuildId, BuildResult, MasterMessage, Outcome, StepResult,
 };
 
-use super::test_harness::{HASH, Harness};
+use super::test_harness::{Harness, MasterToml};
 use super::{ConnId, Event, Outbound};
 use crate::config::MasterConfig;
 use crate::locks::{Access, Claim, LockScope};
@@ -65,8 +63,14 @@ fn claims(rng: &mut Rng, taken: &[Claim]) -> Vec<Claim> {
     claims
 }
 
-fn toml_claims(claims: &[Claim]) -> String {
-    let items: Vec<String> = claims
+/// The strings of `texts`, borrowed.
+fn as_str(texts: &[String]) -> Vec<&str> {
+    texts.iter().map(String::as_str).collect()
+}
+
+/// Each claim as a TOML inline table.
+fn toml_claims(claims: &[Claim]) -> Vec<String> {
+    claims
         .iter()
         .map(|c| {
             let access = match c.access {
@@ -75,54 +79,36 @@ fn toml_claims(claims: &[Claim]) -> String {
             };
             format!("{{ name = \"{}\", access = \"{access}\" }}", c.name)
         })
-        .collect();
-    format!("[{}]", items.join(", "))
+        .collect()
 }
 
 /// A config with `LOCKS`, `WORKERS` and `BUILDERS` random builders; returns
 /// it with each builder's builder-level and per-step claims.
-fn random_farm(rng: &mut Rng) -> (MasterConfig, Vec<LockPlan>) {
-    let mut text = String::new();
+fn random_farm(rng: &mut Rng) -> (Arc<MasterConfig>, Vec<LockPlan>) {
+    let mut toml = MasterToml::new();
     for (name, scope, max_count) in LOCKS {
-        writeln!(
-            text,
-            "[[lock]]\nname = \"{name}\"\nscope = \"{scope}\"\nmax_count = {max_count}"
-        )
-        .unwrap();
+        toml = toml.lock(name, scope, max_count);
     }
     for worker in WORKERS {
-        writeln!(
-            text,
-            "[[worker]]\nname = \"{worker}\"\ntoken_sha256 = \"{HASH}\"\nmax_builds = 2"
-        )
-        .unwrap();
+        toml = toml.worker_with_slots(worker, 2);
     }
     let mut plans = Vec::new();
     for b in 0..BUILDERS {
         let build = claims(rng, &[]);
         let steps: Vec<Vec<Claim>> = (0..STEPS).map(|_| claims(rng, &build)).collect();
-        let steps_toml: Vec<String> = steps
-            .iter()
-            .enumerate()
-            .map(|(k, c)| {
-                format!(
-                    "{{ name = \"s{k}\", command = \"true\", locks = {} }}",
-                    toml_claims(c)
-                )
-            })
-            .collect();
-        writeln!(
-            text,
-            "[[builder]]\nname = \"b{b}\"\nworkers = [\"w0\", \"w1\", \"w2\"]\nlocks = {}\nsteps = [{}]",
-            toml_claims(&build),
-            steps_toml.join(", ")
-        )
-        .unwrap();
+        let build_toml = toml_claims(&build);
+        let steps_toml: Vec<Vec<String>> = steps.iter().map(|c| toml_claims(c)).collect();
+        let step_claims: Vec<Vec<&str>> = steps_toml.iter().map(|c| as_str(c)).collect();
+        let step_claims: Vec<&[&str]> = step_claims.iter().map(Vec::as_slice).collect();
+        toml = toml.builder_with(
+            &format!("b{b}"),
+            &WORKERS,
+            &as_str(&build_toml),
+            &step_claims,
+        );
         plans.push((build, steps));
     }
-    let config = MasterConfig::parse(&text, Path::new("master.toml"), Path::new("/tmp"))
-        .unwrap_or_else(|e| panic!("{e}\n{text}"));
-    (config, plans)
+    (toml.parse(), plans)
 }
 
 /// Where a simulated agent is in one build.
@@ -234,7 +220,7 @@ async fn stress(seed: u64) {
     let mut rng = Rng(seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1);
     let (config, plans) = random_farm(&mut rng);
     assert!(config.locks.iter().any(|l| l.scope == LockScope::Worker));
-    let mut h = Harness::with_config(Arc::new(config));
+    let mut h = Harness::with_config(config);
     let mut agents: Vec<Agent> = WORKERS
         .iter()
         .map(|name| {

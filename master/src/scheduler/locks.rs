@@ -219,19 +219,7 @@ impl Scheduler {
         };
         run.waiting_step = None;
         if run.leased_step != Some(step) {
-            run.leased_step = Some(step);
-            let timeout = self
-                .config
-                .builder(&run.builder)
-                .and_then(|b| b.steps.get(step as usize))
-                .and_then(|s| s.timeout);
-            if let Some(timeout) = timeout {
-                self.timers.set(
-                    TimerSlot::StepLease(build_id),
-                    timeout + LEASE_GRACE,
-                    Event::LeaseEnded { build_id, step },
-                );
-            }
+            self.grant_lease_only(build_id, step);
         }
         // Persisted, then sent in order with everything else for this
         // connection: a grant can never reach the agent after a later
@@ -355,8 +343,10 @@ impl Scheduler {
         }
     }
 
-    /// Arms a restored grant's lease without telling the agent (it asks
-    /// again when it reconnects).
+    /// Arms the lease of `step`'s grant (the step's timeout plus
+    /// [`LEASE_GRACE`]) without telling the agent: for a new grant (told
+    /// after its commit) and a restored one (the agent asks again when it
+    /// reconnects).
     fn grant_lease_only(&mut self, build_id: BuildId, step: u32) {
         let Some(run) = self.running.get_mut(&build_id) else {
             return;
@@ -415,16 +405,15 @@ impl Scheduler {
 
 #[cfg(test)]
 mod tests {
-    use std::path::Path;
-    use std::sync::Arc;
-
     use jiff::Timestamp;
     use nightshift_policy::PresenceState;
     use nightshift_proto::wire::{AgentMessage, BuildResult, MasterMessage};
 
-    use super::super::test_harness::{HASH, Harness, presence, started};
+    use super::super::test_harness::{Harness, MasterToml, presence, started};
     use super::super::{Event, Outbound};
-    use crate::config::MasterConfig;
+
+    /// The claim of the lock `db` for sole use.
+    const DB_EXCLUSIVE: &str = r#"{ name = "db", access = "exclusive" }"#;
 
     /// Soak, seed 20261130: an agent SIGKILLed while build X held a step
     /// lock and build Y waited for it comes back without them. At the
@@ -435,32 +424,14 @@ mod tests {
     /// in order with the other frames.
     #[tokio::test]
     async fn a_step_wait_of_a_lost_connection_is_never_granted_to_a_later_run() {
-        let text = format!(
-            r#"
-[[lock]]
-name = "db"
-scope = "master"
-max_count = 1
-[[worker]]
-name = "a"
-token_sha256 = "{HASH}"
-max_builds = 2
-[[worker]]
-name = "b"
-token_sha256 = "{HASH}"
-[[builder]]
-name = "app"
-workers = ["a"]
-steps = [{{ name = "s", command = "true", locks = [{{ name = "db", access = "exclusive" }}] }}]
-[[builder]]
-name = "other"
-workers = ["b"]
-steps = [{{ name = "s", command = "true", locks = [{{ name = "db", access = "exclusive" }}] }}]
-"#
-        );
-        let config =
-            MasterConfig::parse(&text, Path::new("master.toml"), Path::new("/tmp")).unwrap();
-        let mut h = Harness::with_config(Arc::new(config));
+        let config = MasterToml::new()
+            .lock("db", "master", 1)
+            .worker_with_slots("a", 2)
+            .worker("b")
+            .builder_with("app", &["a"], &[], &[&[DB_EXCLUSIVE]])
+            .builder_with("other", &["b"], &[], &[&[DB_EXCLUSIVE]])
+            .parse();
+        let mut h = Harness::with_config(config);
         let (ca, mut a) = h.connect_with_slots("a", PresenceState::Available, vec![], 2);
         let (cb, mut b) = h.connect("b", PresenceState::Available, vec![]);
         let x = h.submit_to("app").await;
@@ -540,28 +511,13 @@ steps = [{{ name = "s", command = "true", locks = [{{ name = "db", access = "exc
     /// back (and its place for the lock), and a release starts it.
     #[tokio::test]
     async fn a_lock_wait_follows_its_worker_and_a_release_starts_the_build() {
-        let text = format!(
-            r#"
-[[lock]]
-name = "db"
-scope = "master"
-max_count = 1
-[[worker]]
-name = "a"
-token_sha256 = "{HASH}"
-[[worker]]
-name = "b"
-token_sha256 = "{HASH}"
-[[builder]]
-name = "app"
-workers = ["a", "b"]
-locks = [{{ name = "db", access = "exclusive" }}]
-steps = [{{ name = "s", command = "true", locks = [] }}]
-"#
-        );
-        let config =
-            MasterConfig::parse(&text, Path::new("master.toml"), Path::new("/tmp")).unwrap();
-        let mut h = Harness::with_config(Arc::new(config));
+        let config = MasterToml::new()
+            .lock("db", "master", 1)
+            .worker("a")
+            .worker("b")
+            .builder_with("app", &["a", "b"], &[DB_EXCLUSIVE], &[&[]])
+            .parse();
+        let mut h = Harness::with_config(config);
         let (ca, mut a) = h.connect("a", PresenceState::Available, vec![]);
         let (cb, mut b) = h.connect("b", PresenceState::Available, vec![]);
         let first = h.submit().await;

@@ -26,26 +26,101 @@ pub(super) struct Harness {
     next_conn: ConnId,
 }
 
+/// master.toml text for the scheduler's tests, written piece by piece:
+/// locks, workers (all with the token [`HASH`]) and builders.
+#[derive(Debug, Default)]
+pub(super) struct MasterToml {
+    text: String,
+}
+
+impl MasterToml {
+    pub(super) fn new() -> Self {
+        Self::default()
+    }
+
+    /// A line of the top-level table, e.g. `missing_timeout = "60s"`.
+    pub(super) fn line(mut self, line: &str) -> Self {
+        self.text.push_str(line);
+        self.text.push('\n');
+        self
+    }
+
+    /// A `[[lock]]` of `scope` ("master" or "worker") for `max_count` holders.
+    pub(super) fn lock(self, name: &str, scope: &str, max_count: u32) -> Self {
+        self.line(&format!(
+            "[[lock]]\nname = \"{name}\"\nscope = \"{scope}\"\nmax_count = {max_count}"
+        ))
+    }
+
+    /// A `[[worker]]` that runs one build at a time.
+    pub(super) fn worker(self, name: &str) -> Self {
+        self.line(&format!(
+            "[[worker]]\nname = \"{name}\"\ntoken_sha256 = \"{HASH}\""
+        ))
+    }
+
+    /// A `[[worker]]` that runs `max_builds` at once.
+    pub(super) fn worker_with_slots(self, name: &str, max_builds: u32) -> Self {
+        self.worker(name)
+            .line(&format!("max_builds = {max_builds}"))
+    }
+
+    /// A `[[builder]]` on `workers` with one step running `true`.
+    pub(super) fn builder(self, name: &str, workers: &[&str]) -> Self {
+        self.builder_with(name, workers, &[], &[&[]])
+    }
+
+    /// A `[[builder]]` on `workers` that claims `locks` (TOML inline
+    /// tables such as `{ name = "db", access = "exclusive" }`) for the
+    /// whole build, with one step running `true` per entry of `step_locks`,
+    /// claiming those.
+    pub(super) fn builder_with(
+        self,
+        name: &str,
+        workers: &[&str],
+        locks: &[&str],
+        step_locks: &[&[&str]],
+    ) -> Self {
+        let workers: Vec<String> = workers.iter().map(|w| format!("\"{w}\"")).collect();
+        let steps: Vec<String> = step_locks
+            .iter()
+            .enumerate()
+            .map(|(k, claims)| {
+                let name = if k == 0 {
+                    "s".to_owned()
+                } else {
+                    format!("s{k}")
+                };
+                format!(
+                    "{{ name = \"{name}\", command = \"true\", locks = [{}] }}",
+                    claims.join(", ")
+                )
+            })
+            .collect();
+        self.line(&format!(
+            "[[builder]]\nname = \"{name}\"\nworkers = [{}]\nlocks = [{}]\nsteps = [{}]",
+            workers.join(", "),
+            locks.join(", "),
+            steps.join(", ")
+        ))
+    }
+
+    /// The parsed config; panics with the text if it does not parse.
+    pub(super) fn parse(&self) -> Arc<MasterConfig> {
+        let config = MasterConfig::parse(&self.text, Path::new("master.toml"), Path::new("/tmp"))
+            .unwrap_or_else(|e| panic!("{e}\n{}", self.text));
+        Arc::new(config)
+    }
+}
+
 fn config(missing: &str) -> Arc<MasterConfig> {
-    let text = format!(
-        r#"
-missing_timeout = "{missing}"
-[[worker]]
-name = "a"
-token_sha256 = "{HASH}"
-[[worker]]
-name = "b"
-token_sha256 = "{HASH}"
-[[worker]]
-name = "r"
-token_sha256 = "{HASH}"
-[[builder]]
-name = "app"
-workers = ["a", "b", "r"]
-steps = [{{ name = "s", command = "true" }}]
-"#
-    );
-    Arc::new(MasterConfig::parse(&text, Path::new("master.toml"), Path::new("/tmp")).unwrap())
+    MasterToml::new()
+        .line(&format!("missing_timeout = \"{missing}\""))
+        .worker("a")
+        .worker("b")
+        .worker("r")
+        .builder("app", &["a", "b", "r"])
+        .parse()
 }
 
 pub(super) fn presence(state: PresenceState) -> Presence {

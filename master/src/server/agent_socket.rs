@@ -199,6 +199,7 @@ async fn agent_session(state: AppState, mut socket: WebSocket, token: Option<Str
                         break format!("send failed: {e}");
                     }
                     if let MasterMessage::StartBuild { build_id, .. } = &message {
+                        limits.handed_out();
                         tracing::debug!(
                             target: nightshift_proto::log::HANDOFF,
                             "build {build_id}: hand-out written"

@@ -10,9 +10,10 @@
 //! `cargo run --release -p nightshift-tests --bin nightshift-bench` (it
 //! builds the release `master` and `worker` first, and prints on stderr
 //! which binaries and which commit it measured)
-//! (`--builds N` sets the size of the throughput runs, `--json` prints the
-//! figures as one JSON object). It is a benchmark, not a test: it asserts
-//! nothing and only reports.
+//! (`--builds N` sets the size of the throughput runs, `--only throughput`
+//! measures only submit → start, builds/s and master CPU per build,
+//! `--json` prints the figures as one JSON object). It is a benchmark, not a
+//! test: it asserts nothing and only reports.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -33,6 +34,9 @@ struct Figures {
     builds_per_sec_1_worker: f64,
     builds_per_sec_4_workers: f64,
     master_cpu_ms_per_build: f64,
+    /// Agents the master cut off during the throughput runs (rate limit,
+    /// outbox full, bad frame, silent): each costs a reconnect.
+    throughput_disconnects: f64,
     presence_to_master_ms: Summary,
     /// The same while a fake agent floods the master with output frames.
     presence_to_master_during_flood_ms: Summary,
@@ -145,6 +149,8 @@ const BURN_EVERY_CORE: &str =
 struct Options {
     builds: usize,
     only_spaced: bool,
+    /// Only submit → start, builds/s and master CPU per build.
+    only_throughput: bool,
     spaced_samples: usize,
 }
 
@@ -198,26 +204,10 @@ async fn run(options: Options) -> anyhow::Result<Figures> {
 
     // Submit → start: the step prints the wall clock when it starts.
     let mut conn = Conn::connect(farm.port, Some(tls.clone()), token.clone()).await?;
-    let mut latencies = Vec::new();
-    for round in 0..40 {
-        let sent = now_ns();
-        let id = conn.submit("stamp").await.context("submit → start")?;
-        conn.wait_finished(id).await.context("submit → start")?;
-        let log = conn
-            .call("GET", &format!("/api/v1/builds/{id}/log"), None)
-            .await?;
-        let log: nightshift_proto::api::BuildLog = serde_json::from_str(&log)?;
-        let started: u128 = log
-            .log
-            .lines()
-            .find_map(|l| l.trim().parse().ok())
-            .ok_or_else(|| anyhow!("build {id} printed no timestamp: {:?}", log.log))?;
-        if round >= 5 {
-            // The first rounds warm up caches and the agent's build dir.
-            latencies.push(started.saturating_sub(sent) as f64 / 1e6);
-        }
-    }
-    figures.submit_to_start_ms = Summary::of(latencies);
+    let measured = stamped_builds(&mut conn, "stamp", 35, Duration::ZERO)
+        .await
+        .context("submit → start")?;
+    figures.submit_to_start_ms = Summary::of(measured.iter().map(Sample::latency_ms).collect());
 
     // Throughput with one worker, and the master's CPU per build.
     let cpu_before = cpu_ms(master_pid)?;
@@ -237,6 +227,10 @@ async fn run(options: Options) -> anyhow::Result<Figures> {
     let cpu_after_4 = cpu_ms(master_pid)?;
     figures.master_cpu_ms_per_build =
         ((cpu_after - cpu_before) + (cpu_after_4 - cpu_before_4)) / (builds * 3) as f64;
+    figures.throughput_disconnects = agent_disconnects(&farm).await?;
+    if options.only_throughput {
+        return Ok(figures);
+    }
 
     // Presence: the owner flips w1 through its control API; the master's API
     // (polled on a kept-alive connection) shows the new state.
@@ -467,9 +461,23 @@ async fn spaced_latency(
     builder: &str,
     samples: usize,
 ) -> anyhow::Result<Vec<Sample>> {
+    stamped_builds(conn, builder, samples, Duration::from_millis(500)).await
+}
+
+/// Builds of `builder` (whose step prints the wall clock in nanoseconds)
+/// one after the other, `pause` before each: `samples` measured after 5
+/// warm-up rounds (caches, the agent's build dir).
+async fn stamped_builds(
+    conn: &mut Conn,
+    builder: &str,
+    samples: usize,
+    pause: Duration,
+) -> anyhow::Result<Vec<Sample>> {
     let mut measured = Vec::new();
     for round in 0..samples + 5 {
-        tokio::time::sleep(Duration::from_millis(500)).await;
+        if !pause.is_zero() {
+            tokio::time::sleep(pause).await;
+        }
         let sent = now_ns();
         let id = conn.submit(builder).await?;
         conn.wait_finished(id).await?;
@@ -609,6 +617,7 @@ fn main() -> std::process::ExitCode {
     let mut options = Options {
         builds: 200,
         only_spaced: false,
+        only_throughput: false,
         spaced_samples: 40,
     };
     let mut json = false;
@@ -632,16 +641,18 @@ fn main() -> std::process::ExitCode {
             },
             "--only" => match args.next().as_deref() {
                 Some("spaced") => options.only_spaced = true,
+                Some("throughput") => options.only_throughput = true,
                 other => {
                     eprintln!(
-                        "error: --only takes `spaced` (submit → step running, 0.5 s apart), not {other:?}"
+                        "error: --only takes `spaced` (submit → step running, 0.5 s apart) or \
+                         `throughput` (submit → start, builds/s, master CPU per build), not {other:?}"
                     );
                     return std::process::ExitCode::from(2);
                 }
             },
             "--help" | "-h" => {
                 println!(
-                    "usage: nightshift-bench [--builds N] [--spaced-samples N] [--only spaced] [--json]"
+                    "usage: nightshift-bench [--builds N] [--spaced-samples N] [--only spaced|throughput] [--json]"
                 );
                 return std::process::ExitCode::SUCCESS;
             }
@@ -680,23 +691,12 @@ fn main() -> std::process::ExitCode {
             print_spaced(&f);
             std::process::ExitCode::SUCCESS
         }
+        Ok(f) if options.only_throughput => {
+            print_throughput(&f);
+            std::process::ExitCode::SUCCESS
+        }
         Ok(f) => {
-            println!(
-                "submit → build start (idle worker): {}",
-                f.submit_to_start_ms
-            );
-            println!(
-                "trivial builds/s, 1 worker:         {:.1}",
-                f.builds_per_sec_1_worker
-            );
-            println!(
-                "trivial builds/s, 4 workers:        {:.1}",
-                f.builds_per_sec_4_workers
-            );
-            println!(
-                "master CPU per build:               {:.3} ms",
-                f.master_cpu_ms_per_build
-            );
+            print_throughput(&f);
             println!(
                 "presence change → master sees it:   {}",
                 f.presence_to_master_ms
@@ -737,6 +737,45 @@ fn main() -> std::process::ExitCode {
             std::process::ExitCode::FAILURE
         }
     }
+}
+
+/// Submit → start, builds/s and the master's CPU per build.
+fn print_throughput(f: &Figures) {
+    println!(
+        "submit → build start (idle worker): {}",
+        f.submit_to_start_ms
+    );
+    println!(
+        "trivial builds/s, 1 worker:         {:.1}",
+        f.builds_per_sec_1_worker
+    );
+    println!(
+        "trivial builds/s, 4 workers:        {:.1}",
+        f.builds_per_sec_4_workers
+    );
+    println!(
+        "master CPU per build:               {:.3} ms",
+        f.master_cpu_ms_per_build
+    );
+    println!(
+        "agents cut off during these runs:   {}",
+        f.throughput_disconnects
+    );
+}
+
+/// How many agent connections the master has cut off, for any reason.
+async fn agent_disconnects(farm: &Farm) -> anyhow::Result<f64> {
+    let text = farm.master_metrics().await?;
+    Ok(["rate_limited", "outbox_full", "bad_frame", "silent"]
+        .iter()
+        .map(|why| {
+            nightshift_tests::metric_sample(
+                &text,
+                "nightshift_master_agent_disconnects_total",
+                &format!("reason=\"{why}\""),
+            )
+        })
+        .sum())
 }
 
 /// The spaced submit → step running figures.

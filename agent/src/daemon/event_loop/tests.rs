@@ -3,7 +3,7 @@
 use super::builds::push_tail;
 use super::*;
 use crate::daemon::manual;
-use crate::handle::ManualRequest;
+use crate::handle::{AgentStatus, ManualRequest};
 use nightshift_policy::Source;
 use nightshift_policy::{AvailabilityConfig, PresenceState};
 use nightshift_proto::clock::{SystemClock, TestClock};
@@ -13,6 +13,56 @@ use tokio::sync::oneshot;
 
 fn at(text: &str) -> Timestamp {
     text.parse().unwrap()
+}
+
+/// A step named `name` running `command`, waiting for a lock grant when
+/// `needs_grant`.
+fn step(name: &str, command: &str, needs_grant: bool) -> StepSpec {
+    StepSpec {
+        name: name.into(),
+        command: command.into(),
+        timeout_secs: None,
+        env: BTreeMap::new(),
+        workdir: None,
+        needs_grant,
+        checkout: false,
+        upload: None,
+    }
+}
+
+/// A test clock that, once [`ShiftedClock::shift`] is called, reads `by`
+/// ahead of tokio's time: a starved process or a suspended laptop.
+#[derive(Debug)]
+struct ShiftedClock {
+    base: TestClock,
+    by: SignedDuration,
+    shifted: std::sync::atomic::AtomicBool,
+}
+
+impl ShiftedClock {
+    fn new(start: &str, by: SignedDuration) -> Arc<Self> {
+        Arc::new(Self {
+            base: TestClock::starting_at(at(start)),
+            by,
+            shifted: false.into(),
+        })
+    }
+
+    fn shift(&self) {
+        self.shifted
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+impl Clock for ShiftedClock {
+    fn now(&self) -> Timestamp {
+        let now = self.base.now();
+        if self.shifted.load(std::sync::atomic::Ordering::SeqCst) {
+            now + self.by
+        } else {
+            now
+        }
+    }
 }
 
 fn policy(toml_text: &str) -> Policy {
@@ -179,25 +229,87 @@ impl Fixture {
         answer.await.unwrap().unwrap();
     }
 
+    /// The master hands out `build_id`: one step running `command`.
     fn start_build(&self, build_id: BuildId, command: &str) {
+        self.start_steps(build_id, vec![step("only", command, false)]);
+    }
+
+    /// The master hands out `build_id` with these steps.
+    fn start_steps(&self, build_id: BuildId, steps: Vec<StepSpec>) {
         self.master_sends(MasterMessage::StartBuild {
             build_id,
             builder: "demo".into(),
-            steps: vec![StepSpec {
-                name: "only".into(),
-                command: command.into(),
-                timeout_secs: None,
-                env: BTreeMap::new(),
-                workdir: None,
-                needs_grant: false,
-                checkout: false,
-                upload: None,
-            }],
+            steps,
             properties: BTreeMap::new(),
             source: None,
             holds_locks: false,
             max_log_bytes: None,
         });
+    }
+
+    /// The link drops, as the link task would report it.
+    fn link_down(&self) {
+        self.wiring
+            .link_events
+            .send(LinkEvent::Down {
+                error: "connection reset".into(),
+            })
+            .unwrap();
+    }
+
+    /// Waits (a real minute at most) until the daemon's status says `done`.
+    async fn wait_status(&self, done: impl FnMut(&AgentStatus) -> bool) -> AgentStatus {
+        let mut status = self.wiring.handle.status.clone();
+        tokio::time::timeout(Duration::from_secs(60), status.wait_for(done))
+            .await
+            .expect("the status within a minute")
+            .unwrap()
+            .clone()
+    }
+
+    /// The next frame to the master must refuse `build_id`; returns why.
+    async fn expect_refused(&mut self, build_id: BuildId) -> String {
+        match self.next_to_master().await {
+            AgentMessage::BuildRefused {
+                build_id: refused,
+                reason,
+            } if refused == build_id => reason,
+            other => panic!("expected build {build_id} refused, got {other:?}"),
+        }
+    }
+
+    /// The next frame to the master must say step `step` of `build_id`
+    /// waits for its locks.
+    async fn expect_step_waiting(&mut self, build_id: BuildId, step: u32) {
+        let frame = self.next_to_master().await;
+        assert!(
+            matches!(frame, AgentMessage::StepWaiting { build_id: b, step: s } if b == build_id && s == step),
+            "expected step {step} of build {build_id} waiting, got {frame:?}"
+        );
+    }
+
+    /// The next frame to the master must be its goodbye.
+    async fn expect_goodbye(&mut self) {
+        let frame = self.next_to_master().await;
+        assert!(
+            matches!(frame, AgentMessage::Goodbye { .. }),
+            "expected a goodbye, got {frame:?}"
+        );
+    }
+
+    /// The master stores `build_id`'s result; the stopping daemon then says
+    /// goodbye, exits, and has dropped the result from its spool.
+    async fn store_result_and_exit(mut self, build_id: BuildId) -> Exit {
+        self.master_sends(MasterMessage::ResultStored { build_id });
+        self.expect_goodbye().await;
+        let (exit, state) = self.exit().await;
+        assert!(
+            !state
+                .path()
+                .join(format!("results/{build_id}.json"))
+                .exists()
+        );
+        exit
     }
 
     /// The next frame to the master must accept `build_id`.
@@ -255,25 +367,10 @@ async fn a_schedule_boundary_is_pushed_exactly_at_the_boundary_and_nothing_befor
 async fn a_build_offered_just_after_the_window_closed_is_refused() {
     // The window closed at 07:00, but the loop has not yet handled the
     // boundary when the master's offer arrives (a starved process).
-    #[derive(Debug)]
-    struct Late(TestClock, std::sync::atomic::AtomicBool);
-    impl Clock for Late {
-        fn now(&self) -> Timestamp {
-            let now = self.0.now();
-            if self.1.load(std::sync::atomic::Ordering::SeqCst) {
-                now + SignedDuration::from_secs(60)
-            } else {
-                now
-            }
-        }
-    }
-    let late = Arc::new(Late(
-        TestClock::starting_at(at("2026-11-24T06:59:30Z")),
-        false.into(),
-    ));
+    let late = ShiftedClock::new("2026-11-24T06:59:30Z", SignedDuration::from_secs(60));
     let mut fixture = start(NIGHTS, late.clone(), 1);
     fixture.link_up().await;
-    late.1.store(true, std::sync::atomic::Ordering::SeqCst);
+    late.shift();
     fixture.start_build(9, "true");
     let mut away_first = false;
     loop {
@@ -299,26 +396,11 @@ async fn a_build_offered_just_after_the_window_closed_is_refused() {
 async fn a_wall_clock_jump_is_noticed_within_a_minute() {
     // A suspended laptop: tokio's clock stood still while the wall
     // clock moved past the boundary.
-    #[derive(Debug)]
-    struct Jumping(TestClock, std::sync::atomic::AtomicBool);
-    impl Clock for Jumping {
-        fn now(&self) -> Timestamp {
-            let now = self.0.now();
-            if self.1.load(std::sync::atomic::Ordering::SeqCst) {
-                now + SignedDuration::from_hours(3)
-            } else {
-                now
-            }
-        }
-    }
-    let jumping = Arc::new(Jumping(
-        TestClock::starting_at(at("2026-11-23T17:00:00Z")),
-        false.into(),
-    ));
+    let jumping = ShiftedClock::new("2026-11-23T17:00:00Z", SignedDuration::from_hours(3));
     let mut fixture = start(NIGHTS, jumping.clone(), 1);
     fixture.link_up().await;
     tokio::time::sleep(Duration::from_secs(5)).await;
-    jumping.1.store(true, std::sync::atomic::Ordering::SeqCst);
+    jumping.shift();
     let started = tokio::time::Instant::now();
     let presence = fixture.next_presence().await;
     assert_eq!(presence.state, PresenceState::Available);
@@ -423,13 +505,8 @@ async fn an_away_worker_refuses_builds_and_a_master_override_is_applied() {
     let mut fixture = start(NIGHTS, clock, 1);
     fixture.link_up().await;
     fixture.start_build(5, "true");
-    match fixture.next_to_master().await {
-        AgentMessage::BuildRefused { build_id, reason } => {
-            assert_eq!(build_id, 5);
-            assert!(reason.contains("away"), "{reason}");
-        }
-        other => panic!("expected a refusal, got {other:?}"),
-    }
+    let reason = fixture.expect_refused(5).await;
+    assert!(reason.contains("away"), "{reason}");
     fixture
         .set_manual(Some(ManualRequest {
             state: PresenceState::Available,
@@ -483,10 +560,7 @@ async fn sigterm_with_no_builds_goes_away_says_goodbye_and_exits() {
     let presence = fixture.next_presence().await;
     assert_eq!(presence.state, PresenceState::Away);
     assert_eq!(presence.source, Source::Stopping);
-    assert!(matches!(
-        fixture.next_to_master().await,
-        AgentMessage::Goodbye { .. }
-    ));
+    fixture.expect_goodbye().await;
     assert!(matches!(fixture.exit().await.0, Exit::Stopped(_)));
 }
 
@@ -502,10 +576,7 @@ async fn a_graceful_stop_finishes_the_running_build_refuses_new_ones_then_exits(
     fixture.stop(true, None).await;
     assert_eq!(fixture.next_presence().await.source, Source::Stopping);
     fixture.start_build(2, "true");
-    assert!(matches!(
-        fixture.next_to_master().await,
-        AgentMessage::BuildRefused { build_id: 2, .. }
-    ));
+    fixture.expect_refused(2).await;
     let result = fixture.next_result().await;
     assert_eq!((result.build_id, result.outcome), (1, Outcome::Success));
     assert_eq!(result.log, "done\n");
@@ -520,14 +591,8 @@ async fn a_graceful_stop_finishes_the_running_build_refuses_new_ones_then_exits(
         );
     }
     assert!(!fixture.task.is_finished());
-    fixture.master_sends(MasterMessage::ResultStored { build_id: 1 });
-    assert!(matches!(
-        fixture.next_to_master().await,
-        AgentMessage::Goodbye { .. }
-    ));
-    let (exit, state) = fixture.exit().await;
+    let exit = fixture.store_result_and_exit(1).await;
     assert!(matches!(exit, Exit::Stopped(_)));
-    assert!(!state.path().join("results/1.json").exists());
 }
 
 #[tokio::test]
@@ -554,13 +619,7 @@ async fn a_second_sigterm_cancels_the_build_at_once_and_reports_it_cancelled() {
         }
         other => panic!("expected the cancelled result, got {other:?}"),
     }
-    fixture.master_sends(MasterMessage::ResultStored { build_id: 1 });
-    assert!(matches!(
-        fixture.next_to_master().await,
-        AgentMessage::Goodbye { .. }
-    ));
-    let (_, state) = fixture.exit().await;
-    assert!(!state.path().join("results/1.json").exists());
+    fixture.store_result_and_exit(1).await;
 }
 
 #[tokio::test]
@@ -582,13 +641,7 @@ async fn at_the_stop_deadline_the_build_is_reported_cancelled_with_the_deadline(
         result.reason.as_deref(),
         Some("its stop deadline of 0.3 s ran out")
     );
-    fixture.master_sends(MasterMessage::ResultStored { build_id: 1 });
-    assert!(matches!(
-        fixture.next_to_master().await,
-        AgentMessage::Goodbye { .. }
-    ));
-    let (_, state) = fixture.exit().await;
-    assert!(!state.path().join("results/1.json").exists());
+    fixture.store_result_and_exit(1).await;
 }
 
 #[test]
@@ -605,21 +658,10 @@ async fn a_result_finished_while_disconnected_is_delivered_after_reconnecting() 
     fixture.link_up().await;
     fixture.start_build(9, "sleep 0.3; echo finished offline");
     fixture.expect_accepted(9).await;
+    fixture.link_down();
     fixture
-        .wiring
-        .link_events
-        .send(LinkEvent::Down {
-            error: "connection reset".into(),
-        })
-        .unwrap();
-    let mut status = fixture.wiring.handle.status.clone();
-    tokio::time::timeout(
-        Duration::from_secs(60),
-        status.wait_for(|status| status.counters.builds_run == 1),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+        .wait_status(|status| status.counters.builds_run == 1)
+        .await;
     assert!(fixture.state.path().join("results/9.json").exists());
     while let Ok(Outgoing { message, .. }) = fixture.wiring.to_master.try_recv() {
         assert!(
@@ -658,13 +700,7 @@ async fn a_refused_result_is_dropped_from_the_spool_and_not_sent_again() {
         reason: "not assigned to this worker: it is unknown or finished".into(),
     });
     // Link events are handled in order: the refusal before the reconnect.
-    fixture
-        .wiring
-        .link_events
-        .send(LinkEvent::Down {
-            error: "connection reset".into(),
-        })
-        .unwrap();
+    fixture.link_down();
     fixture.link_up().await;
     // After the welcome the spool is re-sent at once; a build handed out
     // next is answered after it. Nothing of build 9 comes first.
@@ -683,13 +719,8 @@ async fn a_full_worker_refuses_and_the_welcome_cancels_builds_requeued_elsewhere
     fixture.start_build(1, "sleep 300");
     fixture.expect_accepted(1).await;
     fixture.start_build(2, "true");
-    match fixture.next_to_master().await {
-        AgentMessage::BuildRefused { build_id, reason } => {
-            assert_eq!(build_id, 2);
-            assert!(reason.contains("full"), "{reason}");
-        }
-        other => panic!("expected a refusal, got {other:?}"),
-    }
+    let reason = fixture.expect_refused(2).await;
+    assert!(reason.contains("full"), "{reason}");
     let presence = fixture.wiring.hello.borrow().presence.clone();
     fixture
         .wiring
@@ -700,14 +731,9 @@ async fn a_full_worker_refuses_and_the_welcome_cancels_builds_requeued_elsewhere
             missing_timeout: None,
         })
         .unwrap();
-    let mut status = fixture.wiring.handle.status.clone();
-    tokio::time::timeout(
-        Duration::from_secs(60),
-        status.wait_for(|status| status.builds.is_empty() && status.counters.builds_run == 1),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+    fixture
+        .wait_status(|status| status.builds.is_empty() && status.counters.builds_run == 1)
+        .await;
     // The master moved it elsewhere: no result, nothing spooled.
     while let Ok(Outgoing { message, .. }) = fixture.wiring.to_master.try_recv() {
         assert!(
@@ -725,54 +751,14 @@ async fn a_full_worker_refuses_and_the_welcome_cancels_builds_requeued_elsewhere
 async fn a_step_waiting_for_its_locks_asks_again_after_a_reconnect() {
     let mut fixture = start(ALWAYS, Arc::new(SystemClock), 1);
     fixture.link_up().await;
-    fixture.master_sends(MasterMessage::StartBuild {
-        build_id: 4,
-        builder: "demo".into(),
-        steps: vec![StepSpec {
-            name: "locked".into(),
-            command: "echo compiled".into(),
-            timeout_secs: None,
-            env: BTreeMap::new(),
-            workdir: None,
-            needs_grant: true,
-            checkout: false,
-            upload: None,
-        }],
-        properties: BTreeMap::new(),
-        source: None,
-        holds_locks: false,
-        max_log_bytes: None,
-    });
-    assert!(matches!(
-        fixture.next_to_master().await,
-        AgentMessage::BuildAccepted { build_id: 4 }
-    ));
-    assert!(matches!(
-        fixture.next_to_master().await,
-        AgentMessage::StepWaiting {
-            build_id: 4,
-            step: 0
-        }
-    ));
+    fixture.start_steps(4, vec![step("locked", "echo compiled", true)]);
+    fixture.expect_accepted(4).await;
+    fixture.expect_step_waiting(4, 0).await;
     // The link drops; the master's grant (sent meanwhile) is lost.
-    fixture
-        .wiring
-        .link_events
-        .send(LinkEvent::Down {
-            error: "connection reset".into(),
-        })
-        .unwrap();
+    fixture.link_down();
     fixture.link_up().await;
-    assert!(
-        matches!(
-            fixture.next_to_master().await,
-            AgentMessage::StepWaiting {
-                build_id: 4,
-                step: 0
-            }
-        ),
-        "the waiting step asks again after the reconnect"
-    );
+    // The waiting step asks again after the reconnect.
+    fixture.expect_step_waiting(4, 0).await;
     fixture.master_sends(MasterMessage::StepGranted {
         build_id: 4,
         step: 0,
@@ -804,38 +790,11 @@ fn the_tail_keeps_the_last_lines() {
 async fn a_step_holding_a_lock_stops_when_the_master_is_lost_for_half_its_missing_timeout() {
     let mut fixture = start(ALWAYS, Arc::new(SystemClock), 2);
     fixture.link_up_with(Some(Duration::from_secs(2))).await;
-    let step = |command: &str, needs_grant| StepSpec {
-        name: "locked".into(),
-        command: command.into(),
-        timeout_secs: None,
-        env: BTreeMap::new(),
-        workdir: None,
-        needs_grant,
-        checkout: false,
-        upload: None,
-    };
     for (build_id, needs_grant) in [(4, true), (5, false)] {
-        fixture.master_sends(MasterMessage::StartBuild {
-            build_id,
-            builder: "demo".into(),
-            steps: vec![step("sleep 300", needs_grant)],
-            properties: BTreeMap::new(),
-            source: None,
-            holds_locks: false,
-            max_log_bytes: None,
-        });
-        assert!(matches!(
-            fixture.next_to_master().await,
-            AgentMessage::BuildAccepted { .. }
-        ));
+        fixture.start_steps(build_id, vec![step("locked", "sleep 300", needs_grant)]);
+        fixture.expect_accepted(build_id).await;
         if needs_grant {
-            assert!(matches!(
-                fixture.next_to_master().await,
-                AgentMessage::StepWaiting {
-                    build_id: 4,
-                    step: 0
-                }
-            ));
+            fixture.expect_step_waiting(build_id, 0).await;
         }
     }
     fixture.master_sends(MasterMessage::StepGranted {
@@ -853,21 +812,10 @@ async fn a_step_holding_a_lock_stops_when_the_master_is_lost_for_half_its_missin
         }
     }
     let lost = Instant::now();
+    fixture.link_down();
     fixture
-        .wiring
-        .link_events
-        .send(LinkEvent::Down {
-            error: "connection reset".into(),
-        })
-        .unwrap();
-    let mut status = fixture.wiring.handle.status.clone();
-    tokio::time::timeout(
-        Duration::from_secs(60),
-        status.wait_for(|status| status.counters.builds_run == 1),
-    )
-    .await
-    .unwrap()
-    .unwrap();
+        .wait_status(|status| status.counters.builds_run == 1)
+        .await;
     let fenced_after = lost.elapsed();
     assert!(
         fenced_after >= Duration::from_secs(1),
@@ -878,6 +826,7 @@ async fn a_step_holding_a_lock_stops_when_the_master_is_lost_for_half_its_missin
     assert_eq!(result.outcome, Outcome::Cancelled);
     let reason = result.reason.unwrap_or_default();
     assert!(reason.contains("missing_timeout of 2 s"), "{reason}");
-    let running: Vec<BuildId> = status.borrow().builds.iter().map(|b| b.build_id).collect();
+    let status = fixture.wiring.handle.status.borrow().clone();
+    let running: Vec<BuildId> = status.builds.iter().map(|b| b.build_id).collect();
     assert_eq!(running, vec![5], "the build without a lock runs on");
 }

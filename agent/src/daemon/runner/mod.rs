@@ -357,17 +357,7 @@ impl Build {
 /// `NIGHTSHIFT_PROP_<KEY>`: build properties as environment variables, the
 /// key upper-cased with every character that is not a letter or digit as `_`.
 fn property_env_name(key: &str) -> String {
-    let key: String = key
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_uppercase()
-            } else {
-                '_'
-            }
-        })
-        .collect();
-    format!("NIGHTSHIFT_PROP_{key}")
+    nightshift_proto::env::variable_name("NIGHTSHIFT_PROP_", key)
 }
 
 /// `base/relative`, refusing absolute paths and `..` so a build never

@@ -54,6 +54,27 @@ impl std::fmt::Debug for ServerTls {
     }
 }
 
+impl ServerTls {
+    /// The same, issuing TLS session tickets sealed with the keys in
+    /// `data_dir/tls/`[`TICKET_KEYS_FILE`](crate::tls_tickets::TICKET_KEYS_FILE)
+    /// (made on first use, mode 0600, rotated every 6 h): an agent
+    /// reconnecting after a restart resumes instead of doing a full handshake.
+    pub fn with_session_tickets(
+        mut self,
+        data_dir: &Path,
+        clock: Arc<dyn crate::clock::Clock>,
+    ) -> anyhow::Result<ServerTls> {
+        let path = data_dir
+            .join("tls")
+            .join(crate::tls_tickets::TICKET_KEYS_FILE);
+        let ticketer = crate::tls_tickets::PersistentTicketer::load_or_create(&path, clock)?;
+        let mut config = (*self.config).clone();
+        config.ticketer = ticketer;
+        self.config = Arc::new(config);
+        Ok(self)
+    }
+}
+
 /// Lowercase hex SHA-256 of a DER certificate.
 pub fn cert_pin_sha256(der: &[u8]) -> String {
     hex::encode(Sha256::digest(der))
@@ -331,6 +352,71 @@ mod tests {
         let bad = client_config(None, Some(&wrong_pin)).unwrap();
         let err = roundtrip(port, bad).await.unwrap_err();
         assert!(format!("{err:#}").contains("pin_sha256"), "{err:#}");
+    }
+
+    /// One TLS connection (echoing a byte, so the client has read the
+    /// server's tickets); answers whether it was resumed.
+    async fn resumed(port: u16, config: Arc<rustls::ClientConfig>) -> bool {
+        let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let connector = tokio_rustls::TlsConnector::from(config);
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut stream = connector.connect(name, tcp).await.unwrap();
+        stream.write_all(&[7]).await.unwrap();
+        stream.flush().await.unwrap();
+        let mut byte = [0u8; 1];
+        stream.read_exact(&mut byte).await.unwrap();
+        stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+    }
+
+    #[tokio::test]
+    async fn an_agent_resumes_its_session_across_a_master_restart() {
+        install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let clock: Arc<dyn crate::clock::Clock> = Arc::new(crate::clock::SystemClock);
+        let client = client_config(
+            None,
+            Some(
+                &load_or_create_self_signed(dir.path(), &[])
+                    .unwrap()
+                    .pin_sha256,
+            ),
+        )
+        .unwrap();
+        let first = load_or_create_self_signed(dir.path(), &[])
+            .unwrap()
+            .with_session_tickets(dir.path(), clock.clone())
+            .unwrap();
+        let port = echo_server(&first).await;
+        assert!(!resumed(port, client.clone()).await, "the first is full");
+        // "Restarted": a new server config (and listener) from the same
+        // data directory.
+        let second = load_or_create_self_signed(dir.path(), &[])
+            .unwrap()
+            .with_session_tickets(dir.path(), clock)
+            .unwrap();
+        let port = echo_server(&second).await;
+        assert!(
+            resumed(port, client.clone()).await,
+            "resumed after the restart"
+        );
+
+        // Without the ticket keys (another data directory, same
+        // certificate) the ticket is refused and a full handshake follows.
+        let other_dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(other_dir.path().join("tls")).unwrap();
+        for file in [SELF_SIGNED_CERT_FILE, SELF_SIGNED_KEY_FILE] {
+            fs::copy(
+                dir.path().join("tls").join(file),
+                other_dir.path().join("tls").join(file),
+            )
+            .unwrap();
+        }
+        let stranger = load_or_create_self_signed(other_dir.path(), &[])
+            .unwrap()
+            .with_session_tickets(other_dir.path(), Arc::new(crate::clock::SystemClock))
+            .unwrap();
+        let port = echo_server(&stranger).await;
+        assert!(!resumed(port, client).await);
     }
 
     #[tokio::test]

@@ -337,7 +337,7 @@ fn add_worker_token(
 /// sealed with keys kept in the data directory (so agents resume after a
 /// restart).
 fn server_tls(config: &MasterConfig) -> anyhow::Result<Option<ServerTls>> {
-    Ok(match &config.tls {
+    match &config.tls {
         TlsMode::Insecure => None,
         TlsMode::Files { cert, key } => Some(tls::load_server_tls(cert, key)?),
         TlsMode::SelfSigned => {
@@ -355,7 +355,7 @@ fn server_tls(config: &MasterConfig) -> anyhow::Result<Option<ServerTls>> {
         }
     }
     .map(|tls| tls.with_session_tickets(&config.data_dir, Arc::new(SystemClock)))
-    .transpose()?)
+    .transpose()
 }
 
 /// `master run`. Returns the exit code.

@@ -54,6 +54,10 @@ impl std::fmt::Debug for ServerTls {
     }
 }
 
+/// Session tickets the master gives each connection (rustls sends 2 by
+/// default): each is good for one resumption.
+pub const TICKETS_PER_CONNECTION: usize = 4;
+
 impl ServerTls {
     /// The same, issuing TLS session tickets sealed with the keys in
     /// `data_dir/tls/`[`TICKET_KEYS_FILE`](crate::tls_tickets::TICKET_KEYS_FILE)
@@ -70,6 +74,9 @@ impl ServerTls {
         let ticketer = crate::tls_tickets::PersistentTicketer::load_or_create(&path, clock)?;
         let mut config = (*self.config).clone();
         config.ticketer = ticketer;
+        // Each ticket resumes once, and an attempt that fails (a storm's
+        // timeout) has used one: a few spare keep the next attempt resumed.
+        config.send_tls13_tickets = TICKETS_PER_CONNECTION;
         self.config = Arc::new(config);
         Ok(self)
     }

@@ -5,8 +5,13 @@
 //! time for all N to connect at the same instant, master RSS per connected
 //! agent, idle master CPU, a flip of every worker to `away` (and back) until
 //! the scheduler has seen all, trivial builds/s and master CPU per build with
-//! N idle workers, the `master workers` answer time, and a reconnect storm
-//! (the master SIGKILLed and restarted: time until all N are back).
+//! N idle workers, the `master workers` answer time, submit → start of a
+//! build queued halfway through the flip (a few workers stay available),
+//! and a reconnect storm (the master SIGKILLed and restarted: time until
+//! all N are back, attempts refused at the port, shed with `Retry-After` or
+//! failed, resumed TLS sessions, and the CPU per agent of the master and of
+//! this driver, which shares the machine). Each fake agent keeps its own TLS
+//! session cache, as a real agent process does.
 //!
 //! Run it after `cargo build --release`:
 //! `cargo run --release -p nightshift-tests --bin nightshift-scale`

@@ -30,6 +30,9 @@ use crate::{Farm, presence};
 
 /// How long any phase may take before giving up on it.
 pub const PHASE_LIMIT: Duration = Duration::from_secs(180);
+/// A connection attempt (TCP, TLS, upgrade, welcome) gives up after this
+/// long, as the real agent's does.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The beat when a welcome gives none (the protocol's default).
 const HEARTBEAT: Duration = Duration::from_secs(nightshift_proto::wire::HEARTBEAT_SECS);
 
@@ -248,7 +251,9 @@ async fn session(
             None => tokio_tungstenite::Connector::Plain,
         }),
     );
-    let mut ws = match tokio::time::timeout(Duration::from_secs(30), connect).await {
+    // As the real agent: TCP, TLS, upgrade and welcome within 10 s.
+    let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+    let mut ws = match tokio::time::timeout_at(deadline, connect).await {
         Ok(Ok((ws, _))) => ws,
         Ok(Err(tokio_tungstenite::tungstenite::Error::Http(response))) => {
             let asked = response
@@ -280,7 +285,7 @@ async fn session(
         return lost;
     }
     // The beat the master gives (longer for a big farm), as the agent keeps.
-    let beat = match tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
+    let beat = match tokio::time::timeout_at(deadline, ws.next()).await {
         Ok(Some(Ok(Message::Text(text)))) => match MasterMessage::decode(&text) {
             Ok(MasterMessage::Welcome { heartbeat_secs, .. }) if heartbeat_secs > 0 => {
                 fleet.beat_secs.store(heartbeat_secs, Ordering::Relaxed);

@@ -54,34 +54,6 @@ impl std::fmt::Debug for ServerTls {
     }
 }
 
-/// Session tickets the master gives each connection (rustls sends 2 by
-/// default): each is good for one resumption.
-pub const TICKETS_PER_CONNECTION: usize = 4;
-
-impl ServerTls {
-    /// The same, issuing TLS session tickets sealed with the keys in
-    /// `data_dir/tls/`[`TICKET_KEYS_FILE`](crate::tls_tickets::TICKET_KEYS_FILE)
-    /// (made on first use, mode 0600, rotated every 6 h): an agent
-    /// reconnecting after a restart resumes instead of doing a full handshake.
-    pub fn with_session_tickets(
-        mut self,
-        data_dir: &Path,
-        clock: Arc<dyn crate::clock::Clock>,
-    ) -> anyhow::Result<ServerTls> {
-        let path = data_dir
-            .join("tls")
-            .join(crate::tls_tickets::TICKET_KEYS_FILE);
-        let ticketer = crate::tls_tickets::PersistentTicketer::load_or_create(&path, clock)?;
-        let mut config = (*self.config).clone();
-        config.ticketer = ticketer;
-        // Each ticket resumes once, and an attempt that fails (a storm's
-        // timeout) has used one: a few spare keep the next attempt resumed.
-        config.send_tls13_tickets = TICKETS_PER_CONNECTION;
-        self.config = Arc::new(config);
-        Ok(self)
-    }
-}
-
 /// Lowercase hex SHA-256 of a DER certificate.
 pub fn cert_pin_sha256(der: &[u8]) -> String {
     hex::encode(Sha256::digest(der))

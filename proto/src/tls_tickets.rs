@@ -25,6 +25,32 @@ pub const ROTATE_EVERY_SECS: i64 = 6 * 3600;
 /// Bytes in front of a ticket's ciphertext: which key sealed it.
 const KEY_ID_LEN: usize = 4;
 
+/// Session tickets the master gives each connection (rustls sends 2 by
+/// default): each is good for one resumption.
+pub const TICKETS_PER_CONNECTION: usize = 4;
+
+impl crate::tls::ServerTls {
+    /// The same, issuing TLS session tickets sealed with the keys in
+    /// `data_dir/tls/`[`TICKET_KEYS_FILE`]
+    /// (made on first use, mode 0600, rotated every 6 h): an agent
+    /// reconnecting after a restart resumes instead of doing a full handshake.
+    pub fn with_session_tickets(
+        mut self,
+        data_dir: &Path,
+        clock: Arc<dyn crate::clock::Clock>,
+    ) -> anyhow::Result<crate::tls::ServerTls> {
+        let path = data_dir.join("tls").join(TICKET_KEYS_FILE);
+        let ticketer = PersistentTicketer::load_or_create(&path, clock)?;
+        let mut config = (*self.config).clone();
+        config.ticketer = ticketer;
+        // Each ticket resumes once, and an attempt that fails (a storm's
+        // timeout) has used one: a few spare keep the next attempt resumed.
+        config.send_tls13_tickets = TICKETS_PER_CONNECTION;
+        self.config = Arc::new(config);
+        Ok(self)
+    }
+}
+
 /// One sealing key and when it was made.
 struct TicketKey {
     created: i64,

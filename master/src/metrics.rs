@@ -170,6 +170,11 @@ pub struct Metrics {
     frames_rate_limited: AtomicU64,
     /// Enrolments refused by the source's and by the global rate limit.
     enrolments_rate_limited: [AtomicU64; 2],
+    /// TLS handshakes done, full and resumed (a session ticket).
+    tls_handshakes: [AtomicU64; 2],
+    /// Connections closed unanswered after waiting too long for a
+    /// handshake turn (a storm bigger than the master could take).
+    handshake_turns_stale: AtomicU64,
     artifacts_stored: AtomicU64,
     artifact_bytes_stored: AtomicU64,
     artifact_uploads_rejected: AtomicU64,
@@ -198,6 +203,8 @@ impl Metrics {
             store_queue_full: AtomicU64::new(0),
             frames_rate_limited: AtomicU64::new(0),
             enrolments_rate_limited: [const { AtomicU64::new(0) }; 2],
+            tls_handshakes: [const { AtomicU64::new(0) }; 2],
+            handshake_turns_stale: AtomicU64::new(0),
             artifacts_stored: AtomicU64::new(0),
             artifact_bytes_stored: AtomicU64::new(0),
             artifact_uploads_rejected: AtomicU64::new(0),
@@ -281,6 +288,16 @@ impl Metrics {
             crate::worker_groups::EnrolLimit::Global => 1,
         };
         self.enrolments_rate_limited[index].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// A TLS handshake done: `resumed` when the client presented a session
+    /// ticket (its earlier connection's, perhaps before a restart).
+    pub fn tls_handshake(&self, resumed: bool) {
+        self.tls_handshakes[usize::from(resumed)].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub fn handshake_turn_stale(&self) {
+        self.handshake_turns_stale.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Renders the counters plus the gauges of `snapshot` and `depths`
@@ -529,6 +546,32 @@ impl Metrics {
         }
         family(
             &mut out,
+            "nightshift_master_tls_handshakes_total",
+            "counter",
+            "TLS handshakes done, full or resumed from a session ticket (as after a restart).",
+        );
+        for (kind, count) in ["full", "resumed"].into_iter().zip(&self.tls_handshakes) {
+            sample(
+                &mut out,
+                "nightshift_master_tls_handshakes_total",
+                &[("kind", kind)],
+                count.load(Ordering::Relaxed) as f64,
+            );
+        }
+        family(
+            &mut out,
+            "nightshift_master_handshake_turns_stale_total",
+            "counter",
+            "Connections closed unanswered after waiting too long for a TLS handshake turn.",
+        );
+        sample(
+            &mut out,
+            "nightshift_master_handshake_turns_stale_total",
+            &[],
+            self.handshake_turns_stale.load(Ordering::Relaxed) as f64,
+        );
+        family(
+            &mut out,
             "nightshift_master_agent_disconnects_total",
             "counter",
             "Agent connections the master closed for cause, by reason.",
@@ -709,6 +752,7 @@ mod tests {
         metrics.refused(Refused::Result, RefusalReason::NotHandedToIt);
         metrics.waited_before_start(Duration::from_millis(200));
         metrics.waited_before_start(Duration::from_secs(7200));
+        metrics.tls_handshake(true);
         let snapshot = Snapshot {
             workers: WorkerList {
                 paused: false,
@@ -746,6 +790,9 @@ mod tests {
             "nightshift_master_builds_finished_total{outcome=\"failure\"} 0",
             "nightshift_master_refused_total{what=\"result\",reason=\"not_handed_to_it\"} 2",
             "nightshift_master_lock_waiting 1",
+            "nightshift_master_tls_handshakes_total{kind=\"full\"} 0",
+            "nightshift_master_tls_handshakes_total{kind=\"resumed\"} 1",
+            "nightshift_master_handshake_turns_stale_total 0",
         ] {
             assert!(
                 text.lines().any(|l| l == line),

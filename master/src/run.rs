@@ -334,9 +334,11 @@ fn add_worker_token(
     Ok(token)
 }
 
-/// The TLS the master serves with, per its config.
+/// The TLS the master serves with, per its config, issuing session tickets
+/// sealed with keys kept in the data directory (so agents resume after a
+/// restart).
 fn server_tls(config: &MasterConfig) -> anyhow::Result<Option<ServerTls>> {
-    Ok(match &config.tls {
+    match &config.tls {
         TlsMode::Insecure => None,
         TlsMode::Files { cert, key } => Some(tls::load_server_tls(cert, key)?),
         TlsMode::SelfSigned => {
@@ -352,7 +354,9 @@ fn server_tls(config: &MasterConfig) -> anyhow::Result<Option<ServerTls>> {
             }
             Some(tls::load_or_create_self_signed(&config.data_dir, &names)?)
         }
-    })
+    }
+    .map(|tls| tls.with_session_tickets(&config.data_dir, Arc::new(SystemClock)))
+    .transpose()
 }
 
 /// `master run`. Returns the exit code.

@@ -1,5 +1,5 @@
 //! What the agent, the master and their CLIs share: the wire protocol, the
-//! HTTP API shapes, TLS setup, config diagnostics, logging setup, the exit
+//! HTTP API shapes, TLS setup (and session tickets that survive a restart), config diagnostics, logging setup, the exit
 //! statuses, the Prometheus text format, streaming artifact transfer and the
 //! fuzzer for peer input.
 
@@ -14,6 +14,7 @@ pub mod log;
 pub mod prometheus;
 pub mod secret;
 pub mod tls;
+pub mod tls_tickets;
 pub mod transfer;
 pub mod when;
 pub mod wire;

@@ -333,6 +333,71 @@ mod tests {
         assert!(format!("{err:#}").contains("pin_sha256"), "{err:#}");
     }
 
+    /// One TLS connection (echoing a byte, so the client has read the
+    /// server's tickets); answers whether it was resumed.
+    async fn resumed(port: u16, config: Arc<rustls::ClientConfig>) -> bool {
+        let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
+        let connector = tokio_rustls::TlsConnector::from(config);
+        let name = ServerName::try_from("localhost").unwrap();
+        let mut stream = connector.connect(name, tcp).await.unwrap();
+        stream.write_all(&[7]).await.unwrap();
+        stream.flush().await.unwrap();
+        let mut byte = [0u8; 1];
+        stream.read_exact(&mut byte).await.unwrap();
+        stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+    }
+
+    #[tokio::test]
+    async fn an_agent_resumes_its_session_across_a_master_restart() {
+        install_crypto_provider();
+        let dir = tempfile::tempdir().unwrap();
+        let clock: Arc<dyn crate::clock::Clock> = Arc::new(crate::clock::SystemClock);
+        let client = client_config(
+            None,
+            Some(
+                &load_or_create_self_signed(dir.path(), &[])
+                    .unwrap()
+                    .pin_sha256,
+            ),
+        )
+        .unwrap();
+        let first = load_or_create_self_signed(dir.path(), &[])
+            .unwrap()
+            .with_session_tickets(dir.path(), clock.clone())
+            .unwrap();
+        let port = echo_server(&first).await;
+        assert!(!resumed(port, client.clone()).await, "the first is full");
+        // "Restarted": a new server config (and listener) from the same
+        // data directory.
+        let second = load_or_create_self_signed(dir.path(), &[])
+            .unwrap()
+            .with_session_tickets(dir.path(), clock)
+            .unwrap();
+        let port = echo_server(&second).await;
+        assert!(
+            resumed(port, client.clone()).await,
+            "resumed after the restart"
+        );
+
+        // Without the ticket keys (another data directory, same
+        // certificate) the ticket is refused and a full handshake follows.
+        let other_dir = tempfile::tempdir().unwrap();
+        fs::create_dir_all(other_dir.path().join("tls")).unwrap();
+        for file in [SELF_SIGNED_CERT_FILE, SELF_SIGNED_KEY_FILE] {
+            fs::copy(
+                dir.path().join("tls").join(file),
+                other_dir.path().join("tls").join(file),
+            )
+            .unwrap();
+        }
+        let stranger = load_or_create_self_signed(other_dir.path(), &[])
+            .unwrap()
+            .with_session_tickets(other_dir.path(), Arc::new(crate::clock::SystemClock))
+            .unwrap();
+        let port = echo_server(&stranger).await;
+        assert!(!resumed(port, client).await);
+    }
+
     #[tokio::test]
     async fn ca_file_trusts_the_self_signed_certificate() {
         install_crypto_provider();

@@ -30,17 +30,31 @@ use crate::{Farm, presence};
 
 /// How long any phase may take before giving up on it.
 pub const PHASE_LIMIT: Duration = Duration::from_secs(180);
+/// A connection attempt (TCP, TLS, upgrade, welcome) gives up after this
+/// long, as the real agent's does.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// The beat when a welcome gives none (the protocol's default).
 const HEARTBEAT: Duration = Duration::from_secs(nightshift_proto::wire::HEARTBEAT_SECS);
 
 /// What all fake agents share with the driver.
 pub struct Fleet {
     pub url: String,
-    pub tls: Arc<rustls::ClientConfig>,
+    /// `None` for an insecure (plain `ws://`) farm.
+    pub tls: Option<Arc<rustls::ClientConfig>>,
     /// Agents welcomed and still connected.
     pub connected: AtomicUsize,
-    /// Failed connection attempts.
+    /// Failed connection attempts other than those below: handshakes that
+    /// timed out or were reset, upgrades that failed.
     pub failures: AtomicUsize,
+    /// Attempts refused at the TCP level (nothing listening: the master is
+    /// not up yet).
+    pub port_refused: AtomicUsize,
+    /// Attempts the master answered 503 with `Retry-After` (at its limit).
+    pub shed: AtomicUsize,
+    /// Welcomed connections whose TLS handshake resumed a session (a
+    /// ticket from an earlier connection), and those that were full.
+    pub resumed: AtomicUsize,
+    pub full_handshakes: AtomicUsize,
     /// The heartbeat period the master gave in its last welcome, in seconds
     /// (0 before the first).
     pub beat_secs: std::sync::atomic::AtomicU64,
@@ -63,9 +77,17 @@ impl Fleet {
         let (stop_tx, stop) = watch::channel(false);
         let fleet = Arc::new(Fleet {
             url: format!("{}{WS_PATH}", farm.ws_url()),
-            tls: farm.tls_client()?,
+            tls: if farm.is_insecure() {
+                None
+            } else {
+                Some(farm.tls_client()?)
+            },
             connected: AtomicUsize::new(0),
             failures: AtomicUsize::new(0),
+            port_refused: AtomicUsize::new(0),
+            shed: AtomicUsize::new(0),
+            resumed: AtomicUsize::new(0),
+            full_handshakes: AtomicUsize::new(0),
             beat_secs: std::sync::atomic::AtomicU64::new(0),
             changed: Notify::new(),
             presence,
@@ -74,7 +96,22 @@ impl Fleet {
         Ok((fleet, presence_tx, stop_tx))
     }
 
-    /// Starts one fake agent per worker of `names` (all at once).
+    /// Zeroes the attempt counters (failures, refusals, handshakes).
+    pub fn reset_counters(&self) {
+        for counter in [
+            &self.failures,
+            &self.port_refused,
+            &self.shed,
+            &self.resumed,
+            &self.full_handshakes,
+        ] {
+            counter.store(0, Ordering::Relaxed);
+        }
+    }
+
+    /// Starts one fake agent per worker of `names` (all at once). Each has
+    /// its own TLS session cache, as each real agent has in its own
+    /// process, so reconnections resume their sessions as real ones do.
     pub fn spawn(
         self: &Arc<Self>,
         farm: &Farm,
@@ -83,8 +120,14 @@ impl Fleet {
         let mut agents = Vec::with_capacity(names.len());
         for name in names {
             let spec = farm.worker_spec(name)?;
+            let tls = self.tls.as_ref().map(|shared| {
+                let mut own = (**shared).clone();
+                own.resumption = rustls::client::Resumption::in_memory_sessions(4);
+                Arc::new(own)
+            });
             agents.push(tokio::spawn(fake_agent(
                 self.clone(),
+                tls,
                 spec.name.clone(),
                 spec.token.clone(),
             )));
@@ -127,11 +170,16 @@ enum SessionEnd {
 /// does (spread over a second after losing a welcomed connection, then
 /// backoff doubling from 200 ms to 10 s with jitter, to 2 s only while the
 /// port refuses connections, a 503's Retry-After honoured).
-pub async fn fake_agent(fleet: Arc<Fleet>, name: String, token: String) {
+pub async fn fake_agent(
+    fleet: Arc<Fleet>,
+    tls: Option<Arc<rustls::ClientConfig>>,
+    name: String,
+    token: String,
+) {
     let mut backoff = Duration::from_millis(200);
     let mut stop = fleet.stop.clone();
     loop {
-        let pause = match session(&fleet, &name, &token).await {
+        let pause = match session(&fleet, &tls, &name, &token).await {
             SessionEnd::Stop => return,
             SessionEnd::Lost { welcomed: true } => {
                 backoff = Duration::from_millis(200);
@@ -144,14 +192,14 @@ pub async fn fake_agent(fleet: Arc<Fleet>, name: String, token: String) {
                 pause
             }
             SessionEnd::PortRefused => {
-                fleet.failures.fetch_add(1, Ordering::Relaxed);
+                fleet.port_refused.fetch_add(1, Ordering::Relaxed);
                 backoff = backoff.min(Duration::from_secs(2));
                 let pause = jittered(backoff);
                 backoff = (backoff * 2).min(Duration::from_secs(2));
                 pause
             }
             SessionEnd::Busy(asked) => {
-                fleet.failures.fetch_add(1, Ordering::Relaxed);
+                fleet.shed.fetch_add(1, Ordering::Relaxed);
                 let pause = jittered(backoff).max(asked);
                 backoff = (backoff * 2).min(Duration::from_secs(10));
                 pause
@@ -176,7 +224,12 @@ fn jittered(backoff: Duration) -> Duration {
     Duration::from_millis(half + rand_below(half + 1))
 }
 
-async fn session(fleet: &Fleet, name: &str, token: &str) -> SessionEnd {
+async fn session(
+    fleet: &Fleet,
+    tls: &Option<Arc<rustls::ClientConfig>>,
+    name: &str,
+    token: &str,
+) -> SessionEnd {
     let lost = SessionEnd::Lost { welcomed: false };
     let Ok(mut request) = fleet.url.as_str().into_client_request() else {
         return SessionEnd::Stop;
@@ -193,9 +246,14 @@ async fn session(fleet: &Fleet, name: &str, token: &str) -> SessionEnd {
         request,
         Some(config),
         true,
-        Some(tokio_tungstenite::Connector::Rustls(fleet.tls.clone())),
+        Some(match tls {
+            Some(tls) => tokio_tungstenite::Connector::Rustls(tls.clone()),
+            None => tokio_tungstenite::Connector::Plain,
+        }),
     );
-    let mut ws = match tokio::time::timeout(Duration::from_secs(30), connect).await {
+    // As the real agent: TCP, TLS, upgrade and welcome within 10 s.
+    let deadline = tokio::time::Instant::now() + CONNECT_TIMEOUT;
+    let mut ws = match tokio::time::timeout_at(deadline, connect).await {
         Ok(Ok((ws, _))) => ws,
         Ok(Err(tokio_tungstenite::tungstenite::Error::Http(response))) => {
             let asked = response
@@ -227,7 +285,7 @@ async fn session(fleet: &Fleet, name: &str, token: &str) -> SessionEnd {
         return lost;
     }
     // The beat the master gives (longer for a big farm), as the agent keeps.
-    let beat = match tokio::time::timeout(Duration::from_secs(30), ws.next()).await {
+    let beat = match tokio::time::timeout_at(deadline, ws.next()).await {
         Ok(Some(Ok(Message::Text(text)))) => match MasterMessage::decode(&text) {
             Ok(MasterMessage::Welcome { heartbeat_secs, .. }) if heartbeat_secs > 0 => {
                 fleet.beat_secs.store(heartbeat_secs, Ordering::Relaxed);
@@ -238,6 +296,17 @@ async fn session(fleet: &Fleet, name: &str, token: &str) -> SessionEnd {
         },
         _ => return lost,
     };
+    let resumed = match ws.get_ref() {
+        tokio_tungstenite::MaybeTlsStream::Rustls(stream) => {
+            stream.get_ref().1.handshake_kind() == Some(rustls::HandshakeKind::Resumed)
+        }
+        _ => false,
+    };
+    if resumed {
+        fleet.resumed.fetch_add(1, Ordering::Relaxed);
+    } else if tls.is_some() {
+        fleet.full_handshakes.fetch_add(1, Ordering::Relaxed);
+    }
     fleet.connected.fetch_add(1, Ordering::AcqRel);
     fleet.changed.notify_waiters();
     let end = connected(fleet, &mut ws, &mut presence_rx, beat).await;

@@ -354,3 +354,53 @@ fn a_bad_config_exits_2_naming_the_problem() -> anyhow::Result<()> {
     assert!(stderr.contains("worker.toml"), "{stderr}");
     Ok(())
 }
+
+/// The master's count of TLS handshakes of `kind` ("full", "resumed").
+async fn tls_handshakes(farm: &Farm, kind: &str) -> anyhow::Result<u64> {
+    let (status, text) = farm.api()?.call_raw("GET", "/metrics", None).await?;
+    anyhow::ensure!(status == 200, "/metrics answered {status}: {text}");
+    let line = format!("nightshift_master_tls_handshakes_total{{kind=\"{kind}\"}} ");
+    let value = text
+        .lines()
+        .find_map(|l| l.strip_prefix(line.as_str()))
+        .ok_or_else(|| anyhow::anyhow!("no {line:?} in /metrics:\n{text}"))?;
+    Ok(value.trim().parse()?)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_worker_resumes_its_tls_session_after_a_master_restart() -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut g = Gated::start(vec![available("w1")]).await?;
+    g.start_worker("w1").await?;
+    // Its first connection was a full handshake, and the master keeps the
+    // key that sealed the worker's session ticket, readable by it only.
+    let keys = g.farm.data_dir().join("tls").join("ticket.keys");
+    let mode = fs_err::metadata(&keys)?.permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "{}", keys.display());
+
+    g.farm.kill_master().await?;
+    g.farm.start_master().await?;
+    // The restarted master opens the ticket the worker presents (the
+    // admin API client of this test has none: its handshakes are full).
+    let resumed = wait_for(
+        "the worker's reconnection resumed its TLS session",
+        DEADLINE,
+        || async {
+            let resumed = tls_handshakes(&g.farm, "resumed").await?;
+            Ok((resumed >= 1).then_some(resumed))
+        },
+    )
+    .await
+    .map_err(|e| anyhow::anyhow!("{e:#}\nmaster log:\n{}", g.farm.master_log()))?;
+    assert!(resumed >= 1);
+    assert!(tls_handshakes(&g.farm, "full").await? >= 1);
+    g.farm
+        .wait_worker_state("w1", PresenceState::Available)
+        .await?;
+    let build = g.submit("env").await?;
+    assert_eq!(
+        g.farm.wait_build(build).await?.outcome,
+        Some(Outcome::Success)
+    );
+    Ok(())
+}

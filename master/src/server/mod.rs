@@ -1,5 +1,6 @@
 //! The master's one port: a TCP accept loop (large listen backlog,
-//! TCP_NODELAY, optional TLS, a connection cap that sheds with "retry after",
+//! TCP_NODELAY, optional TLS with at most [`HANDSHAKES_AT_ONCE`] handshakes
+//! at a time, a connection cap that sheds with "retry after",
 //! a pause instead of a spin when descriptors run out) that serves the axum
 //! router over hyper with upgrades, and the per-agent WebSocket session
 //! (token checked at the upgrade, hello, frames, heartbeats, and the
@@ -81,6 +82,18 @@ pub const WS_READ_BUFFER: usize = 4 * 1024;
 pub const WS_WRITE_BUFFER: usize = 0;
 /// Longest the accept loop pauses when the process is out of descriptors.
 const ACCEPT_PAUSE_MAX: Duration = Duration::from_secs(1);
+/// TLS handshakes done at once. More connections wait for a turn, first
+/// come first served, holding a descriptor but no CPU: in a reconnect storm
+/// each handshake then takes its few milliseconds and the rest queue,
+/// instead of 10,000 handshakes crawling along together until their
+/// timeouts end them all and every agent starts again (a storm bigger than
+/// the machine took minutes that way). Enough to keep both cores busy when
+/// agents are 100 ms away (two round trips each: ~2,500 handshakes/s).
+pub const HANDSHAKES_AT_ONCE: usize = 256;
+/// A connection that waited this long for its handshake turn is closed
+/// without one: its agent has given up on it (an agent's connection
+/// attempt times out after 10 s) and retries after its jittered backoff.
+const HANDSHAKE_TURN_STALE: Duration = Duration::from_secs(8);
 /// A connection refused over the cap is told to come back after between
 /// this many seconds and twice that (jittered, so a storm spreads out).
 const RETRY_AFTER_SECS: u64 = 2;
@@ -202,6 +215,27 @@ fn out_of_resources(error: &std::io::Error) -> bool {
     )
 }
 
+/// Waits for a turn to do a TLS handshake ([`HANDSHAKES_AT_ONCE`]); `None`
+/// when the wait reached `stale` (the peer has given up by then).
+async fn handshake_turn(
+    turns: &Arc<tokio::sync::Semaphore>,
+    peer: SocketAddr,
+    stale: Duration,
+) -> Option<tokio::sync::OwnedSemaphorePermit> {
+    let arrived = tokio::time::Instant::now();
+    let turn = Arc::clone(turns).acquire_owned().await.ok()?;
+    let waited = arrived.elapsed();
+    if waited >= stale {
+        crate::metrics::METRICS.handshake_turn_stale();
+        tracing::debug!(
+            "{peer}: waited {} ms for a TLS handshake turn; closed unanswered (its agent has given up)",
+            waited.as_millis()
+        );
+        return None;
+    }
+    Some(turn)
+}
+
 /// The answer over a cap (`what`: "agents" or "connections"): 503 with a
 /// jittered `Retry-After`, then close.
 fn over_capacity(what: &str, limit: usize) -> Response {
@@ -234,6 +268,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
 ) {
     let acceptor = tls.map(tokio_rustls::TlsAcceptor::from);
+    let turns = Arc::new(tokio::sync::Semaphore::new(HANDSHAKES_AT_ONCE));
     let shedding = ConnectionGate::new((gate.max() / 16).clamp(16, 1024));
     let mut pause = Duration::ZERO;
     let mut shed_since_log = 0u64;
@@ -303,6 +338,7 @@ pub async fn serve(
             peer,
         };
         let acceptor = acceptor.clone();
+        let turns = Arc::clone(&turns);
         tokio::spawn(async move {
             let _slot = slot;
             // HTTP/1.1 only: agents, the CLI and browsers all speak it (no
@@ -311,8 +347,19 @@ pub async fn serve(
             builder.timer(hyper_util::rt::TokioTimer::new());
             let result = match acceptor {
                 Some(acceptor) => {
-                    match tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                    let Some(turn) = handshake_turn(&turns, peer, HANDSHAKE_TURN_STALE).await
+                    else {
+                        return;
+                    };
+                    let handshake =
+                        tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await;
+                    drop(turn);
+                    match handshake {
                         Ok(Ok(stream)) => {
+                            crate::metrics::METRICS.tls_handshake(
+                                stream.get_ref().1.handshake_kind()
+                                    == Some(rustls::HandshakeKind::Resumed),
+                            );
                             builder
                                 .serve_connection(TokioIo::new(stream), service)
                                 .with_upgrades()
@@ -345,6 +392,46 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test(start_paused = true)]
+    async fn handshakes_take_turns_in_arrival_order_and_a_stale_wait_is_closed() {
+        let turns = Arc::new(tokio::sync::Semaphore::new(2));
+        let peer: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let stale = Duration::from_secs(8);
+        let first = handshake_turn(&turns, peer, stale)
+            .await
+            .expect("a free turn");
+        let second = handshake_turn(&turns, peer, stale)
+            .await
+            .expect("a free turn");
+        // Both turns taken: the next ones wait, first come first served.
+        let order = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let waiter = |n: u32, turns: Arc<tokio::sync::Semaphore>| {
+            let order = Arc::clone(&order);
+            tokio::spawn(async move {
+                let turn = handshake_turn(&turns, peer, stale).await;
+                order.lock().unwrap().push((n, turn.is_some()));
+                turn
+            })
+        };
+        let third = waiter(3, Arc::clone(&turns));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        let fourth = waiter(4, Arc::clone(&turns));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert!(order.lock().unwrap().is_empty(), "nobody got a third turn");
+        drop(first);
+        let third = third.await.unwrap().expect("its turn after a second");
+        assert_eq!(*order.lock().unwrap(), vec![(3, true)]);
+        // The fourth waits past the point its agent gives up: closed
+        // unanswered, and its turn goes on to the next.
+        tokio::time::sleep(stale).await;
+        drop(second);
+        assert!(fourth.await.unwrap().is_none());
+        assert_eq!(*order.lock().unwrap(), vec![(3, true), (4, false)]);
+        assert_eq!(turns.available_permits(), 1);
+        drop(third);
+        assert_eq!(turns.available_permits(), 2);
+    }
 
     #[test]
     fn the_heartbeat_grows_with_the_farm_past_400_beats_per_second() {

@@ -5,8 +5,13 @@
 //! time for all N to connect at the same instant, master RSS per connected
 //! agent, idle master CPU, a flip of every worker to `away` (and back) until
 //! the scheduler has seen all, trivial builds/s and master CPU per build with
-//! N idle workers, the `master workers` answer time, and a reconnect storm
-//! (the master SIGKILLed and restarted: time until all N are back).
+//! N idle workers, the `master workers` answer time, submit → start of a
+//! build queued halfway through the flip (a few workers stay available),
+//! and a reconnect storm (the master SIGKILLed and restarted: time until
+//! all N are back, attempts refused at the port, shed with `Retry-After` or
+//! failed, resumed TLS sessions, and the CPU per agent of the master and of
+//! this driver, which shares the machine). Each fake agent keeps its own TLS
+//! session cache, as a real agent process does.
 //!
 //! Run it after `cargo build --release`:
 //! `cargo run --release -p nightshift-tests --bin nightshift-scale`
@@ -36,6 +41,7 @@ The release figures, on an otherwise quiet machine, in one command:
 Options:
   --agents N,N,...  the sizes (default 100,1000,10000)
   --builds N        builds per throughput run (default 500)
+  --insecure        plain ws:// instead of TLS (what TLS costs: memory, storm)
   --json            one JSON object instead of the table
   -h, --help        this text";
 
@@ -48,6 +54,9 @@ struct Row {
     /// Attempts that failed (refused with retry-after, timed out, reset).
     connect_failures: usize,
     master_rss_mb: f64,
+    /// Before any agent connects (its N workers configured): the worker
+    /// table and indexes are in this, not in the figure per agent.
+    master_rss_unconnected_mb: f64,
     master_rss_kb_per_agent: f64,
     idle_cpu_pct: f64,
     /// Every worker sends `away` → the API (through the scheduler) shows none available.
@@ -65,13 +74,38 @@ struct Row {
     workers_api_ms: f64,
     /// The master SIGKILLed and restarted: its ready line → all N welcomed.
     storm_s: f64,
+    /// Attempts during the storm that failed otherwise (timed out, reset).
     storm_failures: usize,
+    /// Attempts refused at the TCP level (the master not listening yet).
+    storm_port_refused: usize,
+    /// Attempts answered 503 + Retry-After (the master shedding load).
+    storm_shed: usize,
+    /// Reconnections whose TLS handshake resumed a session / was full.
+    storm_resumed: usize,
+    storm_full_handshakes: usize,
+    /// CPU during the storm (ready line → all back), in ms per reconnected
+    /// agent: the master's, and the fleet driver's (it shares the machine).
+    storm_master_cpu_ms_per_agent: f64,
+    storm_driver_cpu_ms_per_agent: f64,
+    /// SIGKILL → the restarted master's ready line.
+    restart_to_ready_s: f64,
+    /// A build submitted to an idle farm: the master's submitted_at →
+    /// started_at (the usual figure).
+    idle_build_start_ms: f64,
+    /// The same for a build submitted halfway through the flip to away
+    /// (a few workers stay available throughout).
+    flip_build_start_ms: f64,
 }
+
+/// Workers that stay available through the flip, so that a build queued
+/// during it has somewhere to go.
+const KEEPERS: usize = 4;
 
 struct Args {
     sizes: Vec<usize>,
     builds: usize,
     json: bool,
+    insecure: bool,
 }
 
 fn parse_args() -> anyhow::Result<Args> {
@@ -79,11 +113,13 @@ fn parse_args() -> anyhow::Result<Args> {
         sizes: vec![100, 1_000, 10_000],
         builds: 500,
         json: false,
+        insecure: false,
     };
     let mut it = std::env::args().skip(1);
     while let Some(arg) = it.next() {
         match arg.as_str() {
             "--json" => args.json = true,
+            "--insecure" => args.insecure = true,
             "--help" | "-h" => {
                 println!("{USAGE}");
                 std::process::exit(0);
@@ -101,7 +137,9 @@ fn parse_args() -> anyhow::Result<Args> {
                 args.builds = n.parse().with_context(|| format!("--builds {n}"))?;
             }
             other => {
-                bail!("unknown argument `{other}` (expected --agents N,N,..., --builds N, --json)")
+                bail!(
+                    "unknown argument `{other}` (expected --agents N,N,..., --builds N, --insecure, --json)"
+                )
             }
         }
     }
@@ -121,11 +159,33 @@ async fn until_available(conn: &mut Conn, want: usize, since: Instant) -> anyhow
     }
 }
 
-async fn measure(n: usize, builds: usize) -> anyhow::Result<Row> {
+/// Submits a build, waits for its end, answers submitted_at → started_at in ms.
+async fn submit_to_start_ms(conn: &mut Conn) -> anyhow::Result<f64> {
+    let id = conn.submit(BUILDER).await?;
+    started_ms(conn, id).await
+}
+
+async fn started_ms(conn: &mut Conn, id: u64) -> anyhow::Result<f64> {
+    let build = conn.wait_finished(id).await?;
+    let started = build
+        .started_at
+        .with_context(|| format!("build {id} finished without a start time"))?;
+    Ok(started.duration_since(build.submitted_at).as_secs_f64() * 1000.0)
+}
+
+/// The fleet driver's own CPU time (it shares the machine), in ms.
+fn own_cpu_ms() -> anyhow::Result<f64> {
+    cpu_ms(std::process::id())
+}
+
+async fn measure(n: usize, builds: usize, insecure: bool) -> anyhow::Result<Row> {
     let names: Vec<String> = (0..n).map(|i| format!("s{i:05}")).collect();
     let mut farm_builder = Farm::builder();
     for name in &names {
         farm_builder = farm_builder.worker(WorkerSpec::new(name));
+    }
+    if insecure {
+        farm_builder = farm_builder.insecure();
     }
     let refs: Vec<&str> = names.iter().map(String::as_str).collect();
     let mut farm = farm_builder
@@ -136,18 +196,27 @@ async fn measure(n: usize, builds: usize) -> anyhow::Result<Row> {
     tokio::time::sleep(Duration::from_secs(1)).await;
     let rss_before = rss_kb(pid)?;
 
+    // Most agents flip with the farm; a few keepers stay available.
+    let keepers = KEEPERS.min(n / 2);
+    let (keeper_names, flipper_names) = names.split_at(keepers);
     let (fleet, presence_tx, stop_tx) = Fleet::new(&farm)?;
+    let (keeper_fleet, _keeper_presence, keeper_stop) = Fleet::new(&farm)?;
     let mut row = Row {
         agents: n,
+        master_rss_unconnected_mb: rss_before / 1024.0,
         ..Row::default()
     };
 
     // Everyone at once.
     let start = Instant::now();
-    let agents = fleet.spawn(&farm, &names)?;
-    fleet.all_connected(n).await?;
+    let mut agents = fleet.spawn(&farm, flipper_names)?;
+    agents.extend(keeper_fleet.spawn(&farm, keeper_names)?);
+    fleet.all_connected(flipper_names.len()).await?;
+    keeper_fleet.all_connected(keepers).await?;
     row.connect_s = start.elapsed().as_secs_f64();
-    row.connect_failures = fleet.failures.swap(0, Ordering::Relaxed);
+    row.connect_failures = fleet.failures.swap(0, Ordering::Relaxed)
+        + fleet.shed.swap(0, Ordering::Relaxed)
+        + fleet.port_refused.swap(0, Ordering::Relaxed);
 
     // Settle for a heartbeat period (the last connections' handshakes, and
     // every agent's first beat), then memory and idle CPU over two periods
@@ -163,11 +232,34 @@ async fn measure(n: usize, builds: usize) -> anyhow::Result<Row> {
     row.idle_cpu_pct = (cpu_ms(pid)? - cpu) / idle.as_secs_f64() / 10.0;
 
     let mut conn = Conn::open(&farm).await?;
+    let mut submitter = Conn::open(&farm).await?;
+    row.idle_build_start_ms = submit_to_start_ms(&mut submitter).await?;
     let start = Instant::now();
     let cpu = cpu_ms(pid)?;
     presence_tx.send_replace(PresenceState::Away);
-    row.flip_away_ms = until_available(&mut conn, 0, start).await?;
+    // Halfway through the flip (or at its end, if it is quicker than the
+    // polls), a build is queued; the keepers are there to take it.
+    let flippers = flipper_names.len();
+    let mut mid_flip_build = None;
+    loop {
+        let available = conn.available().await?;
+        if mid_flip_build.is_none() && available <= keepers + flippers / 2 {
+            mid_flip_build = Some(submitter.submit(BUILDER).await?);
+        }
+        if available == keepers {
+            row.flip_away_ms = start.elapsed().as_secs_f64() * 1000.0;
+            break;
+        }
+        if start.elapsed() > PHASE_LIMIT {
+            bail!("the scheduler did not see the flip within {PHASE_LIMIT:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
     row.flip_away_cpu_ms = cpu_ms(pid)? - cpu;
+    if let Some(id) = mid_flip_build {
+        row.flip_build_start_ms = started_ms(&mut submitter, id).await?;
+    }
+    drop(submitter);
     let start = Instant::now();
     presence_tx.send_replace(PresenceState::Available);
     row.flip_back_ms = until_available(&mut conn, n, start).await?;
@@ -189,15 +281,31 @@ async fn measure(n: usize, builds: usize) -> anyhow::Result<Row> {
     drop(conn);
 
     // The storm: every agent loses its master at once and comes back.
+    let killed = Instant::now();
     farm.kill_master().await?;
-    fleet.failures.store(0, Ordering::Relaxed);
+    fleet.reset_counters();
+    keeper_fleet.reset_counters();
     farm.start_master().await?;
     let start = Instant::now();
-    fleet.all_connected(n).await?;
+    row.restart_to_ready_s = (start - killed).as_secs_f64();
+    let pid = farm.master_pid().context("no master pid")?;
+    let (master_cpu, driver_cpu) = (cpu_ms(pid)?, own_cpu_ms()?);
+    fleet.all_connected(flippers).await?;
+    keeper_fleet.all_connected(keepers).await?;
     row.storm_s = start.elapsed().as_secs_f64();
-    row.storm_failures = fleet.failures.load(Ordering::Relaxed);
+    row.storm_master_cpu_ms_per_agent = (cpu_ms(pid)? - master_cpu) / n as f64;
+    row.storm_driver_cpu_ms_per_agent = (own_cpu_ms()? - driver_cpu) / n as f64;
+    let both = |counter: fn(&Fleet) -> &std::sync::atomic::AtomicUsize| {
+        counter(&fleet).load(Ordering::Relaxed) + counter(&keeper_fleet).load(Ordering::Relaxed)
+    };
+    row.storm_failures = both(|f| &f.failures);
+    row.storm_port_refused = both(|f| &f.port_refused);
+    row.storm_shed = both(|f| &f.shed);
+    row.storm_resumed = both(|f| &f.resumed);
+    row.storm_full_handshakes = both(|f| &f.full_handshakes);
 
     stop_tx.send_replace(true);
+    keeper_stop.send_replace(true);
     for agent in agents {
         let _ = agent.await;
     }
@@ -230,8 +338,8 @@ fn print_table(rows: &[Row]) {
     });
     line("master RSS per connected agent", &|r| {
         format!(
-            "{:.1} KB ({:.0} MB in all)",
-            r.master_rss_kb_per_agent, r.master_rss_mb
+            "{:.1} KB ({:.0} MB in all, {:.0} MB before any connected)",
+            r.master_rss_kb_per_agent, r.master_rss_mb, r.master_rss_unconnected_mb
         )
     });
     line("idle master CPU, % of one core", &|r| {
@@ -241,6 +349,12 @@ fn print_table(rows: &[Row]) {
         format!(
             "{:.0} ms ({:.0} ms master CPU)",
             r.flip_away_ms, r.flip_away_cpu_ms
+        )
+    });
+    line("a build queued mid-flip: submit → start", &|r| {
+        format!(
+            "{:.1} ms (idle farm: {:.1} ms)",
+            r.flip_build_start_ms, r.idle_build_start_ms
         )
     });
     line("all flip back to available", &|r| {
@@ -259,7 +373,22 @@ fn print_table(rows: &[Row]) {
         format!("{:.1} ms", r.workers_api_ms)
     });
     line("master restart → all reconnected", &|r| {
-        format!("{:.2} s ({} failed attempts)", r.storm_s, r.storm_failures)
+        format!(
+            "{:.2} s ({} failed, {} shed with retry-after, {} port refused)",
+            r.storm_s, r.storm_failures, r.storm_shed, r.storm_port_refused
+        )
+    });
+    line("… its TLS handshakes: resumed / full", &|r| {
+        format!("{} / {}", r.storm_resumed, r.storm_full_handshakes)
+    });
+    line("… CPU per agent: master / fleet driver", &|r| {
+        format!(
+            "{:.2} / {:.2} ms",
+            r.storm_master_cpu_ms_per_agent, r.storm_driver_cpu_ms_per_agent
+        )
+    });
+    line("… SIGKILL → restarted master ready", &|r| {
+        format!("{:.2} s", r.restart_to_ready_s)
     });
 }
 
@@ -271,7 +400,7 @@ async fn main() -> anyhow::Result<()> {
     let mut rows = Vec::new();
     for &n in &args.sizes {
         eprintln!("N = {n} ...");
-        let row = measure(n, args.builds)
+        let row = measure(n, args.builds, args.insecure)
             .await
             .with_context(|| format!("with {n} agents"))?;
         eprintln!("{row:?}");

@@ -36,7 +36,7 @@ pub use general::{DashboardAccess, MasterReach, TlsMode};
 pub use hooks::{HookDef, HookKind};
 pub use names::{check_branch_name, normalize_hash, valid_name};
 pub use nightshift_proto::diag::ConfigErrors;
-pub use workers::{LatentProvider, WorkerDef};
+pub use workers::{LatentProvider, WorkerDef, check_master_schedule};
 
 use builders::RawBuilder;
 use general::RawTls;

@@ -10,8 +10,7 @@ use nightshift_policy::{AvailabilityConfig, DurationSpec, Policy, PolicyError};
 use nightshift_proto::diag::{ConfigErrors, parse_toml};
 use serde::Deserialize;
 
-use crate::daemon::checkout::GitAuth;
-use crate::daemon::priority::BuildSettings;
+use crate::build_processes::priority::BuildSettings;
 use crate::supervise::{RawSuperviseSettings, SuperviseSettings};
 
 /// Where `worker` looks when `--config` is not given: here first, then /etc.
@@ -72,6 +71,22 @@ fn deserialize_listen<'de, D: serde::Deserializer<'de>>(
             "\"{text}\" is not an IP address and port; write e.g. \"127.0.0.1:7878\" or \"[::1]:7878\""
         ))
     })
+}
+
+/// `[git]` in worker.toml: how this worker authenticates to repositories.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GitAuth {
+    /// Private key for ssh:// and `user@host:path` repositories.
+    #[serde(default)]
+    pub ssh_key: Option<PathBuf>,
+    /// File holding an access token for https:// repositories.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// User name sent with the token (default `x-access-token`, which
+    /// GitHub, Gitea/Forgejo and GitLab accept for access tokens).
+    #[serde(default)]
+    pub username: Option<String>,
 }
 
 /// `worker.toml` as written (relative paths unresolved, defaults unset).
@@ -612,7 +627,7 @@ mod tests {
 
     #[test]
     fn builds_settings_have_owner_friendly_defaults_and_located_errors() {
-        use crate::daemon::priority::{CgroupUse, CpuPriority, IoPriority};
+        use crate::build_processes::priority::{CgroupUse, CpuPriority, IoPriority};
         let config = parse(MINIMAL).unwrap();
         assert_eq!(config.builds.cpu_priority, CpuPriority::Idle);
         assert_eq!(config.builds.io_priority, IoPriority::Idle);

@@ -6,7 +6,7 @@
 //! rather than polling; control requests travel as [`ControlCommand`]s with
 //! a reply channel.
 
-use crate::daemon::priority::BuildIsolation;
+use crate::build_processes::priority::BuildIsolation;
 use jiff::{SignedDuration, Timestamp};
 use nightshift_policy::Presence;
 use nightshift_proto::wire::Outlook;

@@ -1,5 +1,6 @@
 //! The `worker` binary: parses the command line and hands each verb to its module.
 
+mod build_processes;
 mod cli;
 mod config;
 mod control;

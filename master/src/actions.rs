@@ -16,9 +16,9 @@ use nightshift_proto::api::{BuildInfo, BuildState};
 use nightshift_proto::wire::BuildId;
 use tokio::sync::oneshot;
 
-use crate::api::AppState;
 use crate::scheduler::Event;
 use crate::session::{CsrfForm, Refusal, Viewer, authorize_form};
+use crate::state::AppState;
 use crate::store::NewBuild;
 use nightshift_proto::html::escape;
 

@@ -3,13 +3,11 @@
 //! resume; and `/metrics` (same token) in the Prometheus text format. Shapes are in `nightshift_proto::api`.
 
 use std::collections::BTreeMap;
-use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use axum::extract::rejection::JsonRejection;
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -18,49 +16,19 @@ use nightshift_proto::api::{
     ApiError, BuildInfo, BuildList, BuildLog, BuildState, MAX_WORKER_PAGE, PauseState,
     ReconfigResponse, SubmitRequest, SubmitResponse, WorkerPage, WorkerQuery,
 };
-use nightshift_proto::secret::constant_time_eq;
 use nightshift_proto::wire::{BuildId, is_full_revision};
 use serde::Deserialize;
-use sha2::{Digest, Sha256};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
 use crate::artifacts::{download as artifact, list as artifacts};
-use crate::scheduler::{Event, Snapshot};
-use crate::store::{NewBuild, Store};
-use crate::worker_groups::revoke as revoke_worker;
+use crate::enrolment::revoke as revoke_worker;
+use crate::scheduler::Event;
+use crate::snapshot::{BuildWaits, Snapshot};
+use crate::state::{AppState, is_admin};
+use crate::store::NewBuild;
 
 /// Longest a `wait` request is held open.
 const MAX_WAIT_SECS: u64 = 300;
-
-/// What every handler shares.
-#[derive(Clone)]
-pub struct AppState {
-    /// The config in force (replaced whole by a reconfig).
-    pub config: crate::reconfig::LiveConfig,
-    pub store: Store,
-    pub events: mpsc::UnboundedSender<Event>,
-    /// The bounded inbox of agent connection events (connect, frames,
-    /// disconnect), in order per connection.
-    pub agent_events: mpsc::Sender<Event>,
-    /// Lowercase hex SHA-256 of the admin token.
-    pub admin_token_sha256: String,
-    /// Source of agent connection ids.
-    pub next_conn: Arc<AtomicU64>,
-    /// Tokens of the latent instances the scheduler started.
-    pub latent_tokens: crate::latent::LatentTokens,
-    /// Agent sessions open, against `max_agents`.
-    pub agent_slots: Arc<crate::server::ConnectionGate>,
-    /// What webhooks, polling and timed builds did.
-    pub trigger_counters: Arc<crate::triggers::TriggerCounters>,
-    /// Builds' stored artifacts.
-    pub artifacts: Arc<crate::artifacts::Artifacts>,
-    /// Workers enrolled through a `[[worker_group]]` (hashed tokens).
-    pub enrolled: crate::worker_groups::Enrolled,
-    /// Dashboard logins.
-    pub sessions: Arc<crate::session::Sessions>,
-    /// The enrolment endpoint's rate limit.
-    pub enrol_limiter: Arc<crate::worker_groups::EnrolLimiter>,
-}
 
 /// An error response: status plus [`ApiError`] JSON.
 pub struct Failure(StatusCode, String);
@@ -79,31 +47,6 @@ impl IntoResponse for Failure {
     fn into_response(self) -> Response {
         (self.0, Json(ApiError { error: self.1 })).into_response()
     }
-}
-
-/// Lowercase hex SHA-256 of a token.
-pub fn token_sha256(token: &str) -> String {
-    hex::encode(Sha256::digest(token.as_bytes()))
-}
-
-/// The bearer token of a request, if any.
-pub fn bearer(headers: &HeaderMap) -> Option<String> {
-    let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
-    let token = value.strip_prefix("Bearer ")?.trim();
-    (!token.is_empty()).then(|| token.to_owned())
-}
-
-/// Whether `token` is the admin token (compared by hash, in constant time).
-pub fn is_admin_token(state: &AppState, token: &str) -> bool {
-    constant_time_eq(
-        token_sha256(token).as_bytes(),
-        state.admin_token_sha256.as_bytes(),
-    )
-}
-
-/// Whether the request carries the admin token as its bearer token.
-pub fn is_admin(state: &AppState, headers: &HeaderMap) -> bool {
-    bearer(headers).is_some_and(|token| is_admin_token(state, &token))
 }
 
 async fn require_admin(State(state): State<AppState>, request: Request, next: Next) -> Response {
@@ -277,10 +220,7 @@ struct ListQuery {
 
 /// What these builds wait for, from the scheduler (only the builds asked
 /// about: the cost does not grow with the number of workers).
-async fn waiting_for(
-    state: &AppState,
-    ids: Vec<BuildId>,
-) -> Result<crate::scheduler::BuildWaits, Failure> {
+async fn waiting_for(state: &AppState, ids: Vec<BuildId>) -> Result<BuildWaits, Failure> {
     let (reply, answer) = oneshot::channel();
     state
         .events
@@ -291,7 +231,7 @@ async fn waiting_for(
         .map_err(|_| Failure(StatusCode::SERVICE_UNAVAILABLE, "master is stopping".into()))
 }
 
-fn overlay(build: &mut BuildInfo, live: &crate::scheduler::BuildWaits) {
+fn overlay(build: &mut BuildInfo, live: &BuildWaits) {
     match build.state {
         // A running build shows a wait only while a step waits for a lock.
         BuildState::Queued | BuildState::Running => {
@@ -521,20 +461,6 @@ async fn reconfig(State(state): State<AppState>) -> Result<Json<ReconfigResponse
             StatusCode::UNPROCESSABLE_ENTITY,
             refused.to_string(),
         )),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn bearer_needs_the_scheme() {
-        let mut headers = HeaderMap::new();
-        headers.insert(header::AUTHORIZATION, "Bearer s3cret".parse().unwrap());
-        assert_eq!(bearer(&headers).as_deref(), Some("s3cret"));
-        headers.insert(header::AUTHORIZATION, "Basic s3cret".parse().unwrap());
-        assert_eq!(bearer(&headers), None);
     }
 }
 

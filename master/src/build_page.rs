@@ -19,10 +19,10 @@ use nightshift_proto::api::{BuildInfo, BuildState};
 use nightshift_proto::wire::{BuildId, Outcome};
 use tokio::sync::{broadcast, oneshot};
 
-use crate::api::AppState;
 use crate::dashboard::{time_html, wait_phrase, worker_anchor};
 use crate::live_log::LiveEvent;
 use crate::scheduler::Event;
+use crate::state::AppState;
 use crate::style::STYLE;
 use nightshift_proto::html::escape;
 use nightshift_proto::when::short_duration;

@@ -11,7 +11,7 @@ use anyhow::{Context, bail};
 use nightshift_proto::api::MasterUrl;
 use nightshift_proto::tls;
 
-use crate::api::token_sha256;
+use crate::auth::token_sha256;
 use crate::config::{EMBEDDED_DEFAULT, MasterConfig, MasterReach, TlsMode};
 
 /// The generated admin token, inside the data dir.

@@ -4,22 +4,29 @@
 mod actions;
 mod api;
 mod artifacts;
+mod auth;
 mod build_page;
 mod cli;
 mod client;
 mod config;
 #[cfg(test)]
 mod config_fuzz;
+mod connection_limits;
 mod dashboard;
+mod enrolment;
 mod live_log;
 mod locate;
+mod logins;
 mod run;
 mod scheduler;
 mod server;
 mod session;
+mod snapshot;
+mod state;
 mod store;
 mod style;
 mod triggers;
+mod webhook;
 mod worker_groups;
 
 mod latent;

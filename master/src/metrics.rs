@@ -17,7 +17,7 @@ use nightshift_policy::PresenceState;
 use nightshift_proto::prometheus::{family, sample};
 use nightshift_proto::wire::Outcome;
 
-use crate::scheduler::Snapshot;
+use crate::snapshot::Snapshot;
 
 /// The master's one registry.
 pub static METRICS: Metrics = Metrics::new();

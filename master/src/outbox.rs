@@ -8,10 +8,21 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use nightshift_proto::wire::MasterMessage;
 use tokio::sync::{Notify, mpsc, watch};
 
 use crate::metrics::{DisconnectReason, METRICS};
-use crate::scheduler::Outbound;
+
+/// What the scheduler sends a connection task.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Outbound {
+    Message(MasterMessage),
+    /// Close the connection, logging the reason.
+    Close(String),
+    /// Hold back the frames after this one until this store write is
+    /// committed (what they tell the agent must survive a master crash).
+    AfterCommit(Committed),
+}
 
 /// Frames one agent's outbox holds unless `[agent_limits] outbox_frames`
 /// says otherwise.

@@ -15,7 +15,7 @@ use nightshift_proto::exit::ExitStatus;
 use nightshift_proto::tls::{self, ServerTls};
 use tokio::sync::mpsc;
 
-use crate::api::{AppState, token_sha256};
+use crate::auth::token_sha256;
 use crate::config::{ConfigErrors, MasterConfig, TlsMode};
 use crate::locate::{
     ADMIN_TOKEN_FILE, ConfigSource, EMBEDDED_DATA_DIR, LOCAL_TOKEN_FILE, LOCAL_WORKER,
@@ -23,6 +23,7 @@ use crate::locate::{
     token_file,
 };
 use crate::scheduler::Scheduler;
+use crate::state::AppState;
 use crate::store::Store;
 use nightshift_proto::clock::SystemClock;
 
@@ -450,9 +451,11 @@ pub async fn run(
     tracing::info!(
         "descriptor limit {descriptors}: room for {max_agents} agents ({room} connections in all)"
     );
-    let gate = crate::server::ConnectionGate::new(usize::try_from(room).unwrap_or(usize::MAX));
-    let agent_slots =
-        crate::server::ConnectionGate::new(usize::try_from(max_agents).unwrap_or(usize::MAX));
+    let gate =
+        crate::connection_limits::ConnectionGate::new(usize::try_from(room).unwrap_or(usize::MAX));
+    let agent_slots = crate::connection_limits::ConnectionGate::new(
+        usize::try_from(max_agents).unwrap_or(usize::MAX),
+    );
     let url = local_url(config.listen, &config.tls);
 
     let (events, inbox) = mpsc::unbounded_channel();

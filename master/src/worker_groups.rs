@@ -1,172 +1,16 @@
-//! Worker groups (`[[worker_group]]`): many machines enrol with one group
-//! token and each receives its own worker token, of which the master keeps
-//! only the hash (in SQLite, not in master.toml); and the roster of enrolled
-//! workers the server checks upgrades and hellos against, by name or token
-//! hash in O(1); the enrolment and revocation endpoints, the enrolment one
-//! rate-limited per source address and in all ([`EnrolLimiter`]).
+//! Worker groups' members (`[[worker_group]]` itself is read by
+//! `config/worker_groups.rs`): many machines enrol with one group token and
+//! each receives its own worker token, of which the master keeps only the
+//! hash (in SQLite, not in master.toml); the roster of enrolled workers the
+//! server checks upgrades and hellos against, by name or token hash in O(1);
+//! and the enrolment endpoint's rate limit, per source address and in all
+//! ([`EnrolLimiter`]). The endpoints themselves are in `enrolment.rs`, a
+//! layer above.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::net::{IpAddr, SocketAddr};
+use std::collections::HashMap;
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
-
-use axum::Json;
-use axum::extract::rejection::JsonRejection;
-use axum::extract::{ConnectInfo, Path, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
-use axum::response::{IntoResponse, Response};
-use nightshift_proto::api::{ApiError, EnrollRequest, EnrollResponse, RevokeResponse};
-use serde::Deserialize;
-
-use crate::api::{AppState, bearer, token_sha256};
-use crate::scheduler::Event;
-
-/// Most workers a group enrols unless `max_workers` says otherwise.
-pub const DEFAULT_MAX_WORKERS: u32 = 10_000;
-
-/// One `[[worker_group]]`.
-#[derive(Debug, Clone, PartialEq)]
-pub struct WorkerGroupDef {
-    /// The group's name: builders list it in `workers`, and every member's
-    /// name starts with `<name>-`.
-    pub name: String,
-    /// Lowercase hex SHA-256 of the enrolment token. That token only
-    /// enrols: it never opens an agent session and never runs a build.
-    pub enroll_token_sha256: String,
-    /// Builds each member may run at once (also capped by its agent).
-    pub max_builds: u32,
-    /// Most members the group enrols (revoking one makes room).
-    pub max_workers: u32,
-    /// Master-side availability windows for every member (same forms and
-    /// meaning as a `[[worker]]`'s `schedule`), evaluated once for the group.
-    pub schedule: Vec<nightshift_policy::ScheduleConfig>,
-    /// The zone `schedule` is read in (default: the master's).
-    pub timezone: Option<String>,
-}
-
-impl WorkerGroupDef {
-    /// Whether `worker` is a name a member of this group may have:
-    /// `<group>-<suffix>`, a valid name.
-    pub fn may_name(&self, worker: &str) -> bool {
-        worker
-            .strip_prefix(&self.name)
-            .and_then(|rest| rest.strip_prefix('-'))
-            .is_some_and(|suffix| !suffix.is_empty())
-            && crate::config::valid_name(worker)
-    }
-}
-
-/// `[[worker_group]]` as written.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RawWorkerGroup {
-    name: String,
-    enroll_token_sha256: Option<String>,
-    #[serde(default = "one")]
-    max_builds: u32,
-    #[serde(default = "default_max_workers")]
-    max_workers: u32,
-    #[serde(default)]
-    schedule: Vec<nightshift_policy::ScheduleConfig>,
-    timezone: Option<String>,
-}
-
-fn one() -> u32 {
-    1
-}
-
-fn default_max_workers() -> u32 {
-    DEFAULT_MAX_WORKERS
-}
-
-/// Validates the groups; `worker_names` are the `[[worker]]` names (a group
-/// may not share one: a builder's `workers` entry must mean one thing).
-/// Every problem goes to `issue(key, message)`.
-pub fn validate(
-    raw: Vec<RawWorkerGroup>,
-    worker_names: &BTreeSet<String>,
-    issue: &mut impl FnMut(String, String),
-) -> Vec<WorkerGroupDef> {
-    let mut names = BTreeSet::new();
-    let mut groups = Vec::new();
-    for (i, g) in raw.into_iter().enumerate() {
-        let key = |field: &str| format!("worker_group[{i}].{field}");
-        if !crate::config::valid_name(&g.name) {
-            issue(
-                key("name"),
-                format!(
-                    "`{}` is not a valid name (letters, digits, `-`, `_`, `.`)",
-                    g.name
-                ),
-            );
-        } else if worker_names.contains(&g.name) {
-            issue(
-                key("name"),
-                format!(
-                    "`{}` is already a [[worker]]; a group needs a name of its own",
-                    g.name
-                ),
-            );
-        } else if !names.insert(g.name.clone()) {
-            issue(
-                key("name"),
-                format!("worker group `{}` is defined twice", g.name),
-            );
-        }
-        let hash = match g.enroll_token_sha256.as_deref() {
-            None => {
-                issue(
-                    key("enroll_token_sha256"),
-                    "missing: the SHA-256 of the group's enrolment token \
-                     (`master add-worker-group NAME` prints one)"
-                        .into(),
-                );
-                String::new()
-            }
-            Some(text) => crate::config::normalize_hash(text).unwrap_or_else(|| {
-                issue(
-                    key("enroll_token_sha256"),
-                    format!("`{text}` is not 64 hex digits (a SHA-256)"),
-                );
-                String::new()
-            }),
-        };
-        if g.max_builds == 0 {
-            issue(key("max_builds"), "must be at least 1".into());
-        }
-        if g.max_workers == 0 {
-            issue(key("max_workers"), "must be at least 1".into());
-        }
-        crate::config::check_master_schedule(
-            &g.schedule,
-            g.timezone.as_deref(),
-            &format!("worker_group[{i}]"),
-            issue,
-        );
-        groups.push(WorkerGroupDef {
-            name: g.name,
-            enroll_token_sha256: hash,
-            max_builds: g.max_builds,
-            max_workers: g.max_workers,
-            schedule: g.schedule,
-            timezone: g.timezone,
-        });
-    }
-    // One enrolment token per group, so a token says which group it is for.
-    let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
-    for (i, g) in groups.iter().enumerate() {
-        if g.enroll_token_sha256.is_empty() {
-            continue;
-        }
-        if let Some(other) = seen.insert(&g.enroll_token_sha256, &g.name) {
-            issue(
-                format!("worker_group[{i}].enroll_token_sha256"),
-                format!("the same enrolment token as group `{other}`; give each group its own"),
-            );
-        }
-    }
-    groups
-}
 
 /// One enrolled worker.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -260,11 +104,6 @@ impl Enrolled {
         members.sort_by(|a, b| a.name.cmp(&b.name));
         members
     }
-}
-
-/// An error answer: status and [`ApiError`] JSON.
-fn failure(status: StatusCode, error: String) -> Response {
-    (status, Json(ApiError { error })).into_response()
 }
 
 /// Enrolments one source address may make per second, sustained…
@@ -389,174 +228,6 @@ impl EnrolLimiter {
     }
 }
 
-/// `429 Too Many Requests` with a `Retry-After` of `wait` (whole seconds,
-/// at least one).
-fn too_many(limit: EnrolLimit, wait: Duration) -> Response {
-    let seconds = wait.as_secs_f64().ceil().max(1.0) as u64;
-    let whose = match limit {
-        EnrolLimit::Source => "from this address",
-        EnrolLimit::Global => "on this master",
-    };
-    let mut response = failure(
-        StatusCode::TOO_MANY_REQUESTS,
-        format!("too many enrolments {whose}; retry after {seconds} s"),
-    );
-    response
-        .headers_mut()
-        .insert(header::RETRY_AFTER, HeaderValue::from(seconds));
-    response
-}
-
-/// `POST /api/v1/enroll`, authorized by a group's enrolment token: records a
-/// new member of that group under the name it asks for and answers its own
-/// token, shown this once (only the hash is stored). The enrolment token
-/// itself opens no agent session.
-pub async fn enroll(
-    State(state): State<AppState>,
-    peer: Option<axum::Extension<ConnectInfo<SocketAddr>>>,
-    headers: HeaderMap,
-    body: Result<Json<EnrollRequest>, JsonRejection>,
-) -> Response {
-    // The accept loop puts the peer's address on every request.
-    let source = peer.map_or(
-        IpAddr::from([0, 0, 0, 0]),
-        |axum::Extension(ConnectInfo(addr))| addr.ip(),
-    );
-    if let Err((limit, wait)) = state.enrol_limiter.check(source, Instant::now()) {
-        crate::metrics::METRICS.enrolment_rate_limited(limit);
-        tracing::warn!(
-            "enrolment from {source} refused: over the {} rate limit",
-            limit.label()
-        );
-        return too_many(limit, wait);
-    }
-    let Some(token) = bearer(&headers) else {
-        return failure(
-            StatusCode::UNAUTHORIZED,
-            "no enrolment token (Authorization: Bearer <the worker group's enrolment token>)"
-                .into(),
-        );
-    };
-    let config = state.config.get();
-    let Some(group) = config.group_with_enroll_token(&token_sha256(&token)) else {
-        tracing::warn!("enrolment refused: not a worker group's enrolment token");
-        return failure(
-            StatusCode::UNAUTHORIZED,
-            "not the enrolment token of any [[worker_group]]".into(),
-        );
-    };
-    let Json(request) = match body {
-        Ok(body) => body,
-        Err(e) => return failure(StatusCode::BAD_REQUEST, e.body_text()),
-    };
-    let name = request.name;
-    if !group.may_name(&name) {
-        return failure(
-            StatusCode::BAD_REQUEST,
-            format!(
-                "`{name}` is not a name for group `{0}`: its workers are named `{0}-<suffix>` \
-                 (letters, digits, `-`, `_`, `.`; at most 64 characters)",
-                group.name
-            ),
-        );
-    }
-    if config.worker(&name).is_some() || state.enrolled.member(&name).is_some() {
-        return failure(
-            StatusCode::CONFLICT,
-            format!(
-                "worker `{name}` exists already; to enrol a machine under that name again, \
-                 revoke it first (`master revoke-worker {name}`)"
-            ),
-        );
-    }
-    if state.enrolled.count(&group.name) >= group.max_workers {
-        return failure(
-            StatusCode::CONFLICT,
-            format!(
-                "group `{}` is full (max_workers = {}); revoke a worker or raise max_workers",
-                group.name, group.max_workers
-            ),
-        );
-    }
-    let worker_token = crate::locate::new_token();
-    let member = Member {
-        name: name.clone(),
-        group: group.name.clone(),
-        token_sha256: token_sha256(&worker_token),
-    };
-    match state
-        .store
-        .enroll(member.clone(), jiff::Timestamp::now())
-        .await
-    {
-        Ok(true) => {}
-        Ok(false) => {
-            return failure(
-                StatusCode::CONFLICT,
-                format!("worker `{name}` exists already (enrolled at the same moment)"),
-            );
-        }
-        Err(e) => {
-            tracing::error!("enrolment of {name}: {e:#}");
-            return failure(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"));
-        }
-    }
-    state.enrolled.insert(member.clone());
-    let _ = state.events.send(Event::Enrolled { member });
-    tracing::info!("worker {name} enrolled in group {}", group.name);
-    (
-        StatusCode::CREATED,
-        Json(EnrollResponse {
-            name,
-            group: group.name.clone(),
-            token: worker_token,
-        }),
-    )
-        .into_response()
-}
-
-/// `POST /api/v1/workers/{name}/revoke` (admin): the enrolled worker's
-/// token stops working at once, its connection is closed and its running
-/// builds run elsewhere.
-pub async fn revoke(State(state): State<AppState>, Path(name): Path<String>) -> Response {
-    let Some(member) = state.enrolled.member(&name) else {
-        let hint = if state.config.get().worker(&name).is_some() {
-            " (it is a [[worker]] of master.toml: remove it there and reconfig)"
-        } else {
-            ""
-        };
-        return failure(
-            StatusCode::NOT_FOUND,
-            format!("no enrolled worker `{name}`{hint}"),
-        );
-    };
-    match state.store.revoke(name.clone()).await {
-        Ok(_) => {}
-        Err(e) => {
-            tracing::error!("revocation of {name}: {e:#}");
-            return failure(StatusCode::INTERNAL_SERVER_ERROR, format!("{e:#}"));
-        }
-    }
-    state.enrolled.remove(&name);
-    let (reply, answer) = tokio::sync::oneshot::channel();
-    if state
-        .events
-        .send(Event::Revoked {
-            name: name.clone(),
-            reply,
-        })
-        .is_err()
-        || answer.await.is_err()
-    {
-        return failure(StatusCode::SERVICE_UNAVAILABLE, "master is stopping".into());
-    }
-    Json(RevokeResponse {
-        name,
-        group: member.group,
-    })
-    .into_response()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -596,15 +267,6 @@ mod tests {
     }
 
     #[test]
-    fn a_refusal_is_429_with_whole_seconds_to_wait() {
-        let response = too_many(EnrolLimit::Source, Duration::from_millis(300));
-        assert_eq!(response.status(), StatusCode::TOO_MANY_REQUESTS);
-        assert_eq!(response.headers()[header::RETRY_AFTER], "1");
-        let response = too_many(EnrolLimit::Global, Duration::from_millis(2100));
-        assert_eq!(response.headers()[header::RETRY_AFTER], "3");
-    }
-
-    #[test]
     fn the_sources_remembered_stay_bounded() {
         let t0 = Instant::now();
         let limiter = EnrolLimiter::new(t0);
@@ -617,29 +279,6 @@ mod tests {
         }
         let kept = limiter.state.lock().unwrap().per_source.len();
         assert!(kept <= ENROL_SOURCES_KEPT, "{kept} sources kept");
-    }
-
-    fn group(name: &str) -> WorkerGroupDef {
-        WorkerGroupDef {
-            name: name.into(),
-            enroll_token_sha256: "a".repeat(64),
-            max_builds: 1,
-            max_workers: 10,
-            schedule: Vec::new(),
-            timezone: None,
-        }
-    }
-
-    #[test]
-    fn members_are_named_after_their_group() {
-        let lab = group("lab");
-        assert!(lab.may_name("lab-pc17"));
-        assert!(lab.may_name("lab-a.b_c"));
-        assert!(!lab.may_name("lab-"), "a suffix is needed");
-        assert!(!lab.may_name("lab"), "the group's own name");
-        assert!(!lab.may_name("labx-1"));
-        assert!(!lab.may_name("other-1"));
-        assert!(!lab.may_name("lab-a b"), "not a valid name");
     }
 
     #[test]
@@ -665,48 +304,5 @@ mod tests {
         assert!(roster.member("lab-1").is_none());
         assert_eq!(roster.count("lab"), 1);
         assert!(roster.remove("lab-1").is_none());
-    }
-
-    #[test]
-    fn groups_are_validated_with_every_problem_named() {
-        let raw: Vec<RawWorkerGroup> = toml::from_str::<toml::Table>(
-            r#"
-            [[g]]
-            name = "w"
-            enroll_token_sha256 = "xyz"
-            max_builds = 0
-            [[g]]
-            name = "lab"
-            [[g]]
-            name = "lab"
-            enroll_token_sha256 = "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
-            [[g]]
-            name = "lab2"
-            enroll_token_sha256 = "aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
-            "#,
-        )
-        .unwrap()["g"]
-            .clone()
-            .try_into()
-            .unwrap();
-        let mut issues = Vec::new();
-        let workers = BTreeSet::from(["w".to_owned()]);
-        let groups = validate(raw, &workers, &mut |key, message| {
-            issues.push(format!("{key}: {message}"))
-        });
-        assert_eq!(groups.len(), 4);
-        assert_eq!(groups[2].enroll_token_sha256, "a".repeat(64));
-        let text = issues.join("\n");
-        for expected in [
-            "worker_group[0].name: `w` is already a [[worker]]",
-            "worker_group[0].enroll_token_sha256: `xyz` is not 64 hex digits",
-            "worker_group[0].max_builds: must be at least 1",
-            "worker_group[1].enroll_token_sha256: missing",
-            "worker_group[2].name: worker group `lab` is defined twice",
-            "worker_group[3].enroll_token_sha256: the same enrolment token as group `lab`",
-        ] {
-            assert!(text.contains(expected), "{expected}\nin:\n{text}");
-        }
-        assert_eq!(issues.len(), 6, "{text}");
     }
 }

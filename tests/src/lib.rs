@@ -32,6 +32,7 @@
 //! machine does not make tests flaky; nothing sleeps to "let things settle".
 
 pub mod fleet;
+pub mod layering;
 pub mod soak;
 pub mod supervised;
 

@@ -410,11 +410,11 @@ pub(crate) mod tests {
                 cpu_percent: 12.25,
                 build_cpu_percent: 40.0,
             }),
-            isolation: Some(crate::daemon::priority::BuildIsolation {
+            isolation: Some(crate::build_processes::priority::BuildIsolation {
                 accounting: "process-tree".into(),
                 cgroup_parent: None,
-                cpu_priority: crate::daemon::priority::CpuPriority::Idle,
-                io_priority: crate::daemon::priority::IoPriority::Idle,
+                cpu_priority: crate::build_processes::priority::CpuPriority::Idle,
+                io_priority: crate::build_processes::priority::IoPriority::Idle,
                 cpu_weight: 1,
                 cpu_weight_applied: false,
                 memory_high_bytes: Some(3 << 30),

@@ -5,26 +5,9 @@
 //! environment it runs with: the worker's own credentials from `[git]` in
 //! worker.toml (never from the master), no terminal prompts.
 
-use std::path::PathBuf;
-
 use nightshift_proto::wire::{BuildSource, CheckoutMode, is_full_revision};
-use serde::Deserialize;
 
-/// `[git]` in worker.toml: how this worker authenticates to repositories.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct GitAuth {
-    /// Private key for ssh:// and `user@host:path` repositories.
-    #[serde(default)]
-    pub ssh_key: Option<PathBuf>,
-    /// File holding an access token for https:// repositories.
-    #[serde(default)]
-    pub token_file: Option<PathBuf>,
-    /// User name sent with the token (default `x-access-token`, which
-    /// GitHub, Gitea/Forgejo and GitLab accept for access tokens).
-    #[serde(default)]
-    pub username: Option<String>,
-}
+use crate::config::GitAuth;
 
 /// `'text'` for `sh`, whatever `text` holds.
 fn quote(text: &str) -> String {

@@ -3,16 +3,12 @@
 //! event loop, and exits 0 after a clean stop, 1 on failure, 2 on a bad config.
 
 mod alarm;
-pub mod build_cgroup;
-pub mod build_tree;
 pub mod checkout;
 pub mod event_loop;
 mod files;
 pub mod link;
-pub mod load;
 pub mod manual;
 pub mod outgoing;
-pub mod priority;
 pub mod runner;
 pub mod spawn;
 pub mod spool;
@@ -28,9 +24,9 @@ use tokio::sync::mpsc;
 
 use self::event_loop::{Daemon, Exit, Settings, SignalKind, notify_systemd};
 use self::link::LinkSettings;
-use self::load::{BuildTrees, LoadMeasurement, LoadSampler, TreesError};
 use self::runner::RunnerSettings;
 use self::spool::Spool;
+use crate::build_processes::load::{BuildTrees, LoadMeasurement, LoadSampler, TreesError};
 use crate::cli::ConfigArg;
 use crate::config::WorkerConfig;
 use nightshift_proto::clock::{Clock, SystemClock};

@@ -20,7 +20,7 @@ use std::process::ExitStatus;
 
 use tokio::io::unix::AsyncFd;
 
-use super::priority::ChildPriority;
+use crate::build_processes::priority::ChildPriority;
 
 /// `CLONE_INTO_CGROUP` and `CLONE_PIDFD` (linux/sched.h).
 const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;

@@ -18,7 +18,7 @@ use nix::unistd::Pid;
 use tokio::io::unix::AsyncFd;
 
 use super::settings::SuperviseSettings;
-use crate::daemon::load::BuildTrees;
+use crate::build_processes::load::BuildTrees;
 
 /// The build id the supervised agent is accounted under in [`BuildTrees`]
 /// (the master's build ids never come near it).

@@ -19,7 +19,7 @@ use tokio::time::Instant;
 
 use super::process::{self, Leftover};
 use super::settings::{HARD_STOP_GRACE, ReluctantAction, SuperviseSettings};
-use crate::daemon::load::BuildTrees;
+use crate::build_processes::load::BuildTrees;
 use crate::handle::{SupervisedExit, SupervisedState, SupervisedStatus};
 use nightshift_proto::clock::Clock;
 

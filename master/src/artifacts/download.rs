@@ -3,7 +3,7 @@
 use super::*;
 
 /// `GET /api/v1/builds/{id}/artifacts`.
-pub async fn list(State(state): State<AppState>, UrlPath(id): UrlPath<String>) -> Response {
+pub async fn list(State(state): State<ArtifactAccess>, UrlPath(id): UrlPath<String>) -> Response {
     let Ok(id) = id.parse::<BuildId>() else {
         return Refusal(StatusCode::BAD_REQUEST, format!("`{id}` is not a build id"))
             .into_response();
@@ -38,7 +38,7 @@ pub async fn list(State(state): State<AppState>, UrlPath(id): UrlPath<String>) -
 /// `GET /builds/{id}/artifacts/{*name}` (the build page's link): the file,
 /// streamed, with its length and SHA-256.
 pub async fn download(
-    State(state): State<AppState>,
+    State(state): State<ArtifactAccess>,
     UrlPath((id, name)): UrlPath<(String, String)>,
 ) -> Response {
     match open(&state, &id, &name).await {
@@ -47,7 +47,11 @@ pub async fn download(
     }
 }
 
-pub(super) async fn open(state: &AppState, id: &str, name: &str) -> Result<Response, Refusal> {
+pub(super) async fn open(
+    state: &ArtifactAccess,
+    id: &str,
+    name: &str,
+) -> Result<Response, Refusal> {
     let id: BuildId = id
         .parse()
         .map_err(|_| Refusal(StatusCode::BAD_REQUEST, format!("`{id}` is not a build id")))?;

@@ -24,7 +24,8 @@ use sha2::{Digest, Sha256};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::Notify;
 
-use crate::api::{AppState, bearer, token_sha256};
+use crate::auth::{bearer, token_sha256};
+use crate::latent::LatentTokens;
 use crate::metrics::{METRICS, RefusalReason, Refused};
 use crate::reconfig::LiveConfig;
 use crate::store::{Store, artifact_row, list_rows};
@@ -36,6 +37,16 @@ mod upload;
 pub use download::*;
 pub use retention::*;
 pub use upload::*;
+
+/// What the artifact endpoints read (taken from the master's shared state,
+/// which this module sits below): the stored files, the config in force and
+/// the latent instances' tokens.
+#[derive(Clone)]
+pub struct ArtifactAccess {
+    pub artifacts: Arc<Artifacts>,
+    pub config: LiveConfig,
+    pub latent_tokens: LatentTokens,
+}
 
 /// Rows deleted per expiry pass (the timer comes straight back for more).
 const EXPIRE_BATCH: u32 = 1000;

@@ -3,7 +3,7 @@
 use super::*;
 
 /// The workers presenting `token` (configured ones, or a latent instance).
-fn workers_of(state: &AppState, token: &str) -> Vec<String> {
+fn workers_of(state: &ArtifactAccess, token: &str) -> Vec<String> {
     let hash = token_sha256(token);
     let config = state.config.get();
     let mut workers: Vec<String> = config
@@ -16,7 +16,7 @@ fn workers_of(state: &AppState, token: &str) -> Vec<String> {
 
 /// `PUT /api/v1/agent/builds/{id}/artifacts/{*name}`: the worker's upload.
 pub async fn upload(
-    State(state): State<AppState>,
+    State(state): State<ArtifactAccess>,
     UrlPath((id, name)): UrlPath<(String, String)>,
     headers: HeaderMap,
     body: Body,
@@ -28,7 +28,7 @@ pub async fn upload(
 }
 
 async fn receive(
-    state: &AppState,
+    state: &ArtifactAccess,
     id: &str,
     name: &str,
     headers: &HeaderMap,

@@ -14,6 +14,7 @@ mod locks;
 mod names;
 #[cfg(test)]
 mod tests;
+mod worker_groups;
 mod workers;
 
 use std::collections::HashMap;
@@ -26,7 +27,6 @@ use serde::Deserialize;
 use nightshift_proto::diag::parse_toml;
 
 use crate::locks::LockDef;
-use crate::worker_groups::WorkerGroupDef;
 
 pub use agent_limits::AgentLimits;
 pub use artifacts::ArtifactSettings;
@@ -36,7 +36,8 @@ pub use general::{DashboardAccess, MasterReach, TlsMode};
 pub use hooks::{HookDef, HookKind};
 pub use names::{check_branch_name, normalize_hash, valid_name};
 pub use nightshift_proto::diag::ConfigErrors;
-pub use workers::{LatentProvider, WorkerDef, check_master_schedule};
+pub use worker_groups::WorkerGroupDef;
+pub use workers::{LatentProvider, WorkerDef};
 
 use builders::RawBuilder;
 use general::RawTls;
@@ -110,7 +111,7 @@ struct RawConfig {
     #[serde(default)]
     worker: Vec<RawWorker>,
     #[serde(default)]
-    worker_group: Vec<crate::worker_groups::RawWorkerGroup>,
+    worker_group: Vec<worker_groups::RawWorkerGroup>,
     #[serde(default)]
     builder: Vec<RawBuilder>,
     #[serde(default)]
@@ -252,7 +253,7 @@ impl MasterConfig {
         let (workers, worker_names) = workers::parse_workers(raw.worker, &written, &mut errors);
         let (locks, lock_names) =
             locks::parse_locks(raw.lock, &worker_names, &written, &mut errors);
-        let worker_groups = crate::worker_groups::validate(
+        let worker_groups = worker_groups::validate(
             raw.worker_group,
             &worker_names,
             &mut |key: String, message: String| errors.push_at_path(&key, message),

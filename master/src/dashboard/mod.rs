@@ -23,10 +23,10 @@ use nightshift_proto::wire::{BuildId, Outcome};
 use tokio::sync::oneshot;
 
 use crate::actions;
-use crate::api::AppState;
 use crate::config::Admission;
 use crate::scheduler::Event;
 use crate::session::Viewer;
+use crate::state::AppState;
 use crate::style::STYLE;
 
 /// How many builds the page lists, newest first.

@@ -43,7 +43,7 @@ use std::time::Duration;
 
 use jiff::Timestamp;
 use nightshift_policy::{Presence, PresenceState, Source};
-use nightshift_proto::api::{WorkerList, WorkerPage, WorkerQuery};
+use nightshift_proto::api::{WorkerPage, WorkerQuery};
 use nightshift_proto::clock::Clock;
 use nightshift_proto::wire::{
     AgentMessage, BuildId, BuildSource, HEARTBEAT_SECS, MasterMessage, Outlook,
@@ -54,7 +54,8 @@ use crate::config::MasterConfig;
 use crate::latent::{LatentEvent, LatentPool, LatentProvider, LatentTokens, MasterAccess};
 use crate::locks::{BuildLocks, Claim, LockHolder};
 use crate::master_schedule::MasterSchedules;
-use crate::outbox::{AgentOutbox, Committed};
+use crate::outbox::{AgentOutbox, Committed, Outbound};
+use crate::snapshot::{BuildWaits, Snapshot};
 use crate::store::{Store, StoreOutcome, UnfinishedBuild};
 use crate::worker_groups::Member;
 
@@ -81,17 +82,6 @@ pub const AGENT_INBOX: usize = 1024;
 /// pass (see [`Scheduler::run`]).
 pub const AGENT_BATCH: usize = 64;
 
-/// What the scheduler sends a connection task.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Outbound {
-    Message(MasterMessage),
-    /// Close the connection, logging the reason.
-    Close(String),
-    /// Hold back the frames after this one until this store write is
-    /// committed (what they tell the agent must survive a master crash).
-    AfterCommit(Committed),
-}
-
 /// The parts of an agent's hello the scheduler uses.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Hello {
@@ -101,26 +91,6 @@ pub struct Hello {
     pub running: Vec<BuildId>,
     /// The time ahead as the agent sees it (window-aware admission).
     pub outlook: Option<Outlook>,
-}
-
-/// A read-only view for the API.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Snapshot {
-    pub workers: WorkerList,
-    /// What each queued build waits for.
-    pub waiting_for: BTreeMap<BuildId, String>,
-    /// Each builder's estimated build duration, where known.
-    pub estimates: BTreeMap<String, jiff::SignedDuration>,
-    /// Builds handed out, with their worker.
-    pub running: BTreeMap<BuildId, String>,
-}
-
-/// What the API overlays on stored builds that are not finished: why each
-/// waits, and every builder's estimated duration (O(builders), not workers).
-#[derive(Debug, Clone, Default)]
-pub struct BuildWaits {
-    pub waiting_for: BTreeMap<BuildId, String>,
-    pub estimates: BTreeMap<String, jiff::SignedDuration>,
 }
 
 /// Everything the scheduler reacts to.

@@ -3,12 +3,13 @@
 //! a pause instead of a spin when descriptors run out) that serves the axum
 //! router over hyper with upgrades, and the per-agent WebSocket session
 //! (token checked at the upgrade, hello, frames, heartbeats, and the
-//! per-connection frame rate limit: [`FrameLimits`]).
+//! per-connection frame rate limit: [`FrameLimits`], in
+//! [`crate::connection_limits`]).
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use axum::Router;
@@ -25,17 +26,17 @@ use nightshift_proto::wire::{
 };
 use tokio::net::{TcpListener, TcpSocket};
 
-use crate::api::{AppState, bearer, token_sha256};
-use crate::config::AgentLimits;
+use crate::auth::{bearer, token_sha256};
+use crate::connection_limits::{ConnectionGate, FrameLimits, FrameVerdict};
 use crate::metrics::DisconnectReason;
+use crate::outbox::Outbound;
 use crate::outbox::{Next, agent_outbox};
-use crate::scheduler::{Event, Hello, Outbound};
+use crate::scheduler::{Event, Hello};
+use crate::state::AppState;
 
 mod agent_socket;
-mod limits;
 
 use agent_socket::*;
-pub use limits::*;
 
 use nightshift_proto::secret::constant_time_eq;
 
@@ -178,7 +179,7 @@ pub fn router(state: AppState) -> Router {
         .route("/farm/resume", post(crate::actions::resume));
     crate::api::router(state.clone())
         .route(WS_PATH, get(agent_upgrade))
-        .route("/api/v1/enroll", post(crate::worker_groups::enroll))
+        .route("/api/v1/enroll", post(crate::enrolment::enroll))
         .merge(pages)
         .merge(forms)
         .route(
@@ -187,7 +188,7 @@ pub fn router(state: AppState) -> Router {
         )
         .route(
             "/hooks/{name}",
-            axum::routing::post(crate::triggers::webhook::receive),
+            axum::routing::post(crate::webhook::receive),
         )
         .with_state(state)
 }
@@ -344,84 +345,6 @@ pub async fn serve(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use nightshift_policy::{Presence, PresenceState, Source};
-
-    fn presence_frame() -> AgentMessage {
-        AgentMessage::Presence {
-            presence: Presence {
-                state: PresenceState::Available,
-                reason: "flip".into(),
-                source: Source::Manual,
-                since: jiff::Timestamp::UNIX_EPOCH,
-                until: None,
-            },
-            outlook: None,
-        }
-    }
-
-    fn output_frame() -> AgentMessage {
-        AgentMessage::Output {
-            build_id: 1,
-            step: 0,
-            data: "y\n".into(),
-        }
-    }
-
-    #[test]
-    fn output_past_the_burst_is_throttled_to_the_rate_and_never_disconnected() {
-        let start = Instant::now();
-        let defaults = AgentLimits::default();
-        let mut limits = FrameLimits::new(&defaults, start);
-        for _ in 0..defaults.frame_burst {
-            assert_eq!(limits.check(&output_frame(), start), FrameVerdict::Pass);
-        }
-        match limits.check(&output_frame(), start) {
-            FrameVerdict::Throttle(wait) => {
-                assert_eq!(
-                    wait,
-                    Duration::from_secs_f64(1.0 / f64::from(defaults.frames_per_second))
-                );
-            }
-            other => panic!("expected a throttle, got {other:?}"),
-        }
-        // Far over the rate for long: still only throttled (a chatty build).
-        for _ in 0..10_000 {
-            assert!(matches!(
-                limits.check(&output_frame(), start),
-                FrameVerdict::Throttle(_)
-            ));
-        }
-        // Once the debt is paid (at the sustained rate), frames pass again.
-        let later =
-            start + Duration::from_secs_f64(10_002.0 / f64::from(defaults.frames_per_second));
-        assert_eq!(limits.check(&output_frame(), later), FrameVerdict::Pass);
-    }
-
-    #[test]
-    fn a_presence_flood_is_disconnected_but_a_steady_pace_is_not() {
-        let start = Instant::now();
-        let defaults = AgentLimits::default();
-        let mut steady = FrameLimits::new(&defaults, start);
-        for i in 0..10_000u32 {
-            let at = start
-                + Duration::from_secs_f64(
-                    f64::from(i) / f64::from(defaults.control_frames_per_second),
-                );
-            assert_eq!(
-                steady.check(&presence_frame(), at),
-                FrameVerdict::Pass,
-                "frame {i}"
-            );
-        }
-        let mut flood = FrameLimits::new(&defaults, start);
-        for _ in 0..defaults.control_frame_burst {
-            assert_eq!(flood.check(&presence_frame(), start), FrameVerdict::Pass);
-        }
-        match flood.check(&presence_frame(), start) {
-            FrameVerdict::Disconnect(why) => assert!(why.contains("rate limit"), "{why}"),
-            other => panic!("expected a disconnect, got {other:?}"),
-        }
-    }
 
     #[test]
     fn the_heartbeat_grows_with_the_farm_past_400_beats_per_second() {
@@ -437,39 +360,6 @@ mod tests {
                 workers as u64 <= beat * FARM_HEARTBEATS_PER_SEC,
                 "{workers} workers at one beat per {beat} s exceed the farm's rate"
             );
-        }
-    }
-
-    #[test]
-    fn configured_limits_are_the_ones_applied() {
-        let start = Instant::now();
-        let limits = AgentLimits {
-            frames_per_second: 4,
-            frame_burst: 2,
-            control_frames_per_second: 1,
-            control_frame_burst: 3,
-            outbox_frames: 8,
-        };
-        let mut frames = FrameLimits::new(&limits, start);
-        assert_eq!(frames.check(&output_frame(), start), FrameVerdict::Pass);
-        assert_eq!(frames.check(&output_frame(), start), FrameVerdict::Pass);
-        assert_eq!(
-            frames.check(&output_frame(), start),
-            FrameVerdict::Throttle(Duration::from_millis(250))
-        );
-        let mut control = FrameLimits::new(&limits, start);
-        for _ in 0..3 {
-            assert!(!matches!(
-                control.check(&presence_frame(), start),
-                FrameVerdict::Disconnect(_)
-            ));
-        }
-        match control.check(&presence_frame(), start) {
-            FrameVerdict::Disconnect(why) => {
-                assert!(why.contains("more than 3 control frames"), "{why}");
-                assert!(why.contains("over 1/s"), "{why}");
-            }
-            other => panic!("expected a disconnect, got {other:?}"),
         }
     }
 }

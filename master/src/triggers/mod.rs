@@ -1,12 +1,12 @@
 //! Triggers: what queues builds besides a hand-made `master submit` —
-//! webhooks (`webhook.rs`), polling (`poll.rs`) and timed builds
-//! (`timed.rs`) — plus the one queueing path they and the API's submit share
-//! (commit to the store, then tell the scheduler) and their counters.
+//! webhooks (their HTTP endpoint is `webhook.rs`, a layer above), polling (`poll.rs`)
+//! and timed builds (`timed.rs`) — plus the one queueing path they and the
+//! API's submit share (commit to the store, then tell the scheduler) and
+//! their counters.
 
 pub mod git;
 pub mod poll;
 pub mod timed;
-pub mod webhook;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -37,7 +37,7 @@ pub struct TriggerCounters {
     pub hook_bad_signature: AtomicU64,
     /// Deliveries whose body could not be understood.
     pub hook_malformed: AtomicU64,
-    /// Deliveries larger than [`webhook::MAX_HOOK_BODY`].
+    /// Deliveries larger than `MAX_HOOK_BODY` (webhook.rs).
     pub hook_oversized: AtomicU64,
     /// `git ls-remote` polls run, and those that failed.
     pub polls: AtomicU64,
@@ -65,7 +65,7 @@ pub enum HookResult {
     BadSignature,
     /// Refused: the body could not be understood.
     Malformed,
-    /// Refused: larger than [`webhook::MAX_HOOK_BODY`].
+    /// Refused: larger than `MAX_HOOK_BODY` (webhook.rs).
     Oversized,
     /// Refused: the hook's secret file is unreadable or empty.
     SecretUnavailable,

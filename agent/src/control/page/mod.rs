@@ -18,7 +18,7 @@ use nightshift_proto::html::escape;
 
 use super::state::{PreviewInterval, Shared};
 use super::when::span_words;
-use crate::daemon::priority::{BuildIsolation, CpuPriority, IoPriority};
+use crate::build_processes::priority::{BuildIsolation, CpuPriority, IoPriority};
 use crate::handle::{AgentStatus, SupervisedState, SupervisedStatus};
 use nightshift_proto::when::short_time;
 

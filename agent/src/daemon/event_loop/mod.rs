@@ -26,10 +26,10 @@ use tokio::time::Instant;
 
 use super::alarm::WallAlarm;
 use super::link::{HelloState, LinkEvent};
-use super::load::{BuildTrees, LoadMeasurement};
 use super::outgoing::{LINK_QUEUE, LinkReceiver, LinkSender, Outgoing, link_queue};
 use super::runner::{self, BuildControl, RunnerEvent, RunnerSettings};
 use super::spool::Spool;
+use crate::build_processes::load::{BuildTrees, LoadMeasurement};
 use crate::handle::{
     AgentHandle, AgentStatus, ControlCommand, Counters, LoadSnapshot, MasterLink, RunningBuild,
 };

@@ -4,7 +4,7 @@
 use nightshift_policy::{ForeignLoadSample, LoadVerdict, Presence, PresenceChange, Source};
 use nightshift_proto::wire::AgentMessage;
 
-use crate::daemon::load::LoadMeasurement;
+use crate::build_processes::load::LoadMeasurement;
 use crate::daemon::manual;
 
 use crate::handle::LoadSnapshot;

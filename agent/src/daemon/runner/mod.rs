@@ -26,10 +26,10 @@ use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, watch};
 use tokio::time::{Instant, sleep_until};
 
-use super::build_tree::{AGENT_MARKER, BUILD_MARKER};
-use super::load::BuildTrees;
 use super::outgoing::{Credit, OutputCredit};
 use super::spawn::{self, StepChild, StepCommand, step_environment, var};
+use crate::build_processes::build_tree::{AGENT_MARKER, BUILD_MARKER};
+use crate::build_processes::load::BuildTrees;
 use nightshift_proto::clock::Clock;
 
 mod output;
@@ -69,7 +69,7 @@ pub struct RunnerSettings {
     /// Between SIGTERM and SIGKILL when a step is cancelled or times out.
     pub kill_grace: Duration,
     /// The worker's git credentials, for the checkout step only.
-    pub git: super::checkout::GitAuth,
+    pub git: crate::config::GitAuth,
     /// The agent's credit for build frames in flight to the master.
     pub credit: OutputCredit,
     /// The master's API with this worker's token, for artifact uploads

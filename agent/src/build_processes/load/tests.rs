@@ -70,7 +70,7 @@ fn a_process_group_is_found_and_counted() {
 /// figure independent of the agent's accounting and of how busy the
 /// machine is).
 async fn run_build(trees: &Arc<BuildTrees>, build_id: BuildId, command: &str) -> Duration {
-    use super::super::runner::{self, BuildRequest, RunnerEvent, RunnerSettings};
+    use crate::daemon::runner::{self, BuildRequest, RunnerEvent, RunnerSettings};
     use nightshift_proto::clock::SystemClock;
     let work = tempfile::tempdir().unwrap();
     let (events_tx, mut events) = tokio::sync::mpsc::channel(runner::EVENT_QUEUE);

@@ -18,10 +18,11 @@ use serde::Serialize;
 use serde_json::Value;
 use sha2::Sha256;
 
-use super::{HookResult, TriggerCounters, queue_builds, source_for};
-use crate::api::{AppState, bearer};
+use crate::auth::bearer;
 use crate::config::{HookDef, HookKind, MasterConfig};
+use crate::state::AppState;
 use crate::store::NewBuild;
+use crate::triggers::{HookResult, TriggerCounters, queue_builds, source_for};
 use nightshift_proto::secret::constant_time_eq;
 
 /// Largest body a hook accepts (a push event with 20 commits is ~30 KiB).

@@ -299,6 +299,21 @@ pub fn check(old: &MasterConfig, new: &MasterConfig) -> Result<ReconfigPlan, Rec
             new.dashboard.as_str()
         ));
     }
+    // Groups apply live (members, max_builds, schedule): named when changed.
+    let groups: Vec<&str> = new
+        .worker_groups
+        .iter()
+        .filter(|g| old.worker_group(&g.name) != Some(*g))
+        .chain(
+            old.worker_groups
+                .iter()
+                .filter(|g| new.worker_group(&g.name).is_none()),
+        )
+        .map(|g| g.name.as_str())
+        .collect();
+    if !groups.is_empty() {
+        settings.push(format!("worker groups: {}", groups.join(", ")));
+    }
     Ok(plan(
         (&workers(old), &workers(new)),
         (&builders(old), &builders(new)),

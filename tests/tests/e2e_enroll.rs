@@ -278,3 +278,84 @@ async fn enrolments_past_the_rate_limit_are_told_to_retry_later() -> anyhow::Res
     assert!(counted >= 2.0, "{counted} refusals counted:\n{metrics}");
     Ok(())
 }
+
+/// A `schedule` in the `[[worker_group]]` holds for every enrolled member as
+/// a master source, the same as a `[[worker]]`'s: outside its window the
+/// member is away and a build for the group waits with the schedule's
+/// reason; a reconfig that removes the schedule lets the build run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_group_schedule_keeps_its_enrolled_members_away_outside_its_window() -> anyhow::Result<()>
+{
+    let group_token = new_token();
+    // A window that opens two hours from now: every member is outside it.
+    let now = jiff::Timestamp::now().to_zoned(jiff::tz::TimeZone::UTC);
+    let open = now.checked_add(jiff::SignedDuration::from_hours(2))?;
+    let close = now.checked_add(jiff::SignedDuration::from_hours(3))?;
+    let hours = format!("{}-{}", open.strftime("%H:%M"), close.strftime("%H:%M"));
+    let schedule = format!(
+        "timezone = \"UTC\"\nschedule = [{{ name = \"lab-hours\", hours = \"{hours}\" }}]\n"
+    );
+    let mut farm = Farm::builder()
+        .master_toml(&format!(
+            "[[worker_group]]\nname = \"lab\"\nenroll_token_sha256 = \"{}\"\n{schedule}",
+            sha256_hex(&group_token)
+        ))
+        .worker(WorkerSpec::enrolled("lab-1", &group_token))
+        .builder("app", &["lab"], &[("build", "echo built")])
+        .start()
+        .await?;
+    let diagnostics = |farm: &Farm| {
+        format!(
+            "--- master log:\n{}\n--- lab-1:\n{}",
+            farm.master_log(),
+            farm.worker_log("lab-1")
+        )
+    };
+
+    // lab-1 enrols on its first run and is kept away by the group's schedule.
+    farm.start_worker("lab-1")?;
+    let lab1 = farm
+        .wait_worker("lab-1", "lab-1 to be away by its group's schedule", |w| {
+            w.connected && w.state == PresenceState::Away
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:#}\n{}", diagnostics(&farm)))?;
+    assert_eq!(
+        lab1.source,
+        Some(nightshift_policy::Source::Master),
+        "{lab1:?}"
+    );
+    assert!(lab1.reason.contains("lab-hours"), "{lab1:?}");
+    let api = farm.api()?;
+    let id = api.submit("app", BTreeMap::new()).await?.build_id;
+    let queued = farm
+        .wait_build_state(id, "the build to wait for lab-1", |b| {
+            b.waiting_for
+                .as_deref()
+                .is_some_and(|w| w.contains("lab-1 away"))
+        })
+        .await
+        .map_err(|e| anyhow::anyhow!("{e:#}\n{}", diagnostics(&farm)))?;
+    assert_eq!(queued.state, BuildState::Queued, "{queued:?}");
+    // The agent is told and shows it too.
+    let (code, stdout, stderr) = farm.worker_cli("lab-1", &["status", "--json"])?;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("lab-hours"), "{stdout}");
+
+    // The schedule goes: the member's own presence counts again.
+    let text = fs_err::read_to_string(&farm.config)?;
+    anyhow::ensure!(text.contains(&schedule), "master.toml:\n{text}");
+    fs_err::write(&farm.config, text.replacen(&schedule, "", 1))?;
+    let (code, stdout, stderr) = farm.master_cli(&["reconfig"])?;
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert!(stdout.contains("worker groups: lab"), "{stdout}");
+    let done = farm.wait_build(id).await?;
+    assert_eq!(
+        done.outcome,
+        Some(Outcome::Success),
+        "{done:?}\n{}",
+        diagnostics(&farm)
+    );
+    assert_eq!(done.worker.as_deref(), Some("lab-1"));
+    Ok(())
+}

@@ -1,9 +1,11 @@
-//! Starts a step's first process: straight into its build's cgroup with
-//! `clone3(CLONE_INTO_CGROUP)` (no migration after the fork, which costs the
-//! kernel 5–20 ms after an idle spell), in a process group of its own, at the
-//! build's priorities, with stdout and stderr on the step's pipe; and waits
-//! for it through a pidfd. Kernels or sandboxes without `clone3` get a fork
-//! whose child moves itself into the cgroup.
+//! Starts a step's first process: with a vfork-style `clone3` (the child
+//! shares the agent's memory until its exec, so no page tables are copied)
+//! straight into its build's cgroup (`CLONE_INTO_CGROUP`: no migration after
+//! the fork, which costs the kernel 5–20 ms after an idle spell), in a
+//! process group of its own, at the build's priorities, with stdout and
+//! stderr on the step's pipe, off the runtime's thread; and waits for it
+//! through a pidfd. Kernels, sandboxes or architectures without that clone
+//! get a fork whose child moves itself into the cgroup.
 #![allow(
     unsafe_code,
     reason = "clone3 into a cgroup and the child's setup between fork and exec have no safe wrapper; each block says why it is sound"
@@ -154,7 +156,7 @@ fn c_string(bytes: &[u8], what: &str) -> std::io::Result<CString> {
     })
 }
 
-/// Everything the child touches, prepared before the fork: after it only
+/// Everything the child touches, prepared before the clone: after it only
 /// async-signal-safe system calls run.
 struct Prepared {
     program: CString,
@@ -163,9 +165,39 @@ struct Prepared {
     dir: CString,
 }
 
+/// A started process, before it is tied to the runtime.
+struct Started {
+    pid: i32,
+    pidfd: Option<OwnedFd>,
+}
+
 /// Starts `command`. Returns once the new process has exec'd (or failed to:
 /// then the error names the step's shell or directory problem).
-pub fn spawn(command: StepCommand) -> std::io::Result<StepChild> {
+///
+/// The clone and the wait for the exec happen on the runtime's blocking
+/// pool: the calling task awaits them, and the runtime's thread goes on with
+/// everything else meanwhile (a step's process runs at the build's idle
+/// priority, and on a busy machine its exec can take a while to be
+/// scheduled).
+pub async fn spawn(command: StepCommand) -> std::io::Result<StepChild> {
+    let started = tokio::task::spawn_blocking(move || start(command))
+        .await
+        .map_err(|error| std::io::Error::other(format!("the spawning thread failed: {error}")))??;
+    let pidfd = started.pidfd.and_then(|owned| {
+        // SAFETY: an OwnedFd keeps its descriptor open and unchanged until
+        // the AsyncFd that owns it is dropped.
+        unsafe { AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE) }.ok()
+    });
+    Ok(StepChild {
+        pid: started.pid,
+        pidfd,
+        status: None,
+    })
+}
+
+/// The blocking half of [`spawn`]: clone, then wait until the child has
+/// exec'd.
+fn start(command: StepCommand) -> std::io::Result<Started> {
     let program = find_sh(&command.env);
     let prepared = Prepared {
         program: c_string(program.as_os_str().as_bytes(), "the shell's path")?,
@@ -200,15 +232,6 @@ pub fn spawn(command: StepCommand) -> std::io::Result<StepChild> {
         Some(dir) => Some(open_dir(dir)?),
         None => None,
     };
-    let procs = match &command.cgroup {
-        Some(dir) => Some(
-            fs_err::OpenOptions::new()
-                .write(true)
-                .open(dir.join("cgroup.procs"))?
-                .into_file(),
-        ),
-        None => None,
-    };
     let child = ChildSetup {
         program: &prepared.program,
         argv: argv.as_ptr(),
@@ -218,76 +241,31 @@ pub fn spawn(command: StepCommand) -> std::io::Result<StepChild> {
         output: command.output.as_raw_fd(),
         error: error_write.as_raw_fd(),
         priority: command.priority,
+        move_into: -1,
     };
 
-    let mut pidfd: RawFd = -1;
-    let mut args = CloneArgs {
-        flags: CLONE_PIDFD,
-        pidfd: (&raw mut pidfd) as u64,
-        exit_signal: libc::SIGCHLD as u64,
-        ..CloneArgs::default()
-    };
-    if let Some(dir) = &cgroup_dir {
-        args.flags |= CLONE_INTO_CGROUP;
-        args.cgroup = dir.as_raw_fd() as u64;
-    }
-    // SAFETY: clone3 without CLONE_VM is a fork: the child gets a copy of
-    // this address space and runs only `child.run`, which makes
-    // async-signal-safe system calls on memory prepared above and never
-    // returns.
-    let mut pid = unsafe {
-        libc::syscall(
-            libc::SYS_clone3,
-            &raw mut args,
-            std::mem::size_of::<CloneArgs>(),
-        )
-    };
-    if pid == 0 {
-        child.run(None);
-    }
-    if pid < 0 {
-        let error = std::io::Error::last_os_error();
-        if matches!(error.raw_os_error(), Some(libc::EAGAIN | libc::ENOMEM)) {
+    let (pid, pidfd) = match clone_vfork(&child, cgroup_dir.as_ref()) {
+        Ok(started) => started,
+        Err(error) if matches!(error.raw_os_error(), Some(libc::EAGAIN | libc::ENOMEM)) => {
             return Err(error);
         }
-        // No clone3 (old kernel, seccomp) or no CLONE_INTO_CGROUP: fork, and
-        // the child moves itself.
-        pidfd = -1;
-        // SAFETY: as above; the child runs only `child.run`.
-        pid = unsafe { libc::fork() } as libc::c_long;
-        if pid == 0 {
-            child.run(procs.as_ref().map(AsRawFd::as_raw_fd));
-        }
-        if pid < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        // SAFETY: pidfd_open has no memory arguments.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
-        if fd >= 0 {
-            pidfd = fd as RawFd;
-        }
-    }
-    let pid = pid as i32;
+        // No clone3 (old kernel, seccomp), no CLONE_INTO_CGROUP or
+        // CLONE_CLEAR_SIGHAND, or no vfork-style clone on this architecture:
+        // fork, and the child moves itself into the cgroup.
+        Err(_) => fork_and_move(&child, command.cgroup.as_deref())?,
+    };
     drop(error_write);
     drop(null);
     drop(command.output);
-    let pidfd = if pidfd >= 0 {
-        // SAFETY: the kernel just gave us this descriptor; nobody else owns it.
-        let owned = unsafe { OwnedFd::from_raw_fd(pidfd) };
-        // SAFETY: an OwnedFd keeps its descriptor open and unchanged until
-        // the AsyncFd that owns it is dropped.
-        unsafe { AsyncFd::register_with_interest(owned, tokio::io::Interest::READABLE) }.ok()
-    } else {
-        None
-    };
-    let mut child = StepChild {
-        pid,
-        pidfd,
-        status: None,
-    };
+    // Kept until here: the child of a vfork-style clone used them until its
+    // exec.
+    drop(prepared);
+    drop(argv);
+    drop(envp);
 
     // The child closes its end of the error pipe by exec'ing (CLOEXEC), or
-    // writes what failed there first.
+    // writes what failed there first. After a vfork-style clone it has
+    // already done either when the clone returns.
     let mut report = [0u8; 5];
     let mut read = 0;
     let mut error_read = std::fs::File::from(OwnedFd::from(error_read));
@@ -302,11 +280,15 @@ pub fn spawn(command: StepCommand) -> std::io::Result<StepChild> {
                 }
             }
             Err(error) if error.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(error) => return Err(error),
+            Err(error) => {
+                // The child's fate is unknown: it is reaped whenever it ends.
+                std::thread::spawn(move || reap(pid, 0));
+                return Err(error);
+            }
         }
     }
     if read == 0 {
-        return Ok(child);
+        return Ok(Started { pid, pidfd });
     }
     let errno = i32::from_ne_bytes([report[1], report[2], report[3], report[4]]);
     let stage = match report[0] {
@@ -315,11 +297,169 @@ pub fn spawn(command: StepCommand) -> std::io::Result<StepChild> {
         _ => "cannot set up the step's process".to_owned(),
     };
     let _ = reap(pid, 0);
-    child.status = Some(ExitStatus::from_raw(127 << 8));
     Err(std::io::Error::new(
         std::io::Error::from_raw_os_error(errno).kind(),
         format!("{stage}: {}", std::io::Error::from_raw_os_error(errno)),
     ))
+}
+
+/// `CLONE_VM`, `CLONE_VFORK` and `CLONE_CLEAR_SIGHAND` (linux/sched.h).
+#[cfg(target_arch = "x86_64")]
+const CLONE_VM: u64 = 0x100;
+#[cfg(target_arch = "x86_64")]
+const CLONE_VFORK: u64 = 0x4000;
+#[cfg(target_arch = "x86_64")]
+const CLONE_CLEAR_SIGHAND: u64 = 0x1_0000_0000;
+
+/// The child's stack for a vfork-style clone: enough for [`ChildSetup::run`]
+/// (which allocates nothing) and the libc calls it makes.
+#[cfg(target_arch = "x86_64")]
+const CHILD_STACK: usize = 64 * 1024;
+
+/// A vfork-style `clone3` (what `posix_spawn` does, plus the cgroup): the
+/// child shares this address space — no page tables are copied, nor torn
+/// down again at its exec — runs [`ChildSetup::run`] on a stack of its own,
+/// and this thread sleeps until the child has exec'd or exited. Straight
+/// into `cgroup` when given; every signal the agent handles is back at its
+/// default in the child from the start (`CLONE_CLEAR_SIGHAND`), so no
+/// handler of the agent ever runs in it. Returns the pid and a pidfd.
+#[cfg(target_arch = "x86_64")]
+fn clone_vfork(
+    child: &ChildSetup<'_>,
+    cgroup: Option<&OwnedFd>,
+) -> std::io::Result<(i32, Option<OwnedFd>)> {
+    let page = 4096;
+    // SAFETY: a fresh private anonymous mapping; nothing else refers to it.
+    let stack = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            CHILD_STACK + page,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if stack == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    /// Unmaps the child's stack once the child no longer runs on it (it
+    /// has exec'd or exited when the clone returns).
+    struct Mapping(*mut libc::c_void, usize);
+    impl Drop for Mapping {
+        fn drop(&mut self) {
+            // SAFETY: the mapping made above, unmapped once.
+            unsafe { libc::munmap(self.0, self.1) };
+        }
+    }
+    let mapping = Mapping(stack, CHILD_STACK + page);
+    // The lowest page is a guard: an overflow faults instead of writing
+    // over whatever lies below.
+    // SAFETY: the first page of the mapping made above.
+    if unsafe { libc::mprotect(mapping.0, page, libc::PROT_NONE) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+
+    let mut pidfd: RawFd = -1;
+    let mut args = CloneArgs {
+        flags: CLONE_VM | CLONE_VFORK | CLONE_PIDFD | CLONE_CLEAR_SIGHAND,
+        pidfd: (&raw mut pidfd) as u64,
+        exit_signal: libc::SIGCHLD as u64,
+        stack: mapping.0 as u64,
+        stack_size: (CHILD_STACK + page) as u64,
+        ..CloneArgs::default()
+    };
+    if let Some(dir) = cgroup {
+        args.flags |= CLONE_INTO_CGROUP;
+        args.cgroup = dir.as_raw_fd() as u64;
+    }
+    extern "C" fn child_entry(setup: *const ChildSetup<'_>) -> ! {
+        // SAFETY: `setup` points at the parent's ChildSetup, which stays
+        // alive and unchanged while the parent sleeps in the clone.
+        unsafe { (*setup).run() }
+    }
+    let entry: extern "C" fn(*const ChildSetup<'_>) -> ! = child_entry;
+    let result: libc::c_long;
+    // SAFETY: clone3 with CLONE_VM|CLONE_VFORK: the kernel starts the child
+    // with its stack pointer at the top of the mapping above (16-byte
+    // aligned), where it calls `child_entry` at once — it never returns into
+    // this function's frame, whose stack the parent still uses. The parent
+    // sleeps until the child has exec'd or exited, so everything `child`
+    // points at stays valid for it; the child allocates nothing and makes
+    // only system calls. The syscall instruction clobbers rcx and r11; rdx
+    // and r8 survive it in the parent.
+    unsafe {
+        std::arch::asm!(
+            "syscall",
+            "test rax, rax",
+            "jnz 2f",
+            "mov rdi, r8",
+            "call rdx",
+            "ud2",
+            "2:",
+            inlateout("rax") libc::SYS_clone3 => result,
+            in("rdi") &raw mut args,
+            in("rsi") std::mem::size_of::<CloneArgs>(),
+            in("rdx") entry,
+            in("r8") std::ptr::from_ref(child),
+            out("rcx") _,
+            out("r11") _,
+            options(nostack),
+        );
+    }
+    drop(mapping);
+    if result < 0 {
+        return Err(std::io::Error::from_raw_os_error(-result as i32));
+    }
+    // SAFETY: the kernel just gave us this descriptor; nobody else owns it.
+    let pidfd = (pidfd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(pidfd) });
+    Ok((result as i32, pidfd))
+}
+
+/// No vfork-style clone written for this architecture: the fork path.
+#[cfg(not(target_arch = "x86_64"))]
+fn clone_vfork(
+    _child: &ChildSetup<'_>,
+    _cgroup: Option<&OwnedFd>,
+) -> std::io::Result<(i32, Option<OwnedFd>)> {
+    Err(std::io::Error::from_raw_os_error(libc::ENOSYS))
+}
+
+/// The fallback: a plain fork whose child writes itself into `cgroup`
+/// before it does anything else. Returns the pid and a pidfd when the
+/// kernel has them.
+fn fork_and_move(
+    child: &ChildSetup<'_>,
+    cgroup: Option<&Path>,
+) -> std::io::Result<(i32, Option<OwnedFd>)> {
+    let procs = match cgroup {
+        Some(dir) => Some(
+            fs_err::OpenOptions::new()
+                .write(true)
+                .open(dir.join("cgroup.procs"))?
+                .into_file(),
+        ),
+        None => None,
+    };
+    let child = ChildSetup {
+        move_into: procs.as_ref().map_or(-1, AsRawFd::as_raw_fd),
+        ..*child
+    };
+    // SAFETY: a fork: the child gets a copy of this address space and runs
+    // only `child.run`, which makes async-signal-safe system calls on memory
+    // prepared before and never returns.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        child.run();
+    }
+    if pid < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: pidfd_open has no memory arguments.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    // SAFETY: a fresh descriptor owned by nobody else.
+    let pidfd = (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as RawFd) });
+    Ok((pid, pidfd))
 }
 
 fn open_dir(dir: &Path) -> std::io::Result<OwnedFd> {
@@ -338,7 +478,8 @@ fn open_dir(dir: &Path) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// The child's side: pointers and descriptors prepared before the fork.
+/// The child's side: pointers and descriptors prepared before the clone.
+#[derive(Clone, Copy)]
 struct ChildSetup<'a> {
     program: &'a CStr,
     argv: *const *const libc::c_char,
@@ -348,13 +489,16 @@ struct ChildSetup<'a> {
     output: RawFd,
     error: RawFd,
     priority: ChildPriority,
+    /// `cgroup.procs` of the build's cgroup, for a child that must move
+    /// itself (the fork fallback); -1 otherwise.
+    move_into: RawFd,
 }
 
 impl ChildSetup<'_> {
     /// Runs in the new process: sets it up and execs the shell, or reports
     /// `(stage, errno)` on the error pipe and exits 127. Async-signal-safe
     /// calls only.
-    fn run(&self, move_into: Option<RawFd>) -> ! {
+    fn run(&self) -> ! {
         // SAFETY: system calls on descriptors and memory that stay valid in
         // this copy of the address space; nothing allocates.
         unsafe {
@@ -370,10 +514,10 @@ impl ChildSetup<'_> {
             libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
             // Rust ignores SIGPIPE; a shell pipeline must not.
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);
-            if let Some(procs) = move_into {
+            if self.move_into >= 0 {
                 // On failure the step stays in the agent's cgroup: the
                 // process-tree accounting and the build marker cover it.
-                libc::write(procs, b"0".as_ptr().cast(), 1);
+                libc::write(self.move_into, b"0".as_ptr().cast(), 1);
             }
             if libc::setpgid(0, 0) != 0 {
                 fail(b'g');

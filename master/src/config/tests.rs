@@ -223,6 +223,33 @@ fn master_side_schedules_use_the_worker_toml_forms() {
 }
 
 #[test]
+fn a_worker_group_takes_a_master_side_schedule_located_when_wrong() {
+    let good = format!(
+        "[[worker_group]]\nname = \"lab\"\nenroll_token_sha256 = \"{HASH}\"\n\
+             timezone = \"Europe/Berlin\"\n\
+             schedule = [{{ name = \"nights\", hours = \"19:00-07:00\" }}]\n"
+    );
+    let config = parse(&good).unwrap();
+    let lab = config.worker_group("lab").unwrap();
+    assert_eq!(lab.schedule[0].name, "nights");
+    assert_eq!(lab.timezone.as_deref(), Some("Europe/Berlin"));
+    let bad = format!(
+        "[[worker_group]]\nname = \"lab\"\nenroll_token_sha256 = \"{HASH}\"\n\
+             timezone = \"Mars/Olympus\"\n\
+             schedule = [{{ name = \"nights\", hours = \"25:00-07:00\" }}]\n"
+    );
+    let err = parse(&bad).unwrap_err().to_string();
+    assert!(
+        err.contains("master.toml:4:") && err.contains("worker_group[0].timezone"),
+        "{err}"
+    );
+    assert!(
+        err.contains("master.toml:5:") && err.contains("worker_group[0].schedule[0].hours"),
+        "{err}"
+    );
+}
+
+#[test]
 fn durations_parse_in_the_one_grammar_and_a_bare_number_is_refused() {
     assert_eq!(Secs::parse("90s").unwrap().0, Duration::from_secs(90));
     assert_eq!(Secs::parse("1h30m").unwrap().0, Duration::from_secs(5400));

@@ -1,6 +1,7 @@
 //! The `[[worker_group]]` entries of `master.toml`: a group's name, the hash
-//! of its enrolment token, its members' build capacity and how many it
-//! enrols; validated with every problem named.
+//! of its enrolment token, its members' build capacity, how many it enrols
+//! and the master-side schedule that holds for all of them; validated with
+//! every problem named.
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -10,7 +11,7 @@ use serde::Deserialize;
 pub const DEFAULT_MAX_WORKERS: u32 = 10_000;
 
 /// One `[[worker_group]]`.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct WorkerGroupDef {
     /// The group's name: builders list it in `workers`, and every member's
     /// name starts with `<name>-`.
@@ -22,6 +23,11 @@ pub struct WorkerGroupDef {
     pub max_builds: u32,
     /// Most members the group enrols (revoking one makes room).
     pub max_workers: u32,
+    /// Master-side availability windows for every member (same forms and
+    /// meaning as a `[[worker]]`'s `schedule`), evaluated once for the group.
+    pub schedule: Vec<nightshift_policy::ScheduleConfig>,
+    /// The zone `schedule` is read in (default: the master's).
+    pub timezone: Option<String>,
 }
 
 impl WorkerGroupDef {
@@ -46,6 +52,9 @@ pub struct RawWorkerGroup {
     max_builds: u32,
     #[serde(default = "default_max_workers")]
     max_workers: u32,
+    #[serde(default)]
+    schedule: Vec<nightshift_policy::ScheduleConfig>,
+    timezone: Option<String>,
 }
 
 fn one() -> u32 {
@@ -114,11 +123,19 @@ pub fn validate(
         if g.max_workers == 0 {
             issue(key("max_workers"), "must be at least 1".into());
         }
+        super::workers::check_master_schedule(
+            &g.schedule,
+            g.timezone.as_deref(),
+            &format!("worker_group[{i}]"),
+            issue,
+        );
         groups.push(WorkerGroupDef {
             name: g.name,
             enroll_token_sha256: hash,
             max_builds: g.max_builds,
             max_workers: g.max_workers,
+            schedule: g.schedule,
+            timezone: g.timezone,
         });
     }
     // One enrolment token per group, so a token says which group it is for.
@@ -147,6 +164,8 @@ mod tests {
             enroll_token_sha256: "a".repeat(64),
             max_builds: 1,
             max_workers: 10,
+            schedule: Vec::new(),
+            timezone: None,
         }
     }
 

@@ -89,6 +89,44 @@ pub struct WorkerDef {
     pub latent: Option<LatentConfig>,
 }
 
+/// Checks a master-side `schedule` and its `timezone` (of a `[[worker]]` or
+/// a `[[worker_group]]` at key path `owner`): every problem goes to
+/// `issue(key, message)`, with the key of the field it is in.
+pub fn check_master_schedule(
+    schedule: &[ScheduleConfig],
+    timezone: Option<&str>,
+    owner: &str,
+    issue: &mut impl FnMut(String, String),
+) {
+    if let Some(tz) = timezone
+        && jiff::tz::TimeZone::get(tz).is_err()
+    {
+        issue(
+            format!("{owner}.timezone"),
+            format!("unknown time zone `{tz}`"),
+        );
+    }
+    if schedule.is_empty() {
+        return;
+    }
+    let availability = nightshift_policy::AvailabilityConfig {
+        timezone: timezone.map(str::to_owned),
+        default: None,
+        schedule: schedule.to_vec(),
+        load: None,
+        overrun: None,
+    };
+    if let Err(problems) = nightshift_policy::Policy::compile_for_master(
+        &availability,
+        jiff::tz::TimeZone::system(),
+        owner,
+    ) {
+        for problem in problems {
+            issue(problem.path, problem.message);
+        }
+    }
+}
+
 /// Checks the `[[worker]]` entries; returns them and the names defined.
 pub(super) fn parse_workers(
     raw: Vec<RawWorker>,
@@ -141,32 +179,12 @@ pub(super) fn parse_workers(
                 "must be at least 1".into(),
             );
         }
-        if let Some(tz) = &w.timezone
-            && jiff::tz::TimeZone::get(tz).is_err()
-        {
-            issue(
-                format!("worker[{i}].timezone"),
-                format!("unknown time zone `{}`", tz),
-            );
-        }
-        if !w.schedule.is_empty() {
-            let availability = nightshift_policy::AvailabilityConfig {
-                timezone: w.timezone.clone(),
-                default: None,
-                schedule: w.schedule.clone(),
-                load: None,
-                overrun: None,
-            };
-            if let Err(problems) = nightshift_policy::Policy::compile_for_master(
-                &availability,
-                jiff::tz::TimeZone::system(),
-                &format!("worker[{i}]"),
-            ) {
-                for problem in problems {
-                    issue(problem.path, problem.message);
-                }
-            }
-        }
+        check_master_schedule(
+            &w.schedule,
+            w.timezone.as_deref(),
+            &format!("worker[{i}]"),
+            &mut issue,
+        );
         if let Some(latent) = &w.latent {
             let missing = match latent.provider {
                 LatentProvider::Command => latent.start.is_none() || latent.stop.is_none(),

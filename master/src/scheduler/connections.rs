@@ -158,7 +158,7 @@ impl Scheduler {
                 missing_timeout_secs: Some(self.config.missing_timeout.as_secs()),
             },
         );
-        if let Some(verdict) = self.schedules.verdict(&worker) {
+        if let Some(verdict) = self.schedule_verdict(&worker) {
             self.send(
                 &worker,
                 MasterMessage::MasterOverride {

@@ -126,8 +126,7 @@ impl Scheduler {
                 .filter(|w| self.workers.get(*w).is_none_or(|s| s.conn.is_none()))
                 // Not while its master-side schedule keeps it away.
                 .filter(|w| {
-                    self.schedules
-                        .verdict(w)
+                    self.schedule_verdict(w)
                         .is_none_or(|p| p.state.takes_builds())
                 })
                 .cloned()

@@ -327,7 +327,8 @@ impl Scheduler {
     /// What `name`'s build must fit: its agent's outlook, and the master's
     /// own schedule for it, which the agent cannot foresee. O(1).
     fn limits(&self, name: &str, outlook: Option<&Outlook>) -> WorkerLimits {
-        let schedule = self.schedules.limits(name);
+        let group = self.members.get(name).map(String::as_str);
+        let schedule = self.schedules.limits(name, group);
         WorkerLimits {
             takes_builds_until: admission::earliest(
                 outlook.and_then(|o| o.takes_builds_until),

@@ -4,8 +4,6 @@
 
 use std::sync::Arc;
 
-use nightshift_proto::wire::MasterMessage;
-
 use super::{Scheduler, WorkerSlot, offline};
 use crate::config::MasterConfig;
 use crate::latent::Now;
@@ -59,17 +57,11 @@ impl Scheduler {
         let granted = self.locks.set_definitions(self.config.locks.clone());
         self.on_lock_grants(granted);
         self.configure_latent();
-        let before: Vec<String> = self
-            .workers
-            .keys()
-            .filter(|w| self.schedules.verdict(w).is_some())
-            .cloned()
-            .collect();
+        let before = self.schedules.restricting();
         let schedules = self.compile_schedules();
         self.schedules.replace(schedules);
-        for worker in self.schedules.dropped_since(&before) {
-            self.send(&worker, MasterMessage::MasterOverride { presence: None });
-        }
+        let dropped = self.schedules.dropped_since(&before);
+        self.clear_dropped_schedules(&dropped);
         self.refresh_schedules();
         self.rebuild_eligible();
         self.assign();

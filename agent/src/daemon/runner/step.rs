@@ -37,7 +37,7 @@ impl Build {
             "build {}: step {step_no} starting",
             self.request.build_id
         );
-        let (mut child, reader) = match self.spawn_step(step, &dir, cgroup) {
+        let (mut child, reader) = match self.spawn_step(step, &dir, cgroup).await {
             Ok(spawned) => spawned,
             Err(error) => {
                 let text = format!("step `{}`: cannot start `sh`: {error}", step.name);
@@ -255,11 +255,7 @@ impl Build {
         }
     }
 
-    #[allow(
-        unsafe_code,
-        reason = "pre_exec joins the build's cgroup between fork and exec"
-    )]
-    fn spawn_step(
+    async fn spawn_step(
         &self,
         step: &StepSpec,
         dir: &Path,
@@ -307,7 +303,8 @@ impl Build {
             output: OwnedFd::from(writer),
             cgroup: cgroup.map(Path::to_owned),
             priority: self.trees.child_priority(),
-        })?;
+        })
+        .await?;
         let reader = tokio::net::unix::pipe::Receiver::from_owned_fd(OwnedFd::from(reader))?;
         Ok((child, reader))
     }

@@ -393,6 +393,45 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn duration_seeds_are_the_last_to_finish_in_the_order_they_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("m.db")).unwrap();
+        let at = |s: i64| Timestamp::from_second(1_800_000_000 + s).unwrap();
+        // (took, finished at): build 1 (retried, say) finishes last, and
+        // the sub-second finish of build 3 sorts after build 2's whole one.
+        let runs = [(50, 400), (10, 100), (20, 200), (30, 200)];
+        for (took, finished) in runs {
+            let id = store
+                .insert_build("app".into(), BTreeMap::new(), at(0))
+                .await
+                .unwrap();
+            store.mark_started(id, "w1".into(), at(finished - took));
+            let mut result = result(id, Outcome::Success);
+            result.finished_at = at(finished)
+                + if took == 20 {
+                    jiff::SignedDuration::from_millis(500)
+                } else {
+                    jiff::SignedDuration::ZERO
+                };
+            store.finish("w1".into(), result).await.unwrap();
+        }
+        let secs = |s: i64| jiff::SignedDuration::from_secs(s);
+        let half = jiff::SignedDuration::from_millis(500);
+        let all = store.recent_durations(10).await.unwrap();
+        let took: Vec<_> = all.into_iter().map(|(_, took)| took).collect();
+        assert_eq!(took, [secs(10), secs(30), secs(20) + half, secs(50)]);
+        // The window keeps the last to finish, not the highest ids.
+        let last_two: Vec<_> = store
+            .recent_durations(2)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(_, took)| took)
+            .collect();
+        assert_eq!(last_two, [secs(20) + half, secs(50)]);
+    }
+
+    #[tokio::test]
     async fn builds_survive_reopen_and_results_are_idempotent() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("master.db");

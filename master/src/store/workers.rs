@@ -16,7 +16,10 @@ impl Store {
     }
 
     /// `(builder, duration)` of each builder's last `per_builder` successful
-    /// builds, oldest first: the seed of the duration estimates.
+    /// builds by when they finished, in that order: the seed of the
+    /// duration estimates, the same runs a master that never restarted
+    /// would hold (it records each as it finishes; a retried build of a low
+    /// id can be among the last to finish).
     pub async fn recent_durations(
         &self,
         per_builder: usize,
@@ -26,10 +29,11 @@ impl Store {
             let mut stmt = conn.prepare(
                 "SELECT builder, started_at, finished_at FROM ( \
                    SELECT id, builder, started_at, finished_at, \
-                     ROW_NUMBER() OVER (PARTITION BY builder ORDER BY id DESC) AS newest \
+                     ROW_NUMBER() OVER (PARTITION BY builder \
+                       ORDER BY julianday(finished_at) DESC, id DESC) AS newest \
                    FROM builds WHERE state = 'finished' AND outcome = 'success' \
                      AND started_at IS NOT NULL AND finished_at IS NOT NULL) \
-                 WHERE newest <= ?1 ORDER BY id",
+                 WHERE newest <= ?1 ORDER BY julianday(finished_at), id",
             )?;
             let rows = stmt.query_map(params![limit], |r| {
                 Ok((

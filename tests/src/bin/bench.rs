@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, anyhow, bail};
 use nightshift_policy::PresenceState;
-use nightshift_proto::api::{BuildState, WorkerList};
+use nightshift_proto::api::{BuildState, WorkerInfo, WorkerList};
 use nightshift_tests::fleet::{Conn, cpu_ms, status_kb, throughput};
 use nightshift_tests::{Farm, WorkerSpec};
 use serde::Serialize;
@@ -42,6 +42,13 @@ struct Figures {
     presence_to_master_during_flood_ms: Summary,
     /// Frames per second the flooder got through (the master's rate limit).
     flood_frames_per_sec: f64,
+    /// A timed flip: the agent's wall-clock alarm fires at the instant the
+    /// master already shows as the worker's `until` → the master shows the
+    /// new state. Here a manual `away --for 1s` running out.
+    timed_flip_to_master_ms: Summary,
+    /// The same at real schedule boundaries (a window that opens and
+    /// closes every other minute): a few samples, one a minute.
+    schedule_boundary_to_master_ms: Summary,
     idle_agent_rss_mb: f64,
     idle_agent_private_mb: f64,
     idle_master_rss_mb: f64,
@@ -73,16 +80,21 @@ struct Stage {
     ms: Summary,
 }
 
+/// Percentiles of a sample. The p99 is given only from
+/// [`Summary::P99_SAMPLES`] samples on: below that it would be the largest
+/// value or the one before it, and `max` already says that.
 #[derive(Debug, Default, Serialize)]
 struct Summary {
     samples: usize,
     median: f64,
     p90: f64,
-    p99: f64,
+    p99: Option<f64>,
     max: f64,
 }
 
 impl Summary {
+    const P99_SAMPLES: usize = 100;
+
     fn of(mut values: Vec<f64>) -> Summary {
         values.sort_by(f64::total_cmp);
         let at = |q: f64| {
@@ -96,7 +108,7 @@ impl Summary {
             samples: values.len(),
             median: at(0.5),
             p90: at(0.9),
-            p99: at(0.99),
+            p99: (values.len() >= Self::P99_SAMPLES).then(|| at(0.99)),
             max: at(1.0),
         }
     }
@@ -104,11 +116,11 @@ impl Summary {
 
 impl std::fmt::Display for Summary {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "median {:.2} ms, p90 {:.2} ms, p99 {:.2} ms, max {:.2} ms ({} samples)",
-            self.median, self.p90, self.p99, self.max, self.samples
-        )
+        write!(f, "median {:.2} ms, p90 {:.2} ms, ", self.median, self.p90)?;
+        if let Some(p99) = self.p99 {
+            write!(f, "p99 {p99:.2} ms, ")?;
+        }
+        write!(f, "max {:.2} ms ({} samples)", self.max, self.samples)
     }
 }
 
@@ -152,6 +164,8 @@ struct Options {
     /// Only submit → start, builds/s and master CPU per build.
     only_throughput: bool,
     spaced_samples: usize,
+    /// Real schedule boundaries to measure (one a minute).
+    boundary_samples: usize,
 }
 
 async fn run(options: Options) -> anyhow::Result<Figures> {
@@ -165,8 +179,11 @@ async fn run(options: Options) -> anyhow::Result<Figures> {
     for name in WORKERS {
         builder = builder.worker(WorkerSpec::new(name));
     }
-    // A worker no builder lists: the flooder.
-    builder = builder.worker(WorkerSpec::new("flood"));
+    // Workers no builder lists: the flooder, and one whose schedule opens
+    // and closes a window every other minute.
+    builder = builder
+        .worker(WorkerSpec::new("flood"))
+        .worker(WorkerSpec::new(SCHEDULED).worker_toml(EVERY_OTHER_MINUTE));
     builder = builder
         .worker(WorkerSpec::new("pt").worker_toml("[builds]\ncgroups = \"off\"\n"))
         .worker(WorkerSpec::new("pt-normal").worker_toml(
@@ -200,11 +217,12 @@ async fn run(options: Options) -> anyhow::Result<Figures> {
     let token = farm.admin_token()?;
 
     farm.start_worker("w1")?;
+    farm.start_worker(SCHEDULED)?;
     wait_available(&farm, &["w1"]).await?;
 
     // Submit → start: the step prints the wall clock when it starts.
     let mut conn = Conn::connect(farm.port, Some(tls.clone()), token.clone()).await?;
-    let measured = stamped_builds(&mut conn, "stamp", 35, Duration::ZERO)
+    let measured = stamped_builds(&mut conn, "stamp", Summary::P99_SAMPLES, Duration::ZERO)
         .await
         .context("submit → start")?;
     figures.submit_to_start_ms = Summary::of(measured.iter().map(Sample::latency_ms).collect());
@@ -243,7 +261,7 @@ async fn run(options: Options) -> anyhow::Result<Figures> {
     let mut control = Conn::connect(control_port, None, control_token).await?;
     // The master closes connections left idle during the throughput runs.
     let mut conn = Conn::connect(farm.port, Some(tls.clone()), token.clone()).await?;
-    let presence = presence_flips(&mut control, &mut conn, 60).await?;
+    let presence = presence_flips(&mut control, &mut conn, Summary::P99_SAMPLES).await?;
     control
         .call(
             "POST",
@@ -280,7 +298,7 @@ async fn run(options: Options) -> anyhow::Result<Figures> {
         }
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let during = presence_flips(&mut control, &mut conn, 30).await;
+    let during = presence_flips(&mut control, &mut conn, Summary::P99_SAMPLES).await;
     flooding.store(false, std::sync::atomic::Ordering::Relaxed);
     figures.flood_frames_per_sec = flood.await?;
     figures.presence_to_master_during_flood_ms = Summary::of(during?);
@@ -292,6 +310,38 @@ async fn run(options: Options) -> anyhow::Result<Figures> {
         )
         .await?;
     figures.presence_to_master_ms = Summary::of(presence);
+
+    // Timed flips, both on fresh connections (the master closes idle ones):
+    // many manual `--for 1s` endings on w1 and, at once, a few real
+    // schedule boundaries of the scheduled worker.
+    let overrides = async {
+        let mut conn = Conn::connect(farm.port, Some(tls.clone()), token.clone()).await?;
+        override_endings(&mut control, &mut conn, Summary::P99_SAMPLES).await
+    };
+    let boundaries = async {
+        let mut conn = Conn::connect(farm.port, Some(tls.clone()), token.clone()).await?;
+        let mut samples = Vec::new();
+        for _ in 0..options.boundary_samples {
+            let asked = Instant::now();
+            let before = loop {
+                let info = worker_info(&mut conn, SCHEDULED).await?;
+                if info.connected && info.until.is_some() {
+                    break info;
+                }
+                if asked.elapsed() > Duration::from_secs(10) {
+                    bail!("the master never showed {SCHEDULED} connected with its next boundary");
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            };
+            samples.push(timed_flip(&mut conn, before).await?);
+        }
+        anyhow::Ok(samples)
+    };
+    let (overrides, boundaries) = tokio::join!(overrides, boundaries);
+    figures.timed_flip_to_master_ms =
+        Summary::of(overrides.context("manual `--for` endings → master")?);
+    figures.schedule_boundary_to_master_ms =
+        Summary::of(boundaries.context("schedule boundaries → master")?);
 
     // Idle memory: let everything settle into idleness, then read RSS.
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -618,7 +668,8 @@ fn main() -> std::process::ExitCode {
         builds: 200,
         only_spaced: false,
         only_throughput: false,
-        spaced_samples: 40,
+        spaced_samples: Summary::P99_SAMPLES,
+        boundary_samples: 3,
     };
     let mut json = false;
     let mut args = std::env::args().skip(1);
@@ -639,6 +690,13 @@ fn main() -> std::process::ExitCode {
                     return std::process::ExitCode::from(2);
                 }
             },
+            "--boundary-samples" => match args.next().and_then(|n| n.parse().ok()) {
+                Some(n) if n > 0 => options.boundary_samples = n,
+                _ => {
+                    eprintln!("error: --boundary-samples needs a positive number");
+                    return std::process::ExitCode::from(2);
+                }
+            },
             "--only" => match args.next().as_deref() {
                 Some("spaced") => options.only_spaced = true,
                 Some("throughput") => options.only_throughput = true,
@@ -652,7 +710,7 @@ fn main() -> std::process::ExitCode {
             },
             "--help" | "-h" => {
                 println!(
-                    "usage: nightshift-bench [--builds N] [--spaced-samples N] [--only spaced|throughput] [--json]"
+                    "usage: nightshift-bench [--builds N] [--spaced-samples N] [--boundary-samples N] [--only spaced|throughput] [--json]"
                 );
                 return std::process::ExitCode::SUCCESS;
             }
@@ -704,6 +762,14 @@ fn main() -> std::process::ExitCode {
             println!(
                 "  … while an agent floods frames:   {} (flooder got {:.0} frames/s through)",
                 f.presence_to_master_during_flood_ms, f.flood_frames_per_sec
+            );
+            println!(
+                "alarm fires → master sees it:       {} (a manual `--for 1s` ending)",
+                f.timed_flip_to_master_ms
+            );
+            println!(
+                "  … at a schedule boundary:         {}",
+                f.schedule_boundary_to_master_ms
             );
             println!(
                 "idle agent RSS (largest of 4):      {:.1} MB, of which private {:.1} MB",
@@ -809,6 +875,93 @@ fn print_spaced(f: &Figures) {
 
 /// Flips w1 between away and available `rounds` times through its control
 /// API; for each, the time until the master's API shows the new state.
+/// The worker no builder lists whose schedule flips every minute.
+const SCHEDULED: &str = "sched";
+
+/// A window open in even minutes, closed in odd ones (UTC): a boundary
+/// every minute.
+const EVERY_OTHER_MINUTE: &str = r#"[availability]
+timezone = "UTC"
+
+[[availability.schedule]]
+name = "even-minutes"
+open = "*/2 * * * *"
+close = "1-59/2 * * * *"
+"#;
+
+/// How worker `name` looks at the master.
+async fn worker_info(conn: &mut Conn, name: &str) -> anyhow::Result<WorkerInfo> {
+    let text = conn
+        .call("GET", &format!("/api/v1/workers?name={name}"), None)
+        .await?;
+    let list: WorkerList = serde_json::from_str(&text)?;
+    list.workers
+        .into_iter()
+        .find(|w| w.name == name)
+        .ok_or_else(|| anyhow!("the master does not list {name}"))
+}
+
+/// Waits for the change the master announced in `before.until` and
+/// returns how long after that instant the master showed another state, in
+/// ms (the agent's alarm, its policy, the presence frame and the master's
+/// scheduler). Polls the master from 30 ms before the instant on.
+async fn timed_flip(conn: &mut Conn, before: WorkerInfo) -> anyhow::Result<f64> {
+    let until = before
+        .until
+        .ok_or_else(|| anyhow!("{} has no known change ahead", before.name))?;
+    let ns_to = |at: jiff::Timestamp| at.as_nanosecond() - jiff::Timestamp::now().as_nanosecond();
+    let ahead = ns_to(until) - 30_000_000;
+    if ahead > 0 {
+        tokio::time::sleep(Duration::from_nanos(ahead as u64)).await;
+    }
+    loop {
+        let now = worker_info(conn, &before.name).await?;
+        let late_ms = -ns_to(until) as f64 / 1e6;
+        if now.state != before.state {
+            return Ok(late_ms);
+        }
+        if late_ms > 10_000.0 {
+            bail!(
+                "{} was still {:?} 10 s after its announced change at {until}",
+                before.name,
+                before.state
+            );
+        }
+    }
+}
+
+/// `rounds` times: w1 set `away --for 1s` through its control plane; once
+/// the master shows it away with the end, measures that end (see
+/// [`timed_flip`]).
+async fn override_endings(
+    control: &mut Conn,
+    conn: &mut Conn,
+    rounds: usize,
+) -> anyhow::Result<Vec<f64>> {
+    let mut samples = Vec::new();
+    for _ in 0..rounds {
+        control
+            .call(
+                "POST",
+                "/api/v1/set-availability",
+                Some("{\"state\":\"away\",\"for\":\"1s\"}".into()),
+            )
+            .await?;
+        let asked = Instant::now();
+        let away = loop {
+            let info = worker_info(conn, "w1").await?;
+            if info.state == PresenceState::Away && info.until.is_some() {
+                break info;
+            }
+            if asked.elapsed() > Duration::from_secs(10) {
+                bail!("the master never showed w1 away with an end");
+            }
+        };
+        samples.push(timed_flip(conn, away).await?);
+    }
+    Ok(samples)
+}
+
 async fn presence_flips(
     control: &mut Conn,
     conn: &mut Conn,

@@ -218,6 +218,12 @@ impl Soak {
                 self.farm.restart_worker(&worker)?;
                 self.farm.wait_worker_ready(&worker).await?;
             }
+            // Back to auto ends any `away --for` still running: the away
+            // window the checker holds the master to ends here.
+            let now = now_secs();
+            for away in self.away.iter_mut().filter(|a| a.worker == worker) {
+                away.to = away.to.min(now);
+            }
             self.cli(&worker, &["set-availability", "auto"])?;
         }
         Ok(())

@@ -319,9 +319,9 @@ async fn run(options: Options) -> anyhow::Result<Figures> {
         override_endings(&mut control, &mut conn, Summary::P99_SAMPLES).await
     };
     let boundaries = async {
-        let mut conn = Conn::connect(farm.port, Some(tls.clone()), token.clone()).await?;
         let mut samples = Vec::new();
         for _ in 0..options.boundary_samples {
+            let mut conn = Conn::connect(farm.port, Some(tls.clone()), token.clone()).await?;
             let asked = Instant::now();
             let before = loop {
                 let info = worker_info(&mut conn, SCHEDULED).await?;
@@ -333,6 +333,11 @@ async fn run(options: Options) -> anyhow::Result<Figures> {
                 }
                 tokio::time::sleep(Duration::from_millis(20)).await;
             };
+            // The master closes a connection idle for long: a fresh one
+            // for the polling, made before the boundary.
+            drop(conn);
+            sleep_until_near(announced(&before)?).await;
+            let mut conn = Conn::connect(farm.port, Some(tls.clone()), token.clone()).await?;
             samples.push(timed_flip(&mut conn, before).await?);
         }
         anyhow::Ok(samples)
@@ -901,19 +906,33 @@ async fn worker_info(conn: &mut Conn, name: &str) -> anyhow::Result<WorkerInfo> 
         .ok_or_else(|| anyhow!("the master does not list {name}"))
 }
 
+/// Nanoseconds from now to `at` (negative once past).
+fn ns_to(at: jiff::Timestamp) -> i128 {
+    at.as_nanosecond() - jiff::Timestamp::now().as_nanosecond()
+}
+
+/// The instant the master announced as `before`'s next change.
+fn announced(before: &WorkerInfo) -> anyhow::Result<jiff::Timestamp> {
+    before
+        .until
+        .ok_or_else(|| anyhow!("{} has no known change ahead", before.name))
+}
+
+/// Sleeps until 30 ms before `at`, when [`timed_flip`] starts polling.
+async fn sleep_until_near(at: jiff::Timestamp) {
+    let ahead = ns_to(at) - 30_000_000;
+    if ahead > 0 {
+        tokio::time::sleep(Duration::from_nanos(ahead as u64)).await;
+    }
+}
+
 /// Waits for the change the master announced in `before.until` and
 /// returns how long after that instant the master showed another state, in
 /// ms (the agent's alarm, its policy, the presence frame and the master's
 /// scheduler). Polls the master from 30 ms before the instant on.
 async fn timed_flip(conn: &mut Conn, before: WorkerInfo) -> anyhow::Result<f64> {
-    let until = before
-        .until
-        .ok_or_else(|| anyhow!("{} has no known change ahead", before.name))?;
-    let ns_to = |at: jiff::Timestamp| at.as_nanosecond() - jiff::Timestamp::now().as_nanosecond();
-    let ahead = ns_to(until) - 30_000_000;
-    if ahead > 0 {
-        tokio::time::sleep(Duration::from_nanos(ahead as u64)).await;
-    }
+    let until = announced(&before)?;
+    sleep_until_near(until).await;
     loop {
         let now = worker_info(conn, &before.name).await?;
         let late_ms = -ns_to(until) as f64 / 1e6;

@@ -7,6 +7,8 @@
 //! own and spoils nothing of the others), commits, and only then answers
 //! every caller. A submit therefore returns after its row is committed, and
 //! a burst of small writes costs one commit instead of many.
+//! Workers' presence is not a job: the newest of each worker waits in a
+//! buffer and goes into the transactions a chunk at a time, after the jobs.
 //!
 //! WAL with `synchronous = NORMAL`: a committed transaction survives a
 //! SIGKILL of the master (only a power loss can take the last commits).
@@ -53,6 +55,7 @@ use queries::*;
 pub use queries::{artifact_row, list_rows};
 use schema::*;
 use submit::*;
+use workers::PresenceBuffer;
 
 /// What runs after the batch's commit (or failed commit: `false`).
 type Completion = Box<dyn FnOnce(bool) + Send>;
@@ -148,6 +151,8 @@ pub struct Store {
     log_cap: Arc<AtomicU64>,
     /// Viewers of live logs, fed from inside the store thread.
     live: LiveLogs,
+    /// Workers' presence waiting to be written beside the jobs.
+    presence: Arc<PresenceBuffer>,
 }
 
 impl Store {
@@ -165,14 +170,19 @@ impl Store {
         .with_context(|| format!("cannot configure {}", path.display()))?;
         migrate(&conn).with_context(|| format!("cannot migrate {}", path.display()))?;
         let (jobs, inbox) = mpsc::sync_channel::<Job>(STORE_QUEUE);
+        let presence = Arc::new(PresenceBuffer::default());
         std::thread::Builder::new()
             .name("store".into())
-            .spawn(move || run(conn, inbox))
+            .spawn({
+                let presence = Arc::clone(&presence);
+                move || run(conn, inbox, &presence)
+            })
             .context("cannot start the store thread")?;
         Ok(Store {
             jobs,
             log_cap: Arc::new(AtomicU64::new(DEFAULT_LOG_CAP)),
             live: LiveLogs::default(),
+            presence,
         })
     }
 
@@ -293,38 +303,68 @@ impl Store {
     }
 }
 
-/// The store thread: batch, commit, answer.
-fn run(conn: Connection, inbox: mpsc::Receiver<Job>) {
-    while let Ok(first) = inbox.recv() {
-        let mut batch = vec![first];
-        while batch.len() < MAX_BATCH {
+/// The store thread: batch, commit, answer. Buffered presence rows go
+/// into the same transactions, a chunk at a time after the queued jobs, and
+/// while any wait the thread does not sleep on an empty queue.
+fn run(conn: Connection, inbox: mpsc::Receiver<Job>, presence: &PresenceBuffer) {
+    loop {
+        let first = if presence.has_pending() {
+            match inbox.try_recv() {
+                Ok(job) => Some(job),
+                Err(mpsc::TryRecvError::Empty) => None,
+                Err(mpsc::TryRecvError::Disconnected) => break,
+            }
+        } else {
+            match inbox.recv() {
+                Ok(job) => Some(job),
+                Err(_) => break,
+            }
+        };
+        let mut batch: Vec<Job> = first.into_iter().collect();
+        while !batch.is_empty() && batch.len() < MAX_BATCH {
             match inbox.try_recv() {
                 Ok(job) => batch.push(job),
                 Err(_) => break,
             }
         }
-        // Normally one transaction for the whole batch. If it cannot begin
-        // (e.g. the database is busy or the disk is full), each job's
-        // savepoint is its own transaction and reports its own commit.
-        let began = conn.execute_batch("BEGIN IMMEDIATE").is_ok();
-        let mut completions = Vec::with_capacity(batch.len());
-        for job in batch {
-            let _ = conn.execute_batch("SAVEPOINT job");
-            let (ok, completion) = job(&conn);
-            if !ok {
-                // Undo this job's partial writes; the others stay.
-                let _ = conn.execute_batch("ROLLBACK TO job");
-            }
-            let released = conn.execute_batch("RELEASE job").is_ok();
-            completions.push((completion, began || released));
+        run_batch(&conn, batch, presence);
+    }
+    // The master is stopping: what is still buffered is written.
+    while presence.has_pending() {
+        run_batch(&conn, Vec::new(), presence);
+    }
+}
+
+/// One transaction: `batch`'s jobs (each in its own savepoint), then a
+/// chunk of buffered presence rows; commits, then answers every job.
+fn run_batch(conn: &Connection, batch: Vec<Job>, presence: &PresenceBuffer) {
+    // Normally one transaction for the whole batch. If it cannot begin
+    // (e.g. the database is busy or the disk is full), each job's
+    // savepoint is its own transaction and reports its own commit.
+    let began = conn.execute_batch("BEGIN IMMEDIATE").is_ok();
+    let mut completions = Vec::with_capacity(batch.len());
+    for job in batch {
+        let _ = conn.execute_batch("SAVEPOINT job");
+        let (ok, completion) = job(conn);
+        if !ok {
+            // Undo this job's partial writes; the others stay.
+            let _ = conn.execute_batch("ROLLBACK TO job");
         }
-        let committed = !began || conn.execute_batch("COMMIT").is_ok();
-        if !committed {
-            let _ = conn.execute_batch("ROLLBACK");
-        }
-        for (completion, own) in completions {
-            completion(committed && own);
-        }
+        let released = conn.execute_batch("RELEASE job").is_ok();
+        completions.push((completion, began || released));
+    }
+    let _ = conn.execute_batch("SAVEPOINT presence");
+    if let Err(error) = presence.write_chunk(conn) {
+        tracing::error!("store: save presence: {error}");
+        let _ = conn.execute_batch("ROLLBACK TO presence");
+    }
+    let _ = conn.execute_batch("RELEASE presence");
+    let committed = !began || conn.execute_batch("COMMIT").is_ok();
+    if !committed {
+        let _ = conn.execute_batch("ROLLBACK");
+    }
+    for (completion, own) in completions {
+        completion(committed && own);
     }
 }
 
@@ -390,6 +430,43 @@ mod tests {
         assert_eq!(watch.log, "", "a partial line is left out");
         assert!(watch.cut);
         assert!(store.watch_log(a + 100, 10).await.unwrap().is_none());
+    }
+
+    #[tokio::test]
+    async fn a_flip_of_many_workers_keeps_each_ones_newest_presence_and_stays_off_the_queue() {
+        use nightshift_policy::{PresenceState, Source};
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("m.db")).unwrap();
+        let presence = |state| Presence {
+            state,
+            reason: "test".into(),
+            source: Source::Manual,
+            since: Timestamp::UNIX_EPOCH,
+            until: None,
+        };
+        // Twice the queue's size in changes, each worker twice: the newest
+        // of each is kept.
+        let workers = STORE_QUEUE;
+        for state in [PresenceState::Available, PresenceState::Away] {
+            for n in 0..workers {
+                store.save_presence(format!("w{n}"), presence(state));
+            }
+        }
+        // A submit made meanwhile is answered.
+        let id = store
+            .insert_build("app".into(), BTreeMap::new(), Timestamp::now())
+            .await
+            .unwrap();
+        assert!(id > 0);
+        let last = store.last_presences().await.unwrap();
+        assert_eq!(last.len(), workers);
+        assert!(last.values().all(|p| p.state == PresenceState::Away));
+        // Written to the table, not only held: a fresh connection sees them.
+        let conn = Connection::open(dir.path().join("m.db")).unwrap();
+        let rows: i64 = conn
+            .query_row("SELECT COUNT(*) FROM worker_presence", [], |r| r.get(0))
+            .unwrap();
+        assert_eq!(rows, workers as i64);
     }
 
     #[tokio::test]

@@ -599,8 +599,24 @@ impl Scheduler {
                     Some(event) => self.handle(event),
                     None => break,
                 },
-                Some(event) = agent_inbox.recv() => self.handle_agent_batch(event, &mut agent_inbox),
+                Some(event) = agent_inbox.recv() => {
+                    self.handle_agent_batch(event, &mut agent_inbox);
+                    self.handle_api_turn(&mut inbox);
+                }
                 Some(event) = self.timers.next_expired() => self.handle(event),
+            }
+        }
+    }
+
+    /// After each batch of agent events, the other inbox gets its turn (at
+    /// most [`AGENT_BATCH`] of its events), so a submit or an API question
+    /// waits for at most one batch even while a farm-wide flip keeps the
+    /// agent inbox full, and agents wait for at most one turn of the API.
+    fn handle_api_turn(&mut self, inbox: &mut mpsc::UnboundedReceiver<Event>) {
+        for _ in 0..AGENT_BATCH {
+            match inbox.try_recv() {
+                Ok(event) => self.handle(event),
+                Err(_) => break,
             }
         }
     }
@@ -794,5 +810,67 @@ fn offline(now: Timestamp, reason: &str) -> Presence {
         source: Source::Master,
         since: now,
         until: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use nightshift_policy::PresenceState;
+    use tokio::sync::oneshot;
+
+    use super::test_harness::{Harness, presence};
+    use super::*;
+
+    /// A question to the API asked while the agent inbox is full (a
+    /// farm-wide flip) is answered after at most one batch of agent events.
+    /// Tried a dozen times: an unordered choice between the inboxes would
+    /// let it wait several batches in most of the tries.
+    #[tokio::test]
+    async fn the_api_waits_for_at_most_one_batch_of_a_full_agent_inbox() {
+        for _ in 0..12 {
+            let mut h = Harness::new();
+            let (conn, _outbox) = h.connect("a", PresenceState::Available, vec![]);
+            let (api_tx, api_rx) = mpsc::unbounded_channel();
+            let (agent_tx, agent_rx) = mpsc::channel(AGENT_INBOX);
+            // Each presence names its place in the inbox; the snapshot
+            // shows the last one handled.
+            for i in 0..AGENT_INBOX {
+                let state = if i % 2 == 0 {
+                    PresenceState::Away
+                } else {
+                    PresenceState::Available
+                };
+                let message = AgentMessage::Presence {
+                    presence: Presence {
+                        reason: format!("event {}", i + 1),
+                        ..presence(state)
+                    },
+                    outlook: None,
+                };
+                agent_tx
+                    .try_send(Event::Agent {
+                        worker: "a".into(),
+                        conn,
+                        message,
+                    })
+                    .unwrap();
+            }
+            let (reply, answer) = oneshot::channel();
+            api_tx.send(Event::Snapshot { reply }).unwrap();
+            let scheduler = std::mem::replace(&mut h.scheduler, Harness::new().scheduler);
+            let running = tokio::spawn(scheduler.run(api_rx, agent_rx));
+            let snapshot = answer.await.unwrap();
+            let reason = &snapshot.workers.workers[0].reason;
+            let handled: usize = match reason.strip_prefix("event ") {
+                Some(n) => n.parse().unwrap(),
+                None => 0,
+            };
+            assert!(
+                handled <= AGENT_BATCH,
+                "{handled} agent events were handled before the API's question ({reason})"
+            );
+            drop((api_tx, agent_tx));
+            running.await.unwrap();
+        }
     }
 }

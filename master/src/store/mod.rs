@@ -336,13 +336,19 @@ fn run(conn: Connection, inbox: mpsc::Receiver<Job>, presence: &PresenceBuffer) 
 }
 
 /// One transaction: `batch`'s jobs (each in its own savepoint), then a
-/// chunk of buffered presence rows; commits, then answers every job.
+/// chunk of buffered presence rows (a small one when there are jobs);
+/// commits, then answers every job.
 fn run_batch(conn: &Connection, batch: Vec<Job>, presence: &PresenceBuffer) {
     // Normally one transaction for the whole batch. If it cannot begin
     // (e.g. the database is busy or the disk is full), each job's
     // savepoint is its own transaction and reports its own commit.
     let began = conn.execute_batch("BEGIN IMMEDIATE").is_ok();
     let mut completions = Vec::with_capacity(batch.len());
+    let presence_rows = if batch.is_empty() {
+        workers::PRESENCE_CHUNK
+    } else {
+        workers::PRESENCE_CHUNK_BESIDE_JOBS
+    };
     for job in batch {
         let _ = conn.execute_batch("SAVEPOINT job");
         let (ok, completion) = job(conn);
@@ -354,7 +360,7 @@ fn run_batch(conn: &Connection, batch: Vec<Job>, presence: &PresenceBuffer) {
         completions.push((completion, began || released));
     }
     let _ = conn.execute_batch("SAVEPOINT presence");
-    if let Err(error) = presence.write_chunk(conn) {
+    if let Err(error) = presence.write_chunk(conn, presence_rows) {
         tracing::error!("store: save presence: {error}");
         let _ = conn.execute_batch("ROLLBACK TO presence");
     }
@@ -467,6 +473,53 @@ mod tests {
             .query_row("SELECT COUNT(*) FROM worker_presence", [], |r| r.get(0))
             .unwrap();
         assert_eq!(rows, workers as i64);
+    }
+
+    /// A transaction that commits jobs carries only a few presence rows
+    /// (its jobs wait for their writes); one without jobs, a whole chunk.
+    #[test]
+    fn jobs_share_their_transaction_with_a_few_presence_rows_only() {
+        let check = |jobs: usize, expect_rows: i64| {
+            let dir = tempfile::tempdir().unwrap();
+            let conn = Connection::open(dir.path().join("m.db")).unwrap();
+            migrate(&conn).unwrap();
+            let buffer = PresenceBuffer::default();
+            for n in 0..1000 {
+                let presence = Presence {
+                    state: nightshift_policy::PresenceState::Away,
+                    reason: "test".into(),
+                    source: nightshift_policy::Source::Manual,
+                    since: Timestamp::UNIX_EPOCH,
+                    until: None,
+                };
+                buffer.put(format!("w{n}"), presence, Timestamp::UNIX_EPOCH);
+            }
+            let answered = Arc::new(AtomicU64::new(0));
+            let batch: Vec<Job> = (0..jobs)
+                .map(|_| {
+                    let answered = Arc::clone(&answered);
+                    Box::new(move |_: &Connection| {
+                        let done: Completion = Box::new(move |ok| {
+                            assert!(ok);
+                            answered.fetch_add(1, Ordering::Relaxed);
+                        });
+                        (true, done)
+                    }) as Job
+                })
+                .collect();
+            run_batch(&conn, batch, &buffer);
+            let rows: i64 = conn
+                .query_row("SELECT COUNT(*) FROM worker_presence", [], |r| r.get(0))
+                .unwrap();
+            assert_eq!(
+                (answered.load(Ordering::Relaxed), rows),
+                (jobs as u64, expect_rows)
+            );
+            assert!(buffer.has_pending());
+        };
+        check(0, workers::PRESENCE_CHUNK as i64);
+        check(1, workers::PRESENCE_CHUNK_BESIDE_JOBS as i64);
+        check(3, workers::PRESENCE_CHUNK_BESIDE_JOBS as i64);
     }
 
     #[tokio::test]

@@ -109,7 +109,7 @@ impl Store {
         let buffer = Arc::clone(&self.presence);
         self.call(move |conn| {
             // What is still buffered is newer than the table.
-            while buffer.write_chunk(conn)? {}
+            while buffer.write_chunk(conn, PRESENCE_CHUNK)? {}
             let mut stmt = conn.prepare("SELECT name, presence FROM worker_presence")?;
             let rows =
                 stmt.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?)))?;
@@ -166,8 +166,13 @@ struct PresenceBufferInner {
     awake: bool,
 }
 
-/// Most presence rows written per transaction.
-const PRESENCE_CHUNK: usize = 256;
+/// Most presence rows written per transaction when no job waits.
+pub(super) const PRESENCE_CHUNK: usize = 256;
+
+/// Most presence rows written in a transaction that also commits jobs: a
+/// submit or a hand-out waits for these rows' writes, not for a whole
+/// chunk, and the buffer still drains while jobs keep coming.
+pub(super) const PRESENCE_CHUNK_BESIDE_JOBS: usize = 16;
 
 impl PresenceBuffer {
     fn lock(&self) -> std::sync::MutexGuard<'_, PresenceBufferInner> {
@@ -179,7 +184,7 @@ impl PresenceBuffer {
 
     /// Keeps `presence` as `worker`'s newest; true when the store thread
     /// must be woken for it.
-    fn put(&self, worker: String, presence: Presence, at: Timestamp) -> bool {
+    pub(super) fn put(&self, worker: String, presence: Presence, at: Timestamp) -> bool {
         let mut inner = self.lock();
         inner.pending.insert(worker, (presence, at));
         !std::mem::replace(&mut inner.awake, true)
@@ -190,18 +195,14 @@ impl PresenceBuffer {
         !self.lock().pending.is_empty()
     }
 
-    /// Writes up to [`PRESENCE_CHUNK`] buffered rows with `conn` (inside
-    /// the caller's transaction); true while more remain. Rows whose write
-    /// fails are dropped with an error in the log (the presence is shown
-    /// again as soon as the agent reconnects).
-    pub(super) fn write_chunk(&self, conn: &Connection) -> rusqlite::Result<bool> {
+    /// Writes up to `limit` buffered rows with `conn` (inside the caller's
+    /// transaction); true while more remain. Rows whose write fails are
+    /// dropped with an error in the log (the presence is shown again as
+    /// soon as the agent reconnects).
+    pub(super) fn write_chunk(&self, conn: &Connection, limit: usize) -> rusqlite::Result<bool> {
         let (chunk, more) = {
             let mut inner = self.lock();
-            let chunk: Vec<_> = inner
-                .pending
-                .extract_if(|_, _| true)
-                .take(PRESENCE_CHUNK)
-                .collect();
+            let chunk: Vec<_> = inner.pending.extract_if(|_, _| true).take(limit).collect();
             let more = !inner.pending.is_empty();
             if !more {
                 inner.awake = false;

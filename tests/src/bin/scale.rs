@@ -5,8 +5,8 @@
 //! time for all N to connect at the same instant, master RSS per connected
 //! agent, idle master CPU, a flip of every worker to `away` (and back) until
 //! the scheduler has seen all, trivial builds/s and master CPU per build with
-//! N idle workers, the `master workers` answer time, submit → start of a
-//! build queued halfway through the flip (a few workers stay available),
+//! N idle workers, the `master workers` answer time, submit → start of
+//! builds queued throughout the flip (a few workers stay available),
 //! and a reconnect storm (the master SIGKILLed and restarted: time until
 //! all N are back, attempts refused at the port, shed with `Retry-After` or
 //! failed, resumed TLS sessions, and the CPU per agent of the master and of
@@ -89,13 +89,24 @@ struct Row {
     storm_driver_cpu_ms_per_agent: f64,
     /// SIGKILL → the restarted master's ready line.
     restart_to_ready_s: f64,
-    /// A build submitted to an idle farm: the master's submitted_at →
-    /// started_at (the usual figure).
+    /// Builds submitted one at a time to an idle farm: the master's
+    /// submitted_at → started_at (the usual figure), median of
+    /// [`IDLE_SAMPLES`].
     idle_build_start_ms: f64,
-    /// The same for a build submitted halfway through the flip to away
-    /// (a few workers stay available throughout).
+    /// The same for builds submitted every [`FLIP_SUBMIT_EVERY`] while the
+    /// flip to away goes on (a few workers stay available throughout):
+    /// median and largest, and how many.
     flip_build_start_ms: f64,
+    flip_build_start_max_ms: f64,
+    flip_build_samples: usize,
 }
+
+/// Builds measured on an idle farm.
+const IDLE_SAMPLES: usize = 10;
+
+/// How often each of [`FLIP_SUBMITTERS`] submits a build while the farm flips.
+const FLIP_SUBMIT_EVERY: Duration = Duration::from_millis(20);
+const FLIP_SUBMITTERS: usize = 4;
 
 /// Workers that stay available through the flip, so that a build queued
 /// during it has somewhere to go.
@@ -159,10 +170,20 @@ async fn until_available(conn: &mut Conn, want: usize, since: Instant) -> anyhow
     }
 }
 
-/// Submits a build, waits for its end, answers submitted_at → started_at in ms.
-async fn submit_to_start_ms(conn: &mut Conn) -> anyhow::Result<f64> {
-    let id = conn.submit(BUILDER).await?;
-    started_ms(conn, id).await
+/// Submits `samples` builds one after the other, each after the last has
+/// finished; answers the median submitted_at → started_at in ms.
+async fn idle_start_ms(conn: &mut Conn, samples: usize) -> anyhow::Result<f64> {
+    let mut took = Vec::with_capacity(samples);
+    for _ in 0..samples {
+        let id = conn.submit(BUILDER).await?;
+        took.push(started_ms(conn, id).await?);
+    }
+    Ok(median(&mut took))
+}
+
+fn median(values: &mut [f64]) -> f64 {
+    values.sort_by(f64::total_cmp);
+    values.get(values.len() / 2).copied().unwrap_or(0.0)
 }
 
 async fn started_ms(conn: &mut Conn, id: u64) -> anyhow::Result<f64> {
@@ -233,19 +254,35 @@ async fn measure(n: usize, builds: usize, insecure: bool) -> anyhow::Result<Row>
 
     let mut conn = Conn::open(&farm).await?;
     let mut submitter = Conn::open(&farm).await?;
-    row.idle_build_start_ms = submit_to_start_ms(&mut submitter).await?;
+    row.idle_build_start_ms = idle_start_ms(&mut submitter, IDLE_SAMPLES).await?;
+    // Throughout the flip each of FLIP_SUBMITTERS connections queues a
+    // build every FLIP_SUBMIT_EVERY (an answer can take longer while the
+    // master is busy); the keepers are there to take them.
+    let mut submitters = Vec::with_capacity(FLIP_SUBMITTERS);
+    for _ in 0..FLIP_SUBMITTERS {
+        submitters.push(Conn::open(&farm).await?);
+    }
     let start = Instant::now();
     let cpu = cpu_ms(pid)?;
     presence_tx.send_replace(PresenceState::Away);
-    // Halfway through the flip (or at its end, if it is quicker than the
-    // polls), a build is queued; the keepers are there to take it.
-    let flippers = flipper_names.len();
-    let mut mid_flip_build = None;
+    let (flipped_tx, flipped) = tokio::sync::watch::channel(false);
+    let mut submitting = Vec::with_capacity(FLIP_SUBMITTERS);
+    for mut submitter in submitters {
+        let mut flipped = flipped.clone();
+        submitting.push(tokio::spawn(async move {
+            let mut ids = Vec::new();
+            while !*flipped.borrow() {
+                ids.push(submitter.submit(BUILDER).await?);
+                tokio::select! {
+                    () = tokio::time::sleep(FLIP_SUBMIT_EVERY) => {}
+                    _ = flipped.changed() => {}
+                }
+            }
+            anyhow::Ok(ids)
+        }));
+    }
     loop {
         let available = conn.available().await?;
-        if mid_flip_build.is_none() && available <= keepers + flippers / 2 {
-            mid_flip_build = Some(submitter.submit(BUILDER).await?);
-        }
         if available == keepers {
             row.flip_away_ms = start.elapsed().as_secs_f64() * 1000.0;
             break;
@@ -256,9 +293,16 @@ async fn measure(n: usize, builds: usize, insecure: bool) -> anyhow::Result<Row>
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     row.flip_away_cpu_ms = cpu_ms(pid)? - cpu;
-    if let Some(id) = mid_flip_build {
-        row.flip_build_start_ms = started_ms(&mut submitter, id).await?;
+    let _ = flipped_tx.send(true);
+    let mut took = Vec::new();
+    for task in submitting {
+        for id in task.await?? {
+            took.push(started_ms(&mut submitter, id).await?);
+        }
     }
+    row.flip_build_samples = took.len();
+    row.flip_build_start_max_ms = took.iter().copied().fold(0.0, f64::max);
+    row.flip_build_start_ms = median(&mut took);
     drop(submitter);
     let start = Instant::now();
     presence_tx.send_replace(PresenceState::Available);
@@ -290,7 +334,7 @@ async fn measure(n: usize, builds: usize, insecure: bool) -> anyhow::Result<Row>
     row.restart_to_ready_s = (start - killed).as_secs_f64();
     let pid = farm.master_pid().context("no master pid")?;
     let (master_cpu, driver_cpu) = (cpu_ms(pid)?, own_cpu_ms()?);
-    fleet.all_connected(flippers).await?;
+    fleet.all_connected(flipper_names.len()).await?;
     keeper_fleet.all_connected(keepers).await?;
     row.storm_s = start.elapsed().as_secs_f64();
     row.storm_master_cpu_ms_per_agent = (cpu_ms(pid)? - master_cpu) / n as f64;
@@ -351,10 +395,13 @@ fn print_table(rows: &[Row]) {
             r.flip_away_ms, r.flip_away_cpu_ms
         )
     });
-    line("a build queued mid-flip: submit → start", &|r| {
+    line("builds queued during the flip: submit → start", &|r| {
         format!(
-            "{:.1} ms (idle farm: {:.1} ms)",
-            r.flip_build_start_ms, r.idle_build_start_ms
+            "median {:.1} ms, max {:.1} ms of {} (idle farm: median {:.1} ms)",
+            r.flip_build_start_ms,
+            r.flip_build_start_max_ms,
+            r.flip_build_samples,
+            r.idle_build_start_ms
         )
     });
     line("all flip back to available", &|r| {

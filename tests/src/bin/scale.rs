@@ -5,8 +5,9 @@
 //! time for all N to connect at the same instant, master RSS per connected
 //! agent, idle master CPU, a flip of every worker to `away` (and back) until
 //! the scheduler has seen all, trivial builds/s and master CPU per build with
-//! N idle workers, the `master workers` answer time, submit → start of
-//! builds queued throughout the flip (a few workers stay available),
+//! N idle workers, the `master workers`, API and dashboard answer times,
+//! submit → start of builds queued throughout the flip (a few workers stay
+//! available),
 //! and a reconnect storm (the master SIGKILLed and restarted: time until
 //! all N are back, attempts refused at the port, shed with `Retry-After` or
 //! failed, resumed TLS sessions, and the CPU per agent of the master and of
@@ -72,6 +73,8 @@ struct Row {
     workers_cli_ms: f64,
     /// `GET /api/v1/workers?state=available&limit=50` on a kept-alive connection.
     workers_api_ms: f64,
+    /// The dashboard (`GET /`, its first page of workers) on the same connection.
+    dashboard_ms: f64,
     /// The master SIGKILLed and restarted: its ready line → all N welcomed.
     storm_s: f64,
     /// Attempts during the storm that failed otherwise (timed out, reset).
@@ -322,6 +325,9 @@ async fn measure(n: usize, builds: usize, insecure: bool) -> anyhow::Result<Row>
     conn.call("GET", "/api/v1/workers?state=available&limit=50", None)
         .await?;
     row.workers_api_ms = start.elapsed().as_secs_f64() * 1000.0;
+    let start = Instant::now();
+    conn.call("GET", "/", None).await?;
+    row.dashboard_ms = start.elapsed().as_secs_f64() * 1000.0;
     drop(conn);
 
     // The storm: every agent loses its master at once and comes back.
@@ -418,6 +424,9 @@ fn print_table(rows: &[Row]) {
     });
     line("API: 50 available workers", &|r| {
         format!("{:.1} ms", r.workers_api_ms)
+    });
+    line("dashboard (first page of workers)", &|r| {
+        format!("{:.1} ms", r.dashboard_ms)
     });
     line("master restart → all reconnected", &|r| {
         format!(

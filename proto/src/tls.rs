@@ -324,11 +324,19 @@ mod tests {
         port
     }
 
-    async fn roundtrip(port: u16, config: Arc<rustls::ClientConfig>) -> anyhow::Result<u8> {
+    /// A TLS connection to the test server on `port`, as `localhost`.
+    async fn connect(
+        port: u16,
+        config: Arc<rustls::ClientConfig>,
+    ) -> anyhow::Result<tokio_rustls::client::TlsStream<TcpStream>> {
         let tcp = TcpStream::connect(("127.0.0.1", port)).await?;
         let connector = tokio_rustls::TlsConnector::from(config);
         let name = ServerName::try_from("localhost")?;
-        let mut stream = connector.connect(name, tcp).await?;
+        Ok(connector.connect(name, tcp).await?)
+    }
+
+    async fn roundtrip(port: u16, config: Arc<rustls::ClientConfig>) -> anyhow::Result<u8> {
+        let mut stream = connect(port, config).await?;
         stream.write_all(&[42]).await?;
         stream.flush().await?;
         let mut byte = [0u8; 1];
@@ -355,10 +363,7 @@ mod tests {
     /// One TLS connection (echoing a byte, so the client has read the
     /// server's tickets); answers whether it was resumed.
     async fn resumed(port: u16, config: Arc<rustls::ClientConfig>) -> bool {
-        let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        let connector = tokio_rustls::TlsConnector::from(config);
-        let name = ServerName::try_from("localhost").unwrap();
-        let mut stream = connector.connect(name, tcp).await.unwrap();
+        let mut stream = connect(port, config).await.unwrap();
         stream.write_all(&[7]).await.unwrap();
         stream.flush().await.unwrap();
         let mut byte = [0u8; 1];
@@ -368,10 +373,7 @@ mod tests {
 
     /// The cipher suite one TLS connection to `port` negotiated.
     async fn negotiated(port: u16, config: Arc<rustls::ClientConfig>) -> rustls::CipherSuite {
-        let tcp = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
-        let connector = tokio_rustls::TlsConnector::from(config);
-        let name = ServerName::try_from("localhost").unwrap();
-        let stream = connector.connect(name, tcp).await.unwrap();
+        let stream = connect(port, config).await.unwrap();
         stream
             .get_ref()
             .1
